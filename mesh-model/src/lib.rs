@@ -1,1 +1,12 @@
+//! fleetmesh's cluster state model: plain data about one cluster (nodes, namespaces, pods, services), the rules
+//! for names and ids, and the manifests source that fills it from a directory of Kubernetes YAML.
+//!
+//! Nothing here does I/O except [`source`]; derived views are pure functions that unit-test without a kernel.
 
+pub mod cluster;
+pub mod manifests;
+pub mod source;
+pub mod state;
+
+pub use cluster::{ClusterId, ClusterName, ClusterNameError};
+pub use state::{ClusterState, ContainerPort, Namespace, Node, Pod, Protocol, Service, ServicePort};

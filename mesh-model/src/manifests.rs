@@ -1,0 +1,439 @@
+//! Parsing Kubernetes manifests (multi-document YAML) into the state model, with errors that name the file,
+//! the document, the object and the field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::de::DeserializeOwned;
+
+use crate::state::{ContainerPort, Namespace, Node, Pod, Protocol, Service, ServicePort};
+
+/// Namespace used when a namespaced object has none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// One object from a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Node(Node),
+    Namespace(Namespace),
+    Pod(Pod),
+    Service(Service),
+}
+
+impl Object {
+    /// `Kind namespace/name` (or `Kind name` for cluster-scoped objects).
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match self {
+            Object::Node(n) => format!("Node {}", n.name),
+            Object::Namespace(n) => format!("Namespace {}", n.name),
+            Object::Pod(p) => format!("Pod {}/{}", p.namespace, p.name),
+            Object::Service(s) => format!("Service {}/{}", s.namespace, s.name),
+        }
+    }
+}
+
+/// A manifest that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestError {
+    /// The file (or other origin) of the manifest.
+    pub file: String,
+    /// 1-based index of the YAML document in the file.
+    pub document: usize,
+    /// `Kind namespace/name`, when known.
+    pub object: Option<String>,
+    /// Dotted path of the offending field, when known.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (document {})", self.file, self.document)?;
+        if let Some(o) = &self.object {
+            write!(f, ", {o}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ", field {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    document: usize,
+    object: Option<String>,
+}
+
+impl Ctx<'_> {
+    fn err(&self, field: Option<&str>, message: impl Into<String>) -> ManifestError {
+        ManifestError {
+            file: self.file.to_owned(),
+            document: self.document,
+            object: self.object.clone(),
+            field: field.map(str::to_owned),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses every document of `text`. Empty documents are skipped. The first problem fails the whole file, so a
+/// caller never applies half of a broken file.
+///
+/// # Errors
+/// Malformed YAML, unknown kinds or fields, values of the wrong type, or values the model refuses.
+pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let mut ctx = Ctx { file, document: i + 1, object: None };
+        let value = serde_yaml::Value::deserialize_from(doc)
+            .map_err(|e| ctx.err(None, format!("malformed YAML: {e}")))?;
+        if value.is_null() {
+            continue;
+        }
+        let map = value.as_mapping().ok_or_else(|| ctx.err(None, "a manifest must be a mapping"))?;
+        let kind = map.get("kind").and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+        let name = map
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or("<unnamed>");
+        let ns = map.get("metadata").and_then(|m| m.get("namespace")).and_then(serde_yaml::Value::as_str);
+        ctx.object = Some(match ns {
+            Some(ns) => format!("{kind} {ns}/{name}"),
+            None => format!("{kind} {name}"),
+        });
+        let obj = match kind.as_str() {
+            "Node" => Object::Node(node(&ctx, typed::<core::Node>(&ctx, value)?)?),
+            "Namespace" => Object::Namespace(namespace(&ctx, typed::<core::Namespace>(&ctx, value)?)?),
+            "Pod" => Object::Pod(pod(&ctx, typed::<core::Pod>(&ctx, value)?)?),
+            "Service" => Object::Service(service(&ctx, typed::<core::Service>(&ctx, value)?)?),
+            "" => return Err(ctx.err(Some("kind"), "missing kind")),
+            other => {
+                return Err(ctx.err(
+                    Some("kind"),
+                    format!("kind {other:?} is not supported here (Node, Namespace, Pod, Service)"),
+                ));
+            }
+        };
+        out.push(obj);
+    }
+    Ok(out)
+}
+
+trait DeserializeFrom {
+    fn deserialize_from(de: serde_yaml::Deserializer<'_>) -> Result<serde_yaml::Value, serde_yaml::Error>;
+}
+
+impl DeserializeFrom for serde_yaml::Value {
+    fn deserialize_from(de: serde_yaml::Deserializer<'_>) -> Result<serde_yaml::Value, serde_yaml::Error> {
+        serde::Deserialize::deserialize(de)
+    }
+}
+
+/// Deserializes into a k8s-openapi type, refusing unknown fields and naming the path of a bad value.
+fn typed<T: DeserializeOwned>(ctx: &Ctx<'_>, value: serde_yaml::Value) -> Result<T, ManifestError> {
+    let mut unknown = Vec::new();
+    let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let de = serde_ignored::Deserializer::new(value, &mut on_unknown);
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(de);
+    match parsed {
+        Err(e) => {
+            let path = e.path().to_string();
+            let field = (path != ".").then_some(path);
+            Err(ctx.err(field.as_deref(), e.into_inner().to_string()))
+        }
+        Ok(_) if !unknown.is_empty() => Err(ctx.err(Some(&unknown[0]), "unknown field")),
+        Ok(v) => Ok(v),
+    }
+}
+
+fn name_of(ctx: &Ctx<'_>, meta: &ObjectMeta) -> Result<String, ManifestError> {
+    match meta.name.as_deref() {
+        Some(n) if is_dns_label_like(n) => Ok(n.to_owned()),
+        Some(n) => Err(ctx.err(
+            Some("metadata.name"),
+            format!("{n:?} is not a valid name (lower case letters, digits, '-', '.'; at most 253)"),
+        )),
+        None => Err(ctx.err(Some("metadata.name"), "missing name")),
+    }
+}
+
+fn namespace_of(ctx: &Ctx<'_>, meta: &ObjectMeta) -> Result<String, ManifestError> {
+    match meta.namespace.as_deref() {
+        None => Ok(DEFAULT_NAMESPACE.to_owned()),
+        Some(n) if is_dns_label_like(n) && !n.contains('.') && n.len() <= 63 => Ok(n.to_owned()),
+        Some(n) => Err(ctx.err(Some("metadata.namespace"), format!("{n:?} is not a valid namespace name"))),
+    }
+}
+
+fn is_dns_label_like(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+fn node(ctx: &Ctx<'_>, n: core::Node) -> Result<Node, ManifestError> {
+    let name = name_of(ctx, &n.metadata)?;
+    let cidr = n
+        .spec
+        .as_ref()
+        .and_then(|s| s.pod_cidr.as_deref())
+        .ok_or_else(|| ctx.err(Some("spec.podCIDR"), "missing pod CIDR"))?;
+    let pod_cidr: Ipv4Net =
+        cidr.parse().map_err(|e| ctx.err(Some("spec.podCIDR"), format!("{cidr:?} is not an IPv4 CIDR: {e}")))?;
+    let addr = n
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
+        .ok_or_else(|| ctx.err(Some("status.addresses"), "missing an InternalIP address"))?;
+    let underlay_ipv4: Ipv4Addr = addr.address.parse().map_err(|e| {
+        ctx.err(Some("status.addresses"), format!("InternalIP {:?} is not an IPv4 address: {e}", addr.address))
+    })?;
+    Ok(Node { name, underlay_ipv4, pod_cidr: pod_cidr.trunc() })
+}
+
+fn namespace(ctx: &Ctx<'_>, n: core::Namespace) -> Result<Namespace, ManifestError> {
+    Ok(Namespace { name: name_of(ctx, &n.metadata)?, labels: n.metadata.labels.unwrap_or_default() })
+}
+
+fn port_number(ctx: &Ctx<'_>, field: &str, p: i32) -> Result<u16, ManifestError> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| ctx.err(Some(field), format!("port {p} is out of range (1-65535)")))
+}
+
+fn pod(ctx: &Ctx<'_>, p: core::Pod) -> Result<Pod, ManifestError> {
+    let name = name_of(ctx, &p.metadata)?;
+    let namespace = namespace_of(ctx, &p.metadata)?;
+    let spec = p.spec.unwrap_or_default();
+    let mut ports = Vec::new();
+    for (ci, c) in spec.containers.iter().enumerate() {
+        for (pi, port) in c.ports.iter().flatten().enumerate() {
+            let field = format!("spec.containers[{ci}].ports[{pi}]");
+            let number = port_number(ctx, &format!("{field}.containerPort"), port.container_port)?;
+            let protocol =
+                Protocol::parse(port.protocol.as_deref()).map_err(|m| ctx.err(Some(&format!("{field}.protocol")), m))?;
+            if ports.iter().any(|p: &ContainerPort| p.port == number && p.protocol == protocol) {
+                return Err(ctx.err(Some(&field), format!("port {number}/{protocol:?} is declared twice")));
+            }
+            ports.push(ContainerPort { name: port.name.clone(), port: number, protocol });
+        }
+    }
+    let ipv4 = match p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
+        None => None,
+        Some(ip) => Some(
+            ip.parse::<Ipv4Addr>()
+                .map_err(|e| ctx.err(Some("status.podIP"), format!("{ip:?} is not an IPv4 address: {e}")))?,
+        ),
+    };
+    Ok(Pod {
+        namespace,
+        name,
+        labels: p.metadata.labels.unwrap_or_default(),
+        annotations: p.metadata.annotations.unwrap_or_default(),
+        node_name: spec.node_name,
+        ipv4,
+        ports,
+    })
+}
+
+fn service(ctx: &Ctx<'_>, s: core::Service) -> Result<Service, ManifestError> {
+    let name = name_of(ctx, &s.metadata)?;
+    let namespace = namespace_of(ctx, &s.metadata)?;
+    let spec = s.spec.unwrap_or_default();
+    if let Some(t) = spec.type_.as_deref()
+        && t != "ClusterIP"
+    {
+        return Err(ctx.err(Some("spec.type"), format!("service type {t:?} is not supported yet (ClusterIP)")));
+    }
+    let cluster_ipv4 = match spec.cluster_ip.as_deref() {
+        None | Some("None" | "") => None,
+        Some(ip) => Some(
+            ip.parse::<Ipv4Addr>()
+                .map_err(|e| ctx.err(Some("spec.clusterIP"), format!("{ip:?} is not an IPv4 address: {e}")))?,
+        ),
+    };
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let port = port_number(ctx, &format!("{field}.port"), p.port)?;
+        let protocol =
+            Protocol::parse(p.protocol.as_deref()).map_err(|m| ctx.err(Some(&format!("{field}.protocol")), m))?;
+        let target_port = match &p.target_port {
+            None => None,
+            Some(IntOrString::Int(n)) => Some(port_number(ctx, &format!("{field}.targetPort"), *n)?.to_string()),
+            Some(IntOrString::String(s)) => Some(s.clone()),
+        };
+        ports.push(ServicePort { name: p.name.clone(), port, protocol, target_port });
+    }
+    Ok(Service {
+        namespace,
+        name,
+        cluster_ipv4,
+        selector: spec.selector.unwrap_or_default(),
+        ports,
+        annotations: s.metadata.annotations.unwrap_or_default(),
+    })
+}
+
+/// Objects of several files merged into one state; a second object with the same identity is an error.
+///
+/// # Errors
+/// Names both places of a duplicate object.
+pub fn merge<'a>(
+    files: impl IntoIterator<Item = (&'a str, &'a [Object])>,
+) -> Result<crate::ClusterState, String> {
+    let mut state = crate::ClusterState::default();
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for (file, objects) in files {
+        for o in objects {
+            let id = o.describe();
+            if let Some(first) = seen.insert(id.clone(), file) {
+                return Err(format!("{id} is defined twice: in {first} and in {file}"));
+            }
+            match o {
+                Object::Node(n) => {
+                    state.nodes.insert(n.name.clone(), n.clone());
+                }
+                Object::Namespace(n) => {
+                    state.namespaces.insert(n.name.clone(), n.clone());
+                }
+                Object::Pod(p) => {
+                    state.pods.insert((p.namespace.clone(), p.name.clone()), p.clone());
+                }
+                Object::Service(s) => {
+                    state.services.insert((s.namespace.clone(), s.name.clone()), s.clone());
+                }
+            }
+        }
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {team: a}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: api
+  namespace: shop
+  labels: {app: api}
+spec:
+  nodeName: east-node-1
+  containers:
+    - name: echo
+      ports:
+        - {containerPort: 8080}
+        - {containerPort: 5353, protocol: UDP, name: dns}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, annotations: {service.cilium.io/global: 'true'}}
+spec:
+  selector: {app: api}
+  ports: [{port: 80, targetPort: 8080}]
+---
+";
+
+    #[test]
+    fn parses_namespace_pod_service() {
+        let objs = parse_str("a.yaml", GOOD).expect("valid manifests");
+        assert_eq!(objs.len(), 3);
+        let Object::Pod(p) = &objs[1] else { panic!("expected a pod, got {:?}", objs[1]) };
+        assert_eq!(p.namespace, "shop");
+        assert_eq!(p.node_name.as_deref(), Some("east-node-1"));
+        assert_eq!(p.ports.len(), 2);
+        assert_eq!(p.ports[1].protocol, Protocol::Udp);
+        let Object::Service(s) = &objs[2] else { panic!("expected a service") };
+        assert_eq!(s.ports[0].target_port.as_deref(), Some("8080"));
+        assert_eq!(s.annotations.get("service.cilium.io/global").map(String::as_str), Some("true"));
+    }
+
+    #[test]
+    fn parses_node() {
+        let text = r"
+apiVersion: v1
+kind: Node
+metadata: {name: east-node-1}
+spec: {podCIDR: 10.1.0.0/24}
+status: {addresses: [{type: InternalIP, address: 172.30.1.1}]}
+";
+        let objs = parse_str("n.yaml", text).expect("valid node");
+        assert_eq!(
+            objs,
+            vec![Object::Node(Node {
+                name: "east-node-1".into(),
+                underlay_ipv4: Ipv4Addr::new(172, 30, 1, 1),
+                pod_cidr: "10.1.0.0/24".parse().expect("cidr"),
+            })]
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, portz: []}]\n";
+        let e = parse_str("f.yaml", text).expect_err("unknown field");
+        assert_eq!(e.file, "f.yaml");
+        assert_eq!(e.object.as_deref(), Some("Pod a"));
+        assert!(e.field.as_deref().is_some_and(|f| f.contains("portz")), "{e}");
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, ports: [{containerPort: http}]}]\n";
+        let e = parse_str("f.yaml", text).expect_err("bad type");
+        assert!(e.field.as_deref().is_some_and(|f| f.contains("containerPort")), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (text, field) in [
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, ports: [{containerPort: 70000}]}]\n", "containerPort"),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, ports: [{containerPort: 1, protocol: SCTP}]}]\n", "protocol"),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\nspec: {containers: []}\n", "metadata.name"),
+            ("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 1.2.3}\n", "spec.clusterIP"),
+            ("apiVersion: v1\nkind: Widget\nmetadata: {name: s}\n", "kind"),
+            ("apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.0.0.0/99}\n", "spec.podCIDR"),
+        ] {
+            let e = parse_str("f.yaml", text).expect_err(text);
+            assert!(e.field.as_deref().is_some_and(|f| f.contains(field)), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn malformed_yaml_is_refused_with_file_and_document() {
+        let e = parse_str("m.yaml", "apiVersion: v1\nkind: Pod\n---\n: : :\n  - [").expect_err("malformed");
+        assert_eq!(e.file, "m.yaml");
+        assert!(e.message.contains("YAML") || e.document >= 1, "{e}");
+    }
+
+    #[test]
+    fn merge_refuses_duplicates() {
+        let a = parse_str("a.yaml", GOOD).expect("valid");
+        let b = parse_str("b.yaml", GOOD).expect("valid");
+        let e = merge([("a.yaml", a.as_slice()), ("b.yaml", b.as_slice())]).expect_err("duplicate");
+        assert!(e.contains("a.yaml") && e.contains("b.yaml"), "{e}");
+        let s = merge([("a.yaml", a.as_slice())]).expect("merge");
+        assert_eq!(s.pods.len(), 1);
+        assert_eq!(s.services.len(), 1);
+    }
+}

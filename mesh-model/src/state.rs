@@ -1,0 +1,117 @@
+//! The cluster state model: what one cluster consists of, as plain data.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// Annotation with the name of the host side of a pod's veth, written by whatever wires the pod (the lab, a CNI
+/// plugin). The agent attaches its program there and delivers the pod's traffic through it.
+pub const ANNOTATION_HOST_IFNAME: &str = "fleetmesh.io/host-ifname";
+
+/// L4 protocol of a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// Parses Kubernetes' protocol field (`TCP` when absent).
+    ///
+    /// # Errors
+    /// For anything but TCP or UDP (SCTP is not supported yet).
+    pub fn parse(s: Option<&str>) -> Result<Self, String> {
+        match s {
+            None | Some("TCP") => Ok(Self::Tcp),
+            Some("UDP") => Ok(Self::Udp),
+            Some(other) => Err(format!("protocol {other:?} is not supported (TCP or UDP)")),
+        }
+    }
+}
+
+/// A node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    /// Address on the underlay that other nodes tunnel to.
+    pub underlay_ipv4: Ipv4Addr,
+    /// The slice of the cluster's pod CIDR whose pods live on this node.
+    pub pod_cidr: Ipv4Net,
+}
+
+/// A namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A container port of a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub node_name: Option<String>,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ports: Vec<ContainerPort>,
+}
+
+impl Pod {
+    /// The host-side interface of this pod's veth, if the pod is wired.
+    #[must_use]
+    pub fn host_ifname(&self) -> Option<&str> {
+        self.annotations.get(ANNOTATION_HOST_IFNAME).map(String::as_str)
+    }
+}
+
+/// A service port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Target port: a number or a container port name.
+    pub target_port: Option<String>,
+}
+
+/// A service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ipv4: Option<Ipv4Addr>,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePort>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Everything known about one cluster, keyed for deterministic iteration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<String, Node>,
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Keyed by (namespace, name).
+    pub pods: BTreeMap<(String, String), Pod>,
+    /// Keyed by (namespace, name).
+    pub services: BTreeMap<(String, String), Service>,
+}
+
+impl ClusterState {
+    /// Pods scheduled on `node`.
+    pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods.values().filter(move |p| p.node_name.as_deref() == Some(node))
+    }
+}
