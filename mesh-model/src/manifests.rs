@@ -110,7 +110,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
             None => format!("{kind} {name}"),
         });
         let obj = match kind.as_str() {
-            "Node" => Object::Node(node(&ctx, typed::<core::Node>(&ctx, value)?)?),
+            "Node" => Object::Node(node(&ctx, &typed::<core::Node>(&ctx, value)?)?),
             "Namespace" => Object::Namespace(namespace(&ctx, typed::<core::Namespace>(&ctx, value)?)?),
             "Pod" => Object::Pod(pod(&ctx, typed::<core::Pod>(&ctx, value)?)?),
             "Service" => Object::Service(service(&ctx, typed::<core::Service>(&ctx, value)?)?),
@@ -181,7 +181,7 @@ fn is_dns_label_like(s: &str) -> bool {
         && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
-fn node(ctx: &Ctx<'_>, n: core::Node) -> Result<Node, ManifestError> {
+fn node(ctx: &Ctx<'_>, n: &core::Node) -> Result<Node, ManifestError> {
     let name = name_of(ctx, &n.metadata)?;
     let cidr = n
         .spec
