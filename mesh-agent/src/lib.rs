@@ -1,0 +1,2 @@
+pub mod datapath;
+pub mod netdev;
