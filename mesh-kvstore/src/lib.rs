@@ -1,1 +1,316 @@
+//! The kvstore schema: where each record lives in a cluster's etcd and what it holds.
+//!
+//! ```text
+//! <prefix>/cluster-config/<cluster>                      ClusterConfig   (no lease)
+//! <prefix>/heartbeat/<cluster>                           Heartbeat       (lease)
+//! <prefix>/synced/<cluster>/<kind>                       Synced          (lease; written after a full sync)
+//! <prefix>/state/nodes/v1/<cluster>/<node>               NodeRecord      (lease)
+//! ```
+//! Values are JSON so operators can read them with `etcdctl`. Every record carries its schema version in the key;
+//! a decoder returns a typed [`DecodeError`] for every malformed value, and never panics.
 
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "fleetmesh";
+/// Largest value a decoder accepts (anything bigger is refused before parsing).
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+/// Kinds of synced data, named in the synced marker key.
+pub mod kinds {
+    pub const NODES: &str = "nodes";
+}
+
+/// Key builders for one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX)
+    }
+}
+
+impl Keys {
+    #[must_use]
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.trim_end_matches('/').to_owned() }
+    }
+
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Everything a cluster publishes about itself lives under keys naming it; this is the common root.
+    #[must_use]
+    pub fn root(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+
+    #[must_use]
+    pub fn cluster_config(&self, cluster: &str) -> String {
+        format!("{}/cluster-config/{cluster}", self.prefix)
+    }
+
+    #[must_use]
+    pub fn heartbeat(&self, cluster: &str) -> String {
+        format!("{}/heartbeat/{cluster}", self.prefix)
+    }
+
+    #[must_use]
+    pub fn synced(&self, cluster: &str, kind: &str) -> String {
+        format!("{}/synced/{cluster}/{kind}", self.prefix)
+    }
+
+    /// Prefix of all node records of `cluster` (ends with `/`).
+    #[must_use]
+    pub fn nodes_prefix(&self, cluster: &str) -> String {
+        format!("{}/state/nodes/v1/{cluster}/", self.prefix)
+    }
+
+    #[must_use]
+    pub fn node(&self, cluster: &str, node: &str) -> String {
+        format!("{}{node}", self.nodes_prefix(cluster))
+    }
+
+    /// Classifies a key of `cluster`'s data. Keys of other clusters or unknown layouts give [`KeyKind::Other`].
+    #[must_use]
+    pub fn classify<'k>(&self, cluster: &str, key: &'k str) -> KeyKind<'k> {
+        let Some(rest) = key.strip_prefix(self.prefix.as_str()).and_then(|r| r.strip_prefix('/')) else {
+            return KeyKind::Other;
+        };
+        if let Some(r) = rest.strip_prefix("state/nodes/") {
+            return match r.split_once('/') {
+                Some(("v1", r)) => match r.split_once('/') {
+                    Some((c, name)) if c == cluster && !name.is_empty() && !name.contains('/') => {
+                        KeyKind::Node(name)
+                    }
+                    _ => KeyKind::Other,
+                },
+                Some((version, _)) => KeyKind::UnknownVersion(version),
+                None => KeyKind::Other,
+            };
+        }
+        if let Some(r) = rest.strip_prefix("synced/") {
+            return match r.split_once('/') {
+                Some((c, kind)) if c == cluster => KeyKind::Synced(kind),
+                _ => KeyKind::Other,
+            };
+        }
+        if rest.strip_prefix("cluster-config/") == Some(cluster) {
+            return KeyKind::ClusterConfig;
+        }
+        if rest.strip_prefix("heartbeat/") == Some(cluster) {
+            return KeyKind::Heartbeat;
+        }
+        KeyKind::Other
+    }
+}
+
+/// What a key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind<'k> {
+    Node(&'k str),
+    Synced(&'k str),
+    ClusterConfig,
+    Heartbeat,
+    /// A record of a schema version this build does not know.
+    UnknownVersion(&'k str),
+    Other,
+}
+
+/// A cluster's identity and capabilities.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub id: u16,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+/// Liveness of a cluster's publisher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Heartbeat {
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+}
+
+/// Written after a full sync of one kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Synced {
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    /// Number of records of the kind at that time.
+    pub count: u64,
+}
+
+/// A node, as other clusters need it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeRecord {
+    pub name: String,
+    pub cluster: String,
+    pub cluster_id: u16,
+    pub underlay_ipv4: Ipv4Addr,
+    pub pod_cidrs: Vec<Ipv4Net>,
+}
+
+/// Why a value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("key {key}: value of {size} bytes is larger than the {MAX_VALUE_BYTES} bytes allowed")]
+    TooLarge { key: String, size: usize },
+    #[error("key {key}: not valid JSON for {record}: {reason}")]
+    Json { key: String, record: &'static str, reason: String },
+    #[error("key {key}: {field} is {found:?}, but the key says {expected:?}")]
+    Mismatch { key: String, field: &'static str, found: String, expected: String },
+    #[error("key {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl DecodeError {
+    /// A short, stable reason for counters.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::Json { .. } => "bad_json",
+            DecodeError::Mismatch { .. } => "key_mismatch",
+            DecodeError::Invalid { .. } => "invalid",
+        }
+    }
+}
+
+fn json<T: for<'de> Deserialize<'de>>(key: &str, record: &'static str, value: &[u8]) -> Result<T, DecodeError> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(DecodeError::TooLarge { key: key.to_owned(), size: value.len() });
+    }
+    serde_json::from_slice(value).map_err(|e| DecodeError::Json { key: key.to_owned(), record, reason: e.to_string() })
+}
+
+fn expect_eq(key: &str, field: &'static str, found: &str, expected: &str) -> Result<(), DecodeError> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(DecodeError::Mismatch {
+            key: key.to_owned(),
+            field,
+            found: found.to_owned(),
+            expected: expected.to_owned(),
+        })
+    }
+}
+
+/// Decodes a node record found at `key` (of cluster `cluster`, node `node`).
+///
+/// # Errors
+/// Too large, bad JSON, a name or cluster differing from the key, or no pod CIDR.
+pub fn decode_node(key: &str, cluster: &str, node: &str, value: &[u8]) -> Result<NodeRecord, DecodeError> {
+    let rec: NodeRecord = json(key, "NodeRecord", value)?;
+    expect_eq(key, "cluster", &rec.cluster, cluster)?;
+    expect_eq(key, "name", &rec.name, node)?;
+    if rec.cluster_id == 0 || rec.cluster_id > mesh_model::cluster::MAX_CLUSTER_ID {
+        return Err(DecodeError::Invalid {
+            key: key.to_owned(),
+            reason: format!("clusterId {} is out of range 1-{}", rec.cluster_id, mesh_model::cluster::MAX_CLUSTER_ID),
+        });
+    }
+    if rec.pod_cidrs.is_empty() {
+        return Err(DecodeError::Invalid { key: key.to_owned(), reason: "node has no podCidrs".into() });
+    }
+    Ok(rec)
+}
+
+/// Decodes a cluster config record of `cluster`.
+///
+/// # Errors
+/// Too large, bad JSON, or a name differing from the key.
+pub fn decode_cluster_config(key: &str, cluster: &str, value: &[u8]) -> Result<ClusterConfig, DecodeError> {
+    let rec: ClusterConfig = json(key, "ClusterConfig", value)?;
+    expect_eq(key, "name", &rec.name, cluster)?;
+    Ok(rec)
+}
+
+/// Decodes a synced marker.
+///
+/// # Errors
+/// Too large or bad JSON.
+pub fn decode_synced(key: &str, value: &[u8]) -> Result<Synced, DecodeError> {
+    json(key, "Synced", value)
+}
+
+/// Encodes any record as JSON.
+///
+/// # Panics
+/// Never: the records are plain data whose serialization cannot fail.
+#[must_use]
+pub fn encode<T: Serialize>(record: &T) -> String {
+    #[expect(clippy::expect_used, reason = "serializing plain structs with string keys cannot fail")]
+    serde_json::to_string(record).expect("records serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> NodeRecord {
+        NodeRecord {
+            name: "east-node-1".into(),
+            cluster: "east".into(),
+            cluster_id: 1,
+            underlay_ipv4: Ipv4Addr::new(172, 30, 1, 1),
+            pod_cidrs: vec!["10.1.0.0/24".parse().expect("cidr")],
+        }
+    }
+
+    #[test]
+    fn keys_round_trip_through_classify() {
+        let k = Keys::default();
+        assert_eq!(k.node("east", "n1"), "fleetmesh/state/nodes/v1/east/n1");
+        assert_eq!(k.classify("east", &k.node("east", "n1")), KeyKind::Node("n1"));
+        assert_eq!(k.classify("west", &k.node("east", "n1")), KeyKind::Other);
+        assert_eq!(k.classify("east", &k.synced("east", kinds::NODES)), KeyKind::Synced("nodes"));
+        assert_eq!(k.classify("east", &k.cluster_config("east")), KeyKind::ClusterConfig);
+        assert_eq!(k.classify("east", &k.heartbeat("east")), KeyKind::Heartbeat);
+        assert_eq!(k.classify("east", "fleetmesh/state/nodes/v9/east/n1"), KeyKind::UnknownVersion("v9"));
+        assert_eq!(k.classify("east", "fleetmesh/state/nodes/v1/east/a/b"), KeyKind::Other);
+        assert_eq!(k.classify("east", "other/thing"), KeyKind::Other);
+    }
+
+    #[test]
+    fn node_round_trips() {
+        let k = Keys::default();
+        let key = k.node("east", "east-node-1");
+        let v = encode(&node());
+        assert_eq!(decode_node(&key, "east", "east-node-1", v.as_bytes()), Ok(node()));
+    }
+
+    #[test]
+    fn malformed_node_values_are_typed_errors() {
+        let key = "fleetmesh/state/nodes/v1/east/east-node-1";
+        let d = |v: &str| decode_node(key, "east", "east-node-1", v.as_bytes()).expect_err(v).reason();
+        assert_eq!(d("{not json"), "bad_json");
+        assert_eq!(d(r#"{"name":"east-node-1"}"#), "bad_json");
+        assert_eq!(d(r#"{"name":1,"cluster":"east","clusterId":1,"underlayIpv4":"1.2.3.4","podCidrs":[]}"#), "bad_json");
+        let mut wrong = node();
+        wrong.cluster = "west".into();
+        assert_eq!(d(&encode(&wrong)), "key_mismatch");
+        let mut empty = node();
+        empty.pod_cidrs.clear();
+        assert_eq!(d(&encode(&empty)), "invalid");
+        let mut zero = node();
+        zero.cluster_id = 0;
+        assert_eq!(d(&encode(&zero)), "invalid");
+        let huge = "x".repeat(MAX_VALUE_BYTES + 1);
+        assert_eq!(d(&huge), "too_large");
+    }
+}
