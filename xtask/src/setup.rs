@@ -1,0 +1,542 @@
+//! `cargo xtask setup`: installs what a fresh machine lacks to build and test fleetmesh, idempotently.
+//!
+//! 1. nightly `rust-src` (the eBPF crate is built with `-Z build-std=core`);
+//! 2. bpf-linker, linked against nightly rustc's own libLLVM (no matching system LLVM here);
+//! 3. the Debian packages the agent, the tests and the lab use;
+//! 4. checks of the kernel features the datapath needs.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::Args;
+
+use crate::util::{self, run as output, run_status};
+
+/// bpf-linker release installed by setup.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages and, for each, a binary whose presence means the package is not needed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("etcd-server", "etcd"),
+    ("etcd-client", "etcdctl"),
+    ("protobuf-compiler", "protoc"),
+    ("iproute2", "ip"),
+    ("util-linux", "nsenter"),
+    ("iputils-ping", "ping"),
+    ("procps", "pgrep"),
+    ("iperf3", "iperf3"),
+    ("sockperf", "sockperf"),
+];
+
+/// Arguments of `cargo xtask setup`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct SetupArgs {
+    /// Only check: report what is missing and fail, without installing anything.
+    #[arg(long)]
+    pub check: bool,
+    /// Skip the kernel feature checks (bpffs, netns, veth, vxlan external, clsact).
+    #[arg(long)]
+    pub skip_kernel: bool,
+    /// Install bpf-linker under this root (`cargo install --root`) instead of cargo's default.
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub bpf_linker_root: Option<PathBuf>,
+    /// Reinstall bpf-linker even if the present one runs.
+    #[arg(long)]
+    pub reinstall_bpf_linker: bool,
+}
+
+/// Collects what `--check` found missing.
+struct Setup<'a> {
+    args: &'a SetupArgs,
+    missing: Vec<String>,
+}
+
+fn line(item: &str, status: &str) {
+    println!("setup: {item:<28} {status}");
+}
+
+/// Runs setup; prints a progress line per item and a final `setup: ready (N s)`.
+pub fn run(args: &SetupArgs) -> Result<()> {
+    let start = Instant::now();
+    let mut s = Setup {
+        args,
+        missing: Vec::new(),
+    };
+    s.rust_src()?;
+    s.bpf_linker()?;
+    s.debian_packages()?;
+    if !args.skip_kernel {
+        kernel_features()?;
+    }
+    if !s.missing.is_empty() {
+        bail!(
+            "setup --check: missing: {} (run `cargo xtask setup` to install)",
+            s.missing.join(", ")
+        );
+    }
+    println!("setup: ready ({}s)", start.elapsed().as_secs());
+    Ok(())
+}
+
+impl Setup<'_> {
+    /// `rust-src` for the nightly toolchain (and the nightly toolchain itself if it is missing).
+    fn rust_src(&mut self) -> Result<()> {
+        let item = "rust-src (nightly)";
+        if util::which("rustup").is_none() {
+            bail!("rustup not found in PATH: install rustup with the stable and nightly toolchains first");
+        }
+        let installed = output(Command::new("rustup").args([
+            "component",
+            "list",
+            "--toolchain",
+            "nightly",
+            "--installed",
+        ]));
+        match installed {
+            Ok(list)
+                if list
+                    .lines()
+                    .any(|l| l.trim() == "rust-src" || l.starts_with("rust-src-")) =>
+            {
+                line(item, "ok (present)");
+            }
+            Ok(_) if self.args.check => {
+                self.missing.push(item.into());
+                line(item, "MISSING");
+            }
+            Ok(_) => {
+                line(item, "installing ...");
+                run_status(Command::new("rustup").args([
+                    "component",
+                    "add",
+                    "rust-src",
+                    "--toolchain",
+                    "nightly",
+                ]))?;
+                line(item, "ok (installed)");
+            }
+            Err(err) if self.args.check => {
+                self.missing.push("nightly toolchain".into());
+                line(item, &format!("MISSING (no nightly toolchain: {err:#})"));
+            }
+            Err(_) => {
+                // No nightly toolchain at all: install it (minimal profile) together with rust-src.
+                line("nightly toolchain", "installing ...");
+                let mut cmd = Command::new("rustup");
+                cmd.args([
+                    "toolchain",
+                    "install",
+                    "nightly",
+                    "--profile",
+                    "minimal",
+                    "--component",
+                    "rust-src",
+                ]);
+                run_status(&mut cmd)?;
+                line(item, "ok (installed with the nightly toolchain)");
+            }
+        }
+        Ok(())
+    }
+
+    /// bpf-linker, present if `bpf-linker --version` runs; otherwise (re)installed against nightly's LLVM.
+    fn bpf_linker(&mut self) -> Result<()> {
+        let item = "bpf-linker";
+        let bin = match &self.args.bpf_linker_root {
+            Some(root) => Some(root.join("bin/bpf-linker")).filter(|p| p.exists()),
+            None => util::which("bpf-linker")
+                .or_else(|| Some(cargo_home().join("bin/bpf-linker")).filter(|p| p.exists())),
+        };
+        let reason = match &bin {
+            None => "not installed".to_string(),
+            Some(bin) => match output(Command::new(bin).arg("--version")) {
+                Ok(version) if !self.args.reinstall_bpf_linker => {
+                    line(item, &format!("ok (present: {})", version.trim()));
+                    warn_if_not_in_path(bin);
+                    return Ok(());
+                }
+                Ok(_) => "reinstall requested".to_string(),
+                Err(err) => format!("present but does not run: {err:#}"),
+            },
+        };
+        if self.args.check {
+            self.missing.push(format!("bpf-linker ({reason})"));
+            line(item, &format!("MISSING ({reason})"));
+            return Ok(());
+        }
+        line(item, &format!("installing {BPF_LINKER_VERSION} ({reason}) ..."));
+        let start = Instant::now();
+        install_bpf_linker(self.args.bpf_linker_root.as_deref())?;
+        let bin = match &self.args.bpf_linker_root {
+            Some(root) => root.join("bin/bpf-linker"),
+            None => cargo_home().join("bin/bpf-linker"),
+        };
+        let version = output(Command::new(&bin).arg("--version"))
+            .with_context(|| format!("the freshly installed {} does not run", bin.display()))?;
+        line(
+            item,
+            &format!(
+                "ok (installed {} in {}s)",
+                version.trim(),
+                start.elapsed().as_secs()
+            ),
+        );
+        warn_if_not_in_path(&bin);
+        Ok(())
+    }
+
+    /// The Debian packages: one `apt-get update` and one `apt-get install` for whatever is missing.
+    fn debian_packages(&mut self) -> Result<()> {
+        let mut missing = Vec::new();
+        for &(pkg, bin) in PACKAGES {
+            let item = format!("{pkg} ({bin})");
+            if util::which(bin).is_some() || dpkg_installed(pkg) {
+                line(&item, "ok (present)");
+            } else {
+                line(&item, if self.args.check { "MISSING" } else { "missing" });
+                missing.push(pkg);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if self.args.check {
+            self.missing
+                .extend(missing.iter().map(|p| format!("package {p}")));
+            return Ok(());
+        }
+        if !util::is_root() {
+            bail!(
+                "packages missing: {}; installing them needs root (e.g. `sudo cargo xtask setup`)",
+                missing.join(" ")
+            );
+        }
+        if util::which("apt-get").is_none() {
+            bail!(
+                "packages missing: {}; apt-get not found, install them by hand",
+                missing.join(" ")
+            );
+        }
+        println!("setup: apt-get update ...");
+        run_status(apt("apt-get").args(["update", "-q"])).context("apt-get update failed")?;
+        let (available, unavailable): (Vec<&str>, Vec<&str>) =
+            missing.iter().partition(|pkg| apt_candidate(pkg).is_some());
+        if !available.is_empty() {
+            println!("setup: installing {} ...", available.join(" "));
+            run_status(
+                apt("apt-get")
+                    .args(["install", "-y", "-q", "--no-install-recommends"])
+                    .args(&available),
+            )
+            .context("apt-get install failed")?;
+        }
+        if !unavailable.is_empty() {
+            bail!(
+                "package(s) not available in the configured apt archive: {} (see `apt-cache policy {}`; \
+                 check /etc/apt/sources.list*)",
+                unavailable.join(", "),
+                unavailable.join(" ")
+            );
+        }
+        for &(pkg, bin) in PACKAGES.iter().filter(|(pkg, _)| available.contains(pkg)) {
+            if util::which(bin).is_none() {
+                bail!("package {pkg} was installed but `{bin}` is still not found in PATH");
+            }
+            line(&format!("{pkg} ({bin})"), "ok (installed)");
+        }
+        Ok(())
+    }
+}
+
+fn cargo_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("CARGO_HOME") {
+        return PathBuf::from(home);
+    }
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+}
+
+fn warn_if_not_in_path(bin: &Path) {
+    let in_path = util::which("bpf-linker").is_some_and(|found| found == bin);
+    if !in_path {
+        println!(
+            "setup: warning: {} is not the bpf-linker found in PATH; add {} to PATH for the eBPF build",
+            bin.display(),
+            bin.parent()
+                .map_or_else(|| ".".into(), |d| d.display().to_string())
+        );
+    }
+}
+
+/// `LLVM version: 22.1.4` in `rustc -vV` output → 22.
+fn llvm_major(rustc_vv: &str) -> Result<u32> {
+    let version = rustc_vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version:"))
+        .ok_or_else(|| anyhow!("no `LLVM version:` line in `rustc +nightly -vV` output:\n{rustc_vv}"))?
+        .trim();
+    let major = version.split('.').next().unwrap_or_default();
+    major
+        .parse()
+        .with_context(|| format!("cannot parse LLVM major version from {version:?}"))
+}
+
+/// The real libLLVM shared object in nightly's sysroot lib dir: `libLLVM.so.<major>.*-rust-*`
+/// (older toolchains name it `libLLVM-<major>-rust-*.so`).
+fn find_libllvm(lib_dir: &Path, major: u32) -> Result<PathBuf> {
+    let new_prefix = format!("libLLVM.so.{major}.");
+    let old_prefix = format!("libLLVM-{major}-rust-");
+    let mut names: Vec<String> = std::fs::read_dir(lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .find(|n| n.starts_with(&new_prefix) && n.contains("-rust-"))
+        .or_else(|| {
+            names
+                .iter()
+                .find(|n| n.starts_with(&old_prefix) && n.ends_with(".so"))
+        })
+        .map(|n| lib_dir.join(n))
+        .ok_or_else(|| {
+            anyhow!(
+                "no libLLVM.so.{major}.*-rust-* in {} (nightly's rustc LLVM)",
+                lib_dir.display()
+            )
+        })
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `cargo install bpf-linker` with `LLVM_PREFIX` pointing at a directory whose `lib/libLLVM.so` is nightly
+/// rustc's own libLLVM, and an rpath to nightly's sysroot lib dir so the binary runs outside `rustup run`.
+fn install_bpf_linker(root: Option<&Path>) -> Result<()> {
+    let vv = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?;
+    let major = llvm_major(&vv)?;
+    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let sysroot_lib = Path::new(sysroot.trim()).join("lib");
+    let libllvm = find_libllvm(&sysroot_lib, major)?;
+
+    let prefix = TempDir(std::env::temp_dir().join(format!("xtask-bpf-linker-llvm-{}", std::process::id())));
+    let lib = prefix.0.join("lib");
+    std::fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
+    std::os::unix::fs::symlink(&libllvm, lib.join("libLLVM.so"))
+        .with_context(|| format!("symlinking {} into {}", libllvm.display(), lib.display()))?;
+    println!("setup: bpf-linker: LLVM {major}, libLLVM {}", libllvm.display());
+
+    let mut cmd = Command::new(util::cargo_bin());
+    // Run outside the workspace so its .cargo/config.toml does not apply.
+    cmd.current_dir(&prefix.0)
+        .env("LLVM_PREFIX", &prefix.0)
+        .env(
+            "RUSTFLAGS",
+            format!("-C link-arg=-Wl,-rpath,{}", sysroot_lib.display()),
+        )
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--force",
+        ])
+        .args(["--no-default-features", "--features", &format!("llvm-{major}")]);
+    if let Some(root) = root {
+        cmd.arg("--root").arg(root);
+    }
+    run_status(&mut cmd).context("installing bpf-linker failed")
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_ok_and(|status| status.trim() == "install ok installed")
+}
+
+fn apt(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+/// The candidate version `apt-cache policy` reports for `pkg`, if the archive has one.
+fn apt_candidate(pkg: &str) -> Option<String> {
+    let out = output(apt("apt-cache").args(["policy", pkg])).ok()?;
+    parse_candidate(&out)
+}
+
+fn parse_candidate(policy: &str) -> Option<String> {
+    let candidate = policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate:"))?
+        .trim();
+    (!candidate.is_empty() && candidate != "(none)").then(|| candidate.to_string())
+}
+
+/// A network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create(name: String) -> Result<Self> {
+        output(Command::new("ip").args(["netns", "add", &name]))?;
+        Ok(Self(name))
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<String> {
+        output(Command::new("ip").args(["-n", &self.0]).args(args))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = output(Command::new("ip").args(["netns", "del", &self.0]));
+    }
+}
+
+/// Checks bpffs, network namespaces, veth, vxlan in external (collect-metadata) mode and the clsact qdisc.
+fn kernel_features() -> Result<()> {
+    if !util::is_root() {
+        bail!(
+            "the kernel feature checks need root (creating a netns, mounting bpffs); use --skip-kernel to skip"
+        );
+    }
+    let mut failures = Vec::new();
+    match check_bpffs() {
+        Ok(how) => line("kernel: bpffs", &format!("ok ({how})")),
+        Err(err) => failures.push(format!("bpffs: {err:#}")),
+    }
+    if util::which("ip").is_none() {
+        failures.push("`ip` (iproute2) not found: cannot check netns/veth/vxlan".into());
+    } else if let Err(err) = check_links(&mut failures) {
+        failures.push(format!("network namespace: {err:#}"));
+    }
+    if !failures.is_empty() {
+        for f in &failures {
+            println!("setup: kernel: FAILED {f}");
+        }
+        bail!(
+            "the kernel lacks features fleetmesh needs:\n  {}",
+            failures.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+fn check_bpffs() -> Result<String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if let Some(dir) = mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, fstype) = (f.next(), f.next()?, f.next()?);
+        (fstype == "bpf").then(|| dir.to_string())
+    }) {
+        return Ok(format!("mounted at {dir}"));
+    }
+    let dir = TempDir(std::env::temp_dir().join(format!("xtask-bpffs-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
+    let target = std::ffi::CString::new(dir.0.as_os_str().as_encoded_bytes())?;
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; data may be null.
+    let rc = unsafe {
+        libc::mount(
+            c"bpffs".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "mount -t bpf on {} failed: {}",
+            dir.0.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: target is a valid NUL-terminated path.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    Ok("mountable; not mounted at /sys/fs/bpf yet".into())
+}
+
+fn check_links(failures: &mut Vec<String>) -> Result<()> {
+    let id = std::process::id();
+    let ns = Netns::create(format!("xtask-setup-{id}"))?;
+    line("kernel: network namespaces", "ok");
+    let (veth_a, veth_b, vxlan) = (format!("xtsva{id}"), format!("xtsvb{id}"), format!("xtsvx{id}"));
+    match ns.ip(&["link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b]) {
+        Ok(_) => {
+            line("kernel: veth", "ok");
+            match output(Command::new("ip").args([
+                "netns", "exec", &ns.0, "tc", "qdisc", "add", "dev", &veth_a, "clsact",
+            ])) {
+                Ok(_) => line("kernel: clsact qdisc", "ok"),
+                Err(err) => failures.push(format!("clsact qdisc (tc): {err:#}")),
+            }
+            let _ = ns.ip(&["link", "del", &veth_a]);
+        }
+        Err(err) => failures.push(format!("veth: {err:#}")),
+    }
+    match ns.ip(&[
+        "link", "add", &vxlan, "type", "vxlan", "external", "dstport", "4789",
+    ]) {
+        Ok(_) => {
+            line("kernel: vxlan external", "ok");
+            let _ = ns.ip(&["link", "del", &vxlan]);
+        }
+        Err(err) => failures.push(format!("vxlan external: {err:#}")),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_llvm_major() {
+        let vv = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\n\
+                  release: 1.97.0-nightly\nLLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(vv).unwrap(), 22);
+        assert!(llvm_major("rustc 1.0\n").is_err());
+    }
+
+    #[test]
+    fn finds_libllvm_by_major() {
+        let dir = TempDir(std::env::temp_dir().join(format!("xtask-test-libllvm-{}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        for name in [
+            "libLLVM-22-rust-1.97.0-nightly.so",
+            "libLLVM.so.22.1-rust-1.97.0-nightly",
+            "librustc_driver.so",
+        ] {
+            std::fs::write(dir.0.join(name), b"").unwrap();
+        }
+        assert_eq!(
+            find_libllvm(&dir.0, 22).unwrap(),
+            dir.0.join("libLLVM.so.22.1-rust-1.97.0-nightly")
+        );
+        assert!(find_libllvm(&dir.0, 21).is_err());
+        std::fs::remove_file(dir.0.join("libLLVM.so.22.1-rust-1.97.0-nightly")).unwrap();
+        assert_eq!(
+            find_libllvm(&dir.0, 22).unwrap(),
+            dir.0.join("libLLVM-22-rust-1.97.0-nightly.so")
+        );
+    }
+
+    #[test]
+    fn parses_apt_candidate() {
+        let policy = "sockperf:\n  Installed: (none)\n  Candidate: 3.7-1\n  Version table:\n";
+        assert_eq!(parse_candidate(policy).as_deref(), Some("3.7-1"));
+        assert_eq!(
+            parse_candidate("foo:\n  Installed: (none)\n  Candidate: (none)\n"),
+            None
+        );
+        assert_eq!(parse_candidate(""), None);
+    }
+}
