@@ -1,1 +1,101 @@
-fn main() {}
+//! clustermesh-apiserver: publishes one cluster's state (nodes, and later services and identities) into that
+//! cluster's etcd, where every peer cluster's agents watch it.
+
+mod publisher;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use mesh_model::ClusterName;
+
+/// Publishes this cluster's nodes into its etcd (with a lease, a synced marker and a heartbeat) so that agents of
+/// peer clusters can reach its pods.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Name of this cluster (^([a-z0-9][-a-z0-9]*)?[a-z0-9]$, at most 32 characters).
+    #[arg(long, env = "FLEETMESH_CLUSTER_NAME")]
+    cluster_name: ClusterName,
+    /// Id of this cluster, unique in the mesh (1-4095).
+    #[arg(long, env = "FLEETMESH_CLUSTER_ID", value_parser = clap::value_parser!(u16).range(1..=4095))]
+    cluster_id: u16,
+    /// Directory of Kubernetes manifests describing this cluster (the manifests source).
+    #[arg(long, env = "FLEETMESH_MANIFESTS")]
+    manifests: PathBuf,
+    /// etcd client URLs of this cluster's etcd (comma separated).
+    #[arg(long, env = "FLEETMESH_ETCD_ENDPOINTS", value_delimiter = ',', required = true)]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix in etcd.
+    #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
+    kvstore_prefix: String,
+    /// Lifetime of the lease that holds published records: if this daemon dies, its records vanish after this.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    lease_ttl: Duration,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `clustermesh_apiserver=debug`.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s, 500ms or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m)")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    anyhow::ensure!(
+        args.lease_ttl >= Duration::from_secs(2),
+        "--lease-ttl must be at least 2s (etcd leases have second granularity)"
+    );
+    anyhow::ensure!(
+        args.manifests.is_dir(),
+        "manifests directory {} does not exist or is not a directory",
+        args.manifests.display()
+    );
+    tracing::info!(cluster = %args.cluster_name, id = args.cluster_id, etcd = ?args.etcd_endpoints, "starting");
+
+    let (tx, rx) = tokio::sync::watch::channel(mesh_model::source::Snapshot::default());
+    let dir = args.manifests.clone();
+    let source = tokio::spawn(mesh_model::source::watch_dir(dir, tx, Duration::from_secs(2)));
+    let publisher = publisher::Publisher {
+        cluster: args.cluster_name.to_string(),
+        cluster_id: args.cluster_id,
+        keys: mesh_kvstore::Keys::new(&args.kvstore_prefix),
+        endpoints: args.etcd_endpoints,
+        lease_ttl: args.lease_ttl,
+    };
+    tokio::select! {
+        r = source => {
+            r.context("manifests source task")?.with_context(|| format!("manifests directory {}", args.manifests.display()))?;
+            anyhow::bail!("manifests source stopped");
+        }
+        () = publisher.run(rx) => anyhow::bail!("publisher stopped"),
+        r = shutdown_signal() => {
+            r?;
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! Local state → this cluster's etcd.
+//!
+//! One session per etcd connection: grant a lease, write the cluster config, then keep the published node
+//! records equal to the desired ones (put what changed, delete what is gone, including records left by an earlier
+//! run), write the synced marker after the first full sync, and keep the lease and the heartbeat alive. Any error
+//! ends the session; the next one starts from a fresh list, so nothing stale survives a restart.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
+use mesh_kvstore::{ClusterConfig, Heartbeat, Keys, NodeRecord, Synced, encode, kinds};
+use mesh_model::source::Snapshot;
+use tokio::sync::watch;
+use tracing::{info, instrument, warn};
+
+pub struct Publisher {
+    pub cluster: String,
+    pub cluster_id: u16,
+    pub keys: Keys,
+    pub endpoints: Vec<String>,
+    pub lease_ttl: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Publisher {
+    /// Runs sessions forever, reconnecting with backoff.
+    pub async fn run(&self, mut snapshots: watch::Receiver<Snapshot>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.session(&mut snapshots).await {
+                Ok(()) => return,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), retry_in = ?backoff, "etcd session ended");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn desired(&self, snapshot: &Snapshot) -> BTreeMap<String, String> {
+        snapshot
+            .state
+            .nodes
+            .values()
+            .map(|n| {
+                let rec = NodeRecord {
+                    name: n.name.clone(),
+                    cluster: self.cluster.clone(),
+                    cluster_id: self.cluster_id,
+                    underlay_ipv4: n.underlay_ipv4,
+                    pod_cidrs: vec![n.pod_cidr],
+                };
+                (self.keys.node(&self.cluster, &n.name), encode(&rec))
+            })
+            .collect()
+    }
+
+    #[instrument(skip_all, fields(cluster = %self.cluster))]
+    async fn session(&self, snapshots: &mut watch::Receiver<Snapshot>) -> anyhow::Result<()> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        let mut client = Client::connect(&self.endpoints, Some(opts)).await?;
+        let ttl = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(30);
+        let lease = client.lease_grant(ttl, None).await?.id();
+        let (mut keeper, mut keepalive) = client.lease_keep_alive(lease).await?;
+        info!(lease, ttl, "connected to etcd");
+
+        let config = ClusterConfig {
+            name: self.cluster.clone(),
+            id: self.cluster_id,
+            capabilities: vec!["nodes/v1".into()],
+        };
+        client.put(self.keys.cluster_config(&self.cluster), encode(&config), None).await?;
+
+        // What is in etcd now (maybe from an earlier run): anything not desired gets deleted.
+        let existing = client
+            .get(self.keys.nodes_prefix(&self.cluster), Some(GetOptions::new().with_prefix().with_keys_only()))
+            .await?;
+        let mut published: BTreeMap<String, Option<String>> = existing
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok().map(|k| (k.to_owned(), None)))
+            .collect();
+        let with_lease = || Some(PutOptions::new().with_lease(lease));
+        let mut synced = false;
+        let mut tick = tokio::time::interval(self.lease_ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let desired = self.desired(&snapshots.borrow_and_update());
+            let mut puts = 0usize;
+            for (k, v) in &desired {
+                if published.get(k).and_then(Option::as_ref) != Some(v) {
+                    client.put(k.as_str(), v.as_str(), with_lease()).await?;
+                    published.insert(k.clone(), Some(v.clone()));
+                    puts += 1;
+                }
+            }
+            let gone: Vec<String> = published.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+            for k in &gone {
+                client.delete(k.as_str(), None).await?;
+                published.remove(k);
+            }
+            if puts > 0 || !gone.is_empty() {
+                info!(puts, deletes = gone.len(), nodes = desired.len(), "published node records");
+            }
+            if !synced {
+                let marker = Synced { time_ms: now_ms(), count: desired.len() as u64 };
+                client.put(self.keys.synced(&self.cluster, kinds::NODES), encode(&marker), with_lease()).await?;
+                synced = true;
+                info!(nodes = desired.len(), "initial sync complete");
+            }
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = tick.tick() => {
+                    keeper.keep_alive().await?;
+                    let hb = Heartbeat { time_ms: now_ms() };
+                    client.put(self.keys.heartbeat(&self.cluster), encode(&hb), with_lease()).await?;
+                }
+                msg = keepalive.message() => {
+                    match msg? {
+                        Some(resp) if resp.ttl() > 0 => {}
+                        Some(_) => anyhow::bail!("lease {lease} expired"),
+                        None => anyhow::bail!("lease keep-alive stream closed"),
+                    }
+                }
+            }
+        }
+    }
+}
