@@ -39,7 +39,7 @@ pub enum DatapathError {
         map: &'static str,
         /// Why it could not be used.
         #[source]
-        source: Option<MapError>,
+        source: Option<Box<MapError>>,
     },
     /// Loading a program into the kernel failed (the source carries the verifier log).
     #[error("loading eBPF program {program} into the kernel")]
@@ -48,7 +48,7 @@ pub enum DatapathError {
         program: &'static str,
         /// The kernel's answer.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// Attaching a program to an interface failed.
     #[error("attaching eBPF program {program} to tc ingress of interface {ifname:?}")]
@@ -59,7 +59,7 @@ pub enum DatapathError {
         ifname: String,
         /// The kernel's answer.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// Detaching a program from an interface failed.
     #[error("detaching eBPF program {program} from interface {ifname:?}")]
@@ -70,7 +70,7 @@ pub enum DatapathError {
         ifname: String,
         /// The kernel's answer.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// A map operation failed.
     #[error("eBPF map {map}: {op} {key}")]
@@ -83,7 +83,7 @@ pub enum DatapathError {
         key: String,
         /// The kernel's answer.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// `BPF_PROG_TEST_RUN` failed.
     #[error("test run of eBPF program {program:?}")]
@@ -92,7 +92,7 @@ pub enum DatapathError {
         program: String,
         /// The kernel's answer.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
 }
 
@@ -120,7 +120,10 @@ impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Datapath")
             .field("overlay", &self.overlay.as_ref().map(|(ifname, _)| ifname))
-            .field("endpoints_attached", &self.endpoint_links.keys().collect::<Vec<_>>())
+            .field(
+                "endpoints_attached",
+                &self.endpoint_links.keys().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -129,8 +132,13 @@ fn take_map<T>(ebpf: &mut Ebpf, map: &'static str) -> Result<T, DatapathError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let raw = ebpf.take_map(map).ok_or(DatapathError::BadMap { map, source: None })?;
-    T::try_from(raw).map_err(|source| DatapathError::BadMap { map, source: Some(source) })
+    let raw = ebpf
+        .take_map(map)
+        .ok_or(DatapathError::BadMap { map, source: None })?;
+    T::try_from(raw).map_err(|source| DatapathError::BadMap {
+        map,
+        source: Some(Box::new(source)),
+    })
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, program: &str) -> Result<&'a mut SchedClassifier, DatapathError> {
@@ -164,7 +172,10 @@ impl Datapath {
         for program in [programs::FROM_POD, programs::FROM_OVERLAY] {
             classifier(&mut ebpf, program)?
                 .load()
-                .map_err(|source| DatapathError::LoadProgram { program, source })?;
+                .map_err(|source| DatapathError::LoadProgram {
+                    program,
+                    source: Box::new(source),
+                })?;
         }
         Ok(Self {
             ipcache: take_map(&mut ebpf, maps::IPCACHE_V4)?,
@@ -183,12 +194,14 @@ impl Datapath {
     ///
     /// When the map update fails.
     pub fn set_node_config(&mut self, cfg: NodeConfig) -> Result<(), DatapathError> {
-        self.node_config.set(0, cfg, 0).map_err(|source| DatapathError::Map {
-            map: maps::NODE_CONFIG,
-            op: "insert",
-            key: "0".to_owned(),
-            source,
-        })
+        self.node_config
+            .set(0, cfg, 0)
+            .map_err(|source| DatapathError::Map {
+                map: maps::NODE_CONFIG,
+                op: "insert",
+                key: "0".to_owned(),
+                source: Box::new(source),
+            })
     }
 
     /// This node's settings as the datapath sees them.
@@ -201,7 +214,7 @@ impl Datapath {
             map: maps::NODE_CONFIG,
             op: "read",
             key: "0".to_owned(),
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -213,15 +226,27 @@ impl Datapath {
     /// When the interface does not exist in the calling thread's network namespace or the kernel refuses.
     pub fn attach_overlay(&mut self, ifname: &str) -> Result<(), DatapathError> {
         let program = programs::FROM_OVERLAY;
-        if self.overlay.as_ref().is_some_and(|(attached, _)| attached == ifname) {
+        if self
+            .overlay
+            .as_ref()
+            .is_some_and(|(attached, _)| attached == ifname)
+        {
             return Ok(());
         }
         let prog = classifier(&mut self.ebpf, program)?;
         let link = prog
             .attach(ifname, TcAttachType::Ingress)
-            .map_err(|source| DatapathError::Attach { program, ifname: ifname.to_owned(), source })?;
+            .map_err(|source| DatapathError::Attach {
+                program,
+                ifname: ifname.to_owned(),
+                source: Box::new(source),
+            })?;
         if let Some((old, old_link)) = self.overlay.replace((ifname.to_owned(), link)) {
-            prog.detach(old_link).map_err(|source| DatapathError::Detach { program, ifname: old, source })?;
+            prog.detach(old_link).map_err(|source| DatapathError::Detach {
+                program,
+                ifname: old,
+                source: Box::new(source),
+            })?;
         }
         Ok(())
     }
@@ -238,7 +263,11 @@ impl Datapath {
         }
         let link = classifier(&mut self.ebpf, program)?
             .attach(ifname, TcAttachType::Ingress)
-            .map_err(|source| DatapathError::Attach { program, ifname: ifname.to_owned(), source })?;
+            .map_err(|source| DatapathError::Attach {
+                program,
+                ifname: ifname.to_owned(),
+                source: Box::new(source),
+            })?;
         self.endpoint_links.insert(ifname.to_owned(), link);
         Ok(())
     }
@@ -255,7 +284,11 @@ impl Datapath {
         };
         classifier(&mut self.ebpf, program)?
             .detach(link)
-            .map_err(|source| DatapathError::Detach { program, ifname: ifname.to_owned(), source })
+            .map_err(|source| DatapathError::Detach {
+                program,
+                ifname: ifname.to_owned(),
+                source: Box::new(source),
+            })
     }
 
     /// Interfaces `from_pod` is attached to, sorted.
@@ -276,12 +309,14 @@ impl Datapath {
     ///
     /// When the map update fails (for example because the map is full).
     pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, ep: LocalEndpoint) -> Result<(), DatapathError> {
-        self.endpoints.insert(ip.octets(), ep, 0).map_err(|source| DatapathError::Map {
-            map: maps::ENDPOINTS_V4,
-            op: "insert",
-            key: ip.to_string(),
-            source,
-        })
+        self.endpoints
+            .insert(ip.octets(), ep, 0)
+            .map_err(|source| DatapathError::Map {
+                map: maps::ENDPOINTS_V4,
+                op: "insert",
+                key: ip.to_string(),
+                source: Box::new(source),
+            })
     }
 
     /// Removes a local pod; an absent one is not an error.
@@ -295,7 +330,7 @@ impl Datapath {
                 map: maps::ENDPOINTS_V4,
                 op: "remove",
                 key: ip.to_string(),
-                source,
+                source: Box::new(source),
             }),
             _ => Ok(()),
         }
@@ -316,7 +351,7 @@ impl Datapath {
                 map: maps::ENDPOINTS_V4,
                 op: "read",
                 key: "entries".to_owned(),
-                source,
+                source: Box::new(source),
             })?;
         all.sort_by_key(|(ip, _)| *ip);
         Ok(all)
@@ -328,12 +363,14 @@ impl Datapath {
     ///
     /// When the map update fails (for example because the map is full).
     pub fn upsert_ipcache(&mut self, prefix: Ipv4Net, e: IpcacheEntry) -> Result<(), DatapathError> {
-        self.ipcache.insert(&lpm_key(prefix), e, 0).map_err(|source| DatapathError::Map {
-            map: maps::IPCACHE_V4,
-            op: "insert",
-            key: prefix.trunc().to_string(),
-            source,
-        })
+        self.ipcache
+            .insert(&lpm_key(prefix), e, 0)
+            .map_err(|source| DatapathError::Map {
+                map: maps::IPCACHE_V4,
+                op: "insert",
+                key: prefix.trunc().to_string(),
+                source: Box::new(source),
+            })
     }
 
     /// Removes an ipcache prefix (exact match, host bits cleared); an absent one is not an error.
@@ -347,7 +384,7 @@ impl Datapath {
                 map: maps::IPCACHE_V4,
                 op: "remove",
                 key: prefix.trunc().to_string(),
-                source,
+                source: Box::new(source),
             }),
             _ => Ok(()),
         }
@@ -363,14 +400,17 @@ impl Datapath {
             map: maps::IPCACHE_V4,
             op: "read",
             key: "entries".to_owned(),
-            source,
+            source: Box::new(source),
         };
         let mut all = Vec::new();
         for entry in self.ipcache.iter() {
             let (key, value) = entry.map_err(read_error)?;
             let len = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
             let net = Ipv4Net::new(Ipv4Addr::from(key.data()), len).map_err(|_| {
-                read_error(MapError::InvalidKeySize { size: key.prefix_len() as usize, expected: 32 })
+                read_error(MapError::InvalidKeySize {
+                    size: key.prefix_len() as usize,
+                    expected: 32,
+                })
             })?;
             all.push((net, value));
         }
@@ -388,12 +428,15 @@ impl Datapath {
         Counter::ALL
             .iter()
             .map(|&c| {
-                let per_cpu = self.counters.get(&(c as u32), 0).map_err(|source| DatapathError::Map {
-                    map: maps::COUNTERS,
-                    op: "read",
-                    key: c.name().to_owned(),
-                    source,
-                })?;
+                let per_cpu = self
+                    .counters
+                    .get(&(c as u32), 0)
+                    .map_err(|source| DatapathError::Map {
+                        map: maps::COUNTERS,
+                        op: "read",
+                        key: c.name().to_owned(),
+                        source: Box::new(source),
+                    })?;
                 Ok((c, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)))
             })
             .collect()
@@ -405,7 +448,11 @@ impl Datapath {
     ///
     /// When reading the map fails.
     pub fn counter(&self, counter: Counter) -> Result<u64, DatapathError> {
-        Ok(self.counters()?.into_iter().find(|(c, _)| *c == counter).map_or(0, |(_, n)| n))
+        Ok(self
+            .counters()?
+            .into_iter()
+            .find(|(c, _)| *c == counter)
+            .map_or(0, |(_, n)| n))
     }
 
     /// Runs `program` once on `packet` with `BPF_PROG_TEST_RUN` (nothing is sent anywhere; helpers such as
@@ -424,8 +471,14 @@ impl Datapath {
                 repeat: 1,
                 ..TestRunOptions::default()
             })
-            .map_err(|source| DatapathError::TestRun { program: program.to_owned(), source })?;
+            .map_err(|source| DatapathError::TestRun {
+                program: program.to_owned(),
+                source: Box::new(source),
+            })?;
         out.truncate(usize::try_from(result.data_size_out).unwrap_or(usize::MAX));
-        Ok(TestRunOutcome { return_value: result.return_value, packet: out })
+        Ok(TestRunOutcome {
+            return_value: result.return_value,
+            packet: out,
+        })
     }
 }

@@ -8,16 +8,28 @@ fn c_name(name: &str) -> io::Result<CString> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("interface name {name:?} must have 1 to {} bytes", libc::IFNAMSIZ - 1),
+            format!(
+                "interface name {name:?} must have 1 to {} bytes",
+                libc::IFNAMSIZ - 1
+            ),
         ));
     }
     CString::new(name).map_err(|_| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("interface name {name:?} contains a NUL byte"))
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name {name:?} contains a NUL byte"),
+        )
     })
 }
 
 fn named(name: &str, what: &str, err: &io::Error) -> io::Error {
-    io::Error::new(err.kind(), format!("{what} of interface {name:?}: {err}"))
+    // The kernel answers ENODEV for a missing interface; callers want to match on NotFound.
+    let kind = if err.raw_os_error() == Some(libc::ENODEV) {
+        io::ErrorKind::NotFound
+    } else {
+        err.kind()
+    };
+    io::Error::new(kind, format!("{what} of interface {name:?}: {err}"))
 }
 
 /// ifindex of interface `name` in the current network namespace.
@@ -46,7 +58,11 @@ pub fn mac(name: &str) -> io::Result<[u8; 6]> {
     // SAFETY: plain socket(2) call; the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(named(name, "socket for SIOCGIFHWADDR", &io::Error::last_os_error()));
+        return Err(named(
+            name,
+            "socket for SIOCGIFHWADDR",
+            &io::Error::last_os_error(),
+        ));
     }
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
@@ -58,7 +74,11 @@ pub fn mac(name: &str) -> io::Result<[u8; 6]> {
     // SAFETY: `req` is a valid ifreq with a NUL-terminated name; the kernel writes ifr_hwaddr within it.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut req) };
     if rc < 0 {
-        return Err(named(name, "MAC address (SIOCGIFHWADDR)", &io::Error::last_os_error()));
+        return Err(named(
+            name,
+            "MAC address (SIOCGIFHWADDR)",
+            &io::Error::last_os_error(),
+        ));
     }
     // SAFETY: after a successful SIOCGIFHWADDR the union holds ifru_hwaddr.
     let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
@@ -91,7 +111,10 @@ mod tests {
     #[test]
     fn bad_names_are_rejected_before_any_syscall() {
         assert_eq!(ifindex("").unwrap_err().kind(), io::ErrorKind::InvalidInput);
-        assert_eq!(ifindex("a-name-much-too-long-for-linux").unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            ifindex("a-name-much-too-long-for-linux").unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
         assert_eq!(mac("bad\0name").unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 }

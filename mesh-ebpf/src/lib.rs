@@ -115,7 +115,12 @@ fn be16(peek: &[u8], at: usize, err: Malformed) -> Result<u16, Malformed> {
 }
 
 fn addr(peek: &[u8], at: usize) -> Result<[u8; 4], Malformed> {
-    Ok([byte(peek, at)?, byte(peek, at + 1)?, byte(peek, at + 2)?, byte(peek, at + 3)?])
+    Ok([
+        byte(peek, at)?,
+        byte(peek, at + 1)?,
+        byte(peek, at + 2)?,
+        byte(peek, at + 3)?,
+    ])
 }
 
 /// Parses and validates the start of a frame.
@@ -200,7 +205,10 @@ impl Forward {
     fn local(ep: &LocalEndpoint) -> Self {
         let [d0, d1, d2, d3, d4, d5] = ep.pod_mac;
         let [s0, s1, s2, s3, s4, s5] = ep.host_mac;
-        Forward::Local { ifindex: ep.ifindex, macs: [d0, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5] }
+        Forward::Local {
+            ifindex: ep.ifindex,
+            macs: [d0, d1, d2, d3, d4, d5, s0, s1, s2, s3, s4, s5],
+        }
     }
 }
 
@@ -240,7 +248,11 @@ pub fn from_pod(frame: Frame, maps: &impl Maps) -> Result<Forward, Drop> {
         _ => return Err(Drop::NoTunnel),
     };
     let vni = maps.endpoint(ip.src).map_or(0, |ep| ep.identity & VNI_MASK);
-    Ok(Forward::Tunnel { vxlan_ifindex, remote_ipv4: entry.tunnel_endpoint, vni })
+    Ok(Forward::Tunnel {
+        vxlan_ifindex,
+        remote_ipv4: entry.tunnel_endpoint,
+        vni,
+    })
 }
 
 /// Decision for a packet decapsulated by the node's VXLAN device (after its tunnel key was read).
@@ -252,7 +264,9 @@ pub fn from_overlay(frame: Frame, maps: &impl Maps) -> Result<Forward, Drop> {
     let Frame::Ipv4(ip) = frame else {
         return Ok(Forward::Pass);
     };
-    maps.endpoint(ip.dst).map(|ep| Forward::local(&ep)).ok_or(Drop::NoEndpoint)
+    maps.endpoint(ip.dst)
+        .map(|ep| Forward::local(&ep))
+        .ok_or(Drop::NoEndpoint)
 }
 
 #[cfg(test)]
@@ -302,9 +316,19 @@ mod tests {
 
     fn maps() -> TestMaps {
         TestMaps {
-            endpoints: vec![(POD_A, endpoint(POD_A, 5, 0x0100_0042)), (POD_B, endpoint(POD_B, 6, 7))],
+            endpoints: vec![
+                (POD_A, endpoint(POD_A, 5, 0x0100_0042)),
+                (POD_B, endpoint(POD_B, 6, 7)),
+            ],
             ipcache: vec![
-                ([10, 1, 0, 0], 24, IpcacheEntry { flags: ipcache_flags::LOCAL_NODE, ..Default::default() }),
+                (
+                    [10, 1, 0, 0],
+                    24,
+                    IpcacheEntry {
+                        flags: ipcache_flags::LOCAL_NODE,
+                        ..Default::default()
+                    },
+                ),
                 (
                     [10, 2, 0, 0],
                     24,
@@ -316,7 +340,10 @@ mod tests {
                     },
                 ),
             ],
-            node: Some(NodeConfig { vxlan_ifindex: 9, ..Default::default() }),
+            node: Some(NodeConfig {
+                vxlan_ifindex: 9,
+                ..Default::default()
+            }),
         }
     }
 
@@ -349,8 +376,13 @@ mod tests {
     #[test]
     fn parses_a_minimal_ipv4_frame() {
         let f = ipv4_frame(POD_A, POD_B, 5, 8);
-        let Ok(Frame::Ipv4(ip)) = parse(&f) else { panic!("not parsed: {:?}", parse(&f)) };
-        assert_eq!((ip.src, ip.dst, ip.header_len, ip.total_len), (POD_A, POD_B, 20, 28));
+        let Ok(Frame::Ipv4(ip)) = parse(&f) else {
+            panic!("not parsed: {:?}", parse(&f))
+        };
+        assert_eq!(
+            (ip.src, ip.dst, ip.header_len, ip.total_len),
+            (POD_A, POD_B, 20, 28)
+        );
         assert_eq!(ip.l4_offset(), 34);
     }
 
@@ -358,11 +390,16 @@ mod tests {
     fn honours_ip_options_for_every_ihl() {
         for ihl in 6..=15 {
             let f = ipv4_frame(POD_A, POD_B, ihl, 8);
-            let Ok(Frame::Ipv4(ip)) = parse(&f) else { panic!("ihl {ihl}: {:?}", parse(&f)) };
+            let Ok(Frame::Ipv4(ip)) = parse(&f) else {
+                panic!("ihl {ihl}: {:?}", parse(&f))
+            };
             assert_eq!(ip.header_len, ihl * 4);
             assert_eq!(ip.dst, POD_B, "ihl {ihl}");
             assert_eq!(ip.l4_offset(), ETH_HLEN + usize::from(ihl) * 4);
-            assert!(matches!(pod_verdict(&f), Ok(Forward::Local { ifindex: 6, .. })), "ihl {ihl}");
+            assert!(
+                matches!(pod_verdict(&f), Ok(Forward::Local { ifindex: 6, .. })),
+                "ihl {ihl}"
+            );
         }
     }
 
@@ -391,7 +428,10 @@ mod tests {
         let mut f = ipv4_frame(POD_A, POD_B, 5, 8);
         f[14] = 0x65;
         assert_eq!(parse(&f), Err(Malformed::BadVersion));
-        assert_eq!(Drop::from(Malformed::BadVersion).counter(), Counter::DropMalformed);
+        assert_eq!(
+            Drop::from(Malformed::BadVersion).counter(),
+            Counter::DropMalformed
+        );
     }
 
     #[test]
@@ -421,7 +461,10 @@ mod tests {
     fn accepts_ethernet_padding_after_the_ip_packet() {
         let mut f = ipv4_frame(POD_A, POD_B, 5, 0);
         f.resize(60, 0);
-        assert!(matches!(parse(&f), Ok(Frame::Ipv4(Ipv4Header { total_len: 20, .. }))));
+        assert!(matches!(
+            parse(&f),
+            Ok(Frame::Ipv4(Ipv4Header { total_len: 20, .. }))
+        ));
     }
 
     #[test]
@@ -448,7 +491,9 @@ mod tests {
     #[test]
     fn local_destination_rewrites_macs() {
         let verdict = pod_verdict(&ipv4_frame(POD_A, POD_B, 5, 8)).unwrap();
-        let Forward::Local { ifindex, macs } = verdict else { panic!("{verdict:?}") };
+        let Forward::Local { ifindex, macs } = verdict else {
+            panic!("{verdict:?}")
+        };
         assert_eq!(ifindex, 6);
         assert_eq!(macs[..6], mesh_common::pod_mac_for_ipv4(POD_B));
         assert_eq!(macs[6..], [0xee, 0xee, 0, 0, 0, 6]);
@@ -489,7 +534,10 @@ mod tests {
     #[test]
     fn local_node_prefix_and_misses_pass_to_the_stack() {
         // In the local /24 but not an endpoint (e.g. a pod that just went away): the stack decides.
-        assert_eq!(pod_verdict(&ipv4_frame(POD_A, [10, 1, 0, 99], 5, 8)), Ok(Forward::Pass));
+        assert_eq!(
+            pod_verdict(&ipv4_frame(POD_A, [10, 1, 0, 99], 5, 8)),
+            Ok(Forward::Pass)
+        );
         assert_eq!(pod_verdict(&ipv4_frame(POD_A, UNKNOWN, 5, 8)), Ok(Forward::Pass));
     }
 
@@ -497,7 +545,10 @@ mod tests {
     fn overlay_delivers_to_local_endpoints_only() {
         let m = maps();
         let f = ipv4_frame(REMOTE_POD, POD_A, 7, 8);
-        assert!(matches!(from_overlay(parse(&f).unwrap(), &m), Ok(Forward::Local { ifindex: 5, .. })));
+        assert!(matches!(
+            from_overlay(parse(&f).unwrap(), &m),
+            Ok(Forward::Local { ifindex: 5, .. })
+        ));
         let f = ipv4_frame(REMOTE_POD, [10, 1, 0, 99], 5, 8);
         assert_eq!(from_overlay(parse(&f).unwrap(), &m), Err(Drop::NoEndpoint));
         assert_eq!(Drop::NoEndpoint.counter(), Counter::DropNoEndpoint);

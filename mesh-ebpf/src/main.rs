@@ -72,9 +72,11 @@ mod bpf {
     fn read_frame(ctx: &TcContext) -> Result<Frame, Drop> {
         let len = ctx.len() as usize;
         let loaded = if len >= PEEK_LEN {
-            ctx.load::<[u8; PEEK_LEN]>(0).map(|b| mesh_ebpf::parse_frame(&b, len))
+            ctx.load::<[u8; PEEK_LEN]>(0)
+                .map(|b| mesh_ebpf::parse_frame(&b, len))
         } else if len >= ETH_HLEN {
-            ctx.load::<[u8; ETH_HLEN]>(0).map(|b| mesh_ebpf::parse_frame(&b, len))
+            ctx.load::<[u8; ETH_HLEN]>(0)
+                .map(|b| mesh_ebpf::parse_frame(&b, len))
         } else {
             Ok(mesh_ebpf::parse_frame(&[], len))
         };
@@ -88,14 +90,18 @@ mod bpf {
     #[inline(always)]
     fn apply(ctx: &TcContext, forward: Forward) -> Result<i32, Drop> {
         match forward {
-            Forward::Pass => Ok(TC_ACT_OK as i32),
+            Forward::Pass => Ok(TC_ACT_OK),
             Forward::Local { ifindex, macs } => {
                 ctx.store(0, &macs, 0).map_err(|_| Drop::Helper)?;
                 // SAFETY: plain helper call; it only records the redirect target for after the program returns.
                 let ret = unsafe { bpf_redirect_peer(ifindex, 0) };
                 redirected(ret)
             }
-            Forward::Tunnel { vxlan_ifindex, remote_ipv4, vni } => {
+            Forward::Tunnel {
+                vxlan_ifindex,
+                remote_ipv4,
+                vni,
+            } => {
                 // SAFETY: bpf_tunnel_key is plain old data; all-zero is its "nothing set" value.
                 let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
                 key.tunnel_id = vni;
@@ -117,7 +123,11 @@ mod bpf {
 
     #[inline(always)]
     fn redirected(ret: i64) -> Result<i32, Drop> {
-        if ret == i64::from(TC_ACT_REDIRECT) { Ok(TC_ACT_REDIRECT as i32) } else { Err(Drop::Helper) }
+        if ret == i64::from(TC_ACT_REDIRECT) {
+            Ok(TC_ACT_REDIRECT)
+        } else {
+            Err(Drop::Helper)
+        }
     }
 
     /// One verdict, one counter.
@@ -131,13 +141,17 @@ mod bpf {
             }
             Err(drop) => {
                 count(drop.counter());
-                TC_ACT_SHOT as i32
+                TC_ACT_SHOT
             }
         }
     }
 
     /// tc ingress on the host side of a pod's veth: packets leaving the pod.
     #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
     pub fn from_pod(ctx: TcContext) -> i32 {
         let decision = read_frame(&ctx).and_then(|frame| mesh_ebpf::from_pod(frame, &KernelMaps));
         finish(&ctx, decision)
@@ -145,15 +159,20 @@ mod bpf {
 
     /// tc ingress on the node's VXLAN device (collect-metadata mode): packets from other nodes.
     #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
     pub fn from_overlay(ctx: TcContext) -> i32 {
         // SAFETY: bpf_tunnel_key is plain old data; the helper fills it in.
         let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
         // SAFETY: `key` is a live, correctly sized bpf_tunnel_key on our stack; skb is the program's context.
-        let ret =
-            unsafe { bpf_skb_get_tunnel_key(ctx.skb.skb, &raw mut key, size_of::<bpf_tunnel_key>() as u32, 0) };
+        let ret = unsafe {
+            bpf_skb_get_tunnel_key(ctx.skb.skb, &raw mut key, size_of::<bpf_tunnel_key>() as u32, 0)
+        };
         if ret < 0 {
             count(Drop::NoTunnelKey.counter());
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
         count(Counter::RecvOverlay);
         let decision = read_frame(&ctx).and_then(|frame| mesh_ebpf::from_overlay(frame, &KernelMaps));
