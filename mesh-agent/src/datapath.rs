@@ -72,6 +72,15 @@ pub enum DatapathError {
         #[source]
         source: Box<ProgramError>,
     },
+    /// Listing the tc programs of an interface failed.
+    #[error("listing tcx ingress programs of interface {ifname:?}")]
+    Query {
+        /// Interface.
+        ifname: String,
+        /// The kernel's answer.
+        #[source]
+        source: Box<ProgramError>,
+    },
     /// A map operation failed.
     #[error("eBPF map {map}: {op} {key}")]
     Map {
@@ -301,6 +310,26 @@ impl Datapath {
     #[must_use]
     pub fn attached_overlay(&self) -> Option<&str> {
         self.overlay.as_ref().map(|(ifname, _)| ifname.as_str())
+    }
+
+    /// Names of the programs attached (through tcx) to tc ingress of `ifname` in the calling thread's network
+    /// namespace, by any process, in run order. Useful to check what is really attached.
+    ///
+    /// # Errors
+    ///
+    /// When the interface does not exist or the kernel refuses the query.
+    pub fn tcx_ingress_programs(ifname: &str) -> Result<Vec<String>, DatapathError> {
+        let (_revision, infos) =
+            SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).map_err(|source| {
+                DatapathError::Query {
+                    ifname: ifname.to_owned(),
+                    source: Box::new(source),
+                }
+            })?;
+        Ok(infos
+            .iter()
+            .map(|info| info.name_as_str().unwrap_or("<unnamed>").to_owned())
+            .collect())
     }
 
     /// Adds or replaces a local pod.

@@ -578,6 +578,42 @@ fn same_node_pods_reach_each_other_through_redirect_peer() {
 }
 
 #[test]
+fn attach_is_idempotent_and_programs_detach_on_drop() {
+    let mut lab = Lab::new("life");
+    let node = lab.netns("node");
+    ip(&[
+        "-n", &node, "link", "add", "fmh-x", "type", "veth", "peer", "name", "fmh-y",
+    ]);
+    ip(&[
+        "-n", &node, "link", "add", "fm_vxlan", "type", "vxlan", "external", "dstport", "4789",
+    ]);
+    let attached = |ifname: &'static str| {
+        in_netns(&node, move || {
+            Datapath::tcx_ingress_programs(ifname).expect("query tcx")
+        })
+    };
+    let dp = in_netns(&node, || {
+        let mut dp = Datapath::load().expect("load");
+        dp.attach_endpoint("fmh-x").unwrap();
+        dp.attach_endpoint("fmh-x").unwrap();
+        dp.attach_endpoint("fmh-y").unwrap();
+        dp.attach_overlay("fm_vxlan").unwrap();
+        dp
+    });
+    assert_eq!(attached("fmh-x"), [FROM_POD]);
+    assert_eq!(attached("fmh-y"), [FROM_POD]);
+    assert_eq!(attached("fm_vxlan"), [FROM_OVERLAY]);
+    let mut dp = dp;
+    dp.detach_endpoint("fmh-y").unwrap();
+    assert_eq!(attached("fmh-y"), Vec::<String>::new());
+    assert_eq!(dp.attached_endpoints(), ["fmh-x"]);
+    drop(dp);
+    for ifname in ["fmh-x", "fmh-y", "fm_vxlan"] {
+        assert_eq!(attached(ifname), Vec::<String>::new(), "{ifname} after drop");
+    }
+}
+
+#[test]
 fn pods_on_two_nodes_reach_each_other_over_vxlan() {
     let mut lab = Lab::new("ovl");
     let n1 = lab.netns("n1");
