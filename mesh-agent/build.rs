@@ -8,12 +8,18 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("mesh-agent has no parent directory"))?
         .join("mesh-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("path {} is not UTF-8", root.display()))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("path {} is not UTF-8", root.display()))?;
     println!("cargo:rerun-if-changed={root}/src");
     println!("cargo:rerun-if-changed={root}/Cargo.toml");
     println!("cargo:rerun-if-changed={manifest_dir}/../mesh-common/src");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "mesh-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "mesh-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Nightly,
     )
 }

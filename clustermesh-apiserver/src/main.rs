@@ -25,7 +25,12 @@ struct Args {
     #[arg(long, env = "FLEETMESH_MANIFESTS")]
     manifests: PathBuf,
     /// etcd client URLs of this cluster's etcd (comma separated).
-    #[arg(long, env = "FLEETMESH_ETCD_ENDPOINTS", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "FLEETMESH_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
     etcd_endpoints: Vec<String>,
     /// Key prefix in etcd.
     #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
@@ -39,8 +44,12 @@ struct Args {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s, 500ms or 2m"))?;
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 500ms or 2m"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -55,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     anyhow::ensure!(
         args.lease_ttl >= Duration::from_secs(2),

@@ -23,7 +23,9 @@ pub struct Publisher {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Publisher {
@@ -65,7 +67,7 @@ impl Publisher {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         let mut client = Client::connect(&self.endpoints, Some(opts)).await?;
         let ttl = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(30);
         let lease = client.lease_grant(ttl, None).await?.id();
@@ -77,11 +79,16 @@ impl Publisher {
             id: self.cluster_id,
             capabilities: vec!["nodes/v1".into()],
         };
-        client.put(self.keys.cluster_config(&self.cluster), encode(&config), None).await?;
+        client
+            .put(self.keys.cluster_config(&self.cluster), encode(&config), None)
+            .await?;
 
         // What is in etcd now (maybe from an earlier run): anything not desired gets deleted.
         let existing = client
-            .get(self.keys.nodes_prefix(&self.cluster), Some(GetOptions::new().with_prefix().with_keys_only()))
+            .get(
+                self.keys.nodes_prefix(&self.cluster),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
             .await?;
         let mut published: BTreeMap<String, Option<String>> = existing
             .kvs()
@@ -102,17 +109,35 @@ impl Publisher {
                     puts += 1;
                 }
             }
-            let gone: Vec<String> = published.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+            let gone: Vec<String> = published
+                .keys()
+                .filter(|k| !desired.contains_key(*k))
+                .cloned()
+                .collect();
             for k in &gone {
                 client.delete(k.as_str(), None).await?;
                 published.remove(k);
             }
             if puts > 0 || !gone.is_empty() {
-                info!(puts, deletes = gone.len(), nodes = desired.len(), "published node records");
+                info!(
+                    puts,
+                    deletes = gone.len(),
+                    nodes = desired.len(),
+                    "published node records"
+                );
             }
             if !synced {
-                let marker = Synced { time_ms: now_ms(), count: desired.len() as u64 };
-                client.put(self.keys.synced(&self.cluster, kinds::NODES), encode(&marker), with_lease()).await?;
+                let marker = Synced {
+                    time_ms: now_ms(),
+                    count: desired.len() as u64,
+                };
+                client
+                    .put(
+                        self.keys.synced(&self.cluster, kinds::NODES),
+                        encode(&marker),
+                        with_lease(),
+                    )
+                    .await?;
                 synced = true;
                 info!(nodes = desired.len(), "initial sync complete");
             }

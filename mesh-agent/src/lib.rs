@@ -1,2 +1,9 @@
+//! fleetmesh node agent: watches its cluster (manifests source) and the peer clusters (etcd), and programs the
+//! eBPF datapath of its node.
+
+pub mod api;
 pub mod datapath;
+pub mod desired;
 pub mod netdev;
+pub mod reconcile;
+pub mod remote;

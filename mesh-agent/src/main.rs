@@ -1,1 +1,203 @@
-fn main() {}
+//! mesh-agent: the fleetmesh node daemon. Parses its configuration and wires the parts together.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use mesh_agent::api::{self, ApiState, Status};
+use mesh_agent::datapath::Datapath;
+use mesh_agent::desired::Me;
+use mesh_agent::reconcile::Reconciler;
+use mesh_agent::remote::{self, Remotes, SyncState};
+use mesh_model::ClusterName;
+use mesh_model::source::Snapshot;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// The fleetmesh node agent. Run it in the node's network namespace: it creates the node's VXLAN device, attaches
+/// the eBPF programs to it and to every local pod's host-side veth, and programs the maps from the cluster's
+/// manifests and from every peer cluster's etcd.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Name of this node (as in the cluster's Node objects).
+    #[arg(long, env = "FLEETMESH_NODE_NAME")]
+    node_name: String,
+    /// Name of this cluster (^([a-z0-9][-a-z0-9]*)?[a-z0-9]$, at most 32 characters).
+    #[arg(long, env = "FLEETMESH_CLUSTER_NAME")]
+    cluster_name: ClusterName,
+    /// Id of this cluster, unique in the mesh (1-4095).
+    #[arg(long, env = "FLEETMESH_CLUSTER_ID", value_parser = clap::value_parser!(u16).range(1..=4095))]
+    cluster_id: u16,
+    /// Directory of Kubernetes manifests describing this cluster (the manifests source).
+    #[arg(long, env = "FLEETMESH_MANIFESTS")]
+    manifests: PathBuf,
+    /// Directory with one file per peer cluster, named after it, holding `endpoints: [URL, ...]` of its etcd.
+    /// Files may be added and removed while the agent runs.
+    #[arg(long, env = "FLEETMESH_CLUSTERMESH_CONFIG")]
+    clustermesh_config: Option<PathBuf>,
+    /// Unix socket of the local API (status, health).
+    #[arg(
+        long,
+        env = "FLEETMESH_API_SOCKET",
+        default_value = "/var/run/fleetmesh/agent.sock"
+    )]
+    api_socket: PathBuf,
+    /// Name of the VXLAN device the agent creates (external mode, UDP 4789).
+    #[arg(long, default_value = "fm_vxlan")]
+    vxlan_device: String,
+    /// Key prefix in etcd.
+    #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
+    kvstore_prefix: String,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `mesh_agent=debug`.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+}
+
+fn ensure_vxlan(name: &str) -> anyhow::Result<()> {
+    if mesh_agent::netdev::ifindex(name).is_err() {
+        let port = mesh_common::VXLAN_PORT.to_string();
+        run_ip(&["link", "add", name, "type", "vxlan", "external", "dstport", &port])?;
+        info!(device = name, "created VXLAN device");
+    }
+    run_ip(&["link", "set", name, "up"])
+}
+
+fn run_ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .with_context(|| format!("running ip {}", args.join(" ")))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    anyhow::ensure!(
+        args.manifests.is_dir(),
+        "manifests directory {} does not exist or is not a directory",
+        args.manifests.display()
+    );
+    let me = Me {
+        node: args.node_name.clone(),
+        cluster: args.cluster_name.to_string(),
+        cluster_id: args.cluster_id,
+    };
+    info!(node = %me.node, cluster = %me.cluster, id = me.cluster_id, "starting");
+
+    ensure_vxlan(&args.vxlan_device).context("setting up the VXLAN device")?;
+    let mut dp = Datapath::load().context("loading the eBPF datapath")?;
+    dp.attach_overlay(&args.vxlan_device)
+        .context("attaching to the VXLAN device")?;
+
+    let (wake_tx, wake_rx) = std::sync::mpsc::channel::<()>();
+    let remotes = Remotes::new(wake_tx.clone());
+
+    let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
+    let source = tokio::spawn(mesh_model::source::watch_dir(
+        args.manifests.clone(),
+        snap_tx,
+        Duration::from_secs(2),
+    ));
+    {
+        let wake = wake_tx.clone();
+        let mut rx = snap_rx.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let _ = wake.send(());
+            }
+        });
+    }
+    if let Some(dir) = args.clustermesh_config.clone() {
+        let keys = mesh_kvstore::Keys::new(&args.kvstore_prefix);
+        tokio::spawn(remote::manage(dir, me.clone(), keys, remotes.clone()));
+    }
+
+    let status = Arc::new(Mutex::new(Status {
+        node: me.node.clone(),
+        cluster: me.cluster.clone(),
+        cluster_id: me.cluster_id,
+        started_ms: remote::now_ms(),
+        ready: false,
+        manifest_generation: 0,
+        manifest_errors: Vec::new(),
+        remote_clusters: Vec::new(),
+        datapath: Default::default(),
+    }));
+
+    // The reconciler owns the datapath on its own thread: woken by any change, and every second to retry what
+    // failed (an interface that did not exist yet, say).
+    let reconciler_status = status.clone();
+    let reconciler_remotes = remotes.clone();
+    let snapshots = snap_rx.clone();
+    let expect_remotes = args.clustermesh_config.is_some();
+    let mut reconciler = Reconciler::new(dp, me.clone(), args.vxlan_device.clone());
+    std::thread::Builder::new()
+        .name("reconciler".into())
+        .spawn(move || {
+            loop {
+                let _ = wake_rx.recv_timeout(Duration::from_secs(1));
+                // Coalesce a burst of wake-ups into one pass.
+                while wake_rx.try_recv().is_ok() {}
+                let snap = snapshots.borrow().clone();
+                if snap.generation == 0 {
+                    continue;
+                }
+                let remote_view = reconciler_remotes.snapshot();
+                let dp_status = reconciler.reconcile(&snap.state, &remote_view);
+                let remotes_synced = remote_view
+                    .values()
+                    .all(|r| matches!(r.state, SyncState::Synced { .. }) && r.usable)
+                    && (!expect_remotes || !remote_view.is_empty());
+                let ready = dp_status.errors.is_empty()
+                    && dp_status.endpoints.iter().all(|e| e.programmed)
+                    && remotes_synced;
+                let mut st = reconciler_status.lock().unwrap_or_else(PoisonError::into_inner);
+                st.ready = ready;
+                st.manifest_generation = snap.generation;
+                st.manifest_errors.clone_from(&snap.errors);
+                st.datapath = dp_status;
+            }
+        })?;
+
+    let api_state = ApiState { status, remotes };
+    let socket = args.api_socket.clone();
+    tokio::select! {
+        r = api::serve(&socket, api_state) => r.with_context(|| format!("serving the API on {}", socket.display()))?,
+        r = source => {
+            r.context("manifests source task")?
+                .with_context(|| format!("manifests directory {}", args.manifests.display()))?;
+        }
+        r = shutdown_signal() => {
+            r?;
+            info!("shutting down");
+        }
+    }
+    if let Err(e) = std::fs::remove_file(&socket) {
+        warn!(socket = %socket.display(), error = %e, "removing the API socket");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -39,7 +39,9 @@ impl Default for Keys {
 impl Keys {
     #[must_use]
     pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.trim_end_matches('/').to_owned() }
+        Self {
+            prefix: prefix.trim_end_matches('/').to_owned(),
+        }
     }
 
     #[must_use]
@@ -82,7 +84,10 @@ impl Keys {
     /// Classifies a key of `cluster`'s data. Keys of other clusters or unknown layouts give [`KeyKind::Other`].
     #[must_use]
     pub fn classify<'k>(&self, cluster: &str, key: &'k str) -> KeyKind<'k> {
-        let Some(rest) = key.strip_prefix(self.prefix.as_str()).and_then(|r| r.strip_prefix('/')) else {
+        let Some(rest) = key
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+        else {
             return KeyKind::Other;
         };
         if let Some(r) = rest.strip_prefix("state/nodes/") {
@@ -170,9 +175,18 @@ pub enum DecodeError {
     #[error("key {key}: value of {size} bytes is larger than the {MAX_VALUE_BYTES} bytes allowed")]
     TooLarge { key: String, size: usize },
     #[error("key {key}: not valid JSON for {record}: {reason}")]
-    Json { key: String, record: &'static str, reason: String },
+    Json {
+        key: String,
+        record: &'static str,
+        reason: String,
+    },
     #[error("key {key}: {field} is {found:?}, but the key says {expected:?}")]
-    Mismatch { key: String, field: &'static str, found: String, expected: String },
+    Mismatch {
+        key: String,
+        field: &'static str,
+        found: String,
+        expected: String,
+    },
     #[error("key {key}: {reason}")]
     Invalid { key: String, reason: String },
 }
@@ -190,11 +204,22 @@ impl DecodeError {
     }
 }
 
-fn json<T: for<'de> Deserialize<'de>>(key: &str, record: &'static str, value: &[u8]) -> Result<T, DecodeError> {
+fn json<T: for<'de> Deserialize<'de>>(
+    key: &str,
+    record: &'static str,
+    value: &[u8],
+) -> Result<T, DecodeError> {
     if value.len() > MAX_VALUE_BYTES {
-        return Err(DecodeError::TooLarge { key: key.to_owned(), size: value.len() });
+        return Err(DecodeError::TooLarge {
+            key: key.to_owned(),
+            size: value.len(),
+        });
     }
-    serde_json::from_slice(value).map_err(|e| DecodeError::Json { key: key.to_owned(), record, reason: e.to_string() })
+    serde_json::from_slice(value).map_err(|e| DecodeError::Json {
+        key: key.to_owned(),
+        record,
+        reason: e.to_string(),
+    })
 }
 
 fn expect_eq(key: &str, field: &'static str, found: &str, expected: &str) -> Result<(), DecodeError> {
@@ -221,11 +246,18 @@ pub fn decode_node(key: &str, cluster: &str, node: &str, value: &[u8]) -> Result
     if rec.cluster_id == 0 || rec.cluster_id > mesh_model::cluster::MAX_CLUSTER_ID {
         return Err(DecodeError::Invalid {
             key: key.to_owned(),
-            reason: format!("clusterId {} is out of range 1-{}", rec.cluster_id, mesh_model::cluster::MAX_CLUSTER_ID),
+            reason: format!(
+                "clusterId {} is out of range 1-{}",
+                rec.cluster_id,
+                mesh_model::cluster::MAX_CLUSTER_ID
+            ),
         });
     }
     if rec.pod_cidrs.is_empty() {
-        return Err(DecodeError::Invalid { key: key.to_owned(), reason: "node has no podCidrs".into() });
+        return Err(DecodeError::Invalid {
+            key: key.to_owned(),
+            reason: "node has no podCidrs".into(),
+        });
     }
     Ok(rec)
 }
@@ -254,7 +286,10 @@ pub fn decode_synced(key: &str, value: &[u8]) -> Result<Synced, DecodeError> {
 /// Never: the records are plain data whose serialization cannot fail.
 #[must_use]
 pub fn encode<T: Serialize>(record: &T) -> String {
-    #[expect(clippy::expect_used, reason = "serializing plain structs with string keys cannot fail")]
+    #[expect(
+        clippy::expect_used,
+        reason = "serializing plain structs with string keys cannot fail"
+    )]
     serde_json::to_string(record).expect("records serialize")
 }
 
@@ -278,11 +313,23 @@ mod tests {
         assert_eq!(k.node("east", "n1"), "fleetmesh/state/nodes/v1/east/n1");
         assert_eq!(k.classify("east", &k.node("east", "n1")), KeyKind::Node("n1"));
         assert_eq!(k.classify("west", &k.node("east", "n1")), KeyKind::Other);
-        assert_eq!(k.classify("east", &k.synced("east", kinds::NODES)), KeyKind::Synced("nodes"));
-        assert_eq!(k.classify("east", &k.cluster_config("east")), KeyKind::ClusterConfig);
+        assert_eq!(
+            k.classify("east", &k.synced("east", kinds::NODES)),
+            KeyKind::Synced("nodes")
+        );
+        assert_eq!(
+            k.classify("east", &k.cluster_config("east")),
+            KeyKind::ClusterConfig
+        );
         assert_eq!(k.classify("east", &k.heartbeat("east")), KeyKind::Heartbeat);
-        assert_eq!(k.classify("east", "fleetmesh/state/nodes/v9/east/n1"), KeyKind::UnknownVersion("v9"));
-        assert_eq!(k.classify("east", "fleetmesh/state/nodes/v1/east/a/b"), KeyKind::Other);
+        assert_eq!(
+            k.classify("east", "fleetmesh/state/nodes/v9/east/n1"),
+            KeyKind::UnknownVersion("v9")
+        );
+        assert_eq!(
+            k.classify("east", "fleetmesh/state/nodes/v1/east/a/b"),
+            KeyKind::Other
+        );
         assert_eq!(k.classify("east", "other/thing"), KeyKind::Other);
     }
 
@@ -297,10 +344,17 @@ mod tests {
     #[test]
     fn malformed_node_values_are_typed_errors() {
         let key = "fleetmesh/state/nodes/v1/east/east-node-1";
-        let d = |v: &str| decode_node(key, "east", "east-node-1", v.as_bytes()).expect_err(v).reason();
+        let d = |v: &str| {
+            decode_node(key, "east", "east-node-1", v.as_bytes())
+                .expect_err(v)
+                .reason()
+        };
         assert_eq!(d("{not json"), "bad_json");
         assert_eq!(d(r#"{"name":"east-node-1"}"#), "bad_json");
-        assert_eq!(d(r#"{"name":1,"cluster":"east","clusterId":1,"underlayIpv4":"1.2.3.4","podCidrs":[]}"#), "bad_json");
+        assert_eq!(
+            d(r#"{"name":1,"cluster":"east","clusterId":1,"underlayIpv4":"1.2.3.4","podCidrs":[]}"#),
+            "bad_json"
+        );
         let mut wrong = node();
         wrong.cluster = "west".into();
         assert_eq!(d(&encode(&wrong)), "key_mismatch");

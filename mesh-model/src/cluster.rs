@@ -92,11 +92,26 @@ mod tests {
     #[test]
     fn refuses_bad_names() {
         assert_eq!(ClusterName::new(""), Err(ClusterNameError::Empty));
-        assert!(matches!(ClusterName::new("East"), Err(ClusterNameError::BadCharacters(_))));
-        assert!(matches!(ClusterName::new("-east"), Err(ClusterNameError::BadCharacters(_))));
-        assert!(matches!(ClusterName::new("east-"), Err(ClusterNameError::BadCharacters(_))));
-        assert!(matches!(ClusterName::new("ea_st"), Err(ClusterNameError::BadCharacters(_))));
-        assert!(matches!(ClusterName::new(&"a".repeat(33)), Err(ClusterNameError::TooLong(_))));
+        assert!(matches!(
+            ClusterName::new("East"),
+            Err(ClusterNameError::BadCharacters(_))
+        ));
+        assert!(matches!(
+            ClusterName::new("-east"),
+            Err(ClusterNameError::BadCharacters(_))
+        ));
+        assert!(matches!(
+            ClusterName::new("east-"),
+            Err(ClusterNameError::BadCharacters(_))
+        ));
+        assert!(matches!(
+            ClusterName::new("ea_st"),
+            Err(ClusterNameError::BadCharacters(_))
+        ));
+        assert!(matches!(
+            ClusterName::new(&"a".repeat(33)),
+            Err(ClusterNameError::TooLong(_))
+        ));
         assert!(ClusterName::new(&"a".repeat(32)).is_ok());
     }
 }

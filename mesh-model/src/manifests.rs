@@ -91,20 +91,33 @@ impl Ctx<'_> {
 pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let mut ctx = Ctx { file, document: i + 1, object: None };
+        let mut ctx = Ctx {
+            file,
+            document: i + 1,
+            object: None,
+        };
         let value = serde_yaml::Value::deserialize_from(doc)
             .map_err(|e| ctx.err(None, format!("malformed YAML: {e}")))?;
         if value.is_null() {
             continue;
         }
-        let map = value.as_mapping().ok_or_else(|| ctx.err(None, "a manifest must be a mapping"))?;
-        let kind = map.get("kind").and_then(serde_yaml::Value::as_str).unwrap_or_default().to_owned();
+        let map = value
+            .as_mapping()
+            .ok_or_else(|| ctx.err(None, "a manifest must be a mapping"))?;
+        let kind = map
+            .get("kind")
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         let name = map
             .get("metadata")
             .and_then(|m| m.get("name"))
             .and_then(serde_yaml::Value::as_str)
             .unwrap_or("<unnamed>");
-        let ns = map.get("metadata").and_then(|m| m.get("namespace")).and_then(serde_yaml::Value::as_str);
+        let ns = map
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(serde_yaml::Value::as_str);
         ctx.object = Some(match ns {
             Some(ns) => format!("{kind} {ns}/{name}"),
             None => format!("{kind} {name}"),
@@ -169,14 +182,18 @@ fn namespace_of(ctx: &Ctx<'_>, meta: &ObjectMeta) -> Result<String, ManifestErro
     match meta.namespace.as_deref() {
         None => Ok(DEFAULT_NAMESPACE.to_owned()),
         Some(n) if is_dns_label_like(n) && !n.contains('.') && n.len() <= 63 => Ok(n.to_owned()),
-        Some(n) => Err(ctx.err(Some("metadata.namespace"), format!("{n:?} is not a valid namespace name"))),
+        Some(n) => Err(ctx.err(
+            Some("metadata.namespace"),
+            format!("{n:?} is not a valid namespace name"),
+        )),
     }
 }
 
 fn is_dns_label_like(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && s.starts_with(|c: char| c.is_ascii_alphanumeric())
         && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
@@ -188,8 +205,9 @@ fn node(ctx: &Ctx<'_>, n: &core::Node) -> Result<Node, ManifestError> {
         .as_ref()
         .and_then(|s| s.pod_cidr.as_deref())
         .ok_or_else(|| ctx.err(Some("spec.podCIDR"), "missing pod CIDR"))?;
-    let pod_cidr: Ipv4Net =
-        cidr.parse().map_err(|e| ctx.err(Some("spec.podCIDR"), format!("{cidr:?} is not an IPv4 CIDR: {e}")))?;
+    let pod_cidr: Ipv4Net = cidr
+        .parse()
+        .map_err(|e| ctx.err(Some("spec.podCIDR"), format!("{cidr:?} is not an IPv4 CIDR: {e}")))?;
     let addr = n
         .status
         .as_ref()
@@ -197,13 +215,23 @@ fn node(ctx: &Ctx<'_>, n: &core::Node) -> Result<Node, ManifestError> {
         .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP"))
         .ok_or_else(|| ctx.err(Some("status.addresses"), "missing an InternalIP address"))?;
     let underlay_ipv4: Ipv4Addr = addr.address.parse().map_err(|e| {
-        ctx.err(Some("status.addresses"), format!("InternalIP {:?} is not an IPv4 address: {e}", addr.address))
+        ctx.err(
+            Some("status.addresses"),
+            format!("InternalIP {:?} is not an IPv4 address: {e}", addr.address),
+        )
     })?;
-    Ok(Node { name, underlay_ipv4, pod_cidr: pod_cidr.trunc() })
+    Ok(Node {
+        name,
+        underlay_ipv4,
+        pod_cidr: pod_cidr.trunc(),
+    })
 }
 
 fn namespace(ctx: &Ctx<'_>, n: core::Namespace) -> Result<Namespace, ManifestError> {
-    Ok(Namespace { name: name_of(ctx, &n.metadata)?, labels: n.metadata.labels.unwrap_or_default() })
+    Ok(Namespace {
+        name: name_of(ctx, &n.metadata)?,
+        labels: n.metadata.labels.unwrap_or_default(),
+    })
 }
 
 fn port_number(ctx: &Ctx<'_>, field: &str, p: i32) -> Result<u16, ManifestError> {
@@ -222,20 +250,32 @@ fn pod(ctx: &Ctx<'_>, p: core::Pod) -> Result<Pod, ManifestError> {
         for (pi, port) in c.ports.iter().flatten().enumerate() {
             let field = format!("spec.containers[{ci}].ports[{pi}]");
             let number = port_number(ctx, &format!("{field}.containerPort"), port.container_port)?;
-            let protocol =
-                Protocol::parse(port.protocol.as_deref()).map_err(|m| ctx.err(Some(&format!("{field}.protocol")), m))?;
-            if ports.iter().any(|p: &ContainerPort| p.port == number && p.protocol == protocol) {
-                return Err(ctx.err(Some(&field), format!("port {number}/{protocol:?} is declared twice")));
+            let protocol = Protocol::parse(port.protocol.as_deref())
+                .map_err(|m| ctx.err(Some(&format!("{field}.protocol")), m))?;
+            if ports
+                .iter()
+                .any(|p: &ContainerPort| p.port == number && p.protocol == protocol)
+            {
+                return Err(ctx.err(
+                    Some(&field),
+                    format!("port {number}/{protocol:?} is declared twice"),
+                ));
             }
-            ports.push(ContainerPort { name: port.name.clone(), port: number, protocol });
+            ports.push(ContainerPort {
+                name: port.name.clone(),
+                port: number,
+                protocol,
+            });
         }
     }
     let ipv4 = match p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
         None => None,
-        Some(ip) => Some(
-            ip.parse::<Ipv4Addr>()
-                .map_err(|e| ctx.err(Some("status.podIP"), format!("{ip:?} is not an IPv4 address: {e}")))?,
-        ),
+        Some(ip) => Some(ip.parse::<Ipv4Addr>().map_err(|e| {
+            ctx.err(
+                Some("status.podIP"),
+                format!("{ip:?} is not an IPv4 address: {e}"),
+            )
+        })?),
     };
     Ok(Pod {
         namespace,
@@ -255,27 +295,39 @@ fn service(ctx: &Ctx<'_>, s: core::Service) -> Result<Service, ManifestError> {
     if let Some(t) = spec.type_.as_deref()
         && t != "ClusterIP"
     {
-        return Err(ctx.err(Some("spec.type"), format!("service type {t:?} is not supported yet (ClusterIP)")));
+        return Err(ctx.err(
+            Some("spec.type"),
+            format!("service type {t:?} is not supported yet (ClusterIP)"),
+        ));
     }
     let cluster_ipv4 = match spec.cluster_ip.as_deref() {
         None | Some("None" | "") => None,
-        Some(ip) => Some(
-            ip.parse::<Ipv4Addr>()
-                .map_err(|e| ctx.err(Some("spec.clusterIP"), format!("{ip:?} is not an IPv4 address: {e}")))?,
-        ),
+        Some(ip) => Some(ip.parse::<Ipv4Addr>().map_err(|e| {
+            ctx.err(
+                Some("spec.clusterIP"),
+                format!("{ip:?} is not an IPv4 address: {e}"),
+            )
+        })?),
     };
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let field = format!("spec.ports[{i}]");
         let port = port_number(ctx, &format!("{field}.port"), p.port)?;
-        let protocol =
-            Protocol::parse(p.protocol.as_deref()).map_err(|m| ctx.err(Some(&format!("{field}.protocol")), m))?;
+        let protocol = Protocol::parse(p.protocol.as_deref())
+            .map_err(|m| ctx.err(Some(&format!("{field}.protocol")), m))?;
         let target_port = match &p.target_port {
             None => None,
-            Some(IntOrString::Int(n)) => Some(port_number(ctx, &format!("{field}.targetPort"), *n)?.to_string()),
+            Some(IntOrString::Int(n)) => {
+                Some(port_number(ctx, &format!("{field}.targetPort"), *n)?.to_string())
+            }
             Some(IntOrString::String(s)) => Some(s.clone()),
         };
-        ports.push(ServicePort { name: p.name.clone(), port, protocol, target_port });
+        ports.push(ServicePort {
+            name: p.name.clone(),
+            port,
+            protocol,
+            target_port,
+        });
     }
     Ok(Service {
         namespace,
@@ -310,10 +362,14 @@ pub fn merge<'a>(
                     state.namespaces.insert(n.name.clone(), n.clone());
                 }
                 Object::Pod(p) => {
-                    state.pods.insert((p.namespace.clone(), p.name.clone()), p.clone());
+                    state
+                        .pods
+                        .insert((p.namespace.clone(), p.name.clone()), p.clone());
                 }
                 Object::Service(s) => {
-                    state.services.insert((s.namespace.clone(), s.name.clone()), s.clone());
+                    state
+                        .services
+                        .insert((s.namespace.clone(), s.name.clone()), s.clone());
                 }
             }
         }
@@ -357,14 +413,21 @@ spec:
     fn parses_namespace_pod_service() {
         let objs = parse_str("a.yaml", GOOD).expect("valid manifests");
         assert_eq!(objs.len(), 3);
-        let Object::Pod(p) = &objs[1] else { panic!("expected a pod, got {:?}", objs[1]) };
+        let Object::Pod(p) = &objs[1] else {
+            panic!("expected a pod, got {:?}", objs[1])
+        };
         assert_eq!(p.namespace, "shop");
         assert_eq!(p.node_name.as_deref(), Some("east-node-1"));
         assert_eq!(p.ports.len(), 2);
         assert_eq!(p.ports[1].protocol, Protocol::Udp);
-        let Object::Service(s) = &objs[2] else { panic!("expected a service") };
+        let Object::Service(s) = &objs[2] else {
+            panic!("expected a service")
+        };
         assert_eq!(s.ports[0].target_port.as_deref(), Some("8080"));
-        assert_eq!(s.annotations.get("service.cilium.io/global").map(String::as_str), Some("true"));
+        assert_eq!(
+            s.annotations.get("service.cilium.io/global").map(String::as_str),
+            Some("true")
+        );
     }
 
     #[test]
@@ -389,7 +452,8 @@ status: {addresses: [{type: InternalIP, address: 172.30.1.1}]}
 
     #[test]
     fn unknown_field_is_named() {
-        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, portz: []}]\n";
+        let text =
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, portz: []}]\n";
         let e = parse_str("f.yaml", text).expect_err("unknown field");
         assert_eq!(e.file, "f.yaml");
         assert_eq!(e.object.as_deref(), Some("Pod a"));
@@ -401,21 +465,42 @@ status: {addresses: [{type: InternalIP, address: 172.30.1.1}]}
     fn wrong_type_is_named() {
         let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, ports: [{containerPort: http}]}]\n";
         let e = parse_str("f.yaml", text).expect_err("bad type");
-        assert!(e.field.as_deref().is_some_and(|f| f.contains("containerPort")), "{e}");
+        assert!(
+            e.field.as_deref().is_some_and(|f| f.contains("containerPort")),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_values_are_refused() {
         for (text, field) in [
-            ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, ports: [{containerPort: 70000}]}]\n", "containerPort"),
-            ("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, ports: [{containerPort: 1, protocol: SCTP}]}]\n", "protocol"),
-            ("apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\nspec: {containers: []}\n", "metadata.name"),
-            ("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 1.2.3}\n", "spec.clusterIP"),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, ports: [{containerPort: 70000}]}]\n",
+                "containerPort",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, ports: [{containerPort: 1, protocol: SCTP}]}]\n",
+                "protocol",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\nspec: {containers: []}\n",
+                "metadata.name",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: 1.2.3}\n",
+                "spec.clusterIP",
+            ),
             ("apiVersion: v1\nkind: Widget\nmetadata: {name: s}\n", "kind"),
-            ("apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.0.0.0/99}\n", "spec.podCIDR"),
+            (
+                "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.0.0.0/99}\n",
+                "spec.podCIDR",
+            ),
         ] {
             let e = parse_str("f.yaml", text).expect_err(text);
-            assert!(e.field.as_deref().is_some_and(|f| f.contains(field)), "{field}: {e}");
+            assert!(
+                e.field.as_deref().is_some_and(|f| f.contains(field)),
+                "{field}: {e}"
+            );
         }
     }
 

@@ -72,20 +72,34 @@ impl ManifestDir {
             let entry = entry?;
             let path = entry.path();
             let is_yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
-            let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
             if !is_yaml || hidden {
                 continue;
             }
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
             if !meta.is_file() {
                 continue;
             }
-            let stamp =
-                Stamp { ino: meta.ino(), size: meta.size(), mtime: meta.mtime(), mtime_nsec: meta.mtime_nsec() };
+            let stamp = Stamp {
+                ino: meta.ino(),
+                size: meta.size(),
+                mtime: meta.mtime(),
+                mtime_nsec: meta.mtime_nsec(),
+            };
             present.insert(path, stamp);
         }
         let mut changed = false;
-        let removed: Vec<PathBuf> = self.files.keys().filter(|p| !present.contains_key(*p)).cloned().collect();
+        let removed: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !present.contains_key(*p))
+            .cloned()
+            .collect();
         for p in removed {
             info!(file = %p.display(), "manifest file removed");
             self.files.remove(&p);
@@ -124,14 +138,23 @@ impl ManifestDir {
                     if let Some(f) = self.files.get_mut(&path) {
                         f.stamp = stamp;
                     } else {
-                        self.files.insert(path, FileEntry { stamp, objects: Vec::new() });
+                        self.files.insert(
+                            path,
+                            FileEntry {
+                                stamp,
+                                objects: Vec::new(),
+                            },
+                        );
                     }
                 }
             }
         }
         if changed {
-            let names: Vec<(String, &[Object])> =
-                self.files.iter().map(|(p, f)| (p.display().to_string(), f.objects.as_slice())).collect();
+            let names: Vec<(String, &[Object])> = self
+                .files
+                .iter()
+                .map(|(p, f)| (p.display().to_string(), f.objects.as_slice()))
+                .collect();
             match manifests::merge(names.iter().map(|(n, o)| (n.as_str(), *o))) {
                 Ok(state) => {
                     self.last_good = state;
@@ -155,7 +178,11 @@ impl ManifestDir {
     /// Current problems, one line each.
     #[must_use]
     pub fn errors(&self) -> Vec<String> {
-        self.errors.values().cloned().chain(self.merge_error.clone()).collect()
+        self.errors
+            .values()
+            .cloned()
+            .chain(self.merge_error.clone())
+            .collect()
     }
 }
 
@@ -168,7 +195,11 @@ pub async fn watch_dir(dir: PathBuf, tx: watch::Sender<Snapshot>, resync: Durati
     let mut md = ManifestDir::new(&dir);
     md.rescan()?;
     let mut generation = 1;
-    tx.send_replace(Snapshot { generation, state: Arc::new(md.state().clone()), errors: md.errors() });
+    tx.send_replace(Snapshot {
+        generation,
+        state: Arc::new(md.state().clone()),
+        errors: md.errors(),
+    });
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<()>();
     let _watcher = match notify_watcher(&dir, ev_tx) {
         Ok(w) => Some(w),
@@ -193,7 +224,11 @@ pub async fn watch_dir(dir: PathBuf, tx: watch::Sender<Snapshot>, resync: Durati
         match md.rescan() {
             Ok(true) => {
                 generation += 1;
-                tx.send_replace(Snapshot { generation, state: Arc::new(md.state().clone()), errors: md.errors() });
+                tx.send_replace(Snapshot {
+                    generation,
+                    state: Arc::new(md.state().clone()),
+                    errors: md.errors(),
+                });
             }
             Ok(false) => {}
             Err(e) => warn!(dir = %dir.display(), error = %e, "cannot read the manifests directory"),
@@ -234,7 +269,10 @@ mod tests {
         assert_eq!(md.state().nodes.len(), 1, "previous objects stay");
         assert_eq!(md.errors().len(), 1);
         assert!(md.errors()[0].contains("a.yaml"), "{:?}", md.errors());
-        assert!(!md.rescan().expect("scan"), "unchanged broken file is not re-reported");
+        assert!(
+            !md.rescan().expect("scan"),
+            "unchanged broken file is not re-reported"
+        );
         std::fs::write(&f, NODE).expect("write");
         assert!(md.rescan().expect("scan"));
         assert!(md.errors().is_empty());
@@ -253,7 +291,11 @@ mod tests {
         std::fs::write(dir.path().join("b.yml"), format!("{NODE}---\n{POD}")).expect("write");
         md.rescan().expect("scan");
         assert_eq!(md.state().pods.len(), 0, "conflicting change not applied");
-        assert!(md.errors().iter().any(|e| e.contains("twice")), "{:?}", md.errors());
+        assert!(
+            md.errors().iter().any(|e| e.contains("twice")),
+            "{:?}",
+            md.errors()
+        );
     }
 
     #[tokio::test]

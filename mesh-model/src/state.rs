@@ -112,6 +112,8 @@ pub struct ClusterState {
 impl ClusterState {
     /// Pods scheduled on `node`.
     pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
-        self.pods.values().filter(move |p| p.node_name.as_deref() == Some(node))
+        self.pods
+            .values()
+            .filter(move |p| p.node_name.as_deref() == Some(node))
     }
 }

@@ -1,0 +1,64 @@
+//! The agent's local API: HTTP on a Unix socket (`GET /v1/status`, `GET /healthz`), for meshctl and the lab.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::{Json, Router, extract::State, routing::get};
+use serde::Serialize;
+
+use crate::reconcile::DatapathStatus;
+use crate::remote::{RemoteCluster, Remotes};
+
+/// Everything `GET /v1/status` reports.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub node: String,
+    pub cluster: String,
+    pub cluster_id: u16,
+    pub started_ms: u64,
+    /// Local manifests loaded, every remote cluster synced, every local endpoint programmed, no errors.
+    pub ready: bool,
+    pub manifest_generation: u64,
+    pub manifest_errors: Vec<String>,
+    pub remote_clusters: Vec<RemoteCluster>,
+    pub datapath: DatapathStatus,
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub status: Arc<Mutex<Status>>,
+    pub remotes: Remotes,
+}
+
+async fn status(State(s): State<ApiState>) -> Json<Status> {
+    let mut st = s.status.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    // Remote cluster state is live; the datapath part is as of the last reconcile.
+    st.remote_clusters = s.remotes.snapshot().into_values().collect();
+    Json(st)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Serves the API on `socket` until the process ends.
+///
+/// # Errors
+/// When the socket cannot be created.
+pub async fn serve(socket: &Path, state: ApiState) -> std::io::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/healthz", get(healthz))
+        .with_state(state);
+    axum::serve(listener, app).await
+}

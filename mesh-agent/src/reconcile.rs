@@ -1,0 +1,250 @@
+//! Desired state → the datapath. Changes only the difference, so the same reconcile serves start, resync and
+//! every change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use mesh_common::{Counter, IpcacheEntry, LocalEndpoint, NodeConfig, pod_mac_for_ipv4};
+use mesh_model::ClusterState;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::datapath::Datapath;
+use crate::desired::{self, Me};
+use crate::netdev;
+use crate::remote::RemoteCluster;
+
+/// One local endpoint as the status reports it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointStatus {
+    pub pod: String,
+    pub ipv4: Ipv4Addr,
+    pub ifname: String,
+    pub programmed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One ipcache entry as the status reports it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpcacheStatus {
+    pub prefix: Ipv4Net,
+    pub tunnel_endpoint: Option<Ipv4Addr>,
+    pub cluster_id: u16,
+    pub local_node: bool,
+}
+
+/// The outcome of the last reconcile: what was programmed, what failed, and the datapath counters.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathStatus {
+    pub node_ipv4: Option<Ipv4Addr>,
+    pub pod_cidr: Option<Ipv4Net>,
+    pub endpoints: Vec<EndpointStatus>,
+    pub ipcache: Vec<IpcacheStatus>,
+    pub counters: BTreeMap<&'static str, u64>,
+    pub conflicts: Vec<String>,
+    pub errors: Vec<String>,
+    pub reconciles: u64,
+}
+
+pub struct Reconciler {
+    pub dp: Datapath,
+    pub me: Me,
+    pub vxlan_ifname: String,
+    reconciles: u64,
+}
+
+impl Reconciler {
+    #[must_use]
+    pub fn new(dp: Datapath, me: Me, vxlan_ifname: String) -> Self {
+        Self {
+            dp,
+            me,
+            vxlan_ifname,
+            reconciles: 0,
+        }
+    }
+
+    /// Brings the datapath to the desired state and reports what the kernel maps hold afterwards.
+    pub fn reconcile(
+        &mut self,
+        local: &ClusterState,
+        remotes: &BTreeMap<String, RemoteCluster>,
+    ) -> DatapathStatus {
+        self.reconciles += 1;
+        let mut st = DatapathStatus {
+            reconciles: self.reconciles,
+            ..DatapathStatus::default()
+        };
+        let my_node = local.nodes.get(&self.me.node);
+        st.node_ipv4 = my_node.map(|n| n.underlay_ipv4);
+        st.pod_cidr = my_node.map(|n| n.pod_cidr);
+        if my_node.is_none() {
+            st.errors.push(format!(
+                "node {} is not in the cluster's manifests yet",
+                self.me.node
+            ));
+        }
+
+        // Node config.
+        match netdev::ifindex(&self.vxlan_ifname) {
+            Ok(vx) => {
+                let cfg = NodeConfig {
+                    vxlan_ifindex: vx,
+                    node_ipv4: my_node.map_or(0, |n| u32::from(n.underlay_ipv4)),
+                    cluster_id: self.me.cluster_id,
+                    ..NodeConfig::default()
+                };
+                if self.dp.node_config().ok() != Some(cfg)
+                    && let Err(e) = self.dp.set_node_config(cfg)
+                {
+                    st.errors.push(format!("{e:#}"));
+                }
+            }
+            Err(e) => st.errors.push(format!("VXLAN device {}: {e}", self.vxlan_ifname)),
+        }
+
+        self.reconcile_endpoints(local, &mut st);
+        self.reconcile_ipcache(local, remotes, &mut st);
+
+        st.counters = match self.dp.counters() {
+            Ok(c) => c
+                .into_iter()
+                .map(|(c, v): (Counter, u64)| (c.name(), v))
+                .collect(),
+            Err(e) => {
+                st.errors.push(format!("reading counters: {e}"));
+                BTreeMap::new()
+            }
+        };
+        st
+    }
+
+    fn reconcile_endpoints(&mut self, local: &ClusterState, st: &mut DatapathStatus) {
+        let desired = desired::endpoints(&self.me, local);
+        let mut keep_ips = BTreeSet::new();
+        let mut keep_ifs = BTreeSet::new();
+        let current: BTreeMap<Ipv4Addr, LocalEndpoint> = match self.dp.endpoints() {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                st.errors.push(format!("reading endpoints: {e}"));
+                return;
+            }
+        };
+        for d in desired {
+            let result = (|| -> Result<LocalEndpoint, String> {
+                let ifindex =
+                    netdev::ifindex(&d.ifname).map_err(|e| format!("interface {}: {e}", d.ifname))?;
+                let host_mac = netdev::mac(&d.ifname).map_err(|e| format!("interface {}: {e}", d.ifname))?;
+                self.dp.attach_endpoint(&d.ifname).map_err(|e| format!("{e:#}"))?;
+                let ep = LocalEndpoint {
+                    ifindex,
+                    identity: 0,
+                    pod_mac: pod_mac_for_ipv4(d.ipv4.octets()),
+                    host_mac,
+                };
+                if current.get(&d.ipv4) != Some(&ep) {
+                    self.dp
+                        .upsert_endpoint(d.ipv4, ep)
+                        .map_err(|e| format!("{e:#}"))?;
+                    info!(pod = %d.pod, ip = %d.ipv4, ifname = %d.ifname, ifindex, "endpoint programmed");
+                }
+                Ok(ep)
+            })();
+            keep_ifs.insert(d.ifname.clone());
+            match result {
+                Ok(_) => {
+                    keep_ips.insert(d.ipv4);
+                    st.endpoints.push(EndpointStatus {
+                        pod: d.pod,
+                        ipv4: d.ipv4,
+                        ifname: d.ifname,
+                        programmed: true,
+                        error: None,
+                    });
+                }
+                Err(e) => {
+                    // Keep an entry that was programmed before (the interface may only be flapping).
+                    if current.contains_key(&d.ipv4) {
+                        keep_ips.insert(d.ipv4);
+                    }
+                    st.endpoints.push(EndpointStatus {
+                        pod: d.pod,
+                        ipv4: d.ipv4,
+                        ifname: d.ifname,
+                        programmed: false,
+                        error: Some(e),
+                    });
+                }
+            }
+        }
+        for ip in current.keys().filter(|ip| !keep_ips.contains(*ip)) {
+            match self.dp.remove_endpoint(*ip) {
+                Ok(()) => info!(ip = %ip, "endpoint removed"),
+                Err(e) => st.errors.push(format!("{e:#}")),
+            }
+        }
+        for ifname in self.dp.attached_endpoints() {
+            if !keep_ifs.contains(&ifname)
+                && let Err(e) = self.dp.detach_endpoint(&ifname)
+            {
+                // The interface is usually gone with its pod, which detaches the program anyway.
+                warn!(ifname = %ifname, error = %format!("{e:#}"), "detaching endpoint program");
+            }
+        }
+    }
+
+    fn reconcile_ipcache(
+        &mut self,
+        local: &ClusterState,
+        remotes: &BTreeMap<String, RemoteCluster>,
+        st: &mut DatapathStatus,
+    ) {
+        let desired = desired::ipcache(&self.me, local, remotes);
+        st.conflicts = desired.conflicts;
+        let current: BTreeMap<Ipv4Net, IpcacheEntry> = match self.dp.ipcache() {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                st.errors.push(format!("reading ipcache: {e}"));
+                return;
+            }
+        };
+        let (mut added, mut removed) = (0usize, 0usize);
+        for (prefix, entry) in &desired.entries {
+            if current.get(prefix) != Some(entry) {
+                match self.dp.upsert_ipcache(*prefix, *entry) {
+                    Ok(()) => added += 1,
+                    Err(e) => st.errors.push(format!("{e:#}")),
+                }
+            }
+        }
+        for prefix in current.keys().filter(|p| !desired.entries.contains_key(*p)) {
+            match self.dp.remove_ipcache(*prefix) {
+                Ok(()) => removed += 1,
+                Err(e) => st.errors.push(format!("{e:#}")),
+            }
+        }
+        if added + removed > 0 {
+            info!(
+                upserted = added,
+                removed,
+                entries = desired.entries.len(),
+                "ipcache updated"
+            );
+        }
+        st.ipcache = desired
+            .entries
+            .iter()
+            .map(|(prefix, e)| IpcacheStatus {
+                prefix: *prefix,
+                tunnel_endpoint: (e.tunnel_endpoint != 0).then(|| Ipv4Addr::from(e.tunnel_endpoint)),
+                cluster_id: e.cluster_id,
+                local_node: e.flags & mesh_common::ipcache_flags::LOCAL_NODE != 0,
+            })
+            .collect();
+    }
+}

@@ -1,0 +1,377 @@
+//! Watchers of remote clusters' etcd.
+//!
+//! Per remote cluster one task: connect, list everything the cluster publishes, then watch from the listed
+//! revision. Its state is explicit (connecting, syncing, synced, disconnected with since/why). A full list is the
+//! truth only once the remote's "synced" marker is seen; before that, listed data only adds. On any error the
+//! watcher keeps what it had (established traffic keeps flowing), backs off, and lists again on reconnect, which
+//! removes exactly what disappeared meanwhile. Malformed values are skipped with a logged reason and a counter.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use mesh_kvstore::{ClusterConfig, KeyKind, Keys, NodeRecord};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, instrument, warn};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Connection state of a remote cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "state")]
+pub enum SyncState {
+    Connecting { since_ms: u64 },
+    Syncing { since_ms: u64 },
+    Synced { since_ms: u64 },
+    Disconnected { since_ms: u64, reason: String },
+}
+
+/// What this agent knows about one remote cluster.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteCluster {
+    pub name: String,
+    pub state: SyncState,
+    pub config: Option<ClusterConfig>,
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Whether its data may be used (false after an identity conflict).
+    pub usable: bool,
+    /// Values skipped, by reason.
+    pub decode_errors: BTreeMap<String, u64>,
+    /// Number of (re)connections that reached the synced state.
+    pub syncs: u64,
+}
+
+impl RemoteCluster {
+    #[must_use]
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            state: SyncState::Connecting { since_ms: now_ms() },
+            config: None,
+            nodes: BTreeMap::new(),
+            usable: true,
+            decode_errors: BTreeMap::new(),
+            syncs: 0,
+        }
+    }
+}
+
+/// How to reach a remote cluster's etcd: one file per cluster in the clustermesh config directory, named after the
+/// cluster (as Cilium's `clustermesh-secrets`), holding `endpoints: [URL, ...]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    pub endpoints: Vec<String>,
+}
+
+/// Reads the clustermesh config directory. Files that fail to parse are reported and skipped.
+pub fn read_config_dir(dir: &Path, own_cluster: &str) -> (BTreeMap<String, RemoteConfig>, Vec<String>) {
+    let mut out = BTreeMap::new();
+    let mut errors = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            errors.push(format!("clustermesh config directory {}: {e}", dir.display()));
+            return (out, errors);
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        if name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        if let Err(e) = mesh_model::ClusterName::new(&name) {
+            errors.push(format!(
+                "{}: file name is not a cluster name: {e}",
+                path.display()
+            ));
+            continue;
+        }
+        if name == own_cluster {
+            continue;
+        }
+        let parsed = std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_yaml::from_str::<RemoteConfig>(&t).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(c) if c.endpoints.is_empty() => errors.push(format!("{}: endpoints is empty", path.display())),
+            Ok(c) => {
+                out.insert(name, c);
+            }
+            Err(e) => errors.push(format!("{}: {e}", path.display())),
+        }
+    }
+    (out, errors)
+}
+
+/// Shared view of all remote clusters, plus a wake-up for the reconciler.
+#[derive(Clone)]
+pub struct Remotes {
+    inner: Arc<Mutex<BTreeMap<String, RemoteCluster>>>,
+    wake: std::sync::mpsc::Sender<()>,
+}
+
+impl Remotes {
+    #[must_use]
+    pub fn new(wake: std::sync::mpsc::Sender<()>) -> Self {
+        Self {
+            inner: Arc::default(),
+            wake,
+        }
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, RemoteCluster> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
+        {
+            let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let rc = g
+                .entry(name.to_owned())
+                .or_insert_with(|| RemoteCluster::new(name));
+            f(rc);
+        }
+        let _ = self.wake.send(());
+    }
+
+    fn remove(&self, name: &str) {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        let _ = self.wake.send(());
+    }
+}
+
+/// Starts and stops watchers as the clustermesh config directory changes.
+pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: Remotes) {
+    let mut running: BTreeMap<String, (RemoteConfig, JoinHandle<()>)> = BTreeMap::new();
+    let mut last_errors = Vec::new();
+    loop {
+        let (configs, errors) = read_config_dir(&dir, &me.cluster);
+        if errors != last_errors {
+            for e in &errors {
+                warn!(error = %e, "clustermesh config");
+            }
+            last_errors = errors;
+        }
+        let stale: Vec<String> = running
+            .iter()
+            .filter(|(n, (c, _))| configs.get(*n) != Some(c))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stale {
+            if let Some((_, h)) = running.remove(&name) {
+                info!(cluster = %name, "remote cluster removed or changed; stopping its watcher");
+                h.abort();
+                remotes.remove(&name);
+            }
+        }
+        for (name, cfg) in configs {
+            if running.contains_key(&name) {
+                continue;
+            }
+            info!(cluster = %name, endpoints = ?cfg.endpoints, "watching remote cluster");
+            remotes.update(&name, |_| {});
+            let w = Watcher {
+                name: name.clone(),
+                cfg: cfg.clone(),
+                me: me.clone(),
+                keys: keys.clone(),
+                remotes: remotes.clone(),
+            };
+            running.insert(name, (cfg, tokio::spawn(w.run())));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+struct Watcher {
+    name: String,
+    cfg: RemoteConfig,
+    me: crate::desired::Me,
+    keys: Keys,
+    remotes: Remotes,
+}
+
+/// The authoritative view of a remote etcd during one session: the list plus the events after it.
+#[derive(Default)]
+struct Session {
+    nodes: BTreeMap<String, NodeRecord>,
+    config: Option<ClusterConfig>,
+    synced: bool,
+}
+
+impl Watcher {
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = std::time::Instant::now();
+            let reason = match self.session().await {
+                Ok(()) => "watch stream ended".to_owned(),
+                Err(e) => format!("{e:#}"),
+            };
+            warn!(cluster = %self.name, reason = %reason, "remote cluster disconnected");
+            self.remotes.update(&self.name, |rc| {
+                rc.state = SyncState::Disconnected {
+                    since_ms: now_ms(),
+                    reason: reason.clone(),
+                };
+            });
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn publish(&self, s: &Session) {
+        let my_id = self.me.cluster_id;
+        let name = self.name.clone();
+        self.remotes.update(&self.name, |rc| {
+            rc.config.clone_from(&s.config);
+            if let Some(c) = &s.config
+                && c.id == my_id
+            {
+                if rc.usable {
+                    warn!(cluster = %name, id = c.id, "remote cluster uses this cluster's id; ignoring its data");
+                }
+                rc.usable = false;
+                rc.state = SyncState::Disconnected {
+                    since_ms: now_ms(),
+                    reason: format!("cluster id {} is also this cluster's id", c.id),
+                };
+                return;
+            }
+            rc.usable = true;
+            if s.synced {
+                rc.nodes.clone_from(&s.nodes);
+                if !matches!(rc.state, SyncState::Synced { .. }) {
+                    rc.state = SyncState::Synced { since_ms: now_ms() };
+                    rc.syncs += 1;
+                }
+            } else {
+                // Before the synced marker, partial data only adds; nothing is removed on its account.
+                for (k, v) in &s.nodes {
+                    rc.nodes.insert(k.clone(), v.clone());
+                }
+            }
+        });
+    }
+
+    fn count_error(&self, reason: &str) {
+        self.remotes.update(&self.name, |rc| {
+            *rc.decode_errors.entry(reason.to_owned()).or_default() += 1
+        });
+    }
+
+    /// Applies one key/value (None = deleted) to the session.
+    fn apply(&self, s: &mut Session, key: &str, value: Option<&[u8]>) {
+        match self.keys.classify(&self.name, key) {
+            KeyKind::Node(node) => match value {
+                None => {
+                    s.nodes.remove(node);
+                }
+                Some(v) => match mesh_kvstore::decode_node(key, &self.name, node, v) {
+                    Ok(rec) => {
+                        s.nodes.insert(node.to_owned(), rec);
+                    }
+                    Err(e) => {
+                        warn!(cluster = %self.name, error = %e, "skipping malformed node record");
+                        self.count_error(e.reason());
+                    }
+                },
+            },
+            KeyKind::Synced(mesh_kvstore::kinds::NODES) => s.synced = value.is_some(),
+            KeyKind::ClusterConfig => match value {
+                None => s.config = None,
+                Some(v) => match mesh_kvstore::decode_cluster_config(key, &self.name, v) {
+                    Ok(c) => s.config = Some(c),
+                    Err(e) => {
+                        warn!(cluster = %self.name, error = %e, "skipping malformed cluster config");
+                        self.count_error(e.reason());
+                    }
+                },
+            },
+            KeyKind::UnknownVersion(v) => {
+                debug!(cluster = %self.name, key, version = v, "skipping record of unknown schema version");
+                self.count_error("unknown_version");
+            }
+            KeyKind::Synced(_) | KeyKind::Heartbeat | KeyKind::Other => {}
+        }
+    }
+
+    #[instrument(skip_all, fields(cluster = %self.name))]
+    async fn session(&self) -> anyhow::Result<()> {
+        self.remotes.update(&self.name, |rc| {
+            rc.state = SyncState::Connecting { since_ms: now_ms() }
+        });
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(6), Duration::from_secs(3));
+        let mut client = Client::connect(&self.cfg.endpoints, Some(opts)).await?;
+        self.remotes.update(&self.name, |rc| {
+            rc.state = SyncState::Syncing { since_ms: now_ms() }
+        });
+        let root = self.keys.root();
+        let list = client
+            .get(root.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = list
+            .header()
+            .map(etcd_client::ResponseHeader::revision)
+            .unwrap_or_default();
+        let mut s = Session::default();
+        for kv in list.kvs() {
+            if let Ok(k) = kv.key_str() {
+                self.apply(&mut s, k, Some(kv.value()));
+            }
+        }
+        info!(
+            nodes = s.nodes.len(),
+            synced = s.synced,
+            revision,
+            "listed remote cluster"
+        );
+        self.publish(&s);
+        let mut stream = client
+            .watch(
+                root.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await?;
+        while let Some(resp) = stream.message().await? {
+            if resp.canceled() {
+                anyhow::bail!("watch canceled by etcd: {}", resp.cancel_reason());
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let Ok(k) = kv.key_str() else { continue };
+                match ev.event_type() {
+                    EventType::Put => self.apply(&mut s, k, Some(kv.value())),
+                    EventType::Delete => self.apply(&mut s, k, None),
+                }
+            }
+            self.publish(&s);
+        }
+        Ok(())
+    }
+}

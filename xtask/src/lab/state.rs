@@ -1,0 +1,1130 @@
+//! The lab's state and its commands.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::net::{self, LabLock};
+use super::topology::{self, Cidr, Cluster, NODE_SLICE_LEN};
+use crate::util;
+
+const STATE_FILE: &str = "state.json";
+const NODES_FILE: &str = "lab-nodes.yaml";
+const ETCD_PORT: u16 = 2379;
+const HOST_IFNAME_ANNOTATION: &str = "fleetmesh.io/host-ifname";
+const POD_MTU: &str = "1450";
+const GATEWAY: &str = "169.254.1.1";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabState {
+    pub lab_dir: PathBuf,
+    pub prefix: String,
+    pub topology: PathBuf,
+    pub clusters: Vec<ClusterRt>,
+    /// Network namespaces made, in order.
+    pub netns: Vec<String>,
+    pub procs: Vec<Proc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterRt {
+    pub name: String,
+    pub id: u16,
+    pub pod_cidr: Cidr,
+    pub service_cidr: Cidr,
+    pub etcd_ip: Ipv4Addr,
+    pub nodes: Vec<NodeRt>,
+    /// Manifest files by base name: their documents as given by the user.
+    pub files: BTreeMap<String, Vec<Value>>,
+    /// Wired pods by `namespace/name`.
+    pub pods: BTreeMap<String, PodRt>,
+    /// Allocated ClusterIPs by `namespace/name`.
+    pub service_ips: BTreeMap<String, Ipv4Addr>,
+    pub next_service_host: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRt {
+    pub name: String,
+    pub index: u32,
+    pub netns: String,
+    pub underlay_ip: Ipv4Addr,
+    pub pod_cidr: Cidr,
+    pub socket: PathBuf,
+    pub next_host: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRt {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    pub host_ifname: String,
+    pub ports: Vec<(u16, String)>,
+    pub ready_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Proc {
+    pub role: String,
+    pub pid: u32,
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Namespace prefix of the lab in `dir`: `fm` + 6 hex digits of the folder's path.
+fn prefix_for(dir: &Path) -> String {
+    format!("fm{:06x}", fnv(&dir.display().to_string()) & 0xff_ffff)
+}
+
+fn etcd_ip(id: u16) -> Ipv4Addr {
+    Ipv4Addr::new(
+        100,
+        64,
+        u8::try_from(id >> 8).unwrap_or(0),
+        u8::try_from(id & 0xff).unwrap_or(0),
+    )
+}
+
+fn node_ip(id: u16, index: u32) -> Ipv4Addr {
+    Ipv4Addr::new(
+        100,
+        65 + u8::try_from(id >> 8).unwrap_or(0),
+        u8::try_from(id & 0xff).unwrap_or(0),
+        u8::try_from(index).unwrap_or(255),
+    )
+}
+
+impl LabState {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join(STATE_FILE)
+    }
+
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        let p = Self::path(dir);
+        match std::fs::read_to_string(&p) {
+            Ok(t) => Ok(Some(
+                serde_json::from_str(&t).with_context(|| format!("parsing {}", p.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    fn load_running(dir: &Path) -> Result<Self> {
+        Self::load(dir)?.with_context(|| {
+            format!(
+                "no lab is up in {} (run `cargo xtask lab up --topology DIR`)",
+                dir.display()
+            )
+        })
+    }
+
+    fn save(&self) -> Result<()> {
+        let p = Self::path(&self.lab_dir);
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, &p)?;
+        Ok(())
+    }
+
+    fn marker(&self) -> String {
+        self.lab_dir.display().to_string()
+    }
+
+    fn ul(&self) -> String {
+        format!("{}-ul", self.prefix)
+    }
+
+    fn log(&self, role: &str) -> PathBuf {
+        self.lab_dir
+            .join("logs")
+            .join(format!("{}.log", role.replace('/', "_")))
+    }
+
+    fn cluster_dir(&self, cluster: &str) -> PathBuf {
+        self.lab_dir.join("clusters").join(cluster)
+    }
+
+    fn cluster(&self, name: &str) -> Result<usize> {
+        self.clusters
+            .iter()
+            .position(|c| c.name == name)
+            .with_context(|| {
+                format!(
+                    "no cluster {name:?} in the lab (clusters: {})",
+                    self.clusters
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        // Record first: a crash between the two steps must still be cleaned up by `lab down`.
+        self.netns.push(name.to_owned());
+        self.save()?;
+        net::ip(&["netns", "add", name])?;
+        net::ip_in(name, &["link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    fn spawn(&mut self, role: &str, netns: &str, program: &Path, args: &[String]) -> Result<u32> {
+        let mut cmd = net::in_netns_cmd(netns, program);
+        cmd.args(args);
+        let pid = net::spawn_daemon(cmd, &self.log(role))?;
+        self.procs.push(Proc {
+            role: role.to_owned(),
+            pid,
+        });
+        self.save()?;
+        Ok(pid)
+    }
+
+    fn proc_pid(&self, role: &str) -> Option<u32> {
+        self.procs.iter().rev().find(|p| p.role == role).map(|p| p.pid)
+    }
+
+    fn stop_role(&mut self, role: &str) {
+        let pids: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|p| p.role == role)
+            .map(|p| p.pid)
+            .collect();
+        net::stop_processes(&pids, &self.marker(), Duration::from_secs(5));
+        self.procs.retain(|p| p.role != role);
+    }
+
+    // ---- building blocks ------------------------------------------------------------------------------------
+
+    fn create_underlay(&mut self) -> Result<()> {
+        let ul = self.ul();
+        self.add_netns(&ul)?;
+        net::ip_in(&ul, &["link", "add", "br0", "type", "bridge"])?;
+        net::ip_in(&ul, &["link", "set", "br0", "up"])?;
+        Ok(())
+    }
+
+    fn start_etcd(&mut self, ci: usize) -> Result<()> {
+        let c = &self.clusters[ci];
+        let (name, ip) = (c.name.clone(), c.etcd_ip);
+        let ul = self.ul();
+        net::ip_in(&ul, &["addr", "add", &format!("{ip}/10"), "dev", "br0"])?;
+        let data = self.cluster_dir(&name).join("etcd");
+        std::fs::create_dir_all(&data)?;
+        let client = format!("http://{ip}:{ETCD_PORT}");
+        let peer = format!("http://{ip}:{}", ETCD_PORT + 1);
+        let args = vec![
+            "--name".into(),
+            name.clone(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--listen-client-urls".into(),
+            client.clone(),
+            "--advertise-client-urls".into(),
+            client,
+            "--listen-peer-urls".into(),
+            peer.clone(),
+            "--initial-advertise-peer-urls".into(),
+            peer.clone(),
+            "--initial-cluster".into(),
+            format!("{name}={peer}"),
+            "--log-level".into(),
+            "warn".into(),
+        ];
+        let etcd = util::which("etcd").context("etcd not found (run `cargo xtask setup`)")?;
+        self.spawn(&format!("etcd-{name}"), &ul, &etcd, &args)?;
+        Ok(())
+    }
+
+    fn wait_etcd(&self, ci: usize, timeout: Duration) -> Result<()> {
+        let c = &self.clusters[ci];
+        let addr = SocketAddr::from((c.etcd_ip, ETCD_PORT));
+        let ul = self.ul();
+        let role = format!("etcd-{}", c.name);
+        let pid = self.proc_pid(&role).unwrap_or(0);
+        net::wait_for(&format!("etcd of cluster {}", c.name), timeout, || {
+            if !net::is_ours(pid, &self.marker()) {
+                return Err(format!(
+                    "etcd exited; log:\n{}",
+                    net::log_tail(&self.log(&role), 10)
+                ));
+            }
+            net::in_netns(&ul, || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+            })
+            .map_err(|e| e.to_string())?
+            .map(drop)
+            .map_err(|e| format!("{addr}: {e}"))
+        })
+    }
+
+    fn create_node(&mut self, ci: usize, index: u32) -> Result<()> {
+        let (cname, id, pod_cidr) = (
+            self.clusters[ci].name.clone(),
+            self.clusters[ci].id,
+            self.clusters[ci].pod_cidr,
+        );
+        let name = topology::node_name(&cname, index);
+        let netns = format!("{}-{name}", self.prefix);
+        let slice = pod_cidr
+            .subnet(NODE_SLICE_LEN, index - 1)
+            .with_context(|| format!("cluster {cname}: podCIDR {pod_cidr} has no room for node {index}"))?;
+        let ip = node_ip(id, index);
+        let node = NodeRt {
+            name: name.clone(),
+            index,
+            netns: netns.clone(),
+            underlay_ip: ip,
+            pod_cidr: slice,
+            socket: self.lab_dir.join("run").join(format!("{name}.sock")),
+            next_host: 2,
+        };
+        self.clusters[ci].nodes.push(node);
+        self.add_netns(&netns)?;
+        let ul = self.ul();
+        let uplink = format!("u{id}n{index}");
+        net::ip_in(
+            &ul,
+            &[
+                "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            ],
+        )?;
+        net::ip_in(&ul, &["link", "set", &uplink, "master", "br0", "up"])?;
+        net::ip_in(&netns, &["addr", "add", &format!("{ip}/10"), "dev", "eth0"])?;
+        net::ip_in(&netns, &["link", "set", "eth0", "up"])?;
+        self.save()
+    }
+
+    fn start_agent(&mut self, ci: usize, ni: usize) -> Result<()> {
+        let c = &self.clusters[ci];
+        let n = &c.nodes[ni];
+        let dir = self.cluster_dir(&c.name);
+        let args = vec![
+            "--node-name".into(),
+            n.name.clone(),
+            "--cluster-name".into(),
+            c.name.clone(),
+            "--cluster-id".into(),
+            c.id.to_string(),
+            "--manifests".into(),
+            dir.join("manifests").display().to_string(),
+            "--clustermesh-config".into(),
+            dir.join("clustermesh").display().to_string(),
+            "--api-socket".into(),
+            n.socket.display().to_string(),
+        ];
+        let (role, netns) = (format!("agent-{}", n.name), n.netns.clone());
+        self.spawn(&role, &netns, &super::bin("mesh-agent"), &args)?;
+        Ok(())
+    }
+
+    fn start_apiserver(&mut self, ci: usize) -> Result<()> {
+        let c = &self.clusters[ci];
+        let args = vec![
+            "--cluster-name".into(),
+            c.name.clone(),
+            "--cluster-id".into(),
+            c.id.to_string(),
+            "--manifests".into(),
+            self.cluster_dir(&c.name).join("manifests").display().to_string(),
+            "--etcd-endpoints".into(),
+            format!("http://{}:{ETCD_PORT}", c.etcd_ip),
+        ];
+        let role = format!("apiserver-{}", c.name);
+        let ul = self.ul();
+        self.spawn(&role, &ul, &super::bin("clustermesh-apiserver"), &args)?;
+        Ok(())
+    }
+
+    fn write_clustermesh_configs(&self) -> Result<()> {
+        for c in &self.clusters {
+            let dir = self.cluster_dir(&c.name).join("clustermesh");
+            std::fs::create_dir_all(&dir)?;
+            for peer in self.clusters.iter().filter(|p| p.name != c.name) {
+                let text = format!("endpoints:\n  - http://{}:{ETCD_PORT}\n", peer.etcd_ip);
+                write_atomic(&dir.join(&peer.name), &text)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Wires every Pod document of cluster `ci` that is not wired yet, and unwires pods that are gone.
+    fn sync_pods(&mut self, ci: usize) -> Result<()> {
+        let desired: BTreeMap<String, topology::PodSpec> = self.clusters[ci]
+            .files
+            .values()
+            .flatten()
+            .filter(|d| d["kind"] == "Pod")
+            .map(|d| {
+                let p = topology::pod_spec(d);
+                (format!("{}/{}", p.namespace, p.name), p)
+            })
+            .collect();
+        let gone: Vec<String> = self.clusters[ci]
+            .pods
+            .iter()
+            .filter(|(k, p)| {
+                desired
+                    .get(*k)
+                    .is_none_or(|d| d.node.as_ref().is_some_and(|n| n != &p.node) || d.ports != p.ports)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.remove_pod(ci, &k)?;
+        }
+        for (k, spec) in desired {
+            if !self.clusters[ci].pods.contains_key(&k) {
+                self.create_pod(ci, &spec)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn create_pod(&mut self, ci: usize, spec: &topology::PodSpec) -> Result<()> {
+        let cname = self.clusters[ci].name.clone();
+        // Schedule: the named node, else the node with the fewest pods.
+        let node_name = match &spec.node {
+            Some(n) => n.clone(),
+            None => {
+                let c = &self.clusters[ci];
+                c.nodes
+                    .iter()
+                    .min_by_key(|n| (c.pods.values().filter(|p| p.node == n.name).count(), n.index))
+                    .map(|n| n.name.clone())
+                    .context("cluster has no nodes")?
+            }
+        };
+        let ni = self.clusters[ci]
+            .nodes
+            .iter()
+            .position(|n| n.name == node_name)
+            .with_context(|| {
+                format!(
+                    "pod {}/{}: node {node_name} does not exist",
+                    spec.namespace, spec.name
+                )
+            })?;
+        let node = &mut self.clusters[ci].nodes[ni];
+        let ip = node
+            .pod_cidr
+            .host(node.next_host)
+            .filter(|_| node.next_host < 255)
+            .with_context(|| format!("node {node_name}: no pod addresses left"))?;
+        node.next_host += 1;
+        let node_netns = node.netns.clone();
+        let full = format!("{cname}/{}/{}", spec.namespace, spec.name);
+        let host_ifname = format!("fm{:010x}", fnv(&full) & 0xff_ffff_ffff);
+        let netns = format!("{}-p{:010x}", self.prefix, fnv(&full) & 0xff_ffff_ffff);
+        let ready_file = self
+            .lab_dir
+            .join("run")
+            .join("pods")
+            .join(format!("{cname}_{}_{}.ready", spec.namespace, spec.name));
+        let pod = PodRt {
+            namespace: spec.namespace.clone(),
+            name: spec.name.clone(),
+            node: node_name,
+            ip,
+            netns: netns.clone(),
+            host_ifname: host_ifname.clone(),
+            ports: spec.ports.clone(),
+            ready_file: ready_file.clone(),
+        };
+        self.clusters[ci]
+            .pods
+            .insert(format!("{}/{}", spec.namespace, spec.name), pod);
+        self.add_netns(&netns)?;
+        let o = ip.octets();
+        let mac = format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]);
+        net::ip_in(
+            &node_netns,
+            &[
+                "link",
+                "add",
+                &host_ifname,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns,
+            ],
+        )?;
+        net::ip_in(&node_netns, &["link", "set", &host_ifname, "mtu", POD_MTU, "up"])?;
+        net::ip_in(
+            &netns,
+            &["link", "set", "eth0", "address", &mac, "mtu", POD_MTU, "up"],
+        )?;
+        net::ip_in(&netns, &["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        net::ip_in(&netns, &["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
+        net::ip_in(
+            &netns,
+            &["route", "add", "default", "via", GATEWAY, "dev", "eth0"],
+        )?;
+        let link: Value = serde_json::from_str(&net::ip_in(
+            &node_netns,
+            &["-j", "link", "show", "dev", &host_ifname],
+        )?)?;
+        let host_mac = link[0]["address"]
+            .as_str()
+            .context("no MAC on the host veth")?
+            .to_owned();
+        net::ip_in(
+            &netns,
+            &[
+                "neigh",
+                "add",
+                GATEWAY,
+                "lladdr",
+                &host_mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        let mut args = vec![
+            "echo".to_owned(),
+            "--name".into(),
+            full.clone(),
+            "--ready-file".into(),
+            ready_file.display().to_string(),
+        ];
+        for (port, proto) in &spec.ports {
+            args.push(if proto == "UDP" {
+                "--udp".into()
+            } else {
+                "--tcp".into()
+            });
+            args.push(port.to_string());
+        }
+        let _ = std::fs::remove_file(&ready_file);
+        if let Some(d) = ready_file.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        let exe = std::env::current_exe().context("locating the xtask binary")?;
+        self.spawn(
+            &format!("pod-{cname}-{}-{}", spec.namespace, spec.name),
+            &netns,
+            &exe,
+            &args,
+        )?;
+        Ok(())
+    }
+
+    fn remove_pod(&mut self, ci: usize, key: &str) -> Result<()> {
+        let Some(p) = self.clusters[ci].pods.remove(key) else {
+            return Ok(());
+        };
+        let role = format!("pod-{}-{}-{}", self.clusters[ci].name, p.namespace, p.name);
+        self.stop_role(&role);
+        if net::netns_exists(&p.netns) {
+            net::ip(&["netns", "del", &p.netns])?;
+        }
+        self.netns.retain(|n| n != &p.netns);
+        self.save()
+    }
+
+    /// Writes the manifests the cluster's daemons read: the lab's Node objects and the user's files with pods
+    /// wired (node, IP, host interface) and ClusterIPs allocated.
+    fn write_manifests(&mut self, ci: usize) -> Result<()> {
+        let dir = self.cluster_dir(&self.clusters[ci].name).join("manifests");
+        std::fs::create_dir_all(&dir)?;
+        let c = &mut self.clusters[ci];
+        let mut nodes = String::new();
+        for n in &c.nodes {
+            let doc = json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": n.name, "labels": {"topology.fleetmesh.io/cluster": c.name}},
+                "spec": {"podCIDR": n.pod_cidr.to_string()},
+                "status": {"addresses": [{"type": "InternalIP", "address": n.underlay_ip.to_string()}]},
+            });
+            nodes.push_str("---\n");
+            nodes.push_str(&serde_yaml::to_string(&doc)?);
+        }
+        write_atomic(&dir.join(NODES_FILE), &nodes)?;
+        let mut keep = BTreeSet::from([NODES_FILE.to_owned()]);
+        for (file, docs) in &c.files {
+            let mut out = String::new();
+            for d in docs {
+                let mut d = d.clone();
+                let (kind, ns, name) = topology::object_key(&d);
+                let key = format!("{ns}/{name}");
+                if kind == "Pod"
+                    && let Some(p) = c.pods.get(&key)
+                {
+                    d["metadata"]["annotations"][HOST_IFNAME_ANNOTATION] = json!(p.host_ifname);
+                    d["spec"]["nodeName"] = json!(p.node);
+                    d["status"] = json!({"podIP": p.ip.to_string(), "phase": "Running"});
+                }
+                if kind == "Service" && d["spec"]["clusterIP"].as_str().is_none_or(str::is_empty) {
+                    let ip = match c.service_ips.get(&key) {
+                        Some(ip) => *ip,
+                        None => {
+                            c.next_service_host += 1;
+                            let ip = c
+                                .service_cidr
+                                .host(c.next_service_host)
+                                .with_context(|| format!("serviceCIDR {} is full", c.service_cidr))?;
+                            c.service_ips.insert(key, ip);
+                            ip
+                        }
+                    };
+                    d["spec"]["clusterIP"] = json!(ip.to_string());
+                }
+                out.push_str("---\n");
+                out.push_str(&serde_yaml::to_string(&d)?);
+            }
+            write_atomic(&dir.join(file), &out)?;
+            keep.insert(file.clone());
+        }
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        self.save()
+    }
+
+    /// Waits until every agent is ready and knows every node's pod prefix, every local pod is programmed and
+    /// every workload listens. Returns the time it took.
+    fn wait_converged(&self, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let all_prefixes: BTreeSet<String> = self
+            .clusters
+            .iter()
+            .flat_map(|c| c.nodes.iter().map(|n| n.pod_cidr.to_string()))
+            .collect();
+        net::wait_for("the mesh to converge", timeout, || {
+            for c in &self.clusters {
+                for n in &c.nodes {
+                    let role = format!("agent-{}", n.name);
+                    if !self
+                        .proc_pid(&role)
+                        .is_some_and(|p| net::is_ours(p, &self.marker()))
+                    {
+                        return Err(format!(
+                            "agent of {} is not running; log:\n{}",
+                            n.name,
+                            net::log_tail(&self.log(&role), 15)
+                        ));
+                    }
+                    let st: Value = serde_json::from_str(&net::http_get_unix(&n.socket, "/v1/status")?)
+                        .map_err(|e| format!("agent {}: bad status: {e}", n.name))?;
+                    check_agent(&st, n, c, &all_prefixes).map_err(|e| format!("agent {}: {e}", n.name))?;
+                }
+                for p in c.pods.values() {
+                    if !p.ready_file.exists() {
+                        return Err(format!(
+                            "workload of pod {}/{}/{} is not listening yet",
+                            c.name, p.namespace, p.name
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        Ok(started.elapsed())
+    }
+
+    fn teardown(&mut self) {
+        let pids: Vec<u32> = self.procs.iter().map(|p| p.pid).collect();
+        net::stop_processes(&pids, &self.marker(), Duration::from_secs(5));
+        self.procs.clear();
+        let mut names: Vec<String> = self.netns.iter().rev().cloned().collect();
+        for n in net::netns_with_prefix(&format!("{}-", self.prefix)) {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        for n in names {
+            if net::netns_exists(&n)
+                && let Err(e) = net::ip(&["netns", "del", &n])
+            {
+                eprintln!("lab: removing netns {n}: {e:#}");
+            }
+        }
+        self.netns.clear();
+        let _ = std::fs::remove_dir_all(self.lab_dir.join("run"));
+        let _ = std::fs::remove_dir_all(self.lab_dir.join("clusters"));
+    }
+}
+
+fn check_agent(st: &Value, n: &NodeRt, c: &ClusterRt, prefixes: &BTreeSet<String>) -> Result<(), String> {
+    let dp = &st["datapath"];
+    let have: BTreeSet<String> = dp["ipcache"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["prefix"].as_str().map(str::to_owned))
+        .collect();
+    if let Some(missing) = prefixes.difference(&have).next() {
+        let remotes: Vec<String> = st["remoteClusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                format!(
+                    "{}={}",
+                    r["name"].as_str().unwrap_or("?"),
+                    r["state"]["state"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        return Err(format!(
+            "ipcache lacks {missing} (remote clusters: {})",
+            remotes.join(", ")
+        ));
+    }
+    let programmed: BTreeSet<String> = dp["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["programmed"] == true)
+        .filter_map(|e| e["ipv4"].as_str().map(str::to_owned))
+        .collect();
+    for p in c.pods.values().filter(|p| p.node == n.name) {
+        if !programmed.contains(&p.ip.to_string()) {
+            return Err(format!(
+                "pod {}/{} ({}) is not programmed yet",
+                p.namespace, p.name, p.ip
+            ));
+        }
+    }
+    if st["ready"] != true {
+        return Err(format!(
+            "not ready: errors {} manifest errors {}",
+            dp["errors"], st["manifestErrors"]
+        ));
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+    ));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads and checks the manifest files of a cluster the way the agent will (`meshctl manifests validate`).
+fn validate_files(files: &[PathBuf]) -> Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let mut cmd = Command::new(super::bin("meshctl"));
+    cmd.args(["manifests", "validate"]).args(files);
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", util::cmdline(&cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .trim_start_matches("error: ")
+        );
+    }
+    Ok(())
+}
+
+fn load_cluster_docs(c: &Cluster) -> Result<BTreeMap<String, Vec<Value>>> {
+    let mut files = BTreeMap::new();
+    for f in &c.files {
+        let base = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if base == NODES_FILE {
+            bail!(
+                "{}: the file name {NODES_FILE} is reserved for the lab's Node objects",
+                f.display()
+            );
+        }
+        files.insert(base, topology::read_docs(f)?);
+    }
+    Ok(files)
+}
+
+// ---- commands -------------------------------------------------------------------------------------------------
+
+pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Result<LabState> {
+    let _lock = LabLock::acquire(dir)?;
+    if LabState::load(dir)?.is_some() {
+        bail!(
+            "a lab is already up in {} (run `cargo xtask lab down` first, or pass another --lab-dir)",
+            dir.display()
+        );
+    }
+    let topology_dir = topology_dir
+        .canonicalize()
+        .with_context(|| format!("topology folder {}", topology_dir.display()))?;
+    println!("lab: checking topology {}", topology_dir.display());
+    let clusters = topology::load(&topology_dir)?;
+    let mut docs = Vec::new();
+    for c in &clusters {
+        let files = load_cluster_docs(c)?;
+        let nodes: Vec<String> = (1..=c.nodes).map(|i| topology::node_name(&c.name, i)).collect();
+        topology::check_docs(c, &files, &nodes)?;
+        docs.push(files);
+    }
+    if build {
+        super::build_daemons()?;
+    }
+    for c in &clusters {
+        validate_files(&c.files)?;
+    }
+
+    let prefix = prefix_for(dir);
+    let leftovers = net::netns_with_prefix(&format!("{prefix}-"));
+    if !leftovers.is_empty() {
+        bail!(
+            "network namespaces of an earlier lab in this folder are still there ({}); run `cargo xtask lab down`",
+            leftovers.join(", ")
+        );
+    }
+    let mut st = LabState {
+        lab_dir: dir.to_owned(),
+        prefix,
+        topology: topology_dir,
+        clusters: clusters
+            .iter()
+            .zip(docs)
+            .map(|(c, files)| ClusterRt {
+                name: c.name.clone(),
+                id: c.id,
+                pod_cidr: c.pod_cidr,
+                service_cidr: c.service_cidr,
+                etcd_ip: etcd_ip(c.id),
+                nodes: Vec::new(),
+                files,
+                pods: BTreeMap::new(),
+                service_ips: BTreeMap::new(),
+                next_service_host: 1,
+            })
+            .collect(),
+        netns: Vec::new(),
+        procs: Vec::new(),
+    };
+    let _ = std::fs::remove_dir_all(dir.join("logs"));
+    let _ = std::fs::remove_dir_all(dir.join("clusters"));
+    let _ = std::fs::remove_dir_all(dir.join("run"));
+    st.save()?;
+    let result = (|| -> Result<()> {
+        println!(
+            "lab: creating the underlay and {} etcd servers",
+            st.clusters.len()
+        );
+        st.create_underlay()?;
+        for ci in 0..st.clusters.len() {
+            st.start_etcd(ci)?;
+        }
+        for (ci, c) in clusters.iter().enumerate() {
+            for i in 1..=c.nodes {
+                st.create_node(ci, i)?;
+            }
+        }
+        st.write_clustermesh_configs()?;
+        for ci in 0..st.clusters.len() {
+            st.wait_etcd(ci, Duration::from_secs(30))?;
+        }
+        println!("lab: wiring pods and starting clustermesh-apiservers and agents");
+        for ci in 0..st.clusters.len() {
+            st.sync_pods(ci)?;
+            st.write_manifests(ci)?;
+            st.start_apiserver(ci)?;
+            for ni in 0..st.clusters[ci].nodes.len() {
+                st.start_agent(ci, ni)?;
+            }
+        }
+        println!("lab: waiting for the mesh to converge");
+        let t = st.wait_converged(timeout)?;
+        println!("lab: converged {:.1}s after the agents started", t.as_secs_f64());
+        Ok(())
+    })();
+    if let Err(e) = result {
+        return Err(e.context(format!(
+            "lab up failed; the lab is left as it is for inspection (logs in {}); remove it with `cargo xtask lab down`",
+            dir.join("logs").display()
+        )));
+    }
+    Ok(st)
+}
+
+pub fn down(dir: &Path) -> Result<()> {
+    let _lock = LabLock::acquire(dir)?;
+    let mut st = LabState::load(dir)?.unwrap_or_else(|| LabState {
+        lab_dir: dir.to_owned(),
+        prefix: prefix_for(dir),
+        topology: PathBuf::new(),
+        clusters: Vec::new(),
+        netns: Vec::new(),
+        procs: Vec::new(),
+    });
+    let (np, nn) = (st.procs.len(), st.netns.len());
+    st.teardown();
+    std::fs::remove_file(LabState::path(dir)).or_else(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })?;
+    println!(
+        "lab: down ({np} processes stopped, {nn} network namespaces removed; logs kept in {})",
+        dir.join("logs").display()
+    );
+    Ok(())
+}
+
+pub fn exec(dir: &Path, pod: &str, command: &[String]) -> Result<i32> {
+    let st = LabState::load_running(dir)?;
+    let p = find_pod(&st, pod)?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", p.netns))
+        .arg("--")
+        .args(command);
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", util::cmdline(&cmd)))?;
+    Ok(status.code().unwrap_or(1))
+}
+
+fn find_pod<'a>(st: &'a LabState, pod: &str) -> Result<&'a PodRt> {
+    let parts: Vec<&str> = pod.split('/').collect();
+    let [cluster, ns, name] = parts[..] else {
+        bail!("{pod:?}: expected CLUSTER/NAMESPACE/POD")
+    };
+    let c = &st.clusters[st.cluster(cluster)?];
+    c.pods.get(&format!("{ns}/{name}")).with_context(|| {
+        format!(
+            "no pod {ns}/{name} in cluster {cluster} (pods: {})",
+            c.pods.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+pub fn apply(dir: &Path, cluster: &str, file: &Path, delete: bool) -> Result<()> {
+    let _lock = LabLock::acquire(dir)?;
+    let mut st = LabState::load_running(dir)?;
+    let ci = st.cluster(cluster)?;
+    let docs = topology::read_docs(file)?;
+    let mut files = st.clusters[ci].files.clone();
+    if delete {
+        let keys: BTreeSet<topology::ObjectKey> = docs.iter().map(topology::object_key).collect();
+        for d in files.values_mut() {
+            d.retain(|d| !keys.contains(&topology::object_key(d)));
+        }
+        files.retain(|_, d| !d.is_empty());
+    } else {
+        validate_files(&[file.to_owned()])?;
+        let base = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("file has no name")?
+            .to_owned();
+        if base == NODES_FILE {
+            bail!(
+                "{}: the file name {NODES_FILE} is reserved for the lab's Node objects",
+                file.display()
+            );
+        }
+        files.insert(base, docs);
+    }
+    let nodes: Vec<String> = st.clusters[ci].nodes.iter().map(|n| n.name.clone()).collect();
+    let c = Cluster {
+        name: st.clusters[ci].name.clone(),
+        id: st.clusters[ci].id,
+        pod_cidr: st.clusters[ci].pod_cidr,
+        service_cidr: st.clusters[ci].service_cidr,
+        nodes: 0,
+        files: Vec::new(),
+    };
+    topology::check_docs(&c, &files, &nodes)?;
+    st.clusters[ci].files = files;
+    st.sync_pods(ci)?;
+    st.write_manifests(ci)?;
+    let t = st.wait_converged(Duration::from_secs(60))?;
+    println!(
+        "lab: {} {} in cluster {cluster}; converged in {} ms",
+        if delete { "deleted" } else { "applied" },
+        file.display(),
+        t.as_millis()
+    );
+    Ok(())
+}
+
+pub fn add_node(dir: &Path, cluster: &str) -> Result<()> {
+    let _lock = LabLock::acquire(dir)?;
+    let mut st = LabState::load_running(dir)?;
+    let ci = st.cluster(cluster)?;
+    let started = Instant::now();
+    let index = st.clusters[ci].nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
+    anyhow::ensure!(
+        index <= topology::MAX_NODES,
+        "cluster {cluster} already has {} nodes",
+        topology::MAX_NODES
+    );
+    st.create_node(ci, index)?;
+    st.write_manifests(ci)?;
+    let ni = st.clusters[ci].nodes.len() - 1;
+    st.start_agent(ci, ni)?;
+    let t = st.wait_converged(Duration::from_secs(60))?;
+    let n = &st.clusters[ci].nodes[ni];
+    println!(
+        "lab: node {} added (underlay {}, pod CIDR {}); every agent of the mesh had its route {} ms after the add began ({} ms of waiting)",
+        n.name,
+        n.underlay_ip,
+        n.pod_cidr,
+        started.elapsed().as_millis(),
+        t.as_millis()
+    );
+    Ok(())
+}
+
+pub fn status(dir: &Path, as_json: bool) -> Result<()> {
+    let st = LabState::load_running(dir)?;
+    let agent = |n: &NodeRt| -> Value {
+        net::http_get_unix(&n.socket, "/v1/status")
+            .ok()
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or(Value::Null)
+    };
+    let clusters: Vec<Value> = st
+        .clusters
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "id": c.id,
+                "podCIDR": c.pod_cidr.to_string(),
+                "etcd": format!("http://{}:{ETCD_PORT}", c.etcd_ip),
+                "nodes": c.nodes.iter().map(|n| {
+                    let a = agent(n);
+                    json!({
+                        "name": n.name,
+                        "underlayIP": n.underlay_ip.to_string(),
+                        "podCIDR": n.pod_cidr.to_string(),
+                        "netns": n.netns,
+                        "agentSocket": n.socket,
+                        "agentReady": a["ready"],
+                        "remoteClusters": a["remoteClusters"].as_array().into_iter().flatten().map(|r| json!({
+                            "name": r["name"], "state": r["state"]["state"], "nodes": r["nodes"].as_object().map_or(0, serde_json::Map::len),
+                        })).collect::<Vec<_>>(),
+                    })
+                }).collect::<Vec<_>>(),
+                "pods": c.pods.values().map(|p| json!({
+                    "namespace": p.namespace, "name": p.name, "ip": p.ip.to_string(), "node": p.node, "netns": p.netns,
+                    "ports": p.ports.iter().map(|(n, proto)| format!("{n}/{proto}")).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+                "services": c.service_ips.iter().map(|(k, ip)| json!({"name": k, "clusterIP": ip.to_string()})).chain(
+                    c.files.values().flatten().filter(|d| d["kind"] == "Service" && d["spec"]["clusterIP"].is_string()).map(|d| {
+                        let (_, ns, name) = topology::object_key(d);
+                        json!({"name": format!("{ns}/{name}"), "clusterIP": d["spec"]["clusterIP"]})
+                    })
+                ).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let out = json!({"labDir": st.lab_dir, "topology": st.topology, "clusters": clusters});
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "lab {} (topology {})",
+        st.lab_dir.display(),
+        st.topology.display()
+    );
+    for c in out["clusters"].as_array().into_iter().flatten() {
+        println!(
+            "\ncluster {} (id {}, podCIDR {}, etcd {})",
+            c["name"].as_str().unwrap_or(""),
+            c["id"],
+            c["podCIDR"].as_str().unwrap_or(""),
+            c["etcd"].as_str().unwrap_or("")
+        );
+        println!(
+            "  {:<20} {:<15} {:<16} {:<6} remote clusters",
+            "NODE", "UNDERLAY", "POD CIDR", "READY"
+        );
+        for n in c["nodes"].as_array().into_iter().flatten() {
+            let remotes: Vec<String> = n["remoteClusters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    format!(
+                        "{}={}({} nodes)",
+                        r["name"].as_str().unwrap_or("?"),
+                        r["state"].as_str().unwrap_or("?"),
+                        r["nodes"]
+                    )
+                })
+                .collect();
+            println!(
+                "  {:<20} {:<15} {:<16} {:<6} {}",
+                n["name"].as_str().unwrap_or(""),
+                n["underlayIP"].as_str().unwrap_or(""),
+                n["podCIDR"].as_str().unwrap_or(""),
+                n["agentReady"],
+                remotes.join(" ")
+            );
+        }
+        println!("  {:<30} {:<15} {:<20} ports", "POD", "IP", "NODE");
+        for p in c["pods"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<30} {:<15} {:<20} {}",
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap_or(""),
+                    p["name"].as_str().unwrap_or("")
+                ),
+                p["ip"].as_str().unwrap_or(""),
+                p["node"].as_str().unwrap_or(""),
+                p["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+        }
+        for s in c["services"].as_array().into_iter().flatten() {
+            println!(
+                "  service {:<30} clusterIP {}",
+                s["name"].as_str().unwrap_or(""),
+                s["clusterIP"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
