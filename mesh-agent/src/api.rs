@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use axum::{Json, Router, extract::State, routing::get};
 use serde::Serialize;
 
+use crate::datapath::CountersReader;
 use crate::reconcile::DatapathStatus;
 use crate::remote::{RemoteCluster, Remotes};
 
@@ -29,12 +30,18 @@ pub struct Status {
 pub struct ApiState {
     pub status: Arc<Mutex<Status>>,
     pub remotes: Remotes,
+    /// Live counters (the rest of the datapath status is as of the last reconcile).
+    pub counters: Arc<CountersReader>,
 }
 
 async fn status(State(s): State<ApiState>) -> Json<Status> {
     let mut st = s.status.lock().unwrap_or_else(PoisonError::into_inner).clone();
     // Remote cluster state is live; the datapath part is as of the last reconcile.
     st.remote_clusters = s.remotes.snapshot().into_values().collect();
+    match s.counters.read() {
+        Ok(c) => st.datapath.counters = c.into_iter().map(|(c, v)| (c.name(), v)).collect(),
+        Err(e) => st.datapath.errors.push(format!("reading counters: {e}")),
+    }
     Json(st)
 }
 

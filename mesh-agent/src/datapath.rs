@@ -114,6 +114,36 @@ pub struct TestRunOutcome {
     pub packet: Vec<u8>,
 }
 
+/// Reads the datapath counters; see [`Datapath::counters_reader`].
+pub struct CountersReader(PerCpuArray<MapData, u64>);
+
+impl CountersReader {
+    /// Every counter, summed over CPUs, in [`Counter::ALL`] order.
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn read(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
+        read_counters(&self.0)
+    }
+}
+
+fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Vec<(Counter, u64)>, DatapathError> {
+    debug_assert_eq!(Counter::ALL.len(), COUNTER_COUNT as usize);
+    Counter::ALL
+        .iter()
+        .map(|&c| {
+            let per_cpu = map.get(&(c as u32), 0).map_err(|source| DatapathError::Map {
+                map: maps::COUNTERS,
+                op: "read",
+                key: c.name().to_owned(),
+                source: Box::new(source),
+            })?;
+            Ok((c, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)))
+        })
+        .collect()
+}
+
 /// The loaded datapath: programs, their tc links, and the maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -121,6 +151,7 @@ pub struct Datapath {
     endpoints: HashMap<MapData, EndpointKeyV4, LocalEndpoint>,
     node_config: Array<MapData, NodeConfig>,
     counters: PerCpuArray<MapData, u64>,
+    counters_id: u32,
     overlay: Option<(String, SchedClassifierLinkId)>,
     endpoint_links: BTreeMap<String, SchedClassifierLinkId>,
 }
@@ -190,6 +221,21 @@ impl Datapath {
             ipcache: take_map(&mut ebpf, maps::IPCACHE_V4)?,
             endpoints: take_map(&mut ebpf, maps::ENDPOINTS_V4)?,
             node_config: take_map(&mut ebpf, maps::NODE_CONFIG)?,
+            counters_id: match ebpf.map(maps::COUNTERS) {
+                Some(aya::maps::Map::PerCpuArray(data)) => data
+                    .info()
+                    .map_err(|source| DatapathError::BadMap {
+                        map: maps::COUNTERS,
+                        source: Some(Box::new(source)),
+                    })?
+                    .id(),
+                _ => {
+                    return Err(DatapathError::BadMap {
+                        map: maps::COUNTERS,
+                        source: None,
+                    });
+                }
+            },
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             ebpf,
             overlay: None,
@@ -453,22 +499,23 @@ impl Datapath {
     ///
     /// When reading the map fails.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DatapathError> {
-        debug_assert_eq!(Counter::ALL.len(), COUNTER_COUNT as usize);
-        Counter::ALL
-            .iter()
-            .map(|&c| {
-                let per_cpu = self
-                    .counters
-                    .get(&(c as u32), 0)
-                    .map_err(|source| DatapathError::Map {
-                        map: maps::COUNTERS,
-                        op: "read",
-                        key: c.name().to_owned(),
-                        source: Box::new(source),
-                    })?;
-                Ok((c, per_cpu.iter().copied().fold(0u64, u64::wrapping_add)))
-            })
-            .collect()
+        read_counters(&self.counters)
+    }
+
+    /// A second handle on the counters map, for reading them live from another thread (the status API) while
+    /// this `Datapath` stays with the reconciler.
+    ///
+    /// # Errors
+    ///
+    /// When the map cannot be opened again by its id.
+    pub fn counters_reader(&self) -> Result<CountersReader, DatapathError> {
+        let bad = |source: MapError| DatapathError::BadMap {
+            map: maps::COUNTERS,
+            source: Some(Box::new(source)),
+        };
+        let data = MapData::from_id(self.counters_id).map_err(bad)?;
+        let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(bad)?;
+        Ok(CountersReader(map))
     }
 
     /// One counter, summed over CPUs.

@@ -125,6 +125,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dir) = args.clustermesh_config.clone() {
         let keys = mesh_kvstore::Keys::new(&args.kvstore_prefix);
         tokio::spawn(remote::manage(dir, me.clone(), keys, remotes.clone()));
+    } else {
+        remotes.set_configured();
     }
 
     let status = Arc::new(Mutex::new(Status {
@@ -144,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
     let reconciler_status = status.clone();
     let reconciler_remotes = remotes.clone();
     let snapshots = snap_rx.clone();
-    let expect_remotes = args.clustermesh_config.is_some();
+    let counters = Arc::new(dp.counters_reader().context("opening the counters map")?);
     let mut reconciler = Reconciler::new(dp, me.clone(), args.vxlan_device.clone());
     std::thread::Builder::new()
         .name("reconciler".into())
@@ -159,10 +161,10 @@ async fn main() -> anyhow::Result<()> {
                 }
                 let remote_view = reconciler_remotes.snapshot();
                 let dp_status = reconciler.reconcile(&snap.state, &remote_view);
-                let remotes_synced = remote_view
-                    .values()
-                    .all(|r| matches!(r.state, SyncState::Synced { .. }) && r.usable)
-                    && (!expect_remotes || !remote_view.is_empty());
+                let remotes_synced = reconciler_remotes.configured()
+                    && remote_view
+                        .values()
+                        .all(|r| matches!(r.state, SyncState::Synced { .. }) && r.usable);
                 let ready = dp_status.errors.is_empty()
                     && dp_status.endpoints.iter().all(|e| e.programmed)
                     && remotes_synced;
@@ -174,7 +176,11 @@ async fn main() -> anyhow::Result<()> {
             }
         })?;
 
-    let api_state = ApiState { status, remotes };
+    let api_state = ApiState {
+        status,
+        remotes,
+        counters,
+    };
     let socket = args.api_socket.clone();
     tokio::select! {
         r = api::serve(&socket, api_state) => r.with_context(|| format!("serving the API on {}", socket.display()))?,

@@ -119,6 +119,8 @@ pub fn read_config_dir(dir: &Path, own_cluster: &str) -> (BTreeMap<String, Remot
 #[derive(Clone)]
 pub struct Remotes {
     inner: Arc<Mutex<BTreeMap<String, RemoteCluster>>>,
+    /// Set once the clustermesh config has been read: until then "no remote clusters" means "not known yet".
+    configured: Arc<std::sync::atomic::AtomicBool>,
     wake: std::sync::mpsc::Sender<()>,
 }
 
@@ -127,8 +129,21 @@ impl Remotes {
     pub fn new(wake: std::sync::mpsc::Sender<()>) -> Self {
         Self {
             inner: Arc::default(),
+            configured: Arc::default(),
             wake,
         }
+    }
+
+    /// Whether the configured set of remote clusters is known (the config was read at least once).
+    #[must_use]
+    pub fn configured(&self) -> bool {
+        self.configured.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks the set of remote clusters as known (an agent without a clustermesh config has none).
+    pub fn set_configured(&self) {
+        self.configured.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.wake.send(());
     }
 
     pub fn snapshot(&self) -> BTreeMap<String, RemoteCluster> {
@@ -193,6 +208,9 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
                 remotes: remotes.clone(),
             };
             running.insert(name, (cfg, tokio::spawn(w.run())));
+        }
+        if !remotes.configured() {
+            remotes.set_configured();
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -118,9 +118,11 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
             .get("metadata")
             .and_then(|m| m.get("namespace"))
             .and_then(serde_yaml::Value::as_str);
-        ctx.object = Some(match ns {
-            Some(ns) => format!("{kind} {ns}/{name}"),
-            None => format!("{kind} {name}"),
+        let cluster_scoped = matches!(kind.as_str(), "Node" | "Namespace");
+        ctx.object = Some(if cluster_scoped {
+            format!("{kind} {name}")
+        } else {
+            format!("{kind} {}/{name}", ns.unwrap_or(DEFAULT_NAMESPACE))
         });
         let obj = match kind.as_str() {
             "Node" => Object::Node(node(&ctx, &typed::<core::Node>(&ctx, value)?)?),
@@ -158,13 +160,33 @@ fn typed<T: DeserializeOwned>(ctx: &Ctx<'_>, value: serde_yaml::Value) -> Result
     let parsed: Result<T, _> = serde_path_to_error::deserialize(de);
     match parsed {
         Err(e) => {
-            let path = e.path().to_string();
-            let field = (path != ".").then_some(path);
+            let path = field_path(&e.path().to_string());
+            let field = (!path.is_empty()).then_some(path);
             Err(ctx.err(field.as_deref(), e.into_inner().to_string()))
         }
-        Ok(_) if !unknown.is_empty() => Err(ctx.err(Some(&unknown[0]), "unknown field")),
+        Ok(_) if !unknown.is_empty() => Err(ctx.err(Some(&field_path(&unknown[0])), "unknown field")),
         Ok(v) => Ok(v),
     }
+}
+
+/// Turns serde's paths (`spec.?.containers.?.0.colour`, `.`) into Kubernetes style (`spec.containers[0].colour`).
+fn field_path(raw: &str) -> String {
+    let mut out = String::new();
+    for seg in raw.split('.').filter(|s| !s.is_empty() && *s != "?") {
+        if let Some(index) = seg
+            .strip_prefix('[')
+            .and_then(|s| s.strip_suffix(']'))
+            .or(seg.parse::<usize>().ok().map(|_| seg))
+        {
+            out.push_str(&format!("[{index}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
 }
 
 fn name_of(ctx: &Ctx<'_>, meta: &ObjectMeta) -> Result<String, ManifestError> {
@@ -456,8 +478,8 @@ status: {addresses: [{type: InternalIP, address: 172.30.1.1}]}
             "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  containers: [{name: c, portz: []}]\n";
         let e = parse_str("f.yaml", text).expect_err("unknown field");
         assert_eq!(e.file, "f.yaml");
-        assert_eq!(e.object.as_deref(), Some("Pod a"));
-        assert!(e.field.as_deref().is_some_and(|f| f.contains("portz")), "{e}");
+        assert_eq!(e.object.as_deref(), Some("Pod default/a"));
+        assert_eq!(e.field.as_deref(), Some("spec.containers[0].portz"), "{e}");
         assert!(e.to_string().contains("unknown field"), "{e}");
     }
 

@@ -1,1 +1,252 @@
+//! Helpers for fleetmesh's end-to-end tests: a lab guard that tears its lab down also when a test fails, and
+//! real TCP/UDP/ICMP probes run from inside lab pods.
 
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+/// The workspace root.
+#[must_use]
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// A built binary of the workspace (`cargo xtask test` builds them before the tests run).
+///
+/// # Panics
+/// When the binary is missing, with the command that builds it.
+#[must_use]
+pub fn bin(name: &str) -> PathBuf {
+    let p = workspace_root().join("target").join("debug").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (cargo xtask test does)",
+        p.display()
+    );
+    p
+}
+
+/// A topology of the repository's `examples/`.
+#[must_use]
+pub fn example(name: &str) -> PathBuf {
+    workspace_root().join("examples").join(name)
+}
+
+/// Runs `xtask lab --lab-dir DIR ARGS...`.
+///
+/// # Errors
+/// When the command cannot start.
+pub fn lab_cmd(dir: &Path, args: &[&str]) -> Result<Output> {
+    let mut c = Command::new(bin("xtask"));
+    c.arg("lab").arg("--lab-dir").arg(dir).args(args);
+    c.output().with_context(|| format!("running xtask lab {args:?}"))
+}
+
+/// A running lab, torn down on drop.
+pub struct Lab {
+    pub dir: PathBuf,
+    pub up_output: String,
+}
+
+impl Lab {
+    /// A fresh lab folder for `name` (unique per test process).
+    #[must_use]
+    pub fn dir_for(name: &str) -> PathBuf {
+        workspace_root()
+            .join("target")
+            .join("test-labs")
+            .join(format!("{name}-{}", std::process::id()))
+    }
+
+    /// `lab up` of `topology` in a folder of its own.
+    ///
+    /// # Errors
+    /// When `lab up` fails (its output is in the error).
+    pub fn up(topology: &Path, name: &str) -> Result<Self> {
+        let dir = Self::dir_for(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        // From here on the guard exists, so a failed `up` is torn down too.
+        let mut lab = Self {
+            dir,
+            up_output: String::new(),
+        };
+        let out = lab.run(&["up", "--no-build", "--topology", &topology.display().to_string()])?;
+        lab.up_output = out;
+        Ok(lab)
+    }
+
+    /// Runs a lab subcommand and returns its stdout, or an error with its stderr.
+    ///
+    /// # Errors
+    /// When the command fails.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let out = lab_cmd(&self.dir, args)?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "xtask lab {args:?} failed: {}\n{stdout}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// `lab status --json`.
+    ///
+    /// # Errors
+    /// When the status cannot be read.
+    pub fn status(&self) -> Result<Value> {
+        Ok(serde_json::from_str(&self.run(&["status", "--json"])?)?)
+    }
+
+    /// The namespace prefix of this lab (from its state file).
+    ///
+    /// # Errors
+    /// When there is no state file.
+    pub fn prefix(&self) -> Result<String> {
+        let st: Value = serde_json::from_str(&std::fs::read_to_string(self.dir.join("state.json"))?)?;
+        st["prefix"]
+            .as_str()
+            .map(str::to_owned)
+            .context("no prefix in state.json")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        match lab_cmd(&self.dir, &["down"]) {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!("lab down failed: {}", String::from_utf8_lossy(&o.stderr)),
+            Err(e) => eprintln!("lab down failed: {e:#}"),
+        }
+    }
+}
+
+/// A pod of `lab status --json`.
+#[derive(Debug, Clone)]
+pub struct PodInfo {
+    /// `cluster/namespace/name`, which is also what its echo workload answers.
+    pub id: String,
+    pub cluster: String,
+    pub node: String,
+    pub ip: String,
+    pub netns: String,
+}
+
+/// All pods of a lab status.
+#[must_use]
+pub fn pods(status: &Value) -> Vec<PodInfo> {
+    let mut out = Vec::new();
+    for c in status["clusters"].as_array().into_iter().flatten() {
+        let cluster = c["name"].as_str().unwrap_or_default().to_owned();
+        for p in c["pods"].as_array().into_iter().flatten() {
+            let s = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
+            out.push(PodInfo {
+                id: format!("{cluster}/{}/{}", s("namespace"), s("name")),
+                cluster: cluster.clone(),
+                node: s("node"),
+                ip: s("ip"),
+                netns: s("netns"),
+            });
+        }
+    }
+    out
+}
+
+/// Runs `f` on a thread inside network namespace `netns` (a lab namespace under /run/netns).
+///
+/// # Errors
+/// When the namespace cannot be entered.
+pub fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = format!("/run/netns/{netns}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a valid namespace fd changes only this short-lived scoped thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).with_context(|| format!("entering {path}"));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("probe thread panicked"))?
+    })
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connects over TCP from inside `netns` and returns the line the echo workload sends.
+///
+/// # Errors
+/// When the connection or the read fails or times out.
+pub fn tcp_line(netns: &str, ip: &str, port: u16) -> Result<String> {
+    let addr: SocketAddr = format!("{ip}:{port}").parse()?;
+    in_netns(netns, || -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+            .with_context(|| format!("tcp connect {addr}"))?;
+        s.set_read_timeout(Some(PROBE_TIMEOUT))?;
+        let mut line = String::new();
+        s.read_to_string(&mut line)
+            .with_context(|| format!("tcp read from {addr}"))?;
+        Ok(line.trim_end().to_owned())
+    })?
+}
+
+/// Sends a UDP datagram from inside `netns` and returns the echo workload's answer (one retry on loss).
+///
+/// # Errors
+/// When no answer arrives in time.
+pub fn udp_line(netns: &str, ip: &str, port: u16) -> Result<String> {
+    let addr: SocketAddr = format!("{ip}:{port}").parse()?;
+    in_netns(netns, || -> Result<String> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut buf = [0u8; 512];
+        let mut last = None;
+        for _ in 0..2 {
+            s.send_to(b"ping\n", addr)?;
+            match s.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    anyhow::ensure!(from == addr, "answer from {from}, expected {addr}");
+                    return Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(anyhow::anyhow!("no UDP answer from {addr}: {last:?}"))
+    })?
+}
+
+/// Sends one ICMP echo from inside `netns` (with `ping`); true when answered.
+///
+/// # Errors
+/// When ping cannot run.
+pub fn ping(netns: &str, ip: &str) -> Result<bool> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "ping", "-c1", "-W2", "-n", "-q", ip])
+        .output()
+        .context("running ping")?;
+    Ok(out.status.success())
+}
+
+/// Writes a temporary manifest file for `lab apply`.
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let p = dir.join(name);
+    let mut f = File::create(&p)?;
+    f.write_all(text.as_bytes())?;
+    Ok(p)
+}

@@ -64,6 +64,11 @@ pub fn run(args: TestArgs) -> Result<()> {
             &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
         ));
     }
+    // The lab tests run the daemons and the xtask binary as processes: build every binary first.
+    steps.push(Step::cargo(
+        "build (binaries for the lab tests)",
+        &["build", "--workspace", "--bins"],
+    ));
     let mut workspace = Step::cargo("test (workspace)", &["test", "--workspace"]);
     // mesh-ebpf is not a default member (it builds for bpfel on nightly through mesh-agent's build.rs), but
     // its packet logic is plain Rust that tests on the host.

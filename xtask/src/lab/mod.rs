@@ -68,6 +68,8 @@ pub enum LabCommand {
     AddNode { cluster: String },
     /// Remove everything the lab made (also after a crash of an earlier run). Logs are kept.
     Down,
+    /// List this lab's network namespaces, one per line (also those an earlier crash left behind).
+    Namespaces,
 }
 
 pub fn default_lab_dir() -> PathBuf {
@@ -109,6 +111,12 @@ pub fn run(args: LabArgs) -> Result<()> {
         LabCommand::Delete { cluster, file } => state::apply(&dir, &cluster, &file, true),
         LabCommand::AddNode { cluster } => state::add_node(&dir, &cluster),
         LabCommand::Down => state::down(&dir),
+        LabCommand::Namespaces => {
+            for n in state::namespaces(&dir) {
+                println!("{n}");
+            }
+            Ok(())
+        }
     }
 }
 

@@ -904,6 +904,13 @@ pub fn down(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The network namespaces of the lab in `dir` (found by its prefix, so also after a crash).
+pub fn namespaces(dir: &Path) -> Vec<String> {
+    let mut n = net::netns_with_prefix(&format!("{}-", prefix_for(dir)));
+    n.sort();
+    n
+}
+
 pub fn exec(dir: &Path, pod: &str, command: &[String]) -> Result<i32> {
     let st = LabState::load_running(dir)?;
     let p = find_pod(&st, pod)?;
