@@ -206,6 +206,14 @@ fn bad_topology(name: &str, lab_yaml: &str, files: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// (name, lab.yaml, manifest files, words the error must contain)
+type BadCase = (
+    &'static str,
+    String,
+    Vec<(&'static str, String)>,
+    Vec<&'static str>,
+);
+
 #[test]
 fn bad_topologies_are_refused_before_anything_is_created() {
     let two = "clusters:\n  - {name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: 1}\n";
@@ -214,7 +222,7 @@ fn bad_topologies_are_refused_before_anything_is_created() {
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec:\n  nodeName: east-node-1\n  containers: [{{name: c{extra}}}]\n"
         )
     };
-    let cases: Vec<(&str, String, Vec<(&str, String)>, Vec<&str>)> = vec![
+    let cases: Vec<BadCase> = vec![
         ("unknown-field", "clusters:\n  - {name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: 1, zone: a}\n".into(), vec![], vec!["lab.yaml", "zone"]),
         ("dup-id", "clusters:\n  - {name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: 1}\n  - {name: west, id: 1, podCIDR: 10.2.0.0/16, nodes: 1}\n".into(), vec![], vec!["lab.yaml", "west", "field id"]),
         ("overlap", "clusters:\n  - {name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: 1}\n  - {name: west, id: 2, podCIDR: 10.1.128.0/17, nodes: 1}\n".into(), vec![], vec!["podCIDR", "overlaps"]),

@@ -508,7 +508,7 @@ impl LabState {
         let mut args = vec![
             "echo".to_owned(),
             "--name".into(),
-            full.clone(),
+            full,
             "--ready-file".into(),
             ready_file.display().to_string(),
         ];
