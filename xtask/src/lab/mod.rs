@@ -7,8 +7,8 @@
 //! agents and the apiserver of cluster c read), `clusters/<c>/clustermesh/<peer>` (how to reach each peer's etcd),
 //! `clusters/<c>/etcd/` (etcd data), `run/` (agent sockets, workload ready files).
 
-mod net;
-mod state;
+pub mod net;
+pub mod state;
 pub mod topology;
 
 use std::path::PathBuf;

@@ -182,3 +182,57 @@ pub fn http_get_unix(socket: &Path, path: &str) -> Result<String, String> {
     }
     Ok(body.to_owned())
 }
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// TCP connect from inside `netns`; returns the line the echo workload sends.
+pub fn probe_tcp(netns: &str, ip: std::net::Ipv4Addr, port: u16) -> Result<String> {
+    use std::io::Read as _;
+    let addr = std::net::SocketAddr::from((ip, port));
+    in_netns(netns, || -> Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+            .with_context(|| format!("tcp {addr}"))?;
+        s.set_read_timeout(Some(PROBE_TIMEOUT))?;
+        let mut line = String::new();
+        s.read_to_string(&mut line)
+            .with_context(|| format!("tcp read {addr}"))?;
+        Ok(line.trim_end().to_owned())
+    })?
+}
+
+/// One UDP datagram from inside `netns` (one retry); returns the answer.
+pub fn probe_udp(netns: &str, ip: std::net::Ipv4Addr, port: u16) -> Result<String> {
+    let addr = std::net::SocketAddr::from((ip, port));
+    in_netns(netns, || -> Result<String> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut buf = [0u8; 512];
+        for _ in 0..2 {
+            s.send_to(b"ping\n", addr)?;
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                return Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned());
+            }
+        }
+        bail!("no UDP answer from {addr}")
+    })?
+}
+
+/// One ICMP echo from inside `netns`.
+pub fn probe_ping(netns: &str, ip: std::net::Ipv4Addr) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "ping",
+            "-c1",
+            "-W2",
+            "-n",
+            "-q",
+            &ip.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
