@@ -42,7 +42,7 @@ impl Tally {
     }
 }
 
-pub fn run(args: DemoArgs) -> Result<()> {
+pub fn run(args: &DemoArgs) -> Result<()> {
     anyhow::ensure!(
         util::is_root(),
         "the demo needs root (it creates network namespaces and loads eBPF programs)"

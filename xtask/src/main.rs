@@ -61,7 +61,7 @@ fn main() -> std::process::ExitCode {
         Command::Test(args) => test::run(args),
         Command::Echo(args) => echo::run(args),
         Command::Lab(args) => lab::run(args),
-        Command::Demo(args) => demo::run(args),
+        Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
