@@ -99,11 +99,6 @@ async fn main() -> anyhow::Result<()> {
     };
     info!(node = %me.node, cluster = %me.cluster, id = me.cluster_id, "starting");
 
-    ensure_vxlan(&args.vxlan_device).context("setting up the VXLAN device")?;
-    let mut dp = Datapath::load().context("loading the eBPF datapath")?;
-    dp.attach_overlay(&args.vxlan_device)
-        .context("attaching to the VXLAN device")?;
-
     let (wake_tx, wake_rx) = std::sync::mpsc::channel::<()>();
     let remotes = Remotes::new(wake_tx.clone());
 
@@ -128,6 +123,18 @@ async fn main() -> anyhow::Result<()> {
     } else {
         remotes.set_configured();
     }
+
+    // Sources and remote watchers start first, so that remote clusters sync while the programs load.
+    ensure_vxlan(&args.vxlan_device).context("setting up the VXLAN device")?;
+    let vxlan = args.vxlan_device.clone();
+    let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<Datapath> {
+        let mut dp = Datapath::load().context("loading the eBPF datapath")?;
+        dp.attach_overlay(&vxlan).context("attaching to the VXLAN device")?;
+        Ok(dp)
+    })
+    .await
+    .context("datapath loader")??;
+    info!("datapath loaded and attached");
 
     let status = Arc::new(Mutex::new(Status {
         node: me.node.clone(),

@@ -16,6 +16,16 @@ pub mod maps {
     pub const NODE_CONFIG: &str = "NODE_CONFIG";
     /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// `HashMap<ServiceKeyV4, ServiceEntry>`: service frontends (VIP, port, protocol).
+    pub const SERVICES_V4: &str = "SERVICES_V4";
+    /// `HashMap<SlotKey, u32>`: backend slots of each service → backend id.
+    pub const SERVICE_SLOTS: &str = "SERVICE_SLOTS";
+    /// `HashMap<u32, BackendV4>`: backends by id.
+    pub const BACKENDS_V4: &str = "BACKENDS_V4";
+    /// `HashMap<u32, RevNatV4>`: reverse translation of replies (rev-NAT id → the frontend the client used).
+    pub const REVNAT_V4: &str = "REVNAT_V4";
+    /// `LruHashMap<CtKeyV4, CtEntryV4>`: connection tracking of load-balanced flows.
+    pub const CT_V4: &str = "CT_V4";
 }
 
 /// Program names in the eBPF object.
@@ -28,6 +38,20 @@ pub mod programs {
 
 /// Capacity of the IPv4 ipcache (prefixes of every node of every cluster, later every remote pod IP).
 pub const IPCACHE_V4_MAX_ENTRIES: u32 = 1 << 20;
+/// Capacity of the service frontend map.
+pub const SERVICES_MAX_ENTRIES: u32 = 256 * 1024;
+/// Capacity of the slot map (all services' slots together).
+pub const SLOTS_MAX_ENTRIES: u32 = 2 * 1024 * 1024;
+/// Capacity of the backend map.
+pub const BACKENDS_MAX_ENTRIES: u32 = 512 * 1024;
+/// Capacity of the rev-NAT map (one per frontend).
+pub const REVNAT_MAX_ENTRIES: u32 = 256 * 1024;
+/// Capacity of the conntrack LRU map.
+pub const CT_MAX_ENTRIES: u32 = 256 * 1024;
+/// Source address used for hairpin flows (a pod reaching itself through a service): the pod sees the
+/// connection coming from here, and its replies come back through the datapath (Cilium uses the same idea).
+pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 42, 1];
+
 /// Capacity of the local endpoint map (pods on one node).
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 4096;
 /// UDP port of the VXLAN overlay.
@@ -119,11 +143,17 @@ pub enum Counter {
     DropHelper = 7,
     /// Dropped: the destination is on a remote node, but the node has no VXLAN device configured.
     DropNoTunnel = 8,
+    /// A new flow to a service frontend was translated to a backend.
+    LbNewFlow = 9,
+    /// A packet of a known load-balanced flow was translated (forward or reply direction).
+    LbTranslated = 10,
+    /// Dropped: the service has no backend (or its slot table is inconsistent).
+    DropNoBackend = 11,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 12] = [
         Counter::FwdLocal,
         Counter::FwdTunnel,
         Counter::PassStack,
@@ -133,6 +163,9 @@ impl Counter {
         Counter::DropNoTunnelKey,
         Counter::DropHelper,
         Counter::DropNoTunnel,
+        Counter::LbNewFlow,
+        Counter::LbTranslated,
+        Counter::DropNoBackend,
     ];
 
     /// Stable name used in status output and metrics.
@@ -148,12 +181,138 @@ impl Counter {
             Counter::DropNoTunnelKey => "drop_no_tunnel_key",
             Counter::DropHelper => "drop_helper_failed",
             Counter::DropNoTunnel => "drop_no_tunnel_device",
+            Counter::LbNewFlow => "lb_new_flow",
+            Counter::LbTranslated => "lb_translated",
+            Counter::DropNoBackend => "drop_no_backend",
         }
     }
 }
 
 /// Number of counters (size of [`maps::COUNTERS`]).
 pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
+
+/// IP protocol numbers used in keys.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// A service frontend: VIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKeyV4 {
+    /// The VIP (ClusterIP), network order.
+    pub vip: [u8; 4],
+    /// Destination port, NETWORK byte order (as in the packet).
+    pub port_be: u16,
+    /// [`proto`] number.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Flag bits of [`ServiceEntry::flags`].
+pub mod service_flags {
+    /// The service is global (it may have backends in other clusters).
+    pub const GLOBAL: u16 = 1 << 0;
+}
+
+/// A service frontend's data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Id of the slot table in [`maps::SERVICE_SLOTS`] (unique per frontend, never 0).
+    pub service_id: u32,
+    /// Number of slots; 0 = no backend (packets are dropped and counted). A new flow picks slot
+    /// `hash(flow) % slot_count`; weights are realised by giving a backend proportionally many slots.
+    pub slot_count: u32,
+    /// Key into [`maps::REVNAT_V4`] for replies.
+    pub rev_nat_id: u32,
+    /// [`service_flags`] bits.
+    pub flags: u16,
+    pub _pad: u16,
+}
+
+/// Key of [`maps::SERVICE_SLOTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    pub service_id: u32,
+    /// 0-based slot index, below [`ServiceEntry::slot_count`].
+    pub slot: u32,
+}
+
+/// A backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendV4 {
+    /// Backend pod address, network order.
+    pub addr: [u8; 4],
+    /// Backend port, NETWORK byte order.
+    pub port_be: u16,
+    /// [`proto`] number.
+    pub proto: u8,
+    pub _pad0: u8,
+    /// Cluster of the backend.
+    pub cluster_id: u16,
+    pub _pad1: u16,
+}
+
+/// Reverse translation: the frontend a client used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatV4 {
+    pub vip: [u8; 4],
+    /// NETWORK byte order.
+    pub port_be: u16,
+    pub _pad: u16,
+}
+
+/// Direction of a conntrack entry.
+pub mod ct_dir {
+    /// Key is the client's original tuple (client → VIP:port): the entry says which backend serves the flow.
+    pub const SERVICE: u8 = 1;
+    /// Key is the reply tuple (backend → client): the entry says how to translate the reply back.
+    pub const REPLY: u8 = 2;
+}
+
+/// Conntrack key: a 5-tuple plus direction. Ports in NETWORK byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKeyV4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// [`ct_dir`] value.
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// Flag bits of [`CtEntryV4::flags`].
+pub mod ct_flags {
+    /// The client was SNATed to [`crate::HAIRPIN_IPV4`] because it is its own backend.
+    pub const HAIRPIN: u32 = 1 << 0;
+}
+
+/// Conntrack value. A SERVICE entry carries the backend itself (not only its id), so removing a backend from
+/// the maps never breaks its established flows; new flows never pick it because it has no slot any more.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntryV4 {
+    /// Backend address (SERVICE) or the client's original address (REPLY of a hairpin flow), network order.
+    pub addr: [u8; 4],
+    /// Backend port (SERVICE), network order.
+    pub port_be: u16,
+    pub _pad0: u16,
+    /// rev-NAT id of the frontend.
+    pub rev_nat_id: u32,
+    /// [`ct_flags`] bits.
+    pub flags: u32,
+    /// Backend id at the time the flow was created (for observability).
+    pub backend_id: u32,
+}
 
 #[cfg(feature = "user")]
 mod pod {
@@ -164,12 +323,33 @@ mod pod {
     unsafe impl aya::Pod for super::LocalEndpoint {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::NodeConfig {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::ServiceKeyV4 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::ServiceEntry {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::SlotKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::BackendV4 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::RevNatV4 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::CtKeyV4 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::CtEntryV4 {}
 }
 
 // The structs must have no implicit padding: their sizes equal the sum of their fields.
 const _: () = assert!(core::mem::size_of::<IpcacheEntry>() == 4 + 4 + 2 + 1 + 1 + 4);
 const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 4 + 4 + 6 + 6);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 4 + 4 + 2 + 2 + 4);
+const _: () = assert!(core::mem::size_of::<ServiceKeyV4>() == 4 + 2 + 1 + 1);
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 4 + 4 + 4 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<SlotKey>() == 4 + 4);
+const _: () = assert!(core::mem::size_of::<BackendV4>() == 4 + 2 + 1 + 1 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<RevNatV4>() == 4 + 2 + 2);
+const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 4 + 4 + 2 + 2 + 1 + 1 + 2);
+const _: () = assert!(core::mem::size_of::<CtEntryV4>() == 4 + 2 + 2 + 4 + 4 + 4);
 
 /// Pod MAC convention shared by the lab and the agent: `0a:58:` followed by the pod's IPv4 address (the same
 /// convention OVN-Kubernetes uses), so the agent knows a pod's MAC without entering its namespace.

@@ -134,7 +134,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Res
             }
             Err(_) => {
                 std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_millis(200));
+                delay = (delay * 2).min(Duration::from_millis(50));
             }
         }
     }
