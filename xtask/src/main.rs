@@ -37,8 +37,8 @@ enum Command {
     /// Run setup, then fmt, clippy and the workspace tests (needs root: tests create network namespaces).
     ///
     /// Steps: `cargo fmt --all --check`, `cargo clippy --workspace --all-targets -- -D warnings`,
-    /// `cargo test --workspace`, `cargo test -p mesh-ebpf` (its host-testable logic). Stops at the first
-    /// failing step. Arguments after `--` go to the test binaries, e.g. `cargo xtask test -- --nocapture`.
+    /// `cargo build --workspace --bins` (the lab tests run the daemons), `cargo test --workspace` (including
+    /// mesh-ebpf's host-testable packet logic). Stops at the first failing step. Arguments after `--` go to the test binaries, e.g. `cargo xtask test -- --nocapture`.
     Test(test::TestArgs),
     /// The lab's echo workload, run inside a pod's network namespace.
     ///
