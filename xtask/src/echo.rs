@@ -25,6 +25,10 @@ pub struct EchoArgs {
     /// TCP port to serve (repeatable).
     #[arg(long = "tcp", value_name = "PORT")]
     pub tcp: Vec<u16>,
+    /// TCP port whose connections stay open: every line the client sends is answered with the identity line,
+    /// until the client closes or is idle for two minutes (repeatable). For tests of long-lived flows.
+    #[arg(long = "tcp-stream", value_name = "PORT")]
+    pub tcp_stream: Vec<u16>,
     /// UDP port to serve (repeatable).
     #[arg(long = "udp", value_name = "PORT")]
     pub udp: Vec<u16>,
@@ -85,6 +89,7 @@ pub struct Server {
     line: Arc<[u8]>,
     name: Arc<str>,
     tcp: Vec<TcpListener>,
+    tcp_stream: Vec<TcpListener>,
     udp: Vec<UdpSocket>,
 }
 
@@ -99,16 +104,26 @@ impl Server {
         {
             bail!("--name must be <cluster>/<namespace>/<pod>, got {:?}", args.name);
         }
-        if args.tcp.is_empty() && args.udp.is_empty() {
-            bail!("nothing to serve: give at least one --tcp PORT or --udp PORT");
+        if args.tcp.is_empty() && args.udp.is_empty() && args.tcp_stream.is_empty() {
+            bail!("nothing to serve: give at least one --tcp PORT, --tcp-stream PORT or --udp PORT");
         }
         let mut tcp = Vec::new();
-        for &port in &args.tcp {
+        let mut tcp_stream = Vec::new();
+        for (&port, stream) in args
+            .tcp
+            .iter()
+            .map(|p| (p, false))
+            .chain(args.tcp_stream.iter().map(|p| (p, true)))
+        {
             let addr = SocketAddr::new(args.bind, port);
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot bind TCP port {port} ({addr})"))?;
-            tcp.push(listener);
+            if stream {
+                tcp_stream.push(listener);
+            } else {
+                tcp.push(listener);
+            }
         }
         let mut udp = Vec::new();
         for &port in &args.udp {
@@ -122,12 +137,17 @@ impl Server {
             line: format!("{}\n", args.name).into_bytes().into(),
             name: args.name.as_str().into(),
             tcp,
+            tcp_stream,
             udp,
         })
     }
 
     pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
-        self.tcp.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.tcp
+            .iter()
+            .chain(&self.tcp_stream)
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     pub fn udp_addrs(&self) -> Vec<SocketAddr> {
@@ -144,7 +164,10 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
         for listener in self.tcp {
-            tasks.spawn(serve_tcp(listener, self.line.clone(), self.name.clone()));
+            tasks.spawn(serve_tcp(listener, self.line.clone(), self.name.clone(), false));
+        }
+        for listener in self.tcp_stream {
+            tasks.spawn(serve_tcp(listener, self.line.clone(), self.name.clone(), true));
         }
         for socket in self.udp {
             tasks.spawn(serve_udp(socket, self.line.clone(), self.name.clone()));
@@ -155,7 +178,7 @@ impl Server {
     }
 }
 
-async fn serve_tcp(listener: TcpListener, line: Arc<[u8]>, name: Arc<str>) {
+async fn serve_tcp(listener: TcpListener, line: Arc<[u8]>, name: Arc<str>, stream_mode: bool) {
     let local = listener
         .local_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
@@ -165,7 +188,12 @@ async fn serve_tcp(listener: TcpListener, line: Arc<[u8]>, name: Arc<str>) {
                 let line = line.clone();
                 let name = name.clone();
                 tokio::spawn(async move {
-                    if let Err(err) = answer_tcp(stream, &line).await {
+                    let result = if stream_mode {
+                        answer_tcp_stream(stream, &line).await
+                    } else {
+                        answer_tcp(stream, &line).await
+                    };
+                    if let Err(err) = result {
                         eprintln!("echo {name}: tcp {peer}: {err}");
                     }
                 });
@@ -192,6 +220,23 @@ async fn answer_tcp(mut stream: TcpStream, line: &[u8]) -> std::io::Result<()> {
     match tokio::time::timeout(DRAIN_TIMEOUT, drain).await {
         Ok(result) => result,
         Err(_elapsed) => Ok(()),
+    }
+}
+
+/// Idle time after which a stream connection is closed.
+const STREAM_IDLE: Duration = Duration::from_secs(120);
+
+/// Answers every line the client sends with the identity line, until the client closes or stays idle.
+async fn answer_tcp_stream(stream: TcpStream, line: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    loop {
+        match tokio::time::timeout(STREAM_IDLE, lines.next_line()).await {
+            Ok(Ok(Some(_))) => write.write_all(line).await?,
+            Ok(Ok(None)) | Err(_) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+        }
     }
 }
 
@@ -226,10 +271,33 @@ mod tests {
         EchoArgs {
             name: "c1/default/pod-a".into(),
             tcp,
+            tcp_stream: vec![],
             udp,
             ready_file: None,
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
+    }
+
+    #[test]
+    fn stream_port_answers_every_line_until_the_client_closes() {
+        let mut a = args(vec![], vec![]);
+        a.tcp_stream = vec![0];
+        let (tcp, _, stop, handle) = start(&a);
+        let mut stream = std::net::TcpStream::connect(tcp[0]).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        for i in 0..3 {
+            stream.write_all(format!("line {i}\n").as_bytes()).unwrap();
+            let mut got = String::new();
+            std::io::BufRead::read_line(&mut reader, &mut got).unwrap();
+            assert_eq!(got, "c1/default/pod-a\n");
+        }
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "", "server closes after the client does");
+        stop.send(()).unwrap();
+        handle.join().unwrap().unwrap();
     }
 
     /// Starts a server on ephemeral loopback ports in a background runtime; returns its addresses and a

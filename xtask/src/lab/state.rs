@@ -513,11 +513,12 @@ impl LabState {
             ready_file.display().to_string(),
         ];
         for (port, proto) in &spec.ports {
-            args.push(if proto == "UDP" {
-                "--udp".into()
-            } else {
-                "--tcp".into()
-            });
+            let flag = match proto.as_str() {
+                "UDP" => "--udp",
+                "TCP-STREAM" => "--tcp-stream",
+                _ => "--tcp",
+            };
+            args.push(flag.into());
             args.push(port.to_string());
         }
         let _ = std::fs::remove_file(&ready_file);

@@ -276,6 +276,8 @@ pub struct PodSpec {
     pub namespace: String,
     pub name: String,
     pub node: Option<String>,
+    /// (port, protocol): protocol is `TCP`, `UDP`, or `TCP-STREAM` for TCP ports whose name starts with
+    /// `stream` (their connections stay open and every line is answered).
     pub ports: Vec<(u16, String)>,
 }
 
@@ -285,7 +287,16 @@ pub fn pod_spec(doc: &serde_json::Value) -> PodSpec {
     for c in doc["spec"]["containers"].as_array().into_iter().flatten() {
         for p in c["ports"].as_array().into_iter().flatten() {
             if let Some(n) = p["containerPort"].as_u64().and_then(|n| u16::try_from(n).ok()) {
-                ports.push((n, p["protocol"].as_str().unwrap_or("TCP").to_owned()));
+                let proto = p["protocol"].as_str().unwrap_or("TCP");
+                let stream = proto == "TCP" && p["name"].as_str().is_some_and(|n| n.starts_with("stream"));
+                ports.push((
+                    n,
+                    if stream {
+                        "TCP-STREAM".to_owned()
+                    } else {
+                        proto.to_owned()
+                    },
+                ));
             }
         }
     }
