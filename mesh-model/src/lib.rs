@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod manifests;
+pub mod service;
 pub mod source;
 pub mod state;
 

@@ -13,6 +13,22 @@ use serde::de::DeserializeOwned;
 
 use crate::state::{ContainerPort, Namespace, Node, Pod, Protocol, Service, ServicePort};
 
+/// apiVersion of the Kubernetes Multi-Cluster Services API objects.
+pub const MCS_API_VERSION: &str = "multicluster.x-k8s.io/v1alpha1";
+
+/// The MCS `ServiceExport`: only its name matters (it exports the service of the same name).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceExportManifest {
+    api_version: String,
+    #[expect(dead_code, reason = "checked by the dispatcher, kept so the field is not refused as unknown")]
+    kind: String,
+    metadata: ObjectMeta,
+    #[serde(default)]
+    #[expect(dead_code, reason = "status is written by controllers; accepted and ignored")]
+    status: Option<serde_json::Value>,
+}
+
 /// Namespace used when a namespaced object has none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -23,6 +39,8 @@ pub enum Object {
     Namespace(Namespace),
     Pod(Pod),
     Service(Service),
+    /// An MCS API `ServiceExport` (multicluster.x-k8s.io/v1alpha1): exports the same-named service.
+    ServiceExport { namespace: String, name: String },
 }
 
 impl Object {
@@ -34,6 +52,7 @@ impl Object {
             Object::Namespace(n) => format!("Namespace {}", n.name),
             Object::Pod(p) => format!("Pod {}/{}", p.namespace, p.name),
             Object::Service(s) => format!("Service {}/{}", s.namespace, s.name),
+            Object::ServiceExport { namespace, name } => format!("ServiceExport {namespace}/{name}"),
         }
     }
 }
@@ -129,11 +148,21 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
             "Namespace" => Object::Namespace(namespace(&ctx, typed::<core::Namespace>(&ctx, value)?)?),
             "Pod" => Object::Pod(pod(&ctx, typed::<core::Pod>(&ctx, value)?)?),
             "Service" => Object::Service(service(&ctx, typed::<core::Service>(&ctx, value)?)?),
+            "ServiceExport" => {
+                let e = typed::<ServiceExportManifest>(&ctx, value)?;
+                if e.api_version != MCS_API_VERSION {
+                    return Err(ctx.err(
+                        Some("apiVersion"),
+                        format!("{:?}: ServiceExport is served as {MCS_API_VERSION}", e.api_version),
+                    ));
+                }
+                Object::ServiceExport { namespace: namespace_of(&ctx, &e.metadata)?, name: name_of(&ctx, &e.metadata)? }
+            }
             "" => return Err(ctx.err(Some("kind"), "missing kind")),
             other => {
                 return Err(ctx.err(
                     Some("kind"),
-                    format!("kind {other:?} is not supported here (Node, Namespace, Pod, Service)"),
+                    format!("kind {other:?} is not supported here (Node, Namespace, Pod, Service, ServiceExport)"),
                 ));
             }
         };
@@ -393,6 +422,9 @@ pub fn merge<'a>(
                         .services
                         .insert((s.namespace.clone(), s.name.clone()), s.clone());
                 }
+                Object::ServiceExport { namespace, name } => {
+                    state.exports.insert((namespace.clone(), name.clone()));
+                }
             }
         }
     }
@@ -531,6 +563,20 @@ status: {addresses: [{type: InternalIP, address: 172.30.1.1}]}
         let e = parse_str("m.yaml", "apiVersion: v1\nkind: Pod\n---\n: : :\n  - [").expect_err("malformed");
         assert_eq!(e.file, "m.yaml");
         assert!(e.message.contains("YAML") || e.document >= 1, "{e}");
+    }
+
+    #[test]
+    fn service_export_is_parsed_and_checked() {
+        let ok = "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: api, namespace: shop}\n";
+        assert_eq!(
+            parse_str("e.yaml", ok).expect("valid"),
+            vec![Object::ServiceExport { namespace: "shop".into(), name: "api".into() }]
+        );
+        let bad = "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: api}\nspec: {x: 1}\n";
+        let e = parse_str("e.yaml", bad).expect_err("unknown field");
+        assert_eq!(e.field.as_deref(), Some("spec"), "{e}");
+        let wrong = "apiVersion: v1\nkind: ServiceExport\nmetadata: {name: api}\n";
+        assert_eq!(parse_str("e.yaml", wrong).expect_err("bad version").field.as_deref(), Some("apiVersion"));
     }
 
     #[test]

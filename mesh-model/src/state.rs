@@ -107,6 +107,8 @@ pub struct ClusterState {
     pub pods: BTreeMap<(String, String), Pod>,
     /// Keyed by (namespace, name).
     pub services: BTreeMap<(String, String), Service>,
+    /// Services exported with an MCS `ServiceExport`, (namespace, name).
+    pub exports: std::collections::BTreeSet<(String, String)>,
 }
 
 impl ClusterState {
