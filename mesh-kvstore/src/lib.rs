@@ -5,6 +5,7 @@
 //! <prefix>/heartbeat/<cluster>                           Heartbeat       (lease)
 //! <prefix>/synced/<cluster>/<kind>                       Synced          (lease; written after a full sync)
 //! <prefix>/state/nodes/v1/<cluster>/<node>               NodeRecord      (lease)
+//! <prefix>/state/services/v1/<cluster>/<ns>/<name>       ServiceRecord   (lease; global, shared services)
 //! ```
 //! Values are JSON so operators can read them with `etcdctl`. Every record carries its schema version in the key;
 //! a decoder returns a typed [`DecodeError`] for every malformed value, and never panics.
@@ -22,6 +23,7 @@ pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 /// Kinds of synced data, named in the synced marker key.
 pub mod kinds {
     pub const NODES: &str = "nodes";
+    pub const SERVICES: &str = "services";
 }
 
 /// Key builders for one prefix.
@@ -81,6 +83,17 @@ impl Keys {
         format!("{}{node}", self.nodes_prefix(cluster))
     }
 
+    /// Prefix of all service records of `cluster` (ends with `/`).
+    #[must_use]
+    pub fn services_prefix(&self, cluster: &str) -> String {
+        format!("{}/state/services/v1/{cluster}/", self.prefix)
+    }
+
+    #[must_use]
+    pub fn service(&self, cluster: &str, namespace: &str, name: &str) -> String {
+        format!("{}{namespace}/{name}", self.services_prefix(cluster))
+    }
+
     /// Classifies a key of `cluster`'s data. Keys of other clusters or unknown layouts give [`KeyKind::Other`].
     #[must_use]
     pub fn classify<'k>(&self, cluster: &str, key: &'k str) -> KeyKind<'k> {
@@ -96,6 +109,21 @@ impl Keys {
                     Some((c, name)) if c == cluster && !name.is_empty() && !name.contains('/') => {
                         KeyKind::Node(name)
                     }
+                    _ => KeyKind::Other,
+                },
+                Some((version, _)) => KeyKind::UnknownVersion(version),
+                None => KeyKind::Other,
+            };
+        }
+        if let Some(r) = rest.strip_prefix("state/services/") {
+            return match r.split_once('/') {
+                Some(("v1", r)) => match r.split_once('/') {
+                    Some((c, r)) if c == cluster => match r.split_once('/') {
+                        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                            KeyKind::Service(ns, name)
+                        }
+                        _ => KeyKind::Other,
+                    },
                     _ => KeyKind::Other,
                 },
                 Some((version, _)) => KeyKind::UnknownVersion(version),
@@ -122,6 +150,8 @@ impl Keys {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyKind<'k> {
     Node(&'k str),
+    /// (namespace, name)
+    Service(&'k str, &'k str),
     Synced(&'k str),
     ClusterConfig,
     Heartbeat,
@@ -168,6 +198,47 @@ pub struct NodeRecord {
     pub underlay_ipv4: Ipv4Addr,
     pub pod_cidrs: Vec<Ipv4Net>,
 }
+
+/// A port of a service or backend, matched across clusters by name (as Cilium does).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortRecord {
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    pub protocol: mesh_model::Protocol,
+}
+
+/// A ready backend of a service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendRecord {
+    pub ipv4: Ipv4Addr,
+    pub ports: Vec<PortRecord>,
+    /// Relative capacity (weights later); 1 by default.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A global service as its cluster shares it: the cluster's ready backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceRecord {
+    pub cluster: String,
+    pub cluster_id: u16,
+    pub namespace: String,
+    pub name: String,
+    /// The service's ports (names match backend ports).
+    pub ports: Vec<PortRecord>,
+    pub backends: Vec<BackendRecord>,
+}
+
+/// Largest number of backends a decoder accepts in one service record.
+pub const MAX_BACKENDS_PER_RECORD: usize = 4096;
 
 /// Why a value was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -262,6 +333,32 @@ pub fn decode_node(key: &str, cluster: &str, node: &str, value: &[u8]) -> Result
     Ok(rec)
 }
 
+/// Decodes a service record found at `key` (of cluster `cluster`, service `namespace/name`).
+///
+/// # Errors
+/// Too large, bad JSON, names differing from the key, port 0, or too many backends.
+pub fn decode_service(
+    key: &str,
+    cluster: &str,
+    namespace: &str,
+    name: &str,
+    value: &[u8],
+) -> Result<ServiceRecord, DecodeError> {
+    let rec: ServiceRecord = json(key, "ServiceRecord", value)?;
+    expect_eq(key, "cluster", &rec.cluster, cluster)?;
+    expect_eq(key, "namespace", &rec.namespace, namespace)?;
+    expect_eq(key, "name", &rec.name, name)?;
+    let invalid = |reason: String| DecodeError::Invalid { key: key.to_owned(), reason };
+    if rec.backends.len() > MAX_BACKENDS_PER_RECORD {
+        return Err(invalid(format!("{} backends (at most {MAX_BACKENDS_PER_RECORD})", rec.backends.len())));
+    }
+    let zero_port = rec.ports.iter().chain(rec.backends.iter().flat_map(|b| &b.ports)).any(|p| p.port == 0);
+    if zero_port {
+        return Err(invalid("a port is 0".into()));
+    }
+    Ok(rec)
+}
+
 /// Decodes a cluster config record of `cluster`.
 ///
 /// # Errors
@@ -339,6 +436,35 @@ mod tests {
         let key = k.node("east", "east-node-1");
         let v = encode(&node());
         assert_eq!(decode_node(&key, "east", "east-node-1", v.as_bytes()), Ok(node()));
+    }
+
+    #[test]
+    fn service_keys_and_records() {
+        let k = Keys::default();
+        let key = k.service("east", "shop", "api");
+        assert_eq!(key, "fleetmesh/state/services/v1/east/shop/api");
+        assert_eq!(k.classify("east", &key), KeyKind::Service("shop", "api"));
+        assert_eq!(k.classify("west", &key), KeyKind::Other);
+        assert_eq!(k.classify("east", "fleetmesh/state/services/v2/east/shop/api"), KeyKind::UnknownVersion("v2"));
+        let rec = ServiceRecord {
+            cluster: "east".into(),
+            cluster_id: 1,
+            namespace: "shop".into(),
+            name: "api".into(),
+            ports: vec![PortRecord { name: "http".into(), port: 80, protocol: mesh_model::Protocol::Tcp }],
+            backends: vec![BackendRecord {
+                ipv4: Ipv4Addr::new(10, 1, 0, 2),
+                ports: vec![PortRecord { name: "http".into(), port: 8080, protocol: mesh_model::Protocol::Tcp }],
+                weight: 1,
+            }],
+        };
+        let v = encode(&rec);
+        assert_eq!(decode_service(&key, "east", "shop", "api", v.as_bytes()), Ok(rec.clone()));
+        assert_eq!(decode_service(&key, "east", "shop", "web", v.as_bytes()).expect_err("name").reason(), "key_mismatch");
+        let mut zero = rec;
+        zero.backends[0].ports[0].port = 0;
+        assert_eq!(decode_service(&key, "east", "shop", "api", encode(&zero).as_bytes()).expect_err("port").reason(), "invalid");
+        assert_eq!(decode_service(&key, "east", "shop", "api", b"[]").expect_err("json").reason(), "bad_json");
     }
 
     #[test]
