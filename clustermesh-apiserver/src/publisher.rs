@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
-use mesh_kvstore::{ClusterConfig, Heartbeat, Keys, NodeRecord, Synced, encode, kinds};
+use mesh_kvstore::{
+    BackendRecord, ClusterConfig, Heartbeat, Keys, NodeRecord, PortRecord, ServiceRecord, Synced, encode, kinds,
+};
+use mesh_model::service;
 use mesh_model::source::Snapshot;
 use tokio::sync::watch;
 use tracing::{info, instrument, warn};
@@ -31,6 +34,11 @@ fn now_ms() -> u64 {
 impl Publisher {
     /// Runs sessions forever, reconnecting with backoff.
     pub async fn run(&self, mut snapshots: watch::Receiver<Snapshot>) {
+        // Generation 0 is the channel's placeholder, not the directory: publishing it would withdraw every record
+        // and write a synced marker for an empty cluster.
+        if snapshots.wait_for(|s| s.generation > 0).await.is_err() {
+            return;
+        }
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.session(&mut snapshots).await {
@@ -44,22 +52,51 @@ impl Publisher {
         }
     }
 
+    /// Every record this cluster should have in etcd: its nodes, and its global services that it shares.
     fn desired(&self, snapshot: &Snapshot) -> BTreeMap<String, String> {
-        snapshot
-            .state
-            .nodes
-            .values()
-            .map(|n| {
-                let rec = NodeRecord {
-                    name: n.name.clone(),
-                    cluster: self.cluster.clone(),
-                    cluster_id: self.cluster_id,
-                    underlay_ipv4: n.underlay_ipv4,
-                    pod_cidrs: vec![n.pod_cidr],
-                };
-                (self.keys.node(&self.cluster, &n.name), encode(&rec))
-            })
-            .collect()
+        let state = &snapshot.state;
+        let nodes = state.nodes.values().map(|n| {
+            let rec = NodeRecord {
+                name: n.name.clone(),
+                cluster: self.cluster.clone(),
+                cluster_id: self.cluster_id,
+                underlay_ipv4: n.underlay_ipv4,
+                pod_cidrs: vec![n.pod_cidr],
+            };
+            (self.keys.node(&self.cluster, &n.name), encode(&rec))
+        });
+        let services = state.services.values().filter_map(|svc| {
+            let exported = state.exports.contains(&(svc.namespace.clone(), svc.name.clone()));
+            let spec = service::global_spec(svc, exported);
+            if !spec.errors.is_empty() {
+                warn!(service = %format!("{}/{}", svc.namespace, svc.name), errors = ?spec.errors, "service stays local");
+            }
+            if !spec.global || !spec.shared {
+                return None;
+            }
+            let port = |name: &str, port: u16, protocol| PortRecord { name: name.to_owned(), port, protocol };
+            let rec = ServiceRecord {
+                cluster: self.cluster.clone(),
+                cluster_id: self.cluster_id,
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                ports: svc
+                    .ports
+                    .iter()
+                    .map(|p| port(p.name.as_deref().unwrap_or_default(), p.port, p.protocol))
+                    .collect(),
+                backends: service::endpoints(state, svc)
+                    .into_iter()
+                    .map(|e| BackendRecord {
+                        ipv4: e.ipv4,
+                        ports: e.ports.iter().map(|p| port(&p.name, p.port, p.protocol)).collect(),
+                        weight: 1,
+                    })
+                    .collect(),
+            };
+            Some((self.keys.service(&self.cluster, &svc.namespace, &svc.name), encode(&rec)))
+        });
+        nodes.chain(services).collect()
     }
 
     #[instrument(skip_all, fields(cluster = %self.cluster))]
@@ -77,24 +114,18 @@ impl Publisher {
         let config = ClusterConfig {
             name: self.cluster.clone(),
             id: self.cluster_id,
-            capabilities: vec!["nodes/v1".into()],
+            capabilities: vec!["nodes/v1".into(), "services/v1".into()],
         };
         client
             .put(self.keys.cluster_config(&self.cluster), encode(&config), None)
             .await?;
 
         // What is in etcd now (maybe from an earlier run): anything not desired gets deleted.
-        let existing = client
-            .get(
-                self.keys.nodes_prefix(&self.cluster),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
-            .await?;
-        let mut published: BTreeMap<String, Option<String>> = existing
-            .kvs()
-            .iter()
-            .filter_map(|kv| kv.key_str().ok().map(|k| (k.to_owned(), None)))
-            .collect();
+        let mut published: BTreeMap<String, Option<String>> = BTreeMap::new();
+        for prefix in [self.keys.nodes_prefix(&self.cluster), self.keys.services_prefix(&self.cluster)] {
+            let existing = client.get(prefix, Some(GetOptions::new().with_prefix().with_keys_only())).await?;
+            published.extend(existing.kvs().iter().filter_map(|kv| kv.key_str().ok().map(|k| (k.to_owned(), None))));
+        }
         let with_lease = || Some(PutOptions::new().with_lease(lease));
         let mut synced = false;
         let mut tick = tokio::time::interval(self.lease_ttl / 3);
@@ -119,27 +150,19 @@ impl Publisher {
                 published.remove(k);
             }
             if puts > 0 || !gone.is_empty() {
-                info!(
-                    puts,
-                    deletes = gone.len(),
-                    nodes = desired.len(),
-                    "published node records"
-                );
+                info!(puts, deletes = gone.len(), records = desired.len(), "published records");
             }
             if !synced {
-                let marker = Synced {
-                    time_ms: now_ms(),
-                    count: desired.len() as u64,
-                };
-                client
-                    .put(
-                        self.keys.synced(&self.cluster, kinds::NODES),
-                        encode(&marker),
-                        with_lease(),
-                    )
-                    .await?;
+                for (kind, prefix) in [
+                    (kinds::NODES, self.keys.nodes_prefix(&self.cluster)),
+                    (kinds::SERVICES, self.keys.services_prefix(&self.cluster)),
+                ] {
+                    let count = desired.keys().filter(|k| k.starts_with(&prefix)).count() as u64;
+                    let marker = Synced { time_ms: now_ms(), count };
+                    client.put(self.keys.synced(&self.cluster, kind), encode(&marker), with_lease()).await?;
+                }
                 synced = true;
-                info!(nodes = desired.len(), "initial sync complete");
+                info!(records = desired.len(), "initial sync complete");
             }
             tokio::select! {
                 changed = snapshots.changed() => {
