@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
-use mesh_kvstore::{ClusterConfig, KeyKind, Keys, NodeRecord};
+use mesh_kvstore::{ClusterConfig, KeyKind, Keys, NodeRecord, ServiceRecord};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, instrument, warn};
@@ -41,6 +41,8 @@ pub struct RemoteCluster {
     pub state: SyncState,
     pub config: Option<ClusterConfig>,
     pub nodes: BTreeMap<String, NodeRecord>,
+    /// Global services the cluster shares, by `namespace/name`.
+    pub services: BTreeMap<String, ServiceRecord>,
     /// Whether its data may be used (false after an identity conflict).
     pub usable: bool,
     /// Values skipped, by reason.
@@ -57,6 +59,7 @@ impl RemoteCluster {
             state: SyncState::Connecting { since_ms: now_ms() },
             config: None,
             nodes: BTreeMap::new(),
+            services: BTreeMap::new(),
             usable: true,
             decode_errors: BTreeMap::new(),
             syncs: 0,
@@ -228,8 +231,10 @@ struct Watcher {
 #[derive(Default)]
 struct Session {
     nodes: BTreeMap<String, NodeRecord>,
+    services: BTreeMap<String, ServiceRecord>,
     config: Option<ClusterConfig>,
     synced: bool,
+    services_synced: bool,
 }
 
 impl Watcher {
@@ -287,6 +292,13 @@ impl Watcher {
                     rc.nodes.insert(k.clone(), v.clone());
                 }
             }
+            if s.services_synced {
+                rc.services.clone_from(&s.services);
+            } else {
+                for (k, v) in &s.services {
+                    rc.services.insert(k.clone(), v.clone());
+                }
+            }
         });
     }
 
@@ -313,7 +325,25 @@ impl Watcher {
                     }
                 },
             },
+            KeyKind::Service(ns, name) => {
+                let id = format!("{ns}/{name}");
+                match value {
+                    None => {
+                        s.services.remove(&id);
+                    }
+                    Some(v) => match mesh_kvstore::decode_service(key, &self.name, ns, name, v) {
+                        Ok(rec) => {
+                            s.services.insert(id, rec);
+                        }
+                        Err(e) => {
+                            warn!(cluster = %self.name, error = %e, "skipping malformed service record");
+                            self.count_error(e.reason());
+                        }
+                    },
+                }
+            }
             KeyKind::Synced(mesh_kvstore::kinds::NODES) => s.synced = value.is_some(),
+            KeyKind::Synced(mesh_kvstore::kinds::SERVICES) => s.services_synced = value.is_some(),
             KeyKind::ClusterConfig => match value {
                 None => s.config = None,
                 Some(v) => match mesh_kvstore::decode_cluster_config(key, &self.name, v) {
