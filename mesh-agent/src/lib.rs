@@ -4,6 +4,7 @@
 pub mod api;
 pub mod datapath;
 pub mod desired;
+pub mod lb;
 pub mod netdev;
 pub mod reconcile;
 pub mod remote;
