@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
 use mesh_kvstore::{
-    BackendRecord, ClusterConfig, Heartbeat, Keys, NodeRecord, PortRecord, ServiceRecord, Synced, encode, kinds,
+    BackendRecord, ClusterConfig, Heartbeat, Keys, NodeRecord, PortRecord, ServiceRecord, Synced, encode,
+    kinds,
 };
 use mesh_model::service;
 use mesh_model::source::Snapshot;
@@ -122,9 +123,19 @@ impl Publisher {
 
         // What is in etcd now (maybe from an earlier run): anything not desired gets deleted.
         let mut published: BTreeMap<String, Option<String>> = BTreeMap::new();
-        for prefix in [self.keys.nodes_prefix(&self.cluster), self.keys.services_prefix(&self.cluster)] {
-            let existing = client.get(prefix, Some(GetOptions::new().with_prefix().with_keys_only())).await?;
-            published.extend(existing.kvs().iter().filter_map(|kv| kv.key_str().ok().map(|k| (k.to_owned(), None))));
+        for prefix in [
+            self.keys.nodes_prefix(&self.cluster),
+            self.keys.services_prefix(&self.cluster),
+        ] {
+            let existing = client
+                .get(prefix, Some(GetOptions::new().with_prefix().with_keys_only()))
+                .await?;
+            published.extend(
+                existing
+                    .kvs()
+                    .iter()
+                    .filter_map(|kv| kv.key_str().ok().map(|k| (k.to_owned(), None))),
+            );
         }
         let with_lease = || Some(PutOptions::new().with_lease(lease));
         let mut synced = false;
@@ -150,7 +161,12 @@ impl Publisher {
                 published.remove(k);
             }
             if puts > 0 || !gone.is_empty() {
-                info!(puts, deletes = gone.len(), records = desired.len(), "published records");
+                info!(
+                    puts,
+                    deletes = gone.len(),
+                    records = desired.len(),
+                    "published records"
+                );
             }
             if !synced {
                 for (kind, prefix) in [
@@ -158,8 +174,17 @@ impl Publisher {
                     (kinds::SERVICES, self.keys.services_prefix(&self.cluster)),
                 ] {
                     let count = desired.keys().filter(|k| k.starts_with(&prefix)).count() as u64;
-                    let marker = Synced { time_ms: now_ms(), count };
-                    client.put(self.keys.synced(&self.cluster, kind), encode(&marker), with_lease()).await?;
+                    let marker = Synced {
+                        time_ms: now_ms(),
+                        count,
+                    };
+                    client
+                        .put(
+                            self.keys.synced(&self.cluster, kind),
+                            encode(&marker),
+                            with_lease(),
+                        )
+                        .await?;
                 }
                 synced = true;
                 info!(records = desired.len(), "initial sync complete");

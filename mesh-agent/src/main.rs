@@ -129,7 +129,8 @@ async fn main() -> anyhow::Result<()> {
     let vxlan = args.vxlan_device.clone();
     let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<Datapath> {
         let mut dp = Datapath::load().context("loading the eBPF datapath")?;
-        dp.attach_overlay(&vxlan).context("attaching to the VXLAN device")?;
+        dp.attach_overlay(&vxlan)
+            .context("attaching to the VXLAN device")?;
         Ok(dp)
     })
     .await

@@ -348,11 +348,21 @@ pub fn decode_service(
     expect_eq(key, "cluster", &rec.cluster, cluster)?;
     expect_eq(key, "namespace", &rec.namespace, namespace)?;
     expect_eq(key, "name", &rec.name, name)?;
-    let invalid = |reason: String| DecodeError::Invalid { key: key.to_owned(), reason };
+    let invalid = |reason: String| DecodeError::Invalid {
+        key: key.to_owned(),
+        reason,
+    };
     if rec.backends.len() > MAX_BACKENDS_PER_RECORD {
-        return Err(invalid(format!("{} backends (at most {MAX_BACKENDS_PER_RECORD})", rec.backends.len())));
+        return Err(invalid(format!(
+            "{} backends (at most {MAX_BACKENDS_PER_RECORD})",
+            rec.backends.len()
+        )));
     }
-    let zero_port = rec.ports.iter().chain(rec.backends.iter().flat_map(|b| &b.ports)).any(|p| p.port == 0);
+    let zero_port = rec
+        .ports
+        .iter()
+        .chain(rec.backends.iter().flat_map(|b| &b.ports))
+        .any(|p| p.port == 0);
     if zero_port {
         return Err(invalid("a port is 0".into()));
     }
@@ -445,26 +455,55 @@ mod tests {
         assert_eq!(key, "fleetmesh/state/services/v1/east/shop/api");
         assert_eq!(k.classify("east", &key), KeyKind::Service("shop", "api"));
         assert_eq!(k.classify("west", &key), KeyKind::Other);
-        assert_eq!(k.classify("east", "fleetmesh/state/services/v2/east/shop/api"), KeyKind::UnknownVersion("v2"));
+        assert_eq!(
+            k.classify("east", "fleetmesh/state/services/v2/east/shop/api"),
+            KeyKind::UnknownVersion("v2")
+        );
         let rec = ServiceRecord {
             cluster: "east".into(),
             cluster_id: 1,
             namespace: "shop".into(),
             name: "api".into(),
-            ports: vec![PortRecord { name: "http".into(), port: 80, protocol: mesh_model::Protocol::Tcp }],
+            ports: vec![PortRecord {
+                name: "http".into(),
+                port: 80,
+                protocol: mesh_model::Protocol::Tcp,
+            }],
             backends: vec![BackendRecord {
                 ipv4: Ipv4Addr::new(10, 1, 0, 2),
-                ports: vec![PortRecord { name: "http".into(), port: 8080, protocol: mesh_model::Protocol::Tcp }],
+                ports: vec![PortRecord {
+                    name: "http".into(),
+                    port: 8080,
+                    protocol: mesh_model::Protocol::Tcp,
+                }],
                 weight: 1,
             }],
         };
         let v = encode(&rec);
-        assert_eq!(decode_service(&key, "east", "shop", "api", v.as_bytes()), Ok(rec.clone()));
-        assert_eq!(decode_service(&key, "east", "shop", "web", v.as_bytes()).expect_err("name").reason(), "key_mismatch");
+        assert_eq!(
+            decode_service(&key, "east", "shop", "api", v.as_bytes()),
+            Ok(rec.clone())
+        );
+        assert_eq!(
+            decode_service(&key, "east", "shop", "web", v.as_bytes())
+                .expect_err("name")
+                .reason(),
+            "key_mismatch"
+        );
         let mut zero = rec;
         zero.backends[0].ports[0].port = 0;
-        assert_eq!(decode_service(&key, "east", "shop", "api", encode(&zero).as_bytes()).expect_err("port").reason(), "invalid");
-        assert_eq!(decode_service(&key, "east", "shop", "api", b"[]").expect_err("json").reason(), "bad_json");
+        assert_eq!(
+            decode_service(&key, "east", "shop", "api", encode(&zero).as_bytes())
+                .expect_err("port")
+                .reason(),
+            "invalid"
+        );
+        assert_eq!(
+            decode_service(&key, "east", "shop", "api", b"[]")
+                .expect_err("json")
+                .reason(),
+            "bad_json"
+        );
     }
 
     #[test]

@@ -21,7 +21,10 @@ pub const MCS_API_VERSION: &str = "multicluster.x-k8s.io/v1alpha1";
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ServiceExportManifest {
     api_version: String,
-    #[expect(dead_code, reason = "checked by the dispatcher, kept so the field is not refused as unknown")]
+    #[expect(
+        dead_code,
+        reason = "checked by the dispatcher, kept so the field is not refused as unknown"
+    )]
     kind: String,
     metadata: ObjectMeta,
     #[serde(default)]
@@ -40,7 +43,10 @@ pub enum Object {
     Pod(Pod),
     Service(Service),
     /// An MCS API `ServiceExport` (multicluster.x-k8s.io/v1alpha1): exports the same-named service.
-    ServiceExport { namespace: String, name: String },
+    ServiceExport {
+        namespace: String,
+        name: String,
+    },
 }
 
 impl Object {
@@ -153,16 +159,24 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
                 if e.api_version != MCS_API_VERSION {
                     return Err(ctx.err(
                         Some("apiVersion"),
-                        format!("{:?}: ServiceExport is served as {MCS_API_VERSION}", e.api_version),
+                        format!(
+                            "{:?}: ServiceExport is served as {MCS_API_VERSION}",
+                            e.api_version
+                        ),
                     ));
                 }
-                Object::ServiceExport { namespace: namespace_of(&ctx, &e.metadata)?, name: name_of(&ctx, &e.metadata)? }
+                Object::ServiceExport {
+                    namespace: namespace_of(&ctx, &e.metadata)?,
+                    name: name_of(&ctx, &e.metadata)?,
+                }
             }
             "" => return Err(ctx.err(Some("kind"), "missing kind")),
             other => {
                 return Err(ctx.err(
                     Some("kind"),
-                    format!("kind {other:?} is not supported here (Node, Namespace, Pod, Service, ServiceExport)"),
+                    format!(
+                        "kind {other:?} is not supported here (Node, Namespace, Pod, Service, ServiceExport)"
+                    ),
                 ));
             }
         };
@@ -570,13 +584,22 @@ status: {addresses: [{type: InternalIP, address: 172.30.1.1}]}
         let ok = "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: api, namespace: shop}\n";
         assert_eq!(
             parse_str("e.yaml", ok).expect("valid"),
-            vec![Object::ServiceExport { namespace: "shop".into(), name: "api".into() }]
+            vec![Object::ServiceExport {
+                namespace: "shop".into(),
+                name: "api".into()
+            }]
         );
         let bad = "apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\nmetadata: {name: api}\nspec: {x: 1}\n";
         let e = parse_str("e.yaml", bad).expect_err("unknown field");
         assert_eq!(e.field.as_deref(), Some("spec"), "{e}");
         let wrong = "apiVersion: v1\nkind: ServiceExport\nmetadata: {name: api}\n";
-        assert_eq!(parse_str("e.yaml", wrong).expect_err("bad version").field.as_deref(), Some("apiVersion"));
+        assert_eq!(
+            parse_str("e.yaml", wrong)
+                .expect_err("bad version")
+                .field
+                .as_deref(),
+            Some("apiVersion")
+        );
     }
 
     #[test]

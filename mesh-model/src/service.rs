@@ -58,18 +58,27 @@ fn parse_bool(v: &str) -> Option<bool> {
 /// exposes or hides more than the user asked for.
 #[must_use]
 pub fn global_spec(svc: &Service, exported: bool) -> GlobalSpec {
-    let mut spec = GlobalSpec { shared: true, exported, global: exported, ..GlobalSpec::default() };
+    let mut spec = GlobalSpec {
+        shared: true,
+        exported,
+        global: exported,
+        ..GlobalSpec::default()
+    };
     let a = &svc.annotations;
     if let Some(v) = a.get(ANNOTATION_GLOBAL) {
         match parse_bool(v) {
             Some(b) => spec.global |= b,
-            None => spec.errors.push(format!("annotation {ANNOTATION_GLOBAL}: {v:?} is not \"true\" or \"false\"")),
+            None => spec.errors.push(format!(
+                "annotation {ANNOTATION_GLOBAL}: {v:?} is not \"true\" or \"false\""
+            )),
         }
     }
     if let Some(v) = a.get(ANNOTATION_SHARED) {
         match parse_bool(v) {
             Some(b) => spec.shared = b,
-            None => spec.errors.push(format!("annotation {ANNOTATION_SHARED}: {v:?} is not \"true\" or \"false\"")),
+            None => spec.errors.push(format!(
+                "annotation {ANNOTATION_SHARED}: {v:?} is not \"true\" or \"false\""
+            )),
         }
     }
     if let Some(v) = a.get(ANNOTATION_AFFINITY) {
@@ -77,7 +86,9 @@ pub fn global_spec(svc: &Service, exported: bool) -> GlobalSpec {
             "local" => spec.affinity = Affinity::Local,
             "remote" => spec.affinity = Affinity::Remote,
             "none" | "" => spec.affinity = Affinity::None,
-            _ => spec.errors.push(format!("annotation {ANNOTATION_AFFINITY}: {v:?} is not local, remote or none")),
+            _ => spec.errors.push(format!(
+                "annotation {ANNOTATION_AFFINITY}: {v:?} is not local, remote or none"
+            )),
         }
     }
     if !spec.errors.is_empty() {
@@ -147,7 +158,11 @@ pub fn endpoints(state: &ClusterState, svc: &Service) -> Vec<Endpoint> {
                     })
                 })
                 .collect();
-            Some(Endpoint { ipv4, pod: format!("{}/{}", p.namespace, p.name), ports })
+            Some(Endpoint {
+                ipv4,
+                pod: format!("{}/{}", p.namespace, p.name),
+                ports,
+            })
         })
         .collect()
 }
@@ -164,19 +179,44 @@ mod tests {
             cluster_ipv4: Some(Ipv4Addr::new(198, 18, 1, 2)),
             selector: [("app".to_owned(), "api".to_owned())].into(),
             ports: vec![
-                ServicePort { name: Some("http".into()), port: 80, protocol: Protocol::Tcp, target_port: Some("web".into()) },
-                ServicePort { name: Some("dns".into()), port: 53, protocol: Protocol::Udp, target_port: Some("5353".into()) },
+                ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                    target_port: Some("web".into()),
+                },
+                ServicePort {
+                    name: Some("dns".into()),
+                    port: 53,
+                    protocol: Protocol::Udp,
+                    target_port: Some("5353".into()),
+                },
             ],
-            annotations: annotations.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         }
     }
 
     #[test]
     fn annotations_and_export() {
-        assert_eq!(global_spec(&svc(&[]), false), GlobalSpec { shared: true, ..GlobalSpec::default() });
-        let g = global_spec(&svc(&[(ANNOTATION_GLOBAL, "true"), (ANNOTATION_AFFINITY, "local")]), false);
+        assert_eq!(
+            global_spec(&svc(&[]), false),
+            GlobalSpec {
+                shared: true,
+                ..GlobalSpec::default()
+            }
+        );
+        let g = global_spec(
+            &svc(&[(ANNOTATION_GLOBAL, "true"), (ANNOTATION_AFFINITY, "local")]),
+            false,
+        );
         assert!(g.global && g.shared && g.affinity == Affinity::Local && g.errors.is_empty());
-        let g = global_spec(&svc(&[(ANNOTATION_GLOBAL, "True"), (ANNOTATION_SHARED, "false")]), false);
+        let g = global_spec(
+            &svc(&[(ANNOTATION_GLOBAL, "True"), (ANNOTATION_SHARED, "false")]),
+            false,
+        );
         assert!(g.global && !g.shared);
         let g = global_spec(&svc(&[]), true);
         assert!(g.global && g.shared && g.exported);
@@ -184,7 +224,11 @@ mod tests {
 
     #[test]
     fn invalid_annotations_keep_the_service_local() {
-        for (k, v) in [(ANNOTATION_GLOBAL, "yes"), (ANNOTATION_SHARED, "1"), (ANNOTATION_AFFINITY, "nearest")] {
+        for (k, v) in [
+            (ANNOTATION_GLOBAL, "yes"),
+            (ANNOTATION_SHARED, "1"),
+            (ANNOTATION_AFFINITY, "nearest"),
+        ] {
             let g = global_spec(&svc(&[(ANNOTATION_GLOBAL, "true"), (k, v)]), false);
             assert!(!g.global, "{k}={v}");
             assert_eq!(g.errors.len(), 1, "{k}={v}: {:?}", g.errors);
@@ -202,7 +246,11 @@ mod tests {
             annotations: BTreeMap::new(),
             node_name: None,
             ipv4: ip.map(Ipv4Addr::from),
-            ports: vec![ContainerPort { name: Some("web".into()), port: 8080, protocol: Protocol::Tcp }],
+            ports: vec![ContainerPort {
+                name: Some("web".into()),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
         };
         for p in [
             mk("shop", "a", "api", Some([10, 1, 0, 2])),
@@ -218,8 +266,16 @@ mod tests {
         assert_eq!(
             eps[0].ports,
             vec![
-                BackendPort { name: "http".into(), port: 8080, protocol: Protocol::Tcp },
-                BackendPort { name: "dns".into(), port: 5353, protocol: Protocol::Udp },
+                BackendPort {
+                    name: "http".into(),
+                    port: 8080,
+                    protocol: Protocol::Tcp
+                },
+                BackendPort {
+                    name: "dns".into(),
+                    port: 5353,
+                    protocol: Protocol::Udp
+                },
             ]
         );
     }

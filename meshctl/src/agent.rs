@@ -109,3 +109,49 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+pub fn services(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let st = get(socket, "/v1/status")?;
+    let services = &st["datapath"]["services"];
+    if json {
+        println!("{}", serde_json::to_string_pretty(services)?);
+        return Ok(());
+    }
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    for svc in services.as_array().into_iter().flatten() {
+        let spec = &svc["spec"];
+        let kind = if spec["global"] == true {
+            format!(
+                "global{}, affinity {}",
+                if spec["shared"] == true { "" } else { " (not shared)" },
+                s(&spec["affinity"])
+            )
+        } else {
+            "local".to_owned()
+        };
+        println!("{}/{}  ({kind})", s(&svc["namespace"]), s(&svc["name"]));
+        for e in spec["errors"].as_array().into_iter().flatten() {
+            println!("  error: {}", s(e));
+        }
+        for fe in svc["frontends"].as_array().into_iter().flatten() {
+            println!("  {}:{}/{}", s(&fe["vip"]), fe["port"], s(&fe["protocol"]));
+            let active: Vec<&Value> = fe["active"].as_array().into_iter().flatten().collect();
+            for (cluster, backends) in fe["candidates"].as_object().into_iter().flatten() {
+                let list: Vec<String> = backends
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| {
+                        let mark = if active.contains(&b) { "*" } else { "" };
+                        format!("{}:{}{mark}", s(&b["ipv4"]), b["port"])
+                    })
+                    .collect();
+                println!("    {cluster:<16} {}", list.join("  "));
+            }
+            if active.is_empty() {
+                println!("    (no backend: connections are dropped)");
+            }
+        }
+    }
+    Ok(())
+}

@@ -30,9 +30,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Services as a node's agent balances them.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Work with manifests (the manifests source of edge nodes and the lab).
     #[command(subcommand)]
     Manifests(ManifestsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    /// Every service with its frontends, its backends per cluster, its affinity, and which backends the
+    /// datapath spreads new connections over (marked `*`).
+    List {
+        /// The agent's API socket.
+        #[arg(long, env = "FLEETMESH_API_SOCKET", default_value = "/var/run/fleetmesh/agent.sock")]
+        socket: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,6 +67,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Status { socket, json } => agent::status(&socket, json),
+        Command::Service(ServiceCommand::List { socket, json }) => agent::services(&socket, json),
         Command::Manifests(ManifestsCommand::Validate { files }) => validate(&files),
     };
     match result {
