@@ -60,7 +60,9 @@ pub enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Add or update the objects of a manifest file in a running cluster (pods are wired and started).
+    /// Add or update the objects of a manifest file in a running cluster, like `kubectl apply`: objects that
+    /// exist are updated wherever they were defined, new ones are added; pods are wired and started. A pod whose
+    /// node or ports change is recreated; other changes (labels, annotations) keep it running.
     Apply { cluster: String, file: PathBuf },
     /// Delete the objects named in a manifest file from a running cluster.
     Delete { cluster: String, file: PathBuf },

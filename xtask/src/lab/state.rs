@@ -964,7 +964,19 @@ pub fn apply(dir: &Path, cluster: &str, file: &Path, delete: bool) -> Result<()>
                 file.display()
             );
         }
-        files.insert(base, docs);
+        // Like `kubectl apply`: an object that exists (in any file) is updated in place, a new one is added
+        // under this file's name; nothing is deleted.
+        for doc in docs {
+            let key = topology::object_key(&doc);
+            let existing = files
+                .values_mut()
+                .flat_map(|d| d.iter_mut())
+                .find(|d| topology::object_key(d) == key);
+            match existing {
+                Some(slot) => *slot = doc,
+                None => files.entry(base.clone()).or_default().push(doc),
+            }
+        }
     }
     let nodes: Vec<String> = st.clusters[ci].nodes.iter().map(|n| n.name.clone()).collect();
     let c = Cluster {
