@@ -14,7 +14,8 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use mesh_common::{
-    COUNTER_COUNT, Counter, EndpointKeyV4, IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig, maps, programs,
+    BackendV4, COUNTER_COUNT, Counter, CtEntryV4, CtKeyV4, EndpointKeyV4, IpcacheEntry, LocalEndpoint,
+    LpmKeyV4, NodeConfig, RevNatV4, ServiceEntry, ServiceKeyV4, SlotKey, maps, programs, proto,
 };
 
 /// The compiled eBPF object, built by `build.rs`.
@@ -144,11 +145,153 @@ fn read_counters(map: &PerCpuArray<MapData, u64>) -> Result<Vec<(Counter, u64)>,
         .collect()
 }
 
+/// A map key: how it reads in errors and how dumps are sorted.
+trait TableKey: aya::Pod + Copy {
+    /// Sort order of dumps.
+    type Order: Ord;
+    /// The sort key.
+    fn order(&self) -> Self::Order;
+    /// The key as a user reads it (address, port, protocol).
+    fn describe(&self) -> String;
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        proto::TCP => "tcp".to_owned(),
+        proto::UDP => "udp".to_owned(),
+        other => format!("proto {other}"),
+    }
+}
+
+fn endpoint_string(addr: [u8; 4], port_be: u16) -> String {
+    format!("{}:{}", Ipv4Addr::from(addr), u16::from_be(port_be))
+}
+
+impl TableKey for EndpointKeyV4 {
+    type Order = Self;
+    fn order(&self) -> Self {
+        *self
+    }
+    fn describe(&self) -> String {
+        Ipv4Addr::from(*self).to_string()
+    }
+}
+
+impl TableKey for u32 {
+    type Order = Self;
+    fn order(&self) -> Self {
+        *self
+    }
+    fn describe(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl TableKey for ServiceKeyV4 {
+    type Order = ([u8; 4], u16, u8);
+    fn order(&self) -> Self::Order {
+        (self.vip, u16::from_be(self.port_be), self.proto)
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{}/{}",
+            endpoint_string(self.vip, self.port_be),
+            proto_name(self.proto)
+        )
+    }
+}
+
+impl TableKey for SlotKey {
+    type Order = (u32, u32);
+    fn order(&self) -> Self::Order {
+        (self.service_id, self.slot)
+    }
+    fn describe(&self) -> String {
+        format!("service {} slot {}", self.service_id, self.slot)
+    }
+}
+
+impl TableKey for CtKeyV4 {
+    type Order = (u8, [u8; 4], u16, [u8; 4], u16, u8);
+    fn order(&self) -> Self::Order {
+        (
+            self.dir,
+            self.saddr,
+            u16::from_be(self.sport_be),
+            self.daddr,
+            u16::from_be(self.dport_be),
+            self.proto,
+        )
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{} {} -> {} dir {}",
+            proto_name(self.proto),
+            endpoint_string(self.saddr, self.sport_be),
+            endpoint_string(self.daddr, self.dport_be),
+            self.dir
+        )
+    }
+}
+
+/// A hash map of the datapath with its name: insert, remove (absent is fine) and sorted dumps, with errors that
+/// name the map and the key.
+struct Table<K, V> {
+    name: &'static str,
+    map: HashMap<MapData, K, V>,
+}
+
+impl<K: TableKey, V: aya::Pod> Table<K, V> {
+    fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, DatapathError> {
+        Ok(Self {
+            name,
+            map: take_map(ebpf, name)?,
+        })
+    }
+
+    fn error(&self, op: &'static str, key: String, source: MapError) -> DatapathError {
+        DatapathError::Map {
+            map: self.name,
+            op,
+            key,
+            source: Box::new(source),
+        }
+    }
+
+    fn upsert(&mut self, key: K, value: V) -> Result<(), DatapathError> {
+        self.map
+            .insert(key, value, 0)
+            .map_err(|source| self.error("insert", key.describe(), source))
+    }
+
+    fn remove(&mut self, key: K) -> Result<(), DatapathError> {
+        match self.map.remove(&key) {
+            Err(source) if !is_absent(&source) => Err(self.error("remove", key.describe(), source)),
+            _ => Ok(()),
+        }
+    }
+
+    fn entries(&self) -> Result<Vec<(K, V)>, DatapathError> {
+        let mut all = self
+            .map
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| self.error("read", "entries".to_owned(), source))?;
+        all.sort_by_key(|(k, _)| k.order());
+        Ok(all)
+    }
+}
+
 /// The loaded datapath: programs, their tc links, and the maps.
 pub struct Datapath {
     ebpf: Ebpf,
     ipcache: LpmTrie<MapData, LpmKeyV4, IpcacheEntry>,
-    endpoints: HashMap<MapData, EndpointKeyV4, LocalEndpoint>,
+    endpoints: Table<EndpointKeyV4, LocalEndpoint>,
+    services: Table<ServiceKeyV4, ServiceEntry>,
+    slots: Table<SlotKey, u32>,
+    backends: Table<u32, BackendV4>,
+    rev_nat: Table<u32, RevNatV4>,
+    conntrack: Table<CtKeyV4, CtEntryV4>,
     node_config: Array<MapData, NodeConfig>,
     counters: PerCpuArray<MapData, u64>,
     counters_id: u32,
@@ -219,7 +362,12 @@ impl Datapath {
         }
         Ok(Self {
             ipcache: take_map(&mut ebpf, maps::IPCACHE_V4)?,
-            endpoints: take_map(&mut ebpf, maps::ENDPOINTS_V4)?,
+            endpoints: Table::take(&mut ebpf, maps::ENDPOINTS_V4)?,
+            services: Table::take(&mut ebpf, maps::SERVICES_V4)?,
+            slots: Table::take(&mut ebpf, maps::SERVICE_SLOTS)?,
+            backends: Table::take(&mut ebpf, maps::BACKENDS_V4)?,
+            rev_nat: Table::take(&mut ebpf, maps::REVNAT_V4)?,
+            conntrack: Table::take(&mut ebpf, maps::CT_V4)?,
             node_config: take_map(&mut ebpf, maps::NODE_CONFIG)?,
             counters_id: match ebpf.map(maps::COUNTERS) {
                 Some(aya::maps::Map::PerCpuArray(data)) => data
@@ -384,14 +532,7 @@ impl Datapath {
     ///
     /// When the map update fails (for example because the map is full).
     pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, ep: LocalEndpoint) -> Result<(), DatapathError> {
-        self.endpoints
-            .insert(ip.octets(), ep, 0)
-            .map_err(|source| DatapathError::Map {
-                map: maps::ENDPOINTS_V4,
-                op: "insert",
-                key: ip.to_string(),
-                source: Box::new(source),
-            })
+        self.endpoints.upsert(ip.octets(), ep)
     }
 
     /// Removes a local pod; an absent one is not an error.
@@ -400,15 +541,7 @@ impl Datapath {
     ///
     /// When the kernel refuses the removal for another reason.
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        match self.endpoints.remove(&ip.octets()) {
-            Err(source) if !is_absent(&source) => Err(DatapathError::Map {
-                map: maps::ENDPOINTS_V4,
-                op: "remove",
-                key: ip.to_string(),
-                source: Box::new(source),
-            }),
-            _ => Ok(()),
-        }
+        self.endpoints.remove(ip.octets())
     }
 
     /// All local pods, sorted by address.
@@ -417,19 +550,132 @@ impl Datapath {
     ///
     /// When reading the map fails.
     pub fn endpoints(&self) -> Result<Vec<(Ipv4Addr, LocalEndpoint)>, DatapathError> {
-        let mut all = self
+        Ok(self
             .endpoints
-            .iter()
-            .map(|entry| entry.map(|(k, v)| (Ipv4Addr::from(k), v)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| DatapathError::Map {
-                map: maps::ENDPOINTS_V4,
-                op: "read",
-                key: "entries".to_owned(),
-                source: Box::new(source),
-            })?;
-        all.sort_by_key(|(ip, _)| *ip);
-        Ok(all)
+            .entries()?
+            .into_iter()
+            .map(|(k, v)| (Ipv4Addr::from(k), v))
+            .collect())
+    }
+
+    /// Adds or replaces a service frontend (VIP, port, protocol).
+    ///
+    /// # Errors
+    ///
+    /// When the map update fails (for example because the map is full).
+    pub fn upsert_service(&mut self, key: ServiceKeyV4, e: ServiceEntry) -> Result<(), DatapathError> {
+        self.services.upsert(key, e)
+    }
+
+    /// Removes a service frontend; an absent one is not an error. Established flows keep their backends.
+    ///
+    /// # Errors
+    ///
+    /// When the kernel refuses the removal for another reason.
+    pub fn remove_service(&mut self, key: ServiceKeyV4) -> Result<(), DatapathError> {
+        self.services.remove(key)
+    }
+
+    /// All service frontends, sorted by VIP, port and protocol.
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn services(&self) -> Result<Vec<(ServiceKeyV4, ServiceEntry)>, DatapathError> {
+        self.services.entries()
+    }
+
+    /// Points a backend slot of a service at a backend id.
+    ///
+    /// # Errors
+    ///
+    /// When the map update fails (for example because the map is full).
+    pub fn upsert_slot(&mut self, key: SlotKey, backend_id: u32) -> Result<(), DatapathError> {
+        self.slots.upsert(key, backend_id)
+    }
+
+    /// Removes a backend slot; an absent one is not an error.
+    ///
+    /// # Errors
+    ///
+    /// When the kernel refuses the removal for another reason.
+    pub fn remove_slot(&mut self, key: SlotKey) -> Result<(), DatapathError> {
+        self.slots.remove(key)
+    }
+
+    /// All backend slots, sorted by service id and slot.
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn slots(&self) -> Result<Vec<(SlotKey, u32)>, DatapathError> {
+        self.slots.entries()
+    }
+
+    /// Adds or replaces a backend.
+    ///
+    /// # Errors
+    ///
+    /// When the map update fails (for example because the map is full).
+    pub fn upsert_backend(&mut self, id: u32, b: BackendV4) -> Result<(), DatapathError> {
+        self.backends.upsert(id, b)
+    }
+
+    /// Removes a backend; an absent one is not an error. Its established flows go on (conntrack holds the
+    /// backend's address); new flows only pick it while a slot still names it, and then are dropped.
+    ///
+    /// # Errors
+    ///
+    /// When the kernel refuses the removal for another reason.
+    pub fn remove_backend(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.backends.remove(id)
+    }
+
+    /// All backends, sorted by id.
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn backends(&self) -> Result<Vec<(u32, BackendV4)>, DatapathError> {
+        self.backends.entries()
+    }
+
+    /// Adds or replaces the reverse translation of a frontend.
+    ///
+    /// # Errors
+    ///
+    /// When the map update fails (for example because the map is full).
+    pub fn upsert_revnat(&mut self, id: u32, r: RevNatV4) -> Result<(), DatapathError> {
+        self.rev_nat.upsert(id, r)
+    }
+
+    /// Removes a reverse translation; an absent one is not an error. Replies of the frontend's flows are no
+    /// longer translated afterwards.
+    ///
+    /// # Errors
+    ///
+    /// When the kernel refuses the removal for another reason.
+    pub fn remove_revnat(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.rev_nat.remove(id)
+    }
+
+    /// All reverse translations, sorted by id.
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn revnats(&self) -> Result<Vec<(u32, RevNatV4)>, DatapathError> {
+        self.rev_nat.entries()
+    }
+
+    /// The conntrack entries of load-balanced flows (SERVICE entries first, then REPLY entries, each sorted by
+    /// tuple). The map changes under the dump: a busy node may return a slightly inconsistent snapshot.
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn conntrack(&self) -> Result<Vec<(CtKeyV4, CtEntryV4)>, DatapathError> {
+        self.conntrack.entries()
     }
 
     /// Adds or replaces an ipcache prefix (host bits are cleared first).

@@ -8,6 +8,8 @@
 
 use mesh_common::{Counter, IpcacheEntry, LocalEndpoint, NodeConfig, VNI_MASK, ipcache_flags};
 
+pub mod lb;
+
 /// Length of an Ethernet header without VLAN tags.
 pub const ETH_HLEN: usize = 14;
 /// EtherType of IPv4.
@@ -19,6 +21,22 @@ pub const IPV4_MIN_HLEN: usize = 20;
 pub const PEEK_LEN: usize = ETH_HLEN + IPV4_MIN_HLEN;
 /// TTL of the outer header of encapsulated packets.
 pub const TUNNEL_TTL: u8 = 64;
+/// Fragment offset bits of the IPv4 flags/fragment field.
+pub const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
+/// Offset of the IPv4 header checksum in the frame.
+pub const IPV4_CSUM_OFFSET: usize = ETH_HLEN + 10;
+/// Offset of the IPv4 source address in the frame (the destination follows).
+pub const IPV4_SRC_OFFSET: usize = ETH_HLEN + 12;
+/// Offset of the IPv4 destination address in the frame.
+pub const IPV4_DST_OFFSET: usize = ETH_HLEN + 16;
+/// Length of a TCP header without options.
+pub const TCP_MIN_HLEN: usize = 20;
+/// Length of a UDP header.
+pub const UDP_HLEN: usize = 8;
+/// Bytes of a TCP header the programs copy out: ports, sequence and acknowledgement numbers, offset and flags.
+pub const TCP_PEEK_LEN: usize = 14;
+/// Bytes of a UDP header the programs copy out: the whole header.
+pub const UDP_PEEK_LEN: usize = UDP_HLEN;
 
 /// Why a packet was judged malformed (all count as [`Counter::DropMalformed`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +66,8 @@ pub enum Drop {
     Helper,
     /// The destination is behind a tunnel, but this node has no VXLAN device configured.
     NoTunnel,
+    /// A new flow to a service frontend that has no backend (or whose slot table is inconsistent).
+    NoBackend,
 }
 
 impl Drop {
@@ -60,6 +80,7 @@ impl Drop {
             Drop::NoTunnelKey => Counter::DropNoTunnelKey,
             Drop::Helper => Counter::DropHelper,
             Drop::NoTunnel => Counter::DropNoTunnel,
+            Drop::NoBackend => Counter::DropNoBackend,
         }
     }
 }
@@ -81,6 +102,10 @@ pub struct Ipv4Header {
     pub header_len: u8,
     /// Total length of the IPv4 packet (header and payload).
     pub total_len: u16,
+    /// Transport protocol ([`proto`] number).
+    pub proto: u8,
+    /// The flags and fragment offset field as on the wire (host order after reading).
+    pub frag_off: u16,
 }
 
 impl Ipv4Header {
@@ -88,6 +113,18 @@ impl Ipv4Header {
     #[must_use]
     pub const fn l4_offset(&self) -> usize {
         ETH_HLEN + self.header_len as usize
+    }
+
+    /// Whether this is a fragment other than the first (it carries no transport header).
+    #[must_use]
+    pub const fn is_later_fragment(&self) -> bool {
+        self.frag_off & IPV4_FRAG_OFFSET_MASK != 0
+    }
+
+    /// Length of the IPv4 payload (transport header and data).
+    #[must_use]
+    pub const fn payload_len(&self) -> usize {
+        (self.total_len as usize).saturating_sub(self.header_len as usize)
     }
 }
 
@@ -164,6 +201,8 @@ pub fn parse_frame(peek: &[u8], frame_len: usize) -> Result<Frame, Malformed> {
         dst: addr(peek, ETH_HLEN + 16)?,
         header_len,
         total_len,
+        proto: byte(peek, ETH_HLEN + 9)?,
+        frag_off: be16(peek, ETH_HLEN + 6, Malformed::TruncatedIpv4)?,
     }))
 }
 
@@ -231,9 +270,18 @@ pub trait Maps {
 ///
 /// [`Drop::NoTunnel`] when the destination is behind a tunnel but no VXLAN device is configured.
 pub fn from_pod(frame: Frame, maps: &impl Maps) -> Result<Forward, Drop> {
-    let Frame::Ipv4(ip) = frame else {
-        return Ok(Forward::Pass);
-    };
+    match frame {
+        Frame::Ipv4(ip) => from_pod_ipv4(&ip, maps),
+        Frame::Other { .. } => Ok(Forward::Pass),
+    }
+}
+
+/// [`from_pod`] for an IPv4 packet (after load balancing, `ip.dst` is the translated destination).
+///
+/// # Errors
+///
+/// As [`from_pod`].
+pub fn from_pod_ipv4(ip: &Ipv4Header, maps: &impl Maps) -> Result<Forward, Drop> {
     if let Some(ep) = maps.endpoint(ip.dst) {
         return Ok(Forward::local(&ep));
     }
@@ -261,9 +309,18 @@ pub fn from_pod(frame: Frame, maps: &impl Maps) -> Result<Forward, Drop> {
 ///
 /// [`Drop::NoEndpoint`] when the inner destination is not a pod on this node.
 pub fn from_overlay(frame: Frame, maps: &impl Maps) -> Result<Forward, Drop> {
-    let Frame::Ipv4(ip) = frame else {
-        return Ok(Forward::Pass);
-    };
+    match frame {
+        Frame::Ipv4(ip) => from_overlay_ipv4(&ip, maps),
+        Frame::Other { .. } => Ok(Forward::Pass),
+    }
+}
+
+/// [`from_overlay`] for an IPv4 packet (after reverse translation of replies, `ip.dst` is the client).
+///
+/// # Errors
+///
+/// As [`from_overlay`].
+pub fn from_overlay_ipv4(ip: &Ipv4Header, maps: &impl Maps) -> Result<Forward, Drop> {
     maps.endpoint(ip.dst)
         .map(|ep| Forward::local(&ep))
         .ok_or(Drop::NoEndpoint)

@@ -11,17 +11,26 @@ fn main() {}
 #[cfg(target_arch = "bpf")]
 mod bpf {
     use aya_ebpf::{
-        bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_tunnel_key},
+        bindings::{
+            BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT,
+            TC_ACT_SHOT, bpf_tunnel_key,
+        },
         helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
         macros::{classifier, map},
-        maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+        maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
         programs::TcContext,
     };
     use mesh_common::{
-        COUNTER_COUNT, Counter, ENDPOINTS_MAX_ENTRIES, EndpointKeyV4, IPCACHE_V4_MAX_ENTRIES, IpcacheEntry,
-        LocalEndpoint, LpmKeyV4, NodeConfig,
+        BACKENDS_MAX_ENTRIES, BackendV4, COUNTER_COUNT, CT_MAX_ENTRIES, Counter, CtEntryV4, CtKeyV4,
+        ENDPOINTS_MAX_ENTRIES, EndpointKeyV4, IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4,
+        NodeConfig, REVNAT_MAX_ENTRIES, RevNatV4, SERVICES_MAX_ENTRIES, SLOTS_MAX_ENTRIES, ServiceEntry,
+        ServiceKeyV4, SlotKey,
     };
-    use mesh_ebpf::{Drop, ETH_HLEN, Forward, Frame, Malformed, Maps, PEEK_LEN, TUNNEL_TTL};
+    use mesh_ebpf::{
+        Drop, ETH_HLEN, Forward, Frame, IPV4_CSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, Ipv4Header,
+        Malformed, Maps, PEEK_LEN, TCP_PEEK_LEN, TUNNEL_TTL, UDP_PEEK_LEN,
+        lb::{self, L4, LbMaps, Translation},
+    };
 
     #[map(name = "IPCACHE_V4")]
     static IPCACHE_V4: LpmTrie<LpmKeyV4, IpcacheEntry> = LpmTrie::with_max_entries(IPCACHE_V4_MAX_ENTRIES, 0);
@@ -35,6 +44,27 @@ mod bpf {
 
     #[map(name = "COUNTERS")]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+    // The service maps are written by the agent only: allocated on update rather than preallocated in full.
+    #[map(name = "SERVICES_V4")]
+    static SERVICES_V4: HashMap<ServiceKeyV4, ServiceEntry> =
+        HashMap::with_max_entries(SERVICES_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+    #[map(name = "SERVICE_SLOTS")]
+    static SERVICE_SLOTS: HashMap<SlotKey, u32> =
+        HashMap::with_max_entries(SLOTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+    #[map(name = "BACKENDS_V4")]
+    static BACKENDS_V4: HashMap<u32, BackendV4> =
+        HashMap::with_max_entries(BACKENDS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+    #[map(name = "REVNAT_V4")]
+    static REVNAT_V4: HashMap<u32, RevNatV4> =
+        HashMap::with_max_entries(REVNAT_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+    /// Written by the programs on every new flow; LRU so that it never fills up.
+    #[map(name = "CT_V4")]
+    static CT_V4: LruHashMap<CtKeyV4, CtEntryV4> = LruHashMap::with_max_entries(CT_MAX_ENTRIES, 0);
 
     /// The kernel maps behind the [`Maps`] trait.
     struct KernelMaps;
@@ -55,6 +85,47 @@ mod bpf {
         #[inline(always)]
         fn node_config(&self) -> Option<NodeConfig> {
             NODE_CONFIG.get(0).copied()
+        }
+    }
+
+    // SAFETY (all lookups below): the value is copied out right away; a concurrent update from the agent can at
+    // worst hand us a mix of an entry's old and new version, which only the packets of that moment see.
+    impl LbMaps for KernelMaps {
+        #[inline(always)]
+        fn service(&self, key: &ServiceKeyV4) -> Option<ServiceEntry> {
+            // SAFETY: see the impl.
+            unsafe { SERVICES_V4.get(key).copied() }
+        }
+
+        #[inline(always)]
+        fn slot(&self, key: &SlotKey) -> Option<u32> {
+            // SAFETY: see the impl.
+            unsafe { SERVICE_SLOTS.get(key).copied() }
+        }
+
+        #[inline(always)]
+        fn backend(&self, id: u32) -> Option<BackendV4> {
+            // SAFETY: see the impl.
+            unsafe { BACKENDS_V4.get(id).copied() }
+        }
+
+        #[inline(always)]
+        fn rev_nat(&self, id: u32) -> Option<RevNatV4> {
+            // SAFETY: see the impl.
+            unsafe { REVNAT_V4.get(id).copied() }
+        }
+
+        #[inline(always)]
+        fn ct(&self, key: &CtKeyV4) -> Option<CtEntryV4> {
+            // SAFETY: see the impl; entries of one flow are written with identical values by every CPU.
+            unsafe { CT_V4.get(key).copied() }
+        }
+
+        #[inline(always)]
+        fn ct_update(&self, key: &CtKeyV4, entry: &CtEntryV4) -> Result<(), Drop> {
+            CT_V4
+                .insert(key, entry, u64::from(BPF_ANY))
+                .map_err(|_| Drop::Helper)
         }
     }
 
@@ -121,6 +192,109 @@ mod bpf {
         }
     }
 
+    /// Copies the transport header out of the packet (at the IHL-sized offset) and parses its tuple; `None` for
+    /// packets the load balancer never touches.
+    #[inline(always)]
+    fn read_l4(ctx: &TcContext, ip: &Ipv4Header) -> Option<L4> {
+        let offset = ip.l4_offset();
+        match lb::peek_len(ip)? {
+            TCP_PEEK_LEN => lb::parse_l4(ip, &ctx.load::<[u8; TCP_PEEK_LEN]>(offset).ok()?),
+            UDP_PEEK_LEN => lb::parse_l4(ip, &ctx.load::<[u8; UDP_PEEK_LEN]>(offset).ok()?),
+            _ => None,
+        }
+    }
+
+    /// Load balancing of an IPv4 packet before the forwarding decision: `reply_only` for packets from the overlay
+    /// (replies of remote backends), service frontends too for packets leaving a pod. Returns the header to forward
+    /// by (its destination is the translated one; the source stays the sender's, for its identity).
+    #[inline(always)]
+    fn load_balance(ctx: &TcContext, ip: Ipv4Header, reply_only: bool) -> Result<Ipv4Header, Drop> {
+        let Some(l4) = read_l4(ctx, &ip) else {
+            return Ok(ip);
+        };
+        let translation = if reply_only {
+            lb::reverse(&l4.flow, &KernelMaps)
+        } else {
+            lb::from_pod(&l4, &KernelMaps)?
+        };
+        let Some(t) = translation else {
+            return Ok(ip);
+        };
+        if t.new_flow {
+            count(Counter::LbNewFlow);
+        }
+        rewrite(ctx, &l4, &t)?;
+        count(Counter::LbTranslated);
+        Ok(Ipv4Header {
+            dst: t.flow.daddr,
+            ..ip
+        })
+    }
+
+    /// Writes the translated addresses and ports into the packet, fixing the IPv4 and transport checksums with
+    /// the kernel helpers (which handle CHECKSUM_PARTIAL packets and UDP's "no checksum" zero).
+    #[inline(always)]
+    fn rewrite(ctx: &TcContext, l4: &L4, t: &Translation) -> Result<(), Drop> {
+        let old = &l4.flow;
+        let new = &t.flow;
+        let csum = l4.csum_offset();
+        let l4_flags = if l4.zero_csum_means_none() {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
+        if old.saddr != new.saddr {
+            rewrite_addr(ctx, IPV4_SRC_OFFSET, old.saddr, new.saddr, csum, l4_flags)?;
+        }
+        if old.daddr != new.daddr {
+            rewrite_addr(ctx, IPV4_DST_OFFSET, old.daddr, new.daddr, csum, l4_flags)?;
+        }
+        if old.sport_be != new.sport_be {
+            rewrite_port(ctx, l4.sport_offset(), old.sport_be, new.sport_be, csum, l4_flags)?;
+        }
+        if old.dport_be != new.dport_be {
+            rewrite_port(ctx, l4.dport_offset(), old.dport_be, new.dport_be, csum, l4_flags)?;
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &TcContext,
+        offset: usize,
+        from: [u8; 4],
+        to: [u8; 4],
+        l4_csum: usize,
+        l4_flags: u64,
+    ) -> Result<(), Drop> {
+        // The helpers take the values as they are in memory (network order).
+        let (old, new) = (
+            u64::from(u32::from_ne_bytes(from)),
+            u64::from(u32::from_ne_bytes(to)),
+        );
+        let size = size_of::<u32>() as u64;
+        ctx.l4_csum_replace(l4_csum, old, new, l4_flags | u64::from(BPF_F_PSEUDO_HDR) | size)
+            .map_err(|_| Drop::Helper)?;
+        ctx.l3_csum_replace(IPV4_CSUM_OFFSET, old, new, size)
+            .map_err(|_| Drop::Helper)?;
+        ctx.store(offset, &to, 0).map_err(|_| Drop::Helper)
+    }
+
+    #[inline(always)]
+    fn rewrite_port(
+        ctx: &TcContext,
+        offset: usize,
+        from_be: u16,
+        to_be: u16,
+        l4_csum: usize,
+        l4_flags: u64,
+    ) -> Result<(), Drop> {
+        let size = size_of::<u16>() as u64;
+        ctx.l4_csum_replace(l4_csum, u64::from(from_be), u64::from(to_be), l4_flags | size)
+            .map_err(|_| Drop::Helper)?;
+        ctx.store(offset, &to_be, 0).map_err(|_| Drop::Helper)
+    }
+
     #[inline(always)]
     fn redirected(ret: i64) -> Result<i32, Drop> {
         if ret == i64::from(TC_ACT_REDIRECT) {
@@ -153,7 +327,14 @@ mod bpf {
         reason = "#[classifier] hands the context over by value"
     )]
     pub fn from_pod(ctx: TcContext) -> i32 {
-        let decision = read_frame(&ctx).and_then(|frame| mesh_ebpf::from_pod(frame, &KernelMaps));
+        // Non-IPv4 frames go to the stack (as `mesh_ebpf::from_pod` decides); matching here keeps the IPv4 path
+        // apart, so no half-initialised `Frame` is ever copied between registers (the verifier refuses that).
+        let decision = read_frame(&ctx).and_then(|frame| match frame {
+            Frame::Ipv4(ip) => {
+                load_balance(&ctx, ip, false).and_then(|ip| mesh_ebpf::from_pod_ipv4(&ip, &KernelMaps))
+            }
+            Frame::Other { .. } => Ok(Forward::Pass),
+        });
         finish(&ctx, decision)
     }
 
@@ -175,7 +356,12 @@ mod bpf {
             return TC_ACT_SHOT;
         }
         count(Counter::RecvOverlay);
-        let decision = read_frame(&ctx).and_then(|frame| mesh_ebpf::from_overlay(frame, &KernelMaps));
+        let decision = read_frame(&ctx).and_then(|frame| match frame {
+            Frame::Ipv4(ip) => {
+                load_balance(&ctx, ip, true).and_then(|ip| mesh_ebpf::from_overlay_ipv4(&ip, &KernelMaps))
+            }
+            Frame::Other { .. } => Ok(Forward::Pass),
+        });
         finish(&ctx, decision)
     }
 
