@@ -1,0 +1,604 @@
+//! The real `clustermesh-apiserver` binary against a real etcd (started here on loopback, killed by a guard).
+//!
+//! - Start-up: node records from the manifests are published with a lease, a record left by an earlier run is
+//!   removed, the synced marker, heartbeat and cluster config are written.
+//! - The published records follow the manifests directory (node removed, node added); malformed manifests keep
+//!   the records as they are.
+//! - A restart never withdraws records that are still desired (no deletes, synced marker counts every node).
+//! - SIGKILL: nothing deletes the records, the lease expires them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use mesh_kvstore::{Keys, NodeRecord};
+use support::{Etcd, eventually, log_tail, stays};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Support (the same module is in mesh-agent/tests/remote.rs)
+// ---------------------------------------------------------------------------------------------------------------
+
+mod support {
+    use std::future::Future;
+    use std::net::TcpListener;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use etcd_client::{Client, ConnectOptions};
+
+    pub fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port()
+    }
+
+    pub fn log_tail(path: &Path, lines: usize) -> String {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Polls `check` until it gives `Ok`; panics with its last error after `timeout`.
+    pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, String>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match check().await {
+                Ok(v) => return v,
+                Err(e) => e,
+            };
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not reached within {timeout:?}; last: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Asserts that `check` gives `Ok` on every poll during `period`.
+    pub async fn stays<F, Fut>(what: &str, period: Duration, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), String>>,
+    {
+        let end = Instant::now() + period;
+        while Instant::now() < end {
+            if let Err(e) = check().await {
+                panic!("{what}: no longer true: {e}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn connect(url: &str) -> Result<Client, String> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(2));
+        Client::connect([url], Some(opts))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// A single-member etcd on loopback; its data directory survives `stop`/`start_on` and goes with the guard.
+    pub struct Etcd {
+        child: Option<Child>,
+        pub client_port: u16,
+        peer_port: u16,
+        dir: tempfile::TempDir,
+    }
+
+    impl Etcd {
+        /// Starts a fresh etcd on free ports (once more on new ports if the first start fails).
+        pub async fn start() -> Self {
+            let mut first_error = String::new();
+            for _ in 0..2 {
+                let mut e = Etcd {
+                    child: None,
+                    client_port: free_port(),
+                    peer_port: free_port(),
+                    dir: tempfile::tempdir().expect("tempdir"),
+                };
+                match e.start_on(e.client_port).await {
+                    Ok(()) => return e,
+                    Err(err) => first_error = err,
+                }
+            }
+            panic!("etcd did not start twice; last: {first_error}");
+        }
+
+        pub fn url(&self) -> String {
+            url(self.client_port)
+        }
+
+        fn log(&self) -> std::path::PathBuf {
+            self.dir.path().join("etcd.log")
+        }
+
+        /// Starts the (stopped) etcd on its data directory, serving clients on `client_port`; ready on return.
+        pub async fn start_on(&mut self, client_port: u16) -> Result<(), String> {
+            assert!(self.child.is_none(), "etcd already running");
+            let client = url(client_port);
+            let peer = url(self.peer_port);
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log())
+                .map_err(|e| e.to_string())?;
+            let child = Command::new("etcd")
+                .args(["--name", "t", "--data-dir"])
+                .arg(self.dir.path().join("data"))
+                .args([
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                ])
+                .args(["--initial-cluster", &format!("t={peer}")])
+                .args(["--logger", "zap", "--log-level", "error"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .map_err(|e| format!("spawn etcd: {e}"))?;
+            self.child = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    self.child = None;
+                    return Err(format!(
+                        "etcd exited with {status}; log:\n{}",
+                        log_tail(&self.log(), 20)
+                    ));
+                }
+                let probe = match connect(&client).await {
+                    Ok(mut c) => c.get("probe", None).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                match probe {
+                    Ok(_) => return Ok(()),
+                    Err(e) if Instant::now() > deadline => {
+                        self.stop();
+                        return Err(format!(
+                            "etcd not ready: {e}; log:\n{}",
+                            log_tail(&self.log(), 20)
+                        ));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }
+
+        /// SIGKILL, and reaps the process.
+        pub fn stop(&mut self) {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+
+        pub async fn client(&self) -> Client {
+            connect(&self.url()).await.expect("etcd client")
+        }
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            self.stop();
+            if std::thread::panicking() {
+                eprintln!("--- etcd log ---\n{}", log_tail(&self.log(), 30));
+            }
+        }
+    }
+
+    pub fn url(port: u16) -> String {
+        format!("http://127.0.0.1:{port}")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The apiserver process
+// ---------------------------------------------------------------------------------------------------------------
+
+struct Apiserver {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Apiserver {
+    fn start(manifests: &Path, etcd: &Etcd) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("apiserver.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
+            .args(["--cluster-name", "east", "--cluster-id", "1", "--manifests"])
+            .arg(manifests)
+            .args(["--etcd-endpoints", &etcd.url(), "--lease-ttl", "5s"])
+            .args(["--log", "info"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn clustermesh-apiserver");
+        Self {
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, and reaps the process.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Apiserver {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- clustermesh-apiserver log ---\n{}", log_tail(&self.log, 40));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Manifests and expected records
+// ---------------------------------------------------------------------------------------------------------------
+
+/// (name, pod CIDR, InternalIP)
+type NodeSpec = (&'static str, &'static str, Ipv4Addr);
+
+const N1: NodeSpec = ("east-node-1", "10.1.1.0/24", Ipv4Addr::new(100, 65, 1, 1));
+const N2: NodeSpec = ("east-node-2", "10.1.2.0/24", Ipv4Addr::new(100, 65, 1, 2));
+const N3: NodeSpec = ("east-node-3", "10.1.3.0/24", Ipv4Addr::new(100, 65, 1, 3));
+
+fn nodes_yaml(nodes: &[NodeSpec]) -> String {
+    nodes
+        .iter()
+        .map(|(name, cidr, ip)| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDR: {cidr}}}\n\
+                 status: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Replaces `dir/name` atomically (a hidden temporary file, then rename), as an operator's tooling would.
+fn write_atomic(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).expect("write manifest");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename manifest");
+}
+
+fn record(spec: NodeSpec) -> NodeRecord {
+    NodeRecord {
+        name: spec.0.into(),
+        cluster: "east".into(),
+        cluster_id: 1,
+        underlay_ipv4: spec.2,
+        pod_cidrs: vec![spec.1.parse().expect("cidr")],
+    }
+}
+
+fn expected(specs: &[NodeSpec]) -> BTreeMap<String, NodeRecord> {
+    specs.iter().map(|s| (s.0.to_owned(), record(*s))).collect()
+}
+
+/// The published node records of east (each must decode), with their lease ids.
+async fn published(client: &mut Client) -> Result<BTreeMap<String, (NodeRecord, i64)>, String> {
+    let keys = Keys::default();
+    let prefix = keys.nodes_prefix("east");
+    let resp = client
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = BTreeMap::new();
+    for kv in resp.kvs() {
+        let key = kv.key_str().map_err(|e| e.to_string())?;
+        let name = key.strip_prefix(&prefix).ok_or("key outside the prefix")?;
+        let rec = mesh_kvstore::decode_node(key, "east", name, kv.value())
+            .map_err(|e| format!("published record does not decode: {e}"))?;
+        out.insert(name.to_owned(), (rec, kv.lease()));
+    }
+    Ok(out)
+}
+
+/// `Ok` when exactly `want` is published, every record with a lease.
+async fn published_exactly(client: &mut Client, want: &[NodeSpec]) -> Result<(), String> {
+    let got = published(client).await?;
+    let records: BTreeMap<String, NodeRecord> =
+        got.iter().map(|(k, (r, _))| (k.clone(), r.clone())).collect();
+    if records != expected(want) {
+        return Err(format!("published {records:?}"));
+    }
+    if let Some((name, _)) = got.iter().find(|(_, (_, lease))| *lease == 0) {
+        return Err(format!("record of {name} has no lease"));
+    }
+    Ok(())
+}
+
+/// The value and lease of `key`, if present.
+async fn get(client: &mut Client, key: &str) -> Result<Option<(Vec<u8>, i64)>, String> {
+    let resp = client.get(key, None).await.map_err(|e| e.to_string())?;
+    Ok(resp.kvs().first().map(|kv| (kv.value().to_vec(), kv.lease())))
+}
+
+fn seed_record(spec: NodeSpec) -> (String, String) {
+    (
+        Keys::default().node("east", spec.0),
+        mesh_kvstore::encode(&record(spec)),
+    )
+}
+
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_nodes_follows_the_manifests_and_keeps_them_on_bad_input() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let keys = Keys::default();
+    let ghost = keys.node("east", "ghost");
+    let ghost_rec = NodeRecord {
+        name: "ghost".into(),
+        cluster: "east".into(),
+        cluster_id: 1,
+        underlay_ipv4: Ipv4Addr::new(100, 65, 1, 99),
+        pod_cidrs: vec!["10.1.99.0/24".parse().expect("cidr")],
+    };
+    c.put(ghost.as_str(), mesh_kvstore::encode(&ghost_rec), None)
+        .await
+        .expect("seed stale record");
+
+    let manifests = tempfile::tempdir().expect("tempdir");
+    let dir = manifests.path();
+    write_atomic(dir, "nodes.yaml", &nodes_yaml(&[N1, N2]));
+    let api = Apiserver::start(dir, &etcd);
+
+    eventually("both nodes published with a lease", TIMEOUT, || {
+        let mut c = c.clone();
+        async move { published_exactly(&mut c, &[N1, N2]).await }
+    })
+    .await;
+    assert_eq!(
+        get(&mut c, &ghost).await.expect("get"),
+        None,
+        "stale record removed"
+    );
+    let (marker, marker_lease) = get(&mut c, &keys.synced("east", "nodes"))
+        .await
+        .expect("get")
+        .expect("synced marker written after the first sync");
+    let marker = mesh_kvstore::decode_synced("synced", &marker).expect("synced marker decodes");
+    assert_eq!(marker.count, 2, "synced marker counts the nodes");
+    assert_ne!(marker_lease, 0, "synced marker has a lease");
+    let (config, config_lease) = get(&mut c, &keys.cluster_config("east"))
+        .await
+        .expect("get")
+        .expect("cluster config written");
+    let config = mesh_kvstore::decode_cluster_config("config", "east", &config).expect("config decodes");
+    assert_eq!((config.name.as_str(), config.id), ("east", 1));
+    assert_eq!(config_lease, 0, "the cluster config outlives the daemon");
+    eventually("heartbeat with a lease", TIMEOUT, || {
+        let mut c = c.clone();
+        let key = keys.heartbeat("east");
+        async move {
+            match get(&mut c, &key).await? {
+                Some((_, lease)) if lease != 0 => Ok(()),
+                other => Err(format!("heartbeat {other:?}")),
+            }
+        }
+    })
+    .await;
+
+    write_atomic(dir, "nodes.yaml", &nodes_yaml(&[N1]));
+    eventually("removed node withdrawn", TIMEOUT, || {
+        let mut c = c.clone();
+        async move { published_exactly(&mut c, &[N1]).await }
+    })
+    .await;
+
+    write_atomic(dir, "nodes.yaml", &nodes_yaml(&[N1, N3]));
+    eventually("added node published", TIMEOUT, || {
+        let mut c = c.clone();
+        async move { published_exactly(&mut c, &[N1, N3]).await }
+    })
+    .await;
+
+    // A new broken file, then the file holding the nodes broken: both refused, the records stay.
+    for (file, text) in [
+        (
+            "broken.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: x}\nspec: {bogus: 1}\n",
+        ),
+        ("nodes.yaml", "apiVersion: v1\nkind: Node\nmetadata: {name: [\n"),
+    ] {
+        write_atomic(dir, file, text);
+        eventually(&format!("{file} refused"), TIMEOUT, || {
+            let refused = api
+                .log()
+                .lines()
+                .any(|l| l.contains("manifest refused") && l.contains(file));
+            async move {
+                if refused {
+                    Ok(())
+                } else {
+                    Err("not yet".to_owned())
+                }
+            }
+        })
+        .await;
+        stays(
+            &format!("records kept despite the broken {file}"),
+            Duration::from_secs(1),
+            || {
+                let mut c = c.clone();
+                async move { published_exactly(&mut c, &[N1, N3]).await }
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_does_not_withdraw_records_that_are_still_desired() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let keys = Keys::default();
+    // What the previous run left: the same two nodes, and one that is gone since.
+    let ghost = keys.node("east", "ghost");
+    for (k, v) in [seed_record(N1), seed_record(N2)] {
+        c.put(k, v, None).await.expect("seed");
+    }
+    let ghost_val = mesh_kvstore::encode(&NodeRecord {
+        name: "ghost".into(),
+        ..record(N3)
+    });
+    let rev = c
+        .put(ghost.as_str(), ghost_val, None)
+        .await
+        .expect("seed")
+        .header()
+        .map(etcd_client::ResponseHeader::revision)
+        .expect("revision");
+
+    // Enough other objects that reading the directory takes a moment.
+    let manifests = tempfile::tempdir().expect("tempdir");
+    let dir = manifests.path();
+    let filler: Vec<String> = (0..3000)
+        .map(|i| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{i}}}\n"))
+        .collect();
+    write_atomic(dir, "filler.yaml", &filler.join("---\n"));
+    write_atomic(dir, "nodes.yaml", &nodes_yaml(&[N1, N2]));
+
+    let mut watch = c
+        .watch(
+            keys.root(),
+            Some(WatchOptions::new().with_prefix().with_start_revision(rev + 1)),
+        )
+        .await
+        .expect("watch");
+    let _api = Apiserver::start(dir, &etcd);
+
+    let synced_key = keys.synced("east", "nodes");
+    let mut deleted = BTreeSet::new();
+    let deadline = Instant::now() + TIMEOUT;
+    let marker = 'events: loop {
+        let msg = tokio::time::timeout_at(deadline.into(), watch.message())
+            .await
+            .expect("synced marker written within the deadline")
+            .expect("watch")
+            .expect("watch stream open");
+        for ev in msg.events() {
+            let kv = ev.kv().expect("event kv");
+            let key = kv.key_str().expect("utf-8 key").to_owned();
+            match ev.event_type() {
+                EventType::Delete => {
+                    deleted.insert(key);
+                }
+                EventType::Put if key == synced_key => {
+                    break 'events mesh_kvstore::decode_synced(&key, kv.value()).expect("marker decodes");
+                }
+                EventType::Put => {}
+            }
+        }
+    };
+    assert_eq!(
+        deleted,
+        BTreeSet::from([ghost]),
+        "only the stale record is deleted"
+    );
+    assert_eq!(marker.count, 2, "the synced marker counts every desired node");
+    published_exactly(&mut c, &[N1, N2])
+        .await
+        .expect("both nodes published with a lease");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn records_expire_with_the_lease_when_the_apiserver_is_killed() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let keys = Keys::default();
+    let manifests = tempfile::tempdir().expect("tempdir");
+    write_atomic(manifests.path(), "nodes.yaml", &nodes_yaml(&[N1, N2]));
+    let mut api = Apiserver::start(manifests.path(), &etcd);
+    eventually("both nodes published", TIMEOUT, || {
+        let mut c = c.clone();
+        async move { published_exactly(&mut c, &[N1, N2]).await }
+    })
+    .await;
+    let leased = [keys.synced("east", "nodes"), keys.heartbeat("east")];
+    eventually("synced marker and heartbeat written", TIMEOUT, || {
+        let mut c = c.clone();
+        let leased = leased.clone();
+        async move {
+            for k in &leased {
+                get(&mut c, k).await?.ok_or(format!("{k} missing"))?;
+            }
+            Ok(())
+        }
+    })
+    .await;
+
+    api.kill();
+    let killed = Instant::now();
+    published_exactly(&mut c, &[N1, N2])
+        .await
+        .expect("SIGKILL deletes nothing; the records live until the lease expires");
+    eventually("leased records expired", TIMEOUT, || {
+        let mut c = c.clone();
+        let leased = leased.clone();
+        async move {
+            let nodes = published(&mut c).await?;
+            if !nodes.is_empty() {
+                return Err(format!("{} node records left", nodes.len()));
+            }
+            for k in &leased {
+                if get(&mut c, k).await?.is_some() {
+                    return Err(format!("{k} still there"));
+                }
+            }
+            Ok(())
+        }
+    })
+    .await;
+    let after = killed.elapsed();
+    assert!(
+        after >= Duration::from_secs(2),
+        "records vanished after {after:?}, sooner than a 5s lease refreshed every 5s/3 allows"
+    );
+    assert!(
+        get(&mut c, &keys.cluster_config("east"))
+            .await
+            .expect("get")
+            .is_some(),
+        "the cluster config has no lease and stays"
+    );
+}

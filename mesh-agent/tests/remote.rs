@@ -1,0 +1,478 @@
+//! The remote-cluster watchers (`mesh_agent::remote::manage`) against a real etcd (started here on loopback, killed
+//! by a guard) playing the remote cluster `west`.
+//!
+//! - Before the synced marker the remote is `Syncing` and listed data only adds; malformed values are skipped and
+//!   counted by reason (bad JSON, key/value mismatch, unknown schema version).
+//! - The marker makes it `Synced`; node puts and deletes follow; a remote claiming this cluster's id is unusable
+//!   until it stops doing so.
+//! - etcd killed: `Disconnected`, nodes kept; changes made while disconnected are picked up by the resync after
+//!   reconnecting (a node deleted meanwhile disappears, one added appears).
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use mesh_agent::desired::Me;
+use mesh_agent::remote::{RemoteCluster, Remotes, SyncState, manage};
+use mesh_kvstore::{ClusterConfig, Keys, NodeRecord, Synced, encode};
+use support::{Etcd, eventually, free_port};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Support (as in clustermesh-apiserver/tests/publish.rs, without `stays`)
+// ---------------------------------------------------------------------------------------------------------------
+
+mod support {
+    use std::future::Future;
+    use std::net::TcpListener;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use etcd_client::{Client, ConnectOptions};
+
+    pub fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port()
+    }
+
+    pub fn log_tail(path: &Path, lines: usize) -> String {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Polls `check` until it gives `Ok`; panics with its last error after `timeout`.
+    pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, String>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match check().await {
+                Ok(v) => return v,
+                Err(e) => e,
+            };
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not reached within {timeout:?}; last: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn connect(url: &str) -> Result<Client, String> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(2));
+        Client::connect([url], Some(opts))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// A single-member etcd on loopback; its data directory survives `stop`/`start_on` and goes with the guard.
+    pub struct Etcd {
+        child: Option<Child>,
+        pub client_port: u16,
+        peer_port: u16,
+        dir: tempfile::TempDir,
+    }
+
+    impl Etcd {
+        /// Starts a fresh etcd on free ports (once more on new ports if the first start fails).
+        pub async fn start() -> Self {
+            let mut first_error = String::new();
+            for _ in 0..2 {
+                let mut e = Etcd {
+                    child: None,
+                    client_port: free_port(),
+                    peer_port: free_port(),
+                    dir: tempfile::tempdir().expect("tempdir"),
+                };
+                match e.start_on(e.client_port).await {
+                    Ok(()) => return e,
+                    Err(err) => first_error = err,
+                }
+            }
+            panic!("etcd did not start twice; last: {first_error}");
+        }
+
+        pub fn url(&self) -> String {
+            url(self.client_port)
+        }
+
+        fn log(&self) -> std::path::PathBuf {
+            self.dir.path().join("etcd.log")
+        }
+
+        /// Starts the (stopped) etcd on its data directory, serving clients on `client_port`; ready on return.
+        pub async fn start_on(&mut self, client_port: u16) -> Result<(), String> {
+            assert!(self.child.is_none(), "etcd already running");
+            let client = url(client_port);
+            let peer = url(self.peer_port);
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log())
+                .map_err(|e| e.to_string())?;
+            let child = Command::new("etcd")
+                .args(["--name", "t", "--data-dir"])
+                .arg(self.dir.path().join("data"))
+                .args([
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                ])
+                .args(["--initial-cluster", &format!("t={peer}")])
+                .args(["--logger", "zap", "--log-level", "error"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .map_err(|e| format!("spawn etcd: {e}"))?;
+            self.child = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    self.child = None;
+                    return Err(format!(
+                        "etcd exited with {status}; log:\n{}",
+                        log_tail(&self.log(), 20)
+                    ));
+                }
+                let probe = match connect(&client).await {
+                    Ok(mut c) => c.get("probe", None).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                match probe {
+                    Ok(_) => return Ok(()),
+                    Err(e) if Instant::now() > deadline => {
+                        self.stop();
+                        return Err(format!(
+                            "etcd not ready: {e}; log:\n{}",
+                            log_tail(&self.log(), 20)
+                        ));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }
+
+        /// SIGKILL, and reaps the process.
+        pub fn stop(&mut self) {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+
+        pub async fn client(&self) -> Client {
+            connect(&self.url()).await.expect("etcd client")
+        }
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            self.stop();
+            if std::thread::panicking() {
+                eprintln!("--- etcd log ---\n{}", log_tail(&self.log(), 30));
+            }
+        }
+    }
+
+    pub fn url(port: u16) -> String {
+        format!("http://127.0.0.1:{port}")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The agent side
+// ---------------------------------------------------------------------------------------------------------------
+
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `manage` for cluster east (id 1) with `west` pointing at `etcd`; the task is aborted on drop.
+struct Agent {
+    remotes: Remotes,
+    _wake: std::sync::mpsc::Receiver<()>,
+    task: tokio::task::JoinHandle<()>,
+    _config: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(etcd: &Etcd) -> Self {
+        let config = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            config.path().join("west"),
+            format!("endpoints:\n  - {}\n", etcd.url()),
+        )
+        .expect("write clustermesh config");
+        let (wake, wake_rx) = std::sync::mpsc::channel();
+        let remotes = Remotes::new(wake);
+        let me = Me {
+            node: "east-node-1".into(),
+            cluster: "east".into(),
+            cluster_id: 1,
+        };
+        let task = tokio::spawn(manage(
+            config.path().to_owned(),
+            me,
+            Keys::default(),
+            remotes.clone(),
+        ));
+        Self {
+            remotes,
+            _wake: wake_rx,
+            task,
+            _config: config,
+        }
+    }
+
+    /// Waits until west satisfies `check`, and returns it.
+    async fn wait(&self, what: &str, check: impl Fn(&RemoteCluster) -> Result<(), String>) -> RemoteCluster {
+        eventually(what, TIMEOUT, || {
+            let west = self.remotes.snapshot().remove("west");
+            let r = match west {
+                Some(w) => match check(&w) {
+                    Ok(()) => Ok(w),
+                    Err(e) => Err(format!("{e}; west: {w:?}")),
+                },
+                None => Err("west not known".to_owned()),
+            };
+            async move { r }
+        })
+        .await
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn node(i: u8) -> NodeRecord {
+    NodeRecord {
+        name: format!("west-node-{i}"),
+        cluster: "west".into(),
+        cluster_id: 2,
+        underlay_ipv4: Ipv4Addr::new(100, 65, 2, i),
+        pod_cidrs: vec![format!("10.2.{i}.0/24").parse().expect("cidr")],
+    }
+}
+
+fn config(id: u16) -> String {
+    encode(&ClusterConfig {
+        name: "west".into(),
+        id,
+        capabilities: vec!["nodes/v1".into()],
+    })
+}
+
+fn synced_marker() -> String {
+    encode(&Synced { time_ms: 0, count: 1 })
+}
+
+fn node_names(w: &RemoteCluster) -> BTreeSet<&str> {
+    w.nodes.keys().map(String::as_str).collect()
+}
+
+/// `Ok` when west holds exactly these nodes, with the records as published.
+fn has_nodes(w: &RemoteCluster, want: &[u8]) -> Result<(), String> {
+    let want: std::collections::BTreeMap<String, NodeRecord> = want
+        .iter()
+        .map(|i| (format!("west-node-{i}"), node(*i)))
+        .collect();
+    if w.nodes == want {
+        Ok(())
+    } else {
+        Err(format!("nodes are {:?}", node_names(w)))
+    }
+}
+
+fn is_synced(w: &RemoteCluster) -> Result<(), String> {
+    match w.state {
+        SyncState::Synced { .. } if w.usable => Ok(()),
+        _ => Err("not synced and usable".into()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn follows_a_remote_cluster_and_skips_malformed_values() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let keys = Keys::default();
+    let mut bad_cluster = node(7);
+    bad_cluster.name = "bad2".into();
+    bad_cluster.cluster = "east".into();
+    for (k, v) in [
+        (keys.node("west", "west-node-1"), encode(&node(1))),
+        (keys.cluster_config("west"), config(2)),
+        (keys.node("west", "bad1"), "{not json".to_owned()),
+        (keys.node("west", "bad2"), encode(&bad_cluster)),
+        ("fleetmesh/state/nodes/v9/west/x".to_owned(), encode(&node(9))),
+    ] {
+        c.put(k, v, None).await.expect("seed");
+    }
+    let agent = Agent::start(&etcd);
+
+    let west = agent
+        .wait("partial data before the synced marker", |w| {
+            if !matches!(w.state, SyncState::Syncing { .. }) {
+                return Err("not syncing".into());
+            }
+            has_nodes(w, &[1])?;
+            for reason in ["bad_json", "key_mismatch", "unknown_version"] {
+                if w.decode_errors.get(reason) != Some(&1) {
+                    return Err(format!("{reason} not counted once"));
+                }
+            }
+            Ok(())
+        })
+        .await;
+    assert_eq!(west.config.as_ref().map(|c| c.id), Some(2), "{west:?}");
+    assert!(west.usable);
+    assert_eq!(west.syncs, 0, "{west:?}");
+
+    c.put(keys.synced("west", "nodes"), synced_marker(), None)
+        .await
+        .expect("put marker");
+    let west = agent
+        .wait("synced after the marker", |w| {
+            is_synced(w)?;
+            has_nodes(w, &[1])
+        })
+        .await;
+    assert_eq!(west.syncs, 1);
+
+    c.put(keys.node("west", "west-node-2"), encode(&node(2)), None)
+        .await
+        .expect("put");
+    agent.wait("added node seen", |w| has_nodes(w, &[1, 2])).await;
+    c.delete(keys.node("west", "west-node-2"), None)
+        .await
+        .expect("delete");
+    agent.wait("deleted node gone", |w| has_nodes(w, &[1])).await;
+
+    // A malformed update is counted and does not remove anything.
+    c.put(keys.node("west", "west-node-1"), "[]", None)
+        .await
+        .expect("put");
+    agent
+        .wait("malformed update counted", |w| {
+            if w.decode_errors.get("bad_json") == Some(&2) {
+                Ok(())
+            } else {
+                Err("second bad_json not counted".into())
+            }
+        })
+        .await;
+    let west = agent.remotes.snapshot().remove("west").expect("west");
+    is_synced(&west).expect("still synced");
+    has_nodes(&west, &[1]).expect("node kept");
+    c.put(keys.node("west", "west-node-1"), encode(&node(1)), None)
+        .await
+        .expect("put");
+
+    c.put(keys.cluster_config("west"), config(1), None)
+        .await
+        .expect("put");
+    agent
+        .wait("a remote with this cluster's id is unusable", |w| {
+            match &w.state {
+                SyncState::Disconnected { reason, .. } if !w.usable && reason.contains("cluster id 1") => {
+                    Ok(())
+                }
+                _ => Err("still usable".into()),
+            }
+        })
+        .await;
+    c.put(keys.cluster_config("west"), config(2), None)
+        .await
+        .expect("put");
+    agent
+        .wait("usable again with its own id", |w| {
+            is_synced(w)?;
+            has_nodes(w, &[1])
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disconnect_keeps_nodes_and_reconnect_resyncs() {
+    let mut etcd = Etcd::start().await;
+    let keys = Keys::default();
+    {
+        let mut c = etcd.client().await;
+        for (k, v) in [
+            (keys.node("west", "west-node-1"), encode(&node(1))),
+            (keys.node("west", "west-node-2"), encode(&node(2))),
+            (keys.cluster_config("west"), config(2)),
+            (keys.synced("west", "nodes"), synced_marker()),
+        ] {
+            c.put(k, v, None).await.expect("seed");
+        }
+    }
+    let agent = Agent::start(&etcd);
+    let west = agent
+        .wait("synced", |w| {
+            is_synced(w)?;
+            has_nodes(w, &[1, 2])
+        })
+        .await;
+    assert_eq!(west.syncs, 1);
+
+    etcd.stop();
+    agent
+        .wait("disconnected, nodes kept", |w| {
+            has_nodes(w, &[1, 2]).map_err(|e| format!("nodes not kept: {e}"))?;
+            match &w.state {
+                SyncState::Disconnected { reason, .. } if !reason.is_empty() => Ok(()),
+                _ => Err("not disconnected".into()),
+            }
+        })
+        .await;
+
+    // Meanwhile west changes: the same data served on a port the agent does not know.
+    let side_port = free_port();
+    etcd.start_on(side_port).await.expect("etcd on the side port");
+    {
+        let mut c = support::connect(&support::url(side_port)).await.expect("client");
+        c.delete(keys.node("west", "west-node-2"), None)
+            .await
+            .expect("delete");
+        c.put(keys.node("west", "west-node-3"), encode(&node(3)), None)
+            .await
+            .expect("put");
+    }
+    etcd.stop();
+    let west = agent.remotes.snapshot().remove("west").expect("west");
+    has_nodes(&west, &[1, 2]).expect("nodes kept while disconnected");
+    assert!(
+        is_synced(&west).is_err(),
+        "not synced while etcd is away: {west:?}"
+    );
+
+    let port = etcd.client_port;
+    etcd.start_on(port).await.expect("etcd back on its port");
+    let west = agent
+        .wait("resynced after reconnecting", |w| {
+            is_synced(w)?;
+            has_nodes(w, &[1, 3])
+        })
+        .await;
+    assert_eq!(west.syncs, 2, "{west:?}");
+}
