@@ -3,32 +3,24 @@
 //! - `BPF_PROG_TEST_RUN` on crafted frames for both programs: verdict, output bytes and counters.
 //! - Real traffic through network namespaces created here (unique names with the pid, removed by a guard on
 //!   drop, also when a test fails): same node via `bpf_redirect_peer`, and two nodes over a VXLAN overlay.
+//!
+//! Service load balancing has its own file (`tests/lb.rs`); both share `tests/common`.
+mod common;
+
 use std::{
-    fs::File,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
-    process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use common::{
+    FROM_OVERLAY, FROM_POD, HOST_MAC, Lab, Nodes, POD_A, POD_B, REMOTE_NODE, REMOTE_POD, TC_ACT_OK,
+    TC_ACT_REDIRECT, TC_ACT_SHOT, endpoint, eventually, in_netns, ip, loaded, node_datapath, nonzero, ping,
+    program_ipcache,
+};
 use ipnet::Ipv4Net;
-use mesh_agent::{
-    datapath::{Datapath, DatapathError},
-    netdev,
-};
-use mesh_common::{
-    Counter, FAMILY_IPV4, IpcacheEntry, LocalEndpoint, NodeConfig, ipcache_flags, pod_mac_for_ipv4,
-};
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const FROM_POD: &str = mesh_common::programs::FROM_POD;
-const FROM_OVERLAY: &str = mesh_common::programs::FROM_OVERLAY;
-
-const HOST_MAC: [u8; 6] = [0xee, 0xee, 0xee, 0, 0, 6];
+use mesh_agent::datapath::{Datapath, DatapathError};
+use mesh_common::{Counter, FAMILY_IPV4, IpcacheEntry, LocalEndpoint, NodeConfig, pod_mac_for_ipv4};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Crafted frames
@@ -64,57 +56,6 @@ fn arp_request() -> Vec<u8> {
     f[6..12].copy_from_slice(&pod_mac_for_ipv4([10, 1, 0, 2]));
     f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     f
-}
-
-const POD_A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
-const POD_B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3);
-const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 7);
-const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
-
-fn endpoint(ip: Ipv4Addr, ifindex: u32, identity: u32) -> LocalEndpoint {
-    LocalEndpoint {
-        ifindex,
-        identity,
-        pod_mac: pod_mac_for_ipv4(ip.octets()),
-        host_mac: HOST_MAC,
-    }
-}
-
-/// A datapath with pods A and B local, 10.1.0.0/24 local, 10.2.0.0/16 behind `REMOTE_NODE`; nothing attached.
-fn loaded() -> Datapath {
-    let mut dp = Datapath::load().expect("load datapath");
-    dp.upsert_endpoint(POD_A, endpoint(POD_A, 1, 0x0100_0042))
-        .unwrap();
-    dp.upsert_endpoint(POD_B, endpoint(POD_B, 1, 7)).unwrap();
-    dp.upsert_ipcache(
-        "10.1.0.0/24".parse().unwrap(),
-        IpcacheEntry {
-            flags: ipcache_flags::LOCAL_NODE,
-            family: FAMILY_IPV4,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    dp.upsert_ipcache(
-        "10.2.0.0/16".parse().unwrap(),
-        IpcacheEntry {
-            tunnel_endpoint: u32::from(REMOTE_NODE),
-            cluster_id: 2,
-            family: FAMILY_IPV4,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    dp
-}
-
-/// Counters that are not zero, for compact assertions.
-fn nonzero(dp: &Datapath) -> Vec<(Counter, u64)> {
-    dp.counters()
-        .unwrap()
-        .into_iter()
-        .filter(|(_, n)| *n != 0)
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -353,149 +294,6 @@ fn attaching_to_a_missing_interface_names_it() {
 // Network namespace lab
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Runs `ip` with `args`; panics with its stderr when it fails.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs `f` on a fresh thread that has entered network namespace `ns` (the calling thread is not affected).
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: setns on a valid namespace fd; it only changes this (fresh, scoped) thread's namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("netns thread panicked")
-    })
-}
-
-/// Network namespaces created by one test; all are deleted on drop (their interfaces go with them).
-struct Lab {
-    prefix: String,
-    namespaces: Vec<String>,
-}
-
-impl Lab {
-    fn new(test: &str) -> Self {
-        Self {
-            prefix: format!("fmt{}-{test}", std::process::id()),
-            namespaces: Vec::new(),
-        }
-    }
-
-    /// Creates namespace `<prefix>-<name>` with `lo` up and returns its name.
-    fn netns(&mut self, name: &str) -> String {
-        let ns = format!("{}-{name}", self.prefix);
-        ip(&["netns", "add", &ns]);
-        self.namespaces.push(ns.clone());
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Creates pod namespace `name` with `eth0` (/32 `addr`, pod MAC, MTU 1450) whose peer `host_if` lives in
-    /// `node`, wired like the agent's CNI does it. Returns the endpoint to program, as seen from `node`.
-    fn pod(&mut self, node: &str, name: &str, host_if: &str, addr: Ipv4Addr) -> (String, LocalEndpoint) {
-        let pod = self.netns(name);
-        ip(&[
-            "-n", node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", &pod,
-        ]);
-        let pod_mac = pod_mac_for_ipv4(addr.octets());
-        let mac_str = mac_string(pod_mac);
-        let mtu = mesh_common::POD_MTU.to_string();
-        ip(&[
-            "-n", &pod, "link", "set", "eth0", "address", &mac_str, "mtu", &mtu, "up",
-        ]);
-        ip(&["-n", &pod, "addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
-        ip(&["-n", node, "link", "set", host_if, "up"]);
-        ip(&[
-            "-n",
-            &pod,
-            "route",
-            "add",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ]);
-        ip(&["-n", &pod, "route", "add", "default", "via", "169.254.1.1"]);
-        let (ifindex, host_mac) = in_netns(node, || {
-            (
-                netdev::ifindex(host_if).expect("host veth ifindex"),
-                netdev::mac(host_if).expect("host veth MAC"),
-            )
-        });
-        let gw_mac = mac_string(host_mac);
-        ip(&[
-            "-n",
-            &pod,
-            "neigh",
-            "add",
-            "169.254.1.1",
-            "lladdr",
-            &gw_mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ]);
-        (
-            pod,
-            LocalEndpoint {
-                ifindex,
-                identity: 0,
-                pod_mac,
-                host_mac,
-            },
-        )
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in self.namespaces.iter().rev() {
-            let out = Command::new("ip").args(["netns", "del", ns]).output();
-            if !matches!(&out, Ok(o) if o.status.success()) {
-                eprintln!("warning: could not delete netns {ns}: {out:?}");
-            }
-        }
-    }
-}
-
-fn mac_string(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn ping(from_ns: &str, to: Ipv4Addr) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", from_ns, "ping", "-c1", "-W2", &to.to_string()])
-        .output()
-        .map_err(|e| format!("run ping: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ping {to} from {from_ns}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 /// Opens a TCP connection from namespace `client_ns` to a listener in `server_ns` and echoes a message through it.
 fn tcp_round_trip(client_ns: &str, server_ns: &str, server: Ipv4Addr) {
     let listener = in_netns(server_ns, || {
@@ -522,18 +320,6 @@ fn tcp_round_trip(client_ns: &str, server_ns: &str, server: Ipv4Addr) {
     let mut back = vec![0u8; message.len()];
     client.read_exact(&mut back).expect("client reads the echo");
     assert_eq!(back, message);
-}
-
-/// Polls `f` until it succeeds or `timeout` passes; returns the last error.
-fn eventually(timeout: Duration, mut f: impl FnMut() -> Result<(), String>) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f() {
-            Ok(()) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => {}
-        }
-    }
 }
 
 #[test]
@@ -616,43 +402,13 @@ fn attach_is_idempotent_and_programs_detach_on_drop() {
 #[test]
 fn pods_on_two_nodes_reach_each_other_over_vxlan() {
     let mut lab = Lab::new("ovl");
-    let n1 = lab.netns("n1");
-    let n2 = lab.netns("n2");
-    let (u1, u2) = (Ipv4Addr::new(192, 168, 251, 1), Ipv4Addr::new(192, 168, 251, 2));
-    ip(&[
-        "-n", &n1, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns", &n2,
-    ]);
-    for (ns, addr) in [(&n1, u1), (&n2, u2)] {
-        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "ul0"]);
-        ip(&["-n", ns, "link", "set", "ul0", "up"]);
-        ip(&[
-            "-n", ns, "link", "add", "fm_vxlan", "type", "vxlan", "external", "dstport", "4789",
-        ]);
-        ip(&["-n", ns, "link", "set", "fm_vxlan", "up"]);
-    }
+    let Nodes { n1, n2, u1, u2 } = lab.two_nodes();
     let (a_ip, b_ip) = (Ipv4Addr::new(10, 202, 1, 2), Ipv4Addr::new(10, 202, 2, 2));
     let (pod_a, ep_a) = lab.pod(&n1, "a", "fmh-a", a_ip);
     let (pod_b, ep_b) = lab.pod(&n2, "b", "fmh-b", b_ip);
 
-    let node = |ns: &str, underlay: Ipv4Addr, host_if: &str| {
-        in_netns(ns, || {
-            let mut dp = Datapath::load().expect("load");
-            let vxlan_ifindex = netdev::ifindex("fm_vxlan").expect("fm_vxlan ifindex");
-            dp.set_node_config(NodeConfig {
-                vxlan_ifindex,
-                node_ipv4: u32::from(underlay),
-                ..Default::default()
-            })
-            .unwrap();
-            dp.attach_overlay("fm_vxlan").expect("attach overlay");
-            dp.attach_overlay("fm_vxlan")
-                .expect("attach overlay again is a no-op");
-            dp.attach_endpoint(host_if).expect("attach pod veth");
-            dp
-        })
-    };
-    let mut dp1 = node(&n1, u1, "fmh-a");
-    let mut dp2 = node(&n2, u2, "fmh-b");
+    let mut dp1 = node_datapath(&n1, u1, &["fmh-a"]);
+    let mut dp2 = node_datapath(&n2, u2, &["fmh-b"]);
     assert_eq!(dp1.attached_overlay(), Some("fm_vxlan"));
     dp1.upsert_endpoint(
         a_ip,
@@ -670,26 +426,8 @@ fn pods_on_two_nodes_reach_each_other_over_vxlan() {
         },
     )
     .unwrap();
-    let remote = |tunnel: Ipv4Addr| IpcacheEntry {
-        tunnel_endpoint: u32::from(tunnel),
-        family: FAMILY_IPV4,
-        cluster_id: 1,
-        ..Default::default()
-    };
-    let local = IpcacheEntry {
-        flags: ipcache_flags::LOCAL_NODE,
-        family: FAMILY_IPV4,
-        cluster_id: 1,
-        ..Default::default()
-    };
-    dp1.upsert_ipcache("10.202.1.0/24".parse().unwrap(), local)
-        .unwrap();
-    dp1.upsert_ipcache("10.202.2.0/24".parse().unwrap(), remote(u2))
-        .unwrap();
-    dp2.upsert_ipcache("10.202.2.0/24".parse().unwrap(), local)
-        .unwrap();
-    dp2.upsert_ipcache("10.202.1.0/24".parse().unwrap(), remote(u1))
-        .unwrap();
+    program_ipcache(&mut dp1, "10.202.1.0/24", "10.202.2.0/24", u2);
+    program_ipcache(&mut dp2, "10.202.2.0/24", "10.202.1.0/24", u1);
 
     // The underlay resolves neighbours on first use and links settle asynchronously: poll within a deadline.
     eventually(Duration::from_secs(10), || ping(&pod_a, b_ip)).expect("ping a → b across nodes");
