@@ -5,6 +5,7 @@ pub mod api;
 pub mod datapath;
 pub mod desired;
 pub mod lb;
+pub mod lb_maps;
 pub mod netdev;
 pub mod reconcile;
 pub mod remote;

@@ -12,6 +12,8 @@ use tracing::{info, warn};
 
 use crate::datapath::Datapath;
 use crate::desired::{self, Me};
+use crate::lb::{self, ServiceView};
+use crate::lb_maps::{LbChanges, LbMaps};
 use crate::netdev;
 use crate::remote::RemoteCluster;
 
@@ -49,6 +51,8 @@ pub struct DatapathStatus {
     pub conflicts: Vec<String>,
     pub errors: Vec<String>,
     pub reconciles: u64,
+    /// Services as this node balances them (frontends, candidate and active backends).
+    pub services: Vec<ServiceView>,
 }
 
 pub struct Reconciler {
@@ -56,6 +60,7 @@ pub struct Reconciler {
     pub me: Me,
     pub vxlan_ifname: String,
     reconciles: u64,
+    lb: LbMaps,
 }
 
 impl Reconciler {
@@ -66,6 +71,7 @@ impl Reconciler {
             me,
             vxlan_ifname,
             reconciles: 0,
+            lb: LbMaps::default(),
         }
     }
 
@@ -110,6 +116,14 @@ impl Reconciler {
 
         self.reconcile_endpoints(local, &mut st);
         self.reconcile_ipcache(local, remotes, &mut st);
+
+        let views = lb::services(&self.me, local, remotes);
+        match self.lb.reconcile(&mut self.dp, &views) {
+            Ok(c) if c != LbChanges::default() => info!(?c, "service maps updated"),
+            Ok(_) => {}
+            Err(e) => st.errors.push(format!("programming services: {e:#}")),
+        }
+        st.services = views;
 
         st.counters = match self.dp.counters() {
             Ok(c) => c

@@ -200,7 +200,7 @@ pub mod proto {
 
 /// A service frontend: VIP, port and protocol.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKeyV4 {
     /// The VIP (ClusterIP), network order.
     pub vip: [u8; 4],

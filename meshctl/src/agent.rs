@@ -123,7 +123,11 @@ pub fn services(socket: &Path, json: bool) -> anyhow::Result<()> {
         let kind = if spec["global"] == true {
             format!(
                 "global{}, affinity {}",
-                if spec["shared"] == true { "" } else { " (not shared)" },
+                if spec["shared"] == true {
+                    ""
+                } else {
+                    " (not shared)"
+                },
                 s(&spec["affinity"])
             )
         } else {

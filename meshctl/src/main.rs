@@ -44,7 +44,11 @@ enum ServiceCommand {
     /// datapath spreads new connections over (marked `*`).
     List {
         /// The agent's API socket.
-        #[arg(long, env = "FLEETMESH_API_SOCKET", default_value = "/var/run/fleetmesh/agent.sock")]
+        #[arg(
+            long,
+            env = "FLEETMESH_API_SOCKET",
+            default_value = "/var/run/fleetmesh/agent.sock"
+        )]
         socket: PathBuf,
         /// Machine-readable output.
         #[arg(long)]

@@ -250,3 +250,95 @@ pub fn write_manifest(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     f.write_all(text.as_bytes())?;
     Ok(p)
 }
+
+/// A TCP connection opened from inside `netns` (the socket stays in that namespace; use it from any thread).
+///
+/// # Errors
+/// When the connection fails.
+pub fn tcp_connect(netns: &str, ip: &str, port: u16) -> Result<TcpStream> {
+    let addr: SocketAddr = format!("{ip}:{port}").parse()?;
+    in_netns(netns, || -> Result<TcpStream> {
+        let s = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+            .with_context(|| format!("tcp connect {addr}"))?;
+        s.set_read_timeout(Some(PROBE_TIMEOUT))?;
+        Ok(s)
+    })?
+}
+
+/// Sends one line on a stream connection (an echo `stream` port) and returns the answer line.
+///
+/// # Errors
+/// When writing or reading fails.
+pub fn stream_ask(s: &mut TcpStream) -> Result<String> {
+    s.write_all(b"who\n").context("write")?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 512 {
+        let n = s.read(&mut byte).context("read")?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// ClusterIP of `namespace/name` in `cluster`, from a lab status.
+#[must_use]
+pub fn cluster_ip(status: &Value, cluster: &str, service: &str) -> Option<String> {
+    status["clusters"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == cluster)?["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == service)?["clusterIP"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// `GET /v1/status` of an agent.
+///
+/// # Errors
+/// When the agent does not answer.
+pub fn agent_status(socket: &Path) -> Result<Value> {
+    let mut s =
+        std::os::unix::net::UnixStream::connect(socket).with_context(|| format!("{}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /v1/status HTTP/1.0\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let body = buf.split_once("\r\n\r\n").context("not HTTP")?.1;
+    Ok(serde_json::from_str(body)?)
+}
+
+/// The agent socket of `node`, from a lab status.
+#[must_use]
+pub fn agent_socket(status: &Value, node: &str) -> Option<PathBuf> {
+    status["clusters"]
+        .as_array()?
+        .iter()
+        .flat_map(|c| c["nodes"].as_array().into_iter().flatten())
+        .find(|n| n["name"] == node)?["agentSocket"]
+        .as_str()
+        .map(PathBuf::from)
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
+}
