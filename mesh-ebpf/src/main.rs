@@ -1,5 +1,6 @@
-//! fleetmesh's tc programs. Decisions come from the host-tested functions in `lib.rs`; this file only reads the
-//! packet, performs the helper calls and maps each outcome to one tc verdict and one counter.
+//! fleetmesh's tc programs. Decisions come from the host-tested functions in `lib.rs` and `lb.rs`; this file only
+//! reads the packet, performs the helper calls (service translation with the kernel's checksum helpers, then
+//! delivery) and maps each outcome to one tc verdict and one counter (plus the load balancer's own counters).
 //!
 //! On the host this builds as an empty binary so that `cargo test -p mesh-ebpf` works on stable.
 #![cfg_attr(target_arch = "bpf", no_std)]
