@@ -294,6 +294,38 @@ fn shared_false_removed_backends_and_deleted_services() {
         "east's other backend still serves: {shares:?}"
     );
 
+    // Added back while the streams still run: new connections reach it again, the streams are unaffected.
+    let restore = write_manifest(
+        &files,
+        "restore.yaml",
+        &std::fs::read_to_string(&relabel)
+            .expect("read")
+            .replace("app: retired", "app: echo"),
+    )
+    .expect("write");
+    lab.run(&["apply", "east", &restore.display().to_string()])
+        .expect("relabel echo-a back");
+    assert!(
+        eventually(Duration::from_secs(10), || active_backends(
+            &status,
+            "north-node-1"
+        )
+        .contains(&retired_ip)),
+        "north picks {retired} again"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || tcp_line(
+            &north_client.netns,
+            &north_vip,
+            80
+        )
+        .is_ok_and(|l| l == retired)),
+        "a new connection reaches the re-added backend"
+    );
+    for (s, who) in &mut conns {
+        assert_eq!(&stream_ask(s).expect("stream still up"), who);
+    }
+
     // A service whose selector matches nothing drops its traffic, counted as drop_no_backend.
     let empty = write_manifest(
         &files,

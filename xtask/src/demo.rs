@@ -2,6 +2,7 @@
 //! pods of three clusters talking over the eBPF overlay (TCP, UDP, ICMP on every path), adds a node to a
 //! running cluster and shows it reachable from the others, then tears the lab down (unless `--keep`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -129,7 +130,10 @@ fn demo(dir: &std::path::Path, topology: &std::path::Path) -> Result<String> {
         }
     }
 
-    println!("\n== 3. Add a node to a running cluster and reach a pod on it from the other clusters");
+    println!("\n== 3. A global service: balanced in eBPF at the client's veth over every cluster's backends");
+    let services = global_service(dir, &st, &mut tcp)?;
+
+    println!("\n== 4. Add a node to a running cluster and reach a pod on it from the other clusters");
     let t = Instant::now();
     state::add_node(dir, "west")?;
     let manifest = dir.join("demo-late-pod.yaml");
@@ -159,7 +163,7 @@ fn demo(dir: &std::path::Path, topology: &std::path::Path) -> Result<String> {
     }
 
     let summary = format!(
-        "demo summary:\n  lab up (3 clusters x 2 nodes, real etcd, apiservers, agents, eBPF): {up_secs:.1}s\n  TCP  {}/{} ok\n  UDP  {}/{} ok\n  ICMP {}/{} ok\n  node added + pod on it reachable from every cluster: {add_ms} ms",
+        "demo summary:\n  lab up (3 clusters x 2 nodes, real etcd, apiservers, agents, eBPF): {up_secs:.1}s\n  TCP  {}/{} ok\n  UDP  {}/{} ok\n  ICMP {}/{} ok\n{services}\n  node added + pod on it reachable from every cluster: {add_ms} ms",
         tcp.ok, tcp.total, udp.ok, udp.total, icmp.ok, icmp.total
     );
     if tcp.ok != tcp.total || udp.ok != udp.total || icmp.ok != icmp.total {
@@ -169,6 +173,118 @@ fn demo(dir: &std::path::Path, topology: &std::path::Path) -> Result<String> {
         );
     }
     Ok(summary)
+}
+
+/// Connects `n` times to `vip:80` from `from` and returns the answering clusters with their counts.
+fn shares(
+    from: &state::PodRt,
+    vip: std::net::Ipv4Addr,
+    n: usize,
+    tally: &mut Tally,
+) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let answer = net::probe_tcp(&from.netns, vip, 80);
+        tally.record(answer.is_ok());
+        let cluster = answer.map_or_else(
+            |_| "(failed)".to_owned(),
+            |l| l.split('/').next().unwrap_or_default().to_owned(),
+        );
+        *out.entry(cluster).or_insert(0) += 1;
+    }
+    out
+}
+
+fn show(label: &str, s: &BTreeMap<String, usize>) -> String {
+    let total: usize = s.values().sum();
+    let parts: Vec<String> = s.iter().map(|(c, n)| format!("{c} {n}/{total}")).collect();
+    let line = format!("  {label:<44} {}", parts.join(", "));
+    println!("{line}");
+    line
+}
+
+/// Part 3: spreading, affinity local, fallback to remote clusters when the local backends go.
+fn global_service(dir: &std::path::Path, st: &state::LabState, tally: &mut Tally) -> Result<String> {
+    let east = st
+        .clusters
+        .iter()
+        .find(|c| c.name == "east")
+        .context("no cluster east")?;
+    let client = east.pods.get("demo/client").context("east/demo/client missing")?;
+    let vip = *east
+        .service_ips
+        .get("demo/echo")
+        .context("demo/echo has no ClusterIP")?;
+    let socket = east
+        .nodes
+        .iter()
+        .find(|n| n.name == client.node)
+        .map(|n| n.socket.clone())
+        .context("no node")?;
+    let meshctl = |args: &[&str]| {
+        let _ = util::run_status(
+            std::process::Command::new(crate::lab::bin("meshctl"))
+                .args(args)
+                .arg("--socket")
+                .arg(&socket),
+        );
+    };
+    println!(
+        "  service demo/echo (annotation service.cilium.io/global: \"true\"), ClusterIP in east {vip}:80"
+    );
+    meshctl(&["service", "list"]);
+    let mut lines = Vec::new();
+    lines.push(show(
+        "east/demo/client -> VIP, affinity none:",
+        &shares(client, vip, 60, tally),
+    ));
+
+    let svc = |annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: echo\n  namespace: demo\n  annotations: {{{annotations}}}\nspec:\n  selector: {{app: echo}}\n  ports:\n    - {{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}\n    - {{name: udp, port: 53, targetPort: 5353, protocol: UDP}}\n    - {{name: stream, port: 90, targetPort: stream, protocol: TCP}}\n"
+        )
+    };
+    let file = dir.join("demo-affinity-local.yaml");
+    std::fs::write(
+        &file,
+        svc("service.cilium.io/global: 'true', service.cilium.io/affinity: local"),
+    )?;
+    state::apply(dir, "east", &file, false)?;
+    let local = wait_for_shares(client, vip, tally, |s| s.keys().all(|c| c == "east"))?;
+    lines.push(show("after affinity: local:", &local));
+
+    let file = dir.join("demo-east-backends.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: echo-a, namespace: demo}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: echo-b, namespace: demo}\n",
+    )?;
+    state::apply(dir, "east", &file, true)?;
+    let fallback = wait_for_shares(client, vip, tally, |s| !s.contains_key("east") && !s.is_empty())?;
+    lines.push(show("east's backends deleted (falls back):", &fallback));
+    meshctl(&["service", "list"]);
+    Ok(lines.join("\n"))
+}
+
+/// Samples 30 connections until `done` holds for a sample (the change has reached the datapath), at most 10 s.
+fn wait_for_shares(
+    client: &state::PodRt,
+    vip: std::net::Ipv4Addr,
+    tally: &mut Tally,
+    done: impl Fn(&BTreeMap<String, usize>) -> bool,
+) -> Result<BTreeMap<String, usize>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut scratch = Tally { ok: 0, total: 0 };
+        let s = shares(client, vip, 30, &mut scratch);
+        if done(&s) {
+            tally.ok += scratch.ok;
+            tally.total += scratch.total;
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!("the change did not reach the datapath within 10s (last sample {s:?})");
+        }
+    }
 }
 
 const TCP: u16 = 8080;
