@@ -36,26 +36,11 @@ struct Args {
     #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
     kvstore_prefix: String,
     /// Lifetime of the lease that holds published records: if this daemon dies, its records vanish after this.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = mesh_model::duration::parse_duration)]
     lease_ttl: Duration,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `clustermesh_apiserver=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 500ms or 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m)")),
-    }
 }
 
 #[tokio::main]

@@ -68,6 +68,24 @@ fn select(
     out
 }
 
+/// The remote clusters whose backends may serve: those that are reachable, or unreachable for less than
+/// `grace_ms` (a short outage does not move traffic; a long one fails clients over to live clusters).
+#[must_use]
+pub fn reachable(
+    remotes: &BTreeMap<String, RemoteCluster>,
+    now_ms: u64,
+    grace_ms: u64,
+) -> BTreeMap<String, RemoteCluster> {
+    remotes
+        .iter()
+        .filter(|(_, rc)| {
+            rc.unreachable_since_ms
+                .is_none_or(|since| now_ms.saturating_sub(since) < grace_ms)
+        })
+        .map(|(n, rc)| (n.clone(), rc.clone()))
+        .collect()
+}
+
 /// Every service with a ClusterIP, with its frontends and backends.
 #[must_use]
 pub fn services(
@@ -297,6 +315,26 @@ mod tests {
         let v = services(&me(), &local(&bad, &[[10, 1, 0, 2]]), &remotes);
         assert_eq!(active_clusters(&v), vec!["east"]);
         assert_eq!(v[0].spec.errors.len(), 1);
+    }
+
+    #[test]
+    fn unreachable_remote_is_withdrawn_after_the_grace_period() {
+        let (n, mut rc) = remote("west", 2, &[[10, 2, 0, 2]]);
+        rc.unreachable_since_ms = Some(10_000);
+        let remotes: BTreeMap<_, _> = [(n, rc)].into();
+        assert_eq!(
+            reachable(&remotes, 12_000, 5_000).len(),
+            1,
+            "within the grace period"
+        );
+        assert!(reachable(&remotes, 15_000, 5_000).is_empty(), "after it");
+        let g = [("service.cilium.io/global", "true")];
+        let v = services(
+            &me(),
+            &local(&g, &[[10, 1, 0, 2]]),
+            &reachable(&remotes, 15_000, 5_000),
+        );
+        assert_eq!(active_clusters(&v), vec!["east"]);
     }
 
     #[test]

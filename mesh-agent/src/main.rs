@@ -48,6 +48,14 @@ struct Args {
     /// Name of the VXLAN device the agent creates (external mode, UDP 4789).
     #[arg(long, default_value = "fm_vxlan")]
     vxlan_device: String,
+    /// How long a remote cluster may be unreachable before its backends are withdrawn from global services
+    /// (clients then fail over to the clusters that are alive; the backends return when it is back).
+    #[arg(long, default_value = "30s", value_parser = mesh_model::duration::parse_duration)]
+    remote_grace_period: Duration,
+    /// How often remote etcd connections are pinged to notice a dead peer. Must not be shorter than the peers'
+    /// etcd `--grpc-keepalive-min-time` (5s by default), or etcd drops the connection.
+    #[arg(long, default_value = "6s", value_parser = mesh_model::duration::parse_duration)]
+    remote_keepalive_interval: Duration,
     /// Key prefix in etcd.
     #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
     kvstore_prefix: String,
@@ -117,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
+    remote::set_keepalive_interval(args.remote_keepalive_interval);
     if let Some(dir) = args.clustermesh_config.clone() {
         let keys = mesh_kvstore::Keys::new(&args.kvstore_prefix);
         tokio::spawn(remote::manage(dir, me.clone(), keys, remotes.clone()));
@@ -156,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
     let snapshots = snap_rx.clone();
     let counters = Arc::new(dp.counters_reader().context("opening the counters map")?);
     let mut reconciler = Reconciler::new(dp, me.clone(), args.vxlan_device.clone());
+    reconciler.remote_grace = args.remote_grace_period;
     std::thread::Builder::new()
         .name("reconciler".into())
         .spawn(move || {

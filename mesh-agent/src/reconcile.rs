@@ -61,6 +61,8 @@ pub struct Reconciler {
     pub vxlan_ifname: String,
     reconciles: u64,
     lb: LbMaps,
+    /// How long an unreachable remote cluster keeps its backends in global services.
+    pub remote_grace: std::time::Duration,
 }
 
 impl Reconciler {
@@ -72,6 +74,7 @@ impl Reconciler {
             vxlan_ifname,
             reconciles: 0,
             lb: LbMaps::default(),
+            remote_grace: std::time::Duration::from_secs(30),
         }
     }
 
@@ -117,7 +120,9 @@ impl Reconciler {
         self.reconcile_endpoints(local, &mut st);
         self.reconcile_ipcache(local, remotes, &mut st);
 
-        let views = lb::services(&self.me, local, remotes);
+        let grace_ms = u64::try_from(self.remote_grace.as_millis()).unwrap_or(u64::MAX);
+        let reachable = lb::reachable(remotes, crate::remote::now_ms(), grace_ms);
+        let views = lb::services(&self.me, local, &reachable);
         match self.lb.reconcile(&mut self.dp, &views) {
             Ok(c) if c != LbChanges::default() => info!(?c, "service maps updated"),
             Ok(_) => {}

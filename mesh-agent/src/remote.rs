@@ -23,6 +23,22 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+static KEEPALIVE_INTERVAL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// Sets how often watchers ping remote etcd servers (process-wide, before any watcher starts). A dead peer is
+/// noticed after about one interval plus the timeout. etcd refuses clients that ping more often than its
+/// `--grpc-keepalive-min-time` (5 s by default).
+pub fn set_keepalive_interval(d: Duration) {
+    let _ = KEEPALIVE_INTERVAL.set(d);
+}
+
+fn keepalive_interval() -> Duration {
+    KEEPALIVE_INTERVAL
+        .get()
+        .copied()
+        .unwrap_or(Duration::from_secs(6))
+}
+
 /// Connection state of a remote cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase", tag = "state")]
@@ -47,6 +63,9 @@ pub struct RemoteCluster {
     pub usable: bool,
     /// Values skipped, by reason.
     pub decode_errors: BTreeMap<String, u64>,
+    /// Set when the connection broke (or never came up); cleared when the cluster is synced again. After the
+    /// grace period its backends are withdrawn from global services.
+    pub unreachable_since_ms: Option<u64>,
     /// Number of (re)connections that reached the synced state.
     pub syncs: u64,
 }
@@ -60,6 +79,7 @@ impl RemoteCluster {
             config: None,
             nodes: BTreeMap::new(),
             services: BTreeMap::new(),
+            unreachable_since_ms: None,
             usable: true,
             decode_errors: BTreeMap::new(),
             syncs: 0,
@@ -248,10 +268,13 @@ impl Watcher {
             };
             warn!(cluster = %self.name, reason = %reason, "remote cluster disconnected");
             self.remotes.update(&self.name, |rc| {
+                let now = now_ms();
                 rc.state = SyncState::Disconnected {
-                    since_ms: now_ms(),
+                    since_ms: now,
                     reason: reason.clone(),
                 };
+                // Retries do not move this: it is when the cluster was last known to be reachable.
+                rc.unreachable_since_ms.get_or_insert(now);
             });
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(100);
@@ -286,6 +309,7 @@ impl Watcher {
                     rc.state = SyncState::Synced { since_ms: now_ms() };
                     rc.syncs += 1;
                 }
+                rc.unreachable_since_ms = None;
             } else {
                 // Before the synced marker, partial data only adds; nothing is removed on its account.
                 for (k, v) in &s.nodes {
@@ -370,7 +394,10 @@ impl Watcher {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(6), Duration::from_secs(3));
+            .with_keep_alive(
+                keepalive_interval(),
+                keepalive_interval().min(Duration::from_secs(3)),
+            );
         let mut client = Client::connect(&self.cfg.endpoints, Some(opts)).await?;
         self.remotes.update(&self.name, |rc| {
             rc.state = SyncState::Syncing { since_ms: now_ms() }

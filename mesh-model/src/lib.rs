@@ -4,6 +4,7 @@
 //! Nothing here does I/O except [`source`]; derived views are pure functions that unit-test without a kernel.
 
 pub mod cluster;
+pub mod duration;
 pub mod manifests;
 pub mod service;
 pub mod source;
