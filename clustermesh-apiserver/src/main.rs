@@ -32,6 +32,16 @@ struct Args {
         required = true
     )]
     etcd_endpoints: Vec<String>,
+    /// CA certificate (PEM) that signed the etcd server's certificate; needed for https:// endpoints.
+    #[arg(long, env = "FLEETMESH_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd; its CN is the etcd user (`meshctl clustermesh cluster-certs` makes
+    /// apiserver.crt with CN clustermesh-apiserver-CLUSTER, which `etcd-init` gives read/write on the prefix).
+    #[arg(long, env = "FLEETMESH_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, env = "FLEETMESH_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// Key prefix in etcd.
     #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
     kvstore_prefix: String,
@@ -60,7 +70,20 @@ async fn main() -> anyhow::Result<()> {
         "manifests directory {} does not exist or is not a directory",
         args.manifests.display()
     );
-    tracing::info!(cluster = %args.cluster_name, id = args.cluster_id, etcd = ?args.etcd_endpoints, "starting");
+    let https = args.etcd_endpoints.iter().any(|e| e.starts_with("https://"));
+    anyhow::ensure!(
+        !https || args.etcd_ca.is_some(),
+        "https:// etcd endpoints need --etcd-ca (the CA that signed the etcd server's certificate)"
+    );
+    anyhow::ensure!(
+        https || (args.etcd_ca.is_none() && args.etcd_cert.is_none()),
+        "--etcd-ca/--etcd-cert/--etcd-key need https:// etcd endpoints"
+    );
+    let tls = args.etcd_ca.clone().map(|ca| publisher::EtcdTls {
+        ca,
+        identity: args.etcd_cert.clone().zip(args.etcd_key.clone()),
+    });
+    tracing::info!(cluster = %args.cluster_name, id = args.cluster_id, etcd = ?args.etcd_endpoints, tls = tls.is_some(), "starting");
 
     let (tx, rx) = tokio::sync::watch::channel(mesh_model::source::Snapshot::default());
     let dir = args.manifests.clone();
@@ -71,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         keys: mesh_kvstore::Keys::new(&args.kvstore_prefix),
         endpoints: args.etcd_endpoints,
         lease_ttl: args.lease_ttl,
+        tls,
     };
     tokio::select! {
         r = source => {

@@ -24,6 +24,29 @@ pub struct Publisher {
     pub keys: Keys,
     pub endpoints: Vec<String>,
     pub lease_ttl: Duration,
+    /// Client TLS for `https://` endpoints.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS material for this cluster's etcd (PEM files, read at every connection so renewed files are picked up).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: std::path::PathBuf,
+    /// Client certificate and key (etcd maps the certificate's CN to the etcd user).
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl EtcdTls {
+    fn options(&self) -> anyhow::Result<etcd_client::TlsOptions> {
+        use anyhow::Context as _;
+        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let mut tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)?));
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(tls)
+    }
 }
 
 fn now_ms() -> u64 {
@@ -106,6 +129,10 @@ impl Publisher {
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let opts = match &self.tls {
+            Some(t) => opts.with_tls(t.options()?),
+            None => opts,
+        };
         let mut client = Client::connect(&self.endpoints, Some(opts)).await?;
         let ttl = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(30);
         let lease = client.lease_grant(ttl, None).await?.id();

@@ -88,11 +88,83 @@ impl RemoteCluster {
 }
 
 /// How to reach a remote cluster's etcd: one file per cluster in the clustermesh config directory, named after the
-/// cluster (as Cilium's `clustermesh-secrets`), holding `endpoints: [URL, ...]`.
+/// cluster (as Cilium's `clustermesh-secrets`), with Cilium's etcd config keys: `endpoints: [URL, ...]` and, for
+/// `https://` endpoints, `trusted-ca-file` (the peer's CA) plus `cert-file` and `key-file` (the client certificate
+/// the peer's etcd maps to its read-only user). Relative paths are relative to the directory. `meshctl clustermesh
+/// connect` writes these files.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RemoteConfig {
     pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub trusted_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+impl RemoteConfig {
+    /// Checks the combination of keys and makes the file paths absolute (relative to `dir`).
+    fn checked(mut self, dir: &Path) -> Result<Self, String> {
+        if self.endpoints.is_empty() {
+            return Err("endpoints is empty".to_owned());
+        }
+        let https = self
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if let Some(e) = self
+            .endpoints
+            .iter()
+            .find(|e| !e.starts_with("https://") && !e.starts_with("http://"))
+        {
+            return Err(format!(
+                "endpoint {e:?} is neither an http:// nor an https:// URL"
+            ));
+        }
+        if https != 0 && https != self.endpoints.len() {
+            return Err("endpoints mix http:// and https:// URLs".to_owned());
+        }
+        match (https > 0, &self.trusted_ca_file, &self.cert_file, &self.key_file) {
+            (false, None, None, None) => {}
+            (false, ..) => {
+                return Err("trusted-ca-file, cert-file and key-file need https:// endpoints".to_owned());
+            }
+            (true, None, ..) => {
+                return Err("https:// endpoints need trusted-ca-file (the peer's CA)".to_owned());
+            }
+            (true, Some(_), Some(_), None) | (true, Some(_), None, Some(_)) => {
+                return Err("cert-file and key-file go together".to_owned());
+            }
+            (true, Some(_), ..) => {}
+        }
+        for p in [&mut self.trusted_ca_file, &mut self.cert_file, &mut self.key_file]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+        Ok(self)
+    }
+
+    /// TLS options from the files (read at each connection, so renewed certificates are picked up).
+    fn tls(&self) -> anyhow::Result<Option<etcd_client::TlsOptions>> {
+        use anyhow::Context as _;
+        let Some(ca) = &self.trusted_ca_file else {
+            return Ok(None);
+        };
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let mut tls =
+            etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
+            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(Some(tls))
+    }
 }
 
 /// Reads the clustermesh config directory. Files that fail to parse are reported and skipped.
@@ -127,8 +199,7 @@ pub fn read_config_dir(dir: &Path, own_cluster: &str) -> (BTreeMap<String, Remot
         let parsed = std::fs::read_to_string(&path)
             .map_err(|e| e.to_string())
             .and_then(|t| serde_yaml::from_str::<RemoteConfig>(&t).map_err(|e| e.to_string()));
-        match parsed {
-            Ok(c) if c.endpoints.is_empty() => errors.push(format!("{}: endpoints is empty", path.display())),
+        match parsed.and_then(|c| c.checked(dir)) {
             Ok(c) => {
                 out.insert(name, c);
             }
@@ -180,6 +251,21 @@ impl Remotes {
                 .entry(name.to_owned())
                 .or_insert_with(|| RemoteCluster::new(name));
             f(rc);
+        }
+        let _ = self.wake.send(());
+    }
+
+    /// As `update`, with a view of the other remote clusters (under the same lock).
+    fn update_with_others(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut RemoteCluster, &BTreeMap<String, RemoteCluster>),
+    ) {
+        {
+            let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut rc = g.remove(name).unwrap_or_else(|| RemoteCluster::new(name));
+            f(&mut rc, &g);
+            g.insert(name.to_owned(), rc);
         }
         let _ = self.wake.send(());
     }
@@ -255,6 +341,8 @@ struct Session {
     config: Option<ClusterConfig>,
     synced: bool,
     services_synced: bool,
+    /// Clusters other than the expected one whose cluster config this etcd holds.
+    other_clusters: std::collections::BTreeSet<String>,
 }
 
 impl Watcher {
@@ -287,8 +375,51 @@ impl Watcher {
     fn publish(&self, s: &Session) {
         let my_id = self.me.cluster_id;
         let name = self.name.clone();
-        self.remotes.update(&self.name, |rc| {
+        self.remotes.update_with_others(&self.name, |rc, others| {
             rc.config.clone_from(&s.config);
+            // The file name says which cluster this is; an etcd that holds only other clusters' configs is not it.
+            // Nothing of its data is kept.
+            if s.config.is_none() && !s.other_clusters.is_empty() {
+                let held: Vec<&str> = s.other_clusters.iter().map(String::as_str).collect();
+                if rc.usable {
+                    warn!(cluster = %name, holds = ?held, "remote etcd holds another cluster; ignoring its data");
+                }
+                rc.usable = false;
+                rc.nodes.clear();
+                rc.services.clear();
+                rc.state = SyncState::Disconnected {
+                    since_ms: now_ms(),
+                    reason: format!(
+                        "cluster name mismatch: the etcd at {} holds cluster {}, not {name:?} (the clustermesh config \
+                         file {name:?} points at another cluster's etcd); none of its data is used",
+                        self.cfg.endpoints.join(","),
+                        held.join(", ")
+                    ),
+                };
+                return;
+            }
+            // A cluster id belongs to one cluster: a second remote cluster with an id in use is refused, and the
+            // one that has it keeps its state.
+            if let Some(c) = &s.config
+                && let Some((other, _)) = others.iter().find(|(n, o)| {
+                    **n != name && o.usable && o.config.as_ref().is_some_and(|oc| oc.id == c.id)
+                })
+            {
+                if rc.usable {
+                    warn!(cluster = %name, id = c.id, other = %other, "remote cluster uses another remote cluster's id; ignoring its data");
+                }
+                rc.usable = false;
+                rc.nodes.clear();
+                rc.services.clear();
+                rc.state = SyncState::Disconnected {
+                    since_ms: now_ms(),
+                    reason: format!(
+                        "cluster id {} is already used by remote cluster {other:?}; none of this cluster's data is used",
+                        c.id
+                    ),
+                };
+                return;
+            }
             if let Some(c) = &s.config
                 && c.id == my_id
             {
@@ -382,7 +513,20 @@ impl Watcher {
                 debug!(cluster = %self.name, key, version = v, "skipping record of unknown schema version");
                 self.count_error("unknown_version");
             }
-            KeyKind::Synced(_) | KeyKind::Heartbeat | KeyKind::Other => {}
+            KeyKind::Other => {
+                let configs = self.keys.cluster_config("");
+                if let Some(other) = key.strip_prefix(configs.as_str())
+                    && !other.is_empty()
+                    && !other.contains('/')
+                {
+                    if value.is_some() {
+                        s.other_clusters.insert(other.to_owned());
+                    } else {
+                        s.other_clusters.remove(other);
+                    }
+                }
+            }
+            KeyKind::Synced(_) | KeyKind::Heartbeat => {}
         }
     }
 
@@ -398,6 +542,10 @@ impl Watcher {
                 keepalive_interval(),
                 keepalive_interval().min(Duration::from_secs(3)),
             );
+        let opts = match self.cfg.tls()? {
+            Some(tls) => opts.with_tls(tls),
+            None => opts,
+        };
         let mut client = Client::connect(&self.cfg.endpoints, Some(opts)).await?;
         self.remotes.update(&self.name, |rc| {
             rc.state = SyncState::Syncing { since_ms: now_ms() }

@@ -2,12 +2,14 @@
 
 mod agent;
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-/// fleetmesh's command line: inspect a node's agent, check manifests before applying them.
+/// fleetmesh's command line: inspect a node's agent, check manifests before applying them, secure and connect
+/// clusters.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
@@ -36,6 +38,109 @@ enum Command {
     /// Work with manifests (the manifests source of edge nodes and the lab).
     #[command(subcommand)]
     Manifests(ManifestsCommand),
+    /// Certificates, etcd users and connections between clusters.
+    ///
+    /// Steps for a mesh: `ca create` once; per cluster `cluster-certs` (its etcd then runs with
+    /// `--cert-file etcd-server.crt --key-file etcd-server.key --trusted-ca-file ca.crt --client-cert-auth` and
+    /// https URLs) and `etcd-init` once its etcd is up; its clustermesh-apiserver uses `--etcd-ca ca.crt
+    /// --etcd-cert apiserver.crt --etcd-key apiserver.key`; then `connect --from A --to B` for every pair.
+    #[command(subcommand)]
+    Clustermesh(ClustermeshCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClustermeshCommand {
+    /// The mesh's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Make one cluster's material, signed by the mesh CA: etcd server certificate, client certificates for the
+    /// cluster's clustermesh-apiserver (CN clustermesh-apiserver-CLUSTER, read/write), for peers
+    /// (CN remote-CLUSTER, read only) and for `etcd-init` (CN admin-CLUSTER), the CA certificate, and
+    /// cluster.yaml (name, id, etcd endpoints).
+    ClusterCerts {
+        /// Folder of the CA (ca.crt, ca.key; key in PKCS#8 PEM).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Cluster name.
+        #[arg(long)]
+        cluster: String,
+        /// Cluster id, unique in the mesh (1-4095).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=4095))]
+        cluster_id: u16,
+        /// IP address of the cluster's etcd (repeat for several); goes into the server certificate.
+        #[arg(long = "server-ip")]
+        server_ips: Vec<IpAddr>,
+        /// DNS name of the cluster's etcd (repeat for several); goes into the server certificate.
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        /// etcd client port, for the endpoints in cluster.yaml.
+        #[arg(long, default_value_t = meshctl::clustermesh::DEFAULT_ETCD_PORT)]
+        etcd_port: u16,
+        /// Endpoints peers use (repeat); default https://SERVER:PORT for every --server-ip and --server-name.
+        #[arg(long = "endpoint")]
+        endpoints: Vec<String>,
+        /// Validity of the certificates in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace existing material in the output folder.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create users and roles in a cluster's own etcd and enable auth (idempotent), using the cluster folder's
+    /// admin certificate: role clustermesh-apiserver (read/write on PREFIX/) for user
+    /// clustermesh-apiserver-CLUSTER, role remote (read only on PREFIX/) for user remote-CLUSTER, role root for
+    /// users root (no password) and admin-CLUSTER. etcd maps a client certificate's CN to the user.
+    EtcdInit {
+        /// Folder made by `cluster-certs`.
+        #[arg(long)]
+        certs: PathBuf,
+        /// etcd endpoints (repeat); default: those in the folder's cluster.yaml.
+        #[arg(long = "endpoint")]
+        endpoints: Vec<String>,
+        /// Key prefix the clusters publish under.
+        #[arg(long, default_value = "fleetmesh")]
+        prefix: String,
+    },
+    /// Give cluster A what it needs to read cluster B's etcd: writes B's CA and read-only client certificate
+    /// into A's clustermesh config directory (`B.tls/`) and the file `B` with `endpoints`, `trusted-ca-file`,
+    /// `cert-file`, `key-file`. Refuses B if it has A's name or id, or the id of another connected cluster.
+    Connect {
+        /// Cluster A's folder (made by `cluster-certs`).
+        #[arg(long)]
+        from: PathBuf,
+        /// Cluster B's folder (repeat to connect A to several clusters).
+        #[arg(long, required = true)]
+        to: Vec<PathBuf>,
+        /// Cluster A's clustermesh config directory (what its agents get as --clustermesh-config); default
+        /// FROM/clustermesh.
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+        /// Replace a different cluster of the same name that is connected already.
+        #[arg(long)]
+        replace: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a CA (ca.crt, and ca.key readable only by its owner) in OUT.
+    Create {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Name of the mesh (goes into the CA's subject).
+        #[arg(long, default_value = "fleetmesh")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Replace an existing CA in OUT (every certificate it signed stops being trusted).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +178,7 @@ fn main() -> std::process::ExitCode {
         Command::Status { socket, json } => agent::status(&socket, json),
         Command::Service(ServiceCommand::List { socket, json }) => agent::services(&socket, json),
         Command::Manifests(ManifestsCommand::Validate { files }) => validate(&files),
+        Command::Clustermesh(c) => clustermesh(c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -81,6 +187,80 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<()> {
+    use meshctl::clustermesh as cm;
+    match cmd {
+        ClustermeshCommand::Ca(CaCommand::Create {
+            out,
+            name,
+            days,
+            force,
+        }) => {
+            cm::create_ca(&out, &name, days, force)?;
+            println!(
+                "CA created: {} and {} (keep the key private)",
+                out.join(cm::CA_CERT).display(),
+                out.join(cm::CA_KEY).display()
+            );
+        }
+        ClustermeshCommand::ClusterCerts {
+            ca,
+            cluster,
+            cluster_id,
+            server_ips,
+            server_names,
+            etcd_port,
+            endpoints,
+            days,
+            out,
+            force,
+        } => {
+            let spec = cm::ClusterSpec {
+                cluster,
+                id: cluster_id,
+                server_ips,
+                server_names,
+                etcd_port,
+                endpoints,
+                days,
+            };
+            let info = cm::cluster_certs(&ca, &spec, &out, force)?;
+            println!(
+                "cluster {} (id {}): certificates in {}; etcd endpoints {}",
+                info.name,
+                info.id,
+                out.display(),
+                info.endpoints.join(",")
+            );
+        }
+        ClustermeshCommand::EtcdInit {
+            certs,
+            endpoints,
+            prefix,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let eps = (!endpoints.is_empty()).then_some(endpoints.as_slice());
+            rt.block_on(cm::etcd_init(&certs, eps, &prefix))?;
+            println!("etcd of {}: users and roles set, auth enabled", certs.display());
+        }
+        ClustermeshCommand::Connect {
+            from,
+            to,
+            config_dir,
+            replace,
+        } => {
+            let dir = config_dir.unwrap_or_else(|| from.join("clustermesh"));
+            for b in &to {
+                let path = cm::connect(&from, b, &dir, replace)?;
+                println!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn validate(files: &[PathBuf]) -> anyhow::Result<()> {

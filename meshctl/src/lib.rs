@@ -1,0 +1,3 @@
+//! meshctl's library side: what the command line does, usable from tests and tools.
+
+pub mod clustermesh;
