@@ -1,0 +1,401 @@
+//! Per-packet cost of the eBPF load balancer as the number of service frontends grows, measured with
+//! `BPF_PROG_TEST_RUN` on the `from_pod` program (run by `cargo xtask bench`; needs root).
+//!
+//! `lb_cost --services 2,1000,10000,100000 --repeat 100000 --rounds 7` prints one JSON object per line:
+//! `{"kind":"lb","services":N,"vip_ns":[..],"pod_ns":[..]}` for each N, then one
+//! `{"kind":"map",...}` per map with its kernel-side size (`/proc/self/fdinfo` of the map fd: key and value size,
+//! max entries, `memlock`) when empty and after the largest fill.
+//!
+//! Method. `BPF_PROG_TEST_RUN` with `repeat` runs the program on the SAME skb again and again, so a translated
+//! packet would be seen translated on the next run. The frontends are therefore programmed in pairs that point at
+//! each other: frontend `2k` (`VIP(2k):80/TCP`) has the single backend `VIP(2k+1):8080` and frontend `2k+1`
+//! (`VIP(2k+1):8080/TCP`) has the backend `VIP(2k):80`. Every run of the program on the measured packet does the
+//! complete established-flow work of a service packet: reverse-conntrack lookup (miss), frontend lookup (hit),
+//! SERVICE conntrack lookup (hit), REPLY conntrack lookup (hit), rewrite of the destination address and port with
+//! the checksum helpers, endpoint lookup and `bpf_redirect_peer` (both VIPs of the measured pair are registered
+//! as local endpoints). The baseline is a packet from one local pod to another (no frontend): the same parse,
+//! the two lookups that miss, the endpoint lookup and the redirect. The kernel reports the mean time per run.
+//!
+//! All frontends are pairs like this one (each with one slot, one backend and one rev-NAT entry), so `N` counts
+//! frontends in `SERVICES_V4` including the measured pair; N=2 is the smallest possible table.
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use mesh_common::{
+    BackendV4, CtEntryV4, CtKeyV4, EndpointKeyV4, LocalEndpoint, RevNatV4, ServiceEntry, ServiceKeyV4,
+    SlotKey, maps, pod_mac_for_ipv4, programs, proto,
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+const HOST_MAC: [u8; 6] = [0xee, 0xee, 0xee, 0, 0, 6];
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+const POD: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3);
+const CLIENT_PORT: u16 = 40000;
+const PORT_EVEN: u16 = 80;
+const PORT_ODD: u16 = 8080;
+/// An address that is neither a frontend nor a local pod (the program passes it to the stack).
+const NO_FRONTEND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+/// Pair 0 ends at a local pod (redirect), the others go to the stack.
+const SPREAD_VERDICTS: &[u32] = &[TC_ACT_OK, TC_ACT_REDIRECT];
+/// Calls (one run each) of the spread measurement.
+const SPREAD_PACKETS: u32 = 20_000;
+/// Frontend `i` has the VIP `10.96.0.0 + i`.
+const VIP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 0]);
+
+struct Args {
+    services: Vec<u32>,
+    repeat: u32,
+    rounds: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        services: vec![2, 1_000, 10_000, 100_000],
+        repeat: 100_000,
+        rounds: 7,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--services" => {
+                args.services = value()?
+                    .split(',')
+                    .map(|s| s.trim().parse::<u32>().map(|n| n.max(2)))
+                    .collect::<Result<_, _>>()
+                    .context("--services: comma-separated counts")?;
+            }
+            "--repeat" => args.repeat = value()?.parse().context("--repeat")?,
+            "--rounds" => args.rounds = value()?.parse().context("--rounds")?,
+            "-h" | "--help" => {
+                println!("lb_cost [--services 2,1000,10000,100000] [--repeat 100000] [--rounds 7]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    anyhow::ensure!(
+        args.services.windows(2).all(|w| w[0] <= w[1]),
+        "--services must be ascending"
+    );
+    anyhow::ensure!(
+        args.repeat > 0 && args.rounds > 0,
+        "--repeat and --rounds must be positive"
+    );
+    Ok(args)
+}
+
+/// xorshift64: reproducible choice of frontends without a dependency.
+struct XorShift(u64);
+
+impl XorShift {
+    /// A number in `0..n` (n > 0).
+    fn below(&mut self, n: u32) -> u32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        u32::try_from(self.0 % u64::from(n.max(1))).unwrap_or(0)
+    }
+}
+
+fn vip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(VIP_BASE + i)
+}
+
+fn port_of(i: u32) -> u16 {
+    if i % 2 == 0 { PORT_EVEN } else { PORT_ODD }
+}
+
+/// One's complement sum of `data` as 16-bit big-endian words, folded, not complemented.
+fn ones_sum(mut acc: u32, data: &[u8]) -> u32 {
+    for pair in data.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]));
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc
+}
+
+/// Ethernet + IPv4 + TCP (ACK, no SYN: an established flow) + 24 payload bytes, checksums correct.
+fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    const PAYLOAD: usize = 24;
+    let total = 20 + 20 + PAYLOAD;
+    let mut f = vec![0u8; 14 + total];
+    f[0..6].copy_from_slice(&HOST_MAC);
+    f[6..12].copy_from_slice(&pod_mac_for_ipv4(src.octets()));
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&u16::try_from(total).unwrap_or(0).to_be_bytes());
+    f[22] = 64;
+    f[23] = proto::TCP;
+    f[26..30].copy_from_slice(&src.octets());
+    f[30..34].copy_from_slice(&dst.octets());
+    let ip_csum = !u16::try_from(ones_sum(0, &f[14..34])).unwrap_or(0);
+    f[24..26].copy_from_slice(&ip_csum.to_be_bytes());
+    f[34..36].copy_from_slice(&sport.to_be_bytes());
+    f[36..38].copy_from_slice(&dport.to_be_bytes());
+    f[46] = 5 << 4;
+    f[47] = 0x10; // ACK
+    f[48..50].copy_from_slice(&64240u16.to_be_bytes());
+    for (i, b) in f[54..].iter_mut().enumerate() {
+        *b = u8::try_from(i * 7 % 251).unwrap_or(0);
+    }
+    let mut pseudo = Vec::with_capacity(12);
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&[0, proto::TCP]);
+    pseudo.extend_from_slice(&u16::try_from(total - 20).unwrap_or(0).to_be_bytes());
+    let sum = !u16::try_from(ones_sum(ones_sum(0, &pseudo), &f[34..])).unwrap_or(0);
+    f[50..52].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing"))?;
+    T::try_from(m).with_context(|| format!("map {name}: unexpected type"))
+}
+
+struct Maps {
+    services: HashMap<MapData, ServiceKeyV4, ServiceEntry>,
+    slots: HashMap<MapData, SlotKey, u32>,
+    backends: HashMap<MapData, u32, BackendV4>,
+    rev_nat: HashMap<MapData, u32, RevNatV4>,
+    endpoints: HashMap<MapData, EndpointKeyV4, LocalEndpoint>,
+    // Kept open so its fdinfo can be read.
+    _ct: HashMap<MapData, CtKeyV4, CtEntryV4>,
+}
+
+impl Maps {
+    /// Programs frontend `i` (one slot, one backend, one rev-NAT entry) as half of its pair.
+    fn add_frontend(&mut self, i: u32) -> Result<()> {
+        let partner = i ^ 1;
+        let id = i + 1;
+        let key = ServiceKeyV4 {
+            vip: vip(i).octets(),
+            port_be: port_of(i).to_be(),
+            proto: proto::TCP,
+            _pad: 0,
+        };
+        self.services.insert(
+            key,
+            ServiceEntry {
+                service_id: id,
+                slot_count: 1,
+                rev_nat_id: id,
+                flags: 0,
+                _pad: 0,
+            },
+            0,
+        )?;
+        self.slots.insert(
+            SlotKey {
+                service_id: id,
+                slot: 0,
+            },
+            id,
+            0,
+        )?;
+        self.backends.insert(
+            id,
+            BackendV4 {
+                addr: vip(partner).octets(),
+                port_be: port_of(partner).to_be(),
+                proto: proto::TCP,
+                cluster_id: 1,
+                ..Default::default()
+            },
+            0,
+        )?;
+        self.rev_nat.insert(
+            id,
+            RevNatV4 {
+                vip: key.vip,
+                port_be: key.port_be,
+                _pad: 0,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+}
+
+fn endpoint(ip: Ipv4Addr) -> LocalEndpoint {
+    LocalEndpoint {
+        ifindex: 1,
+        identity: 7,
+        pod_mac: pod_mac_for_ipv4(ip.octets()),
+        host_mac: HOST_MAC,
+    }
+}
+
+/// Mean ns per run of `prog` over `repeat` runs on `packet`; fails unless the verdict is a redirect.
+fn measure(prog: &SchedClassifier, packet: &[u8], repeat: u32) -> Result<f64> {
+    measure_verdict(prog, packet, repeat, &[TC_ACT_REDIRECT])
+}
+
+/// Mean ns per run of `prog` over `repeat` runs on `packet`; fails unless the verdict is one of `verdicts`.
+fn measure_verdict(prog: &SchedClassifier, packet: &[u8], repeat: u32, verdicts: &[u32]) -> Result<f64> {
+    let mut out = vec![0u8; packet.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
+    anyhow::ensure!(
+        verdicts.contains(&r.return_value),
+        "from_pod returned {} (expected one of {verdicts:?})",
+        r.return_value
+    );
+    Ok(duration_ns(r.duration))
+}
+
+fn duration_ns(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e9
+}
+
+/// Kernel-side facts of every BPF map fd this process holds, from `/proc/self/fdinfo`, by map name.
+fn map_fdinfo() -> BTreeMap<String, BTreeMap<String, u64>> {
+    let mut all = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return all;
+    };
+    for e in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let fields: BTreeMap<String, u64> = text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .filter_map(|(k, v)| {
+                let v = v.trim();
+                let n = match v.strip_prefix("0x") {
+                    Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+                    None => v.parse::<u64>().ok()?,
+                };
+                Some((k.trim().to_owned(), n))
+            })
+            .collect();
+        let Some(&id) = fields.get("map_id") else {
+            continue;
+        };
+        let Ok(id) = u32::try_from(id) else { continue };
+        let name = aya::maps::MapInfo::from_id(id)
+            .ok()
+            .and_then(|i| i.name_as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("map-{id}"));
+        all.insert(name, fields);
+    }
+    all
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let mut ebpf = Ebpf::load(OBJECT).context("loading the eBPF object")?;
+    let mut m = Maps {
+        services: take(&mut ebpf, maps::SERVICES_V4)?,
+        slots: take(&mut ebpf, maps::SERVICE_SLOTS)?,
+        backends: take(&mut ebpf, maps::BACKENDS_V4)?,
+        rev_nat: take(&mut ebpf, maps::REVNAT_V4)?,
+        endpoints: take(&mut ebpf, maps::ENDPOINTS_V4)?,
+        _ct: take(&mut ebpf, maps::CT_V4)?,
+    };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(programs::FROM_POD)
+        .context("no from_pod program")?
+        .try_into()?;
+    prog.load().context("loading from_pod")?;
+    let prog: &SchedClassifier = prog;
+
+    for ip in [CLIENT, POD, vip(0), vip(1)] {
+        m.endpoints.insert(ip.octets(), endpoint(ip), 0)?;
+    }
+    let empty = map_fdinfo();
+
+    let vip_packet = tcp_frame(CLIENT, CLIENT_PORT, vip(0), PORT_EVEN);
+    let pod_packet = tcp_frame(CLIENT, CLIENT_PORT, POD, PORT_EVEN);
+    let none_packet = tcp_frame(CLIENT, CLIENT_PORT, NO_FRONTEND, PORT_EVEN);
+    let spread_packet = |i: u32| tcp_frame(CLIENT, CLIENT_PORT + 1, vip(i), PORT_EVEN);
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut programmed = 0u32;
+    let mut warmed = 0u32;
+    for &n in &args.services {
+        let n = n.next_multiple_of(2);
+        while programmed < n {
+            m.add_frontend(programmed)
+                .with_context(|| format!("programming frontend {programmed}"))?;
+            programmed += 1;
+        }
+        // Warm up: creates the conntrack entries of the measured flow and faults in what the runs touch.
+        measure(prog, &vip_packet, 1000)?;
+        measure(prog, &pod_packet, 1000)?;
+        let (mut vip_ns, mut pod_ns) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds {
+            vip_ns.push(measure(prog, &vip_packet, args.repeat)?);
+            pod_ns.push(measure(prog, &pod_packet, args.repeat)?);
+        }
+        // Spread: one run per call, each on a random frontend of the whole table (every pair warmed once, so
+        // its conntrack entries exist), against a packet to an address without frontend.
+        while warmed < programmed {
+            measure_verdict(prog, &spread_packet(warmed), 1, SPREAD_VERDICTS)?;
+            warmed += 2;
+        }
+        let packets: Vec<Vec<u8>> = (0..SPREAD_PACKETS)
+            .map(|_| spread_packet(rng.below(programmed / 2) * 2))
+            .collect();
+        let (mut spread_vip, mut spread_none) = (0.0, 0.0);
+        for p in &packets {
+            spread_vip += measure_verdict(prog, p, 1, SPREAD_VERDICTS)?;
+            spread_none += measure_verdict(prog, &none_packet, 1, SPREAD_VERDICTS)?;
+        }
+        let calls = f64::from(SPREAD_PACKETS);
+        println!(
+            "{}",
+            serde_json::json!({
+                "kind": "lb", "services": n, "repeat": args.repeat, "vip_ns": vip_ns, "pod_ns": pod_ns,
+                "spread_calls": SPREAD_PACKETS, "spread_vip_ns": spread_vip / calls,
+                "spread_none_ns": spread_none / calls,
+            })
+        );
+    }
+
+    let full = map_fdinfo();
+    for name in [
+        maps::SERVICES_V4,
+        maps::SERVICE_SLOTS,
+        maps::BACKENDS_V4,
+        maps::REVNAT_V4,
+        maps::CT_V4,
+        maps::ENDPOINTS_V4,
+    ] {
+        let (Some(e), Some(f)) = (empty.get(name), full.get(name)) else {
+            continue;
+        };
+        let get = |m: &BTreeMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
+        println!(
+            "{}",
+            serde_json::json!({
+                "kind": "map", "name": name, "map_type": get(f, "map_type"), "key_size": get(f, "key_size"),
+                "value_size": get(f, "value_size"), "max_entries": get(f, "max_entries"),
+                "map_flags": get(f, "map_flags"), "memlock_empty": get(e, "memlock"),
+                "memlock_filled": get(f, "memlock"), "filled_entries": programmed,
+            })
+        );
+    }
+    drop(m);
+    Ok(())
+}
