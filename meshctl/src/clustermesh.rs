@@ -166,8 +166,8 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         .mode(mode)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
+    // No fsync: it can take seconds on a busy disk, and the material is made again if a crash loses it.
     f.write_all(contents)
-        .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

@@ -4,8 +4,11 @@
 //! Layout of the lab folder (default `target/lab`):
 //! `state.json` (what the lab made: namespaces, processes, allocations; written before each step so that
 //! `lab down` works after a crash), `logs/<role>.log` (every daemon), `clusters/<c>/manifests/` (what the
-//! agents and the apiserver of cluster c read), `clusters/<c>/clustermesh/<peer>` (how to reach each peer's etcd),
-//! `clusters/<c>/etcd/` (etcd data), `run/` (agent sockets, workload ready files).
+//! agents and the apiserver of cluster c read), `clusters/<c>/clustermesh/<peer>` and `<peer>.tls/` (how to reach
+//! each peer's etcd, written by `meshctl clustermesh connect`), `clusters/<c>/etcd/` (etcd data),
+//! `clusters/<c>/pki/` (the cluster's certificates from `meshctl clustermesh cluster-certs`: etcd is served with
+//! TLS and client certificate auth; `admin.crt`/`admin.key` have etcd's root role), `pki/ca/` (the lab's mesh
+//! CA), `run/` (agent sockets, workload ready files).
 
 pub mod net;
 pub mod state;

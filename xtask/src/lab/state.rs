@@ -162,6 +162,82 @@ impl LabState {
         self.lab_dir.join("clusters").join(cluster)
     }
 
+    /// The cluster's TLS material, made by `meshctl clustermesh cluster-certs` (ca.crt, etcd-server.*,
+    /// apiserver.*, remote.*, admin.*, cluster.yaml).
+    fn pki_dir(&self, cluster: &str) -> PathBuf {
+        self.cluster_dir(cluster).join("pki")
+    }
+
+    /// Makes the mesh CA and every cluster's certificates through `meshctl clustermesh`, as users do.
+    fn make_pki(&self) -> Result<()> {
+        let meshctl = super::bin("meshctl");
+        let ca = self.lab_dir.join("pki").join("ca");
+        let _ = std::fs::remove_dir_all(self.lab_dir.join("pki"));
+        util::run(
+            Command::new(&meshctl)
+                .args(["clustermesh", "ca", "create", "--name", "lab", "--out"])
+                .arg(&ca),
+        )?;
+        for c in &self.clusters {
+            util::run(
+                Command::new(&meshctl)
+                    .args(["clustermesh", "cluster-certs", "--ca"])
+                    .arg(&ca)
+                    .args(["--cluster", &c.name, "--cluster-id", &c.id.to_string()])
+                    .args(["--server-ip", &c.etcd_ip.to_string(), "--server-ip", "127.0.0.1"])
+                    .args(["--endpoint", &format!("https://{}:{ETCD_PORT}", c.etcd_ip)])
+                    .arg("--force")
+                    .arg("--out")
+                    .arg(self.pki_dir(&c.name)),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Starts `meshctl clustermesh etcd-init` for every cluster in the background (each takes a few raft
+    /// commits). Until auth is on, the apiservers and agents (whose users exist before auth goes on) work anyway.
+    fn start_etcd_inits(&self) -> Result<Vec<(usize, std::process::Child)>> {
+        (0..self.clusters.len())
+            .map(|ci| {
+                let c = &self.clusters[ci];
+                let log = std::fs::File::create(self.log(&format!("etcd-init-{}", c.name)))?;
+                let mut cmd = net::in_netns_cmd(&self.ul(), &super::bin("meshctl"));
+                cmd.args(["clustermesh", "etcd-init", "--certs"])
+                    .arg(self.pki_dir(&c.name))
+                    .stdin(std::process::Stdio::null())
+                    .stdout(log.try_clone()?)
+                    .stderr(log);
+                Ok((ci, cmd.spawn().context("starting meshctl clustermesh etcd-init")?))
+            })
+            .collect()
+    }
+
+    /// Waits for the background etcd-inits; one that failed (etcd not serving yet) is run again until it works.
+    fn finish_etcd_inits(&self, inits: Vec<(usize, std::process::Child)>) -> Result<()> {
+        for (ci, mut child) in inits {
+            if !child.wait().is_ok_and(|s| s.success()) {
+                self.init_etcd(ci)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Users, roles and auth in the cluster's etcd (`meshctl clustermesh etcd-init`, from the underlay).
+    fn init_etcd(&self, ci: usize) -> Result<()> {
+        let c = &self.clusters[ci];
+        // etcd accepts connections a moment before it serves requests: retried until a deadline.
+        net::wait_for(
+            &format!("etcd-init of cluster {}", c.name),
+            Duration::from_secs(15),
+            || {
+                let mut cmd = net::in_netns_cmd(&self.ul(), &super::bin("meshctl"));
+                cmd.args(["clustermesh", "etcd-init", "--certs"])
+                    .arg(self.pki_dir(&c.name));
+                util::run(&mut cmd).map(drop).map_err(|e| format!("{e:#}"))
+            },
+        )
+    }
+
     fn cluster(&self, name: &str) -> Result<usize> {
         self.clusters
             .iter()
@@ -231,7 +307,8 @@ impl LabState {
         net::ip_in(&ul, &["addr", "add", &format!("{ip}/10"), "dev", "br0"])?;
         let data = self.cluster_dir(&name).join("etcd");
         std::fs::create_dir_all(&data)?;
-        let client = format!("http://{ip}:{ETCD_PORT}");
+        let pki = self.pki_dir(&name);
+        let client = format!("https://{ip}:{ETCD_PORT}");
         let peer = format!("http://{ip}:{}", ETCD_PORT + 1);
         let args = vec![
             "--name".into(),
@@ -250,6 +327,14 @@ impl LabState {
             format!("{name}={peer}"),
             "--log-level".into(),
             "warn".into(),
+            // TLS with client certificates; etcd-init then maps each certificate's CN to a user.
+            "--cert-file".into(),
+            pki.join("etcd-server.crt").display().to_string(),
+            "--key-file".into(),
+            pki.join("etcd-server.key").display().to_string(),
+            "--trusted-ca-file".into(),
+            pki.join("ca.crt").display().to_string(),
+            "--client-cert-auth".into(),
         ];
         let etcd = util::which("etcd").context("etcd not found (run `cargo xtask setup`)")?;
         self.spawn(&format!("etcd-{name}"), &ul, &etcd, &args)?;
@@ -348,7 +433,13 @@ impl LabState {
             "--manifests".into(),
             self.cluster_dir(&c.name).join("manifests").display().to_string(),
             "--etcd-endpoints".into(),
-            format!("http://{}:{ETCD_PORT}", c.etcd_ip),
+            format!("https://{}:{ETCD_PORT}", c.etcd_ip),
+            "--etcd-ca".into(),
+            self.pki_dir(&c.name).join("ca.crt").display().to_string(),
+            "--etcd-cert".into(),
+            self.pki_dir(&c.name).join("apiserver.crt").display().to_string(),
+            "--etcd-key".into(),
+            self.pki_dir(&c.name).join("apiserver.key").display().to_string(),
         ];
         let role = format!("apiserver-{}", c.name);
         let ul = self.ul();
@@ -356,14 +447,24 @@ impl LabState {
         Ok(())
     }
 
+    /// Every cluster's clustermesh config: `meshctl clustermesh connect` to each peer.
     fn write_clustermesh_configs(&self) -> Result<()> {
         for c in &self.clusters {
             let dir = self.cluster_dir(&c.name).join("clustermesh");
             std::fs::create_dir_all(&dir)?;
-            for peer in self.clusters.iter().filter(|p| p.name != c.name) {
-                let text = format!("endpoints:\n  - http://{}:{ETCD_PORT}\n", peer.etcd_ip);
-                write_atomic(&dir.join(&peer.name), &text)?;
+            let peers: Vec<&ClusterRt> = self.clusters.iter().filter(|p| p.name != c.name).collect();
+            if peers.is_empty() {
+                continue;
             }
+            let mut cmd = Command::new(super::bin("meshctl"));
+            cmd.args(["clustermesh", "connect", "--from"])
+                .arg(self.pki_dir(&c.name))
+                .arg("--config-dir")
+                .arg(&dir);
+            for p in peers {
+                cmd.arg("--to").arg(self.pki_dir(&p.name));
+            }
+            util::run(&mut cmd)?;
         }
         Ok(())
     }
@@ -844,6 +945,7 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
             st.clusters.len()
         );
         st.create_underlay()?;
+        st.make_pki()?;
         for ci in 0..st.clusters.len() {
             st.start_etcd(ci)?;
         }
@@ -856,6 +958,7 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
         for ci in 0..st.clusters.len() {
             st.wait_etcd(ci, Duration::from_secs(30))?;
         }
+        let inits = st.start_etcd_inits()?;
         println!("lab: wiring pods and starting clustermesh-apiservers and agents");
         for ci in 0..st.clusters.len() {
             st.sync_pods(ci)?;
@@ -865,6 +968,7 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
                 st.start_agent(ci, ni)?;
             }
         }
+        st.finish_etcd_inits(inits)?;
         println!("lab: waiting for the mesh to converge");
         let t = st.wait_converged(timeout)?;
         println!("lab: converged {:.1}s after the agents started", t.as_secs_f64());
@@ -1045,7 +1149,7 @@ pub fn status(dir: &Path, as_json: bool) -> Result<()> {
                 "name": c.name,
                 "id": c.id,
                 "podCIDR": c.pod_cidr.to_string(),
-                "etcd": format!("http://{}:{ETCD_PORT}", c.etcd_ip),
+                "etcd": format!("https://{}:{ETCD_PORT}", c.etcd_ip),
                 "nodes": c.nodes.iter().map(|n| {
                     let a = agent(n);
                     json!({
