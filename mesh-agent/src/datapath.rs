@@ -1,15 +1,42 @@
 //! The agent's eBPF datapath: loads `mesh-ebpf`, attaches its tc programs and owns its maps.
 //!
-//! This is the only module of the agent that touches aya. Nothing is pinned: the programs detach and the maps go
-//! away when the [`Datapath`] is dropped. Attaching resolves interface names in the calling thread's network
-//! namespace; map operations work from any thread.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+//! This is the only module of the agent that touches aya. Attaching resolves interface names in the calling
+//! thread's network namespace; map operations work from any thread.
+//!
+//! # Two lifetimes
+//!
+//! - [`Datapath::load`]: nothing is pinned; the programs detach and the maps go away when the [`Datapath`] is
+//!   dropped (tests, throwaway use).
+//! - [`Datapath::load_pinned`] (the agent): the datapath outlives the agent, so that an agent restart (upgrade,
+//!   crash, SIGKILL) never interrupts forwarding. Layout of the pin directory (on bpffs, one per node):
+//!   - `maps-v<MAP_ABI>/<MAP>`: every shared map. The loader reuses a pinned map when its kernel definition (type,
+//!     key and value size, max entries, flags) matches the object's; a pin that does not match (an upgrade that
+//!     changed the map ABI) is removed with a logged warning and the map is created afresh: a flush is
+//!     unavoidable then. Pins of another [`MAP_ABI`] are removed likewise.
+//!   - `links/<program>@<ifname>`: the tcx links. A tcx link lives as long as something references it; the pin
+//!     keeps it, and so its program, attached while no agent runs. A new agent loads its programs (bound to the
+//!     pinned maps) and replaces the program inside each pinned link with `BPF_LINK_UPDATE`, an atomic swap of
+//!     the program pointer: there is no moment in which the interface has no program (unlike detach + attach),
+//!     and no moment with two. A pin whose link is defunct (its interface went away while no agent ran) fails
+//!     the update with `ENOLINK` and is removed; the reconcile attaches afresh where needed.
+//!
+//!   Dropping the [`Datapath`] (agent exit, also on SIGTERM) only closes file descriptors: the pinned links and
+//!   maps stay as they are until the next agent takes over. Counters persist across restarts as well (they are a
+//!   pinned map). Removing the pin directory ([`remove_pins`], `rm -r` of it) removes the datapath: the links
+//!   detach once no process holds them, and the maps go with the last program that uses them.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    Ebpf, EbpfError,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, lpm_trie::Key},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions, tc::SchedClassifierLinkId,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
     },
 };
 use ipnet::Ipv4Net;
@@ -17,12 +44,42 @@ use mesh_common::{
     BackendV4, COUNTER_COUNT, Counter, CtEntryV4, CtKeyV4, EndpointKeyV4, IpcacheEntry, LocalEndpoint,
     LpmKeyV4, NodeConfig, RevNatV4, ServiceEntry, ServiceKeyV4, SlotKey, maps, programs, proto,
 };
+use tracing::{info, warn};
 
 /// The compiled eBPF object, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
 /// Extra room in the output buffer of a test run, for programs that grow the packet.
 const TEST_RUN_HEADROOM: usize = 256;
+
+/// The maps shared by the programs and the agent: the ones pinned by [`Datapath::load_pinned`].
+pub const SHARED_MAPS: [&str; 9] = [
+    maps::IPCACHE_V4,
+    maps::ENDPOINTS_V4,
+    maps::NODE_CONFIG,
+    maps::COUNTERS,
+    maps::SERVICES_V4,
+    maps::SERVICE_SLOTS,
+    maps::BACKENDS_V4,
+    maps::REVNAT_V4,
+    maps::CT_V4,
+];
+
+/// Version of the map ABI where sizes cannot tell: bump it when a key or value changes meaning at an equal size.
+/// The maps of another version are not adopted (their pins are removed: a flush).
+pub const MAP_ABI: u32 = 1;
+
+/// Where the agent pins the datapath of node `node` by default.
+#[must_use]
+pub fn default_pin_dir(node: &str) -> PathBuf {
+    Path::new(BPFFS_ROOT).join("fleetmesh").join(node)
+}
+
+/// The usual mount point of bpffs.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 /// What went wrong in the datapath, naming the program, map, key or interface involved.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +151,30 @@ pub enum DatapathError {
         /// The kernel's answer.
         #[source]
         source: Box<MapError>,
+    },
+    /// The pin directory could not be prepared, read or changed.
+    #[error("pin directory {}: {what}", path.display())]
+    PinDir {
+        /// The directory or the pin in it.
+        path: PathBuf,
+        /// What was being done.
+        what: String,
+        /// The system's answer, if any.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// Pinning a new tc link failed.
+    #[error("pinning the link of {program} on interface {ifname:?} at {}", path.display())]
+    PinLink {
+        /// Program name.
+        program: &'static str,
+        /// Interface.
+        ifname: String,
+        /// The pin.
+        path: PathBuf,
+        /// The kernel's answer.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// `BPF_PROG_TEST_RUN` failed.
     #[error("test run of eBPF program {program:?}")]
@@ -282,6 +363,32 @@ impl<K: TableKey, V: aya::Pod> Table<K, V> {
     }
 }
 
+/// What [`Datapath::load_pinned`] found in the pin directory and took over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// Maps whose pins were reused, contents and all.
+    pub maps_reused: Vec<&'static str>,
+    /// Maps created afresh, with the reason when a pin was there but could not be reused.
+    pub maps_created: Vec<(&'static str, Option<String>)>,
+    /// Links whose program was replaced in place (`<program>@<ifname>`).
+    pub links_adopted: Vec<String>,
+    /// Link pins removed (defunct or unusable), with the reason.
+    pub links_removed: Vec<(String, String)>,
+}
+
+/// How a program is attached to one interface.
+enum Attachment {
+    /// A link owned by the program: detached when the [`Datapath`] is dropped.
+    Owned(SchedClassifierLinkId),
+    /// A pinned tcx link: stays attached after the [`Datapath`] is dropped.
+    Pinned {
+        /// Our handle on it (closing it does not detach, the pin holds the link).
+        _link: FdLink,
+        /// The pin.
+        pin: PathBuf,
+    },
+}
+
 /// The loaded datapath: programs, their tc links, and the maps.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -295,8 +402,11 @@ pub struct Datapath {
     node_config: Array<MapData, NodeConfig>,
     counters: PerCpuArray<MapData, u64>,
     counters_id: u32,
-    overlay: Option<(String, SchedClassifierLinkId)>,
-    endpoint_links: BTreeMap<String, SchedClassifierLinkId>,
+    overlay: Option<(String, Attachment)>,
+    endpoint_links: BTreeMap<String, Attachment>,
+    /// The pin directory, when the datapath is pinned.
+    pins: Option<PathBuf>,
+    adoption: Adoption,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -307,6 +417,7 @@ impl std::fmt::Debug for Datapath {
                 "endpoints_attached",
                 &self.endpoint_links.keys().collect::<Vec<_>>(),
             )
+            .field("pins", &self.pins)
             .finish_non_exhaustive()
     }
 }
@@ -344,14 +455,261 @@ fn lpm_key(prefix: Ipv4Net) -> Key<LpmKeyV4> {
     Key::new(u32::from(prefix.prefix_len()), prefix.network().octets())
 }
 
+fn pin_dir_error(path: &Path, what: impl Into<String>, source: Option<std::io::Error>) -> DatapathError {
+    DatapathError::PinDir {
+        path: path.to_owned(),
+        what: what.into(),
+        source,
+    }
+}
+
+fn is_bpffs(path: &Path) -> Result<bool, std::io::Error> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statfs is plain old data; all-zero is a valid value for the kernel to fill in.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a live, writable statfs.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // f_type is a signed word on this libc; the magic is compared by its low 32 bits.
+    let magic = u64::from_ne_bytes(st.f_type.to_ne_bytes()) & 0xffff_ffff;
+    Ok(magic == BPF_FS_MAGIC)
+}
+
+/// An exclusive `flock` on a file in `/run`, held while bpffs is checked and mounted.
+struct MountLock {
+    _file: std::fs::File,
+}
+
+impl MountLock {
+    const PATH: &str = "/run/fleetmesh-bpffs.lock";
+
+    fn take() -> Result<Self, DatapathError> {
+        use std::os::fd::AsRawFd as _;
+        let path = Path::new(Self::PATH);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| pin_dir_error(path, "opening the bpffs mount lock", Some(e)))?;
+        // SAFETY: flock on a descriptor we own; it blocks until the lock is ours (released when the file closes).
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(pin_dir_error(
+                path,
+                "locking the bpffs mount lock",
+                Some(std::io::Error::last_os_error()),
+            ));
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+/// Makes sure `dir` exists on a bpffs: mounts bpffs at [`BPFFS_ROOT`] first when `dir` lies below it and nothing is
+/// mounted there (a bare host or container), then creates `dir`.
+///
+/// # Errors
+///
+/// When mounting or creating fails, or `dir` ends up on another file system (pins need bpffs).
+pub fn prepare_pin_dir(dir: &Path) -> Result<(), DatapathError> {
+    let root = Path::new(BPFFS_ROOT);
+    // Agents of one host (the lab runs several) may start at once: one mounts, the others see it mounted. Two
+    // mounts stacked on each other would hide the first one's pins.
+    let _lock = if dir.starts_with(root) {
+        Some(MountLock::take()?)
+    } else {
+        None
+    };
+    if dir.starts_with(root) && !is_bpffs(root).unwrap_or(false) {
+        std::fs::create_dir_all(root)
+            .map_err(|e| pin_dir_error(root, "creating the bpffs mount point", Some(e)))?;
+        let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+        // SAFETY: NUL-terminated constant strings; no mount data.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(pin_dir_error(
+                root,
+                "mounting bpffs",
+                Some(std::io::Error::last_os_error()),
+            ));
+        }
+        info!(path = BPFFS_ROOT, "mounted bpffs");
+    }
+    std::fs::create_dir_all(dir).map_err(|e| pin_dir_error(dir, "creating", Some(e)))?;
+    match is_bpffs(dir) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(pin_dir_error(dir, "not on a bpffs (mount -t bpf bpf DIR)", None)),
+        Err(e) => Err(pin_dir_error(dir, "statfs", Some(e))),
+    }
+}
+
+/// Removes a pin directory made by [`Datapath::load_pinned`]: its links detach once no process holds them and its
+/// maps go once no program uses them. Absent is fine.
+///
+/// # Errors
+///
+/// When the kernel refuses a removal.
+pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(pin_dir_error(dir, "removing", Some(e))),
+        _ => Ok(()),
+    }
+}
+
+/// Whether a pinned map's kernel definition is the one the object declares; the difference otherwise.
+fn map_mismatch(have: &MapInfo, want: &aya_obj::Map) -> Option<String> {
+    let have_type = have.map_type().map_or(u32::MAX, |t| t as u32);
+    let pairs = [
+        ("type", have_type, want.map_type()),
+        ("key size", have.key_size(), want.key_size()),
+        ("value size", have.value_size(), want.value_size()),
+        ("max entries", have.max_entries(), want.max_entries()),
+        ("flags", have.map_flags(), want.map_flags()),
+    ];
+    let diffs: Vec<String> = pairs
+        .iter()
+        .filter(|(_, h, w)| h != w)
+        .map(|(what, h, w)| format!("{what} {h} (pinned) != {w} (this build)"))
+        .collect();
+    (!diffs.is_empty()).then(|| diffs.join(", "))
+}
+
+/// Removes the pins in `maps_dir` that this build cannot reuse; reports which maps are reused or created.
+fn check_pinned_maps(maps_dir: &Path, adoption: &mut Adoption) -> Result<(), DatapathError> {
+    let obj = aya_obj::Object::parse(OBJECT).map_err(|e| DatapathError::Load(Box::new(e.into())))?;
+    for name in SHARED_MAPS {
+        let path = maps_dir.join(name);
+        if std::fs::symlink_metadata(&path).is_err() {
+            adoption.maps_created.push((name, None));
+            continue;
+        }
+        let want = obj.maps.get(name).ok_or(DatapathError::BadMap {
+            map: name,
+            source: None,
+        })?;
+        let mismatch = match MapInfo::from_pin(&path) {
+            Ok(have) => map_mismatch(&have, want),
+            Err(e) => Some(format!("unreadable pin: {e}")),
+        };
+        match mismatch {
+            None => adoption.maps_reused.push(name),
+            Some(why) => {
+                warn!(map = name, pin = %path.display(), reason = %why,
+                    "pinned map does not match this build: removing it, the map starts empty");
+                std::fs::remove_file(&path)
+                    .map_err(|e| pin_dir_error(&path, "removing a stale map pin", Some(e)))?;
+                adoption.maps_created.push((name, Some(why)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes the map pins of other ABI versions under `dir`.
+fn remove_other_abis(dir: &Path, keep: &str) -> Result<(), DatapathError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| pin_dir_error(dir, "reading", Some(e)))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("maps-v") && name != keep {
+            warn!(pins = %entry.path().display(), "maps of another map ABI version: removing them (a flush)");
+            std::fs::remove_dir_all(entry.path())
+                .map_err(|e| pin_dir_error(&entry.path(), "removing", Some(e)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the program of the pinned tcx link at `path` with `prog` (`BPF_LINK_UPDATE`, atomic) and returns the
+/// link.
+fn adopt_link(prog: &mut SchedClassifier, path: &Path) -> Result<FdLink, String> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| format!("opening: {e}"))?;
+    let link =
+        SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| format!("not a tcx link: {e}"))?;
+    let id = prog
+        .attach_to_link(link)
+        .map_err(|e| format!("replacing its program: {}", error_chain(&e)))?;
+    let link = prog.take_link(id).map_err(|e| format!("{e}"))?;
+    FdLink::try_from(link).map_err(|e| format!("{e}"))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn link_pin_name(program: &str, ifname: &str) -> String {
+    format!("{program}@{ifname}")
+}
+
 impl Datapath {
-    /// Loads the eBPF object and both programs into the kernel. Nothing is attached and the maps are empty.
+    /// Loads the eBPF object and both programs into the kernel. Nothing is attached and the maps are empty; nothing
+    /// outlives the returned value.
     ///
     /// # Errors
     ///
     /// When the object does not parse, a map cannot be created, or the verifier rejects a program.
     pub fn load() -> Result<Self, DatapathError> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        Self::load_with(None)
+    }
+
+    /// Loads the datapath pinned under `dir` (see the module docs), adopting what an earlier agent left there: the
+    /// maps with their contents, and the tc links, whose programs are replaced in place by this build's. `dir`
+    /// is created (and bpffs mounted, see [`prepare_pin_dir`]) when needed. What was adopted is in
+    /// [`Datapath::adoption`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Datapath::load`], and when the pin directory cannot be prepared or a pin cannot be removed.
+    pub fn load_pinned(dir: &Path) -> Result<Self, DatapathError> {
+        prepare_pin_dir(dir)?;
+        let mut dp = Self::load_with(Some(dir))?;
+        dp.adopt_links()?;
+        let a = &dp.adoption;
+        info!(
+            pins = %dir.display(),
+            maps_reused = a.maps_reused.len(),
+            maps_created = a.maps_created.len(),
+            links_adopted = a.links_adopted.len(),
+            links_removed = a.links_removed.len(),
+            "datapath loaded pinned"
+        );
+        Ok(dp)
+    }
+
+    fn load_with(pins: Option<&Path>) -> Result<Self, DatapathError> {
+        let mut adoption = Adoption::default();
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pins {
+            let version = format!("maps-v{MAP_ABI}");
+            remove_other_abis(dir, &version)?;
+            let maps_dir = dir.join(version);
+            std::fs::create_dir_all(&maps_dir).map_err(|e| pin_dir_error(&maps_dir, "creating", Some(e)))?;
+            check_pinned_maps(&maps_dir, &mut adoption)?;
+            for name in SHARED_MAPS {
+                loader.map_pin_path(name, maps_dir.join(name));
+            }
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| DatapathError::Load(Box::new(e)))?;
         for program in [programs::FROM_POD, programs::FROM_OVERLAY] {
             classifier(&mut ebpf, program)?
                 .load()
@@ -388,7 +746,158 @@ impl Datapath {
             ebpf,
             overlay: None,
             endpoint_links: BTreeMap::new(),
+            pins: pins.map(Path::to_owned),
+            adoption,
         })
+    }
+
+    /// The pin directory, when the datapath is pinned.
+    #[must_use]
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_deref()
+    }
+
+    /// What loading took over from an earlier agent (empty for [`Datapath::load`]).
+    #[must_use]
+    pub const fn adoption(&self) -> &Adoption {
+        &self.adoption
+    }
+
+    fn links_dir(&self) -> Option<PathBuf> {
+        self.pins.as_ref().map(|d| d.join("links"))
+    }
+
+    /// Takes over the pinned links: each gets this build's program in place (no gap); defunct ones are removed.
+    fn adopt_links(&mut self) -> Result<(), DatapathError> {
+        let Some(dir) = self.links_dir() else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| pin_dir_error(&dir, "creating", Some(e)))?;
+        let mut pins: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| pin_dir_error(&dir, "reading", Some(e)))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        pins.sort();
+        for path in pins {
+            let file = path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let parsed = file.split_once('@').and_then(|(p, ifname)| {
+                [programs::FROM_POD, programs::FROM_OVERLAY]
+                    .into_iter()
+                    .find(|known| *known == p)
+                    .map(|p| (p, ifname.to_owned()))
+            });
+            let result = match &parsed {
+                None => Err("not a link pin of this agent".to_owned()),
+                Some((programs::FROM_OVERLAY, _)) if self.overlay.is_some() => {
+                    Err("a second overlay link".to_owned())
+                }
+                Some((program, _)) => adopt_link(classifier(&mut self.ebpf, program)?, &path),
+            };
+            match (result, parsed) {
+                (Ok(link), Some((program, ifname))) => {
+                    let att = Attachment::Pinned {
+                        _link: link,
+                        pin: path.clone(),
+                    };
+                    if program == programs::FROM_OVERLAY {
+                        self.overlay = Some((ifname, att));
+                    } else {
+                        self.endpoint_links.insert(ifname, att);
+                    }
+                    self.adoption.links_adopted.push(file);
+                }
+                (result, _) => {
+                    let why = result.err().unwrap_or_default();
+                    warn!(pin = %path.display(), reason = %why, "removing a link pin that cannot be adopted");
+                    if let Err(e) = std::fs::remove_file(&path)
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        return Err(pin_dir_error(&path, "removing a stale link pin", Some(e)));
+                    }
+                    self.adoption.links_removed.push((file, why));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches `program` to tc ingress of `ifname`: owned by the program, or pinned (tcx) when the datapath is.
+    fn attach_new(&mut self, program: &'static str, ifname: &str) -> Result<Attachment, DatapathError> {
+        let links_dir = self.links_dir();
+        let prog = classifier(&mut self.ebpf, program)?;
+        let attach_error = |source| DatapathError::Attach {
+            program,
+            ifname: ifname.to_owned(),
+            source: Box::new(source),
+        };
+        let Some(links_dir) = links_dir else {
+            return prog
+                .attach(ifname, TcAttachType::Ingress)
+                .map(Attachment::Owned)
+                .map_err(attach_error);
+        };
+        let id = prog
+            .attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(attach_error)?;
+        let path = links_dir.join(link_pin_name(program, ifname));
+        let pin_error = |source: Box<dyn std::error::Error + Send + Sync>| DatapathError::PinLink {
+            program,
+            ifname: ifname.to_owned(),
+            path: path.clone(),
+            source,
+        };
+        // A pin left by a defunct link of an earlier interface of this name.
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(pin_error(Box::new(e)));
+        }
+        let link = prog.take_link(id).map_err(attach_error)?;
+        let link = FdLink::try_from(link).map_err(|e| pin_error(Box::new(e)))?;
+        let pinned = link.pin(&path).map_err(|e| pin_error(Box::new(e)))?;
+        Ok(Attachment::Pinned {
+            _link: FdLink::from(pinned),
+            pin: path,
+        })
+    }
+
+    /// Detaches one attachment of `program`.
+    fn detach_attachment(
+        &mut self,
+        program: &'static str,
+        ifname: String,
+        att: Attachment,
+    ) -> Result<(), DatapathError> {
+        match att {
+            Attachment::Owned(id) => {
+                classifier(&mut self.ebpf, program)?
+                    .detach(id)
+                    .map_err(|source| DatapathError::Detach {
+                        program,
+                        ifname,
+                        source: Box::new(source),
+                    })
+            }
+            Attachment::Pinned { _link: link, pin } => {
+                // Without its pin, closing our descriptor releases the link, which detaches it.
+                let removed = std::fs::remove_file(&pin);
+                drop(link);
+                match removed {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(pin_dir_error(&pin, "removing a link pin", Some(e)))
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
     }
 
     /// Writes this node's settings (VXLAN ifindex, underlay address, cluster id).
@@ -436,20 +945,9 @@ impl Datapath {
         {
             return Ok(());
         }
-        let prog = classifier(&mut self.ebpf, program)?;
-        let link = prog
-            .attach(ifname, TcAttachType::Ingress)
-            .map_err(|source| DatapathError::Attach {
-                program,
-                ifname: ifname.to_owned(),
-                source: Box::new(source),
-            })?;
+        let link = self.attach_new(program, ifname)?;
         if let Some((old, old_link)) = self.overlay.replace((ifname.to_owned(), link)) {
-            prog.detach(old_link).map_err(|source| DatapathError::Detach {
-                program,
-                ifname: old,
-                source: Box::new(source),
-            })?;
+            self.detach_attachment(program, old, old_link)?;
         }
         Ok(())
     }
@@ -464,13 +962,7 @@ impl Datapath {
         if self.endpoint_links.contains_key(ifname) {
             return Ok(());
         }
-        let link = classifier(&mut self.ebpf, program)?
-            .attach(ifname, TcAttachType::Ingress)
-            .map_err(|source| DatapathError::Attach {
-                program,
-                ifname: ifname.to_owned(),
-                source: Box::new(source),
-            })?;
+        let link = self.attach_new(program, ifname)?;
         self.endpoint_links.insert(ifname.to_owned(), link);
         Ok(())
     }
@@ -485,13 +977,7 @@ impl Datapath {
         let Some(link) = self.endpoint_links.remove(ifname) else {
             return Ok(());
         };
-        classifier(&mut self.ebpf, program)?
-            .detach(link)
-            .map_err(|source| DatapathError::Detach {
-                program,
-                ifname: ifname.to_owned(),
-                source: Box::new(source),
-            })
+        self.detach_attachment(program, ifname.to_owned(), link)
     }
 
     /// Interfaces `from_pod` is attached to, sorted.

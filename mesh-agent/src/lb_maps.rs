@@ -5,6 +5,11 @@
 //! are written first; then one update of the service entry switches new flows over; then the old slots go. So no
 //! packet ever sees a half-written table. Established flows keep their backend through conntrack, even when the
 //! backend is gone from every table.
+//!
+//! After an agent restart, [`LbMaps::adopt`] rebuilds this state from what the (pinned) maps hold: backend ids by
+//! address, frontends with their service id, rev-NAT id, flags and slot table, and id counters above every id in
+//! use. The first reconcile then changes only what differs: unchanged frontends keep their slot tables and rev-NAT
+//! ids, so conntrack entries stay valid and established flows are untouched.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -42,6 +47,23 @@ pub struct LbMaps {
     next_service_id: u32,
     next_rev_nat_id: u32,
     frontends: BTreeMap<ServiceKeyV4, Programmed>,
+    /// Entries found at adoption that nothing refers to (left by an agent that stopped half-way): removed by the
+    /// next reconcile, after the frontends are programmed.
+    orphans: Orphans,
+}
+
+/// Map entries found at adoption that no frontend refers to.
+#[derive(Debug, Default)]
+struct Orphans {
+    slots: Vec<SlotKey>,
+    backends: Vec<u32>,
+    rev_nats: Vec<u32>,
+}
+
+impl Orphans {
+    const fn len(&self) -> usize {
+        self.slots.len() + self.backends.len() + self.rev_nats.len()
+    }
 }
 
 /// What one reconcile changed.
@@ -51,6 +73,17 @@ pub struct LbChanges {
     pub frontends_removed: usize,
     pub backends_added: usize,
     pub backends_removed: usize,
+    /// Entries left over from an earlier agent that nothing referred to (slots, backends, rev-NATs).
+    pub orphans_removed: usize,
+}
+
+/// What [`LbMaps::adopt`] found in the maps.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LbAdopted {
+    pub frontends: usize,
+    pub backends: usize,
+    /// Entries nothing refers to, removed by the next reconcile.
+    pub orphans: usize,
 }
 
 fn next(counter: &mut u32) -> u32 {
@@ -67,6 +100,83 @@ fn slot_list(ids: &[(u32, u32)]) -> Vec<u32> {
 }
 
 impl LbMaps {
+    /// The state an earlier agent left in the maps of `dp` (empty maps give the empty state).
+    ///
+    /// # Errors
+    /// When a map cannot be read.
+    pub fn adopt(dp: &Datapath) -> Result<(Self, LbAdopted), DatapathError> {
+        let services = dp.services()?;
+        let slots: BTreeMap<(u32, u32), u32> = dp
+            .slots()?
+            .into_iter()
+            .map(|(k, b)| ((k.service_id, k.slot), b))
+            .collect();
+        let backends = dp.backends()?;
+        let rev_nats = dp.revnats()?;
+        let mut lb = Self::default();
+        let mut orphans = Orphans::default();
+
+        for (id, b) in &backends {
+            let key = (Ipv4Addr::from(b.addr), u16::from_be(b.port_be), b.proto);
+            match lb.backend_ids.entry(key) {
+                // The same backend twice: keep the first id; a slot naming the other one makes its frontend
+                // differ from the desired state, so the reconcile rewrites it before the orphan goes.
+                std::collections::btree_map::Entry::Occupied(_) => orphans.backends.push(*id),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(*id);
+                }
+            }
+            lb.next_backend_id = lb.next_backend_id.max(*id);
+        }
+        let mut used_rev_nats = BTreeSet::new();
+        for (key, e) in &services {
+            let slots = (0..e.slot_count)
+                .map(|slot| {
+                    slots
+                        .get(&(e.service_id, slot))
+                        // A missing slot: 0 is never a backend id, so the table differs from any desired one.
+                        .map_or(0, |b| *b)
+                })
+                .collect();
+            used_rev_nats.insert(e.rev_nat_id);
+            lb.next_service_id = lb.next_service_id.max(e.service_id);
+            lb.next_rev_nat_id = lb.next_rev_nat_id.max(e.rev_nat_id);
+            lb.frontends.insert(
+                *key,
+                Programmed {
+                    service_id: e.service_id,
+                    rev_nat_id: e.rev_nat_id,
+                    flags: e.flags,
+                    slots,
+                },
+            );
+        }
+        let slot_counts: BTreeMap<u32, u32> = services
+            .iter()
+            .map(|(_, e)| (e.service_id, e.slot_count))
+            .collect();
+        for &(service_id, slot) in slots.keys() {
+            lb.next_service_id = lb.next_service_id.max(service_id);
+            let in_use = slot_counts.get(&service_id).is_some_and(|count| slot < *count);
+            if !in_use {
+                orphans.slots.push(SlotKey { service_id, slot });
+            }
+        }
+        for (id, _) in &rev_nats {
+            lb.next_rev_nat_id = lb.next_rev_nat_id.max(*id);
+            if !used_rev_nats.contains(id) {
+                orphans.rev_nats.push(*id);
+            }
+        }
+        let adopted = LbAdopted {
+            frontends: lb.frontends.len(),
+            backends: lb.backend_ids.len(),
+            orphans: orphans.len(),
+        };
+        lb.orphans = orphans;
+        Ok((lb, adopted))
+    }
+
     /// Programs `views` into the datapath.
     ///
     /// # Errors
@@ -201,6 +311,19 @@ impl LbMaps {
                 dp.remove_backend(id)?;
                 changes.backends_removed += 1;
             }
+        }
+        // Leftovers of an earlier agent, now that every frontend points at its final slot table.
+        while let Some(key) = self.orphans.slots.pop() {
+            dp.remove_slot(key)?;
+            changes.orphans_removed += 1;
+        }
+        while let Some(id) = self.orphans.rev_nats.pop() {
+            dp.remove_revnat(id)?;
+            changes.orphans_removed += 1;
+        }
+        while let Some(id) = self.orphans.backends.pop() {
+            dp.remove_backend(id)?;
+            changes.orphans_removed += 1;
         }
         Ok(changes)
     }

@@ -59,6 +59,11 @@ struct Args {
     /// Key prefix in etcd.
     #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
     kvstore_prefix: String,
+    /// Directory on bpffs where the datapath (maps and tc links) is pinned, so that it keeps forwarding while the
+    /// agent restarts; the next agent adopts it. Default `/sys/fs/bpf/fleetmesh/<node-name>` (bpffs is mounted
+    /// there when missing). Removing the directory removes the datapath (uninstall).
+    #[arg(long, env = "FLEETMESH_BPF_PIN_DIR")]
+    bpf_pin_dir: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `mesh_agent=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -136,8 +141,15 @@ async fn main() -> anyhow::Result<()> {
     // Sources and remote watchers start first, so that remote clusters sync while the programs load.
     ensure_vxlan(&args.vxlan_device).context("setting up the VXLAN device")?;
     let vxlan = args.vxlan_device.clone();
+    let pin_dir = args
+        .bpf_pin_dir
+        .clone()
+        .unwrap_or_else(|| mesh_agent::datapath::default_pin_dir(&me.node));
+    // Adopts what an earlier agent pinned: maps with their contents, links (programs replaced in place). Nothing
+    // is detached on exit either (SIGTERM included): the datapath stays until the next agent takes over.
     let dp = tokio::task::spawn_blocking(move || -> anyhow::Result<Datapath> {
-        let mut dp = Datapath::load().context("loading the eBPF datapath")?;
+        let mut dp = Datapath::load_pinned(&pin_dir)
+            .with_context(|| format!("loading the eBPF datapath pinned at {}", pin_dir.display()))?;
         dp.attach_overlay(&vxlan)
             .context("attaching to the VXLAN device")?;
         Ok(dp)

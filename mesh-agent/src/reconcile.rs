@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use crate::datapath::Datapath;
 use crate::desired::{self, Me};
 use crate::lb::{self, ServiceView};
-use crate::lb_maps::{LbChanges, LbMaps};
+use crate::lb_maps::{LbAdopted, LbChanges, LbMaps};
 use crate::netdev;
 use crate::remote::RemoteCluster;
 
@@ -66,14 +66,29 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
+    /// Takes over `dp`, adopting the service maps' contents (an earlier agent's, after a restart with pinned
+    /// maps), so that the first reconcile changes only what differs.
     #[must_use]
     pub fn new(dp: Datapath, me: Me, vxlan_ifname: String) -> Self {
+        let lb = match LbMaps::adopt(&dp) {
+            Ok((lb, adopted)) => {
+                if adopted != LbAdopted::default() {
+                    info!(?adopted, "adopted the service maps");
+                }
+                lb
+            }
+            Err(e) => {
+                // Only when the maps cannot be read at all; programming from scratch then overwrites by id.
+                warn!(error = %format!("{e:#}"), "could not read the service maps; starting from empty state");
+                LbMaps::default()
+            }
+        };
         Self {
             dp,
             me,
             vxlan_ifname,
             reconciles: 0,
-            lb: LbMaps::default(),
+            lb,
             remote_grace: std::time::Duration::from_secs(30),
         }
     }

@@ -400,6 +400,12 @@ impl LabState {
         self.save()
     }
 
+    /// Where the lab's agents pin their datapaths on bpffs (per lab, so that labs of the same topology running at
+    /// once stay apart; one directory per node below it).
+    fn bpf_pins(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf/fleetmesh").join(&self.prefix)
+    }
+
     fn start_agent(&mut self, ci: usize, ni: usize) -> Result<()> {
         let c = &self.clusters[ci];
         let n = &c.nodes[ni];
@@ -417,6 +423,8 @@ impl LabState {
             dir.join("clustermesh").display().to_string(),
             "--api-socket".into(),
             n.socket.display().to_string(),
+            "--bpf-pin-dir".into(),
+            self.bpf_pins().join(&n.name).display().to_string(),
         ];
         let (role, netns) = (format!("agent-{}", n.name), n.netns.clone());
         self.spawn(&role, &netns, &super::bin("mesh-agent"), &args)?;
@@ -770,6 +778,13 @@ impl LabState {
             }
         }
         self.netns.clear();
+        // The agents' pinned datapaths (maps, links); the links are gone with the namespaces already.
+        let pins = self.bpf_pins();
+        if let Err(e) = std::fs::remove_dir_all(&pins)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("lab: removing pinned datapaths {}: {e}", pins.display());
+        }
         let _ = std::fs::remove_dir_all(self.lab_dir.join("run"));
         let _ = std::fs::remove_dir_all(self.lab_dir.join("clusters"));
     }
