@@ -1,0 +1,252 @@
+//! `meshctl clustermesh` as users run it (the built binary): the material it writes, and clear errors (exit
+//! status 1, a message naming the problem, never a panic) for everything that can be wrong.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn meshctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(args)
+        .output()
+        .expect("run meshctl")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = meshctl(args);
+    assert!(
+        out.status.success(),
+        "meshctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must fail; returns its stderr.
+fn fails(args: &[&str]) -> String {
+    let out = meshctl(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "meshctl {args:?}: {out:?}");
+    assert!(
+        !stderr.contains("panicked"),
+        "meshctl {args:?} panicked: {stderr}"
+    );
+    stderr
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn cluster(ca: &Path, out: &Path, name: &str, id: &str, ip: &str) {
+    ok(&[
+        "clustermesh",
+        "cluster-certs",
+        "--ca",
+        s(ca),
+        "--cluster",
+        name,
+        "--cluster-id",
+        id,
+        "--server-ip",
+        ip,
+        "--out",
+        s(out),
+    ]);
+}
+
+#[test]
+fn help_explains_the_steps() {
+    let help = ok(&["clustermesh", "--help"]);
+    for word in [
+        "ca",
+        "cluster-certs",
+        "etcd-init",
+        "connect",
+        "--client-cert-auth",
+    ] {
+        assert!(help.contains(word), "{word} missing in:\n{help}");
+    }
+    let connect = ok(&["clustermesh", "connect", "--help"]);
+    for word in ["trusted-ca-file", "cert-file", "key-file", "--config-dir"] {
+        assert!(connect.contains(word), "{word} missing in:\n{connect}");
+    }
+}
+
+#[test]
+fn makes_a_mesh_and_connects_clusters() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (ca, east, west) = (t.path().join("ca"), t.path().join("east"), t.path().join("west"));
+    ok(&["clustermesh", "ca", "create", "--out", s(&ca)]);
+    cluster(&ca, &east, "east", "1", "100.64.0.1");
+    cluster(&ca, &west, "west", "2", "100.64.0.2");
+    for f in [
+        "ca.crt",
+        "etcd-server.crt",
+        "etcd-server.key",
+        "apiserver.crt",
+        "remote.crt",
+        "admin.key",
+        "cluster.yaml",
+    ] {
+        assert!(east.join(f).is_file(), "{f} missing");
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(east.join("remote.key"))
+            .expect("key")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "private keys are readable by others: {mode:o}");
+
+    let cm = t.path().join("east-clustermesh");
+    ok(&[
+        "clustermesh",
+        "connect",
+        "--from",
+        s(&east),
+        "--to",
+        s(&west),
+        "--config-dir",
+        s(&cm),
+    ]);
+    let text = std::fs::read_to_string(cm.join("west")).expect("config for west");
+    assert!(text.contains("https://100.64.0.2:2379"), "{text}");
+    for key in ["trusted-ca-file:", "cert-file:", "key-file:"] {
+        assert!(text.contains(key), "{key} missing:\n{text}");
+    }
+    assert_eq!(
+        std::fs::read(cm.join("west.tls/client.crt")).expect("copied cert"),
+        std::fs::read(west.join("remote.crt")).expect("west's remote cert"),
+        "A gets B's read-only certificate"
+    );
+
+    // Refusals, each naming the problem; nothing is written.
+    let err = fails(&[
+        "clustermesh",
+        "connect",
+        "--from",
+        s(&east),
+        "--to",
+        s(&east),
+        "--config-dir",
+        s(&cm),
+    ]);
+    assert!(err.contains("to itself"), "{err}");
+    let other = t.path().join("other");
+    cluster(&ca, &other, "south", "2", "100.64.0.9");
+    let err = fails(&[
+        "clustermesh",
+        "connect",
+        "--from",
+        s(&east),
+        "--to",
+        s(&other),
+        "--config-dir",
+        s(&cm),
+    ]);
+    assert!(err.contains("id 2") && err.contains("\"west\""), "{err}");
+    assert!(!cm.join("south").exists(), "a refused cluster got a config file");
+    let same_id = t.path().join("same-id");
+    cluster(&ca, &same_id, "north", "1", "100.64.0.3");
+    let err = fails(&[
+        "clustermesh",
+        "connect",
+        "--from",
+        s(&east),
+        "--to",
+        s(&same_id),
+        "--config-dir",
+        s(&cm),
+    ]);
+    assert!(err.contains("own id"), "{err}");
+    let renamed = t.path().join("west2");
+    cluster(&ca, &renamed, "west", "7", "100.64.0.7");
+    let err = fails(&[
+        "clustermesh",
+        "connect",
+        "--from",
+        s(&east),
+        "--to",
+        s(&renamed),
+        "--config-dir",
+        s(&cm),
+    ]);
+    assert!(err.contains("already") && err.contains("--replace"), "{err}");
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let ca = t.path().join("ca");
+    let out = t.path().join("x");
+    let err = fails(&[
+        "clustermesh",
+        "cluster-certs",
+        "--ca",
+        s(&ca),
+        "--cluster",
+        "x",
+        "--cluster-id",
+        "3",
+        "--server-ip",
+        "10.0.0.1",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("ca create"), "missing CA: {err}");
+    ok(&["clustermesh", "ca", "create", "--out", s(&ca)]);
+    let err = fails(&["clustermesh", "ca", "create", "--out", s(&ca)]);
+    assert!(err.contains("--force"), "overwriting the CA: {err}");
+    let err = fails(&[
+        "clustermesh",
+        "cluster-certs",
+        "--ca",
+        s(&ca),
+        "--cluster",
+        "Bad_Name",
+        "--cluster-id",
+        "3",
+        "--server-ip",
+        "10.0.0.1",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("Bad_Name"), "{err}");
+    let err = fails(&[
+        "clustermesh",
+        "cluster-certs",
+        "--ca",
+        s(&ca),
+        "--cluster",
+        "x",
+        "--cluster-id",
+        "3",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("--server-ip"), "no address: {err}");
+    let err = fails(&[
+        "clustermesh",
+        "connect",
+        "--from",
+        s(&t.path().join("nope")),
+        "--to",
+        s(&out),
+    ]);
+    assert!(err.contains("cluster.yaml"), "{err}");
+    std::fs::write(ca.join("ca.key"), "not a key").expect("corrupt key");
+    let err = fails(&[
+        "clustermesh",
+        "cluster-certs",
+        "--ca",
+        s(&ca),
+        "--cluster",
+        "x",
+        "--cluster-id",
+        "3",
+        "--server-ip",
+        "10.0.0.1",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("ca.key"), "{err}");
+}
