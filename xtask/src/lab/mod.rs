@@ -73,6 +73,19 @@ pub enum LabCommand {
     AddNode { cluster: String },
     /// Remove everything the lab made (also after a crash of an earlier run). Logs are kept.
     Down,
+    /// Restart a daemon: `lab restart agent east-node-1`, `lab restart etcd west --kill`.
+    Restart {
+        daemon: state::Daemon,
+        /// Node (agent) or cluster (apiserver, etcd).
+        name: String,
+        /// SIGKILL instead of a graceful SIGTERM.
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Take a cluster off the underlay: its nodes and its etcd become unreachable for the other clusters.
+    Cut { cluster: String },
+    /// Put a cut cluster back on the underlay.
+    Restore { cluster: String },
     /// List this lab's network namespaces, one per line (also those an earlier crash left behind).
     Namespaces,
 }
@@ -116,6 +129,9 @@ pub fn run(args: LabArgs) -> Result<()> {
         LabCommand::Delete { cluster, file } => state::apply(&dir, &cluster, &file, true),
         LabCommand::AddNode { cluster } => state::add_node(&dir, &cluster),
         LabCommand::Down => state::down(&dir),
+        LabCommand::Restart { daemon, name, kill } => state::restart(&dir, daemon, &name, kill).map(drop),
+        LabCommand::Cut { cluster } => state::cut(&dir, &cluster, true),
+        LabCommand::Restore { cluster } => state::cut(&dir, &cluster, false),
         LabCommand::Namespaces => {
             for n in state::namespaces(&dir) {
                 println!("{n}");

@@ -107,6 +107,13 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// SIGKILL, nothing else (a crash rehearsal).
+pub fn kill_now(pid: u32, marker: &str) {
+    if is_ours(pid, marker) {
+        signal(pid, libc::SIGKILL);
+    }
+}
+
 /// Stops processes: SIGTERM, then SIGKILL for those still alive after `grace`.
 pub fn stop_processes(pids: &[u32], marker: &str, grace: Duration) {
     let ours: Vec<u32> = pids.iter().copied().filter(|p| is_ours(*p, marker)).collect();

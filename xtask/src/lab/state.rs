@@ -80,6 +80,17 @@ pub struct PodRt {
 pub struct Proc {
     pub role: String,
     pub pid: u32,
+    /// How it was started (for `lab restart`).
+    #[serde(default)]
+    pub spawn: Option<SpawnSpec>,
+}
+
+/// A daemon's command: program and arguments, run in a network namespace.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpawnSpec {
+    pub netns: String,
+    pub program: PathBuf,
+    pub args: Vec<String>,
 }
 
 fn fnv(s: &str) -> u64 {
@@ -91,6 +102,14 @@ fn fnv(s: &str) -> u64 {
 /// Namespace prefix of the lab in `dir`: `fm` + 6 hex digits of the folder's path.
 fn prefix_for(dir: &Path) -> String {
     format!("fm{:06x}", fnv(&dir.display().to_string()) & 0xff_ffff)
+}
+
+/// How long agents of the lab keep an unreachable cluster's backends (short, so fault rehearsals are quick).
+pub const REMOTE_GRACE: &str = "3s";
+
+/// Loopback port of cluster `id`'s etcd inside the underlay namespace (for its own apiserver).
+fn local_etcd_port(id: u16) -> u16 {
+    32000 + id
 }
 
 fn etcd_ip(id: u16) -> Ipv4Addr {
@@ -267,9 +286,15 @@ impl LabState {
         let mut cmd = net::in_netns_cmd(netns, program);
         cmd.args(args);
         let pid = net::spawn_daemon(cmd, &self.log(role))?;
+        let spawn = SpawnSpec {
+            netns: netns.to_owned(),
+            program: program.to_owned(),
+            args: args.to_vec(),
+        };
         self.procs.push(Proc {
             role: role.to_owned(),
             pid,
+            spawn: Some(spawn),
         });
         self.save()?;
         Ok(pid)
@@ -310,13 +335,16 @@ impl LabState {
         let pki = self.pki_dir(&name);
         let client = format!("https://{ip}:{ETCD_PORT}");
         let peer = format!("http://{ip}:{}", ETCD_PORT + 1);
+        // The cluster's own apiserver uses a loopback listener, so `lab cut` (which takes the cluster's etcd
+        // address off the underlay) separates the cluster from its peers without cutting it from itself.
+        let local = format!("https://127.0.0.1:{}", local_etcd_port(self.clusters[ci].id));
         let args = vec![
             "--name".into(),
             name.clone(),
             "--data-dir".into(),
             data.display().to_string(),
             "--listen-client-urls".into(),
-            client.clone(),
+            format!("{client},{local}"),
             "--advertise-client-urls".into(),
             client,
             "--listen-peer-urls".into(),
@@ -335,6 +363,9 @@ impl LabState {
             "--trusted-ca-file".into(),
             pki.join("ca.crt").display().to_string(),
             "--client-cert-auth".into(),
+            // Lets agents ping every second, so a cut peer is noticed quickly (etcd's default is 5s).
+            "--grpc-keepalive-min-time".into(),
+            "500ms".into(),
         ];
         let etcd = util::which("etcd").context("etcd not found (run `cargo xtask setup`)")?;
         self.spawn(&format!("etcd-{name}"), &ul, &etcd, &args)?;
@@ -423,6 +454,10 @@ impl LabState {
             dir.join("clustermesh").display().to_string(),
             "--api-socket".into(),
             n.socket.display().to_string(),
+            "--remote-keepalive-interval".into(),
+            "1s".into(),
+            "--remote-grace-period".into(),
+            REMOTE_GRACE.into(),
             "--bpf-pin-dir".into(),
             self.bpf_pins().join(&n.name).display().to_string(),
         ];
@@ -441,7 +476,7 @@ impl LabState {
             "--manifests".into(),
             self.cluster_dir(&c.name).join("manifests").display().to_string(),
             "--etcd-endpoints".into(),
-            format!("https://{}:{ETCD_PORT}", c.etcd_ip),
+            format!("https://127.0.0.1:{}", local_etcd_port(c.id)),
             "--etcd-ca".into(),
             self.pki_dir(&c.name).join("ca.crt").display().to_string(),
             "--etcd-cert".into(),
@@ -1265,5 +1300,104 @@ pub fn status(dir: &Path, as_json: bool) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// A daemon of the lab, as `lab restart` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Daemon {
+    /// A node's mesh-agent (name a node).
+    Agent,
+    /// A cluster's clustermesh-apiserver (name a cluster).
+    Apiserver,
+    /// A cluster's etcd (name a cluster).
+    Etcd,
+}
+
+/// Restarts a daemon: SIGTERM (or SIGKILL with `kill`), wait until it is gone, start it again with the same
+/// command. Returns how long the process was away.
+pub fn restart(dir: &Path, daemon: Daemon, name: &str, kill: bool) -> Result<Duration> {
+    let _lock = LabLock::acquire(dir)?;
+    let mut st = LabState::load_running(dir)?;
+    let role = match daemon {
+        Daemon::Agent => {
+            st.clusters
+                .iter()
+                .flat_map(|c| &c.nodes)
+                .find(|n| n.name == name)
+                .with_context(|| format!("no node {name:?} in the lab"))?;
+            format!("agent-{name}")
+        }
+        Daemon::Apiserver | Daemon::Etcd => {
+            st.cluster(name)?;
+            format!(
+                "{}-{name}",
+                if daemon == Daemon::Etcd {
+                    "etcd"
+                } else {
+                    "apiserver"
+                }
+            )
+        }
+    };
+    let proc = st
+        .procs
+        .iter()
+        .rev()
+        .find(|p| p.role == role)
+        .cloned()
+        .with_context(|| format!("no process {role}"))?;
+    let spec = proc
+        .spawn
+        .clone()
+        .with_context(|| format!("{role} was started by an older lab; run lab down/up"))?;
+    let started = Instant::now();
+    let marker = st.marker();
+    if kill {
+        net::kill_now(proc.pid, &marker);
+    } else {
+        net::stop_processes(&[proc.pid], &marker, Duration::from_secs(10));
+    }
+    net::wait_for(&format!("{role} to exit"), Duration::from_secs(10), || {
+        if net::is_ours(proc.pid, &marker) {
+            Err("still running".to_owned())
+        } else {
+            Ok(())
+        }
+    })?;
+    st.procs.retain(|p| p.pid != proc.pid);
+    st.spawn(&role, &spec.netns, &spec.program, &spec.args)?;
+    let away = started.elapsed();
+    println!(
+        "lab: {} {role} and started it again ({} ms)",
+        if kill { "killed" } else { "stopped" },
+        away.as_millis()
+    );
+    Ok(away)
+}
+
+/// Takes a cluster off the underlay (`cut == true`) or puts it back: its nodes' links to the underlay bridge go
+/// down, and its etcd address leaves the bridge, so peers can reach neither its pods nor its kvstore. The cluster
+/// itself keeps working (its apiserver talks to its etcd over loopback).
+pub fn cut(dir: &Path, cluster: &str, cut: bool) -> Result<()> {
+    let _lock = LabLock::acquire(dir)?;
+    let st = LabState::load_running(dir)?;
+    let c = &st.clusters[st.cluster(cluster)?];
+    let ul = st.ul();
+    let state = if cut { "down" } else { "up" };
+    for n in &c.nodes {
+        net::ip_in(&ul, &["link", "set", &format!("u{}n{}", c.id, n.index), state])?;
+    }
+    let addr = format!("{}/10", c.etcd_ip);
+    let present = net::ip_in(&ul, &["-o", "addr", "show", "dev", "br0"])?.contains(&format!("{addr} "));
+    if cut && present {
+        net::ip_in(&ul, &["addr", "del", &addr, "dev", "br0"])?;
+    } else if !cut && !present {
+        net::ip_in(&ul, &["addr", "add", &addr, "dev", "br0"])?;
+    }
+    println!(
+        "lab: cluster {cluster} {}",
+        if cut { "cut off the underlay" } else { "restored" }
+    );
     Ok(())
 }
