@@ -111,7 +111,7 @@ fn vip(i: u32) -> Ipv4Addr {
 }
 
 fn port_of(i: u32) -> u16 {
-    if i % 2 == 0 { PORT_EVEN } else { PORT_ODD }
+    if i.is_multiple_of(2) { PORT_EVEN } else { PORT_ODD }
 }
 
 /// One's complement sum of `data` as 16-bit big-endian words, folded, not complemented.
