@@ -458,6 +458,44 @@ fn established_flow_keeps_its_backend_after_its_slot_and_backend_are_gone() {
     );
 }
 
+/// The tuple reuse the bench ran into: a client reached B through the VIP from port P; later it connects to B
+/// directly from the same port P. B's SYN-ACK must reach the client untranslated (from B, not from the VIP).
+#[test]
+fn direct_connection_reusing_a_vip_flows_tuple_gets_untranslated_replies() {
+    let mut dp = loaded();
+    service(1, proto::TCP, &[sa(POD_B, 8080)]).program(&mut dp);
+    let (client, vip, backend) = (sa(POD_A, CLIENT_PORT), sa(VIP, 80), sa(POD_B, 8080));
+    dp.test_run(FROM_POD, &tcp(client, vip, SYN)).unwrap();
+    let out = dp.test_run(FROM_POD, &tcp(backend, client, SYN | ACK)).unwrap();
+    assert_eq!(
+        View(&out.packet).src(),
+        vip,
+        "reply of the VIP flow comes from the VIP"
+    );
+
+    let direct = tcp(client, backend, SYN);
+    let out = dp.test_run(FROM_POD, &direct).unwrap();
+    assert_eq!(
+        (out.return_value, &out.packet[12..]),
+        (TC_ACT_REDIRECT, &direct[12..])
+    );
+    let answer = tcp(backend, client, SYN | ACK);
+    let out = dp.test_run(FROM_POD, &answer).unwrap();
+    assert_eq!(out.return_value, TC_ACT_REDIRECT);
+    assert_eq!(
+        &out.packet[12..],
+        &answer[12..],
+        "direct flow's reply left untranslated"
+    );
+    assert!(
+        dp.conntrack()
+            .unwrap()
+            .iter()
+            .all(|(k, _)| *k != ct_key(proto::TCP, backend, client, ct_dir::REPLY)),
+        "stale REPLY entry removed"
+    );
+}
+
 #[test]
 fn frontend_without_backends_drops_and_counts() {
     let mut dp = loaded();

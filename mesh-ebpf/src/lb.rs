@@ -217,6 +217,8 @@ pub trait LbMaps {
     ///
     /// [`Drop::Helper`] when the map refuses the update.
     fn ct_update(&self, key: &CtKeyV4, entry: &CtEntryV4) -> Result<(), Drop>;
+    /// `CT_V4` removal (an absent key is fine).
+    fn ct_delete(&self, key: &CtKeyV4);
 }
 
 /// A packet's new 5-tuple.
@@ -239,7 +241,32 @@ pub fn from_pod(l4: &L4, maps: &impl LbMaps) -> Result<Option<Translation>, Drop
     if let Some(t) = reverse(&l4.flow, maps) {
         return Ok(Some(t));
     }
-    to_service(l4, maps)
+    let translation = to_service(l4, maps)?;
+    if translation.is_none() && opens_direct_flow(l4) {
+        forget_stale_reply(&l4.flow, maps);
+    }
+    Ok(translation)
+}
+
+/// Whether a packet that is not addressed to a frontend may open a new flow: a TCP SYN, or any UDP datagram
+/// (UDP has no handshake to tell a new flow by).
+const fn opens_direct_flow(l4: &L4) -> bool {
+    l4.syn || l4.flow.proto == proto::UDP
+}
+
+/// A client that talked to a backend through a frontend and later opens a *direct* flow to the same backend from
+/// the same source port reuses the tuple of the old flow's REPLY conntrack entry (conntrack entries do not expire;
+/// the LRU only evicts under pressure). Left alone, the direct flow's replies would be reverse-translated to come
+/// from the frontend and the client's socket would reject them. The new flow's first packet passes here (on the
+/// client's node, where the REPLY entries live), so the stale entry is removed before any reply exists.
+///
+/// A frontend flow that is still open on exactly that tuple loses its reverse translation: the client would
+/// have two live flows with the same wire tuple, which no tc-level translation can tell apart.
+fn forget_stale_reply(flow: &Flow, maps: &impl LbMaps) {
+    let reply_key = flow.reversed().ct_key(ct_dir::REPLY);
+    if maps.ct(&reply_key).is_some() {
+        maps.ct_delete(&reply_key);
+    }
 }
 
 /// Reverse translation of a reply from a backend to its client: the source becomes the frontend the client used,
@@ -400,6 +427,9 @@ mod tests {
             }
             self.ct.borrow_mut().insert(*key, *entry);
             Ok(())
+        }
+        fn ct_delete(&self, key: &CtKeyV4) {
+            self.ct.borrow_mut().remove(key);
         }
     }
 
@@ -706,6 +736,59 @@ mod tests {
         m.ct.borrow_mut().remove(&reply_key);
         from_pod(&l4, &m).unwrap().unwrap();
         assert!(m.ct.borrow().contains_key(&reply_key));
+    }
+
+    #[test]
+    fn a_direct_flow_reusing_an_old_frontend_flows_tuple_gets_untranslated_replies() {
+        let m = maps();
+        let via_vip = L4 {
+            syn: true,
+            ..tcp(CLIENT, 40000, VIP, 80)
+        };
+        let t = from_pod(&via_vip, &m).unwrap().unwrap();
+        let backend_reply = t.flow.reversed();
+        assert!(reverse(&backend_reply, &m).is_some());
+        // Later the client connects straight to that backend from the same port: its SYN removes the stale
+        // REPLY entry, so the backend's answer is left as it is.
+        let direct = L4 {
+            syn: true,
+            ..tcp(CLIENT, 40000, t.flow.daddr, u16::from_be(t.flow.dport_be))
+        };
+        assert_eq!(from_pod(&direct, &m), Ok(None));
+        assert_eq!(reverse(&backend_reply, &m), None);
+        assert_eq!(
+            from_pod(
+                &L4 {
+                    flow: backend_reply,
+                    offset: 34,
+                    syn: false
+                },
+                &m
+            ),
+            Ok(None)
+        );
+        // The frontend flow's own SERVICE entry is untouched; its next packet re-creates the REPLY entry.
+        let again = from_pod(&tcp(CLIENT, 40000, VIP, 80), &m).unwrap().unwrap();
+        assert!(!again.new_flow);
+        assert!(reverse(&backend_reply, &m).is_some());
+    }
+
+    #[test]
+    fn only_flow_opening_packets_look_for_stale_reply_entries() {
+        let m = maps();
+        let t = from_pod(&tcp(CLIENT, 40000, VIP, 80), &m).unwrap().unwrap();
+        // A non-SYN TCP segment to the backend does not touch the entry (it cannot open a flow) ...
+        let ack = tcp(CLIENT, 40000, t.flow.daddr, u16::from_be(t.flow.dport_be));
+        assert_eq!(from_pod(&ack, &m), Ok(None));
+        assert!(reverse(&t.flow.reversed(), &m).is_some());
+        // ... and a SYN between unrelated tuples leaves every entry alone.
+        let before = m.ct.borrow().len();
+        let other = L4 {
+            syn: true,
+            ..tcp(CLIENT, 40001, t.flow.daddr, u16::from_be(t.flow.dport_be))
+        };
+        assert_eq!(from_pod(&other, &m), Ok(None));
+        assert_eq!(m.ct.borrow().len(), before);
     }
 
     #[test]

@@ -128,6 +128,12 @@ mod bpf {
                 .insert(key, entry, u64::from(BPF_ANY))
                 .map_err(|_| Drop::Helper)
         }
+
+        #[inline(always)]
+        fn ct_delete(&self, key: &CtKeyV4) {
+            // A failure means the entry is already gone.
+            let _ = CT_V4.remove(key);
+        }
     }
 
     #[inline(always)]
