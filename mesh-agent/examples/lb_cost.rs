@@ -18,6 +18,11 @@
 //!
 //! All frontends are pairs like this one (each with one slot, one backend and one rev-NAT entry), so `N` counts
 //! frontends in `SERVICES_V4` including the measured pair; N=2 is the smallest possible table.
+//!
+//! *Spread*: the hot figure keeps one flow in the caches. The spread figure is the cache-cold case: a fixed set
+//! of 16,384 established flows (the same count at every N, so the conntrack working set does not change with N),
+//! each on a random frontend of the whole table, and 20,000 calls of one run each on a random flow; against a
+//! packet to an address without frontend, alternated with them.
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
@@ -47,6 +52,10 @@ const NO_FRONTEND: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const SPREAD_VERDICTS: &[u32] = &[TC_ACT_OK, TC_ACT_REDIRECT];
 /// Calls (one run each) of the spread measurement.
 const SPREAD_PACKETS: u32 = 20_000;
+/// Flows of the spread measurement, the same number at every N (2 conntrack entries each).
+const SPREAD_FLOWS: u32 = 16_384;
+/// Client source port of spread flow 0.
+const SPREAD_PORT_BASE: u16 = 20_000;
 /// Frontend `i` has the VIP `10.96.0.0 + i`.
 const VIP_BASE: u32 = u32::from_be_bytes([10, 96, 0, 0]);
 
@@ -175,11 +184,19 @@ struct Maps {
     backends: HashMap<MapData, u32, BackendV4>,
     rev_nat: HashMap<MapData, u32, RevNatV4>,
     endpoints: HashMap<MapData, EndpointKeyV4, LocalEndpoint>,
-    // Kept open so its fdinfo can be read.
-    _ct: HashMap<MapData, CtKeyV4, CtEntryV4>,
+    ct: HashMap<MapData, CtKeyV4, CtEntryV4>,
 }
 
 impl Maps {
+    /// Removes every conntrack entry.
+    fn clear_conntrack(&mut self) -> Result<()> {
+        let keys: Vec<CtKeyV4> = self.ct.keys().collect::<Result<_, _>>()?;
+        for k in &keys {
+            self.ct.remove(k)?;
+        }
+        Ok(())
+    }
+
     /// Programs frontend `i` (one slot, one backend, one rev-NAT entry) as half of its pair.
     fn add_frontend(&mut self, i: u32) -> Result<()> {
         let partner = i ^ 1;
@@ -312,7 +329,7 @@ fn main() -> Result<()> {
         backends: take(&mut ebpf, maps::BACKENDS_V4)?,
         rev_nat: take(&mut ebpf, maps::REVNAT_V4)?,
         endpoints: take(&mut ebpf, maps::ENDPOINTS_V4)?,
-        _ct: take(&mut ebpf, maps::CT_V4)?,
+        ct: take(&mut ebpf, maps::CT_V4)?,
     };
     let prog: &mut SchedClassifier = ebpf
         .program_mut(programs::FROM_POD)
@@ -329,10 +346,8 @@ fn main() -> Result<()> {
     let vip_packet = tcp_frame(CLIENT, CLIENT_PORT, vip(0), PORT_EVEN);
     let pod_packet = tcp_frame(CLIENT, CLIENT_PORT, POD, PORT_EVEN);
     let none_packet = tcp_frame(CLIENT, CLIENT_PORT, NO_FRONTEND, PORT_EVEN);
-    let spread_packet = |i: u32| tcp_frame(CLIENT, CLIENT_PORT + 1, vip(i), PORT_EVEN);
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     let mut programmed = 0u32;
-    let mut warmed = 0u32;
     for &n in &args.services {
         let n = n.next_multiple_of(2);
         while programmed < n {
@@ -348,18 +363,25 @@ fn main() -> Result<()> {
             vip_ns.push(measure(prog, &vip_packet, args.repeat)?);
             pod_ns.push(measure(prog, &pod_packet, args.repeat)?);
         }
-        // Spread: one run per call, each on a random frontend of the whole table (every pair warmed once, so
-        // its conntrack entries exist), against a packet to an address without frontend.
-        while warmed < programmed {
-            measure_verdict(prog, &spread_packet(warmed), 1, SPREAD_VERDICTS)?;
-            warmed += 2;
-        }
-        let packets: Vec<Vec<u8>> = (0..SPREAD_PACKETS)
-            .map(|_| spread_packet(rng.below(programmed / 2) * 2))
+        // Spread: the same number of flows (`SPREAD_FLOWS`) at every N, each flow on a random frontend of the
+        // whole table, one run per call on a random flow. Holding the flows (and so the conntrack working set)
+        // constant makes the figure depend on the number of frontends only. The flows of the previous N are
+        // removed from conntrack first; every flow is warmed once so that its entries exist.
+        m.clear_conntrack()?;
+        let flows: Vec<Vec<u8>> = (0..SPREAD_FLOWS)
+            .map(|j| {
+                let i = rng.below(programmed);
+                let sport = SPREAD_PORT_BASE + u16::try_from(j).unwrap_or(0);
+                tcp_frame(CLIENT, sport, vip(i), port_of(i))
+            })
             .collect();
+        for f in &flows {
+            measure_verdict(prog, f, 1, SPREAD_VERDICTS)?;
+        }
         let (mut spread_vip, mut spread_none) = (0.0, 0.0);
-        for p in &packets {
-            spread_vip += measure_verdict(prog, p, 1, SPREAD_VERDICTS)?;
+        for _ in 0..SPREAD_PACKETS {
+            let f = &flows[rng.below(SPREAD_FLOWS) as usize];
+            spread_vip += measure_verdict(prog, f, 1, SPREAD_VERDICTS)?;
             spread_none += measure_verdict(prog, &none_packet, 1, SPREAD_VERDICTS)?;
         }
         let calls = f64::from(SPREAD_PACKETS);
@@ -367,7 +389,7 @@ fn main() -> Result<()> {
             "{}",
             serde_json::json!({
                 "kind": "lb", "services": n, "repeat": args.repeat, "vip_ns": vip_ns, "pod_ns": pod_ns,
-                "spread_calls": SPREAD_PACKETS, "spread_vip_ns": spread_vip / calls,
+                "spread_calls": SPREAD_PACKETS, "spread_flows": SPREAD_FLOWS, "spread_vip_ns": spread_vip / calls,
                 "spread_none_ns": spread_none / calls,
             })
         );

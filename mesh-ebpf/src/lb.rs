@@ -294,15 +294,25 @@ pub fn reverse(flow: &Flow, maps: &impl LbMaps) -> Option<Translation> {
 
 /// Translation of a packet addressed to a service frontend. `None` when the destination is not a frontend.
 ///
+/// An established TCP flow is translated from its SERVICE conntrack entry alone, without touching the frontend,
+/// slot or backend tables: its per-packet cost does not depend on how many services exist, and it keeps its
+/// backend whatever happens to the frontend's tables (a deleted frontend's flows end when its rev-NAT entry goes,
+/// since replies are then no longer translated). UDP has no handshake to end a flow, so a UDP packet is only
+/// translated while its frontend exists (as kube-proxy flushes UDP conntrack of deleted services).
+///
 /// # Errors
 ///
 /// As [`from_pod`].
 pub fn to_service(l4: &L4, maps: &impl LbMaps) -> Result<Option<Translation>, Drop> {
     let flow = &l4.flow;
-    let Some(service) = maps.service(&flow.service_key()) else {
-        return Ok(None);
-    };
     let service_key = flow.ct_key(ct_dir::SERVICE);
+    let mut service = None;
+    if flow.proto == proto::UDP {
+        service = maps.service(&flow.service_key());
+        if service.is_none() {
+            return Ok(None);
+        }
+    }
     // An established flow keeps its backend, also one that was removed since. A TCP SYN is a new connection
     // though: when it reuses the tuple of an old flow whose backend is gone, it selects anew.
     let established = maps
@@ -311,6 +321,9 @@ pub fn to_service(l4: &L4, maps: &impl LbMaps) -> Result<Option<Translation>, Dr
     let (entry, new_flow) = match established {
         Some(entry) => (entry, false),
         None => {
+            let Some(service) = service.or_else(|| maps.service(&flow.service_key())) else {
+                return Ok(None);
+            };
             let entry = select_backend(flow, &service, maps)?;
             maps.ct_update(&service_key, &entry)?;
             (entry, true)
@@ -725,6 +738,33 @@ mod tests {
         let retry = from_pod(&syn, &m).unwrap().unwrap();
         assert!(!retry.new_flow);
         assert_eq!(retry.flow, fresh.flow);
+    }
+
+    #[test]
+    fn established_tcp_flows_need_no_frontend_lookup_udp_flows_end_with_their_frontend() {
+        let mut m = maps();
+        let tcp_flow = tcp(CLIENT, 40000, VIP, 80);
+        let first = from_pod(&tcp_flow, &m).unwrap().unwrap();
+        let mut udp_flow = tcp(CLIENT, 40001, VIP, 80);
+        udp_flow.flow.proto = proto::UDP;
+        let udp_key = ServiceKeyV4 {
+            proto: proto::UDP,
+            ..udp_flow.flow.service_key()
+        };
+        let tcp_entry = m.services[&tcp_flow.flow.service_key()];
+        m.services.insert(udp_key, tcp_entry);
+        assert!(from_pod(&udp_flow, &m).unwrap().is_some());
+        // The frontends go: the TCP flow is still translated from conntrack, the UDP one is not.
+        m.services.clear();
+        let again = from_pod(&tcp_flow, &m).unwrap().unwrap();
+        assert_eq!((again.flow, again.new_flow), (first.flow, false));
+        assert_eq!(from_pod(&udp_flow, &m), Ok(None));
+        // A new TCP connection to the gone frontend is not translated.
+        let syn = L4 {
+            syn: true,
+            ..tcp(CLIENT, 40002, VIP, 80)
+        };
+        assert_eq!(from_pod(&syn, &m), Ok(None));
     }
 
     #[test]
