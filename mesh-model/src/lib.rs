@@ -9,6 +9,7 @@ pub mod manifests;
 pub mod service;
 pub mod source;
 pub mod state;
+pub mod traffic;
 
 pub use cluster::{ClusterId, ClusterName, ClusterNameError};
 pub use state::{ClusterState, ContainerPort, Namespace, Node, Pod, Protocol, Service, ServicePort};

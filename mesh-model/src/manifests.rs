@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 
 use crate::state::{ContainerPort, Namespace, Node, Pod, Protocol, Service, ServicePort};
+use crate::traffic::{self, TrafficPolicy, TrafficPolicySpec};
 
 /// apiVersion of the Kubernetes Multi-Cluster Services API objects.
 pub const MCS_API_VERSION: &str = "multicluster.x-k8s.io/v1alpha1";
@@ -32,6 +33,23 @@ struct ServiceExportManifest {
     status: Option<serde_json::Value>,
 }
 
+/// A fleetmesh `TrafficPolicy` manifest.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TrafficPolicyManifest {
+    api_version: String,
+    #[expect(
+        dead_code,
+        reason = "checked by the dispatcher, kept so the field is not refused as unknown"
+    )]
+    kind: String,
+    metadata: ObjectMeta,
+    spec: TrafficPolicySpec,
+    #[serde(default)]
+    #[expect(dead_code, reason = "status is written by fleetmesh; accepted and ignored")]
+    status: Option<serde_json::Value>,
+}
+
 /// Namespace used when a namespaced object has none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -47,6 +65,8 @@ pub enum Object {
         namespace: String,
         name: String,
     },
+    /// A fleetmesh `TrafficPolicy` (fleetmesh.io/v1alpha1).
+    TrafficPolicy(TrafficPolicy),
 }
 
 impl Object {
@@ -59,6 +79,7 @@ impl Object {
             Object::Pod(p) => format!("Pod {}/{}", p.namespace, p.name),
             Object::Service(s) => format!("Service {}/{}", s.namespace, s.name),
             Object::ServiceExport { namespace, name } => format!("ServiceExport {namespace}/{name}"),
+            Object::TrafficPolicy(t) => format!("TrafficPolicy {}/{}", t.namespace, t.name),
         }
     }
 }
@@ -170,12 +191,32 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
                     name: name_of(&ctx, &e.metadata)?,
                 }
             }
+            "TrafficPolicy" => {
+                let t = typed::<TrafficPolicyManifest>(&ctx, value)?;
+                if t.api_version != traffic::API_VERSION {
+                    return Err(ctx.err(
+                        Some("apiVersion"),
+                        format!(
+                            "{:?}: TrafficPolicy is served as {}",
+                            t.api_version,
+                            traffic::API_VERSION
+                        ),
+                    ));
+                }
+                t.spec.validate().map_err(|(field, m)| ctx.err(Some(&field), m))?;
+                Object::TrafficPolicy(TrafficPolicy {
+                    namespace: namespace_of(&ctx, &t.metadata)?,
+                    name: name_of(&ctx, &t.metadata)?,
+                    spec: t.spec,
+                })
+            }
             "" => return Err(ctx.err(Some("kind"), "missing kind")),
             other => {
                 return Err(ctx.err(
                     Some("kind"),
                     format!(
-                        "kind {other:?} is not supported here (Node, Namespace, Pod, Service, ServiceExport)"
+                        "kind {other:?} is not supported here (Node, Namespace, Pod, Service, ServiceExport, \
+                         TrafficPolicy)"
                     ),
                 ));
             }
@@ -342,11 +383,18 @@ fn pod(ctx: &Ctx<'_>, p: core::Pod) -> Result<Pod, ManifestError> {
             )
         })?),
     };
+    let annotations = p.metadata.annotations.unwrap_or_default();
+    traffic::capacity(&annotations).map_err(|m| {
+        ctx.err(
+            Some(&format!("metadata.annotations.{}", traffic::ANNOTATION_CAPACITY)),
+            m,
+        )
+    })?;
     Ok(Pod {
         namespace,
         name,
         labels: p.metadata.labels.unwrap_or_default(),
-        annotations: p.metadata.annotations.unwrap_or_default(),
+        annotations,
         node_name: spec.node_name,
         ipv4,
         ports,
@@ -438,6 +486,11 @@ pub fn merge<'a>(
                 }
                 Object::ServiceExport { namespace, name } => {
                     state.exports.insert((namespace.clone(), name.clone()));
+                }
+                Object::TrafficPolicy(t) => {
+                    state
+                        .traffic_policies
+                        .insert((t.namespace.clone(), t.name.clone()), t.clone());
                 }
             }
         }
@@ -599,6 +652,66 @@ status: {addresses: [{type: InternalIP, address: 172.30.1.1}]}
                 .field
                 .as_deref(),
             Some("apiVersion")
+        );
+    }
+
+    #[test]
+    fn traffic_policy_is_parsed_and_checked() {
+        let ok = "apiVersion: fleetmesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  service: api
+  weights:
+    - clusters: {matchLabels: {stage: canary}}
+      weight: 10
+    - clusters: {names: [west]}
+      weight: 90
+";
+        let objs = parse_str("t.yaml", ok).expect("valid");
+        let Object::TrafficPolicy(t) = &objs[0] else {
+            panic!("{objs:?}")
+        };
+        assert_eq!((t.namespace.as_str(), t.name.as_str()), ("shop", "api"));
+        assert_eq!(t.spec.weights[1].clusters.names, vec!["west".to_owned()]);
+        let state = merge([("t.yaml", objs.as_slice())]).expect("merge");
+        assert_eq!(state.traffic_policies.len(), 1);
+        for (text, field) in [
+            (
+                ok.replace("weight: 10", "weight: 0")
+                    .replace("weight: 90", "weight: 0"),
+                "spec.weights",
+            ),
+            (
+                ok.replace("[west]", "[West]"),
+                "spec.weights[1].clusters.names[0]",
+            ),
+            (ok.replace("weight: 10", "weight: -1"), "spec.weights[0].weight"),
+            (ok.replace("weight: 10", "wieght: 10"), "spec.weights[0]"),
+            (ok.replace("v1alpha1", "v1"), "apiVersion"),
+            (ok.replace("  service: api\n", ""), "spec"),
+        ] {
+            let e = parse_str("t.yaml", &text).expect_err(&text);
+            assert!(
+                e.field.as_deref().is_some_and(|f| f.starts_with(field)),
+                "{field}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn capacity_annotation_is_checked() {
+        let pod = |v: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: a, annotations: {{fleetmesh.io/capacity: {v:?}}}}}\nspec: {{containers: []}}\n"
+            )
+        };
+        assert!(parse_str("p.yaml", &pod("4")).is_ok());
+        let e = parse_str("p.yaml", &pod("lots")).expect_err("bad capacity");
+        assert_eq!(
+            e.field.as_deref(),
+            Some("metadata.annotations.fleetmesh.io/capacity"),
+            "{e}"
         );
     }
 

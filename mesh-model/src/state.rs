@@ -109,6 +109,8 @@ pub struct ClusterState {
     pub services: BTreeMap<(String, String), Service>,
     /// Services exported with an MCS `ServiceExport`, (namespace, name).
     pub exports: std::collections::BTreeSet<(String, String)>,
+    /// `TrafficPolicy` objects, keyed by (namespace, name).
+    pub traffic_policies: BTreeMap<(String, String), crate::traffic::TrafficPolicy>,
 }
 
 impl ClusterState {
