@@ -24,6 +24,10 @@ struct Args {
     /// Directory of Kubernetes manifests describing this cluster (the manifests source).
     #[arg(long, env = "FLEETMESH_MANIFESTS")]
     manifests: PathBuf,
+    /// A label of this cluster, KEY=VALUE (repeatable, or comma separated): published with the cluster's config
+    /// so that `TrafficPolicy` selectors in every cluster can match it, e.g. `--cluster-label stage=canary`.
+    #[arg(long = "cluster-label", env = "FLEETMESH_CLUSTER_LABELS", value_delimiter = ',', value_parser = mesh_model::traffic::parse_label)]
+    cluster_labels: Vec<(String, String)>,
     /// etcd client URLs of this cluster's etcd (comma separated).
     #[arg(
         long,
@@ -91,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
     let publisher = publisher::Publisher {
         cluster: args.cluster_name.to_string(),
         cluster_id: args.cluster_id,
+        labels: args.cluster_labels.iter().cloned().collect(),
         keys: mesh_kvstore::Keys::new(&args.kvstore_prefix),
         endpoints: args.etcd_endpoints,
         lease_ttl: args.lease_ttl,

@@ -21,6 +21,8 @@ use tracing::{info, instrument, warn};
 pub struct Publisher {
     pub cluster: String,
     pub cluster_id: u16,
+    /// Cluster labels, published with the cluster's config record.
+    pub labels: std::collections::BTreeMap<String, String>,
     pub keys: Keys,
     pub endpoints: Vec<String>,
     pub lease_ttl: Duration,
@@ -114,7 +116,7 @@ impl Publisher {
                     .map(|e| BackendRecord {
                         ipv4: e.ipv4,
                         ports: e.ports.iter().map(|p| port(&p.name, p.port, p.protocol)).collect(),
-                        weight: 1,
+                        weight: e.capacity,
                     })
                     .collect(),
             };
@@ -143,6 +145,7 @@ impl Publisher {
             name: self.cluster.clone(),
             id: self.cluster_id,
             capabilities: vec!["nodes/v1".into(), "services/v1".into()],
+            labels: self.labels.clone(),
         };
         client
             .put(self.keys.cluster_config(&self.cluster), encode(&config), None)

@@ -1,14 +1,22 @@
-//! The agent's local API: HTTP on a Unix socket (`GET /v1/status`, `GET /healthz`), for meshctl and the lab.
+//! The agent's local API: HTTP on a Unix socket (`GET /v1/status`, `GET /healthz`,
+//! `POST /v1/rollouts/{namespace}/{name}/{pause|resume|abort}`), for meshctl and the lab.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use axum::extract::Path as UrlPath;
+use axum::http::StatusCode;
+use axum::routing::post;
 use axum::{Json, Router, extract::State, routing::get};
 use serde::Serialize;
 
 use crate::datapath::CountersReader;
 use crate::reconcile::DatapathStatus;
 use crate::remote::{RemoteCluster, Remotes};
+use crate::rollout::Command;
+
+/// Rollout commands from the API, taken by the reconciler at its next pass.
+pub type CommandQueue = Arc<Mutex<Vec<(String, String, Command)>>>;
 
 /// Everything `GET /v1/status` reports.
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +40,43 @@ pub struct ApiState {
     pub remotes: Remotes,
     /// Live counters (the rest of the datapath status is as of the last reconcile).
     pub counters: Arc<CountersReader>,
+    pub commands: CommandQueue,
+    /// Wakes the reconciler.
+    pub wake: std::sync::mpsc::Sender<()>,
+}
+
+/// `POST /v1/rollouts/{namespace}/{name}/{command}`: queues pause, resume or abort for a rollout this node runs.
+async fn rollout_command(
+    State(s): State<ApiState>,
+    UrlPath((namespace, name, command)): UrlPath<(String, String, String)>,
+) -> (StatusCode, String) {
+    let cmd: Command = match command.parse() {
+        Ok(c) => c,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let known = s
+        .status
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .datapath
+        .rollouts
+        .iter()
+        .any(|r| r.namespace == namespace && r.name == name);
+    if !known {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no StagedRollout {namespace}/{name} on this node\n"),
+        );
+    }
+    s.commands
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push((namespace.clone(), name.clone(), cmd));
+    let _ = s.wake.send(());
+    (
+        StatusCode::ACCEPTED,
+        format!("{command} queued for StagedRollout {namespace}/{name}\n"),
+    )
 }
 
 async fn status(State(s): State<ApiState>) -> Json<Status> {
@@ -66,6 +111,7 @@ pub async fn serve(socket: &Path, state: ApiState) -> std::io::Result<()> {
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/healthz", get(healthz))
+        .route("/v1/rollouts/{namespace}/{name}/{command}", post(rollout_command))
         .with_state(state);
     axum::serve(listener, app).await
 }

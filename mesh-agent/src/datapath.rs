@@ -32,7 +32,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
         links::{FdLink, PinnedLink},
@@ -41,8 +41,9 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use mesh_common::{
-    BackendV4, COUNTER_COUNT, Counter, CtEntryV4, CtKeyV4, EndpointKeyV4, IpcacheEntry, LocalEndpoint,
-    LpmKeyV4, NodeConfig, RevNatV4, ServiceEntry, ServiceKeyV4, SlotKey, maps, programs, proto,
+    BackendStats, BackendV4, COUNTER_COUNT, Counter, CtEntryV4, CtKeyV4, EndpointKeyV4, IpcacheEntry,
+    LocalEndpoint, LpmKeyV4, NodeConfig, RevNatV4, ServiceEntry, ServiceKeyV4, SlotKey, maps, programs,
+    proto,
 };
 use tracing::{info, warn};
 
@@ -53,7 +54,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/me
 const TEST_RUN_HEADROOM: usize = 256;
 
 /// The maps shared by the programs and the agent: the ones pinned by [`Datapath::load_pinned`].
-pub const SHARED_MAPS: [&str; 9] = [
+pub const SHARED_MAPS: [&str; 10] = [
     maps::IPCACHE_V4,
     maps::ENDPOINTS_V4,
     maps::NODE_CONFIG,
@@ -63,6 +64,7 @@ pub const SHARED_MAPS: [&str; 9] = [
     maps::BACKENDS_V4,
     maps::REVNAT_V4,
     maps::CT_V4,
+    maps::LB_BACKEND_STATS,
 ];
 
 /// Version of the map ABI where sizes cannot tell: bump it when a key or value changes meaning at an equal size.
@@ -399,6 +401,7 @@ pub struct Datapath {
     backends: Table<u32, BackendV4>,
     rev_nat: Table<u32, RevNatV4>,
     conntrack: Table<CtKeyV4, CtEntryV4>,
+    backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
     node_config: Array<MapData, NodeConfig>,
     counters: PerCpuArray<MapData, u64>,
     counters_id: u32,
@@ -726,6 +729,7 @@ impl Datapath {
             backends: Table::take(&mut ebpf, maps::BACKENDS_V4)?,
             rev_nat: Table::take(&mut ebpf, maps::REVNAT_V4)?,
             conntrack: Table::take(&mut ebpf, maps::CT_V4)?,
+            backend_stats: take_map(&mut ebpf, maps::LB_BACKEND_STATS)?,
             node_config: take_map(&mut ebpf, maps::NODE_CONFIG)?,
             counters_id: match ebpf.map(maps::COUNTERS) {
                 Some(aya::maps::Map::PerCpuArray(data)) => data
@@ -1223,6 +1227,31 @@ impl Datapath {
         }
         all.sort_by_key(|(net, _)| *net);
         Ok(all)
+    }
+
+    /// Per-backend flow statistics, summed over CPUs, by backend id.
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn backend_stats(&self) -> Result<BTreeMap<u32, BackendStats>, DatapathError> {
+        let mut out = BTreeMap::new();
+        for entry in self.backend_stats.iter() {
+            let (id, per_cpu) = entry.map_err(|source| DatapathError::Map {
+                map: maps::LB_BACKEND_STATS,
+                op: "read",
+                key: "entries".to_owned(),
+                source: Box::new(source),
+            })?;
+            let sum = per_cpu
+                .iter()
+                .fold(BackendStats::default(), |acc, s| BackendStats {
+                    new_flows: acc.new_flows + s.new_flows,
+                    resets: acc.resets + s.resets,
+                });
+            out.insert(id, sum);
+        }
+        Ok(out)
     }
 
     /// Every counter, summed over CPUs, in [`Counter::ALL`] order.

@@ -15,6 +15,8 @@ pub struct Me {
     pub node: String,
     pub cluster: String,
     pub cluster_id: u16,
+    /// This cluster's labels (`--cluster-label`), which local `TrafficPolicy` selectors match.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A pod on this node that should be reachable through the datapath.
@@ -117,6 +119,7 @@ mod tests {
             node: "east-node-1".into(),
             cluster: "east".into(),
             cluster_id: 1,
+            labels: BTreeMap::new(),
         }
     }
 

@@ -1,11 +1,16 @@
 //! Service load balancing, desired state: for every service of this cluster, its frontends (ClusterIP, port,
 //! protocol) and the backends the datapath should pick from, merged across clusters for global services and
-//! filtered by affinity. Pure functions of the state model.
+//! filtered by affinity, or weighted by a `TrafficPolicy`. Pure functions of the state model, except for the
+//! [`PolicyBook`] that remembers the last valid version of each policy.
+//!
+//! A backend's `weight` is its number of slots in the frontend's slot table (new flows pick a slot by hash):
+//! its capacity without a policy, its share of [`WEIGHTED_SLOTS`] slots with one.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use mesh_model::service::{self, Affinity, GlobalSpec};
+use mesh_model::traffic::{TrafficPolicy, apportion};
 use mesh_model::{ClusterState, Protocol};
 use serde::Serialize;
 
@@ -33,9 +38,50 @@ pub struct Frontend {
     pub port_name: String,
     /// Every ready backend, by cluster.
     pub candidates: BTreeMap<String, Vec<Backend>>,
-    /// The backends new flows are spread over (after affinity), sorted.
+    /// The backends new flows are spread over (after affinity or policy), sorted; `weight` is the slot count.
     pub active: Vec<Backend>,
+    /// With a `TrafficPolicy`: each group's clusters and share of new connections.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupShare>,
+    /// With a `TrafficPolicy`: clusters with ready backends that no group selects (they get no new connections).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unselected: Vec<String>,
+    /// What the datapath counted for this frontend's backends, by cluster (filled in after programming; counters
+    /// only grow, since the datapath was created; a backend serving several frontends counts in each).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub stats: BTreeMap<String, FlowStats>,
 }
+
+/// Datapath statistics of a set of backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowStats {
+    /// New flows sent to them.
+    pub new_flows: u64,
+    /// TCP resets they sent to clients of load-balanced flows.
+    pub resets: u64,
+}
+
+/// One group of a `TrafficPolicy` as applied to a frontend.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupShare {
+    /// The group's weight in the policy.
+    pub weight: u32,
+    /// Clusters of the group that have ready backends.
+    pub clusters: Vec<String>,
+    pub backends: usize,
+    /// Fraction of new connections the datapath gives the group (its slots over all slots).
+    pub share: f64,
+}
+
+impl Eq for GroupShare {}
+
+/// Slots of a frontend steered by a `TrafficPolicy` (at least; more with many backends): shares are met within
+/// 0.1% by the slot table.
+pub const WEIGHTED_SLOTS: u32 = 1000;
+/// Most slots of one frontend; larger capacity sums are scaled down to it.
+pub const MAX_SLOTS_PER_FRONTEND: u32 = 16_384;
 
 /// A service as this node balances it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -44,7 +90,211 @@ pub struct ServiceView {
     pub namespace: String,
     pub name: String,
     pub spec: GlobalSpec,
+    /// The `TrafficPolicy` (`namespace/name`) in force for this service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     pub frontends: Vec<Frontend>,
+}
+
+/// How a `TrafficPolicy` object fares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    pub namespace: String,
+    pub name: String,
+    pub service: String,
+    /// `active` (in force), `rejected` (this version is invalid; an earlier valid version stays in force when
+    /// there is one) or `conflict` (another policy already steers the service).
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The versions of the `TrafficPolicy` objects in force: an invalid update is refused and the last valid version
+/// stays; a deleted object is forgotten.
+#[derive(Debug, Default)]
+pub struct PolicyBook {
+    accepted: BTreeMap<(String, String), TrafficPolicy>,
+    /// Weights set by staged rollouts, by (namespace, service): they take precedence over `TrafficPolicy`.
+    overrides: BTreeMap<(String, String), TrafficPolicy>,
+}
+
+/// What makes a policy unusable in this cluster's state (its fields were checked when it was parsed).
+fn policy_problem(local: &ClusterState, p: &TrafficPolicy) -> Option<String> {
+    let key = (p.namespace.clone(), p.spec.service.clone());
+    match local.services.get(&key) {
+        None => Some(format!(
+            "service {}/{} does not exist",
+            p.namespace, p.spec.service
+        )),
+        Some(s) if s.cluster_ipv4.is_none() => Some(format!(
+            "service {}/{} has no ClusterIP",
+            p.namespace, p.spec.service
+        )),
+        Some(_) => None,
+    }
+}
+
+impl PolicyBook {
+    /// Takes the policies of `local`: valid ones replace their earlier version, invalid ones keep it.
+    pub fn update(&mut self, local: &ClusterState) -> Vec<PolicyStatus> {
+        self.accepted
+            .retain(|k, _| local.traffic_policies.contains_key(k));
+        let mut out = Vec::new();
+        for (key, p) in &local.traffic_policies {
+            let (state, message) = match policy_problem(local, p) {
+                None => {
+                    self.accepted.insert(key.clone(), p.clone());
+                    ("active", None)
+                }
+                Some(problem) => {
+                    let kept = self.accepted.get(key).map(|old| {
+                        format!(
+                            "; the previous version (service {}) stays in force",
+                            old.spec.service
+                        )
+                    });
+                    ("rejected", Some(format!("{problem}{}", kept.unwrap_or_default())))
+                }
+            };
+            out.push(PolicyStatus {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                service: p.spec.service.clone(),
+                state,
+                message,
+            });
+        }
+        // One policy per service: the first by name steers it.
+        for st in &mut out {
+            if let Some(winner) = self
+                .accepted
+                .values()
+                .find(|p| p.namespace == st.namespace && p.spec.service == st.service)
+                && winner.name != st.name
+                && st.state == "active"
+            {
+                st.state = "conflict";
+                st.message = Some(format!(
+                    "TrafficPolicy {}/{} already steers service {}",
+                    winner.namespace, winner.name, st.service
+                ));
+            }
+        }
+        out
+    }
+
+    /// The policy in force for a service: a staged rollout's weights, else its `TrafficPolicy`.
+    #[must_use]
+    pub fn for_service(&self, namespace: &str, service: &str) -> Option<&TrafficPolicy> {
+        self.overrides
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .or_else(|| {
+                self.accepted
+                    .values()
+                    .find(|p| p.namespace == namespace && p.spec.service == service)
+            })
+    }
+
+    /// Sets the weights of staged rollouts (replacing the previous set).
+    pub fn set_overrides(&mut self, overrides: BTreeMap<(String, String), TrafficPolicy>) {
+        self.overrides = overrides;
+    }
+}
+
+/// Backends of a frontend steered by `policy`: every cluster of `candidates` joins the first group that selects
+/// it; groups without backends (or with weight 0) are left out and the others share in proportion to their
+/// weights; inside a group backends share by capacity (their `weight` on entry). Returns the active backends
+/// with their slot counts, the groups, and the clusters no group selects.
+fn weighted(
+    policy: &TrafficPolicy,
+    labels_of: &dyn Fn(&str) -> BTreeMap<String, String>,
+    candidates: &BTreeMap<String, Vec<Backend>>,
+) -> (Vec<Backend>, Vec<GroupShare>, Vec<String>) {
+    let n = policy.spec.weights.len();
+    let mut members: Vec<Vec<&Backend>> = vec![Vec::new(); n];
+    let mut clusters: Vec<Vec<String>> = vec![Vec::new(); n];
+    let mut unselected = Vec::new();
+    for (cluster, backends) in candidates {
+        match policy.spec.group_of(cluster, &labels_of(cluster)) {
+            Some(g) => {
+                members[g].extend(backends.iter());
+                clusters[g].push(cluster.clone());
+            }
+            None => unselected.push(cluster.clone()),
+        }
+    }
+    let live_weight: f64 = policy
+        .spec
+        .weights
+        .iter()
+        .zip(&members)
+        .filter(|(_, m)| !m.is_empty())
+        .map(|(g, _)| f64::from(g.weight))
+        .sum();
+    let mut flat: Vec<(usize, &Backend)> = Vec::new();
+    let mut shares = Vec::new();
+    for (g, m) in members.iter().enumerate() {
+        let capacity: f64 = m.iter().map(|b| f64::from(b.weight.max(1))).sum();
+        for b in m {
+            let share = if live_weight > 0.0 {
+                f64::from(policy.spec.weights[g].weight) / live_weight * f64::from(b.weight.max(1)) / capacity
+            } else {
+                0.0
+            };
+            flat.push((g, b));
+            shares.push(share);
+        }
+    }
+    let backend_count = u32::try_from(flat.len()).unwrap_or(u32::MAX);
+    let total = WEIGHTED_SLOTS
+        .max(backend_count.saturating_mul(16))
+        .min(MAX_SLOTS_PER_FRONTEND);
+    let slots = apportion(total, &shares);
+    let mut group_slots = vec![0u32; n];
+    let mut active = Vec::new();
+    for ((g, b), s) in flat.iter().zip(&slots) {
+        group_slots[*g] += s;
+        if *s > 0 {
+            active.push(Backend {
+                weight: *s,
+                ..(*b).clone()
+            });
+        }
+    }
+    active.sort();
+    let all: u32 = group_slots.iter().sum();
+    let groups = policy
+        .spec
+        .weights
+        .iter()
+        .enumerate()
+        .map(|(g, w)| GroupShare {
+            weight: w.weight,
+            clusters: clusters[g].clone(),
+            backends: members[g].len(),
+            share: if all == 0 {
+                0.0
+            } else {
+                f64::from(group_slots[g]) / f64::from(all)
+            },
+        })
+        .collect();
+    (active, groups, unselected)
+}
+
+/// Scales capacity weights down so that a frontend's slot table stays within [`MAX_SLOTS_PER_FRONTEND`].
+fn fit_slots(mut active: Vec<Backend>) -> Vec<Backend> {
+    let sum: u64 = active.iter().map(|b| u64::from(b.weight)).sum();
+    if sum > u64::from(MAX_SLOTS_PER_FRONTEND) {
+        let shares: Vec<f64> = active.iter().map(|b| f64::from(b.weight)).collect();
+        let slots = apportion(MAX_SLOTS_PER_FRONTEND, &shares);
+        for (b, s) in active.iter_mut().zip(slots) {
+            b.weight = s;
+        }
+        active.retain(|b| b.weight > 0);
+    }
+    active
 }
 
 /// Picks the active backends of a frontend by affinity: the preferred set when it has a backend, else all.
@@ -86,13 +336,33 @@ pub fn reachable(
         .collect()
 }
 
+/// The labels of a cluster: this one's from `me`, a remote one's from its published config.
+#[must_use]
+pub fn cluster_labels(
+    me: &Me,
+    remotes: &BTreeMap<String, RemoteCluster>,
+    cluster: &str,
+) -> BTreeMap<String, String> {
+    if cluster == me.cluster {
+        me.labels.clone()
+    } else {
+        remotes
+            .get(cluster)
+            .and_then(|rc| rc.config.as_ref())
+            .map(|c| c.labels.clone())
+            .unwrap_or_default()
+    }
+}
+
 /// Every service with a ClusterIP, with its frontends and backends.
 #[must_use]
 pub fn services(
     me: &Me,
     local: &ClusterState,
     remotes: &BTreeMap<String, RemoteCluster>,
+    policies: &PolicyBook,
 ) -> Vec<ServiceView> {
+    let labels_of = |cluster: &str| cluster_labels(me, remotes, cluster);
     let mut out = Vec::new();
     for svc in local.services.values() {
         let Some(vip) = svc.cluster_ipv4 else { continue };
@@ -100,6 +370,7 @@ pub fn services(
         let spec = service::global_spec(svc, exported);
         let endpoints = service::endpoints(local, svc);
         let id = format!("{}/{}", svc.namespace, svc.name);
+        let policy = policies.for_service(&svc.namespace, &svc.name);
         let frontends = svc
             .ports
             .iter()
@@ -118,7 +389,7 @@ pub fn services(
                             port: p.port,
                             cluster: me.cluster.clone(),
                             cluster_id: me.cluster_id,
-                            weight: 1,
+                            weight: e.capacity.max(1),
                         })
                     })
                     .collect();
@@ -150,7 +421,14 @@ pub fn services(
                         }
                     }
                 }
-                let active = select(spec.affinity, &me.cluster, &candidates);
+                let (active, groups, unselected) = match policy {
+                    Some(p) => weighted(p, &labels_of, &candidates),
+                    None => (
+                        fit_slots(select(spec.affinity, &me.cluster, &candidates)),
+                        Vec::new(),
+                        Vec::new(),
+                    ),
+                };
                 Frontend {
                     vip,
                     port: sp.port,
@@ -158,6 +436,9 @@ pub fn services(
                     port_name,
                     candidates,
                     active,
+                    groups,
+                    unselected,
+                    stats: BTreeMap::new(),
                 }
             })
             .collect();
@@ -165,6 +446,7 @@ pub fn services(
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
             spec,
+            policy: policy.map(|p| format!("{}/{}", p.namespace, p.name)),
             frontends,
         });
     }
@@ -175,6 +457,7 @@ pub fn services(
 mod tests {
     use super::*;
     use mesh_kvstore::{BackendRecord, PortRecord, ServiceRecord};
+    use mesh_model::traffic::{ClusterSelector, TrafficPolicySpec, WeightGroup};
     use mesh_model::{ContainerPort, Pod, Service, ServicePort};
 
     fn me() -> Me {
@@ -182,6 +465,7 @@ mod tests {
             node: "east-node-1".into(),
             cluster: "east".into(),
             cluster_id: 1,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -264,7 +548,7 @@ mod tests {
     #[test]
     fn local_service_uses_only_local_backends() {
         let remotes: BTreeMap<_, _> = [remote("west", 2, &[[10, 2, 0, 2]])].into();
-        let v = services(&me(), &local(&[], &[[10, 1, 0, 2]]), &remotes);
+        let v = services_np(&me(), &local(&[], &[[10, 1, 0, 2]]), &remotes);
         assert_eq!(v[0].frontends[0].active.len(), 1);
         assert_eq!(active_clusters(&v), vec!["east"]);
     }
@@ -277,7 +561,7 @@ mod tests {
         ]
         .into();
         let g = [("service.cilium.io/global", "true")];
-        let v = services(&me(), &local(&g, &[[10, 1, 0, 2]]), &remotes);
+        let v = services_np(&me(), &local(&g, &[[10, 1, 0, 2]]), &remotes);
         assert_eq!(v[0].frontends[0].active.len(), 4);
         assert_eq!(v[0].frontends[0].active[0].port, 8080);
         let l = [
@@ -285,19 +569,19 @@ mod tests {
             ("service.cilium.io/affinity", "local"),
         ];
         assert_eq!(
-            active_clusters(&services(&me(), &local(&l, &[[10, 1, 0, 2]]), &remotes)),
+            active_clusters(&services_np(&me(), &local(&l, &[[10, 1, 0, 2]]), &remotes)),
             vec!["east"]
         );
         // No local backend: fall back to the remote ones.
-        let v = services(&me(), &local(&l, &[]), &remotes);
+        let v = services_np(&me(), &local(&l, &[]), &remotes);
         assert_eq!(v[0].frontends[0].active.len(), 3);
         let r = [
             ("service.cilium.io/global", "true"),
             ("service.cilium.io/affinity", "remote"),
         ];
-        let v = services(&me(), &local(&r, &[[10, 1, 0, 2]]), &remotes);
+        let v = services_np(&me(), &local(&r, &[[10, 1, 0, 2]]), &remotes);
         assert!(v[0].frontends[0].active.iter().all(|b| b.cluster != "east"));
-        let v = services(&me(), &local(&r, &[[10, 1, 0, 2]]), &BTreeMap::new());
+        let v = services_np(&me(), &local(&r, &[[10, 1, 0, 2]]), &BTreeMap::new());
         assert_eq!(
             active_clusters(&v),
             vec!["east"],
@@ -312,7 +596,7 @@ mod tests {
             ("service.cilium.io/global", "true"),
             ("service.cilium.io/affinity", "closest"),
         ];
-        let v = services(&me(), &local(&bad, &[[10, 1, 0, 2]]), &remotes);
+        let v = services_np(&me(), &local(&bad, &[[10, 1, 0, 2]]), &remotes);
         assert_eq!(active_clusters(&v), vec!["east"]);
         assert_eq!(v[0].spec.errors.len(), 1);
     }
@@ -329,7 +613,7 @@ mod tests {
         );
         assert!(reachable(&remotes, 15_000, 5_000).is_empty(), "after it");
         let g = [("service.cilium.io/global", "true")];
-        let v = services(
+        let v = services_np(
             &me(),
             &local(&g, &[[10, 1, 0, 2]]),
             &reachable(&remotes, 15_000, 5_000),
@@ -342,11 +626,189 @@ mod tests {
         let (n, mut rc) = remote("west", 2, &[[10, 2, 0, 2]]);
         rc.usable = false;
         let remotes: BTreeMap<_, _> = [(n, rc)].into();
-        let v = services(
+        let v = services_np(
             &me(),
             &local(&[("service.cilium.io/global", "true")], &[]),
             &remotes,
         );
         assert!(v[0].frontends[0].active.is_empty());
+    }
+
+    fn services_np(
+        me: &Me,
+        local: &ClusterState,
+        remotes: &BTreeMap<String, RemoteCluster>,
+    ) -> Vec<ServiceView> {
+        services(me, local, remotes, &PolicyBook::default())
+    }
+
+    fn policy(name: &str, service: &str, groups: Vec<(ClusterSelector, u32)>) -> TrafficPolicy {
+        TrafficPolicy {
+            namespace: "demo".into(),
+            name: name.into(),
+            spec: TrafficPolicySpec {
+                service: service.into(),
+                weights: groups
+                    .into_iter()
+                    .map(|(clusters, weight)| WeightGroup { clusters, weight })
+                    .collect(),
+            },
+        }
+    }
+
+    fn by_labels(kv: &[(&str, &str)]) -> ClusterSelector {
+        ClusterSelector {
+            match_labels: kv
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn by_names(names: &[&str]) -> ClusterSelector {
+        ClusterSelector {
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn labelled(mut rc: (String, RemoteCluster), kv: &[(&str, &str)]) -> (String, RemoteCluster) {
+        rc.1.config = Some(mesh_kvstore::ClusterConfig {
+            name: rc.0.clone(),
+            id: 9,
+            capabilities: vec![],
+            labels: kv
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        });
+        rc
+    }
+
+    /// Slots per cluster of the first frontend.
+    fn slots_by_cluster(v: &[ServiceView]) -> BTreeMap<String, u32> {
+        let mut out = BTreeMap::new();
+        for b in &v[0].frontends[0].active {
+            *out.entry(b.cluster.clone()).or_default() += b.weight;
+        }
+        out
+    }
+
+    fn with_policy(local: &mut ClusterState, p: TrafficPolicy) -> PolicyBook {
+        local
+            .traffic_policies
+            .insert((p.namespace.clone(), p.name.clone()), p);
+        let mut book = PolicyBook::default();
+        let st = book.update(local);
+        assert!(st.iter().all(|s| s.state == "active"), "{st:?}");
+        book
+    }
+
+    #[test]
+    fn policy_weights_groups_by_labels_and_names_and_leaves_unselected_clusters_out() {
+        let mut me = me();
+        me.labels = [("stage".to_owned(), "canary".to_owned())].into();
+        let remotes: BTreeMap<_, _> = [
+            remote("west", 2, &[[10, 2, 0, 2], [10, 2, 1, 2]]),
+            labelled(remote("north", 3, &[[10, 3, 0, 2]]), &[("stage", "prod")]),
+        ]
+        .into();
+        let mut st = local(&[("service.cilium.io/global", "true")], &[[10, 1, 0, 2]]);
+        let book = with_policy(
+            &mut st,
+            policy(
+                "p",
+                "echo",
+                vec![(by_labels(&[("stage", "canary")]), 10), (by_names(&["west"]), 90)],
+            ),
+        );
+        let v = services(&me, &st, &remotes, &book);
+        assert_eq!(v[0].policy.as_deref(), Some("demo/p"));
+        assert_eq!(
+            slots_by_cluster(&v),
+            [("east".to_owned(), 100), ("west".to_owned(), 900)].into()
+        );
+        let f = &v[0].frontends[0];
+        assert_eq!(f.unselected, vec!["north".to_owned()]);
+        assert_eq!(f.groups[0].clusters, vec!["east".to_owned()]);
+        assert!((f.groups[1].share - 0.9).abs() < 1e-9);
+        // The canary group loses its backends: the west group takes all new connections.
+        let mut none_local = local(&[("service.cilium.io/global", "true")], &[]);
+        none_local.traffic_policies = st.traffic_policies.clone();
+        let v = services(&me, &none_local, &remotes, &book);
+        assert_eq!(slots_by_cluster(&v), [("west".to_owned(), 1000)].into());
+        // No group has a backend: nothing is active (new flows are dropped and counted).
+        let v = services(&me, &none_local, &BTreeMap::new(), &book);
+        assert!(v[0].frontends[0].active.is_empty());
+    }
+
+    #[test]
+    fn shares_inside_a_group_follow_capacity() {
+        let (n, mut rc) = remote("west", 2, &[[10, 2, 0, 2], [10, 2, 1, 2]]);
+        if let Some(rec) = rc.services.get_mut("demo/echo") {
+            rec.backends[1].weight = 3;
+        }
+        let remotes: BTreeMap<_, _> = [(n, rc)].into();
+        let mut st = local(&[("service.cilium.io/global", "true")], &[]);
+        let book = with_policy(&mut st, policy("p", "echo", vec![(by_names(&["west"]), 1)]));
+        let v = services(&me(), &st, &remotes, &book);
+        let w: Vec<u32> = v[0].frontends[0].active.iter().map(|b| b.weight).collect();
+        assert_eq!(w, vec![250, 750]);
+        // Without a policy the capacity is the slot count.
+        let v = services_np(&me(), &st, &remotes);
+        let w: Vec<u32> = v[0].frontends[0].active.iter().map(|b| b.weight).collect();
+        assert_eq!(w, vec![1, 3]);
+    }
+
+    #[test]
+    fn invalid_policy_update_keeps_the_previous_version_and_conflicts_are_reported() {
+        let mut st = local(&[], &[[10, 1, 0, 2]]);
+        let good = policy("p", "echo", vec![(by_names(&["east"]), 1)]);
+        let mut book = with_policy(&mut st, good.clone());
+        let key = ("demo".to_owned(), "p".to_owned());
+        st.traffic_policies
+            .insert(key.clone(), policy("p", "ehco", vec![(by_names(&["east"]), 1)]));
+        let status = book.update(&st);
+        assert_eq!(status[0].state, "rejected");
+        let msg = status[0].message.clone().unwrap_or_default();
+        assert!(
+            msg.contains("demo/ehco does not exist") && msg.contains("previous version"),
+            "{msg}"
+        );
+        assert_eq!(book.for_service("demo", "echo"), Some(&good));
+        // A second policy for the same service loses to the first by name.
+        st.traffic_policies.insert(key, good);
+        st.traffic_policies.insert(
+            ("demo".to_owned(), "q".to_owned()),
+            policy("q", "echo", vec![(by_names(&["west"]), 1)]),
+        );
+        let status = book.update(&st);
+        assert_eq!(
+            status.iter().map(|s| s.state).collect::<Vec<_>>(),
+            vec!["active", "conflict"]
+        );
+        // Deleted: forgotten.
+        st.traffic_policies.clear();
+        assert!(book.update(&st).is_empty());
+        assert_eq!(book.for_service("demo", "echo"), None);
+    }
+
+    #[test]
+    fn large_capacities_are_scaled_into_the_slot_table() {
+        let ips: Vec<[u8; 4]> = (0..40u8).map(|i| [10, 2, 0, i + 2]).collect();
+        let (n, mut rc) = remote("west", 2, &ips);
+        if let Some(rec) = rc.services.get_mut("demo/echo") {
+            for b in &mut rec.backends {
+                b.weight = 1000;
+            }
+        }
+        let remotes: BTreeMap<_, _> = [(n, rc)].into();
+        let st = local(&[("service.cilium.io/global", "true")], &[]);
+        let v = services_np(&me(), &st, &remotes);
+        let w: Vec<u32> = v[0].frontends[0].active.iter().map(|b| b.weight).collect();
+        assert_eq!(w.len(), 40);
+        assert_eq!(w.iter().sum::<u32>(), MAX_SLOTS_PER_FRONTEND);
+        assert!(w.iter().all(|s| (409..=410).contains(s)), "{w:?}");
     }
 }

@@ -91,11 +91,12 @@ fn next(counter: &mut u32) -> u32 {
     *counter
 }
 
-/// Slot list of a backend set: each backend gets `weight` slots (capped), in a stable order.
+/// Slot list of a backend set: each backend gets `weight` slots (at least one; the desired state keeps a
+/// frontend's total within [`crate::lb::MAX_SLOTS_PER_FRONTEND`]), in a stable order.
 fn slot_list(ids: &[(u32, u32)]) -> Vec<u32> {
-    const MAX_SLOTS_PER_BACKEND: u32 = 64;
     ids.iter()
-        .flat_map(|(id, w)| std::iter::repeat_n(*id, (*w).clamp(1, MAX_SLOTS_PER_BACKEND) as usize))
+        .flat_map(|(id, w)| std::iter::repeat_n(*id, (*w).max(1) as usize))
+        .take(crate::lb::MAX_SLOTS_PER_FRONTEND as usize)
         .collect()
 }
 
@@ -374,7 +375,12 @@ mod tests {
             vec![7],
             "weight 0 still gets one slot while it is active"
         );
-        assert_eq!(slot_list(&[(1, 1000)]).len(), 64, "capped");
+        assert_eq!(slot_list(&[(1, 1000)]).len(), 1000);
+        assert_eq!(
+            slot_list(&[(1, 20_000)]).len(),
+            crate::lb::MAX_SLOTS_PER_FRONTEND as usize,
+            "capped at the frontend's table size"
+        );
     }
 
     #[test]

@@ -9,3 +9,4 @@ pub mod lb_maps;
 pub mod netdev;
 pub mod reconcile;
 pub mod remote;
+pub mod rollout;

@@ -31,6 +31,10 @@ struct Args {
     /// Id of this cluster, unique in the mesh (1-4095).
     #[arg(long, env = "FLEETMESH_CLUSTER_ID", value_parser = clap::value_parser!(u16).range(1..=4095))]
     cluster_id: u16,
+    /// A label of this cluster, KEY=VALUE (repeatable, or comma separated), as given to its clustermesh-apiserver;
+    /// `TrafficPolicy` selectors match local backends' cluster by it.
+    #[arg(long = "cluster-label", env = "FLEETMESH_CLUSTER_LABELS", value_delimiter = ',', value_parser = mesh_model::traffic::parse_label)]
+    cluster_labels: Vec<(String, String)>,
     /// Directory of Kubernetes manifests describing this cluster (the manifests source).
     #[arg(long, env = "FLEETMESH_MANIFESTS")]
     manifests: PathBuf,
@@ -64,6 +68,10 @@ struct Args {
     /// there when missing). Removing the directory removes the datapath (uninstall).
     #[arg(long, env = "FLEETMESH_BPF_PIN_DIR")]
     bpf_pin_dir: Option<PathBuf>,
+    /// Directory for the agent's own state that must survive restarts (staged rollouts' progress). Default
+    /// `/var/lib/fleetmesh/<node-name>`.
+    #[arg(long, env = "FLEETMESH_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `mesh_agent=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -109,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         node: args.node_name.clone(),
         cluster: args.cluster_name.to_string(),
         cluster_id: args.cluster_id,
+        labels: args.cluster_labels.iter().cloned().collect(),
     };
     info!(node = %me.node, cluster = %me.cluster, id = me.cluster_id, "starting");
 
@@ -178,16 +187,35 @@ async fn main() -> anyhow::Result<()> {
     let counters = Arc::new(dp.counters_reader().context("opening the counters map")?);
     let mut reconciler = Reconciler::new(dp, me.clone(), args.vxlan_device.clone());
     reconciler.remote_grace = args.remote_grace_period;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh").join(&me.node));
+    reconciler.rollouts = mesh_agent::rollout::Rollouts::load(state_dir.join("rollouts.json"));
+    let commands: mesh_agent::api::CommandQueue = Arc::default();
+    let reconciler_commands = commands.clone();
     std::thread::Builder::new()
         .name("reconciler".into())
         .spawn(move || {
             loop {
-                let _ = wake_rx.recv_timeout(Duration::from_secs(1));
+                let tick = if reconciler.rollouts.active() {
+                    mesh_agent::rollout::FAST_TICK
+                } else {
+                    Duration::from_secs(1)
+                };
+                let _ = wake_rx.recv_timeout(tick);
                 // Coalesce a burst of wake-ups into one pass.
                 while wake_rx.try_recv().is_ok() {}
                 let snap = snapshots.borrow().clone();
                 if snap.generation == 0 {
                     continue;
+                }
+                let queued =
+                    std::mem::take(&mut *reconciler_commands.lock().unwrap_or_else(PoisonError::into_inner));
+                for (ns, name, cmd) in queued {
+                    if let Err(e) = reconciler.rollouts.command(&ns, &name, cmd) {
+                        warn!(error = %e, "rollout command");
+                    }
                 }
                 let remote_view = reconciler_remotes.snapshot();
                 let dp_status = reconciler.reconcile(&snap.state, &remote_view);
@@ -210,6 +238,8 @@ async fn main() -> anyhow::Result<()> {
         status,
         remotes,
         counters,
+        commands,
+        wake: wake_tx.clone(),
     };
     let socket = args.api_socket.clone();
     tokio::select! {

@@ -5,17 +5,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use mesh_common::{Counter, IpcacheEntry, LocalEndpoint, NodeConfig, pod_mac_for_ipv4};
+use mesh_common::{BackendStats, Counter, IpcacheEntry, LocalEndpoint, NodeConfig, pod_mac_for_ipv4};
 use mesh_model::ClusterState;
+use mesh_model::traffic::StagedRollout;
 use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::datapath::Datapath;
 use crate::desired::{self, Me};
-use crate::lb::{self, ServiceView};
+use crate::lb::{self, FlowStats, ServiceView};
 use crate::lb_maps::{LbAdopted, LbChanges, LbMaps};
 use crate::netdev;
 use crate::remote::RemoteCluster;
+use crate::rollout::{RolloutState, Rollouts};
 
 /// One local endpoint as the status reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +55,31 @@ pub struct DatapathStatus {
     pub reconciles: u64,
     /// Services as this node balances them (frontends, candidate and active backends).
     pub services: Vec<ServiceView>,
+    /// Every `TrafficPolicy` of the cluster and whether it is in force.
+    pub traffic_policies: Vec<lb::PolicyStatus>,
+    /// Every `StagedRollout` of the cluster, as this node runs it.
+    pub rollouts: Vec<RolloutState>,
+}
+
+/// Adds the datapath's per-backend statistics to each frontend, by cluster.
+fn attach_stats(views: &mut [ServiceView], stats: &BTreeMap<u32, BackendStats>, lb: &LbMaps) {
+    for fe in views.iter_mut().flat_map(|v| v.frontends.iter_mut()) {
+        fe.stats.clear();
+        let protocol = fe.protocol;
+        for (cluster, backends) in &fe.candidates {
+            for b in backends {
+                let Some(s) = lb
+                    .backend_id(b.ipv4, b.port, protocol)
+                    .and_then(|id| stats.get(&id))
+                else {
+                    continue;
+                };
+                let sum = fe.stats.entry(cluster.clone()).or_default();
+                sum.new_flows += s.new_flows;
+                sum.resets += s.resets;
+            }
+        }
+    }
 }
 
 pub struct Reconciler {
@@ -61,6 +88,11 @@ pub struct Reconciler {
     pub vxlan_ifname: String,
     reconciles: u64,
     lb: LbMaps,
+    policies: lb::PolicyBook,
+    /// Staged rollouts of this node (set `rollouts` to a [`Rollouts::load`]ed book to persist them).
+    pub rollouts: Rollouts,
+    /// The services of the last reconcile (their backends' statistics judge rollout gates).
+    last_views: Vec<ServiceView>,
     /// How long an unreachable remote cluster keeps its backends in global services.
     pub remote_grace: std::time::Duration,
 }
@@ -89,6 +121,9 @@ impl Reconciler {
             vxlan_ifname,
             reconciles: 0,
             lb,
+            policies: lb::PolicyBook::default(),
+            rollouts: Rollouts::default(),
+            last_views: Vec::new(),
             remote_grace: std::time::Duration::from_secs(30),
         }
     }
@@ -137,12 +172,61 @@ impl Reconciler {
 
         let grace_ms = u64::try_from(self.remote_grace.as_millis()).unwrap_or(u64::MAX);
         let reachable = lb::reachable(remotes, crate::remote::now_ms(), grace_ms);
-        let views = lb::services(&self.me, local, &reachable);
+        st.traffic_policies = self.policies.update(local);
+        for p in st.traffic_policies.iter().filter(|p| p.state != "active") {
+            warn!(policy = %format!("{}/{}", p.namespace, p.name), state = p.state, message = ?p.message, "TrafficPolicy not applied");
+        }
+        // Staged rollouts first: their gates are judged on the live statistics of the backends seen at the last
+        // reconcile, and their weights then steer this one.
+        let stats = match self.dp.backend_stats() {
+            Ok(s) => s,
+            Err(e) => {
+                st.errors.push(format!("reading backend statistics: {e}"));
+                BTreeMap::new()
+            }
+        };
+        let mut last = std::mem::take(&mut self.last_views);
+        attach_stats(&mut last, &stats, &self.lb);
+        let (me, last_ref) = (&self.me, &last);
+        let to_stats = |r: &StagedRollout| -> Option<FlowStats> {
+            let view = last_ref
+                .iter()
+                .find(|v| v.namespace == r.namespace && v.name == r.spec.service)?;
+            let mut sum = FlowStats::default();
+            for fe in &view.frontends {
+                for (cluster, s) in &fe.stats {
+                    if r.spec
+                        .to
+                        .matches(cluster, &lb::cluster_labels(me, &reachable, cluster))
+                    {
+                        sum.new_flows += s.new_flows;
+                        sum.resets += s.resets;
+                    }
+                }
+            }
+            Some(sum)
+        };
+        self.rollouts.tick(local, crate::remote::now_ms(), &to_stats);
+        let overrides = local
+            .rollouts
+            .values()
+            .filter_map(|r| {
+                self.rollouts
+                    .policy_for(local, &r.namespace, &r.spec.service)
+                    .map(|p| ((r.namespace.clone(), r.spec.service.clone()), p))
+            })
+            .collect();
+        self.policies.set_overrides(overrides);
+        st.rollouts = self.rollouts.states();
+        let views = lb::services(&self.me, local, &reachable, &self.policies);
         match self.lb.reconcile(&mut self.dp, &views) {
             Ok(c) if c != LbChanges::default() => info!(?c, "service maps updated"),
             Ok(_) => {}
             Err(e) => st.errors.push(format!("programming services: {e:#}")),
         }
+        let mut views = views;
+        attach_stats(&mut views, &stats, &self.lb);
+        self.last_views.clone_from(&views);
         st.services = views;
 
         st.counters = match self.dp.counters() {

@@ -222,6 +222,7 @@ impl Agent {
             node: "east-node-1".into(),
             cluster: "east".into(),
             cluster_id: 1,
+            labels: Default::default(),
         };
         let task = tokio::spawn(manage(
             config.path().to_owned(),
@@ -275,6 +276,7 @@ fn config(id: u16) -> String {
         name: "west".into(),
         id,
         capabilities: vec!["nodes/v1".into()],
+        labels: Default::default(),
     })
 }
 

@@ -73,6 +73,7 @@ fn views(backends: &[Ipv4Addr]) -> Vec<ServiceView> {
         namespace: "default".into(),
         name: "stream".into(),
         spec: mesh_model::service::GlobalSpec::default(),
+        policy: None,
         frontends: vec![Frontend {
             vip: VIP,
             port: PORT,
@@ -89,6 +90,9 @@ fn views(backends: &[Ipv4Addr]) -> Vec<ServiceView> {
                     weight: 1,
                 })
                 .collect(),
+            groups: Vec::new(),
+            unselected: Vec::new(),
+            stats: BTreeMap::new(),
         }],
     }]
 }

@@ -221,6 +221,7 @@ async fn publish(etcd: &TlsEtcd, cluster: &str, id: u16, n: u8) {
         name: cluster.into(),
         id,
         capabilities: vec!["nodes/v1".into()],
+        labels: Default::default(),
     };
     c.put(keys.cluster_config(cluster), encode(&config), None)
         .await
@@ -261,6 +262,7 @@ impl Agent {
             node: "east-node-1".into(),
             cluster: "east".into(),
             cluster_id: 1,
+            labels: Default::default(),
         };
         let task = tokio::spawn(manage(
             config_dir.to_owned(),

@@ -26,6 +26,8 @@ pub mod maps {
     pub const REVNAT_V4: &str = "REVNAT_V4";
     /// `LruHashMap<CtKeyV4, CtEntryV4>`: connection tracking of load-balanced flows.
     pub const CT_V4: &str = "CT_V4";
+    /// `LruPerCpuHashMap<u32, BackendStats>`: per backend id, what the datapath saw of its flows.
+    pub const LB_BACKEND_STATS: &str = "LB_BACKEND_STATS";
 }
 
 /// Program names in the eBPF object.
@@ -48,6 +50,8 @@ pub const BACKENDS_MAX_ENTRIES: u32 = 512 * 1024;
 pub const REVNAT_MAX_ENTRIES: u32 = 256 * 1024;
 /// Capacity of the conntrack LRU map.
 pub const CT_MAX_ENTRIES: u32 = 256 * 1024;
+/// Capacity of the per-backend statistics (LRU: backends without recent flows make room).
+pub const BACKEND_STATS_MAX_ENTRIES: u32 = 64 * 1024;
 /// Source address used for hairpin flows (a pod reaching itself through a service): the pod sees the
 /// connection coming from here, and its replies come back through the datapath (Cilium uses the same idea).
 pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 42, 1];
@@ -314,6 +318,17 @@ pub struct CtEntryV4 {
     pub backend_id: u32,
 }
 
+/// Per-CPU statistics of one backend (summed over CPUs by userspace). Counters only grow; readers take
+/// differences.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// New flows sent to the backend.
+    pub new_flows: u64,
+    /// TCP resets the backend sent to clients of load-balanced flows.
+    pub resets: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, contain only integers and byte arrays, and have no implicit
@@ -337,6 +352,8 @@ mod pod {
     unsafe impl aya::Pod for super::CtKeyV4 {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::CtEntryV4 {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::BackendStats {}
 }
 
 // The structs must have no implicit padding: their sizes equal the sum of their fields.
@@ -350,6 +367,7 @@ const _: () = assert!(core::mem::size_of::<BackendV4>() == 4 + 2 + 1 + 1 + 2 + 2
 const _: () = assert!(core::mem::size_of::<RevNatV4>() == 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 4 + 4 + 2 + 2 + 1 + 1 + 2);
 const _: () = assert!(core::mem::size_of::<CtEntryV4>() == 4 + 2 + 2 + 4 + 4 + 4);
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 8 + 8);
 
 /// Pod MAC convention shared by the lab and the agent: `0a:58:` followed by the pod's IPv4 address (the same
 /// convention OVN-Kubernetes uses), so the agent knows a pod's MAC without entering its namespace.

@@ -26,6 +26,7 @@ pub const UDP_CSUM_OFFSET: usize = 6;
 const TCP_FLAGS_OFFSET: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const TCP_RST: u8 = 0x04;
 
 /// A transport 5-tuple. Addresses and ports as on the wire: a port is the `u16` whose in-memory bytes are the
 /// packet's bytes (network byte order), like the `port_be` fields of the map ABI.
@@ -91,6 +92,8 @@ pub struct L4 {
     pub offset: usize,
     /// TCP SYN without ACK: the first packet of a new connection (always false for UDP).
     pub syn: bool,
+    /// TCP RST: the sender refuses or aborts the connection (always false for UDP).
+    pub rst: bool,
 }
 
 impl L4 {
@@ -151,6 +154,10 @@ pub fn parse_l4(ip: &Ipv4Header, l4: &[u8]) -> Option<L4> {
         && header
             .get(TCP_FLAGS_OFFSET)
             .is_some_and(|flags| flags & (TCP_SYN | TCP_ACK) == TCP_SYN);
+    let rst = ip.proto == proto::TCP
+        && header
+            .get(TCP_FLAGS_OFFSET)
+            .is_some_and(|flags| flags & TCP_RST != 0);
     Some(L4 {
         flow: Flow {
             saddr: ip.src,
@@ -161,6 +168,7 @@ pub fn parse_l4(ip: &Ipv4Header, l4: &[u8]) -> Option<L4> {
         },
         offset: ip.l4_offset(),
         syn,
+        rst,
     })
 }
 
@@ -228,6 +236,33 @@ pub struct Translation {
     pub flow: Flow,
     /// The packet opened a new load-balanced flow (a backend was selected and conntrack entries created).
     pub new_flow: bool,
+    /// The packet is a backend's reply (reverse translation).
+    pub reply: bool,
+    /// The flow's backend id (as selected when the flow began).
+    pub backend_id: u32,
+}
+
+/// What a translated packet tells about its backend's health, for the per-backend statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new flow was sent to the backend.
+    NewFlow,
+    /// The backend reset a connection (a TCP RST in its reply direction).
+    Reset,
+}
+
+impl Translation {
+    /// The statistic this packet adds to its backend, if any.
+    #[must_use]
+    pub const fn outcome(&self, l4: &L4) -> Option<Outcome> {
+        if self.new_flow {
+            Some(Outcome::NewFlow)
+        } else if self.reply && l4.rst {
+            Some(Outcome::Reset)
+        } else {
+            None
+        }
+    }
 }
 
 /// Translation of a packet leaving a pod: the reply direction of a known flow first, then service frontends.
@@ -289,6 +324,8 @@ pub fn reverse(flow: &Flow, maps: &impl LbMaps) -> Option<Translation> {
             ..*flow
         },
         new_flow: false,
+        reply: true,
+        backend_id: entry.backend_id,
     })
 }
 
@@ -353,6 +390,8 @@ pub fn to_service(l4: &L4, maps: &impl LbMaps) -> Result<Option<Translation>, Dr
     Ok(Some(Translation {
         flow: to_backend,
         new_flow,
+        reply: false,
+        backend_id: entry.backend_id,
     }))
 }
 
@@ -510,6 +549,7 @@ mod tests {
             },
             offset: 34,
             syn: false,
+            rst: false,
         }
     }
 
@@ -801,7 +841,8 @@ mod tests {
                 &L4 {
                     flow: backend_reply,
                     offset: 34,
-                    syn: false
+                    syn: false,
+                    rst: false,
                 },
                 &m
             ),

@@ -18,19 +18,19 @@ mod bpf {
         },
         helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
         macros::{classifier, map},
-        maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+        maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
         programs::TcContext,
     };
     use mesh_common::{
-        BACKENDS_MAX_ENTRIES, BackendV4, COUNTER_COUNT, CT_MAX_ENTRIES, Counter, CtEntryV4, CtKeyV4,
-        ENDPOINTS_MAX_ENTRIES, EndpointKeyV4, IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4,
-        NodeConfig, REVNAT_MAX_ENTRIES, RevNatV4, SERVICES_MAX_ENTRIES, SLOTS_MAX_ENTRIES, ServiceEntry,
-        ServiceKeyV4, SlotKey,
+        BACKEND_STATS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BackendStats, BackendV4, COUNTER_COUNT,
+        CT_MAX_ENTRIES, Counter, CtEntryV4, CtKeyV4, ENDPOINTS_MAX_ENTRIES, EndpointKeyV4,
+        IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig, REVNAT_MAX_ENTRIES,
+        RevNatV4, SERVICES_MAX_ENTRIES, SLOTS_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SlotKey,
     };
     use mesh_ebpf::{
         Drop, ETH_HLEN, Forward, Frame, IPV4_CSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, Ipv4Header,
         Malformed, Maps, PEEK_LEN, TCP_PEEK_LEN, TUNNEL_TTL, UDP_PEEK_LEN,
-        lb::{self, L4, LbMaps, Translation},
+        lb::{self, L4, LbMaps, Outcome, Translation},
     };
 
     #[map(name = "IPCACHE_V4")]
@@ -66,6 +66,38 @@ mod bpf {
     /// Written by the programs on every new flow; LRU so that it never fills up.
     #[map(name = "CT_V4")]
     static CT_V4: LruHashMap<CtKeyV4, CtEntryV4> = LruHashMap::with_max_entries(CT_MAX_ENTRIES, 0);
+
+    /// Per-backend flow statistics, per CPU (no locking on the packet path).
+    #[map(name = "LB_BACKEND_STATS")]
+    static LB_BACKEND_STATS: LruPerCpuHashMap<u32, BackendStats> =
+        LruPerCpuHashMap::with_max_entries(BACKEND_STATS_MAX_ENTRIES, 0);
+
+    /// Adds `outcome` to the statistics of `backend_id` (this CPU's copy).
+    #[inline(always)]
+    fn record(backend_id: u32, outcome: Outcome) {
+        if let Some(stats) = LB_BACKEND_STATS.get_ptr_mut(backend_id) {
+            // SAFETY: this CPU's copy of the entry; tc programs do not nest on one CPU.
+            unsafe {
+                match outcome {
+                    Outcome::NewFlow => (*stats).new_flows += 1,
+                    Outcome::Reset => (*stats).resets += 1,
+                }
+            }
+        } else {
+            let first = match outcome {
+                Outcome::NewFlow => BackendStats {
+                    new_flows: 1,
+                    resets: 0,
+                },
+                Outcome::Reset => BackendStats {
+                    new_flows: 0,
+                    resets: 1,
+                },
+            };
+            // A lost race with another CPU creating the entry costs one count; nothing else to do.
+            let _ = LB_BACKEND_STATS.insert(backend_id, first, u64::from(BPF_ANY));
+        }
+    }
 
     /// The kernel maps behind the [`Maps`] trait.
     struct KernelMaps;
@@ -229,6 +261,9 @@ mod bpf {
         };
         if t.new_flow {
             count(Counter::LbNewFlow);
+        }
+        if let Some(outcome) = t.outcome(&l4) {
+            record(t.backend_id, outcome);
         }
         rewrite(ctx, &l4, &t)?;
         count(Counter::LbTranslated);

@@ -10,6 +10,7 @@
 //! Values are JSON so operators can read them with `etcdctl`. Every record carries its schema version in the key;
 //! a decoder returns a typed [`DecodeError`] for every malformed value, and never panics.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -160,14 +161,20 @@ pub enum KeyKind<'k> {
     Other,
 }
 
-/// A cluster's identity and capabilities.
+/// A cluster's identity, capabilities and labels.
+///
+/// Unknown fields are accepted here (unlike the other records): fleets upgrade cluster by cluster, and a newer
+/// publisher's additions must not make older agents refuse the whole cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ClusterConfig {
     pub name: String,
     pub id: u16,
     #[serde(default)]
     pub capabilities: Vec<String>,
+    /// Cluster labels (e.g. `stage: canary`), which `TrafficPolicy` selectors match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Liveness of a cluster's publisher.
@@ -215,7 +222,7 @@ pub struct PortRecord {
 pub struct BackendRecord {
     pub ipv4: Ipv4Addr,
     pub ports: Vec<PortRecord>,
-    /// Relative capacity (weights later); 1 by default.
+    /// Relative capacity (pod annotation `fleetmesh.io/capacity`); 1 by default.
     #[serde(default = "one")]
     pub weight: u32,
 }

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 
 use crate::state::{ContainerPort, Namespace, Node, Pod, Protocol, Service, ServicePort};
-use crate::traffic::{self, TrafficPolicy, TrafficPolicySpec};
+use crate::traffic::{self, StagedRollout, StagedRolloutSpec, TrafficPolicy, TrafficPolicySpec};
 
 /// apiVersion of the Kubernetes Multi-Cluster Services API objects.
 pub const MCS_API_VERSION: &str = "multicluster.x-k8s.io/v1alpha1";
@@ -50,6 +50,23 @@ struct TrafficPolicyManifest {
     status: Option<serde_json::Value>,
 }
 
+/// A fleetmesh `StagedRollout` manifest.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct StagedRolloutManifest {
+    api_version: String,
+    #[expect(
+        dead_code,
+        reason = "checked by the dispatcher, kept so the field is not refused as unknown"
+    )]
+    kind: String,
+    metadata: ObjectMeta,
+    spec: StagedRolloutSpec,
+    #[serde(default)]
+    #[expect(dead_code, reason = "status is written by fleetmesh; accepted and ignored")]
+    status: Option<serde_json::Value>,
+}
+
 /// Namespace used when a namespaced object has none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -67,6 +84,8 @@ pub enum Object {
     },
     /// A fleetmesh `TrafficPolicy` (fleetmesh.io/v1alpha1).
     TrafficPolicy(TrafficPolicy),
+    /// A fleetmesh `StagedRollout` (fleetmesh.io/v1alpha1).
+    StagedRollout(StagedRollout),
 }
 
 impl Object {
@@ -80,6 +99,7 @@ impl Object {
             Object::Service(s) => format!("Service {}/{}", s.namespace, s.name),
             Object::ServiceExport { namespace, name } => format!("ServiceExport {namespace}/{name}"),
             Object::TrafficPolicy(t) => format!("TrafficPolicy {}/{}", t.namespace, t.name),
+            Object::StagedRollout(r) => format!("StagedRollout {}/{}", r.namespace, r.name),
         }
     }
 }
@@ -210,13 +230,32 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
                     spec: t.spec,
                 })
             }
+            "StagedRollout" => {
+                let r = typed::<StagedRolloutManifest>(&ctx, value)?;
+                if r.api_version != traffic::API_VERSION {
+                    return Err(ctx.err(
+                        Some("apiVersion"),
+                        format!(
+                            "{:?}: StagedRollout is served as {}",
+                            r.api_version,
+                            traffic::API_VERSION
+                        ),
+                    ));
+                }
+                r.spec.validate().map_err(|(field, m)| ctx.err(Some(&field), m))?;
+                Object::StagedRollout(StagedRollout {
+                    namespace: namespace_of(&ctx, &r.metadata)?,
+                    name: name_of(&ctx, &r.metadata)?,
+                    spec: r.spec,
+                })
+            }
             "" => return Err(ctx.err(Some("kind"), "missing kind")),
             other => {
                 return Err(ctx.err(
                     Some("kind"),
                     format!(
                         "kind {other:?} is not supported here (Node, Namespace, Pod, Service, ServiceExport, \
-                         TrafficPolicy)"
+                         TrafficPolicy, StagedRollout)"
                     ),
                 ));
             }
@@ -492,6 +531,11 @@ pub fn merge<'a>(
                         .traffic_policies
                         .insert((t.namespace.clone(), t.name.clone()), t.clone());
                 }
+                Object::StagedRollout(r) => {
+                    state
+                        .rollouts
+                        .insert((r.namespace.clone(), r.name.clone()), r.clone());
+                }
             }
         }
     }
@@ -692,6 +736,51 @@ spec:
             (ok.replace("  service: api\n", ""), "spec"),
         ] {
             let e = parse_str("t.yaml", &text).expect_err(&text);
+            assert!(
+                e.field.as_deref().is_some_and(|f| f.starts_with(field)),
+                "{field}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn staged_rollout_is_parsed_and_checked() {
+        let ok = "apiVersion: fleetmesh.io/v1alpha1
+kind: StagedRollout
+metadata: {name: api-v2, namespace: shop}
+spec:
+  service: api
+  from: {matchLabels: {stage: prod}}
+  to:   {matchLabels: {track: v2}}
+  steps: [10, 50, 100]
+  holdSeconds: 30
+  gate: {maxFailureRatio: 0.02}
+";
+        let objs = parse_str("r.yaml", ok).expect("valid");
+        let Object::StagedRollout(r) = &objs[0] else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(
+            (r.name.as_str(), r.spec.steps.clone()),
+            ("api-v2", vec![10, 50, 100])
+        );
+        assert_eq!(
+            merge([("r.yaml", objs.as_slice())])
+                .expect("merge")
+                .rollouts
+                .len(),
+            1
+        );
+        for (text, field) in [
+            (ok.replace("[10, 50, 100]", "[50, 10]"), "spec.steps[1]"),
+            (
+                ok.replace("holdSeconds: 30", "holdSeconds: 0"),
+                "spec.holdSeconds",
+            ),
+            (ok.replace("0.02", "2"), "spec.gate.maxFailureRatio"),
+            (ok.replace("gate:", "gates:"), "spec"),
+        ] {
+            let e = parse_str("r.yaml", &text).expect_err(&text);
             assert!(
                 e.field.as_deref().is_some_and(|f| f.starts_with(field)),
                 "{field}: {e}"

@@ -113,6 +113,8 @@ pub struct Endpoint {
     pub ipv4: Ipv4Addr,
     pub pod: String,
     pub ports: Vec<BackendPort>,
+    /// The pod's capacity (annotation `fleetmesh.io/capacity`, 1 when absent or invalid).
+    pub capacity: u32,
 }
 
 fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -162,6 +164,7 @@ pub fn endpoints(state: &ClusterState, svc: &Service) -> Vec<Endpoint> {
                 ipv4,
                 pod: format!("{}/{}", p.namespace, p.name),
                 ports,
+                capacity: crate::traffic::capacity(&p.annotations).unwrap_or(1),
             })
         })
         .collect()

@@ -111,6 +111,8 @@ pub struct ClusterState {
     pub exports: std::collections::BTreeSet<(String, String)>,
     /// `TrafficPolicy` objects, keyed by (namespace, name).
     pub traffic_policies: BTreeMap<(String, String), crate::traffic::TrafficPolicy>,
+    /// `StagedRollout` objects, keyed by (namespace, name).
+    pub rollouts: BTreeMap<(String, String), crate::traffic::StagedRollout>,
 }
 
 impl ClusterState {

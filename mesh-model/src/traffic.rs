@@ -275,6 +275,114 @@ impl TrafficPolicySpec {
     }
 }
 
+/// The gate of a rollout step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Gate {
+    /// Largest tolerated share of failed connections to the `to` clusters' backends (resets from a backend over
+    /// new connections to those backends), 0 to 1.
+    pub max_failure_ratio: f64,
+}
+
+impl Eq for Gate {}
+
+/// The spec of a `StagedRollout`: move a global service's new connections from the `from` clusters to the `to`
+/// clusters in steps, holding each step while the gate holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StagedRolloutSpec {
+    /// A Service in the rollout's namespace.
+    pub service: String,
+    /// Clusters that carry the traffic now.
+    pub from: ClusterSelector,
+    /// Clusters that should carry it at the end (a cluster selected by both counts as `to`).
+    pub to: ClusterSelector,
+    /// Percent of new connections sent to `to` at each step: 1-100, increasing.
+    pub steps: Vec<u32>,
+    /// Observation time per step, 1-86400.
+    pub hold_seconds: u32,
+    pub gate: Gate,
+}
+
+/// A validated `StagedRollout`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StagedRollout {
+    pub namespace: String,
+    pub name: String,
+    pub spec: StagedRolloutSpec,
+}
+
+impl StagedRolloutSpec {
+    /// Checks the spec; errors name the field (`spec.…`).
+    ///
+    /// # Errors
+    /// No service, bad selectors, steps empty / out of 1-100 / not increasing, hold out of range, gate outside 0-1.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.service.is_empty() {
+            return Err(("spec.service".into(), "missing service name".into()));
+        }
+        for (field, sel) in [("spec.from", &self.from), ("spec.to", &self.to)] {
+            sel.validate().map_err(|(f, m)| {
+                (
+                    if f.is_empty() {
+                        field.to_owned()
+                    } else {
+                        format!("{field}.{f}")
+                    },
+                    m,
+                )
+            })?;
+        }
+        if self.steps.is_empty() {
+            return Err(("spec.steps".into(), "at least one step is needed".into()));
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            if !(1..=100).contains(s) {
+                return Err((
+                    format!("spec.steps[{i}]"),
+                    format!("{s} is not a percentage from 1 to 100"),
+                ));
+            }
+            if i > 0 && *s <= self.steps[i - 1] {
+                return Err((
+                    format!("spec.steps[{i}]"),
+                    format!("steps must increase ({} after {})", s, self.steps[i - 1]),
+                ));
+            }
+        }
+        if !(1..=86_400).contains(&self.hold_seconds) {
+            return Err((
+                "spec.holdSeconds".into(),
+                format!("{} is not from 1 to 86400", self.hold_seconds),
+            ));
+        }
+        let r = self.gate.max_failure_ratio;
+        if !(0.0..=1.0).contains(&r) {
+            return Err((
+                "spec.gate.maxFailureRatio".into(),
+                format!("{r} is not from 0 to 1"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The weights of step `percent`: `to` first (so that a cluster in both counts as `to`), then `from`.
+    #[must_use]
+    pub fn weights_at(&self, percent: u32) -> Vec<WeightGroup> {
+        vec![
+            WeightGroup {
+                clusters: self.to.clone(),
+                weight: percent.min(100),
+            },
+            WeightGroup {
+                clusters: self.from.clone(),
+                weight: 100 - percent.min(100),
+            },
+        ]
+    }
+}
+
 /// Reads a pod's capacity annotation.
 ///
 /// # Errors
@@ -474,5 +582,55 @@ mod tests {
         assert_eq!(apportion(100, &[0.0, 3.0]), vec![0, 100]);
         assert_eq!(apportion(100, &[0.0, 0.0]), vec![0, 0]);
         assert_eq!(apportion(100, &[]), Vec::<u32>::new());
+    }
+
+    fn rollout() -> StagedRolloutSpec {
+        StagedRolloutSpec {
+            service: "api".into(),
+            from: ClusterSelector {
+                match_labels: labels(&[("stage", "prod")]),
+                ..Default::default()
+            },
+            to: ClusterSelector {
+                match_labels: labels(&[("track", "v2")]),
+                ..Default::default()
+            },
+            steps: vec![10, 50, 100],
+            hold_seconds: 30,
+            gate: Gate {
+                max_failure_ratio: 0.02,
+            },
+        }
+    }
+
+    #[test]
+    fn rollout_specs_are_checked() {
+        assert_eq!(rollout().validate(), Ok(()));
+        let field = |f: &dyn Fn(&mut StagedRolloutSpec)| {
+            let mut s = rollout();
+            f(&mut s);
+            s.validate().unwrap_err().0
+        };
+        assert_eq!(field(&|s| s.steps = vec![50, 10]), "spec.steps[1]");
+        assert_eq!(field(&|s| s.steps = vec![0]), "spec.steps[0]");
+        assert_eq!(field(&|s| s.steps = vec![101]), "spec.steps[0]");
+        assert_eq!(field(&|s| s.steps.clear()), "spec.steps");
+        assert_eq!(field(&|s| s.hold_seconds = 0), "spec.holdSeconds");
+        assert_eq!(
+            field(&|s| s.gate.max_failure_ratio = 1.5),
+            "spec.gate.maxFailureRatio"
+        );
+        assert_eq!(field(&|s| s.to.names = vec!["BAD".into()]), "spec.to");
+        let w = rollout().weights_at(10);
+        assert_eq!((w[0].weight, w[1].weight), (10, 90));
+        let spec = TrafficPolicySpec {
+            service: "api".into(),
+            weights: w,
+        };
+        // A cluster in both groups counts as `to`.
+        assert_eq!(
+            spec.group_of("n", &labels(&[("stage", "prod"), ("track", "v2")])),
+            Some(0)
+        );
     }
 }

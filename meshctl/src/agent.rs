@@ -139,6 +139,9 @@ pub fn services(socket: &Path, json: bool) -> anyhow::Result<()> {
         }
         for fe in svc["frontends"].as_array().into_iter().flatten() {
             println!("  {}:{}/{}", s(&fe["vip"]), fe["port"], s(&fe["protocol"]));
+            let same = |a: &Value, b: &Value| {
+                a["ipv4"] == b["ipv4"] && a["port"] == b["port"] && a["cluster"] == b["cluster"]
+            };
             let active: Vec<&Value> = fe["active"].as_array().into_iter().flatten().collect();
             for (cluster, backends) in fe["candidates"].as_object().into_iter().flatten() {
                 let list: Vec<String> = backends
@@ -146,7 +149,11 @@ pub fn services(socket: &Path, json: bool) -> anyhow::Result<()> {
                     .into_iter()
                     .flatten()
                     .map(|b| {
-                        let mark = if active.contains(&b) { "*" } else { "" };
+                        let mark = if active.iter().any(|a| same(a, b)) {
+                            "*"
+                        } else {
+                            ""
+                        };
                         format!("{}:{}{mark}", s(&b["ipv4"]), b["port"])
                     })
                     .collect();
@@ -155,6 +162,85 @@ pub fn services(socket: &Path, json: bool) -> anyhow::Result<()> {
             if active.is_empty() {
                 println!("    (no backend: connections are dropped)");
             }
+        }
+    }
+    Ok(())
+}
+
+/// `meshctl traffic SERVICE`: how a service's new connections are shared between clusters on this node.
+pub fn traffic(socket: &Path, namespace: &str, service: &str, json: bool) -> anyhow::Result<()> {
+    let st = get(socket, "/v1/status")?;
+    let svc = st["datapath"]["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["namespace"] == namespace && s["name"] == service)
+        .cloned()
+        .with_context(|| {
+            format!("the agent balances no service {namespace}/{service} (see `meshctl service list`)")
+        })?;
+    let policies: Vec<Value> = st["datapath"]["trafficPolicies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["namespace"] == namespace && p["service"] == service)
+        .cloned()
+        .collect();
+    if json {
+        let out = serde_json::json!({"service": svc, "trafficPolicies": policies});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    match svc.get("policy").and_then(Value::as_str) {
+        Some(p) => println!("{namespace}/{service}: TrafficPolicy {p} in force"),
+        None => {
+            println!("{namespace}/{service}: no TrafficPolicy (shares follow backend capacity and affinity)")
+        }
+    }
+    for p in &policies {
+        let msg = p["message"]
+            .as_str()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        println!("  policy {}: {}{msg}", s(&p["name"]), s(&p["state"]));
+    }
+    for fe in svc["frontends"].as_array().into_iter().flatten() {
+        println!("  {}:{}/{}", s(&fe["vip"]), fe["port"], s(&fe["protocol"]));
+        let active: Vec<&Value> = fe["active"].as_array().into_iter().flatten().collect();
+        let slots: u64 = active.iter().map(|b| b["weight"].as_u64().unwrap_or(0)).sum();
+        if let Some(groups) = fe["groups"].as_array() {
+            println!("    {:<8} {:<7} {:<8} clusters", "weight", "share", "backends");
+            for g in groups {
+                let clusters: Vec<String> = g["clusters"].as_array().into_iter().flatten().map(s).collect();
+                println!(
+                    "    {:<8} {:<7} {:<8} {}",
+                    g["weight"],
+                    format!("{:.1}%", g["share"].as_f64().unwrap_or(0.0) * 100.0),
+                    g["backends"],
+                    if clusters.is_empty() {
+                        "(no ready backend)".to_owned()
+                    } else {
+                        clusters.join(", ")
+                    }
+                );
+            }
+            let unselected: Vec<String> = fe["unselected"].as_array().into_iter().flatten().map(s).collect();
+            if !unselected.is_empty() {
+                println!("    no group (no new connections): {}", unselected.join(", "));
+            }
+        }
+        let mut by_cluster: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        for b in &active {
+            *by_cluster.entry(s(&b["cluster"])).or_default() += b["weight"].as_u64().unwrap_or(0);
+        }
+        for (c, w) in &by_cluster {
+            #[expect(clippy::cast_precision_loss, reason = "slot counts are far below 2^52")]
+            let pct = *w as f64 * 100.0 / slots.max(1) as f64;
+            println!("    {c:<16} {pct:5.1}% of new connections ({w} of {slots} slots)");
+        }
+        if active.is_empty() {
+            println!("    (no backend: connections are dropped)");
         }
     }
     Ok(())

@@ -35,6 +35,25 @@ enum Command {
     /// Services as a node's agent balances them.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// How a service's new connections are shared between clusters on a node: the `TrafficPolicy` in force, each
+    /// group's weight, clusters and share, and the share of every cluster in the datapath's slot table.
+    Traffic {
+        /// The service (`NAME` or `NAMESPACE/NAME`).
+        service: String,
+        /// Namespace of the service when SERVICE has none.
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// The agent's API socket.
+        #[arg(
+            long,
+            env = "FLEETMESH_API_SOCKET",
+            default_value = "/var/run/fleetmesh/agent.sock"
+        )]
+        socket: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Work with manifests (the manifests source of edge nodes and the lab).
     #[command(subcommand)]
     Manifests(ManifestsCommand),
@@ -177,6 +196,17 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Status { socket, json } => agent::status(&socket, json),
         Command::Service(ServiceCommand::List { socket, json }) => agent::services(&socket, json),
+        Command::Traffic {
+            service,
+            namespace,
+            socket,
+            json,
+        } => {
+            let (ns, name) = service
+                .split_once('/')
+                .map_or((namespace.as_str(), service.as_str()), |(n, s)| (n, s));
+            agent::traffic(&socket, ns, name, json)
+        }
         Command::Manifests(ManifestsCommand::Validate { files }) => validate(&files),
         Command::Clustermesh(c) => clustermesh(c),
     };

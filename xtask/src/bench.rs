@@ -147,7 +147,7 @@ impl Procs {
     fn spawn(&mut self, netns: &str, program: &str, args: &[&str]) -> Result<()> {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{netns}"))
-            .arg("--")
+            .args(["--", "taskset", "-c", SERVER_CPU])
             .arg(program)
             .args(args)
             .stdin(Stdio::null())
@@ -216,12 +216,17 @@ impl Drop for Netns {
 
 // ---- load generators ------------------------------------------------------------------------------------------
 
+/// CPU of the load generators' clients, and of their servers. Pinning them apart makes every run take the same
+/// cross-CPU path (unpinned, a run's round trip changed up to 3× with where the scheduler put the two ends).
+const CLIENT_CPU: &str = "0";
+const SERVER_CPU: &str = "1";
+
 /// One sockperf ping-pong run: (median round trip µs, mean round trip µs).
 fn sockperf_rr(netns: &str, ip: Ipv4Addr, port: u16, tcp: bool, secs: u32) -> Result<(f64, f64)> {
     let mut cmd = Command::new("timeout");
     cmd.args(["-k", "2", &(secs + 20).to_string(), "nsenter"])
         .arg(format!("--net=/run/netns/{netns}"))
-        .args(["--", "sockperf", "ping-pong"]);
+        .args(["--", "taskset", "-c", CLIENT_CPU, "sockperf", "ping-pong"]);
     if tcp {
         cmd.arg("--tcp");
     }
@@ -254,7 +259,18 @@ fn iperf(netns: &str, ip: Ipv4Addr, secs: u32) -> Result<f64> {
     let mut cmd = Command::new("timeout");
     cmd.args(["-k", "2", &(secs + 20).to_string(), "nsenter"])
         .arg(format!("--net=/run/netns/{netns}"))
-        .args(["--", "iperf3", "-J", "-c", &ip.to_string(), "-p", "5201"])
+        .args([
+            "--",
+            "taskset",
+            "-c",
+            CLIENT_CPU,
+            "iperf3",
+            "-J",
+            "-c",
+            &ip.to_string(),
+            "-p",
+            "5201",
+        ])
         .args(["-t", &secs.to_string()]);
     let out = util::run(&mut cmd)?;
     let v: Value = serde_json::from_str(&out).context("iperf3 -J output")?;

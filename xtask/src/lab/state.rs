@@ -41,6 +41,9 @@ pub struct ClusterRt {
     pub pod_cidr: Cidr,
     pub service_cidr: Cidr,
     pub etcd_ip: Ipv4Addr,
+    /// Cluster labels (`--cluster-label` of its daemons).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     pub nodes: Vec<NodeRt>,
     /// Manifest files by base name: their documents as given by the user.
     pub files: BTreeMap<String, Vec<Value>>,
@@ -110,6 +113,14 @@ pub const REMOTE_GRACE: &str = "3s";
 /// Loopback port of cluster `id`'s etcd inside the underlay namespace (for its own apiserver).
 fn local_etcd_port(id: u16) -> u16 {
     32000 + id
+}
+
+/// `--cluster-label KEY=VALUE` for each cluster label.
+fn label_args(labels: &BTreeMap<String, String>) -> Vec<String> {
+    labels
+        .iter()
+        .flat_map(|(k, v)| ["--cluster-label".to_owned(), format!("{k}={v}")])
+        .collect()
 }
 
 fn etcd_ip(id: u16) -> Ipv4Addr {
@@ -441,7 +452,7 @@ impl LabState {
         let c = &self.clusters[ci];
         let n = &c.nodes[ni];
         let dir = self.cluster_dir(&c.name);
-        let args = vec![
+        let mut args = vec![
             "--node-name".into(),
             n.name.clone(),
             "--cluster-name".into(),
@@ -460,7 +471,15 @@ impl LabState {
             REMOTE_GRACE.into(),
             "--bpf-pin-dir".into(),
             self.bpf_pins().join(&n.name).display().to_string(),
+            "--state-dir".into(),
+            self.lab_dir
+                .join("run")
+                .join("state")
+                .join(&n.name)
+                .display()
+                .to_string(),
         ];
+        args.extend(label_args(&c.labels));
         let (role, netns) = (format!("agent-{}", n.name), n.netns.clone());
         self.spawn(&role, &netns, &super::bin("mesh-agent"), &args)?;
         Ok(())
@@ -468,7 +487,7 @@ impl LabState {
 
     fn start_apiserver(&mut self, ci: usize) -> Result<()> {
         let c = &self.clusters[ci];
-        let args = vec![
+        let mut args = vec![
             "--cluster-name".into(),
             c.name.clone(),
             "--cluster-id".into(),
@@ -484,6 +503,7 @@ impl LabState {
             "--etcd-key".into(),
             self.pki_dir(&c.name).join("apiserver.key").display().to_string(),
         ];
+        args.extend(label_args(&c.labels));
         let role = format!("apiserver-{}", c.name);
         let ul = self.ul();
         self.spawn(&role, &ul, &super::bin("clustermesh-apiserver"), &args)?;
@@ -975,6 +995,7 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
                 pod_cidr: c.pod_cidr,
                 service_cidr: c.service_cidr,
                 etcd_ip: etcd_ip(c.id),
+                labels: c.labels.clone(),
                 nodes: Vec::new(),
                 files,
                 pods: BTreeMap::new(),
@@ -1139,6 +1160,7 @@ pub fn apply(dir: &Path, cluster: &str, file: &Path, delete: bool) -> Result<()>
         pod_cidr: st.clusters[ci].pod_cidr,
         service_cidr: st.clusters[ci].service_cidr,
         nodes: 0,
+        labels: st.clusters[ci].labels.clone(),
         files: Vec::new(),
     };
     topology::check_docs(&c, &files, &nodes)?;

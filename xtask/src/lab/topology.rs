@@ -32,6 +32,10 @@ pub struct ClusterSpec {
     /// Optional: where ClusterIPs are allocated (default 198.18.<id % 256>.0/24).
     #[serde(default, rename = "serviceCIDR")]
     pub service_cidr: Option<String>,
+    /// Optional: cluster labels (e.g. `stage: canary`), given to the cluster's apiserver and agents; fleetmesh
+    /// `TrafficPolicy` selectors match them.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// An IPv4 prefix (the lab keeps its own tiny type: xtask may not depend on the product crates).
@@ -119,6 +123,7 @@ pub struct Cluster {
     pub pod_cidr: Cidr,
     pub service_cidr: Cidr,
     pub nodes: u32,
+    pub labels: BTreeMap<String, String>,
     /// The cluster's manifest files (`DIR/<name>/*.yaml`, sorted).
     pub files: Vec<PathBuf>,
 }
@@ -178,6 +183,19 @@ pub fn load(dir: &Path) -> anyhow::Result<Vec<Cluster>> {
                 bail!("{at}: field {field}: {cidr} overlaps the lab underlay {underlay}");
             }
         }
+        for (k, v) in &c.labels {
+            let ok = |s: &str, max: usize| {
+                s.len() <= max
+                    && s.chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.' | '/'))
+            };
+            if k.is_empty() || !ok(k, 253) || !ok(v, 63) || v.contains('/') {
+                bail!(
+                    "{at}: field labels: {k:?}: {v:?} is not a valid label (keys and values of letters, digits, \
+                     '-', '_', '.'; a key may have a prefix/)"
+                );
+            }
+        }
         if pod_cidr.overlaps(service_cidr) {
             bail!("{at}: field serviceCIDR: {service_cidr} overlaps podCIDR {pod_cidr}");
         }
@@ -217,6 +235,7 @@ pub fn load(dir: &Path) -> anyhow::Result<Vec<Cluster>> {
             pod_cidr,
             service_cidr,
             nodes: c.nodes,
+            labels: c.labels.clone(),
             files,
         });
     }
