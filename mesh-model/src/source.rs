@@ -236,10 +236,21 @@ pub async fn watch_dir(dir: PathBuf, tx: watch::Sender<Snapshot>, resync: Durati
     }
 }
 
+/// Whether an inotify event may change what the directory holds. Reads are not changes: the rescan itself opens
+/// and reads every file, and treating those events as changes made the watcher rescan in a busy loop.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        notify::EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 fn notify_watcher(dir: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        if res.is_ok_and(|ev| is_change(&ev.kind)) {
             let _ = tx.send(());
         }
     })?;
@@ -296,6 +307,28 @@ mod tests {
             "{:?}",
             md.errors()
         );
+    }
+
+    #[test]
+    fn reads_are_not_changes() {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind};
+        for k in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+        ] {
+            assert!(!is_change(&k), "{k:?}");
+        }
+        for k in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Any),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Any,
+        ] {
+            assert!(is_change(&k), "{k:?}");
+        }
     }
 
     #[tokio::test]

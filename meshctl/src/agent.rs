@@ -10,6 +10,33 @@ use serde_json::Value;
 
 /// GETs `path` from the agent at `socket` and returns the JSON body.
 pub fn get(socket: &Path, path: &str) -> anyhow::Result<Value> {
+    let (head, body) = request(socket, "GET", path)?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "agent answered: {}",
+        head.lines().next().unwrap_or("")
+    );
+    serde_json::from_str(&body).context("the agent's answer is not JSON")
+}
+
+/// POSTs to `path` (no body) and returns the agent's message; fails with it unless the agent accepted.
+pub fn post(socket: &Path, path: &str) -> anyhow::Result<String> {
+    let (head, body) = request(socket, "POST", path)?;
+    let ok = head.starts_with("HTTP/1.") && (head.contains(" 200 ") || head.contains(" 202 "));
+    anyhow::ensure!(
+        ok,
+        "{}",
+        if body.trim().is_empty() {
+            head.lines().next().unwrap_or("").to_owned()
+        } else {
+            body.trim().to_owned()
+        }
+    );
+    Ok(body.trim().to_owned())
+}
+
+/// One HTTP/1.0 exchange over the agent's socket: (status line and headers, body).
+fn request(socket: &Path, method: &str, path: &str) -> anyhow::Result<(String, String)> {
     let mut s = UnixStream::connect(socket).with_context(|| {
         format!(
             "connecting to the agent at {} (is mesh-agent running on this node?)",
@@ -17,19 +44,17 @@ pub fn get(socket: &Path, path: &str) -> anyhow::Result<Value> {
         )
     })?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: agent\r\nContent-Length: 0\r\n\r\n"
+    )?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).context("reading the agent's answer")?;
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text
         .split_once("\r\n\r\n")
         .context("the agent's answer is not HTTP")?;
-    anyhow::ensure!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "agent answered: {}",
-        head.lines().next().unwrap_or("")
-    );
-    serde_json::from_str(body).context("the agent's answer is not JSON")
+    Ok((head.to_owned(), body.to_owned()))
 }
 
 pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
@@ -243,5 +268,56 @@ pub fn traffic(socket: &Path, namespace: &str, service: &str, json: bool) -> any
             println!("    (no backend: connections are dropped)");
         }
     }
+    Ok(())
+}
+
+/// `meshctl rollout status [NAME]`: the staged rollouts this node runs.
+pub fn rollout_status(socket: &Path, namespace: &str, name: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let st = get(socket, "/v1/status")?;
+    let all: Vec<Value> = st["datapath"]["rollouts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| name.is_none_or(|n| r["namespace"] == namespace && r["name"] == n))
+        .cloned()
+        .collect();
+    if let Some(n) = name {
+        anyhow::ensure!(!all.is_empty(), "no StagedRollout {namespace}/{n} on this node");
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    if all.is_empty() {
+        println!("no staged rollouts on this node");
+    }
+    for r in &all {
+        let step = r["step"].as_u64().unwrap_or(0) + 1;
+        println!(
+            "{}/{}  service {}  {}  step {step} ({}% to `to`)",
+            s(&r["namespace"]),
+            s(&r["name"]),
+            s(&r["service"]),
+            s(&r["phase"]),
+            r["percent"]
+        );
+        println!(
+            "  this step: {} new connections to `to`, {} failed; hold served {:.1} s",
+            r["observed"]["newFlows"],
+            r["observed"]["resets"],
+            r["heldMs"].as_f64().unwrap_or(0.0) / 1000.0
+        );
+        if let Some(m) = r["message"].as_str() {
+            println!("  {m}");
+        }
+    }
+    Ok(())
+}
+
+/// `meshctl rollout pause|resume|abort NAME`.
+pub fn rollout_command(socket: &Path, namespace: &str, name: &str, command: &str) -> anyhow::Result<()> {
+    let msg = post(socket, &format!("/v1/rollouts/{namespace}/{name}/{command}"))?;
+    println!("{msg}");
     Ok(())
 }

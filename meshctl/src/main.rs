@@ -54,6 +54,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Staged rollouts (`StagedRollout` objects) as a node's agent runs them.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Work with manifests (the manifests source of edge nodes and the lab).
     #[command(subcommand)]
     Manifests(ManifestsCommand),
@@ -180,6 +183,53 @@ enum ServiceCommand {
     },
 }
 
+/// The agent socket and namespace every rollout command takes.
+#[derive(Debug, clap::Args)]
+struct RolloutTarget {
+    /// Namespace of the rollout.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// The agent's API socket.
+    #[arg(
+        long,
+        env = "FLEETMESH_API_SOCKET",
+        default_value = "/var/run/fleetmesh/agent.sock"
+    )]
+    socket: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Phase, step, share sent to `to`, the gate's figures for the current step, and why it halted.
+    Status {
+        /// The rollout (all when absent).
+        name: Option<String>,
+        #[command(flatten)]
+        target: RolloutTarget,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold the current step: its weights stay, its hold time stops.
+    Pause {
+        name: String,
+        #[command(flatten)]
+        target: RolloutTarget,
+    },
+    /// Continue a paused rollout, or repeat the step of a halted one with a fresh gate.
+    Resume {
+        name: String,
+        #[command(flatten)]
+        target: RolloutTarget,
+    },
+    /// Stop the rollout: every new connection goes to `from`.
+    Abort {
+        name: String,
+        #[command(flatten)]
+        target: RolloutTarget,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 enum ManifestsCommand {
     /// Parse and check manifest files the way the agent does; prints each object, or the first error naming
@@ -207,6 +257,20 @@ fn main() -> std::process::ExitCode {
                 .map_or((namespace.as_str(), service.as_str()), |(n, s)| (n, s));
             agent::traffic(&socket, ns, name, json)
         }
+        Command::Rollout(r) => match r {
+            RolloutCommand::Status { name, target, json } => {
+                agent::rollout_status(&target.socket, &target.namespace, name.as_deref(), json)
+            }
+            RolloutCommand::Pause { name, target } => {
+                agent::rollout_command(&target.socket, &target.namespace, &name, "pause")
+            }
+            RolloutCommand::Resume { name, target } => {
+                agent::rollout_command(&target.socket, &target.namespace, &name, "resume")
+            }
+            RolloutCommand::Abort { name, target } => {
+                agent::rollout_command(&target.socket, &target.namespace, &name, "abort")
+            }
+        },
         Command::Manifests(ManifestsCommand::Validate { files }) => validate(&files),
         Command::Clustermesh(c) => clustermesh(c),
     };

@@ -292,3 +292,214 @@ fn traffic_policy_shares_new_connections_by_cluster_group_and_capacity() {
     let s = by_cluster(&answers(&client.netns, &vip, 100));
     assert_eq!(share(&s, "north"), 1.0, "old policy still steers: {s:?}");
 }
+
+/// Opens `n` TCP connections to `vip:80` from `netns`; returns the answers by cluster and the number of
+/// connections that failed (reset or timed out).
+fn drive(netns: &str, vip: &str, n: usize) -> (BTreeMap<String, usize>, usize) {
+    let addr: SocketAddr = format!("{vip}:80").parse().expect("address");
+    in_netns(netns, || {
+        let mut ok = BTreeMap::new();
+        let mut failed = 0;
+        for _ in 0..n {
+            let answer = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut line = String::new();
+                s.read_to_string(&mut line)?;
+                Ok(line)
+            });
+            match answer {
+                Ok(line) if !line.is_empty() => {
+                    let c = line.split('/').next().unwrap_or_default().to_owned();
+                    *ok.entry(c).or_insert(0) += 1;
+                }
+                _ => failed += 1,
+            }
+        }
+        (ok, failed)
+    })
+    .expect("netns")
+}
+
+/// The state of rollout `name` as `node`'s agent reports it.
+fn rollout_state(status: &serde_json::Value, node: &str, name: &str) -> serde_json::Value {
+    agent_socket(status, node)
+        .and_then(|s| agent_status(&s).ok())
+        .and_then(|st| {
+            st["datapath"]["rollouts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| r["name"] == name)
+                .cloned()
+        })
+        .unwrap_or_default()
+}
+
+fn rollout_yaml(name: &str, steps: &str, hold: u32, max_failure: f64) -> String {
+    format!(
+        "apiVersion: fleetmesh.io/v1alpha1\nkind: StagedRollout\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  service: echo\n  from: {{names: [west]}}\n  to: {{matchLabels: {{track: v2}}}}\n  steps: {steps}\n  holdSeconds: {hold}\n  gate: {{maxFailureRatio: {max_failure}}}\n"
+    )
+}
+
+fn meshctl(socket: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(fleetmesh_tests::bin("meshctl"))
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .expect("meshctl runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn staged_rollout_completes_survives_restarts_halts_on_failures_and_obeys_commands() {
+    let lab = Lab::up(&example("three-clusters"), "traffic-rollout").expect("lab up");
+    let status = lab.status().expect("status");
+    let all = pods(&status);
+    let client = all
+        .iter()
+        .find(|p| p.id == "east/demo/client")
+        .expect("east client");
+    let vip = cluster_ip(&status, "east", "demo/echo").expect("vip");
+    let files = lab.dir.join("test-manifests");
+    let apply = |cluster: &str, name: &str, text: &str| {
+        let f = write_manifest(&files, name, text).expect("write");
+        lab.run(&["apply", cluster, &f.display().to_string()])
+            .expect("apply");
+    };
+    let node = "east-node-1";
+    let socket = agent_socket(&status, node).expect("socket");
+    let phase = |name: &str| {
+        rollout_state(&status, node, name)["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    // A rollout from west to north (track: v2) that completes: steps of 2 s while connections flow.
+    apply(
+        "east",
+        "rollout.yaml",
+        &rollout_yaml("echo-v2", "[10, 50, 100]", 2, 0.2),
+    );
+    let mut seen_percents = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let _ = drive(&client.netns, &vip, 20);
+            let r = rollout_state(&status, node, "echo-v2");
+            if let Some(p) = r["percent"].as_u64()
+                && seen_percents.last() != Some(&p)
+            {
+                seen_percents.push(p);
+            }
+            r["phase"] == "Completed"
+        }),
+        "rollout completes: {:?}",
+        rollout_state(&status, node, "echo-v2")
+    );
+    assert_eq!(seen_percents, [10, 50, 100], "every step in order, none skipped");
+    let (ok, failed) = drive(&client.netns, &vip, 200);
+    assert_eq!(
+        (ok.get("north").copied(), failed),
+        (Some(200), 0),
+        "all on `to`: {ok:?}"
+    );
+    let (done, text) = meshctl(&socket, &["rollout", "status", "echo-v2", "-n", "demo"]);
+    assert!(done && text.contains("Completed"), "{text}");
+
+    // A new spec starts over; an agent restart in the middle resumes at the same step (never jumps one).
+    apply(
+        "east",
+        "rollout.yaml",
+        &rollout_yaml("echo-v2", "[20, 60, 100]", 6, 0.2),
+    );
+    assert!(eventually(Duration::from_secs(20), || {
+        rollout_state(&status, node, "echo-v2")["percent"] == 60
+    }));
+    let before = rollout_state(&status, node, "echo-v2");
+    lab.run(&["restart", "agent", node]).expect("restart agent");
+    let after = rollout_state(&status, node, "echo-v2");
+    assert!(
+        after["step"] == before["step"] || (after["step"] == 2 && before["heldMs"].as_u64().is_some()),
+        "resumed where it was: before {before:?}, after {after:?}"
+    );
+    assert_ne!(after["percent"], 20, "never back to the first step: {after:?}");
+
+    // meshctl pause / resume / abort through the agent API.
+    let (ok_pause, text) = meshctl(&socket, &["rollout", "pause", "echo-v2", "-n", "demo"]);
+    assert!(ok_pause, "{text}");
+    assert!(eventually(Duration::from_secs(5), || phase("echo-v2")
+        == "Paused"
+        || phase("echo-v2") == "Completed"));
+    let (unknown, text) = meshctl(&socket, &["rollout", "pause", "nope", "-n", "demo"]);
+    assert!(!unknown && text.contains("no StagedRollout demo/nope"), "{text}");
+    let (ok_abort, text) = meshctl(&socket, &["rollout", "abort", "echo-v2", "-n", "demo"]);
+    assert!(ok_abort, "{text}");
+    assert!(eventually(Duration::from_secs(5), || phase("echo-v2") == "Aborted"));
+    let (ok, failed) = drive(&client.netns, &vip, 100);
+    assert_eq!(
+        (ok.get("west").copied(), failed),
+        (Some(100), 0),
+        "aborted: all on `from`: {ok:?}"
+    );
+
+    // The `to` backends reset every connection: the gate fails and every new connection goes back to west.
+    for (p, n) in [("echo-a", "north-node-1"), ("echo-b", "north-node-2")] {
+        let pod = echo_pod_yaml(p, n, None).replace(
+            "  labels: {app: echo}",
+            "  labels: {app: echo}\n  annotations: {lab.fleetmesh.io/fail: reset}",
+        );
+        apply("north", &format!("north-{p}.yaml"), &pod);
+    }
+    apply(
+        "east",
+        "rollout.yaml",
+        &rollout_yaml("echo-v2", "[50, 100]", 60, 0.05),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let _ = drive(&client.netns, &vip, 20);
+            phase("echo-v2") == "Halted"
+        }),
+        "halted: {:?}",
+        rollout_state(&status, node, "echo-v2")
+    );
+    let halted = rollout_state(&status, node, "echo-v2");
+    assert!(
+        halted["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("gate failed at step 1"),
+        "{halted:?}"
+    );
+    let (ok, failed) = drive(&client.netns, &vip, 100);
+    assert_eq!(
+        (ok.get("west").copied(), failed),
+        (Some(100), 0),
+        "halted: all back on `from`: {ok:?}"
+    );
+
+    // A malformed rollout is refused by the manifests source; the running one is untouched.
+    apply(
+        "east",
+        "rollout.yaml",
+        &rollout_yaml("echo-v2", "[50, 10]", 60, 0.05),
+    );
+    assert!(eventually(Duration::from_secs(10), || {
+        agent_status(&socket).is_ok_and(|st| {
+            st["manifestErrors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e.as_str().is_some_and(|e| e.contains("steps must increase")))
+        })
+    }));
+    assert_eq!(phase("echo-v2"), "Halted");
+}

@@ -1,7 +1,9 @@
 //! `xtask echo`: the lab's built-in workload, run inside a pod's network namespace.
 //!
 //! Every TCP connection receives the line `<cluster>/<namespace>/<pod>\n` and is then closed; every UDP
-//! datagram is answered with that line. One process serves any number of TCP and UDP ports.
+//! datagram is answered with that line. One process serves any number of TCP and UDP ports. For rehearsals of
+//! failures, `--fail reset` resets every TCP connection of the `--tcp` ports instead (the lab sets it from the pod
+//! annotation `lab.fleetmesh.io/fail: reset`).
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -38,6 +40,16 @@ pub struct EchoArgs {
     /// Address to bind.
     #[arg(long, value_name = "ADDR", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
     pub bind: IpAddr,
+    /// Failure mode: `reset` answers every connection of the `--tcp` ports with a TCP reset.
+    #[arg(long, value_enum)]
+    pub fail: Option<FailMode>,
+}
+
+/// How the echo workload fails on purpose.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    /// Reset every TCP connection right after accepting it.
+    Reset,
 }
 
 pub fn run(args: EchoArgs) -> Result<()> {
@@ -86,6 +98,7 @@ fn write_ready_file(path: &Path, addrs: &[String]) -> Result<()> {
 
 /// All sockets bound, not yet serving.
 pub struct Server {
+    fail: Option<FailMode>,
     line: Arc<[u8]>,
     name: Arc<str>,
     tcp: Vec<TcpListener>,
@@ -134,6 +147,7 @@ impl Server {
             udp.push(socket);
         }
         Ok(Self {
+            fail: args.fail,
             line: format!("{}\n", args.name).into_bytes().into(),
             name: args.name.as_str().into(),
             tcp,
@@ -164,10 +178,20 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
         for listener in self.tcp {
-            tasks.spawn(serve_tcp(listener, self.line.clone(), self.name.clone(), false));
+            let mode = if self.fail == Some(FailMode::Reset) {
+                TcpMode::Reset
+            } else {
+                TcpMode::Line
+            };
+            tasks.spawn(serve_tcp(listener, self.line.clone(), self.name.clone(), mode));
         }
         for listener in self.tcp_stream {
-            tasks.spawn(serve_tcp(listener, self.line.clone(), self.name.clone(), true));
+            tasks.spawn(serve_tcp(
+                listener,
+                self.line.clone(),
+                self.name.clone(),
+                TcpMode::Stream,
+            ));
         }
         for socket in self.udp {
             tasks.spawn(serve_udp(socket, self.line.clone(), self.name.clone()));
@@ -178,7 +202,18 @@ impl Server {
     }
 }
 
-async fn serve_tcp(listener: TcpListener, line: Arc<[u8]>, name: Arc<str>, stream_mode: bool) {
+/// What a TCP port does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TcpMode {
+    /// Send the line and close.
+    Line,
+    /// Answer every line until the client closes.
+    Stream,
+    /// Reset the connection.
+    Reset,
+}
+
+async fn serve_tcp(listener: TcpListener, line: Arc<[u8]>, name: Arc<str>, mode: TcpMode) {
     let local = listener
         .local_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
@@ -188,10 +223,11 @@ async fn serve_tcp(listener: TcpListener, line: Arc<[u8]>, name: Arc<str>, strea
                 let line = line.clone();
                 let name = name.clone();
                 tokio::spawn(async move {
-                    let result = if stream_mode {
-                        answer_tcp_stream(stream, &line).await
-                    } else {
-                        answer_tcp(stream, &line).await
+                    let result = match mode {
+                        TcpMode::Stream => answer_tcp_stream(stream, &line).await,
+                        TcpMode::Line => answer_tcp(stream, &line).await,
+                        // Zero linger: closing sends a RST instead of a FIN.
+                        TcpMode::Reset => stream.set_zero_linger(),
                     };
                     if let Err(err) = result {
                         eprintln!("echo {name}: tcp {peer}: {err}");
@@ -275,7 +311,25 @@ mod tests {
             udp,
             ready_file: None,
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            fail: None,
         }
+    }
+
+    #[test]
+    fn fail_reset_resets_every_connection() {
+        let mut a = args(vec![0], vec![]);
+        a.fail = Some(FailMode::Reset);
+        let (tcp, _, stop, handle) = start(&a);
+        for _ in 0..3 {
+            let mut stream = std::net::TcpStream::connect(tcp[0]).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = Vec::new();
+            let err = stream.read_to_end(&mut got).expect_err("reset");
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+            assert!(got.is_empty());
+        }
+        stop.send(()).unwrap();
+        handle.join().unwrap().unwrap();
     }
 
     #[test]

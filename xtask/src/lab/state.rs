@@ -76,6 +76,8 @@ pub struct PodRt {
     pub netns: String,
     pub host_ifname: String,
     pub ports: Vec<(u16, String)>,
+    #[serde(default)]
+    pub fail: Option<String>,
     pub ready_file: PathBuf,
 }
 
@@ -548,9 +550,9 @@ impl LabState {
             .pods
             .iter()
             .filter(|(k, p)| {
-                desired
-                    .get(*k)
-                    .is_none_or(|d| d.node.as_ref().is_some_and(|n| n != &p.node) || d.ports != p.ports)
+                desired.get(*k).is_none_or(|d| {
+                    d.node.as_ref().is_some_and(|n| n != &p.node) || d.ports != p.ports || d.fail != p.fail
+                })
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -613,6 +615,7 @@ impl LabState {
             netns: netns.clone(),
             host_ifname: host_ifname.clone(),
             ports: spec.ports.clone(),
+            fail: spec.fail.clone(),
             ready_file: ready_file.clone(),
         };
         self.clusters[ci]
@@ -676,6 +679,10 @@ impl LabState {
             "--ready-file".into(),
             ready_file.display().to_string(),
         ];
+        if let Some(fail) = &spec.fail {
+            args.push("--fail".into());
+            args.push(fail.clone());
+        }
         for (port, proto) in &spec.ports {
             let flag = match proto.as_str() {
                 "UDP" => "--udp",

@@ -298,7 +298,13 @@ pub struct PodSpec {
     /// (port, protocol): protocol is `TCP`, `UDP`, or `TCP-STREAM` for TCP ports whose name starts with
     /// `stream` (their connections stay open and every line is answered).
     pub ports: Vec<(u16, String)>,
+    /// The echo workload's failure mode (pod annotation [`ANNOTATION_FAIL`]), e.g. `reset`.
+    pub fail: Option<String>,
 }
+
+/// Pod annotation that makes the lab's echo workload fail on purpose: `reset` resets every connection of its
+/// plain TCP ports (for rehearsing rollout gates with real traffic).
+pub const ANNOTATION_FAIL: &str = "lab.fleetmesh.io/fail";
 
 pub fn pod_spec(doc: &serde_json::Value) -> PodSpec {
     let (_, namespace, name) = object_key(doc);
@@ -324,6 +330,9 @@ pub fn pod_spec(doc: &serde_json::Value) -> PodSpec {
         name,
         node: doc["spec"]["nodeName"].as_str().map(str::to_owned),
         ports,
+        fail: doc["metadata"]["annotations"][ANNOTATION_FAIL]
+            .as_str()
+            .map(str::to_owned),
     }
 }
 
@@ -370,6 +379,16 @@ pub fn check_docs(
                         p.namespace,
                         p.name,
                         nodes.join(", ")
+                    );
+                }
+                if let Some(f) = p.fail.as_deref().filter(|f| *f != "reset") {
+                    bail!(
+                        "{}/{file} (document {}), Pod {}/{}, annotation {ANNOTATION_FAIL}: {f:?} is not a failure mode \
+                         of the lab's echo workload (reset)",
+                        cluster.name,
+                        i + 1,
+                        p.namespace,
+                        p.name
                     );
                 }
             }
