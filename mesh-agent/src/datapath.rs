@@ -407,6 +407,10 @@ pub struct Datapath {
     counters_id: u32,
     overlay: Option<(String, Attachment)>,
     endpoint_links: BTreeMap<String, Attachment>,
+    /// Interface index each endpoint link was made for: an interface re-created under the same name (a pod
+    /// restarted) has a new index and needs the program attached again. Links adopted from an earlier agent are
+    /// checked once with a tcx query instead.
+    endpoint_ifindex: BTreeMap<String, u32>,
     /// The pin directory, when the datapath is pinned.
     pins: Option<PathBuf>,
     adoption: Adoption,
@@ -750,6 +754,7 @@ impl Datapath {
             ebpf,
             overlay: None,
             endpoint_links: BTreeMap::new(),
+            endpoint_ifindex: BTreeMap::new(),
             pins: pins.map(Path::to_owned),
             adoption,
         })
@@ -963,11 +968,33 @@ impl Datapath {
     /// When the interface does not exist in the calling thread's network namespace or the kernel refuses.
     pub fn attach_endpoint(&mut self, ifname: &str) -> Result<(), DatapathError> {
         let program = programs::FROM_POD;
+        let current = crate::netdev::ifindex(ifname).ok();
         if self.endpoint_links.contains_key(ifname) {
-            return Ok(());
+            let still_attached = match self.endpoint_ifindex.get(ifname) {
+                Some(idx) => current == Some(*idx),
+                // Adopted: attached to this interface if tcx lists the program on it.
+                None => Self::tcx_ingress_programs(ifname).is_ok_and(|p| p.iter().any(|n| n == program)),
+            };
+            if still_attached {
+                if let Some(idx) = current {
+                    self.endpoint_ifindex.insert(ifname.to_owned(), idx);
+                }
+                return Ok(());
+            }
+            // The interface was re-created under the same name: the old link died with the old interface.
+            info!(ifname, "interface re-created: attaching again");
+            if let Some(old) = self.endpoint_links.remove(ifname)
+                && let Err(e) = self.detach_attachment(program, ifname.to_owned(), old)
+            {
+                warn!(ifname, error = %e, "releasing the link of the old interface");
+            }
+            self.endpoint_ifindex.remove(ifname);
         }
         let link = self.attach_new(program, ifname)?;
         self.endpoint_links.insert(ifname.to_owned(), link);
+        if let Some(idx) = current {
+            self.endpoint_ifindex.insert(ifname.to_owned(), idx);
+        }
         Ok(())
     }
 
@@ -978,6 +1005,7 @@ impl Datapath {
     /// When the kernel refuses to detach.
     pub fn detach_endpoint(&mut self, ifname: &str) -> Result<(), DatapathError> {
         let program = programs::FROM_POD;
+        self.endpoint_ifindex.remove(ifname);
         let Some(link) = self.endpoint_links.remove(ifname) else {
             return Ok(());
         };

@@ -6,6 +6,8 @@
 //!
 //! Service load balancing has its own file (`tests/lb.rs`); both share `tests/common`.
 mod common;
+#[path = "common/pins.rs"]
+mod pins;
 
 use std::{
     io::{Read as _, Write as _},
@@ -361,6 +363,55 @@ fn same_node_pods_reach_each_other_through_redirect_peer() {
     dp.detach_endpoint("fmh-a").unwrap();
     dp.detach_endpoint("fmh-a").unwrap();
     assert_eq!(dp.attached_endpoints(), ["fmh-b"]);
+}
+
+/// A pod restarted under the same interface name: the new interface gets the program again (the link of the old
+/// one died with it), both with owned links and with pinned ones adopted from an earlier agent.
+#[test]
+fn an_interface_re_created_under_the_same_name_is_attached_again() {
+    let mut lab = Lab::new("recreate");
+    let node = lab.netns("node");
+    let pins = pins::Pins::new("recreate");
+    let add = || {
+        ip(&[
+            "-n", &node, "link", "add", "fmr-x", "type", "veth", "peer", "name", "fmr-y",
+        ]);
+    };
+    let attached = || {
+        in_netns(&node, || {
+            Datapath::tcx_ingress_programs("fmr-x").expect("query tcx")
+        })
+    };
+    add();
+    for pinned in [false, true] {
+        let mut dp = in_netns(&node, || {
+            let mut dp = if pinned {
+                Datapath::load_pinned(pins.path()).expect("load pinned")
+            } else {
+                Datapath::load().expect("load")
+            };
+            dp.attach_endpoint("fmr-x").unwrap();
+            dp
+        });
+        assert_eq!(attached(), [FROM_POD]);
+        ip(&["-n", &node, "link", "del", "fmr-x"]);
+        add();
+        assert_eq!(attached(), Vec::<String>::new(), "a new interface has no program");
+        in_netns(&node, || dp.attach_endpoint("fmr-x")).unwrap();
+        assert_eq!(attached(), [FROM_POD], "attached again (pinned: {pinned})");
+        if pinned {
+            // An agent restart adopts the pinned link, then the interface is re-created again.
+            drop(dp);
+            ip(&["-n", &node, "link", "del", "fmr-x"]);
+            add();
+            let mut again = in_netns(&node, || Datapath::load_pinned(pins.path()).expect("adopt"));
+            in_netns(&node, || again.attach_endpoint("fmr-x")).unwrap();
+            assert_eq!(attached(), [FROM_POD], "adopted link checked and replaced");
+            in_netns(&node, || again.detach_endpoint("fmr-x")).unwrap();
+        } else {
+            drop(dp);
+        }
+    }
 }
 
 #[test]

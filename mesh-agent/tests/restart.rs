@@ -12,13 +12,15 @@
     reason = "helpers shared by the datapath tests; this one uses a few"
 )]
 mod common;
+#[path = "common/pins.rs"]
+mod pins;
 
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -36,37 +38,12 @@ use mesh_agent::{
 };
 use mesh_common::{Counter, CtKeyV4, NodeConfig, SlotKey, proto};
 use mesh_model::Protocol;
+use pins::Pins;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const POD_C: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 4);
 const PORT: u16 = 8080;
 const RESTARTS: usize = 10;
-
-/// A pin directory of one test, removed (with everything pinned in it) on drop.
-struct Pins(PathBuf);
-
-impl Pins {
-    fn new(test: &str) -> Self {
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/fleetmesh-test-{}-{test}",
-            std::process::id()
-        ));
-        datapath::remove_pins(&dir).expect("remove leftover pins");
-        Self(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if let Err(e) = datapath::remove_pins(&self.0) {
-            eprintln!("warning: {e:#}");
-        }
-    }
-}
 
 fn views(backends: &[Ipv4Addr]) -> Vec<ServiceView> {
     vec![ServiceView {

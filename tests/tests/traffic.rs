@@ -271,23 +271,19 @@ fn traffic_policy_shares_new_connections_by_cluster_group_and_capacity() {
     let s = by_cluster(&answers(&client.netns, &vip, 100));
     assert_eq!(share(&s, "north"), 1.0, "old policy still steers: {s:?}");
 
-    // A malformed policy (weights summing to 0) is refused by the manifests source: the file's previous
-    // contents stay, and the agent reports the error.
-    let zero = policy_yaml("    - clusters: {names: [west]}\n      weight: 0\n");
-    apply("policy.yaml", &zero);
+    // A malformed policy (weights summing to 0) is refused with the field named; the previous one stays.
+    let zero = write_manifest(
+        &files,
+        "policy.yaml",
+        &policy_yaml("    - clusters: {names: [west]}\n      weight: 0\n"),
+    )
+    .expect("write");
+    let err = lab
+        .run(&["apply", "east", &zero.display().to_string()])
+        .expect_err("malformed policy refused");
     assert!(
-        eventually(Duration::from_secs(10), || {
-            agent_socket(&status, node)
-                .and_then(|s| agent_status(&s).ok())
-                .is_some_and(|st| {
-                    st["manifestErrors"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .any(|e| e.as_str().is_some_and(|e| e.contains("sum to 0")))
-                })
-        }),
-        "the malformed policy is reported"
+        format!("{err:#}").contains("spec.weights: the weights sum to 0"),
+        "{err:#}"
     );
     let s = by_cluster(&answers(&client.netns, &vip, 100));
     assert_eq!(share(&s, "north"), 1.0, "old policy still steers: {s:?}");
@@ -425,7 +421,11 @@ fn staged_rollout_completes_survives_restarts_halts_on_failures_and_obeys_comman
     }));
     let before = rollout_state(&status, node, "echo-v2");
     lab.run(&["restart", "agent", node]).expect("restart agent");
-    let after = rollout_state(&status, node, "echo-v2");
+    let mut after = serde_json::Value::Null;
+    assert!(eventually(Duration::from_secs(10), || {
+        after = rollout_state(&status, node, "echo-v2");
+        !after.is_null()
+    }));
     assert!(
         after["step"] == before["step"] || (after["step"] == 2 && before["heldMs"].as_u64().is_some()),
         "resumed where it was: before {before:?}, after {after:?}"
@@ -486,20 +486,19 @@ fn staged_rollout_completes_survives_restarts_halts_on_failures_and_obeys_comman
         "halted: all back on `from`: {ok:?}"
     );
 
-    // A malformed rollout is refused by the manifests source; the running one is untouched.
-    apply(
-        "east",
+    // A malformed rollout is refused with the field named; the running one is untouched.
+    let bad = write_manifest(
+        &files,
         "rollout.yaml",
         &rollout_yaml("echo-v2", "[50, 10]", 60, 0.05),
+    )
+    .expect("write");
+    let err = lab
+        .run(&["apply", "east", &bad.display().to_string()])
+        .expect_err("malformed rollout refused");
+    assert!(
+        format!("{err:#}").contains("spec.steps[1]: steps must increase"),
+        "{err:#}"
     );
-    assert!(eventually(Duration::from_secs(10), || {
-        agent_status(&socket).is_ok_and(|st| {
-            st["manifestErrors"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|e| e.as_str().is_some_and(|e| e.contains("steps must increase")))
-        })
-    }));
     assert_eq!(phase("echo-v2"), "Halted");
 }

@@ -712,6 +712,18 @@ impl LabState {
         };
         let role = format!("pod-{}-{}-{}", self.clusters[ci].name, p.namespace, p.name);
         self.stop_role(&role);
+        // The host side first, synchronously: removing the pod's netns destroys its veth in the background, and
+        // a pod re-created at once (same names) would find the old host interface still there.
+        let node_netns = self.clusters[ci]
+            .nodes
+            .iter()
+            .find(|n| n.name == p.node)
+            .map(|n| n.netns.clone());
+        if let Some(node_netns) = node_netns
+            && net::netns_exists(&node_netns)
+        {
+            let _ = net::ip(&["-n", &node_netns, "link", "del", &p.host_ifname]);
+        }
         if net::netns_exists(&p.netns) {
             net::ip(&["netns", "del", &p.netns])?;
         }
