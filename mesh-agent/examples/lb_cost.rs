@@ -250,6 +250,91 @@ impl Maps {
     }
 }
 
+/// Calls of each kind in the weighted-selection measurement.
+const WEIGHTED_CALLS: u32 = 20_000;
+/// Service ids of the weighted-selection frontends (far from the pairs' ids).
+const WEIGHTED_ID: u32 = 4_000_001;
+const UNWEIGHTED_ID: u32 = 4_000_002;
+const WEIGHTED_LARGE_ID: u32 = 4_000_003;
+
+/// Programs a frontend `vip:80` with `slots` slots over backends `backends` (ids `id * 10 + i`, slot counts in
+/// proportion to `weights`).
+fn program_weighted(m: &mut Maps, id: u32, vip: Ipv4Addr, backends: &[(Ipv4Addr, u32)]) -> Result<()> {
+    let mut slot = 0u32;
+    for (i, (addr, weight)) in backends.iter().enumerate() {
+        let bid = id * 10 + u32::try_from(i).unwrap_or(0);
+        m.backends.insert(
+            bid,
+            BackendV4 {
+                addr: addr.octets(),
+                port_be: 8080u16.to_be(),
+                proto: proto::TCP,
+                cluster_id: 1,
+                ..Default::default()
+            },
+            0,
+        )?;
+        for _ in 0..*weight {
+            m.slots.insert(SlotKey { service_id: id, slot }, bid, 0)?;
+            slot += 1;
+        }
+    }
+    m.rev_nat.insert(
+        id,
+        RevNatV4 {
+            vip: vip.octets(),
+            port_be: 80u16.to_be(),
+            _pad: 0,
+        },
+        0,
+    )?;
+    m.services.insert(
+        ServiceKeyV4 {
+            vip: vip.octets(),
+            port_be: 80u16.to_be(),
+            proto: proto::TCP,
+            _pad: 0,
+        },
+        ServiceEntry {
+            service_id: id,
+            slot_count: slot,
+            rev_nat_id: id,
+            flags: 0,
+            _pad: 0,
+        },
+        0,
+    )?;
+    Ok(())
+}
+
+/// Mean ns per new flow to: a frontend weighted 10/90 as the agent programs it (1 + 9 slots), a weighted one
+/// whose shares do not reduce (333 + 667 slots), and an unweighted one (1 slot).
+fn weighted_cost(m: &mut Maps, prog: &SchedClassifier) -> Result<(f64, f64, f64)> {
+    let vips = [
+        Ipv4Addr::new(10, 97, 0, 1),
+        Ipv4Addr::new(10, 97, 0, 2),
+        Ipv4Addr::new(10, 97, 0, 3),
+    ];
+    let (a, b) = (Ipv4Addr::new(10, 1, 9, 1), Ipv4Addr::new(10, 1, 9, 2));
+    program_weighted(m, WEIGHTED_ID, vips[0], &[(a, 1), (b, 9)])?;
+    program_weighted(m, WEIGHTED_LARGE_ID, vips[1], &[(a, 333), (b, 667)])?;
+    program_weighted(m, UNWEIGHTED_ID, vips[2], &[(a, 1)])?;
+    m.clear_conntrack()?;
+    let mut sums = [0.0f64; 3];
+    for i in 0..WEIGHTED_CALLS {
+        let sport = 1024 + u16::try_from(i % 60_000).unwrap_or(0);
+        // Rotate which goes first, so that none always follows another's cache footprint.
+        for k in 0..3 {
+            let j = (k + i as usize) % 3;
+            let mut syn = tcp_frame(CLIENT, sport, vips[j], 80);
+            syn[47] = 0x02; // SYN
+            sums[j] += measure_verdict(prog, &syn, 1, SPREAD_VERDICTS)?;
+        }
+    }
+    let calls = f64::from(WEIGHTED_CALLS);
+    Ok((sums[0] / calls, sums[1] / calls, sums[2] / calls))
+}
+
 fn endpoint(ip: Ipv4Addr) -> LocalEndpoint {
     LocalEndpoint {
         ifindex: 1,
@@ -394,6 +479,17 @@ fn main() -> Result<()> {
             })
         );
     }
+
+    // Weighted vs unweighted selection: a new flow (SYN) to weighted frontends vs one with a single slot. One run
+    // per call, each with a new source port (so every call selects a backend and creates its conntrack entries).
+    let (weighted_ns, weighted_large_ns, unweighted_ns) = weighted_cost(&mut m, prog)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "kind": "weighted", "calls": WEIGHTED_CALLS, "weighted_ns": weighted_ns,
+            "weighted_large_ns": weighted_large_ns, "unweighted_ns": unweighted_ns,
+        })
+    );
 
     let full = map_fdinfo();
     for name in [

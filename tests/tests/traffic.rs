@@ -211,7 +211,7 @@ fn traffic_policy_shares_new_connections_by_cluster_group_and_capacity() {
         eventually(Duration::from_secs(10), || {
             let mut w = west_weights();
             w.sort_unstable();
-            w == [250, 750]
+            w == [1, 3]
         }),
         "capacity 1:3 inside the west group: {:?}",
         west_weights()

@@ -11,6 +11,9 @@
 //!   2 → 1k → 10k → 100k frontends, and map memory per service, slot, backend and conntrack entry.
 //! - `nft`: the kube-proxy nftables baseline: a verdict map `ip daddr . meta l4proto . th dport` → per-service
 //!   chains with DNAT in a network namespace pair, TCP connections per second with 1, 10k and 100k services.
+//! - `rollout`: halt time of a `StagedRollout` on the three-clusters example: north's backends reset every
+//!   connection, a rollout sends 50% of east's new connections there; from the first failed connection the
+//!   client sees to the last one (after which 100 connections in a row succeed on `from`), p50/p99 over runs.
 //!
 //! The results table is printed and written to `target/bench/report.md`.
 use std::fmt::Write as _;
@@ -54,6 +57,8 @@ pub enum Part {
     Lb,
     /// nftables DNAT (kube-proxy nftables mode) vs number of services.
     Nft,
+    /// Halt time of a staged rollout whose target fails.
+    Rollout,
 }
 
 /// How long and how often each measurement runs.
@@ -281,6 +286,125 @@ fn iperf(netns: &str, ip: Ipv4Addr, secs: u32) -> Result<f64> {
         .context("iperf3: no end.sum_received.bits_per_second")
 }
 
+/// Halt-time runs (fewer with `--quick`).
+const HALT_RUNS: usize = 20;
+/// Successful connections in a row after the last failure that end a halt-time run.
+const HALT_CLEAN_RUN: u32 = 100;
+
+fn rollout_part(plan: &Plan, out_dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    if plan.build {
+        crate::lab::build_daemons()?;
+    }
+    let topo = util::workspace_root().join("examples").join("three-clusters");
+    let dir: PathBuf = out_dir.join("rollout-lab");
+    std::fs::create_dir_all(&dir)?;
+    state::down(&dir)?;
+    let result = (|| -> Result<()> {
+        let st = state::up(&dir, &topo, false, Duration::from_secs(120))?;
+        rollout_measure(plan, &dir, &st, rows)
+    })();
+    let down = state::down(&dir);
+    result?;
+    down
+}
+
+fn rollout_measure(plan: &Plan, dir: &Path, st: &state::LabState, rows: &mut Vec<Row>) -> Result<()> {
+    let east = st
+        .clusters
+        .iter()
+        .find(|c| c.name == "east")
+        .context("no cluster east")?;
+    let client = east.pods.get("demo/client").context("no east client")?;
+    let vip = *east
+        .service_ips
+        .get("demo/echo")
+        .context("echo has no ClusterIP")?;
+    let addr = SocketAddr::from((vip, 80));
+    let files = dir.join("bench-manifests");
+    std::fs::create_dir_all(&files)?;
+    for (pod, node) in [("echo-a", "north-node-1"), ("echo-b", "north-node-2")] {
+        let f = files.join(format!("north-{pod}.yaml"));
+        std::fs::write(
+            &f,
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: demo\n  labels: {{app: echo}}\n  annotations: {{lab.fleetmesh.io/fail: reset}}\nspec:\n  nodeName: {node}\n  containers:\n    - name: echo\n      ports:\n        - {{containerPort: 8080, protocol: TCP}}\n        - {{containerPort: 5353, protocol: UDP}}\n        - {{name: stream, containerPort: 9090, protocol: TCP}}\n"
+            ),
+        )?;
+        state::apply(dir, "north", &f, false)?;
+    }
+    let runs = if plan.rounds < 5 { 5 } else { HALT_RUNS };
+    let mut halts = Vec::new();
+    for run in 0..runs {
+        // A new spec each run starts the rollout over at its first step (50% to north).
+        let f = files.join("rollout.yaml");
+        std::fs::write(
+            &f,
+            format!(
+                "apiVersion: fleetmesh.io/v1alpha1\nkind: StagedRollout\nmetadata: {{name: echo-v2, namespace: demo}}\nspec:\n  service: echo\n  from: {{names: [west]}}\n  to: {{matchLabels: {{track: v2}}}}\n  steps: [50, 100]\n  holdSeconds: {}\n  gate: {{maxFailureRatio: 0.02}}\n",
+                600 + run
+            ),
+        )?;
+        state::apply(dir, "east", &f, false)?;
+        let halt = net::in_netns(&client.netns, || -> Result<Duration> {
+            let started = Instant::now();
+            let mut buf = [0u8; 256];
+            let (mut first, mut last) = (None, None);
+            let mut clean = 0u32;
+            while started.elapsed() < Duration::from_secs(30) {
+                match connect_once(addr, &mut buf) {
+                    Err(_) => {
+                        let now = Instant::now();
+                        first.get_or_insert(now);
+                        last = Some(now);
+                        clean = 0;
+                    }
+                    Ok(()) if first.is_some() => {
+                        clean += 1;
+                        if clean >= HALT_CLEAN_RUN {
+                            break;
+                        }
+                    }
+                    Ok(()) => {}
+                }
+            }
+            match (first, last) {
+                (Some(f), Some(l)) if clean >= HALT_CLEAN_RUN => Ok(l - f),
+                (None, _) => {
+                    bail!("no connection failed within 30 s: the rollout did not send traffic to north")
+                }
+                _ => bail!("connections kept failing for 30 s: the rollout did not halt"),
+            }
+        })??;
+        println!(
+            "  run {}: halted {:.0} ms after the first failed connection",
+            run + 1,
+            halt.as_secs_f64() * 1e3
+        );
+        halts.push(halt.as_secs_f64() * 1e3);
+    }
+    halts.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "an index into a short list"
+        )]
+        let i = ((halts.len() as f64 - 1.0) * p).round() as usize;
+        halts[i.min(halts.len() - 1)]
+    };
+    let (p50, p99) = (pct(0.5), pct(0.99));
+    rows.push(Row {
+        goal: Some(("<=", 1.0)),
+        ..row(
+            format!("StagedRollout halt time, gate breach -> all new connections on `from` (p50 / p99 of {runs} runs; ratio = p99 / 1 s)"),
+            format!("p50 {p50:.0} ms, p99 {p99:.0} ms"),
+            "1000 ms".to_owned(),
+            Some(p99 / 1000.0),
+        )
+    });
+    Ok(())
+}
+
 const CONNECT_MAX: u64 = 200_000;
 const CONNECT_FAILURES_MAX: u32 = 20;
 
@@ -352,7 +476,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     let started = Instant::now();
     let parts = if args.only.is_empty() {
-        vec![Part::Lab, Part::Lb, Part::Nft]
+        vec![Part::Lab, Part::Lb, Part::Nft, Part::Rollout]
     } else {
         args.only
     };
@@ -400,6 +524,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if parts.contains(&Part::Lab) {
         println!("\n== fleetmesh lab: request/response, throughput, connections (1 cluster x 2 nodes)");
         lab_part(&plan, &out_dir, &mut rows)?;
+    }
+    if parts.contains(&Part::Rollout) {
+        println!("\n== staged rollout: halt time when the target clusters fail (three-clusters example)");
+        rollout_part(&plan, &out_dir, &mut rows)?;
     }
 
     let report = render(&rows, &notes, &plan, started.elapsed());
@@ -532,6 +660,27 @@ fn lb_part(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
             Some(sn / s1),
         )
     });
+
+    for v in lines.iter().filter(|v| v["kind"] == "weighted") {
+        let ns = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let (w, large, u) = (ns("weighted_ns"), ns("weighted_large_ns"), ns("unweighted_ns"));
+        println!("  new flow: weighted 1:9 {w:.0} ns, weighted 333:667 {large:.0} ns, unweighted {u:.0} ns");
+        rows.push(Row {
+            goal: Some(("<=", 1.05)),
+            ..row(
+                "eBPF new-flow cost, weighted 10/90 as programmed (1 + 9 slots) vs unweighted (1 slot)",
+                format!("{w:.0} ns"),
+                format!("{u:.0} ns"),
+                Some(w / u),
+            )
+        });
+        rows.push(row(
+            "eBPF new-flow cost, weighted with irreducible shares (333 + 667 slots) vs unweighted (1 slot)",
+            format!("{large:.0} ns"),
+            format!("{u:.0} ns"),
+            Some(large / u),
+        ));
+    }
 
     for v in lines.iter().filter(|v| v["kind"] == "map") {
         let get = |k: &str| v[k].as_f64().unwrap_or(0.0);
