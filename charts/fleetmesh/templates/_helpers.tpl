@@ -159,3 +159,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- fail "clustermesh.tls.enabled needs clustermesh.tls.ca, cert and key (PEM), or clustermesh.tls.existingSecret" -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+Cluster labels as KEY=VALUE,KEY=VALUE (what --cluster-label / FLEETMESH_CLUSTER_LABELS take).
+*/}}
+{{- define "fleetmesh.clusterLabels" -}}
+{{- $out := list -}}
+{{- range $k, $v := .Values.cluster.labels -}}
+{{- $out = append $out (printf "%s=%s" $k ($v | toString)) -}}
+{{- end -}}
+{{- join "," $out -}}
+{{- end -}}
