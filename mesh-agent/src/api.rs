@@ -90,6 +90,27 @@ async fn status(State(s): State<ApiState>) -> Json<Status> {
     Json(st)
 }
 
+/// `GET /v1/summary`: readiness, remote clusters by state and the datapath's sizes, without the per-service
+/// details of `/v1/status` (which grow with the mesh).
+async fn summary(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    let st = s.status.lock().unwrap_or_else(PoisonError::into_inner);
+    let remotes = s.remotes.snapshot();
+    let synced = remotes
+        .values()
+        .filter(|r| matches!(r.state, crate::remote::SyncState::Synced { .. }))
+        .count();
+    Json(serde_json::json!({
+        "node": st.node,
+        "ready": st.ready,
+        "manifestGeneration": st.manifest_generation,
+        "reconciles": st.datapath.reconciles,
+        "remoteClusters": remotes.len(),
+        "remoteClustersSynced": synced,
+        "datapath": st.datapath.summary,
+        "errors": st.datapath.errors.len() + st.manifest_errors.len(),
+    }))
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -111,6 +132,7 @@ pub async fn serve(socket: &Path, state: ApiState) -> std::io::Result<()> {
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/healthz", get(healthz))
+        .route("/v1/summary", get(summary))
         .route("/v1/rollouts/{namespace}/{name}/{command}", post(rollout_command))
         .with_state(state);
     axum::serve(listener, app).await

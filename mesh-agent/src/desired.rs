@@ -148,13 +148,13 @@ mod tests {
         for (n, ip, cidr) in nodes {
             rc.nodes.insert(
                 (*n).to_owned(),
-                NodeRecord {
+                std::sync::Arc::new(NodeRecord {
                     name: (*n).into(),
                     cluster: name.into(),
                     cluster_id: id,
                     underlay_ipv4: Ipv4Addr::from(*ip),
                     pod_cidrs: vec![cidr.parse().expect("cidr")],
-                },
+                }),
             );
         }
         rc

@@ -534,7 +534,7 @@ mod tests {
         };
         rc.services.insert(
             "demo/echo".into(),
-            ServiceRecord {
+            std::sync::Arc::new(ServiceRecord {
                 cluster: name.into(),
                 cluster_id: id,
                 namespace: "demo".into(),
@@ -548,7 +548,7 @@ mod tests {
                         weight: 1,
                     })
                     .collect(),
-            },
+            }),
         );
         (name.into(), rc)
     }
@@ -766,7 +766,7 @@ mod tests {
     fn shares_inside_a_group_follow_capacity() {
         let (n, mut rc) = remote("west", 2, &[[10, 2, 0, 2], [10, 2, 1, 2]]);
         if let Some(rec) = rc.services.get_mut("demo/echo") {
-            rec.backends[1].weight = 3;
+            std::sync::Arc::make_mut(rec).backends[1].weight = 3;
         }
         let remotes: BTreeMap<_, _> = [(n, rc)].into();
         let mut st = local(&[("service.cilium.io/global", "true")], &[]);
@@ -818,7 +818,7 @@ mod tests {
         let ips: Vec<[u8; 4]> = (0..40u8).map(|i| [10, 2, 0, i + 2]).collect();
         let (n, mut rc) = remote("west", 2, &ips);
         if let Some(rec) = rc.services.get_mut("demo/echo") {
-            for (i, b) in rec.backends.iter_mut().enumerate() {
+            for (i, b) in std::sync::Arc::make_mut(rec).backends.iter_mut().enumerate() {
                 b.weight = if i % 2 == 0 { 1000 } else { 999 };
             }
         }
@@ -832,7 +832,7 @@ mod tests {
         // Equal capacities need one slot each.
         let (n, mut rc) = remote("west", 2, &ips);
         if let Some(rec) = rc.services.get_mut("demo/echo") {
-            for b in &mut rec.backends {
+            for b in &mut std::sync::Arc::make_mut(rec).backends {
                 b.weight = 1000;
             }
         }

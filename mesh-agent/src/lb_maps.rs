@@ -329,6 +329,12 @@ impl LbMaps {
         Ok(changes)
     }
 
+    /// (frontends, backends) programmed.
+    #[must_use]
+    pub fn counts(&self) -> (usize, usize) {
+        (self.frontends.len(), self.backend_ids.len())
+    }
+
     /// Backend id of a programmed backend (for status).
     #[must_use]
     pub fn backend_id(&self, ip: Ipv4Addr, port: u16, protocol: Protocol) -> Option<u32> {

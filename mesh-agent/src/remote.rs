@@ -56,9 +56,10 @@ pub struct RemoteCluster {
     pub name: String,
     pub state: SyncState,
     pub config: Option<ClusterConfig>,
-    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Records are shared (`Arc`): publishing a session's view and taking snapshots copy pointers, not records.
+    pub nodes: BTreeMap<String, Arc<NodeRecord>>,
     /// Global services the cluster shares, by `namespace/name`.
-    pub services: BTreeMap<String, ServiceRecord>,
+    pub services: BTreeMap<String, Arc<ServiceRecord>>,
     /// Whether its data may be used (false after an identity conflict).
     pub usable: bool,
     /// Values skipped, by reason.
@@ -336,8 +337,8 @@ struct Watcher {
 /// The authoritative view of a remote etcd during one session: the list plus the events after it.
 #[derive(Default)]
 struct Session {
-    nodes: BTreeMap<String, NodeRecord>,
-    services: BTreeMap<String, ServiceRecord>,
+    nodes: BTreeMap<String, Arc<NodeRecord>>,
+    services: BTreeMap<String, Arc<ServiceRecord>>,
     config: Option<ClusterConfig>,
     synced: bool,
     services_synced: bool,
@@ -472,7 +473,7 @@ impl Watcher {
                 }
                 Some(v) => match mesh_kvstore::decode_node(key, &self.name, node, v) {
                     Ok(rec) => {
-                        s.nodes.insert(node.to_owned(), rec);
+                        s.nodes.insert(node.to_owned(), Arc::new(rec));
                     }
                     Err(e) => {
                         warn!(cluster = %self.name, error = %e, "skipping malformed node record");
@@ -488,7 +489,7 @@ impl Watcher {
                     }
                     Some(v) => match mesh_kvstore::decode_service(key, &self.name, ns, name, v) {
                         Ok(rec) => {
-                            s.services.insert(id, rec);
+                            s.services.insert(id, Arc::new(rec));
                         }
                         Err(e) => {
                             warn!(cluster = %self.name, error = %e, "skipping malformed service record");

@@ -319,7 +319,9 @@ fn fleet_stages(dir: &std::path::Path, st: &state::LabState, tally: &mut Tally) 
         )?;
         state::apply(dir, "east", &file, false)
     };
-    println!("  StagedRollout demo/echo-v2: west -> north in steps of 25%, 50%, 100%, 3 s each, gate 2% failures");
+    println!(
+        "  StagedRollout demo/echo-v2: west -> north in steps of 25%, 50%, 100%, 3 s each, gate 2% failures"
+    );
     rollout(3, "[25, 50, 100]")?;
     let status_of = || -> Result<serde_json::Value> {
         let out = util::run(
@@ -339,7 +341,11 @@ fn fleet_stages(dir: &std::path::Path, st: &state::LabState, tally: &mut Tally) 
             last_percent = percent;
             let s = shares(client, vip, 40, tally);
             lines.push(show(
-                &format!("rollout step {} ({}% to north):", r["step"].as_u64().unwrap_or(0) + 1, percent.unwrap_or(0)),
+                &format!(
+                    "rollout step {} ({}% to north):",
+                    r["step"].as_u64().unwrap_or(0) + 1,
+                    percent.unwrap_or(0)
+                ),
                 &s,
             ));
         }
@@ -379,7 +385,10 @@ fn fleet_stages(dir: &std::path::Path, st: &state::LabState, tally: &mut Tally) 
             bail!("the rollout did not halt within 20 s: {r}");
         }
     }
-    lines.push(show("rollout halted (all back on west):", &shares(client, vip, 40, tally)));
+    lines.push(show(
+        "rollout halted (all back on west):",
+        &shares(client, vip, 40, tally),
+    ));
     meshctl(&["rollout", "status", "echo-v2", "-n", "demo"]);
     Ok(lines.join("\n"))
 }
