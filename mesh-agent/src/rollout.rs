@@ -249,6 +249,7 @@ impl Rollouts {
                     r.spec.gate.max_failure_ratio
                 );
                 warn!(rollout = %format!("{}/{}", r.namespace, r.name), "{msg}; every new connection goes back to `from`");
+                st.held_ms = st.held(now_ms);
                 st.phase = Phase::Halted;
                 st.percent = 0;
                 st.message = Some(msg);
@@ -266,8 +267,8 @@ impl Rollouts {
                     st.changed_ms = now_ms;
                     info!(rollout = %format!("{}/{}", r.namespace, r.name), step = st.step + 1, percent = st.percent, "rollout step");
                 } else {
-                    st.phase = Phase::Completed;
                     st.held_ms = st.held(now_ms);
+                    st.phase = Phase::Completed;
                     st.changed_ms = now_ms;
                     info!(rollout = %format!("{}/{}", r.namespace, r.name), percent = st.percent, "rollout completed");
                 }
@@ -421,6 +422,11 @@ mod tests {
         ro.tick(&local, 31_000, &get);
         assert_eq!(ro.states[&key()].phase, Phase::Completed);
         assert_eq!(ro.states[&key()].percent, 100);
+        assert_eq!(
+            ro.states[&key()].held_ms,
+            10_000,
+            "the last step's hold is reported"
+        );
         // Deleted: forgotten.
         ro.tick(&ClusterState::default(), 32_000, &get);
         assert!(ro.states().is_empty());

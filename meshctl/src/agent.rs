@@ -240,9 +240,9 @@ pub fn traffic(socket: &Path, namespace: &str, service: &str, json: bool) -> any
                 let clusters: Vec<String> = g["clusters"].as_array().into_iter().flatten().map(s).collect();
                 println!(
                     "    {:<8} {:<7} {:<8} {}",
-                    g["weight"],
+                    g["weight"].to_string(),
                     format!("{:.1}%", g["share"].as_f64().unwrap_or(0.0) * 100.0),
-                    g["backends"],
+                    g["backends"].to_string(),
                     if clusters.is_empty() {
                         "(no ready backend)".to_owned()
                     } else {
