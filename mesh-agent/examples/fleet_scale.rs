@@ -7,7 +7,7 @@
 //! named `svc-<s>` in namespace `fleet` with backends `s·B .. (s+1)·B`.
 //!
 //! `fleet_scale converge --etcd URL,... --agent-socket PATH --changes N --backends B`: N changes, cluster by
-//! cluster in turn: a backend is added to (then, next change, removed from) `fleet/svc-0` of that cluster;
+//! cluster in turn: a new backend is added to (then, next change, removed from) `fleet/svc-0` of that cluster;
 //! each change is timed from just before the etcd write until the agent's `GET /v1/summary` reports the new
 //! number of programmed backends (the summary is written after the reconcile that programmed the maps). Prints
 //! one JSON line `{"kind":"converge","ms":[...]}`.
@@ -26,6 +26,8 @@ use mesh_model::Protocol;
 
 const NAMESPACE: &str = "fleet";
 const PORT: u16 = 8080;
+/// Backend index of the backend the convergence changes add and remove.
+const EXTRA_BACKEND: u32 = 500_000;
 /// Largest time one change may take before the run fails.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -220,8 +222,13 @@ async fn converge(args: &Args) -> Result<()> {
         let before = programmed_backends(&socket)?;
         // svc-0 with its backends, plus one extra backend on every other change of this cluster.
         let extra = !added[i];
-        let last = if extra { backends + 1 } else { backends };
-        let rec = service(&cluster, id, 0, 0..last);
+        // The extra backend's address is outside every service's range (a new backend, not a shared one).
+        let rec = service(
+            &cluster,
+            id,
+            0,
+            (0..backends).chain(extra.then_some(EXTRA_BACKEND)),
+        );
         let started = Instant::now();
         clients[i]
             .put(keys.service(&cluster, NAMESPACE, "svc-0"), encode(&rec), None)

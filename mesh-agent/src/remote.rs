@@ -39,6 +39,23 @@ fn keepalive_interval() -> Duration {
         .unwrap_or(Duration::from_secs(6))
 }
 
+/// Keys per page of the initial list.
+const LIST_PAGE: i64 = 500;
+/// Largest gRPC message accepted from a remote etcd (a list page of large records, or a burst of watch events).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The end of the key range holding every key that starts with `prefix` (etcd's `--prefix`).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// Connection state of a remote cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase", tag = "state")]
@@ -547,22 +564,43 @@ impl Watcher {
             Some(tls) => opts.with_tls(tls),
             None => opts,
         };
-        let mut client = Client::connect(&self.cfg.endpoints, Some(opts)).await?;
+        let client = Client::connect(&self.cfg.endpoints, Some(opts)).await?;
         self.remotes.update(&self.name, |rc| {
             rc.state = SyncState::Syncing { since_ms: now_ms() }
         });
         let root = self.keys.root();
-        let list = client
-            .get(root.as_str(), Some(GetOptions::new().with_prefix()))
-            .await?;
-        let revision = list
-            .header()
-            .map(etcd_client::ResponseHeader::revision)
-            .unwrap_or_default();
+        // The list comes in pages (one consistent revision): a cluster's state can be far larger than one gRPC
+        // message (4 MiB by default; the limit is raised too, for pages of large records).
+        let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let range_end = prefix_end(root.as_bytes());
+        let mut from = root.as_bytes().to_vec();
+        let mut revision = 0;
         let mut s = Session::default();
-        for kv in list.kvs() {
-            if let Ok(k) = kv.key_str() {
-                self.apply(&mut s, k, Some(kv.value()));
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(range_end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let page = kv.get(from.clone(), Some(opts)).await?;
+            if revision == 0 {
+                revision = page
+                    .header()
+                    .map(etcd_client::ResponseHeader::revision)
+                    .unwrap_or_default();
+            }
+            for kv in page.kvs() {
+                if let Ok(k) = kv.key_str() {
+                    self.apply(&mut s, k, Some(kv.value()));
+                }
+            }
+            match page.kvs().last() {
+                Some(last) if page.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
             }
         }
         info!(
@@ -573,6 +611,8 @@ impl Watcher {
         );
         self.publish(&s);
         let mut stream = client
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .watch(
                 root.as_str(),
                 Some(

@@ -478,3 +478,98 @@ async fn disconnect_keeps_nodes_and_reconnect_resyncs() {
         .await;
     assert_eq!(west.syncs, 2, "{west:?}");
 }
+
+/// A remote cluster whose state is larger than one gRPC message (4 MiB by default) and has more keys than one
+/// list page: the agent lists it in pages at one revision and ends synced with everything.
+#[tokio::test(flavor = "multi_thread")]
+async fn lists_a_cluster_larger_than_one_grpc_message_in_pages() {
+    use mesh_kvstore::{BackendRecord, PortRecord, ServiceRecord};
+    use mesh_model::Protocol;
+    const NODES: u16 = 1200;
+    const SERVICES: u32 = 150;
+    const BACKENDS: u32 = 500;
+    let etcd = Etcd::start().await;
+    let c = etcd.client().await;
+    let keys = Keys::default();
+    let port = |p| PortRecord {
+        name: "tcp".into(),
+        port: p,
+        protocol: Protocol::Tcp,
+    };
+    let mut puts = Vec::new();
+    puts.push((keys.cluster_config("west"), config(2)));
+    for i in 0..NODES {
+        let [hi, lo] = i.to_be_bytes();
+        let rec = NodeRecord {
+            name: format!("west-node-{i}"),
+            cluster: "west".into(),
+            cluster_id: 2,
+            underlay_ipv4: Ipv4Addr::new(100, 65, hi, lo),
+            pod_cidrs: vec![
+                format!("10.{}.{lo}.0/24", 100 + u16::from(hi))
+                    .parse()
+                    .expect("cidr"),
+            ],
+        };
+        puts.push((keys.node("west", &rec.name), encode(&rec)));
+    }
+    let mut total_bytes = 0;
+    for s in 0..SERVICES {
+        let rec = ServiceRecord {
+            cluster: "west".into(),
+            cluster_id: 2,
+            namespace: "demo".into(),
+            name: format!("svc-{s}"),
+            ports: vec![port(80)],
+            backends: (0..BACKENDS)
+                .map(|b| BackendRecord {
+                    ipv4: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 2, 0, 0)) + s * BACKENDS + b),
+                    ports: vec![port(8080)],
+                    weight: 1,
+                })
+                .collect(),
+        };
+        let v = encode(&rec);
+        total_bytes += v.len();
+        puts.push((keys.service("west", "demo", &rec.name), v));
+    }
+    assert!(
+        total_bytes > 4 << 20,
+        "the services alone exceed one default gRPC message: {total_bytes} B"
+    );
+    puts.push((keys.synced("west", mesh_kvstore::kinds::NODES), synced_marker()));
+    puts.push((
+        keys.synced("west", mesh_kvstore::kinds::SERVICES),
+        synced_marker(),
+    ));
+    let mut tasks = Vec::new();
+    for chunk in puts.chunks(64) {
+        let mut c = c.clone();
+        let chunk = chunk.to_vec();
+        tasks.push(tokio::spawn(async move {
+            for (k, v) in chunk {
+                c.put(k, v, None).await.expect("seed");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("seeding task");
+    }
+
+    let agent = Agent::start(&etcd);
+    let west = agent
+        .wait("everything listed", |w| {
+            is_synced(w)?;
+            if w.nodes.len() != usize::from(NODES) || w.services.len() != SERVICES as usize {
+                return Err(format!("{} nodes, {} services", w.nodes.len(), w.services.len()));
+            }
+            Ok(())
+        })
+        .await;
+    assert!(
+        west.services
+            .values()
+            .all(|s| s.backends.len() == BACKENDS as usize)
+    );
+    assert!(west.decode_errors.is_empty(), "{:?}", west.decode_errors);
+}

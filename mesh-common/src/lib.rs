@@ -45,7 +45,7 @@ pub const SERVICES_MAX_ENTRIES: u32 = 256 * 1024;
 /// Capacity of the slot map (all services' slots together).
 pub const SLOTS_MAX_ENTRIES: u32 = 2 * 1024 * 1024;
 /// Capacity of the backend map.
-pub const BACKENDS_MAX_ENTRIES: u32 = 512 * 1024;
+pub const BACKENDS_MAX_ENTRIES: u32 = 1 << 20;
 /// Capacity of the rev-NAT map (one per frontend).
 pub const REVNAT_MAX_ENTRIES: u32 = 256 * 1024;
 /// Capacity of the conntrack LRU map.

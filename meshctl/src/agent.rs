@@ -264,6 +264,19 @@ pub fn traffic(socket: &Path, namespace: &str, service: &str, json: bool) -> any
             let pct = *w as f64 * 100.0 / slots.max(1) as f64;
             println!("    {c:<16} {pct:5.1}% of new connections ({w} of {slots} slots)");
         }
+        // What the datapath counted (since it was created): new flows per cluster and their live share.
+        if let Some(stats) = fe["stats"].as_object() {
+            let total: u64 = stats.values().map(|v| v["newFlows"].as_u64().unwrap_or(0)).sum();
+            for (c, v) in stats {
+                let n = v["newFlows"].as_u64().unwrap_or(0);
+                #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+                let pct = n as f64 * 100.0 / total.max(1) as f64;
+                println!(
+                    "    {c:<16} counted: {n} new flows ({pct:.1}%), {} reset by the backend",
+                    v["resets"].as_u64().unwrap_or(0)
+                );
+            }
+        }
         if active.is_empty() {
             println!("    (no backend: connections are dropped)");
         }

@@ -11,6 +11,8 @@
 //!   2 → 1k → 10k → 100k frontends, and map memory per service, slot, backend and conntrack entry.
 //! - `nft`: the kube-proxy nftables baseline: a verdict map `ip daddr . meta l4proto . th dport` → per-service
 //!   chains with DNAT in a network namespace pair, TCP connections per second with 1, 10k and 100k services.
+//! - `scale`: a synthetic fleet of 10 clusters (real etcds) and one real agent: convergence p50/p99, bootstrap
+//!   with 1M remote endpoints, agent RSS per remote endpoint (see `scale.rs`).
 //! - `rollout`: halt time of a `StagedRollout` on the three-clusters example: north's backends reset every
 //!   connection, a rollout sends 50% of east's new connections there; from the first failed connection the
 //!   client sees to the last one (after which 100 connections in a row succeed on `from`), p50/p99 over runs.
@@ -59,6 +61,8 @@ pub enum Part {
     Nft,
     /// Halt time of a staged rollout whose target fails.
     Rollout,
+    /// Synthetic fleet: convergence, bootstrap with 1M remote endpoints, agent memory per endpoint.
+    Scale,
 }
 
 /// How long and how often each measurement runs.
@@ -476,7 +480,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     let started = Instant::now();
     let parts = if args.only.is_empty() {
-        vec![Part::Lab, Part::Lb, Part::Nft, Part::Rollout]
+        vec![Part::Lab, Part::Lb, Part::Nft, Part::Rollout, Part::Scale]
     } else {
         args.only
     };
@@ -524,6 +528,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if parts.contains(&Part::Lab) {
         println!("\n== fleetmesh lab: request/response, throughput, connections (1 cluster x 2 nodes)");
         lab_part(&plan, &out_dir, &mut rows)?;
+    }
+    if parts.contains(&Part::Scale) {
+        println!(
+            "\n== synthetic fleet: convergence, bootstrap and memory (10 clusters, real etcds, one agent)"
+        );
+        for (what, value, baseline, ratio, goal) in crate::scale::run(plan.build, plan.rounds < 5, &out_dir)?
+        {
+            rows.push(Row {
+                goal,
+                ..row(what, value, baseline, ratio)
+            });
+        }
     }
     if parts.contains(&Part::Rollout) {
         println!("\n== staged rollout: halt time when the target clusters fail (three-clusters example)");

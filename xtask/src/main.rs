@@ -8,6 +8,7 @@ mod bench;
 mod demo;
 mod echo;
 mod lab;
+mod scale;
 mod setup;
 mod test;
 mod util;
