@@ -26,50 +26,19 @@ const NAMESPACE: &str = "kube-system";
 const DEFAULT_IMAGE: &str = "ghcr.io/fleetmesh/fleetmesh";
 /// Where the chart mounts each peer's TLS files (`<dir>/<peer>/{ca.crt,tls.crt,tls.key}`).
 const PEER_TLS_DIR: &str = "/var/lib/fleetmesh/clustermesh-tls";
-const READ: &[&str] = &["get", "list", "watch"];
+/// What the watchers of mesh-k8s do: list, then watch (never a single get).
+const WATCH: &[&str] = &["list", "watch"];
 
-/// What mesh-agent's watchers use (issue 7): Nodes, Pods, Namespaces, Services, EndpointSlices,
-/// NetworkPolicies, MCS ServiceExports/ServiceImports and fleetmesh's CRDs, read only. The agent writes nothing.
+/// What mesh-agent's watchers use (mesh-k8s, `--source kubernetes`): Nodes, Namespaces, Pods (of its node),
+/// Services, MCS ServiceExports and fleetmesh's TrafficPolicies and StagedRollouts. The agent writes nothing.
 const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
-    ("", &["nodes", "pods", "namespaces", "services"], READ),
-    ("discovery.k8s.io", &["endpointslices"], READ),
-    ("networking.k8s.io", &["networkpolicies"], READ),
-    (
-        "multicluster.x-k8s.io",
-        &["serviceexports", "serviceimports"],
-        READ,
-    ),
-    ("fleetmesh.io", &["meshnetworkpolicies"], READ),
+    ("", &["nodes", "pods", "namespaces", "services"], WATCH),
+    ("multicluster.x-k8s.io", &["serviceexports"], WATCH),
+    ("fleetmesh.io", &["trafficpolicies", "stagedrollouts"], WATCH),
 ];
 
-/// What the clustermesh-apiserver reads (nodes, services and their backends, exports, fleetmesh's CRDs) and
-/// writes back (ServiceImports, ServiceExport conditions, status of fleetmesh's resources).
-const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = &[
-    ("", &["nodes", "pods", "namespaces", "services"], READ),
-    ("discovery.k8s.io", &["endpointslices"], READ),
-    ("multicluster.x-k8s.io", &["serviceexports"], READ),
-    (
-        "multicluster.x-k8s.io",
-        &["serviceexports/status"],
-        &["update", "patch"],
-    ),
-    (
-        "multicluster.x-k8s.io",
-        &["serviceimports"],
-        &["get", "list", "watch", "create", "update", "patch", "delete"],
-    ),
-    (
-        "multicluster.x-k8s.io",
-        &["serviceimports/status"],
-        &["update", "patch"],
-    ),
-    ("fleetmesh.io", &["meshnetworkpolicies"], READ),
-    (
-        "fleetmesh.io",
-        &["meshnetworkpolicies/status"],
-        &["update", "patch"],
-    ),
-];
+/// The clustermesh-apiserver runs the same watchers (every pod of the cluster) and writes nothing yet.
+const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = AGENT_RBAC;
 
 /// Programs the chart runs from the fleetmesh image that are not fleetmesh's own binaries, and the Debian
 /// package of the runtime stage that provides each (`None`: the base image's essential packages).
