@@ -7,4 +7,4 @@
 pub mod crd;
 pub mod source;
 
-pub use source::{Error, Scope, watch_kubernetes};
+pub use source::{Error, Scope, connect, connect_with, watch_kubernetes};

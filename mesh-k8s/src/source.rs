@@ -110,7 +110,15 @@ fn is_object_name(s: &str) -> bool {
 /// No configuration, or the API server unreachable, refusing the credentials, or not answering in time.
 #[instrument]
 pub async fn connect() -> Result<Client, Error> {
-    let config = kube::Config::infer().await.map_err(Error::Config)?;
+    connect_with(kube::Config::infer().await.map_err(Error::Config)?).await
+}
+
+/// As [`connect`], with a given configuration.
+///
+/// # Errors
+/// The API server unreachable, refusing the credentials, or not answering in time.
+#[instrument(skip(config), fields(url = %config.cluster_url))]
+pub async fn connect_with(config: kube::Config) -> Result<Client, Error> {
     let url = config.cluster_url.to_string();
     let client = Client::try_from(config).map_err(|source| Error::Client {
         url: url.clone(),
