@@ -96,7 +96,10 @@ mod tests {
         let files = crd_files().expect("CRDs serialize");
         assert_eq!(
             files.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-            ["trafficpolicies.fleetmesh.io.yaml", "stagedrollouts.fleetmesh.io.yaml"]
+            [
+                "trafficpolicies.fleetmesh.io.yaml",
+                "stagedrollouts.fleetmesh.io.yaml"
+            ]
         );
         let update = std::env::var_os("UPDATE_CRDS").is_some_and(|v| v == "1");
         let mut stale = Vec::new();
@@ -125,7 +128,10 @@ mod tests {
             assert_eq!(crd.spec.scope, "Namespaced");
             let v = &crd.spec.versions[0];
             assert_eq!(v.name, "v1alpha1");
-            assert!(v.subresources.as_ref().is_some_and(|s| s.status.is_some()), "status subresource");
+            assert!(
+                v.subresources.as_ref().is_some_and(|s| s.status.is_some()),
+                "status subresource"
+            );
             let schema = serde_json::to_value(v.schema.as_ref().expect("schema")).expect("json");
             let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
             assert!(spec["properties"]["service"].is_object(), "{spec}");

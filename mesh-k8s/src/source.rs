@@ -13,12 +13,12 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1 as core;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt as _};
+use mesh_model::ClusterState;
 use mesh_model::manifests::{self, ManifestError, Object};
 use mesh_model::source::Snapshot;
-use mesh_model::ClusterState;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, instrument, warn};
@@ -89,7 +89,9 @@ impl Scope {
     fn wants_pod(&self, pod: &core::Pod) -> bool {
         match self {
             Scope::Cluster => true,
-            Scope::Node(node) => pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()),
+            Scope::Node(node) => {
+                pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+            }
         }
     }
 }
@@ -164,7 +166,12 @@ impl Kind {
     /// object cannot fail the decoding of a whole list.
     fn custom(self) -> Option<(&'static str, &'static str, &'static str, &'static str)> {
         match self {
-            Kind::ServiceExport => Some(("multicluster.x-k8s.io", "v1alpha1", "ServiceExport", "serviceexports")),
+            Kind::ServiceExport => Some((
+                "multicluster.x-k8s.io",
+                "v1alpha1",
+                "ServiceExport",
+                "serviceexports",
+            )),
             Kind::TrafficPolicy => Some(("fleetmesh.io", "v1alpha1", "TrafficPolicy", "trafficpolicies")),
             Kind::StagedRollout => Some(("fleetmesh.io", "v1alpha1", "StagedRollout", "stagedrollouts")),
             Kind::Node | Kind::Namespace | Kind::Pod | Kind::Service => None,
@@ -351,7 +358,9 @@ fn insert(state: &mut ClusterState, o: Object) {
             state.exports.insert((namespace, name));
         }
         Object::TrafficPolicy(t) => {
-            state.traffic_policies.insert((t.namespace.clone(), t.name.clone()), t);
+            state
+                .traffic_policies
+                .insert((t.namespace.clone(), t.name.clone()), t);
         }
         Object::StagedRollout(r) => {
             state.rollouts.insert((r.namespace.clone(), r.name.clone()), r);
@@ -426,7 +435,11 @@ fn config() -> watcher::Config {
 /// # Errors
 /// A scope that cannot be expressed as a selector.
 #[instrument(skip(client, tx))]
-pub async fn watch_kubernetes(client: Client, scope: Scope, tx: watch::Sender<Snapshot>) -> Result<(), Error> {
+pub async fn watch_kubernetes(
+    client: Client,
+    scope: Scope,
+    tx: watch::Sender<Snapshot>,
+) -> Result<(), Error> {
     let pod_selector = scope.pod_field_selector()?;
     let shared = Arc::new(Shared::default());
     let mut tasks = tokio::task::JoinSet::new();
@@ -526,7 +539,9 @@ mod tests {
     fn pod_selector_per_scope() {
         assert_eq!(Scope::Cluster.pod_field_selector().expect("cluster"), None);
         assert_eq!(
-            Scope::Node("east-node-1".into()).pod_field_selector().expect("node"),
+            Scope::Node("east-node-1".into())
+                .pod_field_selector()
+                .expect("node"),
             Some("spec.nodeName=east-node-1".to_owned())
         );
         for bad in ["", "a,spec.nodeName=b", "a=b", "Node1", "-a", "a b"] {
@@ -572,15 +587,24 @@ mod tests {
         }
         assert!(shared.snapshot().is_none(), "nodes not listed yet");
         shared.apply(Kind::Node, Change::Init);
-        shared.apply(Kind::Node, Change::InitApply("n1".into(), Some(Ok(node("n1", "172.30.1.1")))));
+        shared.apply(
+            Kind::Node,
+            Change::InitApply("n1".into(), Some(Ok(node("n1", "172.30.1.1")))),
+        );
         assert!(shared.snapshot().is_none(), "list not complete");
         shared.apply(Kind::Node, Change::InitDone);
         let (state, errors) = shared.snapshot().expect("all listed");
         assert_eq!(state.nodes.len(), 1);
         assert!(errors.is_empty());
 
-        shared.apply(Kind::Node, Change::Apply("n1".into(), Some(Err("bad podCIDR".into()))));
-        shared.apply(Kind::Node, Change::Apply("n2".into(), Some(Err("bad InternalIP".into()))));
+        shared.apply(
+            Kind::Node,
+            Change::Apply("n1".into(), Some(Err("bad podCIDR".into()))),
+        );
+        shared.apply(
+            Kind::Node,
+            Change::Apply("n2".into(), Some(Err("bad InternalIP".into()))),
+        );
         let (state, errors) = shared.snapshot().expect("listed");
         assert_eq!(
             state.nodes.keys().collect::<Vec<_>>(),
@@ -590,8 +614,15 @@ mod tests {
         assert_eq!(errors, ["bad podCIDR", "bad InternalIP"]);
 
         shared.apply(Kind::Node, Change::Init);
-        shared.apply(Kind::Node, Change::InitApply("n3".into(), Some(Ok(node("n3", "172.30.1.3")))));
-        assert_eq!(shared.snapshot().expect("listed").0.nodes.len(), 1, "old objects until the relist completes");
+        shared.apply(
+            Kind::Node,
+            Change::InitApply("n3".into(), Some(Ok(node("n3", "172.30.1.3")))),
+        );
+        assert_eq!(
+            shared.snapshot().expect("listed").0.nodes.len(),
+            1,
+            "old objects until the relist completes"
+        );
         shared.apply(Kind::Node, Change::InitDone);
         let (state, errors) = shared.snapshot().expect("listed");
         assert_eq!(state.nodes.keys().collect::<Vec<_>>(), ["n3"]);

@@ -66,7 +66,9 @@ impl Emulator {
         writeln!(self.stdin, "{cmd}").expect("send a command to the emulator");
         self.stdin.flush().expect("flush");
         let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("read the emulator's answer");
+        self.stdout
+            .read_line(&mut line)
+            .expect("read the emulator's answer");
         let answer: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {line:?}: {e}"));
         assert_eq!(answer["ok"], true, "{cmd} failed: {answer}");
         answer
@@ -89,7 +91,9 @@ impl Emulator {
 
     /// Deletes an object without a watch event (only a relist can notice).
     fn silent_delete(&mut self, resource: &str, namespace: Option<&str>, name: &str) {
-        self.command(&json!({"op": "silent_delete", "resource": resource, "namespace": namespace, "name": name}));
+        self.command(
+            &json!({"op": "silent_delete", "resource": resource, "namespace": namespace, "name": name}),
+        );
     }
 
     /// Every open watch of `resource` gets a 410 Gone.
@@ -135,7 +139,11 @@ fn collection_path(o: &Value) -> String {
 }
 
 fn object_path(o: &Value) -> String {
-    format!("{}/{}", collection_path(o), o["metadata"]["name"].as_str().expect("name"))
+    format!(
+        "{}/{}",
+        collection_path(o),
+        o["metadata"]["name"].as_str().expect("name")
+    )
 }
 
 fn node(name: &str, ip: &str, cidr: &str) -> Value {
@@ -217,7 +225,12 @@ impl Source {
             Ok(Err(_)) => panic!("{what}: the source stopped"),
             Err(_) => None,
         };
-        seen.unwrap_or_else(|| panic!("{what}: not seen within {DEADLINE:?}; last snapshot: {:#?}", *self.rx.borrow()))
+        seen.unwrap_or_else(|| {
+            panic!(
+                "{what}: not seen within {DEADLINE:?}; last snapshot: {:#?}",
+                *self.rx.borrow()
+            )
+        })
     }
 }
 
@@ -229,7 +242,9 @@ impl Drop for Source {
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_test_writer()
         .try_init();
 }
@@ -251,10 +266,16 @@ async fn initial_list_then_add_update_delete() {
     assert_eq!(st.nodes["n2"].pod_cidr.to_string(), "10.1.2.0/24");
     assert_eq!(st.pods.len(), 2);
     assert_eq!(st.pods[&key("p1")].node_name.as_deref(), Some("n1"));
-    assert_eq!(st.pods[&key("p1")].ipv4.map(|i| i.to_string()).as_deref(), Some("10.1.1.5"));
+    assert_eq!(
+        st.pods[&key("p1")].ipv4.map(|i| i.to_string()).as_deref(),
+        Some("10.1.1.5")
+    );
     assert_eq!(st.pods[&key("p1")].ports[0].port, 8080);
     let api = &st.services[&key("api")];
-    assert_eq!(api.cluster_ipv4.map(|i| i.to_string()).as_deref(), Some("10.96.0.10"));
+    assert_eq!(
+        api.cluster_ipv4.map(|i| i.to_string()).as_deref(),
+        Some("10.96.0.10")
+    );
     assert_eq!(api.ports[0].target_port.as_deref(), Some("8080"));
     assert!(st.exports.contains(&key("api")));
     assert_eq!(st.traffic_policies[&key("api")].spec.weights[1].weight, 90);
@@ -262,20 +283,40 @@ async fn initial_list_then_add_update_delete() {
 
     // Add.
     em.create(&pod("p3", "n1", "10.1.1.6"));
-    let s = src.until("pod p3 added", |s| s.state.pods.contains_key(&key("p3"))).await;
+    let s = src
+        .until("pod p3 added", |s| s.state.pods.contains_key(&key("p3")))
+        .await;
     assert!(s.generation > 1);
     let generation = s.generation;
 
     // Update: a pod's IP, a service's port, a policy's weights.
     em.patch(&pod("p3", "n1", ""), &json!({"status": {"podIP": "10.1.1.7"}}));
-    em.patch(&service("api", ""), &json!({"spec": {"ports": [{"port": 81, "targetPort": 8080}]}}));
-    em.patch(&policy("api", 0, 0), &json!({"spec": {"service": "api", "weights": [
-        {"clusters": {"names": ["east"]}, "weight": 1}]}}));
+    em.patch(
+        &service("api", ""),
+        &json!({"spec": {"ports": [{"port": 81, "targetPort": 8080}]}}),
+    );
+    em.patch(
+        &policy("api", 0, 0),
+        &json!({"spec": {"service": "api", "weights": [
+        {"clusters": {"names": ["east"]}, "weight": 1}]}}),
+    );
     let s = src
         .until("updates applied", |s| {
-            s.state.pods.get(&key("p3")).and_then(|p| p.ipv4).map(|i| i.to_string()).as_deref() == Some("10.1.1.7")
-                && s.state.services.get(&key("api")).is_some_and(|a| a.ports[0].port == 81)
-                && s.state.traffic_policies.get(&key("api")).is_some_and(|t| t.spec.weights.len() == 1)
+            s.state
+                .pods
+                .get(&key("p3"))
+                .and_then(|p| p.ipv4)
+                .map(|i| i.to_string())
+                .as_deref()
+                == Some("10.1.1.7")
+                && s.state
+                    .services
+                    .get(&key("api"))
+                    .is_some_and(|a| a.ports[0].port == 81)
+                && s.state
+                    .traffic_policies
+                    .get(&key("api"))
+                    .is_some_and(|t| t.spec.weights.len() == 1)
         })
         .await;
     assert!(s.generation > generation);
@@ -305,7 +346,9 @@ async fn relist_after_410_gone_ends_consistent() {
     // A change the watch does not see, then one it sees: only the second shows.
     em.silent_delete("v1/pods", Some("shop"), "p1");
     em.create(&pod("p9", "n1", "10.1.1.9"));
-    let s = src.until("p9 via the watch", |s| s.state.pods.contains_key(&key("p9"))).await;
+    let s = src
+        .until("p9 via the watch", |s| s.state.pods.contains_key(&key("p9")))
+        .await;
     assert!(
         s.state.pods.contains_key(&key("p1")),
         "the silent delete must not be visible before the relist, or this test proves nothing"
@@ -313,12 +356,18 @@ async fn relist_after_410_gone_ends_consistent() {
 
     // 410 Gone: the watcher relists and the snapshot matches the server again.
     em.gone("v1/pods");
-    let s = src.until("relist after 410", |s| !s.state.pods.contains_key(&key("p1"))).await;
+    let s = src
+        .until("relist after 410", |s| !s.state.pods.contains_key(&key("p1")))
+        .await;
     assert_eq!(
         s.state.pods.keys().map(|(_, n)| n.as_str()).collect::<Vec<_>>(),
         ["p2", "p9"]
     );
-    assert!(s.errors.is_empty(), "a 410 is routine, not an error: {:?}", s.errors);
+    assert!(
+        s.errors.is_empty(),
+        "a 410 is routine, not an error: {:?}",
+        s.errors
+    );
 
     // The watch goes on after the relist.
     em.create(&pod("p10", "n2", "10.1.2.10"));
@@ -335,7 +384,10 @@ async fn relist_after_410_gone_ends_consistent() {
         .iter()
         .filter(|r| r["method"] == "GET" && r["path"] == "/api/v1/pods" && r["params"].get("watch").is_none())
         .count();
-    assert!(relists >= 2, "the pods were listed again after the 410 ({relists} lists)");
+    assert!(
+        relists >= 2,
+        "the pods were listed again after the 410 ({relists} lists)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,28 +401,39 @@ async fn malformed_objects_are_skipped_and_reported() {
 
     let s = src.until("initial lists", |s| s.generation >= 1).await;
     assert!(!s.state.services.contains_key(&key("bad")), "bad service skipped");
-    assert!(!s.state.traffic_policies.contains_key(&key("zero")), "bad policy skipped");
+    assert!(
+        !s.state.traffic_policies.contains_key(&key("zero")),
+        "bad policy skipped"
+    );
     assert!(s.state.services.contains_key(&key("api")), "others still apply");
     assert!(s.state.traffic_policies.contains_key(&key("api")));
     assert_eq!(s.state.pods.len(), 2);
     assert_eq!(s.errors.len(), 2, "{:?}", s.errors);
     assert!(
-        s.errors.iter().any(|e| e.contains("Service shop/bad") && e.contains("spec.clusterIP")),
+        s.errors
+            .iter()
+            .any(|e| e.contains("Service shop/bad") && e.contains("spec.clusterIP")),
         "{:?}",
         s.errors
     );
     assert!(
-        s.errors.iter().any(|e| e.contains("TrafficPolicy shop/zero") && e.contains("spec.weights")),
+        s.errors
+            .iter()
+            .any(|e| e.contains("TrafficPolicy shop/zero") && e.contains("spec.weights")),
         "{:?}",
         s.errors
     );
 
     // A good object turned bad keeps its previous version, reported; a bad one fixed applies, unreported.
-    em.patch(&policy("api", 0, 0), &json!({"spec": {"weights": [{"clusters": {"names": ["West"]}, "weight": 1}]}}));
+    em.patch(
+        &policy("api", 0, 0),
+        &json!({"spec": {"weights": [{"clusters": {"names": ["West"]}, "weight": 1}]}}),
+    );
     em.patch(&service("bad", ""), &json!({"spec": {"clusterIP": "10.96.0.11"}}));
     let s = src
         .until("bad update reported, fix applied", |s| {
-            s.state.services.contains_key(&key("bad")) && s.errors.iter().any(|e| e.contains("TrafficPolicy shop/api"))
+            s.state.services.contains_key(&key("bad"))
+                && s.errors.iter().any(|e| e.contains("TrafficPolicy shop/api"))
         })
         .await;
     assert_eq!(
@@ -380,7 +443,11 @@ async fn malformed_objects_are_skipped_and_reported() {
     );
     assert_eq!(s.errors.len(), 2, "{:?}", s.errors);
     assert!(s.errors.iter().any(|e| e.contains("names[0]")), "{:?}", s.errors);
-    assert!(!s.errors.iter().any(|e| e.contains("Service shop/bad")), "{:?}", s.errors);
+    assert!(
+        !s.errors.iter().any(|e| e.contains("Service shop/bad")),
+        "{:?}",
+        s.errors
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,7 +469,8 @@ async fn node_scope_asks_for_and_keeps_its_pods() {
     assert!(!s.state.pods.contains_key(&key("p3")), "a pod of n2 is not n1's");
     // Moving a pod away from the node removes it.
     em.patch(&pod("p4", "", ""), &json!({"spec": {"nodeName": "n2"}}));
-    src.until("p4 moved away", |s| !s.state.pods.contains_key(&key("p4"))).await;
+    src.until("p4 moved away", |s| !s.state.pods.contains_key(&key("p4")))
+        .await;
 
     let pod_requests: Vec<Value> = em
         .requests()
@@ -413,7 +481,11 @@ async fn node_scope_asks_for_and_keeps_its_pods() {
     for r in &pod_requests {
         assert_eq!(r["params"]["fieldSelector"], "spec.nodeName=n1", "{r}");
     }
-    let node_requests = em.requests().into_iter().filter(|r| r["path"] == "/api/v1/nodes").count();
+    let node_requests = em
+        .requests()
+        .into_iter()
+        .filter(|r| r["path"] == "/api/v1/nodes")
+        .count();
     assert!(node_requests > 0);
 }
 
@@ -431,7 +503,10 @@ async fn unreachable_api_server_is_a_clear_error() {
     };
     let text = err.to_string();
     assert!(matches!(err, mesh_k8s::Error::Unreachable { .. }), "{text}");
-    assert!(text.contains(&format!("127.0.0.1:{port}")), "names the server: {text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{port}")),
+        "names the server: {text}"
+    );
 }
 
 #[tokio::test]

@@ -145,7 +145,10 @@ impl<'a> Ctx<'a> {
     fn api(origin: &'a str, kind: &str, meta: &ObjectMeta, namespaced: bool) -> Self {
         let name = meta.name.as_deref().unwrap_or("<unnamed>");
         let object = if namespaced {
-            format!("{kind} {}/{name}", meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE))
+            format!(
+                "{kind} {}/{name}",
+                meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+            )
         } else {
             format!("{kind} {name}")
         };

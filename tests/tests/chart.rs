@@ -784,7 +784,11 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
     // north-2's client certificate is an existing Secret the operator created.
     check_references(&r, &["fleetmesh-peer-north-2"]);
     // A CRD's name is <plural>.<group> by Kubernetes' rule, not the release's.
-    for (kind, _, name) in r.ids.iter().filter(|(kind, ..)| kind != "CustomResourceDefinition") {
+    for (kind, _, name) in r
+        .ids
+        .iter()
+        .filter(|(kind, ..)| kind != "CustomResourceDefinition")
+    {
         assert!(name.starts_with("mesh-"), "{kind} {name} uses fullnameOverride");
     }
     let data = r
@@ -1273,7 +1277,10 @@ fn crds_serve_the_fleetmesh_resources_the_watchers_use() {
         .flat_map(|(g, resources, _)| resources.iter().map(|r| ((*g).to_owned(), (*r).to_owned())))
         .collect();
     assert!(!wanted.is_empty());
-    assert_eq!(served, wanted, "CRDs in charts/fleetmesh/crds vs fleetmesh.io resources in the RBAC");
+    assert_eq!(
+        served, wanted,
+        "CRDs in charts/fleetmesh/crds vs fleetmesh.io resources in the RBAC"
+    );
 }
 
 /// The Containerfile's stages: (the `FROM` line, the instructions with continuation lines joined).
