@@ -5,6 +5,8 @@
 //! knows where its state came from. A malformed object is skipped and reported in the snapshot's errors.
 
 pub mod crd;
+pub mod select;
 pub mod source;
 
+pub use select::{RunningSource, SourceError, SourceKind, start_source};
 pub use source::{Error, Scope, connect, connect_with, watch_kubernetes};
