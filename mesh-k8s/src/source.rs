@@ -496,6 +496,7 @@ pub async fn watch_kubernetes(
 }
 
 /// Publishes snapshots until every receiver is gone.
+#[instrument(skip_all)]
 async fn publish(shared: &Shared, tx: &watch::Sender<Snapshot>) {
     let mut generation = tx.borrow().generation;
     let mut last: Option<(ClusterState, Vec<String>)> = None;
