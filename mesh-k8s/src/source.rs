@@ -279,8 +279,14 @@ impl Shared {
     }
 
     fn failed(&self, kind: Kind, err: &watcher::Error) {
-        let message = format!("watching {kind:?}s: {err}");
         let not_served = kind.custom().is_some() && is_not_found(err);
+        let message = if not_served {
+            format!(
+                "watching {kind:?}s: {err} (is its CustomResourceDefinition installed?); taken as having no objects"
+            )
+        } else {
+            format!("watching {kind:?}s: {err}")
+        };
         self.update(kind, |s| {
             if s.failure.as_deref() == Some(message.as_str()) {
                 return false;
@@ -290,11 +296,7 @@ impl Shared {
             } else {
                 warn!(?kind, error = %err, "watch failed; retrying with backoff");
             }
-            s.failure = Some(if not_served {
-                format!("{message} (is its CustomResourceDefinition installed?); taken as having no objects")
-            } else {
-                message.clone()
-            });
+            s.failure = Some(message);
             if not_served && !s.synced {
                 // A kind the cluster does not serve has no objects; the watcher keeps retrying.
                 s.synced = true;

@@ -27,10 +27,16 @@ struct Emulator {
 
 impl Emulator {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With the fixture's arguments (e.g. `--without RESOURCE`).
+    fn start_with(args: &[&str]) -> Self {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kube_emulator.py");
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
         let mut child = Command::new(&python)
             .arg(script)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -518,4 +524,28 @@ async fn connect_reads_the_server_version() {
         .expect("the emulator answers /version");
     let version = client.apiserver_version().await.expect("version");
     assert!(!version.git_version.is_empty());
+}
+
+/// Without the MCS CRD the cluster serves no ServiceExports: the source still publishes, says so, and applies the
+/// rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_not_served_is_reported_and_taken_as_empty() {
+    init_tracing();
+    let mut em = Emulator::start_with(&["--without", "multicluster.x-k8s.io/v1alpha1/serviceexports"]);
+    em.create(&namespace("shop"));
+    em.create(&node("n1", "172.30.1.1", "10.1.1.0/24"));
+    em.create(&service("api", "10.96.0.10"));
+    let mut src = Source::start(&em, Scope::Cluster);
+    let s = src.until("initial lists", |s| s.generation >= 1).await;
+    assert!(s.state.exports.is_empty());
+    assert_eq!(s.state.services.len(), 1, "the rest applies");
+    assert_eq!(s.errors.len(), 1, "{:?}", s.errors);
+    assert!(
+        s.errors[0].contains("ServiceExport") && s.errors[0].contains("CustomResourceDefinition installed"),
+        "{:?}",
+        s.errors
+    );
+    em.create(&node("n2", "172.30.1.2", "10.1.2.0/24"));
+    let s = src.until("changes go on", |s| s.state.nodes.len() == 2).await;
+    assert_eq!(s.errors.len(), 1, "reported once: {:?}", s.errors);
 }
