@@ -880,6 +880,54 @@ spec:
         );
     }
 
+    /// Objects from an API server go through the same rules; errors name the origin, the object and the field.
+    #[test]
+    fn api_objects_use_the_manifest_rules() {
+        let doc = |text: &str| -> serde_json::Value { serde_yaml::from_str(text).expect("yaml") };
+        let svc: core::Service = serde_json::from_value(doc(
+            "metadata: {name: bad, namespace: shop}\nspec: {clusterIP: 1.2.3, ports: [{port: 80}]}",
+        ))
+        .expect("service");
+        let e = from_service("kubernetes", &svc).expect_err("bad clusterIP");
+        assert_eq!(e.document, 0);
+        assert_eq!(
+            e.to_string().split(": ").next(),
+            Some("kubernetes, Service shop/bad, field spec.clusterIP"),
+            "{e}"
+        );
+        let node: core::Node = serde_json::from_value(doc(
+            "metadata: {name: n1}\nspec: {podCIDR: 10.1.0.0/24}\nstatus: {addresses: [{type: InternalIP, address: 172.30.1.1}]}",
+        ))
+        .expect("node");
+        assert_eq!(
+            from_node("kubernetes", &node).expect("valid").underlay_ipv4,
+            Ipv4Addr::new(172, 30, 1, 1)
+        );
+        let pod: core::Pod = serde_json::from_value(doc(
+            "metadata: {name: p, namespace: x, annotations: {fleetmesh.io/capacity: lots}}\nspec: {containers: []}",
+        ))
+        .expect("pod");
+        let e = from_pod("kubernetes", &pod).expect_err("bad capacity");
+        assert_eq!(e.object.as_deref(), Some("Pod x/p"));
+        let ns: core::Namespace = serde_json::from_value(doc("metadata: {name: Shop}")).expect("namespace");
+        assert_eq!(
+            from_namespace("kubernetes", &ns)
+                .expect_err("bad name")
+                .field
+                .as_deref(),
+            Some("metadata.name")
+        );
+        let tp = doc(
+            "apiVersion: fleetmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: t, namespace: shop}\n\
+             spec: {service: api, weights: [{clusters: {names: [west]}, weight: 0}]}",
+        );
+        let e = from_value("kubernetes", &tp).expect_err("weights sum to 0");
+        assert!(
+            e.field.as_deref().is_some_and(|f| f.starts_with("spec.weights")),
+            "{e}"
+        );
+    }
+
     #[test]
     fn merge_refuses_duplicates() {
         let a = parse_str("a.yaml", GOOD).expect("valid");
