@@ -35,18 +35,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum Error {
     #[error(
         "no Kubernetes client configuration: not in a cluster (KUBERNETES_SERVICE_HOST unset) and no usable \
-         kubeconfig (KUBECONFIG or ~/.kube/config): {0}"
+         kubeconfig (KUBECONFIG or ~/.kube/config)"
     )]
     Config(#[source] kube::config::InferConfigError),
-    #[error("cannot build a Kubernetes client for {url}: {source}")]
+    #[error("cannot build a Kubernetes client for {url}")]
     Client {
         url: String,
         #[source]
         source: kube::Error,
     },
     #[error(
-        "the Kubernetes API server at {url} is unreachable or refuses us: {source} (check the address, the \
-         credentials and that the server is up)"
+        "the Kubernetes API server at {url} is unreachable or refuses us (check the address, the credentials and \
+         that the server is up)"
     )]
     Unreachable {
         url: String,
