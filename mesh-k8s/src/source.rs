@@ -634,6 +634,65 @@ mod tests {
         assert!(shared.snapshot().expect("listed").0.nodes.is_empty());
     }
 
+    /// A burst of changes becomes one snapshot; nothing is published before every kind is listed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn bursts_coalesce_into_one_snapshot() {
+        tokio::time::pause();
+        let shared = Arc::new(Shared::default());
+        let (tx, mut rx) = watch::channel(Snapshot::default());
+        let publisher = {
+            let shared = shared.clone();
+            tokio::spawn(async move { publish(&shared, &tx).await })
+        };
+        for kind in Kind::ALL {
+            shared.apply(kind, Change::Init);
+            shared.apply(kind, Change::InitDone);
+        }
+        for i in 0..50 {
+            let name = format!("n{i}");
+            shared.apply(
+                Kind::Node,
+                Change::Apply(name.clone(), Some(Ok(node(&name, "172.30.1.1")))),
+            );
+        }
+        let s = rx
+            .wait_for(|s| s.generation >= 1)
+            .await
+            .expect("published")
+            .clone();
+        assert_eq!(
+            (s.generation, s.state.nodes.len()),
+            (1, 50),
+            "lists and burst in one snapshot"
+        );
+        for i in 0..50 {
+            shared.apply(Kind::Node, Change::Delete(format!("n{i}")));
+        }
+        let s = rx
+            .wait_for(|s| s.generation >= 2)
+            .await
+            .expect("published")
+            .clone();
+        assert_eq!(
+            (s.generation, s.state.nodes.len()),
+            (2, 0),
+            "50 deletes in one snapshot"
+        );
+        // The same object again changes nothing and publishes nothing (the clock is paused: waiting is instant).
+        shared.apply(
+            Kind::Node,
+            Change::Apply("x".into(), Some(Ok(node("x", "172.30.1.9")))),
+        );
+        rx.wait_for(|s| s.generation >= 3).await.expect("published");
+        shared.apply(
+            Kind::Node,
+            Change::Apply("x".into(), Some(Ok(node("x", "172.30.1.9")))),
+        );
+        let quiet = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+        assert!(quiet.is_err(), "no snapshot for a no-op: {:?}", *rx.borrow());
+        publisher.abort();
+    }
+
     #[test]
     fn custom_objects_get_their_type() {
         let ar = ApiResource::from_gvk_with_plural(
