@@ -21,9 +21,13 @@ struct Args {
     /// Id of this cluster, unique in the mesh (1-4095).
     #[arg(long, env = "FLEETMESH_CLUSTER_ID", value_parser = clap::value_parser!(u16).range(1..=4095))]
     cluster_id: u16,
-    /// Directory of Kubernetes manifests describing this cluster (the manifests source).
+    /// Where this cluster's state comes from: `manifests` (the directory of --manifests) or `kubernetes` (the
+    /// cluster's API server, by in-cluster config or KUBECONFIG).
+    #[arg(long, env = "FLEETMESH_SOURCE", default_value = "manifests")]
+    source: mesh_k8s::SourceKind,
+    /// Directory of Kubernetes manifests describing this cluster (needed with `--source manifests`).
     #[arg(long, env = "FLEETMESH_MANIFESTS")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
     /// A label of this cluster, KEY=VALUE (repeatable, or comma separated): published with the cluster's config
     /// so that `TrafficPolicy` selectors in every cluster can match it, e.g. `--cluster-label stage=canary`.
     #[arg(long = "cluster-label", env = "FLEETMESH_CLUSTER_LABELS", value_delimiter = ',', value_parser = mesh_model::traffic::parse_label)]
@@ -69,11 +73,6 @@ async fn main() -> anyhow::Result<()> {
         args.lease_ttl >= Duration::from_secs(2),
         "--lease-ttl must be at least 2s (etcd leases have second granularity)"
     );
-    anyhow::ensure!(
-        args.manifests.is_dir(),
-        "manifests directory {} does not exist or is not a directory",
-        args.manifests.display()
-    );
     let https = args.etcd_endpoints.iter().any(|e| e.starts_with("https://"));
     anyhow::ensure!(
         !https || args.etcd_ca.is_some(),
@@ -90,8 +89,8 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(cluster = %args.cluster_name, id = args.cluster_id, etcd = ?args.etcd_endpoints, tls = tls.is_some(), "starting");
 
     let (tx, rx) = tokio::sync::watch::channel(mesh_model::source::Snapshot::default());
-    let dir = args.manifests.clone();
-    let source = tokio::spawn(mesh_model::source::watch_dir(dir, tx, Duration::from_secs(2)));
+    let scope = mesh_k8s::Scope::Cluster;
+    let source = tokio::spawn(mesh_k8s::start_source(args.source, args.manifests.clone(), scope, tx).await?);
     let publisher = publisher::Publisher {
         cluster: args.cluster_name.to_string(),
         cluster_id: args.cluster_id,
@@ -103,8 +102,8 @@ async fn main() -> anyhow::Result<()> {
     };
     tokio::select! {
         r = source => {
-            r.context("manifests source task")?.with_context(|| format!("manifests directory {}", args.manifests.display()))?;
-            anyhow::bail!("manifests source stopped");
+            r.context("cluster state source task")??;
+            anyhow::bail!("cluster state source stopped");
         }
         () = publisher.run(rx) => anyhow::bail!("publisher stopped"),
         r = shutdown_signal() => {

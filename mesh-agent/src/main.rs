@@ -35,9 +35,13 @@ struct Args {
     /// `TrafficPolicy` selectors match local backends' cluster by it.
     #[arg(long = "cluster-label", env = "FLEETMESH_CLUSTER_LABELS", value_delimiter = ',', value_parser = mesh_model::traffic::parse_label)]
     cluster_labels: Vec<(String, String)>,
-    /// Directory of Kubernetes manifests describing this cluster (the manifests source).
+    /// Where this cluster's state comes from: `manifests` (the directory of --manifests) or `kubernetes` (the
+    /// cluster's API server, by in-cluster config or KUBECONFIG).
+    #[arg(long, env = "FLEETMESH_SOURCE", default_value = "manifests")]
+    source: mesh_k8s::SourceKind,
+    /// Directory of Kubernetes manifests describing this cluster (needed with `--source manifests`).
     #[arg(long, env = "FLEETMESH_MANIFESTS")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
     /// Directory with one file per peer cluster, named after it, holding `endpoints: [URL, ...]` of its etcd.
     /// Files may be added and removed while the agent runs.
     #[arg(long, env = "FLEETMESH_CLUSTERMESH_CONFIG")]
@@ -108,11 +112,6 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    anyhow::ensure!(
-        args.manifests.is_dir(),
-        "manifests directory {} does not exist or is not a directory",
-        args.manifests.display()
-    );
     let me = Me {
         node: args.node_name.clone(),
         cluster: args.cluster_name.to_string(),
@@ -125,11 +124,9 @@ async fn main() -> anyhow::Result<()> {
     let remotes = Remotes::new(wake_tx.clone());
 
     let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
-    let source = tokio::spawn(mesh_model::source::watch_dir(
-        args.manifests.clone(),
-        snap_tx,
-        Duration::from_secs(2),
-    ));
+    let scope = mesh_k8s::Scope::Node(args.node_name.clone());
+    let source = mesh_k8s::start_source(args.source, args.manifests.clone(), scope, snap_tx).await?;
+    let source = tokio::spawn(source);
     {
         let wake = wake_tx.clone();
         let mut rx = snap_rx.clone();
@@ -245,8 +242,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         r = api::serve(&socket, api_state) => r.with_context(|| format!("serving the API on {}", socket.display()))?,
         r = source => {
-            r.context("manifests source task")?
-                .with_context(|| format!("manifests directory {}", args.manifests.display()))?;
+            r.context("cluster state source task")??;
         }
         r = shutdown_signal() => {
             r?;

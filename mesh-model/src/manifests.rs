@@ -109,7 +109,7 @@ impl Object {
 pub struct ManifestError {
     /// The file (or other origin) of the manifest.
     pub file: String,
-    /// 1-based index of the YAML document in the file.
+    /// 1-based index of the YAML document in the file; 0 for an object that did not come from a file.
     pub document: usize,
     /// `Kind namespace/name`, when known.
     pub object: Option<String>,
@@ -120,7 +120,10 @@ pub struct ManifestError {
 
 impl fmt::Display for ManifestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (document {})", self.file, self.document)?;
+        write!(f, "{}", self.file)?;
+        if self.document > 0 {
+            write!(f, " (document {})", self.document)?;
+        }
         if let Some(o) = &self.object {
             write!(f, ", {o}")?;
         }
@@ -137,7 +140,25 @@ struct Ctx<'a> {
     object: Option<String>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// Context of an object that did not come from a file.
+    fn api(origin: &'a str, kind: &str, meta: &ObjectMeta, namespaced: bool) -> Self {
+        let name = meta.name.as_deref().unwrap_or("<unnamed>");
+        let object = if namespaced {
+            format!(
+                "{kind} {}/{name}",
+                meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+            )
+        } else {
+            format!("{kind} {name}")
+        };
+        Self {
+            file: origin,
+            document: 0,
+            object: Some(object),
+        }
+    }
+
     fn err(&self, field: Option<&str>, message: impl Into<String>) -> ManifestError {
         ManifestError {
             file: self.file.to_owned(),
@@ -157,7 +178,7 @@ impl Ctx<'_> {
 pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let mut ctx = Ctx {
+        let ctx = Ctx {
             file,
             document: i + 1,
             object: None,
@@ -167,102 +188,155 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
         if value.is_null() {
             continue;
         }
-        let map = value
-            .as_mapping()
-            .ok_or_else(|| ctx.err(None, "a manifest must be a mapping"))?;
-        let kind = map
-            .get("kind")
-            .and_then(serde_yaml::Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        let name = map
-            .get("metadata")
-            .and_then(|m| m.get("name"))
-            .and_then(serde_yaml::Value::as_str)
-            .unwrap_or("<unnamed>");
-        let ns = map
-            .get("metadata")
-            .and_then(|m| m.get("namespace"))
-            .and_then(serde_yaml::Value::as_str);
-        let cluster_scoped = matches!(kind.as_str(), "Node" | "Namespace");
-        ctx.object = Some(if cluster_scoped {
-            format!("{kind} {name}")
-        } else {
-            format!("{kind} {}/{name}", ns.unwrap_or(DEFAULT_NAMESPACE))
-        });
-        let obj = match kind.as_str() {
-            "Node" => Object::Node(node(&ctx, &typed::<core::Node>(&ctx, value)?)?),
-            "Namespace" => Object::Namespace(namespace(&ctx, typed::<core::Namespace>(&ctx, value)?)?),
-            "Pod" => Object::Pod(pod(&ctx, typed::<core::Pod>(&ctx, value)?)?),
-            "Service" => Object::Service(service(&ctx, typed::<core::Service>(&ctx, value)?)?),
-            "ServiceExport" => {
-                let e = typed::<ServiceExportManifest>(&ctx, value)?;
-                if e.api_version != MCS_API_VERSION {
-                    return Err(ctx.err(
-                        Some("apiVersion"),
-                        format!(
-                            "{:?}: ServiceExport is served as {MCS_API_VERSION}",
-                            e.api_version
-                        ),
-                    ));
-                }
-                Object::ServiceExport {
-                    namespace: namespace_of(&ctx, &e.metadata)?,
-                    name: name_of(&ctx, &e.metadata)?,
-                }
-            }
-            "TrafficPolicy" => {
-                let t = typed::<TrafficPolicyManifest>(&ctx, value)?;
-                if t.api_version != traffic::API_VERSION {
-                    return Err(ctx.err(
-                        Some("apiVersion"),
-                        format!(
-                            "{:?}: TrafficPolicy is served as {}",
-                            t.api_version,
-                            traffic::API_VERSION
-                        ),
-                    ));
-                }
-                t.spec.validate().map_err(|(field, m)| ctx.err(Some(&field), m))?;
-                Object::TrafficPolicy(TrafficPolicy {
-                    namespace: namespace_of(&ctx, &t.metadata)?,
-                    name: name_of(&ctx, &t.metadata)?,
-                    spec: t.spec,
-                })
-            }
-            "StagedRollout" => {
-                let r = typed::<StagedRolloutManifest>(&ctx, value)?;
-                if r.api_version != traffic::API_VERSION {
-                    return Err(ctx.err(
-                        Some("apiVersion"),
-                        format!(
-                            "{:?}: StagedRollout is served as {}",
-                            r.api_version,
-                            traffic::API_VERSION
-                        ),
-                    ));
-                }
-                r.spec.validate().map_err(|(field, m)| ctx.err(Some(&field), m))?;
-                Object::StagedRollout(StagedRollout {
-                    namespace: namespace_of(&ctx, &r.metadata)?,
-                    name: name_of(&ctx, &r.metadata)?,
-                    spec: r.spec,
-                })
-            }
-            "" => return Err(ctx.err(Some("kind"), "missing kind")),
-            other => {
+        out.push(object(ctx, value)?);
+    }
+    Ok(out)
+}
+
+/// Converts one object as the API server serves it (JSON), with the same rules as a manifest. Used for the
+/// kinds that are not typed in k8s-openapi (ServiceExport, TrafficPolicy, StagedRollout); `origin` names where
+/// it came from (e.g. `kubernetes`).
+///
+/// # Errors
+/// As [`parse_str`] for one document.
+pub fn from_value(origin: &str, value: &serde_json::Value) -> Result<Object, ManifestError> {
+    let ctx = Ctx {
+        file: origin,
+        document: 0,
+        object: None,
+    };
+    let value = serde_yaml::to_value(value).map_err(|e| ctx.err(None, format!("not an object: {e}")))?;
+    object(ctx, value)
+}
+
+/// Converts a Node object of the API server (or any other origin) with the manifest rules.
+///
+/// # Errors
+/// Missing or invalid name, pod CIDR or InternalIP.
+pub fn from_node(origin: &str, n: &core::Node) -> Result<Node, ManifestError> {
+    node(&Ctx::api(origin, "Node", &n.metadata, false), n)
+}
+
+/// Converts a Namespace object with the manifest rules.
+///
+/// # Errors
+/// Invalid name.
+pub fn from_namespace(origin: &str, n: &core::Namespace) -> Result<Namespace, ManifestError> {
+    namespace(&Ctx::api(origin, "Namespace", &n.metadata, true), n)
+}
+
+/// Converts a Pod object with the manifest rules.
+///
+/// # Errors
+/// Invalid name, namespace, ports, pod IP or capacity annotation.
+pub fn from_pod(origin: &str, p: &core::Pod) -> Result<Pod, ManifestError> {
+    pod(&Ctx::api(origin, "Pod", &p.metadata, true), p)
+}
+
+/// Converts a Service object with the manifest rules.
+///
+/// # Errors
+/// Invalid name, namespace, type, cluster IP or ports.
+pub fn from_service(origin: &str, s: &core::Service) -> Result<Service, ManifestError> {
+    service(&Ctx::api(origin, "Service", &s.metadata, true), s)
+}
+
+/// One document (already known not to be empty) into an object.
+fn object(mut ctx: Ctx<'_>, value: serde_yaml::Value) -> Result<Object, ManifestError> {
+    let map = value
+        .as_mapping()
+        .ok_or_else(|| ctx.err(None, "a manifest must be a mapping"))?;
+    let kind = map
+        .get("kind")
+        .and_then(serde_yaml::Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let name = map
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(serde_yaml::Value::as_str)
+        .unwrap_or("<unnamed>");
+    let ns = map
+        .get("metadata")
+        .and_then(|m| m.get("namespace"))
+        .and_then(serde_yaml::Value::as_str);
+    let cluster_scoped = matches!(kind.as_str(), "Node" | "Namespace");
+    ctx.object = Some(if cluster_scoped {
+        format!("{kind} {name}")
+    } else {
+        format!("{kind} {}/{name}", ns.unwrap_or(DEFAULT_NAMESPACE))
+    });
+    let obj = match kind.as_str() {
+        "Node" => Object::Node(node(&ctx, &typed::<core::Node>(&ctx, value)?)?),
+        "Namespace" => Object::Namespace(namespace(&ctx, &typed::<core::Namespace>(&ctx, value)?)?),
+        "Pod" => Object::Pod(pod(&ctx, &typed::<core::Pod>(&ctx, value)?)?),
+        "Service" => Object::Service(service(&ctx, &typed::<core::Service>(&ctx, value)?)?),
+        "ServiceExport" => {
+            let e = typed::<ServiceExportManifest>(&ctx, value)?;
+            if e.api_version != MCS_API_VERSION {
                 return Err(ctx.err(
-                    Some("kind"),
+                    Some("apiVersion"),
                     format!(
-                        "kind {other:?} is not supported here (Node, Namespace, Pod, Service, ServiceExport, \
-                         TrafficPolicy, StagedRollout)"
+                        "{:?}: ServiceExport is served as {MCS_API_VERSION}",
+                        e.api_version
                     ),
                 ));
             }
-        };
-        out.push(obj);
-    }
-    Ok(out)
+            Object::ServiceExport {
+                namespace: namespace_of(&ctx, &e.metadata)?,
+                name: name_of(&ctx, &e.metadata)?,
+            }
+        }
+        "TrafficPolicy" => {
+            let t = typed::<TrafficPolicyManifest>(&ctx, value)?;
+            if t.api_version != traffic::API_VERSION {
+                return Err(ctx.err(
+                    Some("apiVersion"),
+                    format!(
+                        "{:?}: TrafficPolicy is served as {}",
+                        t.api_version,
+                        traffic::API_VERSION
+                    ),
+                ));
+            }
+            t.spec.validate().map_err(|(field, m)| ctx.err(Some(&field), m))?;
+            Object::TrafficPolicy(TrafficPolicy {
+                namespace: namespace_of(&ctx, &t.metadata)?,
+                name: name_of(&ctx, &t.metadata)?,
+                spec: t.spec,
+            })
+        }
+        "StagedRollout" => {
+            let r = typed::<StagedRolloutManifest>(&ctx, value)?;
+            if r.api_version != traffic::API_VERSION {
+                return Err(ctx.err(
+                    Some("apiVersion"),
+                    format!(
+                        "{:?}: StagedRollout is served as {}",
+                        r.api_version,
+                        traffic::API_VERSION
+                    ),
+                ));
+            }
+            r.spec.validate().map_err(|(field, m)| ctx.err(Some(&field), m))?;
+            Object::StagedRollout(StagedRollout {
+                namespace: namespace_of(&ctx, &r.metadata)?,
+                name: name_of(&ctx, &r.metadata)?,
+                spec: r.spec,
+            })
+        }
+        "" => return Err(ctx.err(Some("kind"), "missing kind")),
+        other => {
+            return Err(ctx.err(
+                Some("kind"),
+                format!(
+                    "kind {other:?} is not supported here (Node, Namespace, Pod, Service, ServiceExport, \
+                     TrafficPolicy, StagedRollout)"
+                ),
+            ));
+        }
+    };
+    Ok(obj)
 }
 
 trait DeserializeFrom {
@@ -372,10 +446,10 @@ fn node(ctx: &Ctx<'_>, n: &core::Node) -> Result<Node, ManifestError> {
     })
 }
 
-fn namespace(ctx: &Ctx<'_>, n: core::Namespace) -> Result<Namespace, ManifestError> {
+fn namespace(ctx: &Ctx<'_>, n: &core::Namespace) -> Result<Namespace, ManifestError> {
     Ok(Namespace {
         name: name_of(ctx, &n.metadata)?,
-        labels: n.metadata.labels.unwrap_or_default(),
+        labels: n.metadata.labels.clone().unwrap_or_default(),
     })
 }
 
@@ -386,10 +460,11 @@ fn port_number(ctx: &Ctx<'_>, field: &str, p: i32) -> Result<u16, ManifestError>
         .ok_or_else(|| ctx.err(Some(field), format!("port {p} is out of range (1-65535)")))
 }
 
-fn pod(ctx: &Ctx<'_>, p: core::Pod) -> Result<Pod, ManifestError> {
+fn pod(ctx: &Ctx<'_>, p: &core::Pod) -> Result<Pod, ManifestError> {
     let name = name_of(ctx, &p.metadata)?;
     let namespace = namespace_of(ctx, &p.metadata)?;
-    let spec = p.spec.unwrap_or_default();
+    let empty = core::PodSpec::default();
+    let spec = p.spec.as_ref().unwrap_or(&empty);
     let mut ports = Vec::new();
     for (ci, c) in spec.containers.iter().enumerate() {
         for (pi, port) in c.ports.iter().flatten().enumerate() {
@@ -422,7 +497,7 @@ fn pod(ctx: &Ctx<'_>, p: core::Pod) -> Result<Pod, ManifestError> {
             )
         })?),
     };
-    let annotations = p.metadata.annotations.unwrap_or_default();
+    let annotations = p.metadata.annotations.clone().unwrap_or_default();
     traffic::capacity(&annotations).map_err(|m| {
         ctx.err(
             Some(&format!("metadata.annotations.{}", traffic::ANNOTATION_CAPACITY)),
@@ -432,18 +507,19 @@ fn pod(ctx: &Ctx<'_>, p: core::Pod) -> Result<Pod, ManifestError> {
     Ok(Pod {
         namespace,
         name,
-        labels: p.metadata.labels.unwrap_or_default(),
+        labels: p.metadata.labels.clone().unwrap_or_default(),
         annotations,
-        node_name: spec.node_name,
+        node_name: spec.node_name.clone(),
         ipv4,
         ports,
     })
 }
 
-fn service(ctx: &Ctx<'_>, s: core::Service) -> Result<Service, ManifestError> {
+fn service(ctx: &Ctx<'_>, s: &core::Service) -> Result<Service, ManifestError> {
     let name = name_of(ctx, &s.metadata)?;
     let namespace = namespace_of(ctx, &s.metadata)?;
-    let spec = s.spec.unwrap_or_default();
+    let empty = core::ServiceSpec::default();
+    let spec = s.spec.as_ref().unwrap_or(&empty);
     if let Some(t) = spec.type_.as_deref()
         && t != "ClusterIP"
     {
@@ -485,9 +561,9 @@ fn service(ctx: &Ctx<'_>, s: core::Service) -> Result<Service, ManifestError> {
         namespace,
         name,
         cluster_ipv4,
-        selector: spec.selector.unwrap_or_default(),
+        selector: spec.selector.clone().unwrap_or_default(),
         ports,
-        annotations: s.metadata.annotations.unwrap_or_default(),
+        annotations: s.metadata.annotations.clone().unwrap_or_default(),
     })
 }
 
@@ -800,6 +876,54 @@ spec:
         assert_eq!(
             e.field.as_deref(),
             Some("metadata.annotations.fleetmesh.io/capacity"),
+            "{e}"
+        );
+    }
+
+    /// Objects from an API server go through the same rules; errors name the origin, the object and the field.
+    #[test]
+    fn api_objects_use_the_manifest_rules() {
+        let doc = |text: &str| -> serde_json::Value { serde_yaml::from_str(text).expect("yaml") };
+        let svc: core::Service = serde_json::from_value(doc(
+            "metadata: {name: bad, namespace: shop}\nspec: {clusterIP: 1.2.3, ports: [{port: 80}]}",
+        ))
+        .expect("service");
+        let e = from_service("kubernetes", &svc).expect_err("bad clusterIP");
+        assert_eq!(e.document, 0);
+        assert_eq!(
+            e.to_string().split(": ").next(),
+            Some("kubernetes, Service shop/bad, field spec.clusterIP"),
+            "{e}"
+        );
+        let node: core::Node = serde_json::from_value(doc(
+            "metadata: {name: n1}\nspec: {podCIDR: 10.1.0.0/24}\nstatus: {addresses: [{type: InternalIP, address: 172.30.1.1}]}",
+        ))
+        .expect("node");
+        assert_eq!(
+            from_node("kubernetes", &node).expect("valid").underlay_ipv4,
+            Ipv4Addr::new(172, 30, 1, 1)
+        );
+        let pod: core::Pod = serde_json::from_value(doc(
+            "metadata: {name: p, namespace: x, annotations: {fleetmesh.io/capacity: lots}}\nspec: {containers: []}",
+        ))
+        .expect("pod");
+        let e = from_pod("kubernetes", &pod).expect_err("bad capacity");
+        assert_eq!(e.object.as_deref(), Some("Pod x/p"));
+        let ns: core::Namespace = serde_json::from_value(doc("metadata: {name: Shop}")).expect("namespace");
+        assert_eq!(
+            from_namespace("kubernetes", &ns)
+                .expect_err("bad name")
+                .field
+                .as_deref(),
+            Some("metadata.name")
+        );
+        let tp = doc(
+            "apiVersion: fleetmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: t, namespace: shop}\n\
+             spec: {service: api, weights: [{clusters: {names: [west]}, weight: 0}]}",
+        );
+        let e = from_value("kubernetes", &tp).expect_err("weights sum to 0");
+        assert!(
+            e.field.as_deref().is_some_and(|f| f.starts_with("spec.weights")),
             "{e}"
         );
     }

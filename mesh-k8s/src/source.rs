@@ -1,0 +1,715 @@
+//! The Kubernetes source: one watcher per kind (list, then watch, relist after a 410 Gone, backoff on errors),
+//! each object converted with mesh-model's manifest rules, the whole published as a
+//! [`Snapshot`](mesh_model::source::Snapshot) once every kind is listed and after every change.
+//!
+//! Like the manifests source, bad input never loses state: an object that does not convert is reported in the
+//! snapshot's errors and skipped; if it had a good version before, that version stays in force.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1 as core;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource, ResourceExt as _};
+use mesh_model::ClusterState;
+use mesh_model::manifests::{self, ManifestError, Object};
+use mesh_model::source::Snapshot;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+use tracing::{debug, error, info, instrument, warn};
+
+/// Origin named in conversion errors (where a manifest error would name the file).
+pub const ORIGIN: &str = "kubernetes";
+/// How long the source waits after a change for more changes before it publishes (bursts become one snapshot).
+const COALESCE: Duration = Duration::from_millis(30);
+/// How long [`connect`] waits for the API server's version.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Errors of the Kubernetes source.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no Kubernetes client configuration: not in a cluster (KUBERNETES_SERVICE_HOST unset) and no usable \
+         kubeconfig (KUBECONFIG or ~/.kube/config)"
+    )]
+    Config(#[source] kube::config::InferConfigError),
+    #[error("cannot build a Kubernetes client for {url}")]
+    Client {
+        url: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the Kubernetes API server at {url} is unreachable or refuses us (check the address, the credentials and \
+         that the server is up)"
+    )]
+    Unreachable {
+        url: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the Kubernetes API server at {url} did not answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error(
+        "node name {0:?} cannot select pods (a node name is lower case letters, digits, '-' and '.', at most 253)"
+    )]
+    InvalidNodeName(String),
+}
+
+/// Which part of the cluster a daemon needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// A node's mesh-agent: every node, namespace, service and fleetmesh object, but only the pods scheduled on
+    /// this node.
+    Node(String),
+    /// The cluster's clustermesh-apiserver: everything.
+    Cluster,
+}
+
+impl Scope {
+    /// The field selector of the pod watcher (`spec.nodeName=<node>` for a node, none for the cluster).
+    ///
+    /// # Errors
+    /// A node name that is not a Kubernetes name (it could change the selector's meaning).
+    pub fn pod_field_selector(&self) -> Result<Option<String>, Error> {
+        match self {
+            Scope::Cluster => Ok(None),
+            Scope::Node(node) if is_object_name(node) => Ok(Some(format!("spec.nodeName={node}"))),
+            Scope::Node(node) => Err(Error::InvalidNodeName(node.clone())),
+        }
+    }
+
+    /// Whether a pod belongs to this scope. The API server applies the field selector already; this check keeps
+    /// the scope even when it does not (some test servers ignore selectors).
+    fn wants_pod(&self, pod: &core::Pod) -> bool {
+        match self {
+            Scope::Cluster => true,
+            Scope::Node(node) => {
+                pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+            }
+        }
+    }
+}
+
+fn is_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Builds a client from the in-cluster configuration or KUBECONFIG (as [`Client::try_default`] does) and checks
+/// that the API server answers, so a daemon fails at start with a message that says what is wrong.
+///
+/// # Errors
+/// No configuration, or the API server unreachable, refusing the credentials, or not answering in time.
+#[instrument]
+pub async fn connect() -> Result<Client, Error> {
+    connect_with(kube::Config::infer().await.map_err(Error::Config)?).await
+}
+
+/// As [`connect`], with a given configuration.
+///
+/// # Errors
+/// The API server unreachable, refusing the credentials, or not answering in time.
+#[instrument(skip(config), fields(url = %config.cluster_url))]
+pub async fn connect_with(config: kube::Config) -> Result<Client, Error> {
+    let url = config.cluster_url.to_string();
+    let client = Client::try_from(config).map_err(|source| Error::Client {
+        url: url.clone(),
+        source,
+    })?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, client.apiserver_version()).await {
+        Ok(Ok(v)) => {
+            info!(%url, version = %v.git_version, "connected to the Kubernetes API server");
+            Ok(client)
+        }
+        Ok(Err(source)) => Err(Error::Unreachable { url, source }),
+        Err(_) => Err(Error::Timeout {
+            url,
+            timeout: CONNECT_TIMEOUT,
+        }),
+    }
+}
+
+/// The kinds the source watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Node,
+    Namespace,
+    Pod,
+    Service,
+    ServiceExport,
+    TrafficPolicy,
+    StagedRollout,
+}
+
+impl Kind {
+    const ALL: [Kind; 7] = [
+        Kind::Node,
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::ServiceExport,
+        Kind::TrafficPolicy,
+        Kind::StagedRollout,
+    ];
+
+    /// (group, version, kind, plural) of the kinds served by CRDs, watched as untyped objects so that one bad
+    /// object cannot fail the decoding of a whole list.
+    fn custom(self) -> Option<(&'static str, &'static str, &'static str, &'static str)> {
+        match self {
+            Kind::ServiceExport => Some((
+                "multicluster.x-k8s.io",
+                "v1alpha1",
+                "ServiceExport",
+                "serviceexports",
+            )),
+            Kind::TrafficPolicy => Some(("fleetmesh.io", "v1alpha1", "TrafficPolicy", "trafficpolicies")),
+            Kind::StagedRollout => Some(("fleetmesh.io", "v1alpha1", "StagedRollout", "stagedrollouts")),
+            Kind::Node | Kind::Namespace | Kind::Pod | Kind::Service => None,
+        }
+    }
+}
+
+/// One object as the source holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    /// The last version that converted.
+    good: Option<Object>,
+    /// Why the current version does not convert.
+    error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct KindStore {
+    /// Listed completely at least once.
+    synced: bool,
+    /// By `namespace/name` (or `name`).
+    objects: BTreeMap<String, Entry>,
+    /// Objects of a relist in progress; replaces `objects` when the list is complete.
+    relist: Option<BTreeMap<String, Entry>>,
+    /// Why the watch does not work right now.
+    failure: Option<String>,
+}
+
+impl KindStore {
+    /// An entry for the new version of `key`: converted, or the previous good version with the error.
+    fn entry(&self, key: &str, converted: Result<Object, String>) -> Entry {
+        match converted {
+            Ok(o) => Entry {
+                good: Some(o),
+                error: None,
+            },
+            Err(e) => Entry {
+                good: self.objects.get(key).and_then(|p| p.good.clone()),
+                error: Some(e),
+            },
+        }
+    }
+}
+
+/// The stores of every kind, and the signal that one changed.
+#[derive(Debug, Default)]
+struct Shared {
+    stores: Mutex<BTreeMap<Kind, KindStore>>,
+    changed: Notify,
+}
+
+/// A watch event with its object converted (or skipped, when out of scope).
+enum Change {
+    Apply(String, Option<Result<Object, String>>),
+    Delete(String),
+    Init,
+    InitApply(String, Option<Result<Object, String>>),
+    InitDone,
+}
+
+impl Shared {
+    fn update(&self, kind: Kind, f: impl FnOnce(&mut KindStore) -> bool) {
+        let changed = {
+            let mut stores = self.stores.lock().unwrap_or_else(PoisonError::into_inner);
+            f(stores.entry(kind).or_default())
+        };
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    fn apply(&self, kind: Kind, change: Change) {
+        self.update(kind, |s| {
+            let was_failing = s.failure.take().is_some();
+            let changed = match change {
+                Change::Apply(key, Some(converted)) => {
+                    log_conversion(kind, &key, &converted);
+                    let e = s.entry(&key, converted);
+                    s.objects.insert(key, e.clone()) != Some(e)
+                }
+                Change::Apply(key, None) | Change::Delete(key) => s.objects.remove(&key).is_some(),
+                Change::Init => {
+                    s.relist = Some(BTreeMap::new());
+                    false
+                }
+                Change::InitApply(key, converted) => {
+                    if let Some(converted) = converted {
+                        log_conversion(kind, &key, &converted);
+                        let e = s.entry(&key, converted);
+                        s.relist.get_or_insert_default().insert(key, e);
+                    }
+                    false
+                }
+                Change::InitDone => {
+                    let listed = s.relist.take().unwrap_or_default();
+                    let changed = !s.synced || s.objects != listed;
+                    debug!(?kind, objects = listed.len(), "listed");
+                    s.objects = listed;
+                    s.synced = true;
+                    changed
+                }
+            };
+            changed || was_failing
+        });
+    }
+
+    fn failed(&self, kind: Kind, err: &watcher::Error) {
+        let not_served = kind.custom().is_some() && is_not_found(err);
+        let message = if not_served {
+            format!(
+                "watching {kind:?}s: {err} (is its CustomResourceDefinition installed?); taken as having no objects"
+            )
+        } else {
+            format!("watching {kind:?}s: {err}")
+        };
+        self.update(kind, |s| {
+            if s.failure.as_deref() == Some(message.as_str()) {
+                return false;
+            }
+            if !s.synced {
+                error!(?kind, error = %err, "cannot list; the source publishes once every kind is listed");
+            } else {
+                warn!(?kind, error = %err, "watch failed; retrying with backoff");
+            }
+            s.failure = Some(message);
+            if not_served && !s.synced {
+                // A kind the cluster does not serve has no objects; the watcher keeps retrying.
+                s.synced = true;
+                s.objects.clear();
+            }
+            s.synced
+        });
+    }
+
+    /// The state and errors when every kind is listed.
+    fn snapshot(&self) -> Option<(ClusterState, Vec<String>)> {
+        let stores = self.stores.lock().unwrap_or_else(PoisonError::into_inner);
+        if Kind::ALL.iter().any(|k| !stores.get(k).is_some_and(|s| s.synced)) {
+            return None;
+        }
+        let mut state = ClusterState::default();
+        let mut errors = Vec::new();
+        for store in stores.values() {
+            errors.extend(store.failure.clone());
+            for entry in store.objects.values() {
+                errors.extend(entry.error.clone());
+                if let Some(o) = &entry.good {
+                    insert(&mut state, o.clone());
+                }
+            }
+        }
+        Some((state, errors))
+    }
+}
+
+fn is_not_found(err: &watcher::Error) -> bool {
+    match err {
+        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) => {
+            matches!(e, kube::Error::Api(s) if s.code == 404)
+        }
+        _ => false,
+    }
+}
+
+fn log_conversion(kind: Kind, key: &str, converted: &Result<Object, String>) {
+    if let Err(e) = converted {
+        error!(?kind, object = key, error = %e, "object refused; skipped (a previous good version stays in force)");
+    }
+}
+
+fn insert(state: &mut ClusterState, o: Object) {
+    match o {
+        Object::Node(n) => {
+            state.nodes.insert(n.name.clone(), n);
+        }
+        Object::Namespace(n) => {
+            state.namespaces.insert(n.name.clone(), n);
+        }
+        Object::Pod(p) => {
+            state.pods.insert((p.namespace.clone(), p.name.clone()), p);
+        }
+        Object::Service(s) => {
+            state.services.insert((s.namespace.clone(), s.name.clone()), s);
+        }
+        Object::ServiceExport { namespace, name } => {
+            state.exports.insert((namespace, name));
+        }
+        Object::TrafficPolicy(t) => {
+            state
+                .traffic_policies
+                .insert((t.namespace.clone(), t.name.clone()), t);
+        }
+        Object::StagedRollout(r) => {
+            state.rollouts.insert((r.namespace.clone(), r.name.clone()), r);
+        }
+    }
+}
+
+fn key_of<K: Resource>(o: &K) -> String {
+    match o.meta().namespace.as_deref() {
+        Some(ns) => format!("{ns}/{}", o.name_any()),
+        None => o.name_any(),
+    }
+}
+
+/// Runs the watcher of one kind until the source stops.
+#[instrument(skip_all, fields(kind = ?kind))]
+async fn watch_kind<K, F>(api: Api<K>, config: watcher::Config, kind: Kind, shared: Arc<Shared>, convert: F)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    F: Fn(&K) -> Option<Result<Object, ManifestError>> + Send,
+{
+    let conv = |o: &K| (key_of(o), convert(o).map(|r| r.map_err(|e| e.to_string())));
+    let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(Event::Apply(o)) => {
+                let (key, c) = conv(&o);
+                shared.apply(kind, Change::Apply(key, c));
+            }
+            Ok(Event::Delete(o)) => shared.apply(kind, Change::Delete(key_of(&o))),
+            Ok(Event::Init) => shared.apply(kind, Change::Init),
+            Ok(Event::InitApply(o)) => {
+                let (key, c) = conv(&o);
+                shared.apply(kind, Change::InitApply(key, c));
+            }
+            Ok(Event::InitDone) => shared.apply(kind, Change::InitDone),
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                // Expected: the watch fell behind; the watcher relists.
+                debug!(?kind, "watch expired (410 Gone); relisting");
+            }
+            Err(e) => shared.failed(kind, &e),
+        }
+    }
+}
+
+fn watcher<K>(api: Api<K>, config: watcher::Config) -> impl futures::Stream<Item = watcher::Result<Event<K>>>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    watcher::watcher(api, config)
+}
+
+/// A custom kind's object as JSON, with `apiVersion` and `kind` filled in (list items may come without them).
+fn custom_value(o: &DynamicObject, ar: &ApiResource) -> serde_json::Value {
+    let mut v = serde_json::to_value(o).unwrap_or_default();
+    if let Some(map) = v.as_object_mut() {
+        map.entry("apiVersion")
+            .or_insert_with(|| ar.api_version.clone().into());
+        map.entry("kind").or_insert_with(|| ar.kind.clone().into());
+    }
+    v
+}
+
+/// The watcher configuration of every kind: list then watch (the default; not streaming lists).
+fn config() -> watcher::Config {
+    watcher::Config::default()
+}
+
+/// Watches the cluster's API server and publishes a [`Snapshot`] once every kind has been listed and after every
+/// change (changes within a few milliseconds become one snapshot). Returns when every receiver is gone.
+///
+/// # Errors
+/// A scope that cannot be expressed as a selector.
+#[instrument(skip(client, tx))]
+pub async fn watch_kubernetes(
+    client: Client,
+    scope: Scope,
+    tx: watch::Sender<Snapshot>,
+) -> Result<(), Error> {
+    let pod_selector = scope.pod_field_selector()?;
+    let shared = Arc::new(Shared::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(watch_kind(
+        Api::<core::Node>::all(client.clone()),
+        config(),
+        Kind::Node,
+        shared.clone(),
+        |n| Some(manifests::from_node(ORIGIN, n).map(Object::Node)),
+    ));
+    tasks.spawn(watch_kind(
+        Api::<core::Namespace>::all(client.clone()),
+        config(),
+        Kind::Namespace,
+        shared.clone(),
+        |n| Some(manifests::from_namespace(ORIGIN, n).map(Object::Namespace)),
+    ));
+    let pod_config = match &pod_selector {
+        Some(s) => config().fields(s),
+        None => config(),
+    };
+    let pod_scope = scope.clone();
+    tasks.spawn(watch_kind(
+        Api::<core::Pod>::all(client.clone()),
+        pod_config,
+        Kind::Pod,
+        shared.clone(),
+        move |p| {
+            pod_scope
+                .wants_pod(p)
+                .then(|| manifests::from_pod(ORIGIN, p).map(Object::Pod))
+        },
+    ));
+    tasks.spawn(watch_kind(
+        Api::<core::Service>::all(client.clone()),
+        config(),
+        Kind::Service,
+        shared.clone(),
+        |s| Some(manifests::from_service(ORIGIN, s).map(Object::Service)),
+    ));
+    for kind in Kind::ALL {
+        let Some((group, version, k, plural)) = kind.custom() else {
+            continue;
+        };
+        let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, k), plural);
+        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+        tasks.spawn(watch_kind(api, config(), kind, shared.clone(), move |o| {
+            Some(manifests::from_value(ORIGIN, &custom_value(o, &ar)))
+        }));
+    }
+    publish(&shared, &tx).await;
+    tasks.abort_all();
+    Ok(())
+}
+
+/// Publishes snapshots until every receiver is gone.
+#[instrument(skip_all)]
+async fn publish(shared: &Shared, tx: &watch::Sender<Snapshot>) {
+    let mut generation = tx.borrow().generation;
+    let mut last: Option<(ClusterState, Vec<String>)> = None;
+    loop {
+        tokio::select! {
+            () = tx.closed() => return,
+            () = shared.changed.notified() => {}
+        }
+        // Let a burst of events land before publishing.
+        tokio::time::sleep(COALESCE).await;
+        let Some(current) = shared.snapshot() else {
+            continue;
+        };
+        if last.as_ref() == Some(&current) {
+            continue;
+        }
+        generation += 1;
+        let (state, errors) = current.clone();
+        debug!(
+            generation,
+            nodes = state.nodes.len(),
+            pods = state.pods.len(),
+            services = state.services.len(),
+            errors = errors.len(),
+            "publishing"
+        );
+        tx.send_replace(Snapshot {
+            generation,
+            state: Arc::new(state),
+            errors,
+        });
+        last = Some(current);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_selector_per_scope() {
+        assert_eq!(Scope::Cluster.pod_field_selector().expect("cluster"), None);
+        assert_eq!(
+            Scope::Node("east-node-1".into())
+                .pod_field_selector()
+                .expect("node"),
+            Some("spec.nodeName=east-node-1".to_owned())
+        );
+        for bad in ["", "a,spec.nodeName=b", "a=b", "Node1", "-a", "a b"] {
+            assert!(
+                matches!(Scope::Node(bad.into()).pod_field_selector(), Err(Error::InvalidNodeName(n)) if n == bad),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn node_scope_keeps_only_its_pods() {
+        let pod = |node: Option<&str>| core::Pod {
+            spec: Some(core::PodSpec {
+                node_name: node.map(str::to_owned),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let scope = Scope::Node("n1".into());
+        assert!(scope.wants_pod(&pod(Some("n1"))));
+        assert!(!scope.wants_pod(&pod(Some("n2"))));
+        assert!(!scope.wants_pod(&pod(None)));
+        assert!(Scope::Cluster.wants_pod(&pod(None)));
+    }
+
+    fn node(name: &str, ip: &str) -> Object {
+        Object::Node(mesh_model::Node {
+            name: name.into(),
+            underlay_ipv4: ip.parse().expect("ip"),
+            pod_cidr: "10.1.0.0/24".parse().expect("cidr"),
+        })
+    }
+
+    /// Publishes nothing before every kind is listed; a bad update keeps the good version and reports; a relist
+    /// replaces the objects.
+    #[test]
+    fn store_semantics() {
+        let shared = Shared::default();
+        for kind in Kind::ALL.into_iter().filter(|k| *k != Kind::Node) {
+            shared.apply(kind, Change::Init);
+            shared.apply(kind, Change::InitDone);
+        }
+        assert!(shared.snapshot().is_none(), "nodes not listed yet");
+        shared.apply(Kind::Node, Change::Init);
+        shared.apply(
+            Kind::Node,
+            Change::InitApply("n1".into(), Some(Ok(node("n1", "172.30.1.1")))),
+        );
+        assert!(shared.snapshot().is_none(), "list not complete");
+        shared.apply(Kind::Node, Change::InitDone);
+        let (state, errors) = shared.snapshot().expect("all listed");
+        assert_eq!(state.nodes.len(), 1);
+        assert!(errors.is_empty());
+
+        shared.apply(
+            Kind::Node,
+            Change::Apply("n1".into(), Some(Err("bad podCIDR".into()))),
+        );
+        shared.apply(
+            Kind::Node,
+            Change::Apply("n2".into(), Some(Err("bad InternalIP".into()))),
+        );
+        let (state, errors) = shared.snapshot().expect("listed");
+        assert_eq!(
+            state.nodes.keys().collect::<Vec<_>>(),
+            ["n1"],
+            "previous good n1 stays, n2 skipped"
+        );
+        assert_eq!(errors, ["bad podCIDR", "bad InternalIP"]);
+
+        shared.apply(Kind::Node, Change::Init);
+        shared.apply(
+            Kind::Node,
+            Change::InitApply("n3".into(), Some(Ok(node("n3", "172.30.1.3")))),
+        );
+        assert_eq!(
+            shared.snapshot().expect("listed").0.nodes.len(),
+            1,
+            "old objects until the relist completes"
+        );
+        shared.apply(Kind::Node, Change::InitDone);
+        let (state, errors) = shared.snapshot().expect("listed");
+        assert_eq!(state.nodes.keys().collect::<Vec<_>>(), ["n3"]);
+        assert!(errors.is_empty(), "{errors:?}");
+        shared.apply(Kind::Node, Change::Delete("n3".into()));
+        assert!(shared.snapshot().expect("listed").0.nodes.is_empty());
+    }
+
+    /// A burst of changes becomes one snapshot; nothing is published before every kind is listed.
+    #[tokio::test(flavor = "current_thread")]
+    async fn bursts_coalesce_into_one_snapshot() {
+        tokio::time::pause();
+        let shared = Arc::new(Shared::default());
+        let (tx, mut rx) = watch::channel(Snapshot::default());
+        let publisher = {
+            let shared = shared.clone();
+            tokio::spawn(async move { publish(&shared, &tx).await })
+        };
+        for kind in Kind::ALL {
+            shared.apply(kind, Change::Init);
+            shared.apply(kind, Change::InitDone);
+        }
+        for i in 0..50 {
+            let name = format!("n{i}");
+            shared.apply(
+                Kind::Node,
+                Change::Apply(name.clone(), Some(Ok(node(&name, "172.30.1.1")))),
+            );
+        }
+        let s = rx
+            .wait_for(|s| s.generation >= 1)
+            .await
+            .expect("published")
+            .clone();
+        assert_eq!(
+            (s.generation, s.state.nodes.len()),
+            (1, 50),
+            "lists and burst in one snapshot"
+        );
+        for i in 0..50 {
+            shared.apply(Kind::Node, Change::Delete(format!("n{i}")));
+        }
+        let s = rx
+            .wait_for(|s| s.generation >= 2)
+            .await
+            .expect("published")
+            .clone();
+        assert_eq!(
+            (s.generation, s.state.nodes.len()),
+            (2, 0),
+            "50 deletes in one snapshot"
+        );
+        // The same object again changes nothing and publishes nothing (the clock is paused: waiting is instant).
+        shared.apply(
+            Kind::Node,
+            Change::Apply("x".into(), Some(Ok(node("x", "172.30.1.9")))),
+        );
+        rx.wait_for(|s| s.generation >= 3).await.expect("published");
+        shared.apply(
+            Kind::Node,
+            Change::Apply("x".into(), Some(Ok(node("x", "172.30.1.9")))),
+        );
+        let quiet = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+        assert!(quiet.is_err(), "no snapshot for a no-op: {:?}", *rx.borrow());
+        publisher.abort();
+    }
+
+    #[test]
+    fn custom_objects_get_their_type() {
+        let ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("fleetmesh.io", "v1alpha1", "TrafficPolicy"),
+            "trafficpolicies",
+        );
+        let mut o = DynamicObject::new("api", &ar).within("shop");
+        o.types = None;
+        o.data = serde_json::json!({"spec": {"service": "api", "weights": [{"clusters": {"names": ["west"]}, "weight": 0}]}});
+        let e = manifests::from_value(ORIGIN, &custom_value(&o, &ar)).expect_err("weights sum to 0");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("kubernetes, TrafficPolicy shop/api, field spec.weights"),
+            "{text}"
+        );
+        o.data["spec"]["weights"][0]["weight"] = 5.into();
+        let ok = manifests::from_value(ORIGIN, &custom_value(&o, &ar)).expect("valid");
+        assert!(matches!(ok, Object::TrafficPolicy(t) if t.spec.weights[0].weight == 5));
+    }
+}

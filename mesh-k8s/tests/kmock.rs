@@ -1,0 +1,551 @@
+//! The Kubernetes source against a Kubernetes API emulator over real HTTP: kmock's `KubernetesEmulator`
+//! (`pip install kmock`; `cargo xtask setup` installs it), driven by `tests/fixtures/kube_emulator.py`.
+//!
+//! kmock's limits shape these tests: it assigns no resourceVersion (the fixture does), it ignores label and
+//! field selectors (so the node scope is checked by what the client asked for and by what it keeps), and it
+//! sends a 410 Gone only when told to (the fixture's `gone`).
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use mesh_k8s::{Scope, watch_kubernetes};
+use mesh_model::source::Snapshot;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+/// How long a change may take to show up in a snapshot.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The emulator as a child process; killed on drop.
+struct Emulator {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    port: u16,
+}
+
+impl Emulator {
+    fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With the fixture's arguments (e.g. `--without RESOURCE`).
+    fn start_with(args: &[&str]) -> Self {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kube_emulator.py");
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+        let mut child = Command::new(&python)
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {python} {script}: {e}"));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read the emulator's port");
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "the emulator did not start (said {line:?}); is kmock installed? `cargo xtask setup` or \
+                     `pip install kmock`"
+                )
+            });
+        Self {
+            child,
+            stdin,
+            stdout,
+            port,
+        }
+    }
+
+    fn client(&self) -> kube::Client {
+        let url = format!("http://127.0.0.1:{}", self.port).parse().expect("url");
+        kube::Client::try_from(kube::Config::new(url)).expect("client")
+    }
+
+    fn command(&mut self, cmd: &Value) -> Value {
+        writeln!(self.stdin, "{cmd}").expect("send a command to the emulator");
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("read the emulator's answer");
+        let answer: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {line:?}: {e}"));
+        assert_eq!(answer["ok"], true, "{cmd} failed: {answer}");
+        answer
+    }
+
+    fn create(&mut self, object: &Value) {
+        let path = collection_path(object);
+        self.command(&json!({"op": "create", "path": path, "object": object}));
+    }
+
+    fn patch(&mut self, object: &Value, changes: &Value) {
+        let path = object_path(object);
+        self.command(&json!({"op": "patch", "path": path, "object": changes}));
+    }
+
+    fn delete(&mut self, object: &Value) {
+        let path = object_path(object);
+        self.command(&json!({"op": "delete", "path": path}));
+    }
+
+    /// Deletes an object without a watch event (only a relist can notice).
+    fn silent_delete(&mut self, resource: &str, namespace: Option<&str>, name: &str) {
+        self.command(
+            &json!({"op": "silent_delete", "resource": resource, "namespace": namespace, "name": name}),
+        );
+    }
+
+    /// Every open watch of `resource` gets a 410 Gone.
+    fn gone(&mut self, resource: &str) {
+        self.command(&json!({"op": "gone", "resource": resource}));
+    }
+
+    fn requests(&mut self) -> Vec<Value> {
+        let answer = self.command(&json!({"op": "requests"}));
+        answer["requests"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `/api/v1/...` or `/apis/group/version/...` of an object's resource, up to the resource name.
+fn collection_path(o: &Value) -> String {
+    let api_version = o["apiVersion"].as_str().expect("apiVersion");
+    let base = if api_version.contains('/') {
+        format!("/apis/{api_version}")
+    } else {
+        format!("/api/{api_version}")
+    };
+    let plural = match o["kind"].as_str().expect("kind") {
+        "Node" => "nodes",
+        "Namespace" => "namespaces",
+        "Pod" => "pods",
+        "Service" => "services",
+        "ServiceExport" => "serviceexports",
+        "TrafficPolicy" => "trafficpolicies",
+        "StagedRollout" => "stagedrollouts",
+        other => panic!("no plural for {other}"),
+    };
+    match o["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{base}/namespaces/{ns}/{plural}"),
+        None => format!("{base}/{plural}"),
+    }
+}
+
+fn object_path(o: &Value) -> String {
+    format!(
+        "{}/{}",
+        collection_path(o),
+        o["metadata"]["name"].as_str().expect("name")
+    )
+}
+
+fn node(name: &str, ip: &str, cidr: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+           "spec": {"podCIDR": cidr}, "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})
+}
+
+fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"team": "a"}}})
+}
+
+fn pod(name: &str, node: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "shop", "labels": {"app": "api"}},
+           "spec": {"nodeName": node, "containers": [{"name": "c", "ports": [{"containerPort": 8080}]}]},
+           "status": {"podIP": ip}})
+}
+
+fn service(name: &str, cluster_ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "shop", "annotations": {"service.cilium.io/global": "true"}},
+           "spec": {"clusterIP": cluster_ip, "selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": 8080}]}})
+}
+
+fn export(name: &str) -> Value {
+    json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+           "metadata": {"name": name, "namespace": "shop"}})
+}
+
+fn policy(name: &str, canary: u32, rest: u32) -> Value {
+    json!({"apiVersion": "fleetmesh.io/v1alpha1", "kind": "TrafficPolicy",
+           "metadata": {"name": name, "namespace": "shop"},
+           "spec": {"service": "api", "weights": [
+               {"clusters": {"matchLabels": {"stage": "canary"}}, "weight": canary},
+               {"clusters": {"names": ["west"]}, "weight": rest}]}})
+}
+
+fn rollout(name: &str) -> Value {
+    json!({"apiVersion": "fleetmesh.io/v1alpha1", "kind": "StagedRollout",
+           "metadata": {"name": name, "namespace": "shop"},
+           "spec": {"service": "api", "from": {"matchLabels": {"stage": "prod"}}, "to": {"matchLabels": {"track": "v2"}},
+                    "steps": [10, 50, 100], "holdSeconds": 30, "gate": {"maxFailureRatio": 0.02}}})
+}
+
+fn key(name: &str) -> (String, String) {
+    ("shop".to_owned(), name.to_owned())
+}
+
+/// A fleet of objects of every kind.
+fn seed(em: &mut Emulator) {
+    em.create(&namespace("shop"));
+    em.create(&node("n1", "172.30.1.1", "10.1.1.0/24"));
+    em.create(&node("n2", "172.30.1.2", "10.1.2.0/24"));
+    em.create(&pod("p1", "n1", "10.1.1.5"));
+    em.create(&pod("p2", "n2", "10.1.2.5"));
+    em.create(&service("api", "10.96.0.10"));
+    em.create(&export("api"));
+    em.create(&policy("api", 10, 90));
+    em.create(&rollout("api-v2"));
+}
+
+/// The source running against the emulator.
+struct Source {
+    rx: watch::Receiver<Snapshot>,
+    task: tokio::task::JoinHandle<Result<(), mesh_k8s::Error>>,
+}
+
+impl Source {
+    fn start(em: &Emulator, scope: Scope) -> Self {
+        let (tx, rx) = watch::channel(Snapshot::default());
+        let task = tokio::spawn(watch_kubernetes(em.client(), scope, tx));
+        Self { rx, task }
+    }
+
+    /// The first snapshot that satisfies `pred`, within the deadline.
+    async fn until(&mut self, what: &str, pred: impl FnMut(&Snapshot) -> bool) -> Snapshot {
+        let seen = match tokio::time::timeout(DEADLINE, self.rx.wait_for(pred)).await {
+            Ok(Ok(s)) => Some(s.clone()),
+            Ok(Err(_)) => panic!("{what}: the source stopped"),
+            Err(_) => None,
+        };
+        seen.unwrap_or_else(|| {
+            panic!(
+                "{what}: not seen within {DEADLINE:?}; last snapshot: {:#?}",
+                *self.rx.borrow()
+            )
+        })
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_list_then_add_update_delete() {
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    let mut src = Source::start(&em, Scope::Cluster);
+
+    let s = src.until("initial lists", |s| s.generation >= 1).await;
+    assert_eq!(s.generation, 1, "one snapshot for the complete initial lists");
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    let st = &s.state;
+    assert_eq!(st.namespaces["shop"].labels["team"], "a");
+    assert_eq!(st.nodes.keys().collect::<Vec<_>>(), ["n1", "n2"]);
+    assert_eq!(st.nodes["n2"].underlay_ipv4.to_string(), "172.30.1.2");
+    assert_eq!(st.nodes["n2"].pod_cidr.to_string(), "10.1.2.0/24");
+    assert_eq!(st.pods.len(), 2);
+    assert_eq!(st.pods[&key("p1")].node_name.as_deref(), Some("n1"));
+    assert_eq!(
+        st.pods[&key("p1")].ipv4.map(|i| i.to_string()).as_deref(),
+        Some("10.1.1.5")
+    );
+    assert_eq!(st.pods[&key("p1")].ports[0].port, 8080);
+    let api = &st.services[&key("api")];
+    assert_eq!(
+        api.cluster_ipv4.map(|i| i.to_string()).as_deref(),
+        Some("10.96.0.10")
+    );
+    assert_eq!(api.ports[0].target_port.as_deref(), Some("8080"));
+    assert!(st.exports.contains(&key("api")));
+    assert_eq!(st.traffic_policies[&key("api")].spec.weights[1].weight, 90);
+    assert_eq!(st.rollouts[&key("api-v2")].spec.steps, [10, 50, 100]);
+
+    // Add.
+    em.create(&pod("p3", "n1", "10.1.1.6"));
+    let s = src
+        .until("pod p3 added", |s| s.state.pods.contains_key(&key("p3")))
+        .await;
+    assert!(s.generation > 1);
+    let generation = s.generation;
+
+    // Update: a pod's IP, a service's port, a policy's weights.
+    em.patch(&pod("p3", "n1", ""), &json!({"status": {"podIP": "10.1.1.7"}}));
+    em.patch(
+        &service("api", ""),
+        &json!({"spec": {"ports": [{"port": 81, "targetPort": 8080}]}}),
+    );
+    em.patch(
+        &policy("api", 0, 0),
+        &json!({"spec": {"service": "api", "weights": [
+        {"clusters": {"names": ["east"]}, "weight": 1}]}}),
+    );
+    let s = src
+        .until("updates applied", |s| {
+            s.state
+                .pods
+                .get(&key("p3"))
+                .and_then(|p| p.ipv4)
+                .map(|i| i.to_string())
+                .as_deref()
+                == Some("10.1.1.7")
+                && s.state
+                    .services
+                    .get(&key("api"))
+                    .is_some_and(|a| a.ports[0].port == 81)
+                && s.state
+                    .traffic_policies
+                    .get(&key("api"))
+                    .is_some_and(|t| t.spec.weights.len() == 1)
+        })
+        .await;
+    assert!(s.generation > generation);
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+
+    // Delete.
+    em.delete(&node("n2", "", ""));
+    em.delete(&export("api"));
+    em.delete(&rollout("api-v2"));
+    let s = src
+        .until("deletes applied", |s| {
+            !s.state.nodes.contains_key("n2") && s.state.exports.is_empty() && s.state.rollouts.is_empty()
+        })
+        .await;
+    assert_eq!(s.state.nodes.keys().collect::<Vec<_>>(), ["n1"]);
+    assert_eq!(s.state.pods.len(), 3, "pods are not touched by other deletes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relist_after_410_gone_ends_consistent() {
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    let mut src = Source::start(&em, Scope::Cluster);
+    src.until("initial lists", |s| s.state.pods.len() == 2).await;
+
+    // A change the watch does not see, then one it sees: only the second shows.
+    em.silent_delete("v1/pods", Some("shop"), "p1");
+    em.create(&pod("p9", "n1", "10.1.1.9"));
+    let s = src
+        .until("p9 via the watch", |s| s.state.pods.contains_key(&key("p9")))
+        .await;
+    assert!(
+        s.state.pods.contains_key(&key("p1")),
+        "the silent delete must not be visible before the relist, or this test proves nothing"
+    );
+
+    // 410 Gone: the watcher relists and the snapshot matches the server again.
+    em.gone("v1/pods");
+    let s = src
+        .until("relist after 410", |s| !s.state.pods.contains_key(&key("p1")))
+        .await;
+    assert_eq!(
+        s.state.pods.keys().map(|(_, n)| n.as_str()).collect::<Vec<_>>(),
+        ["p2", "p9"]
+    );
+    assert!(
+        s.errors.is_empty(),
+        "a 410 is routine, not an error: {:?}",
+        s.errors
+    );
+
+    // The watch goes on after the relist.
+    em.create(&pod("p10", "n2", "10.1.2.10"));
+    em.gone("v1/nodes");
+    em.create(&node("n3", "172.30.1.3", "10.1.3.0/24"));
+    let s = src
+        .until("changes after the relist", |s| {
+            s.state.pods.contains_key(&key("p10")) && s.state.nodes.contains_key("n3")
+        })
+        .await;
+    assert_eq!(s.state.nodes.len(), 3);
+    let relists = em
+        .requests()
+        .iter()
+        .filter(|r| r["method"] == "GET" && r["path"] == "/api/v1/pods" && r["params"].get("watch").is_none())
+        .count();
+    assert!(
+        relists >= 2,
+        "the pods were listed again after the 410 ({relists} lists)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_objects_are_skipped_and_reported() {
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    em.create(&service("bad", "1.2.3"));
+    em.create(&policy("zero", 0, 0));
+    let mut src = Source::start(&em, Scope::Cluster);
+
+    let s = src.until("initial lists", |s| s.generation >= 1).await;
+    assert!(!s.state.services.contains_key(&key("bad")), "bad service skipped");
+    assert!(
+        !s.state.traffic_policies.contains_key(&key("zero")),
+        "bad policy skipped"
+    );
+    assert!(s.state.services.contains_key(&key("api")), "others still apply");
+    assert!(s.state.traffic_policies.contains_key(&key("api")));
+    assert_eq!(s.state.pods.len(), 2);
+    assert_eq!(s.errors.len(), 2, "{:?}", s.errors);
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("Service shop/bad") && e.contains("spec.clusterIP")),
+        "{:?}",
+        s.errors
+    );
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("TrafficPolicy shop/zero") && e.contains("spec.weights")),
+        "{:?}",
+        s.errors
+    );
+
+    // A good object turned bad keeps its previous version, reported; a bad one fixed applies, unreported.
+    em.patch(
+        &policy("api", 0, 0),
+        &json!({"spec": {"weights": [{"clusters": {"names": ["West"]}, "weight": 1}]}}),
+    );
+    em.patch(&service("bad", ""), &json!({"spec": {"clusterIP": "10.96.0.11"}}));
+    let s = src
+        .until("bad update reported, fix applied", |s| {
+            s.state.services.contains_key(&key("bad"))
+                && s.errors.iter().any(|e| e.contains("TrafficPolicy shop/api"))
+        })
+        .await;
+    assert_eq!(
+        s.state.traffic_policies[&key("api")].spec.weights[1].weight,
+        90,
+        "the previous version of the policy stays in force"
+    );
+    assert_eq!(s.errors.len(), 2, "{:?}", s.errors);
+    assert!(s.errors.iter().any(|e| e.contains("names[0]")), "{:?}", s.errors);
+    assert!(
+        !s.errors.iter().any(|e| e.contains("Service shop/bad")),
+        "{:?}",
+        s.errors
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_scope_asks_for_and_keeps_its_pods() {
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    let mut src = Source::start(&em, Scope::Node("n1".into()));
+    let s = src.until("initial lists", |s| s.generation >= 1).await;
+    assert_eq!(
+        s.state.pods.keys().map(|(_, n)| n.as_str()).collect::<Vec<_>>(),
+        ["p1"],
+        "only n1's pods"
+    );
+    assert_eq!(s.state.nodes.len(), 2, "every node");
+    em.create(&pod("p3", "n2", "10.1.2.6"));
+    em.create(&pod("p4", "n1", "10.1.1.8"));
+    let s = src.until("p4", |s| s.state.pods.contains_key(&key("p4"))).await;
+    assert!(!s.state.pods.contains_key(&key("p3")), "a pod of n2 is not n1's");
+    // Moving a pod away from the node removes it.
+    em.patch(&pod("p4", "", ""), &json!({"spec": {"nodeName": "n2"}}));
+    src.until("p4 moved away", |s| !s.state.pods.contains_key(&key("p4")))
+        .await;
+
+    let pod_requests: Vec<Value> = em
+        .requests()
+        .into_iter()
+        .filter(|r| r["path"] == "/api/v1/pods")
+        .collect();
+    assert!(!pod_requests.is_empty());
+    for r in &pod_requests {
+        assert_eq!(r["params"]["fieldSelector"], "spec.nodeName=n1", "{r}");
+    }
+    let node_requests = em
+        .requests()
+        .into_iter()
+        .filter(|r| r["path"] == "/api/v1/nodes")
+        .count();
+    assert!(node_requests > 0);
+}
+
+#[tokio::test]
+async fn unreachable_api_server_is_a_clear_error() {
+    // A port nothing listens on: bind, note the port, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("ephemeral port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}/");
+    let config = kube::Config::new(url.parse().expect("url"));
+    let Err(err) = mesh_k8s::connect_with(config).await else {
+        panic!("connected to a port nothing listens on");
+    };
+    let text = err.to_string();
+    assert!(matches!(err, mesh_k8s::Error::Unreachable { .. }), "{text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{port}")),
+        "names the server: {text}"
+    );
+}
+
+#[tokio::test]
+async fn connect_reads_the_server_version() {
+    let em = Emulator::start();
+    let url = format!("http://127.0.0.1:{}", em.port);
+    let client = mesh_k8s::connect_with(kube::Config::new(url.parse().expect("url")))
+        .await
+        .expect("the emulator answers /version");
+    let version = client.apiserver_version().await.expect("version");
+    assert!(!version.git_version.is_empty());
+}
+
+/// Without the MCS CRD the cluster serves no ServiceExports: the source still publishes, says so, and applies the
+/// rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_not_served_is_reported_and_taken_as_empty() {
+    init_tracing();
+    let mut em = Emulator::start_with(&["--without", "multicluster.x-k8s.io/v1alpha1/serviceexports"]);
+    em.create(&namespace("shop"));
+    em.create(&node("n1", "172.30.1.1", "10.1.1.0/24"));
+    em.create(&service("api", "10.96.0.10"));
+    let mut src = Source::start(&em, Scope::Cluster);
+    let s = src.until("initial lists", |s| s.generation >= 1).await;
+    assert!(s.state.exports.is_empty());
+    assert_eq!(s.state.services.len(), 1, "the rest applies");
+    assert_eq!(s.errors.len(), 1, "{:?}", s.errors);
+    assert!(
+        s.errors[0].contains("ServiceExport") && s.errors[0].contains("CustomResourceDefinition installed"),
+        "{:?}",
+        s.errors
+    );
+    em.create(&node("n2", "172.30.1.2", "10.1.2.0/24"));
+    let s = src.until("changes go on", |s| s.state.nodes.len() == 2).await;
+    assert_eq!(s.errors.len(), 1, "reported once: {:?}", s.errors);
+}
