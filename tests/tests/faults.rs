@@ -1,12 +1,16 @@
 //! Fault rehearsals on the lab: peers' etcd and apiservers restarted or killed, a cluster cut off the underlay and
-//! restored. Each checks the end state and that unrelated traffic kept flowing.
+//! restored, an agent killed under traffic while a backend is deleted. Each checks the end state and that
+//! unrelated traffic kept flowing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::net::TcpStream;
+
 use fleetmesh_tests::{
-    Lab, PodInfo, agent_socket, agent_status, cluster_ip, eventually, example, pods, tcp_line,
+    Lab, PodInfo, agent_socket, agent_status, cluster_ip, eventually, example, pods, stream_ask, tcp_connect,
+    tcp_line, write_manifest,
 };
 use serde_json::Value;
 
@@ -213,6 +217,97 @@ fn cut_cluster_fails_over_and_comes_back() {
     );
     let (probes, failures) = traffic.finish();
     assert!(probes > 20, "traffic ran ({probes} probes)");
+    assert!(
+        failures.is_empty(),
+        "unrelated traffic failed {} of {probes} times: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+/// The echo service's active backend addresses on `node` (its TCP frontend).
+fn active_backends(status: &Value, node: &str) -> Vec<String> {
+    let Some(st) = agent_socket(status, node).and_then(|s| agent_status(&s).ok()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = st["datapath"]["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["namespace"] == "demo" && s["name"] == "echo")
+        .flat_map(|s| s["frontends"].as_array().into_iter().flatten())
+        .filter(|f| f["port"] == 80)
+        .flat_map(|f| f["active"].as_array().into_iter().flatten())
+        .filter_map(|b| b["ipv4"].as_str().map(str::to_owned))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The client's agent is killed with SIGKILL while long-lived connections run through a VIP; while it is away a
+/// backend in another cluster is deleted. Established flows keep working with no agent (the datapath stays
+/// pinned); the restarted agent adopts the datapath, removes exactly the deleted backend (no stale entry, no
+/// flush of the others), and new connections never reach the deleted backend.
+#[test]
+fn agent_killed_under_traffic_keeps_flows_and_removes_what_was_deleted_while_it_was_down() {
+    let lab = Lab::up(&example("three-clusters"), "faults-agent").expect("lab up");
+    let status = lab.status().expect("status");
+    let all = pods(&status);
+    let client = pod(&all, "east/demo/client");
+    let node = "east-node-1";
+    let vip = cluster_ip(&status, "east", "demo/echo").expect("vip");
+    let gone = pod(&all, "west/demo/echo-b").clone();
+    let before = active_backends(&status, node);
+    assert_eq!(before.len(), 6, "every cluster's echo pods: {before:?}");
+
+    // Long-lived flows through the VIP (stream port 90), spread over the clusters.
+    let mut flows: Vec<(TcpStream, String)> = (0..18)
+        .map(|_| {
+            let mut s = tcp_connect(&client.netns, &vip, 90).expect("connect through the VIP");
+            let who = stream_ask(&mut s).expect("first answer");
+            (s, who)
+        })
+        .collect();
+    let traffic = Traffic::start(unrelated(&all));
+
+    lab.run(&["stop", "agent", node, "--kill"])
+        .expect("kill the agent");
+    for (s, who) in &mut flows {
+        assert_eq!(&stream_ask(s).expect("flow without an agent"), who);
+    }
+    let files = lab.dir.join("test-manifests");
+    let del = write_manifest(
+        &files,
+        "west-echo-b.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: echo-b, namespace: demo}\n",
+    )
+    .expect("write");
+    lab.run(&["delete", "west", &del.display().to_string()])
+        .expect("delete west's echo-b while the agent is down");
+    lab.run(&["start", "agent", node]).expect("start the agent");
+
+    let want: Vec<String> = before.iter().filter(|ip| **ip != gone.ip).cloned().collect();
+    assert!(
+        eventually(Duration::from_secs(20), || active_backends(&status, node) == want),
+        "after the resync exactly the deleted backend is gone: {:?}, want {want:?}",
+        active_backends(&status, node)
+    );
+    // Flows to the backends that still exist kept working through the kill and the resync.
+    let mut kept = 0;
+    for (s, who) in &mut flows {
+        if *who == gone.id {
+            continue;
+        }
+        assert_eq!(&stream_ask(s).expect("flow after the resync"), who);
+        kept += 1;
+    }
+    assert!(kept > 0, "some flows went to live backends");
+    for i in 0..60 {
+        let line = tcp_line(&client.netns, &vip, 80).unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+        assert_ne!(line, gone.id, "a new connection reached the deleted backend");
+    }
+    let (probes, failures) = traffic.finish();
+    assert!(probes > 10, "traffic ran ({probes} probes)");
     assert!(
         failures.is_empty(),
         "unrelated traffic failed {} of {probes} times: {:?}",

@@ -82,6 +82,21 @@ pub enum LabCommand {
         #[arg(long)]
         kill: bool,
     },
+    /// Stop a daemon and keep it stopped (to change things while it is away): `lab stop agent east-node-1 --kill`.
+    Stop {
+        daemon: state::Daemon,
+        /// Node (agent) or cluster (apiserver, etcd).
+        name: String,
+        /// SIGKILL instead of a graceful SIGTERM.
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Start a daemon stopped by `lab stop`.
+    Start {
+        daemon: state::Daemon,
+        /// Node (agent) or cluster (apiserver, etcd).
+        name: String,
+    },
     /// Take a cluster off the underlay: its nodes and its etcd become unreachable for the other clusters.
     Cut { cluster: String },
     /// Put a cut cluster back on the underlay.
@@ -130,6 +145,8 @@ pub fn run(args: LabArgs) -> Result<()> {
         LabCommand::AddNode { cluster } => state::add_node(&dir, &cluster),
         LabCommand::Down => state::down(&dir),
         LabCommand::Restart { daemon, name, kill } => state::restart(&dir, daemon, &name, kill).map(drop),
+        LabCommand::Stop { daemon, name, kill } => state::stop(&dir, daemon, &name, kill),
+        LabCommand::Start { daemon, name } => state::start(&dir, daemon, &name),
         LabCommand::Cut { cluster } => state::cut(&dir, &cluster, true),
         LabCommand::Restore { cluster } => state::cut(&dir, &cluster, false),
         LabCommand::Namespaces => {

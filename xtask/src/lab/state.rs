@@ -31,6 +31,9 @@ pub struct LabState {
     /// Network namespaces made, in order.
     pub netns: Vec<String>,
     pub procs: Vec<Proc>,
+    /// Daemons stopped by `lab stop`, to be started again by `lab start`.
+    #[serde(default)]
+    pub stopped: Vec<Proc>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -806,6 +809,10 @@ impl LabState {
             for c in &self.clusters {
                 for n in &c.nodes {
                     let role = format!("agent-{}", n.name);
+                    // An agent stopped on purpose (`lab stop`) is not waited for.
+                    if self.stopped.iter().any(|p| p.role == role) {
+                        continue;
+                    }
                     if !self
                         .proc_pid(&role)
                         .is_some_and(|p| net::is_ours(p, &self.marker()))
@@ -1024,6 +1031,7 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
             .collect(),
         netns: Vec::new(),
         procs: Vec::new(),
+        stopped: Vec::new(),
     };
     let _ = std::fs::remove_dir_all(dir.join("logs"));
     let _ = std::fs::remove_dir_all(dir.join("clusters"));
@@ -1082,6 +1090,7 @@ pub fn down(dir: &Path) -> Result<()> {
         clusters: Vec::new(),
         netns: Vec::new(),
         procs: Vec::new(),
+        stopped: Vec::new(),
     });
     let (np, nn) = (st.procs.len(), st.netns.len());
     st.teardown();
@@ -1357,10 +1366,9 @@ pub enum Daemon {
 
 /// Restarts a daemon: SIGTERM (or SIGKILL with `kill`), wait until it is gone, start it again with the same
 /// command. Returns how long the process was away.
-pub fn restart(dir: &Path, daemon: Daemon, name: &str, kill: bool) -> Result<Duration> {
-    let _lock = LabLock::acquire(dir)?;
-    let mut st = LabState::load_running(dir)?;
-    let role = match daemon {
+/// The process role of a daemon: `agent-<node>`, `etcd-<cluster>`, `apiserver-<cluster>`.
+fn daemon_role(st: &LabState, daemon: Daemon, name: &str) -> Result<String> {
+    Ok(match daemon {
         Daemon::Agent => {
             st.clusters
                 .iter()
@@ -1380,19 +1388,22 @@ pub fn restart(dir: &Path, daemon: Daemon, name: &str, kill: bool) -> Result<Dur
                 }
             )
         }
-    };
+    })
+}
+
+/// Stops a running daemon (SIGTERM, or SIGKILL with `kill`) and waits until it is gone; returns its record.
+fn stop_daemon(st: &mut LabState, role: &str, kill: bool) -> Result<Proc> {
     let proc = st
         .procs
         .iter()
         .rev()
         .find(|p| p.role == role)
         .cloned()
-        .with_context(|| format!("no process {role}"))?;
-    let spec = proc
-        .spawn
-        .clone()
-        .with_context(|| format!("{role} was started by an older lab; run lab down/up"))?;
-    let started = Instant::now();
+        .with_context(|| format!("no running process {role}"))?;
+    anyhow::ensure!(
+        proc.spawn.is_some(),
+        "{role} was started by an older lab; run lab down/up"
+    );
     let marker = st.marker();
     if kill {
         net::kill_now(proc.pid, &marker);
@@ -1407,6 +1418,16 @@ pub fn restart(dir: &Path, daemon: Daemon, name: &str, kill: bool) -> Result<Dur
         }
     })?;
     st.procs.retain(|p| p.pid != proc.pid);
+    Ok(proc)
+}
+
+pub fn restart(dir: &Path, daemon: Daemon, name: &str, kill: bool) -> Result<Duration> {
+    let _lock = LabLock::acquire(dir)?;
+    let mut st = LabState::load_running(dir)?;
+    let role = daemon_role(&st, daemon, name)?;
+    let started = Instant::now();
+    let proc = stop_daemon(&mut st, &role, kill)?;
+    let spec = proc.spawn.context("no spawn spec")?;
     st.spawn(&role, &spec.netns, &spec.program, &spec.args)?;
     let away = started.elapsed();
     println!(
@@ -1415,6 +1436,39 @@ pub fn restart(dir: &Path, daemon: Daemon, name: &str, kill: bool) -> Result<Dur
         away.as_millis()
     );
     Ok(away)
+}
+
+/// `lab stop`: stops a daemon and keeps it stopped (the rest of the lab goes on) until `lab start`.
+pub fn stop(dir: &Path, daemon: Daemon, name: &str, kill: bool) -> Result<()> {
+    let _lock = LabLock::acquire(dir)?;
+    let mut st = LabState::load_running(dir)?;
+    let role = daemon_role(&st, daemon, name)?;
+    let proc = stop_daemon(&mut st, &role, kill)?;
+    st.stopped.retain(|p| p.role != role);
+    st.stopped.push(proc);
+    st.save()?;
+    println!(
+        "lab: {} {role}; `lab start` starts it again",
+        if kill { "killed" } else { "stopped" }
+    );
+    Ok(())
+}
+
+/// `lab start`: starts a daemon that `lab stop` stopped.
+pub fn start(dir: &Path, daemon: Daemon, name: &str) -> Result<()> {
+    let _lock = LabLock::acquire(dir)?;
+    let mut st = LabState::load_running(dir)?;
+    let role = daemon_role(&st, daemon, name)?;
+    let i = st
+        .stopped
+        .iter()
+        .position(|p| p.role == role)
+        .with_context(|| format!("{role} was not stopped with `lab stop`"))?;
+    let proc = st.stopped.remove(i);
+    let spec = proc.spawn.context("no spawn spec")?;
+    st.spawn(&role, &spec.netns, &spec.program, &spec.args)?;
+    println!("lab: started {role} again");
+    Ok(())
 }
 
 /// Takes a cluster off the underlay (`cut == true`) or puts it back: its nodes' links to the underlay bridge go
