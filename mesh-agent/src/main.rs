@@ -194,12 +194,18 @@ async fn main() -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("reconciler".into())
         .spawn(move || {
+            // When an unreachable remote cluster's grace period ends, its backends must go at once: the next pass
+            // is due then at the latest.
+            let mut withdraw_in: Option<Duration> = None;
             loop {
-                let tick = if reconciler.rollouts.active() {
+                let mut tick = if reconciler.rollouts.active() {
                     mesh_agent::rollout::FAST_TICK
                 } else {
                     Duration::from_secs(1)
                 };
+                if let Some(d) = withdraw_in {
+                    tick = tick.min(d);
+                }
                 let _ = wake_rx.recv_timeout(tick);
                 // Coalesce a burst of wake-ups into one pass.
                 while wake_rx.try_recv().is_ok() {}
@@ -215,6 +221,15 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 let remote_view = reconciler_remotes.snapshot();
+                let grace_ms = u64::try_from(reconciler.remote_grace.as_millis()).unwrap_or(u64::MAX);
+                let now = remote::now_ms();
+                withdraw_in = remote_view
+                    .values()
+                    .filter_map(|r| r.unreachable_since_ms)
+                    .map(|since| since.saturating_add(grace_ms))
+                    .filter(|end| *end > now)
+                    .min()
+                    .map(|end| Duration::from_millis(end - now + 1));
                 let dp_status = reconciler.reconcile(&snap.state, &remote_view);
                 let remotes_synced = reconciler_remotes.configured()
                     && remote_view

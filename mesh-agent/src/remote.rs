@@ -84,6 +84,8 @@ pub struct RemoteCluster {
     /// Set when the connection broke (or never came up); cleared when the cluster is synced again. After the
     /// grace period its backends are withdrawn from global services.
     pub unreachable_since_ms: Option<u64>,
+    /// Unix ms of the last answer from the cluster's etcd (watch event or liveness probe).
+    pub last_alive_ms: Option<u64>,
     /// Number of (re)connections that reached the synced state.
     pub syncs: u64,
 }
@@ -98,6 +100,7 @@ impl RemoteCluster {
             nodes: BTreeMap::new(),
             services: BTreeMap::new(),
             unreachable_since_ms: None,
+            last_alive_ms: None,
             usable: true,
             decode_errors: BTreeMap::new(),
             syncs: 0,
@@ -273,6 +276,14 @@ impl Remotes {
         let _ = self.wake.send(());
     }
 
+    /// As `update`, without waking the reconciler (for bookkeeping that changes no desired state).
+    fn note(&self, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(rc) = g.get_mut(name) {
+            f(rc);
+        }
+    }
+
     /// As `update`, with a view of the other remote clusters (under the same lock).
     fn update_with_others(
         &self,
@@ -379,8 +390,10 @@ impl Watcher {
                     since_ms: now,
                     reason: reason.clone(),
                 };
-                // Retries do not move this: it is when the cluster was last known to be reachable.
-                rc.unreachable_since_ms.get_or_insert(now);
+                // Retries do not move this: it is when the cluster was last known to be reachable (its last answer,
+                // or now when it never answered).
+                rc.unreachable_since_ms
+                    .get_or_insert(rc.last_alive_ms.unwrap_or(now).min(now));
             });
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(100);
@@ -622,7 +635,31 @@ impl Watcher {
                 ),
             )
             .await?;
-        while let Some(resp) = stream.message().await? {
+        self.alive();
+        // A probe every keepalive interval proves the peer alive (and notices a dead one sooner than the
+        // transport would): when the connection breaks, the grace period counts from the last proof, not from
+        // when the breakage was noticed.
+        let probe_every = keepalive_interval();
+        let probe_timeout = probe_every.min(Duration::from_secs(3));
+        let mut probe = tokio::time::interval(probe_every);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let heartbeat = self.keys.heartbeat(&self.name);
+        loop {
+            let resp = tokio::select! {
+                msg = stream.message() => match msg? {
+                    Some(resp) => resp,
+                    None => break,
+                },
+                _ = probe.tick() => {
+                    let get = kv.get(heartbeat.as_str(), Some(GetOptions::new().with_keys_only()));
+                    match tokio::time::timeout(probe_timeout, get).await {
+                        Ok(Ok(_)) => self.alive(),
+                        Ok(Err(e)) => anyhow::bail!("liveness probe failed: {e}"),
+                        Err(_) => anyhow::bail!("liveness probe got no answer within {probe_timeout:?}"),
+                    }
+                    continue;
+                }
+            };
             if resp.canceled() {
                 anyhow::bail!("watch canceled by etcd: {}", resp.cancel_reason());
             }
@@ -635,7 +672,14 @@ impl Watcher {
                 }
             }
             self.publish(&s);
+            self.alive();
         }
         Ok(())
+    }
+
+    /// Records that the remote cluster answered just now.
+    fn alive(&self) {
+        let now = now_ms();
+        self.remotes.note(&self.name, |rc| rc.last_alive_ms = Some(now));
     }
 }

@@ -13,6 +13,9 @@
 //!   chains with DNAT in a network namespace pair, TCP connections per second with 1, 10k and 100k services.
 //! - `scale`: a synthetic fleet of 10 clusters (real etcds) and one real agent: convergence p50/p99, bootstrap
 //!   with 1M remote endpoints, agent RSS per remote endpoint (see `scale.rs`).
+//! - `faults`: on the three-clusters example, the time until new connections through a VIP stop failing after
+//!   a cluster with backends is cut off the underlay, minus the grace period (5 cuts); and the established
+//!   connections through a VIP lost across 10 restarts of the client's agent (graceful and SIGKILL alternating).
 //! - `rollout`: halt time of a `StagedRollout` on the three-clusters example: north's backends reset every
 //!   connection, a rollout sends 50% of east's new connections there; from the first failed connection the
 //!   client sees to the last one (after which 100 connections in a row succeed on `from`), p50/p99 over runs.
@@ -63,6 +66,8 @@ pub enum Part {
     Rollout,
     /// Synthetic fleet: convergence, bootstrap with 1M remote endpoints, agent memory per endpoint.
     Scale,
+    /// Fault figures: failover time after a cluster is cut, flows lost across agent restarts.
+    Faults,
 }
 
 /// How long and how often each measurement runs.
@@ -290,6 +295,158 @@ fn iperf(netns: &str, ip: Ipv4Addr, secs: u32) -> Result<f64> {
         .context("iperf3: no end.sum_received.bits_per_second")
 }
 
+/// Cuts timed for the failover figure.
+const FAILOVER_RUNS: usize = 5;
+/// Agent restarts for the flows-lost figure.
+const AGENT_RESTARTS: usize = 10;
+/// Long-lived connections kept open across the restarts.
+const RESTART_FLOWS: usize = 20;
+
+fn faults_part(plan: &Plan, out_dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    if plan.build {
+        crate::lab::build_daemons()?;
+    }
+    let topo = util::workspace_root().join("examples").join("three-clusters");
+    let dir: PathBuf = out_dir.join("faults-lab");
+    std::fs::create_dir_all(&dir)?;
+    state::down(&dir)?;
+    let result = (|| -> Result<()> {
+        let st = state::up(&dir, &topo, false, Duration::from_secs(120))?;
+        faults_measure(&dir, &st, rows)
+    })();
+    let down = state::down(&dir);
+    result?;
+    down
+}
+
+fn faults_measure(dir: &Path, st: &state::LabState, rows: &mut Vec<Row>) -> Result<()> {
+    let east = st
+        .clusters
+        .iter()
+        .find(|c| c.name == "east")
+        .context("no cluster east")?;
+    let client = east.pods.get("demo/client").context("no east client")?;
+    let vip = *east
+        .service_ips
+        .get("demo/echo")
+        .context("echo has no ClusterIP")?;
+    let grace = Duration::from_secs(3);
+
+    // Failover: west is cut; new connections through the VIP that land on west's backends time out until the
+    // grace period has passed and west's backends are withdrawn.
+    let mut failovers = Vec::new();
+    for run in 0..FAILOVER_RUNS {
+        let addr = SocketAddr::from((vip, 80));
+        state::cut(dir, "west", true)?;
+        let cut_at = Instant::now();
+        let last_failure = net::in_netns(&client.netns, || -> Result<Option<Instant>> {
+            let mut buf = [0u8; 256];
+            let mut last = None;
+            let mut clean = 0;
+            while cut_at.elapsed() < Duration::from_secs(30) && clean < 100 {
+                let ok = TcpStream::connect_timeout(&addr, Duration::from_millis(100))
+                    .and_then(|mut s| {
+                        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                        s.read(&mut buf)
+                    })
+                    .is_ok_and(|n| n > 0);
+                if ok {
+                    clean += 1;
+                } else {
+                    last = Some(Instant::now());
+                    clean = 0;
+                }
+            }
+            anyhow::ensure!(clean >= 100, "connections kept failing 30 s after the cut");
+            Ok(last)
+        })??;
+        state::cut(dir, "west", false)?;
+        let failover = last_failure.map_or(Duration::ZERO, |t| t - cut_at);
+        println!(
+            "  cut {}: last failed connection {:.0} ms after the cut (grace {} ms)",
+            run + 1,
+            failover.as_secs_f64() * 1e3,
+            grace.as_millis()
+        );
+        failovers.push(failover.saturating_sub(grace).as_secs_f64() * 1e3);
+        // West back in every agent before the next cut.
+        net::wait_for("west's backends to return", Duration::from_secs(30), || {
+            let mut seen = false;
+            for _ in 0..30 {
+                if net::probe_tcp(&client.netns, vip, 80).is_ok_and(|l| l.starts_with("west/")) {
+                    seen = true;
+                    break;
+                }
+            }
+            if seen {
+                Ok(())
+            } else {
+                Err("no connection reached west".to_owned())
+            }
+        })?;
+    }
+    failovers.sort_by(f64::total_cmp);
+    let worst = failovers.last().copied().unwrap_or(f64::NAN);
+    rows.push(Row {
+        goal: Some(("<=", 1.0)),
+        ..row(
+            format!("Failover after a cluster is cut: last failed new connection - grace period ({FAILOVER_RUNS} cuts; ratio = worst / 1 s)"),
+            format!("median {:.0} ms, worst {worst:.0} ms beyond the {} s grace", median(&failovers), grace.as_secs()),
+            "1000 ms".to_owned(),
+            Some(worst / 1000.0),
+        )
+    });
+
+    // Flows across agent restarts: long-lived connections through the VIP (stream port 90) from the client;
+    // the client's agent is restarted (graceful and SIGKILL in turn); every flow must answer after each.
+    let addr = SocketAddr::from((vip, 90));
+    let mut flows = net::in_netns(&client.netns, || -> Result<Vec<(TcpStream, String)>> {
+        (0..RESTART_FLOWS)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let who = ask_stream(&mut s)?;
+                Ok((s, who))
+            })
+            .collect()
+    })??;
+    let mut lost = std::collections::BTreeSet::new();
+    for restart in 0..AGENT_RESTARTS {
+        state::restart(dir, state::Daemon::Agent, &client.node, restart % 2 == 1)?;
+        for (i, (s, who)) in flows.iter_mut().enumerate() {
+            if ask_stream(s).ok().as_ref() != Some(who) {
+                lost.insert(i);
+            }
+        }
+    }
+    println!(
+        "  {} of {RESTART_FLOWS} flows lost across {AGENT_RESTARTS} agent restarts",
+        lost.len()
+    );
+    #[expect(clippy::cast_precision_loss, reason = "a handful of flows")]
+    let lost_count = lost.len() as f64;
+    rows.push(Row {
+        goal: Some(("<=", 0.0)),
+        ..row(
+            format!("Flows through a VIP lost across {AGENT_RESTARTS} restarts of the client's agent (graceful and SIGKILL; ratio = flows lost)"),
+            format!("{} of {RESTART_FLOWS}", lost.len()),
+            "0".to_owned(),
+            Some(lost_count),
+        )
+    });
+    Ok(())
+}
+
+/// One line to a stream port and its answer.
+fn ask_stream(s: &mut TcpStream) -> Result<String> {
+    use std::io::{BufRead as _, Write as _};
+    s.write_all(b"ping\n")?;
+    let mut line = String::new();
+    std::io::BufReader::new(s.try_clone()?).read_line(&mut line)?;
+    anyhow::ensure!(!line.is_empty(), "closed");
+    Ok(line.trim_end().to_owned())
+}
+
 /// Halt-time runs (fewer with `--quick`).
 const HALT_RUNS: usize = 20;
 /// Successful connections in a row after the last failure that end a halt-time run.
@@ -480,7 +637,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     let started = Instant::now();
     let parts = if args.only.is_empty() {
-        vec![Part::Lab, Part::Lb, Part::Nft, Part::Rollout, Part::Scale]
+        vec![
+            Part::Lab,
+            Part::Lb,
+            Part::Nft,
+            Part::Rollout,
+            Part::Scale,
+            Part::Faults,
+        ]
     } else {
         args.only
     };
@@ -540,6 +704,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ..row(what, value, baseline, ratio)
             });
         }
+    }
+    if parts.contains(&Part::Faults) {
+        println!(
+            "\n== faults: failover after a cluster cut, flows across agent restarts (three-clusters example)"
+        );
+        faults_part(&plan, &out_dir, &mut rows)?;
     }
     if parts.contains(&Part::Rollout) {
         println!("\n== staged rollout: halt time when the target clusters fail (three-clusters example)");
