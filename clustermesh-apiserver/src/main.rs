@@ -1,6 +1,7 @@
 //! clustermesh-apiserver: publishes one cluster's state (nodes, and later services and identities) into that
 //! cluster's etcd, where every peer cluster's agents watch it.
 
+mod kvstoremesh;
 mod publisher;
 
 use std::path::PathBuf;
@@ -50,6 +51,12 @@ struct Args {
     /// Private key (PEM) of --etcd-cert.
     #[arg(long, env = "FLEETMESH_ETCD_KEY", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
+    /// KVStoreMesh: a clustermesh config directory (one file per peer cluster, as the agents' `--clustermesh-config`)
+    /// whose clusters this apiserver mirrors into its own etcd under `<prefix>/kvstoremesh/<cluster>/`. Agents
+    /// then read a peer from their local etcd (`prefix: <prefix>/kvstoremesh/<cluster>` in their peer file)
+    /// instead of every agent connecting to every peer. Read at start.
+    #[arg(long, env = "FLEETMESH_KVSTOREMESH_CONFIG")]
+    kvstoremesh_config: Option<PathBuf>,
     /// Key prefix in etcd.
     #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
     kvstore_prefix: String,
@@ -91,6 +98,17 @@ async fn main() -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(mesh_model::source::Snapshot::default());
     let scope = mesh_k8s::Scope::Cluster;
     let source = tokio::spawn(mesh_k8s::start_source(args.source, args.manifests.clone(), scope, tx).await?);
+    let _mirrors = args.kvstoremesh_config.as_ref().map(|dir| {
+        kvstoremesh::start(
+            dir,
+            &kvstoremesh::Local {
+                endpoints: args.etcd_endpoints.clone(),
+                tls: tls.clone(),
+                keys: mesh_kvstore::Keys::new(&args.kvstore_prefix),
+                cluster: args.cluster_name.to_string(),
+            },
+        )
+    });
     let publisher = publisher::Publisher {
         cluster: args.cluster_name.to_string(),
         cluster_id: args.cluster_id,

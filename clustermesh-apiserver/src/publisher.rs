@@ -39,7 +39,7 @@ pub struct EtcdTls {
 }
 
 impl EtcdTls {
-    fn options(&self) -> anyhow::Result<etcd_client::TlsOptions> {
+    pub fn options(&self) -> anyhow::Result<etcd_client::TlsOptions> {
         use anyhow::Context as _;
         let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         let mut tls = etcd_client::TlsOptions::new()
@@ -51,7 +51,7 @@ impl EtcdTls {
     }
 }
 
-fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

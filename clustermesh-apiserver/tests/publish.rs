@@ -221,6 +221,10 @@ struct Apiserver {
 
 impl Apiserver {
     fn start(manifests: &Path, etcd: &Etcd) -> Self {
+        Self::start_with(manifests, etcd, &[])
+    }
+
+    fn start_with(manifests: &Path, etcd: &Etcd, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("apiserver.log");
         let child = Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
@@ -228,6 +232,7 @@ impl Apiserver {
             .arg(manifests)
             .args(["--etcd-endpoints", &etcd.url(), "--lease-ttl", "5s"])
             .args(["--log", "info"])
+            .args(extra)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -601,4 +606,157 @@ async fn records_expire_with_the_lease_when_the_apiserver_is_killed() {
             .is_some(),
         "the cluster config has no lease and stays"
     );
+}
+
+/// KVStoreMesh: the apiserver mirrors a peer cluster into its own etcd (`<prefix>/kvstoremesh/<peer>/`): what the
+/// peer has, changes as they happen, stale cache entries removed; a status key says whether it is connected, and
+/// the cached data stays when the peer goes away.
+#[tokio::test(flavor = "multi_thread")]
+async fn kvstoremesh_mirrors_a_peer_and_reports_losing_it() {
+    let mut west = Etcd::start().await;
+    let local = Etcd::start().await;
+    let peer_keys = Keys::default();
+    let cache = Keys::new(&peer_keys.kvstoremesh_prefix("west"));
+    let west_node = |i: u8| NodeRecord {
+        name: format!("west-node-{i}"),
+        cluster: "west".into(),
+        cluster_id: 2,
+        underlay_ipv4: Ipv4Addr::new(100, 65, 2, i),
+        pod_cidrs: vec![format!("10.2.{i}.0/24").parse().expect("cidr")],
+    };
+    let mut wc = west.client().await;
+    let config = mesh_kvstore::encode(&mesh_kvstore::ClusterConfig {
+        name: "west".into(),
+        id: 2,
+        capabilities: vec![],
+        labels: BTreeMap::new(),
+    });
+    wc.put(peer_keys.cluster_config("west"), config.clone(), None)
+        .await
+        .expect("seed");
+    wc.put(
+        peer_keys.node("west", "west-node-1"),
+        mesh_kvstore::encode(&west_node(1)),
+        None,
+    )
+    .await
+    .expect("seed");
+    let mut lc = local.client().await;
+    // A stale entry from an earlier mirror: removed by the next one.
+    lc.put(
+        cache.node("west", "ghost"),
+        mesh_kvstore::encode(&west_node(9)),
+        None,
+    )
+    .await
+    .expect("seed");
+
+    let manifests = tempfile::tempdir().expect("tempdir");
+    write_atomic(manifests.path(), "nodes.yaml", &nodes_yaml(&[N1]));
+    let peers = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        peers.path().join("west"),
+        format!("endpoints: [\"{}\"]\n", west.url()),
+    )
+    .expect("peer file");
+    let peers_dir = peers.path().display().to_string();
+    let _api = Apiserver::start_with(manifests.path(), &local, &["--kvstoremesh-config", &peers_dir]);
+
+    let status = |v: Option<(Vec<u8>, i64)>| -> Option<mesh_kvstore::KvstoremeshStatus> {
+        v.and_then(|(b, _)| serde_json::from_slice(&b).ok())
+    };
+    let node_1 = mesh_kvstore::encode(&west_node(1)).into_bytes();
+    eventually("west mirrored", TIMEOUT, || {
+        let mut lc = lc.clone();
+        let (k1, ghost, st, cfg) = (
+            cache.node("west", "west-node-1"),
+            cache.node("west", "ghost"),
+            cache.kvstoremesh_status(),
+            cache.cluster_config("west"),
+        );
+        let node_1 = node_1.clone();
+        let config = config.clone();
+        async move {
+            let n1 = get(&mut lc, &k1).await?;
+            let ghost = get(&mut lc, &ghost).await?;
+            let st = status(get(&mut lc, &st).await?);
+            let cfg = get(&mut lc, &cfg).await?;
+            if n1.map(|(v, _)| v) == Some(node_1)
+                && ghost.is_none()
+                && st.is_some_and(|s| s.connected)
+                && cfg.map(|(v, _)| v) == Some(config.into_bytes())
+            {
+                Ok(())
+            } else {
+                Err("not mirrored yet".to_owned())
+            }
+        }
+    })
+    .await;
+
+    // Changes follow: a node added, then the first one deleted.
+    wc.put(
+        peer_keys.node("west", "west-node-2"),
+        mesh_kvstore::encode(&west_node(2)),
+        None,
+    )
+    .await
+    .expect("put");
+    wc.delete(peer_keys.node("west", "west-node-1"), None)
+        .await
+        .expect("delete");
+    eventually("changes mirrored", TIMEOUT, || {
+        let mut lc = lc.clone();
+        let (k1, k2) = (
+            cache.node("west", "west-node-1"),
+            cache.node("west", "west-node-2"),
+        );
+        async move {
+            match (get(&mut lc, &k1).await?, get(&mut lc, &k2).await?) {
+                (None, Some(_)) => Ok(()),
+                other => Err(format!(
+                    "cache holds {:?}",
+                    (other.0.is_some(), other.1.is_some())
+                )),
+            }
+        }
+    })
+    .await;
+
+    // The peer goes away: the status says so (with when it was last heard from); the cached data stays.
+    let before = crate_now_ms();
+    west.stop();
+    eventually("loss reported", TIMEOUT, || {
+        let mut lc = lc.clone();
+        let st = cache.kvstoremesh_status();
+        async move {
+            match status(get(&mut lc, &st).await?) {
+                Some(s) if !s.connected && !s.reason.is_empty() => Ok(s),
+                other => Err(format!("status {other:?}")),
+            }
+        }
+    })
+    .await;
+    let st = status(get(&mut lc, &cache.kvstoremesh_status()).await.expect("get")).expect("status");
+    assert!(
+        st.last_alive_ms <= crate_now_ms() && st.last_alive_ms + 5_000 >= before,
+        "{st:?}"
+    );
+    assert!(
+        get(&mut lc, &cache.node("west", "west-node-2"))
+            .await
+            .expect("get")
+            .is_some(),
+        "cached data stays while the peer is away"
+    );
+}
+
+fn crate_now_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(0)
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use mesh_kvstore::{ClusterConfig, KeyKind, Keys, NodeRecord, ServiceRecord};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, instrument, warn};
 
@@ -108,126 +108,21 @@ impl RemoteCluster {
     }
 }
 
-/// How to reach a remote cluster's etcd: one file per cluster in the clustermesh config directory, named after the
-/// cluster (as Cilium's `clustermesh-secrets`), with Cilium's etcd config keys: `endpoints: [URL, ...]` and, for
-/// `https://` endpoints, `trusted-ca-file` (the peer's CA) plus `cert-file` and `key-file` (the client certificate
-/// the peer's etcd maps to its read-only user). Relative paths are relative to the directory. `meshctl clustermesh
-/// connect` writes these files.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RemoteConfig {
-    pub endpoints: Vec<String>,
-    #[serde(default)]
-    pub trusted_ca_file: Option<PathBuf>,
-    #[serde(default)]
-    pub cert_file: Option<PathBuf>,
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-}
+pub use mesh_kvstore::peer::{RemoteConfig, read_config_dir};
 
-impl RemoteConfig {
-    /// Checks the combination of keys and makes the file paths absolute (relative to `dir`).
-    fn checked(mut self, dir: &Path) -> Result<Self, String> {
-        if self.endpoints.is_empty() {
-            return Err("endpoints is empty".to_owned());
-        }
-        let https = self
-            .endpoints
-            .iter()
-            .filter(|e| e.starts_with("https://"))
-            .count();
-        if let Some(e) = self
-            .endpoints
-            .iter()
-            .find(|e| !e.starts_with("https://") && !e.starts_with("http://"))
-        {
-            return Err(format!(
-                "endpoint {e:?} is neither an http:// nor an https:// URL"
-            ));
-        }
-        if https != 0 && https != self.endpoints.len() {
-            return Err("endpoints mix http:// and https:// URLs".to_owned());
-        }
-        match (https > 0, &self.trusted_ca_file, &self.cert_file, &self.key_file) {
-            (false, None, None, None) => {}
-            (false, ..) => {
-                return Err("trusted-ca-file, cert-file and key-file need https:// endpoints".to_owned());
-            }
-            (true, None, ..) => {
-                return Err("https:// endpoints need trusted-ca-file (the peer's CA)".to_owned());
-            }
-            (true, Some(_), Some(_), None) | (true, Some(_), None, Some(_)) => {
-                return Err("cert-file and key-file go together".to_owned());
-            }
-            (true, Some(_), ..) => {}
-        }
-        for p in [&mut self.trusted_ca_file, &mut self.cert_file, &mut self.key_file]
-            .into_iter()
-            .flatten()
-        {
-            if p.is_relative() {
-                *p = dir.join(&*p);
-            }
-        }
-        Ok(self)
-    }
-
-    /// TLS options from the files (read at each connection, so renewed certificates are picked up).
-    fn tls(&self) -> anyhow::Result<Option<etcd_client::TlsOptions>> {
-        use anyhow::Context as _;
-        let Some(ca) = &self.trusted_ca_file else {
-            return Ok(None);
-        };
-        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        let mut tls =
-            etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
-        if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
-            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
-        }
-        Ok(Some(tls))
-    }
-}
-
-/// Reads the clustermesh config directory. Files that fail to parse are reported and skipped.
-pub fn read_config_dir(dir: &Path, own_cluster: &str) -> (BTreeMap<String, RemoteConfig>, Vec<String>) {
-    let mut out = BTreeMap::new();
-    let mut errors = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) => {
-            errors.push(format!("clustermesh config directory {}: {e}", dir.display()));
-            return (out, errors);
-        }
+/// TLS options from a peer config's files (read at each connection, so renewed certificates are picked up).
+fn tls_options(cfg: &RemoteConfig) -> anyhow::Result<Option<etcd_client::TlsOptions>> {
+    use anyhow::Context as _;
+    let Some(ca) = &cfg.trusted_ca_file else {
+        return Ok(None);
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
-            continue;
-        };
-        if name.starts_with('.') || !path.is_file() {
-            continue;
-        }
-        if let Err(e) = mesh_model::ClusterName::new(&name) {
-            errors.push(format!(
-                "{}: file name is not a cluster name: {e}",
-                path.display()
-            ));
-            continue;
-        }
-        if name == own_cluster {
-            continue;
-        }
-        let parsed = std::fs::read_to_string(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|t| serde_yaml::from_str::<RemoteConfig>(&t).map_err(|e| e.to_string()));
-        match parsed.and_then(|c| c.checked(dir)) {
-            Ok(c) => {
-                out.insert(name, c);
-            }
-            Err(e) => errors.push(format!("{}: {e}", path.display())),
-        }
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut tls =
+        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+    if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
+        tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
     }
-    (out, errors)
+    Ok(Some(tls))
 }
 
 /// Shared view of all remote clusters, plus a wake-up for the reconciler.
@@ -342,7 +237,7 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
                 name: name.clone(),
                 cfg: cfg.clone(),
                 me: me.clone(),
-                keys: keys.clone(),
+                keys: cfg.prefix.as_deref().map_or_else(|| keys.clone(), Keys::new),
                 remotes: remotes.clone(),
             };
             running.insert(name, (cfg, tokio::spawn(w.run())));
@@ -372,6 +267,8 @@ struct Session {
     services_synced: bool,
     /// Clusters other than the expected one whose cluster config this etcd holds.
     other_clusters: std::collections::BTreeSet<String>,
+    /// Read through a KVStoreMesh cache: the cache's connection to the cluster (`None` when not a cache).
+    upstream: Option<mesh_kvstore::KvstoremeshStatus>,
 }
 
 impl Watcher {
@@ -465,6 +362,20 @@ impl Watcher {
                 return;
             }
             rc.usable = true;
+            // Through a KVStoreMesh cache whose own connection to the cluster is down: the cached data stays (as
+            // with a direct connection that broke), and the cluster counts as unreachable since the cache last
+            // heard from it.
+            if let Some(up) = s.upstream.as_ref().filter(|u| !u.connected) {
+                if !matches!(rc.state, SyncState::Disconnected { .. }) {
+                    rc.state = SyncState::Disconnected {
+                        since_ms: now_ms(),
+                        reason: format!("the KVStoreMesh cache lost the cluster: {}", up.reason),
+                    };
+                }
+                rc.unreachable_since_ms
+                    .get_or_insert(up.last_alive_ms.min(now_ms()));
+                return;
+            }
             if s.synced {
                 rc.nodes.clone_from(&s.nodes);
                 if !matches!(rc.state, SyncState::Synced { .. }) {
@@ -544,6 +455,19 @@ impl Watcher {
                 debug!(cluster = %self.name, key, version = v, "skipping record of unknown schema version");
                 self.count_error("unknown_version");
             }
+            KeyKind::Other if key == self.keys.kvstoremesh_status() => {
+                s.upstream = match value {
+                    None => None,
+                    Some(v) => match serde_json::from_slice::<mesh_kvstore::KvstoremeshStatus>(v) {
+                        Ok(st) => Some(st),
+                        Err(e) => {
+                            warn!(cluster = %self.name, error = %e, "skipping malformed KVStoreMesh status");
+                            self.count_error("bad_json");
+                            s.upstream.clone()
+                        }
+                    },
+                };
+            }
             KeyKind::Other => {
                 let configs = self.keys.cluster_config("");
                 if let Some(other) = key.strip_prefix(configs.as_str())
@@ -573,7 +497,7 @@ impl Watcher {
                 keepalive_interval(),
                 keepalive_interval().min(Duration::from_secs(3)),
             );
-        let opts = match self.cfg.tls()? {
+        let opts = match tls_options(&self.cfg)? {
             Some(tls) => opts.with_tls(tls),
             None => opts,
         };

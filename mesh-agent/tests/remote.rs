@@ -210,10 +210,15 @@ struct Agent {
 
 impl Agent {
     fn start(etcd: &Etcd) -> Self {
+        Self::start_with(etcd, "")
+    }
+
+    /// With extra lines in west's peer file (e.g. `prefix: ...`).
+    fn start_with(etcd: &Etcd, extra: &str) -> Self {
         let config = tempfile::tempdir().expect("tempdir");
         std::fs::write(
             config.path().join("west"),
-            format!("endpoints:\n  - {}\n", etcd.url()),
+            format!("endpoints:\n  - {}\n{extra}", etcd.url()),
         )
         .expect("write clustermesh config");
         let (wake, wake_rx) = std::sync::mpsc::channel();
@@ -572,4 +577,60 @@ async fn lists_a_cluster_larger_than_one_grpc_message_in_pages() {
             .all(|s| s.backends.len() == BACKENDS as usize)
     );
     assert!(west.decode_errors.is_empty(), "{:?}", west.decode_errors);
+}
+
+/// Read through a KVStoreMesh cache (`prefix:` in the peer file): the agent follows the cached records, and when
+/// the cache reports it lost the cluster, the cluster is disconnected and unreachable since the cache last heard
+/// from it, with its data kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn follows_a_cluster_through_a_kvstoremesh_cache_and_its_status() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let cache = Keys::new(&Keys::default().kvstoremesh_prefix("west"));
+    let status = |connected: bool, last_alive_ms: u64| {
+        encode(&mesh_kvstore::KvstoremeshStatus {
+            connected,
+            last_alive_ms,
+            reason: if connected {
+                String::new()
+            } else {
+                "peer etcd unreachable".into()
+            },
+        })
+    };
+    for (k, v) in [
+        (cache.cluster_config("west"), config(2)),
+        (cache.node("west", "west-node-1"), encode(&node(1))),
+        (cache.synced("west", mesh_kvstore::kinds::NODES), synced_marker()),
+        (cache.kvstoremesh_status(), status(true, 1)),
+    ] {
+        c.put(k, v, None).await.expect("seed");
+    }
+    let agent = Agent::start_with(&etcd, &format!("prefix: {}\n", cache.prefix()));
+    agent
+        .wait("synced through the cache", |w| {
+            is_synced(w)?;
+            has_nodes(w, &[1])
+        })
+        .await;
+    c.put(cache.kvstoremesh_status(), status(false, 1_000), None)
+        .await
+        .expect("status");
+    let west = agent
+        .wait("the cache's loss seen", |w| {
+            if !matches!(w.state, SyncState::Disconnected { .. }) {
+                return Err("not disconnected".into());
+            }
+            has_nodes(w, &[1])
+        })
+        .await;
+    assert_eq!(
+        west.unreachable_since_ms,
+        Some(1_000),
+        "unreachable since the cache last heard from it"
+    );
+    c.put(cache.kvstoremesh_status(), status(true, 2_000), None)
+        .await
+        .expect("status");
+    agent.wait("back", is_synced).await;
 }

@@ -10,6 +10,8 @@
 //! Values are JSON so operators can read them with `etcdctl`. Every record carries its schema version in the key;
 //! a decoder returns a typed [`DecodeError`] for every malformed value, and never panics.
 
+pub mod peer;
+
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
@@ -61,6 +63,19 @@ impl Keys {
     #[must_use]
     pub fn cluster_config(&self, cluster: &str) -> String {
         format!("{}/cluster-config/{cluster}", self.prefix)
+    }
+
+    /// Written by a KVStoreMesh cache under the prefix it mirrors a cluster to: whether it is connected to that
+    /// cluster (`<prefix>/kvstoremesh/<cluster>/kvstoremesh-status`).
+    #[must_use]
+    pub fn kvstoremesh_status(&self) -> String {
+        format!("{}/kvstoremesh-status", self.prefix)
+    }
+
+    /// The prefix a KVStoreMesh cache mirrors `cluster`'s records to (what agents use as `prefix:`).
+    #[must_use]
+    pub fn kvstoremesh_prefix(&self, cluster: &str) -> String {
+        format!("{}/kvstoremesh/{cluster}", self.prefix)
     }
 
     #[must_use]
@@ -175,6 +190,18 @@ pub struct ClusterConfig {
     /// Cluster labels (e.g. `stage: canary`), which `TrafficPolicy` selectors match.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+}
+
+/// A KVStoreMesh cache's connection to the cluster it mirrors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KvstoremeshStatus {
+    pub connected: bool,
+    /// Unix ms of the cache's last answer from the cluster.
+    pub last_alive_ms: u64,
+    /// Why it is not connected (empty when connected).
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// Liveness of a cluster's publisher.

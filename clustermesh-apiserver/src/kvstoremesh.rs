@@ -1,0 +1,294 @@
+//! KVStoreMesh: the clustermesh-apiserver mirrors remote clusters into its own cluster's etcd, so that the agents
+//! of this cluster read every remote cluster from their local etcd (one connection per remote cluster for the
+//! whole cluster, instead of one per agent).
+//!
+//! For each peer file of `--kvstoremesh-config` (the agents' clustermesh config format), a mirror lists the peer's
+//! records in pages at one revision, writes them under `<prefix>/kvstoremesh/<cluster>/` (the key below the
+//! peer's prefix is kept), deletes what the cache holds beyond them, then follows the peer's watch. A status key
+//! (`.../kvstoremesh-status`) tells agents whether the mirror is connected and when it last heard from the peer:
+//! while it is not, agents keep the cached data and count the cluster unreachable from that time (their grace
+//! period then withdraws its backends). Agents read a cluster through the cache with `prefix:` in their peer file.
+//! A peer whose etcd does not hold its own cluster config is not mirrored.
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use mesh_kvstore::peer::RemoteConfig;
+use mesh_kvstore::{Keys, KvstoremeshStatus, encode};
+use tokio::task::JoinHandle;
+use tracing::{info, instrument, warn};
+
+use crate::publisher::{EtcdTls, now_ms};
+
+/// Keys per page of a peer's list.
+const LIST_PAGE: i64 = 500;
+/// Largest gRPC message accepted (list pages of large records, bursts of watch events).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// How often a mirror proves its peer alive.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// This cluster's etcd, where the cache lives.
+#[derive(Debug, Clone)]
+pub struct Local {
+    pub endpoints: Vec<String>,
+    pub tls: Option<EtcdTls>,
+    pub keys: Keys,
+    /// This cluster's name (a peer file of that name is skipped).
+    pub cluster: String,
+}
+
+impl Local {
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5));
+        let opts = match &self.tls {
+            Some(t) => opts.with_tls(t.options()?),
+            None => opts,
+        };
+        Ok(Client::connect(&self.endpoints, Some(opts)).await?)
+    }
+}
+
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Every key and value under `prefix`, listed in pages at one revision; and that revision.
+async fn list(client: &Client, prefix: &str) -> anyhow::Result<(BTreeMap<String, Vec<u8>>, i64)> {
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let end = prefix_end(prefix.as_bytes());
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut out = BTreeMap::new();
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let page = kv.get(from.clone(), Some(opts)).await?;
+        if revision == 0 {
+            revision = page
+                .header()
+                .map(etcd_client::ResponseHeader::revision)
+                .unwrap_or_default();
+        }
+        for kv in page.kvs() {
+            if let Ok(k) = kv.key_str() {
+                out.insert(k.to_owned(), kv.value().to_vec());
+            }
+        }
+        match page.kvs().last() {
+            Some(last) if page.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    Ok((out, revision))
+}
+
+struct Mirror {
+    name: String,
+    cfg: RemoteConfig,
+    local: Local,
+    /// Key prefix of the peer's records in its etcd.
+    peer_keys: Keys,
+    last_alive_ms: u64,
+}
+
+impl Mirror {
+    fn cache_keys(&self) -> Keys {
+        Keys::new(&self.local.keys.kvstoremesh_prefix(&self.name))
+    }
+
+    /// The cache key of a peer key.
+    fn cache_key(&self, peer_key: &str) -> Option<String> {
+        let rest = peer_key.strip_prefix(&self.peer_keys.root())?;
+        Some(format!("{}{rest}", self.cache_keys().root()))
+    }
+
+    fn peer_tls(&self) -> anyhow::Result<Option<EtcdTls>> {
+        Ok(self.cfg.trusted_ca_file.clone().map(|ca| EtcdTls {
+            ca,
+            identity: self.cfg.cert_file.clone().zip(self.cfg.key_file.clone()),
+        }))
+    }
+
+    async fn set_status(&self, local: &mut Client, connected: bool, reason: &str) -> anyhow::Result<()> {
+        let st = KvstoremeshStatus {
+            connected,
+            last_alive_ms: self.last_alive_ms,
+            reason: reason.to_owned(),
+        };
+        local
+            .put(self.cache_keys().kvstoremesh_status(), encode(&st), None)
+            .await?;
+        Ok(())
+    }
+
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = std::time::Instant::now();
+            let reason = match self.session().await {
+                Ok(()) => "watch stream ended".to_owned(),
+                Err(e) => format!("{e:#}"),
+            };
+            warn!(cluster = %self.name, reason = %reason, "KVStoreMesh lost the cluster");
+            match self.local.connect().await {
+                Ok(mut local) => {
+                    if let Err(e) = self.set_status(&mut local, false, &reason).await {
+                        warn!(cluster = %self.name, error = %e, "writing the KVStoreMesh status");
+                    }
+                }
+                Err(e) => warn!(cluster = %self.name, error = %e, "connecting to the local etcd"),
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    #[instrument(skip_all, fields(cluster = %self.name))]
+    async fn session(&mut self) -> anyhow::Result<()> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(PROBE_EVERY, PROBE_EVERY);
+        let opts = match self.peer_tls()? {
+            Some(t) => opts.with_tls(t.options()?),
+            None => opts,
+        };
+        let peer = Client::connect(&self.cfg.endpoints, Some(opts))
+            .await
+            .context("connecting to the peer's etcd")?;
+        let mut local = self
+            .local
+            .connect()
+            .await
+            .context("connecting to the local etcd")?;
+        let (records, revision) = list(&peer, &self.peer_keys.root()).await?;
+        anyhow::ensure!(
+            records.contains_key(&self.peer_keys.cluster_config(&self.name)),
+            "the etcd at {} does not hold cluster {:?}'s config: not mirrored",
+            self.cfg.endpoints.join(","),
+            self.name
+        );
+        self.last_alive_ms = now_ms();
+        // Bring the cache to the peer's state: changed and new keys, then what disappeared.
+        let (cached, _) = list(&local, &self.cache_keys().root()).await?;
+        let status_key = self.cache_keys().kvstoremesh_status();
+        let mut wanted = BTreeMap::new();
+        for (k, v) in records {
+            if let Some(ck) = self.cache_key(&k) {
+                wanted.insert(ck, v);
+            }
+        }
+        let (mut puts, mut deletes) = (0, 0);
+        for (k, v) in &wanted {
+            if cached.get(k) != Some(v) {
+                local.put(k.as_str(), v.clone(), None).await?;
+                puts += 1;
+            }
+        }
+        for k in cached
+            .keys()
+            .filter(|k| !wanted.contains_key(*k) && **k != status_key)
+        {
+            local.delete(k.as_str(), None).await?;
+            deletes += 1;
+        }
+        self.set_status(&mut local, true, "").await?;
+        info!(
+            records = wanted.len(),
+            puts, deletes, revision, "KVStoreMesh: cluster mirrored"
+        );
+
+        let mut stream = peer
+            .watch_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .watch(
+                self.peer_keys.root(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await?;
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let heartbeat = self.peer_keys.heartbeat(&self.name);
+        let mut kv = peer.kv_client();
+        loop {
+            tokio::select! {
+                msg = stream.message() => {
+                    let Some(resp) = msg? else { return Ok(()) };
+                    if resp.canceled() {
+                        anyhow::bail!("watch canceled by etcd: {}", resp.cancel_reason());
+                    }
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let Some(ck) = kv.key_str().ok().and_then(|k| self.cache_key(k)) else { continue };
+                        match ev.event_type() {
+                            EventType::Put => {
+                                local.put(ck, kv.value().to_vec(), None).await?;
+                            }
+                            EventType::Delete => {
+                                local.delete(ck, None).await?;
+                            }
+                        }
+                    }
+                    self.last_alive_ms = now_ms();
+                }
+                _ = probe.tick() => {
+                    let get = kv.get(heartbeat.as_str(), Some(GetOptions::new().with_keys_only()));
+                    match tokio::time::timeout(PROBE_EVERY, get).await {
+                        Ok(Ok(_)) => self.last_alive_ms = now_ms(),
+                        Ok(Err(e)) => anyhow::bail!("liveness probe failed: {e}"),
+                        Err(_) => anyhow::bail!("liveness probe got no answer within {PROBE_EVERY:?}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs a mirror for every peer file of `dir` (read at start; errors in files are logged and the file skipped).
+pub fn start(dir: &Path, local: &Local) -> Vec<JoinHandle<()>> {
+    let (configs, errors) = mesh_kvstore::peer::read_config_dir(dir, &local.cluster);
+    for e in errors {
+        warn!(error = %e, "KVStoreMesh config");
+    }
+    configs
+        .into_iter()
+        .map(|(name, cfg)| {
+            info!(cluster = %name, endpoints = ?cfg.endpoints, "KVStoreMesh: mirroring cluster");
+            let peer_keys = cfg
+                .prefix
+                .as_deref()
+                .map_or_else(|| local.keys.clone(), Keys::new);
+            let m = Mirror {
+                name,
+                cfg,
+                local: local.clone(),
+                peer_keys,
+                last_alive_ms: now_ms(),
+            };
+            tokio::spawn(m.run())
+        })
+        .collect()
+}
