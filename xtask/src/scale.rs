@@ -33,6 +33,8 @@ const LOCAL_ID: u16 = 4000;
 const NODE: &str = "scale-node-1";
 /// Changes timed for convergence.
 const CHANGES: usize = 200;
+/// Client port of the agent's own cluster's etcd (the KVStoreMesh cache).
+const LOCAL_ETCD_PORT: u16 = 24_100;
 
 /// One bench row: (what, value, baseline, ratio, goal as (op, bound)).
 pub type ScaleRow = (String, String, String, Option<f64>, Option<(&'static str, f64)>);
@@ -189,17 +191,39 @@ impl Fleet<'_> {
         Ok(started.elapsed())
     }
 
-    /// Starts an agent with (or without) the remote clusters; its pins are removed first (a cold start).
-    fn start_agent(&self, with_remotes: bool, tag: &str) -> Result<(Child, PathBuf)> {
-        self.sandbox.remove_pins();
+    /// A clustermesh config directory: every synthetic cluster, directly or through the local KVStoreMesh cache.
+    fn peer_dir(&self, tag: &str, via_cache: bool) -> Result<PathBuf> {
         let mesh = self.root.join(format!("clustermesh-{tag}"));
         let _ = std::fs::remove_dir_all(&mesh);
         std::fs::create_dir_all(&mesh)?;
-        if with_remotes {
-            for (i, url) in (1..=CLUSTERS).zip(self.urls()) {
-                std::fs::write(mesh.join(format!("c{i}")), format!("endpoints: [\"{url}\"]\n"))?;
-            }
+        for (i, url) in (1..=CLUSTERS).zip(self.urls()) {
+            let text = if via_cache {
+                format!(
+                    "endpoints: [\"http://127.0.0.1:{LOCAL_ETCD_PORT}\"]\nprefix: fleetmesh/kvstoremesh/c{i}\n"
+                )
+            } else {
+                format!("endpoints: [\"{url}\"]\n")
+            };
+            std::fs::write(mesh.join(format!("c{i}")), text)?;
         }
+        Ok(mesh)
+    }
+
+    /// Starts an agent with (or without) the remote clusters; its pins are removed first (a cold start).
+    fn start_agent(&self, with_remotes: bool, tag: &str) -> Result<(Child, PathBuf)> {
+        self.start_agent_via(with_remotes, false, tag)
+    }
+
+    fn start_agent_via(&self, with_remotes: bool, via_cache: bool, tag: &str) -> Result<(Child, PathBuf)> {
+        self.sandbox.remove_pins();
+        let mesh = if with_remotes {
+            self.peer_dir(tag, via_cache)?
+        } else {
+            let empty = self.root.join(format!("clustermesh-{tag}"));
+            let _ = std::fs::remove_dir_all(&empty);
+            std::fs::create_dir_all(&empty)?;
+            empty
+        };
         let socket = self.root.join(format!("agent-{tag}.sock"));
         let args: Vec<String> = [
             "--node-name",
@@ -274,6 +298,7 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
             "--example",
             "fleet_scale",
         ]))?;
+        util::run_status(util::cargo().args(["build", "--release", "-p", "clustermesh-apiserver"]))?;
     }
     let release = util::workspace_root().join("target").join("release");
     let root = out_dir.join("scale");
@@ -371,6 +396,130 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
         Some(("<=", 1.0)),
     ));
     drop(agent);
+
+    // 1b. The same through KVStoreMesh: the agent's cluster's clustermesh-apiserver mirrors the ten clusters into
+    // the cluster's own etcd, and the agent reads them all from there.
+    let local_etcd: Vec<String> = vec![
+        "--name".into(),
+        "local".into(),
+        "--data-dir".into(),
+        root.join("etcd-local").display().to_string(),
+        "--listen-client-urls".into(),
+        format!("http://127.0.0.1:{LOCAL_ETCD_PORT}"),
+        "--advertise-client-urls".into(),
+        format!("http://127.0.0.1:{LOCAL_ETCD_PORT}"),
+        "--listen-peer-urls".into(),
+        format!("http://127.0.0.1:{}", LOCAL_ETCD_PORT + 1),
+        "--initial-advertise-peer-urls".into(),
+        format!("http://127.0.0.1:{}", LOCAL_ETCD_PORT + 1),
+        "--initial-cluster".into(),
+        format!("local=http://127.0.0.1:{}", LOCAL_ETCD_PORT + 1),
+        "--log-level".into(),
+        "error".into(),
+    ];
+    let mut cache = Procs(vec![spawn_in(
+        &sandbox.netns,
+        &etcd,
+        &local_etcd,
+        &root.join("etcd-local.log"),
+    )?]);
+    let local_addr = std::net::SocketAddr::from(([127, 0, 0, 1], LOCAL_ETCD_PORT));
+    net::wait_for("the local etcd", Duration::from_secs(20), || {
+        net::in_netns(&sandbox.netns, || {
+            std::net::TcpStream::connect_timeout(&local_addr, Duration::from_millis(200)).map(drop)
+        })
+        .map_err(|e| format!("{e:#}"))?
+        .map_err(|e| e.to_string())
+    })?;
+    let mirror_dir = fleet.peer_dir("kvstoremesh-apiserver", false)?;
+    let apiserver_args: Vec<String> = vec![
+        "--cluster-name".into(),
+        "local".into(),
+        "--cluster-id".into(),
+        LOCAL_ID.to_string(),
+        "--manifests".into(),
+        root.join("manifests").display().to_string(),
+        "--etcd-endpoints".into(),
+        format!("http://127.0.0.1:{LOCAL_ETCD_PORT}"),
+        "--kvstoremesh-config".into(),
+        mirror_dir.display().to_string(),
+        "--log".into(),
+        "warn".into(),
+    ];
+    cache.0.push(spawn_in(
+        &sandbox.netns,
+        &release.join("clustermesh-apiserver"),
+        &apiserver_args,
+        &root.join("apiserver.log"),
+    )?);
+    let (agent_child, socket) = fleet.start_agent_via(true, true, "kvstoremesh")?;
+    let agent_pid = agent_child.id();
+    agent = Procs(vec![agent_child]);
+    wait_programmed(&socket, u64::from(CLUSTERS), expected, Duration::from_secs(60))?;
+    let mut args = args;
+    if let Some(i) = args.iter().position(|a| a == "--agent-socket") {
+        args[i + 1] = socket.display().to_string();
+    }
+    let out = util::run(net::in_netns_cmd(&sandbox.netns, &fleet.fleet_bin).args(&args))?;
+    let v: Value = out
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .context("fleet_scale converge printed nothing")?;
+    let mut via: Vec<f64> = v["ms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_f64)
+        .collect();
+    via.sort_by(f64::total_cmp);
+    let (v50, v99) = (pct(&via, 0.5), pct(&via, 0.99));
+    // Who holds connections to the ten clusters' etcds now: the agent should hold none, the mirror one each.
+    let ss = util::run(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        &sandbox.netns,
+        "ss",
+        "-Htnp",
+        "state",
+        "established",
+    ]))?;
+    let peer_ports: Vec<String> = (1..=CLUSTERS)
+        .map(|i| format!("127.0.0.1:{}", client_port(i)))
+        .collect();
+    let to_peers = |pid: u32| {
+        ss.lines()
+            .filter(|l| l.contains(&format!("pid={pid},")))
+            .filter(|l| {
+                let peer = l.split_whitespace().nth(3).unwrap_or_default();
+                peer_ports.iter().any(|p| p == peer)
+            })
+            .count()
+    };
+    let agent_to_peers = to_peers(agent_pid);
+    let mirror_pid = cache.0.last().map_or(0, Child::id);
+    let mirror_to_peers = to_peers(mirror_pid);
+    println!(
+        "  through KVStoreMesh: p50 {v50:.1} ms, p99 {v99:.1} ms; connections to the 10 peers' etcds: agent {agent_to_peers}, cache {mirror_to_peers}"
+    );
+    rows.push((
+        format!(
+            "Convergence through KVStoreMesh (remote etcd -> mirror -> local etcd -> agent; {} changes; ratio = p99 / 100 ms)",
+            via.len()
+        ),
+        format!("p50 {v50:.1} ms, p99 {v99:.1} ms"),
+        format!("direct p50 {p50:.1} ms, p99 {p99:.1} ms"),
+        Some(v99 / 100.0),
+        Some(("<=", 1.0)),
+    ));
+    rows.push((
+        "Connections to the 10 peers' etcds: per agent, direct vs through KVStoreMesh".to_owned(),
+        format!("KVStoreMesh: agent {agent_to_peers}, the cluster's mirror {mirror_to_peers}"),
+        format!("direct: {CLUSTERS} per agent"),
+        None,
+        None,
+    ));
+    drop(agent);
+    drop(cache);
 
     // 2. Bootstrap and memory at scale.
     let (services, backends) = if quick {
