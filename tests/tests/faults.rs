@@ -315,3 +315,171 @@ fn agent_killed_under_traffic_keeps_flows_and_removes_what_was_deleted_while_it_
         &failures[..failures.len().min(5)]
     );
 }
+
+/// `etcdctl` against west's etcd from the lab's underlay, with west's material `cert` (`admin`, `remote`) or none.
+fn etcdctl(lab: &Lab, cert: Option<&str>, args: &[&str]) -> (bool, String) {
+    let pki = lab.dir.join("clusters").join("west").join("pki");
+    let ul = format!("/run/netns/{}-ul", lab.prefix().expect("prefix"));
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net={ul}"))
+        .args([
+            "etcdctl",
+            "--endpoints",
+            "https://100.64.0.2:2379",
+            "--dial-timeout",
+            "2s",
+        ])
+        .args(["--command-timeout", "3s", "--cacert"])
+        .arg(pki.join("ca.crt"));
+    if let Some(c) = cert {
+        cmd.arg("--cert")
+            .arg(pki.join(format!("{c}.crt")))
+            .arg("--key")
+            .arg(pki.join(format!("{c}.key")));
+    }
+    let out = cmd.args(args).output().expect("etcdctl runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A peer's etcd on the lab: a client without a certificate is refused and the read-only peer certificate cannot
+/// write; malformed values written into it are skipped and counted by every agent, which stay synced; a cluster
+/// with an id in use is refused by `meshctl clustermesh connect` without touching the config. Unrelated traffic
+/// keeps flowing throughout.
+#[test]
+fn peer_etcd_refuses_strangers_and_malformed_values_or_duplicate_ids_disturb_nothing() {
+    let lab = Lab::up(&example("three-clusters"), "faults-input").expect("lab up");
+    let status = lab.status().expect("status");
+    let all = pods(&status);
+    let traffic = Traffic::start(unrelated(&all));
+
+    let (ok, out) = etcdctl(&lab, None, &["get", "--prefix", "fleetmesh/", "--keys-only"]);
+    assert!(!ok, "a client without a certificate is refused: {out}");
+    let (ok, out) = etcdctl(&lab, Some("remote"), &["put", "fleetmesh/x", "y"]);
+    assert!(!ok && out.contains("permission denied"), "peers read only: {out}");
+    let (ok, out) = etcdctl(
+        &lab,
+        Some("remote"),
+        &["get", "--prefix", "fleetmesh/cluster-config/", "--keys-only"],
+    );
+    assert!(
+        ok && out.contains("fleetmesh/cluster-config/west"),
+        "peers can read: {out}"
+    );
+
+    // Malformed values in west's etcd: bad JSON, a record of another cluster, an unknown schema version.
+    for (key, value) in [
+        ("fleetmesh/state/nodes/v1/west/bogus", "{not json"),
+        (
+            "fleetmesh/state/services/v1/west/demo/bogus",
+            r#"{"cluster":"west","clusterId":2,"namespace":"demo","name":"bogus","ports":7,"backends":[]}"#,
+        ),
+        ("fleetmesh/state/nodes/v9/west/future", "{}"),
+    ] {
+        let (ok, out) = etcdctl(&lab, Some("admin"), &["put", key, value]);
+        assert!(ok, "{out}");
+    }
+    let decode_errors = |node: &str| -> u64 {
+        agent_socket(&status, node)
+            .and_then(|s| agent_status(&s).ok())
+            .and_then(|st| {
+                st["remoteClusters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|r| r["name"] == "west")
+                    .map(|r| {
+                        r["decodeErrors"]
+                            .as_object()
+                            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum())
+                    })
+            })
+            .unwrap_or(0)
+    };
+    let others: Vec<String> = all_nodes(&status)
+        .into_iter()
+        .filter(|n| !n.starts_with("west-"))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || others
+            .iter()
+            .all(|n| decode_errors(n) >= 3)),
+        "every agent counts the malformed values: {:?}",
+        others.iter().map(|n| (n, decode_errors(n))).collect::<Vec<_>>()
+    );
+    assert!(every_agent_synced_with(&status, "west"), "west stays synced");
+    let west_pod = pod(&all, "west/demo/echo-a");
+    assert_eq!(
+        tcp_line(&pod(&all, "east/demo/client").netns, &west_pod.ip, 8080).expect("east -> west"),
+        west_pod.id
+    );
+
+    // A cluster with west's id is refused by connect; east's config is left as it was.
+    let config_dir = lab.dir.join("clusters").join("east").join("clustermesh");
+    let before: Vec<_> = std::fs::read_dir(&config_dir)
+        .expect("config dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let dup = tempfile::tempdir().expect("tempdir");
+    let meshctl = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(fleetmesh_tests::bin("meshctl"))
+            .args(args)
+            .output()
+            .expect("meshctl runs")
+    };
+    let ca = lab.dir.join("pki").join("ca");
+    let out = meshctl(&[
+        "clustermesh".as_ref(),
+        "cluster-certs".as_ref(),
+        "--ca".as_ref(),
+        ca.as_os_str(),
+        "--cluster".as_ref(),
+        "dup".as_ref(),
+        "--cluster-id".as_ref(),
+        "2".as_ref(),
+        "--server-ip".as_ref(),
+        "127.0.0.1".as_ref(),
+        "--out".as_ref(),
+        dup.path().as_os_str(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let east_pki = lab.dir.join("clusters").join("east").join("pki");
+    let out = meshctl(&[
+        "clustermesh".as_ref(),
+        "connect".as_ref(),
+        "--from".as_ref(),
+        east_pki.as_os_str(),
+        "--to".as_ref(),
+        dup.path().as_os_str(),
+        "--config-dir".as_ref(),
+        config_dir.as_os_str(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already uses"),
+        "duplicate id refused: {err}"
+    );
+    let after: Vec<_> = std::fs::read_dir(&config_dir)
+        .expect("config dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(before, after, "nothing was changed");
+    assert!(every_agent_synced_with(&status, "west"));
+
+    let (probes, failures) = traffic.finish();
+    assert!(probes > 10, "traffic ran ({probes} probes)");
+    assert!(
+        failures.is_empty(),
+        "unrelated traffic failed {} of {probes} times: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
