@@ -707,6 +707,7 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
             "{kind} probe: {cmd:?}"
         );
     }
+    assert_eq!(env(agent, "FLEETMESH_SOURCE").value.as_deref(), Some("manifests"));
     let manifests = env(agent, "FLEETMESH_MANIFESTS")
         .value
         .clone()
@@ -801,6 +802,7 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
         ("log-level", "mesh_agent=debug,info"),
         ("service-affinity-default", "local"),
         ("metrics-port", "9090"),
+        ("cluster-labels", "fleetmesh.io/region=eu,stage=canary"),
     ];
     for (k, v) in expected {
         assert_eq!(data.get(k).map(String::as_str), Some(v), "ConfigMap {k}");
@@ -862,6 +864,11 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
     let p = pod(&ds.template);
     let agent = container(p, "mesh-agent");
     assert_eq!(mount(agent, "clustermesh-tls").0, PEER_TLS_DIR);
+    assert_eq!(env(agent, "FLEETMESH_SOURCE").value.as_deref(), Some("kubernetes"));
+    assert!(
+        env(agent, "FLEETMESH_CLUSTER_LABELS").value_from.is_some(),
+        "the agent gets the cluster labels"
+    );
     let projected: BTreeSet<String> = volume(p, "clustermesh-tls")
         .projected
         .iter()
@@ -1113,6 +1120,7 @@ fn invalid_values_fail_with_the_charts_message() {
             set("serviceAffinityDefault=nearest"),
             r#"serviceAffinityDefault "nearest" is not valid"#,
         ),
+        (set("source=k8s"), r#"source "k8s" is not valid: use manifests or kubernetes"#),
         (
             set("clustermesh.apiserver.service.type=ClusterIP"),
             r#"clustermesh.apiserver.service.type "ClusterIP" is not valid: use NodePort or LoadBalancer"#,

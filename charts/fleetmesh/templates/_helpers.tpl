@@ -108,6 +108,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not (has (toString .Values.clustermesh.apiserver.service.externalTrafficPolicy) (list "Cluster" "Local")) -}}
 {{- fail (printf "clustermesh.apiserver.service.externalTrafficPolicy %q is not valid: use Cluster or Local" (toString .Values.clustermesh.apiserver.service.externalTrafficPolicy)) -}}
 {{- end -}}
+{{- if not (has (toString .Values.source) (list "manifests" "kubernetes")) -}}
+{{- fail (printf "source %q is not valid: use manifests or kubernetes" (toString .Values.source)) -}}
+{{- end -}}
 {{- if not .Values.logLevel -}}
 {{- fail "logLevel must not be empty (e.g. info)" -}}
 {{- end -}}
