@@ -864,7 +864,10 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
     let p = pod(&ds.template);
     let agent = container(p, "mesh-agent");
     assert_eq!(mount(agent, "clustermesh-tls").0, PEER_TLS_DIR);
-    assert_eq!(env(agent, "FLEETMESH_SOURCE").value.as_deref(), Some("kubernetes"));
+    assert_eq!(
+        env(agent, "FLEETMESH_SOURCE").value.as_deref(),
+        Some("kubernetes")
+    );
     assert!(
         env(agent, "FLEETMESH_CLUSTER_LABELS").value_from.is_some(),
         "the agent gets the cluster labels"
@@ -1120,7 +1123,10 @@ fn invalid_values_fail_with_the_charts_message() {
             set("serviceAffinityDefault=nearest"),
             r#"serviceAffinityDefault "nearest" is not valid"#,
         ),
-        (set("source=k8s"), r#"source "k8s" is not valid: use manifests or kubernetes"#),
+        (
+            set("source=k8s"),
+            r#"source "k8s" is not valid: use manifests or kubernetes"#,
+        ),
         (
             set("clustermesh.apiserver.service.type=ClusterIP"),
             r#"clustermesh.apiserver.service.type "ClusterIP" is not valid: use NodePort or LoadBalancer"#,
