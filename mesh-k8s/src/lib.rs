@@ -7,6 +7,8 @@
 pub mod crd;
 pub mod select;
 pub mod source;
+pub mod status;
 
+pub use select::start_cluster_source;
 pub use select::{RunningSource, SourceError, SourceKind, start_source};
-pub use source::{Error, Scope, connect, connect_with, watch_kubernetes};
+pub use source::{Error, Scope, connect, connect_with, watch_kubernetes, watch_kubernetes_writing_status};

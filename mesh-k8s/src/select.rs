@@ -106,6 +106,31 @@ pub async fn start_source(
     }
 }
 
+/// As [`start_source`] for the clustermesh-apiserver (the whole cluster): with `--source kubernetes` it also
+/// writes the status of every `TrafficPolicy` and `StagedRollout` ([`crate::status`]); agents never write.
+///
+/// # Errors
+/// As [`start_source`].
+#[instrument(skip(tx))]
+pub async fn start_cluster_source(
+    kind: SourceKind,
+    manifests: Option<PathBuf>,
+    tx: watch::Sender<Snapshot>,
+) -> Result<RunningSource, SourceError> {
+    match kind {
+        SourceKind::Manifests => start_source(kind, manifests, Scope::Cluster, tx).await,
+        SourceKind::Kubernetes => {
+            let client = source::connect().await?;
+            info!("cluster state from the Kubernetes API server, writing the status of fleetmesh objects");
+            Ok(Box::pin(async move {
+                source::watch_kubernetes_writing_status(client, tx)
+                    .await
+                    .map_err(SourceError::from)
+            }))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, instrument, warn};
 
+use crate::status::{ObjectRef, StatusKind, StatusWriter, Verdict, Verdicts};
+
 /// Origin named in conversion errors (where a manifest error would name the file).
 pub const ORIGIN: &str = "kubernetes";
 /// How long the source waits after a change for more changes before it publishes (bursts become one snapshot).
@@ -177,6 +179,15 @@ impl Kind {
             Kind::Node | Kind::Namespace | Kind::Pod | Kind::Service => None,
         }
     }
+
+    /// The fleetmesh kinds, whose status the clustermesh-apiserver writes.
+    fn status_kind(self) -> Option<StatusKind> {
+        match self {
+            Kind::TrafficPolicy => Some(StatusKind::TrafficPolicy),
+            Kind::StagedRollout => Some(StatusKind::StagedRollout),
+            Kind::Node | Kind::Namespace | Kind::Pod | Kind::Service | Kind::ServiceExport => None,
+        }
+    }
 }
 
 /// One object as the source holds it.
@@ -186,6 +197,8 @@ struct Entry {
     good: Option<Object>,
     /// Why the current version does not convert.
     error: Option<String>,
+    /// `metadata.generation` of the current version (kept for the kinds whose status fleetmesh writes).
+    generation: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -202,15 +215,17 @@ struct KindStore {
 
 impl KindStore {
     /// An entry for the new version of `key`: converted, or the previous good version with the error.
-    fn entry(&self, key: &str, converted: Result<Object, String>) -> Entry {
+    fn entry(&self, key: &str, converted: Result<Object, String>, generation: Option<i64>) -> Entry {
         match converted {
             Ok(o) => Entry {
                 good: Some(o),
                 error: None,
+                generation,
             },
             Err(e) => Entry {
                 good: self.objects.get(key).and_then(|p| p.good.clone()),
                 error: Some(e),
+                generation,
             },
         }
     }
@@ -223,12 +238,15 @@ struct Shared {
     changed: Notify,
 }
 
-/// A watch event with its object converted (or skipped, when out of scope).
+/// An object converted (or `None`: skipped, when out of scope), with its generation when its status is written.
+type Converted = Option<(Result<Object, String>, Option<i64>)>;
+
+/// A watch event with its object converted.
 enum Change {
-    Apply(String, Option<Result<Object, String>>),
+    Apply(String, Converted),
     Delete(String),
     Init,
-    InitApply(String, Option<Result<Object, String>>),
+    InitApply(String, Converted),
     InitDone,
 }
 
@@ -247,9 +265,9 @@ impl Shared {
         self.update(kind, |s| {
             let was_failing = s.failure.take().is_some();
             let changed = match change {
-                Change::Apply(key, Some(converted)) => {
+                Change::Apply(key, Some((converted, generation))) => {
                     log_conversion(kind, &key, &converted);
-                    let e = s.entry(&key, converted);
+                    let e = s.entry(&key, converted, generation);
                     s.objects.insert(key, e.clone()) != Some(e)
                 }
                 Change::Apply(key, None) | Change::Delete(key) => s.objects.remove(&key).is_some(),
@@ -258,9 +276,9 @@ impl Shared {
                     false
                 }
                 Change::InitApply(key, converted) => {
-                    if let Some(converted) = converted {
+                    if let Some((converted, generation)) = converted {
                         log_conversion(kind, &key, &converted);
-                        let e = s.entry(&key, converted);
+                        let e = s.entry(&key, converted, generation);
                         s.relist.get_or_insert_default().insert(key, e);
                     }
                     false
@@ -325,6 +343,35 @@ impl Shared {
         }
         Some((state, errors))
     }
+
+    /// What the source concluded about each fleetmesh object, once their kinds are listed.
+    fn verdicts(&self) -> Option<Verdicts> {
+        let stores = self.stores.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut verdicts = Verdicts::new();
+        for kind in Kind::ALL {
+            let Some(status_kind) = kind.status_kind() else {
+                continue;
+            };
+            let store = stores.get(&kind).filter(|s| s.synced)?;
+            for (key, entry) in &store.objects {
+                let Some((namespace, name)) = key.split_once('/') else {
+                    continue;
+                };
+                verdicts.insert(
+                    ObjectRef {
+                        kind: status_kind,
+                        namespace: namespace.to_owned(),
+                        name: name.to_owned(),
+                    },
+                    Verdict {
+                        generation: entry.generation,
+                        error: entry.error.clone(),
+                    },
+                );
+            }
+        }
+        Some(verdicts)
+    }
 }
 
 fn is_not_found(err: &watcher::Error) -> bool {
@@ -384,7 +431,11 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     F: Fn(&K) -> Option<Result<Object, ManifestError>> + Send,
 {
-    let conv = |o: &K| (key_of(o), convert(o).map(|r| r.map_err(|e| e.to_string())));
+    let generation = |o: &K| kind.status_kind().and(o.meta().generation);
+    let conv = |o: &K| {
+        let converted = convert(o).map(|r| (r.map_err(|e| e.to_string()), generation(o)));
+        (key_of(o), converted)
+    };
     let mut events = std::pin::pin!(watcher(api, config).default_backoff());
     while let Some(event) = events.next().await {
         match event {
@@ -442,6 +493,34 @@ pub async fn watch_kubernetes(
     scope: Scope,
     tx: watch::Sender<Snapshot>,
 ) -> Result<(), Error> {
+    run(client, scope, tx, None).await
+}
+
+/// As [`watch_kubernetes`] for the whole cluster, and writes the status of every `TrafficPolicy` and
+/// `StagedRollout` (see [`crate::status`]): the clustermesh-apiserver's source, one status writer per cluster.
+/// Errors writing a status are logged and retried; they never stop the source.
+///
+/// # Errors
+/// None so far (the cluster scope has no selector to check); the signature matches [`watch_kubernetes`].
+#[instrument(skip(client, tx))]
+pub async fn watch_kubernetes_writing_status(
+    client: Client,
+    tx: watch::Sender<Snapshot>,
+) -> Result<(), Error> {
+    let (verdicts_tx, verdicts_rx) = watch::channel(Verdicts::new());
+    let writer = StatusWriter::new(client.clone()).run(verdicts_rx);
+    tokio::select! {
+        r = run(client, Scope::Cluster, tx, Some(verdicts_tx)) => r,
+        () = writer => Ok(()),
+    }
+}
+
+async fn run(
+    client: Client,
+    scope: Scope,
+    tx: watch::Sender<Snapshot>,
+    verdicts: Option<watch::Sender<Verdicts>>,
+) -> Result<(), Error> {
     let pod_selector = scope.pod_field_selector()?;
     let shared = Arc::new(Shared::default());
     let mut tasks = tokio::task::JoinSet::new();
@@ -492,14 +571,14 @@ pub async fn watch_kubernetes(
             Some(manifests::from_value(ORIGIN, &custom_value(o, &ar)))
         }));
     }
-    publish(&shared, &tx).await;
+    publish(&shared, &tx, verdicts.as_ref()).await;
     tasks.abort_all();
     Ok(())
 }
 
 /// Publishes snapshots until every receiver is gone.
 #[instrument(skip_all)]
-async fn publish(shared: &Shared, tx: &watch::Sender<Snapshot>) {
+async fn publish(shared: &Shared, tx: &watch::Sender<Snapshot>, verdicts: Option<&watch::Sender<Verdicts>>) {
     let mut generation = tx.borrow().generation;
     let mut last: Option<(ClusterState, Vec<String>)> = None;
     loop {
@@ -512,6 +591,16 @@ async fn publish(shared: &Shared, tx: &watch::Sender<Snapshot>) {
         let Some(current) = shared.snapshot() else {
             continue;
         };
+        if let Some(verdicts) = verdicts
+            && let Some(new) = shared.verdicts()
+        {
+            // Also when the snapshot stays the same: a bad object's new generation is news to its status.
+            verdicts.send_if_modified(|v| {
+                let changed = *v != new;
+                *v = new;
+                changed
+            });
+        }
         if last.as_ref() == Some(&current) {
             continue;
         }
@@ -592,7 +681,7 @@ mod tests {
         shared.apply(Kind::Node, Change::Init);
         shared.apply(
             Kind::Node,
-            Change::InitApply("n1".into(), Some(Ok(node("n1", "172.30.1.1")))),
+            Change::InitApply("n1".into(), Some((Ok(node("n1", "172.30.1.1")), None))),
         );
         assert!(shared.snapshot().is_none(), "list not complete");
         shared.apply(Kind::Node, Change::InitDone);
@@ -602,11 +691,11 @@ mod tests {
 
         shared.apply(
             Kind::Node,
-            Change::Apply("n1".into(), Some(Err("bad podCIDR".into()))),
+            Change::Apply("n1".into(), Some((Err("bad podCIDR".into()), None))),
         );
         shared.apply(
             Kind::Node,
-            Change::Apply("n2".into(), Some(Err("bad InternalIP".into()))),
+            Change::Apply("n2".into(), Some((Err("bad InternalIP".into()), None))),
         );
         let (state, errors) = shared.snapshot().expect("listed");
         assert_eq!(
@@ -619,7 +708,7 @@ mod tests {
         shared.apply(Kind::Node, Change::Init);
         shared.apply(
             Kind::Node,
-            Change::InitApply("n3".into(), Some(Ok(node("n3", "172.30.1.3")))),
+            Change::InitApply("n3".into(), Some((Ok(node("n3", "172.30.1.3")), None))),
         );
         assert_eq!(
             shared.snapshot().expect("listed").0.nodes.len(),
@@ -642,7 +731,7 @@ mod tests {
         let (tx, mut rx) = watch::channel(Snapshot::default());
         let publisher = {
             let shared = shared.clone();
-            tokio::spawn(async move { publish(&shared, &tx).await })
+            tokio::spawn(async move { publish(&shared, &tx, None).await })
         };
         for kind in Kind::ALL {
             shared.apply(kind, Change::Init);
@@ -652,7 +741,7 @@ mod tests {
             let name = format!("n{i}");
             shared.apply(
                 Kind::Node,
-                Change::Apply(name.clone(), Some(Ok(node(&name, "172.30.1.1")))),
+                Change::Apply(name.clone(), Some((Ok(node(&name, "172.30.1.1")), None))),
             );
         }
         let s = rx
@@ -681,12 +770,12 @@ mod tests {
         // The same object again changes nothing and publishes nothing (the clock is paused: waiting is instant).
         shared.apply(
             Kind::Node,
-            Change::Apply("x".into(), Some(Ok(node("x", "172.30.1.9")))),
+            Change::Apply("x".into(), Some((Ok(node("x", "172.30.1.9")), None))),
         );
         rx.wait_for(|s| s.generation >= 3).await.expect("published");
         shared.apply(
             Kind::Node,
-            Change::Apply("x".into(), Some(Ok(node("x", "172.30.1.9")))),
+            Change::Apply("x".into(), Some((Ok(node("x", "172.30.1.9")), None))),
         );
         let quiet = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
         assert!(quiet.is_err(), "no snapshot for a no-op: {:?}", *rx.borrow());
