@@ -549,3 +549,128 @@ async fn a_kind_not_served_is_reported_and_taken_as_empty() {
     let s = src.until("changes go on", |s| s.state.nodes.len() == 2).await;
     assert_eq!(s.errors.len(), 1, "reported once: {:?}", s.errors);
 }
+
+/// The status the clustermesh-apiserver wrote on a fleetmesh object, once `pred` holds, within the deadline
+/// (polled through the emulator's HTTP API).
+async fn status_until(em: &mut Emulator, object: &Value, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let path = object_path(object);
+    let start = std::time::Instant::now();
+    let mut interval = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        interval.tick().await;
+        let status = em.command(&json!({"op": "get", "path": path}))["object"]["status"].clone();
+        if pred(&status) {
+            return status;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{what}: not seen within {DEADLINE:?}; status of {path}: {status}"
+        );
+    }
+}
+
+/// How many status patches the clients sent for an object.
+fn status_patches(em: &mut Emulator, object: &Value) -> usize {
+    let path = format!("{}/status", object_path(object));
+    em.requests()
+        .iter()
+        .filter(|r| r["method"] == "PATCH" && r["path"] == path.as_str())
+        .count()
+}
+
+/// The clustermesh-apiserver's source writes `Valid`/`Invalid` with the observed generation on every fleetmesh
+/// object, only when that changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_written_back_once_per_change() {
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    let zero = policy("zero", 0, 0);
+    em.create(&zero);
+    let (tx, mut rx) = watch::channel(Snapshot::default());
+    let task = tokio::spawn(mesh_k8s::watch_kubernetes_writing_status(em.client(), tx));
+
+    let api = policy("api", 0, 0);
+    let s = status_until(&mut em, &api, "api valid", |s| s["phase"] == "Valid").await;
+    assert_eq!(s["observedGeneration"], 1, "{s}");
+    assert!(s.get("message").is_none_or(Value::is_null), "{s}");
+    let s = status_until(&mut em, &rollout("api-v2"), "rollout valid", |s| {
+        s["phase"] == "Valid"
+    })
+    .await;
+    assert_eq!(s["observedGeneration"], 1, "{s}");
+    let s = status_until(&mut em, &zero, "zero invalid", |s| s["phase"] == "Invalid").await;
+    assert_eq!(s["observedGeneration"], 1, "{s}");
+    let message = s["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("TrafficPolicy shop/zero") && message.contains("spec.weights"),
+        "{s}"
+    );
+    let snapshot = rx.borrow_and_update().clone();
+    assert!(
+        snapshot.errors.iter().any(|e| e == message),
+        "the same message as the snapshot's errors: {:?}",
+        snapshot.errors
+    );
+
+    // Fixing it flips it to Valid, with the new generation and without the old message.
+    em.patch(
+        &zero,
+        &json!({"spec": {"weights": [{"clusters": {"names": ["west"]}, "weight": 1}]}}),
+    );
+    let s = status_until(&mut em, &zero, "zero fixed", |s| s["phase"] == "Valid").await;
+    assert_eq!(s["observedGeneration"], 2, "{s}");
+    assert!(s.get("message").is_none_or(Value::is_null), "{s}");
+
+    // Changes that do not change any status: a label (same generation), another kind's object. Then a new
+    // policy: once its status is written, the writer has seen the changes before it.
+    em.patch(&api, &json!({"metadata": {"labels": {"team": "b"}}}));
+    em.create(&node("n9", "172.30.1.9", "10.1.9.0/24"));
+    let late = policy("late", 1, 1);
+    em.create(&late);
+    status_until(&mut em, &late, "late valid", |s| s["phase"] == "Valid").await;
+    assert_eq!(
+        status_patches(&mut em, &api),
+        1,
+        "one patch for api: nothing changed since"
+    );
+    assert_eq!(status_patches(&mut em, &zero), 2, "Invalid, then Valid");
+    assert_eq!(status_patches(&mut em, &rollout("api-v2")), 1);
+    assert_eq!(status_patches(&mut em, &late), 1);
+    assert!(!task.is_finished(), "the source runs on");
+    task.abort();
+}
+
+/// A status that cannot be written (the object is unknown to the server's status endpoint) is an error with
+/// context, and the writer retries it on the next call instead of remembering it as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_status_patch_is_reported_and_retried() {
+    use mesh_k8s::status::{ObjectRef, StatusKind, StatusWriter, Verdict, Verdicts};
+    init_tracing();
+    let mut em = Emulator::start();
+    em.create(&namespace("shop"));
+    let mut writer = StatusWriter::new(em.client());
+    let ghost = ObjectRef {
+        kind: StatusKind::TrafficPolicy,
+        namespace: "shop".into(),
+        name: "ghost".into(),
+    };
+    let verdicts = Verdicts::from([(
+        ghost,
+        Verdict {
+            generation: Some(1),
+            error: None,
+        },
+    )]);
+    let (patched, failures) = writer.sync(&verdicts).await;
+    assert_eq!((patched, failures.len()), (0, 1), "{failures:?}");
+    let text = failures[0].to_string();
+    assert!(text.contains("TrafficPolicy shop/ghost"), "{text}");
+    // Created now: the next sync writes it.
+    em.create(&policy("ghost", 1, 1));
+    let (patched, failures) = writer.sync(&verdicts).await;
+    assert_eq!((patched, failures.len()), (1, 0), "{failures:?}");
+    let (patched, _) = writer.sync(&verdicts).await;
+    assert_eq!(patched, 0, "written once");
+    assert_eq!(status_patches(&mut em, &policy("ghost", 1, 1)), 2);
+}
