@@ -37,8 +37,14 @@ const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
     ("fleetmesh.io", &["trafficpolicies", "stagedrollouts"], WATCH),
 ];
 
-/// The clustermesh-apiserver runs the same watchers (every pod of the cluster) and writes nothing yet.
-const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = AGENT_RBAC;
+/// The clustermesh-apiserver runs the same watchers (every pod of the cluster) and, with `--source kubernetes`,
+/// writes the status of fleetmesh's objects (mesh-k8s's status writer: a merge patch on `/status`, nothing else).
+const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = &[
+    ("", &["nodes", "pods", "namespaces", "services"], WATCH),
+    ("multicluster.x-k8s.io", &["serviceexports"], WATCH),
+    ("fleetmesh.io", &["trafficpolicies", "stagedrollouts"], WATCH),
+    ("fleetmesh.io", &["trafficpolicies/status", "stagedrollouts/status"], &["patch"]),
+];
 
 /// Programs the chart runs from the fleetmesh image that are not fleetmesh's own binaries, and the Debian
 /// package of the runtime stage that provides each (`None`: the base image's essential packages).
@@ -1288,7 +1294,12 @@ fn crds_serve_the_fleetmesh_resources_the_watchers_use() {
         .iter()
         .chain(APISERVER_RBAC)
         .filter(|(g, ..)| *g == "fleetmesh.io")
-        .flat_map(|(g, resources, _)| resources.iter().map(|r| ((*g).to_owned(), (*r).to_owned())))
+        .flat_map(|(g, resources, _)| {
+            // A subresource (`trafficpolicies/status`) is served by its resource's CRD.
+            resources
+                .iter()
+                .map(|r| ((*g).to_owned(), r.split('/').next().unwrap_or(r).to_owned()))
+        })
         .collect();
     assert!(!wanted.is_empty());
     assert_eq!(
