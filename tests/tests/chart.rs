@@ -43,7 +43,11 @@ const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = &[
     ("", &["nodes", "pods", "namespaces", "services"], WATCH),
     ("multicluster.x-k8s.io", &["serviceexports"], WATCH),
     ("fleetmesh.io", &["trafficpolicies", "stagedrollouts"], WATCH),
-    ("fleetmesh.io", &["trafficpolicies/status", "stagedrollouts/status"], &["patch"]),
+    (
+        "fleetmesh.io",
+        &["trafficpolicies/status", "stagedrollouts/status"],
+        &["patch"],
+    ),
 ];
 
 /// Programs the chart runs from the fleetmesh image that are not fleetmesh's own binaries, and the Debian
