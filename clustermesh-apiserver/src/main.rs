@@ -96,8 +96,8 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(cluster = %args.cluster_name, id = args.cluster_id, etcd = ?args.etcd_endpoints, tls = tls.is_some(), "starting");
 
     let (tx, rx) = tokio::sync::watch::channel(mesh_model::source::Snapshot::default());
-    let scope = mesh_k8s::Scope::Cluster;
-    let source = tokio::spawn(mesh_k8s::start_source(args.source, args.manifests.clone(), scope, tx).await?);
+    // With `--source kubernetes`, also writes the status of TrafficPolicies and StagedRollouts.
+    let source = tokio::spawn(mesh_k8s::start_cluster_source(args.source, args.manifests.clone(), tx).await?);
     let _mirrors = args.kvstoremesh_config.as_ref().map(|dir| {
         kvstoremesh::start(
             dir,

@@ -54,10 +54,11 @@ pub struct ObjectStatus {
     /// `metadata.generation` of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Where the object stands (e.g. `Applied`, `Invalid`; for a rollout `Progressing`, `Halted`, `Complete`).
+    /// Whether the clustermesh-apiserver accepted the object: `Valid`, or `Invalid` (skipped; a previous valid
+    /// version stays in force) with the reason in `message`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
-    /// A human readable explanation of the phase.
+    /// Why the object is `Invalid`, naming the field (as the clustermesh-apiserver logs it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
