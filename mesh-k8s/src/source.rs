@@ -19,10 +19,12 @@ use kube::{Client, Resource, ResourceExt as _};
 use mesh_model::ClusterState;
 use mesh_model::manifests::{self, ManifestError, Object};
 use mesh_model::source::Snapshot;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, instrument, warn};
 
+use crate::crd::ObjectStatus;
 use crate::status::{ObjectRef, StatusKind, StatusWriter, Verdict, Verdicts};
 
 /// Origin named in conversion errors (where a manifest error would name the file).
@@ -197,8 +199,30 @@ struct Entry {
     good: Option<Object>,
     /// Why the current version does not convert.
     error: Option<String>,
-    /// `metadata.generation` of the current version (kept for the kinds whose status fleetmesh writes).
+    /// Generation and status of the current version (kept for the kinds whose status fleetmesh writes).
+    meta: Option<Meta>,
+}
+
+/// What the status writer needs of an object besides its conversion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Meta {
+    /// `metadata.generation`.
     generation: Option<i64>,
+    /// The `status` it carries (`None`: none, or not fleetmesh's shape).
+    status: Option<ObjectStatus>,
+}
+
+impl Meta {
+    fn of<K: Resource + Serialize>(o: &K) -> Self {
+        let status = serde_json::to_value(o)
+            .ok()
+            .and_then(|mut v| v.get_mut("status").map(serde_json::Value::take))
+            .and_then(|v| serde_json::from_value(v).ok());
+        Self {
+            generation: o.meta().generation,
+            status,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -215,17 +239,17 @@ struct KindStore {
 
 impl KindStore {
     /// An entry for the new version of `key`: converted, or the previous good version with the error.
-    fn entry(&self, key: &str, converted: Result<Object, String>, generation: Option<i64>) -> Entry {
+    fn entry(&self, key: &str, converted: Result<Object, String>, meta: Option<Meta>) -> Entry {
         match converted {
             Ok(o) => Entry {
                 good: Some(o),
                 error: None,
-                generation,
+                meta,
             },
             Err(e) => Entry {
                 good: self.objects.get(key).and_then(|p| p.good.clone()),
                 error: Some(e),
-                generation,
+                meta,
             },
         }
     }
@@ -238,8 +262,8 @@ struct Shared {
     changed: Notify,
 }
 
-/// An object converted (or `None`: skipped, when out of scope), with its generation when its status is written.
-type Converted = Option<(Result<Object, String>, Option<i64>)>;
+/// An object converted (or `None`: skipped, when out of scope), with its [`Meta`] when its status is written.
+type Converted = Option<(Result<Object, String>, Option<Meta>)>;
 
 /// A watch event with its object converted.
 enum Change {
@@ -265,9 +289,9 @@ impl Shared {
         self.update(kind, |s| {
             let was_failing = s.failure.take().is_some();
             let changed = match change {
-                Change::Apply(key, Some((converted, generation))) => {
+                Change::Apply(key, Some((converted, meta))) => {
                     log_conversion(kind, &key, &converted);
-                    let e = s.entry(&key, converted, generation);
+                    let e = s.entry(&key, converted, meta);
                     s.objects.insert(key, e.clone()) != Some(e)
                 }
                 Change::Apply(key, None) | Change::Delete(key) => s.objects.remove(&key).is_some(),
@@ -276,9 +300,9 @@ impl Shared {
                     false
                 }
                 Change::InitApply(key, converted) => {
-                    if let Some((converted, generation)) = converted {
+                    if let Some((converted, meta)) = converted {
                         log_conversion(kind, &key, &converted);
-                        let e = s.entry(&key, converted, generation);
+                        let e = s.entry(&key, converted, meta);
                         s.relist.get_or_insert_default().insert(key, e);
                     }
                     false
@@ -364,7 +388,8 @@ impl Shared {
                         name: name.to_owned(),
                     },
                     Verdict {
-                        generation: entry.generation,
+                        generation: entry.meta.as_ref().and_then(|m| m.generation),
+                        current: entry.meta.as_ref().and_then(|m| m.status.clone()),
                         error: entry.error.clone(),
                     },
                 );
@@ -428,12 +453,12 @@ fn key_of<K: Resource>(o: &K) -> String {
 #[instrument(skip_all, fields(kind = ?kind))]
 async fn watch_kind<K, F>(api: Api<K>, config: watcher::Config, kind: Kind, shared: Arc<Shared>, convert: F)
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource + Clone + DeserializeOwned + Serialize + Debug + Send + Sync + 'static,
     F: Fn(&K) -> Option<Result<Object, ManifestError>> + Send,
 {
-    let generation = |o: &K| kind.status_kind().and(o.meta().generation);
+    let meta = |o: &K| kind.status_kind().map(|_| Meta::of(o));
     let conv = |o: &K| {
-        let converted = convert(o).map(|r| (r.map_err(|e| e.to_string()), generation(o)));
+        let converted = convert(o).map(|r| (r.map_err(|e| e.to_string()), meta(o)));
         (key_of(o), converted)
     };
     let mut events = std::pin::pin!(watcher(api, config).default_backoff());

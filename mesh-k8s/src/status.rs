@@ -3,8 +3,8 @@
 //! `observedGeneration`, `phase` (`Valid` or `Invalid`) and, when invalid, the `message` the source also puts in
 //! the snapshot's errors (it names the field).
 //!
-//! The writer remembers what it wrote and patches an object only when its status would change: at most one patch
-//! per object per change. A failed patch is logged and retried on the next change of the verdicts, or after
+//! The writer remembers what it wrote, and reads what the object carries, and patches an object only when its
+//! status would change: at most one patch per object per change, none after a restart when nothing changed. A failed patch is logged and retried on the next change of the verdicts, or after
 //! [`RETRY`] without one; it never stops the source.
 
 use std::collections::{BTreeMap, HashMap};
@@ -57,6 +57,9 @@ pub struct Verdict {
     pub generation: Option<i64>,
     /// Why it was refused (the message of the snapshot's errors); `None` when accepted.
     pub error: Option<String>,
+    /// The status the object carries now (as the watch saw it), so that a restarted writer does not write again
+    /// what is there already.
+    pub current: Option<ObjectStatus>,
 }
 
 impl Verdict {
@@ -133,6 +136,10 @@ impl StatusWriter {
             if self.written.get(object) == Some(&status) {
                 continue;
             }
+            if verdict.current.as_ref() == Some(&status) {
+                self.written.insert(object.clone(), status);
+                continue;
+            }
             match self.patch(object, &status).await {
                 Ok(()) => {
                     debug!(?object, phase = ?status.phase, generation = ?status.observed_generation, "status written");
@@ -205,6 +212,7 @@ mod tests {
         let ok = Verdict {
             generation: Some(3),
             error: None,
+            current: None,
         };
         assert_eq!(
             ok.status(),
@@ -217,6 +225,7 @@ mod tests {
         let bad = Verdict {
             generation: Some(4),
             error: Some("field spec.weights: sum to 0".into()),
+            current: None,
         };
         let s = bad.status();
         assert_eq!(s.phase.as_deref(), Some("Invalid"));

@@ -639,6 +639,30 @@ async fn status_is_written_back_once_per_change() {
     assert_eq!(status_patches(&mut em, &late), 1);
     assert!(!task.is_finished(), "the source runs on");
     task.abort();
+
+    // A restarted apiserver reads the statuses the objects carry and writes none of them again.
+    let (tx, _rx) = watch::channel(Snapshot::default());
+    let task = tokio::spawn(mesh_k8s::watch_kubernetes_writing_status(em.client(), tx));
+    let after = policy("after-restart", 1, 1);
+    em.create(&after);
+    status_until(&mut em, &after, "after-restart valid", |s| s["phase"] == "Valid").await;
+    assert_eq!(
+        status_patches(&mut em, &api),
+        1,
+        "no patch for api after a restart"
+    );
+    assert_eq!(
+        status_patches(&mut em, &zero),
+        2,
+        "no patch for zero after a restart"
+    );
+    assert_eq!(
+        status_patches(&mut em, &late),
+        1,
+        "no patch for late after a restart"
+    );
+    assert_eq!(status_patches(&mut em, &after), 1);
+    task.abort();
 }
 
 /// A status that cannot be written (the object is unknown to the server's status endpoint) is an error with
@@ -660,6 +684,7 @@ async fn failed_status_patch_is_reported_and_retried() {
         Verdict {
             generation: Some(1),
             error: None,
+            current: None,
         },
     )]);
     let (patched, failures) = writer.sync(&verdicts).await;
