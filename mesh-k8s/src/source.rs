@@ -540,6 +540,7 @@ pub async fn watch_kubernetes_writing_status(
     }
 }
 
+#[instrument(skip(client, tx, verdicts))]
 async fn run(
     client: Client,
     scope: Scope,
