@@ -3,7 +3,9 @@
 //!
 //! kmock's limits shape these tests: it assigns no resourceVersion (the fixture does), it ignores label and
 //! field selectors (so the node scope is checked by what the client asked for and by what it keeps), and it
-//! sends a 410 Gone only when told to (the fixture's `gone`).
+//! sends a 410 Gone only when told to (the fixture's `gone`). It keeps no `metadata.generation` (the fixture does)
+//! and serves `PATCH .../NAME/status` as a merge patch of the whole object, without subresource semantics (so the
+//! tests check that the status writer's patches hold nothing but `status`).
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -569,13 +571,22 @@ async fn status_until(em: &mut Emulator, object: &Value, what: &str, pred: impl 
     }
 }
 
-/// How many status patches the clients sent for an object.
+/// How many status patches the clients sent for an object (each a merge patch of `status` only).
 fn status_patches(em: &mut Emulator, object: &Value) -> usize {
     let path = format!("{}/status", object_path(object));
-    em.requests()
-        .iter()
+    let patches: Vec<Value> = em
+        .requests()
+        .into_iter()
         .filter(|r| r["method"] == "PATCH" && r["path"] == path.as_str())
-        .count()
+        .collect();
+    for p in &patches {
+        let keys: Vec<&String> = p["body"]
+            .as_object()
+            .map(|b| b.keys().collect())
+            .unwrap_or_default();
+        assert_eq!(keys, ["status"], "a status patch holds the status only: {p}");
+    }
+    patches.len()
 }
 
 /// The clustermesh-apiserver's source writes `Valid`/`Invalid` with the observed generation on every fleetmesh
