@@ -1,5 +1,6 @@
-//! The agent's local API: HTTP on a Unix socket (`GET /v1/status`, `GET /healthz`,
-//! `POST /v1/rollouts/{namespace}/{name}/{pause|resume|abort}`), for meshctl and the lab.
+//! The agent's local API: HTTP on a Unix socket (`GET /v1/status`, `GET /v1/summary`, `GET /metrics`,
+//! `GET /healthz`, `POST /v1/rollouts/{namespace}/{name}/{pause|resume|abort}`), for meshctl and the lab; and
+//! `GET /metrics` alone on a TCP address ([`serve_metrics`]) for Prometheus.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -79,7 +80,8 @@ async fn rollout_command(
     )
 }
 
-async fn status(State(s): State<ApiState>) -> Json<Status> {
+/// The status with live remote clusters and counters.
+fn current(s: &ApiState) -> Status {
     let mut st = s.status.lock().unwrap_or_else(PoisonError::into_inner).clone();
     // Remote cluster state is live; the datapath part is as of the last reconcile.
     st.remote_clusters = s.remotes.snapshot().into_values().collect();
@@ -87,7 +89,30 @@ async fn status(State(s): State<ApiState>) -> Json<Status> {
         Ok(c) => st.datapath.counters = c.into_iter().map(|(c, v)| (c.name(), v)).collect(),
         Err(e) => st.datapath.errors.push(format!("reading counters: {e}")),
     }
-    Json(st)
+    st
+}
+
+async fn status(State(s): State<ApiState>) -> Json<Status> {
+    Json(current(&s))
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(s): State<ApiState>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let st = current(&s);
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::metrics::render(&st, crate::remote::now_ms()),
+    )
+}
+
+/// Serves `GET /metrics` alone on a TCP address (for Prometheus) until the process ends.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn serve_metrics(addr: std::net::SocketAddr, state: ApiState) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = Router::new().route("/metrics", get(metrics)).with_state(state);
+    axum::serve(listener, app).await
 }
 
 /// `GET /v1/summary`: readiness, remote clusters by state and the datapath's sizes, without the per-service
@@ -133,6 +158,7 @@ pub async fn serve(socket: &Path, state: ApiState) -> std::io::Result<()> {
         .route("/v1/status", get(status))
         .route("/healthz", get(healthz))
         .route("/v1/summary", get(summary))
+        .route("/metrics", get(metrics))
         .route("/v1/rollouts/{namespace}/{name}/{command}", post(rollout_command))
         .with_state(state);
     axum::serve(listener, app).await

@@ -6,6 +6,7 @@ pub mod datapath;
 pub mod desired;
 pub mod lb;
 pub mod lb_maps;
+pub mod metrics;
 pub mod netdev;
 pub mod reconcile;
 pub mod remote;

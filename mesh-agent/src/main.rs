@@ -72,6 +72,10 @@ struct Args {
     /// there when missing). Removing the directory removes the datapath (uninstall).
     #[arg(long, env = "FLEETMESH_BPF_PIN_DIR")]
     bpf_pin_dir: Option<PathBuf>,
+    /// Also serve `GET /metrics` (Prometheus text format) on this TCP address, e.g. `0.0.0.0:9962`; the API
+    /// socket always serves it.
+    #[arg(long, env = "FLEETMESH_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Directory for the agent's own state that must survive restarts (staged rollouts' progress). Default
     /// `/var/lib/fleetmesh/<node-name>`.
     #[arg(long, env = "FLEETMESH_STATE_DIR")]
@@ -254,6 +258,15 @@ async fn main() -> anyhow::Result<()> {
         wake: wake_tx.clone(),
     };
     let socket = args.api_socket.clone();
+    if let Some(addr) = args.metrics_addr {
+        let st = api_state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = api::serve_metrics(addr, st).await {
+                warn!(%addr, error = %e, "serving metrics");
+            }
+        });
+        info!(%addr, "serving metrics");
+    }
     tokio::select! {
         r = api::serve(&socket, api_state) => r.with_context(|| format!("serving the API on {}", socket.display()))?,
         r = source => {

@@ -305,14 +305,21 @@ pub fn cluster_ip(status: &Value, cluster: &str, service: &str) -> Option<String
 /// # Errors
 /// When the agent does not answer.
 pub fn agent_status(socket: &Path) -> Result<Value> {
+    Ok(serde_json::from_str(&agent_get(socket, "/v1/status")?)?)
+}
+
+/// `GET path` on an agent's API socket; the body.
+///
+/// # Errors
+/// When the agent does not answer.
+pub fn agent_get(socket: &Path, path: &str) -> Result<String> {
     let mut s =
         std::os::unix::net::UnixStream::connect(socket).with_context(|| format!("{}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /v1/status HTTP/1.0\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    let body = buf.split_once("\r\n\r\n").context("not HTTP")?.1;
-    Ok(serde_json::from_str(body)?)
+    Ok(buf.split_once("\r\n\r\n").context("not HTTP")?.1.to_owned())
 }
 
 /// The agent socket of `node`, from a lab status.

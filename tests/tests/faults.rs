@@ -414,6 +414,23 @@ fn peer_etcd_refuses_strangers_and_malformed_values_or_duplicate_ids_disturb_not
         others.iter().map(|n| (n, decode_errors(n))).collect::<Vec<_>>()
     );
     assert!(every_agent_synced_with(&status, "west"), "west stays synced");
+    // The same in the agent's Prometheus metrics.
+    let metrics =
+        fleetmesh_tests::agent_get(&agent_socket(&status, "east-node-1").expect("socket"), "/metrics")
+            .expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                == r#"fleetmesh_remote_cluster_synced{node="east-node-1",cluster="east",remote="west"} 1"#),
+        "{metrics}"
+    );
+    let skipped: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("fleetmesh_remote_decode_errors_total{") && l.contains(r#"remote="west""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(skipped >= 3.0, "decode errors in the metrics: {metrics}");
     let west_pod = pod(&all, "west/demo/echo-a");
     assert_eq!(
         tcp_line(&pod(&all, "east/demo/client").netns, &west_pod.ip, 8080).expect("east -> west"),
