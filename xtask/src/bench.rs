@@ -302,34 +302,35 @@ const AGENT_RESTARTS: usize = 10;
 /// Long-lived connections kept open across the restarts.
 const RESTART_FLOWS: usize = 20;
 
-fn faults_part(plan: &Plan, out_dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
+/// Runs `measure` on a fresh `examples/three-clusters` lab in `out_dir/<name>`, taken down afterwards (also when
+/// `measure` fails).
+fn with_example_lab(
+    plan: &Plan,
+    out_dir: &Path,
+    name: &str,
+    measure: impl FnOnce(&Path, &state::LabState) -> Result<()>,
+) -> Result<()> {
     if plan.build {
         crate::lab::build_daemons()?;
     }
     let topo = util::workspace_root().join("examples").join("three-clusters");
-    let dir: PathBuf = out_dir.join("faults-lab");
+    let dir: PathBuf = out_dir.join(name);
     std::fs::create_dir_all(&dir)?;
     state::down(&dir)?;
-    let result = (|| -> Result<()> {
-        let st = state::up(&dir, &topo, false, Duration::from_secs(120))?;
-        faults_measure(&dir, &st, rows)
-    })();
+    let result = state::up(&dir, &topo, false, Duration::from_secs(120)).and_then(|st| measure(&dir, &st));
     let down = state::down(&dir);
     result?;
     down
 }
 
+fn faults_part(plan: &Plan, out_dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    with_example_lab(plan, out_dir, "faults-lab", |dir, st| {
+        faults_measure(dir, st, rows)
+    })
+}
+
 fn faults_measure(dir: &Path, st: &state::LabState, rows: &mut Vec<Row>) -> Result<()> {
-    let east = st
-        .clusters
-        .iter()
-        .find(|c| c.name == "east")
-        .context("no cluster east")?;
-    let client = east.pods.get("demo/client").context("no east client")?;
-    let vip = *east
-        .service_ips
-        .get("demo/echo")
-        .context("echo has no ClusterIP")?;
+    let (client, vip, _) = st.client_of("east", "demo/client", "demo/echo")?;
     let grace = Duration::from_secs(3);
 
     // Failover: west is cut; new connections through the VIP that land on west's backends time out until the
@@ -453,33 +454,13 @@ const HALT_RUNS: usize = 20;
 const HALT_CLEAN_RUN: u32 = 100;
 
 fn rollout_part(plan: &Plan, out_dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
-    if plan.build {
-        crate::lab::build_daemons()?;
-    }
-    let topo = util::workspace_root().join("examples").join("three-clusters");
-    let dir: PathBuf = out_dir.join("rollout-lab");
-    std::fs::create_dir_all(&dir)?;
-    state::down(&dir)?;
-    let result = (|| -> Result<()> {
-        let st = state::up(&dir, &topo, false, Duration::from_secs(120))?;
-        rollout_measure(plan, &dir, &st, rows)
-    })();
-    let down = state::down(&dir);
-    result?;
-    down
+    with_example_lab(plan, out_dir, "rollout-lab", |dir, st| {
+        rollout_measure(plan, dir, st, rows)
+    })
 }
 
 fn rollout_measure(plan: &Plan, dir: &Path, st: &state::LabState, rows: &mut Vec<Row>) -> Result<()> {
-    let east = st
-        .clusters
-        .iter()
-        .find(|c| c.name == "east")
-        .context("no cluster east")?;
-    let client = east.pods.get("demo/client").context("no east client")?;
-    let vip = *east
-        .service_ips
-        .get("demo/echo")
-        .context("echo has no ClusterIP")?;
+    let (client, vip, _) = st.client_of("east", "demo/client", "demo/echo")?;
     let addr = SocketAddr::from((vip, 80));
     let files = dir.join("bench-manifests");
     std::fs::create_dir_all(&files)?;

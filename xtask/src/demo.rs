@@ -207,32 +207,21 @@ fn show(label: &str, s: &BTreeMap<String, usize>) -> String {
     line
 }
 
+/// Runs `meshctl ARGS --socket SOCKET` for the audience (its output goes to the terminal; a failure is shown, not
+/// fatal).
+fn meshctl_on(socket: &std::path::Path, args: &[&str]) {
+    let _ = util::run_status(
+        std::process::Command::new(crate::lab::bin("meshctl"))
+            .args(args)
+            .arg("--socket")
+            .arg(socket),
+    );
+}
+
 /// Part 3: spreading, affinity local, fallback to remote clusters when the local backends go.
 fn global_service(dir: &std::path::Path, st: &state::LabState, tally: &mut Tally) -> Result<String> {
-    let east = st
-        .clusters
-        .iter()
-        .find(|c| c.name == "east")
-        .context("no cluster east")?;
-    let client = east.pods.get("demo/client").context("east/demo/client missing")?;
-    let vip = *east
-        .service_ips
-        .get("demo/echo")
-        .context("demo/echo has no ClusterIP")?;
-    let socket = east
-        .nodes
-        .iter()
-        .find(|n| n.name == client.node)
-        .map(|n| n.socket.clone())
-        .context("no node")?;
-    let meshctl = |args: &[&str]| {
-        let _ = util::run_status(
-            std::process::Command::new(crate::lab::bin("meshctl"))
-                .args(args)
-                .arg("--socket")
-                .arg(&socket),
-        );
-    };
+    let (client, vip, socket) = st.client_of("east", "demo/client", "demo/echo")?;
+    let meshctl = |args: &[&str]| meshctl_on(&socket, args);
     println!(
         "  service demo/echo (annotation service.cilium.io/global: \"true\"), ClusterIP in east {vip}:80"
     );
@@ -271,30 +260,8 @@ fn global_service(dir: &std::path::Path, st: &state::LabState, tally: &mut Tally
 
 /// Part 5: weights by cluster group, a staged rollout that completes, one that halts on failures.
 fn fleet_stages(dir: &std::path::Path, st: &state::LabState, tally: &mut Tally) -> Result<String> {
-    let east = st
-        .clusters
-        .iter()
-        .find(|c| c.name == "east")
-        .context("no cluster east")?;
-    let client = east.pods.get("demo/client").context("east/demo/client missing")?;
-    let vip = *east
-        .service_ips
-        .get("demo/echo")
-        .context("demo/echo has no ClusterIP")?;
-    let socket = east
-        .nodes
-        .iter()
-        .find(|n| n.name == client.node)
-        .map(|n| n.socket.clone())
-        .context("no node")?;
-    let meshctl = |args: &[&str]| {
-        let _ = util::run_status(
-            std::process::Command::new(crate::lab::bin("meshctl"))
-                .args(args)
-                .arg("--socket")
-                .arg(&socket),
-        );
-    };
+    let (client, vip, socket) = st.client_of("east", "demo/client", "demo/echo")?;
+    let meshctl = |args: &[&str]| meshctl_on(&socket, args);
     let mut lines = Vec::new();
     let file = dir.join("demo-traffic-policy.yaml");
     std::fs::write(

@@ -273,6 +273,27 @@ impl LabState {
         )
     }
 
+    /// A client pod of `cluster` (`namespace/name`), the ClusterIP of a service there (`namespace/name`), and the
+    /// API socket of the agent on the pod's node: what the demo and the benchmarks drive traffic and meshctl with.
+    pub fn client_of(&self, cluster: &str, pod: &str, service: &str) -> Result<(&PodRt, Ipv4Addr, PathBuf)> {
+        let c = &self.clusters[self.cluster(cluster)?];
+        let client = c
+            .pods
+            .get(pod)
+            .with_context(|| format!("pod {cluster}/{pod} missing"))?;
+        let vip = *c
+            .service_ips
+            .get(service)
+            .with_context(|| format!("service {cluster}/{service} has no ClusterIP"))?;
+        let socket = c
+            .nodes
+            .iter()
+            .find(|n| n.name == client.node)
+            .map(|n| n.socket.clone())
+            .with_context(|| format!("no node {} in {cluster}", client.node))?;
+        Ok((client, vip, socket))
+    }
+
     fn cluster(&self, name: &str) -> Result<usize> {
         self.clusters
             .iter()
