@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use mesh_kvstore::etcd::{list_paged, watch_client};
 use mesh_kvstore::peer::RemoteConfig;
 use mesh_kvstore::{Keys, KvstoremeshStatus, encode};
 use tokio::task::JoinHandle;
@@ -22,10 +23,6 @@ use tracing::{info, instrument, warn};
 
 use crate::publisher::{EtcdTls, now_ms};
 
-/// Keys per page of a peer's list.
-const LIST_PAGE: i64 = 500;
-/// Largest gRPC message accepted (list pages of large records, bursts of watch events).
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// How often a mirror proves its peer alive.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -50,52 +47,6 @@ impl Local {
         };
         Ok(Client::connect(&self.endpoints, Some(opts)).await?)
     }
-}
-
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
-/// Every key and value under `prefix`, listed in pages at one revision; and that revision.
-async fn list(client: &Client, prefix: &str) -> anyhow::Result<(BTreeMap<String, Vec<u8>>, i64)> {
-    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let end = prefix_end(prefix.as_bytes());
-    let mut from = prefix.as_bytes().to_vec();
-    let mut revision = 0;
-    let mut out = BTreeMap::new();
-    loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
-        if revision > 0 {
-            opts = opts.with_revision(revision);
-        }
-        let page = kv.get(from.clone(), Some(opts)).await?;
-        if revision == 0 {
-            revision = page
-                .header()
-                .map(etcd_client::ResponseHeader::revision)
-                .unwrap_or_default();
-        }
-        for kv in page.kvs() {
-            if let Ok(k) = kv.key_str() {
-                out.insert(k.to_owned(), kv.value().to_vec());
-            }
-        }
-        match page.kvs().last() {
-            Some(last) if page.more() => {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            _ => break,
-        }
-    }
-    Ok((out, revision))
 }
 
 struct Mirror {
@@ -180,16 +131,19 @@ impl Mirror {
             .connect()
             .await
             .context("connecting to the local etcd")?;
-        let (records, revision) = list(&peer, &self.peer_keys.root()).await?;
+        let (records, revision) = list_paged(&peer, &self.peer_keys.root()).await?;
         anyhow::ensure!(
-            records.contains_key(&self.peer_keys.cluster_config(&self.name)),
+            records
+                .iter()
+                .any(|(k, _)| *k == self.peer_keys.cluster_config(&self.name)),
             "the etcd at {} does not hold cluster {:?}'s config: not mirrored",
             self.cfg.endpoints.join(","),
             self.name
         );
         self.last_alive_ms = now_ms();
         // Bring the cache to the peer's state: changed and new keys, then what disappeared.
-        let (cached, _) = list(&local, &self.cache_keys().root()).await?;
+        let (cached, _) = list_paged(&local, &self.cache_keys().root()).await?;
+        let cached: BTreeMap<String, Vec<u8>> = cached.into_iter().collect();
         let status_key = self.cache_keys().kvstoremesh_status();
         let mut wanted = BTreeMap::new();
         for (k, v) in records {
@@ -217,9 +171,7 @@ impl Mirror {
             puts, deletes, revision, "KVStoreMesh: cluster mirrored"
         );
 
-        let mut stream = peer
-            .watch_client()
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        let mut stream = watch_client(&peer)
             .watch(
                 self.peer_keys.root(),
                 Some(

@@ -39,23 +39,6 @@ fn keepalive_interval() -> Duration {
         .unwrap_or(Duration::from_secs(6))
 }
 
-/// Keys per page of the initial list.
-const LIST_PAGE: i64 = 500;
-/// Largest gRPC message accepted from a remote etcd (a list page of large records, or a burst of watch events).
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
-
-/// The end of the key range holding every key that starts with `prefix` (etcd's `--prefix`).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 /// Connection state of a remote cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase", tag = "state")]
@@ -508,38 +491,12 @@ impl Watcher {
         let root = self.keys.root();
         // The list comes in pages (one consistent revision): a cluster's state can be far larger than one gRPC
         // message (4 MiB by default; the limit is raised too, for pages of large records).
-        let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let range_end = prefix_end(root.as_bytes());
-        let mut from = root.as_bytes().to_vec();
-        let mut revision = 0;
+        let (records, revision) = mesh_kvstore::etcd::list_paged(&client, &root).await?;
         let mut s = Session::default();
-        loop {
-            let mut opts = GetOptions::new()
-                .with_range(range_end.clone())
-                .with_limit(LIST_PAGE);
-            if revision > 0 {
-                opts = opts.with_revision(revision);
-            }
-            let page = kv.get(from.clone(), Some(opts)).await?;
-            if revision == 0 {
-                revision = page
-                    .header()
-                    .map(etcd_client::ResponseHeader::revision)
-                    .unwrap_or_default();
-            }
-            for kv in page.kvs() {
-                if let Ok(k) = kv.key_str() {
-                    self.apply(&mut s, k, Some(kv.value()));
-                }
-            }
-            match page.kvs().last() {
-                Some(last) if page.more() => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => break,
-            }
+        for (k, v) in &records {
+            self.apply(&mut s, k, Some(v));
         }
+        drop(records);
         info!(
             nodes = s.nodes.len(),
             synced = s.synced,
@@ -547,9 +504,7 @@ impl Watcher {
             "listed remote cluster"
         );
         self.publish(&s);
-        let mut stream = client
-            .watch_client()
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        let mut stream = mesh_kvstore::etcd::watch_client(&client)
             .watch(
                 root.as_str(),
                 Some(
@@ -568,6 +523,7 @@ impl Watcher {
         let mut probe = tokio::time::interval(probe_every);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let heartbeat = self.keys.heartbeat(&self.name);
+        let mut kv = client.kv_client();
         loop {
             let resp = tokio::select! {
                 msg = stream.message() => match msg? {

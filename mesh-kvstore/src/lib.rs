@@ -10,6 +10,7 @@
 //! Values are JSON so operators can read them with `etcdctl`. Every record carries its schema version in the key;
 //! a decoder returns a typed [`DecodeError`] for every malformed value, and never panics.
 
+pub mod etcd;
 pub mod peer;
 
 use std::collections::BTreeMap;
