@@ -143,6 +143,50 @@ fn write_manifests(dir: &Path, services: u32) -> Result<()> {
     Ok(())
 }
 
+/// Starts a single-member etcd `name` in `netns`, serving clients on loopback `port` (peers on `port + 1`), its
+/// data and log under `root`.
+fn start_etcd(netns: &str, etcd: &Path, name: &str, port: u16, root: &Path) -> Result<Child> {
+    let (client, peer) = (
+        format!("http://127.0.0.1:{port}"),
+        format!("http://127.0.0.1:{}", port + 1),
+    );
+    let args: Vec<String> = vec![
+        "--name".into(),
+        name.into(),
+        "--data-dir".into(),
+        root.join(format!("etcd-{name}")).display().to_string(),
+        "--listen-client-urls".into(),
+        client.clone(),
+        "--advertise-client-urls".into(),
+        client,
+        "--listen-peer-urls".into(),
+        peer.clone(),
+        "--initial-advertise-peer-urls".into(),
+        peer.clone(),
+        "--initial-cluster".into(),
+        format!("{name}={peer}"),
+        "--log-level".into(),
+        "error".into(),
+    ];
+    spawn_in(netns, etcd, &args, &root.join(format!("etcd-{name}.log")))
+}
+
+/// Waits until loopback `port` accepts connections in `netns`.
+fn wait_listening(netns: &str, port: u16) -> Result<()> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    net::wait_for(
+        &format!("127.0.0.1:{port} to listen"),
+        Duration::from_secs(20),
+        || {
+            net::in_netns(netns, || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).map(drop)
+            })
+            .map_err(|e| format!("{e:#}"))?
+            .map_err(|e| e.to_string())
+        },
+    )
+}
+
 struct Fleet<'a> {
     sandbox: &'a Sandbox,
     root: PathBuf,
@@ -155,6 +199,34 @@ impl Fleet<'_> {
         (1..=CLUSTERS)
             .map(|i| format!("http://127.0.0.1:{}", client_port(i)))
             .collect()
+    }
+
+    /// Runs the convergence driver against the agent at `socket`; the change times in ms, sorted.
+    fn converge(&self, socket: &Path, backends: u32) -> Result<Vec<f64>> {
+        let args: Vec<String> = vec![
+            "converge".into(),
+            "--etcd".into(),
+            self.urls().join(","),
+            "--agent-socket".into(),
+            socket.display().to_string(),
+            "--changes".into(),
+            CHANGES.to_string(),
+            "--backends".into(),
+            backends.to_string(),
+        ];
+        let out = util::run(net::in_netns_cmd(&self.sandbox.netns, &self.fleet_bin).args(&args))?;
+        let v: Value = out
+            .lines()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .context("fleet_scale converge printed nothing")?;
+        let mut ms: Vec<f64> = v["ms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_f64)
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        Ok(ms)
     }
 
     fn fill(&self, services: u32, backends: u32) -> Result<Duration> {
@@ -314,41 +386,16 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
     let mut procs = Procs::default();
     let etcd = util::which("etcd").context("etcd is missing (cargo xtask setup installs etcd-server)")?;
     for i in 1..=CLUSTERS {
-        let (client, peer) = (client_port(i), client_port(i) + 1);
-        let args: Vec<String> = vec![
-            "--name".into(),
-            format!("c{i}"),
-            "--data-dir".into(),
-            root.join(format!("etcd-c{i}")).display().to_string(),
-            "--listen-client-urls".into(),
-            format!("http://127.0.0.1:{client}"),
-            "--advertise-client-urls".into(),
-            format!("http://127.0.0.1:{client}"),
-            "--listen-peer-urls".into(),
-            format!("http://127.0.0.1:{peer}"),
-            "--initial-advertise-peer-urls".into(),
-            format!("http://127.0.0.1:{peer}"),
-            "--initial-cluster".into(),
-            format!("c{i}=http://127.0.0.1:{peer}"),
-            "--log-level".into(),
-            "error".into(),
-        ];
-        procs.0.push(spawn_in(
+        procs.0.push(start_etcd(
             &sandbox.netns,
             &etcd,
-            &args,
-            &root.join(format!("etcd-c{i}.log")),
+            &format!("c{i}"),
+            client_port(i),
+            &root,
         )?);
     }
     for i in 1..=CLUSTERS {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], client_port(i)));
-        net::wait_for(&format!("etcd c{i}"), Duration::from_secs(20), || {
-            net::in_netns(&sandbox.netns, || {
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).map(drop)
-            })
-            .map_err(|e| format!("{e:#}"))?
-            .map_err(|e| e.to_string())
-        })?;
+        wait_listening(&sandbox.netns, client_port(i))?;
     }
     let mut rows = Vec::new();
 
@@ -360,29 +407,7 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
     let mut agent = Procs(vec![agent]);
     let expected = u64::from(CLUSTERS) * u64::from(small_services) * u64::from(small_backends);
     wait_programmed(&socket, u64::from(CLUSTERS), expected, Duration::from_secs(60))?;
-    let args: Vec<String> = vec![
-        "converge".into(),
-        "--etcd".into(),
-        fleet.urls().join(","),
-        "--agent-socket".into(),
-        socket.display().to_string(),
-        "--changes".into(),
-        CHANGES.to_string(),
-        "--backends".into(),
-        small_backends.to_string(),
-    ];
-    let out = util::run(net::in_netns_cmd(&sandbox.netns, &fleet.fleet_bin).args(&args))?;
-    let v: Value = out
-        .lines()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        .context("fleet_scale converge printed nothing")?;
-    let mut ms: Vec<f64> = v["ms"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_f64)
-        .collect();
-    ms.sort_by(f64::total_cmp);
+    let ms = fleet.converge(&socket, small_backends)?;
     let (p50, p99) = (pct(&ms, 0.5), pct(&ms, 0.99));
     println!(
         "  convergence over {} changes: p50 {p50:.1} ms, p99 {p99:.1} ms",
@@ -399,38 +424,14 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
 
     // 1b. The same through KVStoreMesh: the agent's cluster's clustermesh-apiserver mirrors the ten clusters into
     // the cluster's own etcd, and the agent reads them all from there.
-    let local_etcd: Vec<String> = vec![
-        "--name".into(),
-        "local".into(),
-        "--data-dir".into(),
-        root.join("etcd-local").display().to_string(),
-        "--listen-client-urls".into(),
-        format!("http://127.0.0.1:{LOCAL_ETCD_PORT}"),
-        "--advertise-client-urls".into(),
-        format!("http://127.0.0.1:{LOCAL_ETCD_PORT}"),
-        "--listen-peer-urls".into(),
-        format!("http://127.0.0.1:{}", LOCAL_ETCD_PORT + 1),
-        "--initial-advertise-peer-urls".into(),
-        format!("http://127.0.0.1:{}", LOCAL_ETCD_PORT + 1),
-        "--initial-cluster".into(),
-        format!("local=http://127.0.0.1:{}", LOCAL_ETCD_PORT + 1),
-        "--log-level".into(),
-        "error".into(),
-    ];
-    let mut cache = Procs(vec![spawn_in(
+    let mut cache = Procs(vec![start_etcd(
         &sandbox.netns,
         &etcd,
-        &local_etcd,
-        &root.join("etcd-local.log"),
+        "local",
+        LOCAL_ETCD_PORT,
+        &root,
     )?]);
-    let local_addr = std::net::SocketAddr::from(([127, 0, 0, 1], LOCAL_ETCD_PORT));
-    net::wait_for("the local etcd", Duration::from_secs(20), || {
-        net::in_netns(&sandbox.netns, || {
-            std::net::TcpStream::connect_timeout(&local_addr, Duration::from_millis(200)).map(drop)
-        })
-        .map_err(|e| format!("{e:#}"))?
-        .map_err(|e| e.to_string())
-    })?;
+    wait_listening(&sandbox.netns, LOCAL_ETCD_PORT)?;
     let mirror_dir = fleet.peer_dir("kvstoremesh-apiserver", false)?;
     let apiserver_args: Vec<String> = vec![
         "--cluster-name".into(),
@@ -456,22 +457,7 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
     let agent_pid = agent_child.id();
     agent = Procs(vec![agent_child]);
     wait_programmed(&socket, u64::from(CLUSTERS), expected, Duration::from_secs(60))?;
-    let mut args = args;
-    if let Some(i) = args.iter().position(|a| a == "--agent-socket") {
-        args[i + 1] = socket.display().to_string();
-    }
-    let out = util::run(net::in_netns_cmd(&sandbox.netns, &fleet.fleet_bin).args(&args))?;
-    let v: Value = out
-        .lines()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        .context("fleet_scale converge printed nothing")?;
-    let mut via: Vec<f64> = v["ms"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_f64)
-        .collect();
-    via.sort_by(f64::total_cmp);
+    let via = fleet.converge(&socket, small_backends)?;
     let (v50, v99) = (pct(&via, 0.5), pct(&via, 0.99));
     // Who holds connections to the ten clusters' etcds now: the agent should hold none, the mirror one each.
     let ss = util::run(std::process::Command::new("ip").args([
