@@ -322,6 +322,12 @@ pub fn agent_get(socket: &Path, path: &str) -> Result<String> {
     Ok(buf.split_once("\r\n\r\n").context("not HTTP")?.1.to_owned())
 }
 
+/// The status of `node`'s agent (`None` when the node or its agent does not answer), from a lab status.
+#[must_use]
+pub fn node_status(status: &Value, node: &str) -> Option<Value> {
+    agent_socket(status, node).and_then(|s| agent_status(&s).ok())
+}
+
 /// The agent socket of `node`, from a lab status.
 #[must_use]
 pub fn agent_socket(status: &Value, node: &str) -> Option<PathBuf> {

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use std::net::TcpStream;
 
 use fleetmesh_tests::{
-    Lab, PodInfo, agent_socket, agent_status, cluster_ip, eventually, example, pods, stream_ask, tcp_connect,
-    tcp_line, write_manifest,
+    Lab, PodInfo, agent_socket, agent_status, cluster_ip, eventually, example, node_status, pods, stream_ask,
+    tcp_connect, tcp_line, write_manifest,
 };
 use serde_json::Value;
 
@@ -55,6 +55,18 @@ impl Traffic {
         }
     }
 
+    /// Stops, and asserts that more than `min_probes` probes ran and none failed.
+    fn assert_flowed(self, min_probes: u64) {
+        let (probes, failures) = self.finish();
+        assert!(probes > min_probes, "traffic ran ({probes} probes)");
+        assert!(
+            failures.is_empty(),
+            "unrelated traffic failed {} of {probes} times: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+    }
+
     /// Stops and returns (probes, failures).
     fn finish(mut self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
@@ -76,8 +88,7 @@ impl Drop for Traffic {
 }
 
 fn remote_state(status: &Value, node: &str, remote: &str) -> String {
-    agent_socket(status, node)
-        .and_then(|s| agent_status(&s).ok())
+    node_status(status, node)
         .and_then(|st| {
             st["remoteClusters"]
                 .as_array()?
@@ -151,14 +162,7 @@ fn peer_etcd_and_apiserver_restarts_keep_unrelated_traffic_flowing() {
 
     // (Malformed values in a peer's etcd are covered against real etcd in mesh-agent/tests/remote.rs.)
 
-    let (probes, failures) = traffic.finish();
-    assert!(probes > 20, "traffic ran ({probes} probes)");
-    assert!(
-        failures.is_empty(),
-        "unrelated traffic failed {} of {probes} times: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    traffic.assert_flowed(20);
 }
 
 #[test]
@@ -215,19 +219,12 @@ fn cut_cluster_fails_over_and_comes_back() {
             .is_ok_and(|l| l.starts_with("west/"))),
         "west's backends return"
     );
-    let (probes, failures) = traffic.finish();
-    assert!(probes > 20, "traffic ran ({probes} probes)");
-    assert!(
-        failures.is_empty(),
-        "unrelated traffic failed {} of {probes} times: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    traffic.assert_flowed(20);
 }
 
 /// The echo service's active backend addresses on `node` (its TCP frontend).
 fn active_backends(status: &Value, node: &str) -> Vec<String> {
-    let Some(st) = agent_socket(status, node).and_then(|s| agent_status(&s).ok()) else {
+    let Some(st) = node_status(status, node) else {
         return Vec::new();
     };
     let mut out: Vec<String> = st["datapath"]["services"]
@@ -306,14 +303,7 @@ fn agent_killed_under_traffic_keeps_flows_and_removes_what_was_deleted_while_it_
         let line = tcp_line(&client.netns, &vip, 80).unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
         assert_ne!(line, gone.id, "a new connection reached the deleted backend");
     }
-    let (probes, failures) = traffic.finish();
-    assert!(probes > 10, "traffic ran ({probes} probes)");
-    assert!(
-        failures.is_empty(),
-        "unrelated traffic failed {} of {probes} times: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    traffic.assert_flowed(10);
 }
 
 /// `etcdctl` against west's etcd from the lab's underlay, with west's material `cert` (`admin`, `remote`) or none.
@@ -386,8 +376,7 @@ fn peer_etcd_refuses_strangers_and_malformed_values_or_duplicate_ids_disturb_not
         assert!(ok, "{out}");
     }
     let decode_errors = |node: &str| -> u64 {
-        agent_socket(&status, node)
-            .and_then(|s| agent_status(&s).ok())
+        node_status(&status, node)
             .and_then(|st| {
                 st["remoteClusters"]
                     .as_array()
@@ -491,12 +480,5 @@ fn peer_etcd_refuses_strangers_and_malformed_values_or_duplicate_ids_disturb_not
     assert_eq!(before, after, "nothing was changed");
     assert!(every_agent_synced_with(&status, "west"));
 
-    let (probes, failures) = traffic.finish();
-    assert!(probes > 10, "traffic ran ({probes} probes)");
-    assert!(
-        failures.is_empty(),
-        "unrelated traffic failed {} of {probes} times: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    traffic.assert_flowed(10);
 }

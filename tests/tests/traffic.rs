@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use fleetmesh_tests::{
-    Lab, agent_socket, agent_status, cluster_ip, eventually, example, in_netns, pods, write_manifest,
+    Lab, agent_socket, cluster_ip, eventually, example, in_netns, node_status, pods, write_manifest,
 };
 
 /// Connections per measurement.
@@ -61,7 +61,7 @@ fn assert_near(shares: &BTreeMap<String, f64>, key: &str, want: f64, what: &str)
 
 /// The echo service as `node`'s agent reports it.
 fn echo_view(status: &serde_json::Value, node: &str) -> serde_json::Value {
-    let Some(st) = agent_socket(status, node).and_then(|s| agent_status(&s).ok()) else {
+    let Some(st) = node_status(status, node) else {
         return serde_json::Value::Null;
     };
     st["datapath"]["services"]
@@ -75,7 +75,7 @@ fn echo_view(status: &serde_json::Value, node: &str) -> serde_json::Value {
 
 /// The TrafficPolicy states `node`'s agent reports, by name.
 fn policy_states(status: &serde_json::Value, node: &str) -> BTreeMap<String, (String, String)> {
-    let Some(st) = agent_socket(status, node).and_then(|s| agent_status(&s).ok()) else {
+    let Some(st) = node_status(status, node) else {
         return BTreeMap::new();
     };
     st["datapath"]["trafficPolicies"]
@@ -318,8 +318,7 @@ fn drive(netns: &str, vip: &str, n: usize) -> (BTreeMap<String, usize>, usize) {
 
 /// The state of rollout `name` as `node`'s agent reports it.
 fn rollout_state(status: &serde_json::Value, node: &str, name: &str) -> serde_json::Value {
-    agent_socket(status, node)
-        .and_then(|s| agent_status(&s).ok())
+    node_status(status, node)
         .and_then(|st| {
             st["datapath"]["rollouts"]
                 .as_array()
