@@ -2,67 +2,30 @@
 //! API server (kmock's emulator, `mesh-k8s/tests/fixtures/kube_emulator.py`, over HTTP through a kubeconfig) and
 //! land in a real etcd; the daemon fails at start, saying why, when the API server is unreachable.
 
-use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
 use mesh_kvstore::{Keys, NodeRecord};
-use mesh_testkit::{Etcd, eventually, log_tail};
+use mesh_testkit::{Etcd, KubeEmulator, eventually, log_tail};
 
 // ---------------------------------------------------------------------------------------------------------------
 // The Kubernetes API emulator
 // ---------------------------------------------------------------------------------------------------------------
 
 /// kmock's emulator as a child process (killed on drop); commands go over its stdin, one JSON line each.
-struct KubeApi {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    port: u16,
-}
+struct KubeApi(KubeEmulator);
 
 impl KubeApi {
     fn start() -> Self {
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../mesh-k8s/tests/fixtures/kube_emulator.py"
-        );
-        let mut child = Command::new("python3")
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run python3 {script}: {e}"));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read the emulator's port");
-        let port = line
-            .trim()
-            .strip_prefix("PORT ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| {
-                panic!("the emulator did not start (said {line:?}); `cargo xtask setup` installs kmock")
-            });
-        Self {
-            child,
-            stdin,
-            stdout,
-            port,
-        }
+        Self(KubeEmulator::start(&[]))
     }
 
     fn command(&mut self, cmd: &str) {
-        writeln!(self.stdin, "{cmd}").expect("send a command to the emulator");
-        self.stdin.flush().expect("flush");
-        let mut line = String::new();
-        self.stdout
-            .read_line(&mut line)
-            .expect("read the emulator's answer");
-        assert!(line.contains(r#""ok": true"#), "{cmd} failed: {line}");
+        let cmd: serde_json::Value = serde_json::from_str(cmd).expect("a JSON command");
+        self.0.command(&cmd);
     }
 
     fn add_node(&mut self, (name, cidr, ip): NodeSpec) {
@@ -73,13 +36,6 @@ impl KubeApi {
 
     fn delete_node(&mut self, name: &str) {
         self.command(&format!(r#"{{"op": "delete", "path": "/api/v1/nodes/{name}"}}"#));
-    }
-}
-
-impl Drop for KubeApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -186,7 +142,7 @@ async fn publishes_the_nodes_of_the_kubernetes_api() {
     kube.add_node(N1);
     kube.add_node(N2);
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = kubeconfig(dir.path(), &format!("http://127.0.0.1:{}", kube.port));
+    let config = kubeconfig(dir.path(), &format!("http://127.0.0.1:{}", kube.0.port));
     let log = dir.path().join("apiserver.log");
     let _api = Apiserver {
         child: Apiserver::command(&config, &etcd.url(), &log)

@@ -7,25 +7,19 @@
 //! and serves `PATCH .../NAME/status` as a merge patch of the whole object, without subresource semantics (so the
 //! tests check that the status writer's patches hold nothing but `status`).
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use mesh_k8s::{Scope, watch_kubernetes};
 use mesh_model::source::Snapshot;
+use mesh_testkit::KubeEmulator;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
 /// How long a change may take to show up in a snapshot.
 const DEADLINE: Duration = Duration::from_secs(20);
 
-/// The emulator as a child process; killed on drop.
-struct Emulator {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    port: u16,
-}
+/// The emulator (`mesh_testkit::KubeEmulator`) with this test's helpers.
+struct Emulator(KubeEmulator);
 
 impl Emulator {
     fn start() -> Self {
@@ -34,52 +28,16 @@ impl Emulator {
 
     /// With the fixture's arguments (e.g. `--without RESOURCE`).
     fn start_with(args: &[&str]) -> Self {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kube_emulator.py");
-        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
-        let mut child = Command::new(&python)
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {python} {script}: {e}"));
-        let stdin = child.stdin.take().expect("piped stdin");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read the emulator's port");
-        let port = line
-            .trim()
-            .strip_prefix("PORT ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "the emulator did not start (said {line:?}); is kmock installed? `cargo xtask setup` or \
-                     `pip install kmock`"
-                )
-            });
-        Self {
-            child,
-            stdin,
-            stdout,
-            port,
-        }
+        Self(KubeEmulator::start(args))
     }
 
     fn client(&self) -> kube::Client {
-        let url = format!("http://127.0.0.1:{}", self.port).parse().expect("url");
+        let url = format!("http://127.0.0.1:{}", self.0.port).parse().expect("url");
         kube::Client::try_from(kube::Config::new(url)).expect("client")
     }
 
     fn command(&mut self, cmd: &Value) -> Value {
-        writeln!(self.stdin, "{cmd}").expect("send a command to the emulator");
-        self.stdin.flush().expect("flush");
-        let mut line = String::new();
-        self.stdout
-            .read_line(&mut line)
-            .expect("read the emulator's answer");
-        let answer: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {line:?}: {e}"));
-        assert_eq!(answer["ok"], true, "{cmd} failed: {answer}");
-        answer
+        self.0.command(cmd)
     }
 
     fn create(&mut self, object: &Value) {
@@ -112,13 +70,6 @@ impl Emulator {
     fn requests(&mut self) -> Vec<Value> {
         let answer = self.command(&json!({"op": "requests"}));
         answer["requests"].as_array().cloned().unwrap_or_default()
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -520,7 +471,7 @@ async fn unreachable_api_server_is_a_clear_error() {
 #[tokio::test]
 async fn connect_reads_the_server_version() {
     let em = Emulator::start();
-    let url = format!("http://127.0.0.1:{}", em.port);
+    let url = format!("http://127.0.0.1:{}", em.0.port);
     let client = mesh_k8s::connect_with(kube::Config::new(url.parse().expect("url")))
         .await
         .expect("the emulator answers /version");

@@ -186,3 +186,75 @@ impl Drop for Etcd {
 pub fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
 }
+
+/// The kmock Kubernetes API emulator (`mesh-k8s/tests/fixtures/kube_emulator.py`, PyPI `kmock`, which
+/// `cargo xtask setup` installs) as a child process on a loopback port; killed on drop. Commands are JSON lines on
+/// its stdin (see the fixture), answered by one JSON line.
+pub struct KubeEmulator {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    /// Its HTTP port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl KubeEmulator {
+    /// Starts the emulator with the fixture's arguments (e.g. `--without RESOURCE`); `$PYTHON` or `python3` runs it.
+    pub fn start(args: &[&str]) -> Self {
+        use std::io::BufRead as _;
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../mesh-k8s/tests/fixtures/kube_emulator.py"
+        );
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+        let mut child = Command::new(&python)
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {python} {script}: {e}"));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read the emulator's port");
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "the emulator did not start (said {line:?}); is kmock installed? `cargo xtask setup` or \
+                     `pip install kmock`"
+                )
+            });
+        Self {
+            child,
+            stdin,
+            stdout,
+            port,
+        }
+    }
+
+    /// Sends one command and returns the answer; panics unless the emulator answers `"ok": true`.
+    pub fn command(&mut self, cmd: &serde_json::Value) -> serde_json::Value {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.stdin, "{cmd}").expect("send a command to the emulator");
+        self.stdin.flush().expect("flush");
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("read the emulator's answer");
+        let answer: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("answer {line:?}: {e}"));
+        assert_eq!(answer["ok"], true, "{cmd} failed: {answer}");
+        answer
+    }
+}
+
+impl Drop for KubeEmulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
