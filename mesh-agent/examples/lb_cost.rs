@@ -341,6 +341,7 @@ fn endpoint(ip: Ipv4Addr) -> LocalEndpoint {
         identity: 7,
         pod_mac: pod_mac_for_ipv4(ip.octets()),
         host_mac: HOST_MAC,
+        ..Default::default()
     }
 }
 

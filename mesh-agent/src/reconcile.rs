@@ -293,6 +293,7 @@ impl Reconciler {
                     identity: 0,
                     pod_mac: pod_mac_for_ipv4(d.ipv4.octets()),
                     host_mac,
+                    ..LocalEndpoint::default()
                 };
                 if current.get(&d.ipv4) != Some(&ep) {
                     self.dp

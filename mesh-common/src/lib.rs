@@ -28,6 +28,17 @@ pub mod maps {
     pub const CT_V4: &str = "CT_V4";
     /// `LruPerCpuHashMap<u32, BackendStats>`: per backend id, what the datapath saw of its flows.
     pub const LB_BACKEND_STATS: &str = "LB_BACKEND_STATS";
+    /// `HashMap<PolicyKey, PolicyEntry>`: the compiled policy of every local endpoint, one table per
+    /// [`crate::LocalEndpoint::policy_id`].
+    pub const POLICY: &str = "POLICY";
+    /// `HashMap<u32, TunnelPeer>`: underlay IPv4 (HOST byte order, as the tunnel key reports it) of every known
+    /// node of every cluster → its cluster, so an overlay packet's source identity is complete without trusting
+    /// more than the 24-bit VNI.
+    pub const TUNNEL_PEERS: &str = "TUNNEL_PEERS";
+    /// `RingBuf` of [`crate::FlowEvent`]s (policy verdicts, LB drops), rate-limited per CPU.
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    /// `PerCpuArray<FlowRate>` with one element: each CPU's token bucket for flow events.
+    pub const FLOW_RATE: &str = "FLOW_RATE";
 }
 
 /// Program names in the eBPF object.
@@ -56,6 +67,16 @@ pub const BACKEND_STATS_MAX_ENTRIES: u32 = 64 * 1024;
 /// connection coming from here, and its replies come back through the datapath (Cilium uses the same idea).
 pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 42, 1];
 
+/// Capacity of the policy map (all local endpoints' compiled policies together, two generations while one is
+/// being replaced).
+pub const POLICY_MAX_ENTRIES: u32 = 512 * 1024;
+/// Capacity of the tunnel peer map (nodes of all clusters).
+pub const TUNNEL_PEERS_MAX_ENTRIES: u32 = 256 * 1024;
+/// Size of the flow event ring buffer in bytes (a power of two, a multiple of the page size).
+pub const FLOW_EVENTS_BYTES: u32 = 1 << 20;
+/// Flow events each CPU may emit per second when [`NodeConfig::flow_events_per_sec`] is 0.
+pub const DEFAULT_FLOW_EVENTS_PER_SEC: u32 = 2000;
+
 /// Capacity of the local endpoint map (pods on one node).
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 4096;
 /// UDP port of the VXLAN overlay.
@@ -64,6 +85,155 @@ pub const VXLAN_PORT: u16 = 4789;
 pub const POD_MTU: u32 = 1450;
 /// The VNI is 24 bits on the wire; larger values are silently truncated by the kernel.
 pub const VNI_MASK: u32 = 0x00ff_ffff;
+
+/// Security identity layout.
+///
+/// An identity is a `u32`: the owning cluster's id (12 bits, 1-4095) above a per-cluster number (20 bits), so
+/// two clusters can never hand out the same identity and every cluster has over a million numbers. Only the
+/// per-cluster number travels in the VXLAN VNI (24 bits, see DATAPATH-FACTS: larger values are truncated); the
+/// receiver takes the cluster from the outer source address (its [`maps::TUNNEL_PEERS`] entry).
+///
+/// Cluster 0 holds the reserved identities and the node-local CIDR identities (policy `ipBlock`s).
+pub mod identity {
+    /// Bits of the per-cluster number.
+    pub const LOCAL_BITS: u32 = 20;
+    /// Mask of the per-cluster number.
+    pub const LOCAL_MASK: u32 = (1 << LOCAL_BITS) - 1;
+    /// Not an identity: "any peer" in policy keys, "not allocated yet" on endpoints.
+    pub const ANY: u32 = 0;
+    /// The node itself (host network).
+    pub const HOST: u32 = 1;
+    /// An address outside the mesh that no `ipBlock` names.
+    pub const WORLD: u32 = 2;
+    /// An address inside a mesh pod prefix whose identity has not been synced yet (or an overlay packet from an
+    /// unknown node or without an identity). Never treated as [`WORLD`]: only policies that allow any peer
+    /// admit it, and the drop has its own reason (`drop_policy_identity_pending`).
+    pub const PENDING: u32 = 3;
+    /// First per-cluster number handed out by a cluster's allocator (below: reserved).
+    pub const FIRST_ALLOCATED: u32 = 256;
+    /// First node-local CIDR identity (cluster 0, allocated by each agent for the prefixes its policies name).
+    pub const FIRST_CIDR: u32 = 0x1_0000;
+
+    /// The identity of per-cluster number `local` in cluster `cluster_id`.
+    #[must_use]
+    pub const fn compose(cluster_id: u16, local: u32) -> u32 {
+        ((cluster_id as u32) << LOCAL_BITS) | (local & LOCAL_MASK)
+    }
+
+    /// The cluster part (0 for reserved and CIDR identities).
+    #[must_use]
+    pub const fn cluster(identity: u32) -> u16 {
+        (identity >> LOCAL_BITS) as u16
+    }
+
+    /// The per-cluster number (what the VNI carries).
+    #[must_use]
+    pub const fn local(identity: u32) -> u32 {
+        identity & LOCAL_MASK
+    }
+}
+
+/// Policy direction, as in [`PolicyKey::dir`] and [`FlowEvent::dir`].
+pub mod policy_dir {
+    /// Traffic arriving at the endpoint.
+    pub const INGRESS: u8 = 1;
+    /// Traffic the endpoint sends.
+    pub const EGRESS: u8 = 2;
+}
+
+/// Flag bits of [`LocalEndpoint::policy_flags`].
+pub mod policy_flags {
+    /// A policy selects the endpoint for ingress: what its table does not allow is dropped.
+    pub const INGRESS_ENFORCED: u32 = 1 << 0;
+    /// A policy selects the endpoint for egress.
+    pub const EGRESS_ENFORCED: u32 = 1 << 1;
+}
+
+/// Key of [`maps::POLICY`]. Lookup order (most specific first; the first hit allows, a miss everywhere drops):
+/// peer identity, then [`identity::ANY`]; within each, the port prefix lengths present in the endpoint's bitmap
+/// from 16 (exact port) down to 0 (any port) with the packet's protocol; last the any-protocol entry (plen 0,
+/// proto 0). Port ranges are stored as aligned power-of-two blocks (`port_plen` leading bits of `port`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    /// [`LocalEndpoint::policy_id`] of the endpoint whose table this is.
+    pub policy_id: u32,
+    /// Peer identity; [`identity::ANY`] matches every peer.
+    pub identity: u32,
+    /// Destination port, HOST byte order, with the bits below `port_plen` cleared.
+    pub port: u16,
+    /// [`proto`] number; 0 = any protocol (then `port_plen` is 0).
+    pub proto: u8,
+    /// [`policy_dir`] value.
+    pub dir: u8,
+    /// How many leading bits of `port` are significant (0-16).
+    pub port_plen: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`maps::POLICY`]: an allow entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyEntry {
+    /// Which rule allowed it (an index the agent can explain; reported in flow events).
+    pub rule: u32,
+    pub _pad: u32,
+}
+
+/// Value of [`maps::TUNNEL_PEERS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelPeer {
+    pub cluster_id: u16,
+    pub _pad0: u16,
+    pub _pad1: u32,
+}
+
+/// Verdict of a [`FlowEvent`].
+pub mod flow_verdict {
+    pub const FORWARDED: u8 = 1;
+    pub const DROPPED: u8 = 2;
+}
+
+/// A flow event (ring buffer record). Emitted for the first packet of every flow a policy allowed, for every
+/// packet a policy or the load balancer dropped, as far as the per-CPU rate limit lets them through.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns` (monotonic since boot).
+    pub timestamp_ns: u64,
+    /// Source and destination as policy saw them (pod addresses: after service translation, before reply
+    /// translation), network order.
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// NETWORK byte order; 0 for protocols without ports.
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// [`PolicyEntry::rule`] that allowed the flow, 0 otherwise.
+    pub rule: u32,
+    /// Interface the packet arrived on.
+    pub ifindex: u32,
+    /// [`proto`] number.
+    pub proto: u8,
+    /// [`flow_verdict`] value.
+    pub verdict: u8,
+    /// The [`Counter`] index of a drop's reason (or of the forwarding decision).
+    pub reason: u8,
+    /// [`policy_dir`] value of the policy that decided, 0 for load-balancer drops.
+    pub dir: u8,
+}
+
+/// Per-CPU token bucket for flow events (element 0 of [`maps::FLOW_RATE`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowRate {
+    /// Tokens left (one per event), refilled at the configured rate up to one second's worth.
+    pub tokens: u64,
+    /// When the bucket was last refilled (`bpf_ktime_get_ns`).
+    pub last_ns: u64,
+}
 
 /// Key of an IPv4 LPM map: the address bytes in network order. aya wraps it with the prefix length.
 pub type LpmKeyV4 = [u8; 4];
@@ -86,7 +256,7 @@ pub struct IpcacheEntry {
     /// Underlay IPv4 address of the node that hosts the prefix, in HOST byte order (what
     /// `bpf_skb_set_tunnel_key` takes in `remote_ipv4`). 0 when the prefix is not behind a tunnel.
     pub tunnel_endpoint: u32,
-    /// Security identity of the prefix (0 = not known yet; identities arrive with the policy work).
+    /// Security identity of the prefix ([`identity::PENDING`] or 0 while not synced).
     pub identity: u32,
     /// Cluster id of the cluster that owns the prefix.
     pub cluster_id: u16,
@@ -109,6 +279,15 @@ pub struct LocalEndpoint {
     pub pod_mac: [u8; 6],
     /// MAC of the host side of the veth (source MAC on delivery; the pod's gateway MAC).
     pub host_mac: [u8; 6],
+    /// The endpoint's policy table in [`maps::POLICY`]. A policy change writes a new table under a new id, then
+    /// switches this field with one map update (no half-written policy is ever in force), then deletes the old.
+    pub policy_id: u32,
+    /// [`policy_flags`] bits; a direction without its flag allows everything.
+    pub policy_flags: u32,
+    /// Bit n set: the ingress table has entries with `port_plen` n (lookups skip the others).
+    pub ingress_plens: u32,
+    /// Bit n set: the egress table has entries with `port_plen` n.
+    pub egress_plens: u32,
 }
 
 /// This node's datapath settings (element 0 of [`maps::NODE_CONFIG`]).
@@ -122,7 +301,8 @@ pub struct NodeConfig {
     /// This node's cluster id.
     pub cluster_id: u16,
     pub _pad0: u16,
-    pub _pad1: u32,
+    /// Flow events per second and CPU; 0 = [`DEFAULT_FLOW_EVENTS_PER_SEC`].
+    pub flow_events_per_sec: u32,
 }
 
 /// Per-CPU counters: index into [`maps::COUNTERS`]. Forward verdicts first, then drop reasons.
@@ -153,11 +333,25 @@ pub enum Counter {
     LbTranslated = 10,
     /// Dropped: the service has no backend (or its slot table is inconsistent).
     DropNoBackend = 11,
+    /// Allowed by a policy entry (a packet of an endpoint with an enforced policy).
+    PolicyAllowed = 12,
+    /// Allowed as the reply of a flow a policy allowed (connection tracking).
+    PolicyReply = 13,
+    /// Dropped by ingress policy.
+    DropPolicyIngress = 14,
+    /// Dropped by egress policy.
+    DropPolicyEgress = 15,
+    /// Dropped by policy, and the peer's identity was [`identity::PENDING`] (not synced yet).
+    DropPolicyPending = 16,
+    /// A flow event was not emitted: the CPU's rate limit was used up.
+    FlowEventsSuppressed = 17,
+    /// A flow event was not emitted: the ring buffer was full (the agent is not reading fast enough).
+    FlowEventsLost = 18,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 19] = [
         Counter::FwdLocal,
         Counter::FwdTunnel,
         Counter::PassStack,
@@ -170,6 +364,13 @@ impl Counter {
         Counter::LbNewFlow,
         Counter::LbTranslated,
         Counter::DropNoBackend,
+        Counter::PolicyAllowed,
+        Counter::PolicyReply,
+        Counter::DropPolicyIngress,
+        Counter::DropPolicyEgress,
+        Counter::DropPolicyPending,
+        Counter::FlowEventsSuppressed,
+        Counter::FlowEventsLost,
     ];
 
     /// Stable name used in status output and metrics.
@@ -188,7 +389,37 @@ impl Counter {
             Counter::LbNewFlow => "lb_new_flow",
             Counter::LbTranslated => "lb_translated",
             Counter::DropNoBackend => "drop_no_backend",
+            Counter::PolicyAllowed => "policy_allowed",
+            Counter::PolicyReply => "policy_reply",
+            Counter::DropPolicyIngress => "drop_policy_ingress",
+            Counter::DropPolicyEgress => "drop_policy_egress",
+            Counter::DropPolicyPending => "drop_policy_identity_pending",
+            Counter::FlowEventsSuppressed => "flow_events_suppressed",
+            Counter::FlowEventsLost => "flow_events_lost",
         }
+    }
+
+    /// The counter with index `i` (as carried in [`FlowEvent::reason`]).
+    #[must_use]
+    pub fn from_index(i: u32) -> Option<Counter> {
+        Counter::ALL.get(i as usize).copied()
+    }
+
+    /// Whether this counter records a drop.
+    #[must_use]
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Counter::DropMalformed
+                | Counter::DropNoEndpoint
+                | Counter::DropNoTunnelKey
+                | Counter::DropHelper
+                | Counter::DropNoTunnel
+                | Counter::DropNoBackend
+                | Counter::DropPolicyIngress
+                | Counter::DropPolicyEgress
+                | Counter::DropPolicyPending
+        )
     }
 }
 
@@ -274,6 +505,9 @@ pub struct RevNatV4 {
 
 /// Direction of a conntrack entry.
 pub mod ct_dir {
+    /// Key is the original tuple of a flow a policy allowed (pod addresses, after service translation): packets
+    /// of the reverse tuple are replies and pass policy.
+    pub const POLICY: u8 = 3;
     /// Key is the client's original tuple (client → VIP:port): the entry says which backend serves the flow.
     pub const SERVICE: u8 = 1;
     /// Key is the reply tuple (backend → client): the entry says how to translate the reply back.
@@ -354,11 +588,21 @@ mod pod {
     unsafe impl aya::Pod for super::CtEntryV4 {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::BackendStats {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::PolicyEntry {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::TunnelPeer {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::FlowEvent {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::FlowRate {}
 }
 
 // The structs must have no implicit padding: their sizes equal the sum of their fields.
 const _: () = assert!(core::mem::size_of::<IpcacheEntry>() == 4 + 4 + 2 + 1 + 1 + 4);
-const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 4 + 4 + 6 + 6);
+const _: () = assert!(core::mem::size_of::<LocalEndpoint>() == 4 + 4 + 6 + 6 + 4 * 4);
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 4 + 4 + 2 + 2 + 4);
 const _: () = assert!(core::mem::size_of::<ServiceKeyV4>() == 4 + 2 + 1 + 1);
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 4 + 4 + 4 + 2 + 2);
@@ -368,6 +612,14 @@ const _: () = assert!(core::mem::size_of::<RevNatV4>() == 4 + 2 + 2);
 const _: () = assert!(core::mem::size_of::<CtKeyV4>() == 4 + 4 + 2 + 2 + 1 + 1 + 2);
 const _: () = assert!(core::mem::size_of::<CtEntryV4>() == 4 + 2 + 2 + 4 + 4 + 4);
 const _: () = assert!(core::mem::size_of::<BackendStats>() == 8 + 8);
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 4 + 4 + 2 + 1 + 1 + 1 + 3);
+const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 4 + 4);
+const _: () = assert!(core::mem::size_of::<TunnelPeer>() == 2 + 2 + 4);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 8 + 4 + 4 + 2 + 2 + 4 + 4 + 4 + 4 + 1 + 1 + 1 + 1);
+const _: () = assert!(core::mem::size_of::<FlowRate>() == 8 + 8);
+// Every identity of the largest cluster id fits in the key, and its per-cluster number in the VNI.
+const _: () = assert!(identity::cluster(identity::compose(4095, identity::LOCAL_MASK)) == 4095);
+const _: () = assert!(identity::LOCAL_MASK <= VNI_MASK);
 
 /// Pod MAC convention shared by the lab and the agent: `0a:58:` followed by the pod's IPv4 address (the same
 /// convention OVN-Kubernetes uses), so the agent knows a pod's MAC without entering its namespace.
@@ -388,6 +640,16 @@ mod tests {
                 assert_ne!(c.name(), other.name());
             }
         }
+    }
+
+    #[test]
+    fn identity_layout_round_trips_and_keeps_clusters_apart() {
+        let a = identity::compose(1, 300);
+        let b = identity::compose(2, 300);
+        assert_ne!(a, b);
+        assert_eq!((identity::cluster(a), identity::local(a)), (1, 300));
+        assert_eq!(identity::cluster(identity::WORLD), 0);
+        assert!(identity::compose(1, identity::FIRST_ALLOCATED) > identity::FIRST_CIDR);
     }
 
     #[test]

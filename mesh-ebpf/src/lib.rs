@@ -368,6 +368,7 @@ mod tests {
             identity,
             pod_mac: mesh_common::pod_mac_for_ipv4(ip),
             host_mac: [0xee, 0xee, 0, 0, 0, u8::try_from(ifindex).unwrap()],
+            ..Default::default()
         }
     }
 

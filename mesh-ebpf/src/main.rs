@@ -18,14 +18,15 @@ mod bpf {
         },
         helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
         macros::{classifier, map},
-        maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
+        maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
         programs::TcContext,
     };
     use mesh_common::{
         BACKEND_STATS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BackendStats, BackendV4, COUNTER_COUNT,
-        CT_MAX_ENTRIES, Counter, CtEntryV4, CtKeyV4, ENDPOINTS_MAX_ENTRIES, EndpointKeyV4,
-        IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig, REVNAT_MAX_ENTRIES,
-        RevNatV4, SERVICES_MAX_ENTRIES, SLOTS_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SlotKey,
+        CT_MAX_ENTRIES, Counter, CtEntryV4, CtKeyV4, ENDPOINTS_MAX_ENTRIES, EndpointKeyV4, FLOW_EVENTS_BYTES,
+        FlowRate, IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig,
+        POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, REVNAT_MAX_ENTRIES, RevNatV4, SERVICES_MAX_ENTRIES,
+        SLOTS_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SlotKey, TUNNEL_PEERS_MAX_ENTRIES, TunnelPeer,
     };
     use mesh_ebpf::{
         Drop, ETH_HLEN, Forward, Frame, IPV4_CSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, Ipv4Header,
@@ -71,6 +72,24 @@ mod bpf {
     #[map(name = "LB_BACKEND_STATS")]
     static LB_BACKEND_STATS: LruPerCpuHashMap<u32, BackendStats> =
         LruPerCpuHashMap::with_max_entries(BACKEND_STATS_MAX_ENTRIES, 0);
+
+    /// Compiled policies of the local endpoints (see `mesh_common::PolicyKey` for the lookup order).
+    #[map(name = "POLICY")]
+    static POLICY: HashMap<PolicyKey, PolicyEntry> =
+        HashMap::with_max_entries(POLICY_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+    /// Underlay address of every known node → its cluster (completes the identity carried in the VNI).
+    #[map(name = "TUNNEL_PEERS")]
+    static TUNNEL_PEERS: HashMap<u32, TunnelPeer> =
+        HashMap::with_max_entries(TUNNEL_PEERS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+    /// Flow events for the agent (`meshctl observe`).
+    #[map(name = "FLOW_EVENTS")]
+    static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
+
+    /// Per-CPU token bucket that limits flow events.
+    #[map(name = "FLOW_RATE")]
+    static FLOW_RATE: PerCpuArray<FlowRate> = PerCpuArray::with_max_entries(1, 0);
 
     /// Adds `outcome` to the statistics of `backend_id` (this CPU's copy).
     #[inline(always)]

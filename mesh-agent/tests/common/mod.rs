@@ -32,6 +32,7 @@ pub fn endpoint(ip: Ipv4Addr, ifindex: u32, identity: u32) -> LocalEndpoint {
         identity,
         pod_mac: pod_mac_for_ipv4(ip.octets()),
         host_mac: HOST_MAC,
+        ..Default::default()
     }
 }
 
@@ -176,6 +177,7 @@ impl Lab {
                 identity: 0,
                 pod_mac,
                 host_mac,
+                ..Default::default()
             },
         )
     }
