@@ -1,5 +1,6 @@
 //! The agent's local API: HTTP on a Unix socket (`GET /v1/status`, `GET /v1/summary`, `GET /metrics`,
-//! `GET /healthz`, `POST /v1/rollouts/{namespace}/{name}/{pause|resume|abort}`), for meshctl and the lab; and
+//! `GET /healthz`, `POST /v1/rollouts/{namespace}/{name}/{pause|resume|abort}`, `GET /v1/flows` (NDJSON, optionally
+//! following), `GET /v1/policy/{namespace}/{pod}`), for meshctl and the lab; and
 //! `GET /metrics` alone on a TCP address ([`serve_metrics`]) for Prometheus.
 
 use std::path::Path;
@@ -44,6 +45,79 @@ pub struct ApiState {
     pub commands: CommandQueue,
     /// Wakes the reconciler.
     pub wake: std::sync::mpsc::Sender<()>,
+    /// Flow events.
+    pub flows: Arc<crate::flows::Hub>,
+    /// Compiled policies of local endpoints, as of the last reconcile.
+    pub policies: Arc<Mutex<std::collections::BTreeMap<(String, String), serde_json::Value>>>,
+}
+
+/// `GET /v1/flows?pod=&namespace=&cluster=&verdict=&last=&follow=`: flows as NDJSON; with `follow=true` the
+/// response stays open and streams new flows (a line `{"lost": N}` tells a slow reader what it missed).
+async fn flows(
+    State(s): State<ApiState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let filter = match crate::flows::Filter::from_query(query.as_deref().unwrap_or("")) {
+        Ok(f) => f,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    let last = filter
+        .last
+        .unwrap_or(if filter.follow { 0 } else { crate::flows::HISTORY });
+    // Subscribe before reading the history so nothing falls between the two.
+    let rx = filter.follow.then(|| s.flows.subscribe());
+    let head: Vec<axum::body::Bytes> = s.flows.recent(&filter, last).iter().map(|f| line(&**f)).collect();
+    let head = futures::stream::iter(head.into_iter().map(Ok::<_, std::convert::Infallible>));
+    let Some(rx) = rx else {
+        return (
+            [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+            axum::body::Body::from_stream(head),
+        )
+            .into_response();
+    };
+    let tail = futures::stream::unfold((rx, filter), move |(mut rx, filter)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(f) if filter.matches(&f) => return Some((Ok(line(&*f)), (rx, filter))),
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let lost = serde_json::json!({ "lost": n });
+                    return Some((Ok(line(&lost)), (rx, filter)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(futures::StreamExt::chain(head, tail)),
+    )
+        .into_response()
+}
+
+/// One NDJSON line.
+fn line<T: Serialize>(v: &T) -> axum::body::Bytes {
+    let mut l = serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    l.push('\n');
+    axum::body::Bytes::from(l)
+}
+
+/// `GET /v1/policy/{namespace}/{pod}`: the compiled policy of a local endpoint.
+async fn policy(
+    State(s): State<ApiState>,
+    UrlPath((namespace, pod)): UrlPath<(String, String)>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let policies = s.policies.lock().unwrap_or_else(PoisonError::into_inner);
+    match policies.get(&(namespace.clone(), pod.clone())) {
+        Some(v) => Json(v.clone()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("pod {namespace}/{pod} is not an endpoint on this node\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// `POST /v1/rollouts/{namespace}/{name}/{command}`: queues pause, resume or abort for a rollout this node runs.
@@ -160,6 +234,8 @@ pub async fn serve(socket: &Path, state: ApiState) -> std::io::Result<()> {
         .route("/v1/summary", get(summary))
         .route("/metrics", get(metrics))
         .route("/v1/rollouts/{namespace}/{name}/{command}", post(rollout_command))
+        .route("/v1/flows", get(flows))
+        .route("/v1/policy/{namespace}/{pod}", get(policy))
         .with_state(state);
     axum::serve(listener, app).await
 }

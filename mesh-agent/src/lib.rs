@@ -4,6 +4,7 @@
 pub mod api;
 pub mod datapath;
 pub mod desired;
+pub mod flows;
 pub mod lb;
 pub mod lb_maps;
 pub mod metrics;

@@ -186,6 +186,9 @@ async fn main() -> anyhow::Result<()> {
     let reconciler_remotes = remotes.clone();
     let snapshots = snap_rx.clone();
     let counters = Arc::new(dp.counters_reader().context("opening the counters map")?);
+    let flow_hub = mesh_agent::flows::Hub::new(&me.node);
+    let policies: Arc<Mutex<std::collections::BTreeMap<(String, String), serde_json::Value>>> =
+        Arc::default();
     let mut reconciler = Reconciler::new(dp, me.clone(), args.vxlan_device.clone());
     reconciler.remote_grace = args.remote_grace_period;
     let state_dir = args
@@ -256,6 +259,8 @@ async fn main() -> anyhow::Result<()> {
         counters,
         commands,
         wake: wake_tx.clone(),
+        flows: flow_hub.clone(),
+        policies: policies.clone(),
     };
     let socket = args.api_socket.clone();
     if let Some(addr) = args.metrics_addr {

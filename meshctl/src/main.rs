@@ -1,6 +1,7 @@
 //! meshctl: the fleetmesh command line.
 
 mod agent;
+mod observe;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -57,6 +58,48 @@ enum Command {
     /// Staged rollouts (`StagedRollout` objects) as a node's agent runs them.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Stream flow events from a node: policy verdicts (the first packet of every allowed flow, every denied
+    /// packet) and load-balancer drops, with pod, namespace, cluster and identity of both ends. The datapath
+    /// rate-limits events per CPU; `meshctl status` shows how many were suppressed.
+    Observe {
+        /// Only flows from or to this pod (`NAME` or `NAMESPACE/NAME`).
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only flows from or to this namespace.
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Only flows from or to this cluster (`world`, `pending` and `cidr` name non-pod peers).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Only `forwarded` or `dropped` flows.
+        #[arg(long, value_parser = ["forwarded", "dropped"])]
+        verdict: Option<String>,
+        /// Show this many recent flows first.
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+        /// Print the recent flows and exit instead of following new ones.
+        #[arg(long)]
+        no_follow: bool,
+        /// Exit after this many flows.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Exit after this long (e.g. `30s`).
+        #[arg(long, value_parser = mesh_model::duration::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// The agent's API socket.
+        #[arg(
+            long,
+            env = "FLEETMESH_API_SOCKET",
+            default_value = "/var/run/fleetmesh/agent.sock"
+        )]
+        socket: PathBuf,
+    },
+    /// Network policy as a node's agent enforces it.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Work with manifests (the manifests source of edge nodes and the lab).
     #[command(subcommand)]
     Manifests(ManifestsCommand),
@@ -231,6 +274,29 @@ enum RolloutCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// The compiled policy of a pod on this node: its identity and labels, whether ingress/egress are enforced,
+    /// and every allowed (peer identity, protocol, ports) with the peer's labels and the rule that allows it.
+    Get {
+        /// The pod (`NAME` or `NAMESPACE/NAME`).
+        pod: String,
+        /// Namespace of the pod when POD has none.
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// The agent's API socket.
+        #[arg(
+            long,
+            env = "FLEETMESH_API_SOCKET",
+            default_value = "/var/run/fleetmesh/agent.sock"
+        )]
+        socket: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ManifestsCommand {
     /// Parse and check manifest files the way the agent does; prints each object, or the first error naming
     /// the file, document, object and field. Exit status 1 on any error.
@@ -272,6 +338,40 @@ fn main() -> std::process::ExitCode {
             }
         },
         Command::Manifests(ManifestsCommand::Validate { files }) => validate(&files),
+        Command::Observe {
+            pod,
+            namespace,
+            cluster,
+            verdict,
+            last,
+            no_follow,
+            count,
+            timeout,
+            json,
+            socket,
+        } => observe::observe(
+            &socket,
+            &observe::Observe {
+                pod,
+                namespace,
+                cluster,
+                verdict,
+                last,
+                follow: !no_follow,
+                count,
+                timeout,
+                json,
+            },
+        ),
+        Command::Policy(PolicyCommand::Get {
+            pod,
+            namespace,
+            socket,
+            json,
+        }) => {
+            let (ns, name) = pod.split_once('/').unwrap_or((namespace.as_str(), pod.as_str()));
+            observe::policy_get(&socket, ns, name, json)
+        }
         Command::Clustermesh(c) => clustermesh(c),
     };
     match result {
