@@ -20,6 +20,9 @@
 //!   connection, a rollout sends 50% of east's new connections there; from the first failed connection the
 //!   client sees to the last one (after which 100 connections in a row succeed on `from`), p50/p99 over runs.
 //!
+//! - `policy`: see `bench_policy.rs`: round trips with a 1,000-rule policy on both pods vs none, and the time
+//!   from a pod label change in one cluster to enforcement in another's datapath (p50/p99 of 100 changes).
+//!
 //! The results table is printed and written to `target/bench/report.md`.
 use std::fmt::Write as _;
 use std::io::Read as _;
@@ -68,24 +71,26 @@ pub enum Part {
     Scale,
     /// Fault figures: failover time after a cluster is cut, flows lost across agent restarts.
     Faults,
+    /// Network policy: per-packet cost with 1,000 rules, change latency across clusters.
+    Policy,
 }
 
 /// How long and how often each measurement runs.
-struct Plan {
+pub(crate) struct Plan {
     build: bool,
-    rounds: usize,
-    secs: u32,
+    pub(crate) rounds: usize,
+    pub(crate) secs: u32,
     nft_sizes: Vec<u32>,
 }
 
 /// One line of the results table.
-struct Row {
-    what: String,
-    value: String,
-    baseline: String,
-    ratio: Option<f64>,
+pub(crate) struct Row {
+    pub(crate) what: String,
+    pub(crate) value: String,
+    pub(crate) baseline: String,
+    pub(crate) ratio: Option<f64>,
     /// (`>=` or `<=`, bound)
-    goal: Option<(&'static str, f64)>,
+    pub(crate) goal: Option<(&'static str, f64)>,
 }
 
 impl Row {
@@ -99,7 +104,7 @@ impl Row {
     }
 }
 
-fn row(what: impl Into<String>, value: String, baseline: String, ratio: Option<f64>) -> Row {
+pub(crate) fn row(what: impl Into<String>, value: String, baseline: String, ratio: Option<f64>) -> Row {
     Row {
         what: what.into(),
         value,
@@ -109,7 +114,7 @@ fn row(what: impl Into<String>, value: String, baseline: String, ratio: Option<f
     }
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if s.is_empty() {
         return f64::NAN;
@@ -155,10 +160,10 @@ fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
 
 /// Child processes stopped (SIGKILL, by their own pid) when dropped.
 #[derive(Default)]
-struct Procs(Vec<Child>);
+pub(crate) struct Procs(Vec<Child>);
 
 impl Procs {
-    fn spawn(&mut self, netns: &str, program: &str, args: &[&str]) -> Result<()> {
+    pub(crate) fn spawn(&mut self, netns: &str, program: &str, args: &[&str]) -> Result<()> {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{netns}"))
             .args(["--", "taskset", "-c", SERVER_CPU])
@@ -238,7 +243,7 @@ const CLIENT_CPU: &str = "1";
 const SERVER_CPU: &str = "1";
 
 /// One sockperf ping-pong run: (median round trip µs, mean round trip µs).
-fn sockperf_rr(netns: &str, ip: Ipv4Addr, port: u16, tcp: bool, secs: u32) -> Result<(f64, f64)> {
+pub(crate) fn sockperf_rr(netns: &str, ip: Ipv4Addr, port: u16, tcp: bool, secs: u32) -> Result<(f64, f64)> {
     let mut cmd = Command::new("timeout");
     cmd.args(["-k", "2", &(secs + 20).to_string(), "nsenter"])
         .arg(format!("--net=/run/netns/{netns}"))
@@ -599,7 +604,7 @@ fn connect_rate(netns: &str, addr: SocketAddr, secs: u32) -> Result<f64> {
 }
 
 /// Waits until a TCP connect to `addr` from `netns` succeeds.
-fn wait_listening(netns: &str, addr: SocketAddr) -> Result<()> {
+pub(crate) fn wait_listening(netns: &str, addr: SocketAddr) -> Result<()> {
     net::wait_for(&format!("{addr} to listen"), Duration::from_secs(15), || {
         net::in_netns(netns, || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map(|_| ())
@@ -625,6 +630,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Part::Rollout,
             Part::Scale,
             Part::Faults,
+            Part::Policy,
         ]
     } else {
         args.only
@@ -695,6 +701,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if parts.contains(&Part::Rollout) {
         println!("\n== staged rollout: halt time when the target clusters fail (three-clusters example)");
         rollout_part(&plan, &out_dir, &mut rows)?;
+    }
+
+    if parts.contains(&Part::Policy) {
+        println!(
+            "\n== network policy: per-packet cost with 1,000 rules, change latency across clusters (three-clusters example)"
+        );
+        with_example_lab(&plan, &out_dir, "policy-lab", |dir, st| {
+            crate::bench_policy::measure(&plan, dir, st, &mut rows)
+        })?;
     }
 
     let report = render(&rows, &notes, &plan, started.elapsed());
