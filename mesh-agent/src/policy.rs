@@ -1,0 +1,293 @@
+//! Identities and network policy → the datapath (docs/POLICY.md).
+//!
+//! Every reconcile pass: the identity universe (this cluster's identities from its own etcd, every usable peer's,
+//! and node-local CIDR identities for the prefixes policies name), each local endpoint's identity (its ip record,
+//! else its labels' identity), each local endpoint's compiled policy (written atomically by
+//! [`Datapath::replace_endpoint_policy`], which does nothing when it is unchanged), the names flow events use and
+//! the policy views of `GET /v1/policy`.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use mesh_common::{IpcacheEntry, identity, policy_dir, proto};
+use mesh_model::ClusterState;
+use mesh_model::policy::{self as model, CompiledEntry, EndpointView, NamedPorts, Universe};
+use mesh_model::state::Pod;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::datapath::{Datapath, EndpointPolicy, PolicyRule};
+use crate::desired::Me;
+use crate::flows::{Names, PodName};
+use crate::remote::RemoteCluster;
+
+/// Identity bookkeeping that must stay stable across passes (CIDR identities).
+#[derive(Debug, Default)]
+pub struct PolicyBook {
+    cidr_ids: BTreeMap<Ipv4Net, u32>,
+}
+
+/// What one pass produced besides the map writes.
+#[derive(Debug, Default)]
+pub struct PolicyPass {
+    /// Names for flow events.
+    pub names: Names,
+    /// `GET /v1/policy/{namespace}/{pod}` answers.
+    pub views: BTreeMap<(String, String), Value>,
+    /// ipcache entries for the CIDR identities (addresses outside the mesh that policies name).
+    pub cidr_entries: BTreeMap<Ipv4Net, IpcacheEntry>,
+    /// Identity of every local pod (by address), for the endpoint map.
+    pub endpoint_identities: BTreeMap<Ipv4Addr, u32>,
+    pub errors: Vec<String>,
+}
+
+fn named_ports_of(pod: &Pod) -> NamedPorts {
+    let mut out = NamedPorts::new();
+    for p in &pod.ports {
+        if let Some(name) = &p.name {
+            out.entry(name.clone()).or_default().push((p.protocol, p.port));
+        }
+    }
+    out
+}
+
+/// The clusters whose identities count: this cluster's own etcd view, then every usable peer.
+fn clusters<'a>(
+    me: &'a Me,
+    own: Option<&'a RemoteCluster>,
+    remotes: &'a BTreeMap<String, RemoteCluster>,
+) -> impl Iterator<Item = &'a RemoteCluster> + 'a {
+    own.into_iter()
+        .chain(remotes.iter().filter(move |(n, rc)| *n != &me.cluster && rc.usable).map(|(_, rc)| rc))
+}
+
+impl PolicyBook {
+    /// CIDR identities for every prefix the policies name; a prefix keeps its identity while it is named.
+    fn cidr_identities(&mut self, local: &ClusterState) -> BTreeMap<u32, Ipv4Net> {
+        let wanted = model::cidr_prefixes(local.network_policies.values());
+        self.cidr_ids.retain(|p, _| wanted.contains(p));
+        for p in wanted {
+            if !self.cidr_ids.contains_key(&p) {
+                let used: std::collections::BTreeSet<u32> = self.cidr_ids.values().copied().collect();
+                let id = (identity::FIRST_CIDR..)
+                    .find(|i| !used.contains(i))
+                    .unwrap_or(identity::FIRST_CIDR);
+                self.cidr_ids.insert(p, id);
+            }
+        }
+        self.cidr_ids.iter().map(|(p, id)| (*id, *p)).collect()
+    }
+
+    /// Runs one pass: programs every local endpoint's identity and policy; returns names, views and CIDR entries.
+    pub fn reconcile(
+        &mut self,
+        dp: &mut Datapath,
+        me: &Me,
+        local: &ClusterState,
+        own: Option<&RemoteCluster>,
+        remotes: &BTreeMap<String, RemoteCluster>,
+        endpoints: &BTreeMap<Ipv4Addr, String>,
+    ) -> PolicyPass {
+        let mut pass = PolicyPass::default();
+        let cidrs = self.cidr_identities(local);
+        let mut universe = Universe {
+            local_cluster: me.cluster.clone(),
+            cidrs: cidrs.clone(),
+            ..Universe::default()
+        };
+        universe
+            .cluster_labels
+            .insert(me.cluster.clone(), me.labels.clone());
+        let mut by_labels: BTreeMap<&BTreeMap<String, String>, u32> = BTreeMap::new();
+        for rc in clusters(me, own, remotes) {
+            if let Some(cfg) = &rc.config {
+                universe.cluster_labels.insert(rc.name.clone(), cfg.labels.clone());
+            }
+            for (id, rec) in &rc.identities {
+                universe.identities.insert(*id, rec.labels.clone());
+                pass.names.identities.insert(*id, (rec.cluster.clone(), rec.labels.clone()));
+            }
+            for ip in rc.ips.values() {
+                let np = universe.named_ports.entry(ip.identity).or_default();
+                for p in &ip.named_ports {
+                    let v = np.entry(p.name.clone()).or_default();
+                    if !v.contains(&(p.protocol, p.port)) {
+                        v.push((p.protocol, p.port));
+                    }
+                }
+                pass.names.pods.insert(
+                    ip.ipv4,
+                    PodName { cluster: ip.cluster.clone(), namespace: ip.namespace.clone(), pod: ip.pod.clone() },
+                );
+            }
+        }
+        if let Some(own) = own {
+            for (id, rec) in &own.identities {
+                by_labels.insert(&rec.labels, *id);
+            }
+        }
+        for (id, prefix) in &cidrs {
+            pass.names.cidrs.insert(*id, prefix.to_string());
+            pass.cidr_entries.insert(
+                *prefix,
+                IpcacheEntry { identity: *id, family: mesh_common::FAMILY_IPV4, ..IpcacheEntry::default() },
+            );
+        }
+
+        for pod in local.pods_on_node(&me.node) {
+            let Some(ip) = pod.ipv4 else { continue };
+            if !endpoints.contains_key(&ip) {
+                continue;
+            }
+            let ns = local.namespaces.get(&pod.namespace);
+            let id_labels = mesh_model::identity::identity_labels(&me.cluster, pod, ns);
+            // The ip record is the cluster's word; before it arrives the labels' identity (if allocated) is used.
+            let ident = own
+                .and_then(|o| o.ips.get(&ip))
+                .filter(|r| r.namespace == pod.namespace && r.pod == pod.name)
+                .map(|r| r.identity)
+                .filter(|id| universe.identities.get(id).is_some_and(|l| *l == id_labels))
+                .or_else(|| by_labels.get(&id_labels).copied())
+                .unwrap_or(identity::ANY);
+            pass.endpoint_identities.insert(ip, ident);
+            pass.names.pods.insert(
+                ip,
+                PodName { cluster: me.cluster.clone(), namespace: pod.namespace.clone(), pod: pod.name.clone() },
+            );
+            let named = named_ports_of(pod);
+            let view = EndpointView {
+                cluster: &me.cluster,
+                namespace: &pod.namespace,
+                labels: &pod.labels,
+                identity_labels: &id_labels,
+                named_ports: &named,
+            };
+            let compiled = model::compile(&view, local.network_policies.values(), &universe);
+            let rules = |entries: &Option<Vec<CompiledEntry>>| {
+                entries.as_ref().map(|es| {
+                    es.iter()
+                        .map(|e| PolicyRule {
+                            peer: e.identity,
+                            proto: e.proto,
+                            port: e.port,
+                            port_plen: e.plen,
+                            rule: e.rule,
+                        })
+                        .collect::<Vec<_>>()
+                })
+            };
+            let wanted = EndpointPolicy { ingress: rules(&compiled.ingress), egress: rules(&compiled.egress) };
+            match dp.replace_endpoint_policy(ip, ident, &wanted) {
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %format!("{e:#}"), "programming policy");
+                    pass.errors.push(format!("policy of {}/{}: {e:#}", pod.namespace, pod.name));
+                }
+            }
+            let describe = |r: u32| {
+                compiled
+                    .rules
+                    .get(r.saturating_sub(1) as usize)
+                    .map(|rr| {
+                        format!(
+                            "{} {}/{} {}[{}]",
+                            rr.kind.kind_name(),
+                            rr.namespace,
+                            rr.name,
+                            if rr.direction == policy_dir::INGRESS { "ingress" } else { "egress" },
+                            rr.index
+                        )
+                    })
+                    .unwrap_or_else(|| format!("rule {r}"))
+            };
+            for r in 1..=compiled.rules.len() {
+                let r = u32::try_from(r).unwrap_or(u32::MAX);
+                pass.names.rules.insert((ip, r), describe(r));
+            }
+            let peer = |id: u32| -> String {
+                match id {
+                    identity::ANY => "any peer".to_owned(),
+                    identity::WORLD => "world".to_owned(),
+                    _ => {
+                        if let Some(p) = cidrs.get(&id) {
+                            return format!("cidr {p}");
+                        }
+                        universe.identities.get(&id).map_or_else(
+                            || format!("identity {id}"),
+                            |l| {
+                                let cluster = l.get(mesh_model::identity::LABEL_CLUSTER).cloned().unwrap_or_default();
+                                let ns = l.get(mesh_model::identity::LABEL_NAMESPACE).cloned().unwrap_or_default();
+                                let own: Vec<String> = l
+                                    .iter()
+                                    .filter(|(k, _)| !k.starts_with("io.cilium.k8s.") && !k.starts_with("io.kubernetes."))
+                                    .map(|(k, v)| format!("{k}={v}"))
+                                    .collect();
+                                format!("{cluster}/{ns} {{{}}}", own.join(","))
+                            },
+                        )
+                    }
+                }
+            };
+            let dir_view = |entries: &Option<Vec<CompiledEntry>>| {
+                json!({
+                    "enforced": entries.is_some(),
+                    "entries": entries.iter().flatten().map(|e| json!({
+                        "identity": e.identity,
+                        "peer": peer(e.identity),
+                        "protocol": match e.proto { proto::TCP => "TCP", proto::UDP => "UDP", 0 => "any", _ => "other" },
+                        "ports": port_range(e),
+                        "rule": describe(e.rule),
+                    })).collect::<Vec<_>>(),
+                })
+            };
+            let mut selecting: Vec<String> = local
+                .network_policies
+                .values()
+                .filter(|p| p.selects(&pod.namespace, &pod.labels))
+                .map(|p| format!("{} {}/{}", p.kind.kind_name(), p.namespace, p.name))
+                .collect();
+            selecting.sort();
+            pass.views.insert(
+                (pod.namespace.clone(), pod.name.clone()),
+                json!({
+                    "namespace": pod.namespace,
+                    "pod": pod.name,
+                    "ip": ip,
+                    "identity": ident,
+                    "identityLabels": id_labels,
+                    "policies": selecting,
+                    "ingress": dir_view(&compiled.ingress),
+                    "egress": dir_view(&compiled.egress),
+                }),
+            );
+        }
+        if !pass.errors.is_empty() {
+            info!(errors = pass.errors.len(), "policy pass had errors");
+        }
+        pass
+    }
+}
+
+/// `any`, `8080` or `8000-8063` for an entry's port block.
+fn port_range(e: &CompiledEntry) -> String {
+    if e.proto == 0 || e.plen == 0 {
+        return "any".to_owned();
+    }
+    let span = 1u32 << (16 - u32::from(e.plen));
+    let last = u32::from(e.port) + span - 1;
+    if span == 1 { e.port.to_string() } else { format!("{}-{last}", e.port) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_blocks_read_as_ranges() {
+        let e = |port, plen| CompiledEntry { identity: 0, proto: proto::TCP, port, plen, rule: 1 };
+        assert_eq!(port_range(&e(8080, 16)), "8080");
+        assert_eq!(port_range(&e(8064, 11)), "8064-8095");
+        assert_eq!(port_range(&e(0, 0)), "any");
+    }
+}
