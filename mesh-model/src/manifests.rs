@@ -995,6 +995,107 @@ spec:
         );
     }
 
+    const NETPOL: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+    - from:
+        - podSelector: {matchLabels: {app: web}}
+        - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}
+      ports: [{port: 8080}, {port: 9000, endPort: 9100, protocol: UDP}]
+  egress: [{}]
+";
+
+    const MESHPOL: &str = "apiVersion: fleetmesh.io/v1alpha1
+kind: MeshNetworkPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress:
+    - from:
+        - podSelector: {matchLabels: {app: web}}
+          clusters: {names: [west]}
+      ports: [{port: http}]
+";
+
+    #[test]
+    fn network_policies_are_parsed_and_checked() {
+        let objs = parse_str("np.yaml", &format!("{NETPOL}---\n{MESHPOL}")).expect("valid");
+        let [Object::NetworkPolicy(k), Object::NetworkPolicy(m)] = objs.as_slice() else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(k.describe(), "NetworkPolicy shop/api");
+        assert_eq!(m.describe(), "MeshNetworkPolicy shop/api");
+        assert_eq!(k.ingress.as_ref().map(Vec::len), Some(1));
+        assert_eq!(k.egress.as_ref().map(Vec::len), Some(1));
+        assert_eq!(m.egress, None);
+        let state = merge([("np.yaml", objs.as_slice())]).expect("same name, different kinds");
+        assert_eq!(
+            state.network_policies.keys().cloned().collect::<Vec<_>>(),
+            [
+                (PolicyKind::Kubernetes, "shop".to_owned(), "api".to_owned()),
+                (PolicyKind::Mesh, "shop".to_owned(), "api".to_owned())
+            ]
+        );
+        for (text, field) in [
+            (
+                NETPOL.replace("except: [", "exept: ["),
+                "spec.ingress[0].from[1].ipBlock.exept",
+            ),
+            (NETPOL.replace("  egress: [{}]", "  egres: [{}]"), "spec.egres"),
+            (
+                NETPOL.replace("10.1.0.0/16", "11.1.0.0/16"),
+                "spec.ingress[0].from[1].ipBlock.except[0]",
+            ),
+            (
+                NETPOL.replace("endPort: 9100", "endPort: 80"),
+                "spec.ingress[0].ports[1].endPort",
+            ),
+            (
+                NETPOL.replace("protocol: UDP", "protocol: SCTP"),
+                "spec.ingress[0].ports[1].protocol",
+            ),
+            (
+                NETPOL.replace("port: 8080", "port: 0"),
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                NETPOL.replace("{app: web}", "{app: -web}"),
+                "spec.ingress[0].from[0].podSelector.matchLabels",
+            ),
+            (
+                MESHPOL.replace("clusters:", "cluster:"),
+                "spec.ingress[0].from[0]",
+            ),
+            (
+                MESHPOL.replace("[west]", "[West]"),
+                "spec.ingress[0].from[0].clusters.names[0]",
+            ),
+            (MESHPOL.replace("v1alpha1", "v1"), "apiVersion"),
+        ] {
+            let e = parse_str("np.yaml", &text).expect_err(&text);
+            assert!(
+                e.field.as_deref().is_some_and(|f| f.starts_with(field)),
+                "{field}: {e}"
+            );
+        }
+        let e = parse_str("np.yaml", &NETPOL.replace("protocol: UDP", "protocol: SCTP")).expect_err("sctp");
+        assert!(
+            e.to_string().contains("NetworkPolicy shop/api") && e.message.contains("SCTP"),
+            "{e}"
+        );
+        // From the API server: the same rules, unknown fields included.
+        let mut v: serde_json::Value = serde_yaml::from_str(NETPOL).expect("yaml");
+        v["spec"]["ingress"][0]["bogus"] = true.into();
+        let e = from_value("kubernetes", &v).expect_err("unknown field");
+        assert_eq!(e.field.as_deref(), Some("spec.ingress[0].bogus"), "{e}");
+        let typed: networking::NetworkPolicy = serde_yaml::from_str(NETPOL).expect("typed");
+        assert_eq!(&from_network_policy("kubernetes", &typed).expect("valid"), k);
+    }
+
     #[test]
     fn merge_refuses_duplicates() {
         let a = parse_str("a.yaml", GOOD).expect("valid");

@@ -1065,3 +1065,559 @@ impl fmt::Display for CompiledEntry {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{LABEL_NAMESPACE_LABELS_PREFIX, NAMESPACE_NAME_LABEL};
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    /// Identity labels of a pod with `app` in `ns` of `cluster` (namespace labelled `team=<ns>`).
+    fn id_labels(cluster: &str, ns: &str, app: &str) -> BTreeMap<String, String> {
+        labels(&[
+            ("app", app),
+            (LABEL_NAMESPACE, ns),
+            (&format!("{LABEL_NAMESPACE_LABELS_PREFIX}team"), ns),
+            (
+                &format!("{LABEL_NAMESPACE_LABELS_PREFIX}{NAMESPACE_NAME_LABEL}"),
+                ns,
+            ),
+            (LABEL_CLUSTER, cluster),
+        ])
+    }
+
+    const EAST_WEB: u32 = identity::compose(1, 300);
+    const EAST_DB: u32 = identity::compose(1, 301);
+    const EAST_OTHER_NS_WEB: u32 = identity::compose(1, 302);
+    const WEST_WEB: u32 = identity::compose(2, 300);
+    const NORTH_WEB: u32 = identity::compose(3, 300);
+    const CIDR_10_8: u32 = identity::FIRST_CIDR;
+    const CIDR_10_1_16: u32 = identity::FIRST_CIDR + 1;
+    const CIDR_10_1_2_24: u32 = identity::FIRST_CIDR + 2;
+    const CIDR_192: u32 = identity::FIRST_CIDR + 3;
+
+    fn universe() -> Universe {
+        let mut u = Universe {
+            local_cluster: "east".into(),
+            ..Default::default()
+        };
+        u.identities.insert(EAST_WEB, id_labels("east", "shop", "web"));
+        u.identities.insert(EAST_DB, id_labels("east", "shop", "db"));
+        u.identities
+            .insert(EAST_OTHER_NS_WEB, id_labels("east", "blog", "web"));
+        u.identities.insert(WEST_WEB, id_labels("west", "shop", "web"));
+        u.identities.insert(NORTH_WEB, id_labels("north", "shop", "web"));
+        // Reserved identities as an agent might list them: no pod labels.
+        u.identities
+            .insert(identity::WORLD, labels(&[("reserved", "world")]));
+        u.identities.insert(identity::PENDING, BTreeMap::new());
+        u.named_ports
+            .insert(EAST_DB, [("sql".to_owned(), vec![(Protocol::Tcp, 5432)])].into());
+        u.named_ports.insert(
+            WEST_WEB,
+            [("http".to_owned(), vec![(Protocol::Tcp, 8080)])].into(),
+        );
+        u.cidrs.insert(CIDR_10_8, "10.0.0.0/8".parse().expect("cidr"));
+        u.cidrs.insert(CIDR_10_1_16, "10.1.0.0/16".parse().expect("cidr"));
+        u.cidrs
+            .insert(CIDR_10_1_2_24, "10.1.2.0/24".parse().expect("cidr"));
+        u.cidrs.insert(CIDR_192, "192.168.0.0/16".parse().expect("cidr"));
+        u.cluster_labels
+            .insert("west".into(), labels(&[("stage", "prod")]));
+        u.cluster_labels
+            .insert("north".into(), labels(&[("stage", "canary")]));
+        u
+    }
+
+    struct Ep {
+        labels: BTreeMap<String, String>,
+        id: BTreeMap<String, String>,
+        ports: NamedPorts,
+    }
+
+    /// The local endpoint `app=api` in east/shop, with named port `http` = 8080/TCP and `dns` = 53/UDP.
+    fn api() -> Ep {
+        Ep {
+            labels: labels(&[("app", "api")]),
+            id: id_labels("east", "shop", "api"),
+            ports: [
+                ("http".to_owned(), vec![(Protocol::Tcp, 8080)]),
+                ("dns".to_owned(), vec![(Protocol::Udp, 53)]),
+            ]
+            .into(),
+        }
+    }
+
+    fn view(e: &Ep) -> EndpointView<'_> {
+        EndpointView {
+            cluster: "east",
+            namespace: "shop",
+            labels: &e.labels,
+            identity_labels: &e.id,
+            named_ports: &e.ports,
+        }
+    }
+
+    fn k8s(text: &str) -> Policy {
+        policy_yaml(PolicyKind::Kubernetes, text).expect("valid policy")
+    }
+
+    fn mesh(text: &str) -> Policy {
+        policy_yaml(PolicyKind::Mesh, text).expect("valid policy")
+    }
+
+    fn policy_yaml(kind: PolicyKind, spec: &str) -> Result<Policy, PolicyError> {
+        match kind {
+            PolicyKind::Mesh => {
+                let spec: MeshNetworkPolicySpec = serde_yaml::from_str(spec).expect("spec yaml");
+                Policy::from_spec(kind, "shop", "p", &spec)
+            }
+            PolicyKind::Kubernetes => {
+                let spec: networking::NetworkPolicySpec = serde_yaml::from_str(spec).expect("spec yaml");
+                Policy::from_k8s("shop", "p", &spec)
+            }
+        }
+    }
+
+    fn ids(entries: &[CompiledEntry]) -> Vec<u32> {
+        let mut v: Vec<u32> = entries.iter().map(|e| e.identity).collect();
+        v.dedup();
+        v
+    }
+
+    fn ingress(p: &[Policy]) -> Vec<CompiledEntry> {
+        let e = api();
+        compile(&view(&e), p, &universe())
+            .ingress
+            .expect("ingress enforced")
+    }
+
+    #[test]
+    fn port_ranges_become_aligned_blocks() {
+        assert_eq!(port_blocks(80, 80), vec![(80, 16)]);
+        assert_eq!(port_blocks(1024, 2047), vec![(1024, 6)]);
+        let all = port_blocks(1, 65535);
+        assert_eq!(all.len(), 16);
+        assert_eq!(all[0], (1, 16));
+        assert_eq!(all[15], (32768, 1));
+        assert_eq!(port_blocks(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_blocks(8080, 8083), vec![(8080, 14)]);
+        assert_eq!(port_blocks(79, 81), vec![(79, 16), (80, 15)]);
+        // Every port of the range is covered exactly once, and nothing else.
+        for (first, last) in [(1u16, 65535u16), (3, 1000), (65535, 65535), (1000, 1030)] {
+            let blocks = port_blocks(first, last);
+            let mut covered = 0u32;
+            for (start, plen) in &blocks {
+                let size = 1u32 << (16 - u32::from(*plen));
+                assert_eq!(u32::from(*start) % size, 0, "aligned {start}/{plen}");
+                assert!(u32::from(*start) >= u32::from(first));
+                assert!(u32::from(*start) + size - 1 <= u32::from(last));
+                covered += size;
+            }
+            assert_eq!(covered, u32::from(last) - u32::from(first) + 1);
+        }
+    }
+
+    #[test]
+    fn unselected_endpoint_is_not_enforced_and_ingress_only_leaves_egress_alone() {
+        let other = k8s("podSelector: {matchLabels: {app: db}}\ningress: [{}]\n");
+        let e = api();
+        let c = compile(&view(&e), [&other], &universe());
+        assert_eq!((c.ingress, c.egress), (None, None));
+
+        let deny = k8s("podSelector: {}\n");
+        let c = compile(&view(&e), [&deny], &universe());
+        assert_eq!(c.ingress, Some(vec![]), "selected, no rules: default deny");
+        assert_eq!(c.egress, None, "ingress-only policy does not enforce egress");
+        assert!(c.rules.is_empty());
+
+        let both = k8s("podSelector: {}\npolicyTypes: [Egress]\n");
+        let c = compile(&view(&e), [&both], &universe());
+        assert_eq!((c.ingress, c.egress), (None, Some(vec![])));
+
+        let egress_rules = k8s("podSelector: {}\negress: [{ports: [{port: 53, protocol: UDP}]}]\n");
+        assert!(egress_rules.ingress.is_some() && egress_rules.egress.is_some());
+        let c = compile(&view(&e), [&egress_rules], &universe());
+        assert_eq!(
+            c.egress,
+            Some(vec![CompiledEntry {
+                identity: identity::ANY,
+                proto: proto::UDP,
+                port: 53,
+                plen: 16,
+                rule: 1
+            }])
+        );
+    }
+
+    #[test]
+    fn network_policy_peers_default_to_the_local_cluster() {
+        let p = k8s(
+            "podSelector: {matchLabels: {app: api}}\ningress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]\n",
+        );
+        assert_eq!(
+            ids(&ingress(&[p])),
+            [EAST_WEB],
+            "same namespace, local cluster only"
+        );
+        // Naming the cluster label opens the selector to other clusters (matched like any label).
+        let p = k8s(
+            "podSelector: {}\ningress: [{from: [{podSelector: {matchLabels: {app: web, io.cilium.k8s.policy.cluster: west}}}]}]\n",
+        );
+        assert_eq!(ids(&ingress(&[p])), [WEST_WEB]);
+        let p = k8s(
+            "podSelector: {}\ningress: [{from: [{podSelector: {matchLabels: {app: web}, matchExpressions: [{key: io.cilium.k8s.policy.cluster, operator: Exists}]}}]}]\n",
+        );
+        assert_eq!(ids(&ingress(&[p])), [EAST_WEB, WEST_WEB, NORTH_WEB]);
+        let p = k8s(
+            "podSelector: {}\ningress: [{from: [{namespaceSelector: {matchLabels: {io.cilium.k8s.policy.cluster: north}}}]}]\n",
+        );
+        assert_eq!(ids(&ingress(&[p])), [NORTH_WEB], "in a namespaceSelector too");
+    }
+
+    #[test]
+    fn mesh_policy_peers_select_clusters() {
+        let p = mesh("podSelector: {}\ningress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]\n");
+        assert_eq!(
+            ids(&ingress(&[p])),
+            [EAST_WEB, WEST_WEB, NORTH_WEB],
+            "no clusters: every cluster"
+        );
+        let p = mesh(
+            "podSelector: {}\ningress: [{from: [{podSelector: {matchLabels: {app: web}}, clusters: {names: [west, north]}}]}]\n",
+        );
+        assert_eq!(ids(&ingress(&[p])), [WEST_WEB, NORTH_WEB]);
+        let p = mesh(
+            "podSelector: {}\ningress: [{from: [{podSelector: {}, clusters: {matchLabels: {stage: canary}}}]}]\n",
+        );
+        assert_eq!(ids(&ingress(&[p])), [NORTH_WEB]);
+        let p = mesh(
+            "podSelector: {}\ningress: [{from: [{clusters: {names: [west, north], matchExpressions: [{key: stage, operator: NotIn, values: [canary]}]}}]}]\n",
+        );
+        assert_eq!(
+            ids(&ingress(&[p])),
+            [WEST_WEB],
+            "names and labels both hold; clusters alone: the policy's namespace"
+        );
+    }
+
+    #[test]
+    fn namespace_selectors_match_namespace_labels() {
+        let p =
+            k8s("podSelector: {}\ningress: [{from: [{namespaceSelector: {matchLabels: {team: blog}}}]}]\n");
+        assert_eq!(ids(&ingress(&[p])), [EAST_OTHER_NS_WEB]);
+        let p = k8s(
+            "podSelector: {}\ningress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]}]\n",
+        );
+        assert_eq!(
+            ids(&ingress(&[p])),
+            [EAST_WEB, EAST_OTHER_NS_WEB],
+            "{{}}: every namespace"
+        );
+        let p = k8s(
+            "podSelector: {}\ningress: [{from: [{namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: In, values: [shop]}]}}]}]\n",
+        );
+        assert_eq!(ids(&ingress(&[p])), [EAST_WEB, EAST_DB]);
+    }
+
+    #[test]
+    fn reserved_identities_are_never_selected_by_pod_selectors() {
+        let p = mesh("podSelector: {}\ningress: [{from: [{namespaceSelector: {}, podSelector: {}}]}]\n");
+        let got = ids(&ingress(&[p]));
+        assert!(
+            !got.contains(&identity::WORLD) && !got.contains(&identity::PENDING),
+            "{got:?}"
+        );
+        assert_eq!(got.len(), 5);
+    }
+
+    #[test]
+    fn policies_are_a_union_and_entries_deduplicated() {
+        let a = k8s(
+            "podSelector: {}\ningress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 80}]}]\n",
+        );
+        let mut b = k8s(
+            "podSelector: {matchLabels: {app: api}}\ningress: [{from: [{podSelector: {matchLabels: {app: db}}}]}, {from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 80}]}]\n",
+        );
+        b.name = "q".into();
+        let e = api();
+        let c = compile(&view(&e), [&b, &a], &universe());
+        assert_eq!(
+            c.ingress,
+            Some(vec![
+                CompiledEntry {
+                    identity: EAST_WEB,
+                    proto: proto::TCP,
+                    port: 80,
+                    plen: 16,
+                    rule: 1
+                },
+                CompiledEntry {
+                    identity: EAST_DB,
+                    proto: 0,
+                    port: 0,
+                    plen: 0,
+                    rule: 2
+                },
+            ])
+            .map(|mut v: Vec<CompiledEntry>| {
+                v.sort();
+                v
+            })
+        );
+        assert_eq!(
+            c.rules
+                .iter()
+                .map(|r| (r.name.as_str(), r.index))
+                .collect::<Vec<_>>(),
+            [("p", 0), ("q", 0), ("q", 1)],
+            "rules in policy name order; the duplicate keeps the first rule"
+        );
+        assert_eq!(
+            c,
+            compile(&view(&e), [&a, &b], &universe()),
+            "order of policies does not matter"
+        );
+    }
+
+    #[test]
+    fn ports_protocols_and_ranges() {
+        let p = k8s(
+            "podSelector: {}\ningress: [{ports: [{protocol: UDP}, {port: 1024, endPort: 2047}, {port: 443}]}]\n",
+        );
+        let got: Vec<(u32, u8, u16, u8)> = ingress(&[p])
+            .iter()
+            .map(|e| (e.identity, e.proto, e.port, e.plen))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (identity::ANY, proto::TCP, 443, 16),
+                (identity::ANY, proto::TCP, 1024, 6),
+                (identity::ANY, proto::UDP, 0, 0)
+            ]
+        );
+        let p = k8s("podSelector: {}\ningress: [{}]\n");
+        assert_eq!(
+            ingress(&[p]),
+            [CompiledEntry {
+                identity: identity::ANY,
+                proto: 0,
+                port: 0,
+                plen: 0,
+                rule: 1
+            }],
+            "a rule without peers or ports allows everything"
+        );
+    }
+
+    #[test]
+    fn named_ports_resolve_on_the_endpoint_for_ingress_and_on_peers_for_egress() {
+        let p = k8s(
+            "podSelector: {}\ningress: [{ports: [{port: http}, {port: dns, protocol: UDP}, {port: dns}, {port: nope}]}]\n",
+        );
+        let got: Vec<(u8, u16)> = ingress(&[p]).iter().map(|e| (e.proto, e.port)).collect();
+        assert_eq!(
+            got,
+            [(proto::TCP, 8080), (proto::UDP, 53)],
+            "dns is UDP only; unknown names allow nothing"
+        );
+
+        let p = mesh(
+            "podSelector: {}\negress: [{to: [{podSelector: {}}], ports: [{port: sql}, {port: http}]}]\n",
+        );
+        let e = api();
+        let c = compile(&view(&e), [&p], &universe());
+        let got: Vec<(u32, u16)> = c
+            .egress
+            .expect("egress")
+            .iter()
+            .map(|e| (e.identity, e.port))
+            .collect();
+        assert_eq!(
+            got,
+            [(EAST_DB, 5432), (WEST_WEB, 8080)],
+            "each peer identity its own port"
+        );
+    }
+
+    #[test]
+    fn ip_blocks_select_cidr_identities_and_world() {
+        let p =
+            k8s("podSelector: {}\negress: [{to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}]}]\n");
+        assert_eq!(
+            cidr_prefixes([&p])
+                .into_iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>(),
+            ["10.0.0.0/8", "10.1.0.0/16"]
+        );
+        let e = api();
+        let c = compile(&view(&e), [&p], &universe());
+        assert_eq!(
+            ids(&c.egress.expect("egress")),
+            [CIDR_10_8],
+            "10.1.2.0/24 is inside the except"
+        );
+        let p = k8s(
+            "podSelector: {}\negress: [{to: [{ipBlock: {cidr: 0.0.0.0/0, except: [192.168.0.0/16]}}]}]\n",
+        );
+        let c = compile(&view(&e), [&p], &universe());
+        assert_eq!(
+            ids(&c.egress.expect("egress")),
+            [identity::WORLD, CIDR_10_8, CIDR_10_1_16, CIDR_10_1_2_24],
+            "0.0.0.0/0 selects world too, never pending"
+        );
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field() {
+        let field = |kind, text: &str| policy_yaml(kind, text).expect_err(text).field;
+        let k = PolicyKind::Kubernetes;
+        let m = PolicyKind::Mesh;
+        for (kind, text, want) in [
+            (
+                k,
+                "ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]",
+                "spec.ingress[0].from[0].ipBlock.cidr",
+            ),
+            (
+                k,
+                "ingress: [{from: [{ipBlock: {cidr: 10.0.0.1/8}}]}]",
+                "spec.ingress[0].from[0].ipBlock.cidr",
+            ),
+            (
+                k,
+                "egress: [{to: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]",
+                "spec.egress[0].to[0].ipBlock.except[0]",
+            ),
+            (
+                k,
+                "egress: [{to: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]",
+                "spec.egress[0].to[0]",
+            ),
+            (
+                k,
+                "ingress: [{ports: [{port: 0}]}]",
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                k,
+                "ingress: [{ports: [{port: 65536}]}]",
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                k,
+                "ingress: [{ports: [{port: 80, endPort: 79}]}]",
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                k,
+                "ingress: [{ports: [{port: 80, endPort: 70000}]}]",
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                k,
+                "ingress: [{ports: [{port: http, endPort: 90}]}]",
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                k,
+                "ingress: [{ports: [{endPort: 90}]}]",
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                k,
+                "ingress: [{ports: [{port: 80, protocol: SCTP}]}]",
+                "spec.ingress[0].ports[0].protocol",
+            ),
+            (
+                k,
+                "ingress: [{ports: [{port: Http_1}]}]",
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                k,
+                "podSelector: {matchExpressions: [{key: app, operator: Like, values: [a]}]}",
+                "spec.podSelector.matchExpressions[0].operator",
+            ),
+            (
+                k,
+                "podSelector: {matchExpressions: [{key: app, operator: In}]}",
+                "spec.podSelector.matchExpressions[0].values",
+            ),
+            (
+                k,
+                "podSelector: {matchExpressions: [{key: app, operator: Exists, values: [a]}]}",
+                "spec.podSelector.matchExpressions[0].values",
+            ),
+            (
+                k,
+                "podSelector: {matchLabels: {'bad key!': a}}",
+                "spec.podSelector.matchLabels",
+            ),
+            (
+                k,
+                "ingress: [{from: [{namespaceSelector: {matchLabels: {team: -a}}}]}]",
+                "spec.ingress[0].from[0].namespaceSelector.matchLabels.team",
+            ),
+            (k, "policyTypes: [Sideways]", "spec.policyTypes[0]"),
+            (k, "ingress: [{from: [{}]}]", "spec.ingress[0].from[0]"),
+            (m, "ingress: [{from: [{}]}]", "spec.ingress[0].from[0]"),
+            (
+                m,
+                "ingress: [{from: [{clusters: {names: [West]}}]}]",
+                "spec.ingress[0].from[0].clusters.names[0]",
+            ),
+            (
+                m,
+                "ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}, clusters: {names: [west]}}]}]",
+                "spec.ingress[0].from[0]",
+            ),
+            (
+                m,
+                "egress: [{to: [{podSelector: {}, clusters: {matchExpressions: [{key: stage, operator: In}]}}]}]",
+                "spec.egress[0].to[0].clusters.matchExpressions[0].values",
+            ),
+        ] {
+            assert_eq!(field(kind, text), want, "{text}");
+        }
+        let e = policy_yaml(k, "ingress: [{ports: [{port: 80, protocol: SCTP}]}]").expect_err("sctp");
+        assert!(
+            e.to_string().contains("SCTP") && e.to_string().contains("TCP or UDP"),
+            "{e}"
+        );
+        let e = Policy::from_spec(
+            PolicyKind::Kubernetes,
+            "shop",
+            "p",
+            &MeshNetworkPolicySpec {
+                ingress: vec![IngressRuleSpec {
+                    from: vec![PeerSpec {
+                        pod_selector: Some(LabelSelector::default()),
+                        clusters: Some(ClusterSelector::default()),
+                        ..Default::default()
+                    }],
+                    ports: vec![],
+                }],
+                ..Default::default()
+            },
+        )
+        .expect_err("clusters in a NetworkPolicy");
+        assert_eq!(e.field, "spec.ingress[0].from[0].clusters");
+    }
+
+    #[test]
+    fn mesh_spec_refuses_unknown_fields() {
+        let e = serde_yaml::from_str::<MeshNetworkPolicySpec>(
+            "podSelector: {}\ningress: [{from: [{podSelector: {}, clusterz: {names: [west]}}]}]\n",
+        )
+        .expect_err("unknown field");
+        assert!(e.to_string().contains("clusterz"), "{e}");
+    }
+}
