@@ -124,7 +124,6 @@ impl schemars::JsonSchema for PortValue {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
             "description": "A port number (1-65535) or a container port name.",
-            "anyOf": [{"type": "integer"}, {"type": "string"}],
             "x-kubernetes-int-or-string": true
         })
     }
