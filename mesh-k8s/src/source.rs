@@ -199,13 +199,13 @@ impl Kind {
         match self {
             Kind::TrafficPolicy => Some(StatusKind::TrafficPolicy),
             Kind::StagedRollout => Some(StatusKind::StagedRollout),
+            Kind::MeshNetworkPolicy => Some(StatusKind::MeshNetworkPolicy),
             Kind::Node
             | Kind::Namespace
             | Kind::Pod
             | Kind::Service
             | Kind::ServiceExport
-            | Kind::NetworkPolicy
-            | Kind::MeshNetworkPolicy => None,
+            | Kind::NetworkPolicy => None,
         }
     }
 }
@@ -540,8 +540,9 @@ pub async fn watch_kubernetes(
     run(client, scope, tx, None).await
 }
 
-/// As [`watch_kubernetes`] for the whole cluster, and writes the status of every `TrafficPolicy` and
-/// `StagedRollout` (see [`crate::status`]): the clustermesh-apiserver's source, one status writer per cluster.
+/// As [`watch_kubernetes`] for the whole cluster, and writes the status of every `TrafficPolicy`,
+/// `StagedRollout` and `MeshNetworkPolicy` (see [`crate::status`]): the clustermesh-apiserver's source, one
+/// status writer per cluster.
 /// Errors writing a status are logged and retried; they never stop the source.
 ///
 /// # Errors

@@ -231,6 +231,9 @@ pub enum Peer {
     },
     /// Addresses of `cidr` outside every `except`.
     IpBlock { cidr: Ipv4Net, except: Vec<Ipv4Net> },
+    /// A valid IPv6 ipBlock: it selects nothing (the mesh is IPv4 only), so a dual-stack policy keeps its IPv4
+    /// meaning instead of being refused as a whole.
+    Ipv6Block { cidr: String },
 }
 
 /// The port part of a [`PortRule`].
@@ -389,6 +392,28 @@ fn parse_cidr(field: &str, s: &str) -> Result<Ipv4Net, PolicyError> {
     Ok(net)
 }
 
+fn ipv6_block(cidr: ipnet::Ipv6Net, block: &IpBlockSpec, at: &str) -> Result<Peer, PolicyError> {
+    let field = format!("{at}.ipBlock.cidr");
+    if cidr.trunc() != cidr {
+        return Err(err(
+            field,
+            format!("{cidr} has host bits set (the network is {})", cidr.trunc()),
+        ));
+    }
+    for (i, e) in block.except.iter().enumerate() {
+        let field = format!("{at}.ipBlock.except[{i}]");
+        let net: ipnet::Ipv6Net = e
+            .parse()
+            .map_err(|e2| err(&field, format!("{e:?} is not an IPv6 CIDR (as cidr is): {e2}")))?;
+        if !cidr.contains(&net) {
+            return Err(err(field, format!("{net} is not inside cidr {cidr}")));
+        }
+    }
+    Ok(Peer::Ipv6Block {
+        cidr: cidr.to_string(),
+    })
+}
+
 fn peer(kind: PolicyKind, p: &PeerSpec, at: &str) -> Result<Peer, PolicyError> {
     let has_selector = p.pod_selector.is_some() || p.namespace_selector.is_some();
     if let Some(block) = &p.ip_block {
@@ -397,6 +422,9 @@ fn peer(kind: PolicyKind, p: &PeerSpec, at: &str) -> Result<Peer, PolicyError> {
                 at,
                 "ipBlock cannot be combined with podSelector, namespaceSelector or clusters",
             ));
+        }
+        if let Ok(v6) = block.cidr.parse::<ipnet::Ipv6Net>() {
+            return ipv6_block(v6, block, at);
         }
         let cidr = parse_cidr(&format!("{at}.ipBlock.cidr"), &block.cidr)?;
         let mut except = Vec::new();
@@ -930,6 +958,7 @@ fn peer_identities(rule: &Rule, policy: &Policy, universe: &Universe) -> Option<
                     out.insert(identity::WORLD);
                 }
             }
+            Peer::Ipv6Block { .. } => {}
         }
     }
     Some(out)
@@ -1472,6 +1501,37 @@ mod tests {
             [identity::WORLD, CIDR_10_8, CIDR_10_1_16, CIDR_10_1_2_24],
             "0.0.0.0/0 selects world too, never pending"
         );
+    }
+
+    #[test]
+    fn ipv6_blocks_are_valid_and_select_nothing() {
+        let p = k8s(
+            "podSelector: {}\negress: [{to: [{ipBlock: {cidr: 'fd00::/8', except: ['fd00:1::/32']}}]}, {to: [{ipBlock: {cidr: 10.0.0.0/8}}]}]\n",
+        );
+        let e = api();
+        let c = compile(&view(&e), [&p], &universe());
+        assert_eq!(
+            ids(&c.egress.expect("egress")),
+            [CIDR_10_8, CIDR_10_1_16, CIDR_10_1_2_24]
+        );
+        assert_eq!(cidr_prefixes([&p]).len(), 1);
+        for (text, want) in [
+            (
+                "egress: [{to: [{ipBlock: {cidr: 'fd00::1/8'}}]}]",
+                "spec.egress[0].to[0].ipBlock.cidr",
+            ),
+            (
+                "egress: [{to: [{ipBlock: {cidr: 'fd00::/8', except: [10.0.0.0/8]}}]}]",
+                "spec.egress[0].to[0].ipBlock.except[0]",
+            ),
+            (
+                "egress: [{to: [{ipBlock: {cidr: 'fd00::/8', except: ['fe00::/16']}}]}]",
+                "spec.egress[0].to[0].ipBlock.except[0]",
+            ),
+        ] {
+            let e = policy_yaml(PolicyKind::Kubernetes, text).expect_err(text);
+            assert_eq!(e.field, want, "{text}: {e}");
+        }
     }
 
     #[test]
