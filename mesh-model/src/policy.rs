@@ -25,6 +25,8 @@
 //!   everything. A podSelector matches the peer's identity labels.
 //! - `policyTypes` defaults to Ingress, plus Egress when egress rules are given. A direction a policy does not
 //!   cover is not enforced by it ([`Policy::ingress`]/[`Policy::egress`] `None`).
+//! - A `MeshNetworkPolicy` peer with only `clusters` selects every pod of the policy's namespace in those
+//!   clusters. An IPv6 `ipBlock` is valid and selects nothing (the mesh is IPv4 only).
 //! - Reserved identities (world, pending, host) have no namespace or cluster label: pod and namespace
 //!   selectors never select them. `ipBlock` selects CIDR identities (and [`identity::WORLD`] for `0.0.0.0/0`).
 
@@ -590,7 +592,8 @@ impl Policy {
             .enumerate()
             .map(|(i, r)| rule(kind, &r.to, &r.ports, &format!("spec.egress[{i}]"), "to"))
             .collect::<Result<Vec<_>, _>>()?;
-        let (does_ingress, does_egress) = match &spec.policy_types {
+        // An empty list is defaulted like an absent one (as the API server does).
+        let (does_ingress, does_egress) = match spec.policy_types.as_ref().filter(|t| !t.is_empty()) {
             Some(types) => (
                 types.contains(&PolicyType::Ingress),
                 types.contains(&PolicyType::Egress),
@@ -1264,6 +1267,11 @@ mod tests {
         assert_eq!(c.egress, None, "ingress-only policy does not enforce egress");
         assert!(c.rules.is_empty());
 
+        let defaulted = k8s("podSelector: {}\npolicyTypes: []\n");
+        assert!(
+            defaulted.ingress.is_some() && defaulted.egress.is_none(),
+            "[] is defaulted"
+        );
         let both = k8s("podSelector: {}\npolicyTypes: [Egress]\n");
         let c = compile(&view(&e), [&both], &universe());
         assert_eq!((c.ingress, c.egress), (None, Some(vec![])));
