@@ -1,9 +1,11 @@
-//! fleetmesh's CustomResourceDefinitions (`fleetmesh.io/v1alpha1`): `TrafficPolicy` and `StagedRollout`. Their
+//! fleetmesh's CustomResourceDefinitions (`fleetmesh.io/v1alpha1`): `TrafficPolicy`, `StagedRollout` and
+//! `MeshNetworkPolicy`. Their
 //! specs are mesh-model's types, so a manifest, the API server and the CRD's schema describe the same shape.
 //! The chart's `crds/` folder holds the YAML generated from these types (see [`crd_files`]).
 
 use kube::CustomResource;
 use kube::CustomResourceExt as _;
+use mesh_model::policy::MeshNetworkPolicySpec;
 use mesh_model::traffic::{StagedRolloutSpec, TrafficPolicySpec};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -47,6 +49,23 @@ pub struct TrafficPolicyCrdSpec(pub TrafficPolicySpec);
 )]
 pub struct StagedRolloutCrdSpec(pub StagedRolloutSpec);
 
+/// A Kubernetes NetworkPolicy whose peers may select pods of other clusters of the mesh (`clusters`).
+// The spec of a `MeshNetworkPolicy`: mesh-model's `MeshNetworkPolicySpec` as it is.
+#[derive(CustomResource, Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+#[kube(
+    group = "fleetmesh.io",
+    version = "v1alpha1",
+    kind = "MeshNetworkPolicy",
+    doc = "fleetmesh MeshNetworkPolicy: a NetworkPolicy whose peers may select pods of other clusters of the mesh",
+    plural = "meshnetworkpolicies",
+    shortname = "mnp",
+    namespaced,
+    status = "ObjectStatus",
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+pub struct MeshNetworkPolicyCrdSpec(pub MeshNetworkPolicySpec);
+
 /// What fleetmesh reports back on its objects (the status subresource).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -68,7 +87,7 @@ pub struct ObjectStatus {
 /// # Errors
 /// When a CRD cannot be serialized (a bug in the types).
 pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
-    [TrafficPolicy::crd(), StagedRollout::crd()]
+    [TrafficPolicy::crd(), StagedRollout::crd(), MeshNetworkPolicy::crd()]
         .into_iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();
@@ -99,7 +118,8 @@ mod tests {
             files.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
             [
                 "trafficpolicies.fleetmesh.io.yaml",
-                "stagedrollouts.fleetmesh.io.yaml"
+                "stagedrollouts.fleetmesh.io.yaml",
+                "meshnetworkpolicies.fleetmesh.io.yaml"
             ]
         );
         let update = std::env::var_os("UPDATE_CRDS").is_some_and(|v| v == "1");
@@ -124,7 +144,11 @@ mod tests {
 
     #[test]
     fn crds_are_namespaced_with_status_and_spec_schema() {
-        for crd in [TrafficPolicy::crd(), StagedRollout::crd()] {
+        for crd in [
+            TrafficPolicy::crd(),
+            StagedRollout::crd(),
+            MeshNetworkPolicy::crd(),
+        ] {
             assert_eq!(crd.spec.group, "fleetmesh.io");
             assert_eq!(crd.spec.scope, "Namespaced");
             let v = &crd.spec.versions[0];
@@ -135,12 +159,37 @@ mod tests {
             );
             let schema = serde_json::to_value(v.schema.as_ref().expect("schema")).expect("json");
             let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
-            assert!(spec["properties"]["service"].is_object(), "{spec}");
+            assert!(
+                spec["properties"]["service"].is_object() || spec["properties"]["podSelector"].is_object(),
+                "{spec}"
+            );
         }
         let tp = serde_json::to_value(TrafficPolicy::crd()).expect("json");
         let weight = &tp["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
             ["weights"]["items"]["properties"]["weight"];
         assert_eq!(weight["minimum"], 0.0, "u32 weight has a lower bound: {weight}");
+    }
+
+    /// The MeshNetworkPolicy schema: ports are int-or-string, peers have `clusters`.
+    #[test]
+    fn mesh_network_policy_schema() {
+        let crd = serde_json::to_value(MeshNetworkPolicy::crd()).expect("json");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let rule = &spec["properties"]["ingress"]["items"]["properties"];
+        let port = &rule["ports"]["items"]["properties"]["port"];
+        assert_eq!(port["x-kubernetes-int-or-string"], true, "{port}");
+        let peer = &rule["from"]["items"]["properties"];
+        assert!(peer["clusters"]["properties"]["names"].is_object(), "{peer}");
+        let text = "apiVersion: fleetmesh.io/v1alpha1\nkind: MeshNetworkPolicy\nmetadata: {name: api, namespace: shop}\n\
+                    spec:\n  podSelector: {matchLabels: {app: api}}\n  ingress: [{from: [{podSelector: {}, clusters: {names: [west]}}], ports: [{port: 80}, {port: http}]}]\n";
+        let p: MeshNetworkPolicy = serde_yaml::from_str(text).expect("reads");
+        assert_eq!(
+            p.spec.0.ingress[0].from[0]
+                .clusters
+                .as_ref()
+                .map(|c| c.names.len()),
+            Some(1)
+        );
     }
 
     /// A manifest of the docs reads as the CRD type, and its spec is mesh-model's.

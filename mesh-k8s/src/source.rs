@@ -153,10 +153,12 @@ enum Kind {
     ServiceExport,
     TrafficPolicy,
     StagedRollout,
+    NetworkPolicy,
+    MeshNetworkPolicy,
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 9] = [
         Kind::Node,
         Kind::Namespace,
         Kind::Pod,
@@ -164,10 +166,13 @@ impl Kind {
         Kind::ServiceExport,
         Kind::TrafficPolicy,
         Kind::StagedRollout,
+        Kind::NetworkPolicy,
+        Kind::MeshNetworkPolicy,
     ];
 
     /// (group, version, kind, plural) of the kinds served by CRDs, watched as untyped objects so that one bad
-    /// object cannot fail the decoding of a whole list.
+    /// object cannot fail the decoding of a whole list. NetworkPolicy is built in, but is watched the same way:
+    /// its JSON goes through the manifest rules, which refuse unknown fields (the typed object drops them).
     fn custom(self) -> Option<(&'static str, &'static str, &'static str, &'static str)> {
         match self {
             Kind::ServiceExport => Some((
@@ -178,6 +183,13 @@ impl Kind {
             )),
             Kind::TrafficPolicy => Some(("fleetmesh.io", "v1alpha1", "TrafficPolicy", "trafficpolicies")),
             Kind::StagedRollout => Some(("fleetmesh.io", "v1alpha1", "StagedRollout", "stagedrollouts")),
+            Kind::NetworkPolicy => Some(("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies")),
+            Kind::MeshNetworkPolicy => Some((
+                "fleetmesh.io",
+                "v1alpha1",
+                "MeshNetworkPolicy",
+                "meshnetworkpolicies",
+            )),
             Kind::Node | Kind::Namespace | Kind::Pod | Kind::Service => None,
         }
     }
@@ -187,7 +199,13 @@ impl Kind {
         match self {
             Kind::TrafficPolicy => Some(StatusKind::TrafficPolicy),
             Kind::StagedRollout => Some(StatusKind::StagedRollout),
-            Kind::Node | Kind::Namespace | Kind::Pod | Kind::Service | Kind::ServiceExport => None,
+            Kind::MeshNetworkPolicy => Some(StatusKind::MeshNetworkPolicy),
+            Kind::Node
+            | Kind::Namespace
+            | Kind::Pod
+            | Kind::Service
+            | Kind::ServiceExport
+            | Kind::NetworkPolicy => None,
         }
     }
 }
@@ -439,6 +457,7 @@ fn insert(state: &mut ClusterState, o: Object) {
         Object::StagedRollout(r) => {
             state.rollouts.insert((r.namespace.clone(), r.name.clone()), r);
         }
+        Object::NetworkPolicy(p) => state.insert_network_policy(p),
     }
 }
 
@@ -521,8 +540,9 @@ pub async fn watch_kubernetes(
     run(client, scope, tx, None).await
 }
 
-/// As [`watch_kubernetes`] for the whole cluster, and writes the status of every `TrafficPolicy` and
-/// `StagedRollout` (see [`crate::status`]): the clustermesh-apiserver's source, one status writer per cluster.
+/// As [`watch_kubernetes`] for the whole cluster, and writes the status of every `TrafficPolicy`,
+/// `StagedRollout` and `MeshNetworkPolicy` (see [`crate::status`]): the clustermesh-apiserver's source, one
+/// status writer per cluster.
 /// Errors writing a status are logged and retried; they never stop the source.
 ///
 /// # Errors

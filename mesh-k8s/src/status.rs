@@ -1,5 +1,5 @@
 //! Status write-back: the clustermesh-apiserver (one writer per cluster; agents never write) reports on every
-//! `TrafficPolicy` and `StagedRollout` whether the source accepted it, in the object's `status` subresource:
+//! `TrafficPolicy`, `StagedRollout` and `MeshNetworkPolicy` whether the source accepted it, in the object's `status` subresource:
 //! `observedGeneration`, `phase` (`Valid` or `Invalid`) and, when invalid, the `message` the source also puts in
 //! the snapshot's errors (it names the field).
 //!
@@ -30,6 +30,7 @@ pub const PHASE_INVALID: &str = "Invalid";
 pub enum StatusKind {
     TrafficPolicy,
     StagedRollout,
+    MeshNetworkPolicy,
 }
 
 impl StatusKind {
@@ -37,6 +38,7 @@ impl StatusKind {
         let (kind, plural) = match self {
             StatusKind::TrafficPolicy => ("TrafficPolicy", "trafficpolicies"),
             StatusKind::StagedRollout => ("StagedRollout", "stagedrollouts"),
+            StatusKind::MeshNetworkPolicy => ("MeshNetworkPolicy", "meshnetworkpolicies"),
         };
         ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("fleetmesh.io", "v1alpha1", kind), plural)
     }
@@ -241,5 +243,9 @@ mod tests {
             ("fleetmesh.io/v1alpha1", "stagedrollouts")
         );
         assert_eq!(StatusKind::TrafficPolicy.api_resource().plural, "trafficpolicies");
+        assert_eq!(
+            StatusKind::MeshNetworkPolicy.api_resource().plural,
+            "meshnetworkpolicies"
+        );
     }
 }

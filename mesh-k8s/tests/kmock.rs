@@ -89,6 +89,8 @@ fn collection_path(o: &Value) -> String {
         "ServiceExport" => "serviceexports",
         "TrafficPolicy" => "trafficpolicies",
         "StagedRollout" => "stagedrollouts",
+        "NetworkPolicy" => "networkpolicies",
+        "MeshNetworkPolicy" => "meshnetworkpolicies",
         other => panic!("no plural for {other}"),
     };
     match o["metadata"]["namespace"].as_str() {
@@ -145,6 +147,20 @@ fn rollout(name: &str) -> Value {
            "metadata": {"name": name, "namespace": "shop"},
            "spec": {"service": "api", "from": {"matchLabels": {"stage": "prod"}}, "to": {"matchLabels": {"track": "v2"}},
                     "steps": [10, 50, 100], "holdSeconds": 30, "gate": {"maxFailureRatio": 0.02}}})
+}
+
+fn network_policy(name: &str, port: i64) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": name, "namespace": "shop"},
+           "spec": {"podSelector": {"matchLabels": {"app": "api"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": port}]}]}})
+}
+
+fn mesh_network_policy(name: &str, cluster: &str) -> Value {
+    json!({"apiVersion": "fleetmesh.io/v1alpha1", "kind": "MeshNetworkPolicy",
+           "metadata": {"name": name, "namespace": "shop"},
+           "spec": {"podSelector": {},
+                    "egress": [{"to": [{"podSelector": {}, "clusters": {"names": [cluster]}}]}]}})
 }
 
 fn key(name: &str) -> (String, String) {
@@ -660,4 +676,66 @@ async fn failed_status_patch_is_reported_and_retried() {
     let (patched, _) = writer.sync(&verdicts).await;
     assert_eq!(patched, 0, "written once");
     assert_eq!(status_patches(&mut em, &policy("ghost", 1, 1)), 2);
+}
+
+/// Both kinds of network policy are watched; a bad update (an unknown field, which the typed NetworkPolicy would
+/// drop; an invalid cluster name) keeps the previous version in force and is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_policies_are_watched_and_bad_updates_keep_the_previous_version() {
+    use mesh_model::policy::{Peer, PolicyKind};
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    em.create(&network_policy("api", 8080));
+    em.create(&mesh_network_policy("api", "west"));
+    let mut src = Source::start(&em, Scope::Cluster);
+    let k8s_key = (PolicyKind::Kubernetes, "shop".to_owned(), "api".to_owned());
+    let mesh_key = (PolicyKind::Mesh, "shop".to_owned(), "api".to_owned());
+
+    let s = src.until("initial lists", |s| s.generation >= 1).await;
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(s.state.network_policies.len(), 2);
+    let before = s.state.network_policies.clone();
+    assert!(matches!(
+        &before[&mesh_key].egress.as_ref().expect("egress")[0].peers[0],
+        Peer::Endpoints { .. }
+    ));
+
+    em.patch(
+        &network_policy("api", 0),
+        &json!({"spec": {"ingress": [{"ports": [{"port": 8080, "bogus": 1}]}]}}),
+    );
+    em.patch(
+        &mesh_network_policy("api", ""),
+        &json!({"spec": {"egress": [{"to": [{"podSelector": {}, "clusters": {"names": ["West"]}}]}]}}),
+    );
+    let s = src
+        .until("both bad updates reported", |s| s.errors.len() == 2)
+        .await;
+    assert_eq!(
+        s.state.network_policies, before,
+        "previous versions stay in force"
+    );
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("NetworkPolicy shop/api") && e.contains("spec.ingress[0].ports[0].bogus")),
+        "{:?}",
+        s.errors
+    );
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("MeshNetworkPolicy shop/api") && e.contains("clusters.names[0]")),
+        "{:?}",
+        s.errors
+    );
+
+    em.delete(&network_policy("api", 0));
+    let s = src
+        .until("delete applied", |s| {
+            !s.state.network_policies.contains_key(&k8s_key)
+        })
+        .await;
+    assert!(s.state.network_policies.contains_key(&mesh_key));
 }

@@ -5,7 +5,9 @@
 
 pub mod cluster;
 pub mod duration;
+pub mod identity;
 pub mod manifests;
+pub mod policy;
 pub mod service;
 pub mod source;
 pub mod state;

@@ -7,10 +7,12 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 
+use crate::policy::{self, MeshNetworkPolicySpec, Policy, PolicyKind};
 use crate::state::{ContainerPort, Namespace, Node, Pod, Protocol, Service, ServicePort};
 use crate::traffic::{self, StagedRollout, StagedRolloutSpec, TrafficPolicy, TrafficPolicySpec};
 
@@ -67,6 +69,23 @@ struct StagedRolloutManifest {
     status: Option<serde_json::Value>,
 }
 
+/// A fleetmesh `MeshNetworkPolicy` manifest.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MeshNetworkPolicyManifest {
+    api_version: String,
+    #[expect(
+        dead_code,
+        reason = "checked by the dispatcher, kept so the field is not refused as unknown"
+    )]
+    kind: String,
+    metadata: ObjectMeta,
+    spec: MeshNetworkPolicySpec,
+    #[serde(default)]
+    #[expect(dead_code, reason = "status is written by fleetmesh; accepted and ignored")]
+    status: Option<serde_json::Value>,
+}
+
 /// Namespace used when a namespaced object has none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -86,6 +105,9 @@ pub enum Object {
     TrafficPolicy(TrafficPolicy),
     /// A fleetmesh `StagedRollout` (fleetmesh.io/v1alpha1).
     StagedRollout(StagedRollout),
+    /// A Kubernetes `NetworkPolicy` (networking.k8s.io/v1) or a fleetmesh `MeshNetworkPolicy`
+    /// (fleetmesh.io/v1alpha1), told apart by [`Policy::kind`].
+    NetworkPolicy(Policy),
 }
 
 impl Object {
@@ -100,6 +122,7 @@ impl Object {
             Object::ServiceExport { namespace, name } => format!("ServiceExport {namespace}/{name}"),
             Object::TrafficPolicy(t) => format!("TrafficPolicy {}/{}", t.namespace, t.name),
             Object::StagedRollout(r) => format!("StagedRollout {}/{}", r.namespace, r.name),
+            Object::NetworkPolicy(p) => p.describe(),
         }
     }
 }
@@ -194,7 +217,8 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
 }
 
 /// Converts one object as the API server serves it (JSON), with the same rules as a manifest. Used for the
-/// kinds that are not typed in k8s-openapi (ServiceExport, TrafficPolicy, StagedRollout); `origin` names where
+/// kinds that are not typed in k8s-openapi (ServiceExport, TrafficPolicy, StagedRollout, MeshNetworkPolicy) and for
+/// NetworkPolicy (so that unknown fields are refused); `origin` names where
 /// it came from (e.g. `kubernetes`).
 ///
 /// # Errors
@@ -239,6 +263,23 @@ pub fn from_pod(origin: &str, p: &core::Pod) -> Result<Pod, ManifestError> {
 /// Invalid name, namespace, type, cluster IP or ports.
 pub fn from_service(origin: &str, s: &core::Service) -> Result<Service, ManifestError> {
     service(&Ctx::api(origin, "Service", &s.metadata, true), s)
+}
+
+/// Converts a typed NetworkPolicy object with the manifest rules. The typed object has lost any unknown field
+/// already; to refuse those, convert the JSON with [`from_value`].
+///
+/// # Errors
+/// Invalid name, namespace, selectors, CIDRs, ports or protocols.
+pub fn from_network_policy(origin: &str, p: &networking::NetworkPolicy) -> Result<Policy, ManifestError> {
+    network_policy(&Ctx::api(origin, policy::K8S_KIND, &p.metadata, true), p)
+}
+
+fn network_policy(ctx: &Ctx<'_>, p: &networking::NetworkPolicy) -> Result<Policy, ManifestError> {
+    let namespace = namespace_of(ctx, &p.metadata)?;
+    let name = name_of(ctx, &p.metadata)?;
+    let empty = networking::NetworkPolicySpec::default();
+    Policy::from_k8s(&namespace, &name, p.spec.as_ref().unwrap_or(&empty))
+        .map_err(|e| ctx.err(Some(&e.field), e.message))
 }
 
 /// One document (already known not to be empty) into an object.
@@ -325,13 +366,36 @@ fn object(mut ctx: Ctx<'_>, value: serde_yaml::Value) -> Result<Object, Manifest
                 spec: r.spec,
             })
         }
+        "NetworkPolicy" => Object::NetworkPolicy(network_policy(
+            &ctx,
+            &typed::<networking::NetworkPolicy>(&ctx, value)?,
+        )?),
+        "MeshNetworkPolicy" => {
+            let m = typed::<MeshNetworkPolicyManifest>(&ctx, value)?;
+            if m.api_version != traffic::API_VERSION {
+                return Err(ctx.err(
+                    Some("apiVersion"),
+                    format!(
+                        "{:?}: MeshNetworkPolicy is served as {}",
+                        m.api_version,
+                        traffic::API_VERSION
+                    ),
+                ));
+            }
+            let namespace = namespace_of(&ctx, &m.metadata)?;
+            let name = name_of(&ctx, &m.metadata)?;
+            Object::NetworkPolicy(
+                Policy::from_spec(PolicyKind::Mesh, &namespace, &name, &m.spec)
+                    .map_err(|e| ctx.err(Some(&e.field), e.message))?,
+            )
+        }
         "" => return Err(ctx.err(Some("kind"), "missing kind")),
         other => {
             return Err(ctx.err(
                 Some("kind"),
                 format!(
                     "kind {other:?} is not supported here (Node, Namespace, Pod, Service, ServiceExport, \
-                     TrafficPolicy, StagedRollout)"
+                     TrafficPolicy, StagedRollout, NetworkPolicy, MeshNetworkPolicy)"
                 ),
             ));
         }
@@ -611,6 +675,9 @@ pub fn merge<'a>(
                     state
                         .rollouts
                         .insert((r.namespace.clone(), r.name.clone()), r.clone());
+                }
+                Object::NetworkPolicy(p) => {
+                    state.insert_network_policy(p.clone());
                 }
             }
         }
@@ -926,6 +993,107 @@ spec:
             e.field.as_deref().is_some_and(|f| f.starts_with("spec.weights")),
             "{e}"
         );
+    }
+
+    const NETPOL: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  policyTypes: [Ingress, Egress]
+  ingress:
+    - from:
+        - podSelector: {matchLabels: {app: web}}
+        - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}
+      ports: [{port: 8080}, {port: 9000, endPort: 9100, protocol: UDP}]
+  egress: [{}]
+";
+
+    const MESHPOL: &str = "apiVersion: fleetmesh.io/v1alpha1
+kind: MeshNetworkPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress:
+    - from:
+        - podSelector: {matchLabels: {app: web}}
+          clusters: {names: [west]}
+      ports: [{port: http}]
+";
+
+    #[test]
+    fn network_policies_are_parsed_and_checked() {
+        let objs = parse_str("np.yaml", &format!("{NETPOL}---\n{MESHPOL}")).expect("valid");
+        let [Object::NetworkPolicy(k), Object::NetworkPolicy(m)] = objs.as_slice() else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(k.describe(), "NetworkPolicy shop/api");
+        assert_eq!(m.describe(), "MeshNetworkPolicy shop/api");
+        assert_eq!(k.ingress.as_ref().map(Vec::len), Some(1));
+        assert_eq!(k.egress.as_ref().map(Vec::len), Some(1));
+        assert_eq!(m.egress, None);
+        let state = merge([("np.yaml", objs.as_slice())]).expect("same name, different kinds");
+        assert_eq!(
+            state.network_policies.keys().cloned().collect::<Vec<_>>(),
+            [
+                (PolicyKind::Kubernetes, "shop".to_owned(), "api".to_owned()),
+                (PolicyKind::Mesh, "shop".to_owned(), "api".to_owned())
+            ]
+        );
+        for (text, field) in [
+            (
+                NETPOL.replace("except: [", "exept: ["),
+                "spec.ingress[0].from[1].ipBlock.exept",
+            ),
+            (NETPOL.replace("  egress: [{}]", "  egres: [{}]"), "spec.egres"),
+            (
+                NETPOL.replace("10.1.0.0/16", "11.1.0.0/16"),
+                "spec.ingress[0].from[1].ipBlock.except[0]",
+            ),
+            (
+                NETPOL.replace("endPort: 9100", "endPort: 80"),
+                "spec.ingress[0].ports[1].endPort",
+            ),
+            (
+                NETPOL.replace("protocol: UDP", "protocol: SCTP"),
+                "spec.ingress[0].ports[1].protocol",
+            ),
+            (
+                NETPOL.replace("port: 8080", "port: 0"),
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                NETPOL.replace("{app: web}", "{app: -web}"),
+                "spec.ingress[0].from[0].podSelector.matchLabels",
+            ),
+            (
+                MESHPOL.replace("clusters:", "cluster:"),
+                "spec.ingress[0].from[0]",
+            ),
+            (
+                MESHPOL.replace("[west]", "[West]"),
+                "spec.ingress[0].from[0].clusters.names[0]",
+            ),
+            (MESHPOL.replace("v1alpha1", "v1"), "apiVersion"),
+        ] {
+            let e = parse_str("np.yaml", &text).expect_err(&text);
+            assert!(
+                e.field.as_deref().is_some_and(|f| f.starts_with(field)),
+                "{field}: {e}"
+            );
+        }
+        let e = parse_str("np.yaml", &NETPOL.replace("protocol: UDP", "protocol: SCTP")).expect_err("sctp");
+        assert!(
+            e.to_string().contains("NetworkPolicy shop/api") && e.message.contains("SCTP"),
+            "{e}"
+        );
+        // From the API server: the same rules, unknown fields included.
+        let mut v: serde_json::Value = serde_yaml::from_str(NETPOL).expect("yaml");
+        v["spec"]["ingress"][0]["bogus"] = true.into();
+        let e = from_value("kubernetes", &v).expect_err("unknown field");
+        assert_eq!(e.field.as_deref(), Some("spec.ingress[0].bogus"), "{e}");
+        let typed: networking::NetworkPolicy = serde_yaml::from_str(NETPOL).expect("typed");
+        assert_eq!(&from_network_policy("kubernetes", &typed).expect("valid"), k);
     }
 
     #[test]

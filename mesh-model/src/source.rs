@@ -293,6 +293,42 @@ mod tests {
         assert!(md.state().nodes.is_empty());
     }
 
+    const POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: api, namespace: shop}\nspec:\n  podSelector: {matchLabels: {app: api}}\n  ingress: [{ports: [{port: 8080}]}]\n";
+
+    /// Editing a valid policy into an invalid one keeps the valid version in force and reports the error.
+    #[test]
+    fn invalid_policy_edit_keeps_the_previous_policy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("policy.yaml");
+        std::fs::write(&f, POLICY).expect("write");
+        let mut md = ManifestDir::new(dir.path());
+        md.rescan().expect("scan");
+        let before = md.state().network_policies.clone();
+        assert_eq!(before.len(), 1);
+        std::fs::write(&f, POLICY.replace("port: 8080", "port: 8080, endPort: 80")).expect("write");
+        assert!(md.rescan().expect("scan"));
+        assert_eq!(
+            md.state().network_policies,
+            before,
+            "the previous version stays in force"
+        );
+        let errors = md.errors();
+        assert!(
+            errors.len() == 1
+                && errors[0].contains("NetworkPolicy shop/api")
+                && errors[0].contains("spec.ingress[0].ports[0].endPort"),
+            "{errors:?}"
+        );
+        std::fs::write(&f, POLICY.replace("8080", "9090")).expect("write");
+        assert!(md.rescan().expect("scan"));
+        assert!(md.errors().is_empty());
+        assert_ne!(
+            md.state().network_policies,
+            before,
+            "the fixed version replaces it"
+        );
+    }
+
     #[test]
     fn duplicate_across_files_keeps_previous_state() {
         let dir = tempfile::tempdir().expect("tempdir");

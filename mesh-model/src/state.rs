@@ -6,6 +6,8 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{Policy, PolicyKind};
+
 /// Annotation with the name of the host side of a pod's veth, written by whatever wires the pod (the lab, a CNI
 /// plugin). The agent attaches its program there and delivers the pod's traffic through it.
 pub const ANNOTATION_HOST_IFNAME: &str = "fleetmesh.io/host-ifname";
@@ -113,9 +115,18 @@ pub struct ClusterState {
     pub traffic_policies: BTreeMap<(String, String), crate::traffic::TrafficPolicy>,
     /// `StagedRollout` objects, keyed by (namespace, name).
     pub rollouts: BTreeMap<(String, String), crate::traffic::StagedRollout>,
+    /// `NetworkPolicy` and `MeshNetworkPolicy` objects (validated), keyed by (kind, namespace, name): the two
+    /// kinds may use the same name.
+    pub network_policies: BTreeMap<(PolicyKind, String, String), Policy>,
 }
 
 impl ClusterState {
+    /// Adds (or replaces) a network policy under its (kind, namespace, name).
+    pub fn insert_network_policy(&mut self, p: Policy) {
+        self.network_policies
+            .insert((p.kind, p.namespace.clone(), p.name.clone()), p);
+    }
+
     /// Pods scheduled on `node`.
     pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
         self.pods

@@ -100,7 +100,7 @@ pub struct TrafficPolicy {
 }
 
 /// Checks a label key (`[prefix/]name`, Kubernetes rules).
-fn valid_label_key(key: &str) -> bool {
+pub(crate) fn valid_label_key(key: &str) -> bool {
     let (prefix, name) = match key.rsplit_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
@@ -121,7 +121,7 @@ fn valid_label_key(key: &str) -> bool {
 }
 
 /// Checks a label value (empty, or at most 63 alphanumerics, '-', '_', '.', alphanumeric at both ends).
-fn valid_label_value(v: &str) -> bool {
+pub(crate) fn valid_label_value(v: &str) -> bool {
     v.is_empty()
         || (v.len() <= 63
             && v.chars()
