@@ -34,7 +34,12 @@ const WATCH: &[&str] = &["list", "watch"];
 const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
     ("", &["nodes", "pods", "namespaces", "services"], WATCH),
     ("multicluster.x-k8s.io", &["serviceexports"], WATCH),
-    ("fleetmesh.io", &["trafficpolicies", "stagedrollouts"], WATCH),
+    ("networking.k8s.io", &["networkpolicies"], WATCH),
+    (
+        "fleetmesh.io",
+        &["trafficpolicies", "stagedrollouts", "meshnetworkpolicies"],
+        WATCH,
+    ),
 ];
 
 /// The clustermesh-apiserver runs the same watchers (every pod of the cluster) and, with `--source kubernetes`,
@@ -42,10 +47,19 @@ const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
 const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = &[
     ("", &["nodes", "pods", "namespaces", "services"], WATCH),
     ("multicluster.x-k8s.io", &["serviceexports"], WATCH),
-    ("fleetmesh.io", &["trafficpolicies", "stagedrollouts"], WATCH),
+    ("networking.k8s.io", &["networkpolicies"], WATCH),
     (
         "fleetmesh.io",
-        &["trafficpolicies/status", "stagedrollouts/status"],
+        &["trafficpolicies", "stagedrollouts", "meshnetworkpolicies"],
+        WATCH,
+    ),
+    (
+        "fleetmesh.io",
+        &[
+            "trafficpolicies/status",
+            "stagedrollouts/status",
+            "meshnetworkpolicies/status",
+        ],
         &["patch"],
     ),
 ];
