@@ -78,11 +78,16 @@ fn rule(peer: u32, protocol: u8, port: u16, port_plen: u8, id: u32) -> PolicyRul
     }
 }
 
-/// `loaded()` with identities ID_A and ID_B on pods A and B and a VXLAN device (ifindex 1).
+/// This node's underlay address in `datapath()`.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+
+/// `loaded()` with identities ID_A and ID_B on pods A and B, a VXLAN device (ifindex 1) and underlay address
+/// `NODE_IP`.
 fn datapath() -> Datapath {
     let mut dp = loaded();
     dp.set_node_config(NodeConfig {
         vxlan_ifindex: 1,
+        node_ipv4: u32::from(NODE_IP),
         ..Default::default()
     })
     .unwrap();
@@ -145,6 +150,8 @@ fn lookup_order_decides_which_rule_is_reported() {
             6,
             identity::WORLD,
         ),
+        // This node.
+        (udp(POD_A, 40008, NODE_IP, 53), 6, identity::HOST),
     ];
     for (frame, want_rule, want_peer) in &cases {
         assert_eq!(run(&mut dp, frame), expected_verdict(frame));
@@ -168,7 +175,7 @@ fn lookup_order_decides_which_rule_is_reported() {
     // The second packet of a flow is checked but is not new: no event.
     assert_eq!(run(&mut dp, &tcp(POD_A, 40001, POD_B, 80, ACK)), TC_ACT_REDIRECT);
     assert_eq!(drain(&mut ring), []);
-    assert_eq!(counter(&dp, Counter::PolicyAllowed), 8);
+    assert_eq!(counter(&dp, Counter::PolicyAllowed), 9, "{:?}", nonzero(&dp));
 }
 
 /// The tc verdict a forwarded frame gets from `loaded()`: redirect to a local pod or to the VXLAN device, the
@@ -449,6 +456,7 @@ fn flow_events_are_rate_limited_per_cpu() {
     let mut dp = datapath();
     dp.set_node_config(NodeConfig {
         vxlan_ifindex: 1,
+        node_ipv4: u32::from(NODE_IP),
         flow_events_per_sec: 3,
         ..Default::default()
     })

@@ -108,17 +108,25 @@ pub fn lookup(
     None
 }
 
-/// The identity of `addr` as a peer: a local endpoint's identity, else the ipcache entry's, else
-/// [`identity::WORLD`]. An identity that is not known yet (0 on an endpoint or an ipcache entry) is
-/// [`identity::PENDING`], never WORLD.
+/// The identity of `addr` as a peer: a local endpoint's identity, else [`identity::HOST`] for this node's underlay
+/// address, else the ipcache entry's, else [`identity::WORLD`]. An identity that is not known yet (0 on an
+/// endpoint or an ipcache entry) is [`identity::PENDING`], never WORLD.
 #[must_use]
 pub fn address_identity(addr: [u8; 4], maps: &impl Maps) -> u32 {
     let known = match maps.endpoint(addr) {
         Some(ep) => ep.identity,
-        None => match maps.ipcache(addr) {
-            Some(entry) => entry.identity,
-            None => return identity::WORLD,
-        },
+        None => {
+            if maps
+                .node_config()
+                .is_some_and(|cfg| cfg.node_ipv4 != 0 && cfg.node_ipv4 == u32::from_be_bytes(addr))
+            {
+                return identity::HOST;
+            }
+            match maps.ipcache(addr) {
+                Some(entry) => entry.identity,
+                None => return identity::WORLD,
+            }
+        }
     };
     known_or_pending(known)
 }
@@ -289,7 +297,8 @@ pub struct Ends<'a> {
 
 /// The policy verdict on a packet with policy tuple `tuple` (see [`policy_tuple`]).
 ///
-/// A packet whose reverse tuple is in the policy conntrack is a reply and passes without lookups. Otherwise the
+/// Nothing is looked up when neither endpoint has a policy ([`involved`]). A packet whose reverse tuple is in the
+/// policy conntrack is a reply and passes without table lookups. Otherwise the
 /// source endpoint's egress (when it has [`policy_flags::EGRESS_ENFORCED`]) and then the destination endpoint's
 /// ingress (with [`policy_flags::INGRESS_ENFORCED`]) must each find an allow entry ([`lookup`]); a direction
 /// without its flag allows. When an endpoint involved has any policy ([`involved`]) the allowed forward tuple is
@@ -300,32 +309,27 @@ pub struct Ends<'a> {
 /// [`Denied`] with the direction that found no entry and whether its peer was [`identity::PENDING`].
 #[inline(always)]
 pub fn check(maps: &impl PolicyMaps, tuple: &Flow, ends: &Ends<'_>) -> Result<Allowed, Denied> {
-    if maps.policy_ct(&tuple.reversed().ct_key(ct_dir::POLICY)) {
-        return Ok(Allowed {
-            rule: 0,
-            dir: 0,
-            enforced: false,
-            new_flow: false,
-            reply: true,
-        });
-    }
-    if !involved(ends.src_ep, ends.dst_ep) {
-        return Ok(Allowed {
-            rule: 0,
-            dir: 0,
-            enforced: false,
-            new_flow: false,
-            reply: false,
-        });
-    }
-    let dport = u16::from_be(tuple.dport_be);
-    let mut verdict = Allowed {
+    let unpoliced = Allowed {
         rule: 0,
         dir: 0,
         enforced: false,
         new_flow: false,
         reply: false,
     };
+    // Conntrack entries are only written for flows of endpoints with a policy, and the reply of such a flow
+    // involves the same endpoint on this node (its delivery or its sending): traffic between endpoints without
+    // policy costs no lookup at all.
+    if !involved(ends.src_ep, ends.dst_ep) {
+        return Ok(unpoliced);
+    }
+    if maps.policy_ct(&tuple.reversed().ct_key(ct_dir::POLICY)) {
+        return Ok(Allowed {
+            reply: true,
+            ..unpoliced
+        });
+    }
+    let dport = u16::from_be(tuple.dport_be);
+    let mut verdict = unpoliced;
     if let Some(ep) = ends.src_ep
         && ep.policy_flags & policy_flags::EGRESS_ENFORCED != 0
     {
@@ -433,6 +437,7 @@ mod tests {
         peers: HashMap<u32, TunnelPeer>,
         ct: RefCell<HashSet<CtKeyV4>>,
         lookups: RefCell<Vec<PolicyKey>>,
+        node: Option<NodeConfig>,
     }
 
     impl Maps for TestMaps {
@@ -451,7 +456,7 @@ mod tests {
                 .map(|(_, _, e)| *e)
         }
         fn node_config(&self) -> Option<NodeConfig> {
-            None
+            self.node
         }
     }
 
@@ -690,6 +695,12 @@ mod tests {
             "identity 0 in the ipcache"
         );
         assert_eq!(address_identity(OUTSIDE, &m), identity::WORLD);
+        m.node = Some(NodeConfig {
+            node_ipv4: u32::from_be_bytes(OUTSIDE),
+            ..Default::default()
+        });
+        assert_eq!(address_identity(OUTSIDE, &m), identity::HOST, "this node");
+        assert_eq!(address_identity(POD_A, &m), ID_A);
         let a = ep(ID_B, 0);
         assert_eq!(identity_of(Some(&a), POD_A, &m), ID_B, "the endpoint given wins");
         assert_eq!(identity_of(None, REMOTE_POD, &m), ID_REMOTE);
@@ -1022,9 +1033,13 @@ mod tests {
         assert!(!involved(Some(&a), Some(&b)));
         let v = check(&m, &tcp(POD_A, 1, POD_B, 80), &ends).unwrap();
         assert_eq!(v.counter(), None);
-        assert!(!v.new_flow);
+        assert!(!v.new_flow && !v.reply);
         assert!(m.ct.borrow().is_empty());
         assert!(m.lookups.borrow().is_empty());
+        // A conntrack entry left from when one of them had a policy is not even looked at.
+        m.ct.borrow_mut()
+            .insert(tcp(POD_B, 80, POD_A, 1).ct_key(ct_dir::POLICY));
+        assert_eq!(check(&m, &tcp(POD_A, 1, POD_B, 80), &ends), Ok(v));
     }
 
     #[test]
