@@ -18,7 +18,8 @@ use mesh_agent::datapath::{
     Datapath, DatapathError, EndpointPolicy, InstalledPolicy, PolicyRule, parse_flow_event,
 };
 use mesh_common::{
-    Counter, FlowEvent, LocalEndpoint, NodeConfig, flow_verdict, identity, policy_dir, policy_flags, proto,
+    BackendV4, Counter, FlowEvent, HAIRPIN_IPV4, LocalEndpoint, NodeConfig, RevNatV4, ServiceEntry,
+    ServiceKeyV4, SlotKey, flow_verdict, identity, policy_dir, policy_flags, proto,
 };
 
 const ID_A: u32 = identity::compose(1, 300);
@@ -605,4 +606,175 @@ fn overlay_source_identity_comes_from_the_vni_and_the_sending_node() {
     assert!(counter(&dp2, Counter::PolicyAllowed) >= 1);
     // The echo replies left B through policy conntrack on n2.
     assert!(counter(&dp2, Counter::PolicyReply) >= 1);
+}
+
+/// Frontend `VIP`:80/TCP (service and rev-NAT id 1) with the given backends (ids 101..).
+fn program_service(dp: &mut Datapath, backends: &[(Ipv4Addr, u16)]) {
+    for (i, (addr, port)) in backends.iter().enumerate() {
+        let id = 101 + u32::try_from(i).unwrap();
+        dp.upsert_backend(
+            id,
+            BackendV4 {
+                addr: addr.octets(),
+                port_be: port.to_be(),
+                proto: proto::TCP,
+                cluster_id: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        dp.upsert_slot(
+            SlotKey {
+                service_id: 1,
+                slot: u32::try_from(i).unwrap(),
+            },
+            id,
+        )
+        .unwrap();
+    }
+    dp.upsert_revnat(
+        1,
+        RevNatV4 {
+            vip: VIP.octets(),
+            port_be: 80u16.to_be(),
+            _pad: 0,
+        },
+    )
+    .unwrap();
+    dp.upsert_service(
+        ServiceKeyV4 {
+            vip: VIP.octets(),
+            port_be: 80u16.to_be(),
+            proto: proto::TCP,
+            _pad: 0,
+        },
+        ServiceEntry {
+            service_id: 1,
+            slot_count: u32::try_from(backends.len()).unwrap(),
+            rev_nat_id: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn dst_of(packet: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(packet[30], packet[31], packet[32], packet[33]),
+        u16::from_be_bytes([packet[36], packet[37]]),
+    )
+}
+
+#[test]
+fn policy_judges_the_backend_not_the_frontend() {
+    let mut dp = datapath();
+    let mut ring = dp.take_flow_events().unwrap();
+    program_service(&mut dp, &[(POD_B, 8080)]);
+    // A may reach B on 8080 only (not the frontend port 80); A admits nothing.
+    dp.replace_endpoint_policy(
+        POD_A,
+        ID_A,
+        &EndpointPolicy {
+            ingress: Some(vec![]),
+            egress: Some(vec![rule(ID_B, proto::TCP, 8080, 16, 5)]),
+        },
+    )
+    .unwrap();
+    let out = dp.test_run(FROM_POD, &tcp(POD_A, 40000, VIP, 80, SYN)).unwrap();
+    assert_eq!(out.return_value, TC_ACT_REDIRECT);
+    assert_eq!(dst_of(&out.packet), (POD_B, 8080), "translated to the backend");
+    let events = drain(&mut ring);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(
+        (
+            Ipv4Addr::from(e.daddr),
+            u16::from_be(e.dport_be),
+            e.rule,
+            e.dst_identity
+        ),
+        (POD_B, 8080, 5, ID_B),
+        "the event names the backend"
+    );
+    // B's reply is a policy reply (A's ingress denies everything else) and is translated back to the frontend.
+    let out = dp
+        .test_run(FROM_POD, &tcp(POD_B, 8080, POD_A, 40000, SYN | ACK))
+        .unwrap();
+    assert_eq!(out.return_value, TC_ACT_REDIRECT);
+    let src = Ipv4Addr::new(out.packet[26], out.packet[27], out.packet[28], out.packet[29]);
+    assert_eq!(src, VIP);
+    assert_eq!(counter(&dp, Counter::PolicyReply), 1);
+    // A frontend whose backend port A may not reach is denied.
+    program_service(&mut dp, &[(POD_B, 9090)]);
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40001, VIP, 80, SYN)), TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Counter::DropPolicyEgress), 1);
+}
+
+#[test]
+fn hairpin_flows_are_not_subject_to_policy() {
+    let mut dp = datapath();
+    program_service(&mut dp, &[(POD_A, 8080)]);
+    dp.replace_endpoint_policy(
+        POD_A,
+        ID_A,
+        &EndpointPolicy {
+            ingress: Some(vec![]),
+            egress: Some(vec![]),
+        },
+    )
+    .unwrap();
+    // A reaches itself through the frontend (source rewritten to the hairpin address) and answers.
+    let out = dp.test_run(FROM_POD, &tcp(POD_A, 40000, VIP, 80, SYN)).unwrap();
+    assert_eq!(out.return_value, TC_ACT_REDIRECT);
+    assert_eq!(dst_of(&out.packet), (POD_A, 8080));
+    let hairpin = Ipv4Addr::new(HAIRPIN_IPV4[0], HAIRPIN_IPV4[1], HAIRPIN_IPV4[2], HAIRPIN_IPV4[3]);
+    let out = dp
+        .test_run(FROM_POD, &tcp(POD_A, 8080, hairpin, 40000, SYN | ACK))
+        .unwrap();
+    assert_eq!(out.return_value, TC_ACT_REDIRECT);
+    // Anything else A sends is denied.
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40001, POD_B, 8080, SYN)), TC_ACT_SHOT);
+    let counters = nonzero(&dp);
+    assert!(
+        !counters.iter().any(|(c, _)| matches!(
+            c,
+            Counter::PolicyAllowed | Counter::PolicyReply | Counter::DropPolicyIngress
+        )),
+        "{counters:?}"
+    );
+    assert_eq!(counter(&dp, Counter::DropPolicyEgress), 1);
+}
+
+#[test]
+fn a_frontend_without_backends_emits_a_flow_event() {
+    let mut dp = datapath();
+    let mut ring = dp.take_flow_events().unwrap();
+    program_service(&mut dp, &[]);
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40000, VIP, 80, SYN)), TC_ACT_SHOT);
+    assert_eq!(nonzero(&dp), [(Counter::DropNoBackend, 1)]);
+    let events = drain(&mut ring);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(
+        (
+            e.verdict,
+            Counter::from_index(u32::from(e.reason)),
+            e.dir,
+            e.src_identity,
+            Ipv4Addr::from(e.daddr),
+            u16::from_be(e.dport_be),
+            e.proto,
+        ),
+        (
+            flow_verdict::DROPPED,
+            Some(Counter::DropNoBackend),
+            0,
+            ID_A,
+            VIP,
+            80,
+            proto::TCP
+        )
+    );
 }
