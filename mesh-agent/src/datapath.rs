@@ -1118,25 +1118,29 @@ impl Datapath {
             .collect())
     }
 
-    /// Adds or replaces a local pod: its interface, MACs and identity as given. The policy fields of `ep`
-    /// (`policy_id`, `policy_flags`, `ingress_plens`, `egress_plens`) are ignored when the pod is already in the
-    /// map: its policy stays in force as [`Datapath::replace_endpoint_policy`] last set it (a new pod starts with
-    /// the fields of `ep`, normally none). So the endpoint reconcile never wipes policy, whatever order the two run
-    /// in.
+    /// Adds or replaces a local pod: its interface and MACs as given, and its identity unless `ep.identity` is 0
+    /// (not known to the caller: a pod already in the map keeps the identity it has). The policy fields of `ep`
+    /// (`policy_id`, `policy_flags`, `ingress_plens`, `egress_plens`) are ignored: a pod already in the map keeps
+    /// the policy [`Datapath::replace_endpoint_policy`] last gave it, a new pod starts without policy. So the
+    /// endpoint reconcile never wipes identity or policy, whatever order it and the policy updates run in. (To
+    /// tell whether an entry needs writing, compare `ifindex`, `pod_mac`, `host_mac` and a known identity only.)
     ///
     /// # Errors
     ///
     /// When the map update fails (for example because the map is full).
     pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, ep: LocalEndpoint) -> Result<(), DatapathError> {
-        let ep = match self.endpoints.get(ip.octets())? {
-            Some(current) => LocalEndpoint {
-                policy_id: current.policy_id,
-                policy_flags: current.policy_flags,
-                ingress_plens: current.ingress_plens,
-                egress_plens: current.egress_plens,
-                ..ep
+        let current = self.endpoints.get(ip.octets())?.unwrap_or_default();
+        let ep = LocalEndpoint {
+            identity: if ep.identity == 0 {
+                current.identity
+            } else {
+                ep.identity
             },
-            None => ep,
+            policy_id: current.policy_id,
+            policy_flags: current.policy_flags,
+            ingress_plens: current.ingress_plens,
+            egress_plens: current.egress_plens,
+            ..ep
         };
         self.endpoints.upsert(ip.octets(), ep)
     }
@@ -1288,8 +1292,9 @@ impl Datapath {
         self.rev_nat.entries()
     }
 
-    /// The conntrack entries of load-balanced flows (SERVICE entries first, then REPLY entries, each sorted by
-    /// tuple). The map changes under the dump: a busy node may return a slightly inconsistent snapshot.
+    /// The conntrack entries: of load-balanced flows (SERVICE entries first, then REPLY entries) and of flows a
+    /// policy allowed (POLICY entries, value unused), each sorted by tuple. The map changes under the dump: a busy
+    /// node may return a slightly inconsistent snapshot.
     ///
     /// # Errors
     ///

@@ -6,6 +6,8 @@
 //! - Two nodes over VXLAN (network namespaces removed by a guard): the source identity of overlay packets comes
 //!   from the VNI and the sending node's `TUNNEL_PEERS` entry.
 mod common;
+#[path = "common/pins.rs"]
+mod pins;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
@@ -18,8 +20,8 @@ use mesh_agent::datapath::{
     Datapath, DatapathError, EndpointPolicy, InstalledPolicy, PolicyRule, parse_flow_event,
 };
 use mesh_common::{
-    BackendV4, Counter, FlowEvent, HAIRPIN_IPV4, LocalEndpoint, NodeConfig, RevNatV4, ServiceEntry,
-    ServiceKeyV4, SlotKey, flow_verdict, identity, policy_dir, policy_flags, proto,
+    BackendV4, Counter, FlowEvent, HAIRPIN_IPV4, LocalEndpoint, NodeConfig, PolicyEntry, PolicyKey, RevNatV4,
+    ServiceEntry, ServiceKeyV4, SlotKey, flow_verdict, identity, policy_dir, policy_flags, proto,
 };
 
 const ID_A: u32 = identity::compose(1, 300);
@@ -411,10 +413,24 @@ fn replacing_a_policy_switches_tables_atomically() {
     assert_eq!(run(&mut dp, &tcp(POD_A, 40002, POD_B, 80, SYN)), TC_ACT_SHOT);
     assert_eq!(run(&mut dp, &tcp(POD_A, 40003, POD_B, 443, SYN)), TC_ACT_REDIRECT);
 
-    // The endpoint reconcile re-programming B (new ifindex, say) keeps its policy.
-    dp.upsert_endpoint(POD_B, endpoint(POD_B, 9, ID_B)).unwrap();
+    // The endpoint reconcile re-programming B (new ifindex, identity not known to it) keeps its identity and
+    // policy; policy fields it passes are ignored.
+    let stale = LocalEndpoint {
+        policy_id: 77,
+        policy_flags: 0,
+        ..endpoint(POD_B, 9, 0)
+    };
+    dp.upsert_endpoint(POD_B, stale).unwrap();
     let ep = dp.endpoint(POD_B).unwrap().unwrap();
-    assert_eq!((ep.ifindex, ep.policy_id), (9, id2));
+    assert_eq!(
+        (ep.ifindex, ep.identity, ep.policy_id, ep.policy_flags),
+        (
+            9,
+            ID_B,
+            id2,
+            policy_flags::INGRESS_ENFORCED | policy_flags::EGRESS_ENFORCED
+        )
+    );
     assert_eq!(run(&mut dp, &tcp(POD_A, 40004, POD_B, 80, SYN)), TC_ACT_SHOT);
 
     // No policy at all: id 0 and no table.
@@ -777,4 +793,77 @@ fn a_frontend_without_backends_emits_a_flow_event() {
             proto::TCP
         )
     );
+}
+
+#[test]
+fn a_restarted_agent_adopts_policy_tables_and_drops_orphans() {
+    let pins = pins::Pins::new("policy");
+    let v1 = EndpointPolicy {
+        ingress: Some(vec![rule(ID_A, proto::TCP, 80, 16, 1)]),
+        egress: None,
+    };
+    let id1 = {
+        let mut dp = Datapath::load_pinned(pins.path()).unwrap();
+        dp.upsert_endpoint(POD_B, endpoint(POD_B, 1, ID_B)).unwrap();
+        dp.upsert_tunnel_peer(common::REMOTE_NODE, 2).unwrap();
+        dp.replace_endpoint_policy(POD_B, ID_B, &v1).unwrap()
+    };
+    // A table no endpoint names, as an agent that died between writing a table and switching to it leaves it.
+    let orphan_id = id1 + 1000;
+    {
+        let pin = pins
+            .path()
+            .join(format!("maps-v{}", mesh_agent::datapath::MAP_ABI))
+            .join(mesh_common::maps::POLICY);
+        let data = MapData::from_pin(&pin).unwrap();
+        let mut raw: aya::maps::HashMap<MapData, PolicyKey, PolicyEntry> =
+            aya::maps::Map::HashMap(data).try_into().unwrap();
+        let key = PolicyKey {
+            policy_id: orphan_id,
+            identity: ID_A,
+            port: 22,
+            proto: proto::TCP,
+            dir: policy_dir::INGRESS,
+            port_plen: 16,
+            _pad: [0; 3],
+        };
+        raw.insert(key, PolicyEntry { rule: 9, _pad: 0 }, 0).unwrap();
+    }
+    let mut dp = Datapath::load_pinned(pins.path()).unwrap();
+    assert!(dp.adoption().maps_reused.contains(&mesh_common::maps::POLICY));
+    assert_eq!(
+        dp.tunnel_peers().unwrap(),
+        BTreeMap::from([(common::REMOTE_NODE, 2)])
+    );
+    // B's table was adopted with its contents; the orphan is gone.
+    let ids: Vec<u32> = dp
+        .policy_entries()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| k.policy_id)
+        .collect();
+    assert_eq!(ids, [id1]);
+    assert_eq!(
+        dp.endpoint_policy(POD_B).unwrap().unwrap().policy.ingress,
+        v1.ingress
+    );
+    // The adopted index lets a replacement delete the old table, and a new id avoids the one in use.
+    let id2 = dp
+        .replace_endpoint_policy(
+            POD_B,
+            ID_B,
+            &EndpointPolicy {
+                ingress: Some(vec![rule(ID_A, proto::TCP, 443, 16, 2)]),
+                egress: None,
+            },
+        )
+        .unwrap();
+    assert_ne!(id2, id1);
+    let keys: Vec<(u32, u16)> = dp
+        .policy_entries()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| (k.policy_id, k.port))
+        .collect();
+    assert_eq!(keys, [(id2, 443)]);
 }
