@@ -504,6 +504,42 @@ fn flow_events_are_rate_limited_per_cpu() {
 }
 
 #[test]
+fn a_full_ring_loses_events_and_counts_them() {
+    let mut dp = datapath();
+    dp.set_node_config(NodeConfig {
+        vxlan_ifindex: 1,
+        node_ipv4: u32::from(NODE_IP),
+        flow_events_per_sec: u32::MAX,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut ring = dp.take_flow_events().unwrap();
+    dp.replace_endpoint_policy(
+        POD_A,
+        ID_A,
+        &EndpointPolicy {
+            ingress: None,
+            egress: Some(vec![]),
+        },
+    )
+    .unwrap();
+    // 1 MiB holds 21,845 records (a 40-byte event and an 8-byte header); nobody reads meanwhile.
+    let packets = 25_000u64;
+    let frame = tcp(POD_A, 40000, POD_B, 80, SYN);
+    for _ in 0..packets {
+        assert_eq!(run(&mut dp, &frame), TC_ACT_SHOT);
+    }
+    let read = drain(&mut ring).len() as u64;
+    let lost = counter(&dp, Counter::FlowEventsLost);
+    assert_eq!(read + lost, packets, "{read} read, {lost} lost");
+    assert_eq!((read, lost), (21_845, packets - 21_845));
+    assert_eq!(counter(&dp, Counter::FlowEventsSuppressed), 0);
+    // Once read, the ring takes events again.
+    assert_eq!(run(&mut dp, &frame), TC_ACT_SHOT);
+    assert_eq!(drain(&mut ring).len(), 1);
+}
+
+#[test]
 fn tunnel_peers_round_trip() {
     let mut dp = Datapath::load().unwrap();
     let peers = BTreeMap::from([
