@@ -32,7 +32,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
         links::{FdLink, PinnedLink},
@@ -41,9 +44,9 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use mesh_common::{
-    BackendStats, BackendV4, COUNTER_COUNT, Counter, CtEntryV4, CtKeyV4, EndpointKeyV4, IpcacheEntry,
-    LocalEndpoint, LpmKeyV4, NodeConfig, RevNatV4, ServiceEntry, ServiceKeyV4, SlotKey, maps, programs,
-    proto,
+    BackendStats, BackendV4, COUNTER_COUNT, Counter, CtEntryV4, CtKeyV4, EndpointKeyV4, FlowEvent,
+    IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig, PolicyEntry, PolicyKey, RevNatV4, ServiceEntry,
+    ServiceKeyV4, SlotKey, TunnelPeer, maps, policy_dir, policy_flags, programs, proto,
 };
 use tracing::{info, warn};
 
@@ -54,7 +57,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/me
 const TEST_RUN_HEADROOM: usize = 256;
 
 /// The maps shared by the programs and the agent: the ones pinned by [`Datapath::load_pinned`].
-pub const SHARED_MAPS: [&str; 10] = [
+pub const SHARED_MAPS: [&str; 14] = [
     maps::IPCACHE_V4,
     maps::ENDPOINTS_V4,
     maps::NODE_CONFIG,
@@ -65,11 +68,18 @@ pub const SHARED_MAPS: [&str; 10] = [
     maps::REVNAT_V4,
     maps::CT_V4,
     maps::LB_BACKEND_STATS,
+    maps::POLICY,
+    maps::TUNNEL_PEERS,
+    maps::FLOW_EVENTS,
+    maps::FLOW_RATE,
 ];
 
 /// Version of the map ABI where sizes cannot tell: bump it when a key or value changes meaning at an equal size.
 /// The maps of another version are not adopted (their pins are removed: a flush).
-pub const MAP_ABI: u32 = 1;
+///
+/// 2: identities and policy (`LocalEndpoint` grew its policy fields, the VNI carries the identity's per-cluster
+/// number only, new maps `POLICY`, `TUNNEL_PEERS`, `FLOW_EVENTS`, `FLOW_RATE`).
+pub const MAP_ABI: u32 = 2;
 
 /// Where the agent pins the datapath of node `node` by default.
 #[must_use]
@@ -177,6 +187,17 @@ pub enum DatapathError {
         /// The kernel's answer.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A policy operation named an address that is not a local endpoint (program the endpoint first).
+    #[error("no local endpoint {0} in the datapath")]
+    UnknownEndpoint(Ipv4Addr),
+    /// A policy entry cannot be represented in the datapath.
+    #[error("policy of endpoint {ip}: {reason}")]
+    InvalidPolicy {
+        /// The endpoint.
+        ip: Ipv4Addr,
+        /// What is wrong.
+        reason: String,
     },
     /// `BPF_PROG_TEST_RUN` failed.
     #[error("test run of eBPF program {program:?}")]
@@ -294,6 +315,35 @@ impl TableKey for SlotKey {
     }
 }
 
+impl TableKey for PolicyKey {
+    type Order = (u32, u8, u32, u8, u16, u8);
+    fn order(&self) -> Self::Order {
+        (
+            self.policy_id,
+            self.dir,
+            self.identity,
+            self.proto,
+            self.port,
+            self.port_plen,
+        )
+    }
+    fn describe(&self) -> String {
+        let dir = match self.dir {
+            policy_dir::INGRESS => "ingress",
+            policy_dir::EGRESS => "egress",
+            _ => "dir?",
+        };
+        format!(
+            "table {} {dir} identity {} {} {}/{}",
+            self.policy_id,
+            self.identity,
+            proto_name(self.proto),
+            self.port,
+            self.port_plen
+        )
+    }
+}
+
 impl TableKey for CtKeyV4 {
     type Order = (u8, [u8; 4], u16, [u8; 4], u16, u8);
     fn order(&self) -> Self::Order {
@@ -354,6 +404,14 @@ impl<K: TableKey, V: aya::Pod> Table<K, V> {
         }
     }
 
+    fn get(&self, key: K) -> Result<Option<V>, DatapathError> {
+        match self.map.get(&key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(source) if is_absent(&source) => Ok(None),
+            Err(source) => Err(self.error("read", key.describe(), source)),
+        }
+    }
+
     fn entries(&self) -> Result<Vec<(K, V)>, DatapathError> {
         let mut all = self
             .map
@@ -402,6 +460,15 @@ pub struct Datapath {
     rev_nat: Table<u32, RevNatV4>,
     conntrack: Table<CtKeyV4, CtEntryV4>,
     backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
+    policy: Table<PolicyKey, PolicyEntry>,
+    tunnel_peers: Table<u32, TunnelPeer>,
+    /// The flow event ring, until [`Datapath::take_flow_events`] hands it out.
+    flow_events: Option<RingBuf<MapData>>,
+    /// The policy tables in the map, by id (a userspace copy, read from the map at load): ids in use, and what
+    /// to delete when a table is replaced. Ids that endpoints name without entries (deny-all) are here too.
+    policy_tables: BTreeMap<u32, Vec<(PolicyKey, PolicyEntry)>>,
+    /// Where the search for a free policy id starts.
+    next_policy_id: u32,
     node_config: Array<MapData, NodeConfig>,
     counters: PerCpuArray<MapData, u64>,
     counters_id: u32,
@@ -725,7 +792,7 @@ impl Datapath {
                     source: Box::new(source),
                 })?;
         }
-        Ok(Self {
+        let mut dp = Self {
             ipcache: take_map(&mut ebpf, maps::IPCACHE_V4)?,
             endpoints: Table::take(&mut ebpf, maps::ENDPOINTS_V4)?,
             services: Table::take(&mut ebpf, maps::SERVICES_V4)?,
@@ -734,6 +801,11 @@ impl Datapath {
             rev_nat: Table::take(&mut ebpf, maps::REVNAT_V4)?,
             conntrack: Table::take(&mut ebpf, maps::CT_V4)?,
             backend_stats: take_map(&mut ebpf, maps::LB_BACKEND_STATS)?,
+            policy: Table::take(&mut ebpf, maps::POLICY)?,
+            tunnel_peers: Table::take(&mut ebpf, maps::TUNNEL_PEERS)?,
+            flow_events: Some(take_map(&mut ebpf, maps::FLOW_EVENTS)?),
+            policy_tables: BTreeMap::new(),
+            next_policy_id: 1,
             node_config: take_map(&mut ebpf, maps::NODE_CONFIG)?,
             counters_id: match ebpf.map(maps::COUNTERS) {
                 Some(aya::maps::Map::PerCpuArray(data)) => data
@@ -757,7 +829,9 @@ impl Datapath {
             endpoint_ifindex: BTreeMap::new(),
             pins: pins.map(Path::to_owned),
             adoption,
-        })
+        };
+        dp.index_policy_tables()?;
+        Ok(dp)
     }
 
     /// The pin directory, when the datapath is pinned.
@@ -1044,22 +1118,54 @@ impl Datapath {
             .collect())
     }
 
-    /// Adds or replaces a local pod.
+    /// Adds or replaces a local pod: its interface and MACs as given, and its identity unless `ep.identity` is 0
+    /// (not known to the caller: a pod already in the map keeps the identity it has). The policy fields of `ep`
+    /// (`policy_id`, `policy_flags`, `ingress_plens`, `egress_plens`) are ignored: a pod already in the map keeps
+    /// the policy [`Datapath::replace_endpoint_policy`] last gave it, a new pod starts without policy. So the
+    /// endpoint reconcile never wipes identity or policy, whatever order it and the policy updates run in. (To
+    /// tell whether an entry needs writing, compare `ifindex`, `pod_mac`, `host_mac` and a known identity only.)
     ///
     /// # Errors
     ///
     /// When the map update fails (for example because the map is full).
     pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, ep: LocalEndpoint) -> Result<(), DatapathError> {
+        let current = self.endpoints.get(ip.octets())?.unwrap_or_default();
+        let ep = LocalEndpoint {
+            identity: if ep.identity == 0 {
+                current.identity
+            } else {
+                ep.identity
+            },
+            policy_id: current.policy_id,
+            policy_flags: current.policy_flags,
+            ingress_plens: current.ingress_plens,
+            egress_plens: current.egress_plens,
+            ..ep
+        };
         self.endpoints.upsert(ip.octets(), ep)
     }
 
-    /// Removes a local pod; an absent one is not an error.
+    /// Removes a local pod, and its policy table; an absent one is not an error.
     ///
     /// # Errors
     ///
     /// When the kernel refuses the removal for another reason.
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
-        self.endpoints.remove(ip.octets())
+        let current = self.endpoints.get(ip.octets())?;
+        self.endpoints.remove(ip.octets())?;
+        match current {
+            Some(ep) if ep.policy_id != 0 => self.delete_policy_table(ep.policy_id),
+            _ => Ok(()),
+        }
+    }
+
+    /// One local pod's entry.
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<LocalEndpoint>, DatapathError> {
+        self.endpoints.get(ip.octets())
     }
 
     /// All local pods, sorted by address.
@@ -1186,8 +1292,9 @@ impl Datapath {
         self.rev_nat.entries()
     }
 
-    /// The conntrack entries of load-balanced flows (SERVICE entries first, then REPLY entries, each sorted by
-    /// tuple). The map changes under the dump: a busy node may return a slightly inconsistent snapshot.
+    /// The conntrack entries: of load-balanced flows (SERVICE entries first, then REPLY entries) and of flows a
+    /// policy allowed (POLICY entries, value unused), each sorted by tuple. The map changes under the dump: a busy
+    /// node may return a slightly inconsistent snapshot.
     ///
     /// # Errors
     ///
@@ -1345,5 +1452,420 @@ impl Datapath {
             return_value: result.return_value,
             packet: out,
         })
+    }
+}
+
+/// One allow entry of an endpoint's policy in one direction: what a [`PolicyKey`] says apart from the table and
+/// the direction, with the rule id it reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyRule {
+    /// Peer identity; [`mesh_common::identity::ANY`] allows every peer (also pending ones).
+    pub peer: u32,
+    /// [`proto`] number; 0 = any protocol (the port block is then ignored: any port).
+    pub proto: u8,
+    /// Destination port block, HOST order: the leading `port_plen` bits of `port` are significant (the others are
+    /// cleared when the entry is written).
+    pub port: u16,
+    /// 0 (any port) to 16 (exactly `port`).
+    pub port_plen: u8,
+    /// Reported in flow events ([`PolicyEntry::rule`]).
+    pub rule: u32,
+}
+
+impl PolicyRule {
+    /// The rule as stored: host bits of the port cleared, any-protocol entries with port block 0/0.
+    fn normalized(self) -> Self {
+        if self.proto == 0 {
+            return Self {
+                port: 0,
+                port_plen: 0,
+                ..self
+            };
+        }
+        let mask = match self.port_plen {
+            0 => 0,
+            plen => u16::MAX << (16 - u32::from(plen.min(16))),
+        };
+        Self {
+            port: self.port & mask,
+            ..self
+        }
+    }
+
+    fn key(&self, policy_id: u32, dir: u8) -> PolicyKey {
+        PolicyKey {
+            policy_id,
+            identity: self.peer,
+            port: self.port,
+            proto: self.proto,
+            dir,
+            port_plen: self.port_plen,
+            _pad: [0; 3],
+        }
+    }
+
+    fn from_entry(key: &PolicyKey, entry: &PolicyEntry) -> Self {
+        Self {
+            peer: key.identity,
+            proto: key.proto,
+            port: key.port,
+            port_plen: key.port_plen,
+            rule: entry.rule,
+        }
+    }
+}
+
+/// An endpoint's compiled policy. A direction that is `None` is not enforced (everything passes); `Some` of an
+/// empty list denies everything but replies of allowed flows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    /// What may reach the endpoint.
+    pub ingress: Option<Vec<PolicyRule>>,
+    /// What the endpoint may reach.
+    pub egress: Option<Vec<PolicyRule>>,
+}
+
+/// An endpoint's policy as the datapath holds it (see [`Datapath::endpoint_policy`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstalledPolicy {
+    /// The endpoint's identity.
+    pub identity: u32,
+    /// Its table id in the policy map (0: no table).
+    pub policy_id: u32,
+    /// The rules, sorted by peer, protocol and port block.
+    pub policy: EndpointPolicy,
+}
+
+/// Decodes a record of the flow event ring ([`Datapath::take_flow_events`]); `None` when it has another size.
+#[must_use]
+pub fn parse_flow_event(record: &[u8]) -> Option<FlowEvent> {
+    if record.len() != std::mem::size_of::<FlowEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked; FlowEvent is plain old data (every bit pattern valid); read_unaligned copes
+    // with any alignment of the record.
+    Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<FlowEvent>()) })
+}
+
+/// The entries, flags and plen bitmaps of one direction of a policy, with keys of table `policy_id`.
+struct CompiledDirection {
+    entries: Vec<(PolicyKey, PolicyEntry)>,
+    plens: u32,
+}
+
+fn compile_direction(
+    ip: Ipv4Addr,
+    policy_id: u32,
+    dir: u8,
+    rules: &[PolicyRule],
+) -> Result<CompiledDirection, DatapathError> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = CompiledDirection {
+        entries: Vec::with_capacity(rules.len()),
+        plens: 0,
+    };
+    for rule in rules {
+        if rule.port_plen > 16 {
+            return Err(DatapathError::InvalidPolicy {
+                ip,
+                reason: format!(
+                    "port prefix length {} above 16 (rule {})",
+                    rule.port_plen, rule.rule
+                ),
+            });
+        }
+        let rule = rule.normalized();
+        let key = rule.key(policy_id, dir);
+        // The first of several rules with the same key is the one reported.
+        if seen.insert(key) {
+            out.plens |= 1 << rule.port_plen;
+            out.entries.push((
+                key,
+                PolicyEntry {
+                    rule: rule.rule,
+                    _pad: 0,
+                },
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn describe_rules(entries: &[(PolicyKey, PolicyEntry)], dir: u8) -> Vec<PolicyRule> {
+    let mut rules: Vec<PolicyRule> = entries
+        .iter()
+        .filter(|(k, _)| k.dir == dir)
+        .map(|(k, e)| PolicyRule::from_entry(k, e))
+        .collect();
+    rules.sort();
+    rules
+}
+
+/// Tunnel peers, identity policy and flow events.
+impl Datapath {
+    /// Reads the policy map once (at load): which tables exist, so that new ids never collide with them and old
+    /// tables can be deleted without scanning the map. Tables no endpoint names (an agent died between writing a
+    /// table and switching to it, or before deleting the old one) are deleted.
+    fn index_policy_tables(&mut self) -> Result<(), DatapathError> {
+        let mut tables: BTreeMap<u32, Vec<(PolicyKey, PolicyEntry)>> = BTreeMap::new();
+        for (key, entry) in self.policy.entries()? {
+            tables.entry(key.policy_id).or_default().push((key, entry));
+        }
+        let named: std::collections::BTreeSet<u32> = self
+            .endpoints
+            .entries()?
+            .into_iter()
+            .map(|(_, ep)| ep.policy_id)
+            .filter(|id| *id != 0)
+            .collect();
+        for (id, entries) in tables {
+            if named.contains(&id) {
+                self.policy_tables.insert(id, entries);
+            } else {
+                warn!(
+                    policy_id = id,
+                    entries = entries.len(),
+                    "deleting a policy table no endpoint uses"
+                );
+                for (key, _) in entries {
+                    self.policy.remove(key)?;
+                }
+            }
+        }
+        for id in named {
+            self.policy_tables.entry(id).or_default();
+        }
+        Ok(())
+    }
+
+    /// A policy id no table and no endpoint uses (never 0).
+    fn allocate_policy_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_policy_id;
+            self.next_policy_id = match self.next_policy_id.wrapping_add(1) {
+                0 => 1,
+                next => next,
+            };
+            if id != 0 && !self.policy_tables.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Deletes table `id` from the map and the index. Entries that cannot be deleted stay indexed (the id is not
+    /// reused) and the first error is returned.
+    fn delete_policy_table(&mut self, id: u32) -> Result<(), DatapathError> {
+        let Some(entries) = self.policy_tables.remove(&id) else {
+            return Ok(());
+        };
+        let mut first_error = None;
+        let mut left = Vec::new();
+        for (key, entry) in entries {
+            if let Err(e) = self.policy.remove(key) {
+                left.push((key, entry));
+                first_error.get_or_insert(e);
+            }
+        }
+        if !left.is_empty() {
+            self.policy_tables.insert(id, left);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Sets a local endpoint's identity and replaces its policy, without a moment in which a mix of old and new
+    /// rules (or none) is in force: the new table is written under a fresh policy id, then the endpoint entry is
+    /// switched to it (identity, id, enforcement flags and port-prefix bitmaps) with one map update, then the old
+    /// table is deleted. Nothing is written when the endpoint already has exactly this identity and policy.
+    /// Returns the endpoint's policy id (0 when no direction is enforced).
+    ///
+    /// Rules: see [`PolicyRule`]; ports are normalised to their block, and of several rules with the same key the
+    /// first one is kept (it is the rule flow events report).
+    ///
+    /// # Errors
+    ///
+    /// [`DatapathError::UnknownEndpoint`] when `ip` is not in the endpoint map (the endpoint reconcile programs it
+    /// first), [`DatapathError::InvalidPolicy`] for a port prefix length above 16, a map error when writing fails
+    /// (the old policy then stays in force and nothing of the new one is left behind) or when deleting the old
+    /// table fails (the new policy is in force; the leftovers are retried when the endpoint changes again).
+    pub fn replace_endpoint_policy(
+        &mut self,
+        ip: Ipv4Addr,
+        identity: u32,
+        policy: &EndpointPolicy,
+    ) -> Result<u32, DatapathError> {
+        let current = self
+            .endpoints
+            .get(ip.octets())?
+            .ok_or(DatapathError::UnknownEndpoint(ip))?;
+        let enforced = policy.ingress.is_some() || policy.egress.is_some();
+        // Compile under a placeholder id first, to compare with what is installed.
+        let compile = |id: u32| -> Result<(Vec<(PolicyKey, PolicyEntry)>, LocalEndpoint), DatapathError> {
+            let mut ep = LocalEndpoint {
+                identity,
+                policy_id: id,
+                policy_flags: 0,
+                ingress_plens: 0,
+                egress_plens: 0,
+                ..current
+            };
+            let mut entries = Vec::new();
+            if let Some(rules) = &policy.ingress {
+                let c = compile_direction(ip, id, policy_dir::INGRESS, rules)?;
+                ep.policy_flags |= policy_flags::INGRESS_ENFORCED;
+                ep.ingress_plens = c.plens;
+                entries.extend(c.entries);
+            }
+            if let Some(rules) = &policy.egress {
+                let c = compile_direction(ip, id, policy_dir::EGRESS, rules)?;
+                ep.policy_flags |= policy_flags::EGRESS_ENFORCED;
+                ep.egress_plens = c.plens;
+                entries.extend(c.entries);
+            }
+            Ok((entries, ep))
+        };
+        let old_id = current.policy_id;
+        let (same_entries, same_ep) = compile(old_id)?;
+        let installed = self.policy_tables.get(&old_id);
+        let unchanged = same_ep == current
+            && (old_id == 0 && !enforced
+                || installed.is_some_and(|t| {
+                    let mut have = t.clone();
+                    let mut want = same_entries.clone();
+                    have.sort_by_key(|(k, _)| k.order());
+                    want.sort_by_key(|(k, _)| k.order());
+                    have == want
+                }));
+        if unchanged {
+            return Ok(old_id);
+        }
+        let new_id = if enforced { self.allocate_policy_id() } else { 0 };
+        let (entries, ep) = compile(new_id)?;
+        if new_id != 0 {
+            // Indexed before writing, so that a failure below can delete what was written.
+            self.policy_tables.insert(new_id, entries.clone());
+            for (key, entry) in &entries {
+                if let Err(e) = self.policy.upsert(*key, *entry) {
+                    if let Err(cleanup) = self.delete_policy_table(new_id) {
+                        warn!(policy_id = new_id, error = %cleanup, "removing a half-written policy table");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = self.endpoints.upsert(ip.octets(), ep) {
+            if let Err(cleanup) = self.delete_policy_table(new_id) {
+                warn!(policy_id = new_id, error = %cleanup, "removing an unused policy table");
+            }
+            return Err(e);
+        }
+        if old_id != 0 && old_id != new_id {
+            self.delete_policy_table(old_id)?;
+        }
+        Ok(new_id)
+    }
+
+    /// A local endpoint's identity and policy as the datapath holds them; `None` when `ip` is not a local endpoint.
+    ///
+    /// # Errors
+    ///
+    /// When reading a map fails.
+    pub fn endpoint_policy(&self, ip: Ipv4Addr) -> Result<Option<InstalledPolicy>, DatapathError> {
+        let Some(ep) = self.endpoints.get(ip.octets())? else {
+            return Ok(None);
+        };
+        // The entries are read back from the kernel, through the keys of the index.
+        let mut entries = Vec::new();
+        for (key, _) in self
+            .policy_tables
+            .get(&ep.policy_id)
+            .map_or(&[][..], Vec::as_slice)
+        {
+            if let Some(entry) = self.policy.get(*key)? {
+                entries.push((*key, entry));
+            }
+        }
+        let direction = |flag: u32, dir: u8| {
+            (ep.policy_id != 0 && ep.policy_flags & flag != 0).then(|| describe_rules(&entries, dir))
+        };
+        Ok(Some(InstalledPolicy {
+            identity: ep.identity,
+            policy_id: ep.policy_id,
+            policy: EndpointPolicy {
+                ingress: direction(policy_flags::INGRESS_ENFORCED, policy_dir::INGRESS),
+                egress: direction(policy_flags::EGRESS_ENFORCED, policy_dir::EGRESS),
+            },
+        }))
+    }
+
+    /// Every entry of the policy map, sorted by table, direction, peer, protocol and port block.
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn policy_entries(&self) -> Result<Vec<(PolicyKey, PolicyEntry)>, DatapathError> {
+        self.policy.entries()
+    }
+
+    /// Adds or replaces a tunnel peer: the node with underlay address `underlay` belongs to cluster `cluster_id`.
+    ///
+    /// # Errors
+    ///
+    /// When the map update fails (for example because the map is full).
+    pub fn upsert_tunnel_peer(&mut self, underlay: Ipv4Addr, cluster_id: u16) -> Result<(), DatapathError> {
+        self.tunnel_peers.upsert(
+            u32::from(underlay),
+            TunnelPeer {
+                cluster_id,
+                ..TunnelPeer::default()
+            },
+        )
+    }
+
+    /// Removes a tunnel peer; an absent one is not an error.
+    ///
+    /// # Errors
+    ///
+    /// When the kernel refuses the removal for another reason.
+    pub fn remove_tunnel_peer(&mut self, underlay: Ipv4Addr) -> Result<(), DatapathError> {
+        self.tunnel_peers.remove(u32::from(underlay))
+    }
+
+    /// All tunnel peers (underlay address → cluster id).
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn tunnel_peers(&self) -> Result<BTreeMap<Ipv4Addr, u16>, DatapathError> {
+        Ok(self
+            .tunnel_peers
+            .entries()?
+            .into_iter()
+            .map(|(k, v)| (Ipv4Addr::from(k), v.cluster_id))
+            .collect())
+    }
+
+    /// Makes the tunnel peer map equal to `peers`: writes what is new or changed, removes what is not listed.
+    ///
+    /// # Errors
+    ///
+    /// The first map error (what came before it is applied).
+    pub fn set_tunnel_peers(&mut self, peers: &BTreeMap<Ipv4Addr, u16>) -> Result<(), DatapathError> {
+        let current = self.tunnel_peers()?;
+        for (addr, cluster_id) in peers {
+            if current.get(addr) != Some(cluster_id) {
+                self.upsert_tunnel_peer(*addr, *cluster_id)?;
+            }
+        }
+        for addr in current.keys().filter(|a| !peers.contains_key(a)) {
+            self.remove_tunnel_peer(*addr)?;
+        }
+        Ok(())
+    }
+
+    /// The flow event ring buffer, for the one reader of this datapath (the first call takes it; later calls
+    /// return `None`). Records decode with [`parse_flow_event`]. The ring is pinned with the other maps: events
+    /// written while no agent ran are read by the next one.
+    pub fn take_flow_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.flow_events.take()
     }
 }

@@ -6,9 +6,10 @@
 //! panics: every packet access goes through `get`, so the eBPF build has no panic paths either.
 #![cfg_attr(target_arch = "bpf", no_std)]
 
-use mesh_common::{Counter, IpcacheEntry, LocalEndpoint, NodeConfig, VNI_MASK, ipcache_flags};
+use mesh_common::{Counter, IpcacheEntry, LocalEndpoint, NodeConfig, ipcache_flags};
 
 pub mod lb;
+pub mod policy;
 
 /// Length of an Ethernet header without VLAN tags.
 pub const ETH_HLEN: usize = 14;
@@ -68,6 +69,14 @@ pub enum Drop {
     NoTunnel,
     /// A new flow to a service frontend that has no backend (or whose slot table is inconsistent).
     NoBackend,
+    /// The destination's ingress policy denies the packet.
+    PolicyIngress,
+    /// The source's egress policy denies the packet.
+    PolicyEgress,
+    /// Policy denies the packet and the peer's identity was not known yet ([`mesh_common::identity::PENDING`]):
+    /// the sync was late (no variant carries data that only some paths set: the verifier refuses to read
+    /// registers LLVM leaves uninitialised on the other paths).
+    PolicyPending,
 }
 
 impl Drop {
@@ -81,6 +90,9 @@ impl Drop {
             Drop::Helper => Counter::DropHelper,
             Drop::NoTunnel => Counter::DropNoTunnel,
             Drop::NoBackend => Counter::DropNoBackend,
+            Drop::PolicyIngress => Counter::DropPolicyIngress,
+            Drop::PolicyEgress => Counter::DropPolicyEgress,
+            Drop::PolicyPending => Counter::DropPolicyPending,
         }
     }
 }
@@ -225,7 +237,8 @@ pub enum Forward {
         vxlan_ifindex: u32,
         /// Underlay address of the destination node, host byte order.
         remote_ipv4: u32,
-        /// VNI (24 bits): the source endpoint's identity.
+        /// VNI (24 bits): the per-cluster number of the source endpoint's identity (the receiver takes the
+        /// cluster from the outer source address).
         vni: u32,
     },
 }
@@ -282,8 +295,28 @@ pub fn from_pod(frame: Frame, maps: &impl Maps) -> Result<Forward, Drop> {
 ///
 /// As [`from_pod`].
 pub fn from_pod_ipv4(ip: &Ipv4Header, maps: &impl Maps) -> Result<Forward, Drop> {
-    if let Some(ep) = maps.endpoint(ip.dst) {
-        return Ok(Forward::local(&ep));
+    from_pod_endpoints(
+        ip,
+        maps.endpoint(ip.src).as_ref(),
+        maps.endpoint(ip.dst).as_ref(),
+        maps,
+    )
+}
+
+/// [`from_pod_ipv4`] with the endpoint lookups of the source and destination already done (the programs need
+/// them for policy as well).
+///
+/// # Errors
+///
+/// As [`from_pod`].
+pub fn from_pod_endpoints(
+    ip: &Ipv4Header,
+    src_ep: Option<&LocalEndpoint>,
+    dst_ep: Option<&LocalEndpoint>,
+    maps: &impl Maps,
+) -> Result<Forward, Drop> {
+    if let Some(ep) = dst_ep {
+        return Ok(Forward::local(ep));
     }
     let Some(entry) = maps.ipcache(ip.dst) else {
         return Ok(Forward::Pass);
@@ -295,11 +328,10 @@ pub fn from_pod_ipv4(ip: &Ipv4Header, maps: &impl Maps) -> Result<Forward, Drop>
         Some(cfg) if cfg.vxlan_ifindex != 0 => cfg.vxlan_ifindex,
         _ => return Err(Drop::NoTunnel),
     };
-    let vni = maps.endpoint(ip.src).map_or(0, |ep| ep.identity & VNI_MASK);
     Ok(Forward::Tunnel {
         vxlan_ifindex,
         remote_ipv4: entry.tunnel_endpoint,
-        vni,
+        vni: policy::vni_for(src_ep),
     })
 }
 
@@ -321,9 +353,16 @@ pub fn from_overlay(frame: Frame, maps: &impl Maps) -> Result<Forward, Drop> {
 ///
 /// As [`from_overlay`].
 pub fn from_overlay_ipv4(ip: &Ipv4Header, maps: &impl Maps) -> Result<Forward, Drop> {
-    maps.endpoint(ip.dst)
-        .map(|ep| Forward::local(&ep))
-        .ok_or(Drop::NoEndpoint)
+    from_overlay_endpoint(maps.endpoint(ip.dst).as_ref())
+}
+
+/// [`from_overlay_ipv4`] with the destination's endpoint lookup already done.
+///
+/// # Errors
+///
+/// As [`from_overlay`].
+pub fn from_overlay_endpoint(dst_ep: Option<&LocalEndpoint>) -> Result<Forward, Drop> {
+    dst_ep.map(Forward::local).ok_or(Drop::NoEndpoint)
 }
 
 #[cfg(test)]
@@ -375,7 +414,7 @@ mod tests {
     fn maps() -> TestMaps {
         TestMaps {
             endpoints: vec![
-                (POD_A, endpoint(POD_A, 5, 0x0100_0042)),
+                (POD_A, endpoint(POD_A, 5, 0x0170_0042)),
                 (POD_B, endpoint(POD_B, 6, 7)),
             ],
             ipcache: vec![
@@ -559,14 +598,14 @@ mod tests {
     }
 
     #[test]
-    fn remote_destination_is_tunnelled_with_the_source_identity_as_vni() {
+    fn remote_destination_is_tunnelled_with_the_source_identity_number_as_vni() {
         let verdict = pod_verdict(&ipv4_frame(POD_A, REMOTE_POD, 5, 8)).unwrap();
         assert_eq!(
             verdict,
             Forward::Tunnel {
                 vxlan_ifindex: 9,
                 remote_ipv4: u32::from_be_bytes([172, 18, 0, 3]),
-                // 0x0100_0042 does not fit 24 bits: only the low 24 travel.
+                // Identity 0x0170_0042 is cluster 0x17, number 0x42: only the number travels.
                 vni: 0x42,
             }
         );
@@ -612,5 +651,17 @@ mod tests {
         assert_eq!(Drop::NoEndpoint.counter(), Counter::DropNoEndpoint);
         assert_eq!(Drop::NoTunnelKey.counter(), Counter::DropNoTunnelKey);
         assert_eq!(Drop::Helper.counter(), Counter::DropHelper);
+    }
+
+    #[test]
+    fn policy_drops_have_their_counters() {
+        for (drop, counter) in [
+            (Drop::PolicyIngress, Counter::DropPolicyIngress),
+            (Drop::PolicyEgress, Counter::DropPolicyEgress),
+            (Drop::PolicyPending, Counter::DropPolicyPending),
+        ] {
+            assert_eq!(drop.counter(), counter);
+            assert!(counter.is_drop());
+        }
     }
 }

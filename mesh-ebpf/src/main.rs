@@ -16,7 +16,9 @@ mod bpf {
             BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_REDIRECT,
             TC_ACT_SHOT, bpf_tunnel_key,
         },
-        helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key},
+        helpers::{
+            bpf_ktime_get_ns, bpf_redirect, bpf_redirect_peer, bpf_skb_get_tunnel_key, bpf_skb_set_tunnel_key,
+        },
         macros::{classifier, map},
         maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
         programs::TcContext,
@@ -24,14 +26,16 @@ mod bpf {
     use mesh_common::{
         BACKEND_STATS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BackendStats, BackendV4, COUNTER_COUNT,
         CT_MAX_ENTRIES, Counter, CtEntryV4, CtKeyV4, ENDPOINTS_MAX_ENTRIES, EndpointKeyV4, FLOW_EVENTS_BYTES,
-        FlowRate, IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig,
+        FlowEvent, FlowRate, IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig,
         POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, REVNAT_MAX_ENTRIES, RevNatV4, SERVICES_MAX_ENTRIES,
         SLOTS_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SlotKey, TUNNEL_PEERS_MAX_ENTRIES, TunnelPeer,
+        flow_verdict,
     };
     use mesh_ebpf::{
         Drop, ETH_HLEN, Forward, Frame, IPV4_CSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, Ipv4Header,
         Malformed, Maps, PEEK_LEN, TCP_PEEK_LEN, TUNNEL_TTL, UDP_PEEK_LEN,
-        lb::{self, L4, LbMaps, Outcome, Translation},
+        lb::{self, Flow, L4, LbMaps, Outcome, Translation},
+        policy::{self, Ends, PolicyMaps},
     };
 
     #[map(name = "IPCACHE_V4")]
@@ -187,6 +191,41 @@ mod bpf {
         }
     }
 
+    impl PolicyMaps for KernelMaps {
+        #[inline(always)]
+        fn policy(&self, key: &PolicyKey) -> Option<PolicyEntry> {
+            // SAFETY: copied out right away; a table is never changed in place (a new one replaces it).
+            unsafe { POLICY.get(key).copied() }
+        }
+
+        #[inline(always)]
+        fn tunnel_peer(&self, underlay_ipv4: u32) -> Option<TunnelPeer> {
+            // SAFETY: copied out right away.
+            unsafe { TUNNEL_PEERS.get(underlay_ipv4).copied() }
+        }
+
+        #[inline(always)]
+        fn policy_ct(&self, key: &CtKeyV4) -> bool {
+            // SAFETY: only the presence of the key is used.
+            unsafe { CT_V4.get(key).is_some() }
+        }
+
+        #[inline(always)]
+        fn policy_ct_insert(&self, key: &CtKeyV4) {
+            // A failure only means the flow's replies are judged by policy (see `PolicyMaps`).
+            let _ = CT_V4.insert(key, &CtEntryV4::default(), u64::from(BPF_ANY));
+        }
+    }
+
+    /// The endpoint entry of `ip`, in the map (not copied: an `Option<LocalEndpoint>` by value leaves its payload
+    /// uninitialised when `None`, and the verifier refuses the register copies LLVM then makes of it).
+    #[inline(always)]
+    fn endpoint_ref(ip: [u8; 4]) -> Option<&'static LocalEndpoint> {
+        // SAFETY: map values stay valid for the whole program run (RCU); a concurrent update can at worst show a mix
+        // of the old and new entry of the same pod, as with the copying lookups.
+        unsafe { ENDPOINTS_V4.get(ip) }
+    }
+
     #[inline(always)]
     fn count(counter: Counter) {
         if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
@@ -264,19 +303,39 @@ mod bpf {
 
     /// Load balancing of an IPv4 packet before the forwarding decision: `reply_only` for packets from the overlay
     /// (replies of remote backends), service frontends too for packets leaving a pod. Returns the header to forward
-    /// by (its destination is the translated one; the source stays the sender's, for its identity).
+    /// by (its destination is the translated one; the source stays the sender's, for its identity) and the tuple
+    /// policy judges ([`policy::policy_tuple`]). A new flow to a frontend without backends emits a flow event.
     #[inline(always)]
-    fn load_balance(ctx: &TcContext, ip: Ipv4Header, reply_only: bool) -> Result<Ipv4Header, Drop> {
+    fn load_balance(ctx: &TcContext, ip: Ipv4Header, reply_only: bool) -> Result<(Ipv4Header, Flow), Drop> {
         let Some(l4) = read_l4(ctx, &ip) else {
-            return Ok(ip);
+            return Ok((ip, policy::portless_tuple(&ip)));
         };
         let translation = if reply_only {
             lb::reverse(&l4.flow, &KernelMaps)
         } else {
-            lb::from_pod(&l4, &KernelMaps)?
+            match lb::from_pod(&l4, &KernelMaps) {
+                Ok(t) => t,
+                Err(drop) => {
+                    if drop == Drop::NoBackend {
+                        let src_identity = policy::address_identity(l4.flow.saddr, &KernelMaps);
+                        emit(&flow_event(
+                            ctx,
+                            &l4.flow,
+                            src_identity,
+                            0,
+                            0,
+                            flow_verdict::DROPPED,
+                            Counter::DropNoBackend,
+                            0,
+                        ));
+                    }
+                    return Err(drop);
+                }
+            }
         };
+        let tuple = policy::policy_tuple(&l4.flow, translation.as_ref());
         let Some(t) = translation else {
-            return Ok(ip);
+            return Ok((ip, tuple));
         };
         if t.new_flow {
             count(Counter::LbNewFlow);
@@ -286,10 +345,168 @@ mod bpf {
         }
         rewrite(ctx, &l4, &t)?;
         count(Counter::LbTranslated);
-        Ok(Ipv4Header {
-            dst: t.flow.daddr,
-            ..ip
-        })
+        Ok((
+            Ipv4Header {
+                dst: t.flow.daddr,
+                ..ip
+            },
+            tuple,
+        ))
+    }
+
+    /// A flow event about `tuple` (its timestamp is set by [`emit`]).
+    #[inline(always)]
+    #[expect(clippy::too_many_arguments, reason = "one argument per event field")]
+    fn flow_event(
+        ctx: &TcContext,
+        tuple: &Flow,
+        src_identity: u32,
+        dst_identity: u32,
+        rule: u32,
+        verdict: u8,
+        reason: Counter,
+        dir: u8,
+    ) -> FlowEvent {
+        // SAFETY: the program's own context; ifindex is a plain field of __sk_buff.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        FlowEvent {
+            timestamp_ns: 0,
+            saddr: tuple.saddr,
+            daddr: tuple.daddr,
+            sport_be: tuple.sport_be,
+            dport_be: tuple.dport_be,
+            src_identity,
+            dst_identity,
+            rule,
+            ifindex,
+            proto: tuple.proto,
+            verdict,
+            reason: reason as u8,
+            dir,
+        }
+    }
+
+    /// Hands a flow event to the agent, as far as this CPU's token bucket allows; what is suppressed or finds the
+    /// ring full is counted.
+    #[inline(always)]
+    fn emit(event: &FlowEvent) {
+        let Some(bucket) = FLOW_RATE.get_ptr_mut(0) else {
+            return;
+        };
+        let rate = policy::flow_event_rate(NODE_CONFIG.get(0).map_or(0, |c| c.flow_events_per_sec));
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: this CPU's copy of element 0, which always exists; tc programs do not nest on one CPU.
+        if !policy::take_token(unsafe { &mut *bucket }, now, rate) {
+            count(Counter::FlowEventsSuppressed);
+            return;
+        }
+        match FLOW_EVENTS.reserve::<FlowEvent>(0) {
+            Some(mut entry) => {
+                entry.write(FlowEvent {
+                    timestamp_ns: now,
+                    ..*event
+                });
+                entry.submit(0);
+            }
+            None => count(Counter::FlowEventsLost),
+        }
+    }
+
+    /// Policy for a packet with policy tuple `tuple`: counts the verdict, emits the flow events (drops, a flow's
+    /// first packet) and fails with the drop when policy denies it. The identities are only computed when a policy
+    /// concerns one of the endpoints.
+    #[inline(always)]
+    fn enforce(
+        ctx: &TcContext,
+        tuple: &Flow,
+        src_ep: Option<&LocalEndpoint>,
+        dst_ep: Option<&LocalEndpoint>,
+        src_identity: impl FnOnce() -> u32,
+        dst_identity: impl FnOnce() -> u32,
+    ) -> Result<(), Drop> {
+        if policy::exempt(tuple) {
+            return Ok(());
+        }
+        let (src_identity, dst_identity) = if policy::involved(src_ep, dst_ep) {
+            (src_identity(), dst_identity())
+        } else {
+            (0, 0)
+        };
+        let ends = Ends {
+            src_ep,
+            dst_ep,
+            src_identity,
+            dst_identity,
+        };
+        match policy::check(&KernelMaps, tuple, &ends) {
+            Ok(allowed) => {
+                if let Some(counter) = allowed.counter() {
+                    count(counter);
+                }
+                if allowed.new_flow {
+                    emit(&flow_event(
+                        ctx,
+                        tuple,
+                        src_identity,
+                        dst_identity,
+                        allowed.rule,
+                        flow_verdict::FORWARDED,
+                        Counter::PolicyAllowed,
+                        allowed.dir,
+                    ));
+                }
+                Ok(())
+            }
+            Err(denied) => {
+                emit(&flow_event(
+                    ctx,
+                    tuple,
+                    src_identity,
+                    dst_identity,
+                    0,
+                    flow_verdict::DROPPED,
+                    denied.counter(),
+                    denied.dir,
+                ));
+                Err(denied.into())
+            }
+        }
+    }
+
+    /// A packet leaving a pod: load balancing, policy (the sender's egress, and the receiver's ingress when it is
+    /// on this node), then delivery.
+    #[inline(always)]
+    fn pod_ipv4(ctx: &TcContext, ip: Ipv4Header) -> Result<Forward, Drop> {
+        let (ip, tuple) = load_balance(ctx, ip, false)?;
+        let src_ep = endpoint_ref(ip.src);
+        let dst_ep = endpoint_ref(ip.dst);
+        enforce(
+            ctx,
+            &tuple,
+            src_ep,
+            dst_ep,
+            || policy::identity_of(src_ep, tuple.saddr, &KernelMaps),
+            || policy::identity_of(dst_ep, tuple.daddr, &KernelMaps),
+        )?;
+        mesh_ebpf::from_pod_endpoints(&ip, src_ep, dst_ep, &KernelMaps)
+    }
+
+    /// A packet from the overlay: reverse translation of replies, the receiver's ingress policy (the source
+    /// identity comes from the VNI and the sending node), then delivery.
+    #[inline(always)]
+    fn overlay_ipv4(ctx: &TcContext, ip: Ipv4Header, remote_ipv4: u32, vni: u32) -> Result<Forward, Drop> {
+        let (ip, tuple) = load_balance(ctx, ip, true)?;
+        let dst_ep = endpoint_ref(ip.dst);
+        enforce(
+            ctx,
+            &tuple,
+            None,
+            dst_ep,
+            || policy::overlay_source_identity(remote_ipv4, vni, &KernelMaps),
+            || policy::identity_of(dst_ep, tuple.daddr, &KernelMaps),
+        )?;
+        mesh_ebpf::from_overlay_endpoint(dst_ep)
     }
 
     /// Writes the translated addresses and ports into the packet, fixing the IPv4 and transport checksums with
@@ -391,9 +608,7 @@ mod bpf {
         // Non-IPv4 frames go to the stack (as `mesh_ebpf::from_pod` decides); matching here keeps the IPv4 path
         // apart, so no half-initialised `Frame` is ever copied between registers (the verifier refuses that).
         let decision = read_frame(&ctx).and_then(|frame| match frame {
-            Frame::Ipv4(ip) => {
-                load_balance(&ctx, ip, false).and_then(|ip| mesh_ebpf::from_pod_ipv4(&ip, &KernelMaps))
-            }
+            Frame::Ipv4(ip) => pod_ipv4(&ctx, ip),
             Frame::Other { .. } => Ok(Forward::Pass),
         });
         finish(&ctx, decision)
@@ -417,10 +632,11 @@ mod bpf {
             return TC_ACT_SHOT;
         }
         count(Counter::RecvOverlay);
+        let vni = key.tunnel_id;
+        // SAFETY: the helper filled in the IPv4 member of the address union (no BPF_F_TUNINFO_IPV6 flag).
+        let remote_ipv4 = unsafe { key.__bindgen_anon_1.remote_ipv4 };
         let decision = read_frame(&ctx).and_then(|frame| match frame {
-            Frame::Ipv4(ip) => {
-                load_balance(&ctx, ip, true).and_then(|ip| mesh_ebpf::from_overlay_ipv4(&ip, &KernelMaps))
-            }
+            Frame::Ipv4(ip) => overlay_ipv4(&ctx, ip, remote_ipv4, vni),
             Frame::Other { .. } => Ok(Forward::Pass),
         });
         finish(&ctx, decision)

@@ -1,0 +1,905 @@
+//! Identity-based policy in the datapath (need root with CAP_BPF / CAP_NET_ADMIN).
+//!
+//! - `BPF_PROG_TEST_RUN` of `from_pod` on crafted frames: the lookup order (the winning rule is read back from
+//!   the flow event ring), drops by direction and for pending identities with their counters and events, replies
+//!   passing through policy conntrack, the atomic replacement of a table, the flow event rate limit.
+//! - Two nodes over VXLAN (network namespaces removed by a guard): the source identity of overlay packets comes
+//!   from the VNI and the sending node's `TUNNEL_PEERS` entry.
+mod common;
+#[path = "common/pins.rs"]
+mod pins;
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use common::{
+    FROM_OVERLAY, FROM_POD, Lab, Nodes, POD_A, POD_B, REMOTE_POD, TC_ACT_REDIRECT, TC_ACT_SHOT, endpoint,
+    eventually, loaded, node_datapath, nonzero, ping, program_ipcache,
+};
+use mesh_agent::datapath::{
+    Datapath, DatapathError, EndpointPolicy, InstalledPolicy, PolicyRule, parse_flow_event,
+};
+use mesh_common::{
+    BackendV4, Counter, FlowEvent, HAIRPIN_IPV4, LocalEndpoint, NodeConfig, PolicyEntry, PolicyKey, RevNatV4,
+    ServiceEntry, ServiceKeyV4, SlotKey, flow_verdict, identity, policy_dir, policy_flags, proto,
+};
+
+const ID_A: u32 = identity::compose(1, 300);
+const ID_B: u32 = identity::compose(1, 301);
+const ID_OTHER: u32 = identity::compose(2, 999);
+/// A remote pod's address inside 10.2.0.0/16 (which `loaded` puts behind a tunnel with identity 0: pending).
+const REMOTE: Ipv4Addr = REMOTE_POD;
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+/// Ethernet + IPv4 + a transport header of protocol `protocol` (TCP with `flags`, UDP, or 8 bytes of ICMP) and
+/// 16 payload bytes. Checksums are left 0: `from_pod` only rewrites packets it load-balances.
+fn frame(protocol: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    let l4_len = if protocol == proto::TCP { 20 } else { 8 };
+    let total = 20 + l4_len + 16;
+    let mut f = vec![0u8; 14 + total];
+    f[0..6].copy_from_slice(&common::HOST_MAC);
+    f[6..12].copy_from_slice(&mesh_common::pod_mac_for_ipv4(src.octets()));
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&u16::try_from(total).unwrap().to_be_bytes());
+    f[22] = 64;
+    f[23] = protocol;
+    f[26..30].copy_from_slice(&src.octets());
+    f[30..34].copy_from_slice(&dst.octets());
+    if protocol == proto::TCP || protocol == proto::UDP {
+        f[34..36].copy_from_slice(&sport.to_be_bytes());
+        f[36..38].copy_from_slice(&dport.to_be_bytes());
+    }
+    if protocol == proto::TCP {
+        f[34 + 12] = 5 << 4;
+        f[34 + 13] = flags;
+    } else if protocol == proto::UDP {
+        f[38..40].copy_from_slice(&u16::try_from(8 + 16).unwrap().to_be_bytes());
+    } else {
+        f[34] = 8; // ICMP echo request
+    }
+    f
+}
+
+fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    frame(proto::TCP, src, sport, dst, dport, flags)
+}
+
+fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    frame(proto::UDP, src, sport, dst, dport, 0)
+}
+
+fn rule(peer: u32, protocol: u8, port: u16, port_plen: u8, id: u32) -> PolicyRule {
+    PolicyRule {
+        peer,
+        proto: protocol,
+        port,
+        port_plen,
+        rule: id,
+    }
+}
+
+/// This node's underlay address in `datapath()`.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+
+/// `loaded()` with identities ID_A and ID_B on pods A and B, a VXLAN device (ifindex 1) and underlay address
+/// `NODE_IP`.
+fn datapath() -> Datapath {
+    let mut dp = loaded();
+    dp.set_node_config(NodeConfig {
+        vxlan_ifindex: 1,
+        node_ipv4: u32::from(NODE_IP),
+        ..Default::default()
+    })
+    .unwrap();
+    dp.upsert_endpoint(POD_A, endpoint(POD_A, 1, ID_A)).unwrap();
+    dp.upsert_endpoint(POD_B, endpoint(POD_B, 1, ID_B)).unwrap();
+    dp
+}
+
+/// Everything in the ring right now.
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<FlowEvent> {
+    let mut events = Vec::new();
+    while let Some(record) = ring.next() {
+        events.push(parse_flow_event(&record).expect("a FlowEvent record"));
+    }
+    events
+}
+
+fn run(dp: &mut Datapath, frame: &[u8]) -> u32 {
+    dp.test_run(FROM_POD, frame).unwrap().return_value
+}
+
+fn counter(dp: &Datapath, c: Counter) -> u64 {
+    dp.counter(c).unwrap()
+}
+
+#[test]
+fn lookup_order_decides_which_rule_is_reported() {
+    let mut dp = datapath();
+    let mut ring = dp.take_flow_events().expect("the ring");
+    assert!(dp.take_flow_events().is_none(), "one reader only");
+    let egress = vec![
+        rule(ID_B, proto::TCP, 80, 16, 1),
+        rule(ID_B, proto::TCP, 0, 0, 2),
+        rule(ID_B, 0, 0, 0, 3),
+        rule(identity::ANY, proto::TCP, 80, 16, 4),
+        // 8080-8087.
+        rule(identity::ANY, proto::TCP, 8080, 13, 5),
+        rule(identity::ANY, 0, 0, 0, 6),
+    ];
+    dp.replace_endpoint_policy(
+        POD_A,
+        ID_A,
+        &EndpointPolicy {
+            ingress: None,
+            egress: Some(egress),
+        },
+    )
+    .unwrap();
+    let cases = [
+        (tcp(POD_A, 40001, POD_B, 80, SYN), 1, ID_B),
+        (tcp(POD_A, 40002, POD_B, 81, SYN), 2, ID_B),
+        (udp(POD_A, 40003, POD_B, 80), 3, ID_B),
+        // REMOTE is pending (its /16 has identity 0): only any-peer rules apply.
+        (tcp(POD_A, 40004, REMOTE, 80, SYN), 4, identity::PENDING),
+        (tcp(POD_A, 40005, REMOTE, 8085, SYN), 5, identity::PENDING),
+        (udp(POD_A, 40006, REMOTE, 53), 6, identity::PENDING),
+        // Outside every prefix: WORLD.
+        (
+            udp(POD_A, 40007, Ipv4Addr::new(192, 0, 2, 1), 53),
+            6,
+            identity::WORLD,
+        ),
+        // This node.
+        (udp(POD_A, 40008, NODE_IP, 53), 6, identity::HOST),
+    ];
+    for (frame, want_rule, want_peer) in &cases {
+        assert_eq!(run(&mut dp, frame), expected_verdict(frame));
+        let events = drain(&mut ring);
+        assert_eq!(events.len(), 1, "one event for the new flow: {events:?}");
+        let e = events[0];
+        assert_eq!((e.rule, e.dir), (*want_rule, policy_dir::EGRESS), "{e:?}");
+        assert_eq!((e.src_identity, e.dst_identity), (ID_A, *want_peer), "{e:?}");
+        assert_eq!(e.verdict, flow_verdict::FORWARDED);
+        assert_eq!(
+            Counter::from_index(u32::from(e.reason)),
+            Some(Counter::PolicyAllowed)
+        );
+        assert_eq!(e.saddr, POD_A.octets());
+        assert_eq!(
+            u16::from_be(e.dport_be),
+            u16::from_be_bytes([frame[36], frame[37]])
+        );
+        assert!(e.timestamp_ns > 0);
+    }
+    // The second packet of a flow is checked but is not new: no event.
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40001, POD_B, 80, ACK)), TC_ACT_REDIRECT);
+    assert_eq!(drain(&mut ring), []);
+    assert_eq!(counter(&dp, Counter::PolicyAllowed), 9, "{:?}", nonzero(&dp));
+}
+
+/// The tc verdict a forwarded frame gets from `loaded()`: redirect to a local pod or to the VXLAN device, the
+/// stack for addresses fleetmesh does not route.
+fn expected_verdict(frame: &[u8]) -> u32 {
+    let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+    if dst.octets()[0] == 10 {
+        TC_ACT_REDIRECT
+    } else {
+        common::TC_ACT_OK
+    }
+}
+
+#[test]
+fn denied_packets_are_dropped_counted_and_reported() {
+    let mut dp = datapath();
+    let mut ring = dp.take_flow_events().unwrap();
+    // A may reach B on TCP 80 and ID_OTHER on anything; B admits only ID_OTHER.
+    dp.replace_endpoint_policy(
+        POD_A,
+        ID_A,
+        &EndpointPolicy {
+            ingress: None,
+            egress: Some(vec![
+                rule(ID_B, proto::TCP, 80, 16, 1),
+                rule(ID_OTHER, 0, 0, 0, 2),
+            ]),
+        },
+    )
+    .unwrap();
+    dp.replace_endpoint_policy(
+        POD_B,
+        ID_B,
+        &EndpointPolicy {
+            ingress: Some(vec![rule(ID_OTHER, proto::TCP, 80, 16, 7)]),
+            egress: None,
+        },
+    )
+    .unwrap();
+
+    // Egress denies port 22.
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40000, POD_B, 22, SYN)), TC_ACT_SHOT);
+    // Egress allows port 80, B's ingress denies.
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40001, POD_B, 80, SYN)), TC_ACT_SHOT);
+    // A pending destination is not ID_OTHER: a pending drop.
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40002, REMOTE, 80, SYN)), TC_ACT_SHOT);
+    assert_eq!(
+        nonzero(&dp),
+        [
+            (Counter::DropPolicyIngress, 1),
+            (Counter::DropPolicyEgress, 1),
+            (Counter::DropPolicyPending, 1),
+        ]
+    );
+    let events = drain(&mut ring);
+    let summary: Vec<_> = events
+        .iter()
+        .map(|e| {
+            (
+                e.verdict,
+                Counter::from_index(u32::from(e.reason)).unwrap(),
+                e.dir,
+                e.dst_identity,
+                e.rule,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                flow_verdict::DROPPED,
+                Counter::DropPolicyEgress,
+                policy_dir::EGRESS,
+                ID_B,
+                0
+            ),
+            (
+                flow_verdict::DROPPED,
+                Counter::DropPolicyIngress,
+                policy_dir::INGRESS,
+                ID_B,
+                0
+            ),
+            (
+                flow_verdict::DROPPED,
+                Counter::DropPolicyPending,
+                policy_dir::EGRESS,
+                identity::PENDING,
+                0
+            ),
+        ]
+    );
+    assert!(events.iter().all(|e| e.src_identity == ID_A && e.ifindex != 0));
+
+    // Once REMOTE's identity is synced as ID_OTHER, the same packet passes.
+    dp.upsert_ipcache(
+        "10.2.0.7/32".parse().unwrap(),
+        mesh_common::IpcacheEntry {
+            tunnel_endpoint: u32::from(common::REMOTE_NODE),
+            identity: ID_OTHER,
+            cluster_id: 2,
+            family: mesh_common::FAMILY_IPV4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40002, REMOTE, 80, SYN)), TC_ACT_REDIRECT);
+    let events = drain(&mut ring);
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].rule, events[0].dst_identity), (2, ID_OTHER));
+}
+
+#[test]
+fn replies_pass_through_policy_conntrack() {
+    let mut dp = datapath();
+    // B admits A on TCP 80; A admits nothing (deny all ingress).
+    dp.replace_endpoint_policy(
+        POD_B,
+        ID_B,
+        &EndpointPolicy {
+            ingress: Some(vec![rule(ID_A, proto::TCP, 80, 16, 3)]),
+            egress: None,
+        },
+    )
+    .unwrap();
+    dp.replace_endpoint_policy(
+        POD_A,
+        ID_A,
+        &EndpointPolicy {
+            ingress: Some(vec![]),
+            egress: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40000, POD_B, 80, SYN)), TC_ACT_REDIRECT);
+    // B's answer reaches A although A's ingress denies everything: it is a reply.
+    assert_eq!(
+        run(&mut dp, &tcp(POD_B, 80, POD_A, 40000, SYN | ACK)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(run(&mut dp, &tcp(POD_B, 80, POD_A, 40000, ACK)), TC_ACT_REDIRECT);
+    // A new connection from B to A is not.
+    assert_eq!(run(&mut dp, &tcp(POD_B, 40000, POD_A, 80, SYN)), TC_ACT_SHOT);
+    assert_eq!(
+        nonzero(&dp),
+        [
+            (Counter::FwdLocal, 3),
+            (Counter::PolicyAllowed, 1),
+            (Counter::PolicyReply, 2),
+            (Counter::DropPolicyIngress, 1),
+        ]
+    );
+}
+
+#[test]
+fn unpoliced_traffic_keeps_todays_counters_and_emits_nothing() {
+    let mut dp = datapath();
+    let mut ring = dp.take_flow_events().unwrap();
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40000, POD_B, 80, SYN)), TC_ACT_REDIRECT);
+    assert_eq!(run(&mut dp, &tcp(POD_B, 80, POD_A, 40000, ACK)), TC_ACT_REDIRECT);
+    assert_eq!(nonzero(&dp), [(Counter::FwdLocal, 2)]);
+    assert_eq!(drain(&mut ring), []);
+    assert_eq!(dp.conntrack().unwrap(), [], "unpoliced flows are not tracked");
+}
+
+#[test]
+fn replacing_a_policy_switches_tables_atomically() {
+    let mut dp = datapath();
+    let v1 = EndpointPolicy {
+        ingress: Some(vec![rule(ID_A, proto::TCP, 80, 16, 1)]),
+        egress: None,
+    };
+    let id1 = dp.replace_endpoint_policy(POD_B, ID_B, &v1).unwrap();
+    assert_ne!(id1, 0);
+    assert_eq!(
+        dp.replace_endpoint_policy(POD_B, ID_B, &v1).unwrap(),
+        id1,
+        "an unchanged policy is left alone"
+    );
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40000, POD_B, 80, SYN)), TC_ACT_REDIRECT);
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40001, POD_B, 443, SYN)), TC_ACT_SHOT);
+
+    // v2: 443 instead of 80, port host bits given are cleared (443/16 stays 443).
+    let v2 = EndpointPolicy {
+        ingress: Some(vec![
+            rule(ID_A, proto::TCP, 443, 16, 2),
+            rule(ID_OTHER, proto::UDP, 1000, 8, 3),
+        ]),
+        egress: Some(vec![]),
+    };
+    let id2 = dp.replace_endpoint_policy(POD_B, ID_B, &v2).unwrap();
+    assert_ne!(id2, id1);
+    let entries = dp.policy_entries().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert!(
+        entries.iter().all(|(k, _)| k.policy_id == id2),
+        "old table deleted: {entries:?}"
+    );
+    let ep = dp.endpoint(POD_B).unwrap().unwrap();
+    assert_eq!(
+        (
+            ep.identity,
+            ep.policy_id,
+            ep.policy_flags,
+            ep.ingress_plens,
+            ep.egress_plens
+        ),
+        (
+            ID_B,
+            id2,
+            policy_flags::INGRESS_ENFORCED | policy_flags::EGRESS_ENFORCED,
+            1 << 16 | 1 << 8,
+            0
+        )
+    );
+    assert_eq!(
+        dp.endpoint_policy(POD_B).unwrap(),
+        Some(InstalledPolicy {
+            identity: ID_B,
+            policy_id: id2,
+            policy: EndpointPolicy {
+                ingress: Some(vec![
+                    rule(ID_A, proto::TCP, 443, 16, 2),
+                    rule(ID_OTHER, proto::UDP, 768, 8, 3),
+                ]),
+                egress: Some(vec![]),
+            },
+        })
+    );
+    // The new table is in force, the old one is not.
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40002, POD_B, 80, SYN)), TC_ACT_SHOT);
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40003, POD_B, 443, SYN)), TC_ACT_REDIRECT);
+
+    // The endpoint reconcile re-programming B (new ifindex, identity not known to it) keeps its identity and
+    // policy; policy fields it passes are ignored.
+    let stale = LocalEndpoint {
+        policy_id: 77,
+        policy_flags: 0,
+        ..endpoint(POD_B, 9, 0)
+    };
+    dp.upsert_endpoint(POD_B, stale).unwrap();
+    let ep = dp.endpoint(POD_B).unwrap().unwrap();
+    assert_eq!(
+        (ep.ifindex, ep.identity, ep.policy_id, ep.policy_flags),
+        (
+            9,
+            ID_B,
+            id2,
+            policy_flags::INGRESS_ENFORCED | policy_flags::EGRESS_ENFORCED
+        )
+    );
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40004, POD_B, 80, SYN)), TC_ACT_SHOT);
+
+    // No policy at all: id 0 and no table.
+    assert_eq!(
+        dp.replace_endpoint_policy(POD_B, ID_B, &EndpointPolicy::default())
+            .unwrap(),
+        0
+    );
+    assert_eq!(dp.policy_entries().unwrap(), []);
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40005, POD_B, 80, SYN)), TC_ACT_REDIRECT);
+
+    // Removing an endpoint removes its table.
+    dp.replace_endpoint_policy(POD_B, ID_B, &v1).unwrap();
+    assert_eq!(dp.policy_entries().unwrap().len(), 1);
+    dp.remove_endpoint(POD_B).unwrap();
+    assert_eq!(dp.policy_entries().unwrap(), []);
+    assert_eq!(dp.endpoint_policy(POD_B).unwrap(), None);
+    // Policy needs the endpoint; bad port prefixes are refused.
+    assert!(matches!(
+        dp.replace_endpoint_policy(POD_B, ID_B, &v1),
+        Err(DatapathError::UnknownEndpoint(ip)) if ip == POD_B
+    ));
+    let bad = EndpointPolicy {
+        ingress: Some(vec![rule(ID_A, proto::TCP, 80, 17, 1)]),
+        egress: None,
+    };
+    assert!(matches!(
+        dp.replace_endpoint_policy(POD_A, ID_A, &bad),
+        Err(DatapathError::InvalidPolicy { .. })
+    ));
+    assert_eq!(
+        dp.policy_entries().unwrap(),
+        [],
+        "nothing left of a refused policy"
+    );
+}
+
+#[test]
+fn flow_events_are_rate_limited_per_cpu() {
+    let mut dp = datapath();
+    dp.set_node_config(NodeConfig {
+        vxlan_ifindex: 1,
+        node_ipv4: u32::from(NODE_IP),
+        flow_events_per_sec: 3,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut ring = dp.take_flow_events().unwrap();
+    dp.replace_endpoint_policy(
+        POD_A,
+        ID_A,
+        &EndpointPolicy {
+            ingress: None,
+            egress: Some(vec![]),
+        },
+    )
+    .unwrap();
+    // Test runs of one process may land on either CPU: at most 3 events per CPU within the second.
+    for port in 0..10 {
+        assert_eq!(
+            run(&mut dp, &tcp(POD_A, 40000 + port, POD_B, 80, SYN)),
+            TC_ACT_SHOT
+        );
+    }
+    let events = drain(&mut ring).len() as u64;
+    let suppressed = counter(&dp, Counter::FlowEventsSuppressed);
+    assert_eq!(events + suppressed, 10);
+    assert!(suppressed >= 1, "{events} events, {suppressed} suppressed");
+    assert!(events >= 3, "{events} events");
+    assert_eq!(counter(&dp, Counter::FlowEventsLost), 0);
+}
+
+#[test]
+fn a_full_ring_loses_events_and_counts_them() {
+    let mut dp = datapath();
+    dp.set_node_config(NodeConfig {
+        vxlan_ifindex: 1,
+        node_ipv4: u32::from(NODE_IP),
+        flow_events_per_sec: u32::MAX,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut ring = dp.take_flow_events().unwrap();
+    dp.replace_endpoint_policy(
+        POD_A,
+        ID_A,
+        &EndpointPolicy {
+            ingress: None,
+            egress: Some(vec![]),
+        },
+    )
+    .unwrap();
+    // 1 MiB holds 21,845 records (a 40-byte event and an 8-byte header); nobody reads meanwhile.
+    let packets = 25_000u64;
+    let frame = tcp(POD_A, 40000, POD_B, 80, SYN);
+    for _ in 0..packets {
+        assert_eq!(run(&mut dp, &frame), TC_ACT_SHOT);
+    }
+    let read = drain(&mut ring).len() as u64;
+    let lost = counter(&dp, Counter::FlowEventsLost);
+    assert_eq!(read + lost, packets, "{read} read, {lost} lost");
+    assert_eq!((read, lost), (21_845, packets - 21_845));
+    assert_eq!(counter(&dp, Counter::FlowEventsSuppressed), 0);
+    // Once read, the ring takes events again.
+    assert_eq!(run(&mut dp, &frame), TC_ACT_SHOT);
+    assert_eq!(drain(&mut ring).len(), 1);
+}
+
+#[test]
+fn tunnel_peers_round_trip() {
+    let mut dp = Datapath::load().unwrap();
+    let peers = BTreeMap::from([
+        (Ipv4Addr::new(172, 18, 0, 3), 2u16),
+        (Ipv4Addr::new(172, 18, 0, 4), 3),
+    ]);
+    dp.set_tunnel_peers(&peers).unwrap();
+    assert_eq!(dp.tunnel_peers().unwrap(), peers);
+    let fewer = BTreeMap::from([(Ipv4Addr::new(172, 18, 0, 4), 5u16)]);
+    dp.set_tunnel_peers(&fewer).unwrap();
+    assert_eq!(dp.tunnel_peers().unwrap(), fewer);
+    dp.remove_tunnel_peer(Ipv4Addr::new(172, 18, 0, 4)).unwrap();
+    dp.remove_tunnel_peer(Ipv4Addr::new(172, 18, 0, 4)).unwrap();
+    assert_eq!(dp.tunnel_peers().unwrap(), BTreeMap::new());
+}
+
+#[test]
+fn overlay_packets_without_tunnel_metadata_drop_before_policy() {
+    let mut dp = datapath();
+    let mut ring = dp.take_flow_events().unwrap();
+    dp.replace_endpoint_policy(
+        POD_B,
+        ID_B,
+        &EndpointPolicy {
+            ingress: Some(vec![]),
+            egress: None,
+        },
+    )
+    .unwrap();
+    let out = dp
+        .test_run(FROM_OVERLAY, &tcp(REMOTE, 40000, POD_B, 80, SYN))
+        .unwrap();
+    assert_eq!(out.return_value, TC_ACT_SHOT);
+    assert_eq!(nonzero(&dp), [(Counter::DropNoTunnelKey, 1)]);
+    assert_eq!(drain(&mut ring), []);
+}
+
+#[test]
+fn overlay_source_identity_comes_from_the_vni_and_the_sending_node() {
+    let mut lab = Lab::new("polovl");
+    let Nodes { n1, n2, u1, u2 } = lab.two_nodes();
+    let (a_ip, b_ip) = (Ipv4Addr::new(10, 203, 1, 2), Ipv4Addr::new(10, 203, 2, 2));
+    let (pod_a, ep_a) = lab.pod(&n1, "a", "fmp-a", a_ip);
+    let (_pod_b, ep_b) = lab.pod(&n2, "b", "fmp-b", b_ip);
+    let mut dp1 = node_datapath(&n1, u1, &["fmp-a"]);
+    let mut dp2 = node_datapath(&n2, u2, &["fmp-b"]);
+    // A is identity 300 of cluster 1 (whose node n1 is); only 300 travels in the VNI.
+    let a_identity = identity::compose(1, 300);
+    dp1.upsert_endpoint(
+        a_ip,
+        LocalEndpoint {
+            identity: a_identity,
+            ..ep_a
+        },
+    )
+    .unwrap();
+    dp2.upsert_endpoint(
+        b_ip,
+        LocalEndpoint {
+            identity: identity::compose(1, 301),
+            ..ep_b
+        },
+    )
+    .unwrap();
+    program_ipcache(&mut dp1, "10.203.1.0/24", "10.203.2.0/24", u2);
+    program_ipcache(&mut dp2, "10.203.2.0/24", "10.203.1.0/24", u1);
+    // B admits only A's identity (any protocol).
+    dp2.replace_endpoint_policy(
+        b_ip,
+        identity::compose(1, 301),
+        &EndpointPolicy {
+            ingress: Some(vec![rule(a_identity, 0, 0, 0, 42)]),
+            egress: None,
+        },
+    )
+    .unwrap();
+    let mut ring = dp2.take_flow_events().unwrap();
+
+    // n2 does not know n1 yet: A's packets carry an incomplete identity and are dropped as pending.
+    assert!(
+        ping(&pod_a, b_ip).is_err(),
+        "ping must fail while the sender's node is unknown"
+    );
+    assert!(counter(&dp2, Counter::DropPolicyPending) >= 1);
+    let events = drain(&mut ring);
+    assert!(!events.is_empty());
+    assert!(
+        events.iter().all(|e| e.src_identity == identity::PENDING
+            && e.verdict == flow_verdict::DROPPED
+            && e.dir == policy_dir::INGRESS),
+        "{events:?}"
+    );
+
+    // A peer of the wrong cluster gives the wrong identity: a plain policy drop.
+    dp2.set_tunnel_peers(&BTreeMap::from([(u1, 7)])).unwrap();
+    assert!(
+        ping(&pod_a, b_ip).is_err(),
+        "ping must fail with the wrong cluster"
+    );
+    assert!(counter(&dp2, Counter::DropPolicyIngress) >= 1);
+    let events = drain(&mut ring);
+    assert!(
+        events.iter().all(|e| e.src_identity == identity::compose(7, 300)),
+        "{events:?}"
+    );
+
+    dp2.set_tunnel_peers(&BTreeMap::from([(u1, 1)])).unwrap();
+    eventually(Duration::from_secs(10), || ping(&pod_a, b_ip)).expect("ping a → b once n1 is a peer");
+    let events = drain(&mut ring);
+    let allowed: Vec<_> = events
+        .iter()
+        .filter(|e| e.verdict == flow_verdict::FORWARDED)
+        .collect();
+    assert_eq!(allowed.len(), 1, "one new flow: {events:?}");
+    assert_eq!((allowed[0].src_identity, allowed[0].rule), (a_identity, 42));
+    assert!(counter(&dp2, Counter::PolicyAllowed) >= 1);
+    // The echo replies left B through policy conntrack on n2.
+    assert!(counter(&dp2, Counter::PolicyReply) >= 1);
+}
+
+/// Frontend `VIP`:80/TCP (service and rev-NAT id 1) with the given backends (ids 101..).
+fn program_service(dp: &mut Datapath, backends: &[(Ipv4Addr, u16)]) {
+    for (i, (addr, port)) in backends.iter().enumerate() {
+        let id = 101 + u32::try_from(i).unwrap();
+        dp.upsert_backend(
+            id,
+            BackendV4 {
+                addr: addr.octets(),
+                port_be: port.to_be(),
+                proto: proto::TCP,
+                cluster_id: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        dp.upsert_slot(
+            SlotKey {
+                service_id: 1,
+                slot: u32::try_from(i).unwrap(),
+            },
+            id,
+        )
+        .unwrap();
+    }
+    dp.upsert_revnat(
+        1,
+        RevNatV4 {
+            vip: VIP.octets(),
+            port_be: 80u16.to_be(),
+            _pad: 0,
+        },
+    )
+    .unwrap();
+    dp.upsert_service(
+        ServiceKeyV4 {
+            vip: VIP.octets(),
+            port_be: 80u16.to_be(),
+            proto: proto::TCP,
+            _pad: 0,
+        },
+        ServiceEntry {
+            service_id: 1,
+            slot_count: u32::try_from(backends.len()).unwrap(),
+            rev_nat_id: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn dst_of(packet: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(packet[30], packet[31], packet[32], packet[33]),
+        u16::from_be_bytes([packet[36], packet[37]]),
+    )
+}
+
+#[test]
+fn policy_judges_the_backend_not_the_frontend() {
+    let mut dp = datapath();
+    let mut ring = dp.take_flow_events().unwrap();
+    program_service(&mut dp, &[(POD_B, 8080)]);
+    // A may reach B on 8080 only (not the frontend port 80); A admits nothing.
+    dp.replace_endpoint_policy(
+        POD_A,
+        ID_A,
+        &EndpointPolicy {
+            ingress: Some(vec![]),
+            egress: Some(vec![rule(ID_B, proto::TCP, 8080, 16, 5)]),
+        },
+    )
+    .unwrap();
+    let out = dp.test_run(FROM_POD, &tcp(POD_A, 40000, VIP, 80, SYN)).unwrap();
+    assert_eq!(out.return_value, TC_ACT_REDIRECT);
+    assert_eq!(dst_of(&out.packet), (POD_B, 8080), "translated to the backend");
+    let events = drain(&mut ring);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(
+        (
+            Ipv4Addr::from(e.daddr),
+            u16::from_be(e.dport_be),
+            e.rule,
+            e.dst_identity
+        ),
+        (POD_B, 8080, 5, ID_B),
+        "the event names the backend"
+    );
+    // B's reply is a policy reply (A's ingress denies everything else) and is translated back to the frontend.
+    let out = dp
+        .test_run(FROM_POD, &tcp(POD_B, 8080, POD_A, 40000, SYN | ACK))
+        .unwrap();
+    assert_eq!(out.return_value, TC_ACT_REDIRECT);
+    let src = Ipv4Addr::new(out.packet[26], out.packet[27], out.packet[28], out.packet[29]);
+    assert_eq!(src, VIP);
+    assert_eq!(counter(&dp, Counter::PolicyReply), 1);
+    // A frontend whose backend port A may not reach is denied.
+    program_service(&mut dp, &[(POD_B, 9090)]);
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40001, VIP, 80, SYN)), TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Counter::DropPolicyEgress), 1);
+}
+
+#[test]
+fn hairpin_flows_are_not_subject_to_policy() {
+    let mut dp = datapath();
+    program_service(&mut dp, &[(POD_A, 8080)]);
+    dp.replace_endpoint_policy(
+        POD_A,
+        ID_A,
+        &EndpointPolicy {
+            ingress: Some(vec![]),
+            egress: Some(vec![]),
+        },
+    )
+    .unwrap();
+    // A reaches itself through the frontend (source rewritten to the hairpin address) and answers.
+    let out = dp.test_run(FROM_POD, &tcp(POD_A, 40000, VIP, 80, SYN)).unwrap();
+    assert_eq!(out.return_value, TC_ACT_REDIRECT);
+    assert_eq!(dst_of(&out.packet), (POD_A, 8080));
+    let hairpin = Ipv4Addr::new(HAIRPIN_IPV4[0], HAIRPIN_IPV4[1], HAIRPIN_IPV4[2], HAIRPIN_IPV4[3]);
+    let out = dp
+        .test_run(FROM_POD, &tcp(POD_A, 8080, hairpin, 40000, SYN | ACK))
+        .unwrap();
+    assert_eq!(out.return_value, TC_ACT_REDIRECT);
+    // Anything else A sends is denied.
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40001, POD_B, 8080, SYN)), TC_ACT_SHOT);
+    let counters = nonzero(&dp);
+    assert!(
+        !counters.iter().any(|(c, _)| matches!(
+            c,
+            Counter::PolicyAllowed | Counter::PolicyReply | Counter::DropPolicyIngress
+        )),
+        "{counters:?}"
+    );
+    assert_eq!(counter(&dp, Counter::DropPolicyEgress), 1);
+}
+
+#[test]
+fn a_frontend_without_backends_emits_a_flow_event() {
+    let mut dp = datapath();
+    let mut ring = dp.take_flow_events().unwrap();
+    program_service(&mut dp, &[]);
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40000, VIP, 80, SYN)), TC_ACT_SHOT);
+    assert_eq!(nonzero(&dp), [(Counter::DropNoBackend, 1)]);
+    let events = drain(&mut ring);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(
+        (
+            e.verdict,
+            Counter::from_index(u32::from(e.reason)),
+            e.dir,
+            e.src_identity,
+            Ipv4Addr::from(e.daddr),
+            u16::from_be(e.dport_be),
+            e.proto,
+        ),
+        (
+            flow_verdict::DROPPED,
+            Some(Counter::DropNoBackend),
+            0,
+            ID_A,
+            VIP,
+            80,
+            proto::TCP
+        )
+    );
+}
+
+#[test]
+fn a_restarted_agent_adopts_policy_tables_and_drops_orphans() {
+    let pins = pins::Pins::new("policy");
+    let v1 = EndpointPolicy {
+        ingress: Some(vec![rule(ID_A, proto::TCP, 80, 16, 1)]),
+        egress: None,
+    };
+    let id1 = {
+        let mut dp = Datapath::load_pinned(pins.path()).unwrap();
+        dp.upsert_endpoint(POD_B, endpoint(POD_B, 1, ID_B)).unwrap();
+        dp.upsert_tunnel_peer(common::REMOTE_NODE, 2).unwrap();
+        dp.replace_endpoint_policy(POD_B, ID_B, &v1).unwrap()
+    };
+    // A table no endpoint names, as an agent that died between writing a table and switching to it leaves it.
+    let orphan_id = id1 + 1000;
+    {
+        let pin = pins
+            .path()
+            .join(format!("maps-v{}", mesh_agent::datapath::MAP_ABI))
+            .join(mesh_common::maps::POLICY);
+        let data = MapData::from_pin(&pin).unwrap();
+        let mut raw: aya::maps::HashMap<MapData, PolicyKey, PolicyEntry> =
+            aya::maps::Map::HashMap(data).try_into().unwrap();
+        let key = PolicyKey {
+            policy_id: orphan_id,
+            identity: ID_A,
+            port: 22,
+            proto: proto::TCP,
+            dir: policy_dir::INGRESS,
+            port_plen: 16,
+            _pad: [0; 3],
+        };
+        raw.insert(key, PolicyEntry { rule: 9, _pad: 0 }, 0).unwrap();
+    }
+    let mut dp = Datapath::load_pinned(pins.path()).unwrap();
+    assert!(dp.adoption().maps_reused.contains(&mesh_common::maps::POLICY));
+    assert_eq!(
+        dp.tunnel_peers().unwrap(),
+        BTreeMap::from([(common::REMOTE_NODE, 2)])
+    );
+    // B's table was adopted with its contents; the orphan is gone.
+    let ids: Vec<u32> = dp
+        .policy_entries()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| k.policy_id)
+        .collect();
+    assert_eq!(ids, [id1]);
+    assert_eq!(
+        dp.endpoint_policy(POD_B).unwrap().unwrap().policy.ingress,
+        v1.ingress
+    );
+    // The adopted index lets a replacement delete the old table, and a new id avoids the one in use.
+    let id2 = dp
+        .replace_endpoint_policy(
+            POD_B,
+            ID_B,
+            &EndpointPolicy {
+                ingress: Some(vec![rule(ID_A, proto::TCP, 443, 16, 2)]),
+                egress: None,
+            },
+        )
+        .unwrap();
+    assert_ne!(id2, id1);
+    let keys: Vec<(u32, u16)> = dp
+        .policy_entries()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| (k.policy_id, k.port))
+        .collect();
+    assert_eq!(keys, [(id2, 443)]);
+}
