@@ -390,17 +390,6 @@ pub fn monotonic_to_wall_offset_ns() -> i128 {
     wall - mono
 }
 
-/// Decodes one ring buffer record (`None` when it has the wrong size: an agent/datapath ABI mismatch).
-#[must_use]
-pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
-    if bytes.len() < size_of::<FlowEvent>() {
-        return None;
-    }
-    // SAFETY: the slice holds at least size_of::<FlowEvent>() bytes; FlowEvent is plain old data (every bit
-    // pattern valid) and read_unaligned copes with any alignment.
-    Some(unsafe { bytes.as_ptr().cast::<FlowEvent>().read_unaligned() })
-}
-
 /// Drains `ring` into `hub` until the ring's file descriptor fails.
 ///
 /// # Errors
@@ -417,7 +406,7 @@ pub async fn run_reader(ring: aya::maps::RingBuf<aya::maps::MapData>, hub: Arc<H
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
-            match decode(&item) {
+            match crate::datapath::parse_flow_event(&item) {
                 Some(ev) => {
                     let wall_ns = i128::from(ev.timestamp_ns) + offset;
                     let ms = u64::try_from(wall_ns / 1_000_000).unwrap_or(0);
@@ -572,15 +561,5 @@ mod tests {
         assert_eq!(all.len(), HISTORY);
         assert_eq!(all.last().map(|f| f.time_ms), Some((HISTORY + 9) as u64));
         assert_eq!(rx.try_recv().map(|f| f.time_ms).ok(), Some(0));
-    }
-
-    #[test]
-    fn short_records_are_rejected() {
-        assert!(decode(&[0u8; 8]).is_none());
-        let ev = event();
-        // SAFETY: FlowEvent is plain old data; viewing it as bytes is fine.
-        let bytes =
-            unsafe { std::slice::from_raw_parts((&raw const ev).cast::<u8>(), size_of::<FlowEvent>()) };
-        assert_eq!(decode(bytes), Some(ev));
     }
 }

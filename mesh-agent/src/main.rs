@@ -187,6 +187,18 @@ async fn main() -> anyhow::Result<()> {
     let snapshots = snap_rx.clone();
     let counters = Arc::new(dp.counters_reader().context("opening the counters map")?);
     let flow_hub = mesh_agent::flows::Hub::new(&me.node);
+    let mut dp = dp;
+    match dp.take_flow_events() {
+        Some(ring) => {
+            let hub = flow_hub.clone();
+            tokio::spawn(async move {
+                if let Err(e) = mesh_agent::flows::run_reader(ring, hub).await {
+                    warn!(error = %e, "flow event reader stopped");
+                }
+            });
+        }
+        None => warn!("the flow event ring buffer is not available: no flow events"),
+    }
     let policies: Arc<Mutex<std::collections::BTreeMap<(String, String), serde_json::Value>>> =
         Arc::default();
     let mut reconciler = Reconciler::new(dp, me.clone(), args.vxlan_device.clone());
