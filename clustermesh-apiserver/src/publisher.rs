@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use mesh_kvstore::{
     BackendRecord, ClusterConfig, Heartbeat, KeyKind, Keys, NodeRecord, PortRecord, ServiceRecord, Synced,
     encode, kinds,
@@ -245,6 +245,8 @@ impl Publisher {
                 );
             }
             if !synced {
+                // All markers in one transaction: a reader sees every kind synced at once.
+                let mut markers = Vec::new();
                 for (kind, prefix) in [
                     (kinds::IDENTITIES, self.keys.identities_prefix(&self.cluster)),
                     (kinds::IPS, self.keys.ips_prefix(&self.cluster)),
@@ -256,14 +258,13 @@ impl Publisher {
                         time_ms: now_ms(),
                         count,
                     };
-                    client
-                        .put(
-                            self.keys.synced(&self.cluster, kind),
-                            encode(&marker),
-                            with_lease(),
-                        )
-                        .await?;
+                    markers.push(TxnOp::put(
+                        self.keys.synced(&self.cluster, kind),
+                        encode(&marker),
+                        with_lease(),
+                    ));
                 }
+                client.txn(Txn::new().and_then(markers)).await?;
                 synced = true;
                 info!(records = desired.len(), "initial sync complete");
             }

@@ -707,12 +707,20 @@ async fn identities_are_stable_across_restarts_follow_labels_and_are_collected_a
     })
     .await;
     for (kind, count) in [(mesh_kvstore::kinds::IDENTITIES, 2), (mesh_kvstore::kinds::IPS, 3)] {
-        let (marker, _) = get(&mut c, &keys.synced("east", kind))
-            .await
-            .expect("get")
-            .unwrap_or_else(|| panic!("synced marker of {kind}"));
-        let marker = mesh_kvstore::decode_synced("synced", &marker).expect("marker decodes");
-        assert_eq!(marker.count, count, "{kind}");
+        eventually(&format!("synced marker of {kind}"), TIMEOUT, || {
+            let mut c = c.clone();
+            let key = keys.synced("east", kind);
+            async move {
+                let (marker, _) = get(&mut c, &key).await?.ok_or("no marker")?;
+                let marker = mesh_kvstore::decode_synced("synced", &marker).map_err(|e| e.to_string())?;
+                if marker.count == count {
+                    Ok(())
+                } else {
+                    Err(format!("marker counts {}", marker.count))
+                }
+            }
+        })
+        .await;
     }
 
     // Restart with pods in an order that a fresh allocator would number the other way round: the numbers stay.
