@@ -104,7 +104,10 @@ impl Allocator {
         let mut restored = 0;
         for rec in records {
             let number = mesh_common::identity::local(rec.identity);
-            if rec.cluster_id != self.cluster_id || number < FIRST_ALLOCATED || self.slots.contains_key(&number) {
+            if rec.cluster_id != self.cluster_id
+                || number < FIRST_ALLOCATED
+                || self.slots.contains_key(&number)
+            {
                 continue;
             }
             self.by_labels.entry(rec.labels.clone()).or_insert(number);
@@ -327,7 +330,10 @@ mod tests {
             ("app", "api"),
             ("io.kubernetes.pod.namespace", "shop"),
             ("io.cilium.k8s.namespace.labels.team", "a"),
-            ("io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name", "shop"),
+            (
+                "io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name",
+                "shop",
+            ),
             ("io.cilium.k8s.policy.cluster", "east"),
         ]
         .into_iter()
@@ -348,8 +354,18 @@ mod tests {
         let mut a = Allocator::new("east", 1, Duration::from_secs(60));
         let now = Instant::now();
         let s = state(vec![
-            pod("shop", "api-0", Some([10, 1, 0, 2]), &[("app", "api"), ("pod-template-hash", "1")]),
-            pod("shop", "api-1", Some([10, 1, 0, 3]), &[("app", "api"), ("pod-template-hash", "2")]),
+            pod(
+                "shop",
+                "api-0",
+                Some([10, 1, 0, 2]),
+                &[("app", "api"), ("pod-template-hash", "1")],
+            ),
+            pod(
+                "shop",
+                "api-1",
+                Some([10, 1, 0, 3]),
+                &[("app", "api"), ("pod-template-hash", "2")],
+            ),
             pod("shop", "web-0", Some([10, 1, 0, 4]), &[("app", "web")]),
             pod("shop", "pending", None, &[("app", "db")]),
         ]);
@@ -397,11 +413,18 @@ mod tests {
         assert_eq!(out.pods[&("shop".into(), "p".into())], compose(1, 256));
         // After the grace period, the unused ones are withdrawn, and free again on the next pass.
         let out = a.assign(&state(vec![api("a")]), t0 + Duration::from_secs(2) + grace);
-        assert_eq!(out.collected, vec![257], "258 was unused for less than the grace period");
+        assert_eq!(
+            out.collected,
+            vec![257],
+            "258 was unused for less than the grace period"
+        );
         let out = a.assign(&state(vec![api("a")]), t0 + Duration::from_secs(3) + grace);
         assert_eq!(out.collected, vec![258]);
         assert_eq!(a.len(), 1);
-        let out = a.assign(&state(vec![api("a"), pod("shop", "q", Some([10, 1, 0, 3]), &[])]), t0 + grace * 2);
+        let out = a.assign(
+            &state(vec![api("a"), pod("shop", "q", Some([10, 1, 0, 3]), &[])]),
+            t0 + grace * 2,
+        );
         assert_eq!(out.allocated, vec![257]);
     }
 
@@ -409,7 +432,11 @@ mod tests {
     fn restore_keeps_published_numbers_and_the_lowest_of_duplicates() {
         let mut a = Allocator::new("east", 1, Duration::from_secs(60));
         let s = state(vec![pod("shop", "p", Some([10, 1, 0, 2]), &[("app", "a")])]);
-        let labels = identity_labels("east", &s.pods[&("shop".into(), "p".into())], s.namespaces.get("shop"));
+        let labels = identity_labels(
+            "east",
+            &s.pods[&("shop".into(), "p".into())],
+            s.namespaces.get("shop"),
+        );
         let rec = |n: u32, labels: &Labels| IdentityRecord {
             cluster: "east".into(),
             cluster_id: 1,
@@ -417,7 +444,10 @@ mod tests {
             labels: labels.clone(),
         };
         let other: Labels = [("x".to_owned(), "y".to_owned())].into();
-        assert_eq!(a.restore(vec![rec(900, &labels), rec(300, &other), rec(700, &labels)]), 3);
+        assert_eq!(
+            a.restore(vec![rec(900, &labels), rec(300, &other), rec(700, &labels)]),
+            3
+        );
         let now = Instant::now();
         let out = a.assign(&s, now);
         assert!(out.allocated.is_empty());

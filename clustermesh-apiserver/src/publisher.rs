@@ -136,25 +136,39 @@ impl Publisher {
             };
             Some((self.keys.service(&self.cluster, &svc.namespace, &svc.name), encode(&rec)))
         });
-        identities.into_iter().chain(ips).chain(nodes).chain(services).collect()
+        identities
+            .into_iter()
+            .chain(ips)
+            .chain(nodes)
+            .chain(services)
+            .collect()
     }
 
     /// Reads back the identity records of this cluster (an earlier run's): the allocator keeps their numbers.
     async fn restore_identities(&self, client: &Client, allocator: &mut Allocator) -> anyhow::Result<()> {
-        let (records, _) = mesh_kvstore::etcd::list_paged(client, &self.keys.identities_prefix(&self.cluster)).await?;
+        let (records, _) =
+            mesh_kvstore::etcd::list_paged(client, &self.keys.identities_prefix(&self.cluster)).await?;
         let mut found = Vec::new();
         for (k, v) in &records {
             match self.keys.classify(&self.cluster, k) {
-                KeyKind::Identity(number) => match mesh_kvstore::decode_identity(k, &self.cluster, number, v) {
+                KeyKind::Identity(number) => match mesh_kvstore::decode_identity(k, &self.cluster, number, v)
+                {
                     Ok(rec) if rec.cluster_id == self.cluster_id => found.push(rec),
-                    Ok(rec) => warn!(key = %k, id = rec.cluster_id, "identity record of another cluster id; it is withdrawn"),
+                    Ok(rec) => {
+                        warn!(key = %k, id = rec.cluster_id, "identity record of another cluster id; it is withdrawn")
+                    }
                     Err(e) => warn!(error = %e, "malformed identity record; it is withdrawn"),
                 },
                 _ => warn!(key = %k, "unexpected key among the identities; it is withdrawn"),
             }
         }
         let restored = allocator.restore(found);
-        info!(records = records.len(), restored, held = allocator.len(), "identities read back");
+        info!(
+            records = records.len(),
+            restored,
+            held = allocator.len(),
+            "identities read back"
+        );
         Ok(())
     }
 
@@ -269,9 +283,10 @@ impl Publisher {
                 info!(records = desired.len(), "initial sync complete");
             }
             // Unused identities are withdrawn when their grace period ends, changes or not.
-            let collect_at = allocator
-                .next_collection()
-                .map_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600), tokio::time::Instant::from_std);
+            let collect_at = allocator.next_collection().map_or_else(
+                || tokio::time::Instant::now() + Duration::from_secs(3600),
+                tokio::time::Instant::from_std,
+            );
             tokio::select! {
                 () = tokio::time::sleep_until(collect_at) => {}
                 changed = snapshots.changed() => {

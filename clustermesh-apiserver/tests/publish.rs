@@ -43,7 +43,13 @@ impl Apiserver {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("apiserver.log");
         let child = Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
-            .args(["--cluster-name", cluster, "--cluster-id", &id.to_string(), "--manifests"])
+            .args([
+                "--cluster-name",
+                cluster,
+                "--cluster-id",
+                &id.to_string(),
+                "--manifests",
+            ])
             .arg(manifests)
             .args(["--etcd-endpoints", &etcd.url(), "--lease-ttl", "5s"])
             .args(["--log", "info"])
@@ -582,7 +588,8 @@ fn crate_now_ms() -> u64 {
 
 /// A pod of namespace shop on east-node-1: (name, labels as YAML flow mapping, IPv4).
 fn pods_yaml(pods: &[(&str, &str, &str)]) -> String {
-    let mut docs = vec!["apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: a}}\n".to_owned()];
+    let mut docs =
+        vec!["apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: a}}\n".to_owned()];
     for (name, labels, ip) in pods {
         docs.push(format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {labels}}}\n\
@@ -597,7 +604,10 @@ fn pods_yaml(pods: &[(&str, &str, &str)]) -> String {
 async fn identities(client: &mut Client, cluster: &str) -> Result<BTreeMap<u32, String>, String> {
     let keys = Keys::default();
     let resp = client
-        .get(keys.identities_prefix(cluster), Some(GetOptions::new().with_prefix()))
+        .get(
+            keys.identities_prefix(cluster),
+            Some(GetOptions::new().with_prefix()),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
@@ -611,13 +621,15 @@ async fn identities(client: &mut Client, cluster: &str) -> Result<BTreeMap<u32, 
         if kv.lease() == 0 {
             return Err(format!("{key} has no lease"));
         }
-        if rec.labels.get("io.cilium.k8s.namespace.labels.team").map(String::as_str) != Some("a") {
+        if rec
+            .labels
+            .get("io.cilium.k8s.namespace.labels.team")
+            .map(String::as_str)
+            != Some("a")
+        {
             return Err(format!("{key}: namespace labels missing: {:?}", rec.labels));
         }
-        out.insert(
-            rec.identity,
-            rec.labels.get("app").cloned().unwrap_or_default(),
-        );
+        out.insert(rec.identity, rec.labels.get("app").cloned().unwrap_or_default());
     }
     Ok(out)
 }
@@ -680,7 +692,7 @@ async fn identities_are(
 #[tokio::test(flavor = "multi_thread")]
 async fn identities_are_stable_across_restarts_follow_labels_and_are_collected_after_grace() {
     let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
+    let c = etcd.client().await;
     let keys = Keys::default();
     let manifests = tempfile::tempdir().expect("tempdir");
     let dir = manifests.path();
@@ -706,7 +718,10 @@ async fn identities_are_stable_across_restarts_follow_labels_and_are_collected_a
         )
     })
     .await;
-    for (kind, count) in [(mesh_kvstore::kinds::IDENTITIES, 2), (mesh_kvstore::kinds::IPS, 3)] {
+    for (kind, count) in [
+        (mesh_kvstore::kinds::IDENTITIES, 2),
+        (mesh_kvstore::kinds::IPS, 3),
+    ] {
         eventually(&format!("synced marker of {kind}"), TIMEOUT, || {
             let mut c = c.clone();
             let key = keys.synced("east", kind);
@@ -740,11 +755,7 @@ async fn identities_are_stable_across_restarts_follow_labels_and_are_collected_a
         )
     })
     .await;
-    assert!(
-        api.log().contains("identities read back"),
-        "{}",
-        api.log()
-    );
+    assert!(api.log().contains("identities read back"), "{}", api.log());
 
     // A new label set gets the next number; a pod whose labels change moves to that identity, and the identity it
     // left stays published for the grace period, then goes.
@@ -801,19 +812,28 @@ async fn identities_are_stable_across_restarts_follow_labels_and_are_collected_a
         identities_are(
             c.clone(),
             "east",
-            vec![(api_id, "api"), (web_id, "web"), (db_id, "db"), (cache_id, "cache")],
+            vec![
+                (api_id, "api"),
+                (web_id, "web"),
+                (db_id, "db"),
+                (cache_id, "cache"),
+            ],
             vec![(7, db_id), (8, api_id), (9, db_id), (10, cache_id)],
         )
     })
     .await;
-    eventually("the unused web identity withdrawn after the grace period", TIMEOUT, || {
-        identities_are(
-            c.clone(),
-            "east",
-            vec![(api_id, "api"), (db_id, "db"), (cache_id, "cache")],
-            vec![(7, db_id), (8, api_id), (9, db_id), (10, cache_id)],
-        )
-    })
+    eventually(
+        "the unused web identity withdrawn after the grace period",
+        TIMEOUT,
+        || {
+            identities_are(
+                c.clone(),
+                "east",
+                vec![(api_id, "api"), (db_id, "db"), (cache_id, "cache")],
+                vec![(7, db_id), (8, api_id), (9, db_id), (10, cache_id)],
+            )
+        },
+    )
     .await;
     let after = moved.elapsed();
     assert!(

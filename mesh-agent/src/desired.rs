@@ -119,22 +119,25 @@ pub fn remote_pod_entries(
 ) -> DesiredPods {
     let mut out = DesiredPods::default();
     let mut pod_owner: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
-    let mut claim_pod = |out: &mut DesiredPods, ip: &mesh_kvstore::IpRecord, underlay: Ipv4Addr, cluster_id: u16| {
-        let who = format!("pod {}/{}/{}", ip.cluster, ip.namespace, ip.pod);
-        if let Some(first) = pod_owner.get(&ip.ipv4) {
-            out.conflicts
-                .push(format!("address {} is claimed by {first} and by {who}; {first} keeps it", ip.ipv4));
-            return;
-        }
-        pod_owner.insert(ip.ipv4, who);
-        out.entries.insert(
-            ip.ipv4,
-            IpcacheEntry {
-                identity: ip.identity,
-                ..tunnel_entry(underlay, cluster_id)
-            },
-        );
-    };
+    let mut claim_pod =
+        |out: &mut DesiredPods, ip: &mesh_kvstore::IpRecord, underlay: Ipv4Addr, cluster_id: u16| {
+            let who = format!("pod {}/{}/{}", ip.cluster, ip.namespace, ip.pod);
+            if let Some(first) = pod_owner.get(&ip.ipv4) {
+                out.conflicts.push(format!(
+                    "address {} is claimed by {first} and by {who}; {first} keeps it",
+                    ip.ipv4
+                ));
+                return;
+            }
+            pod_owner.insert(ip.ipv4, who);
+            out.entries.insert(
+                ip.ipv4,
+                IpcacheEntry {
+                    identity: ip.identity,
+                    ..tunnel_entry(underlay, cluster_id)
+                },
+            );
+        };
     let mut peer_owner: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
     let mut claim_peer = |out: &mut DesiredPods, underlay: Ipv4Addr, who: String, cluster_id: u16| {
         if let Some(first) = peer_owner.get(&underlay) {
@@ -166,7 +169,12 @@ pub fn remote_pod_entries(
             continue;
         }
         for n in rc.nodes.values() {
-            claim_peer(&mut out, n.underlay_ipv4, format!("node {name}/{}", n.name), n.cluster_id);
+            claim_peer(
+                &mut out,
+                n.underlay_ipv4,
+                format!("node {name}/{}", n.name),
+                n.cluster_id,
+            );
         }
         for ip in rc.ips.values() {
             if let Some(n) = rc.nodes.get(&ip.node) {
@@ -393,7 +401,12 @@ mod tests {
         );
         // A peer named like this cluster is never used.
         let shadow = with_ips(
-            remote("east", 9, &[("east-node-5", [172, 30, 9, 5], "10.9.0.0/24")], true),
+            remote(
+                "east",
+                9,
+                &[("east-node-5", [172, 30, 9, 5], "10.9.0.0/24")],
+                true,
+            ),
             vec![ip("east", 9, [10, 9, 0, 5], "east-node-5", 256)],
         );
         let remotes: BTreeMap<String, RemoteCluster> = [
@@ -420,7 +433,10 @@ mod tests {
             ),
         ]
         .into();
-        assert_eq!(d.entries, want_entries, "own node's pods, unknown nodes, unusable peers left out");
+        assert_eq!(
+            d.entries, want_entries,
+            "own node's pods, unknown nodes, unusable peers left out"
+        );
         assert_eq!(d.conflicts.len(), 1, "{:?}", d.conflicts);
         assert!(d.conflicts[0].contains("10.1.1.5"), "{:?}", d.conflicts);
         let want_peers: BTreeMap<Ipv4Addr, u16> = [
@@ -435,6 +451,11 @@ mod tests {
         assert_eq!(d.entries.len(), 2, "{:?}", d.entries);
         let mut bad = own;
         bad.usable = false;
-        assert_eq!(remote_pod_entries(&me(), &local(), Some(&bad), &remotes).entries.len(), 2);
+        assert_eq!(
+            remote_pod_entries(&me(), &local(), Some(&bad), &remotes)
+                .entries
+                .len(),
+            2
+        );
     }
 }

@@ -99,9 +99,14 @@ pub fn render(st: &Status, now_ms: u64) -> String {
         (
             "fleetmesh_cluster_identities",
             "Security identities known of the cluster.",
-            (|rc: &crate::remote::RemoteCluster| rc.identities.len()) as fn(&crate::remote::RemoteCluster) -> usize,
+            (|rc: &crate::remote::RemoteCluster| rc.identities.len())
+                as fn(&crate::remote::RemoteCluster) -> usize,
         ),
-        ("fleetmesh_cluster_ips", "Pod addresses known of the cluster.", |rc| rc.ips.len()),
+        (
+            "fleetmesh_cluster_ips",
+            "Pod addresses known of the cluster.",
+            |rc| rc.ips.len(),
+        ),
     ] {
         header(&mut out, name, "gauge", help);
         for rc in st.remote_clusters.iter().chain(&st.own_cluster) {

@@ -503,7 +503,12 @@ fn has_identities(rc: &RemoteCluster, cluster_id: u16, ids: &[u32], ips: &[(u8, 
     let got: Vec<(Ipv4Addr, u32)> = rc.ips.iter().map(|(a, r)| (*a, r.identity)).collect();
     let want: Vec<(Ipv4Addr, u32)> = ips
         .iter()
-        .map(|(o, n)| (Ipv4Addr::new(10, cluster_id as u8, 1, *o), compose(cluster_id, *n)))
+        .map(|(o, n)| {
+            (
+                Ipv4Addr::new(10, cluster_id as u8, 1, *o),
+                compose(cluster_id, *n),
+            )
+        })
         .collect();
     if got != want {
         return Err(format!("ips {got:?}, want {want:?}"));
@@ -524,12 +529,24 @@ async fn follows_a_remote_clusters_identities_and_ips() {
         (keys.cluster_config("west"), config(2)),
         (keys.node("west", "west-node-1"), encode(&node(1))),
         (keys.synced("west", mesh_kvstore::kinds::NODES), synced_marker()),
-        (keys.identity("west", 256), encode(&identity("west", 2, 256, "api"))),
-        (keys.identity("west", 257), encode(&identity("west", 2, 257, "web"))),
+        (
+            keys.identity("west", 256),
+            encode(&identity("west", 2, 256, "api")),
+        ),
+        (
+            keys.identity("west", 257),
+            encode(&identity("west", 2, 257, "web")),
+        ),
         (keys.identity("west", 258), encode(&wrong_cluster_id)),
-        (keys.ip("west", Ipv4Addr::new(10, 2, 1, 5)), encode(&ip_record("west", 2, 5, 256))),
+        (
+            keys.ip("west", Ipv4Addr::new(10, 2, 1, 5)),
+            encode(&ip_record("west", 2, 5, 256)),
+        ),
         (keys.ip("west", Ipv4Addr::new(10, 2, 1, 9)), encode(&wrong_ip)),
-        ("fleetmesh/state/identities/v2/west/300".to_owned(), "{}".to_owned()),
+        (
+            "fleetmesh/state/identities/v2/west/300".to_owned(),
+            "{}".to_owned(),
+        ),
     ] {
         c.put(k, v, None).await.expect("seed");
     }
@@ -547,12 +564,20 @@ async fn follows_a_remote_clusters_identities_and_ips() {
         .await;
 
     // The synced markers; then additions, changes and deletes follow.
-    c.put(keys.synced("west", mesh_kvstore::kinds::IDENTITIES), synced_marker(), None)
-        .await
-        .expect("marker");
-    c.put(keys.synced("west", mesh_kvstore::kinds::IPS), synced_marker(), None)
-        .await
-        .expect("marker");
+    c.put(
+        keys.synced("west", mesh_kvstore::kinds::IDENTITIES),
+        synced_marker(),
+        None,
+    )
+    .await
+    .expect("marker");
+    c.put(
+        keys.synced("west", mesh_kvstore::kinds::IPS),
+        synced_marker(),
+        None,
+    )
+    .await
+    .expect("marker");
     c.put(
         keys.ip("west", Ipv4Addr::new(10, 2, 1, 6)),
         encode(&ip_record("west", 2, 6, 257)),
@@ -561,7 +586,9 @@ async fn follows_a_remote_clusters_identities_and_ips() {
     .await
     .expect("put");
     agent
-        .wait("new ip seen", |w| has_identities(w, 2, &[256, 257], &[(5, 256), (6, 257)]))
+        .wait("new ip seen", |w| {
+            has_identities(w, 2, &[256, 257], &[(5, 256), (6, 257)])
+        })
         .await;
     // The pod at .5 changes labels: its ip record moves to another identity, and the old one goes later.
     c.put(
@@ -637,8 +664,14 @@ async fn watches_its_own_cluster_for_identities_and_ips_only() {
         (keys.cluster_config("east"), own_config(1)),
         (keys.node("east", "east-node-2"), encode(&east_node)),
         (keys.service("east", "shop", "api"), encode(&service)),
-        (keys.identity("east", 256), encode(&identity("east", 1, 256, "api"))),
-        (keys.ip("east", Ipv4Addr::new(10, 1, 1, 5)), encode(&ip_record("east", 1, 5, 256))),
+        (
+            keys.identity("east", 256),
+            encode(&identity("east", 1, 256, "api")),
+        ),
+        (
+            keys.ip("east", Ipv4Addr::new(10, 1, 1, 5)),
+            encode(&ip_record("east", 1, 5, 256)),
+        ),
     ] {
         c.put(k, v, None).await.expect("seed");
     }
@@ -692,7 +725,10 @@ async fn watches_its_own_cluster_for_identities_and_ips_only() {
         }),
     )
     .await;
-    assert!(remotes.snapshot().is_empty(), "the own cluster is not a remote cluster");
+    assert!(
+        remotes.snapshot().is_empty(),
+        "the own cluster is not a remote cluster"
+    );
 
     // Its own etcd holding another cluster id: unusable, nothing of it used.
     c.put(keys.cluster_config("east"), own_config(7), None)

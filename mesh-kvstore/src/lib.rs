@@ -542,7 +542,12 @@ fn check_cluster_id(key: &str, cluster_id: u16) -> Result<(), DecodeError> {
 /// Too large, bad JSON, a cluster differing from the key, a cluster id out of range, an identity whose cluster part
 /// is not the record's cluster id or whose number is not the key's (or is reserved, below 256), no labels, too
 /// many labels, an empty or too long key, a too long value, or a cluster label missing or naming another cluster.
-pub fn decode_identity(key: &str, cluster: &str, number: u32, value: &[u8]) -> Result<IdentityRecord, DecodeError> {
+pub fn decode_identity(
+    key: &str,
+    cluster: &str,
+    number: u32,
+    value: &[u8],
+) -> Result<IdentityRecord, DecodeError> {
     let rec: IdentityRecord = json(key, "IdentityRecord", value)?;
     expect_eq(key, "cluster", &rec.cluster, cluster)?;
     check_cluster_id(key, rec.cluster_id)?;
@@ -605,7 +610,11 @@ pub fn decode_ip(key: &str, cluster: &str, ipv4: Ipv4Addr, value: &[u8]) -> Resu
         key: key.to_owned(),
         reason,
     };
-    for (field, v) in [("namespace", &rec.namespace), ("pod", &rec.pod), ("node", &rec.node)] {
+    for (field, v) in [
+        ("namespace", &rec.namespace),
+        ("pod", &rec.pod),
+        ("node", &rec.node),
+    ] {
         if v.is_empty() {
             return Err(invalid(format!("{field} is empty")));
         }
@@ -823,7 +832,10 @@ mod tests {
     fn identity_and_ip_keys_classify() {
         let k = Keys::default();
         assert_eq!(k.identity("east", 300), "fleetmesh/state/identities/v1/east/300");
-        assert_eq!(k.classify("east", &k.identity("east", 300)), KeyKind::Identity(300));
+        assert_eq!(
+            k.classify("east", &k.identity("east", 300)),
+            KeyKind::Identity(300)
+        );
         assert_eq!(k.classify("west", &k.identity("east", 300)), KeyKind::Other);
         let ip = Ipv4Addr::new(10, 1, 0, 7);
         assert_eq!(k.ip("east", ip), "fleetmesh/state/ip/v1/east/10.1.0.7");
@@ -895,7 +907,11 @@ mod tests {
                 .expect_err("refused")
                 .reason()
         };
-        let raw = |v: &str| decode_identity("k", "east", 300, v.as_bytes()).expect_err(v).reason();
+        let raw = |v: &str| {
+            decode_identity("k", "east", 300, v.as_bytes())
+                .expect_err(v)
+                .reason()
+        };
         assert_eq!(raw("{not json"), "bad_json");
         assert_eq!(raw(r#"{"cluster":"east"}"#), "bad_json");
         assert_eq!(
@@ -928,9 +944,14 @@ mod tests {
         );
         // Reserved numbers are not allocated identities.
         assert_eq!(
-            decode_identity("k", "east", 3, encode(&with(&|r| r.identity = compose(1, 3))).as_bytes())
-                .expect_err("reserved")
-                .reason(),
+            decode_identity(
+                "k",
+                "east",
+                3,
+                encode(&with(&|r| r.identity = compose(1, 3))).as_bytes()
+            )
+            .expect_err("reserved")
+            .reason(),
             "invalid"
         );
         // The largest number is fine; the key's number must match.
@@ -946,9 +967,12 @@ mod tests {
             "key_mismatch"
         );
         assert_eq!(d(&with(&|r| r.labels.clear())), "invalid");
-        assert_eq!(d(&with(&|r| {
+        assert_eq!(
+            d(&with(&|r| {
                 r.labels.remove(LABEL_CLUSTER);
-            })), "invalid");
+            })),
+            "invalid"
+        );
         assert_eq!(
             d(&with(&|r| {
                 r.labels.insert(LABEL_CLUSTER.into(), "west".into());
@@ -987,11 +1011,18 @@ mod tests {
     fn malformed_ip_values_are_typed_errors() {
         use mesh_common::identity::compose;
         let ip = Ipv4Addr::new(10, 1, 0, 7);
-        let d = |rec: &IpRecord| decode_ip("k", "east", ip, encode(rec).as_bytes()).expect_err("refused").reason();
+        let d = |rec: &IpRecord| {
+            decode_ip("k", "east", ip, encode(rec).as_bytes())
+                .expect_err("refused")
+                .reason()
+        };
         let raw = |v: &str| decode_ip("k", "east", ip, v.as_bytes()).expect_err(v).reason();
         assert_eq!(raw("[]"), "bad_json");
         assert_eq!(raw(r#"{"ipv4":"10.1.0.7"}"#), "bad_json");
-        assert_eq!(raw(&encode(&ip_rec()).replace("\"10.1.0.7\"", "\"10.1.0\"")), "bad_json");
+        assert_eq!(
+            raw(&encode(&ip_rec()).replace("\"10.1.0.7\"", "\"10.1.0\"")),
+            "bad_json"
+        );
         assert_eq!(
             raw(&encode(&ip_rec()).replace("\"node\"", "\"extra\":1,\"node\"")),
             "bad_json"
