@@ -517,19 +517,21 @@ impl Watcher {
                     rc.services.insert(k.clone(), v.clone());
                 }
             }
+            // Identities are the cluster's only when their cluster part is its id: another cluster's id space is not
+            // its to use (before its config is known, nothing is left out).
+            let mine =
+                |identity: u32| s.config.as_ref().is_none_or(|c| mesh_common::identity::cluster(identity) == c.id);
             if s.identities_synced {
-                rc.identities.clone_from(&s.identities);
-            } else {
-                for (k, v) in &s.identities {
-                    rc.identities.insert(*k, v.clone());
-                }
+                rc.identities.clear();
+            }
+            for (k, v) in s.identities.iter().filter(|(k, _)| mine(**k)) {
+                rc.identities.insert(*k, v.clone());
             }
             if s.ips_synced {
-                rc.ips.clone_from(&s.ips);
-            } else {
-                for (k, v) in &s.ips {
-                    rc.ips.insert(*k, v.clone());
-                }
+                rc.ips.clear();
+            }
+            for (k, v) in s.ips.iter().filter(|(_, v)| mine(v.identity)) {
+                rc.ips.insert(*k, v.clone());
             }
         });
     }

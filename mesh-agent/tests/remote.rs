@@ -590,6 +590,24 @@ async fn follows_a_remote_clusters_identities_and_ips() {
             has_identities(w, 2, &[256, 257], &[(5, 256), (6, 257)])
         })
         .await;
+    // Records in another cluster's id space are not west's.
+    c.put(
+        keys.identity("west", 300),
+        encode(&identity("west", 5, 300, "x")),
+        None,
+    )
+    .await
+    .expect("put");
+    c.put(
+        keys.ip("west", Ipv4Addr::new(10, 2, 1, 7)),
+        encode(&mesh_kvstore::IpRecord {
+            identity: mesh_common::identity::compose(5, 300),
+            ..ip_record("west", 2, 7, 300)
+        }),
+        None,
+    )
+    .await
+    .expect("put");
     // The pod at .5 changes labels: its ip record moves to another identity, and the old one goes later.
     c.put(
         keys.ip("west", Ipv4Addr::new(10, 2, 1, 5)),
