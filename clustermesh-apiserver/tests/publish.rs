@@ -430,7 +430,7 @@ async fn records_expire_with_the_lease_when_the_apiserver_is_killed() {
 }
 
 /// KVStoreMesh: the apiserver mirrors a peer cluster into its own etcd (`<prefix>/kvstoremesh/<peer>/`): what the
-/// peer has, changes as they happen, stale cache entries removed; a status key says whether it is connected, and
+/// peer has (identities and ips too), changes as they happen, stale cache entries removed; a status key says whether it is connected, and
 /// the cached data stays when the peer goes away.
 #[tokio::test(flavor = "multi_thread")]
 async fn kvstoremesh_mirrors_a_peer_and_reports_losing_it() {
@@ -540,6 +540,54 @@ async fn kvstoremesh_mirrors_a_peer_and_reports_losing_it() {
                     (other.0.is_some(), other.1.is_some())
                 )),
             }
+        }
+    })
+    .await;
+
+    // Identities and ips are mirrored like every other kind.
+    let ip = Ipv4Addr::new(10, 2, 1, 5);
+    let identity = mesh_kvstore::encode(&mesh_kvstore::IdentityRecord {
+        cluster: "west".into(),
+        cluster_id: 2,
+        identity: id(2, 256),
+        labels: BTreeMap::from([(mesh_kvstore::LABEL_CLUSTER.to_owned(), "west".to_owned())]),
+    });
+    let ip_rec = mesh_kvstore::encode(&mesh_kvstore::IpRecord {
+        ipv4: ip,
+        cluster: "west".into(),
+        identity: id(2, 256),
+        namespace: "shop".into(),
+        pod: "api".into(),
+        node: "west-node-2".into(),
+        named_ports: vec![],
+    });
+    for (k, v) in [
+        (peer_keys.identity("west", 256), identity.clone()),
+        (peer_keys.ip("west", ip), ip_rec.clone()),
+        (
+            peer_keys.synced("west", mesh_kvstore::kinds::IDENTITIES),
+            "{\"timeMs\":1,\"count\":1}".to_owned(),
+        ),
+    ] {
+        wc.put(k, v, None).await.expect("put");
+    }
+    eventually("identities and ips mirrored", TIMEOUT, || {
+        let mut lc = lc.clone();
+        let want = [
+            (cache.identity("west", 256), identity.clone()),
+            (cache.ip("west", ip), ip_rec.clone()),
+            (
+                cache.synced("west", mesh_kvstore::kinds::IDENTITIES),
+                "{\"timeMs\":1,\"count\":1}".to_owned(),
+            ),
+        ];
+        async move {
+            for (k, v) in want {
+                if get(&mut lc, &k).await?.map(|(b, _)| b) != Some(v.into_bytes()) {
+                    return Err(format!("{k} not mirrored"));
+                }
+            }
+            Ok(())
         }
     })
     .await;
