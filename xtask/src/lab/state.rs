@@ -1310,7 +1310,12 @@ pub fn status(dir: &Path, as_json: bool) -> Result<()> {
                         "agentReady": a["ready"],
                         "remoteClusters": a["remoteClusters"].as_array().into_iter().flatten().map(|r| json!({
                             "name": r["name"], "state": r["state"]["state"], "nodes": r["nodes"].as_object().map_or(0, serde_json::Map::len),
+                            "identities": r["identityCount"], "ips": r["ipCount"],
                         })).collect::<Vec<_>>(),
+                        // This cluster's identities and ips as the agent reads them from its own etcd.
+                        "ownCluster": a.get("ownCluster").map(|o| json!({
+                            "state": o["state"]["state"], "identities": o["identityCount"], "ips": o["ipCount"],
+                        })),
                     })
                 }).collect::<Vec<_>>(),
                 "pods": c.pods.values().map(|p| json!({
