@@ -145,6 +145,7 @@ impl Publisher {
     }
 
     /// Reads back the identity records of this cluster (an earlier run's): the allocator keeps their numbers.
+    #[instrument(skip_all)]
     async fn restore_identities(&self, client: &Client, allocator: &mut Allocator) -> anyhow::Result<()> {
         let (records, _) =
             mesh_kvstore::etcd::list_paged(client, &self.keys.identities_prefix(&self.cluster)).await?;

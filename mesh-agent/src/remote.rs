@@ -293,6 +293,7 @@ pub fn read_own_config(file: &Path) -> Result<RemoteConfig, String> {
 
 /// Watches this cluster's own etcd (`--kvstore-config FILE`) for its identities and ips, restarting the watcher
 /// when the file changes. A file that cannot be read keeps the running watcher (and its data).
+#[instrument(skip_all, fields(file = %file.display()))]
 pub async fn manage_own(file: PathBuf, me: crate::desired::Me, keys: Keys, remotes: Remotes) {
     let mut running: Option<(RemoteConfig, JoinHandle<()>)> = None;
     let mut last_error = None;
