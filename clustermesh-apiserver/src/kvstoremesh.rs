@@ -8,7 +8,8 @@
 //! (`.../kvstoremesh-status`) tells agents whether the mirror is connected and when it last heard from the peer:
 //! while it is not, agents keep the cached data and count the cluster unreachable from that time (their grace
 //! period then withdraws its backends). Agents read a cluster through the cache with `prefix:` in their peer file.
-//! A peer whose etcd does not hold its own cluster config is not mirrored.
+//! A peer whose etcd does not hold its own cluster config is not mirrored. Every key under the peer's prefix is
+//! mirrored, whatever its kind (nodes, services, identities, ips, synced markers), so new kinds need no change here.
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;

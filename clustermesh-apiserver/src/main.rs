@@ -1,6 +1,7 @@
-//! clustermesh-apiserver: publishes one cluster's state (nodes, and later services and identities) into that
-//! cluster's etcd, where every peer cluster's agents watch it.
+//! clustermesh-apiserver: publishes one cluster's state (nodes, global services, security identities and pod
+//! addresses) into that cluster's etcd, where every peer cluster's agents (and its own, for identities) watch it.
 
+mod identities;
 mod kvstoremesh;
 mod publisher;
 
@@ -63,6 +64,10 @@ struct Args {
     /// Lifetime of the lease that holds published records: if this daemon dies, its records vanish after this.
     #[arg(long, default_value = "30s", value_parser = mesh_model::duration::parse_duration)]
     lease_ttl: Duration,
+    /// How long a security identity no pod uses any more stays published before it is withdrawn (its number is not
+    /// handed to another label set meanwhile, and comes back if its label set does).
+    #[arg(long, env = "FLEETMESH_IDENTITY_GC_GRACE", default_value = "5m", value_parser = mesh_model::duration::parse_duration)]
+    identity_gc_grace: Duration,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `clustermesh_apiserver=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -117,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         endpoints: args.etcd_endpoints,
         lease_ttl: args.lease_ttl,
         tls,
+        identity_gc_grace: args.identity_gc_grace,
     };
     tokio::select! {
         r = source => {

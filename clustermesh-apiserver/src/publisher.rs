@@ -1,22 +1,27 @@
 //! Local state → this cluster's etcd.
 //!
-//! One session per etcd connection: grant a lease, write the cluster config, then keep the published node
-//! records equal to the desired ones (put what changed, delete what is gone, including records left by an earlier
-//! run), write the synced marker after the first full sync, and keep the lease and the heartbeat alive. Any error
-//! ends the session; the next one starts from a fresh list, so nothing stale survives a restart.
+//! One session per etcd connection: grant a lease, write the cluster config, read back the identities published
+//! earlier (their numbers are kept), then keep the published records (identities, pod addresses, nodes, services)
+//! equal to the desired ones (put what changed, delete what is gone, including records left by an earlier run),
+//! write the synced markers after the first full sync, and keep the lease and the heartbeat alive. Records are put
+//! in key order: identities, then ips, then nodes and services, so that agents know an identity before an address
+//! or a service refers to it. Any error ends the session; the next one starts from a fresh list, so nothing stale
+//! survives a restart.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use mesh_kvstore::{
-    BackendRecord, ClusterConfig, Heartbeat, Keys, NodeRecord, PortRecord, ServiceRecord, Synced, encode,
-    kinds,
+    BackendRecord, ClusterConfig, Heartbeat, KeyKind, Keys, NodeRecord, PortRecord, ServiceRecord, Synced,
+    encode, kinds,
 };
 use mesh_model::service;
 use mesh_model::source::Snapshot;
 use tokio::sync::watch;
 use tracing::{info, instrument, warn};
+
+use crate::identities::{self, Allocator};
 
 pub struct Publisher {
     pub cluster: String,
@@ -28,6 +33,8 @@ pub struct Publisher {
     pub lease_ttl: Duration,
     /// Client TLS for `https://` endpoints.
     pub tls: Option<EtcdTls>,
+    /// How long an identity number no pod uses stays published.
+    pub identity_gc_grace: Duration,
 }
 
 /// TLS material for this cluster's etcd (PEM files, read at every connection so renewed files are picked up).
@@ -66,8 +73,10 @@ impl Publisher {
             return;
         }
         let mut backoff = Duration::from_millis(100);
+        // Outlives sessions: what it holds wins over what a session start reads back.
+        let mut allocator = Allocator::new(&self.cluster, self.cluster_id, self.identity_gc_grace);
         loop {
-            match self.session(&mut snapshots).await {
+            match self.session(&mut snapshots, &mut allocator).await {
                 Ok(()) => return,
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), retry_in = ?backoff, "etcd session ended");
@@ -78,9 +87,14 @@ impl Publisher {
         }
     }
 
-    /// Every record this cluster should have in etcd: its nodes, and its global services that it shares.
-    fn desired(&self, snapshot: &Snapshot) -> BTreeMap<String, String> {
+    /// Every record this cluster should have in etcd: its identities, its pods' addresses, its nodes, and its global
+    /// services that it shares.
+    fn desired(&self, snapshot: &Snapshot, allocator: &mut Allocator) -> BTreeMap<String, String> {
         let state = &snapshot.state;
+        let assigned = allocator.assign(state, std::time::Instant::now());
+        let identities: Vec<(String, String)> = allocator.records(&self.keys).collect();
+        let ips: Vec<(String, String)> =
+            identities::ip_records(&self.cluster, &self.keys, state, &assigned).collect();
         let nodes = state.nodes.values().map(|n| {
             let rec = NodeRecord {
                 name: n.name.clone(),
@@ -122,11 +136,49 @@ impl Publisher {
             };
             Some((self.keys.service(&self.cluster, &svc.namespace, &svc.name), encode(&rec)))
         });
-        nodes.chain(services).collect()
+        identities
+            .into_iter()
+            .chain(ips)
+            .chain(nodes)
+            .chain(services)
+            .collect()
+    }
+
+    /// Reads back the identity records of this cluster (an earlier run's): the allocator keeps their numbers.
+    #[instrument(skip_all)]
+    async fn restore_identities(&self, client: &Client, allocator: &mut Allocator) -> anyhow::Result<()> {
+        let (records, _) =
+            mesh_kvstore::etcd::list_paged(client, &self.keys.identities_prefix(&self.cluster)).await?;
+        let mut found = Vec::new();
+        for (k, v) in &records {
+            match self.keys.classify(&self.cluster, k) {
+                KeyKind::Identity(number) => match mesh_kvstore::decode_identity(k, &self.cluster, number, v)
+                {
+                    Ok(rec) if rec.cluster_id == self.cluster_id => found.push(rec),
+                    Ok(rec) => {
+                        warn!(key = %k, id = rec.cluster_id, "identity record of another cluster id; it is withdrawn")
+                    }
+                    Err(e) => warn!(error = %e, "malformed identity record; it is withdrawn"),
+                },
+                _ => warn!(key = %k, "unexpected key among the identities; it is withdrawn"),
+            }
+        }
+        let restored = allocator.restore(found);
+        info!(
+            records = records.len(),
+            restored,
+            held = allocator.len(),
+            "identities read back"
+        );
+        Ok(())
     }
 
     #[instrument(skip_all, fields(cluster = %self.cluster))]
-    async fn session(&self, snapshots: &mut watch::Receiver<Snapshot>) -> anyhow::Result<()> {
+    async fn session(
+        &self,
+        snapshots: &mut watch::Receiver<Snapshot>,
+        allocator: &mut Allocator,
+    ) -> anyhow::Result<()> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
@@ -144,16 +196,24 @@ impl Publisher {
         let config = ClusterConfig {
             name: self.cluster.clone(),
             id: self.cluster_id,
-            capabilities: vec!["nodes/v1".into(), "services/v1".into()],
+            capabilities: vec![
+                "nodes/v1".into(),
+                "services/v1".into(),
+                "identities/v1".into(),
+                "ip/v1".into(),
+            ],
             labels: self.labels.clone(),
         };
         client
             .put(self.keys.cluster_config(&self.cluster), encode(&config), None)
             .await?;
 
+        self.restore_identities(&client, allocator).await?;
         // What is in etcd now (maybe from an earlier run): anything not desired gets deleted.
         let mut published: BTreeMap<String, Option<String>> = BTreeMap::new();
         for prefix in [
+            self.keys.identities_prefix(&self.cluster),
+            self.keys.ips_prefix(&self.cluster),
             self.keys.nodes_prefix(&self.cluster),
             self.keys.services_prefix(&self.cluster),
         ] {
@@ -172,7 +232,8 @@ impl Publisher {
         let mut tick = tokio::time::interval(self.lease_ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let desired = self.desired(&snapshots.borrow_and_update());
+            let snapshot = snapshots.borrow_and_update().clone();
+            let desired = self.desired(&snapshot, allocator);
             let mut puts = 0usize;
             for (k, v) in &desired {
                 if published.get(k).and_then(Option::as_ref) != Some(v) {
@@ -199,7 +260,11 @@ impl Publisher {
                 );
             }
             if !synced {
+                // All markers in one transaction: a reader sees every kind synced at once.
+                let mut markers = Vec::new();
                 for (kind, prefix) in [
+                    (kinds::IDENTITIES, self.keys.identities_prefix(&self.cluster)),
+                    (kinds::IPS, self.keys.ips_prefix(&self.cluster)),
                     (kinds::NODES, self.keys.nodes_prefix(&self.cluster)),
                     (kinds::SERVICES, self.keys.services_prefix(&self.cluster)),
                 ] {
@@ -208,18 +273,23 @@ impl Publisher {
                         time_ms: now_ms(),
                         count,
                     };
-                    client
-                        .put(
-                            self.keys.synced(&self.cluster, kind),
-                            encode(&marker),
-                            with_lease(),
-                        )
-                        .await?;
+                    markers.push(TxnOp::put(
+                        self.keys.synced(&self.cluster, kind),
+                        encode(&marker),
+                        with_lease(),
+                    ));
                 }
+                client.txn(Txn::new().and_then(markers)).await?;
                 synced = true;
                 info!(records = desired.len(), "initial sync complete");
             }
+            // Unused identities are withdrawn when their grace period ends, changes or not.
+            let collect_at = allocator.next_collection().map_or_else(
+                || tokio::time::Instant::now() + Duration::from_secs(3600),
+                tokio::time::Instant::from_std,
+            );
             tokio::select! {
+                () = tokio::time::sleep_until(collect_at) => {}
                 changed = snapshots.changed() => {
                     if changed.is_err() {
                         return Ok(());

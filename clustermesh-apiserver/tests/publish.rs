@@ -6,6 +6,9 @@
 //!   the records as they are.
 //! - A restart never withdraws records that are still desired (no deletes, synced marker counts every node).
 //! - SIGKILL: nothing deletes the records, the lease expires them.
+//! - Identities: numbers are stable across restarts, a new label set gets a new number, a pod whose labels change
+//!   moves to another identity, an unused number is withdrawn after the grace period, and two clusters' identities
+//!   never collide.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -33,10 +36,20 @@ impl Apiserver {
     }
 
     fn start_with(manifests: &Path, etcd: &Etcd, extra: &[&str]) -> Self {
+        Self::start_as("east", 1, manifests, etcd, extra)
+    }
+
+    fn start_as(cluster: &str, id: u16, manifests: &Path, etcd: &Etcd, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("apiserver.log");
         let child = Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
-            .args(["--cluster-name", "east", "--cluster-id", "1", "--manifests"])
+            .args([
+                "--cluster-name",
+                cluster,
+                "--cluster-id",
+                &id.to_string(),
+                "--manifests",
+            ])
             .arg(manifests)
             .args(["--etcd-endpoints", &etcd.url(), "--lease-ttl", "5s"])
             .args(["--log", "info"])
@@ -417,7 +430,7 @@ async fn records_expire_with_the_lease_when_the_apiserver_is_killed() {
 }
 
 /// KVStoreMesh: the apiserver mirrors a peer cluster into its own etcd (`<prefix>/kvstoremesh/<peer>/`): what the
-/// peer has, changes as they happen, stale cache entries removed; a status key says whether it is connected, and
+/// peer has (identities and ips too), changes as they happen, stale cache entries removed; a status key says whether it is connected, and
 /// the cached data stays when the peer goes away.
 #[tokio::test(flavor = "multi_thread")]
 async fn kvstoremesh_mirrors_a_peer_and_reports_losing_it() {
@@ -531,6 +544,54 @@ async fn kvstoremesh_mirrors_a_peer_and_reports_losing_it() {
     })
     .await;
 
+    // Identities and ips are mirrored like every other kind.
+    let ip = Ipv4Addr::new(10, 2, 1, 5);
+    let identity = mesh_kvstore::encode(&mesh_kvstore::IdentityRecord {
+        cluster: "west".into(),
+        cluster_id: 2,
+        identity: id(2, 256),
+        labels: BTreeMap::from([(mesh_kvstore::LABEL_CLUSTER.to_owned(), "west".to_owned())]),
+    });
+    let ip_rec = mesh_kvstore::encode(&mesh_kvstore::IpRecord {
+        ipv4: ip,
+        cluster: "west".into(),
+        identity: id(2, 256),
+        namespace: "shop".into(),
+        pod: "api".into(),
+        node: "west-node-2".into(),
+        named_ports: vec![],
+    });
+    for (k, v) in [
+        (peer_keys.identity("west", 256), identity.clone()),
+        (peer_keys.ip("west", ip), ip_rec.clone()),
+        (
+            peer_keys.synced("west", mesh_kvstore::kinds::IDENTITIES),
+            "{\"timeMs\":1,\"count\":1}".to_owned(),
+        ),
+    ] {
+        wc.put(k, v, None).await.expect("put");
+    }
+    eventually("identities and ips mirrored", TIMEOUT, || {
+        let mut lc = lc.clone();
+        let want = [
+            (cache.identity("west", 256), identity.clone()),
+            (cache.ip("west", ip), ip_rec.clone()),
+            (
+                cache.synced("west", mesh_kvstore::kinds::IDENTITIES),
+                "{\"timeMs\":1,\"count\":1}".to_owned(),
+            ),
+        ];
+        async move {
+            for (k, v) in want {
+                if get(&mut lc, &k).await?.map(|(b, _)| b) != Some(v.into_bytes()) {
+                    return Err(format!("{k} not mirrored"));
+                }
+            }
+            Ok(())
+        }
+    })
+    .await;
+
     // The peer goes away: the status says so (with when it was last heard from); the cached data stays.
     let before = crate_now_ms();
     west.stop();
@@ -567,4 +628,292 @@ fn crate_now_ms() -> u64 {
             .as_millis(),
     )
     .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Identities
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A pod of namespace shop on east-node-1: (name, labels as YAML flow mapping, IPv4).
+fn pods_yaml(pods: &[(&str, &str, &str)]) -> String {
+    let mut docs =
+        vec!["apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: a}}\n".to_owned()];
+    for (name, labels, ip) in pods {
+        docs.push(format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {labels}}}\n\
+             spec:\n  nodeName: east-node-1\n  containers:\n    - name: c\n      ports: [{{containerPort: 8080, name: http}}, {{containerPort: 9090}}]\n\
+             status: {{podIP: {ip}}}\n"
+        ));
+    }
+    docs.join("---\n")
+}
+
+/// The published identities of `cluster`: number → app label (each record must decode).
+async fn identities(client: &mut Client, cluster: &str) -> Result<BTreeMap<u32, String>, String> {
+    let keys = Keys::default();
+    let resp = client
+        .get(
+            keys.identities_prefix(cluster),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = BTreeMap::new();
+    for kv in resp.kvs() {
+        let key = kv.key_str().map_err(|e| e.to_string())?;
+        let mesh_kvstore::KeyKind::Identity(number) = keys.classify(cluster, key) else {
+            return Err(format!("unexpected key {key}"));
+        };
+        let rec = mesh_kvstore::decode_identity(key, cluster, number, kv.value())
+            .map_err(|e| format!("published identity does not decode: {e}"))?;
+        if kv.lease() == 0 {
+            return Err(format!("{key} has no lease"));
+        }
+        if rec
+            .labels
+            .get("io.cilium.k8s.namespace.labels.team")
+            .map(String::as_str)
+            != Some("a")
+        {
+            return Err(format!("{key}: namespace labels missing: {:?}", rec.labels));
+        }
+        out.insert(rec.identity, rec.labels.get("app").cloned().unwrap_or_default());
+    }
+    Ok(out)
+}
+
+/// The published ip records of `cluster`: address → (identity, pod).
+async fn ips(client: &mut Client, cluster: &str) -> Result<BTreeMap<Ipv4Addr, (u32, String)>, String> {
+    let keys = Keys::default();
+    let resp = client
+        .get(keys.ips_prefix(cluster), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = BTreeMap::new();
+    for kv in resp.kvs() {
+        let key = kv.key_str().map_err(|e| e.to_string())?;
+        let mesh_kvstore::KeyKind::Ip(ip) = keys.classify(cluster, key) else {
+            return Err(format!("unexpected key {key}"));
+        };
+        let rec = mesh_kvstore::decode_ip(key, cluster, ip, kv.value())
+            .map_err(|e| format!("published ip record does not decode: {e}"))?;
+        if rec.named_ports.len() != 1 || rec.named_ports[0].name != "http" || rec.node != "east-node-1" {
+            return Err(format!("{key}: {rec:?}"));
+        }
+        out.insert(ip, (rec.identity, rec.pod));
+    }
+    Ok(out)
+}
+
+fn id(cluster_id: u16, number: u32) -> u32 {
+    (u32::from(cluster_id) << 20) | number
+}
+
+/// `Ok` when `cluster` publishes exactly these identities (full identity → app) and addresses (last octet →
+/// full identity) in 10.1.1.0/24.
+async fn identities_are(
+    mut c: Client,
+    cluster: &'static str,
+    want_ids: Vec<(u32, &'static str)>,
+    want_ips: Vec<(u8, u32)>,
+) -> Result<(), String> {
+    let got = identities(&mut c, cluster).await?;
+    let want: BTreeMap<u32, String> = want_ids.iter().map(|(i, a)| (*i, (*a).to_owned())).collect();
+    if got != want {
+        return Err(format!("identities {got:?}, want {want:?}"));
+    }
+    let got: BTreeMap<Ipv4Addr, u32> = ips(&mut c, cluster)
+        .await?
+        .into_iter()
+        .map(|(ip, (identity, _))| (ip, identity))
+        .collect();
+    let want: BTreeMap<Ipv4Addr, u32> = want_ips
+        .iter()
+        .map(|(o, i)| (Ipv4Addr::new(10, 1, 1, *o), *i))
+        .collect();
+    if got != want {
+        return Err(format!("ips {got:?}, want {want:?}"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identities_are_stable_across_restarts_follow_labels_and_are_collected_after_grace() {
+    let etcd = Etcd::start().await;
+    let c = etcd.client().await;
+    let keys = Keys::default();
+    let manifests = tempfile::tempdir().expect("tempdir");
+    let dir = manifests.path();
+    write_atomic(dir, "nodes.yaml", &nodes_yaml(&[N1]));
+    write_atomic(
+        dir,
+        "pods.yaml",
+        &pods_yaml(&[
+            ("a", "{app: api, pod-template-hash: x1}", "10.1.1.5"),
+            ("b", "{app: api, pod-template-hash: x2}", "10.1.1.6"),
+            ("c", "{app: web}", "10.1.1.7"),
+        ]),
+    );
+    let grace = ["--identity-gc-grace", "3s"];
+    let mut api = Apiserver::start_with(dir, &etcd, &grace);
+    let (api_id, web_id, db_id) = (id(1, 256), id(1, 257), id(1, 258));
+    eventually("identities and ips published", TIMEOUT, || {
+        identities_are(
+            c.clone(),
+            "east",
+            vec![(api_id, "api"), (web_id, "web")],
+            vec![(5, api_id), (6, api_id), (7, web_id)],
+        )
+    })
+    .await;
+    for (kind, count) in [
+        (mesh_kvstore::kinds::IDENTITIES, 2),
+        (mesh_kvstore::kinds::IPS, 3),
+    ] {
+        eventually(&format!("synced marker of {kind}"), TIMEOUT, || {
+            let mut c = c.clone();
+            let key = keys.synced("east", kind);
+            async move {
+                let (marker, _) = get(&mut c, &key).await?.ok_or("no marker")?;
+                let marker = mesh_kvstore::decode_synced("synced", &marker).map_err(|e| e.to_string())?;
+                if marker.count == count {
+                    Ok(())
+                } else {
+                    Err(format!("marker counts {}", marker.count))
+                }
+            }
+        })
+        .await;
+    }
+
+    // Restart with pods in an order that a fresh allocator would number the other way round: the numbers stay.
+    api.kill();
+    write_atomic(
+        dir,
+        "pods.yaml",
+        &pods_yaml(&[("c", "{app: web}", "10.1.1.7"), ("d", "{app: api}", "10.1.1.8")]),
+    );
+    let mut api = Apiserver::start_with(dir, &etcd, &grace);
+    eventually("numbers kept across the restart", TIMEOUT, || {
+        identities_are(
+            c.clone(),
+            "east",
+            vec![(api_id, "api"), (web_id, "web")],
+            vec![(7, web_id), (8, api_id)],
+        )
+    })
+    .await;
+    assert!(api.log().contains("identities read back"), "{}", api.log());
+
+    // A new label set gets the next number; a pod whose labels change moves to that identity, and the identity it
+    // left stays published for the grace period, then goes.
+    write_atomic(
+        dir,
+        "pods.yaml",
+        &pods_yaml(&[
+            ("c", "{app: web}", "10.1.1.7"),
+            ("d", "{app: api}", "10.1.1.8"),
+            ("e", "{app: db}", "10.1.1.9"),
+        ]),
+    );
+    eventually("new label set, new number", TIMEOUT, || {
+        identities_are(
+            c.clone(),
+            "east",
+            vec![(api_id, "api"), (web_id, "web"), (db_id, "db")],
+            vec![(7, web_id), (8, api_id), (9, db_id)],
+        )
+    })
+    .await;
+    write_atomic(
+        dir,
+        "pods.yaml",
+        &pods_yaml(&[
+            ("c", "{app: db}", "10.1.1.7"),
+            ("d", "{app: api}", "10.1.1.8"),
+            ("e", "{app: db}", "10.1.1.9"),
+        ]),
+    );
+    eventually("the pod moved to the db identity", TIMEOUT, || {
+        identities_are(
+            c.clone(),
+            "east",
+            vec![(api_id, "api"), (web_id, "web"), (db_id, "db")],
+            vec![(7, db_id), (8, api_id), (9, db_id)],
+        )
+    })
+    .await;
+    let moved = Instant::now();
+    // While it is held, the web number is not handed to a new label set.
+    write_atomic(
+        dir,
+        "pods.yaml",
+        &pods_yaml(&[
+            ("c", "{app: db}", "10.1.1.7"),
+            ("d", "{app: api}", "10.1.1.8"),
+            ("e", "{app: db}", "10.1.1.9"),
+            ("f", "{app: cache}", "10.1.1.10"),
+        ]),
+    );
+    let cache_id = id(1, 259);
+    eventually("another label set gets a fresh number", TIMEOUT, || {
+        identities_are(
+            c.clone(),
+            "east",
+            vec![
+                (api_id, "api"),
+                (web_id, "web"),
+                (db_id, "db"),
+                (cache_id, "cache"),
+            ],
+            vec![(7, db_id), (8, api_id), (9, db_id), (10, cache_id)],
+        )
+    })
+    .await;
+    eventually(
+        "the unused web identity withdrawn after the grace period",
+        TIMEOUT,
+        || {
+            identities_are(
+                c.clone(),
+                "east",
+                vec![(api_id, "api"), (db_id, "db"), (cache_id, "cache")],
+                vec![(7, db_id), (8, api_id), (9, db_id), (10, cache_id)],
+            )
+        },
+    )
+    .await;
+    let after = moved.elapsed();
+    assert!(
+        after >= Duration::from_secs(2),
+        "withdrawn after {after:?}, before the 3s grace period"
+    );
+    api.kill();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_clusters_never_share_an_identity() {
+    let etcd = Etcd::start().await;
+    let c = etcd.client().await;
+    let manifests = tempfile::tempdir().expect("tempdir");
+    let dir = manifests.path();
+    write_atomic(dir, "nodes.yaml", &nodes_yaml(&[N1]));
+    write_atomic(
+        dir,
+        "pods.yaml",
+        &pods_yaml(&[("a", "{app: api}", "10.1.1.5"), ("b", "{app: web}", "10.1.1.6")]),
+    );
+    let _east = Apiserver::start_as("east", 1, dir, &etcd, &[]);
+    let _west = Apiserver::start_as("west", 2, dir, &etcd, &[]);
+    for (cluster, cid) in [("east", 1), ("west", 2)] {
+        eventually(&format!("{cluster}'s identities"), TIMEOUT, || {
+            identities_are(
+                c.clone(),
+                cluster,
+                vec![(id(cid, 256), "api"), (id(cid, 257), "web")],
+                vec![(5, id(cid, 256)), (6, id(cid, 257))],
+            )
+        })
+        .await;
+    }
 }

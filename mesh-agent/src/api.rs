@@ -33,6 +33,9 @@ pub struct Status {
     pub manifest_generation: u64,
     pub manifest_errors: Vec<String>,
     pub remote_clusters: Vec<RemoteCluster>,
+    /// This cluster's identities and ips as its own etcd has them (`--kvstore-config`; counts only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub own_cluster: Option<RemoteCluster>,
     pub datapath: DatapathStatus,
 }
 
@@ -159,6 +162,7 @@ fn current(s: &ApiState) -> Status {
     let mut st = s.status.lock().unwrap_or_else(PoisonError::into_inner).clone();
     // Remote cluster state is live; the datapath part is as of the last reconcile.
     st.remote_clusters = s.remotes.snapshot().into_values().collect();
+    st.own_cluster = s.remotes.own();
     match s.counters.read() {
         Ok(c) => st.datapath.counters = c.into_iter().map(|(c, v)| (c.name(), v)).collect(),
         Err(e) => st.datapath.errors.push(format!("reading counters: {e}")),

@@ -93,6 +93,98 @@ pub fn ipcache(me: &Me, local: &ClusterState, remotes: &BTreeMap<String, RemoteC
     out
 }
 
+/// The per-pod entries of the mesh (docs/POLICY.md, "Sync to agents"): not yet written to the maps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredPods {
+    /// `IPCACHE_V4` /32 entries: every pod of another node (this cluster's or a peer's) whose ip record arrived,
+    /// with its node's underlay address, its identity and its cluster id.
+    pub entries: BTreeMap<Ipv4Addr, IpcacheEntry>,
+    /// `TUNNEL_PEERS`: every node's underlay address (this cluster's other nodes and every usable peer's nodes) →
+    /// cluster id.
+    pub tunnel_peers: BTreeMap<Ipv4Addr, u16>,
+    /// One line per address claimed twice; the first claimant (this cluster first, then peers by name) keeps it.
+    pub conflicts: Vec<String>,
+}
+
+/// Computes [`DesiredPods`] from this cluster's nodes (`local`, from the source), its identities and ips (`own`,
+/// from its etcd) and the peer clusters. A pod whose node is not known (yet) has no entry: its node's pod prefix
+/// keeps answering with `PENDING`. Pods of this node are left out (they are local endpoints). A peer named like this
+/// cluster, or unusable, is left out.
+#[must_use]
+pub fn remote_pod_entries(
+    me: &Me,
+    local: &ClusterState,
+    own: Option<&RemoteCluster>,
+    remotes: &BTreeMap<String, RemoteCluster>,
+) -> DesiredPods {
+    let mut out = DesiredPods::default();
+    let mut pod_owner: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    let mut claim_pod =
+        |out: &mut DesiredPods, ip: &mesh_kvstore::IpRecord, underlay: Ipv4Addr, cluster_id: u16| {
+            let who = format!("pod {}/{}/{}", ip.cluster, ip.namespace, ip.pod);
+            if let Some(first) = pod_owner.get(&ip.ipv4) {
+                out.conflicts.push(format!(
+                    "address {} is claimed by {first} and by {who}; {first} keeps it",
+                    ip.ipv4
+                ));
+                return;
+            }
+            pod_owner.insert(ip.ipv4, who);
+            out.entries.insert(
+                ip.ipv4,
+                IpcacheEntry {
+                    identity: ip.identity,
+                    ..tunnel_entry(underlay, cluster_id)
+                },
+            );
+        };
+    let mut peer_owner: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    let mut claim_peer = |out: &mut DesiredPods, underlay: Ipv4Addr, who: String, cluster_id: u16| {
+        if let Some(first) = peer_owner.get(&underlay) {
+            out.conflicts.push(format!(
+                "underlay address {underlay} is claimed by {first} and by {who}; {first} keeps it"
+            ));
+            return;
+        }
+        peer_owner.insert(underlay, who);
+        out.tunnel_peers.insert(underlay, cluster_id);
+    };
+    for n in local.nodes.values().filter(|n| n.name != me.node) {
+        claim_peer(
+            &mut out,
+            n.underlay_ipv4,
+            format!("node {}/{}", me.cluster, n.name),
+            me.cluster_id,
+        );
+    }
+    if let Some(own) = own.filter(|o| o.usable) {
+        for ip in own.ips.values().filter(|ip| ip.node != me.node) {
+            if let Some(n) = local.nodes.get(&ip.node) {
+                claim_pod(&mut out, ip, n.underlay_ipv4, me.cluster_id);
+            }
+        }
+    }
+    for (name, rc) in remotes {
+        if name == &me.cluster || !rc.usable {
+            continue;
+        }
+        for n in rc.nodes.values() {
+            claim_peer(
+                &mut out,
+                n.underlay_ipv4,
+                format!("node {name}/{}", n.name),
+                n.cluster_id,
+            );
+        }
+        for ip in rc.ips.values() {
+            if let Some(n) = rc.nodes.get(&ip.node) {
+                claim_pod(&mut out, ip, n.underlay_ipv4, n.cluster_id);
+            }
+        }
+    }
+    out
+}
+
 /// Pods scheduled on this node that have an address and a host interface.
 #[must_use]
 pub fn endpoints(me: &Me, local: &ClusterState) -> Vec<DesiredEndpoint> {
@@ -251,6 +343,119 @@ mod tests {
                 ipv4: Ipv4Addr::new(10, 1, 0, 2),
                 ifname: "fmabc".into()
             }]
+        );
+    }
+
+    fn ip(cluster: &str, cluster_id: u16, ip: [u8; 4], node: &str, number: u32) -> mesh_kvstore::IpRecord {
+        mesh_kvstore::IpRecord {
+            ipv4: Ipv4Addr::from(ip),
+            cluster: cluster.into(),
+            identity: mesh_common::identity::compose(cluster_id, number),
+            namespace: "shop".into(),
+            pod: format!("p-{}", ip[3]),
+            node: node.into(),
+            named_ports: vec![],
+        }
+    }
+
+    fn with_ips(mut rc: RemoteCluster, ips: Vec<mesh_kvstore::IpRecord>) -> RemoteCluster {
+        for i in ips {
+            rc.ips.insert(i.ipv4, std::sync::Arc::new(i));
+        }
+        rc
+    }
+
+    #[test]
+    fn pod_entries_and_tunnel_peers_of_every_cluster() {
+        use mesh_common::identity::compose;
+        let own = with_ips(
+            RemoteCluster::new("east"),
+            vec![
+                ip("east", 1, [10, 1, 0, 5], "east-node-1", 256),
+                ip("east", 1, [10, 1, 1, 5], "east-node-2", 257),
+                ip("east", 1, [10, 1, 9, 5], "east-node-9", 257),
+            ],
+        );
+        let west = with_ips(
+            remote(
+                "west",
+                2,
+                &[("west-node-1", [172, 30, 2, 1], "10.2.0.0/24")],
+                true,
+            ),
+            vec![
+                ip("west", 2, [10, 2, 0, 5], "west-node-1", 256),
+                ip("west", 2, [10, 2, 7, 5], "west-node-7", 256),
+                // Claims east's address: east keeps it.
+                ip("west", 2, [10, 1, 1, 5], "west-node-1", 300),
+            ],
+        );
+        let north = with_ips(
+            remote(
+                "north",
+                3,
+                &[("north-node-1", [172, 30, 3, 1], "10.3.0.0/24")],
+                false,
+            ),
+            vec![ip("north", 3, [10, 3, 0, 5], "north-node-1", 256)],
+        );
+        // A peer named like this cluster is never used.
+        let shadow = with_ips(
+            remote(
+                "east",
+                9,
+                &[("east-node-5", [172, 30, 9, 5], "10.9.0.0/24")],
+                true,
+            ),
+            vec![ip("east", 9, [10, 9, 0, 5], "east-node-5", 256)],
+        );
+        let remotes: BTreeMap<String, RemoteCluster> = [
+            ("west".to_owned(), west),
+            ("north".to_owned(), north),
+            ("east".to_owned(), shadow),
+        ]
+        .into();
+        let d = remote_pod_entries(&me(), &local(), Some(&own), &remotes);
+        let want_entries: BTreeMap<Ipv4Addr, IpcacheEntry> = [
+            (
+                Ipv4Addr::new(10, 1, 1, 5),
+                IpcacheEntry {
+                    identity: compose(1, 257),
+                    ..tunnel_entry(Ipv4Addr::new(172, 30, 1, 2), 1)
+                },
+            ),
+            (
+                Ipv4Addr::new(10, 2, 0, 5),
+                IpcacheEntry {
+                    identity: compose(2, 256),
+                    ..tunnel_entry(Ipv4Addr::new(172, 30, 2, 1), 2)
+                },
+            ),
+        ]
+        .into();
+        assert_eq!(
+            d.entries, want_entries,
+            "own node's pods, unknown nodes, unusable peers left out"
+        );
+        assert_eq!(d.conflicts.len(), 1, "{:?}", d.conflicts);
+        assert!(d.conflicts[0].contains("10.1.1.5"), "{:?}", d.conflicts);
+        let want_peers: BTreeMap<Ipv4Addr, u16> = [
+            (Ipv4Addr::new(172, 30, 1, 2), 1),
+            (Ipv4Addr::new(172, 30, 2, 1), 2),
+        ]
+        .into();
+        assert_eq!(d.tunnel_peers, want_peers);
+
+        // Without the own cluster's etcd: peers only; an unusable own view is ignored too.
+        let d = remote_pod_entries(&me(), &local(), None, &remotes);
+        assert_eq!(d.entries.len(), 2, "{:?}", d.entries);
+        let mut bad = own;
+        bad.usable = false;
+        assert_eq!(
+            remote_pod_entries(&me(), &local(), Some(&bad), &remotes)
+                .entries
+                .len(),
+            2
         );
     }
 }

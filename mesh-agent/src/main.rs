@@ -46,6 +46,11 @@ struct Args {
     /// Files may be added and removed while the agent runs.
     #[arg(long, env = "FLEETMESH_CLUSTERMESH_CONFIG")]
     clustermesh_config: Option<PathBuf>,
+    /// How to reach this cluster's own etcd (the format of a peer's file in --clustermesh-config: `endpoints`,
+    /// `prefix`, `trusted-ca-file`, `cert-file`, `key-file`): the agent watches this cluster's security identities and
+    /// pod addresses there (its nodes and services still come from --source). Re-read when it changes.
+    #[arg(long, env = "FLEETMESH_KVSTORE_CONFIG")]
+    kvstore_config: Option<PathBuf>,
     /// Unix socket of the local API (status, health).
     #[arg(
         long,
@@ -147,6 +152,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         remotes.set_configured();
     }
+    if let Some(file) = args.kvstore_config.clone() {
+        let keys = mesh_kvstore::Keys::new(&args.kvstore_prefix);
+        tokio::spawn(remote::manage_own(file, me.clone(), keys, remotes.clone()));
+    }
 
     // Sources and remote watchers start first, so that remote clusters sync while the programs load.
     ensure_vxlan(&args.vxlan_device).context("setting up the VXLAN device")?;
@@ -177,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
         manifest_generation: 0,
         manifest_errors: Vec::new(),
         remote_clusters: Vec::new(),
+        own_cluster: None,
         datapath: Default::default(),
     }));
 

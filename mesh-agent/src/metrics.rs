@@ -6,6 +6,8 @@
 //! - `fleetmesh_remote_cluster_synced{cluster}`, `fleetmesh_remote_cluster_last_answer_age_seconds{cluster}` (the
 //!   sync lag bound: how long ago the cluster's etcd last answered), `fleetmesh_remote_cluster_unreachable{cluster}`,
 //!   `fleetmesh_remote_decode_errors_total{cluster,reason}`.
+//! - `fleetmesh_cluster_identities{remote}`, `fleetmesh_cluster_ips{remote}`: identities and pod addresses known of
+//!   each remote cluster and of this one (`remote` is then this cluster's name; with `--kvstore-config`).
 //! - `fleetmesh_lb_frontends`, `fleetmesh_lb_backends`, `fleetmesh_remote_endpoints`, `fleetmesh_local_endpoints`
 //!   (map fill levels as entries), `fleetmesh_reconcile_duration_seconds` (last pass), `fleetmesh_ready`.
 use std::fmt::Write as _;
@@ -93,6 +95,24 @@ pub fn render(st: &Status, now_ms: u64) -> String {
             label(&rc.name)
         );
     }
+    for (name, help, n) in [
+        (
+            "fleetmesh_cluster_identities",
+            "Security identities known of the cluster.",
+            (|rc: &crate::remote::RemoteCluster| rc.identities.len())
+                as fn(&crate::remote::RemoteCluster) -> usize,
+        ),
+        (
+            "fleetmesh_cluster_ips",
+            "Pod addresses known of the cluster.",
+            |rc| rc.ips.len(),
+        ),
+    ] {
+        header(&mut out, name, "gauge", help);
+        for rc in st.remote_clusters.iter().chain(&st.own_cluster) {
+            let _ = writeln!(out, "{name}{{{common},remote=\"{}\"}} {}", label(&rc.name), n(rc));
+        }
+    }
     header(
         &mut out,
         "fleetmesh_remote_decode_errors_total",
@@ -171,6 +191,7 @@ mod tests {
             manifest_generation: 1,
             manifest_errors: vec![],
             remote_clusters: vec![west, north],
+            own_cluster: None,
             datapath: crate::reconcile::DatapathStatus::default(),
         };
         st.datapath.counters = BTreeMap::from([("forward_local", 7), ("drop_no_backend", 1)]);
@@ -199,6 +220,7 @@ mod tests {
             r#"fleetmesh_remote_decode_errors_total{node="east-node-1",cluster="east",remote="west",reason="bad_json"} 2"#,
         );
         has(r#"fleetmesh_lb_backends{node="east-node-1",cluster="east"} 6"#);
+        has(r#"fleetmesh_cluster_identities{node="east-node-1",cluster="east",remote="west"} 0"#);
         has(r#"fleetmesh_reconcile_duration_seconds{node="east-node-1",cluster="east"} 0.001500"#);
         has("# TYPE fleetmesh_datapath_packets_total counter");
         // Every sample line is `name{labels} value` with a numeric value.

@@ -5,14 +5,19 @@
 //! truth only once the remote's "synced" marker is seen; before that, listed data only adds. On any error the
 //! watcher keeps what it had (established traffic keeps flowing), backs off, and lists again on reconnect, which
 //! removes exactly what disappeared meanwhile. Malformed values are skipped with a logged reason and a counter.
+//!
+//! Besides nodes and services, a watcher follows the cluster's security identities and pod addresses (ips). The
+//! agent also watches its own cluster's etcd (`--kvstore-config`, [`manage_own`]), for identities and ips only: its
+//! own nodes and services come from its source, so that watcher ignores them.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
-use mesh_kvstore::{ClusterConfig, KeyKind, Keys, NodeRecord, ServiceRecord};
+use mesh_kvstore::{ClusterConfig, IdentityRecord, IpRecord, KeyKind, Keys, NodeRecord, ServiceRecord};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, instrument, warn};
@@ -60,6 +65,12 @@ pub struct RemoteCluster {
     pub nodes: BTreeMap<String, Arc<NodeRecord>>,
     /// Global services the cluster shares, by `namespace/name`.
     pub services: BTreeMap<String, Arc<ServiceRecord>>,
+    /// Security identities of the cluster, by full identity (the status reports their number).
+    #[serde(rename = "identityCount", serialize_with = "count")]
+    pub identities: BTreeMap<u32, Arc<IdentityRecord>>,
+    /// The cluster's pod addresses and their identities (the status reports their number).
+    #[serde(rename = "ipCount", serialize_with = "count")]
+    pub ips: BTreeMap<Ipv4Addr, Arc<IpRecord>>,
     /// Whether its data may be used (false after an identity conflict).
     pub usable: bool,
     /// Values skipped, by reason.
@@ -73,6 +84,11 @@ pub struct RemoteCluster {
     pub syncs: u64,
 }
 
+/// Serializes a map as its size (the status stays small whatever the size of the mesh).
+fn count<K, V, S: serde::Serializer>(map: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(map.len()).unwrap_or(u64::MAX))
+}
+
 impl RemoteCluster {
     #[must_use]
     pub fn new(name: &str) -> Self {
@@ -82,6 +98,8 @@ impl RemoteCluster {
             config: None,
             nodes: BTreeMap::new(),
             services: BTreeMap::new(),
+            identities: BTreeMap::new(),
+            ips: BTreeMap::new(),
             unreachable_since_ms: None,
             last_alive_ms: None,
             usable: true,
@@ -112,6 +130,9 @@ fn tls_options(cfg: &RemoteConfig) -> anyhow::Result<Option<etcd_client::TlsOpti
 #[derive(Clone)]
 pub struct Remotes {
     inner: Arc<Mutex<BTreeMap<String, RemoteCluster>>>,
+    /// This cluster, as its own etcd has it (`--kvstore-config`): identities and ips only. At most one entry; kept
+    /// apart so that nothing that iterates remote clusters (ipcache prefixes, global services) ever sees it.
+    own: Arc<Mutex<BTreeMap<String, RemoteCluster>>>,
     /// Set once the clustermesh config has been read: until then "no remote clusters" means "not known yet".
     configured: Arc<std::sync::atomic::AtomicBool>,
     wake: std::sync::mpsc::Sender<()>,
@@ -122,9 +143,29 @@ impl Remotes {
     pub fn new(wake: std::sync::mpsc::Sender<()>) -> Self {
         Self {
             inner: Arc::default(),
+            own: Arc::default(),
             configured: Arc::default(),
             wake,
         }
+    }
+
+    fn map(&self, slot: Slot) -> &Mutex<BTreeMap<String, RemoteCluster>> {
+        match slot {
+            Slot::Remote => &self.inner,
+            Slot::Own => &self.own,
+        }
+    }
+
+    /// This cluster's identities and ips, from its own etcd (`None` without `--kvstore-config`). Its nodes and
+    /// services are always empty: they come from the agent's source.
+    #[must_use]
+    pub fn own(&self) -> Option<RemoteCluster> {
+        self.own
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .next()
+            .cloned()
     }
 
     /// Whether the configured set of remote clusters is known (the config was read at least once).
@@ -144,8 +185,12 @@ impl Remotes {
     }
 
     fn update(&self, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
+        self.update_in(Slot::Remote, name, f);
+    }
+
+    fn update_in(&self, slot: Slot, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
         {
-            let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut g = self.map(slot).lock().unwrap_or_else(PoisonError::into_inner);
             let rc = g
                 .entry(name.to_owned())
                 .or_insert_with(|| RemoteCluster::new(name));
@@ -155,21 +200,22 @@ impl Remotes {
     }
 
     /// As `update`, without waking the reconciler (for bookkeeping that changes no desired state).
-    fn note(&self, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
-        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+    fn note(&self, slot: Slot, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
+        let mut g = self.map(slot).lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(rc) = g.get_mut(name) {
             f(rc);
         }
     }
 
-    /// As `update`, with a view of the other remote clusters (under the same lock).
+    /// As `update`, with a view of the other clusters of the same slot (under the same lock).
     fn update_with_others(
         &self,
+        slot: Slot,
         name: &str,
         f: impl FnOnce(&mut RemoteCluster, &BTreeMap<String, RemoteCluster>),
     ) {
         {
-            let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut g = self.map(slot).lock().unwrap_or_else(PoisonError::into_inner);
             let mut rc = g.remove(name).unwrap_or_else(|| RemoteCluster::new(name));
             f(&mut rc, &g);
             g.insert(name.to_owned(), rc);
@@ -177,8 +223,8 @@ impl Remotes {
         let _ = self.wake.send(());
     }
 
-    fn remove(&self, name: &str) {
-        self.inner
+    fn remove(&self, slot: Slot, name: &str) {
+        self.map(slot)
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name);
@@ -207,7 +253,7 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
             if let Some((_, h)) = running.remove(&name) {
                 info!(cluster = %name, "remote cluster removed or changed; stopping its watcher");
                 h.abort();
-                remotes.remove(&name);
+                remotes.remove(Slot::Remote, &name);
             }
         }
         for (name, cfg) in configs {
@@ -222,6 +268,7 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
                 me: me.clone(),
                 keys: cfg.prefix.as_deref().map_or_else(|| keys.clone(), Keys::new),
                 remotes: remotes.clone(),
+                slot: Slot::Remote,
             };
             running.insert(name, (cfg, tokio::spawn(w.run())));
         }
@@ -232,12 +279,73 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
     }
 }
 
+/// Reads the own cluster's kvstore config file (the format of a peer's file in the clustermesh config directory;
+/// relative paths are relative to the file's directory).
+///
+/// # Errors
+/// When the file cannot be read or parsed, or its keys do not go together.
+pub fn read_own_config(file: &Path) -> Result<RemoteConfig, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let cfg: RemoteConfig = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    cfg.checked(file.parent().unwrap_or_else(|| Path::new(".")))
+        .map_err(|e| format!("{}: {e}", file.display()))
+}
+
+/// Watches this cluster's own etcd (`--kvstore-config FILE`) for its identities and ips, restarting the watcher
+/// when the file changes. A file that cannot be read keeps the running watcher (and its data).
+#[instrument(skip_all, fields(file = %file.display()))]
+pub async fn manage_own(file: PathBuf, me: crate::desired::Me, keys: Keys, remotes: Remotes) {
+    let mut running: Option<(RemoteConfig, JoinHandle<()>)> = None;
+    let mut last_error = None;
+    loop {
+        match read_own_config(&file) {
+            Ok(cfg) => {
+                last_error = None;
+                if running.as_ref().is_none_or(|(c, _)| *c != cfg) {
+                    if let Some((_, h)) = running.take() {
+                        info!(file = %file.display(), "own cluster's kvstore config changed; restarting its watcher");
+                        h.abort();
+                    }
+                    info!(cluster = %me.cluster, endpoints = ?cfg.endpoints, "watching this cluster's identities");
+                    remotes.update_in(Slot::Own, &me.cluster, |_| {});
+                    let w = Watcher {
+                        name: me.cluster.clone(),
+                        cfg: cfg.clone(),
+                        me: me.clone(),
+                        keys: cfg.prefix.as_deref().map_or_else(|| keys.clone(), Keys::new),
+                        remotes: remotes.clone(),
+                        slot: Slot::Own,
+                    };
+                    running = Some((cfg, tokio::spawn(w.run())));
+                }
+            }
+            Err(e) => {
+                if last_error.as_ref() != Some(&e) {
+                    warn!(error = %e, "own cluster's kvstore config");
+                    last_error = Some(e);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Where a watcher keeps what it sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// A peer cluster: everything it publishes.
+    Remote,
+    /// This cluster: identities and ips only.
+    Own,
+}
+
 struct Watcher {
     name: String,
     cfg: RemoteConfig,
     me: crate::desired::Me,
     keys: Keys,
     remotes: Remotes,
+    slot: Slot,
 }
 
 /// The authoritative view of a remote etcd during one session: the list plus the events after it.
@@ -245,9 +353,13 @@ struct Watcher {
 struct Session {
     nodes: BTreeMap<String, Arc<NodeRecord>>,
     services: BTreeMap<String, Arc<ServiceRecord>>,
+    identities: BTreeMap<u32, Arc<IdentityRecord>>,
+    ips: BTreeMap<Ipv4Addr, Arc<IpRecord>>,
     config: Option<ClusterConfig>,
     synced: bool,
     services_synced: bool,
+    identities_synced: bool,
+    ips_synced: bool,
     /// Clusters other than the expected one whose cluster config this etcd holds.
     other_clusters: std::collections::BTreeSet<String>,
     /// Read through a KVStoreMesh cache: the cache's connection to the cluster (`None` when not a cache).
@@ -264,7 +376,7 @@ impl Watcher {
                 Err(e) => format!("{e:#}"),
             };
             warn!(cluster = %self.name, reason = %reason, "remote cluster disconnected");
-            self.remotes.update(&self.name, |rc| {
+            self.remotes.update_in(self.slot, &self.name, |rc| {
                 let now = now_ms();
                 rc.state = SyncState::Disconnected {
                     since_ms: now,
@@ -286,7 +398,8 @@ impl Watcher {
     fn publish(&self, s: &Session) {
         let my_id = self.me.cluster_id;
         let name = self.name.clone();
-        self.remotes.update_with_others(&self.name, |rc, others| {
+        let own = self.slot == Slot::Own;
+        self.remotes.update_with_others(self.slot, &self.name, |rc, others| {
             rc.config.clone_from(&s.config);
             // The file name says which cluster this is; an etcd that holds only other clusters' configs is not it.
             // Nothing of its data is kept.
@@ -298,6 +411,8 @@ impl Watcher {
                 rc.usable = false;
                 rc.nodes.clear();
                 rc.services.clear();
+                rc.identities.clear();
+                rc.ips.clear();
                 rc.state = SyncState::Disconnected {
                     since_ms: now_ms(),
                     reason: format!(
@@ -322,6 +437,8 @@ impl Watcher {
                 rc.usable = false;
                 rc.nodes.clear();
                 rc.services.clear();
+                rc.identities.clear();
+                rc.ips.clear();
                 rc.state = SyncState::Disconnected {
                     since_ms: now_ms(),
                     reason: format!(
@@ -331,7 +448,27 @@ impl Watcher {
                 };
                 return;
             }
-            if let Some(c) = &s.config
+            // This cluster's own etcd must hold this cluster's id.
+            if own
+                && let Some(c) = s.config.as_ref().filter(|c| c.id != my_id)
+            {
+                if rc.usable {
+                    warn!(cluster = %name, id = c.id, my_id, "this cluster's etcd holds another cluster id; ignoring its data");
+                }
+                rc.usable = false;
+                rc.identities.clear();
+                rc.ips.clear();
+                rc.state = SyncState::Disconnected {
+                    since_ms: now_ms(),
+                    reason: format!(
+                        "the etcd of --kvstore-config holds cluster id {}, not this cluster's id {my_id}",
+                        c.id
+                    ),
+                };
+                return;
+            }
+            if !own
+                && let Some(c) = &s.config
                 && c.id == my_id
             {
                 if rc.usable {
@@ -359,7 +496,9 @@ impl Watcher {
                     .get_or_insert(up.last_alive_ms.min(now_ms()));
                 return;
             }
-            if s.synced {
+            // This cluster's own etcd is complete once its identities are (its nodes come from the source).
+            let complete = if own { s.identities_synced } else { s.synced };
+            if complete {
                 rc.nodes.clone_from(&s.nodes);
                 if !matches!(rc.state, SyncState::Synced { .. }) {
                     rc.state = SyncState::Synced { since_ms: now_ms() };
@@ -379,11 +518,27 @@ impl Watcher {
                     rc.services.insert(k.clone(), v.clone());
                 }
             }
+            // Identities are the cluster's only when their cluster part is its id: another cluster's id space is not
+            // its to use (before its config is known, nothing is left out).
+            let mine =
+                |identity: u32| s.config.as_ref().is_none_or(|c| mesh_common::identity::cluster(identity) == c.id);
+            if s.identities_synced {
+                rc.identities.clear();
+            }
+            for (k, v) in s.identities.iter().filter(|(k, _)| mine(**k)) {
+                rc.identities.insert(*k, v.clone());
+            }
+            if s.ips_synced {
+                rc.ips.clear();
+            }
+            for (k, v) in s.ips.iter().filter(|(_, v)| mine(v.identity)) {
+                rc.ips.insert(*k, v.clone());
+            }
         });
     }
 
     fn count_error(&self, reason: &str) {
-        self.remotes.update(&self.name, |rc| {
+        self.remotes.update_in(self.slot, &self.name, |rc| {
             *rc.decode_errors.entry(reason.to_owned()).or_default() += 1
         });
     }
@@ -391,6 +546,40 @@ impl Watcher {
     /// Applies one key/value (None = deleted) to the session.
     fn apply(&self, s: &mut Session, key: &str, value: Option<&[u8]>) {
         match self.keys.classify(&self.name, key) {
+            // This cluster's nodes and services come from the agent's source, never from its etcd.
+            KeyKind::Node(_) | KeyKind::Service(..) if self.slot == Slot::Own => {}
+            KeyKind::Identity(number) => match value {
+                None => {
+                    s.identities
+                        .retain(|id, _| mesh_common::identity::local(*id) != number);
+                }
+                Some(v) => match mesh_kvstore::decode_identity(key, &self.name, number, v) {
+                    Ok(rec) => {
+                        // One record per number: a record under the same number with another cluster id goes.
+                        s.identities
+                            .retain(|id, _| mesh_common::identity::local(*id) != number);
+                        s.identities.insert(rec.identity, Arc::new(rec));
+                    }
+                    Err(e) => {
+                        warn!(cluster = %self.name, error = %e, "skipping malformed identity record");
+                        self.count_error(e.reason());
+                    }
+                },
+            },
+            KeyKind::Ip(ip) => match value {
+                None => {
+                    s.ips.remove(&ip);
+                }
+                Some(v) => match mesh_kvstore::decode_ip(key, &self.name, ip, v) {
+                    Ok(rec) => {
+                        s.ips.insert(ip, Arc::new(rec));
+                    }
+                    Err(e) => {
+                        warn!(cluster = %self.name, error = %e, "skipping malformed ip record");
+                        self.count_error(e.reason());
+                    }
+                },
+            },
             KeyKind::Node(node) => match value {
                 None => {
                     s.nodes.remove(node);
@@ -424,6 +613,8 @@ impl Watcher {
             }
             KeyKind::Synced(mesh_kvstore::kinds::NODES) => s.synced = value.is_some(),
             KeyKind::Synced(mesh_kvstore::kinds::SERVICES) => s.services_synced = value.is_some(),
+            KeyKind::Synced(mesh_kvstore::kinds::IDENTITIES) => s.identities_synced = value.is_some(),
+            KeyKind::Synced(mesh_kvstore::kinds::IPS) => s.ips_synced = value.is_some(),
             KeyKind::ClusterConfig => match value {
                 None => s.config = None,
                 Some(v) => match mesh_kvstore::decode_cluster_config(key, &self.name, v) {
@@ -470,7 +661,7 @@ impl Watcher {
 
     #[instrument(skip_all, fields(cluster = %self.name))]
     async fn session(&self) -> anyhow::Result<()> {
-        self.remotes.update(&self.name, |rc| {
+        self.remotes.update_in(self.slot, &self.name, |rc| {
             rc.state = SyncState::Connecting { since_ms: now_ms() }
         });
         let opts = ConnectOptions::new()
@@ -485,7 +676,7 @@ impl Watcher {
             None => opts,
         };
         let client = Client::connect(&self.cfg.endpoints, Some(opts)).await?;
-        self.remotes.update(&self.name, |rc| {
+        self.remotes.update_in(self.slot, &self.name, |rc| {
             rc.state = SyncState::Syncing { since_ms: now_ms() }
         });
         let root = self.keys.root();
@@ -499,6 +690,8 @@ impl Watcher {
         drop(records);
         info!(
             nodes = s.nodes.len(),
+            identities = s.identities.len(),
+            ips = s.ips.len(),
             synced = s.synced,
             revision,
             "listed remote cluster"
@@ -560,6 +753,7 @@ impl Watcher {
     /// Records that the remote cluster answered just now.
     fn alive(&self) {
         let now = now_ms();
-        self.remotes.note(&self.name, |rc| rc.last_alive_ms = Some(now));
+        self.remotes
+            .note(self.slot, &self.name, |rc| rc.last_alive_ms = Some(now));
     }
 }

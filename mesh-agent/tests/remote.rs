@@ -7,6 +7,9 @@
 //!   until it stops doing so.
 //! - etcd killed: `Disconnected`, nodes kept; changes made while disconnected are picked up by the resync after
 //!   reconnecting (a node deleted meanwhile disappears, one added appears).
+//! - Identities and ips follow the same rules (partial data only adds before their synced markers, malformed
+//!   values are counted); the agent's own cluster (`manage_own`, `--kvstore-config`) is watched for identities and
+//!   ips only, and never appears among the remote clusters.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -458,4 +461,320 @@ async fn follows_a_cluster_through_a_kvstoremesh_cache_and_its_status() {
         .await
         .expect("status");
     agent.wait("back", is_synced).await;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Identities and ips
+// ---------------------------------------------------------------------------------------------------------------
+
+fn identity(cluster: &str, cluster_id: u16, number: u32, app: &str) -> mesh_kvstore::IdentityRecord {
+    mesh_kvstore::IdentityRecord {
+        cluster: cluster.into(),
+        cluster_id,
+        identity: mesh_common::identity::compose(cluster_id, number),
+        labels: [
+            ("app".to_owned(), app.to_owned()),
+            (mesh_kvstore::LABEL_CLUSTER.to_owned(), cluster.to_owned()),
+        ]
+        .into(),
+    }
+}
+
+fn ip_record(cluster: &str, cluster_id: u16, last: u8, number: u32) -> mesh_kvstore::IpRecord {
+    mesh_kvstore::IpRecord {
+        ipv4: Ipv4Addr::new(10, cluster_id as u8, 1, last),
+        cluster: cluster.into(),
+        identity: mesh_common::identity::compose(cluster_id, number),
+        namespace: "shop".into(),
+        pod: format!("pod-{last}"),
+        node: format!("{cluster}-node-1"),
+        named_ports: vec![],
+    }
+}
+
+/// `Ok` when `rc` holds exactly these identity numbers and these addresses (last octet → number).
+fn has_identities(rc: &RemoteCluster, cluster_id: u16, ids: &[u32], ips: &[(u8, u32)]) -> Result<(), String> {
+    use mesh_common::identity::compose;
+    let got: Vec<u32> = rc.identities.keys().copied().collect();
+    let want: Vec<u32> = ids.iter().map(|n| compose(cluster_id, *n)).collect();
+    if got != want {
+        return Err(format!("identities {got:x?}, want {want:x?}"));
+    }
+    let got: Vec<(Ipv4Addr, u32)> = rc.ips.iter().map(|(a, r)| (*a, r.identity)).collect();
+    let want: Vec<(Ipv4Addr, u32)> = ips
+        .iter()
+        .map(|(o, n)| {
+            (
+                Ipv4Addr::new(10, cluster_id as u8, 1, *o),
+                compose(cluster_id, *n),
+            )
+        })
+        .collect();
+    if got != want {
+        return Err(format!("ips {got:?}, want {want:?}"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn follows_a_remote_clusters_identities_and_ips() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let keys = Keys::default();
+    let mut wrong_cluster_id = identity("west", 2, 258, "bad");
+    wrong_cluster_id.identity = mesh_common::identity::compose(3, 258);
+    let mut wrong_ip = ip_record("west", 2, 9, 256);
+    wrong_ip.ipv4 = Ipv4Addr::new(10, 2, 1, 99);
+    for (k, v) in [
+        (keys.cluster_config("west"), config(2)),
+        (keys.node("west", "west-node-1"), encode(&node(1))),
+        (keys.synced("west", mesh_kvstore::kinds::NODES), synced_marker()),
+        (
+            keys.identity("west", 256),
+            encode(&identity("west", 2, 256, "api")),
+        ),
+        (
+            keys.identity("west", 257),
+            encode(&identity("west", 2, 257, "web")),
+        ),
+        (keys.identity("west", 258), encode(&wrong_cluster_id)),
+        (
+            keys.ip("west", Ipv4Addr::new(10, 2, 1, 5)),
+            encode(&ip_record("west", 2, 5, 256)),
+        ),
+        (keys.ip("west", Ipv4Addr::new(10, 2, 1, 9)), encode(&wrong_ip)),
+        (
+            "fleetmesh/state/identities/v2/west/300".to_owned(),
+            "{}".to_owned(),
+        ),
+    ] {
+        c.put(k, v, None).await.expect("seed");
+    }
+    let agent = Agent::start(&etcd);
+    agent
+        .wait("identities and ips listed, malformed ones counted", |w| {
+            has_identities(w, 2, &[256, 257], &[(5, 256)])?;
+            for (reason, n) in [("invalid", 1), ("key_mismatch", 1), ("unknown_version", 1)] {
+                if w.decode_errors.get(reason) != Some(&n) {
+                    return Err(format!("{reason} not counted {n} times: {:?}", w.decode_errors));
+                }
+            }
+            Ok(())
+        })
+        .await;
+
+    // The synced markers; then additions, changes and deletes follow.
+    c.put(
+        keys.synced("west", mesh_kvstore::kinds::IDENTITIES),
+        synced_marker(),
+        None,
+    )
+    .await
+    .expect("marker");
+    c.put(
+        keys.synced("west", mesh_kvstore::kinds::IPS),
+        synced_marker(),
+        None,
+    )
+    .await
+    .expect("marker");
+    c.put(
+        keys.ip("west", Ipv4Addr::new(10, 2, 1, 6)),
+        encode(&ip_record("west", 2, 6, 257)),
+        None,
+    )
+    .await
+    .expect("put");
+    agent
+        .wait("new ip seen", |w| {
+            has_identities(w, 2, &[256, 257], &[(5, 256), (6, 257)])
+        })
+        .await;
+    // Records in another cluster's id space are not west's.
+    c.put(
+        keys.identity("west", 300),
+        encode(&identity("west", 5, 300, "x")),
+        None,
+    )
+    .await
+    .expect("put");
+    c.put(
+        keys.ip("west", Ipv4Addr::new(10, 2, 1, 7)),
+        encode(&mesh_kvstore::IpRecord {
+            identity: mesh_common::identity::compose(5, 300),
+            ..ip_record("west", 2, 7, 300)
+        }),
+        None,
+    )
+    .await
+    .expect("put");
+    // The pod at .5 changes labels: its ip record moves to another identity, and the old one goes later.
+    c.put(
+        keys.ip("west", Ipv4Addr::new(10, 2, 1, 5)),
+        encode(&ip_record("west", 2, 5, 257)),
+        None,
+    )
+    .await
+    .expect("put");
+    c.delete(keys.identity("west", 256), None).await.expect("delete");
+    let west = agent
+        .wait("moved ip and deleted identity", |w| {
+            is_synced(w)?;
+            has_identities(w, 2, &[257], &[(5, 257), (6, 257)])
+        })
+        .await;
+    let status = serde_json::to_value(&west).expect("serializes");
+    assert_eq!(status["identityCount"], 1, "{status}");
+    assert_eq!(status["ipCount"], 2, "{status}");
+    // A malformed update keeps what was there.
+    c.put(keys.identity("west", 257), "{", None).await.expect("put");
+    agent
+        .wait("malformed update counted", |w| {
+            if w.decode_errors.get("bad_json") == Some(&1) {
+                Ok(())
+            } else {
+                Err("bad_json not counted".into())
+            }
+        })
+        .await;
+    let west = agent.remotes.snapshot().remove("west").expect("west");
+    has_identities(&west, 2, &[257], &[(5, 257), (6, 257)]).expect("kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watches_its_own_cluster_for_identities_and_ips_only() {
+    use mesh_kvstore::{BackendRecord, PortRecord, ServiceRecord};
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let keys = Keys::default();
+    let own_config = |id: u16| {
+        encode(&ClusterConfig {
+            name: "east".into(),
+            id,
+            capabilities: vec![],
+            labels: Default::default(),
+        })
+    };
+    let east_node = NodeRecord {
+        name: "east-node-2".into(),
+        cluster: "east".into(),
+        cluster_id: 1,
+        underlay_ipv4: Ipv4Addr::new(100, 65, 1, 2),
+        pod_cidrs: vec!["10.1.2.0/24".parse().expect("cidr")],
+    };
+    let service = ServiceRecord {
+        cluster: "east".into(),
+        cluster_id: 1,
+        namespace: "shop".into(),
+        name: "api".into(),
+        ports: vec![],
+        backends: vec![BackendRecord {
+            ipv4: Ipv4Addr::new(10, 1, 1, 5),
+            ports: vec![PortRecord {
+                name: String::new(),
+                port: 80,
+                protocol: mesh_model::Protocol::Tcp,
+            }],
+            weight: 1,
+        }],
+    };
+    for (k, v) in [
+        (keys.cluster_config("east"), own_config(1)),
+        (keys.node("east", "east-node-2"), encode(&east_node)),
+        (keys.service("east", "shop", "api"), encode(&service)),
+        (
+            keys.identity("east", 256),
+            encode(&identity("east", 1, 256, "api")),
+        ),
+        (
+            keys.ip("east", Ipv4Addr::new(10, 1, 1, 5)),
+            encode(&ip_record("east", 1, 5, 256)),
+        ),
+    ] {
+        c.put(k, v, None).await.expect("seed");
+    }
+    for kind in [
+        mesh_kvstore::kinds::NODES,
+        mesh_kvstore::kinds::SERVICES,
+        mesh_kvstore::kinds::IDENTITIES,
+        mesh_kvstore::kinds::IPS,
+    ] {
+        c.put(keys.synced("east", kind), synced_marker(), None)
+            .await
+            .expect("seed");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("kvstore.yaml");
+    std::fs::write(&file, format!("endpoints: [\"{}\"]\n", etcd.url())).expect("write");
+    let (wake, _wake_rx) = std::sync::mpsc::channel();
+    let remotes = Remotes::new(wake);
+    let me = Me {
+        node: "east-node-1".into(),
+        cluster: "east".into(),
+        cluster_id: 1,
+        labels: Default::default(),
+    };
+    let task = tokio::spawn(mesh_agent::remote::manage_own(
+        file.clone(),
+        me,
+        keys.clone(),
+        remotes.clone(),
+    ));
+    let own = |check: fn(&RemoteCluster) -> Result<(), String>| {
+        let remotes = remotes.clone();
+        move || {
+            let r = match remotes.own() {
+                Some(o) => check(&o).map_err(|e| format!("{e}; own: {o:?}")),
+                None => Err("own cluster not known".into()),
+            };
+            async move { r }
+        }
+    };
+    eventually(
+        "own identities and ips, without nodes or services",
+        TIMEOUT,
+        own(|o| {
+            is_synced(o)?;
+            has_identities(o, 1, &[256], &[(5, 256)])?;
+            if !o.nodes.is_empty() || !o.services.is_empty() {
+                return Err("own nodes or services imported".into());
+            }
+            Ok(())
+        }),
+    )
+    .await;
+    assert!(
+        remotes.snapshot().is_empty(),
+        "the own cluster is not a remote cluster"
+    );
+
+    // Its own etcd holding another cluster id: unusable, nothing of it used.
+    c.put(keys.cluster_config("east"), own_config(7), None)
+        .await
+        .expect("put");
+    eventually(
+        "unusable with another id",
+        TIMEOUT,
+        own(|o| {
+            if !o.usable && o.identities.is_empty() && o.ips.is_empty() {
+                Ok(())
+            } else {
+                Err("still usable".into())
+            }
+        }),
+    )
+    .await;
+    c.put(keys.cluster_config("east"), own_config(1), None)
+        .await
+        .expect("put");
+    eventually(
+        "usable again",
+        TIMEOUT,
+        own(|o| {
+            is_synced(o)?;
+            has_identities(o, 1, &[256], &[(5, 256)])
+        }),
+    )
+    .await;
+    task.abort();
 }

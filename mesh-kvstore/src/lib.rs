@@ -6,6 +6,8 @@
 //! <prefix>/synced/<cluster>/<kind>                       Synced          (lease; written after a full sync)
 //! <prefix>/state/nodes/v1/<cluster>/<node>               NodeRecord      (lease)
 //! <prefix>/state/services/v1/<cluster>/<ns>/<name>       ServiceRecord   (lease; global, shared services)
+//! <prefix>/state/identities/v1/<cluster>/<number>         IdentityRecord  (lease; security identities)
+//! <prefix>/state/ip/v1/<cluster>/<ipv4>                   IpRecord        (lease; pod address → identity)
 //! ```
 //! Values are JSON so operators can read them with `etcdctl`. Every record carries its schema version in the key;
 //! a decoder returns a typed [`DecodeError`] for every malformed value, and never panics.
@@ -28,6 +30,8 @@ pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 pub mod kinds {
     pub const NODES: &str = "nodes";
     pub const SERVICES: &str = "services";
+    pub const IDENTITIES: &str = "identities";
+    pub const IPS: &str = "ips";
 }
 
 /// Key builders for one prefix.
@@ -111,6 +115,29 @@ impl Keys {
         format!("{}{namespace}/{name}", self.services_prefix(cluster))
     }
 
+    /// Prefix of all identity records of `cluster` (ends with `/`).
+    #[must_use]
+    pub fn identities_prefix(&self, cluster: &str) -> String {
+        format!("{}/state/identities/v1/{cluster}/", self.prefix)
+    }
+
+    /// The record of per-cluster identity number `number` (the low 20 bits of the identity) of `cluster`.
+    #[must_use]
+    pub fn identity(&self, cluster: &str, number: u32) -> String {
+        format!("{}{number}", self.identities_prefix(cluster))
+    }
+
+    /// Prefix of all pod address records of `cluster` (ends with `/`).
+    #[must_use]
+    pub fn ips_prefix(&self, cluster: &str) -> String {
+        format!("{}/state/ip/v1/{cluster}/", self.prefix)
+    }
+
+    #[must_use]
+    pub fn ip(&self, cluster: &str, ipv4: Ipv4Addr) -> String {
+        format!("{}{ipv4}", self.ips_prefix(cluster))
+    }
+
     /// Classifies a key of `cluster`'s data. Keys of other clusters or unknown layouts give [`KeyKind::Other`].
     #[must_use]
     pub fn classify<'k>(&self, cluster: &str, key: &'k str) -> KeyKind<'k> {
@@ -147,6 +174,30 @@ impl Keys {
                 None => KeyKind::Other,
             };
         }
+        if let Some(r) = rest.strip_prefix("state/identities/") {
+            return match r.split_once('/') {
+                Some(("v1", r)) => match r.split_once('/') {
+                    Some((c, n)) if c == cluster => match n.parse::<u32>() {
+                        // Only the canonical spelling: `0256` or `+256` would be a second key for one number.
+                        Ok(number) if number.to_string() == n => KeyKind::Identity(number),
+                        _ => KeyKind::Other,
+                    },
+                    _ => KeyKind::Other,
+                },
+                Some((version, _)) => KeyKind::UnknownVersion(version),
+                None => KeyKind::Other,
+            };
+        }
+        if let Some(r) = rest.strip_prefix("state/ip/") {
+            return match r.split_once('/') {
+                Some(("v1", r)) => match r.split_once('/') {
+                    Some((c, ip)) if c == cluster => ip.parse().map_or(KeyKind::Other, KeyKind::Ip),
+                    _ => KeyKind::Other,
+                },
+                Some((version, _)) => KeyKind::UnknownVersion(version),
+                None => KeyKind::Other,
+            };
+        }
         if let Some(r) = rest.strip_prefix("synced/") {
             return match r.split_once('/') {
                 Some((c, kind)) if c == cluster => KeyKind::Synced(kind),
@@ -169,6 +220,10 @@ pub enum KeyKind<'k> {
     Node(&'k str),
     /// (namespace, name)
     Service(&'k str, &'k str),
+    /// The per-cluster number of an identity (the key's last segment, decimal; other segments give `Other`).
+    Identity(u32),
+    /// A pod address.
+    Ip(Ipv4Addr),
     Synced(&'k str),
     ClusterConfig,
     Heartbeat,
@@ -274,6 +329,46 @@ pub struct ServiceRecord {
 
 /// Largest number of backends a decoder accepts in one service record.
 pub const MAX_BACKENDS_PER_RECORD: usize = 4096;
+
+/// A security identity of a cluster: the set of identity labels it stands for (docs/POLICY.md, "Identities").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityRecord {
+    pub cluster: String,
+    pub cluster_id: u16,
+    /// The full identity: `cluster_id << 20 | number` (`mesh_common::identity::compose`).
+    pub identity: u32,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A pod address of a cluster and the identity of its pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpRecord {
+    pub ipv4: Ipv4Addr,
+    pub cluster: String,
+    /// The full identity of the pod (its cluster's part is the pod's cluster id).
+    pub identity: u32,
+    pub namespace: String,
+    pub pod: String,
+    /// The node the pod runs on (its tunnel endpoint is that node's underlay address).
+    pub node: String,
+    /// The pod's named container ports (what named ports in policies resolve to).
+    #[serde(default)]
+    pub named_ports: Vec<PortRecord>,
+}
+
+/// Most labels an identity record may hold.
+pub const MAX_IDENTITY_LABELS: usize = 512;
+/// Longest label key accepted in an identity record (a Kubernetes key is at most 317 bytes; namespace labels get
+/// the 31-byte `io.cilium.k8s.namespace.labels.` prefix).
+pub const MAX_LABEL_KEY_BYTES: usize = 512;
+/// Longest label value accepted in an identity record (Kubernetes allows 63).
+pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+/// Most named ports an ip record may hold.
+pub const MAX_NAMED_PORTS: usize = 256;
+/// The identity label naming the identity's cluster (docs/POLICY.md): every identity record has it.
+pub const LABEL_CLUSTER: &str = "io.cilium.k8s.policy.cluster";
 
 /// Why a value was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -400,6 +495,141 @@ pub fn decode_service(
         .any(|p| p.port == 0);
     if zero_port {
         return Err(invalid("a port is 0".into()));
+    }
+    Ok(rec)
+}
+
+/// Checks that `identity` is an allocated identity of cluster `cluster_id` (cluster part equal, per-cluster number
+/// at least `FIRST_ALLOCATED`).
+fn check_identity(key: &str, identity: u32, cluster_id: u16) -> Result<u32, DecodeError> {
+    use mesh_common::identity as id;
+    let invalid = |reason: String| DecodeError::Invalid {
+        key: key.to_owned(),
+        reason,
+    };
+    if id::cluster(identity) != cluster_id {
+        return Err(invalid(format!(
+            "identity {identity:#x} belongs to cluster id {}, not {cluster_id}",
+            id::cluster(identity)
+        )));
+    }
+    let number = id::local(identity);
+    if number < id::FIRST_ALLOCATED {
+        return Err(invalid(format!(
+            "identity {identity:#x}: number {number} is reserved (allocated numbers start at {})",
+            id::FIRST_ALLOCATED
+        )));
+    }
+    Ok(number)
+}
+
+fn check_cluster_id(key: &str, cluster_id: u16) -> Result<(), DecodeError> {
+    if cluster_id == 0 || cluster_id > mesh_model::cluster::MAX_CLUSTER_ID {
+        return Err(DecodeError::Invalid {
+            key: key.to_owned(),
+            reason: format!(
+                "clusterId {cluster_id} is out of range 1-{}",
+                mesh_model::cluster::MAX_CLUSTER_ID
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Decodes an identity record found at `key` (of cluster `cluster`, per-cluster number `number`).
+///
+/// # Errors
+/// Too large, bad JSON, a cluster differing from the key, a cluster id out of range, an identity whose cluster part
+/// is not the record's cluster id or whose number is not the key's (or is reserved, below 256), no labels, too
+/// many labels, an empty or too long key, a too long value, or a cluster label missing or naming another cluster.
+pub fn decode_identity(
+    key: &str,
+    cluster: &str,
+    number: u32,
+    value: &[u8],
+) -> Result<IdentityRecord, DecodeError> {
+    let rec: IdentityRecord = json(key, "IdentityRecord", value)?;
+    expect_eq(key, "cluster", &rec.cluster, cluster)?;
+    check_cluster_id(key, rec.cluster_id)?;
+    let found = check_identity(key, rec.identity, rec.cluster_id)?;
+    if found != number {
+        return Err(DecodeError::Mismatch {
+            key: key.to_owned(),
+            field: "identity",
+            found: found.to_string(),
+            expected: number.to_string(),
+        });
+    }
+    let invalid = |reason: String| DecodeError::Invalid {
+        key: key.to_owned(),
+        reason,
+    };
+    if rec.labels.len() > MAX_IDENTITY_LABELS {
+        return Err(invalid(format!(
+            "{} labels (at most {MAX_IDENTITY_LABELS})",
+            rec.labels.len()
+        )));
+    }
+    for (k, v) in &rec.labels {
+        if k.is_empty() || k.len() > MAX_LABEL_KEY_BYTES {
+            return Err(invalid(format!(
+                "label key {k:?} is empty or longer than {MAX_LABEL_KEY_BYTES} bytes"
+            )));
+        }
+        if v.len() > MAX_LABEL_VALUE_BYTES {
+            return Err(invalid(format!(
+                "value of label {k:?} is longer than {MAX_LABEL_VALUE_BYTES} bytes"
+            )));
+        }
+    }
+    match rec.labels.get(LABEL_CLUSTER) {
+        Some(c) if c == cluster => {}
+        other => {
+            return Err(invalid(format!(
+                "label {LABEL_CLUSTER} is {other:?}, not the record's cluster {cluster:?}"
+            )));
+        }
+    }
+    Ok(rec)
+}
+
+/// Decodes a pod address record found at `key` (of cluster `cluster`, address `ipv4`).
+///
+/// # Errors
+/// Too large, bad JSON, a cluster or address differing from the key, an identity that is reserved (number below
+/// 256) or of cluster id 0 or out of range, an empty namespace, pod or node, or a named port without a name, with
+/// port 0, or too many of them.
+pub fn decode_ip(key: &str, cluster: &str, ipv4: Ipv4Addr, value: &[u8]) -> Result<IpRecord, DecodeError> {
+    let rec: IpRecord = json(key, "IpRecord", value)?;
+    expect_eq(key, "cluster", &rec.cluster, cluster)?;
+    expect_eq(key, "ipv4", &rec.ipv4.to_string(), &ipv4.to_string())?;
+    let cluster_id = mesh_common::identity::cluster(rec.identity);
+    check_cluster_id(key, cluster_id)?;
+    check_identity(key, rec.identity, cluster_id)?;
+    let invalid = |reason: String| DecodeError::Invalid {
+        key: key.to_owned(),
+        reason,
+    };
+    for (field, v) in [
+        ("namespace", &rec.namespace),
+        ("pod", &rec.pod),
+        ("node", &rec.node),
+    ] {
+        if v.is_empty() {
+            return Err(invalid(format!("{field} is empty")));
+        }
+    }
+    if rec.named_ports.len() > MAX_NAMED_PORTS {
+        return Err(invalid(format!(
+            "{} named ports (at most {MAX_NAMED_PORTS})",
+            rec.named_ports.len()
+        )));
+    }
+    if let Some(p) = rec.named_ports.iter().find(|p| p.name.is_empty() || p.port == 0) {
+        return Err(invalid(format!(
+            "named port {:?} ({}) has no name or port 0",
+            p.name, p.port
+        )));
     }
     Ok(rec)
 }
@@ -566,5 +796,258 @@ mod tests {
         assert_eq!(d(&encode(&zero)), "invalid");
         let huge = "x".repeat(MAX_VALUE_BYTES + 1);
         assert_eq!(d(&huge), "too_large");
+    }
+
+    fn identity_rec() -> IdentityRecord {
+        IdentityRecord {
+            cluster: "east".into(),
+            cluster_id: 1,
+            identity: mesh_common::identity::compose(1, 300),
+            labels: [
+                ("app".to_owned(), "api".to_owned()),
+                ("io.kubernetes.pod.namespace".to_owned(), "shop".to_owned()),
+                (LABEL_CLUSTER.to_owned(), "east".to_owned()),
+            ]
+            .into(),
+        }
+    }
+
+    fn ip_rec() -> IpRecord {
+        IpRecord {
+            ipv4: Ipv4Addr::new(10, 1, 0, 7),
+            cluster: "east".into(),
+            identity: mesh_common::identity::compose(1, 300),
+            namespace: "shop".into(),
+            pod: "api-0".into(),
+            node: "east-node-1".into(),
+            named_ports: vec![PortRecord {
+                name: "http".into(),
+                port: 8080,
+                protocol: mesh_model::Protocol::Tcp,
+            }],
+        }
+    }
+
+    #[test]
+    fn identity_and_ip_keys_classify() {
+        let k = Keys::default();
+        assert_eq!(k.identity("east", 300), "fleetmesh/state/identities/v1/east/300");
+        assert_eq!(
+            k.classify("east", &k.identity("east", 300)),
+            KeyKind::Identity(300)
+        );
+        assert_eq!(k.classify("west", &k.identity("east", 300)), KeyKind::Other);
+        let ip = Ipv4Addr::new(10, 1, 0, 7);
+        assert_eq!(k.ip("east", ip), "fleetmesh/state/ip/v1/east/10.1.0.7");
+        assert_eq!(k.classify("east", &k.ip("east", ip)), KeyKind::Ip(ip));
+        assert_eq!(k.classify("west", &k.ip("east", ip)), KeyKind::Other);
+        for other in [
+            "fleetmesh/state/identities/v1/east/0300",
+            "fleetmesh/state/identities/v1/east/+300",
+            "fleetmesh/state/identities/v1/east/x",
+            "fleetmesh/state/identities/v1/east/",
+            "fleetmesh/state/identities/v1/east/300/x",
+            "fleetmesh/state/ip/v1/east/10.1.0",
+            "fleetmesh/state/ip/v1/east/010.1.0.7",
+            "fleetmesh/state/ip/v1/east/10.1.0.7/x",
+        ] {
+            assert_eq!(k.classify("east", other), KeyKind::Other, "{other}");
+        }
+        assert_eq!(
+            k.classify("east", "fleetmesh/state/identities/v2/east/300"),
+            KeyKind::UnknownVersion("v2")
+        );
+        assert_eq!(
+            k.classify("east", "fleetmesh/state/ip/v2/east/10.1.0.7"),
+            KeyKind::UnknownVersion("v2")
+        );
+        assert_eq!(
+            k.classify("east", &k.synced("east", kinds::IDENTITIES)),
+            KeyKind::Synced("identities")
+        );
+        assert_eq!(
+            k.classify("east", &k.synced("east", kinds::IPS)),
+            KeyKind::Synced("ips")
+        );
+        // Identities and ips sort before nodes and services: a publisher putting in key order writes them first.
+        assert!(k.identities_prefix("east") < k.ips_prefix("east"));
+        assert!(k.ips_prefix("east") < k.nodes_prefix("east"));
+        assert!(k.nodes_prefix("east") < k.services_prefix("east"));
+    }
+
+    #[test]
+    fn identity_and_ip_records_round_trip() {
+        let k = Keys::default();
+        let v = encode(&identity_rec());
+        assert!(v.contains("\"clusterId\":1"), "{v}");
+        assert_eq!(
+            decode_identity(&k.identity("east", 300), "east", 300, v.as_bytes()),
+            Ok(identity_rec())
+        );
+        let ip = ip_rec();
+        let v = encode(&ip);
+        assert!(v.contains("\"namedPorts\""), "{v}");
+        assert_eq!(
+            decode_ip(&k.ip("east", ip.ipv4), "east", ip.ipv4, v.as_bytes()),
+            Ok(ip.clone())
+        );
+        // namedPorts may be absent.
+        let mut bare = ip;
+        bare.named_ports.clear();
+        let v = encode(&bare).replace(",\"namedPorts\":[]", "");
+        assert!(!v.contains("namedPorts"), "{v}");
+        assert_eq!(decode_ip("k", "east", bare.ipv4, v.as_bytes()), Ok(bare));
+    }
+
+    #[test]
+    fn malformed_identity_values_are_typed_errors() {
+        use mesh_common::identity::{LOCAL_MASK, compose};
+        let d = |rec: &IdentityRecord| {
+            decode_identity("k", "east", 300, encode(rec).as_bytes())
+                .expect_err("refused")
+                .reason()
+        };
+        let raw = |v: &str| {
+            decode_identity("k", "east", 300, v.as_bytes())
+                .expect_err(v)
+                .reason()
+        };
+        assert_eq!(raw("{not json"), "bad_json");
+        assert_eq!(raw(r#"{"cluster":"east"}"#), "bad_json");
+        assert_eq!(
+            raw(&encode(&identity_rec()).replace("\"labels\"", "\"extra\":1,\"labels\"")),
+            "bad_json"
+        );
+        assert_eq!(raw(&"x".repeat(MAX_VALUE_BYTES + 1)), "too_large");
+        let with = |f: &dyn Fn(&mut IdentityRecord)| {
+            let mut r = identity_rec();
+            f(&mut r);
+            r
+        };
+        assert_eq!(d(&with(&|r| r.cluster = "west".into())), "key_mismatch");
+        assert_eq!(d(&with(&|r| r.identity = compose(1, 301))), "key_mismatch");
+        // The identity's cluster part is not the record's cluster id.
+        assert_eq!(d(&with(&|r| r.identity = compose(2, 300))), "invalid");
+        assert_eq!(
+            d(&with(&|r| {
+                r.cluster_id = 0;
+                r.identity = 300;
+            })),
+            "invalid"
+        );
+        assert_eq!(
+            d(&with(&|r| {
+                r.cluster_id = 4096;
+                r.identity = 300;
+            })),
+            "invalid"
+        );
+        // Reserved numbers are not allocated identities.
+        assert_eq!(
+            decode_identity(
+                "k",
+                "east",
+                3,
+                encode(&with(&|r| r.identity = compose(1, 3))).as_bytes()
+            )
+            .expect_err("reserved")
+            .reason(),
+            "invalid"
+        );
+        // The largest number is fine; the key's number must match.
+        let max = with(&|r| r.identity = compose(1, LOCAL_MASK));
+        assert_eq!(
+            decode_identity("k", "east", LOCAL_MASK, encode(&max).as_bytes()),
+            Ok(max.clone())
+        );
+        assert_eq!(
+            decode_identity("k", "east", LOCAL_MASK + 1, encode(&max).as_bytes())
+                .expect_err("number beyond the mask")
+                .reason(),
+            "key_mismatch"
+        );
+        assert_eq!(d(&with(&|r| r.labels.clear())), "invalid");
+        assert_eq!(
+            d(&with(&|r| {
+                r.labels.remove(LABEL_CLUSTER);
+            })),
+            "invalid"
+        );
+        assert_eq!(
+            d(&with(&|r| {
+                r.labels.insert(LABEL_CLUSTER.into(), "west".into());
+            })),
+            "invalid"
+        );
+        assert_eq!(
+            d(&with(&|r| {
+                r.labels.insert(String::new(), "x".into());
+            })),
+            "invalid"
+        );
+        assert_eq!(
+            d(&with(&|r| {
+                r.labels.insert("k".repeat(MAX_LABEL_KEY_BYTES + 1), "x".into());
+            })),
+            "invalid"
+        );
+        assert_eq!(
+            d(&with(&|r| {
+                r.labels.insert("k".into(), "v".repeat(MAX_LABEL_VALUE_BYTES + 1));
+            })),
+            "invalid"
+        );
+        assert_eq!(
+            d(&with(&|r| {
+                for i in 0..MAX_IDENTITY_LABELS {
+                    r.labels.insert(format!("l{i}"), String::new());
+                }
+            })),
+            "invalid"
+        );
+    }
+
+    #[test]
+    fn malformed_ip_values_are_typed_errors() {
+        use mesh_common::identity::compose;
+        let ip = Ipv4Addr::new(10, 1, 0, 7);
+        let d = |rec: &IpRecord| {
+            decode_ip("k", "east", ip, encode(rec).as_bytes())
+                .expect_err("refused")
+                .reason()
+        };
+        let raw = |v: &str| decode_ip("k", "east", ip, v.as_bytes()).expect_err(v).reason();
+        assert_eq!(raw("[]"), "bad_json");
+        assert_eq!(raw(r#"{"ipv4":"10.1.0.7"}"#), "bad_json");
+        assert_eq!(
+            raw(&encode(&ip_rec()).replace("\"10.1.0.7\"", "\"10.1.0\"")),
+            "bad_json"
+        );
+        assert_eq!(
+            raw(&encode(&ip_rec()).replace("\"node\"", "\"extra\":1,\"node\"")),
+            "bad_json"
+        );
+        assert_eq!(raw(&"x".repeat(MAX_VALUE_BYTES + 1)), "too_large");
+        let with = |f: &dyn Fn(&mut IpRecord)| {
+            let mut r = ip_rec();
+            f(&mut r);
+            r
+        };
+        assert_eq!(d(&with(&|r| r.ipv4 = Ipv4Addr::new(10, 1, 0, 8))), "key_mismatch");
+        assert_eq!(d(&with(&|r| r.cluster = "west".into())), "key_mismatch");
+        assert_eq!(d(&with(&|r| r.identity = 300)), "invalid");
+        assert_eq!(d(&with(&|r| r.identity = compose(1, 2))), "invalid");
+        assert_eq!(d(&with(&|r| r.namespace.clear())), "invalid");
+        assert_eq!(d(&with(&|r| r.pod.clear())), "invalid");
+        assert_eq!(d(&with(&|r| r.node.clear())), "invalid");
+        assert_eq!(d(&with(&|r| r.named_ports[0].port = 0)), "invalid");
+        assert_eq!(d(&with(&|r| r.named_ports[0].name.clear())), "invalid");
+        assert_eq!(
+            d(&with(&|r| {
+                let p = r.named_ports[0].clone();
+                r.named_ports = vec![p; MAX_NAMED_PORTS + 1];
+            })),
+            "invalid"
+        );
     }
 }

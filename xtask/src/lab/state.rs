@@ -489,6 +489,8 @@ impl LabState {
             dir.join("manifests").display().to_string(),
             "--clustermesh-config".into(),
             dir.join("clustermesh").display().to_string(),
+            "--kvstore-config".into(),
+            self.kvstore_config(&c.name).display().to_string(),
             "--api-socket".into(),
             n.socket.display().to_string(),
             "--remote-keepalive-interval".into(),
@@ -533,6 +535,31 @@ impl LabState {
         let role = format!("apiserver-{}", c.name);
         let ul = self.ul();
         self.spawn(&role, &ul, &super::bin("clustermesh-apiserver"), &args)?;
+        Ok(())
+    }
+
+    /// The agents' config file for their own cluster's etcd (`--kvstore-config`), where they watch the cluster's
+    /// identities and ips.
+    fn kvstore_config(&self, cluster: &str) -> PathBuf {
+        self.cluster_dir(cluster).join("kvstore.yaml")
+    }
+
+    /// Every cluster's `--kvstore-config` file: its etcd (the address peers use too), read with the cluster's
+    /// read-only `remote` certificate (its role reads the whole key prefix).
+    fn write_kvstore_configs(&self) -> Result<()> {
+        for c in &self.clusters {
+            let pki = self.pki_dir(&c.name);
+            let text = format!(
+                "endpoints:\n  - https://{}:{ETCD_PORT}\ntrusted-ca-file: {}\ncert-file: {}\nkey-file: {}\n",
+                c.etcd_ip,
+                pki.join("ca.crt").display(),
+                pki.join("remote.crt").display(),
+                pki.join("remote.key").display(),
+            );
+            let file = self.kvstore_config(&c.name);
+            std::fs::create_dir_all(self.cluster_dir(&c.name))?;
+            std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+        }
         Ok(())
     }
 
@@ -1074,6 +1101,7 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
             }
         }
         st.write_clustermesh_configs()?;
+        st.write_kvstore_configs()?;
         for ci in 0..st.clusters.len() {
             st.wait_etcd(ci, Duration::from_secs(30))?;
         }
@@ -1282,7 +1310,12 @@ pub fn status(dir: &Path, as_json: bool) -> Result<()> {
                         "agentReady": a["ready"],
                         "remoteClusters": a["remoteClusters"].as_array().into_iter().flatten().map(|r| json!({
                             "name": r["name"], "state": r["state"]["state"], "nodes": r["nodes"].as_object().map_or(0, serde_json::Map::len),
+                            "identities": r["identityCount"], "ips": r["ipCount"],
                         })).collect::<Vec<_>>(),
+                        // This cluster's identities and ips as the agent reads them from its own etcd.
+                        "ownCluster": a.get("ownCluster").map(|o| json!({
+                            "state": o["state"]["state"], "identities": o["identityCount"], "ips": o["ipCount"],
+                        })),
                     })
                 }).collect::<Vec<_>>(),
                 "pods": c.pods.values().map(|p| json!({
