@@ -20,40 +20,9 @@ use tracing::{info, warn};
 /// Identity labels, sorted.
 pub type Labels = BTreeMap<String, String>;
 
-/// Pod labels that change per pod or revision: not part of the identity.
-const PER_POD_LABELS: [&str; 7] = [
-    "pod-template-hash",
-    "controller-revision-hash",
-    "pod-template-generation",
-    "statefulset.kubernetes.io/pod-name",
-    "apps.kubernetes.io/pod-index",
-    "batch.kubernetes.io/controller-uid",
-    "controller-uid",
-];
-const LABEL_NAMESPACE: &str = "io.kubernetes.pod.namespace";
-const NAMESPACE_LABELS: &str = "io.cilium.k8s.namespace.labels.";
-
-// TODO(merge): use mesh_model::identity::identity_labels
-/// The identity labels of `pod` in `cluster` (docs/POLICY.md): its labels without the per-pod ones, its namespace,
-/// its namespace's labels (plus `kubernetes.io/metadata.name`, which Kubernetes gives every namespace) and the
-/// cluster, which no pod label can override.
+/// The identity labels of `pod` in `cluster` (docs/POLICY.md; one definition shared with the agent).
 fn identity_labels(cluster: &str, pod: &Pod, namespace: Option<&Namespace>) -> Labels {
-    let mut out: Labels = pod
-        .labels
-        .iter()
-        .filter(|(k, _)| !PER_POD_LABELS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    out.insert(LABEL_NAMESPACE.to_owned(), pod.namespace.clone());
-    for (k, v) in namespace.into_iter().flat_map(|n| &n.labels) {
-        out.insert(format!("{NAMESPACE_LABELS}{k}"), v.clone());
-    }
-    out.insert(
-        format!("{NAMESPACE_LABELS}kubernetes.io/metadata.name"),
-        pod.namespace.clone(),
-    );
-    out.insert(mesh_kvstore::LABEL_CLUSTER.to_owned(), cluster.to_owned());
-    out
+    mesh_model::identity::identity_labels(cluster, pod, namespace)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

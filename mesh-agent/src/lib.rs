@@ -9,6 +9,7 @@ pub mod lb;
 pub mod lb_maps;
 pub mod metrics;
 pub mod netdev;
+pub mod policy;
 pub mod reconcile;
 pub mod remote;
 pub mod rollout;

@@ -213,6 +213,8 @@ async fn main() -> anyhow::Result<()> {
         Arc::default();
     let mut reconciler = Reconciler::new(dp, me.clone(), args.vxlan_device.clone());
     reconciler.remote_grace = args.remote_grace_period;
+    reconciler.flows = Some(flow_hub.clone());
+    reconciler.policy_views = policies.clone();
     let state_dir = args
         .state_dir
         .clone()
@@ -259,7 +261,8 @@ async fn main() -> anyhow::Result<()> {
                     .filter(|end| *end > now)
                     .min()
                     .map(|end| Duration::from_millis(end - now + 1));
-                let dp_status = reconciler.reconcile(&snap.state, &remote_view);
+                let own = reconciler_remotes.own();
+                let dp_status = reconciler.reconcile(&snap.state, own.as_ref(), &remote_view);
                 let remotes_synced = reconciler_remotes.configured()
                     && remote_view
                         .values()

@@ -58,8 +58,12 @@ fn clusters<'a>(
     own: Option<&'a RemoteCluster>,
     remotes: &'a BTreeMap<String, RemoteCluster>,
 ) -> impl Iterator<Item = &'a RemoteCluster> + 'a {
-    own.into_iter()
-        .chain(remotes.iter().filter(move |(n, rc)| *n != &me.cluster && rc.usable).map(|(_, rc)| rc))
+    own.into_iter().chain(
+        remotes
+            .iter()
+            .filter(move |(n, rc)| *n != &me.cluster && rc.usable)
+            .map(|(_, rc)| rc),
+    )
 }
 
 impl PolicyBook {
@@ -102,11 +106,15 @@ impl PolicyBook {
         let mut by_labels: BTreeMap<&BTreeMap<String, String>, u32> = BTreeMap::new();
         for rc in clusters(me, own, remotes) {
             if let Some(cfg) = &rc.config {
-                universe.cluster_labels.insert(rc.name.clone(), cfg.labels.clone());
+                universe
+                    .cluster_labels
+                    .insert(rc.name.clone(), cfg.labels.clone());
             }
             for (id, rec) in &rc.identities {
                 universe.identities.insert(*id, rec.labels.clone());
-                pass.names.identities.insert(*id, (rec.cluster.clone(), rec.labels.clone()));
+                pass.names
+                    .identities
+                    .insert(*id, (rec.cluster.clone(), rec.labels.clone()));
             }
             for ip in rc.ips.values() {
                 let np = universe.named_ports.entry(ip.identity).or_default();
@@ -118,7 +126,11 @@ impl PolicyBook {
                 }
                 pass.names.pods.insert(
                     ip.ipv4,
-                    PodName { cluster: ip.cluster.clone(), namespace: ip.namespace.clone(), pod: ip.pod.clone() },
+                    PodName {
+                        cluster: ip.cluster.clone(),
+                        namespace: ip.namespace.clone(),
+                        pod: ip.pod.clone(),
+                    },
                 );
             }
         }
@@ -131,7 +143,11 @@ impl PolicyBook {
             pass.names.cidrs.insert(*id, prefix.to_string());
             pass.cidr_entries.insert(
                 *prefix,
-                IpcacheEntry { identity: *id, family: mesh_common::FAMILY_IPV4, ..IpcacheEntry::default() },
+                IpcacheEntry {
+                    identity: *id,
+                    family: mesh_common::FAMILY_IPV4,
+                    ..IpcacheEntry::default()
+                },
             );
         }
 
@@ -153,7 +169,11 @@ impl PolicyBook {
             pass.endpoint_identities.insert(ip, ident);
             pass.names.pods.insert(
                 ip,
-                PodName { cluster: me.cluster.clone(), namespace: pod.namespace.clone(), pod: pod.name.clone() },
+                PodName {
+                    cluster: me.cluster.clone(),
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                },
             );
             let named = named_ports_of(pod);
             let view = EndpointView {
@@ -177,12 +197,16 @@ impl PolicyBook {
                         .collect::<Vec<_>>()
                 })
             };
-            let wanted = EndpointPolicy { ingress: rules(&compiled.ingress), egress: rules(&compiled.egress) };
+            let wanted = EndpointPolicy {
+                ingress: rules(&compiled.ingress),
+                egress: rules(&compiled.egress),
+            };
             match dp.replace_endpoint_policy(ip, ident, &wanted) {
                 Ok(_) => {}
                 Err(e) => {
                     warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %format!("{e:#}"), "programming policy");
-                    pass.errors.push(format!("policy of {}/{}: {e:#}", pod.namespace, pod.name));
+                    pass.errors
+                        .push(format!("policy of {}/{}: {e:#}", pod.namespace, pod.name));
                 }
             }
             let describe = |r: u32| {
@@ -195,7 +219,11 @@ impl PolicyBook {
                             rr.kind.kind_name(),
                             rr.namespace,
                             rr.name,
-                            if rr.direction == policy_dir::INGRESS { "ingress" } else { "egress" },
+                            if rr.direction == policy_dir::INGRESS {
+                                "ingress"
+                            } else {
+                                "egress"
+                            },
                             rr.index
                         )
                     })
@@ -216,11 +244,19 @@ impl PolicyBook {
                         universe.identities.get(&id).map_or_else(
                             || format!("identity {id}"),
                             |l| {
-                                let cluster = l.get(mesh_model::identity::LABEL_CLUSTER).cloned().unwrap_or_default();
-                                let ns = l.get(mesh_model::identity::LABEL_NAMESPACE).cloned().unwrap_or_default();
+                                let cluster = l
+                                    .get(mesh_model::identity::LABEL_CLUSTER)
+                                    .cloned()
+                                    .unwrap_or_default();
+                                let ns = l
+                                    .get(mesh_model::identity::LABEL_NAMESPACE)
+                                    .cloned()
+                                    .unwrap_or_default();
                                 let own: Vec<String> = l
                                     .iter()
-                                    .filter(|(k, _)| !k.starts_with("io.cilium.k8s.") && !k.starts_with("io.kubernetes."))
+                                    .filter(|(k, _)| {
+                                        !k.starts_with("io.cilium.k8s.") && !k.starts_with("io.kubernetes.")
+                                    })
                                     .map(|(k, v)| format!("{k}={v}"))
                                     .collect();
                                 format!("{cluster}/{ns} {{{}}}", own.join(","))
@@ -276,7 +312,11 @@ fn port_range(e: &CompiledEntry) -> String {
     }
     let span = 1u32 << (16 - u32::from(e.plen));
     let last = u32::from(e.port) + span - 1;
-    if span == 1 { e.port.to_string() } else { format!("{}-{last}", e.port) }
+    if span == 1 {
+        e.port.to_string()
+    } else {
+        format!("{}-{last}", e.port)
+    }
 }
 
 #[cfg(test)]
@@ -285,7 +325,13 @@ mod tests {
 
     #[test]
     fn port_blocks_read_as_ranges() {
-        let e = |port, plen| CompiledEntry { identity: 0, proto: proto::TCP, port, plen, rule: 1 };
+        let e = |port, plen| CompiledEntry {
+            identity: 0,
+            proto: proto::TCP,
+            port,
+            plen,
+            rule: 1,
+        };
         assert_eq!(port_range(&e(8080, 16)), "8080");
         assert_eq!(port_range(&e(8064, 11)), "8064-8095");
         assert_eq!(port_range(&e(0, 0)), "any");

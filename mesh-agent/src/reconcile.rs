@@ -111,6 +111,14 @@ pub struct Reconciler {
     last_views: Vec<ServiceView>,
     /// How long an unreachable remote cluster keeps its backends in global services.
     pub remote_grace: std::time::Duration,
+    /// Identities and network policy of the local endpoints.
+    policy: crate::policy::PolicyBook,
+    /// Identity of every local endpoint, from the last policy pass (the endpoint map carries it).
+    identities: BTreeMap<Ipv4Addr, u32>,
+    /// Where flow events learn what addresses and identities are called.
+    pub flows: Option<std::sync::Arc<crate::flows::Hub>>,
+    /// The compiled policies `GET /v1/policy` serves.
+    pub policy_views: std::sync::Arc<std::sync::Mutex<BTreeMap<(String, String), serde_json::Value>>>,
 }
 
 impl Reconciler {
@@ -141,6 +149,10 @@ impl Reconciler {
             rollouts: Rollouts::default(),
             last_views: Vec::new(),
             remote_grace: std::time::Duration::from_secs(30),
+            policy: crate::policy::PolicyBook::default(),
+            identities: BTreeMap::new(),
+            flows: None,
+            policy_views: std::sync::Arc::default(),
         }
     }
 
@@ -148,6 +160,7 @@ impl Reconciler {
     pub fn reconcile(
         &mut self,
         local: &ClusterState,
+        own: Option<&RemoteCluster>,
         remotes: &BTreeMap<String, RemoteCluster>,
     ) -> DatapathStatus {
         self.reconciles += 1;
@@ -185,7 +198,27 @@ impl Reconciler {
         }
 
         self.reconcile_endpoints(local, &mut st);
-        self.reconcile_ipcache(local, remotes, &mut st);
+        // Identities and addresses before services (docs/POLICY.md): a new backend's identity is known by the time
+        // traffic can be balanced to it.
+        let programmed: BTreeMap<Ipv4Addr, String> = st
+            .endpoints
+            .iter()
+            .filter(|e| e.programmed)
+            .map(|e| (e.ipv4, e.pod.clone()))
+            .collect();
+        let pass = self
+            .policy
+            .reconcile(&mut self.dp, &self.me, local, own, remotes, &programmed);
+        st.errors.extend(pass.errors);
+        self.identities = pass.endpoint_identities;
+        self.reconcile_ipcache(local, own, remotes, &pass.cidr_entries, &mut st);
+        if let Some(hub) = &self.flows {
+            hub.set_names(pass.names);
+        }
+        *self
+            .policy_views
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = pass.views;
 
         let grace_ms = u64::try_from(self.remote_grace.as_millis()).unwrap_or(u64::MAX);
         let reachable = lb::reachable(remotes, crate::remote::now_ms(), grace_ms);
@@ -290,12 +323,17 @@ impl Reconciler {
                 self.dp.attach_endpoint(&d.ifname).map_err(|e| format!("{e:#}"))?;
                 let ep = LocalEndpoint {
                     ifindex,
+                    // The policy pass sets the identity (0 keeps the one programmed).
                     identity: 0,
                     pod_mac: pod_mac_for_ipv4(d.ipv4.octets()),
                     host_mac,
                     ..LocalEndpoint::default()
                 };
-                if current.get(&d.ipv4) != Some(&ep) {
+                // Only the wiring decides here; identity and policy fields belong to the policy pass.
+                let same_wiring = current.get(&d.ipv4).is_some_and(|c| {
+                    c.ifindex == ep.ifindex && c.pod_mac == ep.pod_mac && c.host_mac == ep.host_mac
+                });
+                if !same_wiring {
                     self.dp
                         .upsert_endpoint(d.ipv4, ep)
                         .map_err(|e| format!("{e:#}"))?;
@@ -349,11 +387,31 @@ impl Reconciler {
     fn reconcile_ipcache(
         &mut self,
         local: &ClusterState,
+        own: Option<&RemoteCluster>,
         remotes: &BTreeMap<String, RemoteCluster>,
+        cidrs: &BTreeMap<Ipv4Net, IpcacheEntry>,
         st: &mut DatapathStatus,
     ) {
-        let desired = desired::ipcache(&self.me, local, remotes);
-        st.conflicts = desired.conflicts;
+        let mut desired = desired::ipcache(&self.me, local, remotes);
+        st.conflicts = std::mem::take(&mut desired.conflicts);
+        let pods = desired::remote_pod_entries(&self.me, local, own, remotes);
+        st.conflicts.extend(pods.conflicts);
+        if let Err(e) = self.dp.set_tunnel_peers(&pods.tunnel_peers) {
+            st.errors.push(format!("programming tunnel peers: {e:#}"));
+        }
+        // Mesh pod prefixes answer PENDING for pods whose record has not arrived; the pods' own /32s say who they
+        // are; prefixes named by policies (outside the mesh) carry their CIDR identity.
+        for e in desired.entries.values_mut() {
+            if e.identity == 0 {
+                e.identity = mesh_common::identity::PENDING;
+            }
+        }
+        for (prefix, e) in cidrs {
+            desired.entries.entry(*prefix).or_insert(*e);
+        }
+        for (ip, e) in pods.entries {
+            desired.entries.insert(Ipv4Net::from(ip), e);
+        }
         let current: BTreeMap<Ipv4Net, IpcacheEntry> = match self.dp.ipcache() {
             Ok(v) => v.into_iter().collect(),
             Err(e) => {
