@@ -8,7 +8,8 @@
 //!   `fleetmesh_remote_decode_errors_total{cluster,reason}`.
 //! - `fleetmesh_cluster_identities{remote}`, `fleetmesh_cluster_ips{remote}`: identities and pod addresses known of
 //!   each remote cluster and of this one (`remote` is then this cluster's name; with `--kvstore-config`).
-//! - `fleetmesh_lb_frontends`, `fleetmesh_lb_backends`, `fleetmesh_remote_endpoints`, `fleetmesh_local_endpoints`
+//! - `fleetmesh_lb_frontends`, `fleetmesh_lb_backends`, `fleetmesh_remote_endpoints`, `fleetmesh_local_endpoints`,
+//!   `fleetmesh_ipcache_entries`, `fleetmesh_policy_entries`, `fleetmesh_identities`
 //!   (map fill levels as entries), `fleetmesh_reconcile_duration_seconds` (last pass), `fleetmesh_ready`.
 use std::fmt::Write as _;
 
@@ -151,6 +152,21 @@ pub fn render(st: &Status, now_ms: u64) -> String {
             "fleetmesh_local_endpoints",
             "Pods of this node in the datapath.",
             st.datapath.endpoints.iter().filter(|e| e.programmed).count(),
+        ),
+        (
+            "fleetmesh_ipcache_entries",
+            "ipcache entries (pod prefixes, pods of other nodes, policy CIDRs).",
+            st.datapath.ipcache.len(),
+        ),
+        (
+            "fleetmesh_policy_entries",
+            "Compiled policy entries of this node's pods (both directions).",
+            s.policy_entries,
+        ),
+        (
+            "fleetmesh_identities",
+            "Security identities known (this cluster's and every usable peer's).",
+            s.identities,
         ),
     ] {
         header(&mut out, name, "gauge", help);

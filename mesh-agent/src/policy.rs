@@ -39,6 +39,8 @@ pub struct PolicyPass {
     pub cidr_entries: BTreeMap<Ipv4Net, IpcacheEntry>,
     /// Identity of every local pod (by address), for the endpoint map.
     pub endpoint_identities: BTreeMap<Ipv4Addr, u32>,
+    /// Compiled entries of all local endpoints, both directions.
+    pub entries: usize,
     pub errors: Vec<String>,
 }
 
@@ -184,6 +186,7 @@ impl PolicyBook {
                 named_ports: &named,
             };
             let compiled = model::compile(&view, local.network_policies.values(), &universe);
+            pass.entries += compiled.ingress.as_ref().map_or(0, Vec::len) + compiled.egress.as_ref().map_or(0, Vec::len);
             let rules = |entries: &Option<Vec<CompiledEntry>>| {
                 entries.as_ref().map(|es| {
                     es.iter()

@@ -75,6 +75,10 @@ pub struct Summary {
     pub remote_endpoints: usize,
     /// Wall time of the last reconcile, µs.
     pub reconcile_us: u64,
+    /// Compiled policy entries of the local endpoints.
+    pub policy_entries: usize,
+    /// Security identities known.
+    pub identities: usize,
 }
 
 /// Adds the datapath's per-backend statistics to each frontend, by cluster.
@@ -210,6 +214,7 @@ impl Reconciler {
             .policy
             .reconcile(&mut self.dp, &self.me, local, own, remotes, &programmed);
         st.errors.extend(pass.errors);
+        let (policy_entries, identities) = (pass.entries, pass.names.identities.len());
         self.identities = pass.endpoint_identities;
         self.reconcile_ipcache(local, own, remotes, &pass.cidr_entries, &mut st);
         if let Some(hub) = &self.flows {
@@ -288,6 +293,8 @@ impl Reconciler {
                 .map(|s| s.backends.len())
                 .sum(),
             reconcile_us: 0,
+            policy_entries,
+            identities,
         };
 
         st.counters = match self.dp.counters() {
