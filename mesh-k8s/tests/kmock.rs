@@ -455,6 +455,7 @@ async fn node_scope_asks_for_and_keeps_its_pods() {
     init_tracing();
     let mut em = Emulator::start();
     seed(&mut em);
+    em.create(&endpoint_slice("api-a", &[("10.1.2.5", true, Some("p2"))]));
     let mut src = Source::start(&em, Scope::Node("n1".into()));
     let s = src.until("initial lists", |s| s.generation >= 1).await;
     assert_eq!(
@@ -463,6 +464,11 @@ async fn node_scope_asks_for_and_keeps_its_pods() {
         "only n1's pods"
     );
     assert_eq!(s.state.nodes.len(), 2, "every node");
+    assert_eq!(
+        api_backends(&s),
+        ["10.1.2.5:8080"],
+        "every EndpointSlice: a backend on another node too"
+    );
     em.create(&pod("p3", "n2", "10.1.2.6"));
     em.create(&pod("p4", "n1", "10.1.1.8"));
     let s = src.until("p4", |s| s.state.pods.contains_key(&key("p4"))).await;
@@ -487,6 +493,15 @@ async fn node_scope_asks_for_and_keeps_its_pods() {
         .filter(|r| r["path"] == "/api/v1/nodes")
         .count();
     assert!(node_requests > 0);
+    let slice_requests: Vec<Value> = em
+        .requests()
+        .into_iter()
+        .filter(|r| r["path"] == "/apis/discovery.k8s.io/v1/endpointslices")
+        .collect();
+    assert!(!slice_requests.is_empty());
+    for r in &slice_requests {
+        assert!(r["params"].get("fieldSelector").is_none(), "{r}");
+    }
 }
 
 #[tokio::test]

@@ -189,8 +189,8 @@ fn selector_endpoints(state: &ClusterState, svc: &Service) -> Vec<Endpoint> {
 
 /// Endpoints of a service from its EndpointSlices, as kube-proxy picks them:
 /// - IPv4 slices only, and the first address of each endpoint;
-/// - an endpoint is a backend when ready (an absent condition is ready); when no endpoint of the service is
-///   ready, the endpoints that are serving and terminating are (graceful termination);
+/// - an endpoint is a backend when ready (an absent condition is ready); when no (IPv4) endpoint of the service
+///   is ready, the endpoints that are serving and terminating are (graceful termination);
 /// - each service port maps to the slice port of the same name (empty for an unnamed port) and protocol, whose
 ///   number is the target port already resolved; a service port without one has no backend port there;
 /// - the capacity is that of the pod the endpoint's `targetRef` names, when the state knows the pod, else 1;
