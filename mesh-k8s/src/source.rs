@@ -1,6 +1,7 @@
 //! The Kubernetes source: one watcher per kind (list, then watch, relist after a 410 Gone, backoff on errors),
 //! each object converted with mesh-model's manifest rules, the whole published as a
-//! [`Snapshot`](mesh_model::source::Snapshot) once every kind is listed and after every change.
+//! [`Snapshot`](mesh_model::source::Snapshot) once every kind is listed and after every change. EndpointSlices
+//! are among the kinds: they are the source of services' backends ([`mesh_model::service::endpoints`]).
 //!
 //! Like the manifests source, bad input never loses state: an object that does not convert is reported in the
 //! snapshot's errors and skipped; if it had a good version before, that version stays in force.
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
@@ -68,8 +70,8 @@ pub enum Error {
 /// Which part of the cluster a daemon needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
-    /// A node's mesh-agent: every node, namespace, service and fleetmesh object, but only the pods scheduled on
-    /// this node.
+    /// A node's mesh-agent: every node, namespace, service, EndpointSlice and fleetmesh object, but only the pods
+    /// scheduled on this node.
     Node(String),
     /// The cluster's clustermesh-apiserver: everything.
     Cluster,
@@ -150,6 +152,7 @@ enum Kind {
     Namespace,
     Pod,
     Service,
+    EndpointSlice,
     ServiceExport,
     TrafficPolicy,
     StagedRollout,
@@ -158,11 +161,12 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 10] = [
         Kind::Node,
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
+        Kind::EndpointSlice,
         Kind::ServiceExport,
         Kind::TrafficPolicy,
         Kind::StagedRollout,
@@ -190,7 +194,7 @@ impl Kind {
                 "MeshNetworkPolicy",
                 "meshnetworkpolicies",
             )),
-            Kind::Node | Kind::Namespace | Kind::Pod | Kind::Service => None,
+            Kind::Node | Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice => None,
         }
     }
 
@@ -204,6 +208,7 @@ impl Kind {
             | Kind::Namespace
             | Kind::Pod
             | Kind::Service
+            | Kind::EndpointSlice
             | Kind::ServiceExport
             | Kind::NetworkPolicy => None,
         }
@@ -458,6 +463,11 @@ fn insert(state: &mut ClusterState, o: Object) {
             state.rollouts.insert((r.namespace.clone(), r.name.clone()), r);
         }
         Object::NetworkPolicy(p) => state.insert_network_policy(p),
+        Object::EndpointSlice(e) => {
+            state
+                .endpoint_slices
+                .insert((e.namespace.clone(), e.name.clone()), e);
+        }
     }
 }
 
@@ -606,6 +616,14 @@ async fn run(
         Kind::Service,
         shared.clone(),
         |s| Some(manifests::from_service(ORIGIN, s).map(Object::Service)),
+    ));
+    // Every slice of the cluster, also for a node's agent: a service's backends live on every node.
+    tasks.spawn(watch_kind(
+        Api::<discovery::EndpointSlice>::all(client.clone()),
+        config(),
+        Kind::EndpointSlice,
+        shared.clone(),
+        |s| Some(manifests::from_endpoint_slice(ORIGIN, s).map(Object::EndpointSlice)),
     ));
     for kind in Kind::ALL {
         let Some((group, version, k, plural)) = kind.custom() else {

@@ -86,6 +86,7 @@ fn collection_path(o: &Value) -> String {
         "Namespace" => "namespaces",
         "Pod" => "pods",
         "Service" => "services",
+        "EndpointSlice" => "endpointslices",
         "ServiceExport" => "serviceexports",
         "TrafficPolicy" => "trafficpolicies",
         "StagedRollout" => "stagedrollouts",
@@ -127,6 +128,30 @@ fn service(name: &str, cluster_ip: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Service",
            "metadata": {"name": name, "namespace": "shop", "annotations": {"service.cilium.io/global": "true"}},
            "spec": {"clusterIP": cluster_ip, "selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": 8080}]}})
+}
+
+/// An EndpointSlice of service `shop/api` (port 8080, unnamed like the service's), one endpoint per
+/// `(address, ready, pod)`.
+fn endpoint_slice(name: &str, endpoints: &[(&str, bool, Option<&str>)]) -> Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": name, "namespace": "shop", "labels": {"kubernetes.io/service-name": "api"}},
+           "addressType": "IPv4",
+           "ports": [{"port": 8080, "protocol": "TCP"}],
+           "endpoints": slice_endpoints(endpoints)})
+}
+
+fn slice_endpoints(endpoints: &[(&str, bool, Option<&str>)]) -> Value {
+    endpoints
+        .iter()
+        .map(|(ip, ready, pod)| {
+            let mut e = json!({"addresses": [ip], "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                               "nodeName": "n1"});
+            if let Some(pod) = pod {
+                e["targetRef"] = json!({"kind": "Pod", "namespace": "shop", "name": pod});
+            }
+            e
+        })
+        .collect()
 }
 
 fn export(name: &str) -> Value {
@@ -430,6 +455,7 @@ async fn node_scope_asks_for_and_keeps_its_pods() {
     init_tracing();
     let mut em = Emulator::start();
     seed(&mut em);
+    em.create(&endpoint_slice("api-a", &[("10.1.2.5", true, Some("p2"))]));
     let mut src = Source::start(&em, Scope::Node("n1".into()));
     let s = src.until("initial lists", |s| s.generation >= 1).await;
     assert_eq!(
@@ -438,6 +464,11 @@ async fn node_scope_asks_for_and_keeps_its_pods() {
         "only n1's pods"
     );
     assert_eq!(s.state.nodes.len(), 2, "every node");
+    assert_eq!(
+        api_backends(&s),
+        ["10.1.2.5:8080"],
+        "every EndpointSlice: a backend on another node too"
+    );
     em.create(&pod("p3", "n2", "10.1.2.6"));
     em.create(&pod("p4", "n1", "10.1.1.8"));
     let s = src.until("p4", |s| s.state.pods.contains_key(&key("p4"))).await;
@@ -462,6 +493,15 @@ async fn node_scope_asks_for_and_keeps_its_pods() {
         .filter(|r| r["path"] == "/api/v1/nodes")
         .count();
     assert!(node_requests > 0);
+    let slice_requests: Vec<Value> = em
+        .requests()
+        .into_iter()
+        .filter(|r| r["path"] == "/apis/discovery.k8s.io/v1/endpointslices")
+        .collect();
+    assert!(!slice_requests.is_empty());
+    for r in &slice_requests {
+        assert!(r["params"].get("fieldSelector").is_none(), "{r}");
+    }
 }
 
 #[tokio::test]
@@ -738,4 +778,115 @@ async fn network_policies_are_watched_and_bad_updates_keep_the_previous_version(
         })
         .await;
     assert!(s.state.network_policies.contains_key(&mesh_key));
+}
+
+/// The backends of service `shop/api` in a snapshot, as `address:port`.
+fn api_backends(s: &Snapshot) -> Vec<String> {
+    s.state
+        .services
+        .get(&key("api"))
+        .map(|svc| mesh_model::service::endpoints(&s.state, svc))
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            let port = e.ports.first().map_or(0, |p| p.port);
+            format!("{}:{port}", e.ipv4)
+        })
+        .collect()
+}
+
+/// EndpointSlices are watched and decide the service's backends instead of its selector: the initial list, a
+/// new slice, an endpoint turning not ready, deletes (with no slice left, the selector again); a malformed slice
+/// is skipped and reported while the others apply, and applies once fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_slices_decide_service_backends() {
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    // The selector would give p1 and p2 (10.1.1.5, 10.1.2.5); the slice says p1 and an address of no known pod.
+    let a = endpoint_slice(
+        "api-a",
+        &[("10.1.1.5", true, Some("p1")), ("10.1.3.7", true, None)],
+    );
+    em.create(&a);
+    let bad = endpoint_slice("api-bad", &[("10.1.1.300", true, None)]);
+    em.create(&bad);
+    let mut src = Source::start(&em, Scope::Cluster);
+
+    let s = src.until("initial lists", |s| s.generation >= 1).await;
+    let slices: Vec<&str> = s.state.endpoint_slices.keys().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(slices, ["api-a"], "the malformed slice is skipped");
+    let slice = &s.state.endpoint_slices[&key("api-a")];
+    assert_eq!(slice.service.as_deref(), Some("api"));
+    assert_eq!(slice.endpoints[0].node_name.as_deref(), Some("n1"));
+    assert_eq!(
+        slice.endpoints[0].pod.as_ref().map(|p| p.name.as_str()),
+        Some("p1")
+    );
+    assert_eq!(s.errors.len(), 1, "{:?}", s.errors);
+    assert!(
+        s.errors[0].contains("EndpointSlice shop/api-bad")
+            && s.errors[0].contains("endpoints[0].addresses[0]"),
+        "{:?}",
+        s.errors
+    );
+    assert_eq!(api_backends(&s), ["10.1.1.5:8080", "10.1.3.7:8080"]);
+
+    // Add: a second slice of the same service.
+    let b = endpoint_slice("api-b", &[("10.1.2.5", true, Some("p2"))]);
+    em.create(&b);
+    let s = src.until("api-b added", |s| api_backends(s).len() == 3).await;
+    assert_eq!(
+        api_backends(&s),
+        ["10.1.1.5:8080", "10.1.2.5:8080", "10.1.3.7:8080"]
+    );
+
+    // Update: p1's endpoint is no longer ready; it stops being a backend.
+    em.patch(
+        &a,
+        &json!({"endpoints": slice_endpoints(&[("10.1.1.5", false, Some("p1")), ("10.1.3.7", true, None)])}),
+    );
+    let s = src
+        .until("10.1.1.5 not ready", |s| {
+            !api_backends(s).contains(&"10.1.1.5:8080".to_owned())
+        })
+        .await;
+    assert_eq!(api_backends(&s), ["10.1.2.5:8080", "10.1.3.7:8080"]);
+    assert_eq!(
+        s.state.endpoint_slices[&key("api-a")].endpoints[0]
+            .conditions
+            .ready,
+        Some(false)
+    );
+
+    // The malformed slice fixed: it applies and its error goes.
+    em.patch(
+        &bad,
+        &json!({"endpoints": slice_endpoints(&[("10.1.1.30", true, None)])}),
+    );
+    let s = src.until("api-bad fixed", |s| s.errors.is_empty()).await;
+    assert_eq!(
+        api_backends(&s),
+        ["10.1.1.30:8080", "10.1.2.5:8080", "10.1.3.7:8080"]
+    );
+
+    // Delete: a slice's endpoints go with it; with no slice left, the selector decides again.
+    em.delete(&b);
+    let s = src
+        .until("api-b deleted", |s| {
+            !s.state.endpoint_slices.contains_key(&key("api-b"))
+        })
+        .await;
+    assert_eq!(api_backends(&s), ["10.1.1.30:8080", "10.1.3.7:8080"]);
+    em.delete(&a);
+    em.delete(&bad);
+    let s = src
+        .until("every slice deleted", |s| s.state.endpoint_slices.is_empty())
+        .await;
+    assert_eq!(
+        api_backends(&s),
+        ["10.1.1.5:8080", "10.1.2.5:8080"],
+        "the pods matching the selector"
+    );
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
 }

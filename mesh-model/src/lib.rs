@@ -14,4 +14,7 @@ pub mod state;
 pub mod traffic;
 
 pub use cluster::{ClusterId, ClusterName, ClusterNameError};
-pub use state::{ClusterState, ContainerPort, Namespace, Node, Pod, Protocol, Service, ServicePort};
+pub use state::{
+    AddressType, ClusterState, ContainerPort, EndpointConditions, EndpointSlice, EndpointSlicePort,
+    Namespace, Node, Pod, PodRef, Protocol, Service, ServicePort, SliceEndpoint,
+};

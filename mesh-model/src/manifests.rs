@@ -7,13 +7,17 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::api::networking::v1 as networking;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 
 use crate::policy::{self, MeshNetworkPolicySpec, Policy, PolicyKind};
-use crate::state::{ContainerPort, Namespace, Node, Pod, Protocol, Service, ServicePort};
+use crate::state::{
+    AddressType, ContainerPort, EndpointConditions, EndpointSlice, EndpointSlicePort, LABEL_SERVICE_NAME,
+    Namespace, Node, Pod, PodRef, Protocol, Service, ServicePort, SliceEndpoint,
+};
 use crate::traffic::{self, StagedRollout, StagedRolloutSpec, TrafficPolicy, TrafficPolicySpec};
 
 /// apiVersion of the Kubernetes Multi-Cluster Services API objects.
@@ -108,6 +112,8 @@ pub enum Object {
     /// A Kubernetes `NetworkPolicy` (networking.k8s.io/v1) or a fleetmesh `MeshNetworkPolicy`
     /// (fleetmesh.io/v1alpha1), told apart by [`Policy::kind`].
     NetworkPolicy(Policy),
+    /// An `EndpointSlice` (discovery.k8s.io/v1): backends of the service its label names.
+    EndpointSlice(EndpointSlice),
 }
 
 impl Object {
@@ -123,6 +129,7 @@ impl Object {
             Object::TrafficPolicy(t) => format!("TrafficPolicy {}/{}", t.namespace, t.name),
             Object::StagedRollout(r) => format!("StagedRollout {}/{}", r.namespace, r.name),
             Object::NetworkPolicy(p) => p.describe(),
+            Object::EndpointSlice(s) => format!("EndpointSlice {}/{}", s.namespace, s.name),
         }
     }
 }
@@ -265,6 +272,17 @@ pub fn from_service(origin: &str, s: &core::Service) -> Result<Service, Manifest
     service(&Ctx::api(origin, "Service", &s.metadata, true), s)
 }
 
+/// Converts an EndpointSlice object with the manifest rules.
+///
+/// # Errors
+/// Invalid name, namespace, address type, addresses (for the address type), ports or protocols.
+pub fn from_endpoint_slice(
+    origin: &str,
+    s: &discovery::EndpointSlice,
+) -> Result<EndpointSlice, ManifestError> {
+    endpoint_slice(&Ctx::api(origin, "EndpointSlice", &s.metadata, true), s)
+}
+
 /// Converts a typed NetworkPolicy object with the manifest rules. The typed object has lost any unknown field
 /// already; to refuse those, convert the JSON with [`from_value`].
 ///
@@ -366,6 +384,10 @@ fn object(mut ctx: Ctx<'_>, value: serde_yaml::Value) -> Result<Object, Manifest
                 spec: r.spec,
             })
         }
+        "EndpointSlice" => Object::EndpointSlice(endpoint_slice(
+            &ctx,
+            &typed::<discovery::EndpointSlice>(&ctx, value)?,
+        )?),
         "NetworkPolicy" => Object::NetworkPolicy(network_policy(
             &ctx,
             &typed::<networking::NetworkPolicy>(&ctx, value)?,
@@ -394,8 +416,8 @@ fn object(mut ctx: Ctx<'_>, value: serde_yaml::Value) -> Result<Object, Manifest
             return Err(ctx.err(
                 Some("kind"),
                 format!(
-                    "kind {other:?} is not supported here (Node, Namespace, Pod, Service, ServiceExport, \
-                     TrafficPolicy, StagedRollout, NetworkPolicy, MeshNetworkPolicy)"
+                    "kind {other:?} is not supported here (Node, Namespace, Pod, Service, EndpointSlice, \
+                     ServiceExport, TrafficPolicy, StagedRollout, NetworkPolicy, MeshNetworkPolicy)"
                 ),
             ));
         }
@@ -631,6 +653,100 @@ fn service(ctx: &Ctx<'_>, s: &core::Service) -> Result<Service, ManifestError> {
     })
 }
 
+fn endpoint_slice(ctx: &Ctx<'_>, s: &discovery::EndpointSlice) -> Result<EndpointSlice, ManifestError> {
+    let name = name_of(ctx, &s.metadata)?;
+    let namespace = namespace_of(ctx, &s.metadata)?;
+    let service = s
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        .cloned();
+    if let Some(svc) = &service
+        && !is_dns_label_like(svc)
+    {
+        return Err(ctx.err(
+            Some(&format!("metadata.labels.{LABEL_SERVICE_NAME}")),
+            format!("{svc:?} is not a valid service name"),
+        ));
+    }
+    let address_type = AddressType::parse(&s.address_type).map_err(|m| ctx.err(Some("addressType"), m))?;
+    let mut ports: Vec<EndpointSlicePort> = Vec::new();
+    for (i, p) in s.ports.iter().flatten().enumerate() {
+        let field = format!("ports[{i}]");
+        let port = match p.port {
+            None => None,
+            Some(n) => Some(port_number(ctx, &format!("{field}.port"), n)?),
+        };
+        let protocol = Protocol::parse(p.protocol.as_deref())
+            .map_err(|m| ctx.err(Some(&format!("{field}.protocol")), m))?;
+        let name = p.name.clone().unwrap_or_default();
+        if ports.iter().any(|q| q.name == name) {
+            return Err(ctx.err(
+                Some(&format!("{field}.name")),
+                format!("port name {name:?} is used twice"),
+            ));
+        }
+        ports.push(EndpointSlicePort { name, port, protocol });
+    }
+    let mut endpoints = Vec::new();
+    for (i, e) in s.endpoints.iter().flatten().enumerate() {
+        let field = format!("endpoints[{i}]");
+        if e.addresses.is_empty() {
+            return Err(ctx.err(
+                Some(&format!("{field}.addresses")),
+                "an endpoint needs at least one address",
+            ));
+        }
+        for (j, a) in e.addresses.iter().enumerate() {
+            let ok = match address_type {
+                AddressType::IPv4 => a.parse::<Ipv4Addr>().is_ok(),
+                AddressType::IPv6 => a.parse::<std::net::Ipv6Addr>().is_ok(),
+                AddressType::Fqdn => is_dns_label_like(a),
+            };
+            if !ok {
+                return Err(ctx.err(
+                    Some(&format!("{field}.addresses[{j}]")),
+                    format!("{a:?} is not an address of type {}", s.address_type),
+                ));
+            }
+        }
+        let conditions = e
+            .conditions
+            .as_ref()
+            .map_or_else(EndpointConditions::default, |c| EndpointConditions {
+                ready: c.ready,
+                serving: c.serving,
+                terminating: c.terminating,
+            });
+        let pod = e
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .and_then(|r| {
+                Some(PodRef {
+                    namespace: r.namespace.clone().unwrap_or_else(|| namespace.clone()),
+                    name: r.name.clone()?,
+                })
+            });
+        endpoints.push(SliceEndpoint {
+            addresses: e.addresses.clone(),
+            conditions,
+            node_name: e.node_name.clone(),
+            pod,
+            zone: e.zone.clone(),
+        });
+    }
+    Ok(EndpointSlice {
+        namespace,
+        name,
+        service,
+        address_type,
+        ports,
+        endpoints,
+    })
+}
+
 /// Objects of several files merged into one state; a second object with the same identity is an error.
 ///
 /// # Errors
@@ -678,6 +794,11 @@ pub fn merge<'a>(
                 }
                 Object::NetworkPolicy(p) => {
                     state.insert_network_policy(p.clone());
+                }
+                Object::EndpointSlice(e) => {
+                    state
+                        .endpoint_slices
+                        .insert((e.namespace.clone(), e.name.clone()), e.clone());
                 }
             }
         }
@@ -1094,6 +1215,130 @@ spec:
         assert_eq!(e.field.as_deref(), Some("spec.ingress[0].bogus"), "{e}");
         let typed: networking::NetworkPolicy = serde_yaml::from_str(NETPOL).expect("typed");
         assert_eq!(&from_network_policy("kubernetes", &typed).expect("valid"), k);
+    }
+
+    const SLICE: &str = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: api-abc12
+  namespace: shop
+  labels: {kubernetes.io/service-name: api}
+addressType: IPv4
+ports:
+  - {name: http, port: 8080, protocol: TCP}
+  - {name: dns, port: 5353, protocol: UDP}
+endpoints:
+  - addresses: [10.1.0.2]
+    conditions: {ready: true, serving: true, terminating: false}
+    nodeName: east-node-1
+    zone: a
+    targetRef: {kind: Pod, name: api-1, namespace: shop, uid: u1}
+  - addresses: [10.1.0.3]
+";
+
+    #[test]
+    fn endpoint_slices_are_parsed_and_checked() {
+        let objs = parse_str("eps.yaml", SLICE).expect("valid");
+        let [Object::EndpointSlice(s)] = objs.as_slice() else {
+            panic!("{objs:?}")
+        };
+        assert_eq!(
+            s,
+            &EndpointSlice {
+                namespace: "shop".into(),
+                name: "api-abc12".into(),
+                service: Some("api".into()),
+                address_type: AddressType::IPv4,
+                ports: vec![
+                    EndpointSlicePort {
+                        name: "http".into(),
+                        port: Some(8080),
+                        protocol: Protocol::Tcp
+                    },
+                    EndpointSlicePort {
+                        name: "dns".into(),
+                        port: Some(5353),
+                        protocol: Protocol::Udp
+                    },
+                ],
+                endpoints: vec![
+                    SliceEndpoint {
+                        addresses: vec!["10.1.0.2".into()],
+                        conditions: EndpointConditions {
+                            ready: Some(true),
+                            serving: Some(true),
+                            terminating: Some(false)
+                        },
+                        node_name: Some("east-node-1".into()),
+                        pod: Some(PodRef {
+                            namespace: "shop".into(),
+                            name: "api-1".into()
+                        }),
+                        zone: Some("a".into()),
+                    },
+                    SliceEndpoint {
+                        addresses: vec!["10.1.0.3".into()],
+                        conditions: EndpointConditions::default(),
+                        node_name: None,
+                        pod: None,
+                        zone: None,
+                    },
+                ],
+            }
+        );
+        let state = merge([("eps.yaml", objs.as_slice())]).expect("merge");
+        assert_eq!(state.slices_of("shop", "api").count(), 1);
+        // Other address types are kept (and ignored for backends), with their own address rules.
+        let v6 = SLICE
+            .replace("IPv4", "IPv6")
+            .replace("10.1.0.2", "'fd00::2'")
+            .replace("10.1.0.3", "'fd00::3'");
+        assert!(parse_str("eps.yaml", &v6).is_ok(), "{v6}");
+        for (text, field) in [
+            (SLICE.replace("IPv4", "IPv5"), "addressType"),
+            (
+                SLICE.replace("10.1.0.3", "10.1.0.300"),
+                "endpoints[1].addresses[0]",
+            ),
+            (SLICE.replace("IPv4", "IPv6"), "endpoints[0].addresses[0]"),
+            (SLICE.replace("[10.1.0.3]", "[]"), "endpoints[1].addresses"),
+            (SLICE.replace("port: 8080", "port: 0"), "ports[0].port"),
+            (
+                SLICE.replace("protocol: UDP", "protocol: SCTP"),
+                "ports[1].protocol",
+            ),
+            (SLICE.replace("name: dns", "name: http"), "ports[1].name"),
+            (SLICE.replace("zone: a", "zones: a"), "endpoints[0].zones"),
+            (
+                SLICE.replace("service-name: api", "service-name: Api"),
+                "metadata.labels.kubernetes.io/service-name",
+            ),
+            (SLICE.replace("addressType: IPv4\n", ""), "addressType"),
+        ] {
+            let e = parse_str("eps.yaml", &text).expect_err(&text);
+            assert!(
+                e.field.as_deref().is_some_and(|f| f.starts_with(field)) || e.message.contains(field),
+                "{field}: {e}"
+            );
+            assert_eq!(e.object.as_deref(), Some("EndpointSlice shop/api-abc12"), "{e}");
+        }
+        let e = parse_str(
+            "eps.yaml",
+            &SLICE.replace("discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"),
+        )
+        .expect_err("old version");
+        assert!(e.to_string().contains("EndpointSlice shop/api-abc12"), "{e}");
+        // From the API server: the same rules.
+        let typed: discovery::EndpointSlice = serde_yaml::from_str(SLICE).expect("typed");
+        assert_eq!(&from_endpoint_slice("kubernetes", &typed).expect("valid"), s);
+        let bad: discovery::EndpointSlice =
+            serde_yaml::from_str(&SLICE.replace("10.1.0.3", "not-an-ip")).expect("typed");
+        let e = from_endpoint_slice("kubernetes", &bad).expect_err("bad address");
+        assert!(
+            e.to_string()
+                .starts_with("kubernetes, EndpointSlice shop/api-abc12, field endpoints[1].addresses[0]"),
+            "{e}"
+        );
     }
 
     #[test]

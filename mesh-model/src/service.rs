@@ -1,5 +1,6 @@
 //! Services across clusters: which services are global (Cilium's annotations or an MCS `ServiceExport`), and
-//! which pods back a service (its endpoints), computed from the state model.
+//! which pods back a service (its endpoints), computed from the state model: from the service's EndpointSlices
+//! when the cluster has any for it, else from the pods its selector matches.
 //!
 //! Annotations accepted, as Cilium defines them, so Cilium users move over unchanged:
 //! - `service.cilium.io/global: "true"|"false"`: merge backends of same-named services in the same namespace
@@ -17,7 +18,9 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{ClusterState, Pod, Protocol, Service, ServicePort};
+use crate::state::{
+    AddressType, ClusterState, EndpointSlice, Pod, Protocol, Service, ServicePort, SliceEndpoint,
+};
 
 pub const ANNOTATION_GLOBAL: &str = "service.cilium.io/global";
 pub const ANNOTATION_SHARED: &str = "service.cilium.io/shared";
@@ -111,9 +114,11 @@ pub struct BackendPort {
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     pub ipv4: Ipv4Addr,
+    /// `namespace/name` of the pod; empty for an EndpointSlice endpoint that names no pod.
     pub pod: String,
     pub ports: Vec<BackendPort>,
-    /// The pod's capacity (annotation `fleetmesh.io/capacity`, 1 when absent or invalid).
+    /// The pod's capacity (annotation `fleetmesh.io/capacity`, 1 when absent or invalid, or when the pod is not
+    /// known).
     pub capacity: u32,
 }
 
@@ -137,9 +142,21 @@ pub fn target_port(sp: &ServicePort, pod: &Pod) -> Option<u16> {
     }
 }
 
-/// Ready endpoints of a service: pods of its namespace matching its (non-empty) selector that have an address.
+/// Ready endpoints of a service. When the cluster has at least one EndpointSlice for the service (label
+/// `kubernetes.io/service-name`), they come from its slices ([`slice_endpoints`]); else they are the pods of its
+/// namespace matching its (non-empty) selector that have an address.
 #[must_use]
 pub fn endpoints(state: &ClusterState, svc: &Service) -> Vec<Endpoint> {
+    let mut slices = state.slices_of(&svc.namespace, &svc.name).peekable();
+    if slices.peek().is_some() {
+        return slice_endpoints(state, svc, slices);
+    }
+    selector_endpoints(state, svc)
+}
+
+/// Endpoints from the pods matching the service's selector (the path without EndpointSlices: the manifests
+/// directories of the lab and of edge nodes).
+fn selector_endpoints(state: &ClusterState, svc: &Service) -> Vec<Endpoint> {
     if svc.selector.is_empty() {
         return Vec::new();
     }
@@ -168,6 +185,78 @@ pub fn endpoints(state: &ClusterState, svc: &Service) -> Vec<Endpoint> {
             })
         })
         .collect()
+}
+
+/// Endpoints of a service from its EndpointSlices, as kube-proxy picks them:
+/// - IPv4 slices only, and the first address of each endpoint;
+/// - an endpoint is a backend when ready (an absent condition is ready); when no (IPv4) endpoint of the service
+///   is ready, the endpoints that are serving and terminating are (graceful termination);
+/// - each service port maps to the slice port of the same name (empty for an unnamed port) and protocol, whose
+///   number is the target port already resolved; a service port without one has no backend port there;
+/// - the capacity is that of the pod the endpoint's `targetRef` names, when the state knows the pod, else 1;
+/// - an address in several slices counts once (the first slice by name).
+#[must_use]
+pub fn slice_endpoints<'a>(
+    state: &ClusterState,
+    svc: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Vec<Endpoint> {
+    let candidates: Vec<(&EndpointSlice, &SliceEndpoint, Ipv4Addr)> = slices
+        .into_iter()
+        .filter(|s| s.address_type == AddressType::IPv4)
+        .flat_map(|s| {
+            s.endpoints
+                .iter()
+                .filter_map(move |e| Some((s, e, e.addresses.first()?.parse().ok()?)))
+        })
+        .collect();
+    let any_ready = candidates.iter().any(|(_, e, _)| e.conditions.is_ready());
+    let mut out: BTreeMap<Ipv4Addr, Endpoint> = BTreeMap::new();
+    for (slice, e, ipv4) in candidates {
+        let c = &e.conditions;
+        let usable = if any_ready {
+            c.is_ready()
+        } else {
+            c.is_serving() && c.is_terminating()
+        };
+        if !usable || out.contains_key(&ipv4) {
+            continue;
+        }
+        let ports = svc
+            .ports
+            .iter()
+            .filter_map(|sp| {
+                let name = sp.name.as_deref().unwrap_or_default();
+                let p = slice
+                    .ports
+                    .iter()
+                    .find(|p| p.name == name && p.protocol == sp.protocol)?;
+                Some(BackendPort {
+                    name: name.to_owned(),
+                    port: p.port?,
+                    protocol: sp.protocol,
+                })
+            })
+            .collect();
+        let pod = e
+            .pod
+            .as_ref()
+            .and_then(|r| state.pods.get(&(r.namespace.clone(), r.name.clone())));
+        out.insert(
+            ipv4,
+            Endpoint {
+                ipv4,
+                pod: e
+                    .pod
+                    .as_ref()
+                    .map(|r| format!("{}/{}", r.namespace, r.name))
+                    .unwrap_or_default(),
+                ports,
+                capacity: pod.map_or(1, |p| crate::traffic::capacity(&p.annotations).unwrap_or(1)),
+            },
+        );
+    }
+    out.into_values().collect()
 }
 
 #[cfg(test)]
@@ -281,5 +370,300 @@ mod tests {
                 },
             ]
         );
+    }
+    use crate::state::{EndpointConditions, EndpointSlicePort, PodRef};
+
+    fn cond(ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>) -> EndpointConditions {
+        EndpointConditions {
+            ready,
+            serving,
+            terminating,
+        }
+    }
+
+    fn ep(ip: &str, conditions: EndpointConditions, pod: Option<&str>) -> SliceEndpoint {
+        SliceEndpoint {
+            addresses: vec![ip.to_owned()],
+            conditions,
+            node_name: None,
+            pod: pod.map(|name| PodRef {
+                namespace: "shop".into(),
+                name: name.into(),
+            }),
+            zone: None,
+        }
+    }
+
+    fn slice_port(name: &str, port: Option<u16>, protocol: Protocol) -> EndpointSlicePort {
+        EndpointSlicePort {
+            name: name.into(),
+            port,
+            protocol,
+        }
+    }
+
+    /// A slice of service `shop/<service>` with the ports of [`svc`] (http -> 8080/TCP, dns -> 5353/UDP).
+    fn slice(name: &str, service: &str, endpoints: Vec<SliceEndpoint>) -> EndpointSlice {
+        EndpointSlice {
+            namespace: "shop".into(),
+            name: name.into(),
+            service: Some(service.into()),
+            address_type: AddressType::IPv4,
+            ports: vec![
+                slice_port("http", Some(8080), Protocol::Tcp),
+                slice_port("dns", Some(5353), Protocol::Udp),
+            ],
+            endpoints,
+        }
+    }
+
+    fn with_slices(slices: Vec<EndpointSlice>) -> ClusterState {
+        let mut st = ClusterState::default();
+        for s in slices {
+            st.endpoint_slices
+                .insert((s.namespace.clone(), s.name.clone()), s);
+        }
+        st
+    }
+
+    fn ips(eps: &[Endpoint]) -> Vec<String> {
+        eps.iter().map(|e| e.ipv4.to_string()).collect()
+    }
+
+    fn api_pod(name: &str, ip: [u8; 4], annotations: &[(&str, &str)]) -> Pod {
+        Pod {
+            namespace: "shop".into(),
+            name: name.into(),
+            labels: [("app".to_owned(), "api".to_owned())].into(),
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            node_name: None,
+            ipv4: Some(Ipv4Addr::from(ip)),
+            ports: vec![ContainerPort {
+                name: Some("web".into()),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+        }
+    }
+
+    const OPTIONS: [Option<bool>; 3] = [None, Some(true), Some(false)];
+
+    /// Every combination of the three conditions, alone and beside a ready endpoint: ready (absent = ready) is a
+    /// backend; not ready is one only when nothing is ready and it is serving (absent = serving) and terminating
+    /// (absent = not terminating).
+    #[test]
+    fn slice_conditions_every_combination() {
+        for ready in OPTIONS {
+            for serving in OPTIONS {
+                for terminating in OPTIONS {
+                    let c = cond(ready, serving, terminating);
+                    let is_ready = ready != Some(false);
+                    let fallback = serving != Some(false) && terminating == Some(true);
+                    let alone = with_slices(vec![slice("api-1", "api", vec![ep("10.1.0.2", c, None)])]);
+                    assert_eq!(
+                        endpoints(&alone, &svc(&[])).len(),
+                        usize::from(is_ready || fallback),
+                        "alone: {c:?}"
+                    );
+                    let beside_ready = with_slices(vec![slice(
+                        "api-1",
+                        "api",
+                        vec![
+                            ep("10.1.0.2", c, None),
+                            ep("10.1.0.9", cond(Some(true), None, None), None),
+                        ],
+                    )]);
+                    let got = ips(&endpoints(&beside_ready, &svc(&[])));
+                    let want: Vec<&str> = if is_ready {
+                        vec!["10.1.0.2", "10.1.0.9"]
+                    } else {
+                        vec!["10.1.0.9"]
+                    };
+                    assert_eq!(got, want, "beside a ready endpoint: {c:?}");
+                }
+            }
+        }
+    }
+
+    /// While any endpoint of the service is ready (in any of its slices), terminating ones are not used; when
+    /// none is, the serving terminating ones are, and not the ones that stopped serving.
+    #[test]
+    fn terminating_endpoints_are_a_fallback_across_slices() {
+        let terminating = cond(Some(false), Some(true), Some(true));
+        let stopped = cond(Some(false), Some(false), Some(true));
+        let not_ready = cond(Some(false), Some(false), Some(false));
+        let mut st = with_slices(vec![
+            slice(
+                "api-1",
+                "api",
+                vec![ep("10.1.0.2", terminating, None), ep("10.1.0.3", stopped, None)],
+            ),
+            slice(
+                "api-2",
+                "api",
+                vec![ep("10.1.0.4", not_ready, None), ep("10.1.0.5", terminating, None)],
+            ),
+        ]);
+        assert_eq!(ips(&endpoints(&st, &svc(&[]))), ["10.1.0.2", "10.1.0.5"]);
+        st.endpoint_slices
+            .get_mut(&("shop".to_owned(), "api-2".to_owned()))
+            .expect("slice")
+            .endpoints[0]
+            .conditions = cond(Some(true), Some(true), Some(false));
+        assert_eq!(ips(&endpoints(&st, &svc(&[]))), ["10.1.0.4"]);
+    }
+
+    /// Slices replace the selector for their service only (by the service-name label, in the service's
+    /// namespace); without one the selector still decides.
+    #[test]
+    fn slices_replace_the_selector_of_their_service_only() {
+        let mut st = ClusterState::default();
+        for p in [api_pod("a", [10, 1, 0, 2], &[]), api_pod("b", [10, 1, 0, 3], &[])] {
+            st.pods.insert((p.namespace.clone(), p.name.clone()), p);
+        }
+        assert_eq!(ips(&endpoints(&st, &svc(&[]))), ["10.1.0.2", "10.1.0.3"]);
+        let mut other_ns = slice("api-x", "api", vec![ep("10.9.0.1", cond(None, None, None), None)]);
+        other_ns.namespace = "prod".into();
+        let mut unlabelled = slice("api-y", "api", vec![ep("10.9.0.2", cond(None, None, None), None)]);
+        unlabelled.service = None;
+        for s in [
+            other_ns,
+            unlabelled,
+            slice("web-1", "web", vec![ep("10.9.0.3", cond(None, None, None), None)]),
+        ] {
+            st.endpoint_slices
+                .insert((s.namespace.clone(), s.name.clone()), s);
+        }
+        assert_eq!(
+            ips(&endpoints(&st, &svc(&[]))),
+            ["10.1.0.2", "10.1.0.3"],
+            "no slice of shop/api: the selector"
+        );
+        let s = slice(
+            "api-1",
+            "api",
+            vec![ep("10.1.0.3", cond(Some(false), None, None), Some("b"))],
+        );
+        st.endpoint_slices.insert(("shop".into(), "api-1".into()), s);
+        assert!(
+            endpoints(&st, &svc(&[])).is_empty(),
+            "a slice exists: its (not ready) endpoint decides, not the selector"
+        );
+        // Also for a service without a selector (endpoints managed by hand).
+        let mut no_selector = svc(&[]);
+        no_selector.selector.clear();
+        st.endpoint_slices
+            .get_mut(&("shop".to_owned(), "api-1".to_owned()))
+            .expect("slice")
+            .endpoints[0]
+            .conditions = cond(None, None, None);
+        assert_eq!(ips(&endpoints(&st, &no_selector)), ["10.1.0.3"]);
+    }
+
+    /// Service ports map to slice ports by name and protocol; unnamed to unnamed; a port the slice lacks, or
+    /// gives no number, is missing from the backend.
+    #[test]
+    fn slice_ports_match_service_ports_by_name() {
+        let mut s = slice("api-1", "api", vec![ep("10.1.0.2", cond(None, None, None), None)]);
+        s.ports = vec![
+            slice_port("metrics", Some(9090), Protocol::Tcp),
+            slice_port("http", Some(8081), Protocol::Tcp),
+            slice_port("dns", Some(5353), Protocol::Tcp),
+        ];
+        let st = with_slices(vec![s.clone()]);
+        let eps = endpoints(&st, &svc(&[]));
+        assert_eq!(
+            eps[0].ports,
+            [BackendPort {
+                name: "http".into(),
+                port: 8081,
+                protocol: Protocol::Tcp
+            }],
+            "dns is UDP in the service: the TCP slice port of that name is not it"
+        );
+        s.ports = vec![
+            slice_port("http", None, Protocol::Tcp),
+            slice_port("dns", Some(5353), Protocol::Udp),
+        ];
+        let eps = endpoints(&with_slices(vec![s.clone()]), &svc(&[]));
+        assert_eq!(
+            eps[0].ports,
+            [BackendPort {
+                name: "dns".into(),
+                port: 5353,
+                protocol: Protocol::Udp
+            }],
+            "a slice port without a number gives no backend port"
+        );
+        let mut unnamed = svc(&[]);
+        unnamed.ports = vec![ServicePort {
+            name: None,
+            port: 80,
+            protocol: Protocol::Tcp,
+            target_port: Some("web".into()),
+        }];
+        s.ports = vec![slice_port("", Some(8080), Protocol::Tcp)];
+        let eps = endpoints(&with_slices(vec![s]), &unnamed);
+        assert_eq!(
+            eps[0].ports,
+            [BackendPort {
+                name: String::new(),
+                port: 8080,
+                protocol: Protocol::Tcp
+            }]
+        );
+    }
+
+    /// Only IPv4 slices count; an address in two slices is one backend, with the ports of the first slice.
+    #[test]
+    fn slices_ipv4_only_and_addresses_once() {
+        let mut v6 = slice("api-v6", "api", vec![ep("fd00::2", cond(None, None, None), None)]);
+        v6.address_type = AddressType::IPv6;
+        let mut fqdn = slice(
+            "api-dns",
+            "api",
+            vec![ep("api.example", cond(None, None, None), None)],
+        );
+        fqdn.address_type = AddressType::Fqdn;
+        let mut second = slice("api-2", "api", vec![ep("10.1.0.2", cond(None, None, None), None)]);
+        second.ports = vec![slice_port("http", Some(9999), Protocol::Tcp)];
+        let st = with_slices(vec![
+            v6,
+            fqdn,
+            slice("api-1", "api", vec![ep("10.1.0.2", cond(None, None, None), None)]),
+            second,
+        ]);
+        let eps = endpoints(&st, &svc(&[]));
+        assert_eq!(ips(&eps), ["10.1.0.2"]);
+        assert_eq!(eps[0].ports[0].port, 8080, "from api-1, the first by name");
+        assert_eq!(eps[0].ports.len(), 2);
+        let only_v6 = with_slices(vec![{
+            let mut s = slice("api-v6", "api", vec![ep("fd00::2", cond(None, None, None), None)]);
+            s.address_type = AddressType::IPv6;
+            s
+        }]);
+        assert!(endpoints(&only_v6, &svc(&[])).is_empty());
+    }
+
+    /// The capacity comes from the pod a slice endpoint names, when known; else 1.
+    #[test]
+    fn slice_endpoints_take_the_capacity_of_their_pod() {
+        let mut st = with_slices(vec![slice(
+            "api-1",
+            "api",
+            vec![
+                ep("10.1.0.2", cond(None, None, None), Some("a")),
+                ep("10.1.0.3", cond(None, None, None), Some("gone")),
+                ep("10.1.0.4", cond(None, None, None), None),
+            ],
+        )]);
+        let a = api_pod("a", [10, 1, 0, 2], &[(crate::traffic::ANNOTATION_CAPACITY, "4")]);
+        st.pods.insert(("shop".into(), "a".into()), a);
+        let eps = endpoints(&st, &svc(&[]));
+        let got: Vec<(&str, u32)> = eps.iter().map(|e| (e.pod.as_str(), e.capacity)).collect();
+        assert_eq!(got, [("shop/a", 4), ("shop/gone", 1), ("", 1)]);
     }
 }

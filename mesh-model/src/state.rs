@@ -100,6 +100,101 @@ pub struct Service {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// Label of an EndpointSlice naming the service it belongs to (set by the EndpointSlice controller).
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// The kind of addresses an EndpointSlice holds (`addressType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum AddressType {
+    IPv4,
+    IPv6,
+    #[serde(rename = "FQDN")]
+    Fqdn,
+}
+
+impl AddressType {
+    /// Parses `addressType` as the API defines it.
+    ///
+    /// # Errors
+    /// For anything but `IPv4`, `IPv6` or `FQDN`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "IPv4" => Ok(Self::IPv4),
+            "IPv6" => Ok(Self::IPv6),
+            "FQDN" => Ok(Self::Fqdn),
+            other => Err(format!("address type {other:?} is not IPv4, IPv6 or FQDN")),
+        }
+    }
+}
+
+/// A port of an EndpointSlice: the service port's name (empty for an unnamed one) and the endpoints' port (the
+/// service's targetPort, already resolved by whoever wrote the slice).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSlicePort {
+    pub name: String,
+    /// `None`: the slice says "all ports" (possible only for a service without a selector); no backend port.
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+}
+
+/// Conditions of an EndpointSlice endpoint, as given (`None`: absent). The API's defaults are in the methods.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointConditions {
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+impl EndpointConditions {
+    /// Ready to receive traffic (absent: ready, as the API says).
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.ready.unwrap_or(true)
+    }
+
+    /// Able to receive traffic, terminating or not (absent: serving).
+    #[must_use]
+    pub fn is_serving(&self) -> bool {
+        self.serving.unwrap_or(true)
+    }
+
+    /// Terminating (absent: not terminating).
+    #[must_use]
+    pub fn is_terminating(&self) -> bool {
+        self.terminating.unwrap_or(false)
+    }
+}
+
+/// The pod an EndpointSlice endpoint stands for (its `targetRef` of kind Pod).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceEndpoint {
+    /// At least one, each valid for the slice's address type. Consumers use the first, as kube-proxy does.
+    pub addresses: Vec<String>,
+    pub conditions: EndpointConditions,
+    pub node_name: Option<String>,
+    pub pod: Option<PodRef>,
+    pub zone: Option<String>,
+}
+
+/// An EndpointSlice (discovery.k8s.io/v1): a part of a service's endpoints, with their readiness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    /// The service it belongs to (label `kubernetes.io/service-name`); `None`: no service's.
+    pub service: Option<String>,
+    pub address_type: AddressType,
+    pub ports: Vec<EndpointSlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
 /// Everything known about one cluster, keyed for deterministic iteration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -118,6 +213,10 @@ pub struct ClusterState {
     /// `NetworkPolicy` and `MeshNetworkPolicy` objects (validated), keyed by (kind, namespace, name): the two
     /// kinds may use the same name.
     pub network_policies: BTreeMap<(PolicyKind, String, String), Policy>,
+    /// EndpointSlices, keyed by (namespace, name). When a service has any, its backends come from them
+    /// ([`crate::service::endpoints`]).
+    #[serde(default)]
+    pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
 }
 
 impl ClusterState {
@@ -125,6 +224,19 @@ impl ClusterState {
     pub fn insert_network_policy(&mut self, p: Policy) {
         self.network_policies
             .insert((p.kind, p.namespace.clone(), p.name.clone()), p);
+    }
+
+    /// The EndpointSlices of service `namespace/service` (by their `kubernetes.io/service-name` label).
+    pub fn slices_of<'a>(
+        &'a self,
+        namespace: &'a str,
+        service: &'a str,
+    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+        self.endpoint_slices
+            .range((namespace.to_owned(), String::new())..)
+            .take_while(move |((ns, _), _)| ns == namespace)
+            .map(|(_, s)| s)
+            .filter(move |s| s.service.as_deref() == Some(service))
     }
 
     /// Pods scheduled on `node`.

@@ -33,6 +33,7 @@ const WATCH: &[&str] = &["list", "watch"];
 /// Services, MCS ServiceExports and fleetmesh's TrafficPolicies and StagedRollouts. The agent writes nothing.
 const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
     ("", &["nodes", "pods", "namespaces", "services"], WATCH),
+    ("discovery.k8s.io", &["endpointslices"], WATCH),
     ("multicluster.x-k8s.io", &["serviceexports"], WATCH),
     ("networking.k8s.io", &["networkpolicies"], WATCH),
     (
@@ -46,6 +47,7 @@ const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
 /// writes the status of fleetmesh's objects (mesh-k8s's status writer: a merge patch on `/status`, nothing else).
 const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = &[
     ("", &["nodes", "pods", "namespaces", "services"], WATCH),
+    ("discovery.k8s.io", &["endpointslices"], WATCH),
     ("multicluster.x-k8s.io", &["serviceexports"], WATCH),
     ("networking.k8s.io", &["networkpolicies"], WATCH),
     (
