@@ -87,8 +87,9 @@ pub async fn open(t: &Target) -> Result<Cluster> {
         Some(p) => {
             Kubeconfig::read_from(p).with_context(|| format!("reading the kubeconfig {}", p.display()))?
         }
-        None => Kubeconfig::read()
-            .context("reading the kubeconfig ($KUBECONFIG or ~/.kube/config); pass --kubeconfig FILE")?,
+        None => Kubeconfig::read().map_err(|e| {
+            anyhow!("reading the kubeconfig ($KUBECONFIG or ~/.kube/config): {e}; pass --kubeconfig FILE")
+        })?,
     };
     let context = match &t.context {
         Some(c) => c.clone(),
