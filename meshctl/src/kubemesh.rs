@@ -159,8 +159,8 @@ fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
 }
 
 impl Cluster {
-    fn err(&self, e: kube::Error, what: &str) -> anyhow::Error {
-        match &e {
+    fn err(&self, e: &kube::Error, what: &str) -> anyhow::Error {
+        match e {
             kube::Error::Api(s) if s.code == 401 || s.code == 403 => anyhow!(
                 "context {:?}: not allowed to {what} (HTTP {}: {}); check the context's credentials and RBAC",
                 self.context,
@@ -178,7 +178,7 @@ impl Cluster {
                  and the context is right (`kubectl --context {} cluster-info`)",
                 self.context,
                 self.url,
-                chain(&e),
+                chain(e),
                 self.context
             ),
         }
@@ -202,7 +202,7 @@ impl Cluster {
         match self.api::<K>().get(name).await {
             Ok(o) => Ok(Some(o)),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
-            Err(e) => Err(self.err(e, &format!("get {kind} {}/{name}", self.namespace))),
+            Err(e) => Err(self.err(&e, &format!("get {kind} {}/{name}", self.namespace))),
         }
     }
 
@@ -347,7 +347,7 @@ impl Cluster {
                 let nodes = Api::<Node>::all(self.client.clone())
                     .list(&ListParams::default())
                     .await
-                    .map_err(|e| self.err(e, "list nodes"))?;
+                    .map_err(|e| self.err(&e, "list nodes"))?;
                 let mut hosts: Vec<String> = nodes
                     .items
                     .iter()
@@ -403,7 +403,7 @@ impl Cluster {
                 &Patch::Merge(serde_json::json!({ "data": map })),
             )
             .await
-            .map_err(|e| self.err(e, &format!("update Secret {}/{name}", self.namespace)))?;
+            .map_err(|e| self.err(&e, &format!("update Secret {}/{name}", self.namespace)))?;
         } else {
             let present: BTreeMap<String, ByteString> = data
                 .iter()
@@ -428,7 +428,7 @@ impl Cluster {
             };
             api.create(&PostParams::default(), &s)
                 .await
-                .map_err(|e| self.err(e, &format!("create Secret {}/{name}", self.namespace)))?;
+                .map_err(|e| self.err(&e, &format!("create Secret {}/{name}", self.namespace)))?;
         }
         Ok(())
     }
@@ -860,7 +860,7 @@ pub async fn enable(c: &Cluster, service_type: Option<&str>) -> Result<Enabled> 
                 &Patch::Merge(serde_json::json!({ "spec": { "type": want } })),
             )
             .await
-            .map_err(|e| c.err(e, &format!("change the type of Service {}", c.apiserver_name())))?;
+            .map_err(|e| c.err(&e, &format!("change the type of Service {}", c.apiserver_name())))?;
         patched_from = Some(current.clone());
         kind = want.to_owned();
         notes.push(format!(

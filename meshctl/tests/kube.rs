@@ -53,7 +53,9 @@ impl Spec<'_> {
 }
 
 fn create(emu: &mut KubeEmulator, path: &str, object: Value) {
-    emu.command(&json!({"op": "create", "path": path, "object": object}));
+    let mut cmd = json!({"op": "create", "path": path});
+    cmd["object"] = object;
+    emu.command(&cmd);
 }
 
 fn meta(name: &str) -> Value {
