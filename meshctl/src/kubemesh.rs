@@ -965,11 +965,14 @@ struct Side {
     peers: BTreeMap<String, Option<u16>>,
 }
 
-async fn side(c: &Cluster) -> Result<Side> {
+/// `endpoints`: URLs peers use instead of the Service's addresses (when not empty).
+async fn side(c: &Cluster, endpoints: &[String]) -> Result<Side> {
     let info = c.identity().await?;
     let svc = c.apiserver_service().await?;
     let reach = c.reach(&svc).await?;
-    if let Some(p) = reach.problem {
+    if endpoints.is_empty()
+        && let Some(p) = reach.problem
+    {
         bail!(
             "context {:?}: peers cannot reach Service {} yet: {p} (see `meshctl clustermesh status --context {} \
              --wait`)",
@@ -990,6 +993,16 @@ async fn side(c: &Cluster) -> Result<Side> {
     }
     let (_, server) = c.server_tls_secret().await?;
     let scheme = if server.is_some() { "https" } else { "http" };
+    if let Some(e) = endpoints.iter().find(|e| {
+        let rest = e.strip_prefix(&format!("{scheme}://")).unwrap_or("");
+        rest.is_empty() || rest.contains('/')
+    }) {
+        bail!(
+            "endpoint {e:?} for context {:?} is not an {scheme}://HOST:PORT URL (TLS is {} there)",
+            c.context,
+            if server.is_some() { "on" } else { "off" }
+        );
+    }
     let tls = if server.is_some() {
         let name = c.remote_client_secret();
         let s = c.get::<Secret>(&name, "Secret").await?.ok_or_else(|| {
@@ -1022,11 +1035,15 @@ async fn side(c: &Cluster) -> Result<Side> {
         .collect();
     Ok(Side {
         info,
-        endpoints: reach
-            .addresses
-            .iter()
-            .map(|a| format!("{scheme}://{a}"))
-            .collect(),
+        endpoints: if !endpoints.is_empty() {
+            endpoints.to_vec()
+        } else {
+            reach
+                .addresses
+                .iter()
+                .map(|a| format!("{scheme}://{a}"))
+                .collect()
+        },
         tls,
         secrets,
         peers,
@@ -1103,13 +1120,25 @@ async fn write_peer(a: &Cluster, sa: &Side, b: &Side) -> Result<()> {
     .await
 }
 
+/// Options of [`connect`].
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Replace a different cluster of the same name.
+    pub replace: bool,
+    /// URLs the destination uses to reach the source (default: from the source's Service).
+    pub source_endpoints: Vec<String>,
+    /// URLs the source uses to reach the destination (default: from the destination's Service).
+    pub destination_endpoints: Vec<String>,
+}
+
 /// Connects two clusters both ways.
 ///
 /// # Errors
 /// Same name or id, an id clash with another peer, unreachable clusters, missing Secrets.
-pub async fn connect(a: &Cluster, b: &Cluster, replace: bool) -> Result<(PeerInfo, PeerInfo)> {
-    let sa = side(a).await?;
-    let sb = side(b).await?;
+pub async fn connect(a: &Cluster, b: &Cluster, opts: &ConnectOptions) -> Result<(PeerInfo, PeerInfo)> {
+    let replace = opts.replace;
+    let sa = side(a, &opts.source_endpoints).await?;
+    let sb = side(b, &opts.destination_endpoints).await?;
     if sa.info.name == sb.info.name {
         bail!(
             "contexts {:?} and {:?} are both cluster {:?}: cannot connect a cluster to itself (give each cluster \
@@ -1133,12 +1162,26 @@ pub async fn connect(a: &Cluster, b: &Cluster, replace: bool) -> Result<(PeerInf
     check_pair(&sa, &a.context, &sb, replace)?;
     check_pair(&sb, &b.context, &sa, replace)?;
     write_peer(a, &sa, &sb).await?;
-    write_peer(b, &sb, &sa).await?;
+    if let Err(e) = write_peer(b, &sb, &sa).await {
+        // Leave no half connection behind (unless `a` had the entry before).
+        if sa.peers.contains_key(&sb.info.name) {
+            return Err(e);
+        }
+        return Err(match remove_peer(a, &sa.secrets, &sb.info.name).await {
+            Ok(_) => e.context(format!(
+                "connecting {:?} to {:?} failed; {:?} was left unchanged",
+                sb.info.name, sa.info.name, sa.info.name
+            )),
+            Err(undo) => e.context(format!(
+                "connecting {:?} to {:?} failed, and removing {:?}'s new entry of {:?} failed too ({undo:#}): run                  `meshctl clustermesh disconnect --context {} --destination-context {}`",
+                sb.info.name, sa.info.name, sa.info.name, sb.info.name, a.context, b.context
+            )),
+        });
+    }
     Ok((sa.info, sb.info))
 }
 
-async fn remove_peer(c: &Cluster, ds: &DaemonSet, peer: &str) -> Result<bool> {
-    let secrets = agent_secrets(c, ds);
+async fn remove_peer(c: &Cluster, secrets: &AgentSecrets, peer: &str) -> Result<bool> {
     let mut removed = false;
     if let Some(s) = c.get::<Secret>(&secrets.config, "Secret").await?
         && secret_data(&s).contains_key(peer)
@@ -1173,7 +1216,7 @@ pub async fn disconnect(a: &Cluster, b: &Cluster) -> Result<(PeerInfo, PeerInfo,
     let ib = b.identity().await?;
     let da = a.agent_daemonset().await?;
     let db = b.agent_daemonset().await?;
-    let r1 = remove_peer(a, &da, &ib.name).await?;
-    let r2 = remove_peer(b, &db, &ia.name).await?;
+    let r1 = remove_peer(a, &agent_secrets(a, &da), &ib.name).await?;
+    let r2 = remove_peer(b, &agent_secrets(b, &db), &ia.name).await?;
     Ok((ia, ib, r1 || r2))
 }

@@ -195,6 +195,13 @@ enum ClustermeshCommand {
         /// The kubeconfig context of cluster B (Kubernetes mode; cluster A is --context).
         #[arg(long, conflicts_with = "to")]
         destination_context: Option<String>,
+        /// URL peers use for cluster A's clustermesh-apiserver instead of its Service's addresses (repeat;
+        /// `https://HOST:PORT` with TLS, else `http://`).
+        #[arg(long = "source-endpoint", requires = "destination_context")]
+        source_endpoints: Vec<String>,
+        /// URL for cluster B's clustermesh-apiserver instead of its Service's addresses (repeat).
+        #[arg(long = "destination-endpoint", requires = "destination_context")]
+        destination_endpoints: Vec<String>,
         #[command(flatten)]
         kube: KubeArgs,
         /// Replace a different cluster of the same name that is connected already.
@@ -532,6 +539,8 @@ fn clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<()> {
             to,
             config_dir,
             destination_context,
+            source_endpoints,
+            destination_endpoints,
             kube,
             replace,
         } => {
@@ -539,7 +548,12 @@ fn clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<()> {
                 return kube_command(async move {
                     let a = km::open(&kube.target(kube.context.clone())).await?;
                     let b = km::open(&kube.target(Some(dest))).await?;
-                    let (ia, ib) = km::connect(&a, &b, replace).await?;
+                    let opts = km::ConnectOptions {
+                        replace,
+                        source_endpoints,
+                        destination_endpoints,
+                    };
+                    let (ia, ib) = km::connect(&a, &b, &opts).await?;
                     println!(
                         "connected cluster {} (id {}, context {}) and cluster {} (id {}, context {}) both ways; \
                          agents pick the change up at run time",

@@ -376,7 +376,7 @@ fn connect_writes_both_clusters_and_disconnect_removes_them() {
 }
 
 #[test]
-fn connect_without_tls_writes_http_endpoints_only() {
+fn connect_without_tls_writes_http_endpoints_and_takes_endpoint_overrides() {
     let mut east = KubeEmulator::start(&[]);
     let mut west = KubeEmulator::start(&[]);
     let mut e = Spec::new("east", 1);
@@ -384,17 +384,65 @@ fn connect_without_tls_writes_http_endpoints_only() {
     seed(&mut east, &e);
     let mut w = Spec::new("west", 2);
     w.tls = false;
-    w.node_ip = "10.1.0.1";
+    w.service_type = "LoadBalancer";
     seed(&mut west, &w);
     let dir = tempfile::tempdir().expect("tempdir");
     let kc = kubeconfig(dir.path(), &[("east", east.port), ("west", west.port)]);
+
+    // west's LoadBalancer has no address yet.
     let o = meshctl(
         &kc,
         &["connect", "--context", "east", "--destination-context", "west"],
     );
+    let err = one_line_error(&o);
+    assert!(
+        err.contains(
+            "context \"west\": peers cannot reach Service fleetmesh-clustermesh-apiserver yet: the LoadBalancer has \
+             no ingress address yet"
+        ),
+        "{err}"
+    );
+    let o = meshctl(
+        &kc,
+        &[
+            "connect",
+            "--context",
+            "east",
+            "--destination-context",
+            "west",
+            "--destination-endpoint",
+            "https://198.51.100.7:2379",
+        ],
+    );
+    let err = one_line_error(&o);
+    assert!(
+        err.contains("is not an http://HOST:PORT URL (TLS is off there)"),
+        "{err}"
+    );
+
+    let o = meshctl(
+        &kc,
+        &[
+            "connect",
+            "--context",
+            "east",
+            "--destination-context",
+            "west",
+            "--destination-endpoint",
+            "http://198.51.100.7:2379",
+        ],
+    );
     assert!(o.ok, "{}", o.stderr);
     let cfg = secret(&mut east, "fleetmesh-clustermesh");
-    assert_eq!(unb64(&cfg["west"]), "endpoints:\n- http://10.1.0.1:32379\n");
+    assert_eq!(unb64(&cfg["west"]), "endpoints:\n- http://198.51.100.7:2379\n");
+    let cfg = secret(&mut west, "fleetmesh-clustermesh");
+    assert_eq!(unb64(&cfg["east"]), "endpoints:\n- http://10.0.0.1:32379\n");
+    // No certificates without TLS, only the peer's name and id.
+    let certs = secret(&mut east, "fleetmesh-clustermesh-remote-certs");
+    assert_eq!(
+        certs.as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["west.cluster.yaml".to_owned()])
+    );
 }
 
 #[test]
