@@ -1220,3 +1220,24 @@ pub async fn disconnect(a: &Cluster, b: &Cluster) -> Result<(PeerInfo, PeerInfo,
     let r2 = remove_peer(b, &agent_secrets(b, &db), &ia.name).await?;
     Ok((ia, ib, r1 || r2))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_names_follow_the_charts_fullname() {
+        assert_eq!(fullname("fleetmesh"), "fleetmesh");
+        assert_eq!(fullname("prod-fleetmesh"), "prod-fleetmesh");
+        assert_eq!(fullname("mesh"), "mesh-fleetmesh");
+        assert_eq!(fullname(&"a".repeat(45)).len(), 40);
+        assert_eq!(fullname(&"a".repeat(39)), "a".repeat(39));
+    }
+
+    #[test]
+    fn ipv6_hosts_get_brackets() {
+        assert_eq!(host_port("192.0.2.1", 2379), "192.0.2.1:2379");
+        assert_eq!(host_port("2001:db8::1", 32379), "[2001:db8::1]:32379");
+        assert_eq!(host_port("lb.example.com", 2379), "lb.example.com:2379");
+    }
+}
