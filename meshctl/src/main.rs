@@ -109,6 +109,9 @@ enum Command {
     /// `--cert-file etcd-server.crt --key-file etcd-server.key --trusted-ca-file ca.crt --client-cert-auth` and
     /// https URLs) and `etcd-init` once its etcd is up; its clustermesh-apiserver uses `--etcd-ca ca.crt
     /// --etcd-cert apiserver.crt --etcd-key apiserver.key`; then `connect --from A --to B` for every pair.
+    ///
+    /// With the Helm chart on Kubernetes: `enable --context A`, `status --context A [--wait]`, `connect --context A
+    /// --destination-context B` and `disconnect` work on kubeconfig contexts, like `cilium clustermesh`.
     #[command(subcommand)]
     Clustermesh(ClustermeshCommand),
 }
