@@ -1,3 +1,4 @@
 //! meshctl's library side: what the command line does, usable from tests and tools.
 
 pub mod clustermesh;
+pub mod kubemesh;

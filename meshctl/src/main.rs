@@ -109,6 +109,9 @@ enum Command {
     /// `--cert-file etcd-server.crt --key-file etcd-server.key --trusted-ca-file ca.crt --client-cert-auth` and
     /// https URLs) and `etcd-init` once its etcd is up; its clustermesh-apiserver uses `--etcd-ca ca.crt
     /// --etcd-cert apiserver.crt --etcd-key apiserver.key`; then `connect --from A --to B` for every pair.
+    ///
+    /// With the Helm chart on Kubernetes: `enable --context A`, `status --context A [--wait]`, `connect --context A
+    /// --destination-context B` and `disconnect` work on kubeconfig contexts, like `cilium clustermesh`.
     #[command(subcommand)]
     Clustermesh(ClustermeshCommand),
 }
@@ -169,24 +172,107 @@ enum ClustermeshCommand {
         #[arg(long, default_value = "fleetmesh")]
         prefix: String,
     },
-    /// Give cluster A what it needs to read cluster B's etcd: writes B's CA and read-only client certificate
-    /// into A's clustermesh config directory (`B.tls/`) and the file `B` with `endpoints`, `trusted-ca-file`,
-    /// `cert-file`, `key-file`. Refuses B if it has A's name or id, or the id of another connected cluster.
+    /// Connect two clusters. On Kubernetes (`--context A --destination-context B`, like `cilium clustermesh
+    /// connect`): reads each cluster's name, id, clustermesh-apiserver address and, with TLS, the CA and read-only
+    /// client certificate it hands to peers (Secret `<release>-clustermesh-remote-client`), and writes the other
+    /// cluster's entry into the agents' clustermesh config Secret and its certificates into
+    /// `<release>-clustermesh-remote-certs`, in both clusters. Offline (`--from A --to B`): gives cluster A what
+    /// it needs to read cluster B's etcd: writes B's CA and read-only client certificate into A's clustermesh
+    /// config directory (`B.tls/`) and the file `B` with `endpoints`, `trusted-ca-file`, `cert-file`, `key-file`.
+    /// Either way refuses B if it has A's name or id, or the id of another connected cluster.
     Connect {
         /// Cluster A's folder (made by `cluster-certs`).
-        #[arg(long)]
-        from: PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "destination_context",
+            conflicts_with = "destination_context"
+        )]
+        from: Option<PathBuf>,
         /// Cluster B's folder (repeat to connect A to several clusters).
-        #[arg(long, required = true)]
+        #[arg(long, required_unless_present = "destination_context")]
         to: Vec<PathBuf>,
         /// Cluster A's clustermesh config directory (what its agents get as --clustermesh-config); default
         /// FROM/clustermesh.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "destination_context")]
         config_dir: Option<PathBuf>,
+        /// The kubeconfig context of cluster B (Kubernetes mode; cluster A is --context).
+        #[arg(long, conflicts_with = "to")]
+        destination_context: Option<String>,
+        /// URL peers use for cluster A's clustermesh-apiserver instead of its Service's addresses (repeat;
+        /// `https://HOST:PORT` with TLS, else `http://`).
+        #[arg(long = "source-endpoint", requires = "destination_context")]
+        source_endpoints: Vec<String>,
+        /// URL for cluster B's clustermesh-apiserver instead of its Service's addresses (repeat).
+        #[arg(long = "destination-endpoint", requires = "destination_context")]
+        destination_endpoints: Vec<String>,
+        #[command(flatten)]
+        kube: KubeArgs,
         /// Replace a different cluster of the same name that is connected already.
         #[arg(long)]
         replace: bool,
     },
+    /// Remove the entries two connected clusters have of each other (Kubernetes; both directions).
+    Disconnect {
+        /// The kubeconfig context of the other cluster.
+        #[arg(long)]
+        destination_context: String,
+        #[command(flatten)]
+        kube: KubeArgs,
+    },
+    /// Cluster mesh state of a cluster with the fleetmesh chart: name and id, how peers reach its
+    /// clustermesh-apiserver (LoadBalancer ingress, or node port and node addresses), TLS Secrets, connected
+    /// peers and the agents' readiness.
+    Status {
+        #[command(flatten)]
+        kube: KubeArgs,
+        /// Wait until the clustermesh-apiserver's Service has an address and every agent is ready.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits (e.g. 5m, 30s).
+        #[arg(long, default_value = "5m", value_parser = mesh_model::duration::parse_duration)]
+        wait_timeout: std::time::Duration,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that a cluster is ready for the mesh: chart installed, the clustermesh-apiserver's Service of a
+    /// type peers can reach (changed to --service-type when given), TLS Secrets present (or the commands that
+    /// make them).
+    Enable {
+        #[command(flatten)]
+        kube: KubeArgs,
+        /// Type of the clustermesh-apiserver's Service.
+        #[arg(long, value_parser = ["LoadBalancer", "NodePort"])]
+        service_type: Option<String>,
+    },
+}
+
+/// How to reach a cluster with the fleetmesh chart.
+#[derive(Debug, Clone, clap::Args)]
+struct KubeArgs {
+    /// Kubeconfig file (default: $KUBECONFIG, else ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context of the cluster (default: the current context).
+    #[arg(long)]
+    context: Option<String>,
+    /// Namespace of the fleetmesh release.
+    #[arg(long, short = 'n', default_value = meshctl::kubemesh::DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Helm release name of the fleetmesh chart (object names derive from it).
+    #[arg(long, default_value = meshctl::kubemesh::DEFAULT_RELEASE)]
+    release: String,
+}
+
+impl KubeArgs {
+    fn target(&self, context: Option<String>) -> meshctl::kubemesh::Target {
+        meshctl::kubemesh::Target {
+            kubeconfig: self.kubeconfig.clone(),
+            context,
+            namespace: self.namespace.clone(),
+            release: self.release.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -383,8 +469,18 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Runs a Kubernetes command on a single-threaded runtime.
+fn kube_command(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
+}
+
 fn clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<()> {
     use meshctl::clustermesh as cm;
+    use meshctl::kubemesh as km;
     match cmd {
         ClustermeshCommand::Ca(CaCommand::Create {
             out,
@@ -445,13 +541,97 @@ fn clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<()> {
             from,
             to,
             config_dir,
+            destination_context,
+            source_endpoints,
+            destination_endpoints,
+            kube,
             replace,
         } => {
+            if let Some(dest) = destination_context {
+                return kube_command(async move {
+                    let a = km::open(&kube.target(kube.context.clone())).await?;
+                    let b = km::open(&kube.target(Some(dest))).await?;
+                    let opts = km::ConnectOptions {
+                        replace,
+                        source_endpoints,
+                        destination_endpoints,
+                    };
+                    let (ia, ib) = km::connect(&a, &b, &opts).await?;
+                    println!(
+                        "connected cluster {} (id {}, context {}) and cluster {} (id {}, context {}) both ways; \
+                         agents pick the change up at run time",
+                        ia.name, ia.id, a.context, ib.name, ib.id, b.context
+                    );
+                    Ok(())
+                });
+            }
+            let from = from.context("--from is required (or --destination-context)")?;
             let dir = config_dir.unwrap_or_else(|| from.join("clustermesh"));
             for b in &to {
                 let path = cm::connect(&from, b, &dir, replace)?;
                 println!("wrote {}", path.display());
             }
+        }
+        ClustermeshCommand::Disconnect {
+            destination_context,
+            kube,
+        } => {
+            return kube_command(async move {
+                let a = km::open(&kube.target(kube.context.clone())).await?;
+                let b = km::open(&kube.target(Some(destination_context))).await?;
+                let (ia, ib, removed) = km::disconnect(&a, &b).await?;
+                if removed {
+                    println!(
+                        "disconnected cluster {} and cluster {} (both ways)",
+                        ia.name, ib.name
+                    );
+                } else {
+                    println!(
+                        "cluster {} and cluster {} were not connected; nothing changed",
+                        ia.name, ib.name
+                    );
+                }
+                Ok(())
+            });
+        }
+        ClustermeshCommand::Status {
+            kube,
+            wait,
+            wait_timeout,
+            json,
+        } => {
+            return kube_command(async move {
+                let c = km::open(&kube.target(kube.context.clone())).await?;
+                let st = if wait {
+                    km::wait(&c, wait_timeout, std::time::Duration::from_secs(2)).await?
+                } else {
+                    km::status(&c).await?
+                };
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&st)?);
+                } else {
+                    print!("{}", st.table());
+                }
+                Ok(())
+            });
+        }
+        ClustermeshCommand::Enable { kube, service_type } => {
+            return kube_command(async move {
+                let c = km::open(&kube.target(kube.context.clone())).await?;
+                let e = km::enable(&c, service_type.as_deref()).await?;
+                for n in &e.notes {
+                    println!("note: {n}");
+                }
+                println!(
+                    "cluster {} (id {}, context {}) is ready for the mesh: Service type {}, TLS {}",
+                    e.cluster.name,
+                    e.cluster.id,
+                    c.context,
+                    e.service_type,
+                    if e.tls { "on" } else { "off" }
+                );
+                Ok(())
+            });
         }
     }
     Ok(())

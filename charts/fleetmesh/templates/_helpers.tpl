@@ -35,6 +35,14 @@ characters, so that "<fullname>-clustermesh-apiserver" is still a valid DNS labe
 {{- default (printf "%s-clustermesh" (include "fleetmesh.fullname" .)) .Values.clustermesh.config.secretName -}}
 {{- end -}}
 
+{{/*
+Peers' TLS material written by `meshctl clustermesh connect` (keys <peer>.ca.crt, <peer>.tls.crt, <peer>.tls.key,
+<peer>.cluster.yaml); mounted (optional) into the agents. Not rendered by the chart.
+*/}}
+{{- define "fleetmesh.clustermeshRemoteCerts.name" -}}
+{{- printf "%s-clustermesh-remote-certs" (include "fleetmesh.fullname" .) -}}
+{{- end -}}
+
 {{- define "fleetmesh.tls.serverSecret" -}}
 {{- default (printf "%s-clustermesh-server-cert" (include "fleetmesh.fullname" .)) .Values.clustermesh.tls.existingSecret -}}
 {{- end -}}

@@ -1,0 +1,586 @@
+//! `meshctl clustermesh status|enable|connect|disconnect` against emulated clusters: two kmock processes
+//! (mesh-k8s's emulator fixture, `pip install kmock`) seeded with what the fleetmesh chart installs, reached through
+//! a kubeconfig with one context per emulator.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::ByteString;
+use mesh_testkit::KubeEmulator;
+use serde_json::{Value, json};
+
+const NS: &str = "kube-system";
+const CERTS_DIR: &str = "/var/lib/fleetmesh/clustermesh-remote-certs";
+
+fn b64(s: &str) -> Value {
+    serde_json::to_value(ByteString(s.as_bytes().to_vec())).expect("base64")
+}
+
+fn unb64(v: &Value) -> String {
+    let b: ByteString = serde_json::from_value(v.clone()).expect("base64 value");
+    String::from_utf8(b.0).expect("utf-8")
+}
+
+/// What one emulated cluster looks like.
+struct Spec<'a> {
+    name: &'a str,
+    id: u16,
+    /// `NodePort` (node 10.0.0.N, port 32379) or `LoadBalancer`.
+    service_type: &'a str,
+    /// LoadBalancer ingress IP (none: no address yet).
+    lb_ip: Option<&'a str>,
+    tls: bool,
+    /// Seed the remote-client Secret (when `tls`).
+    remote_client: bool,
+    node_ip: &'a str,
+    ready: i32,
+}
+
+impl Spec<'_> {
+    fn new(name: &str, id: u16) -> Spec<'_> {
+        Spec {
+            name,
+            id,
+            service_type: "NodePort",
+            lb_ip: None,
+            tls: true,
+            remote_client: true,
+            node_ip: "10.0.0.1",
+            ready: 3,
+        }
+    }
+}
+
+fn create(emu: &mut KubeEmulator, path: &str, object: Value) {
+    let mut cmd = json!({"op": "create", "path": path});
+    cmd["object"] = object;
+    emu.command(&cmd);
+}
+
+fn meta(name: &str) -> Value {
+    json!({"name": name, "namespace": NS, "labels": {"app.kubernetes.io/part-of": "fleetmesh"}})
+}
+
+/// Seeds the objects the chart (release `fleetmesh` in kube-system) and the user's Secrets make.
+fn seed(emu: &mut KubeEmulator, s: &Spec<'_>) {
+    let core = format!("/api/v1/namespaces/{NS}");
+    let apps = format!("/apis/apps/v1/namespaces/{NS}");
+    create(
+        emu,
+        &format!("{core}/configmaps"),
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta("fleetmesh-config"),
+               "data": {"cluster-name": s.name, "cluster-id": s.id.to_string(), "log-level": "info"}}),
+    );
+    let mut svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": meta("fleetmesh-clustermesh-apiserver"),
+        "spec": {"type": s.service_type, "ports": [{"name": "etcd", "port": 2379, "nodePort": 32379, "protocol": "TCP"}]},
+        "status": {"loadBalancer": {}}});
+    if let Some(ip) = s.lb_ip {
+        svc["status"]["loadBalancer"] = json!({"ingress": [{"ip": ip}]});
+    }
+    create(emu, &format!("{core}/services"), svc);
+    create(
+        emu,
+        "/api/v1/nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"},
+               "status": {"addresses": [{"type": "InternalIP", "address": s.node_ip}, {"type": "Hostname", "address": "node-1"}]}}),
+    );
+    let mut volumes = vec![json!({"name": "etcd-data", "emptyDir": {}})];
+    if s.tls {
+        volumes.push(
+            json!({"name": "etcd-server-tls", "secret": {"secretName": "fleetmesh-clustermesh-server-cert"}}),
+        );
+    }
+    create(
+        emu,
+        &format!("{apps}/deployments"),
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta("fleetmesh-clustermesh-apiserver"),
+               "spec": {"replicas": 1, "selector": {"matchLabels": {"a": "b"}},
+                        "template": {"spec": {"containers": [{"name": "etcd"}], "volumes": volumes}}},
+               "status": {"replicas": 1, "readyReplicas": 1}}),
+    );
+    create(
+        emu,
+        &format!("{apps}/daemonsets"),
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": meta("fleetmesh-agent"),
+               "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {"spec": {
+                   "containers": [{"name": "mesh-agent", "volumeMounts": [
+                       {"name": "clustermesh-config", "mountPath": "/var/lib/fleetmesh/clustermesh"},
+                       {"name": "clustermesh-remote-certs", "mountPath": CERTS_DIR}]}],
+                   "volumes": [
+                       {"name": "clustermesh-config", "secret": {"secretName": "fleetmesh-clustermesh", "optional": true}},
+                       {"name": "clustermesh-remote-certs", "secret": {"secretName": "fleetmesh-clustermesh-remote-certs", "optional": true}}]}}},
+               "status": {"desiredNumberScheduled": 3, "currentNumberScheduled": 3, "numberMisscheduled": 0,
+                          "numberReady": s.ready, "numberAvailable": s.ready}}),
+    );
+    // The chart renders the config Secret (empty without `clustermesh.peers`).
+    create(
+        emu,
+        &format!("{core}/secrets"),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta("fleetmesh-clustermesh"), "type": "Opaque", "data": {}}),
+    );
+    if s.tls {
+        create(
+            emu,
+            &format!("{core}/secrets"),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta("fleetmesh-clustermesh-server-cert"),
+                   "type": "kubernetes.io/tls",
+                   "data": {"ca.crt": b64("CA"), "tls.crt": b64("SERVER"), "tls.key": b64("SERVERKEY")}}),
+        );
+        if s.remote_client {
+            create(
+                emu,
+                &format!("{core}/secrets"),
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta("fleetmesh-clustermesh-remote-client"),
+                       "type": "kubernetes.io/tls",
+                       "data": {"ca.crt": b64(&format!("CA of {}", s.name)),
+                                "tls.crt": b64(&format!("remote cert of {}", s.name)),
+                                "tls.key": b64(&format!("remote key of {}", s.name))}}),
+            );
+        }
+    }
+}
+
+fn secret(emu: &mut KubeEmulator, name: &str) -> Value {
+    let a = emu.command(&json!({"op": "get", "path": format!("/api/v1/namespaces/{NS}/secrets/{name}")}));
+    a["object"]["data"].clone()
+}
+
+/// A kubeconfig with a context per `(name, port)`.
+fn kubeconfig(dir: &Path, contexts: &[(&str, u16)]) -> PathBuf {
+    let mut y = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
+    for (n, p) in contexts {
+        y += &format!("- name: {n}\n  cluster:\n    server: http://127.0.0.1:{p}\n");
+    }
+    y += "users:\n- name: u\n  user: {}\ncontexts:\n";
+    for (n, _) in contexts {
+        y += &format!("- name: {n}\n  context:\n    cluster: {n}\n    user: u\n");
+    }
+    y += &format!("current-context: {}\n", contexts[0].0);
+    let p = dir.join("kubeconfig");
+    std::fs::write(&p, y).expect("write kubeconfig");
+    p
+}
+
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn meshctl(kubeconfig: &Path, args: &[&str]) -> Out {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .arg("clustermesh")
+        .args(args)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .env_remove("KUBECONFIG")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run meshctl");
+    let o = Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(
+        !o.stderr.contains("panicked") && !o.stderr.contains("backtrace"),
+        "meshctl panicked: {}",
+        o.stderr
+    );
+    o
+}
+
+/// A failure: exit status 1 and one line on stderr, starting with `error:`.
+fn one_line_error(o: &Out) -> &str {
+    assert!(!o.ok, "expected a failure, got: {}", o.stdout);
+    let e = o.stderr.trim_end();
+    assert!(e.starts_with("error: "), "{e}");
+    e
+}
+
+#[test]
+fn status_of_a_prepared_cluster_as_table_and_json() {
+    let mut emu = KubeEmulator::start(&[]);
+    seed(&mut emu, &Spec::new("east", 7));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = kubeconfig(dir.path(), &[("east", emu.port)]);
+
+    let o = meshctl(&kc, &["status", "--context", "east"]);
+    assert!(o.ok, "{}", o.stderr);
+    for want in [
+        "Cluster:      east (id 7)",
+        "Service fleetmesh-clustermesh-apiserver (NodePort), peers reach it at 10.0.0.1:32379",
+        "Deployment 1/1 ready",
+        "TLS:          on; server Secret fleetmesh-clustermesh-server-cert yes, remote client Secret \
+         fleetmesh-clustermesh-remote-client yes",
+        "DaemonSet fleetmesh-agent: 3/3 ready",
+        "Peers:        none",
+        "Problems:     none",
+    ] {
+        assert!(o.stdout.contains(want), "missing {want:?} in:\n{}", o.stdout);
+    }
+
+    let o = meshctl(&kc, &["status", "--context", "east", "--json"]);
+    assert!(o.ok, "{}", o.stderr);
+    let v: Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert_eq!(v["cluster"], json!({"name": "east", "id": 7}));
+    assert_eq!(v["apiserver"]["service_type"], "NodePort");
+    assert_eq!(v["apiserver"]["addresses"], json!(["10.0.0.1:32379"]));
+    assert_eq!(v["agents"]["desired"], 3);
+    assert_eq!(v["agents"]["ready"], 3);
+    assert_eq!(v["tls"]["enabled"], true);
+    assert_eq!(v["peers"], json!([]));
+    assert_eq!(v["problems"], json!([]));
+
+    // --wait returns at once when all is ready.
+    let o = meshctl(
+        &kc,
+        &["status", "--context", "east", "--wait", "--wait-timeout", "10s"],
+    );
+    assert!(o.ok, "{}", o.stderr);
+}
+
+#[test]
+fn wait_times_out_with_a_clear_message_when_the_service_has_no_address() {
+    let mut emu = KubeEmulator::start(&[]);
+    let mut s = Spec::new("east", 1);
+    s.service_type = "LoadBalancer";
+    s.ready = 2;
+    seed(&mut emu, &s);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = kubeconfig(dir.path(), &[("east", emu.port)]);
+
+    let o = meshctl(&kc, &["status", "--context", "east"]);
+    assert!(o.ok, "{}", o.stderr);
+    assert!(o.stdout.contains("peers reach it at none yet"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("the LoadBalancer has no ingress address yet"),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.contains("2 of 3 agents ready"), "{}", o.stdout);
+
+    let start = Instant::now();
+    let o = meshctl(
+        &kc,
+        &["status", "--context", "east", "--wait", "--wait-timeout", "1s"],
+    );
+    let e = one_line_error(&o);
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(
+        e.contains(
+            "timed out after 1s waiting for an address of Service fleetmesh-clustermesh-apiserver and the agents \
+             of DaemonSet fleetmesh-agent (2/3 ready)"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn connect_writes_both_clusters_and_disconnect_removes_them() {
+    let mut east = KubeEmulator::start(&[]);
+    let mut west = KubeEmulator::start(&[]);
+    seed(&mut east, &Spec::new("east", 1));
+    let mut w = Spec::new("west", 2);
+    w.service_type = "LoadBalancer";
+    w.lb_ip = Some("203.0.113.20");
+    seed(&mut west, &w);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = kubeconfig(dir.path(), &[("east", east.port), ("west", west.port)]);
+
+    let o = meshctl(
+        &kc,
+        &["connect", "--context", "east", "--destination-context", "west"],
+    );
+    assert!(o.ok, "{}", o.stderr);
+    assert!(o.stdout.contains("connected cluster east (id 1"), "{}", o.stdout);
+
+    // east knows west: config entry in the peer format, certificates in the certs Secret.
+    let cfg = secret(&mut east, "fleetmesh-clustermesh");
+    let entry: meshctl::clustermesh::PeerConfig =
+        serde_yaml::from_str(&unb64(&cfg["west"])).expect("peer format");
+    assert_eq!(entry.endpoints, ["https://203.0.113.20:2379"]);
+    assert_eq!(entry.trusted_ca_file, Path::new(CERTS_DIR).join("west.ca.crt"));
+    assert_eq!(entry.cert_file, Path::new(CERTS_DIR).join("west.tls.crt"));
+    assert_eq!(entry.key_file, Path::new(CERTS_DIR).join("west.tls.key"));
+    let certs = secret(&mut east, "fleetmesh-clustermesh-remote-certs");
+    assert_eq!(unb64(&certs["west.ca.crt"]), "CA of west");
+    assert_eq!(unb64(&certs["west.tls.crt"]), "remote cert of west");
+    assert_eq!(unb64(&certs["west.tls.key"]), "remote key of west");
+    assert!(unb64(&certs["west.cluster.yaml"]).contains("id: 2"));
+
+    // And west knows east, through east's node port.
+    let cfg = secret(&mut west, "fleetmesh-clustermesh");
+    let entry: meshctl::clustermesh::PeerConfig =
+        serde_yaml::from_str(&unb64(&cfg["east"])).expect("peer format");
+    assert_eq!(entry.endpoints, ["https://10.0.0.1:32379"]);
+    let certs = secret(&mut west, "fleetmesh-clustermesh-remote-certs");
+    assert_eq!(unb64(&certs["east.tls.key"]), "remote key of east");
+
+    let o = meshctl(&kc, &["status", "--context", "west", "--json"]);
+    let v: Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert_eq!(
+        v["peers"],
+        json!([{"name": "east", "id": 1, "endpoints": ["https://10.0.0.1:32379"], "tls": true, "error": null}])
+    );
+    let o = meshctl(&kc, &["status", "--context", "east"]);
+    assert!(
+        o.stdout.contains("west  2   yes  https://203.0.113.20:2379"),
+        "{}",
+        o.stdout
+    );
+
+    // Connecting again is fine (same name and id).
+    let o = meshctl(
+        &kc,
+        &["connect", "--context", "east", "--destination-context", "west"],
+    );
+    assert!(o.ok, "{}", o.stderr);
+
+    let o = meshctl(
+        &kc,
+        &["disconnect", "--context", "west", "--destination-context", "east"],
+    );
+    assert!(o.ok, "{}", o.stderr);
+    assert!(
+        o.stdout.contains("disconnected cluster west and cluster east"),
+        "{}",
+        o.stdout
+    );
+    for (emu, peer) in [(&mut east, "west"), (&mut west, "east")] {
+        let cfg = secret(emu, "fleetmesh-clustermesh");
+        assert!(cfg.get(peer).is_none(), "{cfg}");
+        let certs = secret(emu, "fleetmesh-clustermesh-remote-certs");
+        assert!(
+            certs
+                .as_object()
+                .is_none_or(|m| !m.keys().any(|k| k.starts_with(peer))),
+            "{certs}"
+        );
+    }
+    let o = meshctl(
+        &kc,
+        &["disconnect", "--context", "west", "--destination-context", "east"],
+    );
+    assert!(
+        o.ok && o.stdout.contains("were not connected"),
+        "{}{}",
+        o.stdout,
+        o.stderr
+    );
+}
+
+#[test]
+fn connect_without_tls_writes_http_endpoints_and_takes_endpoint_overrides() {
+    let mut east = KubeEmulator::start(&[]);
+    let mut west = KubeEmulator::start(&[]);
+    let mut e = Spec::new("east", 1);
+    e.tls = false;
+    seed(&mut east, &e);
+    let mut w = Spec::new("west", 2);
+    w.tls = false;
+    w.service_type = "LoadBalancer";
+    seed(&mut west, &w);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = kubeconfig(dir.path(), &[("east", east.port), ("west", west.port)]);
+
+    // west's LoadBalancer has no address yet.
+    let o = meshctl(
+        &kc,
+        &["connect", "--context", "east", "--destination-context", "west"],
+    );
+    let err = one_line_error(&o);
+    assert!(
+        err.contains(
+            "context \"west\": peers cannot reach Service fleetmesh-clustermesh-apiserver yet: the LoadBalancer has \
+             no ingress address yet"
+        ),
+        "{err}"
+    );
+    let o = meshctl(
+        &kc,
+        &[
+            "connect",
+            "--context",
+            "east",
+            "--destination-context",
+            "west",
+            "--destination-endpoint",
+            "https://198.51.100.7:2379",
+        ],
+    );
+    let err = one_line_error(&o);
+    assert!(
+        err.contains("is not an http://HOST:PORT URL (TLS is off there)"),
+        "{err}"
+    );
+
+    let o = meshctl(
+        &kc,
+        &[
+            "connect",
+            "--context",
+            "east",
+            "--destination-context",
+            "west",
+            "--destination-endpoint",
+            "http://198.51.100.7:2379",
+        ],
+    );
+    assert!(o.ok, "{}", o.stderr);
+    let cfg = secret(&mut east, "fleetmesh-clustermesh");
+    assert_eq!(unb64(&cfg["west"]), "endpoints:\n- http://198.51.100.7:2379\n");
+    let cfg = secret(&mut west, "fleetmesh-clustermesh");
+    assert_eq!(unb64(&cfg["east"]), "endpoints:\n- http://10.0.0.1:32379\n");
+    // No certificates without TLS, only the peer's name and id.
+    let certs = secret(&mut east, "fleetmesh-clustermesh-remote-certs");
+    assert_eq!(
+        certs.as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["west.cluster.yaml".to_owned()])
+    );
+}
+
+#[test]
+fn connect_refuses_an_id_clash_and_changes_nothing() {
+    let mut east = KubeEmulator::start(&[]);
+    let mut west = KubeEmulator::start(&[]);
+    seed(&mut east, &Spec::new("east", 1));
+    seed(&mut west, &Spec::new("west", 1));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = kubeconfig(dir.path(), &[("east", east.port), ("west", west.port)]);
+
+    let o = meshctl(
+        &kc,
+        &["connect", "--context", "east", "--destination-context", "west"],
+    );
+    let e = one_line_error(&o);
+    assert!(
+        e.contains("both have id 1: cluster ids must be unique in the mesh"),
+        "{e}"
+    );
+    assert_eq!(secret(&mut east, "fleetmesh-clustermesh"), json!({}));
+    assert_eq!(secret(&mut west, "fleetmesh-clustermesh"), json!({}));
+
+    // west with id 2, but east is connected to north (id 2) already.
+    let mut west2 = KubeEmulator::start(&[]);
+    seed(&mut west2, &Spec::new("west", 2));
+    east.command(
+        &json!({"op": "patch", "path": format!("/api/v1/namespaces/{NS}/secrets/fleetmesh-clustermesh"),
+        "object": {"data": {"north": b64("endpoints:\n- http://192.0.2.1:32379\n")}}}),
+    );
+    create(
+        &mut east,
+        &format!("/api/v1/namespaces/{NS}/secrets"),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta("fleetmesh-clustermesh-remote-certs"),
+               "data": {"north.cluster.yaml": b64("name: north\nid: 2\n")}}),
+    );
+    let kc = kubeconfig(dir.path(), &[("east", east.port), ("west", west2.port)]);
+    let o = meshctl(
+        &kc,
+        &["connect", "--context", "east", "--destination-context", "west"],
+    );
+    let e = one_line_error(&o);
+    assert!(
+        e.contains("cluster \"west\" has id 2, which cluster \"north\" (connected to \"east\", context east) already uses"),
+        "{e}"
+    );
+    assert_eq!(secret(&mut west2, "fleetmesh-clustermesh"), json!({}));
+    assert!(secret(&mut east, "fleetmesh-clustermesh").get("west").is_none());
+}
+
+#[test]
+fn unreachable_unknown_and_uninstalled_clusters_give_one_clear_line() {
+    let empty = KubeEmulator::start(&[]);
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = kubeconfig(dir.path(), &[("down", closed), ("empty", empty.port)]);
+
+    let o = meshctl(&kc, &["status", "--context", "down"]);
+    let e = one_line_error(&o);
+    assert!(
+        e.contains(&format!(
+            "cannot reach the Kubernetes API server of context \"down\" at http://127.0.0.1:{closed}/"
+        )) && e.contains("`kubectl --context down cluster-info`"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+
+    let o = meshctl(&kc, &["status", "--context", "nope"]);
+    let e = one_line_error(&o);
+    assert!(
+        e.contains("context \"nope\" is not in the kubeconfig (it has: down, empty)"),
+        "{e}"
+    );
+
+    let o = meshctl(
+        &kc,
+        &["connect", "--context", "empty", "--destination-context", "down"],
+    );
+    let e = one_line_error(&o);
+    assert!(
+        e.contains("context \"empty\": no ConfigMap kube-system/fleetmesh-config: is the fleetmesh chart installed there?"),
+        "{e}"
+    );
+
+    let o = meshctl(&kc, &["enable", "--context", "empty"]);
+    let e = one_line_error(&o);
+    assert!(e.contains("is the fleetmesh chart installed there?"), "{e}");
+}
+
+#[test]
+fn enable_patches_the_service_type_and_names_missing_tls_secrets() {
+    let mut emu = KubeEmulator::start(&[]);
+    let mut s = Spec::new("east", 1);
+    s.remote_client = false;
+    seed(&mut emu, &s);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = kubeconfig(dir.path(), &[("east", emu.port)]);
+
+    let o = meshctl(
+        &kc,
+        &["enable", "--context", "east", "--service-type", "LoadBalancer"],
+    );
+    assert!(!o.ok);
+    assert!(
+        o.stderr.contains(
+            "kubectl --context east -n kube-system create secret generic fleetmesh-clustermesh-remote-client \
+             --type kubernetes.io/tls --from-file=ca.crt=east/ca.crt --from-file=tls.crt=east/remote.crt \
+             --from-file=tls.key=east/remote.key"
+        ) && o
+            .stderr
+            .contains("meshctl clustermesh cluster-certs --ca mesh-ca --cluster east --cluster-id 1"),
+        "{}",
+        o.stderr
+    );
+    let svc = emu.command(&json!({"op": "get", "path": format!("/api/v1/namespaces/{NS}/services/fleetmesh-clustermesh-apiserver")}));
+    assert_eq!(svc["object"]["spec"]["type"], "LoadBalancer");
+
+    create(
+        &mut emu,
+        &format!("/api/v1/namespaces/{NS}/secrets"),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": meta("fleetmesh-clustermesh-remote-client"),
+               "data": {"ca.crt": b64("CA"), "tls.crt": b64("C"), "tls.key": b64("K")}}),
+    );
+    let o = meshctl(
+        &kc,
+        &["enable", "--context", "east", "--service-type", "LoadBalancer"],
+    );
+    assert!(o.ok, "{}", o.stderr);
+    assert!(
+        o.stdout.contains(
+            "cluster east (id 1, context east) is ready for the mesh: Service type LoadBalancer, TLS on"
+        ),
+        "{}",
+        o.stdout
+    );
+}
