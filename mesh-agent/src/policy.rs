@@ -186,7 +186,8 @@ impl PolicyBook {
                 named_ports: &named,
             };
             let compiled = model::compile(&view, local.network_policies.values(), &universe);
-            pass.entries += compiled.ingress.as_ref().map_or(0, Vec::len) + compiled.egress.as_ref().map_or(0, Vec::len);
+            pass.entries +=
+                compiled.ingress.as_ref().map_or(0, Vec::len) + compiled.egress.as_ref().map_or(0, Vec::len);
             let rules = |entries: &Option<Vec<CompiledEntry>>| {
                 entries.as_ref().map(|es| {
                     es.iter()
