@@ -41,6 +41,8 @@ pub struct PolicyPass {
     pub endpoint_identities: BTreeMap<Ipv4Addr, u32>,
     /// Compiled entries of all local endpoints, both directions.
     pub entries: usize,
+    /// Some local endpoint is enforced in some direction (or its programming failed, which may leave it so).
+    pub enforced: bool,
     pub errors: Vec<String>,
 }
 

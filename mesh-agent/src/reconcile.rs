@@ -119,6 +119,9 @@ pub struct Reconciler {
     policy: crate::policy::PolicyBook,
     /// Identity of every local endpoint, from the last policy pass (the endpoint map carries it).
     identities: BTreeMap<Ipv4Addr, u32>,
+    /// Some local endpoint had an enforced direction after the last pass (true until a pass proves otherwise,
+    /// e.g. tables adopted from an earlier agent).
+    policy_enforced: bool,
     /// Where flow events learn what addresses and identities are called.
     pub flows: Option<std::sync::Arc<crate::flows::Hub>>,
     /// The compiled policies `GET /v1/policy` serves.
@@ -155,6 +158,7 @@ impl Reconciler {
             remote_grace: std::time::Duration::from_secs(30),
             policy: crate::policy::PolicyBook::default(),
             identities: BTreeMap::new(),
+            policy_enforced: true,
             flows: None,
             policy_views: std::sync::Arc::default(),
         }
@@ -186,10 +190,18 @@ impl Reconciler {
         // Node config.
         match netdev::ifindex(&self.vxlan_ifname) {
             Ok(vx) => {
+                // Policy checks are switched on before any endpoint is enforced, and off only after a pass that
+                // left none enforced (see `node_flags::POLICY`).
+                let policy_on = !local.network_policies.is_empty() || self.policy_enforced;
                 let cfg = NodeConfig {
                     vxlan_ifindex: vx,
                     node_ipv4: my_node.map_or(0, |n| u32::from(n.underlay_ipv4)),
                     cluster_id: self.me.cluster_id,
+                    flags: if policy_on {
+                        mesh_common::node_flags::POLICY
+                    } else {
+                        0
+                    },
                     ..NodeConfig::default()
                 };
                 if self.dp.node_config().ok() != Some(cfg)
@@ -215,6 +227,7 @@ impl Reconciler {
             .reconcile(&mut self.dp, &self.me, local, own, remotes, &programmed);
         st.errors.extend(pass.errors);
         let (policy_entries, identities) = (pass.entries, pass.names.identities.len());
+        self.policy_enforced = pass.enforced;
         self.identities = pass.endpoint_identities;
         self.reconcile_ipcache(local, own, remotes, &pass.cidr_entries, &mut st);
         if let Some(hub) = &self.flows {

@@ -91,6 +91,7 @@ fn datapath() -> Datapath {
     dp.set_node_config(NodeConfig {
         vxlan_ifindex: 1,
         node_ipv4: u32::from(NODE_IP),
+        flags: mesh_common::node_flags::POLICY,
         ..Default::default()
     })
     .unwrap();
@@ -474,6 +475,7 @@ fn flow_events_are_rate_limited_per_cpu() {
     dp.set_node_config(NodeConfig {
         vxlan_ifindex: 1,
         node_ipv4: u32::from(NODE_IP),
+        flags: mesh_common::node_flags::POLICY,
         flow_events_per_sec: 3,
         ..Default::default()
     })
@@ -509,6 +511,7 @@ fn a_full_ring_loses_events_and_counts_them() {
     dp.set_node_config(NodeConfig {
         vxlan_ifindex: 1,
         node_ipv4: u32::from(NODE_IP),
+        flags: mesh_common::node_flags::POLICY,
         flow_events_per_sec: u32::MAX,
         ..Default::default()
     })
@@ -902,4 +905,38 @@ fn a_restarted_agent_adopts_policy_tables_and_drops_orphans() {
         .map(|(k, _)| (k.policy_id, k.port))
         .collect();
     assert_eq!(keys, [(id2, 443)]);
+}
+
+/// The node flag `node_flags::POLICY` decides whether the programs look at policy at all: the agent sets it
+/// before any endpoint is enforced; off, a node pays nothing for policy (and enforces none).
+#[test]
+fn policy_is_consulted_only_while_the_node_flag_is_set() {
+    let mut dp = datapath();
+    dp.replace_endpoint_policy(
+        POD_B,
+        ID_B,
+        &EndpointPolicy {
+            ingress: Some(vec![]),
+            egress: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        run(&mut dp, &tcp(POD_A, 41000, POD_B, 80, SYN)),
+        TC_ACT_SHOT,
+        "default deny in force"
+    );
+    let cfg = dp.node_config().unwrap();
+    dp.set_node_config(NodeConfig { flags: 0, ..cfg }).unwrap();
+    assert_ne!(
+        run(&mut dp, &tcp(POD_A, 41001, POD_B, 80, SYN)),
+        TC_ACT_SHOT,
+        "flag off: no policy path"
+    );
+    dp.set_node_config(cfg).unwrap();
+    assert_eq!(
+        run(&mut dp, &tcp(POD_A, 41002, POD_B, 80, SYN)),
+        TC_ACT_SHOT,
+        "flag on again: enforced"
+    );
 }

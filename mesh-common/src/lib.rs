@@ -300,9 +300,18 @@ pub struct NodeConfig {
     pub node_ipv4: u32,
     /// This node's cluster id.
     pub cluster_id: u16,
-    pub _pad0: u16,
+    /// [`node_flags`] bits.
+    pub flags: u16,
     /// Flow events per second and CPU; 0 = [`DEFAULT_FLOW_EVENTS_PER_SEC`].
     pub flow_events_per_sec: u32,
+}
+
+/// Flag bits of [`NodeConfig::flags`].
+pub mod node_flags {
+    /// Some local endpoint may have a policy: the programs look up the sender's endpoint and check policy. Off,
+    /// pod-to-pod traffic costs exactly what it did before policy existed. The agent sets it before it enforces
+    /// any endpoint's policy and clears it only after a pass that left no endpoint enforced.
+    pub const POLICY: u16 = 1 << 0;
 }
 
 /// Per-CPU counters: index into [`maps::COUNTERS`]. Forward verdicts first, then drop reasons.

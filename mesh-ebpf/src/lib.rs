@@ -328,10 +328,15 @@ pub fn from_pod_endpoints(
         Some(cfg) if cfg.vxlan_ifindex != 0 => cfg.vxlan_ifindex,
         _ => return Err(Drop::NoTunnel),
     };
+    // The caller may not have looked the sender up (no policy on the node): its identity number is the VNI.
+    let vni = match src_ep {
+        Some(ep) => policy::vni_for(Some(ep)),
+        None => policy::vni_for(maps.endpoint(ip.src).as_ref()),
+    };
     Ok(Forward::Tunnel {
         vxlan_ifindex,
         remote_ipv4: entry.tunnel_endpoint,
-        vni: policy::vni_for(src_ep),
+        vni,
     })
 }
 

@@ -29,7 +29,7 @@ mod bpf {
         FlowEvent, FlowRate, IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig,
         POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, REVNAT_MAX_ENTRIES, RevNatV4, SERVICES_MAX_ENTRIES,
         SLOTS_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SlotKey, TUNNEL_PEERS_MAX_ENTRIES, TunnelPeer,
-        flow_verdict,
+        flow_verdict, node_flags,
     };
     use mesh_ebpf::{
         Drop, ETH_HLEN, Forward, Frame, IPV4_CSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, Ipv4Header,
@@ -224,6 +224,14 @@ mod bpf {
         // SAFETY: map values stay valid for the whole program run (RCU); a concurrent update can at worst show a mix
         // of the old and new entry of the same pod, as with the copying lookups.
         unsafe { ENDPOINTS_V4.get(ip) }
+    }
+
+    /// Whether some local endpoint may have a policy ([`node_flags::POLICY`]; an array lookup, no hashing).
+    #[inline(always)]
+    fn policy_on() -> bool {
+        NODE_CONFIG
+            .get(0)
+            .is_some_and(|cfg| cfg.flags & node_flags::POLICY != 0)
     }
 
     #[inline(always)]
@@ -479,8 +487,13 @@ mod bpf {
     #[inline(always)]
     fn pod_ipv4(ctx: &TcContext, ip: Ipv4Header) -> Result<Forward, Drop> {
         let (ip, tuple) = load_balance(ctx, ip, false)?;
-        let src_ep = endpoint_ref(ip.src);
         let dst_ep = endpoint_ref(ip.dst);
+        // Without any policy on the node, the sender's entry is only needed for the VNI of tunnelled packets
+        // (from_pod_endpoints looks it up then): pod-to-pod delivery costs what it did before policy existed.
+        if !policy_on() {
+            return mesh_ebpf::from_pod_endpoints(&ip, None, dst_ep, &KernelMaps);
+        }
+        let src_ep = endpoint_ref(ip.src);
         enforce(
             ctx,
             &tuple,
@@ -498,6 +511,9 @@ mod bpf {
     fn overlay_ipv4(ctx: &TcContext, ip: Ipv4Header, remote_ipv4: u32, vni: u32) -> Result<Forward, Drop> {
         let (ip, tuple) = load_balance(ctx, ip, true)?;
         let dst_ep = endpoint_ref(ip.dst);
+        if !policy_on() {
+            return mesh_ebpf::from_overlay_endpoint(dst_ep);
+        }
         enforce(
             ctx,
             &tuple,

@@ -272,6 +272,7 @@ pub fn node_datapath(ns: &str, underlay: Ipv4Addr, host_ifs: &[&str]) -> Datapat
         dp.set_node_config(NodeConfig {
             vxlan_ifindex,
             node_ipv4: u32::from(underlay),
+            flags: mesh_common::node_flags::POLICY,
             ..Default::default()
         })
         .unwrap();
