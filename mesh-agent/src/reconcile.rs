@@ -46,6 +46,9 @@ pub struct IpcacheStatus {
 #[serde(rename_all = "camelCase")]
 pub struct DatapathStatus {
     pub node_ipv4: Option<Ipv4Addr>,
+    /// The programs check policy on this node (`node_flags::POLICY`: some policy exists or an endpoint is still
+    /// enforced).
+    pub policy_checks: bool,
     pub pod_cidr: Option<Ipv4Net>,
     pub endpoints: Vec<EndpointStatus>,
     pub ipcache: Vec<IpcacheStatus>,
@@ -193,6 +196,7 @@ impl Reconciler {
                 // Policy checks are switched on before any endpoint is enforced, and off only after a pass that
                 // left none enforced (see `node_flags::POLICY`).
                 let policy_on = !local.network_policies.is_empty() || self.policy_enforced;
+                st.policy_checks = policy_on;
                 let cfg = NodeConfig {
                     vxlan_ifindex: vx,
                     node_ipv4: my_node.map_or(0, |n| u32::from(n.underlay_ipv4)),
