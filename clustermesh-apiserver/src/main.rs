@@ -118,7 +118,9 @@ async fn main() -> anyhow::Result<()> {
     // With `--source kubernetes`, the MCS API write-back: ServiceExport conditions and ServiceImports.
     let (exports, _mcs) = if matches!(args.source, mesh_k8s::SourceKind::Kubernetes) {
         anyhow::ensure!(!args.mcs_resync.is_zero(), "--mcs-resync must not be 0");
-        let client = mesh_k8s::connect().await.context("connecting to the Kubernetes API server (MCS)")?;
+        let client = mesh_k8s::connect()
+            .await
+            .context("connecting to the Kubernetes API server (MCS)")?;
         let (etx, erx) = tokio::sync::watch::channel(mcs::ExportRecords::new());
         let controller = mcs::Controller::new(
             client,

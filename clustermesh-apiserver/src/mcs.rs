@@ -29,7 +29,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use etcd_client::{Client as EtcdClient, ConnectOptions};
 use k8s_openapi::api::core::v1::{Namespace, Service};
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
+};
 use mesh_kvstore::Keys;
 use mesh_kvstore::peer::RemoteConfig;
 use serde::{Deserialize, Serialize};
@@ -228,7 +231,10 @@ impl Controller {
         }
         let lp = ListParams::default();
         let se_ar = ar("ServiceExport", "serviceexports");
-        let ses = match Api::<DynamicObject>::all_with(self.client.clone(), &se_ar).list(&lp).await {
+        let ses = match Api::<DynamicObject>::all_with(self.client.clone(), &se_ar)
+            .list(&lp)
+            .await
+        {
             Ok(l) => l.items,
             Err(kube::Error::Api(e)) if e.code == 404 => {
                 debug!("ServiceExport not served (MCS CRDs not installed)");
@@ -255,12 +261,14 @@ impl Controller {
                 .creation_timestamp
                 .as_ref()
                 .and_then(|t| u64::try_from(t.0.as_millisecond()).ok())
-                .unwrap_or_else(|| *self.first_seen.entry((ns.clone(), name.clone())).or_insert_with(now_ms));
+                .unwrap_or_else(|| {
+                    *self
+                        .first_seen
+                        .entry((ns.clone(), name.clone()))
+                        .or_insert_with(now_ms)
+                });
             let export = match services.get(&(ns.clone(), name.clone())) {
-                None => Err((
-                    "ServiceNotFound",
-                    format!("Service {ns}/{name} does not exist"),
-                )),
+                None => Err(("ServiceNotFound", format!("Service {ns}/{name} does not exist"))),
                 Some(svc) => export_of(&self.cluster, svc, exported_ms),
             };
             if let Ok(r) = &export {
@@ -273,12 +281,18 @@ impl Controller {
                 namespace: ns,
                 name,
                 generation: se.metadata.generation,
-                conditions: se.data["status"]["conditions"].as_array().cloned().unwrap_or_default(),
+                conditions: se.data["status"]["conditions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
                 export,
             });
         }
-        self.first_seen
-            .retain(|k, _| locals.iter().any(|l| (l.namespace.as_str(), l.name.as_str()) == (k.0.as_str(), k.1.as_str())));
+        self.first_seen.retain(|k, _| {
+            locals
+                .iter()
+                .any(|l| (l.namespace.as_str(), l.name.as_str()) == (k.0.as_str(), k.1.as_str()))
+        });
         self.records.send_if_modified(|r| {
             let changed = *r != records;
             *r = records;
@@ -305,8 +319,15 @@ impl Controller {
         for l in &locals {
             let wanted = conditions(l, by_service.get(&(l.namespace.clone(), l.name.clone())));
             if let Some(body) = status_patch(&l.conditions, &wanted, l.generation) {
-                let api = Api::<DynamicObject>::namespaced_with(se_status.clone().into_client(), &l.namespace, &se_ar);
-                match api.patch_status(&l.name, &PatchParams::default(), &Patch::Merge(&body)).await {
+                let api = Api::<DynamicObject>::namespaced_with(
+                    se_status.clone().into_client(),
+                    &l.namespace,
+                    &se_ar,
+                );
+                match api
+                    .patch_status(&l.name, &PatchParams::default(), &Patch::Merge(&body))
+                    .await
+                {
                     Ok(_) => debug!(namespace = %l.namespace, name = %l.name, "ServiceExport status written"),
                     Err(e) => warn!(namespace = %l.namespace, name = %l.name, error = %e,
                         "cannot patch the ServiceExport's status (does the role grant patch on serviceexports/status?)"),
@@ -317,10 +338,16 @@ impl Controller {
     }
 
     #[instrument(skip_all, fields(services = by_service.len()))]
-    async fn sync_imports(&self, by_service: &BTreeMap<(String, String), Vec<ExportRecord>>) -> anyhow::Result<()> {
+    async fn sync_imports(
+        &self,
+        by_service: &BTreeMap<(String, String), Vec<ExportRecord>>,
+    ) -> anyhow::Result<()> {
         let si_ar = ar("ServiceImport", "serviceimports");
         let lp = ListParams::default();
-        let imports = match Api::<DynamicObject>::all_with(self.client.clone(), &si_ar).list(&lp).await {
+        let imports = match Api::<DynamicObject>::all_with(self.client.clone(), &si_ar)
+            .list(&lp)
+            .await
+        {
             Ok(l) => l.items,
             Err(kube::Error::Api(e)) if e.code == 404 => {
                 if !by_service.is_empty() {
@@ -365,7 +392,8 @@ impl Controller {
                 }).collect::<Vec<_>>(),
             });
             let clusters: BTreeSet<&str> = exports.iter().map(|e| e.cluster.as_str()).collect();
-            let status = json!({"clusters": clusters.iter().map(|c| json!({"cluster": c})).collect::<Vec<_>>()});
+            let status =
+                json!({"clusters": clusters.iter().map(|c| json!({"cluster": c})).collect::<Vec<_>>()});
             let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &si_ar);
             match existing.get(&(ns.clone(), name.clone())) {
                 Some(o) if !ours(o) => {
@@ -373,15 +401,23 @@ impl Controller {
                 }
                 Some(o) => {
                     if o.data.get("spec") != Some(&spec) {
-                        api.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"spec": spec})))
-                            .await
-                            .with_context(|| format!("patching ServiceImport {ns}/{name}"))?;
+                        api.patch(
+                            name,
+                            &PatchParams::default(),
+                            &Patch::Merge(&json!({"spec": spec})),
+                        )
+                        .await
+                        .with_context(|| format!("patching ServiceImport {ns}/{name}"))?;
                         info!(namespace = %ns, name = %name, "ServiceImport updated");
                     }
                     if o.data.get("status") != Some(&status) {
-                        api.patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({"status": status})))
-                            .await
-                            .with_context(|| format!("patching the status of ServiceImport {ns}/{name}"))?;
+                        api.patch_status(
+                            name,
+                            &PatchParams::default(),
+                            &Patch::Merge(&json!({"status": status})),
+                        )
+                        .await
+                        .with_context(|| format!("patching the status of ServiceImport {ns}/{name}"))?;
                     }
                 }
                 None => {
@@ -391,9 +427,13 @@ impl Controller {
                     api.create(&PostParams::default(), &obj)
                         .await
                         .with_context(|| format!("creating ServiceImport {ns}/{name}"))?;
-                    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({"status": status})))
-                        .await
-                        .with_context(|| format!("writing the status of ServiceImport {ns}/{name}"))?;
+                    api.patch_status(
+                        name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&json!({"status": status})),
+                    )
+                    .await
+                    .with_context(|| format!("writing the status of ServiceImport {ns}/{name}"))?;
                     info!(namespace = %ns, name = %name, clusters = ?clusters, "ServiceImport created");
                 }
             }
@@ -402,7 +442,9 @@ impl Controller {
             if ours(o) && !by_service.contains_key(&(ns.clone(), name.clone())) {
                 let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &si_ar);
                 match api.delete(name, &DeleteParams::default()).await {
-                    Ok(_) => info!(namespace = %ns, name = %name, "ServiceImport deleted: no cluster exports it"),
+                    Ok(_) => {
+                        info!(namespace = %ns, name = %name, "ServiceImport deleted: no cluster exports it")
+                    }
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
                     Err(e) => return Err(e).with_context(|| format!("deleting ServiceImport {ns}/{name}")),
                 }
@@ -482,7 +524,12 @@ fn conditions(l: &LocalExport, exports: Option<&Vec<ExportRecord>>) -> Vec<Cond>
                 if w.headless { "Headless" } else { "ClusterSetIP" }
             ),
         ),
-        _ => ("Conflict", "False", "NoConflicts", "no conflicting exports".to_owned()),
+        _ => (
+            "Conflict",
+            "False",
+            "NoConflicts",
+            "no conflicting exports".to_owned(),
+        ),
     };
     vec![valid, conflict]
 }
@@ -529,7 +576,9 @@ fn status_patch(current: &[Value], wanted: &[Cond], generation: Option<i64>) -> 
         });
         same &= unchanged;
         let ltt = match cur {
-            Some(c) if c["status"] == *status && !c["lastTransitionTime"].is_null() => c["lastTransitionTime"].clone(),
+            Some(c) if c["status"] == *status && !c["lastTransitionTime"].is_null() => {
+                c["lastTransitionTime"].clone()
+            }
             _ => now.clone(),
         };
         out.push(json!({
@@ -555,7 +604,10 @@ mod tests {
             ("Conflict", "False", "NoConflicts", "none".into()),
         ];
         let first = status_patch(&[], &wanted, Some(1)).expect("a patch");
-        let written = first["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        let written = first["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         assert_eq!(written.len(), 2);
         assert!(status_patch(&written, &wanted, Some(1)).is_none());
         // A new generation is a change; the transition time stays.
@@ -565,7 +617,7 @@ mod tests {
             written[0]["lastTransitionTime"]
         );
         // Other writers' conditions are kept.
-        let mut foreign = written.clone();
+        let mut foreign = written;
         foreign.push(json!({"type": "Ready", "status": "True"}));
         assert!(status_patch(&foreign, &wanted, Some(1)).is_none());
         let invalid: Vec<Cond> = vec![("Valid", "False", "ServiceNotFound", "gone".into())];

@@ -45,8 +45,22 @@ fn kubeconfig(dir: &Path, port: u16) -> std::path::PathBuf {
 fn start_apiserver(dir: &Path, kube_port: u16, etcd_url: &str, peers: &Path) -> Apiserver {
     let log = dir.join("apiserver.log");
     let child = Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
-        .args(["--cluster-name", "east", "--cluster-id", "1", "--source", "kubernetes"])
-        .args(["--etcd-endpoints", etcd_url, "--lease-ttl", "5s", "--log", "info,clustermesh_apiserver=debug"])
+        .args([
+            "--cluster-name",
+            "east",
+            "--cluster-id",
+            "1",
+            "--source",
+            "kubernetes",
+        ])
+        .args([
+            "--etcd-endpoints",
+            etcd_url,
+            "--lease-ttl",
+            "5s",
+            "--log",
+            "info,clustermesh_apiserver=debug",
+        ])
         .args(["--mcs-resync", "200ms"])
         .arg("--mcs-peers")
         .arg(peers)
@@ -63,15 +77,15 @@ fn start_apiserver(dir: &Path, kube_port: u16, etcd_url: &str, peers: &Path) -> 
     Apiserver { child, log }
 }
 
-fn create(kube: &mut KubeEmulator, path: &str, object: Value) {
+fn create(kube: &mut KubeEmulator, path: &str, object: &Value) {
     kube.command(&json!({"op": "create", "path": path, "object": object}));
 }
 
-fn service(kube: &mut KubeEmulator, name: &str, ports: Value, cluster_ip: &str) {
+fn service(kube: &mut KubeEmulator, name: &str, ports: &Value, cluster_ip: &str) {
     create(
         kube,
         "/api/v1/namespaces/shop/services",
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "shop"},
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "shop"},
                "spec": {"clusterIP": cluster_ip, "ports": ports}}),
     );
 }
@@ -80,7 +94,7 @@ fn export(kube: &mut KubeEmulator, name: &str, created: &str) {
     create(
         kube,
         &format!("{MCS}/namespaces/shop/serviceexports"),
-        json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+        &json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
                "metadata": {"name": name, "namespace": "shop", "creationTimestamp": created}}),
     );
 }
@@ -137,21 +151,25 @@ async fn export_conditions_and_imports() {
     ] {
         let rec = json!({"cluster": "west", "namespace": ns, "name": name, "exportedMs": ms, "headless": false,
                          "ports": [{"name": "http", "port": port, "protocol": "TCP"}]});
-        pc.put(format!("fleetmesh/mcs/exports/v1/west/{ns}/{name}"), rec.to_string(), None)
-            .await
-            .expect("put peer export");
+        pc.put(
+            format!("fleetmesh/mcs/exports/v1/west/{ns}/{name}"),
+            rec.to_string(),
+            None,
+        )
+        .await
+        .expect("put peer export");
     }
 
     let mut kube = KubeEmulator::start(&[]);
     create(
         &mut kube,
         "/api/v1/namespaces",
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
     );
     let http = |port: u16| json!([{"name": "http", "port": port, "protocol": "TCP"}]);
-    service(&mut kube, "cart", http(80), "10.96.0.10");
-    service(&mut kube, "api", http(8080), "10.96.0.11");
-    service(&mut kube, "web", http(8000), "None");
+    service(&mut kube, "cart", &http(80), "10.96.0.10");
+    service(&mut kube, "api", &http(8080), "10.96.0.11");
+    service(&mut kube, "web", &http(8000), "None");
     export(&mut kube, "cart", "2025-11-01T00:00:00Z");
     export(&mut kube, "api", "2025-11-01T00:00:00Z"); // newer than west's (2023)
     export(&mut kube, "web", "2025-11-01T00:00:00Z"); // older than west's (2030)
@@ -160,7 +178,7 @@ async fn export_conditions_and_imports() {
     create(
         &mut kube,
         &format!("{MCS}/namespaces/shop/serviceimports"),
-        json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+        &json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
                "metadata": {"name": "manual", "namespace": "shop"},
                "spec": {"type": "ClusterSetIP", "ports": [{"port": 1, "protocol": "TCP"}]}}),
     );
@@ -186,7 +204,10 @@ async fn export_conditions_and_imports() {
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["type"] == "Conflict").cloned())
         .expect("Conflict");
-    assert!(c["message"].as_str().is_some_and(|m| m.contains("cluster west")), "{c}");
+    assert!(
+        c["message"].as_str().is_some_and(|m| m.contains("cluster west")),
+        "{c}"
+    );
     assert_eq!(c["observedGeneration"], 1, "{c}");
     assert!(c["lastTransitionTime"].is_string(), "{c}");
 
@@ -285,7 +306,9 @@ async fn export_conditions_and_imports() {
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|r| r["method"] == "PATCH" && r["path"].as_str().is_some_and(|p| p.contains("serviceexports")))
+            .filter(|r| {
+                r["method"] == "PATCH" && r["path"].as_str().is_some_and(|p| p.contains("serviceexports"))
+            })
             .count()
     };
     let before = count(&mut kube);
