@@ -121,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
         let client = mesh_k8s::connect()
             .await
             .context("connecting to the Kubernetes API server (MCS)")?;
-        let (etx, erx) = tokio::sync::watch::channel(mcs::ExportRecords::new());
+        let (etx, erx) = tokio::sync::watch::channel(None::<mcs::ExportRecords>);
         let controller = mcs::Controller::new(
             client,
             args.cluster_name.to_string(),

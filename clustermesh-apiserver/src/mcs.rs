@@ -149,7 +149,7 @@ pub struct Controller {
     peers: Vec<Peer>,
     /// First time a `ServiceExport` without a creation timestamp was seen.
     first_seen: HashMap<(String, String), u64>,
-    records: watch::Sender<ExportRecords>,
+    records: watch::Sender<Option<ExportRecords>>,
 }
 
 /// A `ServiceExport` and what it carries now.
@@ -171,7 +171,7 @@ impl Controller {
         keys: Keys,
         resync: Duration,
         peers_dir: Option<&Path>,
-        records: watch::Sender<ExportRecords>,
+        records: watch::Sender<Option<ExportRecords>>,
     ) -> Self {
         let mut peers = Vec::new();
         if let Some(dir) = peers_dir {
@@ -203,9 +203,13 @@ impl Controller {
     }
 
     /// Runs a pass after every change of `changes` and every resync, forever.
+    /// Passes are at least `min(resync, 1s)` apart, so that a busy cluster (pod churn changes its state often)
+    /// does not turn into a stream of lists.
+    #[instrument(skip_all, fields(cluster = %self.cluster, peers = self.peers.len()))]
     pub async fn run<T>(mut self, mut changes: watch::Receiver<T>) {
         let mut tick = tokio::time::interval(self.resync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let gap = self.resync.min(Duration::from_secs(1));
         let mut open = true;
         loop {
             if open {
@@ -216,9 +220,11 @@ impl Controller {
             } else {
                 tick.tick().await;
             }
+            let next = tokio::time::Instant::now() + gap;
             if let Err(e) = self.pass().await {
                 warn!(error = %format!("{e:#}"), "MCS pass failed; retrying on the next change or resync");
             }
+            tokio::time::sleep_until(next).await;
         }
     }
 
@@ -294,8 +300,8 @@ impl Controller {
                 .any(|l| (l.namespace.as_str(), l.name.as_str()) == (k.0.as_str(), k.1.as_str()))
         });
         self.records.send_if_modified(|r| {
-            let changed = *r != records;
-            *r = records;
+            let changed = r.as_ref() != Some(&records);
+            *r = Some(records);
             changed
         });
 

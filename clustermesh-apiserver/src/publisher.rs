@@ -36,7 +36,9 @@ pub struct Publisher {
     /// How long an identity number no pod uses stays published.
     pub identity_gc_grace: Duration,
     /// MCS export records to publish with the others (`--source kubernetes`), see [`crate::mcs`].
-    pub exports: Option<watch::Receiver<crate::mcs::ExportRecords>>,
+    /// `None` in the channel until the controller's first pass: meanwhile, export records already in etcd (an
+    /// earlier run's) are kept, so that a restart does not withdraw them from the peers for a moment.
+    pub exports: Option<watch::Receiver<Option<crate::mcs::ExportRecords>>>,
 }
 
 /// TLS material for this cluster's etcd (PEM files, read at every connection so renewed files are picked up).
@@ -61,7 +63,7 @@ impl EtcdTls {
 }
 
 /// Whether the export records changed (`false` when their sender is gone); pends forever without a receiver.
-async fn exports_changed(rx: Option<&mut watch::Receiver<crate::mcs::ExportRecords>>) -> bool {
+async fn exports_changed(rx: Option<&mut watch::Receiver<Option<crate::mcs::ExportRecords>>>) -> bool {
     match rx {
         Some(rx) => rx.changed().await.is_ok(),
         None => std::future::pending().await,
@@ -149,7 +151,8 @@ impl Publisher {
         let exports: Vec<(String, String)> = self
             .exports
             .as_ref()
-            .map(|rx| rx.borrow().clone().into_iter().collect())
+            .and_then(|rx| rx.borrow().clone())
+            .map(|r| r.into_iter().collect())
             .unwrap_or_default();
         identities
             .into_iter()
@@ -263,9 +266,12 @@ impl Publisher {
                     puts += 1;
                 }
             }
+            // Export records are not known before the MCS controller's first pass: keep those in etcd meanwhile.
+            let keep_exports = exports.as_ref().is_some_and(|rx| rx.borrow().is_none());
+            let exports_prefix = crate::mcs::exports_prefix(&self.keys, &self.cluster);
             let gone: Vec<String> = published
                 .keys()
-                .filter(|k| !desired.contains_key(*k))
+                .filter(|k| !(desired.contains_key(*k) || keep_exports && k.starts_with(&exports_prefix)))
                 .cloned()
                 .collect();
             for k in &gone {
