@@ -161,12 +161,12 @@ async fn export_conditions_and_imports() {
     }
 
     let mut kube = KubeEmulator::start(&[]);
+    let http = |port: u16| json!([{"name": "http", "port": port, "protocol": "TCP"}]);
     create(
         &mut kube,
         "/api/v1/namespaces",
         &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
     );
-    let http = |port: u16| json!([{"name": "http", "port": port, "protocol": "TCP"}]);
     service(&mut kube, "cart", &http(80), "10.96.0.10");
     service(&mut kube, "api", &http(8080), "10.96.0.11");
     service(&mut kube, "web", &http(8000), "None");
@@ -174,6 +174,22 @@ async fn export_conditions_and_imports() {
     export(&mut kube, "api", "2025-11-01T00:00:00Z"); // newer than west's (2023)
     export(&mut kube, "web", "2025-11-01T00:00:00Z"); // older than west's (2030)
     export(&mut kube, "ghost", "2025-11-01T00:00:00Z"); // no Service
+    create(
+        &mut kube,
+        "/api/v1/namespaces/shop/services",
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ext", "namespace": "shop"},
+               "spec": {"type": "ExternalName", "externalName": "example.com"}}),
+    );
+    export(&mut kube, "ext", "2025-11-01T00:00:00Z"); // not exportable
+    service(&mut kube, "legacy", &http(81), "10.96.0.12");
+    export(&mut kube, "legacy", "2025-11-01T00:00:00Z"); // its ServiceImport is the user's
+    create(
+        &mut kube,
+        &format!("{MCS}/namespaces/shop/serviceimports"),
+        &json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+               "metadata": {"name": "legacy", "namespace": "shop", "labels": {"owner": "someone"}},
+               "spec": {"type": "ClusterSetIP", "ports": [{"port": 2, "protocol": "UDP"}]}}),
+    );
     // A ServiceImport a user made: never touched.
     create(
         &mut kube,
@@ -190,6 +206,8 @@ async fn export_conditions_and_imports() {
             expect_condition(&mut kube, "cart", "Valid", ("True", "ServiceExported"))?;
             expect_condition(&mut kube, "cart", "Conflict", ("False", "NoConflicts"))?;
             expect_condition(&mut kube, "ghost", "Valid", ("False", "ServiceNotFound"))?;
+            expect_condition(&mut kube, "ext", "Valid", ("False", "ServiceTypeNotSupported"))?;
+            expect_condition(&mut kube, "legacy", "Valid", ("True", "ServiceExported"))?;
             if condition(&mut kube, "ghost", "Conflict").is_some() {
                 return Err("an invalid export has a Conflict condition".into());
             }
@@ -298,6 +316,10 @@ async fn export_conditions_and_imports() {
     let manual = import(&mut kube, "manual").expect("the user's ServiceImport");
     assert_eq!(manual["spec"]["ports"], json!([{"port": 1, "protocol": "TCP"}]));
     assert!(manual["status"].is_null(), "{manual}");
+    let legacy = import(&mut kube, "legacy").expect("the user's ServiceImport of an exported service");
+    assert_eq!(legacy["spec"]["ports"], json!([{"port": 2, "protocol": "UDP"}]));
+    assert!(legacy["status"].is_null(), "{legacy}");
+    assert!(import(&mut kube, "ext").is_none());
     assert!(import(&mut kube, "api").is_some());
 
     // Nothing changes: no further patches of the ServiceExports' status.
