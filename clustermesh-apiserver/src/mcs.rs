@@ -20,7 +20,10 @@
 //! of `--mcs-peers` (the agents' clustermesh config format; a `prefix:` pointing at a KVStoreMesh cache works too).
 //! A peer that cannot be read keeps its last listing, so an unreachable peer does not remove imports.
 //!
-//! The controller runs a pass after every change of the cluster's state and every `--mcs-resync`.
+//! The controller runs a pass after every change of the cluster's state and every `--mcs-resync`, at most one per
+//! `min(--mcs-resync, 1s)`. A pass lists ServiceExports, Services, ServiceImports and Namespaces (no watches) and
+//! each peer's export records. Until the first pass the publisher keeps the export records an earlier run left in
+//! etcd, so a restart does not withdraw this cluster's exports from the peers for a moment.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -602,6 +605,50 @@ fn status_patch(current: &[Value], wanted: &[Cond], generation: Option<i64>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rec(cluster: &str, port: u16, headless: bool, exported_ms: u64) -> ExportRecord {
+        ExportRecord {
+            cluster: cluster.into(),
+            namespace: "shop".into(),
+            name: "api".into(),
+            ports: vec![ExportPort {
+                name: "http".into(),
+                port,
+                protocol: "TCP".into(),
+            }],
+            headless,
+            exported_ms,
+        }
+    }
+
+    fn local(r: &ExportRecord) -> LocalExport {
+        LocalExport {
+            namespace: "shop".into(),
+            name: "api".into(),
+            generation: Some(1),
+            conditions: Vec::new(),
+            export: Ok(r.clone()),
+        }
+    }
+
+    #[test]
+    fn the_oldest_export_wins_and_the_others_conflict() {
+        let mine = rec("east", 80, false, 20);
+        // Same ports, other type, older: a type conflict.
+        let peers = vec![rec("west", 80, true, 10), mine.clone()];
+        let c = conditions(&local(&mine), Some(&peers));
+        assert_eq!((c[1].0, c[1].1, c[1].2), ("Conflict", "True", "TypeConflict"));
+        // Other ports, newer: this export wins, no conflict here.
+        let peers = vec![mine.clone(), rec("west", 81, false, 30)];
+        let c = conditions(&local(&mine), Some(&peers));
+        assert_eq!((c[1].0, c[1].1, c[1].2), ("Conflict", "False", "NoConflicts"));
+        // Invalid: only Valid.
+        let mut bad = local(&mine);
+        bad.export = Err(("ServiceNotFound", "gone".into()));
+        let c = conditions(&bad, Some(&peers));
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].0, c[0].1, c[0].2), ("Valid", "False", "ServiceNotFound"));
+    }
 
     #[test]
     fn status_patch_only_on_change() {
