@@ -20,13 +20,14 @@
 //! of `--mcs-peers` (the agents' clustermesh config format; a `prefix:` pointing at a KVStoreMesh cache works too).
 //! A peer that cannot be read keeps its last listing, so an unreachable peer does not remove imports.
 //!
-//! The controller runs a pass after every change of the cluster's state and every `--mcs-resync`, at most one per
-//! `min(--mcs-resync, 1s)`. A pass lists ServiceExports, Services, ServiceImports and Namespaces (no watches) and
-//! each peer's export records. Until the first pass the publisher keeps the export records an earlier run left in
+//! The controller runs a pass after every change of the cluster's state, of a peer's exports, and every
+//! `--mcs-resync`, at most one per `min(--mcs-resync, 1s)`. A pass lists ServiceExports, Services, ServiceImports
+//! and Namespaces (no watches). Each peer's export records are listed every `--mcs-resync` by a task of its own. Until the first pass the publisher keeps the export records an earlier run left in
 //! etcd, so a restart does not withdraw this cluster's exports from the peers for a moment.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -40,7 +41,7 @@ use mesh_kvstore::Keys;
 use mesh_kvstore::peer::RemoteConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::{debug, info, instrument, warn};
 
 use crate::publisher::{EtcdTls, now_ms};
@@ -90,17 +91,41 @@ fn ar(kind: &str, plural: &str) -> ApiResource {
     )
 }
 
-/// A peer whose export records are read.
+/// A peer whose export records are read, every resync, by a task of its own (an unreachable peer does not hold
+/// up the controller's passes).
 struct Peer {
     name: String,
     cfg: RemoteConfig,
     keys: Keys,
     client: Option<EtcdClient>,
     /// Last good listing.
-    exports: Vec<ExportRecord>,
+    exports: watch::Sender<Vec<ExportRecord>>,
+    /// Woken when the listing changes.
+    changed: Arc<Notify>,
 }
 
 impl Peer {
+    /// Reads the peer's export records every `every`, forever.
+    #[instrument(skip_all, fields(cluster = %self.name))]
+    async fn poll(mut self, every: Duration) {
+        let mut failing = false;
+        loop {
+            match self.refresh().await {
+                Ok(()) if failing => {
+                    info!("MCS: reading the peer's exports again");
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    warn!(error = %format!("{e:#}"), "MCS: cannot read the peer's exports; keeping the last ones");
+                    failing = true;
+                }
+                Err(e) => debug!(error = %format!("{e:#}"), "MCS: peer still unreadable"),
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
     #[instrument(skip_all, fields(cluster = %self.name))]
     async fn refresh(&mut self) -> anyhow::Result<()> {
         if self.client.is_none() {
@@ -138,8 +163,23 @@ impl Peer {
                 Err(e) => warn!(key, error = %e, "malformed export record; ignored"),
             }
         }
-        self.exports = exports;
+        if self.exports.send_if_modified(|old| {
+            let changed = *old != exports;
+            *old = exports;
+            changed
+        }) {
+            self.changed.notify_one();
+        }
         Ok(())
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -149,7 +189,11 @@ pub struct Controller {
     pub cluster: String,
     pub keys: Keys,
     pub resync: Duration,
-    peers: Vec<Peer>,
+    /// Readers of the peers, until `run` starts them.
+    readers: Vec<Peer>,
+    /// The peers' last good listings.
+    peers: Vec<watch::Receiver<Vec<ExportRecord>>>,
+    peers_changed: Arc<Notify>,
     /// First time a `ServiceExport` without a creation timestamp was seen.
     first_seen: HashMap<(String, String), u64>,
     records: watch::Sender<Option<ExportRecords>>,
@@ -176,7 +220,9 @@ impl Controller {
         peers_dir: Option<&Path>,
         records: watch::Sender<Option<ExportRecords>>,
     ) -> Self {
+        let mut readers = Vec::new();
         let mut peers = Vec::new();
+        let peers_changed = Arc::new(Notify::new());
         if let Some(dir) = peers_dir {
             let (configs, errors) = mesh_kvstore::peer::read_config_dir(dir, &cluster);
             for e in errors {
@@ -185,12 +231,15 @@ impl Controller {
             for (name, cfg) in configs {
                 info!(cluster = %name, endpoints = ?cfg.endpoints, "MCS: reading the exports of cluster");
                 let keys = cfg.prefix.as_deref().map_or_else(|| keys.clone(), Keys::new);
-                peers.push(Peer {
+                let (tx, rx) = watch::channel(Vec::new());
+                peers.push(rx);
+                readers.push(Peer {
                     name,
                     cfg,
                     keys,
                     client: None,
-                    exports: Vec::new(),
+                    exports: tx,
+                    changed: peers_changed.clone(),
                 });
             }
         }
@@ -199,7 +248,9 @@ impl Controller {
             cluster,
             keys,
             resync,
+            readers,
             peers,
+            peers_changed,
             first_seen: HashMap::new(),
             records,
         }
@@ -213,15 +264,25 @@ impl Controller {
         let mut tick = tokio::time::interval(self.resync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let gap = self.resync.min(Duration::from_secs(1));
+        // Aborted when the controller ends.
+        let _readers: Vec<AbortOnDrop> = std::mem::take(&mut self.readers)
+            .into_iter()
+            .map(|p| AbortOnDrop(tokio::spawn(p.poll(self.resync))))
+            .collect();
+        let peers_changed = self.peers_changed.clone();
         let mut open = true;
         loop {
             if open {
                 tokio::select! {
                     _ = tick.tick() => {}
+                    () = peers_changed.notified() => {}
                     r = changes.changed() => open = r.is_ok(),
                 }
             } else {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = peers_changed.notified() => {}
+                }
             }
             let next = tokio::time::Instant::now() + gap;
             if let Err(e) = self.pass().await {
@@ -233,11 +294,6 @@ impl Controller {
 
     #[instrument(skip_all)]
     async fn pass(&mut self) -> anyhow::Result<()> {
-        for p in &mut self.peers {
-            if let Err(e) = p.refresh().await {
-                warn!(cluster = %p.name, error = %format!("{e:#}"), "MCS: cannot read the peer's exports; keeping the last ones");
-            }
-        }
         let lp = ListParams::default();
         let se_ar = ar("ServiceExport", "serviceexports");
         let ses = match Api::<DynamicObject>::all_with(self.client.clone(), &se_ar)
@@ -309,11 +365,12 @@ impl Controller {
         });
 
         // Every valid export of every cluster, by service.
+        let peers: Vec<ExportRecord> = self.peers.iter().flat_map(|p| p.borrow().clone()).collect();
         let mut by_service: BTreeMap<(String, String), Vec<ExportRecord>> = BTreeMap::new();
         for e in locals
             .iter()
             .filter_map(|l| l.export.as_ref().ok())
-            .chain(self.peers.iter().flat_map(|p| p.exports.iter()))
+            .chain(peers.iter())
         {
             by_service
                 .entry((e.namespace.clone(), e.name.clone()))
