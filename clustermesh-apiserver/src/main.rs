@@ -3,6 +3,7 @@
 
 mod identities;
 mod kvstoremesh;
+mod mcs;
 mod publisher;
 
 use std::path::PathBuf;
@@ -58,6 +59,16 @@ struct Args {
     /// instead of every agent connecting to every peer. Read at start.
     #[arg(long, env = "FLEETMESH_KVSTOREMESH_CONFIG")]
     kvstoremesh_config: Option<PathBuf>,
+    /// MCS API (`--source kubernetes` only): a clustermesh config directory (one file per peer cluster, as the
+    /// agents' `--clustermesh-config`) whose clusters' ServiceExports are compared with this cluster's (KEP-1645
+    /// `Conflict` condition) and imported as ServiceImports. Read at start. Without it, only this cluster's exports
+    /// are considered.
+    #[arg(long, env = "FLEETMESH_MCS_PEERS")]
+    mcs_peers: Option<PathBuf>,
+    /// MCS API (`--source kubernetes` only): how often ServiceExport conditions and ServiceImports are reconciled
+    /// (and the peers' exports read) besides after every change of the cluster's state.
+    #[arg(long, env = "FLEETMESH_MCS_RESYNC", default_value = "10s", value_parser = mesh_model::duration::parse_duration)]
+    mcs_resync: Duration,
     /// Key prefix in etcd.
     #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
     kvstore_prefix: String,
@@ -102,7 +113,28 @@ async fn main() -> anyhow::Result<()> {
 
     let (tx, rx) = tokio::sync::watch::channel(mesh_model::source::Snapshot::default());
     // With `--source kubernetes`, also writes the status of TrafficPolicies and StagedRollouts.
+    let mcs_changes = rx.clone();
     let source = tokio::spawn(mesh_k8s::start_cluster_source(args.source, args.manifests.clone(), tx).await?);
+    // With `--source kubernetes`, the MCS API write-back: ServiceExport conditions and ServiceImports.
+    let (exports, _mcs) = if matches!(args.source, mesh_k8s::SourceKind::Kubernetes) {
+        anyhow::ensure!(!args.mcs_resync.is_zero(), "--mcs-resync must not be 0");
+        let client = mesh_k8s::connect()
+            .await
+            .context("connecting to the Kubernetes API server (MCS)")?;
+        let (etx, erx) = tokio::sync::watch::channel(None::<mcs::ExportRecords>);
+        let controller = mcs::Controller::new(
+            client,
+            args.cluster_name.to_string(),
+            mesh_kvstore::Keys::new(&args.kvstore_prefix),
+            args.mcs_resync,
+            args.mcs_peers.as_deref(),
+            etx,
+        );
+        (Some(erx), Some(tokio::spawn(controller.run(mcs_changes))))
+    } else {
+        anyhow::ensure!(args.mcs_peers.is_none(), "--mcs-peers needs --source kubernetes");
+        (None, None)
+    };
     let _mirrors = args.kvstoremesh_config.as_ref().map(|dir| {
         kvstoremesh::start(
             dir,
@@ -123,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
         lease_ttl: args.lease_ttl,
         tls,
         identity_gc_grace: args.identity_gc_grace,
+        exports,
     };
     tokio::select! {
         r = source => {

@@ -35,6 +35,10 @@ pub struct Publisher {
     pub tls: Option<EtcdTls>,
     /// How long an identity number no pod uses stays published.
     pub identity_gc_grace: Duration,
+    /// MCS export records to publish with the others (`--source kubernetes`), see [`crate::mcs`].
+    /// `None` in the channel until the controller's first pass: meanwhile, export records already in etcd (an
+    /// earlier run's) are kept, so that a restart does not withdraw them from the peers for a moment.
+    pub exports: Option<watch::Receiver<Option<crate::mcs::ExportRecords>>>,
 }
 
 /// TLS material for this cluster's etcd (PEM files, read at every connection so renewed files are picked up).
@@ -55,6 +59,14 @@ impl EtcdTls {
             tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
         }
         Ok(tls)
+    }
+}
+
+/// Whether the export records changed (`false` when their sender is gone); pends forever without a receiver.
+async fn exports_changed(rx: Option<&mut watch::Receiver<Option<crate::mcs::ExportRecords>>>) -> bool {
+    match rx {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -136,11 +148,18 @@ impl Publisher {
             };
             Some((self.keys.service(&self.cluster, &svc.namespace, &svc.name), encode(&rec)))
         });
+        let exports: Vec<(String, String)> = self
+            .exports
+            .as_ref()
+            .and_then(|rx| rx.borrow().clone())
+            .map(|r| r.into_iter().collect())
+            .unwrap_or_default();
         identities
             .into_iter()
             .chain(ips)
             .chain(nodes)
             .chain(services)
+            .chain(exports)
             .collect()
     }
 
@@ -216,6 +235,7 @@ impl Publisher {
             self.keys.ips_prefix(&self.cluster),
             self.keys.nodes_prefix(&self.cluster),
             self.keys.services_prefix(&self.cluster),
+            crate::mcs::exports_prefix(&self.keys, &self.cluster),
         ] {
             let existing = client
                 .get(prefix, Some(GetOptions::new().with_prefix().with_keys_only()))
@@ -231,7 +251,11 @@ impl Publisher {
         let mut synced = false;
         let mut tick = tokio::time::interval(self.lease_ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut exports = self.exports.clone();
         loop {
+            if let Some(rx) = exports.as_mut() {
+                rx.mark_unchanged();
+            }
             let snapshot = snapshots.borrow_and_update().clone();
             let desired = self.desired(&snapshot, allocator);
             let mut puts = 0usize;
@@ -242,9 +266,12 @@ impl Publisher {
                     puts += 1;
                 }
             }
+            // Export records are not known before the MCS controller's first pass: keep those in etcd meanwhile.
+            let keep_exports = exports.as_ref().is_some_and(|rx| rx.borrow().is_none());
+            let exports_prefix = crate::mcs::exports_prefix(&self.keys, &self.cluster);
             let gone: Vec<String> = published
                 .keys()
-                .filter(|k| !desired.contains_key(*k))
+                .filter(|k| !(desired.contains_key(*k) || keep_exports && k.starts_with(&exports_prefix)))
                 .cloned()
                 .collect();
             for k in &gone {
@@ -293,6 +320,11 @@ impl Publisher {
                 changed = snapshots.changed() => {
                     if changed.is_err() {
                         return Ok(());
+                    }
+                }
+                changed = exports_changed(exports.as_mut()) => {
+                    if !changed {
+                        exports = None;
                     }
                 }
                 _ = tick.tick() => {

@@ -64,6 +64,17 @@ const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = &[
         ],
         &["patch"],
     ),
+    // The MCS API write-back (clustermesh-apiserver/src/mcs.rs).
+    (
+        "multicluster.x-k8s.io",
+        &["serviceexports/status", "serviceimports/status"],
+        &["patch"],
+    ),
+    (
+        "multicluster.x-k8s.io",
+        &["serviceimports"],
+        &["list", "create", "patch", "delete"],
+    ),
 ];
 
 /// Programs the chart runs from the fleetmesh image that are not fleetmesh's own binaries, and the Debian
