@@ -370,6 +370,20 @@ pub fn from_overlay_endpoint(dst_ep: Option<&LocalEndpoint>) -> Result<Forward, 
     dst_ep.map(Forward::local).ok_or(Drop::NoEndpoint)
 }
 
+/// Longest-prefix match over (prefix, length, entry) rows, as `IPCACHE_V4` does it (for the unit tests).
+#[cfg(test)]
+pub(crate) fn test_lpm_lookup(table: &[([u8; 4], u32, IpcacheEntry)], ip: [u8; 4]) -> Option<IpcacheEntry> {
+    let ip = u32::from_be_bytes(ip);
+    table
+        .iter()
+        .filter(|(p, len, _)| {
+            let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
+            ip & mask == u32::from_be_bytes(*p) & mask
+        })
+        .max_by_key(|(_, len, _)| *len)
+        .map(|(_, _, e)| *e)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,15 +405,7 @@ mod tests {
             self.endpoints.iter().find(|(k, _)| *k == ip).map(|(_, v)| *v)
         }
         fn ipcache(&self, ip: [u8; 4]) -> Option<IpcacheEntry> {
-            let ip = u32::from_be_bytes(ip);
-            self.ipcache
-                .iter()
-                .filter(|(p, len, _)| {
-                    let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
-                    ip & mask == u32::from_be_bytes(*p) & mask
-                })
-                .max_by_key(|(_, len, _)| *len)
-                .map(|(_, _, e)| *e)
+            crate::test_lpm_lookup(&self.ipcache, ip)
         }
         fn node_config(&self) -> Option<NodeConfig> {
             self.node

@@ -445,15 +445,7 @@ mod tests {
             self.endpoints.get(&ip).copied()
         }
         fn ipcache(&self, ip: [u8; 4]) -> Option<IpcacheEntry> {
-            let ip = u32::from_be_bytes(ip);
-            self.ipcache
-                .iter()
-                .filter(|(p, len, _)| {
-                    let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
-                    ip & mask == u32::from_be_bytes(*p) & mask
-                })
-                .max_by_key(|(_, len, _)| *len)
-                .map(|(_, _, e)| *e)
+            crate::test_lpm_lookup(&self.ipcache, ip)
         }
         fn node_config(&self) -> Option<NodeConfig> {
             self.node

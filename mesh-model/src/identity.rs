@@ -72,11 +72,7 @@ pub fn namespace_labels(identity_labels: &BTreeMap<String, String>) -> BTreeMap<
 mod tests {
     use super::*;
 
-    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use crate::test_util::labels;
 
     fn pod(l: &[(&str, &str)]) -> Pod {
         Pod {

@@ -18,3 +18,16 @@ pub use state::{
     AddressType, ClusterState, ContainerPort, EndpointConditions, EndpointSlice, EndpointSlicePort,
     Namespace, Node, Pod, PodRef, Protocol, Service, ServicePort, SliceEndpoint,
 };
+
+/// Helpers shared by the unit tests of this crate.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::collections::BTreeMap;
+
+    /// A label map from pairs.
+    pub(crate) fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+}

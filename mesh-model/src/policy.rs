@@ -1102,11 +1102,7 @@ mod tests {
     use super::*;
     use crate::identity::{LABEL_NAMESPACE_LABELS_PREFIX, NAMESPACE_NAME_LABEL};
 
-    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use crate::test_util::labels;
 
     /// Identity labels of a pod with `app` in `ns` of `cluster` (namespace labelled `team=<ns>`).
     fn id_labels(cluster: &str, ns: &str, app: &str) -> BTreeMap<String, String> {

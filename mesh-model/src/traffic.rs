@@ -446,11 +446,7 @@ pub fn apportion(total: u32, shares: &[f64]) -> Vec<u32> {
 mod tests {
     use super::*;
 
-    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use crate::test_util::labels;
 
     fn group(sel: ClusterSelector, weight: u32) -> WeightGroup {
         WeightGroup {

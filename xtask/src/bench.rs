@@ -114,6 +114,18 @@ pub(crate) fn row(what: impl Into<String>, value: String, baseline: String, rati
     }
 }
 
+/// The `p` quantile (0-1) of a non-empty sample, nearest rank (sorts `v`).
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "an index into a short list"
+    )]
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len().saturating_sub(1))]
+}
+
 pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
     if s.is_empty() {
@@ -529,17 +541,7 @@ fn rollout_measure(plan: &Plan, dir: &Path, st: &state::LabState, rows: &mut Vec
         );
         halts.push(halt.as_secs_f64() * 1e3);
     }
-    halts.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "an index into a short list"
-        )]
-        let i = ((halts.len() as f64 - 1.0) * p).round() as usize;
-        halts[i.min(halts.len() - 1)]
-    };
-    let (p50, p99) = (pct(0.5), pct(0.99));
+    let (p50, p99) = (percentile(&mut halts, 0.5), percentile(&mut halts, 0.99));
     rows.push(Row {
         goal: Some(("<=", 1.0)),
         ..row(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::bench::{Plan, Procs, Row, median, row, sockperf_rr, wait_listening};
+use crate::bench::{Plan, Procs, Row, median, percentile, row, sockperf_rr, wait_listening};
 use crate::lab::{net, state};
 
 /// Rules of the big policy (one port each, on both ends).
@@ -243,20 +243,10 @@ fn change_latency(dir: &Path, st: &state::LabState, rows: &mut Vec<Row>) -> Resu
     let restore = set_app_label(dir, "west", "demo", "client", "client");
     result?;
     restore?;
-    let pct = |v: &mut Vec<f64>, p: f64| {
-        v.sort_by(f64::total_cmp);
-        #[expect(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "an index into a short list"
-        )]
-        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-        v[i.min(v.len() - 1)]
-    };
     let mut all: Vec<f64> = grants.iter().chain(&revokes).copied().collect();
-    let (p50, p99) = (pct(&mut all, 0.5), pct(&mut all, 0.99));
-    let (g50, g99) = (pct(&mut grants, 0.5), pct(&mut grants, 0.99));
-    let (r50, r99) = (pct(&mut revokes, 0.5), pct(&mut revokes, 0.99));
+    let (p50, p99) = (percentile(&mut all, 0.5), percentile(&mut all, 0.99));
+    let (g50, g99) = (percentile(&mut grants, 0.5), percentile(&mut grants, 0.99));
+    let (r50, r99) = (percentile(&mut revokes, 0.5), percentile(&mut revokes, 0.99));
     println!(
         "  label change in west -> enforced in east: grant p50 {g50:.1} / p99 {g99:.1} ms, revoke p50 {r50:.1} / p99 {r99:.1} ms"
     );
