@@ -35,14 +35,19 @@ pub fn post(socket: &Path, path: &str) -> anyhow::Result<String> {
     Ok(body.trim().to_owned())
 }
 
-/// One HTTP/1.0 exchange over the agent's socket: (status line and headers, body).
-fn request(socket: &Path, method: &str, path: &str) -> anyhow::Result<(String, String)> {
-    let mut s = UnixStream::connect(socket).with_context(|| {
+/// Connects to the agent's API socket, with an error that says what to check.
+pub fn connect(socket: &Path) -> anyhow::Result<UnixStream> {
+    UnixStream::connect(socket).with_context(|| {
         format!(
             "connecting to the agent at {} (is mesh-agent running on this node?)",
             socket.display()
         )
-    })?;
+    })
+}
+
+/// One HTTP/1.0 exchange over the agent's socket: (status line and headers, body).
+fn request(socket: &Path, method: &str, path: &str) -> anyhow::Result<(String, String)> {
+    let mut s = connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,

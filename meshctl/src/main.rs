@@ -22,13 +22,8 @@ struct Cli {
 enum Command {
     /// Show a node agent's status: remote clusters and their sync state, local endpoints, ipcache, counters.
     Status {
-        /// The agent's API socket.
-        #[arg(
-            long,
-            env = "FLEETMESH_API_SOCKET",
-            default_value = "/var/run/fleetmesh/agent.sock"
-        )]
-        socket: PathBuf,
+        #[command(flatten)]
+        agent: AgentSocket,
         /// Print the full status as JSON.
         #[arg(long)]
         json: bool,
@@ -44,13 +39,8 @@ enum Command {
         /// Namespace of the service when SERVICE has none.
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
-        /// The agent's API socket.
-        #[arg(
-            long,
-            env = "FLEETMESH_API_SOCKET",
-            default_value = "/var/run/fleetmesh/agent.sock"
-        )]
-        socket: PathBuf,
+        #[command(flatten)]
+        agent: AgentSocket,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -89,13 +79,8 @@ enum Command {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
-        /// The agent's API socket.
-        #[arg(
-            long,
-            env = "FLEETMESH_API_SOCKET",
-            default_value = "/var/run/fleetmesh/agent.sock"
-        )]
-        socket: PathBuf,
+        #[command(flatten)]
+        agent: AgentSocket,
     },
     /// Network policy as a node's agent enforces it.
     #[command(subcommand)]
@@ -299,13 +284,8 @@ enum ServiceCommand {
     /// Every service with its frontends, its backends per cluster, its affinity, and which backends the
     /// datapath spreads new connections over (marked `*`).
     List {
-        /// The agent's API socket.
-        #[arg(
-            long,
-            env = "FLEETMESH_API_SOCKET",
-            default_value = "/var/run/fleetmesh/agent.sock"
-        )]
-        socket: PathBuf,
+        #[command(flatten)]
+        agent: AgentSocket,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -318,6 +298,13 @@ struct RolloutTarget {
     /// Namespace of the rollout.
     #[arg(long, short = 'n', default_value = "default")]
     namespace: String,
+    #[command(flatten)]
+    agent: AgentSocket,
+}
+
+/// The node agent a command talks to.
+#[derive(Debug, clap::Args)]
+struct AgentSocket {
     /// The agent's API socket.
     #[arg(
         long,
@@ -325,6 +312,11 @@ struct RolloutTarget {
         default_value = "/var/run/fleetmesh/agent.sock"
     )]
     socket: PathBuf,
+}
+
+/// `NAME` or `NAMESPACE/NAME` → (namespace, name), with `namespace` when the argument has none.
+fn namespaced<'a>(arg: &'a str, namespace: &'a str) -> (&'a str, &'a str) {
+    arg.split_once('/').unwrap_or((namespace, arg))
 }
 
 #[derive(Debug, Subcommand)]
@@ -369,13 +361,8 @@ enum PolicyCommand {
         /// Namespace of the pod when POD has none.
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
-        /// The agent's API socket.
-        #[arg(
-            long,
-            env = "FLEETMESH_API_SOCKET",
-            default_value = "/var/run/fleetmesh/agent.sock"
-        )]
-        socket: PathBuf,
+        #[command(flatten)]
+        agent: AgentSocket,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -396,31 +383,29 @@ enum ManifestsCommand {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Status { socket, json } => agent::status(&socket, json),
-        Command::Service(ServiceCommand::List { socket, json }) => agent::services(&socket, json),
+        Command::Status { agent, json } => agent::status(&agent.socket, json),
+        Command::Service(ServiceCommand::List { agent, json }) => agent::services(&agent.socket, json),
         Command::Traffic {
             service,
             namespace,
-            socket,
+            agent,
             json,
         } => {
-            let (ns, name) = service
-                .split_once('/')
-                .map_or((namespace.as_str(), service.as_str()), |(n, s)| (n, s));
-            agent::traffic(&socket, ns, name, json)
+            let (ns, name) = namespaced(&service, &namespace);
+            agent::traffic(&agent.socket, ns, name, json)
         }
         Command::Rollout(r) => match r {
             RolloutCommand::Status { name, target, json } => {
-                agent::rollout_status(&target.socket, &target.namespace, name.as_deref(), json)
+                agent::rollout_status(&target.agent.socket, &target.namespace, name.as_deref(), json)
             }
             RolloutCommand::Pause { name, target } => {
-                agent::rollout_command(&target.socket, &target.namespace, &name, "pause")
+                agent::rollout_command(&target.agent.socket, &target.namespace, &name, "pause")
             }
             RolloutCommand::Resume { name, target } => {
-                agent::rollout_command(&target.socket, &target.namespace, &name, "resume")
+                agent::rollout_command(&target.agent.socket, &target.namespace, &name, "resume")
             }
             RolloutCommand::Abort { name, target } => {
-                agent::rollout_command(&target.socket, &target.namespace, &name, "abort")
+                agent::rollout_command(&target.agent.socket, &target.namespace, &name, "abort")
             }
         },
         Command::Manifests(ManifestsCommand::Validate { files }) => validate(&files),
@@ -434,9 +419,9 @@ fn main() -> std::process::ExitCode {
             count,
             timeout,
             json,
-            socket,
+            agent,
         } => observe::observe(
-            &socket,
+            &agent.socket,
             &observe::Observe {
                 pod,
                 namespace,
@@ -452,11 +437,11 @@ fn main() -> std::process::ExitCode {
         Command::Policy(PolicyCommand::Get {
             pod,
             namespace,
-            socket,
+            agent,
             json,
         }) => {
-            let (ns, name) = pod.split_once('/').unwrap_or((namespace.as_str(), pod.as_str()));
-            observe::policy_get(&socket, ns, name, json)
+            let (ns, name) = namespaced(&pod, &namespace);
+            observe::policy_get(&agent.socket, ns, name, json)
         }
         Command::Clustermesh(c) => clustermesh(c),
     };

@@ -1,7 +1,6 @@
 //! `meshctl observe` and `meshctl policy get`: flows and compiled policies from a node's agent.
 
 use std::io::{BufRead as _, BufReader, Write as _};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -124,12 +123,7 @@ pub fn human(f: &Value) -> String {
 /// # Errors
 /// When the agent cannot be reached or refuses the filter.
 pub fn observe(socket: &Path, o: &Observe) -> anyhow::Result<()> {
-    let mut s = UnixStream::connect(socket).with_context(|| {
-        format!(
-            "connecting to the agent at {} (is mesh-agent running on this node?)",
-            socket.display()
-        )
-    })?;
+    let mut s = crate::agent::connect(socket)?;
     let deadline = o.timeout.map(|t| Instant::now() + t);
     write!(s, "GET /v1/flows?{} HTTP/1.0\r\nHost: agent\r\n\r\n", o.query())?;
     let mut r = BufReader::new(s.try_clone()?);
