@@ -76,15 +76,13 @@ pub struct Names {
     /// Pod addresses (local and remote).
     pub pods: BTreeMap<Ipv4Addr, PodName>,
     /// Identity → (cluster, labels).
-    pub identities: BTreeMap<u32, (String, BTreeMap<String, String>)>,
+    /// Identity → its identity labels (cluster and namespace are among them).
+    pub identities: BTreeMap<u32, BTreeMap<String, String>>,
     /// Node-local CIDR identities → prefix.
     pub cidrs: BTreeMap<u32, String>,
     /// Rule numbers of local endpoints' compiled policies: (endpoint address, rule) → description.
     pub rules: BTreeMap<(Ipv4Addr, u32), String>,
 }
-
-/// Labels that have their own field in [`Peer`].
-const NAMED_ELSEWHERE: [&str; 2] = ["io.kubernetes.pod.namespace", "io.cilium.k8s.policy.cluster"];
 
 impl Names {
     fn peer(&self, ip: [u8; 4], port_be: u16, ident: u32, proto_nr: u8) -> Peer {
@@ -110,19 +108,14 @@ impl Names {
             identity::PENDING => p.cluster = p.cluster.or(Some("pending".into())),
             _ => {}
         }
-        if let Some((cluster, labels)) = self.identities.get(&ident) {
-            p.cluster.get_or_insert_with(|| cluster.clone());
-            p.labels = labels
-                .iter()
-                .filter(|(k, _)| {
-                    !NAMED_ELSEWHERE.contains(&k.as_str())
-                        && !k.starts_with("io.cilium.k8s.namespace.labels.")
-                })
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            if p.namespace.is_none() {
-                p.namespace = labels.get(NAMED_ELSEWHERE[0]).cloned();
+        if let Some(labels) = self.identities.get(&ident) {
+            if p.cluster.is_none() {
+                p.cluster = labels.get(mesh_model::identity::LABEL_CLUSTER).cloned();
             }
+            if p.namespace.is_none() {
+                p.namespace = labels.get(mesh_model::identity::LABEL_NAMESPACE).cloned();
+            }
+            p.labels = mesh_model::identity::pod_labels(labels);
         } else if let Some(cidr) = self.cidrs.get(&ident) {
             p.cluster.get_or_insert_with(|| "cidr".into());
             p.labels.insert("cidr".into(), cidr.clone());
@@ -444,14 +437,11 @@ mod tests {
         );
         n.identities.insert(
             identity::compose(2, 300),
-            (
-                "east".into(),
-                BTreeMap::from([
-                    ("app".into(), "api".into()),
-                    ("io.kubernetes.pod.namespace".into(), "shop".into()),
-                    ("io.cilium.k8s.policy.cluster".into(), "east".into()),
-                ]),
-            ),
+            BTreeMap::from([
+                ("app".into(), "api".into()),
+                ("io.kubernetes.pod.namespace".into(), "shop".into()),
+                ("io.cilium.k8s.policy.cluster".into(), "east".into()),
+            ]),
         );
         n.rules.insert(
             (Ipv4Addr::new(10, 1, 0, 2), 3),

@@ -116,9 +116,6 @@ impl PolicyBook {
             }
             for (id, rec) in &rc.identities {
                 universe.identities.insert(*id, rec.labels.clone());
-                pass.names
-                    .identities
-                    .insert(*id, (rec.cluster.clone(), rec.labels.clone()));
             }
             for ip in rc.ips.values() {
                 let np = universe.named_ports.entry(ip.identity).or_default();
@@ -258,11 +255,8 @@ impl PolicyBook {
                                     .get(mesh_model::identity::LABEL_NAMESPACE)
                                     .cloned()
                                     .unwrap_or_default();
-                                let own: Vec<String> = l
+                                let own: Vec<String> = mesh_model::identity::pod_labels(l)
                                     .iter()
-                                    .filter(|(k, _)| {
-                                        !k.starts_with("io.cilium.k8s.") && !k.starts_with("io.kubernetes.")
-                                    })
                                     .map(|(k, v)| format!("{k}={v}"))
                                     .collect();
                                 format!("{cluster}/{ns} {{{}}}", own.join(","))
@@ -304,6 +298,8 @@ impl PolicyBook {
                 }),
             );
         }
+        // The universe is done with: flow events name identities from the same labels.
+        pass.names.identities = std::mem::take(&mut universe.identities);
         if !pass.errors.is_empty() {
             info!(errors = pass.errors.len(), "policy pass had errors");
         }

@@ -68,6 +68,21 @@ pub fn namespace_labels(identity_labels: &BTreeMap<String, String>) -> BTreeMap<
         .collect()
 }
 
+/// The pod's own labels of an identity: its labels without the namespace, namespace-label and cluster labels that
+/// [`identity_labels`] adds.
+#[must_use]
+pub fn pod_labels(identity_labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    identity_labels
+        .iter()
+        .filter(|(k, _)| {
+            k.as_str() != LABEL_NAMESPACE
+                && k.as_str() != LABEL_CLUSTER
+                && !k.starts_with(LABEL_NAMESPACE_LABELS_PREFIX)
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +99,18 @@ mod tests {
             ipv4: None,
             ports: Vec::new(),
         }
+    }
+
+    #[test]
+    fn pod_labels_undo_what_identity_labels_add() {
+        let l = labels(&[
+            ("app", "api"),
+            (LABEL_NAMESPACE, "shop"),
+            (LABEL_CLUSTER, "east"),
+            ("io.cilium.k8s.namespace.labels.team", "shop"),
+        ]);
+        assert_eq!(pod_labels(&l), labels(&[("app", "api")]));
+        assert_eq!(namespace_labels(&l), labels(&[("team", "shop")]));
     }
 
     #[test]
