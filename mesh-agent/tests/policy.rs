@@ -472,12 +472,10 @@ fn replacing_a_policy_switches_tables_atomically() {
 #[test]
 fn flow_events_are_rate_limited_per_cpu() {
     let mut dp = datapath();
+    let cfg = dp.node_config().unwrap();
     dp.set_node_config(NodeConfig {
-        vxlan_ifindex: 1,
-        node_ipv4: u32::from(NODE_IP),
-        flags: mesh_common::node_flags::POLICY,
         flow_events_per_sec: 3,
-        ..Default::default()
+        ..cfg
     })
     .unwrap();
     let mut ring = dp.take_flow_events().unwrap();
@@ -508,12 +506,10 @@ fn flow_events_are_rate_limited_per_cpu() {
 #[test]
 fn a_full_ring_loses_events_and_counts_them() {
     let mut dp = datapath();
+    let cfg = dp.node_config().unwrap();
     dp.set_node_config(NodeConfig {
-        vxlan_ifindex: 1,
-        node_ipv4: u32::from(NODE_IP),
-        flags: mesh_common::node_flags::POLICY,
         flow_events_per_sec: u32::MAX,
-        ..Default::default()
+        ..cfg
     })
     .unwrap();
     let mut ring = dp.take_flow_events().unwrap();
