@@ -40,7 +40,8 @@ pub struct DesiredIpcache {
 fn tunnel_entry(underlay: Ipv4Addr, cluster_id: u16) -> IpcacheEntry {
     IpcacheEntry {
         tunnel_endpoint: u32::from(underlay),
-        identity: 0,
+        // A pod prefix stands for pods whose own /32 (with their identity) has not arrived yet.
+        identity: mesh_common::identity::PENDING,
         cluster_id,
         family: FAMILY_IPV4,
         flags: 0,

@@ -423,13 +423,8 @@ impl Reconciler {
         if let Err(e) = self.dp.set_tunnel_peers(&pods.tunnel_peers) {
             st.errors.push(format!("programming tunnel peers: {e:#}"));
         }
-        // Mesh pod prefixes answer PENDING for pods whose record has not arrived; the pods' own /32s say who they
-        // are; prefixes named by policies (outside the mesh) carry their CIDR identity.
-        for e in desired.entries.values_mut() {
-            if e.identity == 0 {
-                e.identity = mesh_common::identity::PENDING;
-            }
-        }
+        // Mesh pod prefixes answer PENDING (desired::ipcache); the pods' own /32s say who they are; prefixes named
+        // by policies (outside the mesh) carry their CIDR identity.
         for (prefix, e) in cidrs {
             desired.entries.entry(*prefix).or_insert(*e);
         }
