@@ -3,6 +3,8 @@
 //! specs are mesh-model's types, so a manifest, the API server and the CRD's schema describe the same shape.
 //! The chart's `crds/` folder holds the YAML generated from these types (see [`crd_files`]).
 
+use std::collections::BTreeMap;
+
 use kube::CustomResource;
 use kube::CustomResourceExt as _;
 use mesh_model::policy::MeshNetworkPolicySpec;
@@ -42,9 +44,13 @@ pub struct TrafficPolicyCrdSpec(pub TrafficPolicySpec);
     plural = "stagedrollouts",
     shortname = "sr",
     namespaced,
-    status = "ObjectStatus",
+    status = "StagedRolloutStatus",
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#,
-    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Valid","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.progress.phase"}"#,
+    printcolumn = r#"{"name":"Step","type":"integer","jsonPath":".status.progress.step"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"integer","jsonPath":".status.progress.nodes"}"#,
+    printcolumn = r#"{"name":"Halted","type":"integer","jsonPath":".status.progress.nodesHalted"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct StagedRolloutCrdSpec(pub StagedRolloutSpec);
@@ -80,6 +86,94 @@ pub struct ObjectStatus {
     /// Why the object is `Invalid`, naming the field (as the clustermesh-apiserver logs it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// What fleetmesh reports on a `StagedRollout`: whether it was accepted (as on every fleetmesh object), each
+/// node's progress (written by that node's agent) and the cluster's summary of them (written by the
+/// clustermesh-apiserver). Each writer merge-patches only its own keys.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StagedRolloutStatus {
+    /// `metadata.generation` of the spec the validity describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Whether the clustermesh-apiserver accepted the object: `Valid`, or `Invalid` (skipped; a previous valid
+    /// version stays in force) with the reason in `message`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Why the object is `Invalid`, naming the field (as the clustermesh-apiserver logs it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The rollout on each node, by node name, as that node's agent runs it for its clients (each agent writes
+    /// its own entry: on a phase or step change at once, otherwise at most every 30 s while the rollout
+    /// progresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<BTreeMap<String, NodeProgress>>,
+    /// The cluster's summary of `nodes` (written by the clustermesh-apiserver when it changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<RolloutProgress>,
+}
+
+/// Where a staged rollout is, on a node or (summarized) in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RolloutPhase {
+    /// Holding a step; it advances when the hold time is served with the gate held.
+    Progressing,
+    /// Held by `meshctl rollout pause`: the step's weights stay, its hold time stops.
+    Paused,
+    /// The gate failed: every new connection goes to `from`.
+    Halted,
+    /// Every step held: the last step's weights stay.
+    Completed,
+    /// Stopped by `meshctl rollout abort`: every new connection goes to `from`.
+    Aborted,
+}
+
+/// A staged rollout as one node runs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeProgress {
+    pub phase: RolloutPhase,
+    /// The current step, from 1.
+    pub step: u32,
+    /// How many steps the rollout has.
+    pub steps: u32,
+    /// Percent of this node's new connections sent to `to` now (0 when halted or aborted).
+    pub percent: u32,
+    /// Hold time served in the current step, seconds.
+    pub held_seconds: u64,
+    /// Failed / new connections to the `to` backends during the current step (the gate's measure).
+    pub failure_ratio: f64,
+    /// New connections to the `to` backends during the current step.
+    pub new_flows: u64,
+    /// Of those, how many the backends reset.
+    pub resets: u64,
+    /// Why the rollout halted, or other news.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the agent wrote this entry (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+/// The cluster's summary of a staged rollout's node entries (see `crate::progress::summarize` for the rule).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutProgress {
+    /// `Halted` if any node halted, else `Aborted` if any node aborted, else `Paused` if any node is paused, else
+    /// `Progressing` if any node progresses, else (every node completed) `Completed`.
+    pub phase: RolloutPhase,
+    /// The lowest step of any node, from 1.
+    pub step: u32,
+    /// How many steps the rollout has.
+    pub steps: u32,
+    /// How many nodes report the rollout.
+    pub nodes: u32,
+    /// How many of them halted.
+    pub nodes_halted: u32,
+    /// The first halted nodes by name (at most 10; `nodesHalted` counts them all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub halted_nodes: Vec<String>,
 }
 
 /// The chart's CRD files: (file name, YAML), in a stable order.

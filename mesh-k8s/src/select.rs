@@ -107,7 +107,8 @@ pub async fn start_source(
 }
 
 /// As [`start_source`] for the clustermesh-apiserver (the whole cluster): with `--source kubernetes` it also
-/// writes the status of every `TrafficPolicy` and `StagedRollout` ([`crate::status`]); agents never write.
+/// writes the status of every `TrafficPolicy`, `StagedRollout` and `MeshNetworkPolicy` ([`crate::status`]) and
+/// summarizes every `StagedRollout`'s progress ([`crate::progress`]; agents write only their node's entry).
 ///
 /// # Errors
 /// As [`start_source`].

@@ -6,7 +6,7 @@
 //! Like the manifests source, bad input never loses state: an object that does not convert is reported in the
 //! snapshot's errors and skipped; if it had a good version before, that version stays in force.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -27,6 +27,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, instrument, warn};
 
 use crate::crd::ObjectStatus;
+use crate::progress::RolloutSummaries;
 use crate::status::{ObjectRef, StatusKind, StatusWriter, Verdict, Verdicts};
 
 /// Origin named in conversion errors (where a manifest error would name the file).
@@ -551,8 +552,9 @@ pub async fn watch_kubernetes(
 }
 
 /// As [`watch_kubernetes`] for the whole cluster, and writes the status of every `TrafficPolicy`,
-/// `StagedRollout` and `MeshNetworkPolicy` (see [`crate::status`]): the clustermesh-apiserver's source, one
-/// status writer per cluster.
+/// `StagedRollout` and `MeshNetworkPolicy` (see [`crate::status`]) and the summary of every `StagedRollout`'s
+/// progress on the nodes (see [`crate::progress`]): the clustermesh-apiserver's source, one status writer per
+/// cluster.
 /// Errors writing a status are logged and retried; they never stop the source.
 ///
 /// # Errors
@@ -563,19 +565,33 @@ pub async fn watch_kubernetes_writing_status(
     tx: watch::Sender<Snapshot>,
 ) -> Result<(), Error> {
     let (verdicts_tx, verdicts_rx) = watch::channel(Verdicts::new());
+    let (nodes_tx, nodes_rx) = watch::channel(None);
     let writer = StatusWriter::new(client.clone()).run(verdicts_rx);
+    let summaries = RolloutSummaries::new(client.clone()).run(nodes_rx);
+    let feeds = StatusFeeds {
+        verdicts: verdicts_tx,
+        nodes: nodes_tx,
+    };
     tokio::select! {
-        r = run(client, Scope::Cluster, tx, Some(verdicts_tx)) => r,
+        r = run(client, Scope::Cluster, tx, Some(feeds)) => r,
         () = writer => Ok(()),
+        () = summaries => Ok(()),
     }
 }
 
-#[instrument(skip(client, tx, verdicts))]
+/// What the status writers of the clustermesh-apiserver learn from the source: the verdicts on fleetmesh objects
+/// ([`StatusWriter`]), and the names of the cluster's nodes ([`RolloutSummaries`], `None` until listed).
+struct StatusFeeds {
+    verdicts: watch::Sender<Verdicts>,
+    nodes: watch::Sender<Option<BTreeSet<String>>>,
+}
+
+#[instrument(skip(client, tx, feeds))]
 async fn run(
     client: Client,
     scope: Scope,
     tx: watch::Sender<Snapshot>,
-    verdicts: Option<watch::Sender<Verdicts>>,
+    feeds: Option<StatusFeeds>,
 ) -> Result<(), Error> {
     let pod_selector = scope.pod_field_selector()?;
     let shared = Arc::new(Shared::default());
@@ -635,14 +651,14 @@ async fn run(
             Some(manifests::from_value(ORIGIN, &custom_value(o, &ar)))
         }));
     }
-    publish(&shared, &tx, verdicts.as_ref()).await;
+    publish(&shared, &tx, feeds.as_ref()).await;
     tasks.abort_all();
     Ok(())
 }
 
 /// Publishes snapshots until every receiver is gone.
 #[instrument(skip_all)]
-async fn publish(shared: &Shared, tx: &watch::Sender<Snapshot>, verdicts: Option<&watch::Sender<Verdicts>>) {
+async fn publish(shared: &Shared, tx: &watch::Sender<Snapshot>, feeds: Option<&StatusFeeds>) {
     let mut generation = tx.borrow().generation;
     let mut last: Option<(ClusterState, Vec<String>)> = None;
     loop {
@@ -655,13 +671,19 @@ async fn publish(shared: &Shared, tx: &watch::Sender<Snapshot>, verdicts: Option
         let Some(current) = shared.snapshot() else {
             continue;
         };
-        if let Some(verdicts) = verdicts
-            && let Some(new) = shared.verdicts()
-        {
-            // Also when the snapshot stays the same: a bad object's new generation is news to its status.
-            verdicts.send_if_modified(|v| {
-                let changed = *v != new;
-                *v = new;
+        if let Some(feeds) = feeds {
+            if let Some(new) = shared.verdicts() {
+                // Also when the snapshot stays the same: a bad object's new generation is news to its status.
+                feeds.verdicts.send_if_modified(|v| {
+                    let changed = *v != new;
+                    *v = new;
+                    changed
+                });
+            }
+            let names: BTreeSet<String> = current.0.nodes.keys().cloned().collect();
+            feeds.nodes.send_if_modified(|n| {
+                let changed = n.as_ref() != Some(&names);
+                *n = Some(names);
                 changed
             });
         }

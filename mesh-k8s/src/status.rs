@@ -1,11 +1,12 @@
-//! Status write-back: the clustermesh-apiserver (one writer per cluster; agents never write) reports on every
+//! Status write-back: the clustermesh-apiserver (one writer per cluster) reports on every
 //! `TrafficPolicy`, `StagedRollout` and `MeshNetworkPolicy` whether the source accepted it, in the object's `status` subresource:
 //! `observedGeneration`, `phase` (`Valid` or `Invalid`) and, when invalid, the `message` the source also puts in
 //! the snapshot's errors (it names the field).
 //!
 //! The writer remembers what it wrote, and reads what the object carries, and patches an object only when its
 //! status would change: at most one patch per object per change, none after a restart when nothing changed. A failed patch is logged and retried on the next change of the verdicts, or after
-//! [`RETRY`] without one; it never stops the source.
+//! [`RETRY`] without one; it never stops the source. A `StagedRollout`'s progress (other keys of its status,
+//! written by the agents and summarized by the clustermesh-apiserver) is [`crate::progress`]'s.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -34,7 +35,7 @@ pub enum StatusKind {
 }
 
 impl StatusKind {
-    fn api_resource(self) -> ApiResource {
+    pub(crate) fn api_resource(self) -> ApiResource {
         let (kind, plural) = match self {
             StatusKind::TrafficPolicy => ("TrafficPolicy", "trafficpolicies"),
             StatusKind::StagedRollout => ("StagedRollout", "stagedrollouts"),

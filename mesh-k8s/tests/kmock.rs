@@ -890,3 +890,314 @@ async fn endpoint_slices_decide_service_backends() {
     );
     assert!(s.errors.is_empty(), "{:?}", s.errors);
 }
+
+/// A node's entry of a rollout, as an agent reports it.
+fn node_progress(
+    phase: mesh_k8s::crd::RolloutPhase,
+    step: u32,
+    held_seconds: u64,
+    new_flows: u64,
+) -> mesh_k8s::crd::NodeProgress {
+    mesh_k8s::crd::NodeProgress {
+        phase,
+        step,
+        steps: 3,
+        percent: [10, 50, 100][usize::try_from(step.clamp(1, 3) - 1).unwrap_or(0)],
+        held_seconds,
+        failure_ratio: 0.0,
+        new_flows,
+        resets: 0,
+        message: None,
+        updated_at: None,
+    }
+}
+
+/// Writes `status.nodes.<node>` of a rollout as that node's agent would (a merge patch of its own entry).
+fn write_node_entry(em: &mut Emulator, object: &Value, node: &str, entry: &Value) {
+    let path = format!("{}/status", object_path(object));
+    em.command(&json!({"op": "patch", "path": path, "object": {"status": {"nodes": {node: entry}}}}));
+}
+
+/// The bodies of the status patches the daemons' writers sent for an object (the test's own, through the
+/// fixture, carry the `metadata.resourceVersion` it stamps, and are left out); each holds `status` only.
+fn writer_patches(em: &mut Emulator, object: &Value) -> Vec<Value> {
+    let path = format!("{}/status", object_path(object));
+    let bodies: Vec<Value> = em
+        .requests()
+        .into_iter()
+        .filter(|r| r["method"] == "PATCH" && r["path"] == path.as_str())
+        .map(|r| r["body"].clone())
+        .filter(|b| b.get("metadata").is_none())
+        .collect();
+    for b in &bodies {
+        let keys: Vec<&String> = b.as_object().map(|b| b.keys().collect()).unwrap_or_default();
+        assert_eq!(keys, ["status"], "a status patch holds the status only: {b}");
+    }
+    bodies
+}
+
+/// The writers' status patches of an object that touch `status.<key>`.
+fn status_patches_of(em: &mut Emulator, object: &Value, key: &str) -> usize {
+    writer_patches(em, object)
+        .iter()
+        .filter(|b| b["status"].get(key).is_some())
+        .count()
+}
+
+/// Asserts that the number of the writers' status patches of `object` stays `n` for `period` (polled).
+async fn patches_stay(em: &mut Emulator, object: &Value, n: usize, period: Duration, what: &str) {
+    let end = std::time::Instant::now() + period;
+    let mut interval = tokio::time::interval(Duration::from_millis(50));
+    while std::time::Instant::now() < end {
+        interval.tick().await;
+        assert_eq!(writer_patches(em, object).len(), n, "{what}");
+    }
+}
+
+/// An agent's progress writer patches only its node's entry: at once when a rollout appears or its phase or step
+/// changes, never for hold time and counters alone within the refresh bound, and `null` when the node stops
+/// running it; the other writers' keys stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_writes_its_node_entry_on_phase_and_step_changes_only() {
+    use mesh_k8s::crd::RolloutPhase::{Paused, Progressing};
+    use mesh_k8s::progress::{NodeProgressWriter, NodeRollouts};
+    init_tracing();
+    let mut em = Emulator::start();
+    em.create(&namespace("shop"));
+    let r = rollout("api-v2");
+    em.create(&r);
+    // What the other writers put there: the validity (clustermesh-apiserver) and another node's entry.
+    em.command(
+        &json!({"op": "patch", "path": format!("{}/status", object_path(&r)),
+                       "object": {"status": {"phase": "Valid", "observedGeneration": 1,
+                                             "nodes": {"n2": {"phase": "Halted", "step": 1}}}}}),
+    );
+    let base = writer_patches(&mut em, &r).len();
+    assert_eq!(base, 0);
+    let (tx, rx) = watch::channel(NodeRollouts::new());
+    // A refresh bound far beyond the test: only new rollouts, phase and step changes are written.
+    let writer = NodeProgressWriter::new(em.client(), "n1").with_refresh(Duration::from_secs(3600));
+    let task = tokio::spawn(writer.run(rx));
+    let key = ("shop".to_owned(), "api-v2".to_owned());
+    let send = |p| tx.send_replace(NodeRollouts::from([(key.clone(), p)]));
+
+    send(node_progress(Progressing, 1, 0, 0));
+    let s = status_until(&mut em, &r, "n1's entry", |s| s["nodes"]["n1"]["step"] == 1).await;
+    assert_eq!(s["nodes"]["n1"]["phase"], "Progressing", "{s}");
+    assert_eq!(s["nodes"]["n1"]["percent"], 10, "{s}");
+    assert!(s["nodes"]["n1"]["updatedAt"].is_string(), "{s}");
+    assert_eq!(
+        s["nodes"]["n2"]["phase"], "Halted",
+        "another node's entry stays: {s}"
+    );
+    assert_eq!(
+        (&s["phase"], &s["observedGeneration"]),
+        (&json!("Valid"), &json!(1)),
+        "{s}"
+    );
+    assert_eq!(writer_patches(&mut em, &r).len(), base + 1);
+
+    // Hold time and counters move, phase and step do not: nothing within the bound.
+    for held in 1..=5 {
+        send(node_progress(Progressing, 1, held, held * 10));
+    }
+    patches_stay(
+        &mut em,
+        &r,
+        base + 1,
+        Duration::from_secs(1),
+        "no patch for counters alone",
+    )
+    .await;
+
+    send(node_progress(Progressing, 2, 0, 50));
+    let s = status_until(&mut em, &r, "step 2", |s| s["nodes"]["n1"]["step"] == 2).await;
+    assert_eq!(
+        (&s["nodes"]["n1"]["percent"], &s["nodes"]["n1"]["newFlows"]),
+        (&json!(50), &json!(50)),
+        "{s}"
+    );
+    assert_eq!(
+        writer_patches(&mut em, &r).len(),
+        base + 2,
+        "one patch for the step"
+    );
+    send(node_progress(Paused, 2, 3, 60));
+    status_until(&mut em, &r, "paused", |s| s["nodes"]["n1"]["phase"] == "Paused").await;
+    assert_eq!(
+        writer_patches(&mut em, &r).len(),
+        base + 3,
+        "one patch for the phase"
+    );
+    // The same state again: nothing to write.
+    send(node_progress(Paused, 2, 3, 60));
+    patches_stay(
+        &mut em,
+        &r,
+        base + 3,
+        Duration::from_millis(500),
+        "no patch without a change",
+    )
+    .await;
+
+    // The node stops running it: its entry goes, the rest stays.
+    tx.send_replace(NodeRollouts::new());
+    let s = status_until(&mut em, &r, "n1's entry removed", |s| {
+        s["nodes"].get("n1").is_none()
+    })
+    .await;
+    assert_eq!(s["nodes"]["n2"]["phase"], "Halted", "{s}");
+    assert_eq!(s["phase"], "Valid", "{s}");
+    assert_eq!(writer_patches(&mut em, &r).len(), base + 4);
+    assert!(!task.is_finished());
+    task.abort();
+}
+
+/// Between phase and step changes an agent rewrites its entry at most once per refresh bound while the rollout
+/// progresses, and the last values arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refreshes_its_node_entry_at_most_once_per_bound() {
+    use mesh_k8s::crd::RolloutPhase::Progressing;
+    use mesh_k8s::progress::{NodeProgressWriter, NodeRollouts};
+    init_tracing();
+    let mut em = Emulator::start();
+    em.create(&namespace("shop"));
+    let r = rollout("api-v2");
+    em.create(&r);
+    let refresh = Duration::from_secs(1);
+    let (tx, rx) = watch::channel(NodeRollouts::new());
+    let task = tokio::spawn(
+        NodeProgressWriter::new(em.client(), "n1")
+            .with_refresh(refresh)
+            .run(rx),
+    );
+    let key = ("shop".to_owned(), "api-v2".to_owned());
+    tx.send_replace(NodeRollouts::from([(
+        key.clone(),
+        node_progress(Progressing, 1, 0, 0),
+    )]));
+    status_until(&mut em, &r, "n1's entry", |s| s["nodes"]["n1"]["step"] == 1).await;
+    let first = writer_patches(&mut em, &r).len();
+    assert_eq!(first, 1);
+
+    // An agent ticking every 50 ms for 3.5 s, its counters moving each time.
+    let start = std::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut flows = 0;
+    while start.elapsed() < Duration::from_millis(3500) {
+        tick.tick().await;
+        flows += 1;
+        let held = start.elapsed().as_secs();
+        tx.send_replace(NodeRollouts::from([(
+            key.clone(),
+            node_progress(Progressing, 1, held, flows),
+        )]));
+    }
+    let elapsed = start.elapsed();
+    let refreshes = writer_patches(&mut em, &r).len() - first;
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a few seconds"
+    )]
+    let bound = (elapsed.as_secs_f64() / refresh.as_secs_f64()).floor() as usize + 1;
+    assert!(
+        (2..=bound).contains(&refreshes),
+        "{refreshes} refreshes in {elapsed:?} with a bound of one per {refresh:?}"
+    );
+    // The last values are written once the bound allows.
+    let s = status_until(&mut em, &r, "last counters", |s| {
+        s["nodes"]["n1"]["newFlows"] == flows
+    })
+    .await;
+    assert_eq!(s["nodes"]["n1"]["phase"], "Progressing", "{s}");
+    task.abort();
+}
+
+/// The clustermesh-apiserver summarizes the node entries into `status.progress` (one halted node halts it and is
+/// named), only when the summary changes, removes the entries of deleted nodes, and leaves the validity fields
+/// and the agents' entries alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_summarizes_node_entries_and_drops_deleted_nodes() {
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    let r = rollout("api-v2");
+    let (tx, _rx) = watch::channel(Snapshot::default());
+    let task = tokio::spawn(mesh_k8s::watch_kubernetes_writing_status(em.client(), tx));
+    status_until(&mut em, &r, "valid", |s| s["phase"] == "Valid").await;
+
+    let entry = |phase: &str, step: u32, held: u64| {
+        json!({"phase": phase, "step": step, "steps": 3, "percent": 10, "heldSeconds": held, "failureRatio": 0.0,
+               "newFlows": 5, "resets": 0, "updatedAt": "2026-01-01T00:00:00Z"})
+    };
+    write_node_entry(&mut em, &r, "n1", &entry("Progressing", 2, 4));
+    write_node_entry(&mut em, &r, "n2", &entry("Progressing", 1, 9));
+    let s = status_until(&mut em, &r, "summary of two nodes", |s| {
+        s["progress"]["nodes"] == 2
+    })
+    .await;
+    let p = &s["progress"];
+    assert_eq!(
+        (&p["phase"], &p["step"], &p["steps"], &p["nodesHalted"]),
+        (&json!("Progressing"), &json!(1), &json!(3), &json!(0)),
+        "{s}"
+    );
+    assert!(p.get("haltedNodes").is_none(), "{s}");
+
+    // Hold time alone changes no summary: no patch. (Seen once the next change's summary is written.)
+    let summaries = status_patches_of(&mut em, &r, "progress");
+    write_node_entry(&mut em, &r, "n1", &entry("Progressing", 2, 30));
+    write_node_entry(&mut em, &r, "n2", &entry("Halted", 1, 9));
+    let s = status_until(&mut em, &r, "halted", |s| s["progress"]["phase"] == "Halted").await;
+    let p = &s["progress"];
+    assert_eq!(
+        (&p["nodesHalted"], &p["haltedNodes"], &p["nodes"]),
+        (&json!(1), &json!(["n2"]), &json!(2)),
+        "{s}"
+    );
+    assert_eq!(
+        status_patches_of(&mut em, &r, "progress"),
+        summaries + 1,
+        "one patch: the halt"
+    );
+    assert_eq!(
+        (&s["phase"], &s["observedGeneration"]),
+        (&json!("Valid"), &json!(1)),
+        "validity untouched: {s}"
+    );
+    assert_eq!(
+        s["nodes"]["n1"]["heldSeconds"], 30,
+        "the agents' entries untouched: {s}"
+    );
+
+    // A node deleted: its entry goes, the summary is of the nodes left.
+    em.delete(&node("n2", "", ""));
+    let s = status_until(&mut em, &r, "n2 removed", |s| {
+        s["nodes"].get("n2").is_none() && s["progress"]["nodes"] == 1
+    })
+    .await;
+    let p = &s["progress"];
+    assert_eq!(
+        (&p["phase"], &p["step"], &p["nodesHalted"]),
+        (&json!("Progressing"), &json!(2), &json!(0)),
+        "{s}"
+    );
+    assert!(p.get("haltedNodes").is_none(), "no halted node left: {s}");
+    assert_eq!(s["nodes"]["n1"]["step"], 2, "{s}");
+    assert_eq!(
+        (&s["phase"], &s["observedGeneration"]),
+        (&json!("Valid"), &json!(1)),
+        "validity untouched: {s}"
+    );
+    // Every patch holds `status` only, each writer its own keys.
+    let validity = status_patches_of(&mut em, &r, "phase");
+    assert_eq!(validity, 1, "the validity was written once");
+    assert_eq!(
+        writer_patches(&mut em, &r).len(),
+        validity + status_patches_of(&mut em, &r, "progress"),
+        "the apiserver's patches: the validity and the summaries, no other"
+    );
+    assert!(!task.is_finished());
+    task.abort();
+}

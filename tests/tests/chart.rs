@@ -30,7 +30,8 @@ const PEER_TLS_DIR: &str = "/var/lib/fleetmesh/clustermesh-tls";
 const WATCH: &[&str] = &["list", "watch"];
 
 /// What mesh-agent's watchers use (mesh-k8s, `--source kubernetes`): Nodes, Namespaces, Pods (of its node),
-/// Services, MCS ServiceExports and fleetmesh's TrafficPolicies and StagedRollouts. The agent writes nothing.
+/// Services, MCS ServiceExports and fleetmesh's TrafficPolicies and StagedRollouts. The agent writes only its
+/// node's entry of each StagedRollout's progress (mesh-k8s's `NodeProgressWriter`: a merge patch on `/status`).
 const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
     ("", &["nodes", "pods", "namespaces", "services"], WATCH),
     ("discovery.k8s.io", &["endpointslices"], WATCH),
@@ -41,6 +42,7 @@ const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
         &["trafficpolicies", "stagedrollouts", "meshnetworkpolicies"],
         WATCH,
     ),
+    ("fleetmesh.io", &["stagedrollouts/status"], &["patch"]),
 ];
 
 /// The clustermesh-apiserver runs the same watchers (every pod of the cluster) and, with `--source kubernetes`,
