@@ -136,6 +136,13 @@ async fn main() -> anyhow::Result<()> {
     let scope = mesh_k8s::Scope::Node(args.node_name.clone());
     let source = mesh_k8s::start_source(args.source, args.manifests.clone(), scope, snap_tx).await?;
     let source = tokio::spawn(source);
+    // Staged rollouts' progress on this node, written to their status by its own task (kubernetes source only).
+    let (progress_tx, progress_rx) = watch::channel(mesh_k8s::progress::NodeRollouts::new());
+    if args.source == mesh_k8s::SourceKind::Kubernetes {
+        let client = mesh_k8s::connect().await?;
+        let writer = mesh_k8s::progress::NodeProgressWriter::new(client, args.node_name.clone());
+        tokio::spawn(writer.run(progress_rx));
+    }
     {
         let wake = wake_tx.clone();
         let mut rx = snap_rx.clone();
@@ -263,6 +270,12 @@ async fn main() -> anyhow::Result<()> {
                     .map(|end| Duration::from_millis(end - now + 1));
                 let own = reconciler_remotes.own();
                 let dp_status = reconciler.reconcile(&snap.state, own.as_ref(), &remote_view);
+                let progress = reconciler.rollouts.progress(&snap.state, remote::now_ms());
+                progress_tx.send_if_modified(|p| {
+                    let changed = *p != progress;
+                    *p = progress;
+                    changed
+                });
                 let remotes_synced = reconciler_remotes.configured()
                     && remote_view
                         .values()

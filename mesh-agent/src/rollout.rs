@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mesh_k8s::crd::{NodeProgress, RolloutPhase};
+use mesh_k8s::progress::NodeRollouts;
 use mesh_model::ClusterState;
 use mesh_model::traffic::{StagedRollout, TrafficPolicy, TrafficPolicySpec};
 use serde::{Deserialize, Serialize};
@@ -39,6 +41,18 @@ pub enum Phase {
     Completed,
     /// Stopped by `meshctl rollout abort`: every new connection goes to `from`.
     Aborted,
+}
+
+impl From<Phase> for RolloutPhase {
+    fn from(p: Phase) -> Self {
+        match p {
+            Phase::Progressing => Self::Progressing,
+            Phase::Paused => Self::Paused,
+            Phase::Halted => Self::Halted,
+            Phase::Completed => Self::Completed,
+            Phase::Aborted => Self::Aborted,
+        }
+    }
 }
 
 /// A user's command for a rollout.
@@ -287,6 +301,34 @@ impl Rollouts {
         }
     }
 
+    /// What this node reports of every rollout it runs (its entry in the `StagedRollout`'s `status.nodes`, see
+    /// [`mesh_k8s::progress`]): hold time in whole seconds, so that it changes at most once a second.
+    #[must_use]
+    pub fn progress(&self, local: &ClusterState, now_ms: u64) -> NodeRollouts {
+        self.states
+            .iter()
+            .map(|(key, st)| {
+                let steps = local
+                    .rollouts
+                    .get(key)
+                    .map_or(st.step + 1, |r| r.spec.steps.len());
+                let progress = NodeProgress {
+                    phase: st.phase.into(),
+                    step: u32::try_from(st.step + 1).unwrap_or(u32::MAX),
+                    steps: u32::try_from(steps).unwrap_or(u32::MAX),
+                    percent: st.percent,
+                    held_seconds: st.held(now_ms) / 1000,
+                    failure_ratio: st.failure_ratio(),
+                    new_flows: st.observed.new_flows,
+                    resets: st.observed.resets,
+                    message: st.message.clone(),
+                    updated_at: None,
+                };
+                (key.clone(), progress)
+            })
+            .collect()
+    }
+
     /// The weights a rollout puts on its service now, as a policy (`None` when no rollout steers it).
     #[must_use]
     pub fn policy_for(&self, local: &ClusterState, namespace: &str, service: &str) -> Option<TrafficPolicy> {
@@ -433,6 +475,35 @@ mod tests {
     }
 
     #[test]
+    fn progress_reports_each_rollout_from_step_one() {
+        let r = rollout(vec![10, 50, 100]);
+        let local = state_with(&r);
+        let mut ro = Rollouts::default();
+        let stats = Cell::new(FlowStats::default());
+        let get = |_: &StagedRollout| Some(stats.get());
+        ro.tick(&local, 1_000, &get);
+        stats.set(FlowStats {
+            new_flows: 40,
+            resets: 2,
+        });
+        ro.tick(&local, 8_500, &get);
+        let p = &ro.progress(&local, 8_500)[&key()];
+        assert_eq!(p.phase, RolloutPhase::Progressing);
+        assert_eq!((p.step, p.steps, p.percent), (1, 3, 10));
+        assert_eq!(p.held_seconds, 7, "whole seconds");
+        assert_eq!((p.new_flows, p.resets), (40, 2));
+        assert!((p.failure_ratio - 0.05).abs() < 1e-9, "{p:?}");
+        ro.tick(&local, 11_000, &get);
+        let p = &ro.progress(&local, 11_000)[&key()];
+        assert_eq!((p.step, p.percent, p.held_seconds), (2, 50, 0));
+        ro.tick(&ClusterState::default(), 12_000, &get);
+        assert!(
+            ro.progress(&ClusterState::default(), 12_000).is_empty(),
+            "deleted: no entry"
+        );
+    }
+
+    #[test]
     fn a_failing_gate_halts_and_sends_everything_back_to_from() {
         let r = rollout(vec![10, 100]);
         let local = state_with(&r);
@@ -456,6 +527,16 @@ mod tests {
         );
         let p = ro.policy_for(&local, "demo", "echo").expect("policy");
         assert_eq!((p.spec.weights[0].weight, p.spec.weights[1].weight), (0, 100));
+        let reported = &ro.progress(&local, 1_000)[&key()];
+        assert_eq!((reported.phase, reported.percent), (RolloutPhase::Halted, 0));
+        assert!(
+            reported
+                .message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("gate failed"),
+            "{reported:?}"
+        );
         // Halted stays halted, whatever time passes.
         ro.tick(&local, 100_000, &get);
         assert_eq!(ro.states[&key()].phase, Phase::Halted);
