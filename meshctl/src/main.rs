@@ -418,7 +418,7 @@ fn main() -> std::process::ExitCode {
             wait_timeout,
             json,
         } => {
-            let target = (context.is_some() || kubeconfig.is_some()).then(|| meshctl::kubemesh::Target {
+            let target = (context.is_some() || kubeconfig.is_some()).then_some(meshctl::kubemesh::Target {
                 kubeconfig,
                 context,
                 namespace,

@@ -2,7 +2,7 @@
 //! (mesh-k8s's emulator fixture, `pip install kmock`) seeded with what the fleetmesh chart installs, reached through
 //! a kubeconfig with one context per emulator.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -577,7 +577,7 @@ fn enable_patches_the_service_type_and_names_missing_tls_secrets() {
 }
 
 /// An agent pod of the seeded DaemonSet (selector `a=b`).
-fn agent_pod(name: &str, node: &str, phase: &str, labels: Value) -> Value {
+fn agent_pod(name: &str, node: &str, phase: &str, labels: &Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "namespace": NS, "labels": labels},
            "spec": {"nodeName": node, "containers": [{"name": "mesh-agent", "image": "fleetmesh"}]},
@@ -592,18 +592,18 @@ fn cluster_status_names_agents_that_do_not_answer_and_a_chart_without_status_por
     create(
         &mut emu,
         &pods,
-        agent_pod("agent-1", "node-1", "Running", json!({"a": "b"})),
+        agent_pod("agent-1", "node-1", "Running", &json!({"a": "b"})),
     );
     create(
         &mut emu,
         &pods,
-        agent_pod("agent-2", "node-2", "Pending", json!({"a": "b"})),
+        agent_pod("agent-2", "node-2", "Pending", &json!({"a": "b"})),
     );
     // Not an agent: other labels (kmock ignores label selectors; meshctl must not count it).
     create(
         &mut emu,
         &pods,
-        agent_pod("web", "node-1", "Running", json!({"app": "web"})),
+        agent_pod("web", "node-1", "Running", &json!({"app": "web"})),
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let kc = kubeconfig(dir.path(), &[("east", emu.port)]);
