@@ -690,3 +690,36 @@ fn cluster_status_names_agents_that_do_not_answer_and_a_chart_without_status_por
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("--wait needs --context"), "{e}");
 }
+
+#[test]
+fn load_balancer_hostnames_and_rbac_denials() {
+    let mut emu = KubeEmulator::start(&[]);
+    let mut s = Spec::new("east", 5);
+    s.service_type = "LoadBalancer";
+    seed(&mut emu, &s);
+    // Cloud load balancers (e.g. AWS) publish a hostname, not an IP.
+    emu.command(&json!({"op": "patch",
+        "path": format!("/api/v1/namespaces/{NS}/services/fleetmesh-clustermesh-apiserver"),
+        "object": {"status": {"loadBalancer": {"ingress": [{"hostname": "east-mesh.elb.example.com"}]}}}}));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = kubeconfig(dir.path(), &[("east", emu.port)]);
+    let o = meshctl(&kc, &["status", "--context", "east", "--json"]);
+    assert!(o.ok, "{}", o.stderr);
+    let v: Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert_eq!(
+        v["apiserver"]["addresses"],
+        json!(["east-mesh.elb.example.com:2379"])
+    );
+
+    // A context whose user may not read the Secrets: one line naming the object and what to check.
+    emu.command(&json!({"op": "respond", "method": "get", "code": 403,
+        "path": format!("/api/v1/namespaces/{NS}/secrets/fleetmesh-clustermesh-remote-client"),
+        "message": "secrets \"fleetmesh-clustermesh-remote-client\" is forbidden: User \"dev\" cannot get resource \"secrets\""}));
+    let o = meshctl(&kc, &["status", "--context", "east"]);
+    let e = one_line_error(&o);
+    assert!(
+        e.contains("context \"east\": not allowed to get Secret kube-system/fleetmesh-clustermesh-remote-client (HTTP 403")
+            && e.contains("check the context's credentials and RBAC"),
+        "{e}"
+    );
+}
