@@ -1,7 +1,8 @@
 //! The agent's local API: HTTP on a Unix socket (`GET /v1/status`, `GET /v1/summary`, `GET /metrics`,
 //! `GET /healthz`, `POST /v1/rollouts/{namespace}/{name}/{pause|resume|abort}`, `GET /v1/flows` (NDJSON, optionally
 //! following), `GET /v1/policy/{namespace}/{pod}`), for meshctl and the lab; and
-//! `GET /metrics` alone on a TCP address ([`serve_metrics`]) for Prometheus.
+//! `GET /metrics` alone on a TCP address ([`serve_metrics`]) for Prometheus, and `GET /healthz` and
+//! `GET /v1/summary` on another ([`serve_status`]) for `meshctl status --context`.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -183,6 +184,20 @@ async fn metrics(State(s): State<ApiState>) -> ([(axum::http::HeaderName, &'stat
     )
 }
 
+/// Serves the read-only part of the API that says how the agent is, on a TCP address (the chart's
+/// `agent.statusPort`, reached by `meshctl status --context` through the API server's pod proxy): `GET /healthz`
+/// and `GET /v1/summary`. Nothing that changes state, and nothing that grows with the mesh.
+///
+/// # Errors
+/// When serving fails.
+pub async fn serve_status(listener: tokio::net::TcpListener, state: ApiState) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/summary", get(summary))
+        .with_state(state);
+    axum::serve(listener, app).await
+}
+
 /// Serves `GET /metrics` alone on a TCP address (for Prometheus) until the process ends.
 ///
 /// # Errors
@@ -193,26 +208,38 @@ pub async fn serve_metrics(addr: std::net::SocketAddr, state: ApiState) -> std::
     axum::serve(listener, app).await
 }
 
-/// `GET /v1/summary`: readiness, remote clusters by state and the datapath's sizes, without the per-service
-/// details of `/v1/status` (which grow with the mesh).
+/// `GET /v1/summary`: readiness, every remote cluster in numbers (state, last answer, entry counts), the
+/// datapath's sizes and the first [`SUMMARY_ERRORS`] errors, without the per-service details of `/v1/status`
+/// (which grow with the mesh). Its size depends on the number of clusters only.
 async fn summary(State(s): State<ApiState>) -> Json<serde_json::Value> {
+    let clusters = s.remotes.briefs();
     let st = s.status.lock().unwrap_or_else(PoisonError::into_inner);
-    let remotes = s.remotes.snapshot();
-    let synced = remotes
-        .values()
-        .filter(|r| matches!(r.state, crate::remote::SyncState::Synced { .. }))
+    let peers = clusters.iter().filter(|c| !c.own).count();
+    let synced = clusters
+        .iter()
+        .filter(|c| !c.own && matches!(c.state, crate::remote::SyncState::Synced { .. }))
         .count();
+    let errors: Vec<&String> = st.manifest_errors.iter().chain(&st.datapath.errors).collect();
     Json(serde_json::json!({
         "node": st.node,
+        "cluster": st.cluster,
+        "clusterId": st.cluster_id,
+        "startedMs": st.started_ms,
+        "nowMs": crate::remote::now_ms(),
         "ready": st.ready,
         "manifestGeneration": st.manifest_generation,
         "reconciles": st.datapath.reconciles,
-        "remoteClusters": remotes.len(),
+        "remoteClusters": peers,
         "remoteClustersSynced": synced,
+        "clusters": clusters,
         "datapath": st.datapath.summary,
-        "errors": st.datapath.errors.len() + st.manifest_errors.len(),
+        "errors": errors.len(),
+        "errorMessages": &errors[..errors.len().min(SUMMARY_ERRORS)],
     }))
 }
+
+/// Most error messages `GET /v1/summary` lists (`errors` counts them all).
+pub const SUMMARY_ERRORS: usize = 20;
 
 async fn healthz() -> &'static str {
     "ok\n"

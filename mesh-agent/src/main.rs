@@ -81,6 +81,11 @@ struct Args {
     /// socket always serves it.
     #[arg(long, env = "FLEETMESH_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Also serve `GET /healthz` and `GET /v1/summary` (read-only: readiness, remote clusters in numbers, errors)
+    /// on this TCP address, e.g. `0.0.0.0:9968`, for `meshctl status --context` (through the API server's pod
+    /// proxy). The API socket always serves them.
+    #[arg(long, env = "FLEETMESH_STATUS_ADDR")]
+    status_addr: Option<std::net::SocketAddr>,
     /// Directory for the agent's own state that must survive restarts (staged rollouts' progress). Default
     /// `/var/lib/fleetmesh/<node-name>`.
     #[arg(long, env = "FLEETMESH_STATE_DIR")]
@@ -309,6 +314,19 @@ async fn main() -> anyhow::Result<()> {
             }
         });
         info!(%addr, "serving metrics");
+    }
+    if let Some(addr) = args.status_addr {
+        // Bound here, so that a taken port stops the agent at start with the reason, not a log line later.
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the status address {addr} (--status-addr)"))?;
+        let st = api_state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = api::serve_status(listener, st).await {
+                warn!(%addr, error = %e, "serving status");
+            }
+        });
+        info!(%addr, "serving status");
     }
     tokio::select! {
         r = api::serve(&socket, api_state) => r.with_context(|| format!("serving the API on {}", socket.display()))?,

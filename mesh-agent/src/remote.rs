@@ -84,6 +84,44 @@ pub struct RemoteCluster {
     pub syncs: u64,
 }
 
+/// One remote cluster in numbers (see [`Remotes::briefs`]).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteBrief {
+    pub name: String,
+    /// This cluster's own etcd (`--kvstore-config`), not a peer.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub own: bool,
+    pub state: SyncState,
+    pub usable: bool,
+    pub nodes: usize,
+    pub services: usize,
+    pub identities: usize,
+    pub ips: usize,
+    /// Values skipped as malformed, all reasons together.
+    pub decode_errors: u64,
+    pub last_alive_ms: Option<u64>,
+    pub syncs: u64,
+}
+
+impl RemoteBrief {
+    fn of(r: &RemoteCluster, own: bool) -> Self {
+        Self {
+            name: r.name.clone(),
+            own,
+            state: r.state.clone(),
+            usable: r.usable,
+            nodes: r.nodes.len(),
+            services: r.services.len(),
+            identities: r.identities.len(),
+            ips: r.ips.len(),
+            decode_errors: r.decode_errors.values().sum(),
+            last_alive_ms: r.last_alive_ms,
+            syncs: r.syncs,
+        }
+    }
+}
+
 /// Serializes a map as its size (the status stays small whatever the size of the mesh).
 fn count<K, V, S: serde::Serializer>(map: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(u64::try_from(map.len()).unwrap_or(u64::MAX))
@@ -154,6 +192,27 @@ impl Remotes {
             Slot::Remote => &self.inner,
             Slot::Own => &self.own,
         }
+    }
+
+    /// A compact view of every remote cluster (and of this cluster's own etcd as the entry with `own: true`),
+    /// made under the lock without copying any record: what `GET /v1/summary` and `meshctl status` show.
+    #[must_use]
+    pub fn briefs(&self) -> Vec<RemoteBrief> {
+        let mut out: Vec<RemoteBrief> = self
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|r| RemoteBrief::of(r, false))
+            .collect();
+        out.extend(
+            self.own
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .map(|r| RemoteBrief::of(r, true)),
+        );
+        out
     }
 
     /// This cluster's identities and ips, from its own etcd (`None` without `--kvstore-config`). Its nodes and

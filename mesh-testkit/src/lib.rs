@@ -258,3 +258,25 @@ impl Drop for KubeEmulator {
         let _ = self.child.wait();
     }
 }
+
+/// Writes `dir/kubeconfig` with one context per `(name, port)` of emulators on 127.0.0.1 (plain http, no user
+/// credentials); the first is the current context.
+///
+/// # Panics
+/// When the file cannot be written.
+#[must_use]
+pub fn kubeconfig(dir: &Path, contexts: &[(&str, u16)]) -> std::path::PathBuf {
+    use std::fmt::Write as _;
+    let mut y = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
+    for (n, p) in contexts {
+        let _ = write!(y, "- name: {n}\n  cluster:\n    server: http://127.0.0.1:{p}\n");
+    }
+    y += "users:\n- name: u\n  user: {}\ncontexts:\n";
+    for (n, _) in contexts {
+        let _ = write!(y, "- name: {n}\n  context:\n    cluster: {n}\n    user: u\n");
+    }
+    let _ = writeln!(y, "current-context: {}", contexts.first().map_or("", |c| c.0));
+    let p = dir.join("kubeconfig");
+    std::fs::write(&p, y).expect("write kubeconfig");
+    p
+}

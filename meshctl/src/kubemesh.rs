@@ -71,6 +71,8 @@ pub fn fullname(release: &str) -> String {
 /// A connection to one cluster's API server.
 pub struct Cluster {
     client: kube::Client,
+    /// The same, without retries: for the pod proxy.
+    proxy_client: kube::Client,
     /// The context's name (for messages).
     pub context: String,
     pub url: String,
@@ -120,10 +122,17 @@ pub async fn open(t: &Target) -> Result<Cluster> {
     cfg.read_timeout = Some(Duration::from_secs(15));
     cfg.write_timeout = Some(Duration::from_secs(15));
     let url = cfg.cluster_url.to_string();
+    // The API server answers 503 for a pod it cannot reach through its proxy: that is an answer about the pod,
+    // not a reason to retry (the default client retries 503 with backoff).
+    let mut once = cfg.clone();
+    once.default_retry = false;
     let client = kube::Client::try_from(cfg)
+        .map_err(|e| anyhow!("context {context:?}: cannot make a client for {url}: {e}"))?;
+    let proxy_client = kube::Client::try_from(once)
         .map_err(|e| anyhow!("context {context:?}: cannot make a client for {url}: {e}"))?;
     Ok(Cluster {
         client,
+        proxy_client,
         context,
         url,
         namespace: t.namespace.clone(),
@@ -159,7 +168,7 @@ fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
 }
 
 impl Cluster {
-    fn err(&self, e: &kube::Error, what: &str) -> anyhow::Error {
+    pub(crate) fn err(&self, e: &kube::Error, what: &str) -> anyhow::Error {
         match e {
             kube::Error::Api(s) if s.code == 401 || s.code == 403 => anyhow!(
                 "context {:?}: not allowed to {what} (HTTP {}: {}); check the context's credentials and RBAC",
@@ -184,7 +193,12 @@ impl Cluster {
         }
     }
 
-    fn api<K>(&self) -> Api<K>
+    /// A client that does not retry (for the API server's pod proxy, whose 503 means "pod not reachable").
+    pub(crate) fn proxy_client(&self) -> &kube::Client {
+        &self.proxy_client
+    }
+
+    pub(crate) fn api<K>(&self) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
     {
@@ -253,7 +267,7 @@ impl Cluster {
         format!("{}-clustermesh-apiserver", self.full)
     }
 
-    fn agent_name(&self) -> String {
+    pub(crate) fn agent_name(&self) -> String {
         format!("{}-agent", self.full)
     }
 
@@ -263,7 +277,7 @@ impl Cluster {
         format!("{}-clustermesh-remote-client", self.full)
     }
 
-    async fn agent_daemonset(&self) -> Result<DaemonSet> {
+    pub(crate) async fn agent_daemonset(&self) -> Result<DaemonSet> {
         let name = self.agent_name();
         self.get(&name, "DaemonSet").await?.ok_or_else(|| {
             anyhow!(

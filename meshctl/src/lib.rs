@@ -2,3 +2,4 @@
 
 pub mod clustermesh;
 pub mod kubemesh;
+pub mod kubestatus;

@@ -21,9 +21,34 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show a node agent's status: remote clusters and their sync state, local endpoints, ipcache, counters.
+    ///
+    /// With --context (or --kubeconfig) it summarises a whole cluster instead: every agent of the fleetmesh
+    /// DaemonSet, asked through the API server's pod proxy on its status port (chart value agent.statusPort):
+    /// agents ready and answering, each remote cluster as the agents see it (synced on how many, state, time
+    /// since its etcd last answered, entry counts, skipped values) and the agents' errors.
     Status {
         #[command(flatten)]
         agent: AgentSocket,
+        /// Summarise the cluster of this kubeconfig context (all agents) instead of one node's agent.
+        #[arg(long)]
+        context: Option<String>,
+        /// Kubeconfig file for --context (default: $KUBECONFIG, else ~/.kube/config); alone it means the current
+        /// context.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Namespace of the fleetmesh release (with --context).
+        #[arg(long, short = 'n', default_value = meshctl::kubemesh::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// Helm release name of the fleetmesh chart (with --context).
+        #[arg(long, default_value = meshctl::kubemesh::DEFAULT_RELEASE)]
+        release: String,
+        /// With --context: wait until every agent is ready and answers, and every remote cluster is synced on
+        /// every agent.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits (e.g. 5m, 30s).
+        #[arg(long, default_value = "5m", value_parser = mesh_model::duration::parse_duration)]
+        wait_timeout: std::time::Duration,
         /// Print the full status as JSON.
         #[arg(long)]
         json: bool,
@@ -383,7 +408,24 @@ enum ManifestsCommand {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Status { agent, json } => agent::status(&agent.socket, json),
+        Command::Status {
+            agent,
+            context,
+            kubeconfig,
+            namespace,
+            release,
+            wait,
+            wait_timeout,
+            json,
+        } => {
+            let target = (context.is_some() || kubeconfig.is_some()).then_some(meshctl::kubemesh::Target {
+                kubeconfig,
+                context,
+                namespace,
+                release,
+            });
+            status(&agent.socket, target, wait.then_some(wait_timeout), json)
+        }
         Command::Service(ServiceCommand::List { agent, json }) => agent::services(&agent.socket, json),
         Command::Traffic {
             service,
@@ -455,6 +497,35 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Runs a Kubernetes command on a single-threaded runtime.
+/// `meshctl status`: one node's agent, or with a kubeconfig target every agent of that cluster.
+fn status(
+    socket: &std::path::Path,
+    target: Option<meshctl::kubemesh::Target>,
+    wait: Option<std::time::Duration>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let Some(target) = target else {
+        if wait.is_some() {
+            anyhow::bail!("--wait needs --context: it waits for a whole cluster's agents");
+        }
+        return agent::status(socket, json);
+    };
+    kube_command(async move {
+        use meshctl::kubestatus as ks;
+        let c = meshctl::kubemesh::open(&target).await?;
+        let st = match wait {
+            Some(timeout) => ks::wait(&c, timeout, std::time::Duration::from_secs(2)).await?,
+            None => ks::status(&c).await?,
+        };
+        if json {
+            println!("{}", serde_json::to_string_pretty(&st)?);
+        } else {
+            print!("{}", st.table());
+        }
+        Ok(())
+    })
+}
+
 fn kube_command(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -2,12 +2,12 @@
 //! (mesh-k8s's emulator fixture, `pip install kmock`) seeded with what the fleetmesh chart installs, reached through
 //! a kubeconfig with one context per emulator.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
-use mesh_testkit::KubeEmulator;
+use mesh_testkit::{KubeEmulator, kubeconfig};
 use serde_json::{Value, json};
 
 const NS: &str = "kube-system";
@@ -146,31 +146,22 @@ fn secret(emu: &mut KubeEmulator, name: &str) -> Value {
     a["object"]["data"].clone()
 }
 
-/// A kubeconfig with a context per `(name, port)`.
-fn kubeconfig(dir: &Path, contexts: &[(&str, u16)]) -> PathBuf {
-    let mut y = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
-    for (n, p) in contexts {
-        y += &format!("- name: {n}\n  cluster:\n    server: http://127.0.0.1:{p}\n");
-    }
-    y += "users:\n- name: u\n  user: {}\ncontexts:\n";
-    for (n, _) in contexts {
-        y += &format!("- name: {n}\n  context:\n    cluster: {n}\n    user: u\n");
-    }
-    y += &format!("current-context: {}\n", contexts[0].0);
-    let p = dir.join("kubeconfig");
-    std::fs::write(&p, y).expect("write kubeconfig");
-    p
-}
-
 struct Out {
     ok: bool,
     stdout: String,
     stderr: String,
 }
 
+/// `meshctl clustermesh ARGS --kubeconfig FILE`.
 fn meshctl(kubeconfig: &Path, args: &[&str]) -> Out {
+    let mut all = vec!["clustermesh"];
+    all.extend_from_slice(args);
+    meshctl_top(kubeconfig, &all)
+}
+
+/// `meshctl ARGS --kubeconfig FILE`.
+fn meshctl_top(kubeconfig: &Path, args: &[&str]) -> Out {
     let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .arg("clustermesh")
         .args(args)
         .arg("--kubeconfig")
         .arg(kubeconfig)
@@ -582,5 +573,153 @@ fn enable_patches_the_service_type_and_names_missing_tls_secrets() {
         ),
         "{}",
         o.stdout
+    );
+}
+
+/// An agent pod of the seeded DaemonSet (selector `a=b`).
+fn agent_pod(name: &str, node: &str, phase: &str, labels: &Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": NS, "labels": labels},
+           "spec": {"nodeName": node, "containers": [{"name": "mesh-agent", "image": "fleetmesh"}]},
+           "status": {"phase": phase}})
+}
+
+#[test]
+fn cluster_status_names_agents_that_do_not_answer_and_a_chart_without_status_port() {
+    let mut emu = KubeEmulator::start(&[]);
+    seed(&mut emu, &Spec::new("east", 4));
+    let pods = format!("/api/v1/namespaces/{NS}/pods");
+    create(
+        &mut emu,
+        &pods,
+        agent_pod("agent-1", "node-1", "Running", &json!({"a": "b"})),
+    );
+    create(
+        &mut emu,
+        &pods,
+        agent_pod("agent-2", "node-2", "Pending", &json!({"a": "b"})),
+    );
+    // Not an agent: other labels (kmock ignores label selectors; meshctl must not count it).
+    create(
+        &mut emu,
+        &pods,
+        agent_pod("web", "node-1", "Running", &json!({"app": "web"})),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = kubeconfig(dir.path(), &[("east", emu.port)]);
+
+    // A chart from before the status port: said so, not fatal.
+    let o = meshctl_top(&kc, &["status", "--context", "east"]);
+    assert!(o.ok, "{}", o.stderr);
+    assert!(o.stdout.contains("Cluster:  east (id 4)"), "{}", o.stdout);
+    assert!(
+        o.stdout
+            .contains("has no container port named \"status\": upgrade the chart"),
+        "{}",
+        o.stdout
+    );
+
+    // The chart's status port: agent-1 is asked through the pod proxy, whose answer is the API server's 503 (the
+    // agent does not listen); agent-2 is not asked while Pending.
+    emu.command(
+        &json!({"op": "patch", "path": format!("/apis/apps/v1/namespaces/{NS}/daemonsets/fleetmesh-agent"),
+        "object": {"spec": {"template": {"spec": {"containers": [{"name": "mesh-agent",
+            "ports": [{"name": "status", "containerPort": 9968, "protocol": "TCP"}]}]}}}}}),
+    );
+    let missing = dir.path().join("nobody.sock");
+    emu.command(&json!({"op": "proxy",
+        "path": format!("/api/v1/namespaces/{NS}/pods/agent-1:9968/proxy/v1/summary"),
+        "unix": missing.display().to_string()}));
+    let o = meshctl_top(&kc, &["status", "--context", "east", "--json"]);
+    assert!(o.ok, "{}", o.stderr);
+    let v: Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert_eq!(v["statusPort"], 9968);
+    let agents = v["agents"].as_array().expect("agents");
+    assert_eq!(agents.len(), 2, "only the DaemonSet's pods: {agents:?}");
+    assert_eq!(agents[0]["pod"], "agent-1");
+    let why = agents[0]["unreachable"].as_str().expect("agent-1 did not answer");
+    assert!(
+        why.contains("HTTP 503") && why.contains("error trying to reach service"),
+        "{why}"
+    );
+    assert_eq!(agents[1]["unreachable"], "pod is Pending");
+    let problems: Vec<&str> = v["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("agent agent-1 on node-1: pod proxy: HTTP 503")),
+        "{problems:?}"
+    );
+    assert!(
+        problems.contains(&"agent agent-2 on node-2: pod is Pending"),
+        "{problems:?}"
+    );
+
+    let o = meshctl_top(&kc, &["status", "--context", "east"]);
+    assert!(o.ok, "{}", o.stderr);
+    for want in [
+        "0 of 2 pods answered (status port 9968)",
+        "Agents not answering:",
+        "  - agent-2 on node-2: pod is Pending",
+    ] {
+        assert!(o.stdout.contains(want), "missing {want:?} in:\n{}", o.stdout);
+    }
+
+    // --wait gives up with one line naming what it waited for.
+    let o = meshctl_top(
+        &kc,
+        &["status", "--context", "east", "--wait", "--wait-timeout", "1s"],
+    );
+    let e = one_line_error(&o);
+    assert!(
+        e.contains("timed out after 1s waiting for agents to answer and be ready (0 of 2 are)"),
+        "{e}"
+    );
+    // --wait is for a cluster, not for one node's agent.
+    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["status", "--wait"])
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("run meshctl");
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--wait needs --context"), "{e}");
+}
+
+#[test]
+fn load_balancer_hostnames_and_rbac_denials() {
+    let mut emu = KubeEmulator::start(&[]);
+    let mut s = Spec::new("east", 5);
+    s.service_type = "LoadBalancer";
+    seed(&mut emu, &s);
+    // Cloud load balancers (e.g. AWS) publish a hostname, not an IP.
+    emu.command(&json!({"op": "patch",
+        "path": format!("/api/v1/namespaces/{NS}/services/fleetmesh-clustermesh-apiserver"),
+        "object": {"status": {"loadBalancer": {"ingress": [{"hostname": "east-mesh.elb.example.com"}]}}}}));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = kubeconfig(dir.path(), &[("east", emu.port)]);
+    let o = meshctl(&kc, &["status", "--context", "east", "--json"]);
+    assert!(o.ok, "{}", o.stderr);
+    let v: Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert_eq!(
+        v["apiserver"]["addresses"],
+        json!(["east-mesh.elb.example.com:2379"])
+    );
+
+    // A context whose user may not read the Secrets: one line naming the object and what to check.
+    emu.command(&json!({"op": "respond", "method": "get", "code": 403,
+        "path": format!("/api/v1/namespaces/{NS}/secrets/fleetmesh-clustermesh-remote-client"),
+        "message": "secrets \"fleetmesh-clustermesh-remote-client\" is forbidden: User \"dev\" cannot get resource \"secrets\""}));
+    let o = meshctl(&kc, &["status", "--context", "east"]);
+    let e = one_line_error(&o);
+    assert!(
+        e.contains("context \"east\": not allowed to get Secret kube-system/fleetmesh-clustermesh-remote-client (HTTP 403")
+            && e.contains("check the context's credentials and RBAC"),
+        "{e}"
     );
 }

@@ -98,6 +98,11 @@ fn chart_dir() -> PathBuf {
     workspace_root().join("charts").join("fleetmesh")
 }
 
+/// The container port name `meshctl status --context` looks for (meshctl's `kubestatus::STATUS_PORT_NAME`).
+fn meshctl_status_port_name() -> &'static str {
+    "status"
+}
+
 fn full_values() -> PathBuf {
     workspace_root().join("tests/fixtures/chart/full-values.yaml")
 }
@@ -747,6 +752,18 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
         );
     }
     assert_eq!(env(agent, "FLEETMESH_SOURCE").value.as_deref(), Some("manifests"));
+    // `meshctl status --context` reads every agent on the port named "status" (pod proxy).
+    let status_port = agent
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(meshctl_status_port_name()))
+        .expect("status port");
+    assert_eq!(status_port.container_port, 9968);
+    assert_eq!(
+        env(agent, "FLEETMESH_STATUS_ADDR").value.as_deref(),
+        Some("0.0.0.0:9968")
+    );
     let manifests = env(agent, "FLEETMESH_MANIFESTS")
         .value
         .clone()
@@ -955,6 +972,23 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
         .find(|p| p.name.as_deref() == Some("metrics"))
         .expect("metrics port");
     assert_eq!(metrics.container_port, 9090);
+    // statusPort 0: no status port, no address for the agent.
+    assert!(
+        !agent
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some("status")),
+        "agent.statusPort 0 renders no status port"
+    );
+    assert!(
+        !agent
+            .env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "FLEETMESH_STATUS_ADDR"),
+        "agent.statusPort 0 gives the agent no status address"
+    );
     let annotations = ds
         .template
         .metadata
@@ -1173,6 +1207,14 @@ fn invalid_values_fail_with_the_charts_message() {
         (
             set("metrics.port=70000"),
             r#"metrics.port "70000" is not a port number"#,
+        ),
+        (
+            set("agent.statusPort=70000"),
+            r#"agent.statusPort "70000" is not a port number (1-65535, or 0 for none)"#,
+        ),
+        (
+            [set("metrics.enabled=true"), set("metrics.port=9968")].concat(),
+            "agent.statusPort and metrics.port are both 9968",
         ),
         (peer(0, "default", "http://x:1"), "is this cluster's own name"),
         (

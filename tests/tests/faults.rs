@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use std::net::TcpStream;
 
 use fleetmesh_tests::{
-    Lab, PodInfo, agent_socket, agent_status, cluster_ip, eventually, example, node_status, pods, stream_ask,
-    tcp_connect, tcp_line, write_manifest,
+    Lab, PodInfo, agent_socket, agent_status, bin, cluster_ip, eventually, example, in_netns, node_status,
+    pods, stream_ask, tcp_connect, tcp_line, write_manifest,
 };
-use serde_json::Value;
+use mesh_testkit::KubeEmulator;
+use serde_json::{Value, json};
 
 fn pod<'a>(all: &'a [PodInfo], id: &str) -> &'a PodInfo {
     all.iter()
@@ -165,6 +166,105 @@ fn peer_etcd_and_apiserver_restarts_keep_unrelated_traffic_flowing() {
     traffic.assert_flowed(20);
 }
 
+/// One lab cluster as `meshctl status --context` sees it: a kmock API server with the chart's ConfigMap and agent
+/// DaemonSet (status port 9968), one agent pod per node, and the pod proxy of each pod reaching that node's real
+/// agent (its API socket).
+struct KubeView {
+    _emu: KubeEmulator,
+    dir: tempfile::TempDir,
+    context: String,
+}
+
+impl KubeView {
+    fn of(status: &Value, cluster: &str) -> Self {
+        const NS: &str = "kube-system";
+        let c = status["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == cluster)
+            .unwrap_or_else(|| panic!("no cluster {cluster}"));
+        let nodes: Vec<&Value> = c["nodes"].as_array().expect("nodes").iter().collect();
+        let n = i32::try_from(nodes.len()).expect("node count");
+        let mut emu = KubeEmulator::start(&[]);
+        let create = |emu: &mut KubeEmulator, path: String, object: Value| {
+            emu.command(&json!({"op": "create", "path": path, "object": object}));
+        };
+        create(
+            &mut emu,
+            format!("/api/v1/namespaces/{NS}/configmaps"),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fleetmesh-config", "namespace": NS},
+                   "data": {"cluster-name": cluster, "cluster-id": c["id"].to_string()}}),
+        );
+        let labels = json!({"app.kubernetes.io/name": "fleetmesh-agent"});
+        create(
+            &mut emu,
+            format!("/apis/apps/v1/namespaces/{NS}/daemonsets"),
+            json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "fleetmesh-agent", "namespace": NS},
+                   "spec": {"selector": {"matchLabels": labels}, "template": {"metadata": {"labels": labels}, "spec": {
+                       "containers": [{"name": "mesh-agent", "ports": [{"name": "status", "containerPort": 9968}]}]}}},
+                   "status": {"desiredNumberScheduled": n, "currentNumberScheduled": n, "numberMisscheduled": 0,
+                              "numberReady": n, "numberAvailable": n}}),
+        );
+        for node in &nodes {
+            let name = format!("fleetmesh-agent-{}", node["name"].as_str().expect("node name"));
+            create(
+                &mut emu,
+                format!("/api/v1/namespaces/{NS}/pods"),
+                json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": labels},
+                       "spec": {"nodeName": node["name"], "containers": [{"name": "mesh-agent"}]},
+                       "status": {"phase": "Running"}}),
+            );
+            emu.command(&json!({"op": "proxy",
+                "path": format!("/api/v1/namespaces/{NS}/pods/{name}:9968/proxy/v1/summary"),
+                "unix": node["agentSocket"]}));
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _ = mesh_testkit::kubeconfig(dir.path(), &[(cluster, emu.port)]);
+        Self {
+            _emu: emu,
+            dir,
+            context: cluster.to_owned(),
+        }
+    }
+
+    /// `meshctl status --context C ARGS`: (success, stdout, stderr).
+    fn meshctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = std::process::Command::new(bin("meshctl"))
+            .args(["status", "--context", &self.context, "--kubeconfig"])
+            .arg(self.dir.path().join("kubeconfig"))
+            .args(args)
+            .output()
+            .expect("run meshctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn json(&self) -> Value {
+        let (ok, out, err) = self.meshctl(&["--json"]);
+        assert!(ok, "meshctl status --json: {err}");
+        serde_json::from_str(&out).expect("JSON")
+    }
+}
+
+/// `(synced, agents)` of a remote cluster in `meshctl status --context --json`.
+fn synced_on(v: &Value, remote: &str) -> (u64, u64) {
+    v["remoteClusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["name"] == remote && r["own"] == false)
+        .map_or((0, 0), |r| {
+            (
+                r["synced"].as_u64().unwrap_or(0),
+                r["agents"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
 #[test]
 fn cut_cluster_fails_over_and_comes_back() {
     let lab = Lab::up(&example("three-clusters"), "faults-cut").expect("lab up");
@@ -172,6 +272,40 @@ fn cut_cluster_fails_over_and_comes_back() {
     let all = pods(&status);
     let client = pod(&all, "east/demo/client");
     let vip = cluster_ip(&status, "east", "demo/echo").expect("vip");
+
+    // The cluster-wide status, through the pod proxy, before anything breaks: both agents of east answer and are
+    // synced with both peers.
+    let kube = KubeView::of(&status, "east");
+    let (ok, out, err) = kube.meshctl(&["--wait", "--wait-timeout", "20s"]);
+    assert!(ok, "meshctl status --wait: {err}");
+    assert!(out.contains("2 of 2 pods answered"), "{out}");
+    let v = kube.json();
+    assert_eq!(synced_on(&v, "west"), (2, 2), "{v}");
+    assert_eq!(synced_on(&v, "north"), (2, 2), "{v}");
+    let west = v["remoteClusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["name"] == "west")
+        .expect("west");
+    assert_eq!(west["nodes"], json!({"min": 2, "max": 2}), "{west}");
+    assert_eq!(v["problems"], json!([]), "{v}");
+    // The agents' TCP status address serves the same summary, inside the node's namespace.
+    let netns = all_nodes_netns(&status, "east-node-1");
+    let body = in_netns(&netns, || -> anyhow::Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut s = TcpStream::connect("127.0.0.1:9968")?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET /v1/summary HTTP/1.0\r\n\r\n")?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)?;
+        Ok(buf)
+    })
+    .expect("enter east-node-1")
+    .expect("GET /v1/summary on the status address");
+    let summary: Value = serde_json::from_str(body.split_once("\r\n\r\n").expect("HTTP").1).expect("JSON");
+    assert_eq!(summary["node"], "east-node-1");
+
     let traffic = Traffic::start(unrelated(&all));
 
     let cut_at = Instant::now();
@@ -206,6 +340,16 @@ fn cut_cluster_fails_over_and_comes_back() {
         assert!(!line.starts_with("west/"), "{line}");
     }
     eprintln!("failover after cut: {} ms (grace 3 s)", failover.as_millis());
+    // Every agent of east says so, and the table names it as a problem.
+    let v = kube.json();
+    assert_eq!(synced_on(&v, "west"), (0, 2), "{v}");
+    assert_eq!(synced_on(&v, "north"), (2, 2), "{v}");
+    let (ok, out, _) = kube.meshctl(&[]);
+    assert!(ok);
+    assert!(
+        out.contains("remote cluster west: synced on 0 of 2 agents"),
+        "{out}"
+    );
 
     lab.run(&["restore", "west"]).expect("restore");
     assert!(
@@ -219,7 +363,22 @@ fn cut_cluster_fails_over_and_comes_back() {
             .is_ok_and(|l| l.starts_with("west/"))),
         "west's backends return"
     );
+    let (ok, _, err) = kube.meshctl(&["--wait", "--wait-timeout", "20s"]);
+    assert!(ok, "after restore: {err}");
     traffic.assert_flowed(20);
+}
+
+/// The network namespace of `node`, from a lab status.
+fn all_nodes_netns(status: &Value, node: &str) -> String {
+    status["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["nodes"].as_array().into_iter().flatten())
+        .find(|n| n["name"] == node)
+        .and_then(|n| n["netns"].as_str())
+        .unwrap_or_else(|| panic!("no node {node}"))
+        .to_owned()
 }
 
 /// The echo service's active backend addresses on `node` (its TCP frontend).

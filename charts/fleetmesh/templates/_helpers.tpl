@@ -126,6 +126,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- if or (not (regexMatch "^[0-9]+$" $port)) (lt (atoi $port) 1) (gt (atoi $port) 65535) -}}
 {{- fail (printf "metrics.port %q is not a port number (1-65535)" $port) -}}
 {{- end -}}
+{{- $status := toString .Values.agent.statusPort -}}
+{{- if or (not (regexMatch "^[0-9]+$" $status)) (gt (atoi $status) 65535) -}}
+{{- fail (printf "agent.statusPort %q is not a port number (1-65535, or 0 for none)" $status) -}}
+{{- end -}}
+{{- if and .Values.metrics.enabled (eq $status $port) -}}
+{{- fail (printf "agent.statusPort and metrics.port are both %s: the agent cannot serve both there" $port) -}}
+{{- end -}}
 {{- $seen := dict -}}
 {{- range $i, $p := .Values.clustermesh.peers -}}
 {{- if not (kindIs "map" $p) -}}

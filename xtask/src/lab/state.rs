@@ -114,6 +114,9 @@ fn prefix_for(dir: &Path) -> String {
 
 /// How long agents of the lab keep an unreachable cluster's backends (short, so fault rehearsals are quick).
 pub const REMOTE_GRACE: &str = "3s";
+/// Where every lab agent serves `GET /healthz` and `GET /v1/summary` over TCP, inside its node's namespace
+/// (`--status-addr`).
+pub const AGENT_STATUS_ADDR: &str = "127.0.0.1:9968";
 
 /// Loopback port of cluster `id`'s etcd inside the underlay namespace (for its own apiserver).
 fn local_etcd_port(id: u16) -> u16 {
@@ -493,6 +496,9 @@ impl LabState {
             self.kvstore_config(&c.name).display().to_string(),
             "--api-socket".into(),
             n.socket.display().to_string(),
+            // Inside the node's namespace: the read-only status endpoint `meshctl status --context` reads.
+            "--status-addr".into(),
+            AGENT_STATUS_ADDR.into(),
             "--remote-keepalive-interval".into(),
             "1s".into(),
             "--remote-grace-period".into(),
