@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use mesh_common::identity::{FIRST_ALLOCATED, LOCAL_MASK, compose};
-use mesh_kvstore::{IdentityRecord, IpRecord, Keys, PortRecord, encode};
+use mesh_kvstore::{CapacityRecord, IdentityRecord, IpRecord, Keys, PortRecord, encode};
 use mesh_model::{ClusterState, Namespace, Pod};
 use tracing::{info, warn};
 
@@ -195,45 +195,57 @@ impl Allocator {
     }
 }
 
-/// The ip records of every pod with an address, a node and an identity (one per address: when pods share one, the
-/// first by namespace/name keeps it).
-pub fn ip_records<'a>(
+/// The ip record of every pod with an address, a node and an identity (one per address: when pods share one, the
+/// first by namespace/name keeps it), and its capacity record when its capacity (pod annotation
+/// `fleetmesh.io/capacity`; 1 when absent or invalid) is not 1: the cluster's agents see only the pods of their
+/// node, and weight the backends of other nodes with it.
+pub fn pod_records<'a>(
     cluster: &'a str,
     keys: &'a Keys,
     state: &'a ClusterState,
     assigned: &'a Assigned,
 ) -> impl Iterator<Item = (String, String)> + 'a {
     let mut seen: BTreeSet<Ipv4Addr> = BTreeSet::new();
-    state.pods.iter().filter_map(move |(id, pod)| {
-        let ipv4 = pod.ipv4?;
-        let node = pod.node_name.clone()?;
-        let identity = *assigned.pods.get(id)?;
-        if !seen.insert(ipv4) {
-            warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %ipv4, "address used by another pod; no ip record");
-            return None;
-        }
-        let rec = IpRecord {
-            ipv4,
-            cluster: cluster.to_owned(),
-            identity,
-            namespace: pod.namespace.clone(),
-            pod: pod.name.clone(),
-            node,
-            named_ports: pod
-                .ports
-                .iter()
-                .filter_map(|p| {
-                    Some(PortRecord {
-                        name: p.name.clone().filter(|n| !n.is_empty())?,
-                        port: p.port,
-                        protocol: p.protocol,
+    state
+        .pods
+        .iter()
+        .flat_map(move |(id, pod)| {
+            let Some(ipv4) = pod.ipv4 else { return [None, None] };
+            let Some(node) = pod.node_name.clone() else { return [None, None] };
+            let Some(identity) = assigned.pods.get(id).copied() else {
+                return [None, None];
+            };
+            if !seen.insert(ipv4) {
+                warn!(pod = %format!("{}/{}", pod.namespace, pod.name), %ipv4, "address used by another pod; no ip record");
+                return [None, None];
+            }
+            let rec = IpRecord {
+                ipv4,
+                cluster: cluster.to_owned(),
+                identity,
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                node,
+                named_ports: pod
+                    .ports
+                    .iter()
+                    .filter_map(|p| {
+                        Some(PortRecord {
+                            name: p.name.clone().filter(|n| !n.is_empty())?,
+                            port: p.port,
+                            protocol: p.protocol,
+                        })
                     })
-                })
-                .filter(|p| p.port != 0)
-                .collect(),
-        };
-        Some((keys.ip(cluster, ipv4), encode(&rec)))
-    })
+                    .filter(|p| p.port != 0)
+                    .collect(),
+            };
+            let capacity = mesh_model::traffic::capacity(&pod.annotations).unwrap_or(1);
+            [
+                Some((keys.ip(cluster, ipv4), encode(&rec))),
+                (capacity != 1).then(|| (keys.capacity(cluster, ipv4), encode(&CapacityRecord { ipv4, capacity }))),
+            ]
+        })
+        .flatten()
 }
 
 #[cfg(test)]
@@ -346,7 +358,7 @@ mod tests {
         assert_eq!(out.pods[&("shop".into(), "api-1".into())], id(256));
         assert_eq!(out.pods[&("shop".into(), "web-0".into())], id(257));
         let keys = Keys::default();
-        let ips: BTreeMap<String, String> = ip_records("east", &keys, &s, &out).collect();
+        let ips: BTreeMap<String, String> = pod_records("east", &keys, &s, &out).collect();
         assert_eq!(ips.len(), 3);
         let rec = mesh_kvstore::decode_ip(
             "k",
@@ -360,6 +372,51 @@ mod tests {
             let number: u32 = k.rsplit('/').next().and_then(|n| n.parse().ok()).expect("number");
             mesh_kvstore::decode_identity(&k, "east", number, v.as_bytes()).expect("identity decodes");
         }
+    }
+
+    /// A pod whose capacity is not 1 gets a capacity record beside its ip record; the ip record keeps its form.
+    #[test]
+    fn pods_with_a_capacity_get_a_capacity_record() {
+        use mesh_model::traffic::ANNOTATION_CAPACITY;
+        let with = |name: &str, ip: [u8; 4], capacity: Option<&str>| {
+            let mut p = pod("shop", name, Some(ip), &[("app", "api")]);
+            if let Some(c) = capacity {
+                p.annotations.insert(ANNOTATION_CAPACITY.into(), c.into());
+            }
+            p
+        };
+        let s = state(vec![
+            with("big", [10, 1, 0, 2], Some("4")),
+            with("one", [10, 1, 0, 3], Some("1")),
+            with("plain", [10, 1, 0, 4], None),
+            with("bad", [10, 1, 0, 5], Some("lots")),
+            // Shares big's address: neither record.
+            with("dup", [10, 1, 0, 2], Some("9")),
+        ]);
+        let mut a = Allocator::new("east", 1, Duration::from_secs(60));
+        let out = a.assign(&s, Instant::now());
+        let keys = Keys::default();
+        let recs: BTreeMap<String, String> = pod_records("east", &keys, &s, &out).collect();
+        let big = Ipv4Addr::new(10, 1, 0, 2);
+        let capacities: Vec<&String> = recs
+            .keys()
+            .filter(|k| k.starts_with(&keys.capacities_prefix("east")))
+            .collect();
+        assert_eq!(capacities, [&keys.capacity("east", big)], "{recs:?}");
+        let rec = mesh_kvstore::decode_capacity("k", big, recs[&keys.capacity("east", big)].as_bytes())
+            .expect("decodes");
+        assert_eq!(rec.capacity, 4);
+        assert_eq!(
+            recs.keys()
+                .filter(|k| k.starts_with(&keys.ips_prefix("east")))
+                .count(),
+            4
+        );
+        // The ip record is what readers of the ip/v1 schema (which refuse unknown fields) expect.
+        let ip = mesh_kvstore::decode_ip("k", "east", big, recs[&keys.ip("east", big)].as_bytes())
+            .expect("decodes");
+        assert_eq!(ip.pod, "big");
+        assert!(!recs[&keys.ip("east", big)].contains("apacity"));
     }
 
     #[test]

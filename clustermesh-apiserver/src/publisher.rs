@@ -1,11 +1,11 @@
 //! Local state → this cluster's etcd.
 //!
 //! One session per etcd connection: grant a lease, write the cluster config, read back the identities published
-//! earlier (their numbers are kept), then keep the published records (identities, pod addresses, nodes, services)
-//! equal to the desired ones (put what changed, delete what is gone, including records left by an earlier run),
-//! write the synced markers after the first full sync, and keep the lease and the heartbeat alive. Records are put
-//! in key order: identities, then ips, then nodes and services, so that agents know an identity before an address
-//! or a service refers to it. Any error ends the session; the next one starts from a fresh list, so nothing stale
+//! earlier (their numbers are kept), then keep the published records (identities, pod addresses and capacities,
+//! nodes, services) equal to the desired ones (put what changed, delete what is gone, including records left by an
+//! earlier run), write the synced markers after the first full sync, and keep the lease and the heartbeat alive.
+//! Records are put in key order: capacities, identities, then ips, then nodes and services, so that agents know an
+//! identity before an address or a service refers to it. Any error ends the session; the next one starts from a fresh list, so nothing stale
 //! survives a restart.
 
 use std::collections::BTreeMap;
@@ -99,14 +99,14 @@ impl Publisher {
         }
     }
 
-    /// Every record this cluster should have in etcd: its identities, its pods' addresses, its nodes, and its global
-    /// services that it shares.
+    /// Every record this cluster should have in etcd: its identities, its pods' addresses (and capacities other than
+    /// 1), its nodes, and its global services that it shares.
     fn desired(&self, snapshot: &Snapshot, allocator: &mut Allocator) -> BTreeMap<String, String> {
         let state = &snapshot.state;
         let assigned = allocator.assign(state, std::time::Instant::now());
         let identities: Vec<(String, String)> = allocator.records(&self.keys).collect();
         let ips: Vec<(String, String)> =
-            identities::ip_records(&self.cluster, &self.keys, state, &assigned).collect();
+            identities::pod_records(&self.cluster, &self.keys, state, &assigned).collect();
         let nodes = state.nodes.values().map(|n| {
             let rec = NodeRecord {
                 name: n.name.clone(),
@@ -233,6 +233,7 @@ impl Publisher {
         for prefix in [
             self.keys.identities_prefix(&self.cluster),
             self.keys.ips_prefix(&self.cluster),
+            self.keys.capacities_prefix(&self.cluster),
             self.keys.nodes_prefix(&self.cluster),
             self.keys.services_prefix(&self.cluster),
             crate::mcs::exports_prefix(&self.keys, &self.cluster),

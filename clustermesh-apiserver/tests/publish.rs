@@ -917,3 +917,125 @@ async fn two_clusters_never_share_an_identity() {
         .await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Capacities
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Pods of namespace shop on east-node-1: (name, IPv4, capacity annotation).
+fn capacity_pods_yaml(pods: &[(&str, &str, Option<&str>)]) -> String {
+    pods.iter()
+        .map(|(name, ip, capacity)| {
+            let annotations = capacity.map_or(String::new(), |c| {
+                format!(", annotations: {{fleetmesh.io/capacity: \"{c}\"}}")
+            });
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: api}}{annotations}}}\n\
+                 spec:\n  nodeName: east-node-1\n  containers:\n    - name: c\n      ports: [{{containerPort: 8080, name: http}}]\n\
+                 status: {{podIP: {ip}}}\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// `Ok` when east publishes ip records (in the ip/v1 form, which decoders refusing unknown fields accept) for
+/// exactly the addresses `want_ips` (last octets) and capacity records (with the lease) for exactly `want` (last
+/// octet → capacity).
+async fn capacities_are(mut c: Client, want_ips: Vec<u8>, want: Vec<(u8, u32)>) -> Result<(), String> {
+    let keys = Keys::default();
+    let got_ips: Vec<u8> = ips(&mut c, "east")
+        .await?
+        .keys()
+        .map(|ip| ip.octets()[3])
+        .collect();
+    if got_ips != want_ips {
+        return Err(format!("ips {got_ips:?}, want {want_ips:?}"));
+    }
+    let resp = c
+        .get(
+            keys.capacities_prefix("east"),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    for kv in resp.kvs() {
+        let key = kv.key_str().map_err(|e| e.to_string())?;
+        let mesh_kvstore::KeyKind::Capacity(ip) = keys.classify("east", key) else {
+            return Err(format!("unexpected key {key}"));
+        };
+        let rec = mesh_kvstore::decode_capacity(key, ip, kv.value())
+            .map_err(|e| format!("published capacity record does not decode: {e}"))?;
+        if kv.lease() == 0 {
+            return Err(format!("{key} has no lease"));
+        }
+        got.push((ip.octets()[3], rec.capacity));
+    }
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("capacities {got:?}, want {want:?}"))
+    }
+}
+
+/// The apiserver sees every pod: a pod's capacity annotation other than 1 is published as a capacity record beside
+/// its (unchanged) ip record, for the cluster's agents that see only their node's pods. Records follow the
+/// annotations; an earlier run's record that is no longer desired is withdrawn.
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_the_capacity_of_pods_whose_capacity_is_not_one() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let keys = Keys::default();
+    let stale = keys.capacity("east", Ipv4Addr::new(10, 1, 1, 99));
+    c.put(
+        stale.as_str(),
+        mesh_kvstore::encode(&mesh_kvstore::CapacityRecord {
+            ipv4: Ipv4Addr::new(10, 1, 1, 99),
+            capacity: 7,
+        }),
+        None,
+    )
+    .await
+    .expect("seed");
+    let manifests = tempfile::tempdir().expect("tempdir");
+    let dir = manifests.path();
+    write_atomic(dir, "nodes.yaml", &nodes_yaml(&[N1]));
+    write_atomic(
+        dir,
+        "pods.yaml",
+        &capacity_pods_yaml(&[
+            ("a", "10.1.1.5", Some("4")),
+            ("b", "10.1.1.6", None),
+            ("c", "10.1.1.7", Some("1")),
+        ]),
+    );
+    let api = Apiserver::start(dir, &etcd);
+    eventually("capacity of a published, the stale one gone", TIMEOUT, || {
+        capacities_are(c.clone(), vec![5, 6, 7], vec![(5, 4)])
+    })
+    .await;
+    write_atomic(
+        dir,
+        "pods.yaml",
+        &capacity_pods_yaml(&[
+            ("a", "10.1.1.5", None),
+            ("b", "10.1.1.6", Some("3")),
+            ("c", "10.1.1.7", Some("1000")),
+        ]),
+    );
+    eventually("capacities follow the annotations", TIMEOUT, || {
+        capacities_are(c.clone(), vec![5, 6, 7], vec![(6, 3), (7, 1000)])
+    })
+    .await;
+    write_atomic(
+        dir,
+        "pods.yaml",
+        &capacity_pods_yaml(&[("a", "10.1.1.5", None), ("c", "10.1.1.7", Some("1000"))]),
+    );
+    eventually("a deleted pod's capacity withdrawn", TIMEOUT, || {
+        capacities_are(c.clone(), vec![5, 7], vec![(7, 1000)])
+    })
+    .await;
+    drop(api);
+}

@@ -373,20 +373,25 @@ pub fn cluster_labels(
 }
 
 /// Every service with a ClusterIP, with its frontends and backends.
+///
+/// A local backend's weight is its pod's capacity: from the pod when the source shows it (the pods of this node),
+/// else from this cluster's capacity records in `own` (its etcd, `--kvstore-config`), else 1.
 #[must_use]
 pub fn services(
     me: &Me,
     local: &ClusterState,
+    own: Option<&RemoteCluster>,
     remotes: &BTreeMap<String, RemoteCluster>,
     policies: &PolicyBook,
 ) -> Vec<ServiceView> {
     let labels_of = |cluster: &str| cluster_labels(me, remotes, cluster);
+    let capacity_of = |ip: Ipv4Addr| own.and_then(|o| o.capacities.get(&ip).copied());
     let mut out = Vec::new();
     for svc in local.services.values() {
         let Some(vip) = svc.cluster_ipv4 else { continue };
         let exported = local.exports.contains(&(svc.namespace.clone(), svc.name.clone()));
         let spec = service::global_spec(svc, exported);
-        let endpoints = service::endpoints(local, svc);
+        let endpoints = service::endpoints_with(local, svc, &capacity_of);
         let id = format!("{}/{}", svc.namespace, svc.name);
         let policy = policies.for_service(&svc.namespace, &svc.name);
         let frontends = svc
@@ -657,7 +662,7 @@ mod tests {
         local: &ClusterState,
         remotes: &BTreeMap<String, RemoteCluster>,
     ) -> Vec<ServiceView> {
-        services(me, local, remotes, &PolicyBook::default())
+        services(me, local, None, remotes, &PolicyBook::default())
     }
 
     fn policy(name: &str, service: &str, groups: Vec<(ClusterSelector, u32)>) -> TrafficPolicy {
@@ -741,7 +746,7 @@ mod tests {
                 vec![(by_labels(&[("stage", "canary")]), 10), (by_names(&["west"]), 90)],
             ),
         );
-        let v = services(&me, &st, &remotes, &book);
+        let v = services(&me, &st, None, &remotes, &book);
         assert_eq!(v[0].policy.as_deref(), Some("demo/p"));
         assert_eq!(
             slots_by_cluster(&v),
@@ -755,10 +760,10 @@ mod tests {
         // The canary group loses its backends: the west group takes all new connections.
         let mut none_local = local(&[("service.cilium.io/global", "true")], &[]);
         none_local.traffic_policies = st.traffic_policies.clone();
-        let v = services(&me, &none_local, &remotes, &book);
+        let v = services(&me, &none_local, None, &remotes, &book);
         assert_eq!(slots_by_cluster(&v), [("west".to_owned(), 2)].into());
         // No group has a backend: nothing is active (new flows are dropped and counted).
-        let v = services(&me, &none_local, &BTreeMap::new(), &book);
+        let v = services(&me, &none_local, None, &BTreeMap::new(), &book);
         assert!(v[0].frontends[0].active.is_empty());
     }
 
@@ -771,13 +776,70 @@ mod tests {
         let remotes: BTreeMap<_, _> = [(n, rc)].into();
         let mut st = local(&[("service.cilium.io/global", "true")], &[]);
         let book = with_policy(&mut st, policy("p", "echo", vec![(by_names(&["west"]), 1)]));
-        let v = services(&me(), &st, &remotes, &book);
+        let v = services(&me(), &st, None, &remotes, &book);
         let w: Vec<u32> = v[0].frontends[0].active.iter().map(|b| b.weight).collect();
         assert_eq!(w, vec![1, 3], "250 / 750 slots, divided by their gcd");
         // Without a policy the capacity is the slot count.
         let v = services_np(&me(), &st, &remotes);
         let w: Vec<u32> = v[0].frontends[0].active.iter().map(|b| b.weight).collect();
         assert_eq!(w, vec![1, 3]);
+    }
+
+    /// A local service's backends on other nodes (EndpointSlice endpoints whose pods this agent does not watch)
+    /// take their capacity from this cluster's capacity records; a pod the agent sees keeps its own annotation; with
+    /// no record (or without `--kvstore-config`) the capacity is 1.
+    #[test]
+    fn backends_on_other_nodes_take_their_capacity_from_this_clusters_records() {
+        use mesh_model::{
+            AddressType, EndpointConditions, EndpointSlice, EndpointSlicePort, PodRef, SliceEndpoint,
+        };
+        let mut st = local(&[], &[[10, 1, 0, 2]]);
+        if let Some(p) = st.pods.get_mut(&("demo".to_owned(), "p0".to_owned())) {
+            p.annotations
+                .insert(mesh_model::traffic::ANNOTATION_CAPACITY.into(), "2".into());
+        }
+        let ep = |ip: &str, pod: &str, node: &str| SliceEndpoint {
+            addresses: vec![ip.into()],
+            conditions: EndpointConditions::default(),
+            node_name: Some(node.into()),
+            pod: Some(PodRef {
+                namespace: "demo".into(),
+                name: pod.into(),
+            }),
+            zone: None,
+        };
+        st.endpoint_slices.insert(
+            ("demo".into(), "echo-1".into()),
+            EndpointSlice {
+                namespace: "demo".into(),
+                name: "echo-1".into(),
+                service: Some("echo".into()),
+                address_type: AddressType::IPv4,
+                ports: vec![EndpointSlicePort {
+                    name: "tcp".into(),
+                    port: Some(8080),
+                    protocol: Protocol::Tcp,
+                }],
+                endpoints: vec![
+                    ep("10.1.0.2", "p0", "east-node-1"),
+                    ep("10.1.1.2", "far-a", "east-node-2"),
+                    ep("10.1.1.3", "far-b", "east-node-2"),
+                ],
+            },
+        );
+        let mut own = RemoteCluster::new("east");
+        own.capacities.insert(Ipv4Addr::new(10, 1, 1, 2), 3);
+        own.capacities.insert(Ipv4Addr::new(10, 1, 0, 2), 9);
+        let weights = |own: Option<&RemoteCluster>| -> Vec<(Ipv4Addr, u32)> {
+            services(&me(), &st, own, &BTreeMap::new(), &PolicyBook::default())[0].frontends[0]
+                .active
+                .iter()
+                .map(|b| (b.ipv4, b.weight))
+                .collect()
+        };
+        let ip = |d: u8, e: u8| Ipv4Addr::new(10, 1, d, e);
+        assert_eq!(weights(Some(&own)), [(ip(0, 2), 2), (ip(1, 2), 3), (ip(1, 3), 1)]);
+        assert_eq!(weights(None), [(ip(0, 2), 2), (ip(1, 2), 1), (ip(1, 3), 1)]);
     }
 
     #[test]

@@ -290,7 +290,7 @@ impl Reconciler {
             .collect();
         self.policies.set_overrides(overrides);
         st.rollouts = self.rollouts.states();
-        let views = lb::services(&self.me, local, &reachable, &self.policies);
+        let views = lb::services(&self.me, local, own, &reachable, &self.policies);
         match self.lb.reconcile(&mut self.dp, &views) {
             Ok(c) if c != LbChanges::default() => info!(?c, "service maps updated"),
             Ok(_) => {}

@@ -7,8 +7,10 @@
 //! removes exactly what disappeared meanwhile. Malformed values are skipped with a logged reason and a counter.
 //!
 //! Besides nodes and services, a watcher follows the cluster's security identities and pod addresses (ips). The
-//! agent also watches its own cluster's etcd (`--kvstore-config`, [`manage_own`]), for identities and ips only: its
-//! own nodes and services come from its source, so that watcher ignores them.
+//! agent also watches its own cluster's etcd (`--kvstore-config`, [`manage_own`]), for identities, ips and pod
+//! capacities only: its own nodes and services come from its source, so that watcher ignores them. Capacities are
+//! kept for this cluster only (the source shows the agent the pods of its node; the records give the capacity of
+//! the other nodes' backends); a peer cluster's backends come with their weights in its service records.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -71,6 +73,9 @@ pub struct RemoteCluster {
     /// The cluster's pod addresses and their identities (the status reports their number).
     #[serde(rename = "ipCount", serialize_with = "count")]
     pub ips: BTreeMap<Ipv4Addr, Arc<IpRecord>>,
+    /// Capacities other than 1 of the cluster's pods, by address (this cluster only; empty for a peer).
+    #[serde(skip)]
+    pub capacities: BTreeMap<Ipv4Addr, u32>,
     /// Whether its data may be used (false after an identity conflict).
     pub usable: bool,
     /// Values skipped, by reason.
@@ -138,6 +143,7 @@ impl RemoteCluster {
             services: BTreeMap::new(),
             identities: BTreeMap::new(),
             ips: BTreeMap::new(),
+            capacities: BTreeMap::new(),
             unreachable_since_ms: None,
             last_alive_ms: None,
             usable: true,
@@ -414,6 +420,7 @@ struct Session {
     services: BTreeMap<String, Arc<ServiceRecord>>,
     identities: BTreeMap<u32, Arc<IdentityRecord>>,
     ips: BTreeMap<Ipv4Addr, Arc<IpRecord>>,
+    capacities: BTreeMap<Ipv4Addr, u32>,
     config: Option<ClusterConfig>,
     synced: bool,
     services_synced: bool,
@@ -472,6 +479,7 @@ impl Watcher {
                 rc.services.clear();
                 rc.identities.clear();
                 rc.ips.clear();
+                rc.capacities.clear();
                 rc.state = SyncState::Disconnected {
                     since_ms: now_ms(),
                     reason: format!(
@@ -498,6 +506,7 @@ impl Watcher {
                 rc.services.clear();
                 rc.identities.clear();
                 rc.ips.clear();
+                rc.capacities.clear();
                 rc.state = SyncState::Disconnected {
                     since_ms: now_ms(),
                     reason: format!(
@@ -517,6 +526,7 @@ impl Watcher {
                 rc.usable = false;
                 rc.identities.clear();
                 rc.ips.clear();
+                rc.capacities.clear();
                 rc.state = SyncState::Disconnected {
                     since_ms: now_ms(),
                     reason: format!(
@@ -593,6 +603,12 @@ impl Watcher {
             for (k, v) in s.ips.iter().filter(|(_, v)| mine(v.identity)) {
                 rc.ips.insert(*k, v.clone());
             }
+            // Capacities are part of the ips: the same marker makes the session's set the truth.
+            if s.ips_synced {
+                rc.capacities.clone_from(&s.capacities);
+            } else {
+                rc.capacities.extend(&s.capacities);
+            }
         });
     }
 
@@ -607,6 +623,22 @@ impl Watcher {
         match self.keys.classify(&self.name, key) {
             // This cluster's nodes and services come from the agent's source, never from its etcd.
             KeyKind::Node(_) | KeyKind::Service(..) if self.slot == Slot::Own => {}
+            // A peer's backends come with their weights in its service records.
+            KeyKind::Capacity(_) if self.slot == Slot::Remote => {}
+            KeyKind::Capacity(ip) => match value {
+                None => {
+                    s.capacities.remove(&ip);
+                }
+                Some(v) => match mesh_kvstore::decode_capacity(key, ip, v) {
+                    Ok(rec) => {
+                        s.capacities.insert(ip, rec.capacity);
+                    }
+                    Err(e) => {
+                        warn!(cluster = %self.name, error = %e, "skipping malformed capacity record");
+                        self.count_error(e.reason());
+                    }
+                },
+            },
             KeyKind::Identity(number) => match value {
                 None => {
                     s.identities

@@ -8,8 +8,8 @@
 //! - etcd killed: `Disconnected`, nodes kept; changes made while disconnected are picked up by the resync after
 //!   reconnecting (a node deleted meanwhile disappears, one added appears).
 //! - Identities and ips follow the same rules (partial data only adds before their synced markers, malformed
-//!   values are counted); the agent's own cluster (`manage_own`, `--kvstore-config`) is watched for identities and
-//!   ips only, and never appears among the remote clusters.
+//!   values are counted); the agent's own cluster (`manage_own`, `--kvstore-config`) is watched for identities,
+//!   ips and pod capacities only, and never appears among the remote clusters; a peer's capacities are not kept.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -777,4 +777,142 @@ async fn watches_its_own_cluster_for_identities_and_ips_only() {
     )
     .await;
     task.abort();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Capacities
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The agent's own cluster: capacity records (the pods of other nodes; the agent weights their EndpointSlice
+/// backends with them) are followed (puts, deletes), malformed ones counted and never taking what was there. A peer's
+/// capacity records are not kept (its backends' weights come with its service records), nor counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn follows_its_own_clusters_capacities_and_not_a_peers() {
+    use mesh_kvstore::CapacityRecord;
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let keys = Keys::default();
+    let east = |last: u8| Ipv4Addr::new(10, 1, 1, last);
+    let west = |last: u8| Ipv4Addr::new(10, 2, 1, last);
+    let capacity = |ipv4: Ipv4Addr, capacity: u32| encode(&CapacityRecord { ipv4, capacity });
+    let east_config = encode(&ClusterConfig {
+        name: "east".into(),
+        id: 1,
+        capabilities: vec![],
+        labels: Default::default(),
+    });
+    for (k, v) in [
+        (keys.cluster_config("east"), east_config),
+        (
+            keys.identity("east", 256),
+            encode(&identity("east", 1, 256, "api")),
+        ),
+        (keys.ip("east", east(5)), encode(&ip_record("east", 1, 5, 256))),
+        (keys.capacity("east", east(5)), capacity(east(5), 4)),
+        (keys.capacity("east", east(6)), capacity(east(6), 0)),
+        (keys.capacity("east", east(7)), capacity(east(8), 2)),
+        (keys.cluster_config("west"), config(2)),
+        (keys.node("west", "west-node-1"), encode(&node(1))),
+        (keys.ip("west", west(5)), encode(&ip_record("west", 2, 5, 256))),
+        (keys.capacity("west", west(5)), capacity(west(5), 3)),
+        (keys.capacity("west", west(6)), "{".to_owned()),
+    ] {
+        c.put(k, v, None).await.expect("seed");
+    }
+    for cluster in ["east", "west"] {
+        for kind in [
+            mesh_kvstore::kinds::NODES,
+            mesh_kvstore::kinds::SERVICES,
+            mesh_kvstore::kinds::IDENTITIES,
+            mesh_kvstore::kinds::IPS,
+        ] {
+            c.put(keys.synced(cluster, kind), synced_marker(), None)
+                .await
+                .expect("seed");
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("kvstore.yaml");
+    std::fs::write(&file, format!("endpoints: [\"{}\"]\n", etcd.url())).expect("write");
+    let (wake, _wake_rx) = std::sync::mpsc::channel();
+    let remotes = Remotes::new(wake);
+    let me = Me {
+        node: "east-node-1".into(),
+        cluster: "east".into(),
+        cluster_id: 1,
+        labels: Default::default(),
+    };
+    let task = tokio::spawn(mesh_agent::remote::manage_own(
+        file.clone(),
+        me,
+        keys.clone(),
+        remotes.clone(),
+    ));
+    let own_has = |what: &'static str, want: Vec<(Ipv4Addr, u32)>, errors: Vec<(&'static str, u64)>| {
+        let remotes = remotes.clone();
+        eventually(what, TIMEOUT, move || {
+            let r = match remotes.own() {
+                Some(o) => {
+                    let got: Vec<(Ipv4Addr, u32)> = o.capacities.iter().map(|(a, c)| (*a, *c)).collect();
+                    let errs: Vec<(&str, u64)> =
+                        o.decode_errors.iter().map(|(r, n)| (r.as_str(), *n)).collect();
+                    if is_synced(&o).is_ok() && got == want && errs == errors {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "capacities {got:?} want {want:?}; errors {errs:?} want {errors:?}; own: {o:?}"
+                        ))
+                    }
+                }
+                None => Err("own cluster not known".into()),
+            };
+            async move { r }
+        })
+    };
+    own_has(
+        "listed capacities, malformed ones counted",
+        vec![(east(5), 4)],
+        vec![("invalid", 1), ("key_mismatch", 1)],
+    )
+    .await;
+
+    c.put(keys.capacity("east", east(6)), capacity(east(6), 2), None)
+        .await
+        .expect("put");
+    c.delete(keys.capacity("east", east(5)), None)
+        .await
+        .expect("delete");
+    own_has(
+        "a put and a delete followed",
+        vec![(east(6), 2)],
+        vec![("invalid", 1), ("key_mismatch", 1)],
+    )
+    .await;
+    // A malformed update keeps what was there.
+    c.put(keys.capacity("east", east(6)), "{", None)
+        .await
+        .expect("put");
+    own_has(
+        "a malformed update counted",
+        vec![(east(6), 2)],
+        vec![("bad_json", 1), ("invalid", 1), ("key_mismatch", 1)],
+    )
+    .await;
+    task.abort();
+
+    // The same etcd as peer west: its ips are followed, its capacity records neither kept nor counted.
+    let agent = Agent::start(&etcd);
+    let west = agent
+        .wait("west synced with its ip", |w| {
+            is_synced(w)?;
+            if w.ips.contains_key(&west(5)) {
+                Ok(())
+            } else {
+                Err("no ip".into())
+            }
+        })
+        .await;
+    assert!(west.capacities.is_empty(), "{:?}", west.capacities);
+    assert!(west.decode_errors.is_empty(), "{:?}", west.decode_errors);
 }

@@ -8,9 +8,15 @@
 //! <prefix>/state/services/v1/<cluster>/<ns>/<name>       ServiceRecord   (lease; global, shared services)
 //! <prefix>/state/identities/v1/<cluster>/<number>         IdentityRecord  (lease; security identities)
 //! <prefix>/state/ip/v1/<cluster>/<ipv4>                   IpRecord        (lease; pod address → identity)
+//! <prefix>/state/capacity/v1/<cluster>/<ipv4>             CapacityRecord  (lease; a pod's capacity when not 1)
 //! ```
 //! Values are JSON so operators can read them with `etcdctl`. Every record carries its schema version in the key;
 //! a decoder returns a typed [`DecodeError`] for every malformed value, and never panics.
+//!
+//! Adding data: the node, service, identity and ip records refuse unknown fields, so a new field in them would make
+//! the readers of earlier versions (agents of peer clusters upgraded later) skip the record. New per-pod facts get
+//! their own key family instead (earlier readers classify its keys as [`KeyKind::Other`] and ignore them), as the
+//! capacity records do; their records accept unknown fields, so that they can grow.
 
 pub mod etcd;
 pub mod peer;
@@ -138,6 +144,18 @@ impl Keys {
         format!("{}{ipv4}", self.ips_prefix(cluster))
     }
 
+    /// Prefix of all capacity records of `cluster` (ends with `/`).
+    #[must_use]
+    pub fn capacities_prefix(&self, cluster: &str) -> String {
+        format!("{}/state/capacity/v1/{cluster}/", self.prefix)
+    }
+
+    /// The capacity record of the pod at `ipv4` (published only when its capacity is not 1).
+    #[must_use]
+    pub fn capacity(&self, cluster: &str, ipv4: Ipv4Addr) -> String {
+        format!("{}{ipv4}", self.capacities_prefix(cluster))
+    }
+
     /// Classifies a key of `cluster`'s data. Keys of other clusters or unknown layouts give [`KeyKind::Other`].
     #[must_use]
     pub fn classify<'k>(&self, cluster: &str, key: &'k str) -> KeyKind<'k> {
@@ -198,6 +216,16 @@ impl Keys {
                 None => KeyKind::Other,
             };
         }
+        if let Some(r) = rest.strip_prefix("state/capacity/") {
+            return match r.split_once('/') {
+                Some(("v1", r)) => match r.split_once('/') {
+                    Some((c, ip)) if c == cluster => ip.parse().map_or(KeyKind::Other, KeyKind::Capacity),
+                    _ => KeyKind::Other,
+                },
+                Some((version, _)) => KeyKind::UnknownVersion(version),
+                None => KeyKind::Other,
+            };
+        }
         if let Some(r) = rest.strip_prefix("synced/") {
             return match r.split_once('/') {
                 Some((c, kind)) if c == cluster => KeyKind::Synced(kind),
@@ -224,6 +252,8 @@ pub enum KeyKind<'k> {
     Identity(u32),
     /// A pod address.
     Ip(Ipv4Addr),
+    /// The capacity of the pod at an address.
+    Capacity(Ipv4Addr),
     Synced(&'k str),
     ClusterConfig,
     Heartbeat,
@@ -356,6 +386,18 @@ pub struct IpRecord {
     /// The pod's named container ports (what named ports in policies resolve to).
     #[serde(default)]
     pub named_ports: Vec<PortRecord>,
+}
+
+/// The capacity of a pod (pod annotation `fleetmesh.io/capacity`), published only when it is not 1: the cluster's
+/// agents weight the EndpointSlice backends whose pods they do not see (those of other nodes) with it.
+///
+/// Unknown fields are accepted (unlike the older records), so that later versions can add to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacityRecord {
+    pub ipv4: Ipv4Addr,
+    /// 1 to [`mesh_model::traffic::MAX_CAPACITY`].
+    pub capacity: u32,
 }
 
 /// Most labels an identity record may hold.
@@ -634,6 +676,24 @@ pub fn decode_ip(key: &str, cluster: &str, ipv4: Ipv4Addr, value: &[u8]) -> Resu
     Ok(rec)
 }
 
+/// Decodes a capacity record found at `key` (of address `ipv4`).
+///
+/// # Errors
+/// Too large, bad JSON, an address differing from the key, or a capacity outside 1 to
+/// [`mesh_model::traffic::MAX_CAPACITY`].
+pub fn decode_capacity(key: &str, ipv4: Ipv4Addr, value: &[u8]) -> Result<CapacityRecord, DecodeError> {
+    let rec: CapacityRecord = json(key, "CapacityRecord", value)?;
+    expect_eq(key, "ipv4", &rec.ipv4.to_string(), &ipv4.to_string())?;
+    let max = mesh_model::traffic::MAX_CAPACITY;
+    if !(1..=max).contains(&rec.capacity) {
+        return Err(DecodeError::Invalid {
+            key: key.to_owned(),
+            reason: format!("capacity {} is not from 1 to {max}", rec.capacity),
+        });
+    }
+    Ok(rec)
+}
+
 /// Decodes a cluster config record of `cluster`.
 ///
 /// # Errors
@@ -897,6 +957,80 @@ mod tests {
         let v = encode(&bare).replace(",\"namedPorts\":[]", "");
         assert!(!v.contains("namedPorts"), "{v}");
         assert_eq!(decode_ip("k", "east", bare.ipv4, v.as_bytes()), Ok(bare));
+    }
+
+    #[test]
+    fn capacity_keys_classify() {
+        let k = Keys::default();
+        let ip = Ipv4Addr::new(10, 1, 0, 7);
+        assert_eq!(
+            k.capacity("east", ip),
+            "fleetmesh/state/capacity/v1/east/10.1.0.7"
+        );
+        assert_eq!(k.classify("east", &k.capacity("east", ip)), KeyKind::Capacity(ip));
+        assert_eq!(k.classify("west", &k.capacity("east", ip)), KeyKind::Other);
+        for other in [
+            "fleetmesh/state/capacity/v1/east/10.1.0",
+            "fleetmesh/state/capacity/v1/east/10.1.0.7/x",
+            "fleetmesh/state/capacity/v1/east",
+            "fleetmesh/state/capacity",
+        ] {
+            assert_eq!(k.classify("east", other), KeyKind::Other, "{other}");
+        }
+        assert_eq!(
+            k.classify("east", "fleetmesh/state/capacity/v2/east/10.1.0.7"),
+            KeyKind::UnknownVersion("v2")
+        );
+        // Not an ip record: a reader that knows only ip records leaves capacity records alone.
+        assert!(!k.capacity("east", ip).starts_with(&k.ips_prefix("east")));
+    }
+
+    #[test]
+    fn capacity_records_round_trip_and_accept_later_fields() {
+        let ip = Ipv4Addr::new(10, 1, 0, 7);
+        let key = Keys::default().capacity("east", ip);
+        let rec = CapacityRecord {
+            ipv4: ip,
+            capacity: 4,
+        };
+        let v = encode(&rec);
+        assert_eq!(v, r#"{"ipv4":"10.1.0.7","capacity":4}"#);
+        assert_eq!(decode_capacity(&key, ip, v.as_bytes()), Ok(rec.clone()));
+        // A later publisher's additions are ignored.
+        let later = r#"{"ipv4":"10.1.0.7","capacity":4,"zone":"a","extra":{"x":[1]}}"#;
+        assert_eq!(decode_capacity(&key, ip, later.as_bytes()), Ok(rec));
+        let max = mesh_model::traffic::MAX_CAPACITY;
+        let at = |c: u32| {
+            encode(&CapacityRecord {
+                ipv4: ip,
+                capacity: c,
+            })
+        };
+        assert_eq!(
+            decode_capacity(&key, ip, at(1).as_bytes()).map(|r| r.capacity),
+            Ok(1)
+        );
+        assert_eq!(
+            decode_capacity(&key, ip, at(max).as_bytes()).map(|r| r.capacity),
+            Ok(max)
+        );
+    }
+
+    #[test]
+    fn malformed_capacity_values_are_typed_errors() {
+        let ip = Ipv4Addr::new(10, 1, 0, 7);
+        let d = |v: &str| decode_capacity("k", ip, v.as_bytes()).expect_err(v).reason();
+        assert_eq!(d("{not json"), "bad_json");
+        assert_eq!(d("[]"), "bad_json");
+        assert_eq!(d(r#"{"ipv4":"10.1.0.7"}"#), "bad_json");
+        assert_eq!(d(r#"{"capacity":4}"#), "bad_json");
+        assert_eq!(d(r#"{"ipv4":"10.1.0.7","capacity":-1}"#), "bad_json");
+        assert_eq!(d(r#"{"ipv4":"10.1.0.7","capacity":"4"}"#), "bad_json");
+        assert_eq!(d(r#"{"ipv4":"10.1.0","capacity":4}"#), "bad_json");
+        assert_eq!(d(r#"{"ipv4":"10.1.0.8","capacity":4}"#), "key_mismatch");
+        assert_eq!(d(r#"{"ipv4":"10.1.0.7","capacity":0}"#), "invalid");
+        assert_eq!(d(r#"{"ipv4":"10.1.0.7","capacity":1001}"#), "invalid");
+        assert_eq!(d(&"x".repeat(MAX_VALUE_BYTES + 1)), "too_large");
     }
 
     #[test]

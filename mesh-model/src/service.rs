@@ -117,8 +117,8 @@ pub struct Endpoint {
     /// `namespace/name` of the pod; empty for an EndpointSlice endpoint that names no pod.
     pub pod: String,
     pub ports: Vec<BackendPort>,
-    /// The pod's capacity (annotation `fleetmesh.io/capacity`, 1 when absent or invalid, or when the pod is not
-    /// known).
+    /// The pod's capacity (annotation `fleetmesh.io/capacity`, 1 when absent or invalid). For a pod the state does
+    /// not know, what the caller's capacity lookup says ([`endpoints_with`]), else 1.
     pub capacity: u32,
 }
 
@@ -147,9 +147,21 @@ pub fn target_port(sp: &ServicePort, pod: &Pod) -> Option<u16> {
 /// namespace matching its (non-empty) selector that have an address.
 #[must_use]
 pub fn endpoints(state: &ClusterState, svc: &Service) -> Vec<Endpoint> {
+    endpoints_with(state, svc, &|_| None)
+}
+
+/// As [`endpoints`], with `capacity_of` giving the capacity of an EndpointSlice backend whose pod the state does not
+/// know, by address (`None`: unknown, 1). An agent's state holds only the pods of its node; its cluster publishes
+/// the capacity of the others (`mesh_kvstore::CapacityRecord`).
+#[must_use]
+pub fn endpoints_with(
+    state: &ClusterState,
+    svc: &Service,
+    capacity_of: &dyn Fn(Ipv4Addr) -> Option<u32>,
+) -> Vec<Endpoint> {
     let mut slices = state.slices_of(&svc.namespace, &svc.name).peekable();
     if slices.peek().is_some() {
-        return slice_endpoints(state, svc, slices);
+        return slice_endpoints(state, svc, slices, capacity_of);
     }
     selector_endpoints(state, svc)
 }
@@ -193,13 +205,15 @@ fn selector_endpoints(state: &ClusterState, svc: &Service) -> Vec<Endpoint> {
 ///   is ready, the endpoints that are serving and terminating are (graceful termination);
 /// - each service port maps to the slice port of the same name (empty for an unnamed port) and protocol, whose
 ///   number is the target port already resolved; a service port without one has no backend port there;
-/// - the capacity is that of the pod the endpoint's `targetRef` names, when the state knows the pod, else 1;
+/// - the capacity is that of the pod the endpoint's `targetRef` names, when the state knows the pod; else what
+///   `capacity_of` says for the address; else 1;
 /// - an address in several slices counts once (the first slice by name).
 #[must_use]
 pub fn slice_endpoints<'a>(
     state: &ClusterState,
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    capacity_of: &dyn Fn(Ipv4Addr) -> Option<u32>,
 ) -> Vec<Endpoint> {
     let candidates: Vec<(&EndpointSlice, &SliceEndpoint, Ipv4Addr)> = slices
         .into_iter()
@@ -252,7 +266,10 @@ pub fn slice_endpoints<'a>(
                     .map(|r| format!("{}/{}", r.namespace, r.name))
                     .unwrap_or_default(),
                 ports,
-                capacity: pod.map_or(1, |p| crate::traffic::capacity(&p.annotations).unwrap_or(1)),
+                capacity: match pod {
+                    Some(p) => crate::traffic::capacity(&p.annotations).unwrap_or(1),
+                    None => capacity_of(ipv4).unwrap_or(1),
+                },
             },
         );
     }
@@ -665,5 +682,35 @@ mod tests {
         let eps = endpoints(&st, &svc(&[]));
         let got: Vec<(&str, u32)> = eps.iter().map(|e| (e.pod.as_str(), e.capacity)).collect();
         assert_eq!(got, [("shop/a", 4), ("shop/gone", 1), ("", 1)]);
+    }
+
+    /// A slice endpoint whose pod the state does not know (an agent sees the pods of its node only) takes the
+    /// capacity the caller knows for its address; a known pod's own annotation wins; unknown everywhere is 1.
+    #[test]
+    fn slice_endpoints_of_unknown_pods_take_the_capacity_looked_up_by_address() {
+        let mut st = with_slices(vec![slice(
+            "api-1",
+            "api",
+            vec![
+                ep("10.1.0.2", cond(None, None, None), Some("a")),
+                ep("10.1.0.3", cond(None, None, None), Some("elsewhere")),
+                ep("10.1.0.4", cond(None, None, None), None),
+                ep("10.1.0.5", cond(None, None, None), Some("plain")),
+            ],
+        )]);
+        let a = api_pod("a", [10, 1, 0, 2], &[(crate::traffic::ANNOTATION_CAPACITY, "4")]);
+        st.pods.insert(("shop".into(), "a".into()), a);
+        let published: BTreeMap<Ipv4Addr, u32> = [
+            (Ipv4Addr::new(10, 1, 0, 2), 9),
+            (Ipv4Addr::new(10, 1, 0, 3), 7),
+            (Ipv4Addr::new(10, 1, 0, 4), 3),
+        ]
+        .into();
+        let eps = endpoints_with(&st, &svc(&[]), &|ip| published.get(&ip).copied());
+        let got: Vec<(&str, u32)> = eps.iter().map(|e| (e.pod.as_str(), e.capacity)).collect();
+        assert_eq!(
+            got,
+            [("shop/a", 4), ("shop/elsewhere", 7), ("", 3), ("shop/plain", 1)]
+        );
     }
 }
