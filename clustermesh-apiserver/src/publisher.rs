@@ -119,7 +119,8 @@ impl Publisher {
         });
         let services = state.services.values().filter_map(|svc| {
             let exported = state.exports.contains(&(svc.namespace.clone(), svc.name.clone()));
-            let spec = service::global_spec(svc, exported);
+            // Affinity is the clients' choice (each agent's default); only global and shared matter here.
+            let spec = service::global_spec(svc, exported, service::Affinity::None);
             if !spec.errors.is_empty() {
                 warn!(service = %format!("{}/{}", svc.namespace, svc.name), errors = ?spec.errors, "service stays local");
             }

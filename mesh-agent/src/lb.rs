@@ -376,6 +376,8 @@ pub fn cluster_labels(
 ///
 /// A local backend's weight is its pod's capacity: from the pod when the source shows it (the pods of this node),
 /// else from this cluster's capacity records in `own` (its etcd, `--kvstore-config`), else 1.
+///
+/// Global services without a `service.cilium.io/affinity` annotation prefer the backends of `affinity_default`.
 #[must_use]
 pub fn services(
     me: &Me,
@@ -383,6 +385,7 @@ pub fn services(
     own: Option<&RemoteCluster>,
     remotes: &BTreeMap<String, RemoteCluster>,
     policies: &PolicyBook,
+    affinity_default: Affinity,
 ) -> Vec<ServiceView> {
     let labels_of = |cluster: &str| cluster_labels(me, remotes, cluster);
     let capacity_of = |ip: Ipv4Addr| own.and_then(|o| o.capacities.get(&ip).copied());
@@ -390,7 +393,7 @@ pub fn services(
     for svc in local.services.values() {
         let Some(vip) = svc.cluster_ipv4 else { continue };
         let exported = local.exports.contains(&(svc.namespace.clone(), svc.name.clone()));
-        let spec = service::global_spec(svc, exported);
+        let spec = service::global_spec(svc, exported, affinity_default);
         let endpoints = service::endpoints_with(local, svc, &capacity_of);
         let id = format!("{}/{}", svc.namespace, svc.name);
         let policy = policies.for_service(&svc.namespace, &svc.name);
@@ -613,6 +616,60 @@ mod tests {
     }
 
     #[test]
+    fn the_default_affinity_steers_services_without_the_annotation() {
+        let remotes: BTreeMap<_, _> = [
+            remote("west", 2, &[[10, 2, 0, 2], [10, 2, 1, 2]]),
+            remote("north", 3, &[[10, 3, 0, 2]]),
+        ]
+        .into();
+        let with_default = |st: &ClusterState, remotes: &BTreeMap<String, RemoteCluster>, d| {
+            services(&me(), st, None, remotes, &PolicyBook::default(), d)
+        };
+        // Clusters of the active backends, by name.
+        let clusters = |v: &[ServiceView]| {
+            let mut c = active_clusters(v);
+            c.sort();
+            c.dedup();
+            c
+        };
+        let g = [("service.cilium.io/global", "true")];
+        // Default local: only the local backend while it is live, the remote ones without it.
+        let v = with_default(&local(&g, &[[10, 1, 0, 2]]), &remotes, Affinity::Local);
+        assert_eq!(v[0].spec.affinity, Affinity::Local);
+        assert_eq!(clusters(&v), vec!["east"]);
+        let v = with_default(&local(&g, &[]), &remotes, Affinity::Local);
+        assert_eq!(clusters(&v), vec!["north", "west"], "falls back to remote");
+        // Default remote: only remote backends while any is live, the local one without them.
+        let v = with_default(&local(&g, &[[10, 1, 0, 2]]), &remotes, Affinity::Remote);
+        assert_eq!(clusters(&v), vec!["north", "west"]);
+        let v = with_default(&local(&g, &[[10, 1, 0, 2]]), &BTreeMap::new(), Affinity::Remote);
+        assert_eq!(clusters(&v), vec!["east"], "falls back to local");
+        // An explicit annotation wins over the default, `none` included.
+        for (value, want) in [
+            ("none", vec!["east", "north", "west"]),
+            ("remote", vec!["north", "west"]),
+        ] {
+            let a = [
+                ("service.cilium.io/global", "true"),
+                ("service.cilium.io/affinity", value),
+            ];
+            let v = with_default(&local(&a, &[[10, 1, 0, 2]]), &remotes, Affinity::Local);
+            assert_eq!(clusters(&v), want, "annotation {value}");
+        }
+        // An invalid annotation still keeps the service local and reports, whatever the default.
+        let bad = [
+            ("service.cilium.io/global", "true"),
+            ("service.cilium.io/affinity", "closest"),
+        ];
+        let v = with_default(&local(&bad, &[]), &remotes, Affinity::Remote);
+        assert!(v[0].frontends[0].active.is_empty(), "no remote backends");
+        assert_eq!(v[0].spec.errors.len(), 1);
+        // A local service has only local backends whatever the default.
+        let v = with_default(&local(&[], &[[10, 1, 0, 2]]), &remotes, Affinity::Remote);
+        assert_eq!(clusters(&v), vec!["east"]);
+    }
+
+    #[test]
     fn invalid_annotation_keeps_service_local_and_reports() {
         let remotes: BTreeMap<_, _> = [remote("west", 2, &[[10, 2, 0, 2]])].into();
         let bad = [
@@ -662,7 +719,7 @@ mod tests {
         local: &ClusterState,
         remotes: &BTreeMap<String, RemoteCluster>,
     ) -> Vec<ServiceView> {
-        services(me, local, None, remotes, &PolicyBook::default())
+        services(me, local, None, remotes, &PolicyBook::default(), Affinity::None)
     }
 
     fn policy(name: &str, service: &str, groups: Vec<(ClusterSelector, u32)>) -> TrafficPolicy {
@@ -746,7 +803,7 @@ mod tests {
                 vec![(by_labels(&[("stage", "canary")]), 10), (by_names(&["west"]), 90)],
             ),
         );
-        let v = services(&me, &st, None, &remotes, &book);
+        let v = services(&me, &st, None, &remotes, &book, Affinity::None);
         assert_eq!(v[0].policy.as_deref(), Some("demo/p"));
         assert_eq!(
             slots_by_cluster(&v),
@@ -760,10 +817,10 @@ mod tests {
         // The canary group loses its backends: the west group takes all new connections.
         let mut none_local = local(&[("service.cilium.io/global", "true")], &[]);
         none_local.traffic_policies = st.traffic_policies.clone();
-        let v = services(&me, &none_local, None, &remotes, &book);
+        let v = services(&me, &none_local, None, &remotes, &book, Affinity::None);
         assert_eq!(slots_by_cluster(&v), [("west".to_owned(), 2)].into());
         // No group has a backend: nothing is active (new flows are dropped and counted).
-        let v = services(&me, &none_local, None, &BTreeMap::new(), &book);
+        let v = services(&me, &none_local, None, &BTreeMap::new(), &book, Affinity::None);
         assert!(v[0].frontends[0].active.is_empty());
     }
 
@@ -776,7 +833,7 @@ mod tests {
         let remotes: BTreeMap<_, _> = [(n, rc)].into();
         let mut st = local(&[("service.cilium.io/global", "true")], &[]);
         let book = with_policy(&mut st, policy("p", "echo", vec![(by_names(&["west"]), 1)]));
-        let v = services(&me(), &st, None, &remotes, &book);
+        let v = services(&me(), &st, None, &remotes, &book, Affinity::None);
         let w: Vec<u32> = v[0].frontends[0].active.iter().map(|b| b.weight).collect();
         assert_eq!(w, vec![1, 3], "250 / 750 slots, divided by their gcd");
         // Without a policy the capacity is the slot count.
@@ -831,7 +888,15 @@ mod tests {
         own.capacities.insert(Ipv4Addr::new(10, 1, 1, 2), 3);
         own.capacities.insert(Ipv4Addr::new(10, 1, 0, 2), 9);
         let weights = |own: Option<&RemoteCluster>| -> Vec<(Ipv4Addr, u32)> {
-            services(&me(), &st, own, &BTreeMap::new(), &PolicyBook::default())[0].frontends[0]
+            services(
+                &me(),
+                &st,
+                own,
+                &BTreeMap::new(),
+                &PolicyBook::default(),
+                Affinity::None,
+            )[0]
+            .frontends[0]
                 .active
                 .iter()
                 .map(|b| (b.ipv4, b.weight))

@@ -65,6 +65,11 @@ struct Args {
     /// (clients then fail over to the clusters that are alive; the backends return when it is back).
     #[arg(long, default_value = "30s", value_parser = mesh_model::duration::parse_duration)]
     remote_grace_period: Duration,
+    /// Affinity of global services without a `service.cilium.io/affinity` annotation: `none` (every cluster's
+    /// backends), `local` (this cluster's while it has a ready one) or `remote` (the other clusters' while they
+    /// have one). An annotation always wins.
+    #[arg(long, env = "FLEETMESH_SERVICE_AFFINITY_DEFAULT", default_value = "none")]
+    service_affinity_default: mesh_model::service::Affinity,
     /// How often remote etcd connections are pinged to notice a dead peer. Must not be shorter than the peers'
     /// etcd `--grpc-keepalive-min-time` (5s by default), or etcd drops the connection.
     #[arg(long, default_value = "6s", value_parser = mesh_model::duration::parse_duration)]
@@ -132,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
         cluster_id: args.cluster_id,
         labels: args.cluster_labels.iter().cloned().collect(),
     };
-    info!(node = %me.node, cluster = %me.cluster, id = me.cluster_id, "starting");
+    info!(node = %me.node, cluster = %me.cluster, id = me.cluster_id, service_affinity_default = %args.service_affinity_default, "starting");
 
     let (wake_tx, wake_rx) = std::sync::mpsc::channel::<()>();
     let remotes = Remotes::new(wake_tx.clone());
@@ -225,6 +230,7 @@ async fn main() -> anyhow::Result<()> {
         Arc::default();
     let mut reconciler = Reconciler::new(dp, me.clone(), args.vxlan_device.clone());
     reconciler.remote_grace = args.remote_grace_period;
+    reconciler.service_affinity_default = args.service_affinity_default;
     reconciler.flows = Some(flow_hub.clone());
     reconciler.policy_views = policies.clone();
     let state_dir = args

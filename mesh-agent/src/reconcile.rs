@@ -118,6 +118,8 @@ pub struct Reconciler {
     last_views: Vec<ServiceView>,
     /// How long an unreachable remote cluster keeps its backends in global services.
     pub remote_grace: std::time::Duration,
+    /// Affinity of global services without a `service.cilium.io/affinity` annotation.
+    pub service_affinity_default: mesh_model::service::Affinity,
     /// Identities and network policy of the local endpoints.
     policy: crate::policy::PolicyBook,
     /// Identity of every local endpoint, from the last policy pass (the endpoint map carries it).
@@ -159,6 +161,7 @@ impl Reconciler {
             rollouts: Rollouts::default(),
             last_views: Vec::new(),
             remote_grace: std::time::Duration::from_secs(30),
+            service_affinity_default: mesh_model::service::Affinity::None,
             policy: crate::policy::PolicyBook::default(),
             identities: BTreeMap::new(),
             policy_enforced: true,
@@ -290,7 +293,14 @@ impl Reconciler {
             .collect();
         self.policies.set_overrides(overrides);
         st.rollouts = self.rollouts.states();
-        let views = lb::services(&self.me, local, own, &reachable, &self.policies);
+        let views = lb::services(
+            &self.me,
+            local,
+            own,
+            &reachable,
+            &self.policies,
+            self.service_affinity_default,
+        );
         match self.lb.reconcile(&mut self.dp, &views) {
             Ok(c) if c != LbChanges::default() => info!(?c, "service maps updated"),
             Ok(_) => {}

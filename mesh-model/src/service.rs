@@ -6,8 +6,9 @@
 //! - `service.cilium.io/global: "true"|"false"`: merge backends of same-named services in the same namespace
 //!   across clusters;
 //! - `service.cilium.io/shared: "true"|"false"` (default true): whether this cluster shares its backends;
-//! - `service.cilium.io/affinity: local|remote|none` (default none): which backends clients prefer; the
-//!   preferred set falls back to the other when it has no ready backend.
+//! - `service.cilium.io/affinity: local|remote|none`: which backends clients prefer; the preferred set falls back
+//!   to the other when it has no ready backend. Without the annotation the reader's default applies (the agent's
+//!   `--service-affinity-default`, none unless set); an annotation always wins over it.
 //!
 //! A `ServiceExport` of the same namespace/name makes a service global and shared, as the Kubernetes MCS API
 //! (KEP-1645) does: importing clusters reach it through their own same-named service (`clusterset` DNS names map
@@ -15,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +36,35 @@ pub enum Affinity {
     None,
     Local,
     Remote,
+}
+
+/// An affinity that is not `local`, `remote` or `none`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not local, remote or none")]
+pub struct InvalidAffinity(pub String);
+
+impl FromStr for Affinity {
+    type Err = InvalidAffinity;
+
+    /// `local`, `remote` or `none` (any case, surrounding blanks ignored); empty means `none`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "local" => Ok(Self::Local),
+            "remote" => Ok(Self::Remote),
+            "none" | "" => Ok(Self::None),
+            _ => Err(InvalidAffinity(s.to_owned())),
+        }
+    }
+}
+
+impl std::fmt::Display for Affinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Local => "local",
+            Self::Remote => "remote",
+        })
+    }
 }
 
 /// How a service takes part in the mesh.
@@ -58,13 +89,15 @@ fn parse_bool(v: &str) -> Option<bool> {
 }
 
 /// Reads a service's mesh settings. Invalid values are reported and make the service local, so a typo never
-/// exposes or hides more than the user asked for.
+/// exposes or hides more than the user asked for. A service without the affinity annotation gets
+/// `default_affinity`.
 #[must_use]
-pub fn global_spec(svc: &Service, exported: bool) -> GlobalSpec {
+pub fn global_spec(svc: &Service, exported: bool, default_affinity: Affinity) -> GlobalSpec {
     let mut spec = GlobalSpec {
         shared: true,
         exported,
         global: exported,
+        affinity: default_affinity,
         ..GlobalSpec::default()
     };
     let a = &svc.annotations;
@@ -85,13 +118,9 @@ pub fn global_spec(svc: &Service, exported: bool) -> GlobalSpec {
         }
     }
     if let Some(v) = a.get(ANNOTATION_AFFINITY) {
-        match v.trim().to_ascii_lowercase().as_str() {
-            "local" => spec.affinity = Affinity::Local,
-            "remote" => spec.affinity = Affinity::Remote,
-            "none" | "" => spec.affinity = Affinity::None,
-            _ => spec.errors.push(format!(
-                "annotation {ANNOTATION_AFFINITY}: {v:?} is not local, remote or none"
-            )),
+        match v.parse() {
+            Ok(affinity) => spec.affinity = affinity,
+            Err(e) => spec.errors.push(format!("annotation {ANNOTATION_AFFINITY}: {e}")),
         }
     }
     if !spec.errors.is_empty() {
@@ -311,7 +340,7 @@ mod tests {
     #[test]
     fn annotations_and_export() {
         assert_eq!(
-            global_spec(&svc(&[]), false),
+            global_spec(&svc(&[]), false, Affinity::None),
             GlobalSpec {
                 shared: true,
                 ..GlobalSpec::default()
@@ -320,15 +349,59 @@ mod tests {
         let g = global_spec(
             &svc(&[(ANNOTATION_GLOBAL, "true"), (ANNOTATION_AFFINITY, "local")]),
             false,
+            Affinity::None,
         );
         assert!(g.global && g.shared && g.affinity == Affinity::Local && g.errors.is_empty());
         let g = global_spec(
             &svc(&[(ANNOTATION_GLOBAL, "True"), (ANNOTATION_SHARED, "false")]),
             false,
+            Affinity::None,
         );
         assert!(g.global && !g.shared);
-        let g = global_spec(&svc(&[]), true);
+        let g = global_spec(&svc(&[]), true, Affinity::None);
         assert!(g.global && g.shared && g.exported);
+    }
+
+    #[test]
+    fn the_default_affinity_applies_only_without_the_annotation() {
+        let global = (ANNOTATION_GLOBAL, "true");
+        for default in [Affinity::None, Affinity::Local, Affinity::Remote] {
+            assert_eq!(
+                global_spec(&svc(&[global]), false, default).affinity,
+                default,
+                "no annotation"
+            );
+            for (v, explicit) in [
+                ("none", Affinity::None),
+                ("local", Affinity::Local),
+                ("Remote", Affinity::Remote),
+            ] {
+                let g = global_spec(&svc(&[global, (ANNOTATION_AFFINITY, v)]), false, default);
+                assert_eq!(g.affinity, explicit, "annotation {v} with default {default}");
+                assert!(g.global && g.errors.is_empty());
+            }
+            let g = global_spec(&svc(&[global, (ANNOTATION_AFFINITY, "nearest")]), false, default);
+            assert!(!g.global, "an invalid annotation keeps the service local");
+            assert_eq!(
+                g.errors,
+                [format!(
+                    "annotation {ANNOTATION_AFFINITY}: \"nearest\" is not local, remote or none"
+                )]
+            );
+        }
+    }
+
+    #[test]
+    fn affinity_parses_its_three_values_and_names_a_bad_one() {
+        assert_eq!(" LOCAL ".parse(), Ok(Affinity::Local));
+        assert_eq!("remote".parse(), Ok(Affinity::Remote));
+        assert_eq!("none".parse(), Ok(Affinity::None));
+        assert_eq!("".parse(), Ok(Affinity::None));
+        let e = "closest".parse::<Affinity>().expect_err("closest");
+        assert_eq!(e.to_string(), "\"closest\" is not local, remote or none");
+        for a in [Affinity::None, Affinity::Local, Affinity::Remote] {
+            assert_eq!(a.to_string().parse(), Ok(a));
+        }
     }
 
     #[test]
@@ -338,7 +411,11 @@ mod tests {
             (ANNOTATION_SHARED, "1"),
             (ANNOTATION_AFFINITY, "nearest"),
         ] {
-            let g = global_spec(&svc(&[(ANNOTATION_GLOBAL, "true"), (k, v)]), false);
+            let g = global_spec(
+                &svc(&[(ANNOTATION_GLOBAL, "true"), (k, v)]),
+                false,
+                Affinity::None,
+            );
             assert!(!g.global, "{k}={v}");
             assert_eq!(g.errors.len(), 1, "{k}={v}: {:?}", g.errors);
             assert!(g.errors[0].contains(k) && g.errors[0].contains(v));

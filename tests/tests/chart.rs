@@ -411,6 +411,87 @@ fn mount(c: &Container, name: &str) -> (String, Option<String>) {
     (m.mount_path.clone(), m.mount_propagation.clone())
 }
 
+fn has_env(c: &Container, name: &str) -> bool {
+    c.env.iter().flatten().any(|e| e.name == name)
+}
+
+fn has_volume(p: &PodSpec, name: &str) -> bool {
+    p.volumes.iter().flatten().any(|v| v.name == name)
+}
+
+fn has_mount(c: &Container, name: &str) -> bool {
+    c.volume_mounts.iter().flatten().any(|m| m.name == name)
+}
+
+/// Volumes of the peers' files: the config (one file per peer) and the certificates the files name.
+const PEER_FILE_VOLUMES: [&str; 3] = [
+    "clustermesh-config",
+    "clustermesh-remote-certs",
+    "clustermesh-tls",
+];
+
+/// `v` without its files' modes (which differ between a root and a non-root reader).
+fn without_modes(v: &Volume) -> Volume {
+    let mut v = v.clone();
+    if let Some(s) = v.secret.as_mut() {
+        s.default_mode = None;
+    }
+    if let Some(p) = v.projected.as_mut() {
+        p.default_mode = None;
+    }
+    v
+}
+
+/// With `source: kubernetes` the clustermesh-apiserver reads the agents' peer files as `--mcs-peers`: the same
+/// Secrets at the same paths, so that the certificate paths in the peer files resolve in both pods, readable by
+/// the apiserver's non-root user through the pod's fsGroup.
+fn assert_apiserver_reads_the_agents_peer_files(r: &Rendered) {
+    let ds = pod(&r.agent().spec.template);
+    let agent = container(ds, "mesh-agent");
+    let dep = pod(&r.apiserver().spec.template);
+    let api = container(dep, "clustermesh-apiserver");
+    assert_eq!(env(api, "FLEETMESH_SOURCE").value.as_deref(), Some("kubernetes"));
+    let dir = env(api, "FLEETMESH_MCS_PEERS")
+        .value
+        .clone()
+        .expect("--mcs-peers folder");
+    assert_eq!(
+        env(agent, "FLEETMESH_CLUSTERMESH_CONFIG").value.as_deref(),
+        Some(dir.as_str()),
+        "the agents' --clustermesh-config"
+    );
+    assert_eq!(mount(api, "clustermesh-config").0, dir);
+    let fs_group = dep.security_context.as_ref().and_then(|s| s.fs_group);
+    assert!(fs_group.is_some(), "the apiserver's pod has an fsGroup");
+    for name in PEER_FILE_VOLUMES {
+        match (has_volume(ds, name), has_volume(dep, name)) {
+            (false, false) => continue,
+            (true, true) => {}
+            (a, d) => panic!("volume {name}: in the agent {a}, in the clustermesh-apiserver {d}"),
+        }
+        assert_eq!(
+            without_modes(volume(dep, name)),
+            without_modes(volume(ds, name)),
+            "volume {name}"
+        );
+        assert_eq!(mount(api, name), mount(agent, name), "mount of {name}");
+        let v = volume(dep, name);
+        let mode = v
+            .secret
+            .as_ref()
+            .and_then(|s| s.default_mode)
+            .or_else(|| v.projected.as_ref().and_then(|p| p.default_mode));
+        assert_eq!(mode, Some(0o440), "volume {name}: readable by the pod's fsGroup");
+        assert!(
+            api.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == name && m.read_only == Some(true)),
+            "volume {name} is mounted read-only"
+        );
+    }
+}
+
 fn probe_command(p: Option<&k8s_openapi::api::core::v1::Probe>) -> Vec<String> {
     p.and_then(|p| p.exec.as_ref())
         .and_then(|e| e.command.clone())
@@ -751,7 +832,22 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
             "{kind} probe: {cmd:?}"
         );
     }
-    assert_eq!(env(agent, "FLEETMESH_SOURCE").value.as_deref(), Some("manifests"));
+    // The agent's --service-affinity-default comes from the ConfigMap.
+    assert_eq!(
+        env(agent, "FLEETMESH_SERVICE_AFFINITY_DEFAULT")
+            .value_from
+            .as_ref()
+            .and_then(|f| f.config_map_key_ref.as_ref())
+            .map(|k| (k.name.as_str(), k.key.as_str())),
+        Some(("fm-fleetmesh-config", "service-affinity-default"))
+    );
+    // The Kubernetes source by default: no manifests folder.
+    assert_eq!(
+        env(agent, "FLEETMESH_SOURCE").value.as_deref(),
+        Some("kubernetes")
+    );
+    assert!(!has_env(agent, "FLEETMESH_MANIFESTS"));
+    assert!(!has_volume(p, "manifests") && !has_mount(agent, "manifests"));
     // `meshctl status --context` reads every agent on the port named "status" (pod proxy).
     let status_port = agent
         .ports
@@ -764,11 +860,6 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
         env(agent, "FLEETMESH_STATUS_ADDR").value.as_deref(),
         Some("0.0.0.0:9968")
     );
-    let manifests = env(agent, "FLEETMESH_MANIFESTS")
-        .value
-        .clone()
-        .expect("manifests");
-    assert_eq!(mount(agent, "manifests").0, manifests);
     let cm_dir = env(agent, "FLEETMESH_CLUSTERMESH_CONFIG")
         .value
         .clone()
@@ -809,6 +900,11 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
         env(api, "FLEETMESH_ETCD_ENDPOINTS").value.as_deref(),
         Some("http://127.0.0.1:2379")
     );
+    // The MCS API: the peers' files of the agents (none yet), no manifests folder.
+    assert_apiserver_reads_the_agents_peer_files(&r);
+    assert!(has_volume(p, "clustermesh-remote-certs") && !has_volume(p, "clustermesh-tls"));
+    assert!(!has_env(api, "FLEETMESH_MANIFESTS"));
+    assert!(!has_volume(p, "manifests") && !has_mount(api, "manifests"));
     assert_eq!(
         p.security_context.as_ref().and_then(|s| s.run_as_non_root),
         Some(true)
@@ -1007,10 +1103,8 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
         volume(p, "bpf-maps").host_path.as_ref().map(|h| h.path.as_str()),
         Some("/run/bpf")
     );
-    assert_eq!(
-        volume(p, "manifests").host_path.as_ref().map(|h| h.path.as_str()),
-        Some("/srv/fleetmesh/manifests")
-    );
+    // agent.hostPaths.manifests is set, but only `source: manifests` mounts it.
+    assert!(!has_volume(p, "manifests") && !has_env(agent, "FLEETMESH_MANIFESTS"));
     assert_eq!(p.priority_class_name, None);
     assert_eq!(
         p.image_pull_secrets
@@ -1054,12 +1148,13 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
             .and_then(|e| e.medium.as_deref()),
         Some("Memory")
     );
+    // clustermesh.apiserver.manifestsConfigMap is set, but only `source: manifests` mounts it; the peers' files
+    // and their TLS material (checked against the peer files for the agent above) are mounted as in the agent.
+    assert!(!has_volume(p, "manifests"));
+    assert_apiserver_reads_the_agents_peer_files(&r);
     assert_eq!(
-        volume(p, "manifests")
-            .config_map
-            .as_ref()
-            .map(|c| c.name.as_str()),
-        Some("east-1-manifests")
+        mount(container(p, "clustermesh-apiserver"), "clustermesh-tls").0,
+        PEER_TLS_DIR
     );
     let svc = r.services[0].spec.as_ref().expect("Service spec");
     assert_eq!(svc.type_.as_deref(), Some("LoadBalancer"));
@@ -1110,6 +1205,15 @@ fn existing_secrets_and_an_externally_managed_peer_config() {
         .as_ref()
         .expect("secret volume");
     assert_eq!(tls.secret_name.as_deref(), Some("etcd-east"));
+    // The MCS peers are the externally managed Secret too.
+    assert_apiserver_reads_the_agents_peer_files(&r);
+    assert_eq!(
+        volume(dep, "clustermesh-config")
+            .secret
+            .as_ref()
+            .and_then(|s| s.secret_name.as_deref()),
+        Some("meshctl-peers")
+    );
 
     let r = Helm::new().render(&[]);
     let ds = pod(&r.agent().spec.template);
@@ -1120,6 +1224,58 @@ fn existing_secrets_and_an_externally_managed_peer_config() {
             .map(|a| a.type_.as_str()),
         Some("Unconfined")
     );
+}
+
+#[test]
+fn source_manifests_mounts_the_manifests_folders_and_no_mcs_peers() {
+    let full = full_values().display().to_string();
+    let r = Helm::new().render(&["-f", &full, "--set", "source=manifests"]);
+    check_references(&r, &["fleetmesh-peer-north-2"]);
+    let ds = pod(&r.agent().spec.template);
+    let agent = container(ds, "mesh-agent");
+    assert_eq!(env(agent, "FLEETMESH_SOURCE").value.as_deref(), Some("manifests"));
+    let dir = env(agent, "FLEETMESH_MANIFESTS")
+        .value
+        .clone()
+        .expect("the agent's manifests folder");
+    assert_eq!(mount(agent, "manifests").0, dir);
+    assert_eq!(
+        volume(ds, "manifests")
+            .host_path
+            .as_ref()
+            .map(|h| h.path.as_str()),
+        Some("/srv/fleetmesh/manifests")
+    );
+    // The agents still read the peers.
+    for name in PEER_FILE_VOLUMES {
+        mount(agent, name);
+    }
+
+    let dep = pod(&r.apiserver().spec.template);
+    let api = container(dep, "clustermesh-apiserver");
+    assert_eq!(env(api, "FLEETMESH_SOURCE").value.as_deref(), Some("manifests"));
+    let dir = env(api, "FLEETMESH_MANIFESTS")
+        .value
+        .clone()
+        .expect("the apiserver's manifests folder");
+    assert_eq!(mount(api, "manifests").0, dir);
+    assert_eq!(
+        volume(dep, "manifests")
+            .config_map
+            .as_ref()
+            .map(|c| c.name.as_str()),
+        Some("east-1-manifests")
+    );
+    // clustermesh-apiserver refuses --mcs-peers without --source kubernetes.
+    assert!(!has_env(api, "FLEETMESH_MCS_PEERS"));
+    for name in PEER_FILE_VOLUMES {
+        assert!(!has_volume(dep, name), "{name} is not mounted");
+    }
+
+    // Without a ConfigMap the apiserver's folder is empty.
+    let r = Helm::new().render(&["--set", "source=manifests"]);
+    let dep = pod(&r.apiserver().spec.template);
+    assert!(volume(dep, "manifests").empty_dir.is_some());
 }
 
 #[test]

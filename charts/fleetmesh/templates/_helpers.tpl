@@ -57,6 +57,79 @@ Peers' TLS material written by `meshctl clustermesh connect` (keys <peer>.ca.crt
 /var/lib/fleetmesh/clustermesh-tls
 {{- end -}}
 
+{{/* Where the agents (--clustermesh-config) and the clustermesh-apiserver (--mcs-peers) find the peers' files. */}}
+{{- define "fleetmesh.clustermeshConfig.dir" -}}
+/var/lib/fleetmesh/clustermesh
+{{- end -}}
+
+{{/*
+The peers' config and every certificate its files name, as volumes: the clustermesh config Secret (one file per
+peer), the Secret meshctl writes the peers' certificates into, and the peers' TLS material of `clustermesh.peers`.
+The agents and the clustermesh-apiserver mount them at the same paths (fleetmesh.clustermeshConfig.volumeMounts), so
+that the certificate paths of the peer files resolve in both. Pass a dict with "ctx" (the root context) and "mode"
+(defaultMode of the files).
+*/}}
+{{- define "fleetmesh.clustermeshConfig.volumes" -}}
+- name: clustermesh-config
+  secret:
+    secretName: {{ include "fleetmesh.clustermeshSecret.name" .ctx }}
+    defaultMode: {{ .mode }}
+    optional: true
+# Managed by `meshctl clustermesh connect|disconnect`, never rendered by the chart.
+- name: clustermesh-remote-certs
+  secret:
+    secretName: {{ include "fleetmesh.clustermeshRemoteCerts.name" .ctx }}
+    defaultMode: {{ .mode }}
+    optional: true
+{{- if include "fleetmesh.tls.anyPeer" .ctx }}
+# Each peer's CA and client certificate at <peer>/ca.crt, <peer>/tls.crt, <peer>/tls.key.
+- name: clustermesh-tls
+  projected:
+    defaultMode: {{ .mode }}
+    sources:
+      {{- range .ctx.Values.clustermesh.peers }}
+      {{- if .tls }}
+      - secret:
+          {{- if .tls.existingSecret }}
+          name: {{ .tls.existingSecret }}
+          items:
+            - key: ca.crt
+              path: {{ .name }}/ca.crt
+            - key: tls.crt
+              path: {{ .name }}/tls.crt
+            - key: tls.key
+              path: {{ .name }}/tls.key
+          {{- else }}
+          name: {{ include "fleetmesh.tls.peersSecret" $.ctx }}
+          items:
+            - key: {{ .name }}.ca.crt
+              path: {{ .name }}/ca.crt
+            - key: {{ .name }}.tls.crt
+              path: {{ .name }}/tls.crt
+            - key: {{ .name }}.tls.key
+              path: {{ .name }}/tls.key
+          {{- end }}
+      {{- end }}
+      {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The mounts of fleetmesh.clustermeshConfig.volumes; pass the root context. */}}
+{{- define "fleetmesh.clustermeshConfig.volumeMounts" -}}
+- name: clustermesh-config
+  mountPath: {{ include "fleetmesh.clustermeshConfig.dir" . }}
+  readOnly: true
+# Peers' CAs and client certificates written by `meshctl clustermesh connect` (<peer>.ca.crt, ...).
+- name: clustermesh-remote-certs
+  mountPath: /var/lib/fleetmesh/clustermesh-remote-certs
+  readOnly: true
+{{- if include "fleetmesh.tls.anyPeer" . }}
+- name: clustermesh-tls
+  mountPath: {{ include "fleetmesh.tls.peersDir" . }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
 {{/* "true" when some peer has TLS material (then the agent mounts the peers' certificates). */}}
 {{- define "fleetmesh.tls.anyPeer" -}}
 {{- range .Values.clustermesh.peers -}}{{- if .tls -}}true{{- end -}}{{- end -}}
