@@ -904,9 +904,12 @@ pub async fn enable(c: &Cluster, service_type: Option<&str>) -> Result<Enabled> 
     let (_, server_secret) = c.server_tls_secret().await?;
     let certs_cmd = format!(
         "meshctl clustermesh ca create --out mesh-ca   # once for the whole mesh\n  meshctl clustermesh cluster-certs \
-         --ca mesh-ca --cluster {n} --cluster-id {id} --server-ip PEER-REACHABLE-IP --out {n}",
+         --ca mesh-ca --cluster {n} --cluster-id {id} --server-ip PEER-REACHABLE-IP --server-name {svc}.{ns}.svc \
+         --out {n}   # the .svc name is how this cluster's own agents reach it",
         n = cluster.name,
-        id = cluster.id
+        id = cluster.id,
+        svc = c.apiserver_name(),
+        ns = c.namespace
     );
     let client_cmd = format!(
         "kubectl --context {ctx} -n {ns} create secret generic {s} --type kubernetes.io/tls \

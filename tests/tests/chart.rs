@@ -1720,3 +1720,96 @@ fn containerfile_provides_every_program_the_chart_runs() {
         "the build context leaves out target/"
     );
 }
+
+/// The agents' `--kvstore-config` as the chart renders it (ConfigMap key `kvstore-config`), read by the agent's
+/// parser, with the agent's env, mounts and volumes.
+fn own_kvstore(
+    r: &Rendered,
+) -> (
+    Option<mesh_kvstore::peer::RemoteConfig>,
+    Option<String>,
+    Option<Volume>,
+) {
+    let config = r.config_maps[0]
+        .data
+        .as_ref()
+        .and_then(|d| d.get("kvstore-config"))
+        .map(|t| serde_yaml::from_str(t).expect("kvstore-config in the peer format"));
+    let ds = &r.agent().spec;
+    let p = pod(&ds.template);
+    let agent = container(p, "mesh-agent");
+    let env = has_env(agent, "FLEETMESH_KVSTORE_CONFIG")
+        .then(|| env(agent, "FLEETMESH_KVSTORE_CONFIG").value.clone())
+        .flatten();
+    if let Some(file) = &env {
+        // The file the agent is told to read is where the volume's item lands.
+        let (dir, _) = mount(agent, "own-kvstore");
+        assert_eq!(file, &format!("{dir}/config"));
+    }
+    let vol = has_volume(p, "own-kvstore").then(|| volume(p, "own-kvstore").clone());
+    (config, env, vol)
+}
+
+#[test]
+fn agents_watch_their_own_etcd_through_the_apiservers_service_by_default() {
+    let helm = Helm::new();
+    let r = helm.render(&[]);
+    let svc = &r.services[0].metadata;
+    let want = format!(
+        "http://{}.{}.svc:2379",
+        svc.name.as_deref().expect("name"),
+        svc.namespace.as_deref().expect("namespace")
+    );
+    let (config, env, vol) = own_kvstore(&r);
+    let config = config.expect("kvstore-config rendered");
+    assert_eq!(config.endpoints, vec![want]);
+    assert!(config.trusted_ca_file.is_none() && config.cert_file.is_none());
+    assert!(env.is_some(), "the agent gets FLEETMESH_KVSTORE_CONFIG");
+    let items = vol
+        .and_then(|v| v.config_map)
+        .and_then(|c| c.items)
+        .expect("the ConfigMap's key as a file");
+    assert_eq!(
+        (items[0].key.as_str(), items[0].path.as_str()),
+        ("kvstore-config", "config")
+    );
+
+    // With TLS: https, and the remote-client Secret's files (optional: until it exists the own etcd is unreachable).
+    let full = full_values().display().to_string();
+    let r = helm.render(&["-f", &full]);
+    let (config, _, _) = own_kvstore(&r);
+    let config = config.expect("kvstore-config rendered");
+    assert!(
+        config.endpoints[0].starts_with("https://"),
+        "{:?}",
+        config.endpoints
+    );
+    assert_eq!(
+        config.trusted_ca_file.as_deref(),
+        Some(std::path::Path::new("/var/lib/fleetmesh/kvstore-tls/ca.crt"))
+    );
+    let p = pod(&r.agent().spec.template);
+    let tls = volume(p, "own-kvstore-tls").secret.clone().expect("a Secret");
+    assert!(
+        tls.secret_name
+            .as_deref()
+            .is_some_and(|n| n.ends_with("-clustermesh-remote-client"))
+    );
+    assert_eq!(tls.optional, Some(true));
+    assert_eq!(
+        mount(container(p, "mesh-agent"), "own-kvstore-tls").0,
+        "/var/lib/fleetmesh/kvstore-tls"
+    );
+
+    // An existing Secret replaces it; ownKvstoreService=false without one leaves the agents without.
+    let r = helm.render(&["--set", "clustermesh.ownKvstoreSecret=my-etcd"]);
+    let (config, env, vol) = own_kvstore(&r);
+    assert!(config.is_none() && env.is_some());
+    assert_eq!(
+        vol.and_then(|v| v.secret).and_then(|s| s.secret_name).as_deref(),
+        Some("my-etcd")
+    );
+    let r = helm.render(&["--set", "clustermesh.ownKvstoreService=false"]);
+    let (config, env, vol) = own_kvstore(&r);
+    assert!(config.is_none() && env.is_none() && vol.is_none());
+}

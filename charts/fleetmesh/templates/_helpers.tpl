@@ -39,6 +39,18 @@ characters, so that "<fullname>-clustermesh-apiserver" is still a valid DNS labe
 Peers' TLS material written by `meshctl clustermesh connect` (keys <peer>.ca.crt, <peer>.tls.crt, <peer>.tls.key,
 <peer>.cluster.yaml); mounted (optional) into the agents. Not rendered by the chart.
 */}}
+{{- /* The Secret with this cluster's CA and the read-only client certificate it hands to peers (created by the user). */ -}}
+{{- define "fleetmesh.remoteClient.name" -}}
+{{- printf "%s-clustermesh-remote-client" (include "fleetmesh.fullname" .) -}}
+{{- end -}}
+
+{{- /* "secret", "service" or "" : where the agents' own-etcd config (--kvstore-config) comes from. */ -}}
+{{- define "fleetmesh.ownKvstore.mode" -}}
+{{- if .Values.clustermesh.ownKvstoreSecret -}}secret
+{{- else if .Values.clustermesh.ownKvstoreService -}}service
+{{- end -}}
+{{- end -}}
+
 {{- define "fleetmesh.clustermeshRemoteCerts.name" -}}
 {{- printf "%s-clustermesh-remote-certs" (include "fleetmesh.fullname" .) -}}
 {{- end -}}
