@@ -26,7 +26,7 @@
 //! etcd, so a restart does not withdraw this cluster's exports from the peers for a moment.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,16 +183,26 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// A peer whose exports are being read.
+struct RunningPeer {
+    cfg: RemoteConfig,
+    /// Its last good listing.
+    exports: watch::Receiver<Vec<ExportRecord>>,
+    /// The reader; stopped when the peer is dropped.
+    _task: AbortOnDrop,
+}
+
 /// The MCS controller.
 pub struct Controller {
     pub client: kube::Client,
     pub cluster: String,
     pub keys: Keys,
     pub resync: Duration,
-    /// Readers of the peers, until `run` starts them.
-    readers: Vec<Peer>,
-    /// The peers' last good listings.
-    peers: Vec<watch::Receiver<Vec<ExportRecord>>>,
+    /// `--mcs-peers`: read again at every resync, so peers connected or disconnected later (`meshctl clustermesh
+    /// connect`, `helm upgrade`) are followed without a restart.
+    peers_dir: Option<PathBuf>,
+    /// The running reader of every peer, by cluster name.
+    peers: BTreeMap<String, RunningPeer>,
     peers_changed: Arc<Notify>,
     /// First time a `ServiceExport` without a creation timestamp was seen.
     first_seen: HashMap<(String, String), u64>,
@@ -220,69 +230,101 @@ impl Controller {
         peers_dir: Option<&Path>,
         records: watch::Sender<Option<ExportRecords>>,
     ) -> Self {
-        let mut readers = Vec::new();
-        let mut peers = Vec::new();
-        let peers_changed = Arc::new(Notify::new());
-        if let Some(dir) = peers_dir {
-            let (configs, errors) = mesh_kvstore::peer::read_config_dir(dir, &cluster);
-            for e in errors {
-                warn!(error = %e, "--mcs-peers config");
-            }
-            for (name, cfg) in configs {
-                info!(cluster = %name, endpoints = ?cfg.endpoints, "MCS: reading the exports of cluster");
-                let keys = cfg.prefix.as_deref().map_or_else(|| keys.clone(), Keys::new);
-                let (tx, rx) = watch::channel(Vec::new());
-                peers.push(rx);
-                readers.push(Peer {
-                    name,
-                    cfg,
-                    keys,
-                    client: None,
-                    exports: tx,
-                    changed: peers_changed.clone(),
-                });
-            }
-        }
         Self {
             client,
             cluster,
             keys,
             resync,
-            readers,
-            peers,
-            peers_changed,
+            peers_dir: peers_dir.map(Path::to_path_buf),
+            peers: BTreeMap::new(),
+            peers_changed: Arc::new(Notify::new()),
             first_seen: HashMap::new(),
             records,
+        }
+    }
+
+    /// Reads `--mcs-peers` and starts, restarts (config changed) or stops the readers to match. An unreadable
+    /// directory or file is logged and changes nothing: the readers running keep their last exports.
+    fn sync_peers(&mut self) {
+        let Some(dir) = &self.peers_dir else { return };
+        let (configs, errors) = mesh_kvstore::peer::read_config_dir(dir, &self.cluster);
+        for e in &errors {
+            warn!(error = %e, "--mcs-peers config");
+        }
+        if configs.is_empty() && !errors.is_empty() {
+            return;
+        }
+        let before = self.peers.len();
+        // A peer whose file does not read right now keeps its reader (and last exports) until the file is fixed.
+        let unreadable = |name: &str| {
+            let file = dir.join(name).display().to_string();
+            errors.iter().any(|e| e.starts_with(&file))
+        };
+        self.peers.retain(|name, p| {
+            let keep = configs.get(name) == Some(&p.cfg) || (!configs.contains_key(name) && unreadable(name));
+            if !keep {
+                info!(cluster = %name, "MCS: no longer reading the exports of cluster (removed or changed)");
+            }
+            keep
+        });
+        let mut changed = self.peers.len() != before;
+        for (name, cfg) in configs {
+            if self.peers.contains_key(&name) {
+                continue;
+            }
+            info!(cluster = %name, endpoints = ?cfg.endpoints, "MCS: reading the exports of cluster");
+            let keys = cfg.prefix.as_deref().map_or_else(|| self.keys.clone(), Keys::new);
+            let (tx, rx) = watch::channel(Vec::new());
+            let reader = Peer {
+                name: name.clone(),
+                cfg: cfg.clone(),
+                keys,
+                client: None,
+                exports: tx,
+                changed: self.peers_changed.clone(),
+            };
+            let task = AbortOnDrop(tokio::spawn(reader.poll(self.resync)));
+            self.peers.insert(
+                name,
+                RunningPeer {
+                    cfg,
+                    exports: rx,
+                    _task: task,
+                },
+            );
+            changed = true;
+        }
+        if changed {
+            // Exports of a removed peer stop counting at once; a new peer's once it answered.
+            self.peers_changed.notify_one();
         }
     }
 
     /// Runs a pass after every change of `changes` and every resync, forever.
     /// Passes are at least `min(resync, 1s)` apart, so that a busy cluster (pod churn changes its state often)
     /// does not turn into a stream of lists.
-    #[instrument(skip_all, fields(cluster = %self.cluster, peers = self.peers.len()))]
+    #[instrument(skip_all, fields(cluster = %self.cluster))]
     pub async fn run<T>(mut self, mut changes: watch::Receiver<T>) {
         let mut tick = tokio::time::interval(self.resync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let gap = self.resync.min(Duration::from_secs(1));
-        // Aborted when the controller ends.
-        let _readers: Vec<AbortOnDrop> = std::mem::take(&mut self.readers)
-            .into_iter()
-            .map(|p| AbortOnDrop(tokio::spawn(p.poll(self.resync))))
-            .collect();
         let peers_changed = self.peers_changed.clone();
         let mut open = true;
         loop {
-            if open {
+            let resync = if open {
                 tokio::select! {
-                    _ = tick.tick() => {}
-                    () = peers_changed.notified() => {}
-                    r = changes.changed() => open = r.is_ok(),
+                    _ = tick.tick() => true,
+                    () = peers_changed.notified() => false,
+                    r = changes.changed() => { open = r.is_ok(); false }
                 }
             } else {
                 tokio::select! {
-                    _ = tick.tick() => {}
-                    () = peers_changed.notified() => {}
+                    _ = tick.tick() => true,
+                    () = peers_changed.notified() => false,
                 }
+            };
+            if resync {
+                self.sync_peers();
             }
             let next = tokio::time::Instant::now() + gap;
             if let Err(e) = self.pass().await {
@@ -365,7 +407,11 @@ impl Controller {
         });
 
         // Every valid export of every cluster, by service.
-        let peers: Vec<ExportRecord> = self.peers.iter().flat_map(|p| p.borrow().clone()).collect();
+        let peers: Vec<ExportRecord> = self
+            .peers
+            .values()
+            .flat_map(|p| p.exports.borrow().clone())
+            .collect();
         let mut by_service: BTreeMap<(String, String), Vec<ExportRecord>> = BTreeMap::new();
         for e in locals
             .iter()

@@ -347,3 +347,79 @@ async fn export_conditions_and_imports() {
     })
     .await;
 }
+
+/// Peers connected and disconnected while the apiserver runs (`meshctl clustermesh connect` writes a peer file into
+/// the mounted Secret): their exports start and stop counting without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn peers_added_and_removed_at_run_time_are_followed() {
+    let etcd = Etcd::start().await;
+    let peer = Etcd::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peers = dir.path().join("peers");
+    std::fs::create_dir(&peers).expect("peers dir");
+    let mut pc = peer.client().await;
+    let rec = json!({"cluster": "west", "namespace": "shop", "name": "orders", "exportedMs": 1_700_000_000_000_u64,
+                     "headless": false, "ports": [{"name": "http", "port": 7000, "protocol": "TCP"}]});
+    pc.put("fleetmesh/mcs/exports/v1/west/shop/orders", rec.to_string(), None)
+        .await
+        .expect("put peer export");
+    let mut kube = KubeEmulator::start(&[]);
+    create(
+        &mut kube,
+        "/api/v1/namespaces",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+    );
+    service(
+        &mut kube,
+        "cart",
+        &json!([{"name": "http", "port": 80, "protocol": "TCP"}]),
+        "10.96.0.10",
+    );
+    export(&mut kube, "cart", "2025-11-01T00:00:00Z");
+    let _api = start_apiserver(dir.path(), kube.port, &etcd.url(), &peers);
+    eventually("cart imported (east alone)", TIMEOUT, || {
+        let r = import(&mut kube, "cart")
+            .map(|_| ())
+            .ok_or_else(|| "no ServiceImport cart".to_owned());
+        async move { r }
+    })
+    .await;
+    assert!(import(&mut kube, "orders").is_none(), "no peer yet");
+
+    // Connected: west's export is imported.
+    std::fs::write(peers.join("west"), format!("endpoints: [\"{}\"]\n", peer.url())).expect("peer file");
+    eventually("orders imported from the new peer", TIMEOUT, || {
+        let r = import(&mut kube, "orders")
+            .filter(|si| si["status"]["clusters"] == json!([{"cluster": "west"}]))
+            .map(|_| ())
+            .ok_or_else(|| "no ServiceImport orders from west".to_owned());
+        async move { r }
+    })
+    .await;
+
+    // A broken file for a while: the peer keeps its reader and its last exports.
+    std::fs::write(peers.join("west"), "endpoints: [oops\n").expect("broken peer file");
+    stays(
+        "orders stays imported while west's file is broken",
+        Duration::from_secs(1),
+        || {
+            let r = import(&mut kube, "orders")
+                .map(|_| ())
+                .ok_or_else(|| "orders' import went away".to_owned());
+            async move { r }
+        },
+    )
+    .await;
+
+    // Disconnected: its exports stop counting, its import goes; east's own stays.
+    std::fs::remove_file(peers.join("west")).expect("remove peer file");
+    eventually("orders' import removed with its peer", TIMEOUT, || {
+        let r = match import(&mut kube, "orders") {
+            None => Ok(()),
+            Some(si) => Err(format!("still there: {si}")),
+        };
+        async move { r }
+    })
+    .await;
+    assert!(import(&mut kube, "cart").is_some());
+}
