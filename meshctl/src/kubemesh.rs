@@ -810,22 +810,43 @@ impl Status {
 /// # Errors
 /// Timeout (naming what is missing), unreachable cluster.
 pub async fn wait(c: &Cluster, timeout: Duration, interval: Duration) -> Result<Status> {
+    let hint = format!(
+        "check `kubectl --context {} -n {} get service,daemonset`",
+        c.context, c.namespace
+    );
+    poll_until(c, timeout, interval, &hint, || status(c), Status::waiting_for).await
+}
+
+/// Fetches with `fetch` every `interval` until `missing` says nothing is missing, or fails after `timeout` with
+/// one line naming what was still missing, then `hint`.
+///
+/// # Errors
+/// Timeout; whatever `fetch` fails with.
+pub(crate) async fn poll_until<T, F, Fut>(
+    c: &Cluster,
+    timeout: Duration,
+    interval: Duration,
+    hint: &str,
+    mut fetch: F,
+    missing: impl Fn(&T) -> Vec<String>,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     let start = Instant::now();
     loop {
-        let st = status(c).await?;
-        let missing = st.waiting_for();
-        if missing.is_empty() {
+        let st = fetch().await?;
+        let m = missing(&st);
+        if m.is_empty() {
             return Ok(st);
         }
         if start.elapsed() >= timeout {
             bail!(
-                "context {:?}: timed out after {}s waiting for {}; check `kubectl --context {} -n {} get \
-                 service,daemonset`",
+                "context {:?}: timed out after {}s waiting for {}; {hint}",
                 c.context,
                 timeout.as_secs(),
-                missing.join(" and "),
-                c.context,
-                c.namespace
+                m.join(" and "),
             );
         }
         tokio::time::sleep(

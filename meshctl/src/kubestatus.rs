@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -604,29 +604,16 @@ fn table(s: &mut String, head: &[&str], rows: &[Vec<String>]) {
 /// # Errors
 /// Timeout (naming what is missing), unreachable cluster.
 pub async fn wait(c: &Cluster, timeout: Duration, interval: Duration) -> Result<ClusterStatus> {
-    let start = Instant::now();
-    loop {
-        let st = status(c).await?;
-        let missing = st.waiting_for();
-        if missing.is_empty() {
-            return Ok(st);
-        }
-        if start.elapsed() >= timeout {
-            bail!(
-                "context {:?}: timed out after {}s waiting for {}; `meshctl status --context {}` shows the details",
-                c.context,
-                timeout.as_secs(),
-                missing.join(" and "),
-                c.context
-            );
-        }
-        tokio::time::sleep(
-            interval
-                .min(timeout.saturating_sub(start.elapsed()))
-                .max(Duration::from_millis(50)),
-        )
-        .await;
-    }
+    let hint = format!("`meshctl status --context {}` shows the details", c.context);
+    crate::kubemesh::poll_until(
+        c,
+        timeout,
+        interval,
+        &hint,
+        || status(c),
+        ClusterStatus::waiting_for,
+    )
+    .await
 }
 
 #[cfg(test)]
