@@ -641,6 +641,43 @@ async fn follows_a_remote_clusters_identities_and_ips() {
     has_identities(&west, 2, &[257], &[(5, 257), (6, 257)]).expect("kept");
 }
 
+/// Writes the synced markers of every kind of `cluster`.
+async fn seed_synced(c: &mut etcd_client::Client, keys: &Keys, cluster: &str) {
+    for kind in [
+        mesh_kvstore::kinds::NODES,
+        mesh_kvstore::kinds::SERVICES,
+        mesh_kvstore::kinds::IDENTITIES,
+        mesh_kvstore::kinds::IPS,
+    ] {
+        c.put(keys.synced(cluster, kind), synced_marker(), None)
+            .await
+            .expect("seed");
+    }
+}
+
+/// east-node-1's watcher of its own cluster's etcd at `url` (`--kvstore-config`): the config's folder (keep it),
+/// the shared view and the task.
+fn watch_own(url: &str, keys: &Keys) -> (tempfile::TempDir, Remotes, tokio::task::JoinHandle<()>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("kvstore.yaml");
+    std::fs::write(&file, format!("endpoints: [\"{url}\"]\n")).expect("write");
+    let (wake, _wake_rx) = std::sync::mpsc::channel();
+    let remotes = Remotes::new(wake);
+    let me = Me {
+        node: "east-node-1".into(),
+        cluster: "east".into(),
+        cluster_id: 1,
+        labels: Default::default(),
+    };
+    let task = tokio::spawn(mesh_agent::remote::manage_own(
+        file.clone(),
+        me,
+        keys.clone(),
+        remotes.clone(),
+    ));
+    (dir, remotes, task)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn watches_its_own_cluster_for_identities_and_ips_only() {
     use mesh_kvstore::{BackendRecord, PortRecord, ServiceRecord};
@@ -693,33 +730,8 @@ async fn watches_its_own_cluster_for_identities_and_ips_only() {
     ] {
         c.put(k, v, None).await.expect("seed");
     }
-    for kind in [
-        mesh_kvstore::kinds::NODES,
-        mesh_kvstore::kinds::SERVICES,
-        mesh_kvstore::kinds::IDENTITIES,
-        mesh_kvstore::kinds::IPS,
-    ] {
-        c.put(keys.synced("east", kind), synced_marker(), None)
-            .await
-            .expect("seed");
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("kvstore.yaml");
-    std::fs::write(&file, format!("endpoints: [\"{}\"]\n", etcd.url())).expect("write");
-    let (wake, _wake_rx) = std::sync::mpsc::channel();
-    let remotes = Remotes::new(wake);
-    let me = Me {
-        node: "east-node-1".into(),
-        cluster: "east".into(),
-        cluster_id: 1,
-        labels: Default::default(),
-    };
-    let task = tokio::spawn(mesh_agent::remote::manage_own(
-        file.clone(),
-        me,
-        keys.clone(),
-        remotes.clone(),
-    ));
+    seed_synced(&mut c, &keys, "east").await;
+    let (_dir, remotes, task) = watch_own(&etcd.url(), &keys);
     let own = |check: fn(&RemoteCluster) -> Result<(), String>| {
         let remotes = remotes.clone();
         move || {
@@ -820,35 +832,9 @@ async fn follows_its_own_clusters_capacities_and_not_a_peers() {
         c.put(k, v, None).await.expect("seed");
     }
     for cluster in ["east", "west"] {
-        for kind in [
-            mesh_kvstore::kinds::NODES,
-            mesh_kvstore::kinds::SERVICES,
-            mesh_kvstore::kinds::IDENTITIES,
-            mesh_kvstore::kinds::IPS,
-        ] {
-            c.put(keys.synced(cluster, kind), synced_marker(), None)
-                .await
-                .expect("seed");
-        }
+        seed_synced(&mut c, &keys, cluster).await;
     }
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("kvstore.yaml");
-    std::fs::write(&file, format!("endpoints: [\"{}\"]\n", etcd.url())).expect("write");
-    let (wake, _wake_rx) = std::sync::mpsc::channel();
-    let remotes = Remotes::new(wake);
-    let me = Me {
-        node: "east-node-1".into(),
-        cluster: "east".into(),
-        cluster_id: 1,
-        labels: Default::default(),
-    };
-    let task = tokio::spawn(mesh_agent::remote::manage_own(
-        file.clone(),
-        me,
-        keys.clone(),
-        remotes.clone(),
-    ));
+    let (_dir, remotes, task) = watch_own(&etcd.url(), &keys);
     let own_has = |what: &'static str, want: Vec<(Ipv4Addr, u32)>, errors: Vec<(&'static str, u64)>| {
         let remotes = remotes.clone();
         eventually(what, TIMEOUT, move || {
