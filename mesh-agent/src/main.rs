@@ -146,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
     let scope = mesh_k8s::Scope::Node(args.node_name.clone());
     let source = mesh_k8s::start_source(args.source, args.manifests.clone(), scope, snap_tx).await?;
     let source = tokio::spawn(source);
-    // Staged rollouts' progress on this node, written to their status by its own task (kubernetes source only).
+    // Staged rollouts' progress on this node, reported in its MeshNode by its own task (kubernetes source only).
     let (progress_tx, progress_rx) = watch::channel(mesh_k8s::progress::NodeRollouts::new());
     if args.source == mesh_k8s::SourceKind::Kubernetes {
         let client = mesh_k8s::connect().await?;

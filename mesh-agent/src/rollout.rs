@@ -301,7 +301,7 @@ impl Rollouts {
         }
     }
 
-    /// What this node reports of every rollout it runs (its entry in the `StagedRollout`'s `status.nodes`, see
+    /// What this node reports of every rollout it runs (its entry in its `MeshNode`'s `status.rollouts`, see
     /// [`mesh_k8s::progress`]): hold time in whole seconds, so that it changes at most once a second.
     #[must_use]
     pub fn progress(&self, local: &ClusterState, now_ms: u64) -> NodeRollouts {

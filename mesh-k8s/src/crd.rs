@@ -1,6 +1,6 @@
 //! fleetmesh's CustomResourceDefinitions (`fleetmesh.io/v1alpha1`): `TrafficPolicy`, `StagedRollout` and
-//! `MeshNetworkPolicy`. Their
-//! specs are mesh-model's types, so a manifest, the API server and the CRD's schema describe the same shape.
+//! `MeshNetworkPolicy`, whose specs are mesh-model's types (so a manifest, the API server and the CRD's schema
+//! describe the same shape), and `MeshNode`, each node's report written by its agent (status only).
 //! The chart's `crds/` folder holds the YAML generated from these types (see [`crd_files`]).
 
 use std::collections::BTreeMap;
@@ -88,9 +88,9 @@ pub struct ObjectStatus {
     pub message: Option<String>,
 }
 
-/// What fleetmesh reports on a `StagedRollout`: whether it was accepted (as on every fleetmesh object), each
-/// node's progress (written by that node's agent) and the cluster's summary of them (written by the
-/// clustermesh-apiserver). Each writer merge-patches only its own keys.
+/// What fleetmesh reports on a `StagedRollout`: whether it was accepted (as on every fleetmesh object) and the
+/// cluster's summary of its progress on the nodes (both written by the clustermesh-apiserver, each merge-patching
+/// only its own keys). Each node's own progress is in its `MeshNode` (`kubectl get meshnodes`), not here.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StagedRolloutStatus {
@@ -104,14 +104,37 @@ pub struct StagedRolloutStatus {
     /// Why the object is `Invalid`, naming the field (as the clustermesh-apiserver logs it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// The rollout on each node, by node name, as that node's agent runs it for its clients (each agent writes
-    /// its own entry: on a phase or step change at once, otherwise at most every 30 s while the rollout
-    /// progresses).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nodes: Option<BTreeMap<String, NodeProgress>>,
-    /// The cluster's summary of `nodes` (written by the clustermesh-apiserver when it changes).
+    /// The cluster's summary of the rollout on the nodes that exist, from their `MeshNode`s (written by the
+    /// clustermesh-apiserver when it changes, at most once per 5 s; a change to `Halted` at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<RolloutProgress>,
+}
+
+/// A node as fleetmesh sees it, named after the Kubernetes node and owned by it (garbage-collected with it).
+/// Written only by that node's agent; read only by the clustermesh-apiserver. It has nothing to configure: the
+/// spec is empty, the report is the status.
+// Cluster-scoped, like the Node it reports on (as Cilium's CiliumNode).
+#[derive(CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "fleetmesh.io",
+    version = "v1alpha1",
+    kind = "MeshNode",
+    doc = "fleetmesh MeshNode: what a node's agent reports (the staged rollouts it runs); written by that agent only",
+    plural = "meshnodes",
+    shortname = "mn",
+    status = "MeshNodeStatus",
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+pub struct MeshNodeSpec {}
+
+/// What a node's agent reports.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshNodeStatus {
+    /// The staged rollouts this node runs, by `<namespace>/<name>`, as it runs them for its clients (written on a
+    /// phase or step change at once, otherwise at most every 30 s while the rollout progresses).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollouts: BTreeMap<String, NodeProgress>,
 }
 
 /// Where a staged rollout is, on a node or (summarized) in the cluster.
@@ -156,7 +179,7 @@ pub struct NodeProgress {
     pub updated_at: Option<String>,
 }
 
-/// The cluster's summary of a staged rollout's node entries (see `crate::progress::summarize` for the rule).
+/// The cluster's summary of a staged rollout's entries in the `MeshNode`s (see `crate::progress::summarize` for the rule).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutProgress {
@@ -181,7 +204,12 @@ pub struct RolloutProgress {
 /// # Errors
 /// When a CRD cannot be serialized (a bug in the types).
 pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
-    [TrafficPolicy::crd(), StagedRollout::crd(), MeshNetworkPolicy::crd()]
+    [
+        TrafficPolicy::crd(),
+        StagedRollout::crd(),
+        MeshNetworkPolicy::crd(),
+        MeshNode::crd(),
+    ]
         .into_iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();
@@ -213,7 +241,8 @@ mod tests {
             [
                 "trafficpolicies.fleetmesh.io.yaml",
                 "stagedrollouts.fleetmesh.io.yaml",
-                "meshnetworkpolicies.fleetmesh.io.yaml"
+                "meshnetworkpolicies.fleetmesh.io.yaml",
+                "meshnodes.fleetmesh.io.yaml"
             ]
         );
         let update = std::env::var_os("UPDATE_CRDS").is_some_and(|v| v == "1");
@@ -284,6 +313,37 @@ mod tests {
                 .map(|c| c.names.len()),
             Some(1)
         );
+    }
+
+    /// `MeshNode`: cluster-scoped like the Node it is named after, a status subresource whose `rollouts` map the
+    /// `<namespace>/<name>` of each rollout to its node entry; the `StagedRollout` status has no per-node map.
+    #[test]
+    fn mesh_node_is_cluster_scoped_with_rollouts_in_its_status() {
+        let crd = serde_json::to_value(MeshNode::crd()).expect("json");
+        assert_eq!(crd["spec"]["scope"], "Cluster", "{crd}");
+        assert_eq!(crd["spec"]["names"]["plural"], "meshnodes");
+        let v = &crd["spec"]["versions"][0];
+        assert!(v["subresources"]["status"].is_object(), "{v}");
+        let status = &v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
+        let entry = &status["rollouts"]["additionalProperties"]["properties"];
+        assert!(
+            entry["phase"].is_object() && entry["heldSeconds"].is_object(),
+            "{status}"
+        );
+        let sr = serde_json::to_value(StagedRollout::crd()).expect("json");
+        let sr_status =
+            &sr["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
+        assert!(sr_status["progress"].is_object(), "{sr_status}");
+        assert!(
+            sr_status.get("nodes").is_none(),
+            "no per-node map on the rollout: {sr_status}"
+        );
+        let text = "apiVersion: fleetmesh.io/v1alpha1\nkind: MeshNode\nmetadata: {name: n1}\nspec: {}\nstatus:\n  \
+                    rollouts:\n    shop/api-v2: {phase: Halted, step: 2, steps: 3, percent: 0, heldSeconds: 4, \
+                    failureRatio: 0.5, newFlows: 10, resets: 5}\n";
+        let n: MeshNode = serde_yaml::from_str(text).expect("reads");
+        let rollouts = n.status.map(|s| s.rollouts).unwrap_or_default();
+        assert_eq!(rollouts["shop/api-v2"].phase, RolloutPhase::Halted);
     }
 
     /// A manifest of the docs reads as the CRD type, and its spec is mesh-model's.

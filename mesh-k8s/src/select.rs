@@ -108,7 +108,7 @@ pub async fn start_source(
 
 /// As [`start_source`] for the clustermesh-apiserver (the whole cluster): with `--source kubernetes` it also
 /// writes the status of every `TrafficPolicy`, `StagedRollout` and `MeshNetworkPolicy` ([`crate::status`]) and
-/// summarizes every `StagedRollout`'s progress ([`crate::progress`]; agents write only their node's entry).
+/// summarizes every `StagedRollout`'s progress from the agents' `MeshNode`s ([`crate::progress`]).
 ///
 /// # Errors
 /// As [`start_source`].

@@ -553,8 +553,8 @@ pub async fn watch_kubernetes(
 
 /// As [`watch_kubernetes`] for the whole cluster, and writes the status of every `TrafficPolicy`,
 /// `StagedRollout` and `MeshNetworkPolicy` (see [`crate::status`]) and the summary of every `StagedRollout`'s
-/// progress on the nodes (see [`crate::progress`]): the clustermesh-apiserver's source, one status writer per
-/// cluster.
+/// progress on the nodes, from the agents' `MeshNode`s (see [`crate::progress`]): the clustermesh-apiserver's
+/// source, one status writer per cluster.
 /// Errors writing a status are logged and retried; they never stop the source.
 ///
 /// # Errors

@@ -5,8 +5,8 @@
 //!
 //! The writer remembers what it wrote, and reads what the object carries, and patches an object only when its
 //! status would change: at most one patch per object per change, none after a restart when nothing changed. A failed patch is logged and retried on the next change of the verdicts, or after
-//! [`RETRY`] without one; it never stops the source. A `StagedRollout`'s progress (other keys of its status,
-//! written by the agents and summarized by the clustermesh-apiserver) is [`crate::progress`]'s.
+//! [`RETRY`] without one; it never stops the source. A `StagedRollout`'s progress (`status.progress`, the
+//! clustermesh-apiserver's summary of the agents' `MeshNode`s) is [`crate::progress`]'s.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;

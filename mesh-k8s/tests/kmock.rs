@@ -92,6 +92,7 @@ fn collection_path(o: &Value) -> String {
         "StagedRollout" => "stagedrollouts",
         "NetworkPolicy" => "networkpolicies",
         "MeshNetworkPolicy" => "meshnetworkpolicies",
+        "MeshNode" => "meshnodes",
         other => panic!("no plural for {other}"),
     };
     match o["metadata"]["namespace"].as_str() {
@@ -912,12 +913,6 @@ fn node_progress(
     }
 }
 
-/// Writes `status.nodes.<node>` of a rollout as that node's agent would (a merge patch of its own entry).
-fn write_node_entry(em: &mut Emulator, object: &Value, node: &str, entry: &Value) {
-    let path = format!("{}/status", object_path(object));
-    em.command(&json!({"op": "patch", "path": path, "object": {"status": {"nodes": {node: entry}}}}));
-}
-
 /// The bodies of the status patches the daemons' writers sent for an object (the test's own, through the
 /// fixture, carry the `metadata.resourceVersion` it stamps, and are left out); each holds `status` only.
 fn writer_patches(em: &mut Emulator, object: &Value) -> Vec<Value> {
@@ -954,101 +949,212 @@ async fn patches_stay(em: &mut Emulator, object: &Value, n: usize, period: Durat
     }
 }
 
-/// An agent's progress writer patches only its node's entry: at once when a rollout appears or its phase or step
-/// changes, never for hold time and counters alone within the refresh bound, and `null` when the node stops
-/// running it; the other writers' keys stay.
+/// A Node with the uid the API server would give it (kmock gives none).
+fn node_with_uid(name: &str, uid: &str) -> Value {
+    let mut n = node(name, "172.30.1.1", "10.1.1.0/24");
+    n["metadata"]["uid"] = json!(uid);
+    n
+}
+
+/// A `MeshNode` as its agent keeps it: `status.rollouts` by `<namespace>/<name>`.
+fn mesh_node(name: &str, rollouts: &Value) -> Value {
+    json!({"apiVersion": "fleetmesh.io/v1alpha1", "kind": "MeshNode", "metadata": {"name": name},
+           "spec": {}, "status": {"rollouts": rollouts}})
+}
+
+/// A node's entry as JSON, as an agent writes it.
+fn entry_json(phase: &str, step: u32, held: u64) -> Value {
+    json!({"phase": phase, "step": step, "steps": 3, "percent": 10, "heldSeconds": held, "failureRatio": 0.0,
+           "newFlows": 5, "resets": 0, "updatedAt": "2026-01-01T00:00:00Z"})
+}
+
+/// Writes a `MeshNode`'s entries as its agent would (a merge patch of `status.rollouts`), through the fixture.
+fn write_mesh_node(em: &mut Emulator, name: &str, rollouts: &Value) {
+    let path = format!("{}/status", object_path(&mesh_node(name, &json!({}))));
+    em.command(&json!({"op": "patch", "path": path, "object": {"status": {"rollouts": rollouts}}}));
+}
+
+/// `MeshNode` n1 once it exists and `pred` holds, within the deadline (polled with a client of the emulator).
+async fn mesh_node_until(em: &Emulator, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    use kube::api::{Api, ApiResource, DynamicObject};
+    let ar = ApiResource::erase::<mesh_k8s::crd::MeshNode>(&());
+    let api = Api::<DynamicObject>::all_with(em.client(), &ar);
+    let start = std::time::Instant::now();
+    let mut interval = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        interval.tick().await;
+        // kmock's 404 has another reason than the API server's `NotFound`, which `get_opt` looks for.
+        let seen = match api.get("n1").await {
+            Ok(o) => Some(serde_json::to_value(o).expect("json")),
+            Err(kube::Error::Api(s)) if s.code == 404 => None,
+            Err(e) => panic!("get MeshNode n1: {e}"),
+        };
+        if let Some(o) = &seen
+            && pred(o)
+        {
+            return o.clone();
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{what}: not seen within {DEADLINE:?}; MeshNode n1: {seen:?}"
+        );
+    }
+}
+
+const MESH_NODE_N1: &str = "/apis/fleetmesh.io/v1alpha1/meshnodes/n1";
+
+/// The requests the agent's writer sent (the fixture's own carry the `metadata.resourceVersion` it stamps):
+/// (method, path, body).
+fn agent_requests(em: &mut Emulator) -> Vec<(String, String, Value)> {
+    em.requests()
+        .into_iter()
+        .filter(|r| {
+            r["body"]
+                .get("metadata")
+                .and_then(|m| m.get("resourceVersion"))
+                .is_none()
+        })
+        .filter(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.contains("meshnodes") || p.contains("stagedrollouts"))
+        })
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap_or_default().to_owned(),
+                r["path"].as_str().unwrap_or_default().to_owned(),
+                r["body"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// The bodies of the agent's patches of its `MeshNode`'s status; each holds `status.rollouts` only.
+fn mesh_node_patches(em: &mut Emulator) -> Vec<Value> {
+    let status = format!("{MESH_NODE_N1}/status");
+    let all = agent_requests(em);
+    for (method, path, body) in &all {
+        assert!(
+            path.contains("meshnodes"),
+            "the agent writes no StagedRollout: {method} {path} {body}"
+        );
+    }
+    let bodies: Vec<Value> = all
+        .into_iter()
+        .filter(|(m, p, _)| m == "PATCH" && *p == status)
+        .map(|(_, _, b)| b)
+        .collect();
+    for b in &bodies {
+        let keys: Vec<&String> = b["status"]
+            .as_object()
+            .map(|s| s.keys().collect())
+            .unwrap_or_default();
+        assert!(
+            b.as_object().is_some_and(|o| o.len() == 1) && keys == ["rollouts"],
+            "a patch of status.rollouts only: {b}"
+        );
+    }
+    bodies
+}
+
+/// Asserts that the number of the agent's `MeshNode` patches stays `n` for `period` (polled).
+async fn mesh_node_patches_stay(em: &mut Emulator, n: usize, period: Duration, what: &str) {
+    let end = std::time::Instant::now() + period;
+    let mut interval = tokio::time::interval(Duration::from_millis(50));
+    while std::time::Instant::now() < end {
+        interval.tick().await;
+        assert_eq!(mesh_node_patches(em).len(), n, "{what}");
+    }
+}
+
+/// An agent creates its node's `MeshNode` (owned by its Node, so that Kubernetes deletes it with the node) and
+/// patches its entries there: at once when a rollout appears or its phase or step changes, never for hold time
+/// and counters alone within the refresh bound, `null` when the node stops running it. It never writes the
+/// `StagedRollout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_writes_its_node_entry_on_phase_and_step_changes_only() {
+async fn agent_creates_its_mesh_node_and_writes_its_entry_on_phase_and_step_changes_only() {
     use mesh_k8s::crd::RolloutPhase::{Paused, Progressing};
     use mesh_k8s::progress::{NodeProgressWriter, NodeRollouts};
     init_tracing();
     let mut em = Emulator::start();
     em.create(&namespace("shop"));
+    em.create(&node_with_uid("n1", "uid-of-n1"));
     let r = rollout("api-v2");
     em.create(&r);
-    // What the other writers put there: the validity (clustermesh-apiserver) and another node's entry.
-    em.command(
-        &json!({"op": "patch", "path": format!("{}/status", object_path(&r)),
-                       "object": {"status": {"phase": "Valid", "observedGeneration": 1,
-                                             "nodes": {"n2": {"phase": "Halted", "step": 1}}}}}),
-    );
-    let base = writer_patches(&mut em, &r).len();
-    assert_eq!(base, 0);
     let (tx, rx) = watch::channel(NodeRollouts::new());
     // A refresh bound far beyond the test: only new rollouts, phase and step changes are written.
     let writer = NodeProgressWriter::new(em.client(), "n1").with_refresh(Duration::from_secs(3600));
     let task = tokio::spawn(writer.run(rx));
+
+    // Created at start, before any rollout, owned by the Node.
+    let m = mesh_node_until(&em, "MeshNode n1 created", |_| true).await;
+    assert_eq!(
+        m["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": "uid-of-n1"}]),
+        "{m}"
+    );
+    assert_eq!(mesh_node_patches(&mut em).len(), 0, "nothing to report yet");
+
     let key = ("shop".to_owned(), "api-v2".to_owned());
     let send = |p| tx.send_replace(NodeRollouts::from([(key.clone(), p)]));
-
     send(node_progress(Progressing, 1, 0, 0));
-    let s = status_until(&mut em, &r, "n1's entry", |s| s["nodes"]["n1"]["step"] == 1).await;
-    assert_eq!(s["nodes"]["n1"]["phase"], "Progressing", "{s}");
-    assert_eq!(s["nodes"]["n1"]["percent"], 10, "{s}");
-    assert!(s["nodes"]["n1"]["updatedAt"].is_string(), "{s}");
+    let m = mesh_node_until(&em, "n1's entry", |o| {
+        o["status"]["rollouts"]["shop/api-v2"]["step"] == 1
+    })
+    .await;
+    let e = &m["status"]["rollouts"]["shop/api-v2"];
     assert_eq!(
-        s["nodes"]["n2"]["phase"], "Halted",
-        "another node's entry stays: {s}"
+        (&e["phase"], &e["percent"]),
+        (&json!("Progressing"), &json!(10)),
+        "{m}"
     );
-    assert_eq!(
-        (&s["phase"], &s["observedGeneration"]),
-        (&json!("Valid"), &json!(1)),
-        "{s}"
-    );
-    assert_eq!(writer_patches(&mut em, &r).len(), base + 1);
+    assert!(e["updatedAt"].is_string(), "{m}");
+    assert_eq!(mesh_node_patches(&mut em).len(), 1);
 
     // Hold time and counters move, phase and step do not: nothing within the bound.
     for held in 1..=5 {
         send(node_progress(Progressing, 1, held, held * 10));
     }
-    patches_stay(
-        &mut em,
-        &r,
-        base + 1,
-        Duration::from_secs(1),
-        "no patch for counters alone",
-    )
-    .await;
+    mesh_node_patches_stay(&mut em, 1, Duration::from_secs(1), "no patch for counters alone").await;
 
     send(node_progress(Progressing, 2, 0, 50));
-    let s = status_until(&mut em, &r, "step 2", |s| s["nodes"]["n1"]["step"] == 2).await;
-    assert_eq!(
-        (&s["nodes"]["n1"]["percent"], &s["nodes"]["n1"]["newFlows"]),
-        (&json!(50), &json!(50)),
-        "{s}"
-    );
-    assert_eq!(
-        writer_patches(&mut em, &r).len(),
-        base + 2,
-        "one patch for the step"
-    );
+    let m = mesh_node_until(&em, "step 2", |o| {
+        o["status"]["rollouts"]["shop/api-v2"]["step"] == 2
+    })
+    .await;
+    let e = &m["status"]["rollouts"]["shop/api-v2"];
+    assert_eq!((&e["percent"], &e["newFlows"]), (&json!(50), &json!(50)), "{m}");
+    assert_eq!(mesh_node_patches(&mut em).len(), 2, "one patch for the step");
     send(node_progress(Paused, 2, 3, 60));
-    status_until(&mut em, &r, "paused", |s| s["nodes"]["n1"]["phase"] == "Paused").await;
-    assert_eq!(
-        writer_patches(&mut em, &r).len(),
-        base + 3,
-        "one patch for the phase"
-    );
+    mesh_node_until(&em, "paused", |o| {
+        o["status"]["rollouts"]["shop/api-v2"]["phase"] == "Paused"
+    })
+    .await;
+    assert_eq!(mesh_node_patches(&mut em).len(), 3, "one patch for the phase");
     // The same state again: nothing to write.
     send(node_progress(Paused, 2, 3, 60));
-    patches_stay(
+    mesh_node_patches_stay(
         &mut em,
-        &r,
-        base + 3,
+        3,
         Duration::from_millis(500),
         "no patch without a change",
     )
     .await;
 
-    // The node stops running it: its entry goes, the rest stays.
+    // The node stops running it: its entry goes.
     tx.send_replace(NodeRollouts::new());
-    let s = status_until(&mut em, &r, "n1's entry removed", |s| {
-        s["nodes"].get("n1").is_none()
+    mesh_node_until(&em, "n1's entry removed", |o| {
+        o["status"]["rollouts"].get("shop/api-v2").is_none()
     })
     .await;
-    assert_eq!(s["nodes"]["n2"]["phase"], "Halted", "{s}");
-    assert_eq!(s["phase"], "Valid", "{s}");
-    assert_eq!(writer_patches(&mut em, &r).len(), base + 4);
+    assert_eq!(mesh_node_patches(&mut em).len(), 4);
+    let posts = agent_requests(&mut em)
+        .into_iter()
+        .filter(|(m, ..)| m == "POST")
+        .count();
+    assert_eq!(posts, 1, "created once");
+    let s = em.command(&json!({"op": "get", "path": object_path(&r)}))["object"].clone();
+    assert!(s.get("status").is_none_or(|s| s.get("nodes").is_none()), "{s}");
     assert!(!task.is_finished());
     task.abort();
 }
@@ -1056,28 +1162,28 @@ async fn agent_writes_its_node_entry_on_phase_and_step_changes_only() {
 /// Between phase and step changes an agent rewrites its entry at most once per refresh bound while the rollout
 /// progresses, and the last values arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_refreshes_its_node_entry_at_most_once_per_bound() {
+async fn agent_refreshes_its_entry_at_most_once_per_bound() {
     use mesh_k8s::crd::RolloutPhase::Progressing;
     use mesh_k8s::progress::{NodeProgressWriter, NodeRollouts};
     init_tracing();
     let mut em = Emulator::start();
-    em.create(&namespace("shop"));
-    let r = rollout("api-v2");
-    em.create(&r);
+    em.create(&node_with_uid("n1", "uid-of-n1"));
     let refresh = Duration::from_secs(1);
-    let (tx, rx) = watch::channel(NodeRollouts::new());
+    let key = ("shop".to_owned(), "api-v2".to_owned());
+    let (tx, rx) = watch::channel(NodeRollouts::from([(
+        key.clone(),
+        node_progress(Progressing, 1, 0, 0),
+    )]));
     let task = tokio::spawn(
         NodeProgressWriter::new(em.client(), "n1")
             .with_refresh(refresh)
             .run(rx),
     );
-    let key = ("shop".to_owned(), "api-v2".to_owned());
-    tx.send_replace(NodeRollouts::from([(
-        key.clone(),
-        node_progress(Progressing, 1, 0, 0),
-    )]));
-    status_until(&mut em, &r, "n1's entry", |s| s["nodes"]["n1"]["step"] == 1).await;
-    let first = writer_patches(&mut em, &r).len();
+    mesh_node_until(&em, "n1's entry", |o| {
+        o["status"]["rollouts"]["shop/api-v2"]["step"] == 1
+    })
+    .await;
+    let first = mesh_node_patches(&mut em).len();
     assert_eq!(first, 1);
 
     // An agent ticking every 50 ms for 3.5 s, its counters moving each time.
@@ -1094,7 +1200,7 @@ async fn agent_refreshes_its_node_entry_at_most_once_per_bound() {
         )]));
     }
     let elapsed = start.elapsed();
-    let refreshes = writer_patches(&mut em, &r).len() - first;
+    let refreshes = mesh_node_patches(&mut em).len() - first;
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
@@ -1106,77 +1212,120 @@ async fn agent_refreshes_its_node_entry_at_most_once_per_bound() {
         "{refreshes} refreshes in {elapsed:?} with a bound of one per {refresh:?}"
     );
     // The last values are written once the bound allows.
-    let s = status_until(&mut em, &r, "last counters", |s| {
-        s["nodes"]["n1"]["newFlows"] == flows
+    let m = mesh_node_until(&em, "last counters", |o| {
+        o["status"]["rollouts"]["shop/api-v2"]["newFlows"] == flows
     })
     .await;
-    assert_eq!(s["nodes"]["n1"]["phase"], "Progressing", "{s}");
+    assert_eq!(
+        m["status"]["rollouts"]["shop/api-v2"]["phase"], "Progressing",
+        "{m}"
+    );
     task.abort();
 }
 
-/// The clustermesh-apiserver summarizes the node entries into `status.progress` (one halted node halts it and is
-/// named), only when the summary changes, removes the entries of deleted nodes, and leaves the validity fields
-/// and the agents' entries alone.
+/// A restarted agent finds its `MeshNode`: it rewrites nothing that is there already and removes the entries of
+/// rollouts it no longer runs; a `MeshNode` deleted under it is created again with every entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn apiserver_summarizes_node_entries_and_drops_deleted_nodes() {
+async fn agent_takes_over_its_mesh_node_and_creates_it_again_when_gone() {
+    use mesh_k8s::crd::RolloutPhase::Progressing;
+    use mesh_k8s::progress::{NodeProgressWriter, NodeRollouts};
+    init_tracing();
+    let mut em = Emulator::start();
+    em.create(&node_with_uid("n1", "uid-of-n1"));
+    let kept = node_progress(Progressing, 2, 7, 40);
+    let mut stored = serde_json::to_value(&kept).expect("json");
+    stored["updatedAt"] = json!("2026-01-01T00:00:00Z");
+    em.create(&mesh_node(
+        "n1",
+        &json!({"shop/api-v2": stored, "shop/old": entry_json("Completed", 3, 30)}),
+    ));
+    let key = ("shop".to_owned(), "api-v2".to_owned());
+    let (tx, rx) = watch::channel(NodeRollouts::from([(key.clone(), kept.clone())]));
+    let task = tokio::spawn(NodeProgressWriter::new(em.client(), "n1").run(rx));
+    mesh_node_until(&em, "the old entry removed", |o| {
+        o["status"]["rollouts"].get("shop/old").is_none()
+    })
+    .await;
+    let patches = mesh_node_patches(&mut em);
+    assert_eq!(
+        patches,
+        [json!({"status": {"rollouts": {"shop/old": null}}})],
+        "only the removal: the other entry is there already"
+    );
+    let posts = agent_requests(&mut em)
+        .into_iter()
+        .filter(|(m, ..)| m == "POST")
+        .count();
+    assert_eq!(posts, 0, "found, not created");
+
+    // Deleted (as the garbage collector would after its Node went): created again on the next write.
+    em.delete(&mesh_node("n1", &json!({})));
+    tx.send_replace(NodeRollouts::from([(
+        key.clone(),
+        node_progress(Progressing, 3, 0, 0),
+    )]));
+    let m = mesh_node_until(&em, "created again", |o| {
+        o["status"]["rollouts"]["shop/api-v2"]["step"] == 3
+    })
+    .await;
+    assert_eq!(m["metadata"]["ownerReferences"][0]["uid"], "uid-of-n1", "{m}");
+    assert!(!task.is_finished());
+    task.abort();
+}
+
+/// The clustermesh-apiserver (its source as it runs) summarizes the `MeshNode`s into `status.progress`: one
+/// halted node halts the rollout, is named, and is written at once; a node whose Node is gone does not count;
+/// the validity fields stay, and the rollout carries no per-node entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_summarizes_mesh_nodes_and_leaves_out_deleted_nodes() {
     init_tracing();
     let mut em = Emulator::start();
     seed(&mut em);
     let r = rollout("api-v2");
+    em.create(&mesh_node(
+        "n1",
+        &json!({"shop/api-v2": entry_json("Progressing", 2, 4)}),
+    ));
+    let mut halted = entry_json("Halted", 1, 9);
+    halted["message"] = json!("gate failed at step 1");
+    em.create(&mesh_node(
+        "n2",
+        &json!({"shop/api-v2": halted, "shop/gone": entry_json("Halted", 1, 1)}),
+    ));
     let (tx, _rx) = watch::channel(Snapshot::default());
     let task = tokio::spawn(mesh_k8s::watch_kubernetes_writing_status(em.client(), tx));
-    status_until(&mut em, &r, "valid", |s| s["phase"] == "Valid").await;
+    let started = std::time::Instant::now();
 
-    let entry = |phase: &str, step: u32, held: u64| {
-        json!({"phase": phase, "step": step, "steps": 3, "percent": 10, "heldSeconds": held, "failureRatio": 0.0,
-               "newFlows": 5, "resets": 0, "updatedAt": "2026-01-01T00:00:00Z"})
-    };
-    write_node_entry(&mut em, &r, "n1", &entry("Progressing", 2, 4));
-    write_node_entry(&mut em, &r, "n2", &entry("Progressing", 1, 9));
-    let s = status_until(&mut em, &r, "summary of two nodes", |s| {
-        s["progress"]["nodes"] == 2
+    let s = status_until(&mut em, &r, "halted", |s| {
+        s["progress"]["phase"] == "Halted" && s["phase"] == "Valid"
     })
     .await;
+    assert!(
+        started.elapsed() < mesh_k8s::progress::SUMMARY_INTERVAL,
+        "a rollout turning Halted is written at once: {:?}",
+        started.elapsed()
+    );
     let p = &s["progress"];
     assert_eq!(
-        (&p["phase"], &p["step"], &p["steps"], &p["nodesHalted"]),
-        (&json!("Progressing"), &json!(1), &json!(3), &json!(0)),
+        (
+            &p["step"],
+            &p["steps"],
+            &p["nodes"],
+            &p["nodesHalted"],
+            &p["haltedNodes"]
+        ),
+        (&json!(1), &json!(3), &json!(2), &json!(1), &json!(["n2"])),
         "{s}"
     );
-    assert!(p.get("haltedNodes").is_none(), "{s}");
-
-    // Hold time alone changes no summary: no patch. (Seen once the next change's summary is written.)
-    let summaries = status_patches_of(&mut em, &r, "progress");
-    write_node_entry(&mut em, &r, "n1", &entry("Progressing", 2, 30));
-    write_node_entry(&mut em, &r, "n2", &entry("Halted", 1, 9));
-    let s = status_until(&mut em, &r, "halted", |s| s["progress"]["phase"] == "Halted").await;
-    let p = &s["progress"];
-    assert_eq!(
-        (&p["nodesHalted"], &p["haltedNodes"], &p["nodes"]),
-        (&json!(1), &json!(["n2"]), &json!(2)),
-        "{s}"
-    );
-    assert_eq!(
-        status_patches_of(&mut em, &r, "progress"),
-        summaries + 1,
-        "one patch: the halt"
-    );
-    assert_eq!(
-        (&s["phase"], &s["observedGeneration"]),
-        (&json!("Valid"), &json!(1)),
-        "validity untouched: {s}"
-    );
-    assert_eq!(
-        s["nodes"]["n1"]["heldSeconds"], 30,
-        "the agents' entries untouched: {s}"
+    assert_eq!(s["observedGeneration"], 1, "{s}");
+    assert!(
+        s.get("nodes").is_none(),
+        "no per-node entries on the rollout: {s}"
     );
 
-    // A node deleted: its entry goes, the summary is of the nodes left.
+    // n2's Node deleted: its MeshNode no longer counts.
     em.delete(&node("n2", "", ""));
-    let s = status_until(&mut em, &r, "n2 removed", |s| {
-        s["nodes"].get("n2").is_none() && s["progress"]["nodes"] == 1
-    })
-    .await;
+    let s = status_until(&mut em, &r, "n2 left out", |s| s["progress"]["nodes"] == 1).await;
     let p = &s["progress"];
     assert_eq!(
         (&p["phase"], &p["step"], &p["nodesHalted"]),
@@ -1184,7 +1333,6 @@ async fn apiserver_summarizes_node_entries_and_drops_deleted_nodes() {
         "{s}"
     );
     assert!(p.get("haltedNodes").is_none(), "no halted node left: {s}");
-    assert_eq!(s["nodes"]["n1"]["step"], 2, "{s}");
     assert_eq!(
         (&s["phase"], &s["observedGeneration"]),
         (&json!("Valid"), &json!(1)),
@@ -1194,10 +1342,83 @@ async fn apiserver_summarizes_node_entries_and_drops_deleted_nodes() {
     let validity = status_patches_of(&mut em, &r, "phase");
     assert_eq!(validity, 1, "the validity was written once");
     assert_eq!(
-        writer_patches(&mut em, &r).len(),
-        validity + status_patches_of(&mut em, &r, "progress"),
-        "the apiserver's patches: the validity and the summaries, no other"
+        status_patches_of(&mut em, &r, "progress"),
+        2,
+        "the halt, then n2 left out"
     );
+    assert_eq!(
+        writer_patches(&mut em, &r).len(),
+        3,
+        "the validity and the summaries, no other"
+    );
+    assert!(!task.is_finished());
+    task.abort();
+}
+
+/// Changes of several nodes within the interval become one `StagedRollout` patch, written when the interval
+/// after the first of them ends; nothing is written while the summary stays the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_coalesces_node_changes_into_one_summary_patch() {
+    use mesh_k8s::progress::RolloutSummaries;
+    init_tracing();
+    let mut em = Emulator::start();
+    em.create(&namespace("shop"));
+    let r = rollout("api-v2");
+    em.create(&r);
+    for n in ["n1", "n2", "n3"] {
+        em.create(&mesh_node(
+            n,
+            &json!({"shop/api-v2": entry_json("Progressing", 1, 0)}),
+        ));
+    }
+    let interval = Duration::from_secs(2);
+    let nodes = ["n1", "n2", "n3"].map(str::to_owned).into_iter().collect();
+    let (_nodes_tx, nodes_rx) = watch::channel(Some(nodes));
+    let task = tokio::spawn(
+        RolloutSummaries::new(em.client())
+            .with_interval(interval)
+            .run(nodes_rx),
+    );
+    let s = status_until(&mut em, &r, "step 1 on 3 nodes", |s| s["progress"]["nodes"] == 3).await;
+    assert_eq!(s["progress"]["step"], 1, "{s}");
+    assert_eq!(status_patches_of(&mut em, &r, "progress"), 1);
+
+    // The nodes step one after another: one patch, an interval after the first.
+    let stepped = std::time::Instant::now();
+    for n in ["n1", "n2", "n3"] {
+        write_mesh_node(
+            &mut em,
+            n,
+            &json!({"shop/api-v2": entry_json("Progressing", 2, 0)}),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = status_until(&mut em, &r, "step 2", |s| s["progress"]["step"] == 2).await;
+    assert!(
+        stepped.elapsed() >= interval - Duration::from_millis(200),
+        "gathered for the interval: {:?}",
+        stepped.elapsed()
+    );
+    assert_eq!(s["progress"]["nodes"], 3, "{s}");
+    assert_eq!(
+        status_patches_of(&mut em, &r, "progress"),
+        2,
+        "one patch for the three changes"
+    );
+    // Hold time alone changes no summary: nothing more.
+    write_mesh_node(
+        &mut em,
+        "n1",
+        &json!({"shop/api-v2": entry_json("Progressing", 2, 9)}),
+    );
+    patches_stay(
+        &mut em,
+        &r,
+        2,
+        interval + Duration::from_millis(500),
+        "no patch for hold time",
+    )
+    .await;
     assert!(!task.is_finished());
     task.abort();
 }

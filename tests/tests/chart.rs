@@ -31,7 +31,8 @@ const WATCH: &[&str] = &["list", "watch"];
 
 /// What mesh-agent's watchers use (mesh-k8s, `--source kubernetes`): Nodes, Namespaces, Pods (of its node),
 /// Services, MCS ServiceExports and fleetmesh's TrafficPolicies and StagedRollouts. The agent writes only its
-/// node's entry of each StagedRollout's progress (mesh-k8s's `NodeProgressWriter`: a merge patch on `/status`).
+/// node's MeshNode (mesh-k8s's `NodeProgressWriter`: gets it, creates it owned by its Node, whose uid it gets,
+/// and merge-patches its `/status`); it does not watch MeshNodes.
 const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
     ("", &["nodes", "pods", "namespaces", "services"], WATCH),
     ("discovery.k8s.io", &["endpointslices"], WATCH),
@@ -42,11 +43,14 @@ const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
         &["trafficpolicies", "stagedrollouts", "meshnetworkpolicies"],
         WATCH,
     ),
-    ("fleetmesh.io", &["stagedrollouts/status"], &["patch"]),
+    ("", &["nodes"], &["get"]),
+    ("fleetmesh.io", &["meshnodes"], &["get", "create"]),
+    ("fleetmesh.io", &["meshnodes/status"], &["patch"]),
 ];
 
 /// The clustermesh-apiserver runs the same watchers (every pod of the cluster) and, with `--source kubernetes`,
-/// writes the status of fleetmesh's objects (mesh-k8s's status writer: a merge patch on `/status`, nothing else).
+/// writes the status of fleetmesh's objects (mesh-k8s's status writer: a merge patch on `/status`, nothing else),
+/// the progress summaries from the agents' MeshNodes (which it alone watches).
 const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = &[
     ("", &["nodes", "pods", "namespaces", "services"], WATCH),
     ("discovery.k8s.io", &["endpointslices"], WATCH),
@@ -57,6 +61,7 @@ const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = &[
         &["trafficpolicies", "stagedrollouts", "meshnetworkpolicies"],
         WATCH,
     ),
+    ("fleetmesh.io", &["meshnodes"], WATCH),
     (
         "fleetmesh.io",
         &[
@@ -716,7 +721,7 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
             ("ClusterRole", 2),
             ("ClusterRoleBinding", 2),
             ("ConfigMap", 1),
-            ("CustomResourceDefinition", 3),
+            ("CustomResourceDefinition", 4),
             ("DaemonSet", 1),
             ("Deployment", 1),
             ("Secret", 1),
@@ -926,7 +931,7 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
             ("ClusterRole", 2),
             ("ClusterRoleBinding", 2),
             ("ConfigMap", 1),
-            ("CustomResourceDefinition", 3),
+            ("CustomResourceDefinition", 4),
             ("DaemonSet", 1),
             ("Deployment", 1),
             ("Secret", 3),
