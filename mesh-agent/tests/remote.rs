@@ -670,7 +670,7 @@ fn watch_own(url: &str, keys: &Keys) -> (tempfile::TempDir, Remotes, tokio::task
         labels: Default::default(),
     };
     let task = tokio::spawn(mesh_agent::remote::manage_own(
-        file.clone(),
+        file,
         me,
         keys.clone(),
         remotes.clone(),
