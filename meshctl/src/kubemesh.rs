@@ -193,6 +193,10 @@ impl Cluster {
         }
     }
 
+    pub(crate) fn client(&self) -> &kube::Client {
+        &self.client
+    }
+
     /// A client that does not retry (for the API server's pod proxy, whose 503 means "pod not reachable").
     pub(crate) fn proxy_client(&self) -> &kube::Client {
         &self.proxy_client

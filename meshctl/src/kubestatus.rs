@@ -589,7 +589,8 @@ fn table(s: &mut String, head: &[&str], rows: &[Vec<String>]) {
     let line = |s: &mut String, cells: &mut dyn Iterator<Item = &str>| {
         let mut l = String::from(" ");
         for (i, c) in cells.enumerate() {
-            let _ = write!(l, " {c:<w$}", w = w[i]);
+            let sep = if i == 0 { " " } else { "  " };
+            let _ = write!(l, "{sep}{c:<w$}", w = w[i]);
         }
         let _ = writeln!(s, "{}", l.trim_end());
     };
@@ -597,6 +598,165 @@ fn table(s: &mut String, head: &[&str], rows: &[Vec<String>]) {
     for r in rows {
         line(s, &mut r.iter().map(String::as_str));
     }
+}
+
+/// One `StagedRollout` as the cluster reports it: the clustermesh-apiserver's validity verdict and its summary of
+/// every node's progress (`status.progress`, from the nodes' `MeshNode`s).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRow {
+    pub namespace: String,
+    pub name: String,
+    pub service: String,
+    /// `Valid` or `Invalid` (`None`: not judged yet, e.g. no clustermesh-apiserver with `source: kubernetes`).
+    pub valid: Option<String>,
+    /// Why it is invalid.
+    pub message: Option<String>,
+    /// `status.progress` as written (`None`: no node reported yet).
+    pub progress: Option<serde_json::Value>,
+}
+
+/// The `StagedRollout`s of `namespace` (all namespaces when `None`), or the one named `name`.
+///
+/// # Errors
+/// Unreachable cluster, CRD not installed, no rollout of that name.
+pub async fn rollouts(c: &Cluster, namespace: Option<&str>, name: Option<&str>) -> Result<Vec<RolloutRow>> {
+    use kube::api::{Api, ApiResource, DynamicObject};
+    let ar = ApiResource {
+        group: "fleetmesh.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "fleetmesh.io/v1alpha1".into(),
+        kind: "StagedRollout".into(),
+        plural: "stagedrollouts".into(),
+    };
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(c.client().clone(), ns, &ar),
+        None => Api::all_with(c.client().clone(), &ar),
+    };
+    let where_ = namespace.map_or_else(|| "any namespace".to_owned(), |ns| format!("namespace {ns}"));
+    let items = match name {
+        Some(n) => match api.get(n).await {
+            Ok(o) => vec![o],
+            // No such object, or no such resource: a list tells them apart (servers word the two differently).
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                match api.list(&ListParams::default().limit(1)).await {
+                    Err(kube::Error::Api(s)) if s.code == 404 => bail!(not_installed(c)),
+                    _ => bail!("context {:?}: no StagedRollout {n} in {where_}", c.context),
+                }
+            }
+            Err(e) => return Err(c.err(&e, &format!("get StagedRollout {n}"))),
+        },
+        None => match api.list(&ListParams::default()).await {
+            Ok(l) => l.items,
+            Err(kube::Error::Api(s)) if s.code == 404 => bail!(not_installed(c)),
+            Err(e) => return Err(c.err(&e, &format!("list StagedRollouts in {where_}"))),
+        },
+    };
+    let mut rows: Vec<RolloutRow> = items
+        .into_iter()
+        .map(|o| {
+            let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+            RolloutRow {
+                namespace: o.metadata.namespace.clone().unwrap_or_default(),
+                name: o.metadata.name.clone().unwrap_or_default(),
+                service: text(&o.data["spec"]["service"]).unwrap_or_default(),
+                valid: text(&o.data["status"]["phase"]),
+                message: text(&o.data["status"]["message"]),
+                progress: Some(o.data["status"]["progress"].clone()).filter(|p| p.is_object()),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    Ok(rows)
+}
+
+fn not_installed(c: &Cluster) -> String {
+    format!(
+        "context {:?}: the API server does not serve StagedRollouts (fleetmesh.io/v1alpha1): install the chart, \
+         whose crds/ define them",
+        c.context
+    )
+}
+
+/// The human table of [`rollouts`].
+#[must_use]
+pub fn rollouts_table(rows: &[RolloutRow]) -> String {
+    let mut s = String::new();
+    if rows.is_empty() {
+        let _ = writeln!(s, "No StagedRollouts.");
+        return s;
+    }
+    let num = |p: &Option<serde_json::Value>, k: &str| {
+        p.as_ref()
+            .and_then(|p| p[k].as_u64())
+            .map_or_else(|| "-".to_owned(), |n| n.to_string())
+    };
+    let head = [
+        "NAMESPACE",
+        "NAME",
+        "SERVICE",
+        "VALID",
+        "PHASE",
+        "STEP",
+        "NODES",
+        "HALTED",
+    ];
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let step = match (
+                num(&r.progress, "step").as_str(),
+                num(&r.progress, "steps").as_str(),
+            ) {
+                ("-", _) => "-".to_owned(),
+                (a, b) => format!("{a}/{b}"),
+            };
+            vec![
+                r.namespace.clone(),
+                r.name.clone(),
+                r.service.clone(),
+                r.valid.clone().unwrap_or_else(|| "-".to_owned()),
+                r.progress
+                    .as_ref()
+                    .and_then(|p| p["phase"].as_str())
+                    .unwrap_or("no report yet")
+                    .to_owned(),
+                step,
+                num(&r.progress, "nodes"),
+                num(&r.progress, "nodesHalted"),
+            ]
+        })
+        .collect();
+    let mut t = String::new();
+    table(&mut t, &head, &body);
+    // Flush left: the rollouts table is the whole output.
+    for l in t.lines() {
+        let _ = writeln!(s, "{}", l.strip_prefix("  ").unwrap_or(l));
+    }
+    for r in rows {
+        if let Some(m) = &r.message {
+            let _ = writeln!(s, "{}/{} is invalid: {m}", r.namespace, r.name);
+        }
+        let halted: Vec<&str> = r
+            .progress
+            .as_ref()
+            .and_then(|p| p["haltedNodes"].as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_str)
+            .collect();
+        if !halted.is_empty() {
+            let _ = writeln!(
+                s,
+                "{}/{} halted on: {} (see `meshctl rollout status {}` on those nodes for the gate's figures)",
+                r.namespace,
+                r.name,
+                halted.join(", "),
+                r.name
+            );
+        }
+    }
+    s
 }
 
 /// Polls [`status`] until nothing is waited for, or fails after `timeout`.

@@ -346,12 +346,27 @@ fn namespaced<'a>(arg: &'a str, namespace: &'a str) -> (&'a str, &'a str) {
 
 #[derive(Debug, Subcommand)]
 enum RolloutCommand {
-    /// Phase, step, share sent to `to`, the gate's figures for the current step, and why it halted.
+    /// Phase, step, share sent to `to`, the gate's figures for the current step, and why it halted, as one node's
+    /// agent runs it.
+    ///
+    /// With --context (or --kubeconfig) it reads the cluster's StagedRollouts instead: whether each is valid and
+    /// the clustermesh-apiserver's summary of every node's progress (`status.progress`: phase, lowest step, nodes,
+    /// halted nodes).
     Status {
         /// The rollout (all when absent).
         name: Option<String>,
         #[command(flatten)]
         target: RolloutTarget,
+        /// Read the StagedRollouts of the cluster of this kubeconfig context instead of one node's agent.
+        #[arg(long)]
+        context: Option<String>,
+        /// Kubeconfig file for --context (default: $KUBECONFIG, else ~/.kube/config); alone it means the current
+        /// context.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// With --context: the rollouts of every namespace.
+        #[arg(long, short = 'A', conflicts_with = "name")]
+        all_namespaces: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -437,8 +452,35 @@ fn main() -> std::process::ExitCode {
             agent::traffic(&agent.socket, ns, name, json)
         }
         Command::Rollout(r) => match r {
-            RolloutCommand::Status { name, target, json } => {
-                agent::rollout_status(&target.agent.socket, &target.namespace, name.as_deref(), json)
+            RolloutCommand::Status {
+                name,
+                target,
+                context,
+                kubeconfig,
+                all_namespaces,
+                json,
+            } => {
+                if context.is_none() && kubeconfig.is_none() {
+                    agent::rollout_status(&target.agent.socket, &target.namespace, name.as_deref(), json)
+                } else {
+                    let kube = meshctl::kubemesh::Target {
+                        kubeconfig,
+                        context,
+                        namespace: meshctl::kubemesh::DEFAULT_NAMESPACE.to_owned(),
+                        release: meshctl::kubemesh::DEFAULT_RELEASE.to_owned(),
+                    };
+                    let ns = (!all_namespaces).then_some(target.namespace);
+                    kube_command(async move {
+                        let c = meshctl::kubemesh::open(&kube).await?;
+                        let rows = meshctl::kubestatus::rollouts(&c, ns.as_deref(), name.as_deref()).await?;
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&rows)?);
+                        } else {
+                            print!("{}", meshctl::kubestatus::rollouts_table(&rows));
+                        }
+                        Ok(())
+                    })
+                }
             }
             RolloutCommand::Pause { name, target } => {
                 agent::rollout_command(&target.agent.socket, &target.namespace, &name, "pause")

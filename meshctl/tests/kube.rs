@@ -723,3 +723,90 @@ fn load_balancer_hostnames_and_rbac_denials() {
         "{e}"
     );
 }
+
+#[test]
+fn rollout_status_of_a_cluster_reads_the_summaries_the_apiserver_writes() {
+    let mut emu = KubeEmulator::start(&[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = kubeconfig(dir.path(), &[("east", emu.port)]);
+    let rollout = |ns: &str, name: &str, status: Value| {
+        json!({"apiVersion": "fleetmesh.io/v1alpha1", "kind": "StagedRollout",
+               "metadata": {"name": name, "namespace": ns},
+               "spec": {"service": "api", "from": {"names": ["west"]}, "to": {"names": ["east"]},
+                        "steps": [{"percent": 50, "holdSeconds": 60}]},
+               "status": status})
+    };
+    create(
+        &mut emu,
+        "/apis/fleetmesh.io/v1alpha1/namespaces/shop/stagedrollouts",
+        rollout(
+            "shop",
+            "api-to-east",
+            json!({"phase": "Valid", "observedGeneration": 1,
+            "progress": {"phase": "Halted", "step": 1, "steps": 2, "nodes": 3, "nodesHalted": 1,
+                         "haltedNodes": ["east-node-2"]}}),
+        ),
+    );
+    create(
+        &mut emu,
+        "/apis/fleetmesh.io/v1alpha1/namespaces/shop/stagedrollouts",
+        rollout(
+            "shop",
+            "broken",
+            json!({"phase": "Invalid", "message": "spec.steps[0].percent: 150 is above 100"}),
+        ),
+    );
+    create(
+        &mut emu,
+        "/apis/fleetmesh.io/v1alpha1/namespaces/ops/stagedrollouts",
+        rollout("ops", "fresh", json!({})),
+    );
+
+    let o = meshctl_top(&kc, &["rollout", "status", "--context", "east", "-n", "shop"]);
+    assert!(o.ok, "{}", o.stderr);
+    for want in [
+        "NAMESPACE  NAME         SERVICE  VALID    PHASE          STEP  NODES  HALTED",
+        "shop       api-to-east  api      Valid    Halted         1/2   3      1",
+        "shop       broken       api      Invalid  no report yet  -     -      -",
+        "shop/broken is invalid: spec.steps[0].percent: 150 is above 100",
+        "shop/api-to-east halted on: east-node-2",
+    ] {
+        assert!(o.stdout.contains(want), "missing {want:?} in:\n{}", o.stdout);
+    }
+    assert!(!o.stdout.contains("fresh"), "another namespace: {}", o.stdout);
+
+    let o = meshctl_top(&kc, &["rollout", "status", "--context", "east", "-A", "--json"]);
+    assert!(o.ok, "{}", o.stderr);
+    let v: Value = serde_json::from_str(&o.stdout).expect("JSON");
+    let names: Vec<&str> = v
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["fresh", "api-to-east", "broken"],
+        "sorted by namespace, name"
+    );
+    assert_eq!(v[1]["progress"]["nodesHalted"], 1);
+    assert!(v[0]["progress"].is_null() && v[0]["valid"].is_null());
+
+    let o = meshctl_top(
+        &kc,
+        &["rollout", "status", "nope", "--context", "east", "-n", "shop"],
+    );
+    assert!(one_line_error(&o).contains("context \"east\": no StagedRollout nope in namespace shop"));
+    // A cluster without the CRDs.
+    let bare = KubeEmulator::start(&["--without", "fleetmesh.io/v1alpha1/stagedrollouts"]);
+    let bare_dir = dir.path().join("bare");
+    std::fs::create_dir(&bare_dir).expect("mkdir");
+    let kc2 = kubeconfig(&bare_dir, &[("bare", bare.port)]);
+    let o = meshctl_top(&kc2, &["rollout", "status", "x", "--context", "bare"]);
+    assert!(
+        one_line_error(&o)
+            .contains("does not serve StagedRollouts (fleetmesh.io/v1alpha1): install the chart"),
+        "{}",
+        o.stderr
+    );
+}
