@@ -1,5 +1,5 @@
 //! The agent's local API: HTTP on a Unix socket (`GET /v1/status`, `GET /v1/summary`, `GET /metrics`,
-//! `GET /healthz`, `POST /v1/rollouts/{namespace}/{name}/{pause|resume|abort}`, `GET /v1/flows` (NDJSON, optionally
+//! `GET /healthz`, `GET /readyz`, `POST /v1/rollouts/{namespace}/{name}/{pause|resume|abort}`, `GET /v1/flows` (NDJSON, optionally
 //! following), `GET /v1/policy/{namespace}/{pod}`), for meshctl and the lab; and
 //! `GET /metrics` alone on a TCP address ([`serve_metrics`]) for Prometheus, and `GET /healthz` and
 //! `GET /v1/summary` on another ([`serve_status`]) for `meshctl status --context`.
@@ -193,6 +193,7 @@ async fn metrics(State(s): State<ApiState>) -> ([(axum::http::HeaderName, &'stat
 pub async fn serve_status(listener: tokio::net::TcpListener, state: ApiState) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/v1/summary", get(summary))
         .with_state(state);
     axum::serve(listener, app).await
@@ -245,6 +246,31 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Why the agent is not ready to serve its node yet, `None` when it is: the cluster's state has been read (a first
+/// snapshot of its source) and a reconcile pass has programmed the datapath from it. Remote clusters do not count:
+/// a peer's outage must not make a cluster's agents unready and stall their rolling update (`/v1/status` and
+/// `meshctl status --context` show them).
+#[must_use]
+pub fn not_ready(st: &Status) -> Option<&'static str> {
+    if st.manifest_generation == 0 {
+        Some("the cluster's state has not been read yet")
+    } else if st.datapath.reconciles == 0 {
+        Some("the datapath has not been programmed yet")
+    } else {
+        None
+    }
+}
+
+/// `GET /readyz`: 200 `ok` once [`not_ready`] has nothing to say, else 503 with the reason (the chart's readiness
+/// probe).
+async fn readyz(State(s): State<ApiState>) -> (StatusCode, String) {
+    let st = s.status.lock().unwrap_or_else(PoisonError::into_inner);
+    match not_ready(&st) {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+    }
+}
+
 /// Serves the API on `socket` until the process ends.
 ///
 /// # Errors
@@ -262,6 +288,7 @@ pub async fn serve(socket: &Path, state: ApiState) -> std::io::Result<()> {
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/v1/summary", get(summary))
         .route("/metrics", get(metrics))
         .route("/v1/rollouts/{namespace}/{name}/{command}", post(rollout_command))
@@ -269,4 +296,41 @@ pub async fn serve(socket: &Path, state: ApiState) -> std::io::Result<()> {
         .route("/v1/policy/{namespace}/{pod}", get(policy))
         .with_state(state);
     axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(generation: u64, reconciles: u64) -> Status {
+        Status {
+            node: "n1".into(),
+            cluster: "east".into(),
+            cluster_id: 1,
+            started_ms: 0,
+            ready: false,
+            manifest_generation: generation,
+            manifest_errors: Vec::new(),
+            remote_clusters: Vec::new(),
+            own_cluster: None,
+            datapath: DatapathStatus {
+                reconciles,
+                ..DatapathStatus::default()
+            },
+        }
+    }
+
+    #[test]
+    fn ready_once_the_state_is_read_and_programmed_whatever_the_peers() {
+        assert_eq!(
+            not_ready(&status(0, 0)),
+            Some("the cluster's state has not been read yet")
+        );
+        assert_eq!(
+            not_ready(&status(1, 0)),
+            Some("the datapath has not been programmed yet")
+        );
+        // `ready` (every peer synced) is false here: readiness does not wait for peers.
+        assert_eq!(not_ready(&status(1, 1)), None);
+    }
 }

@@ -812,10 +812,11 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
         Path::new(&socket).starts_with(&run),
         "the API socket {socket} is in the host-mounted {run}"
     );
-    for (kind, probe) in [
-        ("startup", agent.startup_probe.as_ref()),
-        ("liveness", agent.liveness_probe.as_ref()),
-        ("readiness", agent.readiness_probe.as_ref()),
+    // Alive once the API serves; ready once the agent read the cluster and programmed its datapath (/readyz).
+    for (kind, probe, path) in [
+        ("startup", agent.startup_probe.as_ref(), "/healthz"),
+        ("liveness", agent.liveness_probe.as_ref(), "/healthz"),
+        ("readiness", agent.readiness_probe.as_ref(), "/readyz"),
     ] {
         let cmd = probe_command(probe);
         assert_eq!(
@@ -833,7 +834,7 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
         );
         assert_eq!(
             cmd.last().map(String::as_str),
-            Some("http://localhost/healthz"),
+            Some(format!("http://localhost{path}").as_str()),
             "{kind} probe: {cmd:?}"
         );
     }

@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use fleetmesh_tests::{Lab, PodInfo, example, lab_cmd, ping, pods, tcp_line, udp_line, write_manifest};
+use fleetmesh_tests::{
+    Lab, PodInfo, agent_get, agent_socket, example, lab_cmd, ping, pods, tcp_line, udp_line, write_manifest,
+};
 use serde_json::Value;
 
 const TCP: u16 = 8080;
@@ -44,6 +46,22 @@ fn three_clusters_all_paths_then_add_node_apply_and_delete() {
     let status = lab.status().expect("status");
     let all = pods(&status);
     assert_eq!(all.len(), 9, "3 pods per cluster: {all:?}");
+    // Every agent is ready (read its cluster, programmed its datapath): what the chart's readiness probe asks.
+    for node in [
+        "east-node-1",
+        "east-node-2",
+        "west-node-1",
+        "west-node-2",
+        "north-node-1",
+        "north-node-2",
+    ] {
+        let sock = agent_socket(&status, node).unwrap_or_else(|| panic!("no agent socket of {node}"));
+        assert_eq!(
+            agent_get(&sock, "/readyz").expect("GET /readyz"),
+            "ok\n",
+            "{node}"
+        );
+    }
 
     // Every ordered pair over TCP and UDP, which covers all three paths in both directions.
     let mut kinds = BTreeSet::new();
