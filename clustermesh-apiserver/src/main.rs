@@ -72,8 +72,11 @@ struct Args {
     /// Key prefix in etcd.
     #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
     kvstore_prefix: String,
-    /// Lifetime of the lease that holds published records: if this daemon dies, its records vanish after this.
-    #[arg(long, default_value = "30s", value_parser = mesh_model::duration::parse_duration)]
+    /// Lifetime of the lease that holds published records: if this daemon dies (its etcd still up), its records
+    /// vanish after this. Long by default (as Cilium's 15m), so that a crash-looping apiserver freezes what peers
+    /// see of this cluster instead of withdrawing every backend and identity after a few seconds; a restarted
+    /// apiserver rewrites every record under its own lease at once.
+    #[arg(long, env = "FLEETMESH_LEASE_TTL", default_value = "15m", value_parser = mesh_model::duration::parse_duration)]
     lease_ttl: Duration,
     /// How long a security identity no pod uses any more stays published before it is withdrawn (its number is not
     /// handed to another label set meanwhile, and comes back if its label set does).

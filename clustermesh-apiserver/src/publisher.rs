@@ -251,7 +251,9 @@ impl Publisher {
         }
         let with_lease = || Some(PutOptions::new().with_lease(lease));
         let mut synced = false;
-        let mut tick = tokio::time::interval(self.lease_ttl / 3);
+        // Keep-alive and heartbeat: a third of the lease, and at least every 10 s so that the heartbeat says how
+        // recent the cluster's view is whatever the lease.
+        let mut tick = tokio::time::interval((self.lease_ttl / 3).min(Duration::from_secs(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut exports = self.exports.clone();
         loop {
