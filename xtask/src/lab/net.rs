@@ -91,10 +91,17 @@ pub fn is_ours(pid: u32, marker: &str) -> bool {
         && !is_zombie(pid)
 }
 
+/// Whether `pid` has finished exiting: no such process, or a zombie. Unlike [`is_ours`] this does not read the
+/// command line, which the kernel empties early in the exit, before the process has closed its files (a port it
+/// listened on is only free once this is true).
+pub fn has_exited(pid: u32) -> bool {
+    is_zombie(pid)
+}
+
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')))
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with(['Z', 'X'])))
         .unwrap_or(true)
 }
 

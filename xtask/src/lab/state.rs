@@ -1470,11 +1470,13 @@ fn stop_daemon(st: &mut LabState, role: &str, kill: bool) -> Result<Proc> {
     } else {
         net::stop_processes(&[proc.pid], &marker, Duration::from_secs(10));
     }
+    // Until it has closed its files, not merely until its command line is gone: the restarted daemon binds the
+    // same ports.
     net::wait_for(&format!("{role} to exit"), Duration::from_secs(10), || {
-        if net::is_ours(proc.pid, &marker) {
-            Err("still running".to_owned())
-        } else {
+        if net::has_exited(proc.pid) {
             Ok(())
+        } else {
+            Err("still running".to_owned())
         }
     })?;
     st.procs.retain(|p| p.pid != proc.pid);
