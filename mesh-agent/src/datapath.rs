@@ -122,10 +122,12 @@ pub enum DatapathError {
         source: Box<ProgramError>,
     },
     /// Attaching a program to an interface failed.
-    #[error("attaching eBPF program {program} to tc of interface {ifname:?}")]
+    #[error("attaching eBPF program {program} to tc {hook} of interface {ifname:?}")]
     Attach {
         /// Program name.
         program: &'static str,
+        /// `ingress` or `egress`.
+        hook: &'static str,
         /// Interface, in the calling thread's network namespace.
         ifname: String,
         /// The kernel's answer.
@@ -926,6 +928,11 @@ impl Datapath {
         let prog = classifier(&mut self.ebpf, program)?;
         let attach_error = |source| DatapathError::Attach {
             program,
+            hook: if attach_type(program) == TcAttachType::Egress {
+                "egress"
+            } else {
+                "ingress"
+            },
             ifname: ifname.to_owned(),
             source: Box::new(source),
         };

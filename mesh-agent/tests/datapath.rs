@@ -289,7 +289,15 @@ fn attaching_to_a_missing_interface_names_it() {
     let err = dp.attach_overlay("fm-missing1").unwrap_err();
     assert!(err.to_string().contains("fm-missing1"), "{err}");
     assert_eq!(dp.attached_overlay(), None);
+    let err = dp.attach_host_tracking("fm-missing2").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("to_pod to tc egress of interface \"fm-missing2\""),
+        "{err}"
+    );
+    assert!(dp.host_tracking_endpoints().is_empty());
     dp.detach_endpoint("fm-missing0").unwrap();
+    dp.detach_host_tracking("fm-missing2").unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleetmesh_tests::{
-    Lab, PodInfo, agent_get, agent_socket, eventually, in_netns, pods, tcp_connect, tcp_line, write_manifest,
+    Lab, PodInfo, agent_get, agent_socket, eventually, in_netns, ping, pods, tcp_connect, tcp_line, udp_line,
+    write_manifest,
 };
 
 /// How long a policy change may take to be enforced on the lab (the bench measures the real figure).
@@ -302,6 +303,15 @@ fn egress_policy_with_cluster_selector_and_policy_view() {
     assert!(
         !frontend_reaches_host(),
         "the egress policy lets the pod connect to its node"
+    );
+    // UDP and ICMP echo from the node are answered too.
+    assert_eq!(
+        udp_line(&node_ns, &frontend.ip, 5353).expect("UDP from the node to the egress-restricted pod"),
+        frontend.id
+    );
+    assert!(
+        ping(&node_ns, &frontend.ip).expect("ping"),
+        "the node pings its egress-restricted pod"
     );
     // The cluster label in the selector names east explicitly; the port range covers 8080.
     assert!(
