@@ -13,7 +13,8 @@
 //!     key and value size, max entries, flags) matches the object's; a pin that does not match (an upgrade that
 //!     changed the map ABI) is removed with a logged warning and the map is created afresh: a flush is
 //!     unavoidable then. Pins of another [`MAP_ABI`] are removed likewise.
-//!   - `links/<program>@<ifname>`: the tcx links. A tcx link lives as long as something references it; the pin
+//!   - `links/<program>@<ifname>`: the tcx links (`from_pod` on tc ingress and, while the node has policy, `to_pod`
+//!     on tc egress of every pod veth; `from_overlay` on the VXLAN device). A tcx link lives as long as something references it; the pin
 //!     keeps it, and so its program, attached while no agent runs. A new agent loads its programs (bound to the
 //!     pinned maps) and replaces the program inside each pinned link with `BPF_LINK_UPDATE`, an atomic swap of
 //!     the program pointer: there is no moment in which the interface has no program (unlike detach + attach),
@@ -121,10 +122,12 @@ pub enum DatapathError {
         source: Box<ProgramError>,
     },
     /// Attaching a program to an interface failed.
-    #[error("attaching eBPF program {program} to tc ingress of interface {ifname:?}")]
+    #[error("attaching eBPF program {program} to tc {hook} of interface {ifname:?}")]
     Attach {
         /// Program name.
         program: &'static str,
+        /// `ingress` or `egress`.
+        hook: &'static str,
         /// Interface, in the calling thread's network namespace.
         ifname: String,
         /// The kernel's answer.
@@ -143,7 +146,7 @@ pub enum DatapathError {
         source: Box<ProgramError>,
     },
     /// Listing the tc programs of an interface failed.
-    #[error("listing tcx ingress programs of interface {ifname:?}")]
+    #[error("listing the tcx programs of interface {ifname:?}")]
     Query {
         /// Interface.
         ifname: String,
@@ -473,11 +476,12 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     counters_id: u32,
     overlay: Option<(String, Attachment)>,
-    endpoint_links: BTreeMap<String, Attachment>,
+    /// The links on pod veths, by program ([`programs::FROM_POD`], [`programs::TO_POD`]) and interface name.
+    endpoint_links: BTreeMap<(&'static str, String), Attachment>,
     /// Interface index each endpoint link was made for: an interface re-created under the same name (a pod
     /// restarted) has a new index and needs the program attached again. Links adopted from an earlier agent are
     /// checked once with a tcx query instead.
-    endpoint_ifindex: BTreeMap<String, u32>,
+    endpoint_ifindex: BTreeMap<(&'static str, String), u32>,
     /// The pin directory, when the datapath is pinned.
     pins: Option<PathBuf>,
     adoption: Adoption,
@@ -487,10 +491,7 @@ impl std::fmt::Debug for Datapath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Datapath")
             .field("overlay", &self.overlay.as_ref().map(|(ifname, _)| ifname))
-            .field(
-                "endpoints_attached",
-                &self.endpoint_links.keys().collect::<Vec<_>>(),
-            )
+            .field("endpoint_links", &self.endpoint_links.keys().collect::<Vec<_>>())
             .field("pins", &self.pins)
             .finish_non_exhaustive()
     }
@@ -733,6 +734,18 @@ fn link_pin_name(program: &str, ifname: &str) -> String {
     format!("{program}@{ifname}")
 }
 
+/// The tc hook a program of ours runs on: `to_pod` on egress (into the pod), the others on ingress.
+fn attach_type(program: &str) -> TcAttachType {
+    if program == programs::TO_POD {
+        TcAttachType::Egress
+    } else {
+        TcAttachType::Ingress
+    }
+}
+
+/// The programs the agent loads and attaches.
+const PROGRAMS: [&str; 3] = [programs::FROM_POD, programs::FROM_OVERLAY, programs::TO_POD];
+
 impl Datapath {
     /// Loads the eBPF object and both programs into the kernel. Nothing is attached and the maps are empty; nothing
     /// outlives the returned value.
@@ -784,7 +797,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        for program in [programs::FROM_POD, programs::FROM_OVERLAY] {
+        for program in PROGRAMS {
             classifier(&mut ebpf, program)?
                 .load()
                 .map_err(|source| DatapathError::LoadProgram {
@@ -868,7 +881,7 @@ impl Datapath {
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let parsed = file.split_once('@').and_then(|(p, ifname)| {
-                [programs::FROM_POD, programs::FROM_OVERLAY]
+                PROGRAMS
                     .into_iter()
                     .find(|known| *known == p)
                     .map(|p| (p, ifname.to_owned()))
@@ -889,7 +902,7 @@ impl Datapath {
                     if program == programs::FROM_OVERLAY {
                         self.overlay = Some((ifname, att));
                     } else {
-                        self.endpoint_links.insert(ifname, att);
+                        self.endpoint_links.insert((program, ifname), att);
                     }
                     self.adoption.links_adopted.push(file);
                 }
@@ -908,25 +921,31 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches `program` to tc ingress of `ifname`: owned by the program, or pinned (tcx) when the datapath is.
+    /// Attaches `program` to its tc hook ([`attach_type`]) of `ifname`: owned by the program, or pinned (tcx) when
+    /// the datapath is.
     fn attach_new(&mut self, program: &'static str, ifname: &str) -> Result<Attachment, DatapathError> {
         let links_dir = self.links_dir();
         let prog = classifier(&mut self.ebpf, program)?;
         let attach_error = |source| DatapathError::Attach {
             program,
+            hook: if attach_type(program) == TcAttachType::Egress {
+                "egress"
+            } else {
+                "ingress"
+            },
             ifname: ifname.to_owned(),
             source: Box::new(source),
         };
         let Some(links_dir) = links_dir else {
             return prog
-                .attach(ifname, TcAttachType::Ingress)
+                .attach(ifname, attach_type(program))
                 .map(Attachment::Owned)
                 .map_err(attach_error);
         };
         let id = prog
             .attach_with_options(
                 ifname,
-                TcAttachType::Ingress,
+                attach_type(program),
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
             .map_err(attach_error)?;
@@ -1041,55 +1060,102 @@ impl Datapath {
     ///
     /// When the interface does not exist in the calling thread's network namespace or the kernel refuses.
     pub fn attach_endpoint(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        let program = programs::FROM_POD;
-        let current = crate::netdev::ifindex(ifname).ok();
-        if self.endpoint_links.contains_key(ifname) {
-            let still_attached = match self.endpoint_ifindex.get(ifname) {
-                Some(idx) => current == Some(*idx),
-                // Adopted: attached to this interface if tcx lists the program on it.
-                None => Self::tcx_ingress_programs(ifname).is_ok_and(|p| p.iter().any(|n| n == program)),
-            };
-            if still_attached {
-                if let Some(idx) = current {
-                    self.endpoint_ifindex.insert(ifname.to_owned(), idx);
-                }
-                return Ok(());
-            }
-            // The interface was re-created under the same name: the old link died with the old interface.
-            info!(ifname, "interface re-created: attaching again");
-            if let Some(old) = self.endpoint_links.remove(ifname)
-                && let Err(e) = self.detach_attachment(program, ifname.to_owned(), old)
-            {
-                warn!(ifname, error = %e, "releasing the link of the old interface");
-            }
-            self.endpoint_ifindex.remove(ifname);
-        }
-        let link = self.attach_new(program, ifname)?;
-        self.endpoint_links.insert(ifname.to_owned(), link);
-        if let Some(idx) = current {
-            self.endpoint_ifindex.insert(ifname.to_owned(), idx);
-        }
-        Ok(())
+        self.attach_to_endpoint(programs::FROM_POD, ifname)
     }
 
-    /// Detaches `from_pod` from a pod's veth. Not attached (or already gone with its pod) is not an error.
+    /// Attaches `to_pod` to tc egress (tcx) of a pod's host-side veth: the node's own connections to the pod are
+    /// tracked so that its replies pass its egress policy (kubelet probes). The agent attaches it to every pod veth
+    /// while the node has policy ([`mesh_common::node_flags::POLICY`]), before any endpoint is enforced.
+    /// Idempotent per interface name.
+    ///
+    /// # Errors
+    ///
+    /// When the interface does not exist in the calling thread's network namespace or the kernel refuses.
+    pub fn attach_host_tracking(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.attach_to_endpoint(programs::TO_POD, ifname)
+    }
+
+    /// Detaches `to_pod` from a pod's veth (the node has no policy any more). Not attached is not an error.
     ///
     /// # Errors
     ///
     /// When the kernel refuses to detach.
-    pub fn detach_endpoint(&mut self, ifname: &str) -> Result<(), DatapathError> {
-        let program = programs::FROM_POD;
-        self.endpoint_ifindex.remove(ifname);
-        let Some(link) = self.endpoint_links.remove(ifname) else {
+    pub fn detach_host_tracking(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        self.detach_from_endpoint(programs::TO_POD, ifname)
+    }
+
+    fn attach_to_endpoint(&mut self, program: &'static str, ifname: &str) -> Result<(), DatapathError> {
+        let key = (program, ifname.to_owned());
+        let current = crate::netdev::ifindex(ifname).ok();
+        if self.endpoint_links.contains_key(&key) {
+            let still_attached = match self.endpoint_ifindex.get(&key) {
+                Some(idx) => current == Some(*idx),
+                // Adopted: attached to this interface if tcx lists the program on it.
+                None => Self::tcx_programs(ifname, attach_type(program))
+                    .is_ok_and(|p| p.iter().any(|n| n == program)),
+            };
+            if still_attached {
+                if let Some(idx) = current {
+                    self.endpoint_ifindex.insert(key, idx);
+                }
+                return Ok(());
+            }
+            // The interface was re-created under the same name: the old link died with the old interface.
+            info!(ifname, program, "interface re-created: attaching again");
+            if let Some(old) = self.endpoint_links.remove(&key)
+                && let Err(e) = self.detach_attachment(program, ifname.to_owned(), old)
+            {
+                warn!(ifname, program, error = %e, "releasing the link of the old interface");
+            }
+            self.endpoint_ifindex.remove(&key);
+        }
+        let link = self.attach_new(program, ifname)?;
+        self.endpoint_links.insert(key.clone(), link);
+        if let Some(idx) = current {
+            self.endpoint_ifindex.insert(key, idx);
+        }
+        Ok(())
+    }
+
+    fn detach_from_endpoint(&mut self, program: &'static str, ifname: &str) -> Result<(), DatapathError> {
+        let key = (program, ifname.to_owned());
+        self.endpoint_ifindex.remove(&key);
+        let Some(link) = self.endpoint_links.remove(&key) else {
             return Ok(());
         };
         self.detach_attachment(program, ifname.to_owned(), link)
     }
 
+    /// Detaches `from_pod` (and `to_pod`, if attached) from a pod's veth. Not attached (or already gone with its
+    /// pod) is not an error.
+    ///
+    /// # Errors
+    ///
+    /// When the kernel refuses to detach.
+    pub fn detach_endpoint(&mut self, ifname: &str) -> Result<(), DatapathError> {
+        let host = self.detach_from_endpoint(programs::TO_POD, ifname);
+        self.detach_from_endpoint(programs::FROM_POD, ifname)?;
+        host
+    }
+
     /// Interfaces `from_pod` is attached to, sorted.
     #[must_use]
     pub fn attached_endpoints(&self) -> Vec<String> {
-        self.endpoint_links.keys().cloned().collect()
+        self.links_of(programs::FROM_POD)
+    }
+
+    /// Interfaces `to_pod` is attached to, sorted.
+    #[must_use]
+    pub fn host_tracking_endpoints(&self) -> Vec<String> {
+        self.links_of(programs::TO_POD)
+    }
+
+    fn links_of(&self, program: &str) -> Vec<String> {
+        self.endpoint_links
+            .keys()
+            .filter(|(p, _)| *p == program)
+            .map(|(_, ifname)| ifname.clone())
+            .collect()
     }
 
     /// Interface `from_overlay` is attached to, if any.
@@ -1105,12 +1171,24 @@ impl Datapath {
     ///
     /// When the interface does not exist or the kernel refuses the query.
     pub fn tcx_ingress_programs(ifname: &str) -> Result<Vec<String>, DatapathError> {
+        Self::tcx_programs(ifname, TcAttachType::Ingress)
+    }
+
+    /// Names of the programs attached (through tcx) to tc egress of `ifname`, as
+    /// [`Datapath::tcx_ingress_programs`].
+    ///
+    /// # Errors
+    ///
+    /// When the interface does not exist or the kernel refuses the query.
+    pub fn tcx_egress_programs(ifname: &str) -> Result<Vec<String>, DatapathError> {
+        Self::tcx_programs(ifname, TcAttachType::Egress)
+    }
+
+    fn tcx_programs(ifname: &str, hook: TcAttachType) -> Result<Vec<String>, DatapathError> {
         let (_revision, infos) =
-            SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).map_err(|source| {
-                DatapathError::Query {
-                    ifname: ifname.to_owned(),
-                    source: Box::new(source),
-                }
+            SchedClassifier::query_tcx(ifname, hook).map_err(|source| DatapathError::Query {
+                ifname: ifname.to_owned(),
+                source: Box::new(source),
             })?;
         Ok(infos
             .iter()

@@ -193,12 +193,12 @@ impl Reconciler {
             ));
         }
 
+        // Policy checks are switched on before any endpoint is enforced, and off only after a pass that left none
+        // enforced (see `node_flags::POLICY`); the same goes for `to_pod` on the pod veths (reconcile_endpoints).
+        let policy_on = !local.network_policies.is_empty() || self.policy_enforced;
         // Node config.
         match netdev::ifindex(&self.vxlan_ifname) {
             Ok(vx) => {
-                // Policy checks are switched on before any endpoint is enforced, and off only after a pass that
-                // left none enforced (see `node_flags::POLICY`).
-                let policy_on = !local.network_policies.is_empty() || self.policy_enforced;
                 st.policy_checks = policy_on;
                 let cfg = NodeConfig {
                     vxlan_ifindex: vx,
@@ -220,7 +220,7 @@ impl Reconciler {
             Err(e) => st.errors.push(format!("VXLAN device {}: {e}", self.vxlan_ifname)),
         }
 
-        self.reconcile_endpoints(local, &mut st);
+        self.reconcile_endpoints(local, policy_on, &mut st);
         // Identities and addresses before services (docs/POLICY.md): a new backend's identity is known by the time
         // traffic can be balanced to it.
         let programmed: BTreeMap<Ipv4Addr, String> = st
@@ -338,7 +338,10 @@ impl Reconciler {
         st
     }
 
-    fn reconcile_endpoints(&mut self, local: &ClusterState, st: &mut DatapathStatus) {
+    /// Programs the local endpoints: their entries, `from_pod` on every pod veth, and `to_pod` on every pod veth
+    /// while `policy_on` (the node's own connections to pods with egress policy get their replies back; nodes
+    /// without policy do not run it at all).
+    fn reconcile_endpoints(&mut self, local: &ClusterState, policy_on: bool, st: &mut DatapathStatus) {
         let desired = desired::endpoints(&self.me, local);
         let mut keep_ips = BTreeSet::new();
         let mut keep_ifs = BTreeSet::new();
@@ -376,6 +379,15 @@ impl Reconciler {
                 Ok(ep)
             })();
             keep_ifs.insert(d.ifname.clone());
+            // Without it only the endpoint's replies to the node suffer: reported, the endpoint stays programmed.
+            let host_tracking = if policy_on {
+                self.dp.attach_host_tracking(&d.ifname)
+            } else {
+                self.dp.detach_host_tracking(&d.ifname)
+            };
+            if let (Ok(_), Err(e)) = (&result, host_tracking) {
+                st.errors.push(format!("{e:#}"));
+            }
             match result {
                 Ok(_) => {
                     keep_ips.insert(d.ipv4);
@@ -408,7 +420,11 @@ impl Reconciler {
                 Err(e) => st.errors.push(format!("{e:#}")),
             }
         }
-        for ifname in self.dp.attached_endpoints() {
+        let mut attached = self.dp.attached_endpoints();
+        attached.extend(self.dp.host_tracking_endpoints());
+        attached.sort();
+        attached.dedup();
+        for ifname in attached {
             if !keep_ifs.contains(&ifname)
                 && let Err(e) = self.dp.detach_endpoint(&ifname)
             {

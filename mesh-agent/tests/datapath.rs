@@ -289,7 +289,15 @@ fn attaching_to_a_missing_interface_names_it() {
     let err = dp.attach_overlay("fm-missing1").unwrap_err();
     assert!(err.to_string().contains("fm-missing1"), "{err}");
     assert_eq!(dp.attached_overlay(), None);
+    let err = dp.attach_host_tracking("fm-missing2").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("to_pod to tc egress of interface \"fm-missing2\""),
+        "{err}"
+    );
+    assert!(dp.host_tracking_endpoints().is_empty());
     dp.detach_endpoint("fm-missing0").unwrap();
+    dp.detach_host_tracking("fm-missing2").unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -412,6 +420,67 @@ fn an_interface_re_created_under_the_same_name_is_attached_again() {
             drop(dp);
         }
     }
+}
+
+/// `to_pod` runs on tc egress of a pod veth, next to `from_pod` on ingress: attached and detached on its own, its
+/// pinned link kept attached while no agent runs and adopted by the next one, both links gone with the endpoint.
+#[test]
+fn host_tracking_runs_on_tc_egress_and_is_adopted_across_restarts() {
+    let mut lab = Lab::new("topod");
+    let node = lab.netns("node");
+    let pins = pins::Pins::new("topod");
+    ip(&[
+        "-n", &node, "link", "add", "fmt-x", "type", "veth", "peer", "name", "fmt-y",
+    ]);
+    let hooks = || {
+        in_netns(&node, || {
+            (
+                Datapath::tcx_ingress_programs("fmt-x").expect("query tcx ingress"),
+                Datapath::tcx_egress_programs("fmt-x").expect("query tcx egress"),
+            )
+        })
+    };
+    let both = || {
+        (
+            vec![FROM_POD.to_owned()],
+            vec![mesh_common::programs::TO_POD.to_owned()],
+        )
+    };
+    let dp = in_netns(&node, || {
+        let mut dp = Datapath::load_pinned(pins.path()).expect("load pinned");
+        dp.attach_endpoint("fmt-x").unwrap();
+        dp.attach_host_tracking("fmt-x").unwrap();
+        dp.attach_host_tracking("fmt-x").unwrap();
+        dp
+    });
+    assert_eq!(hooks(), both());
+    assert_eq!(dp.attached_endpoints(), ["fmt-x"]);
+    assert_eq!(dp.host_tracking_endpoints(), ["fmt-x"]);
+    drop(dp);
+    assert_eq!(hooks(), both(), "attached while no agent runs");
+
+    let mut dp = in_netns(&node, || Datapath::load_pinned(pins.path()).expect("adopt"));
+    assert_eq!(dp.adoption().links_adopted, ["from_pod@fmt-x", "to_pod@fmt-x"]);
+    in_netns(&node, || dp.attach_host_tracking("fmt-x")).unwrap();
+    assert_eq!(hooks(), both(), "the adopted link is checked, not doubled");
+    let settles = |want: (Vec<String>, Vec<String>)| {
+        eventually(Duration::from_secs(5), || {
+            let have = hooks();
+            if have == want {
+                Ok(())
+            } else {
+                Err(format!("{have:?}, want {want:?}"))
+            }
+        })
+    };
+    in_netns(&node, || dp.detach_host_tracking("fmt-x")).unwrap();
+    settles((vec![FROM_POD.to_owned()], vec![])).unwrap();
+    assert_eq!(dp.host_tracking_endpoints(), Vec::<String>::new());
+    in_netns(&node, || dp.attach_host_tracking("fmt-x")).unwrap();
+    assert_eq!(hooks(), both());
+    in_netns(&node, || dp.detach_endpoint("fmt-x")).unwrap();
+    settles((vec![], vec![])).unwrap();
+    assert!(!pins.path().join("links/to_pod@fmt-x").exists());
 }
 
 #[test]

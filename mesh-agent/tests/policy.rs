@@ -3,6 +3,8 @@
 //! - `BPF_PROG_TEST_RUN` of `from_pod` on crafted frames: the lookup order (the winning rule is read back from
 //!   the flow event ring), drops by direction and for pending identities with their counters and events, replies
 //!   passing through policy conntrack, the atomic replacement of a table, the flow event rate limit.
+//! - `BPF_PROG_TEST_RUN` of `to_pod` then `from_pod`: connections the node opens to a pod with egress policy get
+//!   their replies back, while the pod still cannot open connections to the node.
 //! - Two nodes over VXLAN (network namespaces removed by a guard): the source identity of overlay packets comes
 //!   from the VNI and the sending node's `TUNNEL_PEERS` entry.
 mod common;
@@ -13,15 +15,16 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use common::{
-    FROM_OVERLAY, FROM_POD, Lab, Nodes, POD_A, POD_B, REMOTE_POD, TC_ACT_REDIRECT, TC_ACT_SHOT, endpoint,
-    eventually, loaded, node_datapath, nonzero, ping, program_ipcache,
+    FROM_OVERLAY, FROM_POD, Lab, Nodes, POD_A, POD_B, REMOTE_POD, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    endpoint, eventually, loaded, node_datapath, nonzero, ping, program_ipcache,
 };
 use mesh_agent::datapath::{
     Datapath, DatapathError, EndpointPolicy, InstalledPolicy, PolicyRule, parse_flow_event,
 };
 use mesh_common::{
-    BackendV4, Counter, FlowEvent, HAIRPIN_IPV4, LocalEndpoint, NodeConfig, PolicyEntry, PolicyKey, RevNatV4,
-    ServiceEntry, ServiceKeyV4, SlotKey, flow_verdict, identity, policy_dir, policy_flags, proto,
+    BackendV4, Counter, CtKeyV4, FlowEvent, HAIRPIN_IPV4, LocalEndpoint, NodeConfig, PolicyEntry, PolicyKey,
+    RevNatV4, ServiceEntry, ServiceKeyV4, SlotKey, ct_dir, flow_verdict, identity, policy_dir, policy_flags,
+    proto,
 };
 
 const ID_A: u32 = identity::compose(1, 300);
@@ -115,6 +118,194 @@ fn run(dp: &mut Datapath, frame: &[u8]) -> u32 {
 
 fn counter(dp: &Datapath, c: Counter) -> u64 {
     dp.counter(c).unwrap()
+}
+
+const TO_POD: &str = mesh_common::programs::TO_POD;
+
+/// A packet the node's stack sends into a pod (`to_pod`, tc egress of the pod's veth): its verdict.
+fn into_pod(dp: &mut Datapath, frame: &[u8]) -> u32 {
+    dp.test_run(TO_POD, frame).unwrap().return_value
+}
+
+/// The POLICY conntrack entries.
+fn policy_ct(dp: &Datapath) -> Vec<CtKeyV4> {
+    dp.conntrack()
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.dir == ct_dir::POLICY)
+        .collect()
+}
+
+fn ct_key(protocol: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> CtKeyV4 {
+    CtKeyV4 {
+        saddr: src.octets(),
+        daddr: dst.octets(),
+        sport_be: sport.to_be(),
+        dport_be: dport.to_be(),
+        proto: protocol,
+        dir: ct_dir::POLICY,
+        _pad: 0,
+    }
+}
+
+fn deny_all_egress(dp: &mut Datapath, ip: Ipv4Addr, id: u32) {
+    dp.replace_endpoint_policy(
+        ip,
+        id,
+        &EndpointPolicy {
+            ingress: None,
+            egress: Some(vec![]),
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_node_s_connections_to_a_pod_with_egress_deny_all_get_their_replies() {
+    let mut dp = datapath();
+    deny_all_egress(&mut dp, POD_A, ID_A);
+    // What the fix is about: a SYN-ACK to the node whose SYN no program saw is a new egress flow, and denied.
+    assert_eq!(
+        run(&mut dp, &tcp(POD_A, 8080, NODE_IP, 51000, SYN | ACK)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(counter(&dp, Counter::DropPolicyEgress), 1);
+
+    // The node's SYN (a kubelet probe) passes to_pod, which never drops, and is recorded.
+    assert_eq!(
+        into_pod(&mut dp, &tcp(NODE_IP, 51000, POD_A, 8080, SYN)),
+        TC_ACT_OK
+    );
+    assert_eq!(policy_ct(&dp), [ct_key(proto::TCP, NODE_IP, 51000, POD_A, 8080)]);
+    // Now the pod's answers pass as replies (to the node's stack).
+    assert_eq!(
+        run(&mut dp, &tcp(POD_A, 8080, NODE_IP, 51000, SYN | ACK)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        into_pod(&mut dp, &tcp(NODE_IP, 51000, POD_A, 8080, ACK)),
+        TC_ACT_OK
+    );
+    assert_eq!(run(&mut dp, &tcp(POD_A, 8080, NODE_IP, 51000, ACK)), TC_ACT_OK);
+    assert_eq!(counter(&dp, Counter::PolicyReply), 2);
+    // The pod still cannot open a connection to the node, not even to the port the probe came from.
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40000, NODE_IP, 22, SYN)), TC_ACT_SHOT);
+    assert_eq!(run(&mut dp, &tcp(POD_A, 8081, NODE_IP, 51000, SYN)), TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Counter::DropPolicyEgress), 3);
+
+    // Only a SYN opens a TCP connection: a stray segment from the node opens nothing.
+    assert_eq!(
+        into_pod(&mut dp, &tcp(NODE_IP, 51001, POD_A, 8080, ACK)),
+        TC_ACT_OK
+    );
+    assert_eq!(run(&mut dp, &tcp(POD_A, 8080, NODE_IP, 51001, ACK)), TC_ACT_SHOT);
+    // Packets the node forwards from elsewhere are not the node's.
+    let outside = Ipv4Addr::new(192, 0, 2, 1);
+    assert_eq!(
+        into_pod(&mut dp, &tcp(outside, 51002, POD_A, 8080, SYN)),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run(&mut dp, &tcp(POD_A, 8080, outside, 51002, SYN | ACK)),
+        TC_ACT_SHOT
+    );
+
+    // UDP: the node's datagram is recorded, the pod's answer passes, the pod's own datagrams do not.
+    assert_eq!(into_pod(&mut dp, &udp(NODE_IP, 51003, POD_A, 5353)), TC_ACT_OK);
+    assert_eq!(run(&mut dp, &udp(POD_A, 5353, NODE_IP, 51003)), TC_ACT_OK);
+    assert_eq!(run(&mut dp, &udp(POD_A, 5353, NODE_IP, 53)), TC_ACT_SHOT);
+    // ICMP: the node's echo request lets the echo reply out.
+    let icmp = |src, dst| frame(proto::ICMP, src, 0, dst, 0, 0);
+    assert_eq!(run(&mut dp, &icmp(POD_A, NODE_IP)), TC_ACT_SHOT);
+    assert_eq!(into_pod(&mut dp, &icmp(NODE_IP, POD_A)), TC_ACT_OK);
+    assert_eq!(run(&mut dp, &icmp(POD_A, NODE_IP)), TC_ACT_OK);
+    assert_eq!(
+        policy_ct(&dp),
+        [
+            ct_key(proto::ICMP, NODE_IP, 0, POD_A, 0),
+            ct_key(proto::TCP, NODE_IP, 51000, POD_A, 8080),
+            ct_key(proto::UDP, NODE_IP, 51003, POD_A, 5353),
+        ]
+    );
+    assert_eq!(counter(&dp, Counter::PolicyReply), 4);
+    assert_eq!(counter(&dp, Counter::DropPolicyEgress), 7);
+}
+
+#[test]
+fn the_node_s_answers_do_not_revive_a_pod_s_revoked_connection_to_the_node() {
+    let mut dp = datapath();
+    // A may query the node on UDP 53.
+    dp.replace_endpoint_policy(
+        POD_A,
+        ID_A,
+        &EndpointPolicy {
+            ingress: None,
+            egress: Some(vec![rule(identity::HOST, proto::UDP, 53, 16, 1)]),
+        },
+    )
+    .unwrap();
+    assert_eq!(run(&mut dp, &udp(POD_A, 40000, NODE_IP, 53)), TC_ACT_OK);
+    // The node's answer is the reply of A's flow, not a flow of the node's.
+    assert_eq!(into_pod(&mut dp, &udp(NODE_IP, 53, POD_A, 40000)), TC_ACT_OK);
+    assert_eq!(policy_ct(&dp), [ct_key(proto::UDP, POD_A, 40000, NODE_IP, 53)]);
+    // Revoked: A's next query is dropped although the node keeps answering.
+    deny_all_egress(&mut dp, POD_A, ID_A);
+    assert_eq!(into_pod(&mut dp, &udp(NODE_IP, 53, POD_A, 40000)), TC_ACT_OK);
+    assert_eq!(run(&mut dp, &udp(POD_A, 40000, NODE_IP, 53)), TC_ACT_SHOT);
+}
+
+#[test]
+fn to_pod_leaves_pods_without_egress_policy_and_nodes_without_policy_alone() {
+    let mut dp = datapath();
+    // B has only ingress policy: its replies pass egress anyway, nothing to record for the node's flows.
+    dp.replace_endpoint_policy(
+        POD_B,
+        ID_B,
+        &EndpointPolicy {
+            ingress: Some(vec![]),
+            egress: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        into_pod(&mut dp, &tcp(NODE_IP, 51000, POD_B, 8080, SYN)),
+        TC_ACT_OK
+    );
+    // A has no policy at all.
+    assert_eq!(
+        into_pod(&mut dp, &tcp(NODE_IP, 51001, POD_A, 8080, SYN)),
+        TC_ACT_OK
+    );
+    assert_eq!(into_pod(&mut dp, &udp(NODE_IP, 51002, POD_A, 5353)), TC_ACT_OK);
+    assert_eq!(policy_ct(&dp), [], "nothing recorded");
+    assert_eq!(nonzero(&dp), [], "to_pod counts nothing");
+    // A's answer to the node: unpoliced, forwarded as before, not tracked.
+    assert_eq!(
+        run(&mut dp, &tcp(POD_A, 8080, NODE_IP, 51001, SYN | ACK)),
+        TC_ACT_OK
+    );
+    assert_eq!(nonzero(&dp), [(Counter::PassStack, 1)]);
+    assert_eq!(policy_ct(&dp), []);
+
+    // A node without policy (flag off) records nothing, even for a pod whose egress table is still there.
+    deny_all_egress(&mut dp, POD_A, ID_A);
+    let cfg = dp.node_config().unwrap();
+    dp.set_node_config(NodeConfig { flags: 0, ..cfg }).unwrap();
+    assert_eq!(
+        into_pod(&mut dp, &tcp(NODE_IP, 51003, POD_A, 8080, SYN)),
+        TC_ACT_OK
+    );
+    assert_eq!(policy_ct(&dp), []);
+    // Non-IPv4 and malformed frames pass untouched.
+    dp.set_node_config(cfg).unwrap();
+    let mut arp = tcp(NODE_IP, 51004, POD_A, 8080, SYN);
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    assert_eq!(into_pod(&mut dp, &arp), TC_ACT_OK);
+    let mut bad = tcp(NODE_IP, 51005, POD_A, 8080, SYN);
+    bad[14] = 0x65;
+    assert_eq!(into_pod(&mut dp, &bad), TC_ACT_OK);
+    assert_eq!(policy_ct(&dp), []);
 }
 
 #[test]

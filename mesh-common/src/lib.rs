@@ -47,6 +47,9 @@ pub mod programs {
     pub const FROM_POD: &str = "from_pod";
     /// tc ingress on the node's VXLAN device (external / collect-metadata mode): packets from other nodes.
     pub const FROM_OVERLAY: &str = "from_overlay";
+    /// tc egress on the host side of a pod veth: what the node's own stack sends into a pod (attached only while
+    /// the node has policy). Records the node's new flows to egress-enforced pods in policy conntrack.
+    pub const TO_POD: &str = "to_pod";
 }
 
 /// Capacity of the IPv4 ipcache (prefixes of every node of every cluster, later every remote pod IP).

@@ -29,7 +29,7 @@ mod bpf {
         FlowEvent, FlowRate, IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig,
         POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, REVNAT_MAX_ENTRIES, RevNatV4, SERVICES_MAX_ENTRIES,
         SLOTS_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SlotKey, TUNNEL_PEERS_MAX_ENTRIES, TunnelPeer,
-        flow_verdict, node_flags,
+        flow_verdict, node_flags, proto,
     };
     use mesh_ebpf::{
         Drop, ETH_HLEN, Forward, Frame, IPV4_CSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, Ipv4Header,
@@ -656,6 +656,46 @@ mod bpf {
             Frame::Other { .. } => Ok(Forward::Pass),
         });
         finish(&ctx, decision)
+    }
+
+    /// tc egress on the host side of a pod's veth: what the node's own stack sends into the pod (local delivery
+    /// from other pods and the overlay uses `bpf_redirect_peer` and never passes here). The agent attaches it only
+    /// while the node has policy. A connection the node opens to a pod whose egress is enforced (a kubelet probe)
+    /// is recorded in policy conntrack, so the pod's replies pass `from_pod` as replies. Never drops.
+    #[classifier]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "#[classifier] hands the context over by value"
+    )]
+    pub fn to_pod(ctx: TcContext) -> i32 {
+        let Some(cfg) = NODE_CONFIG.get(0) else {
+            return TC_ACT_OK;
+        };
+        if cfg.flags & node_flags::POLICY == 0 {
+            return TC_ACT_OK;
+        }
+        if let Ok(Frame::Ipv4(ip)) = read_frame(&ctx) {
+            track_host_flow(&ctx, cfg, &ip);
+        }
+        TC_ACT_OK
+    }
+
+    /// [`to_pod`] for an IPv4 packet: the gates cheapest first (source address, then the endpoint's flags), then
+    /// the transport header.
+    #[inline(always)]
+    fn track_host_flow(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4Header) {
+        if !policy::tracks_host_flows(cfg, ip.src) || !policy::egress_enforced(endpoint_ref(ip.dst)) {
+            return;
+        }
+        let icmp_type = if ip.proto == proto::ICMP && !ip.is_later_fragment() {
+            ctx.load::<u8>(ip.l4_offset()).ok()
+        } else {
+            None
+        };
+        let l4 = read_l4(ctx, ip);
+        if let Some(tuple) = policy::host_flow_opener(ip, l4.as_ref(), icmp_type) {
+            policy::record_host_flow(&KernelMaps, &tuple);
+        }
     }
 
     /// Licence of the programs, read by the loader (GPL-compatible, so GPL-only helpers stay available).

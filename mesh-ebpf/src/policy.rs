@@ -7,18 +7,24 @@
 //! - [`lookup`]: one endpoint's policy table in one direction, in the order documented on [`PolicyKey`].
 //! - [`check`]: the verdict on a packet: a reply of a flow a policy allowed passes (policy conntrack), otherwise
 //!   the source endpoint's egress and the destination endpoint's ingress are checked where enforced.
+//! - [`tracks_host_flows`] / [`host_flow_opener`] / [`record_host_flow`]: connections the node itself opens to a
+//!   pod with egress policy (kubelet probes) are recorded in policy conntrack by `to_pod`, so that the pod's
+//!   replies pass its egress check like the replies of any allowed flow.
 //! - [`take_token`]: the per-CPU token bucket that limits flow events.
 //!
 //! Like the rest of the crate this never panics and has no unbounded loop.
 use mesh_common::{
-    Counter, CtKeyV4, DEFAULT_FLOW_EVENTS_PER_SEC, FlowRate, HAIRPIN_IPV4, LocalEndpoint, PolicyEntry,
-    PolicyKey, TunnelPeer, ct_dir, identity, policy_dir, policy_flags,
+    Counter, CtKeyV4, DEFAULT_FLOW_EVENTS_PER_SEC, FlowRate, HAIRPIN_IPV4, LocalEndpoint, NodeConfig,
+    PolicyEntry, PolicyKey, TunnelPeer, ct_dir, identity, node_flags, policy_dir, policy_flags, proto,
 };
 
 use crate::{
     Drop, Ipv4Header, Maps,
-    lb::{Flow, Translation},
+    lb::{Flow, L4, Translation},
 };
+
+/// ICMP type of an echo request.
+pub const ICMP_ECHO_REQUEST: u8 = 8;
 
 /// Largest port prefix length (an exact port).
 pub const MAX_PORT_PLEN: u8 = 16;
@@ -116,10 +122,7 @@ pub fn address_identity(addr: [u8; 4], maps: &impl Maps) -> u32 {
     let known = match maps.endpoint(addr) {
         Some(ep) => ep.identity,
         None => {
-            if maps
-                .node_config()
-                .is_some_and(|cfg| cfg.node_ipv4 != 0 && cfg.node_ipv4 == u32::from_be_bytes(addr))
-            {
+            if maps.node_config().is_some_and(|cfg| is_node_address(addr, &cfg)) {
                 return identity::HOST;
             }
             match maps.ipcache(addr) {
@@ -129,6 +132,61 @@ pub fn address_identity(addr: [u8; 4], maps: &impl Maps) -> u32 {
         }
     };
     known_or_pending(known)
+}
+
+/// Whether `addr` is this node's own address: the peer identity [`identity::HOST`].
+#[must_use]
+pub fn is_node_address(addr: [u8; 4], cfg: &NodeConfig) -> bool {
+    cfg.node_ipv4 != 0 && cfg.node_ipv4 == u32::from_be_bytes(addr)
+}
+
+/// First gate of `to_pod` (what the node's stack sends into a pod): whether a packet from `src` may open a flow
+/// that policy conntrack must know, that is whether some endpoint may have a policy ([`node_flags::POLICY`]) and
+/// the packet comes from this node ([`identity::HOST`]). Forwarded traffic (replies from outside to a pod's own
+/// flows, which conntrack knows already) is left alone.
+#[must_use]
+pub fn tracks_host_flows(cfg: &NodeConfig, src: [u8; 4]) -> bool {
+    cfg.flags & node_flags::POLICY != 0 && is_node_address(src, cfg)
+}
+
+/// Second gate of `to_pod`: whether the receiving endpoint enforces egress (only its replies to the node would be
+/// judged as new flows to [`identity::HOST`]; without egress policy they pass anyway).
+#[must_use]
+pub fn egress_enforced(ep: Option<&LocalEndpoint>) -> bool {
+    ep.is_some_and(|ep| ep.policy_flags & policy_flags::EGRESS_ENFORCED != 0)
+}
+
+/// The tuple of a packet from the node that opens a connection to a pod: a TCP SYN (without ACK), any UDP
+/// datagram (UDP has no opening packet), an ICMP echo request (`icmp_type` read from the packet, `None` when
+/// unreadable). Anything else (TCP segments of established connections, ICMP errors, later fragments, other
+/// protocols) opens nothing: a pod's own connection to the node that its egress policy no longer allows does not
+/// come back to life because the node answers it. `l4` is the packet's transport tuple ([`crate::lb::parse_l4`]).
+#[must_use]
+pub fn host_flow_opener(ip: &Ipv4Header, l4: Option<&L4>, icmp_type: Option<u8>) -> Option<Flow> {
+    match (ip.proto, l4) {
+        (proto::TCP, Some(l4)) if l4.syn => Some(l4.flow),
+        (proto::UDP, Some(l4)) => Some(l4.flow),
+        (proto::ICMP, _) if !ip.is_later_fragment() && icmp_type == Some(ICMP_ECHO_REQUEST) => {
+            Some(portless_tuple(ip))
+        }
+        _ => None,
+    }
+}
+
+/// Records a flow the node opens to a pod (`tuple`, from [`host_flow_opener`]) in policy conntrack, as
+/// [`check`] records the flows a policy allowed: the pod's replies then pass as replies. Not for a packet that is
+/// itself the reply of a flow the pod opened (its reverse tuple is tracked): that flow stays the pod's, judged by
+/// its egress policy on every packet. Returns whether an entry was written.
+pub fn record_host_flow(maps: &impl PolicyMaps, tuple: &Flow) -> bool {
+    if maps.policy_ct(&tuple.reversed().ct_key(ct_dir::POLICY)) {
+        return false;
+    }
+    let key = tuple.ct_key(ct_dir::POLICY);
+    if maps.policy_ct(&key) {
+        return false;
+    }
+    maps.policy_ct_insert(&key);
+    true
 }
 
 /// The identity of `addr` when its endpoint lookup (`ep`) is already done: the endpoint's, else as
@@ -1113,5 +1171,125 @@ mod tests {
             u64::MAX,
             u64::from(u32::MAX)
         ));
+    }
+
+    #[test]
+    fn the_node_s_flows_to_an_egress_enforced_pod_get_their_replies_back() {
+        const NODE: [u8; 4] = [172, 18, 0, 2];
+        let cfg = NodeConfig {
+            node_ipv4: u32::from_be_bytes(NODE),
+            flags: node_flags::POLICY,
+            ..Default::default()
+        };
+        assert!(tracks_host_flows(&cfg, NODE));
+        assert!(
+            !tracks_host_flows(&cfg, OUTSIDE),
+            "forwarded traffic is not the node's"
+        );
+        let off = NodeConfig { flags: 0, ..cfg };
+        assert!(
+            !tracks_host_flows(&off, NODE),
+            "no policy on the node: nothing to do"
+        );
+        assert!(
+            !tracks_host_flows(&NodeConfig::default(), [0; 4]),
+            "no node address yet"
+        );
+
+        // A denies all egress.
+        let mut m = TestMaps::default();
+        let mut a = ep(ID_A, 1);
+        assert!(!egress_enforced(Some(&a)) && !egress_enforced(None));
+        m.table(&mut a, policy_dir::EGRESS, &[]);
+        assert!(egress_enforced(Some(&a)));
+        let ip = |p: u8, frag_off: u16| Ipv4Header {
+            src: NODE,
+            dst: POD_A,
+            header_len: 20,
+            total_len: 60,
+            proto: p,
+            frag_off,
+        };
+        let l4 = |flow: Flow, syn: bool| L4 {
+            flow,
+            offset: 34,
+            syn,
+            rst: false,
+        };
+        let probe = tcp(NODE, 51000, POD_A, 8080);
+        assert_eq!(
+            host_flow_opener(&ip(proto::TCP, 0), Some(&l4(probe, true)), None),
+            Some(probe)
+        );
+        assert_eq!(
+            host_flow_opener(&ip(proto::TCP, 0), Some(&l4(probe, false)), None),
+            None,
+            "only a SYN opens a TCP connection"
+        );
+        let dgram = Flow {
+            proto: proto::UDP,
+            ..tcp(NODE, 51001, POD_A, 5353)
+        };
+        assert_eq!(
+            host_flow_opener(&ip(proto::UDP, 0), Some(&l4(dgram, false)), None),
+            Some(dgram)
+        );
+        let echo = portless_tuple(&ip(proto::ICMP, 0));
+        assert_eq!(
+            host_flow_opener(&ip(proto::ICMP, 0), None, Some(ICMP_ECHO_REQUEST)),
+            Some(echo)
+        );
+        assert_eq!(
+            host_flow_opener(&ip(proto::ICMP, 0), None, Some(3)),
+            None,
+            "ICMP errors"
+        );
+        assert_eq!(
+            host_flow_opener(&ip(proto::ICMP, 0x10), None, Some(8)),
+            None,
+            "later fragment"
+        );
+        assert_eq!(host_flow_opener(&ip(47, 0), None, None), None, "GRE");
+
+        // The probe is recorded once; the pod's SYN-ACK is a reply; the pod cannot open its own connection.
+        assert!(record_host_flow(&m, &probe));
+        assert!(!record_host_flow(&m, &probe), "known already");
+        let out = Ends {
+            src_ep: Some(&a),
+            dst_ep: None,
+            src_identity: ID_A,
+            dst_identity: identity::HOST,
+        };
+        let v = check(&m, &probe.reversed(), &out).unwrap();
+        assert!(v.reply && !v.new_flow);
+        let denied = check(&m, &tcp(POD_A, 40000, NODE, 22), &out).unwrap_err();
+        assert_eq!(denied.counter(), Counter::DropPolicyEgress);
+        assert!(record_host_flow(&m, &dgram));
+        assert!(check(&m, &dgram.reversed(), &out).unwrap().reply);
+
+        // The node's answer to a flow the pod opened (while allowed) is not a flow of the node's.
+        let mut m = TestMaps::default();
+        let mut a = ep(ID_A, 1);
+        m.table(
+            &mut a,
+            policy_dir::EGRESS,
+            &[(identity::HOST, proto::UDP, 53, 16, 7)],
+        );
+        let query = Flow {
+            proto: proto::UDP,
+            ..tcp(POD_A, 40001, NODE, 53)
+        };
+        let out = Ends {
+            dst_identity: identity::HOST,
+            src_ep: Some(&a),
+            dst_ep: None,
+            src_identity: ID_A,
+        };
+        assert!(check(&m, &query, &out).unwrap().new_flow);
+        assert!(!record_host_flow(&m, &query.reversed()));
+        assert!(!m.ct.borrow().contains(&query.reversed().ct_key(ct_dir::POLICY)));
+        // Revoking the rule stops the pod's flow although the node keeps answering.
+        m.policy.clear();
+        assert!(check(&m, &query, &out).is_err());
     }
 }

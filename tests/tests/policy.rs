@@ -2,10 +2,14 @@
 //! enforced by the eBPF programs on both ends, with real TCP connections between pods of two clusters, flow
 //! events and the compiled policy from the agents' API.
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fleetmesh_tests::{Lab, PodInfo, agent_get, agent_socket, eventually, pods, tcp_line, write_manifest};
+use fleetmesh_tests::{
+    Lab, PodInfo, agent_get, agent_socket, eventually, in_netns, ping, pods, tcp_connect, tcp_line, udp_line,
+    write_manifest,
+};
 
 /// How long a policy change may take to be enforced on the lab (the bench measures the real figure).
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -256,10 +260,59 @@ fn egress_policy_with_cluster_selector_and_policy_view() {
         m.reaches("west/shop/frontend", "west/shop/api-west")
             && m.reaches("west/shop/frontend", "east/shop/api")
     });
+    // The frontend's node: its own namespace is the host, with a listener on its address.
+    let status = m.lab.status().expect("status");
+    let node = status["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["nodes"].as_array().into_iter().flatten())
+        .find(|n| n["name"] == "west-node-1")
+        .cloned()
+        .expect("west-node-1 in the lab status");
+    let (node_ns, node_ip) = (
+        node["netns"].as_str().expect("netns").to_owned(),
+        node["underlayIP"].as_str().expect("underlayIP").to_owned(),
+    );
+    let listener = in_netns(&node_ns, || TcpListener::bind((node_ip.as_str(), 0)))
+        .expect("enter the node namespace")
+        .expect("listen on the node address");
+    let node_port = listener.local_addr().expect("listener address").port();
+    let frontend = m.pod("west/shop/frontend").clone();
+    let host_reaches_frontend =
+        || tcp_line(&node_ns, &frontend.ip, 8080).is_ok_and(|answer| answer == frontend.id);
+    let frontend_reaches_host = || tcp_connect(&frontend.netns, &node_ip, node_port).is_ok();
+    assert!(host_reaches_frontend(), "the node reaches its pod");
+    assert!(
+        frontend_reaches_host(),
+        "the pod reaches its node before any policy"
+    );
+
     m.apply("west", "egress.yaml", EGRESS_POLICY);
     converges("frontend may no longer reach the api of its own cluster", || {
         !m.reaches("west/shop/frontend", "west/shop/api-west")
     });
+    // The egress policy allows nothing towards the node, yet the node's connections to the pod (kubelet probes)
+    // work: the pod's replies pass as replies. The pod still cannot open a connection to the node.
+    for i in 0..5 {
+        assert!(
+            host_reaches_frontend(),
+            "connection {i} from the node to the egress-restricted pod failed"
+        );
+    }
+    assert!(
+        !frontend_reaches_host(),
+        "the egress policy lets the pod connect to its node"
+    );
+    // UDP and ICMP echo from the node are answered too.
+    assert_eq!(
+        udp_line(&node_ns, &frontend.ip, 5353).expect("UDP from the node to the egress-restricted pod"),
+        frontend.id
+    );
+    assert!(
+        ping(&node_ns, &frontend.ip).expect("ping"),
+        "the node pings its egress-restricted pod"
+    );
     // The cluster label in the selector names east explicitly; the port range covers 8080.
     assert!(
         m.reaches("west/shop/frontend", "east/shop/api"),

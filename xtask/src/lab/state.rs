@@ -697,6 +697,20 @@ impl LabState {
             ],
         )?;
         net::ip_in(&node_netns, &["link", "set", &host_ifname, "mtu", POD_MTU, "up"])?;
+        // The node's own route to the pod, as a CNI plugin sets it up: the node (kubelet probes) reaches its pods and
+        // answers them through the host veth; pod-to-pod traffic never uses it (the datapath redirects it).
+        net::ip_in(
+            &node_netns,
+            &[
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                &host_ifname,
+                "scope",
+                "link",
+            ],
+        )?;
         net::ip_in(
             &netns,
             &["link", "set", "eth0", "address", &mac, "mtu", POD_MTU, "up"],
