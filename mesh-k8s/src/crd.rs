@@ -94,16 +94,9 @@ pub struct ObjectStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StagedRolloutStatus {
-    /// `metadata.generation` of the spec the validity describes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// Whether the clustermesh-apiserver accepted the object: `Valid`, or `Invalid` (skipped; a previous valid
-    /// version stays in force) with the reason in `message`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
-    /// Why the object is `Invalid`, naming the field (as the clustermesh-apiserver logs it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
+    /// Validity, as on every fleetmesh object.
+    #[serde(flatten)]
+    pub validity: ObjectStatus,
     /// The cluster's summary of the rollout on the nodes that exist, from their `MeshNode`s (written by the
     /// clustermesh-apiserver when it changes, at most once per 5 s; a change to `Halted` at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
