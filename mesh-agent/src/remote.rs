@@ -151,6 +151,20 @@ impl RemoteCluster {
             syncs: 0,
         }
     }
+
+    /// Refuses the cluster's data: none of it is used (every record dropped, `usable` false) and the state says why.
+    fn refuse(&mut self, reason: String) {
+        self.usable = false;
+        self.nodes.clear();
+        self.services.clear();
+        self.identities.clear();
+        self.ips.clear();
+        self.capacities.clear();
+        self.state = SyncState::Disconnected {
+            since_ms: now_ms(),
+            reason,
+        };
+    }
 }
 
 pub use mesh_kvstore::peer::{RemoteConfig, read_config_dir};
@@ -474,21 +488,12 @@ impl Watcher {
                 if rc.usable {
                     warn!(cluster = %name, holds = ?held, "remote etcd holds another cluster; ignoring its data");
                 }
-                rc.usable = false;
-                rc.nodes.clear();
-                rc.services.clear();
-                rc.identities.clear();
-                rc.ips.clear();
-                rc.capacities.clear();
-                rc.state = SyncState::Disconnected {
-                    since_ms: now_ms(),
-                    reason: format!(
-                        "cluster name mismatch: the etcd at {} holds cluster {}, not {name:?} (the clustermesh config \
-                         file {name:?} points at another cluster's etcd); none of its data is used",
-                        self.cfg.endpoints.join(","),
-                        held.join(", ")
-                    ),
-                };
+                rc.refuse(format!(
+                    "cluster name mismatch: the etcd at {} holds cluster {}, not {name:?} (the clustermesh config \
+                     file {name:?} points at another cluster's etcd); none of its data is used",
+                    self.cfg.endpoints.join(","),
+                    held.join(", ")
+                ));
                 return;
             }
             // A cluster id belongs to one cluster: a second remote cluster with an id in use is refused, and the
@@ -501,19 +506,10 @@ impl Watcher {
                 if rc.usable {
                     warn!(cluster = %name, id = c.id, other = %other, "remote cluster uses another remote cluster's id; ignoring its data");
                 }
-                rc.usable = false;
-                rc.nodes.clear();
-                rc.services.clear();
-                rc.identities.clear();
-                rc.ips.clear();
-                rc.capacities.clear();
-                rc.state = SyncState::Disconnected {
-                    since_ms: now_ms(),
-                    reason: format!(
-                        "cluster id {} is already used by remote cluster {other:?}; none of this cluster's data is used",
-                        c.id
-                    ),
-                };
+                rc.refuse(format!(
+                    "cluster id {} is already used by remote cluster {other:?}; none of this cluster's data is used",
+                    c.id
+                ));
                 return;
             }
             // This cluster's own etcd must hold this cluster's id.
@@ -523,17 +519,11 @@ impl Watcher {
                 if rc.usable {
                     warn!(cluster = %name, id = c.id, my_id, "this cluster's etcd holds another cluster id; ignoring its data");
                 }
-                rc.usable = false;
-                rc.identities.clear();
-                rc.ips.clear();
-                rc.capacities.clear();
-                rc.state = SyncState::Disconnected {
-                    since_ms: now_ms(),
-                    reason: format!(
-                        "the etcd of --kvstore-config holds cluster id {}, not this cluster's id {my_id}",
-                        c.id
-                    ),
-                };
+                // (Its nodes and services are never read: clearing them too changes nothing.)
+                rc.refuse(format!(
+                    "the etcd of --kvstore-config holds cluster id {}, not this cluster's id {my_id}",
+                    c.id
+                ));
                 return;
             }
             if !own
