@@ -39,21 +39,6 @@ impl KubeApi {
     }
 }
 
-/// A kubeconfig for the API server at `url`, without credentials.
-fn kubeconfig(dir: &Path, url: &str) -> std::path::PathBuf {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"{url}\"}}}}]\n\
-             contexts: [{{name: c, context: {{cluster: c, user: u}}}}]\nusers: [{{name: u, user: {{}}}}]\n\
-             current-context: c\n"
-        ),
-    )
-    .expect("write kubeconfig");
-    path
-}
-
 /// The apiserver on the Kubernetes source; killed on drop (its log printed if the test failed).
 struct Apiserver {
     child: Child,
@@ -142,7 +127,7 @@ async fn publishes_the_nodes_of_the_kubernetes_api() {
     kube.add_node(N1);
     kube.add_node(N2);
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = kubeconfig(dir.path(), &format!("http://127.0.0.1:{}", kube.0.port));
+    let config = mesh_testkit::kubeconfig(dir.path(), &[("c", kube.0.port)]);
     let log = dir.path().join("apiserver.log");
     let _api = Apiserver {
         child: Apiserver::command(&config, &etcd.url(), &log)
@@ -175,7 +160,7 @@ async fn publishes_the_nodes_of_the_kubernetes_api() {
 async fn fails_at_start_when_the_api_server_is_unreachable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = mesh_testkit::free_port();
-    let config = kubeconfig(dir.path(), &format!("http://127.0.0.1:{port}"));
+    let config = mesh_testkit::kubeconfig(dir.path(), &[("c", port)]);
     let log = dir.path().join("apiserver.log");
     let status = Apiserver::command(&config, "http://127.0.0.1:1", &log)
         .status()

@@ -28,20 +28,6 @@ impl Drop for Apiserver {
     }
 }
 
-fn kubeconfig(dir: &Path, port: u16) -> std::path::PathBuf {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"http://127.0.0.1:{port}\"}}}}]\n\
-             contexts: [{{name: c, context: {{cluster: c, user: u}}}}]\nusers: [{{name: u, user: {{}}}}]\n\
-             current-context: c\n"
-        ),
-    )
-    .expect("write kubeconfig");
-    path
-}
-
 fn start_apiserver(dir: &Path, kube_port: u16, etcd_url: &str, peers: &Path) -> Apiserver {
     let log = dir.join("apiserver.log");
     let child = Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
@@ -64,7 +50,7 @@ fn start_apiserver(dir: &Path, kube_port: u16, etcd_url: &str, peers: &Path) -> 
         .args(["--mcs-resync", "200ms"])
         .arg("--mcs-peers")
         .arg(peers)
-        .env("KUBECONFIG", kubeconfig(dir, kube_port))
+        .env("KUBECONFIG", mesh_testkit::kubeconfig(dir, &[("c", kube_port)]))
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env_remove("RUST_LOG")
         .env_remove("FLEETMESH_MANIFESTS")
