@@ -753,11 +753,11 @@ impl Status {
             let _ = writeln!(s, "Peers:        none");
         } else {
             let _ = writeln!(s, "Peers:");
-            let rows: Vec<[String; 4]> = self
+            let rows: Vec<Vec<String>> = self
                 .peers
                 .iter()
                 .map(|p| {
-                    [
+                    vec![
                         p.name.clone(),
                         p.id.map_or_else(|| "-".to_owned(), |i| i.to_string()),
                         if p.tls { "yes" } else { "no" }.to_owned(),
@@ -765,37 +765,7 @@ impl Status {
                     ]
                 })
                 .collect();
-            let head = ["NAME", "ID", "TLS", "ENDPOINTS"];
-            let mut w = head.map(str::len);
-            for r in &rows {
-                for (i, c) in r.iter().enumerate() {
-                    w[i] = w[i].max(c.len());
-                }
-            }
-            let _ = writeln!(
-                s,
-                "  {:<a$}  {:<b$}  {:<c$}  {}",
-                head[0],
-                head[1],
-                head[2],
-                head[3],
-                a = w[0],
-                b = w[1],
-                c = w[2]
-            );
-            for r in &rows {
-                let _ = writeln!(
-                    s,
-                    "  {:<a$}  {:<b$}  {:<c$}  {}",
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    a = w[0],
-                    b = w[1],
-                    c = w[2]
-                );
-            }
+            table(&mut s, "  ", &["NAME", "ID", "TLS", "ENDPOINTS"], &rows);
         }
         if self.problems.is_empty() {
             let _ = writeln!(s, "Problems:     none");
@@ -806,6 +776,28 @@ impl Status {
             }
         }
         s
+    }
+}
+
+/// Appends a table of `rows` under `head`, columns aligned and two spaces apart, every line after `indent`.
+pub(crate) fn table(s: &mut String, indent: &str, head: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |s: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::from(indent);
+        for (i, c) in cells.enumerate() {
+            let sep = if i == 0 { "" } else { "  " };
+            let _ = write!(l, "{sep}{c:<w$}", w = w[i]);
+        }
+        let _ = writeln!(s, "{}", l.trim_end());
+    };
+    line(s, &mut head.iter().copied());
+    for r in rows {
+        line(s, &mut r.iter().map(String::as_str));
     }
 }
 

@@ -19,7 +19,7 @@ use kube::api::ListParams;
 use serde::{Deserialize, Serialize};
 
 use crate::clustermesh::PeerInfo;
-use crate::kubemesh::Cluster;
+use crate::kubemesh::{Cluster, table};
 
 /// Name of the agent container's port that serves `/v1/summary`.
 pub const STATUS_PORT_NAME: &str = "status";
@@ -543,7 +543,7 @@ impl ClusterStatus {
                     ]
                 })
                 .collect();
-            table(&mut s, &head, &rows);
+            table(&mut s, "  ", &head, &rows);
         }
         let silent: Vec<&AgentRow> = self.agents.iter().filter(|a| a.summary.is_none()).collect();
         if !silent.is_empty() {
@@ -575,28 +575,6 @@ impl ClusterStatus {
             }
         }
         s
-    }
-}
-
-/// Appends an aligned table, indented by two spaces.
-fn table(s: &mut String, head: &[&str], rows: &[Vec<String>]) {
-    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.len());
-        }
-    }
-    let line = |s: &mut String, cells: &mut dyn Iterator<Item = &str>| {
-        let mut l = String::from(" ");
-        for (i, c) in cells.enumerate() {
-            let sep = if i == 0 { " " } else { "  " };
-            let _ = write!(l, "{sep}{c:<w$}", w = w[i]);
-        }
-        let _ = writeln!(s, "{}", l.trim_end());
-    };
-    line(s, &mut head.iter().copied());
-    for r in rows {
-        line(s, &mut r.iter().map(String::as_str));
     }
 }
 
@@ -727,12 +705,8 @@ pub fn rollouts_table(rows: &[RolloutRow]) -> String {
             ]
         })
         .collect();
-    let mut t = String::new();
-    table(&mut t, &head, &body);
     // Flush left: the rollouts table is the whole output.
-    for l in t.lines() {
-        let _ = writeln!(s, "{}", l.strip_prefix("  ").unwrap_or(l));
-    }
+    table(&mut s, "", &head, &body);
     for r in rows {
         if let Some(m) = &r.message {
             let _ = writeln!(s, "{}/{} is invalid: {m}", r.namespace, r.name);
