@@ -149,16 +149,20 @@ fn ct_key(protocol: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) ->
     }
 }
 
+/// Puts `ip` (identity `id`) under these policies (`None`: that direction is not enforced).
+fn enforce(
+    dp: &mut Datapath,
+    ip: Ipv4Addr,
+    id: u32,
+    ingress: Option<Vec<PolicyRule>>,
+    egress: Option<Vec<PolicyRule>>,
+) {
+    dp.replace_endpoint_policy(ip, id, &EndpointPolicy { ingress, egress })
+        .unwrap();
+}
+
 fn deny_all_egress(dp: &mut Datapath, ip: Ipv4Addr, id: u32) {
-    dp.replace_endpoint_policy(
-        ip,
-        id,
-        &EndpointPolicy {
-            ingress: None,
-            egress: Some(vec![]),
-        },
-    )
-    .unwrap();
+    enforce(dp, ip, id, None, Some(vec![]));
 }
 
 #[test]
@@ -236,15 +240,13 @@ fn the_node_s_connections_to_a_pod_with_egress_deny_all_get_their_replies() {
 fn the_node_s_answers_do_not_revive_a_pod_s_revoked_connection_to_the_node() {
     let mut dp = datapath();
     // A may query the node on UDP 53.
-    dp.replace_endpoint_policy(
+    enforce(
+        &mut dp,
         POD_A,
         ID_A,
-        &EndpointPolicy {
-            ingress: None,
-            egress: Some(vec![rule(identity::HOST, proto::UDP, 53, 16, 1)]),
-        },
-    )
-    .unwrap();
+        None,
+        Some(vec![rule(identity::HOST, proto::UDP, 53, 16, 1)]),
+    );
     assert_eq!(run(&mut dp, &udp(POD_A, 40000, NODE_IP, 53)), TC_ACT_OK);
     // The node's answer is the reply of A's flow, not a flow of the node's.
     assert_eq!(into_pod(&mut dp, &udp(NODE_IP, 53, POD_A, 40000)), TC_ACT_OK);
@@ -259,15 +261,7 @@ fn the_node_s_answers_do_not_revive_a_pod_s_revoked_connection_to_the_node() {
 fn to_pod_leaves_pods_without_egress_policy_and_nodes_without_policy_alone() {
     let mut dp = datapath();
     // B has only ingress policy: its replies pass egress anyway, nothing to record for the node's flows.
-    dp.replace_endpoint_policy(
-        POD_B,
-        ID_B,
-        &EndpointPolicy {
-            ingress: Some(vec![]),
-            egress: None,
-        },
-    )
-    .unwrap();
+    enforce(&mut dp, POD_B, ID_B, Some(vec![]), None);
     assert_eq!(
         into_pod(&mut dp, &tcp(NODE_IP, 51000, POD_B, 8080, SYN)),
         TC_ACT_OK
@@ -322,15 +316,7 @@ fn lookup_order_decides_which_rule_is_reported() {
         rule(identity::ANY, proto::TCP, 8080, 13, 5),
         rule(identity::ANY, 0, 0, 0, 6),
     ];
-    dp.replace_endpoint_policy(
-        POD_A,
-        ID_A,
-        &EndpointPolicy {
-            ingress: None,
-            egress: Some(egress),
-        },
-    )
-    .unwrap();
+    enforce(&mut dp, POD_A, ID_A, None, Some(egress));
     let cases = [
         (tcp(POD_A, 40001, POD_B, 80, SYN), 1, ID_B),
         (tcp(POD_A, 40002, POD_B, 81, SYN), 2, ID_B),
@@ -401,15 +387,13 @@ fn denied_packets_are_dropped_counted_and_reported() {
         },
     )
     .unwrap();
-    dp.replace_endpoint_policy(
+    enforce(
+        &mut dp,
         POD_B,
         ID_B,
-        &EndpointPolicy {
-            ingress: Some(vec![rule(ID_OTHER, proto::TCP, 80, 16, 7)]),
-            egress: None,
-        },
-    )
-    .unwrap();
+        Some(vec![rule(ID_OTHER, proto::TCP, 80, 16, 7)]),
+        None,
+    );
 
     // Egress denies port 22.
     assert_eq!(run(&mut dp, &tcp(POD_A, 40000, POD_B, 22, SYN)), TC_ACT_SHOT);
@@ -488,24 +472,14 @@ fn denied_packets_are_dropped_counted_and_reported() {
 fn replies_pass_through_policy_conntrack() {
     let mut dp = datapath();
     // B admits A on TCP 80; A admits nothing (deny all ingress).
-    dp.replace_endpoint_policy(
+    enforce(
+        &mut dp,
         POD_B,
         ID_B,
-        &EndpointPolicy {
-            ingress: Some(vec![rule(ID_A, proto::TCP, 80, 16, 3)]),
-            egress: None,
-        },
-    )
-    .unwrap();
-    dp.replace_endpoint_policy(
-        POD_A,
-        ID_A,
-        &EndpointPolicy {
-            ingress: Some(vec![]),
-            egress: None,
-        },
-    )
-    .unwrap();
+        Some(vec![rule(ID_A, proto::TCP, 80, 16, 3)]),
+        None,
+    );
+    enforce(&mut dp, POD_A, ID_A, Some(vec![]), None);
     assert_eq!(run(&mut dp, &tcp(POD_A, 40000, POD_B, 80, SYN)), TC_ACT_REDIRECT);
     // B's answer reaches A although A's ingress denies everything: it is a reply.
     assert_eq!(
@@ -670,15 +644,7 @@ fn flow_events_are_rate_limited_per_cpu() {
     })
     .unwrap();
     let mut ring = dp.take_flow_events().unwrap();
-    dp.replace_endpoint_policy(
-        POD_A,
-        ID_A,
-        &EndpointPolicy {
-            ingress: None,
-            egress: Some(vec![]),
-        },
-    )
-    .unwrap();
+    enforce(&mut dp, POD_A, ID_A, None, Some(vec![]));
     // Test runs of one process may land on either CPU: at most 3 events per CPU within the second.
     for port in 0..10 {
         assert_eq!(
@@ -704,15 +670,7 @@ fn a_full_ring_loses_events_and_counts_them() {
     })
     .unwrap();
     let mut ring = dp.take_flow_events().unwrap();
-    dp.replace_endpoint_policy(
-        POD_A,
-        ID_A,
-        &EndpointPolicy {
-            ingress: None,
-            egress: Some(vec![]),
-        },
-    )
-    .unwrap();
+    enforce(&mut dp, POD_A, ID_A, None, Some(vec![]));
     // 1 MiB holds 21,845 records (a 40-byte event and an 8-byte header); nobody reads meanwhile.
     let packets = 25_000u64;
     let frame = tcp(POD_A, 40000, POD_B, 80, SYN);
@@ -750,15 +708,7 @@ fn tunnel_peers_round_trip() {
 fn overlay_packets_without_tunnel_metadata_drop_before_policy() {
     let mut dp = datapath();
     let mut ring = dp.take_flow_events().unwrap();
-    dp.replace_endpoint_policy(
-        POD_B,
-        ID_B,
-        &EndpointPolicy {
-            ingress: Some(vec![]),
-            egress: None,
-        },
-    )
-    .unwrap();
+    enforce(&mut dp, POD_B, ID_B, Some(vec![]), None);
     let out = dp
         .test_run(FROM_OVERLAY, &tcp(REMOTE, 40000, POD_B, 80, SYN))
         .unwrap();
@@ -915,15 +865,13 @@ fn policy_judges_the_backend_not_the_frontend() {
     let mut ring = dp.take_flow_events().unwrap();
     program_service(&mut dp, &[(POD_B, 8080)]);
     // A may reach B on 8080 only (not the frontend port 80); A admits nothing.
-    dp.replace_endpoint_policy(
+    enforce(
+        &mut dp,
         POD_A,
         ID_A,
-        &EndpointPolicy {
-            ingress: Some(vec![]),
-            egress: Some(vec![rule(ID_B, proto::TCP, 8080, 16, 5)]),
-        },
-    )
-    .unwrap();
+        Some(vec![]),
+        Some(vec![rule(ID_B, proto::TCP, 8080, 16, 5)]),
+    );
     let out = dp.test_run(FROM_POD, &tcp(POD_A, 40000, VIP, 80, SYN)).unwrap();
     assert_eq!(out.return_value, TC_ACT_REDIRECT);
     assert_eq!(dst_of(&out.packet), (POD_B, 8080), "translated to the backend");
@@ -958,15 +906,7 @@ fn policy_judges_the_backend_not_the_frontend() {
 fn hairpin_flows_are_not_subject_to_policy() {
     let mut dp = datapath();
     program_service(&mut dp, &[(POD_A, 8080)]);
-    dp.replace_endpoint_policy(
-        POD_A,
-        ID_A,
-        &EndpointPolicy {
-            ingress: Some(vec![]),
-            egress: Some(vec![]),
-        },
-    )
-    .unwrap();
+    enforce(&mut dp, POD_A, ID_A, Some(vec![]), Some(vec![]));
     // A reaches itself through the frontend (source rewritten to the hairpin address) and answers.
     let out = dp.test_run(FROM_POD, &tcp(POD_A, 40000, VIP, 80, SYN)).unwrap();
     assert_eq!(out.return_value, TC_ACT_REDIRECT);
@@ -1099,15 +1039,7 @@ fn a_restarted_agent_adopts_policy_tables_and_drops_orphans() {
 #[test]
 fn policy_is_consulted_only_while_the_node_flag_is_set() {
     let mut dp = datapath();
-    dp.replace_endpoint_policy(
-        POD_B,
-        ID_B,
-        &EndpointPolicy {
-            ingress: Some(vec![]),
-            egress: None,
-        },
-    )
-    .unwrap();
+    enforce(&mut dp, POD_B, ID_B, Some(vec![]), None);
     assert_eq!(
         run(&mut dp, &tcp(POD_A, 41000, POD_B, 80, SYN)),
         TC_ACT_SHOT,
