@@ -304,26 +304,13 @@ impl LabelSelector {
     #[must_use]
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-            && self
-                .match_expressions
-                .iter()
-                .all(|r| requirement_holds(r, labels))
+            && self.match_expressions.iter().all(|r| r.holds(labels))
     }
 
     /// Whether the selector names `key`.
     #[must_use]
     pub fn mentions(&self, key: &str) -> bool {
         self.match_labels.contains_key(key) || self.match_expressions.iter().any(|r| r.key == key)
-    }
-}
-
-fn requirement_holds(r: &LabelRequirement, labels: &BTreeMap<String, String>) -> bool {
-    let value = labels.get(&r.key);
-    match r.operator {
-        LabelOperator::In => value.is_some_and(|v| r.values.contains(v)),
-        LabelOperator::NotIn => value.is_none_or(|v| !r.values.contains(v)),
-        LabelOperator::Exists => value.is_some(),
-        LabelOperator::DoesNotExist => value.is_none(),
     }
 }
 
@@ -907,7 +894,7 @@ fn endpoint_matches(
             let cl = universe.cluster_labels.get(cluster).unwrap_or(&empty);
             (sel.names.is_empty() || sel.names.contains(cluster))
                 && sel.match_labels.iter().all(|(k, v)| cl.get(k) == Some(v))
-                && sel.match_expressions.iter().all(|r| requirement_holds(r, cl))
+                && sel.match_expressions.iter().all(|r| r.holds(cl))
         }
     };
     let in_namespace = match namespace_selector {

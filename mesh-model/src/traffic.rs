@@ -61,6 +61,20 @@ pub struct LabelRequirement {
     pub values: Vec<String>,
 }
 
+impl LabelRequirement {
+    /// Whether `labels` satisfy this requirement (Kubernetes label selector semantics).
+    #[must_use]
+    pub fn holds(&self, labels: &BTreeMap<String, String>) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            LabelOperator::In => value.is_some_and(|v| self.values.contains(v)),
+            LabelOperator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
+            LabelOperator::Exists => value.is_some(),
+            LabelOperator::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
 /// Operators of a label requirement.
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,15 +233,7 @@ impl ClusterSelector {
             return self.names.iter().any(|n| n == name);
         }
         self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-            && self.match_expressions.iter().all(|r| {
-                let value = labels.get(&r.key);
-                match r.operator {
-                    LabelOperator::In => value.is_some_and(|v| r.values.contains(v)),
-                    LabelOperator::NotIn => value.is_none_or(|v| !r.values.contains(v)),
-                    LabelOperator::Exists => value.is_some(),
-                    LabelOperator::DoesNotExist => value.is_none(),
-                }
-            })
+            && self.match_expressions.iter().all(|r| r.holds(labels))
     }
 }
 
