@@ -29,19 +29,9 @@ enum Command {
     Status {
         #[command(flatten)]
         agent: AgentSocket,
-        /// Summarise the cluster of this kubeconfig context (all agents) instead of one node's agent.
-        #[arg(long)]
-        context: Option<String>,
-        /// Kubeconfig file for --context (default: $KUBECONFIG, else ~/.kube/config); alone it means the current
-        /// context.
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// Namespace of the fleetmesh release (with --context).
-        #[arg(long, short = 'n', default_value = meshctl::kubemesh::DEFAULT_NAMESPACE)]
-        namespace: String,
-        /// Helm release name of the fleetmesh chart (with --context).
-        #[arg(long, default_value = meshctl::kubemesh::DEFAULT_RELEASE)]
-        release: String,
+        // With --context or --kubeconfig: the cluster whose agents to summarise instead of one node's agent.
+        #[command(flatten)]
+        kube: KubeArgs,
         /// With --context: wait until every agent is ready and answers, and every remote cluster is synced on
         /// every agent.
         #[arg(long)]
@@ -425,20 +415,13 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Status {
             agent,
-            context,
-            kubeconfig,
-            namespace,
-            release,
+            kube,
             wait,
             wait_timeout,
             json,
         } => {
-            let target = (context.is_some() || kubeconfig.is_some()).then_some(meshctl::kubemesh::Target {
-                kubeconfig,
-                context,
-                namespace,
-                release,
-            });
+            let target = (kube.context.is_some() || kube.kubeconfig.is_some())
+                .then(|| kube.target(kube.context.clone()));
             status(&agent.socket, target, wait.then_some(wait_timeout), json)
         }
         Command::Service(ServiceCommand::List { agent, json }) => agent::services(&agent.socket, json),
