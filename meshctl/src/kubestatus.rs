@@ -264,7 +264,7 @@ pub async fn status(c: &Cluster) -> Result<ClusterStatus> {
         ));
     }
 
-    let client = Arc::new(c.proxy_client().clone());
+    let client = c.proxy_client().clone();
     let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, p) in pods.iter().enumerate() {
