@@ -30,17 +30,56 @@ const HELM_INSTALL_PATH: &str = "/usr/local/bin/helm";
 /// (mesh-k8s/tests/fixtures/kube_emulator.py) works around one of its internals.
 const KMOCK_VERSION: &str = "0.8";
 
-/// Debian packages and, for each, a binary whose presence means the package is not needed.
-const PACKAGES: &[(&str, &str)] = &[
-    ("etcd-server", "etcd"),
-    ("etcd-client", "etcdctl"),
-    ("protobuf-compiler", "protoc"),
-    ("iproute2", "ip"),
-    ("util-linux", "nsenter"),
-    ("iputils-ping", "ping"),
-    ("procps", "pgrep"),
-    ("iperf3", "iperf3"),
-    ("sockperf", "sockperf"),
+/// A capability the build, the tests or the lab need, the Debian packages that provide it, and a check that
+/// *uses* it (a compile, a start, an answer): a binary that exists but cannot do its job is not enough
+/// (Debian's `protobuf-compiler` without `libprotobuf-dev` finds no `google/protobuf/descriptor.proto`).
+struct Capability {
+    name: &'static str,
+    packages: &'static [&'static str],
+    check: fn() -> Result<String>,
+}
+
+const CAPABILITIES: &[Capability] = &[
+    Capability {
+        name: "protoc + well-known types",
+        packages: &["protobuf-compiler", "libprotobuf-dev"],
+        check: check_protoc,
+    },
+    Capability {
+        name: "etcd (server + etcdctl)",
+        packages: &["etcd-server", "etcd-client"],
+        check: check_etcd,
+    },
+    Capability {
+        name: "iproute2 (ip, tc)",
+        packages: &["iproute2"],
+        check: || version_of("ip", &["-V"]),
+    },
+    Capability {
+        name: "nsenter",
+        packages: &["util-linux"],
+        check: || version_of("nsenter", &["--version"]),
+    },
+    Capability {
+        name: "ping",
+        packages: &["iputils-ping"],
+        check: || version_of("ping", &["-V"]),
+    },
+    Capability {
+        name: "pgrep",
+        packages: &["procps"],
+        check: || version_of("pgrep", &["--version"]),
+    },
+    Capability {
+        name: "iperf3",
+        packages: &["iperf3"],
+        check: || version_of("iperf3", &["--version"]),
+    },
+    Capability {
+        name: "sockperf",
+        packages: &["sockperf"],
+        check: || version_of("sockperf", &["--version"]),
+    },
 ];
 
 /// Arguments of `cargo xtask setup`.
@@ -167,11 +206,14 @@ impl Setup<'_> {
         let reason = match &bin {
             None => "not installed".to_string(),
             Some(bin) => match output(Command::new(bin).arg("--version")) {
-                Ok(version) if !self.args.reinstall_bpf_linker => {
-                    line(item, &format!("ok (present: {})", version.trim()));
-                    warn_if_not_in_path(bin);
-                    return Ok(());
-                }
+                Ok(version) if !self.args.reinstall_bpf_linker => match check_bpf_link(bin) {
+                    Ok(how) => {
+                        line(item, &format!("ok (present: {}; {how})", version.trim()));
+                        warn_if_not_in_path(bin);
+                        return Ok(());
+                    }
+                    Err(err) => format!("present but cannot link an eBPF program: {}", one_line(&err)),
+                },
                 Ok(_) => "reinstall requested".to_string(),
                 Err(err) => format!("present but does not run: {err:#}"),
             },
@@ -190,10 +232,16 @@ impl Setup<'_> {
         };
         let version = output(Command::new(&bin).arg("--version"))
             .with_context(|| format!("the freshly installed {} does not run", bin.display()))?;
+        let linked = check_bpf_link(&bin).with_context(|| {
+            format!(
+                "the freshly installed {} cannot link an eBPF program",
+                bin.display()
+            )
+        })?;
         line(
             item,
             &format!(
-                "ok (installed {} in {}s)",
+                "ok (installed {} in {}s; {linked})",
                 version.trim(),
                 start.elapsed().as_secs()
             ),
@@ -202,51 +250,56 @@ impl Setup<'_> {
         Ok(())
     }
 
-    /// The Debian packages: one `apt-get update` and one `apt-get install` for whatever is missing.
+    /// The Debian packages: every [`CAPABILITIES`] check runs; the packages of the failing ones are installed
+    /// with one `apt-get update` and one `apt-get install`, then those checks run again and must pass.
     fn debian_packages(&mut self) -> Result<()> {
-        let mut missing = Vec::new();
-        for &(pkg, bin) in PACKAGES {
-            let item = format!("{pkg} ({bin})");
-            if util::which(bin).is_some() || dpkg_installed(pkg) {
-                line(&item, "ok (present)");
-            } else {
-                line(&item, if self.args.check { "MISSING" } else { "missing" });
-                missing.push(pkg);
+        let mut failing: Vec<(&Capability, anyhow::Error)> = Vec::new();
+        for cap in CAPABILITIES {
+            match (cap.check)() {
+                Ok(how) => line(cap.name, &format!("ok ({how})")),
+                Err(err) => {
+                    line(cap.name, if self.args.check { "MISSING" } else { "missing" });
+                    failing.push((cap, err));
+                }
             }
         }
-        if missing.is_empty() {
+        if failing.is_empty() {
             return Ok(());
         }
+        let mut missing: Vec<&str> = failing
+            .iter()
+            .flat_map(|(cap, _)| cap.packages.iter().copied())
+            .collect();
+        missing.dedup();
+        let reasons = failing
+            .iter()
+            .map(|(cap, err)| format!("{}: {}", cap.name, one_line(err)))
+            .collect::<Vec<_>>()
+            .join("; ");
         if self.args.check {
             self.missing
-                .extend(missing.iter().map(|p| format!("package {p}")));
+                .push(format!("package(s) {} ({reasons})", missing.join(" ")));
             return Ok(());
         }
         if !util::is_root() {
             bail!(
-                "packages missing: {}; installing them needs root (e.g. `sudo cargo xtask setup`)",
+                "{reasons}; installing package(s) {} needs root (e.g. `sudo cargo xtask setup`)",
                 missing.join(" ")
             );
         }
         if util::which("apt-get").is_none() {
             bail!(
-                "packages missing: {}; apt-get not found, install them by hand",
+                "{reasons}; apt-get not found: install the equivalent of Debian's {} by hand",
                 missing.join(" ")
             );
         }
         println!("setup: apt-get update ...");
         run_status(apt("apt-get").args(["update", "-q"])).context("apt-get update failed")?;
-        let (available, unavailable): (Vec<&str>, Vec<&str>) =
-            missing.iter().partition(|pkg| apt_candidate(pkg).is_some());
-        if !available.is_empty() {
-            println!("setup: installing {} ...", available.join(" "));
-            run_status(
-                apt("apt-get")
-                    .args(["install", "-y", "-q", "--no-install-recommends"])
-                    .args(&available),
-            )
-            .context("apt-get install failed")?;
-        }
+        let unavailable: Vec<&str> = missing
+            .iter()
+            .copied()
+            .filter(|pkg| apt_candidate(pkg).is_none())
+            .collect();
         if !unavailable.is_empty() {
             bail!(
                 "package(s) not available in the configured apt archive: {} (see `apt-cache policy {}`; \
@@ -255,11 +308,22 @@ impl Setup<'_> {
                 unavailable.join(" ")
             );
         }
-        for &(pkg, bin) in PACKAGES.iter().filter(|(pkg, _)| available.contains(pkg)) {
-            if util::which(bin).is_none() {
-                bail!("package {pkg} was installed but `{bin}` is still not found in PATH");
-            }
-            line(&format!("{pkg} ({bin})"), "ok (installed)");
+        println!("setup: installing {} ...", missing.join(" "));
+        run_status(
+            apt("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing),
+        )
+        .context("apt-get install failed")?;
+        for (cap, _) in failing {
+            let how = (cap.check)().with_context(|| {
+                format!(
+                    "{} still does not work after installing {}",
+                    cap.name,
+                    cap.packages.join(" ")
+                )
+            })?;
+            line(cap.name, &format!("ok (installed; {how})"));
         }
         Ok(())
     }
@@ -554,9 +618,160 @@ fn install_bpf_linker(root: Option<&Path>) -> Result<()> {
     run_status(&mut cmd).context("installing bpf-linker failed")
 }
 
-fn dpkg_installed(pkg: &str) -> bool {
-    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
-        .is_ok_and(|status| status.trim() == "install ok installed")
+/// A trivial tc program (no dependencies) built the way aya-build builds mesh-ebpf: nightly cargo,
+/// `bpfel-unknown-none`, `-Z build-std=core` (so nightly's `rust-src` is checked too) and `linker = bpf_linker`.
+/// The probe crate lives under `target/xtask-setup/bpf-probe`, so a second run reuses its build.
+fn check_bpf_link(linker: &Path) -> Result<String> {
+    let dir = util::workspace_root().join("target/xtask-setup/bpf-probe");
+    std::fs::create_dir_all(dir.join("src")).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        "[package]\nname = \"bpf-probe\"\nversion = \"0.0.0\"\nedition = \"2024\"\n\n[workspace]\n\n\
+         [profile.release]\npanic = \"abort\"\n",
+    )?;
+    std::fs::write(
+        dir.join("src/main.rs"),
+        "#![no_std]\n#![no_main]\n\n#[unsafe(no_mangle)]\n#[unsafe(link_section = \"tc\")]\n\
+         pub extern \"C\" fn probe(_ctx: *mut u8) -> i32 {\n    0\n}\n\n\
+         #[panic_handler]\nfn panic(_: &core::panic::PanicInfo) -> ! {\n    loop {}\n}\n",
+    )?;
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(&dir)
+        .args(["run", "nightly", "cargo", "build", "--quiet", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env("CARGO_TARGET_BPFEL_UNKNOWN_NONE_LINKER", linker.as_os_str())
+        .env(
+            "CARGO_TARGET_BPFEL_UNKNOWN_NONE_RUSTFLAGS",
+            "-C debuginfo=2 -C link-arg=--btf",
+        );
+    output(&mut cmd).context("building a trivial eBPF program (nightly, rust-src, bpf-linker) failed")?;
+    let elf = dir.join("target/bpfel-unknown-none/release/bpf-probe");
+    let bytes = std::fs::read(&elf).with_context(|| format!("reading {}", elf.display()))?;
+    // ELF magic, and e_machine (offset 18, little endian) 247 = EM_BPF.
+    if bytes.len() < 20 || &bytes[..4] != b"\x7fELF" || u16::from_le_bytes([bytes[18], bytes[19]]) != 247 {
+        bail!("{} is not an eBPF ELF object", elf.display());
+    }
+    Ok("links a trivial eBPF program".into())
+}
+
+/// An error chain on one line, for summaries.
+fn one_line(err: &anyhow::Error) -> String {
+    format!("{err:#}")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `bin ARGS` runs and prints a version: its first non-empty line.
+fn version_of(bin: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("`{bin}` does not start"))?;
+    if !out.status.success() {
+        bail!("`{bin} {}` failed ({})", args.join(" "), out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("runs")
+        .to_owned())
+}
+
+/// `protoc` compiles a file that imports `google/protobuf/descriptor.proto`, as etcd-client's build script
+/// needs (the well-known types are in `libprotobuf-dev`, which `protobuf-compiler` only recommends).
+fn check_protoc() -> Result<String> {
+    let dir = TempDir(std::env::temp_dir().join(format!("xtask-protoc-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
+    std::fs::write(
+        dir.0.join("probe.proto"),
+        "syntax = \"proto3\";\npackage probe;\nimport \"google/protobuf/descriptor.proto\";\n\
+         message Probe { google.protobuf.FileDescriptorProto file = 1; }\n",
+    )?;
+    output(Command::new("protoc").current_dir(&dir.0).args([
+        "-I.",
+        "--descriptor_set_out=probe.pb",
+        "probe.proto",
+    ]))
+    .context("protoc cannot compile a file importing google/protobuf/descriptor.proto")?;
+    version_of("protoc", &["--version"]).map(|v| format!("{v}, compiles descriptor.proto imports"))
+}
+
+/// A throwaway `etcd` on loopback (ports chosen by the kernel's free-port probe) starts and answers
+/// `etcdctl endpoint health`; it is killed and its data directory removed afterwards.
+fn check_etcd() -> Result<String> {
+    let free_port =
+        || -> Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+    let (client, peer) = (free_port()?, free_port()?);
+    let dir = TempDir(std::env::temp_dir().join(format!("xtask-etcd-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let mut child = Command::new("etcd")
+        .arg("--data-dir")
+        .arg(&dir.0)
+        .args(["--name", "setup-probe"])
+        .args([
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("setup-probe={peer_url}")])
+        .args(["--log-level", "error"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("`etcd` does not start")?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    let result = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read as _;
+                let _ = e.read_to_string(&mut stderr);
+            }
+            break Err(anyhow!("etcd exited at start ({status}): {}", stderr.trim()));
+        }
+        match output(Command::new("etcdctl").args([
+            "--endpoints",
+            &client_url,
+            "--dial-timeout",
+            "1s",
+            "--command-timeout",
+            "2s",
+            "endpoint",
+            "health",
+        ])) {
+            Ok(_) => break version_of("etcd", &["--version"]).map(|v| format!("{v}, starts and answers")),
+            Err(err) if Instant::now() > deadline => {
+                break Err(err.context("etcd did not answer `etcdctl endpoint health` within 20 s"));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 fn apt(program: &str) -> Command {

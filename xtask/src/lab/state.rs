@@ -233,7 +233,7 @@ impl LabState {
     }
 
     /// Starts `meshctl clustermesh etcd-init` for every cluster in the background (each takes a few raft
-    /// commits). Until auth is on, the apiservers and agents (whose users exist before auth goes on) work anyway.
+    /// commits); [`Self::finish_etcd_inits`] waits for them before any etcd client starts.
     fn start_etcd_inits(&self) -> Result<Vec<(usize, std::process::Child)>> {
         (0..self.clusters.len())
             .map(|ci| {
@@ -1125,17 +1125,22 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
         for ci in 0..st.clusters.len() {
             st.wait_etcd(ci, Duration::from_secs(30))?;
         }
+        // Pods are wired while the etcd-inits run; clients start only once every etcd is in its final auth
+        // state: a client connected while auth goes on sees `revision of auth store is old` and reconnects.
         let inits = st.start_etcd_inits()?;
-        println!("lab: wiring pods and starting clustermesh-apiservers and agents");
+        println!("lab: wiring pods while etcd users, roles and auth are set up");
         for ci in 0..st.clusters.len() {
             st.sync_pods(ci)?;
             st.write_manifests(ci)?;
+        }
+        st.finish_etcd_inits(inits)?;
+        println!("lab: starting clustermesh-apiservers and agents");
+        for ci in 0..st.clusters.len() {
             st.start_apiserver(ci)?;
             for ni in 0..st.clusters[ci].nodes.len() {
                 st.start_agent(ci, ni)?;
             }
         }
-        st.finish_etcd_inits(inits)?;
         println!("lab: waiting for the mesh to converge");
         let t = st.wait_converged(timeout)?;
         println!("lab: converged {:.1}s after the agents started", t.as_secs_f64());
