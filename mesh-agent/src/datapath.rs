@@ -47,7 +47,7 @@ use ipnet::Ipv4Net;
 use mesh_common::{
     BackendStats, BackendV4, COUNTER_COUNT, Counter, CtEntryV4, CtKeyV4, EndpointKeyV4, FlowEvent,
     IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig, PolicyEntry, PolicyKey, RevNatV4, ServiceEntry,
-    ServiceKeyV4, SlotKey, TunnelPeer, maps, policy_dir, policy_flags, programs, proto,
+    ServiceKeyV4, SlotKey, TunnelPeer, identity, maps, policy_dir, policy_flags, programs, proto,
 };
 use tracing::{info, warn};
 
@@ -58,7 +58,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/me
 const TEST_RUN_HEADROOM: usize = 256;
 
 /// The maps shared by the programs and the agent: the ones pinned by [`Datapath::load_pinned`].
-pub const SHARED_MAPS: [&str; 14] = [
+pub const SHARED_MAPS: [&str; 15] = [
     maps::IPCACHE_V4,
     maps::ENDPOINTS_V4,
     maps::NODE_CONFIG,
@@ -73,6 +73,7 @@ pub const SHARED_MAPS: [&str; 14] = [
     maps::TUNNEL_PEERS,
     maps::FLOW_EVENTS,
     maps::FLOW_RATE,
+    maps::POLICY_CIDRS,
 ];
 
 /// Version of the map ABI where sizes cannot tell: bump it when a key or value changes meaning at an equal size.
@@ -465,6 +466,9 @@ pub struct Datapath {
     backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
     policy: Table<PolicyKey, PolicyEntry>,
     tunnel_peers: Table<u32, TunnelPeer>,
+    policy_cidrs: LpmTrie<MapData, LpmKeyV4, u32>,
+    /// What `policy_cidrs` holds (read from the map at load; [`Datapath::set_policy_cidrs`] writes differences).
+    programmed_policy_cidrs: BTreeMap<Ipv4Net, u32>,
     /// The flow event ring, until [`Datapath::take_flow_events`] hands it out.
     flow_events: Option<RingBuf<MapData>>,
     /// The policy tables in the map, by id (a userspace copy, read from the map at load): ids in use, and what
@@ -816,6 +820,8 @@ impl Datapath {
             backend_stats: take_map(&mut ebpf, maps::LB_BACKEND_STATS)?,
             policy: Table::take(&mut ebpf, maps::POLICY)?,
             tunnel_peers: Table::take(&mut ebpf, maps::TUNNEL_PEERS)?,
+            policy_cidrs: take_map(&mut ebpf, maps::POLICY_CIDRS)?,
+            programmed_policy_cidrs: BTreeMap::new(),
             flow_events: Some(take_map(&mut ebpf, maps::FLOW_EVENTS)?),
             policy_tables: BTreeMap::new(),
             next_policy_id: 1,
@@ -844,6 +850,7 @@ impl Datapath {
             adoption,
         };
         dp.index_policy_tables()?;
+        dp.programmed_policy_cidrs = dp.read_policy_cidrs()?;
         Ok(dp)
     }
 
@@ -1631,6 +1638,11 @@ struct CompiledDirection {
     plens: u32,
 }
 
+/// Whether `id` is a node-local CIDR identity (an `ipBlock` peer).
+const fn is_cidr_identity(id: u32) -> bool {
+    identity::cluster(id) == 0 && id >= identity::FIRST_CIDR
+}
+
 fn compile_direction(
     ip: Ipv4Addr,
     policy_id: u32,
@@ -1799,6 +1811,9 @@ impl Datapath {
                 ep.egress_plens = c.plens;
                 entries.extend(c.entries);
             }
+            if entries.iter().any(|(k, _)| is_cidr_identity(k.identity)) {
+                ep.policy_flags |= policy_flags::CIDR_RULES;
+            }
             Ok((entries, ep))
         };
         let old_id = current.policy_id;
@@ -1920,6 +1935,67 @@ impl Datapath {
             .into_iter()
             .map(|(k, v)| (Ipv4Addr::from(k), v.cluster_id))
             .collect())
+    }
+
+    /// Makes the policy prefix map (`POLICY_CIDRS`: `ipBlock` prefix → CIDR identity) equal to `want`, writing
+    /// only the differences against what it holds.
+    ///
+    /// # Errors
+    ///
+    /// The first map error (what came before it is applied and remembered).
+    pub fn set_policy_cidrs(&mut self, want: &BTreeMap<Ipv4Net, u32>) -> Result<(), DatapathError> {
+        let map_error = |op, prefix: Ipv4Net, source| DatapathError::Map {
+            map: maps::POLICY_CIDRS,
+            op,
+            key: prefix.to_string(),
+            source: Box::new(source),
+        };
+        for (prefix, id) in want {
+            let prefix = prefix.trunc();
+            if self.programmed_policy_cidrs.get(&prefix) != Some(id) {
+                self.policy_cidrs
+                    .insert(&lpm_key(prefix), *id, 0)
+                    .map_err(|e| map_error("insert", prefix, e))?;
+                self.programmed_policy_cidrs.insert(prefix, *id);
+            }
+        }
+        let gone: Vec<Ipv4Net> = self
+            .programmed_policy_cidrs
+            .keys()
+            .filter(|p| !want.contains_key(*p))
+            .copied()
+            .collect();
+        for prefix in gone {
+            match self.policy_cidrs.remove(&lpm_key(prefix)) {
+                Err(e) if !is_absent(&e) => return Err(map_error("remove", prefix, e)),
+                _ => {
+                    self.programmed_policy_cidrs.remove(&prefix);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The policy prefix map as the kernel holds it.
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn read_policy_cidrs(&self) -> Result<BTreeMap<Ipv4Net, u32>, DatapathError> {
+        let mut out = BTreeMap::new();
+        for entry in self.policy_cidrs.iter() {
+            let (key, id) = entry.map_err(|source| DatapathError::Map {
+                map: maps::POLICY_CIDRS,
+                op: "read",
+                key: "entries".to_owned(),
+                source: Box::new(source),
+            })?;
+            let len = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
+            if let Ok(net) = Ipv4Net::new(Ipv4Addr::from(key.data()), len) {
+                out.insert(net, id);
+            }
+        }
+        Ok(out)
     }
 
     /// Makes the tunnel peer map equal to `peers`: writes what is new or changed, removes what is not listed.

@@ -449,6 +449,12 @@ impl Reconciler {
         if let Err(e) = self.dp.set_tunnel_peers(&pods.tunnel_peers) {
             st.errors.push(format!("programming tunnel peers: {e:#}"));
         }
+        // ipBlock prefixes also go to the policy prefix map, where pod /32s do not shadow them (an ipBlock matches
+        // pod addresses too).
+        let policy_cidrs: BTreeMap<Ipv4Net, u32> = cidrs.iter().map(|(p, e)| (*p, e.identity)).collect();
+        if let Err(e) = self.dp.set_policy_cidrs(&policy_cidrs) {
+            st.errors.push(format!("programming policy prefixes: {e:#}"));
+        }
         // Mesh pod prefixes answer PENDING (desired::ipcache); the pods' own /32s say who they are; prefixes named
         // by policies (outside the mesh) carry their CIDR identity.
         for (prefix, e) in cidrs {

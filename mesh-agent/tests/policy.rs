@@ -1059,3 +1059,49 @@ fn policy_is_consulted_only_while_the_node_flag_is_set() {
         "flag on again: enforced"
     );
 }
+
+/// An `ipBlock` matches pod addresses too (Calico's semantics; upstream's NetworkPolicy e2e "egress to a server in
+/// a CIDR block"): the remote pod 10.2.0.7 has its own pod identity in the ipcache, yet A's egress rule for the
+/// CIDR identity of 10.2.0.0/16 admits it, and the `except` prefix 10.2.0.0/29 (its own CIDR identity) does not.
+#[test]
+fn ip_blocks_match_pod_addresses_through_the_policy_prefix_map() {
+    const CIDR_BLOCK: u32 = identity::FIRST_CIDR;
+    const CIDR_EXCEPT: u32 = identity::FIRST_CIDR + 1;
+    let mut dp = datapath();
+    dp.upsert_ipcache(
+        "10.2.0.7/32".parse().unwrap(),
+        mesh_common::IpcacheEntry {
+            tunnel_endpoint: u32::from(common::REMOTE_NODE),
+            identity: ID_OTHER,
+            cluster_id: 2,
+            family: mesh_common::FAMILY_IPV4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    enforce(
+        &mut dp,
+        POD_A,
+        ID_A,
+        None,
+        Some(vec![rule(CIDR_BLOCK, proto::TCP, 80, 16, 1)]),
+    );
+    let installed = dp.endpoint_policy(POD_A).unwrap().unwrap();
+    assert_eq!(installed.identity, ID_A);
+    // The prefix map is empty: the pod's own identity finds nothing.
+    assert_eq!(run(&mut dp, &tcp(POD_A, 41000, REMOTE, 80, SYN)), TC_ACT_SHOT);
+    let block: ipnet::Ipv4Net = "10.2.0.0/16".parse().unwrap();
+    let except: ipnet::Ipv4Net = "10.2.0.0/29".parse().unwrap();
+    dp.set_policy_cidrs(&BTreeMap::from([(block, CIDR_BLOCK)])).unwrap();
+    assert_eq!(dp.read_policy_cidrs().unwrap(), BTreeMap::from([(block, CIDR_BLOCK)]));
+    assert_eq!(run(&mut dp, &tcp(POD_A, 41001, REMOTE, 80, SYN)), TC_ACT_REDIRECT);
+    assert_eq!(run(&mut dp, &tcp(POD_A, 41002, REMOTE, 81, SYN)), TC_ACT_SHOT, "port 81 is not allowed");
+    // 10.2.0.7 falls into the except prefix once it is programmed: denied again.
+    dp.set_policy_cidrs(&BTreeMap::from([(block, CIDR_BLOCK), (except, CIDR_EXCEPT)]))
+        .unwrap();
+    assert_eq!(run(&mut dp, &tcp(POD_A, 41003, REMOTE, 80, SYN)), TC_ACT_SHOT);
+    // Removing the block removes the map entry; the pod is then judged by its identity only.
+    dp.set_policy_cidrs(&BTreeMap::new()).unwrap();
+    assert!(dp.read_policy_cidrs().unwrap().is_empty());
+    assert_eq!(run(&mut dp, &tcp(POD_A, 41004, REMOTE, 80, SYN)), TC_ACT_SHOT);
+}

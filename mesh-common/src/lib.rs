@@ -39,6 +39,10 @@ pub mod maps {
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     /// `PerCpuArray<FlowRate>` with one element: each CPU's token bucket for flow events.
     pub const FLOW_RATE: &str = "FLOW_RATE";
+    /// `LpmTrie<LpmKeyV4, u32>`: every prefix a local policy's `ipBlock` names → its node-local CIDR identity.
+    /// Unlike the ipcache, pod /32s do not shadow it: an `ipBlock` also matches pod addresses (the second look
+    /// of [`crate::policy_flags::CIDR_RULES`] endpoints).
+    pub const POLICY_CIDRS: &str = "POLICY_CIDRS";
 }
 
 /// Program names in the eBPF object.
@@ -73,6 +77,8 @@ pub const HAIRPIN_IPV4: [u8; 4] = [169, 254, 42, 1];
 /// Capacity of the policy map (all local endpoints' compiled policies together, two generations while one is
 /// being replaced).
 pub const POLICY_MAX_ENTRIES: u32 = 512 * 1024;
+/// Capacity of the policy prefix map (prefixes named by `ipBlock`s of the node's policies).
+pub const POLICY_CIDRS_MAX_ENTRIES: u32 = 16 * 1024;
 /// Capacity of the tunnel peer map (nodes of all clusters).
 pub const TUNNEL_PEERS_MAX_ENTRIES: u32 = 256 * 1024;
 /// Size of the flow event ring buffer in bytes (a power of two, a multiple of the page size).
@@ -150,6 +156,10 @@ pub mod policy_flags {
     pub const INGRESS_ENFORCED: u32 = 1 << 0;
     /// A policy selects the endpoint for egress.
     pub const EGRESS_ENFORCED: u32 = 1 << 1;
+    /// The endpoint's table names CIDR identities (`ipBlock` rules): a peer whose own identity finds no entry is
+    /// looked up again as the CIDR identity of its address ([`crate::maps::POLICY_CIDRS`]), so that an `ipBlock`
+    /// matches pods too.
+    pub const CIDR_RULES: u32 = 1 << 2;
 }
 
 /// Key of [`maps::POLICY`]. Lookup order (most specific first; the first hit allows, a miss everywhere drops):

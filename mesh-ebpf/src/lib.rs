@@ -372,7 +372,7 @@ pub fn from_overlay_endpoint(dst_ep: Option<&LocalEndpoint>) -> Result<Forward, 
 
 /// Longest-prefix match over (prefix, length, entry) rows, as `IPCACHE_V4` does it (for the unit tests).
 #[cfg(test)]
-pub(crate) fn test_lpm_lookup(table: &[([u8; 4], u32, IpcacheEntry)], ip: [u8; 4]) -> Option<IpcacheEntry> {
+pub(crate) fn test_lpm_lookup<T: Copy>(table: &[([u8; 4], u32, T)], ip: [u8; 4]) -> Option<T> {
     let ip = u32::from_be_bytes(ip);
     table
         .iter()

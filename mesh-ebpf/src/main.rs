@@ -27,7 +27,7 @@ mod bpf {
         BACKEND_STATS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BackendStats, BackendV4, COUNTER_COUNT,
         CT_MAX_ENTRIES, Counter, CtEntryV4, CtKeyV4, ENDPOINTS_MAX_ENTRIES, EndpointKeyV4, FLOW_EVENTS_BYTES,
         FlowEvent, FlowRate, IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig,
-        POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, REVNAT_MAX_ENTRIES, RevNatV4, SERVICES_MAX_ENTRIES,
+        POLICY_CIDRS_MAX_ENTRIES, POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, REVNAT_MAX_ENTRIES, RevNatV4, SERVICES_MAX_ENTRIES,
         SLOTS_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SlotKey, TUNNEL_PEERS_MAX_ENTRIES, TunnelPeer,
         flow_verdict, node_flags, proto,
     };
@@ -86,6 +86,11 @@ mod bpf {
     #[map(name = "TUNNEL_PEERS")]
     static TUNNEL_PEERS: HashMap<u32, TunnelPeer> =
         HashMap::with_max_entries(TUNNEL_PEERS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+
+    /// Prefixes named by the node's policies' `ipBlock`s → their CIDR identity (pod /32s do not shadow them).
+    #[map(name = "POLICY_CIDRS")]
+    static POLICY_CIDRS: LpmTrie<LpmKeyV4, u32> =
+        LpmTrie::with_max_entries(POLICY_CIDRS_MAX_ENTRIES, 0);
 
     /// Flow events for the agent (`meshctl observe`).
     #[map(name = "FLOW_EVENTS")]
@@ -196,6 +201,11 @@ mod bpf {
         fn policy(&self, key: &PolicyKey) -> Option<PolicyEntry> {
             // SAFETY: copied out right away; a table is never changed in place (a new one replaces it).
             unsafe { POLICY.get(key).copied() }
+        }
+
+        #[inline(always)]
+        fn policy_cidr(&self, addr: [u8; 4]) -> Option<u32> {
+            POLICY_CIDRS.get(Key::new(32, addr)).copied()
         }
 
         #[inline(always)]

@@ -33,6 +33,8 @@ pub const MAX_PORT_PLEN: u8 = 16;
 pub trait PolicyMaps {
     /// `POLICY` lookup.
     fn policy(&self, key: &PolicyKey) -> Option<PolicyEntry>;
+    /// `POLICY_CIDRS` lookup: the CIDR identity of the longest policy prefix holding `addr`.
+    fn policy_cidr(&self, addr: [u8; 4]) -> Option<u32>;
     /// `TUNNEL_PEERS` lookup by underlay address (HOST byte order).
     fn tunnel_peer(&self, underlay_ipv4: u32) -> Option<TunnelPeer>;
     /// Whether the conntrack map holds `key` (a [`ct_dir::POLICY`] key).
@@ -70,19 +72,23 @@ pub const fn policy_key(policy_id: u32, dir: u8, peer: u32, proto: u8, dport: u1
 }
 
 /// Looks up the allow entry for a packet in `ep`'s table for direction `dir` ([`policy_dir`]), `peer_identity`
-/// being the other end, `dport` the destination port in HOST order (0 for protocols without ports).
+/// being the other end and `peer_addr` its address, `dport` the destination port in HOST order (0 for protocols
+/// without ports).
 ///
-/// Order (the first hit wins, as documented on [`PolicyKey`]): for the peer identity, then for
-/// [`identity::ANY`]: every port prefix length set in the endpoint's bitmap for `dir`, from 16 (exact port) down to
-/// 0 (any port), with the packet's protocol; then the any-protocol entry (protocol 0, plen 0). A peer identity of
-/// [`identity::ANY`] is looked up once. At most 2 × 18 map lookups, in a loop with constant bounds.
+/// Order (the first hit wins, as documented on [`PolicyKey`]): for the peer identity; then, when the endpoint has
+/// [`policy_flags::CIDR_RULES`] and the peer is not the node, for the CIDR identity of `peer_addr`
+/// (`POLICY_CIDRS`: an `ipBlock` matches pod addresses too); then for [`identity::ANY`]. For each: every port
+/// prefix length set in the endpoint's bitmap for `dir`, from 16 (exact port) down to 0 (any port), with the
+/// packet's protocol; then the any-protocol entry (protocol 0, plen 0). A peer identity of [`identity::ANY`] is
+/// looked up once. At most 3 × 18 map lookups, in a loop with constant bounds.
 #[must_use]
-#[inline(always)] // six arguments: a BPF function call takes at most five
+#[inline(always)] // seven arguments: a BPF function call takes at most five
 pub fn lookup(
     maps: &impl PolicyMaps,
     ep: &LocalEndpoint,
     dir: u8,
     peer_identity: u32,
+    peer_addr: [u8; 4],
     proto: u8,
     dport: u16,
 ) -> Option<PolicyEntry> {
@@ -92,9 +98,19 @@ pub fn lookup(
         ep.egress_plens
     };
     let mut round = 0u32;
-    while round < 2 {
-        let peer = if round == 0 { peer_identity } else { identity::ANY };
-        if round == 0 || peer_identity != identity::ANY {
+    while round < 3 {
+        let peer = match round {
+            0 => Some(peer_identity),
+            1 if ep.policy_flags & policy_flags::CIDR_RULES != 0
+                && peer_identity != identity::ANY
+                && peer_identity != identity::HOST =>
+            {
+                maps.policy_cidr(peer_addr).filter(|cidr| *cidr != peer_identity)
+            }
+            2 if peer_identity != identity::ANY => Some(identity::ANY),
+            _ => None,
+        };
+        if let Some(peer) = peer {
             let mut i = 0u8;
             while i <= MAX_PORT_PLEN {
                 let plen = MAX_PORT_PLEN.wrapping_sub(i);
@@ -392,7 +408,7 @@ pub fn check(maps: &impl PolicyMaps, tuple: &Flow, ends: &Ends<'_>) -> Result<Al
         && ep.policy_flags & policy_flags::EGRESS_ENFORCED != 0
     {
         let peer = ends.dst_identity;
-        let Some(entry) = lookup(maps, ep, policy_dir::EGRESS, peer, tuple.proto, dport) else {
+        let Some(entry) = lookup(maps, ep, policy_dir::EGRESS, peer, tuple.daddr, tuple.proto, dport) else {
             return Err(Denied {
                 dir: policy_dir::EGRESS,
                 pending: peer == identity::PENDING,
@@ -406,7 +422,7 @@ pub fn check(maps: &impl PolicyMaps, tuple: &Flow, ends: &Ends<'_>) -> Result<Al
         && ep.policy_flags & policy_flags::INGRESS_ENFORCED != 0
     {
         let peer = ends.src_identity;
-        let Some(entry) = lookup(maps, ep, policy_dir::INGRESS, peer, tuple.proto, dport) else {
+        let Some(entry) = lookup(maps, ep, policy_dir::INGRESS, peer, tuple.saddr, tuple.proto, dport) else {
             return Err(Denied {
                 dir: policy_dir::INGRESS,
                 pending: peer == identity::PENDING,
@@ -493,6 +509,7 @@ mod tests {
         ipcache: Vec<([u8; 4], u32, IpcacheEntry)>,
         policy: HashMap<PolicyKey, PolicyEntry>,
         peers: HashMap<u32, TunnelPeer>,
+        cidrs: Vec<([u8; 4], u32, u32)>,
         ct: RefCell<HashSet<CtKeyV4>>,
         lookups: RefCell<Vec<PolicyKey>>,
         node: Option<NodeConfig>,
@@ -514,6 +531,9 @@ mod tests {
         fn policy(&self, key: &PolicyKey) -> Option<PolicyEntry> {
             self.lookups.borrow_mut().push(*key);
             self.policy.get(key).copied()
+        }
+        fn policy_cidr(&self, addr: [u8; 4]) -> Option<u32> {
+            crate::test_lpm_lookup(&self.cidrs, addr)
         }
         fn tunnel_peer(&self, underlay_ipv4: u32) -> Option<TunnelPeer> {
             self.peers.get(&underlay_ipv4).copied()
@@ -606,7 +626,7 @@ mod tests {
                 (identity::ANY, 0, 0, 0, 6),
             ],
         );
-        let rule = |peer, proto, port| lookup(&m, &b, policy_dir::INGRESS, peer, proto, port).map(|e| e.rule);
+        let rule = |peer, proto, port| lookup(&m, &b, policy_dir::INGRESS, peer, OUTSIDE, proto, port).map(|e| e.rule);
         assert_eq!(rule(ID_A, proto::TCP, 80), Some(1), "peer, exact port");
         assert_eq!(rule(ID_A, proto::TCP, 81), Some(2), "peer, any port");
         assert_eq!(rule(ID_A, proto::UDP, 80), Some(3), "peer, any protocol");
@@ -627,10 +647,10 @@ mod tests {
             "pending matches any-peer rules"
         );
         // Other direction and other tables see nothing.
-        assert_eq!(lookup(&m, &b, policy_dir::EGRESS, ID_A, proto::TCP, 80), None);
+        assert_eq!(lookup(&m, &b, policy_dir::EGRESS, ID_A, OUTSIDE, proto::TCP, 80), None);
         let other = LocalEndpoint { policy_id: 8, ..b };
         assert_eq!(
-            lookup(&m, &other, policy_dir::INGRESS, ID_A, proto::TCP, 80),
+            lookup(&m, &other, policy_dir::INGRESS, ID_A, OUTSIDE, proto::TCP, 80),
             None
         );
     }
@@ -647,7 +667,7 @@ mod tests {
                 (ID_REMOTE, proto::TCP, 0, 4, 2),
             ],
         );
-        assert_eq!(lookup(&m, &b, policy_dir::EGRESS, ID_A, proto::UDP, 53), None);
+        assert_eq!(lookup(&m, &b, policy_dir::EGRESS, ID_A, OUTSIDE, proto::UDP, 53), None);
         let seen: Vec<(u32, u8, u8, u16)> = m
             .lookups
             .borrow()
@@ -668,7 +688,7 @@ mod tests {
         // A peer of ANY is looked up once.
         m.lookups.borrow_mut().clear();
         assert_eq!(
-            lookup(&m, &b, policy_dir::EGRESS, identity::ANY, proto::UDP, 53),
+            lookup(&m, &b, policy_dir::EGRESS, identity::ANY, OUTSIDE, proto::UDP, 53),
             None
         );
         assert_eq!(m.lookups.borrow().len(), 3);
@@ -690,7 +710,7 @@ mod tests {
             policy_dir::INGRESS,
             &[(ID_A, proto::TCP, 8080, 13, 1), (ID_A, proto::TCP, 9000, 16, 2)],
         );
-        let allowed = |port| lookup(&m, &b, policy_dir::INGRESS, ID_A, proto::TCP, port).map(|e| e.rule);
+        let allowed = |port| lookup(&m, &b, policy_dir::INGRESS, ID_A, OUTSIDE, proto::TCP, port).map(|e| e.rule);
         assert_eq!(allowed(8079), None);
         for port in 8080..=8087 {
             assert_eq!(allowed(port), Some(1), "port {port}");
@@ -699,7 +719,7 @@ mod tests {
         assert_eq!(allowed(9000), Some(2));
         assert_eq!(allowed(9001), None);
         assert_eq!(
-            lookup(&m, &b, policy_dir::INGRESS, ID_A, proto::UDP, 8080),
+            lookup(&m, &b, policy_dir::INGRESS, ID_A, OUTSIDE, proto::UDP, 8080),
             None,
             "protocol matters"
         );
@@ -921,6 +941,47 @@ mod tests {
             !m.ct.borrow().contains(&flow.ct_key(ct_dir::POLICY)),
             "denied flows are not tracked"
         );
+    }
+
+    /// A's egress allows the ipBlock 10.2.0.0/16 except 10.2.0.8/29 on TCP 80 (CIDR identities 0x10000 and 0x10001,
+    /// rule 31): pod addresses inside the block match even though their own identity is a pod identity.
+    #[test]
+    fn ip_blocks_match_pod_addresses_by_their_cidr_identity() {
+        const CIDR_16: u32 = identity::FIRST_CIDR;
+        const CIDR_EXCEPT: u32 = identity::FIRST_CIDR + 1;
+        let mut m = TestMaps::default();
+        let mut a = ep(ID_A, 1);
+        m.table(&mut a, policy_dir::EGRESS, &[(CIDR_16, proto::TCP, 80, 16, 31)]);
+        m.cidrs = vec![([10, 2, 0, 0], 16, CIDR_16), ([10, 2, 0, 8], 29, CIDR_EXCEPT)];
+        let to = |addr, identity| {
+            let ends = Ends {
+                src_ep: Some(&a),
+                dst_ep: None,
+                src_identity: ID_A,
+                dst_identity: identity,
+            };
+            check(&m, &tcp(POD_A, 40000, addr, 80), &ends)
+        };
+        // Without the flag the block is never looked up (tables without ipBlocks pay nothing).
+        assert!(to(REMOTE_POD, ID_REMOTE).is_err());
+        a.policy_flags |= policy_flags::CIDR_RULES;
+        let to = |addr, identity| {
+            let ends = Ends {
+                src_ep: Some(&a),
+                dst_ep: None,
+                src_identity: ID_A,
+                dst_identity: identity,
+            };
+            check(&m, &tcp(POD_A, 40000, addr, 80), &ends)
+        };
+        assert_eq!(to(REMOTE_POD, ID_REMOTE).map(|v| v.rule), Ok(31), "a pod in the block");
+        assert_eq!(to(UNSYNCED_POD, identity::PENDING).map(|v| v.rule), Err(Denied {
+            dir: policy_dir::EGRESS,
+            pending: true
+        }), "10.2.0.8 is in the except prefix");
+        assert!(to([10, 2, 1, 1], identity::PENDING).is_ok(), "an address without an identity yet");
+        assert!(to([10, 3, 0, 1], ID_REMOTE).is_err(), "outside the block");
+        assert!(to([10, 2, 0, 1], identity::HOST).is_err(), "the node is never an ipBlock peer");
     }
 
     #[test]

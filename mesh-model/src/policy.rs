@@ -29,6 +29,9 @@
 //!   clusters. An IPv6 `ipBlock` is valid and selects nothing (the mesh is IPv4 only).
 //! - Reserved identities (world, pending, host) have no namespace or cluster label: pod and namespace
 //!   selectors never select them. `ipBlock` selects CIDR identities (and [`identity::WORLD`] for `0.0.0.0/0`).
+//!   It matches **pod addresses too** (Calico's semantics, Cilium's `policy-cidr-match-mode`; what upstream's
+//!   NetworkPolicy e2e tests expect): the datapath looks a pod peer up again by the CIDR identity of its address
+//!   when its own identity finds no entry. It never matches the node itself ([`identity::HOST`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -363,4 +363,35 @@ fn egress_policy_with_cluster_selector_and_policy_view() {
     converges("egress open again", || {
         m.reaches("west/shop/frontend", "west/shop/api-west")
     });
+
+    // ipBlock rules match pod addresses too (upstream's "egress to a server in a CIDR block" and its `except`).
+    let (api_east, api_west) = (m.pod("east/shop/api").ip.clone(), m.pod("west/shop/api-west").ip.clone());
+    m.apply(
+        "west",
+        "egress-cidr.yaml",
+        &format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: frontend-cidr, namespace: shop}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: frontend}}}}\n  policyTypes: [Egress]\n  egress:\n\
+             \x20   - to:\n        - ipBlock: {{cidr: 10.2.0.0/16, except: [{api_east}/32]}}\n\
+             \x20       - ipBlock: {{cidr: {api_west}/32}}\n      ports: [{{protocol: TCP, port: 8080}}]\n"
+        ),
+    );
+    converges("the except prefix refuses east/api", || {
+        !m.reaches("west/shop/frontend", "east/shop/api")
+    });
+    for i in 0..5 {
+        assert!(
+            m.reaches("west/shop/frontend", "east/shop/frontend-east"),
+            "connection {i} to a pod of east inside the ipBlock was refused"
+        );
+        assert!(
+            m.reaches("west/shop/frontend", "west/shop/api-west"),
+            "connection {i} to the pod named by a /32 ipBlock was refused"
+        );
+    }
+    assert!(
+        !m.reaches("west/shop/frontend", "west/shop/other"),
+        "a pod outside every ipBlock is reached"
+    );
+    m.delete("west", "egress-cidr.yaml");
 }
