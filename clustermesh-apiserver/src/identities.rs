@@ -1,4 +1,4 @@
-//! Security identities of this cluster (docs/POLICY.md, "Identities"): the apiserver is the cluster's only
+//! Security identities of this cluster (docs/network-policy.md, "Identities"): the apiserver is the cluster's only
 //! allocator.
 //!
 //! Every pod with an address gets the identity of its label set; a new label set gets the lowest free number ≥ 256
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 /// Identity labels, sorted.
 pub type Labels = BTreeMap<String, String>;
 
-/// The identity labels of `pod` in `cluster` (docs/POLICY.md; one definition shared with the agent).
+/// The identity labels of `pod` in `cluster` (docs/network-policy.md; one definition shared with the agent).
 fn identity_labels(cluster: &str, pod: &Pod, namespace: Option<&Namespace>) -> Labels {
     mesh_model::identity::identity_labels(cluster, pod, namespace)
 }

@@ -94,7 +94,7 @@ pub fn ipcache(me: &Me, local: &ClusterState, remotes: &BTreeMap<String, RemoteC
     out
 }
 
-/// The per-pod entries of the mesh (docs/POLICY.md, "Sync to agents"): not yet written to the maps.
+/// The per-pod entries of the mesh (docs/network-policy.md, "Sync to agents"): not yet written to the maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredPods {
     /// `IPCACHE_V4` /32 entries: every pod of another node (this cluster's or a peer's) whose ip record arrived,

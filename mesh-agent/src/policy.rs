@@ -1,4 +1,4 @@
-//! Identities and network policy → the datapath (docs/POLICY.md).
+//! Identities and network policy → the datapath (docs/network-policy.md).
 //!
 //! Every reconcile pass: the identity universe (this cluster's identities from its own etcd, every usable peer's,
 //! and node-local CIDR identities for the prefixes policies name), each local endpoint's identity (its ip record,

@@ -221,7 +221,7 @@ impl Reconciler {
         }
 
         self.reconcile_endpoints(local, policy_on, &mut st);
-        // Identities and addresses before services (docs/POLICY.md): a new backend's identity is known by the time
+        // Identities and addresses before services (docs/network-policy.md): a new backend's identity is known by the time
         // traffic can be balanced to it.
         let programmed: BTreeMap<Ipv4Addr, String> = st
             .endpoints

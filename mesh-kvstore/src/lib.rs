@@ -360,7 +360,7 @@ pub struct ServiceRecord {
 /// Largest number of backends a decoder accepts in one service record.
 pub const MAX_BACKENDS_PER_RECORD: usize = 4096;
 
-/// A security identity of a cluster: the set of identity labels it stands for (docs/POLICY.md, "Identities").
+/// A security identity of a cluster: the set of identity labels it stands for (docs/network-policy.md, "Identities").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IdentityRecord {
@@ -409,7 +409,7 @@ pub const MAX_LABEL_KEY_BYTES: usize = 512;
 pub const MAX_LABEL_VALUE_BYTES: usize = 256;
 /// Most named ports an ip record may hold.
 pub const MAX_NAMED_PORTS: usize = 256;
-/// The identity label naming the identity's cluster (docs/POLICY.md): every identity record has it.
+/// The identity label naming the identity's cluster (docs/network-policy.md): every identity record has it.
 pub const LABEL_CLUSTER: &str = "io.cilium.k8s.policy.cluster";
 
 /// Why a value was refused.

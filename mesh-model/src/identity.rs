@@ -1,4 +1,4 @@
-//! Identity labels: the label set a pod's security identity stands for (docs/POLICY.md, "Identities").
+//! Identity labels: the label set a pod's security identity stands for (docs/network-policy.md, "Identities").
 //!
 //! The pod's labels without the per-pod/per-revision ones, plus its namespace, its namespace's labels and its
 //! cluster. Labels that only fleetmesh may set (the namespace, the namespace labels, the cluster) replace pod

@@ -1,6 +1,6 @@
 //! Network policy: Kubernetes `NetworkPolicy` (networking.k8s.io/v1) and fleetmesh's `MeshNetworkPolicy`
 //! (fleetmesh.io/v1alpha1), validated into one internal [`Policy`], and compiled per endpoint into the entries
-//! of its policy table (docs/POLICY.md, "Policy").
+//! of its policy table (docs/network-policy.md, "Policy").
 //!
 //! ```yaml
 //! apiVersion: fleetmesh.io/v1alpha1

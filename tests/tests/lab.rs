@@ -117,6 +117,30 @@ fn three_clusters_all_paths_then_add_node_apply_and_delete() {
     }
 
     // A node added to a running cluster becomes reachable from the other clusters without restarts.
+    // The underlay bridge has an address of its own: one taken from its ports would change when the new node's
+    // port joins, and every node's ARP entry for the etcd addresses on the bridge would point nowhere.
+    let underlay = status["underlayNetns"]
+        .as_str()
+        .expect("underlayNetns")
+        .to_owned();
+    let assign_type = || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &underlay,
+                "cat",
+                "/sys/class/net/br0/addr_assign_type",
+            ])
+            .output()
+            .expect("ip netns exec");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(
+        assign_type(),
+        "3",
+        "br0's address is set (NET_ADDR_SET), not taken from a port"
+    );
     let out = lab.run(&["add-node", "west"]).expect("add-node");
     assert!(out.contains("west-node-3"), "{out}");
     let files = lab.dir.join("test-manifests");
@@ -141,6 +165,18 @@ fn three_clusters_all_paths_then_add_node_apply_and_delete() {
     {
         assert_reachable(from, &late_pod);
         assert_reachable(&late_pod, from);
+    }
+    // Adding the node cut no agent off its peers' etcd.
+    for c in lab.status().expect("status")["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for n in c["nodes"].as_array().into_iter().flatten() {
+            for r in n["remoteClusters"].as_array().into_iter().flatten() {
+                assert_eq!(r["state"], "synced", "{} after add-node: {r}", n["name"]);
+            }
+        }
     }
 
     // A malformed manifest is refused with the file and field named, and nothing running is disturbed.

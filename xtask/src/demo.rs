@@ -309,6 +309,13 @@ fn fleet_stages(dir: &std::path::Path, st: &state::LabState, tally: &mut Tally) 
         let percent = r["percent"].as_u64();
         if percent != last_percent {
             last_percent = percent;
+            // The status says what the agent decided; wait until the datapath shows it: some traffic to
+            // north once a step sends it any, none to west at 100% (both hold for every later step too).
+            let p = percent.unwrap_or(0);
+            wait_for_shares(client, vip, &mut Tally { ok: 0, total: 0 }, |s| {
+                (p == 0 || s.contains_key("north")) && (p < 100 || !s.contains_key("west"))
+            })
+            .with_context(|| format!("rollout step at {p}% to north"))?;
             let s = shares(client, vip, 40, tally);
             lines.push(show(
                 &format!(
@@ -426,7 +433,8 @@ fn network_policy(
     ))
 }
 
-/// Samples 30 connections until `done` holds for a sample (the change has reached the datapath), at most 10 s.
+/// Samples 30 connections until `done` holds for a sample in which none failed (the change has reached the
+/// datapath), at most 10 s.
 fn wait_for_shares(
     client: &state::PodRt,
     vip: std::net::Ipv4Addr,
@@ -437,7 +445,8 @@ fn wait_for_shares(
     loop {
         let mut scratch = Tally { ok: 0, total: 0 };
         let s = shares(client, vip, 30, &mut scratch);
-        if done(&s) {
+        // Connections may fail while a deleted backend is withdrawn; the sample that counts has none failed.
+        if done(&s) && !s.contains_key("(failed)") {
             tally.ok += scratch.ok;
             tally.total += scratch.total;
             return Ok(s);

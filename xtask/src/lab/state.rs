@@ -131,6 +131,9 @@ fn label_args(labels: &BTreeMap<String, String>) -> Vec<String> {
         .collect()
 }
 
+/// MAC address of the underlay bridge (locally administered).
+const UNDERLAY_BRIDGE_MAC: &str = "02:fe:00:00:00:01";
+
 fn etcd_ip(id: u16) -> Ipv4Addr {
     Ipv4Addr::new(
         100,
@@ -360,7 +363,21 @@ impl LabState {
     fn create_underlay(&mut self) -> Result<()> {
         let ul = self.ul();
         self.add_netns(&ul)?;
-        net::ip_in(&ul, &["link", "add", "br0", "type", "bridge"])?;
+        // A fixed address: a bridge without one takes the lowest address of its ports and changes it when a port
+        // with a lower one joins (a node added later), and every node's ARP entry for the etcd addresses on the
+        // bridge then points nowhere until it expires: peers looked cut off for up to a minute.
+        net::ip_in(
+            &ul,
+            &[
+                "link",
+                "add",
+                "br0",
+                "address",
+                UNDERLAY_BRIDGE_MAC,
+                "type",
+                "bridge",
+            ],
+        )?;
         net::ip_in(&ul, &["link", "set", "br0", "up"])?;
         Ok(())
     }
@@ -910,8 +927,13 @@ impl LabState {
     }
 
     fn teardown(&mut self) {
-        let pids: Vec<u32> = self.procs.iter().map(|p| p.pid).collect();
-        net::stop_processes(&pids, &self.marker(), Duration::from_secs(5));
+        // Clients first, then the etcd servers: agents do not log the servers going away as faults.
+        let (servers, clients): (Vec<&Proc>, Vec<&Proc>) =
+            self.procs.iter().partition(|p| p.role.starts_with("etcd-"));
+        for group in [clients, servers] {
+            let pids: Vec<u32> = group.iter().map(|p| p.pid).collect();
+            net::stop_processes(&pids, &self.marker(), Duration::from_secs(5));
+        }
         self.procs.clear();
         let mut names: Vec<String> = self.netns.iter().rev().cloned().collect();
         for n in net::netns_with_prefix(&format!("{}-", self.prefix)) {
@@ -1356,7 +1378,7 @@ pub fn status(dir: &Path, as_json: bool) -> Result<()> {
             })
         })
         .collect();
-    let out = json!({"labDir": st.lab_dir, "topology": st.topology, "clusters": clusters});
+    let out = json!({"labDir": st.lab_dir, "topology": st.topology, "underlayNetns": st.ul(), "clusters": clusters});
     if as_json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
