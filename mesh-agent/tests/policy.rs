@@ -1092,10 +1092,18 @@ fn ip_blocks_match_pod_addresses_through_the_policy_prefix_map() {
     assert_eq!(run(&mut dp, &tcp(POD_A, 41000, REMOTE, 80, SYN)), TC_ACT_SHOT);
     let block: ipnet::Ipv4Net = "10.2.0.0/16".parse().unwrap();
     let except: ipnet::Ipv4Net = "10.2.0.0/29".parse().unwrap();
-    dp.set_policy_cidrs(&BTreeMap::from([(block, CIDR_BLOCK)])).unwrap();
-    assert_eq!(dp.read_policy_cidrs().unwrap(), BTreeMap::from([(block, CIDR_BLOCK)]));
+    dp.set_policy_cidrs(&BTreeMap::from([(block, CIDR_BLOCK)]))
+        .unwrap();
+    assert_eq!(
+        dp.read_policy_cidrs().unwrap(),
+        BTreeMap::from([(block, CIDR_BLOCK)])
+    );
     assert_eq!(run(&mut dp, &tcp(POD_A, 41001, REMOTE, 80, SYN)), TC_ACT_REDIRECT);
-    assert_eq!(run(&mut dp, &tcp(POD_A, 41002, REMOTE, 81, SYN)), TC_ACT_SHOT, "port 81 is not allowed");
+    assert_eq!(
+        run(&mut dp, &tcp(POD_A, 41002, REMOTE, 81, SYN)),
+        TC_ACT_SHOT,
+        "port 81 is not allowed"
+    );
     // 10.2.0.7 falls into the except prefix once it is programmed: denied again.
     dp.set_policy_cidrs(&BTreeMap::from([(block, CIDR_BLOCK), (except, CIDR_EXCEPT)]))
         .unwrap();

@@ -27,9 +27,9 @@ mod bpf {
         BACKEND_STATS_MAX_ENTRIES, BACKENDS_MAX_ENTRIES, BackendStats, BackendV4, COUNTER_COUNT,
         CT_MAX_ENTRIES, Counter, CtEntryV4, CtKeyV4, ENDPOINTS_MAX_ENTRIES, EndpointKeyV4, FLOW_EVENTS_BYTES,
         FlowEvent, FlowRate, IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig,
-        POLICY_CIDRS_MAX_ENTRIES, POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, REVNAT_MAX_ENTRIES, RevNatV4, SERVICES_MAX_ENTRIES,
-        SLOTS_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SlotKey, TUNNEL_PEERS_MAX_ENTRIES, TunnelPeer,
-        flow_verdict, node_flags, proto,
+        POLICY_CIDRS_MAX_ENTRIES, POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, REVNAT_MAX_ENTRIES, RevNatV4,
+        SERVICES_MAX_ENTRIES, SLOTS_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SlotKey,
+        TUNNEL_PEERS_MAX_ENTRIES, TunnelPeer, flow_verdict, node_flags, proto,
     };
     use mesh_ebpf::{
         Drop, ETH_HLEN, Forward, Frame, IPV4_CSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, Ipv4Header,
@@ -89,8 +89,7 @@ mod bpf {
 
     /// Prefixes named by the node's policies' `ipBlock`s → their CIDR identity (pod /32s do not shadow them).
     #[map(name = "POLICY_CIDRS")]
-    static POLICY_CIDRS: LpmTrie<LpmKeyV4, u32> =
-        LpmTrie::with_max_entries(POLICY_CIDRS_MAX_ENTRIES, 0);
+    static POLICY_CIDRS: LpmTrie<LpmKeyV4, u32> = LpmTrie::with_max_entries(POLICY_CIDRS_MAX_ENTRIES, 0);
 
     /// Flow events for the agent (`meshctl observe`).
     #[map(name = "FLOW_EVENTS")]

@@ -408,7 +408,15 @@ pub fn check(maps: &impl PolicyMaps, tuple: &Flow, ends: &Ends<'_>) -> Result<Al
         && ep.policy_flags & policy_flags::EGRESS_ENFORCED != 0
     {
         let peer = ends.dst_identity;
-        let Some(entry) = lookup(maps, ep, policy_dir::EGRESS, peer, tuple.daddr, tuple.proto, dport) else {
+        let Some(entry) = lookup(
+            maps,
+            ep,
+            policy_dir::EGRESS,
+            peer,
+            tuple.daddr,
+            tuple.proto,
+            dport,
+        ) else {
             return Err(Denied {
                 dir: policy_dir::EGRESS,
                 pending: peer == identity::PENDING,
@@ -422,7 +430,15 @@ pub fn check(maps: &impl PolicyMaps, tuple: &Flow, ends: &Ends<'_>) -> Result<Al
         && ep.policy_flags & policy_flags::INGRESS_ENFORCED != 0
     {
         let peer = ends.src_identity;
-        let Some(entry) = lookup(maps, ep, policy_dir::INGRESS, peer, tuple.saddr, tuple.proto, dport) else {
+        let Some(entry) = lookup(
+            maps,
+            ep,
+            policy_dir::INGRESS,
+            peer,
+            tuple.saddr,
+            tuple.proto,
+            dport,
+        ) else {
             return Err(Denied {
                 dir: policy_dir::INGRESS,
                 pending: peer == identity::PENDING,
@@ -626,7 +642,9 @@ mod tests {
                 (identity::ANY, 0, 0, 0, 6),
             ],
         );
-        let rule = |peer, proto, port| lookup(&m, &b, policy_dir::INGRESS, peer, OUTSIDE, proto, port).map(|e| e.rule);
+        let rule = |peer, proto, port| {
+            lookup(&m, &b, policy_dir::INGRESS, peer, OUTSIDE, proto, port).map(|e| e.rule)
+        };
         assert_eq!(rule(ID_A, proto::TCP, 80), Some(1), "peer, exact port");
         assert_eq!(rule(ID_A, proto::TCP, 81), Some(2), "peer, any port");
         assert_eq!(rule(ID_A, proto::UDP, 80), Some(3), "peer, any protocol");
@@ -647,7 +665,10 @@ mod tests {
             "pending matches any-peer rules"
         );
         // Other direction and other tables see nothing.
-        assert_eq!(lookup(&m, &b, policy_dir::EGRESS, ID_A, OUTSIDE, proto::TCP, 80), None);
+        assert_eq!(
+            lookup(&m, &b, policy_dir::EGRESS, ID_A, OUTSIDE, proto::TCP, 80),
+            None
+        );
         let other = LocalEndpoint { policy_id: 8, ..b };
         assert_eq!(
             lookup(&m, &other, policy_dir::INGRESS, ID_A, OUTSIDE, proto::TCP, 80),
@@ -667,7 +688,10 @@ mod tests {
                 (ID_REMOTE, proto::TCP, 0, 4, 2),
             ],
         );
-        assert_eq!(lookup(&m, &b, policy_dir::EGRESS, ID_A, OUTSIDE, proto::UDP, 53), None);
+        assert_eq!(
+            lookup(&m, &b, policy_dir::EGRESS, ID_A, OUTSIDE, proto::UDP, 53),
+            None
+        );
         let seen: Vec<(u32, u8, u8, u16)> = m
             .lookups
             .borrow()
@@ -710,7 +734,8 @@ mod tests {
             policy_dir::INGRESS,
             &[(ID_A, proto::TCP, 8080, 13, 1), (ID_A, proto::TCP, 9000, 16, 2)],
         );
-        let allowed = |port| lookup(&m, &b, policy_dir::INGRESS, ID_A, OUTSIDE, proto::TCP, port).map(|e| e.rule);
+        let allowed =
+            |port| lookup(&m, &b, policy_dir::INGRESS, ID_A, OUTSIDE, proto::TCP, port).map(|e| e.rule);
         assert_eq!(allowed(8079), None);
         for port in 8080..=8087 {
             assert_eq!(allowed(port), Some(1), "port {port}");
@@ -974,14 +999,28 @@ mod tests {
             };
             check(&m, &tcp(POD_A, 40000, addr, 80), &ends)
         };
-        assert_eq!(to(REMOTE_POD, ID_REMOTE).map(|v| v.rule), Ok(31), "a pod in the block");
-        assert_eq!(to(UNSYNCED_POD, identity::PENDING).map(|v| v.rule), Err(Denied {
-            dir: policy_dir::EGRESS,
-            pending: true
-        }), "10.2.0.8 is in the except prefix");
-        assert!(to([10, 2, 1, 1], identity::PENDING).is_ok(), "an address without an identity yet");
+        assert_eq!(
+            to(REMOTE_POD, ID_REMOTE).map(|v| v.rule),
+            Ok(31),
+            "a pod in the block"
+        );
+        assert_eq!(
+            to(UNSYNCED_POD, identity::PENDING).map(|v| v.rule),
+            Err(Denied {
+                dir: policy_dir::EGRESS,
+                pending: true
+            }),
+            "10.2.0.8 is in the except prefix"
+        );
+        assert!(
+            to([10, 2, 1, 1], identity::PENDING).is_ok(),
+            "an address without an identity yet"
+        );
         assert!(to([10, 3, 0, 1], ID_REMOTE).is_err(), "outside the block");
-        assert!(to([10, 2, 0, 1], identity::HOST).is_err(), "the node is never an ipBlock peer");
+        assert!(
+            to([10, 2, 0, 1], identity::HOST).is_err(),
+            "the node is never an ipBlock peer"
+        );
     }
 
     #[test]

@@ -365,7 +365,10 @@ fn egress_policy_with_cluster_selector_and_policy_view() {
     });
 
     // ipBlock rules match pod addresses too (upstream's "egress to a server in a CIDR block" and its `except`).
-    let (api_east, api_west) = (m.pod("east/shop/api").ip.clone(), m.pod("west/shop/api-west").ip.clone());
+    let (api_east, api_west) = (
+        m.pod("east/shop/api").ip.clone(),
+        m.pod("west/shop/api-west").ip.clone(),
+    );
     m.apply(
         "west",
         "egress-cidr.yaml",
