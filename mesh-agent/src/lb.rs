@@ -1,7 +1,7 @@
 //! Service load balancing, desired state: for every service of this cluster, its frontends (ClusterIP, port,
 //! protocol) and the backends the datapath should pick from, merged across clusters for global services and
 //! filtered by affinity, or weighted by a `TrafficPolicy`. Pure functions of the state model, except for the
-//! [`PolicyBook`] that remembers the last valid version of each policy.
+//! [`TrafficPolicyVersions`] that remembers the last valid version of each policy.
 //!
 //! A backend's `weight` is its number of slots in the frontend's slot table (new flows pick a slot by hash):
 //! its capacity without a policy, its share of [`WEIGHTED_SLOTS`] slots with one.
@@ -99,21 +99,43 @@ pub struct ServiceView {
 /// How a `TrafficPolicy` object fares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PolicyStatus {
+pub struct TrafficPolicyStatus {
     pub namespace: String,
     pub name: String,
     pub service: String,
-    /// `active` (in force), `rejected` (this version is invalid; an earlier valid version stays in force when
-    /// there is one) or `conflict` (another policy already steers the service).
-    pub state: &'static str,
+    pub state: TrafficPolicyState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// Whether a `TrafficPolicy` is in force (serialized in lowercase, as the status API shows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrafficPolicyState {
+    /// In force.
+    Active,
+    /// This version is invalid; an earlier valid version stays in force when there is one.
+    Rejected,
+    /// Another policy already steers the service.
+    Conflict,
+}
+
+impl TrafficPolicyState {
+    /// The name the status API uses.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Rejected => "rejected",
+            Self::Conflict => "conflict",
+        }
+    }
 }
 
 /// The versions of the `TrafficPolicy` objects in force: an invalid update is refused and the last valid version
 /// stays; a deleted object is forgotten.
 #[derive(Debug, Default)]
-pub struct PolicyBook {
+pub struct TrafficPolicyVersions {
     accepted: BTreeMap<(String, String), TrafficPolicy>,
     /// Weights set by staged rollouts, by (namespace, service): they take precedence over `TrafficPolicy`.
     overrides: BTreeMap<(String, String), TrafficPolicy>,
@@ -135,9 +157,9 @@ fn policy_problem(local: &ClusterState, p: &TrafficPolicy) -> Option<String> {
     }
 }
 
-impl PolicyBook {
+impl TrafficPolicyVersions {
     /// Takes the policies of `local`: valid ones replace their earlier version, invalid ones keep it.
-    pub fn update(&mut self, local: &ClusterState) -> Vec<PolicyStatus> {
+    pub fn update(&mut self, local: &ClusterState) -> Vec<TrafficPolicyStatus> {
         self.accepted
             .retain(|k, _| local.traffic_policies.contains_key(k));
         let mut out = Vec::new();
@@ -145,7 +167,7 @@ impl PolicyBook {
             let (state, message) = match policy_problem(local, p) {
                 None => {
                     self.accepted.insert(key.clone(), p.clone());
-                    ("active", None)
+                    (TrafficPolicyState::Active, None)
                 }
                 Some(problem) => {
                     let kept = self.accepted.get(key).map(|old| {
@@ -154,10 +176,13 @@ impl PolicyBook {
                             old.spec.service
                         )
                     });
-                    ("rejected", Some(format!("{problem}{}", kept.unwrap_or_default())))
+                    (
+                        TrafficPolicyState::Rejected,
+                        Some(format!("{problem}{}", kept.unwrap_or_default())),
+                    )
                 }
             };
-            out.push(PolicyStatus {
+            out.push(TrafficPolicyStatus {
                 namespace: p.namespace.clone(),
                 name: p.name.clone(),
                 service: p.spec.service.clone(),
@@ -172,9 +197,9 @@ impl PolicyBook {
                 .values()
                 .find(|p| p.namespace == st.namespace && p.spec.service == st.service)
                 && winner.name != st.name
-                && st.state == "active"
+                && st.state == TrafficPolicyState::Active
             {
-                st.state = "conflict";
+                st.state = TrafficPolicyState::Conflict;
                 st.message = Some(format!(
                     "TrafficPolicy {}/{} already steers service {}",
                     winner.namespace, winner.name, st.service
@@ -384,7 +409,7 @@ pub fn services(
     local: &ClusterState,
     own: Option<&RemoteCluster>,
     remotes: &BTreeMap<String, RemoteCluster>,
-    policies: &PolicyBook,
+    policies: &TrafficPolicyVersions,
     affinity_default: Affinity,
 ) -> Vec<ServiceView> {
     let labels_of = |cluster: &str| cluster_labels(me, remotes, cluster);
@@ -623,7 +648,7 @@ mod tests {
         ]
         .into();
         let with_default = |st: &ClusterState, remotes: &BTreeMap<String, RemoteCluster>, d| {
-            services(&me(), st, None, remotes, &PolicyBook::default(), d)
+            services(&me(), st, None, remotes, &TrafficPolicyVersions::default(), d)
         };
         // Clusters of the active backends, by name.
         let clusters = |v: &[ServiceView]| {
@@ -719,7 +744,14 @@ mod tests {
         local: &ClusterState,
         remotes: &BTreeMap<String, RemoteCluster>,
     ) -> Vec<ServiceView> {
-        services(me, local, None, remotes, &PolicyBook::default(), Affinity::None)
+        services(
+            me,
+            local,
+            None,
+            remotes,
+            &TrafficPolicyVersions::default(),
+            Affinity::None,
+        )
     }
 
     fn policy(name: &str, service: &str, groups: Vec<(ClusterSelector, u32)>) -> TrafficPolicy {
@@ -775,13 +807,13 @@ mod tests {
         out
     }
 
-    fn with_policy(local: &mut ClusterState, p: TrafficPolicy) -> PolicyBook {
+    fn with_policy(local: &mut ClusterState, p: TrafficPolicy) -> TrafficPolicyVersions {
         local
             .traffic_policies
             .insert((p.namespace.clone(), p.name.clone()), p);
-        let mut book = PolicyBook::default();
+        let mut book = TrafficPolicyVersions::default();
         let st = book.update(local);
-        assert!(st.iter().all(|s| s.state == "active"), "{st:?}");
+        assert!(st.iter().all(|s| s.state == TrafficPolicyState::Active), "{st:?}");
         book
     }
 
@@ -893,7 +925,7 @@ mod tests {
                 &st,
                 own,
                 &BTreeMap::new(),
-                &PolicyBook::default(),
+                &TrafficPolicyVersions::default(),
                 Affinity::None,
             )[0]
             .frontends[0]
@@ -916,7 +948,7 @@ mod tests {
         st.traffic_policies
             .insert(key.clone(), policy("p", "ehco", vec![(by_names(&["east"]), 1)]));
         let status = book.update(&st);
-        assert_eq!(status[0].state, "rejected");
+        assert_eq!(status[0].state, TrafficPolicyState::Rejected);
         let msg = status[0].message.clone().unwrap_or_default();
         assert!(
             msg.contains("demo/ehco does not exist") && msg.contains("previous version"),
@@ -931,7 +963,7 @@ mod tests {
         );
         let status = book.update(&st);
         assert_eq!(
-            status.iter().map(|s| s.state).collect::<Vec<_>>(),
+            status.iter().map(|s| s.state.as_str()).collect::<Vec<_>>(),
             vec!["active", "conflict"]
         );
         // Deleted: forgotten.

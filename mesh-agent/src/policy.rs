@@ -22,9 +22,10 @@ use crate::desired::Me;
 use crate::flows::{Names, PodName};
 use crate::remote::RemoteCluster;
 
-/// Identity bookkeeping that must stay stable across passes (CIDR identities).
+/// Compiles and programs every local endpoint's network policy; keeps what must stay stable across passes (the
+/// CIDR identities).
 #[derive(Debug, Default)]
-pub struct PolicyBook {
+pub struct PolicyReconciler {
     cidr_ids: BTreeMap<Ipv4Net, u32>,
 }
 
@@ -70,7 +71,7 @@ fn clusters<'a>(
     )
 }
 
-impl PolicyBook {
+impl PolicyReconciler {
     /// CIDR identities for every prefix the policies name; a prefix keeps its identity while it is named.
     fn cidr_identities(&mut self, local: &ClusterState) -> BTreeMap<u32, Ipv4Net> {
         let wanted = model::cidr_prefixes(local.network_policies.values());

@@ -59,7 +59,7 @@ pub struct DatapathStatus {
     /// Services as this node balances them (frontends, candidate and active backends).
     pub services: Vec<ServiceView>,
     /// Every `TrafficPolicy` of the cluster and whether it is in force.
-    pub traffic_policies: Vec<lb::PolicyStatus>,
+    pub traffic_policies: Vec<lb::TrafficPolicyStatus>,
     /// Every `StagedRollout` of the cluster, as this node runs it.
     pub rollouts: Vec<RolloutState>,
     /// Sizes, for `GET /v1/summary`.
@@ -111,7 +111,7 @@ pub struct Reconciler {
     pub vxlan_ifname: String,
     reconciles: u64,
     lb: LbMaps,
-    policies: lb::PolicyBook,
+    policies: lb::TrafficPolicyVersions,
     /// Staged rollouts of this node (set `rollouts` to a [`Rollouts::load`]ed book to persist them).
     pub rollouts: Rollouts,
     /// The services of the last reconcile (their backends' statistics judge rollout gates).
@@ -121,7 +121,7 @@ pub struct Reconciler {
     /// Affinity of global services without a `service.cilium.io/affinity` annotation.
     pub service_affinity_default: mesh_model::service::Affinity,
     /// Identities and network policy of the local endpoints.
-    policy: crate::policy::PolicyBook,
+    policy: crate::policy::PolicyReconciler,
     /// Identity of every local endpoint, from the last policy pass (the endpoint map carries it).
     identities: BTreeMap<Ipv4Addr, u32>,
     /// Some local endpoint had an enforced direction after the last pass (true until a pass proves otherwise,
@@ -157,12 +157,12 @@ impl Reconciler {
             vxlan_ifname,
             reconciles: 0,
             lb,
-            policies: lb::PolicyBook::default(),
+            policies: lb::TrafficPolicyVersions::default(),
             rollouts: Rollouts::default(),
             last_views: Vec::new(),
             remote_grace: std::time::Duration::from_secs(30),
             service_affinity_default: mesh_model::service::Affinity::None,
-            policy: crate::policy::PolicyBook::default(),
+            policy: crate::policy::PolicyReconciler::default(),
             identities: BTreeMap::new(),
             policy_enforced: true,
             flows: None,
@@ -248,8 +248,12 @@ impl Reconciler {
         let grace_ms = u64::try_from(self.remote_grace.as_millis()).unwrap_or(u64::MAX);
         let reachable = lb::reachable(remotes, crate::remote::now_ms(), grace_ms);
         st.traffic_policies = self.policies.update(local);
-        for p in st.traffic_policies.iter().filter(|p| p.state != "active") {
-            warn!(policy = %format!("{}/{}", p.namespace, p.name), state = p.state, message = ?p.message, "TrafficPolicy not applied");
+        for p in st
+            .traffic_policies
+            .iter()
+            .filter(|p| p.state != lb::TrafficPolicyState::Active)
+        {
+            warn!(policy = %format!("{}/{}", p.namespace, p.name), state = p.state.as_str(), message = ?p.message, "TrafficPolicy not applied");
         }
         // Staged rollouts first: their gates are judged on the live statistics of the backends seen at the last
         // reconcile, and their weights then steer this one.
