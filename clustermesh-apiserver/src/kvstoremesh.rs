@@ -59,14 +59,23 @@ struct Mirror {
     last_alive_ms: u64,
 }
 
+/// The key segment below a prefix where KVStoreMesh caches live ([`Keys::kvstoremesh_prefix`]).
+const KVSTOREMESH_SEGMENT: &str = "kvstoremesh/";
+
 impl Mirror {
     fn cache_keys(&self) -> Keys {
         Keys::new(&self.local.keys.kvstoremesh_prefix(&self.name))
     }
 
-    /// The cache key of a peer key.
+    /// The cache key of a peer key; `None` for keys that are not the peer's own records: the peer's own
+    /// KVStoreMesh cache of other clusters (`<prefix>/kvstoremesh/...`) is never mirrored, or two clusters that
+    /// mirror each other would copy each other's copies without end, and a peer could publish records in the
+    /// name of clusters it mirrors.
     fn cache_key(&self, peer_key: &str) -> Option<String> {
         let rest = peer_key.strip_prefix(&self.peer_keys.root())?;
+        if rest.starts_with(KVSTOREMESH_SEGMENT) {
+            return None;
+        }
         Some(format!("{}{rest}", self.cache_keys().root()))
     }
 

@@ -462,6 +462,11 @@ async fn kvstoremesh_mirrors_a_peer_and_reports_losing_it() {
     )
     .await
     .expect("seed");
+    // West's own KVStoreMesh cache of another cluster is not west's to publish: never mirrored.
+    let west_cache_of_north = Keys::new(&peer_keys.kvstoremesh_prefix("north")).node("north", "north-node-1");
+    wc.put(west_cache_of_north.clone(), "{}", None)
+        .await
+        .expect("seed");
     let mut lc = local.client().await;
     // A stale entry from an earlier mirror: removed by the next one.
     lc.put(
@@ -514,6 +519,17 @@ async fn kvstoremesh_mirrors_a_peer_and_reports_losing_it() {
         }
     })
     .await;
+
+    let nested = cache.root() + west_cache_of_north.trim_start_matches(&peer_keys.root());
+    assert_eq!(
+        get(&mut lc, &nested).await.expect("get"),
+        None,
+        "west's cache of north was mirrored"
+    );
+    // Also not when it changes while the mirror follows west's watch.
+    wc.put(west_cache_of_north.clone(), "{\"changed\": true}", None)
+        .await
+        .expect("put");
 
     // Changes follow: a node added, then the first one deleted.
     wc.put(
@@ -591,6 +607,12 @@ async fn kvstoremesh_mirrors_a_peer_and_reports_losing_it() {
         }
     })
     .await;
+    // The watch delivered the change of west's cache before these: still not mirrored.
+    assert_eq!(
+        get(&mut lc, &nested).await.expect("get"),
+        None,
+        "a change of west's cache was mirrored"
+    );
 
     // The peer goes away: the status says so (with when it was last heard from); the cached data stays.
     let before = crate_now_ms();
