@@ -187,6 +187,40 @@ impl Helm {
         self.run(&args)
     }
 
+    /// NOTES.txt as `helm install` would print it, with `extra` arguments: rendered from a copy of the chart in
+    /// which NOTES.txt is a plain file and a template puts it, rendered with `tpl`, into a ConfigMap (`helm
+    /// template` leaves NOTES.txt out, and `helm install --dry-run` needs a cluster).
+    fn notes(&self, extra: &[&str]) -> String {
+        let copy = tempfile::tempdir().expect("tempdir");
+        let chart = copy.path().join("fleetmesh");
+        copy_dir(&chart_dir(), &chart);
+        std::fs::rename(chart.join("templates/NOTES.txt"), chart.join("notes.txt")).expect("move NOTES.txt");
+        std::fs::write(
+            chart.join("templates/notes-under-test.yaml"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-under-test\ndata:\n  notes: {{ tpl (.Files.Get \"notes.txt\") . | quote }}\n",
+        )
+        .expect("notes template");
+        let chart = chart.display().to_string();
+        let mut args = vec![
+            "template",
+            RELEASE,
+            &chart,
+            "--namespace",
+            NAMESPACE,
+            "--show-only",
+            "templates/notes-under-test.yaml",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.run(&args);
+        assert!(out.ok, "helm {args:?} failed:\n{}{}", out.stderr, out.stdout);
+        let r = Rendered::parse(&out.stdout);
+        r.config_map("notes-under-test")
+            .and_then(|c| c.data.as_ref())
+            .and_then(|d| d.get("notes"))
+            .cloned()
+            .expect("the notes")
+    }
+
     /// The objects `helm template` renders; panics with helm's message if it fails.
     fn render(&self, extra: &[&str]) -> Rendered {
         let out = self.template(extra);
@@ -2192,7 +2226,7 @@ fn default_etcd_serves_tls_with_client_certificates_and_users() {
     );
     let ds = pod(&r.agent().spec.template);
     let tls = volume(ds, "own-kvstore-tls").secret.clone().expect("a Secret");
-    let remote = tls.secret_name.clone().expect("name");
+    let remote = tls.secret_name.expect("name");
     assert!(r.secret(&remote).is_some(), "the chart renders {remote}");
 }
 
@@ -2488,7 +2522,7 @@ impl LocalPod {
         let addr: std::net::SocketAddr = format!("{LOCAL_POD_IP}:{}", self.port(port))
             .parse()
             .expect("addr");
-        let path = probe.path.clone().unwrap_or_else(|| "/".to_owned());
+        let path = probe.path.unwrap_or_else(|| "/".to_owned());
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
@@ -2994,4 +3028,218 @@ fn pod_spec_files(r: &Rendered) -> tempfile::TempDir {
         std::fs::write(dir.path().join(path), bytes).expect("file");
     }
     dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("folder");
+    for entry in std::fs::read_dir(from).expect("read folder").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn plain_http_only_with_the_explicit_opt_out() {
+    let r = Helm::new().render(&[
+        "--set",
+        "clustermesh.tls.enabled=false",
+        "--set",
+        "clustermesh.insecure=true",
+    ]);
+    check_references(&r, &[]);
+    let names: Vec<_> = r
+        .secrets
+        .iter()
+        .filter_map(|s| s.metadata.name.as_deref())
+        .collect();
+    assert_eq!(names, ["fm-fleetmesh-clustermesh"], "no certificates");
+    let p = pod(&r.apiserver().spec.template);
+    assert!(p.init_containers.is_none(), "no users to set up");
+    let etcd = container(p, "etcd");
+    let args = etcd.args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&"--listen-client-urls=http://127.0.0.1:2379,http://[$(POD_IP)]:2379".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.contains("https") || a.starts_with("--client-cert-auth") || a.contains("-file=")),
+        "{args:?}"
+    );
+    assert!(!has_volume(p, "etcd-server-tls") && !has_mount(etcd, "etcd-server-tls"));
+    let api = container(p, "clustermesh-apiserver");
+    assert_eq!(
+        env(api, "FLEETMESH_ETCD_ENDPOINTS").value.as_deref(),
+        Some("http://127.0.0.1:2379")
+    );
+    assert!(!has_env(api, "FLEETMESH_ETCD_CA") && !has_env(api, "FLEETMESH_ETCD_CERT"));
+    // The refusals of half an opt-out are in invalid_values_fail_with_the_charts_message.
+}
+
+#[test]
+fn notes_warn_about_what_is_exposed() {
+    let helm = Helm::new();
+    let notes = helm.notes(&[]);
+    for text in [
+        "etcd serves https with client certificates and users",
+        "read as remote-default",
+        "Secret fm-fleetmesh-clustermesh-remote-client",
+        "fm-fleetmesh-clustermesh-apiserver.kube-system.svc",
+        "Add the node IPs (NodePort) or the load balancer's address",
+    ] {
+        assert!(notes.contains(text), "default NOTES lack {text:?}:\n{notes}");
+    }
+    assert!(!notes.contains("WARNING"), "{notes}");
+    let notes = helm.notes(&["--set", "clustermesh.tls.auto.extraIpAddresses={203.0.113.10}"]);
+    assert!(notes.contains("127.0.0.1, ::1, 203.0.113.10"), "{notes}");
+    assert!(!notes.contains("Add the node IPs"), "{notes}");
+
+    let insecure = [
+        "--set",
+        "clustermesh.tls.enabled=false",
+        "--set",
+        "clustermesh.insecure=true",
+    ];
+    let notes = helm.notes(&insecure);
+    for text in [
+        "WARNING: clustermesh.insecure is true: this cluster's etcd serves plain http WITHOUT authentication",
+        "(port 32379 of every node)",
+        "write records that the peer clusters and this cluster's own agents",
+    ] {
+        assert!(notes.contains(text), "insecure NOTES lack {text:?}:\n{notes}");
+    }
+    let lb = [
+        &insecure[..],
+        &["--set", "clustermesh.apiserver.service.type=LoadBalancer"],
+    ]
+    .concat();
+    assert!(helm.notes(&lb).contains("(the load balancer)"));
+
+    let notes = helm.notes(&["--set", "clustermesh.tls.existingSecret=etcd-east"]);
+    assert!(notes.contains("WARNING: etcd has no users"), "{notes}");
+    let notes = helm.notes(&[
+        "--set",
+        "clustermesh.tls.existingSecret=etcd-east",
+        "--set",
+        "clustermesh.tls.adminSecret=admin",
+        "--set",
+        "clustermesh.tls.apiserverSecret=apiserver",
+    ]);
+    assert!(!notes.contains("WARNING"), "{notes}");
+}
+
+/// The Secrets of clustermesh.tls.auto: (Secret, key) → content.
+fn tls_secrets(r: &Rendered) -> BTreeMap<(String, String), Vec<u8>> {
+    r.secrets
+        .iter()
+        .filter(|s| s.metadata.name.as_deref() != Some("fm-fleetmesh-clustermesh"))
+        .flat_map(|s| {
+            let name = s.metadata.name.clone().expect("name");
+            s.data
+                .iter()
+                .flatten()
+                .map(move |(k, ByteString(b))| ((name.clone(), k.clone()), b.clone()))
+        })
+        .collect()
+}
+
+/// "Secret/key" of every entry whose content differs between two renderings (or exists in one only).
+fn changed(a: &BTreeMap<(String, String), Vec<u8>>, b: &BTreeMap<(String, String), Vec<u8>>) -> Vec<String> {
+    a.keys()
+        .chain(b.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|(name, key)| format!("{name}/{key}"))
+        .collect()
+}
+
+#[test]
+fn generated_certificates_stay_across_upgrades() {
+    let mut kube = mesh_testkit::KubeEmulator::start(&[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = mesh_testkit::kubeconfig(dir.path(), &[("k", kube.port)]);
+    let kubeconfig = kubeconfig.display().to_string();
+    let helm = Helm::new();
+    // `helm template --dry-run=server` reads the cluster as install and upgrade do (lookup).
+    let against_cluster = |extra: &[&str]| {
+        let mut args = vec![
+            "--dry-run=server",
+            "--kubeconfig",
+            &kubeconfig,
+            "--set",
+            "cluster.name=east",
+        ];
+        args.extend_from_slice(extra);
+        helm.render(&args)
+    };
+    let install = against_cluster(&[]);
+    let installed = tls_secrets(&install);
+    let names: BTreeSet<&str> = installed.keys().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.len(), 5, "CA, server and three users: {names:?}");
+    for s in &install.secrets {
+        kube.command(&serde_json::json!({
+            "op": "create",
+            "path": format!("/api/v1/namespaces/{NAMESPACE}/secrets"),
+            "object": serde_json::to_value(s).expect("JSON"),
+        }));
+    }
+    let entry = |m: &BTreeMap<(String, String), Vec<u8>>, name: &str, key: &str| {
+        String::from_utf8(m[&(name.to_owned(), key.to_owned())].clone()).expect("PEM")
+    };
+    let ca_pem = entry(&installed, "fm-fleetmesh-clustermesh-ca", "ca.crt");
+
+    // An upgrade with the same values renders every key and certificate as installed.
+    let upgrade = tls_secrets(&against_cluster(&[]));
+    assert_eq!(
+        changed(&installed, &upgrade),
+        Vec::<String>::new(),
+        "an upgrade changes nothing"
+    );
+
+    // New SANs: the server certificate is signed again by the same CA; the users' certificates stay.
+    let upgrade = tls_secrets(&against_cluster(&[
+        "--set",
+        "clustermesh.tls.auto.extraIpAddresses={203.0.113.10}",
+    ]));
+    assert_eq!(
+        changed(&installed, &upgrade),
+        [
+            "fm-fleetmesh-clustermesh-server-cert/tls.crt",
+            "fm-fleetmesh-clustermesh-server-cert/tls.key"
+        ],
+        "only the server certificate changes"
+    );
+    let server = cert_info(
+        &entry(&upgrade, "fm-fleetmesh-clustermesh-server-cert", "tls.crt"),
+        &ca_pem,
+        "the new server certificate",
+    );
+    assert!(
+        server.signed_by_issuer && server.ips.contains(&IpAddr::from([203, 0, 113, 10])),
+        "{server:?}"
+    );
+
+    // A renamed cluster: new user names, so new certificates, still signed by the same CA.
+    let renamed = tls_secrets(&against_cluster(&["--set", "cluster.name=west"]));
+    let leaves: Vec<String> = ["admin-client", "apiserver-client", "remote-client", "server-cert"]
+        .iter()
+        .flat_map(|s| ["tls.crt", "tls.key"].map(|k| format!("fm-fleetmesh-clustermesh-{s}/{k}")))
+        .collect();
+    assert_eq!(changed(&installed, &renamed), leaves, "the CA stays");
+    let c = cert_info(
+        &entry(&renamed, "fm-fleetmesh-clustermesh-remote-client", "tls.crt"),
+        &ca_pem,
+        "remote-west",
+    );
+    assert_eq!((c.subject_cn.as_str(), c.signed_by_issuer), ("remote-west", true));
+
+    // Without a cluster (helm template) nothing can be read: every rendering has a CA of its own.
+    let offline = tls_secrets(&helm.render(&["--set", "cluster.name=east"]));
+    assert!(changed(&installed, &offline).contains(&"fm-fleetmesh-clustermesh-ca/ca.crt".to_owned()));
 }
