@@ -2228,6 +2228,20 @@ fn default_etcd_serves_tls_with_client_certificates_and_users() {
     let tls = volume(ds, "own-kvstore-tls").secret.clone().expect("a Secret");
     let remote = tls.secret_name.expect("name");
     assert!(r.secret(&remote).is_some(), "the chart renders {remote}");
+
+    // Values of a release made by an older chart, which had no clustermesh.tls.auto (`helm upgrade
+    // --reuse-values` keeps that release's defaults) and TLS on: the defaults of `auto` apply.
+    let r = Helm::new().render(&["--set", "clustermesh.tls.auto=null"]);
+    let server = r
+        .secret("fm-fleetmesh-clustermesh-server-cert")
+        .expect("server certificate");
+    let ca = r.secret("fm-fleetmesh-clustermesh-ca").expect("CA");
+    let c = cert_info(
+        &secret_file(server, "tls.crt"),
+        &secret_file(ca, "ca.crt"),
+        "server",
+    );
+    assert_eq!((c.validity_days, c.signed_by_issuer), (1095, true));
 }
 
 #[test]
