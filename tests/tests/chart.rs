@@ -4,8 +4,10 @@
 //! are exactly what the watchers need, and the Containerfile provides every program the chart runs.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use fleetmesh_tests::workspace_root;
 use k8s_openapi::ByteString;
@@ -16,6 +18,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use meshctl::clustermesh as cm;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -182,6 +185,40 @@ impl Helm {
         ];
         args.extend_from_slice(extra);
         self.run(&args)
+    }
+
+    /// NOTES.txt as `helm install` would print it, with `extra` arguments: rendered from a copy of the chart in
+    /// which NOTES.txt is a plain file and a template puts it, rendered with `tpl`, into a ConfigMap (`helm
+    /// template` leaves NOTES.txt out, and `helm install --dry-run` needs a cluster).
+    fn notes(&self, extra: &[&str]) -> String {
+        let copy = tempfile::tempdir().expect("tempdir");
+        let chart = copy.path().join("fleetmesh");
+        copy_dir(&chart_dir(), &chart);
+        std::fs::rename(chart.join("templates/NOTES.txt"), chart.join("notes.txt")).expect("move NOTES.txt");
+        std::fs::write(
+            chart.join("templates/notes-under-test.yaml"),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes-under-test\ndata:\n  notes: {{ tpl (.Files.Get \"notes.txt\") . | quote }}\n",
+        )
+        .expect("notes template");
+        let chart = chart.display().to_string();
+        let mut args = vec![
+            "template",
+            RELEASE,
+            &chart,
+            "--namespace",
+            NAMESPACE,
+            "--show-only",
+            "templates/notes-under-test.yaml",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.run(&args);
+        assert!(out.ok, "helm {args:?} failed:\n{}{}", out.stderr, out.stdout);
+        let r = Rendered::parse(&out.stdout);
+        r.config_map("notes-under-test")
+            .and_then(|c| c.data.as_ref())
+            .and_then(|d| d.get("notes"))
+            .cloned()
+            .expect("the notes")
     }
 
     /// The objects `helm template` renders; panics with helm's message if it fails.
@@ -724,7 +761,8 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
             ("CustomResourceDefinition", 4),
             ("DaemonSet", 1),
             ("Deployment", 1),
-            ("Secret", 1),
+            // The peers' config; the generated CA, etcd's server certificate and its users' client certificates.
+            ("Secret", 6),
             ("Service", 1),
             ("ServiceAccount", 2),
         ])
@@ -886,25 +924,34 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
         "no peers by default"
     );
 
-    // clustermesh-apiserver with its etcd, plain http by default, exposed by a NodePort Service.
+    // clustermesh-apiserver with its etcd, exposed by a NodePort Service; etcd is secured by default (see
+    // default_etcd_serves_tls_with_client_certificates_and_users for the details).
     let dep = &r.apiserver().spec;
     assert_eq!(dep.replicas, Some(1));
     let p = pod(&dep.template);
     let names: Vec<_> = p.containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["etcd", "clustermesh-apiserver"]);
+    let inits: Vec<_> = p
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(inits, ["etcd-init"]);
     let etcd_args = container(p, "etcd").args.clone().unwrap_or_default();
     assert!(
-        etcd_args.contains(&"--listen-client-urls=http://127.0.0.1:2379,http://[$(POD_IP)]:2379".to_owned()),
+        etcd_args
+            .contains(&"--listen-client-urls=https://127.0.0.1:2379,https://[$(POD_IP)]:2379".to_owned()),
         "{etcd_args:?}"
     );
     assert!(
-        !etcd_args.iter().any(|a| a.starts_with("--client-cert-auth")),
+        etcd_args.contains(&"--client-cert-auth".to_owned()),
         "{etcd_args:?}"
     );
     let api = container(p, "clustermesh-apiserver");
     assert_eq!(
         env(api, "FLEETMESH_ETCD_ENDPOINTS").value.as_deref(),
-        Some("http://127.0.0.1:2379")
+        Some("https://127.0.0.1:2379")
     );
     // The MCS API: the peers' files of the agents (none yet), no manifests folder.
     assert_apiserver_reads_the_agents_peer_files(&r);
@@ -940,8 +987,16 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
             ("ServiceAccount", 2),
         ])
     );
-    // north-2's client certificate is an existing Secret the operator created.
-    check_references(&r, &["fleetmesh-peer-north-2"]);
+    // north-2's client certificate, and the client certificates of etcd's users, are existing Secrets the
+    // operator created.
+    check_references(
+        &r,
+        &[
+            "fleetmesh-peer-north-2",
+            "fleetmesh-admin-east-1",
+            "fleetmesh-apiserver-east-1",
+        ],
+    );
     // A CRD's name is <plural>.<group> by Kubernetes' rule, not the release's.
     for (kind, _, name) in r
         .ids
@@ -1126,13 +1181,14 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
         Some(20)
     );
 
-    // etcd serves peers over TLS with client certificates; the Service is a restricted LoadBalancer.
+    // etcd serves TLS with client certificates, with users (the given client certificates of admin-east-1 and
+    // clustermesh-apiserver-east-1); the Service is a restricted LoadBalancer.
     let dep = &r.apiserver().spec;
     let p = pod(&dep.template);
     let etcd = container(p, "etcd");
     let args = etcd.args.clone().unwrap_or_default();
     for a in [
-        "--listen-client-urls=http://127.0.0.1:2379,https://[$(POD_IP)]:2379",
+        "--listen-client-urls=https://127.0.0.1:2379,https://[$(POD_IP)]:2379",
         "--client-cert-auth",
         "--trusted-ca-file=/var/lib/etcd-secrets/ca.crt",
         "--cert-file=/var/lib/etcd-secrets/tls.crt",
@@ -1146,7 +1202,44 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
         .expect("etcd server certificate Secret");
     assert_eq!(server.type_.as_deref(), Some("kubernetes.io/tls"));
     assert!(secret_file(server, "tls.crt").contains("ZXRjZC1lYXN0LTE="));
-    assert_eq!(etcd.image.as_deref(), Some("quay.io/coreos/etcd:v3.5.21"));
+    assert_eq!(
+        etcd.image.as_deref(),
+        Some("registry.example.com/mirror/etcd:3.5.21-0")
+    );
+    let init = container(p, "etcd-init");
+    assert_eq!(init.image, etcd.image, "etcd-init runs etcd's image");
+    assert_eq!(
+        projected_secrets(volume(p, "etcd-admin-tls")),
+        [
+            (
+                "fleetmesh-admin-east-1".to_owned(),
+                vec!["tls.crt".to_owned(), "tls.key".to_owned()]
+            ),
+            (
+                "mesh-clustermesh-server-cert".to_owned(),
+                vec!["ca.crt".to_owned()]
+            ),
+        ]
+    );
+    assert_eq!(
+        projected_secrets(volume(p, "etcd-client-tls")),
+        [
+            (
+                "fleetmesh-apiserver-east-1".to_owned(),
+                vec!["tls.crt".to_owned(), "tls.key".to_owned()]
+            ),
+            (
+                "mesh-clustermesh-server-cert".to_owned(),
+                vec!["ca.crt".to_owned()]
+            ),
+        ]
+    );
+    let api = container(p, "clustermesh-apiserver");
+    assert_eq!(
+        env(api, "FLEETMESH_ETCD_ENDPOINTS").value.as_deref(),
+        Some("https://127.0.0.1:2379")
+    );
+    assert_eq!(mount(api, "etcd-client-tls").0, "/var/lib/fleetmesh/etcd-client");
     assert_eq!(
         volume(p, "etcd-data")
             .empty_dir
@@ -1211,6 +1304,23 @@ fn existing_secrets_and_an_externally_managed_peer_config() {
         .as_ref()
         .expect("secret volume");
     assert_eq!(tls.secret_name.as_deref(), Some("etcd-east"));
+    // A given server certificate without the client certificates of etcd's users: as before users existed, TLS
+    // towards peers, no users (NOTES.txt warns, see notes_warn_about_what_is_exposed), the apiserver on loopback.
+    assert!(dep.init_containers.is_none(), "no etcd-init without users");
+    let args = container(dep, "etcd").args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&"--listen-client-urls=http://127.0.0.1:2379,https://[$(POD_IP)]:2379".to_owned()),
+        "{args:?}"
+    );
+    assert_eq!(
+        env(
+            container(dep, "clustermesh-apiserver"),
+            "FLEETMESH_ETCD_ENDPOINTS"
+        )
+        .value
+        .as_deref(),
+        Some("http://127.0.0.1:2379")
+    );
     // The MCS peers are the externally managed Secret too.
     assert_apiserver_reads_the_agents_peer_files(&r);
     assert_eq!(
@@ -1236,7 +1346,14 @@ fn existing_secrets_and_an_externally_managed_peer_config() {
 fn source_manifests_mounts_the_manifests_folders_and_no_mcs_peers() {
     let full = full_values().display().to_string();
     let r = Helm::new().render(&["-f", &full, "--set", "source=manifests"]);
-    check_references(&r, &["fleetmesh-peer-north-2"]);
+    check_references(
+        &r,
+        &[
+            "fleetmesh-peer-north-2",
+            "fleetmesh-admin-east-1",
+            "fleetmesh-apiserver-east-1",
+        ],
+    );
     let ds = pod(&r.agent().spec.template);
     let agent = container(ds, "mesh-agent");
     assert_eq!(env(agent, "FLEETMESH_SOURCE").value.as_deref(), Some("manifests"));
@@ -1427,9 +1544,56 @@ fn invalid_values_fail_with_the_charts_message() {
             .concat(),
             "clustermesh.peers is set but clustermesh.config.create is false",
         ),
+        // Plain http only with the explicit opt-out, and never half of it.
         (
-            set("clustermesh.tls.enabled=true"),
-            "clustermesh.tls.enabled needs clustermesh.tls.ca, cert and key",
+            set("clustermesh.tls.enabled=false"),
+            "clustermesh.tls.enabled is false: this cluster's etcd would serve plain http without authentication",
+        ),
+        (
+            set("clustermesh.insecure=true"),
+            "clustermesh.insecure is true but clustermesh.tls.enabled is true",
+        ),
+        (
+            set("clustermesh.tls.ca=PEM"),
+            "clustermesh.tls needs ca, cert and key (PEM) together, or existingSecret, or none of them",
+        ),
+        (
+            [
+                set("clustermesh.tls.existingSecret=etcd-east"),
+                set("clustermesh.tls.adminSecret=admin"),
+            ]
+            .concat(),
+            "clustermesh.tls.adminSecret and clustermesh.tls.apiserverSecret go together",
+        ),
+        (
+            [
+                set("clustermesh.tls.adminSecret=a"),
+                set("clustermesh.tls.apiserverSecret=b"),
+            ]
+            .concat(),
+            "clustermesh.tls.adminSecret and apiserverSecret need a given server certificate",
+        ),
+        (
+            set("clustermesh.tls.auto.validityDays=0"),
+            r#"clustermesh.tls.auto.validityDays "0" is not a number of days"#,
+        ),
+        (
+            set("clustermesh.tls.auto.extraIpAddresses={east.example.com}"),
+            r#"clustermesh.tls.auto.extraIpAddresses[0] "east.example.com" is not an IP address (names go into extraDnsNames)"#,
+        ),
+        (
+            set("clustermesh.tls.auto.extraDnsNames={East.example.com}"),
+            r#"clustermesh.tls.auto.extraDnsNames[0] "East.example.com" is not a DNS name in lower case"#,
+        ),
+        // Values of a release made with an older chart (`helm upgrade --reuse-values` keeps its defaults, which
+        // had TLS off and no clustermesh.insecure): the upgrade stops with the choice to make.
+        (
+            [
+                set("clustermesh.tls.enabled=false"),
+                set("clustermesh.insecure=null"),
+            ]
+            .concat(),
+            "set clustermesh.insecure=true as well to accept that",
         ),
     ];
     for (args, message) in cases {
@@ -1759,7 +1923,12 @@ fn own_kvstore(
 #[test]
 fn agents_watch_their_own_etcd_through_the_apiservers_service_by_default() {
     let helm = Helm::new();
-    let r = helm.render(&[]);
+    let r = helm.render(&[
+        "--set",
+        "clustermesh.tls.enabled=false",
+        "--set",
+        "clustermesh.insecure=true",
+    ]);
     let svc = &r.services[0].metadata;
     let want = format!(
         "http://{}.{}.svc:2379",
@@ -1780,7 +1949,8 @@ fn agents_watch_their_own_etcd_through_the_apiservers_service_by_default() {
         ("kvstore-config", "config")
     );
 
-    // With TLS: https, and the remote-client Secret's files (optional: until it exists the own etcd is unreachable).
+    // With TLS (the default, and the full values): https, and the remote-client Secret's files (optional: with a
+    // given server certificate the operator makes it; until then the own etcd is unreachable).
     let full = full_values().display().to_string();
     let r = helm.render(&["-f", &full]);
     let (config, _, _) = own_kvstore(&r);
@@ -1818,4 +1988,1272 @@ fn agents_watch_their_own_etcd_through_the_apiservers_service_by_default() {
     let r = helm.render(&["--set", "clustermesh.ownKvstoreService=false"]);
     let (config, env, vol) = own_kvstore(&r);
     assert!(config.is_none() && env.is_none() && vol.is_none());
+}
+
+/// (Secret, keys) of each Secret source of a projected volume, in order.
+fn projected_secrets(v: &Volume) -> Vec<(String, Vec<String>)> {
+    v.projected
+        .iter()
+        .flat_map(|p| p.sources.iter().flatten())
+        .filter_map(|s| s.secret.as_ref())
+        .map(|s| {
+            let keys = s.items.iter().flatten().map(|i| i.key.clone()).collect();
+            (s.name.clone(), keys)
+        })
+        .collect()
+}
+
+/// The names of etcd's users as `meshctl clustermesh etcd-init` makes them: (certificate, Secret suffix) by user.
+fn etcd_users(cluster: &str) -> [(cm::Role, String, &'static str); 4] {
+    [
+        (
+            cm::Role::EtcdServer,
+            cm::Role::EtcdServer.common_name(cluster),
+            "server-cert",
+        ),
+        (
+            cm::Role::Admin,
+            cm::Role::Admin.common_name(cluster),
+            "admin-client",
+        ),
+        (
+            cm::Role::Apiserver,
+            cm::Role::Apiserver.common_name(cluster),
+            "apiserver-client",
+        ),
+        (
+            cm::Role::Remote,
+            cm::Role::Remote.common_name(cluster),
+            "remote-client",
+        ),
+    ]
+}
+
+/// What the tests check of a PEM certificate, read with x509-parser.
+#[derive(Debug)]
+struct CertInfo {
+    subject_cn: String,
+    issuer_cn: String,
+    is_ca: bool,
+    dns_names: BTreeSet<String>,
+    ips: BTreeSet<IpAddr>,
+    client_auth: bool,
+    server_auth: bool,
+    validity_days: i64,
+    public_key: Vec<u8>,
+    /// Its signature verifies with the public key of the issuer given to `cert_info`.
+    signed_by_issuer: bool,
+}
+
+fn parse_pem(pem: &str, what: &str) -> x509_parser::pem::Pem {
+    let (rest, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .unwrap_or_else(|e| panic!("{what} is not PEM: {e}\n{pem}"));
+    assert_eq!(p.label, "CERTIFICATE", "{what}");
+    assert!(
+        String::from_utf8_lossy(rest).trim().is_empty(),
+        "{what}: one certificate, nothing after it"
+    );
+    p
+}
+
+fn cert_info(pem: &str, issuer_pem: &str, what: &str) -> CertInfo {
+    use x509_parser::extensions::GeneralName;
+    let p = parse_pem(pem, what);
+    let cert = p
+        .parse_x509()
+        .unwrap_or_else(|e| panic!("{what} is not an X.509 certificate: {e}"));
+    let ip = parse_pem(issuer_pem, "the issuer");
+    let issuer = ip.parse_x509().expect("the issuer is an X.509 certificate");
+    let cn = |n: &x509_parser::x509::X509Name<'_>| {
+        n.iter_common_name()
+            .next()
+            .and_then(|a| a.as_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (mut dns_names, mut ips) = (BTreeSet::new(), BTreeSet::new());
+    let san = cert
+        .subject_alternative_name()
+        .unwrap_or_else(|e| panic!("{what}: SAN extension: {e}"));
+    for name in san.iter().flat_map(|s| &s.value.general_names) {
+        match name {
+            GeneralName::DNSName(d) => {
+                dns_names.insert((*d).to_owned());
+            }
+            GeneralName::IPAddress(b) => {
+                let ip = match b.len() {
+                    4 => IpAddr::from(<[u8; 4]>::try_from(*b).expect("4 bytes")),
+                    16 => IpAddr::from(<[u8; 16]>::try_from(*b).expect("16 bytes")),
+                    n => panic!("{what}: an IP SAN of {n} bytes"),
+                };
+                ips.insert(ip);
+            }
+            other => panic!("{what}: unexpected SAN {other:?}"),
+        }
+    }
+    let (client_auth, server_auth) = cert
+        .extended_key_usage()
+        .unwrap_or_else(|e| panic!("{what}: extended key usage: {e}"))
+        .map(|e| (e.value.client_auth, e.value.server_auth))
+        .unwrap_or_default();
+    let validity = cert.validity();
+    CertInfo {
+        subject_cn: cn(cert.subject()),
+        issuer_cn: cn(cert.issuer()),
+        is_ca: cert.is_ca(),
+        dns_names,
+        ips,
+        client_auth,
+        server_auth,
+        validity_days: (validity.not_after.timestamp() - validity.not_before.timestamp()) / 86_400,
+        public_key: cert.public_key().raw.to_vec(),
+        signed_by_issuer: cert.verify_signature(Some(issuer.public_key())).is_ok(),
+    }
+}
+
+#[test]
+fn default_etcd_serves_tls_with_client_certificates_and_users() {
+    let r = Helm::new().render(&[]);
+    let p = pod(&r.apiserver().spec.template);
+
+    // etcd: https on loopback and the pod IP, client certificates required, signed by the CA of its Secret.
+    let etcd = container(p, "etcd");
+    let args = etcd.args.clone().unwrap_or_default();
+    for a in [
+        "--listen-client-urls=https://127.0.0.1:2379,https://[$(POD_IP)]:2379",
+        "--advertise-client-urls=https://[$(POD_IP)]:2379",
+        "--client-cert-auth",
+        "--trusted-ca-file=/var/lib/etcd-secrets/ca.crt",
+        "--cert-file=/var/lib/etcd-secrets/tls.crt",
+        "--key-file=/var/lib/etcd-secrets/tls.key",
+    ] {
+        assert!(args.contains(&a.to_owned()), "etcd args lack {a}: {args:?}");
+    }
+    assert!(
+        !args.iter().any(|a| a.contains("http://127.0.0.1:2379")),
+        "{args:?}"
+    );
+    assert_eq!(mount(etcd, "etcd-server-tls").0, "/var/lib/etcd-secrets");
+    let server = volume(p, "etcd-server-tls").secret.clone().expect("a Secret");
+    assert_eq!(
+        server.secret_name.as_deref(),
+        Some("fm-fleetmesh-clustermesh-server-cert"),
+        "the name meshctl finds through the volume etcd-server-tls"
+    );
+
+    // etcd-init: etcd's users before etcd serves anyone, as admin-<cluster>, on loopback only.
+    let init = container(p, "etcd-init");
+    assert_eq!(init.image, etcd.image, "etcd-init runs etcd's image");
+    assert_eq!(
+        init.command.as_ref().map(|c| c[..2].to_vec()),
+        Some(vec!["sh".to_owned(), "-ec".to_owned()])
+    );
+    for (name, want) in [
+        ("ETCD_LISTEN_CLIENT_URLS", "https://127.0.0.1:2379"),
+        ("ETCD_CLIENT_CERT_AUTH", "true"),
+        ("ETCD_DATA_DIR", "/var/run/etcd/data"),
+        ("ETCDCTL_CERT", "/var/lib/etcd-admin/tls.crt"),
+        ("FLEETMESH_KVSTORE_PREFIX", mesh_kvstore::DEFAULT_PREFIX),
+    ] {
+        assert_eq!(
+            env(init, name).value.as_deref(),
+            Some(want),
+            "etcd-init env {name}"
+        );
+    }
+    assert!(
+        args.contains(&format!(
+            "--data-dir={}",
+            env(init, "ETCD_DATA_DIR").value.clone().unwrap_or_default()
+        )),
+        "etcd-init and etcd share etcd's data: {args:?}"
+    );
+    assert_eq!(mount(init, "etcd-data"), mount(etcd, "etcd-data"));
+    assert_eq!(
+        projected_secrets(volume(p, "etcd-admin-tls")),
+        [
+            (
+                "fm-fleetmesh-clustermesh-admin-client".to_owned(),
+                vec!["tls.crt".to_owned(), "tls.key".to_owned()]
+            ),
+            (
+                "fm-fleetmesh-clustermesh-server-cert".to_owned(),
+                vec!["ca.crt".to_owned()]
+            ),
+        ]
+    );
+    // The read-only role for peers and agents, the writer for the apiserver (the script; run for real in
+    // etcd_init_makes_meshctls_users_and_roles_on_a_real_etcd).
+    let script = init.command.as_ref().and_then(|c| c.last()).expect("script");
+    for line in [
+        r#"run role grant-permission remote --prefix=true read "$prefix""#,
+        r#"run role grant-permission clustermesh-apiserver --prefix=true readwrite "$prefix""#,
+        "run auth enable",
+    ] {
+        assert!(script.contains(line), "etcd-init lacks {line:?}:\n{script}");
+    }
+
+    // The clustermesh-apiserver: https on loopback as clustermesh-apiserver-<cluster>.
+    let api = container(p, "clustermesh-apiserver");
+    let dir = mount(api, "etcd-client-tls").0;
+    for (name, file) in [
+        ("FLEETMESH_ETCD_CA", "ca.crt"),
+        ("FLEETMESH_ETCD_CERT", "tls.crt"),
+        ("FLEETMESH_ETCD_KEY", "tls.key"),
+    ] {
+        assert_eq!(env(api, name).value, Some(format!("{dir}/{file}")), "{name}");
+    }
+    assert_eq!(
+        projected_secrets(volume(p, "etcd-client-tls")),
+        [
+            (
+                "fm-fleetmesh-clustermesh-apiserver-client".to_owned(),
+                vec!["tls.crt".to_owned(), "tls.key".to_owned()]
+            ),
+            (
+                "fm-fleetmesh-clustermesh-server-cert".to_owned(),
+                vec!["ca.crt".to_owned()]
+            ),
+        ]
+    );
+
+    // The agents read their own etcd over https as remote-<cluster>, with the rendered remote-client Secret.
+    let (config, _, _) = own_kvstore(&r);
+    let config = config.expect("kvstore-config");
+    assert_eq!(
+        config.endpoints,
+        ["https://fm-fleetmesh-clustermesh-apiserver.kube-system.svc:2379"]
+    );
+    let ds = pod(&r.agent().spec.template);
+    let tls = volume(ds, "own-kvstore-tls").secret.clone().expect("a Secret");
+    let remote = tls.secret_name.expect("name");
+    assert!(r.secret(&remote).is_some(), "the chart renders {remote}");
+
+    // Values of a release made by an older chart, which had no clustermesh.tls.auto (`helm upgrade
+    // --reuse-values` keeps that release's defaults) and TLS on: the defaults of `auto` apply.
+    let r = Helm::new().render(&["--set", "clustermesh.tls.auto=null"]);
+    let server = r
+        .secret("fm-fleetmesh-clustermesh-server-cert")
+        .expect("server certificate");
+    let ca = r.secret("fm-fleetmesh-clustermesh-ca").expect("CA");
+    let c = cert_info(
+        &secret_file(server, "tls.crt"),
+        &secret_file(ca, "ca.crt"),
+        "server",
+    );
+    assert_eq!((c.validity_days, c.signed_by_issuer), (1095, true));
+}
+
+#[test]
+fn generated_certificates_name_etcds_users_and_the_addresses_peers_use() {
+    let r = Helm::new().render(&[
+        "--set",
+        "cluster.name=east",
+        "--set",
+        "clustermesh.tls.auto.extraIpAddresses={203.0.113.10,2001:db8::7}",
+        "--set",
+        "clustermesh.tls.auto.extraDnsNames={east.mesh.example.com}",
+        "--set",
+        "clustermesh.tls.auto.validityDays=30",
+    ]);
+    let ca_secret = r.secret("fm-fleetmesh-clustermesh-ca").expect("CA Secret");
+    let ca_pem = secret_file(ca_secret, "ca.crt");
+    assert!(
+        secret_file(ca_secret, "ca.key").starts_with("-----BEGIN RSA PRIVATE KEY-----"),
+        "the CA key is kept for upgrades"
+    );
+    let ca = cert_info(&ca_pem, &ca_pem, "the CA");
+    assert!(ca.is_ca && ca.signed_by_issuer, "a self-signed CA: {ca:?}");
+    assert_eq!(ca.subject_cn, "east clustermesh CA");
+    assert_eq!(ca.validity_days, 30);
+
+    let svc = "fm-fleetmesh-clustermesh-apiserver";
+    let mut keys = BTreeSet::from([ca.public_key.clone()]);
+    for (role, cn, suffix) in etcd_users("east") {
+        let name = format!("fm-fleetmesh-clustermesh-{suffix}");
+        let s = r.secret(&name).unwrap_or_else(|| panic!("Secret {name}"));
+        assert_eq!(s.type_.as_deref(), Some("kubernetes.io/tls"), "{name}");
+        assert_eq!(secret_file(s, "ca.crt"), ca_pem, "{name}: ca.crt is the CA");
+        assert!(
+            secret_file(s, "tls.key").starts_with("-----BEGIN RSA PRIVATE KEY-----"),
+            "{name}: a PEM key"
+        );
+        let c = cert_info(&secret_file(s, "tls.crt"), &ca_pem, &name);
+        assert_eq!(c.subject_cn, cn, "{name}: the CN is etcd's user name ({role:?})");
+        assert_eq!(c.issuer_cn, ca.subject_cn, "{name}");
+        assert!(c.signed_by_issuer, "{name} is signed by the CA");
+        assert!(!c.is_ca, "{name} is no CA");
+        assert!(c.client_auth, "{name}: usable as a client certificate");
+        assert_eq!(c.validity_days, 30, "{name}");
+        assert!(keys.insert(c.public_key.clone()), "{name} has a key of its own");
+        let annotation = s
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("fleetmesh.io/certificate"))
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            annotation.starts_with(&format!("CN={cn};")),
+            "{name}: {annotation}"
+        );
+        if role == cm::Role::EtcdServer {
+            assert!(c.server_auth, "the server certificate serves");
+            assert_eq!(
+                c.dns_names,
+                BTreeSet::from([
+                    "localhost".to_owned(),
+                    svc.to_owned(),
+                    format!("{svc}.kube-system"),
+                    format!("{svc}.kube-system.svc"),
+                    format!("{svc}.kube-system.svc.cluster.local"),
+                    "east.mesh.example.com".to_owned(),
+                ]),
+                "names of the etcd server: the Service (the agents' own etcd) and the extra names"
+            );
+            let ips: BTreeSet<IpAddr> = ["127.0.0.1", "::1", "203.0.113.10", "2001:db8::7"]
+                .iter()
+                .map(|a| a.parse().expect("IP"))
+                .collect();
+            assert_eq!(
+                c.ips, ips,
+                "loopback (the apiserver, etcd-init) and the extra addresses"
+            );
+        } else {
+            assert!(
+                c.dns_names.is_empty() && c.ips.is_empty(),
+                "{name}: a client certificate names no host: {c:?}"
+            );
+        }
+    }
+}
+
+/// Ports of the chart's etcd inside its pod (client, peer, metrics), moved to free loopback ports here.
+const ETCD_POD_PORTS: [u16; 3] = [2379, 2380, 2381];
+/// The IP of a pod run here: a loopback address other than 127.0.0.1, so that etcd's pod-IP listener is not its
+/// loopback one.
+const LOCAL_POD_IP: &str = "127.0.0.2";
+
+/// A pod of a rendering run on this machine roughly as the kubelet would: each volume a folder (the rendering's
+/// Secrets and ConfigMaps written into it), each container a process with its env (ConfigMap keys and the pod IP
+/// resolved, `$(VAR)` expanded), the container's mount paths replaced by those folders, the pod's ports replaced by
+/// free ports on loopback, and a PATH that holds only the given programs (what the container's image has). Every
+/// process is killed on drop; their logs are printed when a test fails.
+struct LocalPod {
+    dir: tempfile::TempDir,
+    ports: BTreeMap<u16, u16>,
+    children: Vec<(String, std::process::Child)>,
+}
+
+impl LocalPod {
+    fn new(r: &Rendered, p: &PodSpec, programs: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for v in p.volumes.iter().flatten() {
+            let root = dir.path().join("volumes").join(&v.name);
+            std::fs::create_dir_all(&root).expect("volume folder");
+            for (path, bytes) in volume_files(r, v) {
+                let file = root.join(path);
+                std::fs::create_dir_all(file.parent().expect("parent")).expect("folder");
+                std::fs::write(&file, bytes).expect("volume file");
+            }
+        }
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("bin");
+        for program in programs {
+            let found = which(program);
+            std::os::unix::fs::symlink(&found, bin.join(program)).expect("symlink");
+        }
+        std::fs::create_dir_all(dir.path().join("logs")).expect("logs");
+        let ports = ETCD_POD_PORTS
+            .iter()
+            .map(|p| (*p, mesh_testkit::free_port()))
+            .collect();
+        Self {
+            dir,
+            ports,
+            children: Vec::new(),
+        }
+    }
+
+    fn volume_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join("volumes").join(name)
+    }
+
+    /// The free port that stands for the pod's port `port`.
+    fn port(&self, port: u16) -> u16 {
+        self.ports[&port]
+    }
+
+    /// `s` as seen from this machine: mount paths of `c`, the pod's ports, 0.0.0.0 (the pod's only interface).
+    fn localize(&self, c: &Container, s: &str) -> String {
+        let mut s = s.replace("0.0.0.0", LOCAL_POD_IP);
+        for m in c.volume_mounts.iter().flatten() {
+            let to = self.volume_dir(&m.name);
+            s = s.replace(&format!("{}/", m.mount_path), &format!("{}/", to.display()));
+        }
+        for (from, to) in &self.ports {
+            s = replace_port(&s, *from, *to);
+        }
+        s
+    }
+
+    /// The container's environment, resolved and localized.
+    fn env(&self, r: &Rendered, c: &Container) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for e in c.env.iter().flatten() {
+            let value = if let Some(v) = &e.value {
+                v.clone()
+            } else if let Some(from) = &e.value_from {
+                if let Some(k) = &from.config_map_key_ref {
+                    r.config_map(&k.name)
+                        .and_then(|m| m.data.as_ref())
+                        .and_then(|d| d.get(&k.key))
+                        .cloned()
+                        .unwrap_or_else(|| panic!("env {}: ConfigMap {} key {}", e.name, k.name, k.key))
+                } else if let Some(f) = &from.field_ref {
+                    assert_eq!(f.field_path, "status.podIP", "env {}", e.name);
+                    LOCAL_POD_IP.to_owned()
+                } else {
+                    panic!("env {} of {}: a source this test does not know", e.name, c.name)
+                }
+            } else {
+                String::new()
+            };
+            let value = self.localize(c, &expand_vars(&value, &out));
+            out.push((e.name.clone(), value));
+        }
+        out
+    }
+
+    /// The container's process; `shell` runs a command whose program is `sh`. Output goes to its log.
+    fn command(&self, r: &Rendered, c: &Container, shell: &Path) -> Command {
+        let env = self.env(r, c);
+        let argv: Vec<String> = c
+            .command
+            .iter()
+            .flatten()
+            .chain(c.args.iter().flatten())
+            .map(|a| self.localize(c, &expand_vars(a, &env)))
+            .collect();
+        let (program, rest) = argv.split_first().expect("a command");
+        let bin = self.dir.path().join("bin");
+        let mut cmd = if program == "sh" {
+            let mut cmd = Command::new(shell);
+            std::os::unix::process::CommandExt::arg0(&mut cmd, "sh");
+            cmd
+        } else {
+            let path = bin.join(program);
+            assert!(
+                path.exists(),
+                "container {} runs {program}, which its image does not have here",
+                c.name
+            );
+            Command::new(path)
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(&c.name))
+            .expect("log");
+        cmd.args(rest)
+            .env_clear()
+            .env("PATH", &bin)
+            .envs(env)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        cmd
+    }
+
+    fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join("logs").join(format!("{name}.log"))
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// Runs an init container to its end (at most `timeout`); its exit status.
+    fn run(
+        &mut self,
+        r: &Rendered,
+        c: &Container,
+        shell: &Path,
+        timeout: Duration,
+    ) -> std::process::ExitStatus {
+        let mut child = self.command(r, c, shell).spawn().expect("spawn");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} did not end within {timeout:?}:\n{}",
+                    c.name,
+                    self.log(&c.name)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a container; it runs until `stop` or the end of the pod.
+    fn start(&mut self, r: &Rendered, c: &Container) {
+        let child = self.command(r, c, Path::new("/bin/sh")).spawn().expect("spawn");
+        self.children.push((c.name.clone(), child));
+    }
+
+    fn stop(&mut self, name: &str) {
+        for (n, child) in &mut self.children {
+            if n == name {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.children.retain(|(n, _)| n != name);
+    }
+
+    /// Polls the container's readiness probe (an httpGet on the pod IP, as the kubelet does) until it answers 200.
+    fn wait_ready(&mut self, c: &Container, timeout: Duration) {
+        let probe = c
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.clone())
+            .expect("an httpGet readiness probe");
+        let port = match &probe.port {
+            IntOrString::Int(p) => u16::try_from(*p).expect("port"),
+            IntOrString::String(name) => c
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+                .expect("named port"),
+        };
+        let addr: std::net::SocketAddr = format!("{LOCAL_POD_IP}:{}", self.port(port))
+            .parse()
+            .expect("addr");
+        let path = probe.path.unwrap_or_else(|| "/".to_owned());
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| *n == c.name)
+                && let Some(status) = child.try_wait().expect("wait")
+            {
+                panic!("{} exited with {status}:\n{}", c.name, self.log(&c.name));
+            }
+            match http_get(addr, &path) {
+                Ok(answer) if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") => {
+                    return;
+                }
+                Ok(answer) => last = answer,
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} not ready within {timeout:?}: {last}\n{}",
+            c.name,
+            self.log(&c.name)
+        );
+    }
+}
+
+impl Drop for LocalPod {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            for entry in std::fs::read_dir(self.dir.path().join("logs"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!(
+                    "--- {} ---\n{}",
+                    entry.file_name().to_string_lossy(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+    }
+}
+
+/// The files of a volume as the kubelet writes them: (path in the volume, content). Secrets and ConfigMaps come
+/// from the rendering (a missing one must be optional); other volumes are empty folders (a hostPath is never
+/// touched).
+fn volume_files(r: &Rendered, v: &Volume) -> BTreeMap<String, Vec<u8>> {
+    fn add(
+        out: &mut BTreeMap<String, Vec<u8>>,
+        data: Option<BTreeMap<String, Vec<u8>>>,
+        items: Option<&Vec<k8s_openapi::api::core::v1::KeyToPath>>,
+        what: &str,
+    ) {
+        let Some(data) = data else { return };
+        match items {
+            Some(items) => {
+                for i in items {
+                    let bytes = data
+                        .get(&i.key)
+                        .unwrap_or_else(|| panic!("{what} has no key {}", i.key));
+                    out.insert(i.path.clone(), bytes.clone());
+                }
+            }
+            None => out.extend(data),
+        }
+    }
+    let secret = |name: &str, optional: Option<bool>| {
+        let s = r.secret(name);
+        assert!(
+            s.is_some() || optional == Some(true),
+            "volume {}: Secret {name} is not rendered",
+            v.name
+        );
+        s.map(|s| {
+            s.data
+                .iter()
+                .flatten()
+                .map(|(k, ByteString(b))| (k.clone(), b.clone()))
+                .collect()
+        })
+    };
+    let mut out = BTreeMap::new();
+    if let Some(s) = &v.secret {
+        let name = s.secret_name.clone().expect("secretName");
+        add(&mut out, secret(&name, s.optional), s.items.as_ref(), &name);
+    }
+    for src in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+        if let Some(s) = &src.secret {
+            add(&mut out, secret(&s.name, s.optional), s.items.as_ref(), &s.name);
+        }
+    }
+    if let Some(c) = &v.config_map {
+        let data = r.config_map(&c.name).map(|m| {
+            m.data
+                .iter()
+                .flatten()
+                .map(|(k, s)| (k.clone(), s.clone().into_bytes()))
+                .collect()
+        });
+        assert!(data.is_some() || c.optional == Some(true), "ConfigMap {}", c.name);
+        add(&mut out, data, c.items.as_ref(), &c.name);
+    }
+    out
+}
+
+/// `$(NAME)` of a variable defined before, as Kubernetes expands it in env values, command and args.
+fn expand_vars(s: &str, env: &[(String, String)]) -> String {
+    let mut s = s.to_owned();
+    for (k, v) in env {
+        s = s.replace(&format!("$({k})"), v);
+    }
+    s
+}
+
+/// `s` with every `:from` not followed by a digit replaced by `:to`.
+fn replace_port(s: &str, from: u16, to: u16) -> String {
+    let pattern = format!(":{from}");
+    let (mut out, mut rest) = (String::new(), s);
+    while let Some(i) = rest.find(&pattern) {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + pattern.len()..];
+        if after.starts_with(|c: char| c.is_ascii_digit()) {
+            out.push_str(&pattern);
+        } else {
+            out.push_str(&format!(":{to}"));
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+fn which(program: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{program} is not installed (`cargo xtask setup` installs etcd and etcdctl)")
+        })
+}
+
+/// A plain HTTP/1.0 GET; the whole answer.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).map_err(|e| e.to_string())?;
+    Ok(answer)
+}
+
+/// An etcd client over TLS with the files of one identity; `domain` is the name the server certificate must
+/// have (default: the URL's host).
+async fn etcd_as(
+    url: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    domain: Option<&str>,
+) -> Result<etcd_client::Client, String> {
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(etcd_client::Identity::from_pem(read(cert), read(key)));
+    }
+    if let Some(d) = domain {
+        tls = tls.domain_name(d);
+    }
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(5))
+        .with_tls(tls);
+    etcd_client::Client::connect([url], Some(opts))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn put(c: &mut etcd_client::Client, key: &str) -> Result<(), String> {
+    c.put(key, "{}", None).await.map(drop).map_err(|e| e.to_string())
+}
+
+async fn keys_under(c: &mut etcd_client::Client, prefix: &str) -> Result<Vec<String>, String> {
+    let resp = c
+        .get(
+            prefix,
+            Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect())
+}
+
+/// etcd's users (with their roles) and roles (with their permissions: type, key, range end), read as root.
+type AuthModel = (
+    BTreeMap<String, BTreeSet<String>>,
+    BTreeMap<String, BTreeSet<(i32, String, String)>>,
+);
+
+async fn auth_model(c: &mut etcd_client::Client) -> AuthModel {
+    let mut users = BTreeMap::new();
+    for u in c.user_list().await.expect("user list").users().to_vec() {
+        let roles = c
+            .user_get(u.as_str())
+            .await
+            .expect("user get")
+            .roles()
+            .iter()
+            .cloned()
+            .collect();
+        users.insert(u, roles);
+    }
+    let mut roles = BTreeMap::new();
+    for role in c.role_list().await.expect("role list").roles().to_vec() {
+        let perms = c
+            .role_get(role.as_str())
+            .await
+            .expect("role get")
+            .permissions()
+            .iter()
+            .map(|p| {
+                (
+                    p.get_type(),
+                    String::from_utf8_lossy(p.key()).into_owned(),
+                    String::from_utf8_lossy(p.range_end()).into_owned(),
+                )
+            })
+            .collect();
+        roles.insert(role, perms);
+    }
+    (users, roles)
+}
+
+fn assert_denied<T: std::fmt::Debug>(r: Result<T, String>, what: &str) {
+    match r {
+        Err(e) if e.contains("permission denied") => {}
+        other => panic!("{what}: should be refused with permission denied, got {other:?}"),
+    }
+}
+
+#[test]
+fn etcd_init_makes_meshctls_users_and_roles_on_a_real_etcd() {
+    let r = Helm::new().render(&[
+        "--set",
+        "cluster.name=east",
+        // Peers reach the etcd at the pod IP here.
+        "--set",
+        &format!("clustermesh.tls.auto.extraIpAddresses={{{LOCAL_POD_IP}}}"),
+    ]);
+    let p = pod(&r.apiserver().spec.template);
+    let (init, etcd, api) = (
+        container(p, "etcd-init"),
+        container(p, "etcd"),
+        container(p, "clustermesh-apiserver"),
+    );
+    // What registry.k8s.io/etcd provides besides its /bin/sh: the script may use nothing else.
+    let mut pod = LocalPod::new(&r, p, &["etcd", "etcdctl"]);
+    let status = pod.run(&r, init, Path::new("/bin/sh"), Duration::from_secs(60));
+    assert!(status.success(), "etcd-init: {status}\n{}", pod.log("etcd-init"));
+    assert!(
+        pod.log("etcd-init")
+            .contains("users and roles of cluster east set up, auth enabled"),
+        "{}",
+        pod.log("etcd-init")
+    );
+    pod.start(&r, etcd);
+    // The readiness (and liveness) probe still answers with auth on.
+    pod.wait_ready(etcd, Duration::from_secs(30));
+
+    let local = format!("https://127.0.0.1:{}", pod.port(2379));
+    let pod_ip = format!("https://{LOCAL_POD_IP}:{}", pod.port(2379));
+    let volume = |name: &str, file: &str| pod.volume_dir(name).join(file);
+    let admin = (
+        volume("etcd-admin-tls", "tls.crt"),
+        volume("etcd-admin-tls", "tls.key"),
+    );
+    let ca = volume("etcd-admin-tls", "ca.crt");
+    // The apiserver as the chart configures it (its env, localized).
+    let api_env: BTreeMap<String, String> = pod.env(&r, api).into_iter().collect();
+    let api_url = api_env["FLEETMESH_ETCD_ENDPOINTS"].clone();
+    let (api_ca, api_cert, api_key) = (
+        PathBuf::from(&api_env["FLEETMESH_ETCD_CA"]),
+        PathBuf::from(&api_env["FLEETMESH_ETCD_CERT"]),
+        PathBuf::from(&api_env["FLEETMESH_ETCD_KEY"]),
+    );
+    // An agent as the chart configures it: its own etcd through the Service's DNS name, with the files of its
+    // volume own-kvstore-tls.
+    let ds = pod_spec_files(&r);
+    let (config, _, _) = own_kvstore(&r);
+    let config = config.expect("kvstore-config");
+    let agent_file = |p: &Option<PathBuf>| {
+        let p = p.as_ref().expect("a TLS file").display().to_string();
+        let rel = p
+            .strip_prefix("/var/lib/fleetmesh/kvstore-tls/")
+            .expect("in the agent's own-kvstore-tls mount");
+        ds.path().join(rel)
+    };
+    let (agent_ca, agent_cert, agent_key) = (
+        agent_file(&config.trusted_ca_file),
+        agent_file(&config.cert_file),
+        agent_file(&config.key_file),
+    );
+    let service_host = config.endpoints[0]
+        .strip_prefix("https://")
+        .and_then(|h| h.split(':').next())
+        .expect("an https URL")
+        .to_owned();
+    // Another mesh's CA and a certificate with the right user name (remote-east) signed by it.
+    let other = tempfile::tempdir().expect("tempdir");
+    cm::create_ca(&other.path().join("ca"), "other", 2, false).expect("CA");
+    let spec = cm::ClusterSpec {
+        cluster: "east".to_owned(),
+        id: 1,
+        server_ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        server_names: Vec::new(),
+        etcd_port: 2379,
+        endpoints: Vec::new(),
+        days: 2,
+    };
+    let forged = other.path().join("east");
+    cm::cluster_certs(&other.path().join("ca"), &spec, &forged, false).expect("certs");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (users, roles) = rt.block_on(async {
+        // The apiserver writes its records, under the prefix only, and manages nothing.
+        let mut apiserver = etcd_as(&api_url, &api_ca, Some((&api_cert, &api_key)), None)
+            .await
+            .expect("the apiserver connects");
+        put(&mut apiserver, "fleetmesh/cluster-config/east")
+            .await
+            .expect("the apiserver writes");
+        assert_denied(
+            put(&mut apiserver, "elsewhere/x").await,
+            "the apiserver outside the prefix",
+        );
+        assert_denied(
+            apiserver.user_list().await.map(drop).map_err(|e| e.to_string()),
+            "the apiserver listing users",
+        );
+
+        // An agent reads, through the Service's name (the server certificate has it), and cannot write.
+        let mut agent = etcd_as(
+            &pod_ip,
+            &agent_ca,
+            Some((&agent_cert, &agent_key)),
+            Some(&service_host),
+        )
+        .await
+        .expect("the agent connects");
+        assert_eq!(
+            keys_under(&mut agent, "fleetmesh/")
+                .await
+                .expect("the agent reads"),
+            ["fleetmesh/cluster-config/east"]
+        );
+        assert_denied(
+            put(&mut agent, "fleetmesh/state/nodes/v1/east/evil").await,
+            "an agent writing",
+        );
+        assert_denied(
+            keys_under(&mut agent, "elsewhere/").await,
+            "an agent outside the prefix",
+        );
+
+        // A peer with the remote-client Secret, at the address it was given (an extra SAN): read only.
+        let remote = pod.volume_dir("remote");
+        std::fs::create_dir_all(&remote).expect("folder");
+        let rc = r
+            .secret("fm-fleetmesh-clustermesh-remote-client")
+            .expect("remote-client");
+        for k in ["ca.crt", "tls.crt", "tls.key"] {
+            std::fs::write(remote.join(k), secret_file(rc, k)).expect("file");
+        }
+        let mut peer = etcd_as(
+            &pod_ip,
+            &remote.join("ca.crt"),
+            Some((&remote.join("tls.crt"), &remote.join("tls.key"))),
+            None,
+        )
+        .await
+        .expect("the peer connects");
+        assert_eq!(
+            keys_under(&mut peer, "fleetmesh/")
+                .await
+                .expect("the peer reads")
+                .len(),
+            1
+        );
+        assert_denied(
+            put(&mut peer, "fleetmesh/cluster-config/east").await,
+            "a peer writing",
+        );
+
+        // Without a client certificate, or with the right name from another CA, or over plain http: nothing.
+        let anonymous = match etcd_as(&pod_ip, &ca, None, None).await {
+            Ok(mut c) => keys_under(&mut c, "fleetmesh/").await,
+            Err(e) => Err(e),
+        };
+        assert!(anonymous.is_err(), "no client certificate: {anonymous:?}");
+        let forged_read = match etcd_as(
+            &pod_ip,
+            &ca,
+            Some((&cm::Role::Remote.cert(&forged), &cm::Role::Remote.key(&forged))),
+            None,
+        )
+        .await
+        {
+            Ok(mut c) => keys_under(&mut c, "fleetmesh/").await,
+            Err(e) => Err(e),
+        };
+        assert!(forged_read.is_err(), "remote-east of another CA: {forged_read:?}");
+        let plain = match mesh_testkit::connect(&format!("http://{LOCAL_POD_IP}:{}", pod.port(2379))).await {
+            Ok(mut c) => keys_under(&mut c, "fleetmesh/").await,
+            Err(e) => Err(e),
+        };
+        assert!(plain.is_err(), "plain http: {plain:?}");
+
+        let mut root = etcd_as(&local, &ca, Some((&admin.0, &admin.1)), None)
+            .await
+            .expect("admin connects");
+        let before = auth_model(&mut root).await;
+        // meshctl's etcd-init (what the lab runs) on the same etcd, as the oracle: it finds everything made.
+        let certs = pod.dir.path().join("meshctl-certs");
+        std::fs::create_dir_all(&certs).expect("folder");
+        std::fs::copy(&ca, certs.join(cm::CA_CERT)).expect("ca");
+        std::fs::copy(&admin.0, cm::Role::Admin.cert(&certs)).expect("admin.crt");
+        std::fs::copy(&admin.1, cm::Role::Admin.key(&certs)).expect("admin.key");
+        std::fs::write(
+            certs.join(cm::CLUSTER_FILE),
+            format!("name: east\nid: 1\nendpoints:\n  - {local}\n"),
+        )
+        .expect("cluster.yaml");
+        cm::etcd_init(&certs, None, mesh_kvstore::DEFAULT_PREFIX)
+            .await
+            .expect("meshctl clustermesh etcd-init");
+        let after = auth_model(&mut root).await;
+        assert_eq!(
+            before, after,
+            "meshctl clustermesh etcd-init adds nothing to what etcd-init made"
+        );
+        before
+    });
+    let user = |role: cm::Role| role.common_name("east");
+    let expected_users = BTreeMap::from([
+        ("root".to_owned(), BTreeSet::from(["root".to_owned()])),
+        (user(cm::Role::Admin), BTreeSet::from(["root".to_owned()])),
+        (
+            user(cm::Role::Apiserver),
+            BTreeSet::from(["clustermesh-apiserver".to_owned()]),
+        ),
+        (user(cm::Role::Remote), BTreeSet::from(["remote".to_owned()])),
+    ]);
+    assert_eq!(users, expected_users);
+    // Read = 0, Readwrite = 2; a prefix permission ends at the prefix's next key.
+    let prefix = |t: i32| BTreeSet::from([(t, "fleetmesh/".to_owned(), "fleetmesh0".to_owned())]);
+    let expected_roles = BTreeMap::from([
+        ("root".to_owned(), BTreeSet::new()),
+        ("clustermesh-apiserver".to_owned(), prefix(2)),
+        ("remote".to_owned(), prefix(0)),
+    ]);
+    assert_eq!(roles, expected_roles);
+
+    // The pod's containers restart on etcd's data (auth on): etcd-init runs again as admin, here with a bash
+    // that runs as sh (what registry.k8s.io/etcd's /bin/sh is), and changes nothing.
+    pod.stop("etcd");
+    let status = pod.run(&r, init, &which("bash"), Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "etcd-init again: {status}\n{}",
+        pod.log("etcd-init")
+    );
+    pod.start(&r, etcd);
+    pod.wait_ready(etcd, Duration::from_secs(30));
+    let again = rt.block_on(async {
+        let mut root = etcd_as(&local, &ca, Some((&admin.0, &admin.1)), None)
+            .await
+            .expect("admin connects");
+        auth_model(&mut root).await
+    });
+    assert_eq!(again, (expected_users, expected_roles));
+}
+
+/// The files of the agent DaemonSet's volume own-kvstore-tls, in a temporary folder.
+fn pod_spec_files(r: &Rendered) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = pod(&r.agent().spec.template);
+    for (path, bytes) in volume_files(r, volume(ds, "own-kvstore-tls")) {
+        std::fs::write(dir.path().join(path), bytes).expect("file");
+    }
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("folder");
+    for entry in std::fs::read_dir(from).expect("read folder").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn plain_http_only_with_the_explicit_opt_out() {
+    let r = Helm::new().render(&[
+        "--set",
+        "clustermesh.tls.enabled=false",
+        "--set",
+        "clustermesh.insecure=true",
+    ]);
+    check_references(&r, &[]);
+    let names: Vec<_> = r
+        .secrets
+        .iter()
+        .filter_map(|s| s.metadata.name.as_deref())
+        .collect();
+    assert_eq!(names, ["fm-fleetmesh-clustermesh"], "no certificates");
+    let p = pod(&r.apiserver().spec.template);
+    assert!(p.init_containers.is_none(), "no users to set up");
+    let etcd = container(p, "etcd");
+    let args = etcd.args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&"--listen-client-urls=http://127.0.0.1:2379,http://[$(POD_IP)]:2379".to_owned()),
+        "{args:?}"
+    );
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.contains("https") || a.starts_with("--client-cert-auth") || a.contains("-file=")),
+        "{args:?}"
+    );
+    assert!(!has_volume(p, "etcd-server-tls") && !has_mount(etcd, "etcd-server-tls"));
+    let api = container(p, "clustermesh-apiserver");
+    assert_eq!(
+        env(api, "FLEETMESH_ETCD_ENDPOINTS").value.as_deref(),
+        Some("http://127.0.0.1:2379")
+    );
+    assert!(!has_env(api, "FLEETMESH_ETCD_CA") && !has_env(api, "FLEETMESH_ETCD_CERT"));
+    // The refusals of half an opt-out are in invalid_values_fail_with_the_charts_message.
+}
+
+#[test]
+fn notes_warn_about_what_is_exposed() {
+    let helm = Helm::new();
+    let notes = helm.notes(&[]);
+    for text in [
+        "etcd serves https with client certificates and users",
+        "read as remote-default",
+        "Secret fm-fleetmesh-clustermesh-remote-client",
+        "fm-fleetmesh-clustermesh-apiserver.kube-system.svc",
+        "Add the node IPs (NodePort) or the load balancer's address",
+    ] {
+        assert!(notes.contains(text), "default NOTES lack {text:?}:\n{notes}");
+    }
+    assert!(!notes.contains("WARNING"), "{notes}");
+    let notes = helm.notes(&["--set", "clustermesh.tls.auto.extraIpAddresses={203.0.113.10}"]);
+    assert!(notes.contains("127.0.0.1, ::1, 203.0.113.10"), "{notes}");
+    assert!(!notes.contains("Add the node IPs"), "{notes}");
+
+    let insecure = [
+        "--set",
+        "clustermesh.tls.enabled=false",
+        "--set",
+        "clustermesh.insecure=true",
+    ];
+    let notes = helm.notes(&insecure);
+    for text in [
+        "WARNING: clustermesh.insecure is true: this cluster's etcd serves plain http WITHOUT authentication",
+        "(port 32379 of every node)",
+        "write records that the peer clusters and this cluster's own agents",
+    ] {
+        assert!(notes.contains(text), "insecure NOTES lack {text:?}:\n{notes}");
+    }
+    let lb = [
+        &insecure[..],
+        &["--set", "clustermesh.apiserver.service.type=LoadBalancer"],
+    ]
+    .concat();
+    assert!(helm.notes(&lb).contains("(the load balancer)"));
+
+    let notes = helm.notes(&["--set", "clustermesh.tls.existingSecret=etcd-east"]);
+    assert!(notes.contains("WARNING: etcd has no users"), "{notes}");
+    let notes = helm.notes(&[
+        "--set",
+        "clustermesh.tls.existingSecret=etcd-east",
+        "--set",
+        "clustermesh.tls.adminSecret=admin",
+        "--set",
+        "clustermesh.tls.apiserverSecret=apiserver",
+    ]);
+    assert!(!notes.contains("WARNING"), "{notes}");
+}
+
+/// The Secrets of clustermesh.tls.auto: (Secret, key) → content.
+fn tls_secrets(r: &Rendered) -> BTreeMap<(String, String), Vec<u8>> {
+    r.secrets
+        .iter()
+        .filter(|s| s.metadata.name.as_deref() != Some("fm-fleetmesh-clustermesh"))
+        .flat_map(|s| {
+            let name = s.metadata.name.clone().expect("name");
+            s.data
+                .iter()
+                .flatten()
+                .map(move |(k, ByteString(b))| ((name.clone(), k.clone()), b.clone()))
+        })
+        .collect()
+}
+
+/// "Secret/key" of every entry whose content differs between two renderings (or exists in one only).
+fn changed(a: &BTreeMap<(String, String), Vec<u8>>, b: &BTreeMap<(String, String), Vec<u8>>) -> Vec<String> {
+    a.keys()
+        .chain(b.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|(name, key)| format!("{name}/{key}"))
+        .collect()
+}
+
+#[test]
+fn generated_certificates_stay_across_upgrades() {
+    let mut kube = mesh_testkit::KubeEmulator::start(&[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = mesh_testkit::kubeconfig(dir.path(), &[("k", kube.port)]);
+    let kubeconfig = kubeconfig.display().to_string();
+    let helm = Helm::new();
+    // `helm template --dry-run=server` reads the cluster as install and upgrade do (lookup).
+    let against_cluster = |extra: &[&str]| {
+        let mut args = vec![
+            "--dry-run=server",
+            "--kubeconfig",
+            &kubeconfig,
+            "--set",
+            "cluster.name=east",
+        ];
+        args.extend_from_slice(extra);
+        helm.render(&args)
+    };
+    let install = against_cluster(&[]);
+    let installed = tls_secrets(&install);
+    let names: BTreeSet<&str> = installed.keys().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.len(), 5, "CA, server and three users: {names:?}");
+    for s in &install.secrets {
+        kube.command(&serde_json::json!({
+            "op": "create",
+            "path": format!("/api/v1/namespaces/{NAMESPACE}/secrets"),
+            "object": serde_json::to_value(s).expect("JSON"),
+        }));
+    }
+    let entry = |m: &BTreeMap<(String, String), Vec<u8>>, name: &str, key: &str| {
+        String::from_utf8(m[&(name.to_owned(), key.to_owned())].clone()).expect("PEM")
+    };
+    let ca_pem = entry(&installed, "fm-fleetmesh-clustermesh-ca", "ca.crt");
+
+    // An upgrade with the same values renders every key and certificate as installed.
+    let upgrade = tls_secrets(&against_cluster(&[]));
+    assert_eq!(
+        changed(&installed, &upgrade),
+        Vec::<String>::new(),
+        "an upgrade changes nothing"
+    );
+
+    // New SANs: the server certificate is signed again by the same CA; the users' certificates stay.
+    let upgrade = tls_secrets(&against_cluster(&[
+        "--set",
+        "clustermesh.tls.auto.extraIpAddresses={203.0.113.10}",
+    ]));
+    assert_eq!(
+        changed(&installed, &upgrade),
+        [
+            "fm-fleetmesh-clustermesh-server-cert/tls.crt",
+            "fm-fleetmesh-clustermesh-server-cert/tls.key"
+        ],
+        "only the server certificate changes"
+    );
+    let server = cert_info(
+        &entry(&upgrade, "fm-fleetmesh-clustermesh-server-cert", "tls.crt"),
+        &ca_pem,
+        "the new server certificate",
+    );
+    assert!(
+        server.signed_by_issuer && server.ips.contains(&IpAddr::from([203, 0, 113, 10])),
+        "{server:?}"
+    );
+
+    // A renamed cluster: new user names, so new certificates, still signed by the same CA.
+    let renamed = tls_secrets(&against_cluster(&["--set", "cluster.name=west"]));
+    let leaves: Vec<String> = ["admin-client", "apiserver-client", "remote-client", "server-cert"]
+        .iter()
+        .flat_map(|s| ["tls.crt", "tls.key"].map(|k| format!("fm-fleetmesh-clustermesh-{s}/{k}")))
+        .collect();
+    assert_eq!(changed(&installed, &renamed), leaves, "the CA stays");
+    let c = cert_info(
+        &entry(&renamed, "fm-fleetmesh-clustermesh-remote-client", "tls.crt"),
+        &ca_pem,
+        "remote-west",
+    );
+    assert_eq!((c.subject_cn.as_str(), c.signed_by_issuer), ("remote-west", true));
+
+    // Without a cluster (helm template) nothing can be read: every rendering has a CA of its own.
+    let offline = tls_secrets(&helm.render(&["--set", "cluster.name=east"]));
+    assert!(changed(&installed, &offline).contains(&"fm-fleetmesh-clustermesh-ca/ca.crt".to_owned()));
 }
