@@ -246,6 +246,7 @@ async fn main() -> anyhow::Result<()> {
             // When an unreachable remote cluster's grace period ends, its backends must go at once: the next pass
             // is due then at the latest.
             let mut withdraw_in: Option<Duration> = None;
+            let mut claimed_generation = 0;
             loop {
                 let mut tick = if reconciler.rollouts.active() {
                     mesh_agent::rollout::FAST_TICK
@@ -261,6 +262,17 @@ async fn main() -> anyhow::Result<()> {
                 let snap = snapshots.borrow().clone();
                 if snap.generation == 0 {
                     continue;
+                }
+                if snap.generation != claimed_generation {
+                    // Peers' node records may not claim this cluster's pod CIDRs.
+                    claimed_generation = snap.generation;
+                    let cidrs = snap
+                        .state
+                        .nodes
+                        .values()
+                        .map(|n| (n.name.clone(), n.pod_cidr))
+                        .collect();
+                    reconciler_remotes.set_local_pod_cidrs(&reconciler.me.cluster, cidrs);
                 }
                 let queued =
                     std::mem::take(&mut *reconciler_commands.lock().unwrap_or_else(PoisonError::into_inner));
@@ -280,6 +292,7 @@ async fn main() -> anyhow::Result<()> {
                     .min()
                     .map(|end| Duration::from_millis(end - now + 1));
                 let own = reconciler_remotes.own();
+                reconciler.peers_configured = reconciler_remotes.configured();
                 let dp_status = reconciler.reconcile(&snap.state, own.as_ref(), &remote_view);
                 let progress = reconciler.rollouts.progress(&snap.state, remote::now_ms());
                 progress_tx.send_if_modified(|p| {

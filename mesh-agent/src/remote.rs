@@ -505,7 +505,8 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
                 continue;
             }
             info!(cluster = %name, endpoints = ?cfg.endpoints, "watching remote cluster");
-            remotes.update(&name, |_| {});
+            // A pinned id is known before the cluster answers.
+            remotes.update(&name, |rc| rc.cluster_id = rc.cluster_id.or(cfg.cluster_id));
             let w = Watcher {
                 name: name.clone(),
                 cfg: cfg.clone(),
