@@ -74,6 +74,13 @@ struct Args {
     /// etcd `--grpc-keepalive-min-time` (5s by default), or etcd drops the connection.
     #[arg(long, default_value = "6s", value_parser = mesh_model::duration::parse_duration)]
     remote_keepalive_interval: Duration,
+    /// Most keys one peer cluster may make this agent hold (everything under its key prefix): beyond it the peer
+    /// is refused (its data dropped, the status says why) and listed again 30s later; other peers are unaffected.
+    #[arg(long, default_value_t = mesh_kvstore::etcd::Limits::DEFAULT.max_keys)]
+    remote_max_keys: u64,
+    /// Most bytes (keys and values) one peer cluster may make this agent hold; as --remote-max-keys.
+    #[arg(long, default_value_t = mesh_kvstore::etcd::Limits::DEFAULT.max_bytes)]
+    remote_max_bytes: u64,
     /// Key prefix in etcd.
     #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
     kvstore_prefix: String,
@@ -163,6 +170,10 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     remote::set_keepalive_interval(args.remote_keepalive_interval);
+    remotes.set_limits(mesh_kvstore::etcd::Limits {
+        max_keys: args.remote_max_keys,
+        max_bytes: args.remote_max_bytes,
+    });
     if let Some(dir) = args.clustermesh_config.clone() {
         let keys = mesh_kvstore::Keys::new(&args.kvstore_prefix);
         tokio::spawn(remote::manage(dir, me.clone(), keys, remotes.clone()));

@@ -297,6 +297,8 @@ pub struct Remotes {
     configured: Arc<std::sync::atomic::AtomicBool>,
     /// Pod CIDR claims of this cluster and the peers (lock order: after `inner`/`own`, never before).
     claims: Arc<Mutex<Claims>>,
+    /// How much of one peer's records a watcher holds at most.
+    limits: Arc<Mutex<mesh_kvstore::etcd::Limits>>,
     wake: std::sync::mpsc::Sender<()>,
 }
 
@@ -308,8 +310,19 @@ impl Remotes {
             own: Arc::default(),
             configured: Arc::default(),
             claims: Arc::default(),
+            limits: Arc::default(),
             wake,
         }
+    }
+
+    /// Sets how much of one peer's records a watcher holds at most (from the next session of each watcher): a peer
+    /// beyond them is refused, its data dropped, and listed again later.
+    pub fn set_limits(&self, limits: mesh_kvstore::etcd::Limits) {
+        *self.limits.lock().unwrap_or_else(PoisonError::into_inner) = limits;
+    }
+
+    fn limits(&self) -> mesh_kvstore::etcd::Limits {
+        *self.limits.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
@@ -703,7 +716,12 @@ enum Ended {
     Lost(String),
     /// The cluster's grant changed: list it again at once (the data is kept meanwhile).
     Relist(String),
+    /// The cluster holds more than the limits: refused (its data dropped), listed again after [`OVER_LIMIT_RETRY`].
+    OverLimit(String),
 }
+
+/// How long a watcher waits before listing a cluster that was beyond the limits again.
+pub const OVER_LIMIT_RETRY: Duration = Duration::from_secs(30);
 
 impl Watcher {
     async fn run(self) {
@@ -715,6 +733,11 @@ impl Watcher {
                     info!(cluster = %self.name, reason = %why, "listing the remote cluster again");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                Ok(Ended::OverLimit(why)) => {
+                    warn!(cluster = %self.name, reason = %why, retry_in = ?OVER_LIMIT_RETRY, "remote cluster refused");
+                    tokio::time::sleep(OVER_LIMIT_RETRY).await;
                     continue;
                 }
                 Ok(Ended::Lost(why)) => why,
@@ -1180,7 +1203,19 @@ impl Watcher {
         let root = self.keys.root();
         // The list comes in pages (one consistent revision): a cluster's state can be far larger than one gRPC
         // message (4 MiB by default; the limit is raised too, for pages of large records).
-        let (records, revision) = mesh_kvstore::etcd::list_paged(&client, &root).await?;
+        let limits = self.remotes.limits();
+        let (records, revision) = match mesh_kvstore::etcd::list_paged_within(&client, &root, limits).await {
+            Ok(listed) => listed,
+            Err(mesh_kvstore::etcd::ListError::OverLimit(o)) => return Ok(self.over_limit(&o)),
+            Err(mesh_kvstore::etcd::ListError::Etcd(e)) => return Err(e.into()),
+        };
+        // What the cluster makes this watcher hold, kept up to date by the watch (its events carry the previous
+        // value).
+        let mut held_keys = u64::try_from(records.len()).unwrap_or(u64::MAX);
+        let mut held_bytes: u64 = records
+            .iter()
+            .map(|(k, v)| mesh_kvstore::etcd::entry_bytes(k.as_bytes(), v))
+            .sum();
         // Keys come in order: the cluster config (and so the grant) before any record.
         let mut s = self.new_session();
         for (k, v) in &records {
@@ -1203,6 +1238,7 @@ impl Watcher {
                 Some(
                     WatchOptions::new()
                         .with_prefix()
+                        .with_prev_key()
                         .with_start_revision(revision + 1),
                 ),
             )
@@ -1238,11 +1274,29 @@ impl Watcher {
             }
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
+                let prev = ev
+                    .prev_kv()
+                    .map(|p| mesh_kvstore::etcd::entry_bytes(p.key(), p.value()));
+                match (ev.event_type(), prev) {
+                    (EventType::Put, Some(p)) => held_bytes = held_bytes.saturating_sub(p),
+                    (EventType::Put, None) => held_keys = held_keys.saturating_add(1),
+                    (EventType::Delete, p) => {
+                        held_keys = held_keys.saturating_sub(1);
+                        held_bytes = held_bytes.saturating_sub(p.unwrap_or(0));
+                    }
+                }
+                if ev.event_type() == EventType::Put {
+                    held_bytes =
+                        held_bytes.saturating_add(mesh_kvstore::etcd::entry_bytes(kv.key(), kv.value()));
+                }
                 let Ok(k) = kv.key_str() else { continue };
                 match ev.event_type() {
                     EventType::Put => self.apply(&mut s, k, Some(kv.value())),
                     EventType::Delete => self.apply(&mut s, k, None),
                 }
+            }
+            if let Err(o) = limits.check(held_keys, held_bytes) {
+                return Ok(self.over_limit(&o));
             }
             if let Some(why) = s.relist.take() {
                 return Ok(Ended::Relist(why));
@@ -1250,6 +1304,23 @@ impl Watcher {
             self.publish(&mut s);
             self.alive();
         }
+    }
+
+    /// Refuses the cluster for holding more than the limits: none of its data is used (nor held) until a later list
+    /// fits.
+    fn over_limit(&self, o: &mesh_kvstore::etcd::OverLimit) -> Ended {
+        let reason = format!(
+            "the cluster {o} (--remote-max-keys, --remote-max-bytes); none of its data is used; listed again in {}s",
+            OVER_LIMIT_RETRY.as_secs()
+        );
+        self.remotes.update_in(self.slot, &self.name, |rc| {
+            *rc.decode_errors.entry("over_limit".to_owned()).or_default() += 1;
+            rc.refuse(reason.clone());
+        });
+        if self.slot == Slot::Remote {
+            self.remotes.activate_claims(&self.name, false);
+        }
+        Ended::OverLimit(reason)
     }
 
     /// Records that the remote cluster answered just now.

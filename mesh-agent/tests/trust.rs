@@ -546,3 +546,88 @@ async fn what_the_peer_file_pins_wins_over_what_the_peer_publishes() {
     assert_eq!(west.cluster_id, Some(2));
     assert_eq!(west.nodes.keys().collect::<Vec<_>>(), vec!["west-node-1"]);
 }
+
+fn over_limit(rc: &RemoteCluster) -> Result<(), String> {
+    match &rc.state {
+        SyncState::Disconnected { reason, .. }
+            if !rc.usable && reason.contains("beyond the limits of 100 keys") && rc.nodes.is_empty() =>
+        {
+            Ok(())
+        }
+        _ => Err("not refused for its size".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_beyond_the_limits_is_refused_and_the_others_are_not() {
+    let keys = Keys::default();
+    let mut etcds = Vec::new();
+    for cluster in ["west", "north", "south"] {
+        let etcd = Etcd::start().await;
+        let mut c = etcd.client().await;
+        let id = match cluster {
+            "west" => 2,
+            "north" => 3,
+            _ => 4,
+        };
+        put(&mut c, keys.cluster_config(cluster), config(cluster, id, &[])).await;
+        let cidr = format!("10.{id}.1.0/24");
+        put(
+            &mut c,
+            keys.node(cluster, &format!("{cluster}-node-1")),
+            encode(&node(cluster, id, 1, &cidr)),
+        )
+        .await;
+        seed_synced(&mut c, &keys, cluster).await;
+        etcds.push((etcd, c));
+    }
+    // West holds more keys than allowed before the agent starts.
+    for i in 0..150 {
+        put(&mut etcds[0].1, format!("fleetmesh/junk/{i}"), "x".into()).await;
+    }
+    let files: Vec<(&str, String)> = ["west", "north", "south"]
+        .iter()
+        .zip(&etcds)
+        .map(|(n, (e, _))| (*n, peer_file(e, "")))
+        .collect();
+    let agent = Agent::start(&[]);
+    agent.remotes.set_limits(mesh_kvstore::etcd::Limits {
+        max_keys: 100,
+        max_bytes: 1 << 20,
+    });
+    for (name, text) in &files {
+        std::fs::write(agent.config.path().join(name), text).expect("peer file");
+    }
+    let west = agent.wait("west", "west refused at its list", over_limit).await;
+    counted(&west, "over_limit", 1).expect("counted");
+    for n in ["north", "south"] {
+        agent
+            .wait(n, "the others synced", |rc| {
+                synced_usable(rc)?;
+                if rc.nodes.len() == 1 {
+                    Ok(())
+                } else {
+                    Err("no node".into())
+                }
+            })
+            .await;
+    }
+    // North grows beyond the limits while watched (values count too: 2 MiB over a few keys).
+    for i in 0..3 {
+        put(
+            &mut etcds[1].1,
+            format!("fleetmesh/junk/{i}"),
+            "x".repeat(700 * 1024),
+        )
+        .await;
+    }
+    agent
+        .wait("north", "north refused once it grew", |rc| match &rc.state {
+            SyncState::Disconnected { reason, .. } if !rc.usable && reason.contains("bytes") => Ok(()),
+            _ => Err("not refused".into()),
+        })
+        .await;
+    let south = agent.remotes.snapshot().remove("south").expect("south");
+    synced_usable(&south).expect("south unaffected");
+    assert_eq!(south.nodes.len(), 1);
+}
