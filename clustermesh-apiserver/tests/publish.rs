@@ -515,6 +515,13 @@ async fn kvstoremesh_mirrors_a_peer_and_reports_losing_it() {
     })
     .await;
 
+    // The status lives under the mirror's lease: a mirror that dies leaves no "connected" behind.
+    let (_, lease) = get(&mut lc, &cache.kvstoremesh_status())
+        .await
+        .expect("get")
+        .expect("status");
+    assert_ne!(lease, 0, "the KVStoreMesh status has a lease");
+
     // Changes follow: a node added, then the first one deleted.
     wc.put(
         peer_keys.node("west", "west-node-2"),

@@ -170,6 +170,8 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     remote::set_keepalive_interval(args.remote_keepalive_interval);
+    // A peer file that is briefly missing or unreadable does not cut the peer before its backends would go.
+    remotes.set_peer_file_grace(args.remote_grace_period);
     remotes.set_limits(mesh_kvstore::etcd::Limits {
         max_keys: args.remote_max_keys,
         max_bytes: args.remote_max_bytes,

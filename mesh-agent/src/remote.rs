@@ -97,6 +97,10 @@ pub struct RemoteCluster {
     /// Pod address and service records held back because no accepted node CIDR of the cluster covers their
     /// addresses (yet): not used until one does.
     pub pending_records: usize,
+    /// Why the cluster's peer file is missing or unreadable: its watcher and data are kept meanwhile, for the
+    /// peer file grace period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_file_error: Option<String>,
     /// Set when the connection broke (or never came up); cleared when the cluster is synced again. After the
     /// grace period its backends are withdrawn from global services.
     pub unreachable_since_ms: Option<u64>,
@@ -173,6 +177,7 @@ impl RemoteCluster {
             grant_mismatches: Vec::new(),
             pinned_labels: None,
             pending_records: 0,
+            peer_file_error: None,
             syncs: 0,
         }
     }
@@ -299,6 +304,8 @@ pub struct Remotes {
     claims: Arc<Mutex<Claims>>,
     /// How much of one peer's records a watcher holds at most.
     limits: Arc<Mutex<mesh_kvstore::etcd::Limits>>,
+    /// How long a peer whose file is missing or unreadable keeps its watcher and data.
+    peer_file_grace: Arc<Mutex<Duration>>,
     wake: std::sync::mpsc::Sender<()>,
 }
 
@@ -311,6 +318,7 @@ impl Remotes {
             configured: Arc::default(),
             claims: Arc::default(),
             limits: Arc::default(),
+            peer_file_grace: Arc::new(Mutex::new(DEFAULT_PEER_FILE_GRACE)),
             wake,
         }
     }
@@ -319,6 +327,22 @@ impl Remotes {
     /// beyond them is refused, its data dropped, and listed again later.
     pub fn set_limits(&self, limits: mesh_kvstore::etcd::Limits) {
         *self.limits.lock().unwrap_or_else(PoisonError::into_inner) = limits;
+    }
+
+    /// Sets how long a peer whose file disappears or fails to parse keeps its watcher and data (a file being
+    /// rewritten, a config volume being remounted): after it the peer is removed.
+    pub fn set_peer_file_grace(&self, grace: Duration) {
+        *self
+            .peer_file_grace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = grace;
+    }
+
+    fn peer_file_grace(&self) -> Duration {
+        *self
+            .peer_file_grace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn limits(&self) -> mesh_kvstore::etcd::Limits {
@@ -489,9 +513,15 @@ impl Remotes {
     }
 }
 
-/// Starts and stops watchers as the clustermesh config directory changes.
+/// How long a peer whose file is missing or unreadable keeps its watcher and data, by default.
+pub const DEFAULT_PEER_FILE_GRACE: Duration = Duration::from_secs(30);
+
+/// Starts and stops watchers as the clustermesh config directory changes. A peer whose file disappears or fails to
+/// parse keeps its watcher (with the last good config) and its data for the peer file grace period; a peer whose
+/// file changes is watched anew at once.
 pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: Remotes) {
     let mut running: BTreeMap<String, (RemoteConfig, JoinHandle<()>)> = BTreeMap::new();
+    let mut missing: BTreeMap<String, std::time::Instant> = BTreeMap::new();
     let mut last_errors = Vec::new();
     loop {
         let (configs, errors) = read_config_dir(&dir, &me.cluster);
@@ -499,11 +529,40 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
             for e in &errors {
                 warn!(error = %e, "clustermesh config");
             }
-            last_errors = errors;
+            last_errors.clone_from(&errors);
         }
+        let grace = remotes.peer_file_grace();
+        for name in running.keys().filter(|n| !configs.contains_key(*n)) {
+            let since = *missing
+                .entry(name.clone())
+                .or_insert_with(std::time::Instant::now);
+            let file = dir.join(name);
+            let why = errors
+                .iter()
+                .find(|e| {
+                    e.starts_with(&format!("{}:", file.display()))
+                        || e.starts_with("clustermesh config directory")
+                })
+                .cloned()
+                .unwrap_or_else(|| format!("{}: the peer file is gone", file.display()));
+            let left = grace.saturating_sub(since.elapsed());
+            remotes.note(Slot::Remote, name, |rc| {
+                rc.peer_file_error = Some(format!("{why}; its data is kept for {}s more", left.as_secs()));
+            });
+        }
+        missing.retain(|n, _| {
+            let back = configs.contains_key(n);
+            if back {
+                remotes.note(Slot::Remote, n, |rc| rc.peer_file_error = None);
+            }
+            !back && running.contains_key(n)
+        });
         let stale: Vec<String> = running
             .iter()
-            .filter(|(n, (c, _))| configs.get(*n) != Some(c))
+            .filter(|(n, (c, _))| match configs.get(*n) {
+                Some(new) => new != c,
+                None => missing.get(*n).is_none_or(|since| since.elapsed() >= grace),
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in stale {
@@ -511,6 +570,7 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
                 info!(cluster = %name, "remote cluster removed or changed; stopping its watcher");
                 h.abort();
                 remotes.remove(Slot::Remote, &name);
+                missing.remove(&name);
             }
         }
         for (name, cfg) in configs {
@@ -637,8 +697,13 @@ struct Session {
     ips_synced: bool,
     /// Clusters other than the expected one whose cluster config this etcd holds.
     other_clusters: std::collections::BTreeSet<String>,
-    /// Read through a KVStoreMesh cache: the cache's connection to the cluster (`None` when not a cache).
+    /// Read through a KVStoreMesh cache: the cache's connection to the cluster (`None` when not a cache, or when
+    /// the cache's status is gone).
     upstream: Option<mesh_kvstore::KvstoremeshStatus>,
+    /// The peer file's prefix is a KVStoreMesh cache's (`<prefix>/kvstoremesh/<cluster>`): its status must be there.
+    via_cache: bool,
+    /// When the cache last heard from the cluster, as its last status said.
+    upstream_alive_ms: Option<u64>,
 }
 
 impl Session {
@@ -781,7 +846,13 @@ impl Watcher {
     }
 
     fn new_session(&self) -> Session {
+        let cache_suffix = format!("/kvstoremesh/{}", self.name);
         Session {
+            via_cache: self
+                .cfg
+                .prefix
+                .as_deref()
+                .is_some_and(|p| p.trim_end_matches('/').ends_with(&cache_suffix)),
             grant: self.grant_for(None),
             check_cidrs: self.slot == Slot::Remote && self.cfg.pod_cidrs.is_none(),
             ..Session::default()
@@ -893,15 +964,29 @@ impl Watcher {
             // Through a KVStoreMesh cache whose own connection to the cluster is down: the cached data stays (as
             // with a direct connection that broke), and the cluster counts as unreachable since the cache last
             // heard from it.
-            if let Some(up) = s.upstream.as_ref().filter(|u| !u.connected) {
+            // A cache whose status is gone (its lease expired: the mirror stopped or hangs) is silent: the same.
+            let lost = match &s.upstream {
+                Some(up) if !up.connected => Some((
+                    format!("the KVStoreMesh cache lost the cluster: {}", up.reason),
+                    up.last_alive_ms,
+                )),
+                None if s.via_cache => Some((
+                    "the KVStoreMesh cache is silent: its status key is missing (the mirror is not running, or its \
+                     lease expired)"
+                        .to_owned(),
+                    s.upstream_alive_ms.unwrap_or_else(now_ms),
+                )),
+                _ => None,
+            };
+            if let Some((reason, last_alive_ms)) = lost {
                 if !matches!(rc.state, SyncState::Disconnected { .. }) {
                     rc.state = SyncState::Disconnected {
                         since_ms: now_ms(),
-                        reason: format!("the KVStoreMesh cache lost the cluster: {}", up.reason),
+                        reason,
                     };
                 }
                 rc.unreachable_since_ms
-                    .get_or_insert(up.last_alive_ms.min(now_ms()));
+                    .get_or_insert(last_alive_ms.min(now_ms()));
                 return;
             }
             // This cluster's own etcd is complete once its identities are (its nodes come from the source).
@@ -1154,7 +1239,10 @@ impl Watcher {
                 s.upstream = match value {
                     None => None,
                     Some(v) => match serde_json::from_slice::<mesh_kvstore::KvstoremeshStatus>(v) {
-                        Ok(st) => Some(st),
+                        Ok(st) => {
+                            s.upstream_alive_ms = Some(st.last_alive_ms);
+                            Some(st)
+                        }
                         Err(e) => {
                             warn!(cluster = %self.name, error = %e, "skipping malformed KVStoreMesh status");
                             self.count_error("bad_json");

@@ -631,3 +631,152 @@ async fn a_peer_beyond_the_limits_is_refused_and_the_others_are_not() {
     synced_usable(&south).expect("south unaffected");
     assert_eq!(south.nodes.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_file_that_is_briefly_unreadable_keeps_the_peer_for_the_grace_period() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let keys = Keys::default();
+    put(&mut c, keys.cluster_config("west"), config("west", 2, &[])).await;
+    put(
+        &mut c,
+        keys.node("west", "west-node-1"),
+        encode(&node("west", 2, 1, "10.2.1.0/24")),
+    )
+    .await;
+    seed_synced(&mut c, &keys, "west").await;
+    let good = peer_file(&etcd, "");
+    let agent = Agent::start(&[("west", good.clone())]);
+    agent.remotes.set_peer_file_grace(Duration::from_secs(4));
+    let keeps = |w: &RemoteCluster| -> Result<(), String> {
+        synced_usable(w)?;
+        if w.nodes.len() == 1 && w.syncs == 1 {
+            Ok(())
+        } else {
+            Err("data or watcher lost".into())
+        }
+    };
+    agent.wait("west", "synced", keeps).await;
+
+    // Half-written (not YAML): the peer and its data stay, the status says why.
+    let file = agent.config.path().join("west");
+    std::fs::write(&file, "endpoints: [\n").expect("garble");
+    let west = agent
+        .wait("west", "unreadable file reported", |w| {
+            keeps(w)?;
+            match &w.peer_file_error {
+                Some(e) if e.contains("kept for") => Ok(()),
+                other => Err(format!("peer file error {other:?}")),
+            }
+        })
+        .await;
+    assert!(west.peer_file_error.is_some_and(|e| e.contains("west")));
+    mesh_testkit::stays(
+        "west kept while its file is unreadable",
+        Duration::from_secs(1),
+        || {
+            let r = agent
+                .remotes
+                .snapshot()
+                .remove("west")
+                .ok_or("west gone".to_owned())
+                .and_then(|w| keeps(&w));
+            async move { r }
+        },
+    )
+    .await;
+    // Back as it was: nothing restarts.
+    std::fs::write(&file, &good).expect("restore");
+    agent
+        .wait("west", "file error cleared", |w| {
+            keeps(w)?;
+            if w.peer_file_error.is_none() {
+                Ok(())
+            } else {
+                Err("still reported".into())
+            }
+        })
+        .await;
+
+    // Gone for longer than the grace period: the peer is removed.
+    std::fs::remove_file(&file).expect("remove");
+    agent
+        .wait("west", "missing file reported", |w| {
+            keeps(w)?;
+            if w.peer_file_error.as_deref().is_some_and(|e| e.contains("gone")) {
+                Ok(())
+            } else {
+                Err("not reported".into())
+            }
+        })
+        .await;
+    eventually("west removed after the grace period", TIMEOUT, || {
+        let r = if agent.remotes.snapshot().contains_key("west") {
+            Err("still there".to_owned())
+        } else {
+            Ok(())
+        };
+        async move { r }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_kvstoremesh_cache_makes_the_cluster_unreachable() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let cache = Keys::new(&Keys::default().kvstoremesh_prefix("west"));
+    put(&mut c, cache.cluster_config("west"), config("west", 2, &[])).await;
+    put(
+        &mut c,
+        cache.node("west", "west-node-1"),
+        encode(&node("west", 2, 1, "10.2.1.0/24")),
+    )
+    .await;
+    seed_synced(&mut c, &cache, "west").await;
+    // The mirror's status, under the mirror's lease.
+    let lease = c.lease_grant(30, None).await.expect("lease").id();
+    let status = encode(&mesh_kvstore::KvstoremeshStatus {
+        connected: true,
+        last_alive_ms: 1_000,
+        reason: String::new(),
+    });
+    c.put(
+        cache.kvstoremesh_status(),
+        status,
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .expect("status");
+    let agent = Agent::start(&[("west", peer_file(&etcd, &format!("prefix: {}\n", cache.prefix())))]);
+    agent
+        .wait("west", "synced through the cache", |w| {
+            synced_usable(w)?;
+            if w.unreachable_since_ms.is_none() {
+                Ok(())
+            } else {
+                Err("unreachable".into())
+            }
+        })
+        .await;
+    // The mirror dies: its lease ends (revoked here rather than waited for) and the status goes with it.
+    c.lease_revoke(lease).await.expect("revoke");
+    let west = agent
+        .wait("west", "the silent cache makes west unreachable", |w| {
+            match &w.state {
+                SyncState::Disconnected { reason, .. } if reason.contains("silent") => Ok(()),
+                _ => Err("not disconnected".into()),
+            }
+        })
+        .await;
+    assert_eq!(
+        west.unreachable_since_ms,
+        Some(1_000),
+        "since the cache last heard from west"
+    );
+    assert_eq!(
+        west.nodes.len(),
+        1,
+        "the cached data stays (the grace period decides on backends)"
+    );
+}
