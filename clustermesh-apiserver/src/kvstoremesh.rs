@@ -7,7 +7,8 @@
 //! peer's prefix is kept), deletes what the cache holds beyond them, then follows the peer's watch. A status key
 //! (`.../kvstoremesh-status`) tells agents whether the mirror is connected and when it last heard from the peer:
 //! while it is not, agents keep the cached data and count the cluster unreachable from that time (their grace
-//! period then withdraws its backends). Agents read a cluster through the cache with `prefix:` in their peer file.
+//! period then withdraws its backends). The status key has a lease of [`STATUS_TTL_SECS`] that a running mirror keeps
+//! alive: when the mirror dies (or hangs), the key goes, and agents treat the silent cache as unreachable too. Agents read a cluster through the cache with `prefix:` in their peer file.
 //! A peer whose etcd does not hold its own cluster config is not mirrored. Every key under the peer's prefix is
 //! mirrored, whatever its kind (nodes, services, identities, ips, synced markers), so new kinds need no change here.
 use std::collections::BTreeMap;
@@ -24,8 +25,10 @@ use tracing::{info, instrument, warn};
 
 use crate::publisher::{EtcdTls, now_ms};
 
-/// How often a mirror proves its peer alive.
+/// How often a mirror proves its peer alive (and keeps its status lease alive).
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Lease of the status key: a mirror silent for this long (stopped, hung, cut from its etcd) loses its status.
+pub const STATUS_TTL_SECS: i64 = 10;
 
 /// This cluster's etcd, where the cache lives.
 #[derive(Debug, Clone)]
@@ -86,14 +89,24 @@ impl Mirror {
         }))
     }
 
-    async fn set_status(&self, local: &mut Client, connected: bool, reason: &str) -> anyhow::Result<()> {
+    async fn set_status(
+        &self,
+        local: &mut Client,
+        connected: bool,
+        reason: &str,
+        lease: i64,
+    ) -> anyhow::Result<()> {
         let st = KvstoremeshStatus {
             connected,
             last_alive_ms: self.last_alive_ms,
             reason: reason.to_owned(),
         };
         local
-            .put(self.cache_keys().kvstoremesh_status(), encode(&st), None)
+            .put(
+                self.cache_keys().kvstoremesh_status(),
+                encode(&st),
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            )
             .await?;
         Ok(())
     }
@@ -109,7 +122,12 @@ impl Mirror {
             warn!(cluster = %self.name, reason = %reason, "KVStoreMesh lost the cluster");
             match self.local.connect().await {
                 Ok(mut local) => {
-                    if let Err(e) = self.set_status(&mut local, false, &reason).await {
+                    // Under a lease of its own: a mirror that stops retrying leaves no status behind.
+                    let put = async {
+                        let lease = local.lease_grant(STATUS_TTL_SECS, None).await?.id();
+                        self.set_status(&mut local, false, &reason, lease).await
+                    };
+                    if let Err(e) = put.await {
                         warn!(cluster = %self.name, error = %e, "writing the KVStoreMesh status");
                     }
                 }
@@ -175,7 +193,9 @@ impl Mirror {
             local.delete(k.as_str(), None).await?;
             deletes += 1;
         }
-        self.set_status(&mut local, true, "").await?;
+        let lease = local.lease_grant(STATUS_TTL_SECS, None).await?.id();
+        let (mut keeper, mut keepalive) = local.lease_keep_alive(lease).await?;
+        self.set_status(&mut local, true, "", lease).await?;
         info!(
             records = wanted.len(),
             puts, deletes, revision, "KVStoreMesh: cluster mirrored"
@@ -222,6 +242,13 @@ impl Mirror {
                         Ok(Ok(_)) => self.last_alive_ms = now_ms(),
                         Ok(Err(e)) => anyhow::bail!("liveness probe failed: {e}"),
                         Err(_) => anyhow::bail!("liveness probe got no answer within {PROBE_EVERY:?}"),
+                    }
+                    // The status lives as long as this mirror answers.
+                    keeper.keep_alive().await.context("keeping the status lease alive")?;
+                    match keepalive.message().await.context("status lease keep-alive")? {
+                        Some(r) if r.ttl() > 0 => {}
+                        Some(_) => anyhow::bail!("status lease {lease} expired"),
+                        None => anyhow::bail!("status lease keep-alive stream closed"),
                     }
                 }
             }

@@ -530,6 +530,12 @@ async fn kvstoremesh_mirrors_a_peer_and_reports_losing_it() {
     wc.put(west_cache_of_north.clone(), "{\"changed\": true}", None)
         .await
         .expect("put");
+    // The status lives under the mirror's lease: a mirror that dies leaves no "connected" behind.
+    let (_, lease) = get(&mut lc, &cache.kvstoremesh_status())
+        .await
+        .expect("get")
+        .expect("status");
+    assert_ne!(lease, 0, "the KVStoreMesh status has a lease");
 
     // Changes follow: a node added, then the first one deleted.
     wc.put(

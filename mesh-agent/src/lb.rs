@@ -379,7 +379,8 @@ pub fn reachable(
         .collect()
 }
 
-/// The labels of a cluster: this one's from `me`, a remote one's from its published config.
+/// The labels of a cluster: this one's from `me`, a remote one's as its peer file pins them, else as its config
+/// publishes them.
 #[must_use]
 pub fn cluster_labels(
     me: &Me,
@@ -391,8 +392,8 @@ pub fn cluster_labels(
     } else {
         remotes
             .get(cluster)
-            .and_then(|rc| rc.config.as_ref())
-            .map(|c| c.labels.clone())
+            .and_then(RemoteCluster::labels)
+            .cloned()
             .unwrap_or_default()
     }
 }

@@ -74,6 +74,13 @@ struct Args {
     /// etcd `--grpc-keepalive-min-time` (5s by default), or etcd drops the connection.
     #[arg(long, default_value = "6s", value_parser = mesh_model::duration::parse_duration)]
     remote_keepalive_interval: Duration,
+    /// Most keys one peer cluster may make this agent hold (everything under its key prefix): beyond it the peer
+    /// is refused (its data dropped, the status says why) and listed again 30s later; other peers are unaffected.
+    #[arg(long, default_value_t = mesh_kvstore::etcd::Limits::DEFAULT.max_keys)]
+    remote_max_keys: u64,
+    /// Most bytes (keys and values) one peer cluster may make this agent hold; as --remote-max-keys.
+    #[arg(long, default_value_t = mesh_kvstore::etcd::Limits::DEFAULT.max_bytes)]
+    remote_max_bytes: u64,
     /// Key prefix in etcd.
     #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
     kvstore_prefix: String,
@@ -163,6 +170,12 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     remote::set_keepalive_interval(args.remote_keepalive_interval);
+    // A peer file that is briefly missing or unreadable does not cut the peer before its backends would go.
+    remotes.set_peer_file_grace(args.remote_grace_period);
+    remotes.set_limits(mesh_kvstore::etcd::Limits {
+        max_keys: args.remote_max_keys,
+        max_bytes: args.remote_max_bytes,
+    });
     if let Some(dir) = args.clustermesh_config.clone() {
         let keys = mesh_kvstore::Keys::new(&args.kvstore_prefix);
         tokio::spawn(remote::manage(dir, me.clone(), keys, remotes.clone()));
@@ -246,6 +259,7 @@ async fn main() -> anyhow::Result<()> {
             // When an unreachable remote cluster's grace period ends, its backends must go at once: the next pass
             // is due then at the latest.
             let mut withdraw_in: Option<Duration> = None;
+            let mut claimed_generation = 0;
             loop {
                 let mut tick = if reconciler.rollouts.active() {
                     mesh_agent::rollout::FAST_TICK
@@ -261,6 +275,17 @@ async fn main() -> anyhow::Result<()> {
                 let snap = snapshots.borrow().clone();
                 if snap.generation == 0 {
                     continue;
+                }
+                if snap.generation != claimed_generation {
+                    // Peers' node records may not claim this cluster's pod CIDRs.
+                    claimed_generation = snap.generation;
+                    let cidrs = snap
+                        .state
+                        .nodes
+                        .values()
+                        .map(|n| (n.name.clone(), n.pod_cidr))
+                        .collect();
+                    reconciler_remotes.set_local_pod_cidrs(&reconciler.me.cluster, cidrs);
                 }
                 let queued =
                     std::mem::take(&mut *reconciler_commands.lock().unwrap_or_else(PoisonError::into_inner));
@@ -280,6 +305,7 @@ async fn main() -> anyhow::Result<()> {
                     .min()
                     .map(|end| Duration::from_millis(end - now + 1));
                 let own = reconciler_remotes.own();
+                reconciler.peers_configured = reconciler_remotes.configured();
                 let dp_status = reconciler.reconcile(&snap.state, own.as_ref(), &remote_view);
                 let progress = reconciler.rollouts.progress(&snap.state, remote::now_ms());
                 progress_tx.send_if_modified(|p| {

@@ -110,10 +110,8 @@ impl PolicyReconciler {
             .insert(me.cluster.clone(), me.labels.clone());
         let mut by_labels: BTreeMap<&BTreeMap<String, String>, u32> = BTreeMap::new();
         for rc in clusters(me, own, remotes) {
-            if let Some(cfg) = &rc.config {
-                universe
-                    .cluster_labels
-                    .insert(rc.name.clone(), cfg.labels.clone());
+            if let Some(labels) = rc.labels() {
+                universe.cluster_labels.insert(rc.name.clone(), labels.clone());
             }
             for (id, rec) in &rc.identities {
                 universe.identities.insert(*id, rec.labels.clone());

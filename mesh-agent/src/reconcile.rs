@@ -108,6 +108,64 @@ fn attach_stats(views: &mut [ServiceView], stats: &BTreeMap<u32, BackendStats>, 
     }
 }
 
+/// Peer entries an earlier agent left in the pinned maps: kept until their cluster has synced in this process, so
+/// that a restart during a peer's outage does not cut the traffic that flowed to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeldPeers {
+    /// ipcache entries of other clusters (pod prefixes and pods), by prefix.
+    pub ipcache: BTreeMap<Ipv4Net, IpcacheEntry>,
+    /// `TUNNEL_PEERS` of other clusters: underlay address → cluster id.
+    pub tunnel_peers: BTreeMap<Ipv4Addr, u16>,
+}
+
+impl HeldPeers {
+    /// The other clusters' entries of the pinned maps of `dp` (this cluster's own come from its source).
+    fn adopt(dp: &Datapath, my_id: u16) -> Self {
+        let foreign = |id: u16| id != 0 && id != my_id;
+        let ipcache = dp
+            .ipcache()
+            .map(|v| {
+                v.into_iter()
+                    .filter(|(_, e)| {
+                        foreign(e.cluster_id) && e.flags & mesh_common::ipcache_flags::LOCAL_NODE == 0
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut tunnel_peers = dp.tunnel_peers().unwrap_or_default();
+        tunnel_peers.retain(|_, id| foreign(*id));
+        Self {
+            ipcache,
+            tunnel_peers,
+        }
+    }
+
+    /// Lets go of the entries of every cluster id that is settled (see [`settled`]).
+    fn release(&mut self, remotes: &BTreeMap<String, RemoteCluster>, configured: bool) {
+        self.ipcache
+            .retain(|_, e| !settled(e.cluster_id, remotes, configured));
+        self.tunnel_peers
+            .retain(|_, id| !settled(*id, remotes, configured));
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.ipcache.is_empty() && self.tunnel_peers.is_empty()
+    }
+}
+
+/// Whether the entries of cluster id `id` that an earlier agent programmed may go: a peer with that id has synced
+/// in this process (its records are the truth now) or was refused, or the peers are configured, every one's id is
+/// known and none has it (a peer removed meanwhile). Until then they stay, whatever this process has (not) heard.
+#[must_use]
+pub fn settled(id: u16, remotes: &BTreeMap<String, RemoteCluster>, configured: bool) -> bool {
+    if let Some(rc) = remotes.values().find(|rc| rc.cluster_id == Some(id)) {
+        // Heard from and refused, or synced: either way this process decided what of it is used.
+        return !rc.usable || rc.syncs > 0;
+    }
+    configured && remotes.values().all(|rc| rc.cluster_id.is_some())
+}
+
 pub struct Reconciler {
     pub dp: Datapath,
     pub me: Me,
@@ -140,6 +198,10 @@ pub struct Reconciler {
     /// The refused endpoints of the last pass (pod → reason) and how many refusals were counted in all.
     refused: BTreeMap<String, String>,
     endpoint_refusals: u64,
+    /// Peer entries adopted from the pinned maps, held until their cluster is settled.
+    pub held: HeldPeers,
+    /// Whether the set of peers is known (the clustermesh config was read): until then adopted entries stay.
+    pub peers_configured: bool,
 }
 
 /// Why an endpoint is not wired.
@@ -168,7 +230,17 @@ impl Reconciler {
                 LbMaps::default()
             }
         };
+        let held = HeldPeers::adopt(&dp, me.cluster_id);
+        if !held.is_empty() {
+            info!(
+                ipcache = held.ipcache.len(),
+                tunnel_peers = held.tunnel_peers.len(),
+                "adopted peer entries; kept until each peer has synced"
+            );
+        }
         Self {
+            held,
+            peers_configured: false,
             dp,
             me,
             vxlan_ifname,
@@ -524,8 +596,14 @@ impl Reconciler {
     ) {
         let mut desired = desired::ipcache(&self.me, local, remotes);
         st.conflicts = std::mem::take(&mut desired.conflicts);
-        let pods = desired::remote_pod_entries(&self.me, local, own, remotes);
+        let mut pods = desired::remote_pod_entries(&self.me, local, own, remotes);
         st.conflicts.extend(pods.conflicts);
+        if !self.held.is_empty() {
+            self.held.release(remotes, self.peers_configured);
+            for (addr, id) in &self.held.tunnel_peers {
+                pods.tunnel_peers.entry(*addr).or_insert(*id);
+            }
+        }
         if let Err(e) = self.dp.set_tunnel_peers(&pods.tunnel_peers) {
             st.errors.push(format!("programming tunnel peers: {e:#}"));
         }
@@ -542,6 +620,9 @@ impl Reconciler {
         }
         for (ip, e) in pods.entries {
             desired.entries.insert(Ipv4Net::from(ip), e);
+        }
+        for (prefix, e) in &self.held.ipcache {
+            desired.entries.entry(*prefix).or_insert(*e);
         }
         let current: BTreeMap<Ipv4Net, IpcacheEntry> = match self.dp.ipcache() {
             Ok(v) => v.into_iter().collect(),
@@ -583,5 +664,44 @@ impl Reconciler {
                 local_node: e.flags & mesh_common::ipcache_flags::LOCAL_NODE != 0,
             })
             .collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: Option<u16>, usable: bool, syncs: u64) -> RemoteCluster {
+        let mut rc = RemoteCluster::new("p");
+        rc.cluster_id = id;
+        rc.usable = usable;
+        rc.syncs = syncs;
+        rc
+    }
+
+    #[test]
+    fn adopted_entries_of_a_cluster_go_once_it_is_settled() {
+        let with = |peers: Vec<(&str, RemoteCluster)>| -> BTreeMap<String, RemoteCluster> {
+            peers.into_iter().map(|(n, p)| (n.to_owned(), p)).collect()
+        };
+        // Nothing known yet: held.
+        assert!(!settled(2, &BTreeMap::new(), false));
+        assert!(!settled(2, &with(vec![("west", peer(None, true, 0))]), true));
+        assert!(!settled(2, &with(vec![("west", peer(Some(2), true, 0))]), true));
+        // Synced or refused in this process: its records decide.
+        assert!(settled(2, &with(vec![("west", peer(Some(2), true, 1))]), true));
+        assert!(settled(2, &with(vec![("west", peer(Some(2), false, 0))]), true));
+        // Every peer's id is known and none has it: a peer that was removed.
+        assert!(settled(2, &with(vec![("north", peer(Some(3), true, 0))]), true));
+        assert!(settled(2, &BTreeMap::new(), true));
+        // One peer's id is not known yet: it may be the one.
+        assert!(!settled(
+            2,
+            &with(vec![
+                ("north", peer(Some(3), true, 1)),
+                ("west", peer(None, true, 0))
+            ]),
+            true
+        ));
     }
 }

@@ -12,14 +12,18 @@
 //! kept for this cluster only (the source shows the agent the pods of its node; the records give the capacity of
 //! the other nodes' backends); a peer cluster's backends come with their weights in its service records.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
-use mesh_kvstore::{ClusterConfig, IdentityRecord, IpRecord, KeyKind, Keys, NodeRecord, ServiceRecord};
+use ipnet::Ipv4Net;
+use mesh_kvstore::grant::Grant;
+use mesh_kvstore::{
+    ClusterConfig, DecodeError, IdentityRecord, IpRecord, KeyKind, Keys, NodeRecord, ServiceRecord,
+};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, instrument, warn};
@@ -63,6 +67,8 @@ pub struct RemoteCluster {
     pub name: String,
     pub state: SyncState,
     pub config: Option<ClusterConfig>,
+    /// The cluster id its records must carry: pinned in its peer file, else as its config publishes it.
+    pub cluster_id: Option<u16>,
     /// Records are shared (`Arc`): publishing a session's view and taking snapshots copy pointers, not records.
     pub nodes: BTreeMap<String, Arc<NodeRecord>>,
     /// Global services the cluster shares, by `namespace/name`.
@@ -76,10 +82,25 @@ pub struct RemoteCluster {
     /// Capacities other than 1 of the cluster's pods, by address (this cluster only; empty for a peer).
     #[serde(skip)]
     pub capacities: BTreeMap<Ipv4Addr, u32>,
-    /// Whether its data may be used (false after an identity conflict).
+    /// Whether its data may be used (false without its cluster config, or after an id conflict).
     pub usable: bool,
     /// Values skipped, by reason.
     pub decode_errors: BTreeMap<String, u64>,
+    /// The last records refused (newest last, at most [`RECENT_REFUSALS`]): key and reason.
+    pub recent_refusals: VecDeque<String>,
+    /// Where what the cluster publishes differs from what its peer file pins (the pins win).
+    pub grant_mismatches: Vec<String>,
+    /// Cluster labels pinned in the peer file (`cluster-labels`): selectors match the cluster by these instead of
+    /// the labels it publishes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned_labels: Option<BTreeMap<String, String>>,
+    /// Pod address and service records held back because no accepted node CIDR of the cluster covers their
+    /// addresses (yet): not used until one does.
+    pub pending_records: usize,
+    /// Why the cluster's peer file is missing or unreadable: its watcher and data are kept meanwhile, for the
+    /// peer file grace period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_file_error: Option<String>,
     /// Set when the connection broke (or never came up); cleared when the cluster is synced again. After the
     /// grace period its backends are withdrawn from global services.
     pub unreachable_since_ms: Option<u64>,
@@ -88,6 +109,9 @@ pub struct RemoteCluster {
     /// Number of (re)connections that reached the synced state.
     pub syncs: u64,
 }
+
+/// How many refused records a remote cluster's status keeps (their total is counted by reason).
+pub const RECENT_REFUSALS: usize = 16;
 
 /// One remote cluster in numbers (see [`Remotes::briefs`]).
 #[derive(Debug, Clone, Serialize)]
@@ -139,6 +163,7 @@ impl RemoteCluster {
             name: name.to_owned(),
             state: SyncState::Connecting { since_ms: now_ms() },
             config: None,
+            cluster_id: None,
             nodes: BTreeMap::new(),
             services: BTreeMap::new(),
             identities: BTreeMap::new(),
@@ -148,8 +173,21 @@ impl RemoteCluster {
             last_alive_ms: None,
             usable: true,
             decode_errors: BTreeMap::new(),
+            recent_refusals: VecDeque::new(),
+            grant_mismatches: Vec::new(),
+            pinned_labels: None,
+            pending_records: 0,
+            peer_file_error: None,
             syncs: 0,
         }
+    }
+
+    /// The labels selectors may match the cluster by: pinned in its peer file, else as its config publishes them.
+    #[must_use]
+    pub fn labels(&self) -> Option<&BTreeMap<String, String>> {
+        self.pinned_labels
+            .as_ref()
+            .or_else(|| self.config.as_ref().map(|c| &c.labels))
     }
 
     /// Refuses the cluster's data: none of it is used (every record dropped, `usable` false) and the state says why.
@@ -184,6 +222,75 @@ fn tls_options(cfg: &RemoteConfig) -> anyhow::Result<Option<etcd_client::TlsOpti
     Ok(Some(tls))
 }
 
+/// Pod CIDR claims of every cluster: this cluster's nodes (from its source) and every peer's accepted node records.
+/// A prefix that overlaps another cluster's claim (equal, inside or around it) is refused: the first claimant keeps
+/// it. Claims of a cluster whose data is not used (refused) do not count.
+#[derive(Debug, Default)]
+struct Claims {
+    /// Prefix → cluster → nodes naming it.
+    by_prefix: BTreeMap<Ipv4Net, BTreeMap<String, BTreeSet<String>>>,
+    inactive: BTreeSet<String>,
+    /// This cluster's claims as last set (to replace them only when they change).
+    local: Vec<(String, Ipv4Net)>,
+}
+
+impl Claims {
+    /// A claim of another (active) cluster that overlaps `prefix`: (its prefix, its cluster).
+    fn conflict(&self, cluster: &str, prefix: Ipv4Net) -> Option<(Ipv4Net, String)> {
+        let other = |m: &BTreeMap<String, BTreeSet<String>>| {
+            m.keys()
+                .find(|c| c.as_str() != cluster && !self.inactive.contains(c.as_str()))
+                .cloned()
+        };
+        // Prefixes around it (and itself): at most 33 lookups.
+        for len in 0..=prefix.prefix_len() {
+            let Ok(around) = Ipv4Net::new(prefix.network(), len).map(|n| n.trunc()) else {
+                continue;
+            };
+            if let Some(c) = self.by_prefix.get(&around).and_then(other) {
+                return Some((around, c));
+            }
+        }
+        // Prefixes inside it: they sort from (network, len) to (broadcast, 32).
+        let hi = Ipv4Net::new(prefix.broadcast(), 32).ok()?;
+        self.by_prefix
+            .range(prefix..=hi)
+            .filter(|(p, _)| prefix.contains(*p))
+            .find_map(|(p, m)| other(m).map(|c| (*p, c)))
+    }
+
+    fn add(&mut self, cluster: &str, node: &str, prefix: Ipv4Net) {
+        self.by_prefix
+            .entry(prefix)
+            .or_default()
+            .entry(cluster.to_owned())
+            .or_default()
+            .insert(node.to_owned());
+    }
+
+    fn remove(&mut self, cluster: &str, node: &str, prefix: Ipv4Net) {
+        if let Some(m) = self.by_prefix.get_mut(&prefix) {
+            if let Some(nodes) = m.get_mut(cluster) {
+                nodes.remove(node);
+                if nodes.is_empty() {
+                    m.remove(cluster);
+                }
+            }
+            if m.is_empty() {
+                self.by_prefix.remove(&prefix);
+            }
+        }
+    }
+
+    fn remove_cluster(&mut self, cluster: &str) {
+        self.by_prefix.retain(|_, m| {
+            m.remove(cluster);
+            !m.is_empty()
+        });
+        self.inactive.remove(cluster);
+    }
+}
+
 /// Shared view of all remote clusters, plus a wake-up for the reconciler.
 #[derive(Clone)]
 pub struct Remotes {
@@ -193,6 +300,12 @@ pub struct Remotes {
     own: Arc<Mutex<BTreeMap<String, RemoteCluster>>>,
     /// Set once the clustermesh config has been read: until then "no remote clusters" means "not known yet".
     configured: Arc<std::sync::atomic::AtomicBool>,
+    /// Pod CIDR claims of this cluster and the peers (lock order: after `inner`/`own`, never before).
+    claims: Arc<Mutex<Claims>>,
+    /// How much of one peer's records a watcher holds at most.
+    limits: Arc<Mutex<mesh_kvstore::etcd::Limits>>,
+    /// How long a peer whose file is missing or unreadable keeps its watcher and data.
+    peer_file_grace: Arc<Mutex<Duration>>,
     wake: std::sync::mpsc::Sender<()>,
 }
 
@@ -203,7 +316,93 @@ impl Remotes {
             inner: Arc::default(),
             own: Arc::default(),
             configured: Arc::default(),
+            claims: Arc::default(),
+            limits: Arc::default(),
+            peer_file_grace: Arc::new(Mutex::new(DEFAULT_PEER_FILE_GRACE)),
             wake,
+        }
+    }
+
+    /// Sets how much of one peer's records a watcher holds at most (from the next session of each watcher): a peer
+    /// beyond them is refused, its data dropped, and listed again later.
+    pub fn set_limits(&self, limits: mesh_kvstore::etcd::Limits) {
+        *self.limits.lock().unwrap_or_else(PoisonError::into_inner) = limits;
+    }
+
+    /// Sets how long a peer whose file disappears or fails to parse keeps its watcher and data (a file being
+    /// rewritten, a config volume being remounted): after it the peer is removed.
+    pub fn set_peer_file_grace(&self, grace: Duration) {
+        *self
+            .peer_file_grace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = grace;
+    }
+
+    fn peer_file_grace(&self) -> Duration {
+        *self
+            .peer_file_grace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn limits(&self) -> mesh_kvstore::etcd::Limits {
+        *self.limits.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.claims.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets this cluster's pod CIDR claims (its nodes' pod CIDRs, from its source): peers' node records that
+    /// overlap them are refused.
+    pub fn set_local_pod_cidrs(&self, cluster: &str, nodes: Vec<(String, Ipv4Net)>) {
+        let mut c = self.claims();
+        if c.local == nodes {
+            return;
+        }
+        for (node, prefix) in std::mem::take(&mut c.local) {
+            c.remove(cluster, &node, prefix);
+        }
+        for (node, prefix) in &nodes {
+            c.add(cluster, node, *prefix);
+        }
+        c.local = nodes;
+    }
+
+    /// Claims `prefixes` for `cluster`'s node `node`, unless one overlaps another cluster's claim: then nothing is
+    /// claimed and the error says which.
+    fn claim(&self, key: &str, cluster: &str, node: &str, prefixes: &[Ipv4Net]) -> Result<(), DecodeError> {
+        let mut c = self.claims();
+        for p in prefixes {
+            if let Some((other, owner)) = c.conflict(cluster, *p) {
+                return Err(DecodeError::OverlappingPodCidr {
+                    key: key.to_owned(),
+                    cidr: p.to_string(),
+                    other: other.to_string(),
+                    owner,
+                });
+            }
+        }
+        for p in prefixes {
+            c.add(cluster, node, *p);
+        }
+        Ok(())
+    }
+
+    fn release(&self, cluster: &str, node: &str, prefixes: &[Ipv4Net]) {
+        let mut c = self.claims();
+        for p in prefixes {
+            c.remove(cluster, node, *p);
+        }
+    }
+
+    /// Whether `cluster`'s claims count (false while its data is refused).
+    fn activate_claims(&self, cluster: &str, active: bool) {
+        let mut c = self.claims();
+        if active {
+            c.inactive.remove(cluster);
+        } else {
+            c.inactive.insert(cluster.to_owned());
         }
     }
 
@@ -307,13 +506,22 @@ impl Remotes {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name);
+        if slot == Slot::Remote {
+            self.claims().remove_cluster(name);
+        }
         let _ = self.wake.send(());
     }
 }
 
-/// Starts and stops watchers as the clustermesh config directory changes.
+/// How long a peer whose file is missing or unreadable keeps its watcher and data, by default.
+pub const DEFAULT_PEER_FILE_GRACE: Duration = Duration::from_secs(30);
+
+/// Starts and stops watchers as the clustermesh config directory changes. A peer whose file disappears or fails to
+/// parse keeps its watcher (with the last good config) and its data for the peer file grace period; a peer whose
+/// file changes is watched anew at once.
 pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: Remotes) {
     let mut running: BTreeMap<String, (RemoteConfig, JoinHandle<()>)> = BTreeMap::new();
+    let mut missing: BTreeMap<String, std::time::Instant> = BTreeMap::new();
     let mut last_errors = Vec::new();
     loop {
         let (configs, errors) = read_config_dir(&dir, &me.cluster);
@@ -321,11 +529,40 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
             for e in &errors {
                 warn!(error = %e, "clustermesh config");
             }
-            last_errors = errors;
+            last_errors.clone_from(&errors);
         }
+        let grace = remotes.peer_file_grace();
+        for name in running.keys().filter(|n| !configs.contains_key(*n)) {
+            let since = *missing
+                .entry(name.clone())
+                .or_insert_with(std::time::Instant::now);
+            let file = dir.join(name);
+            let why = errors
+                .iter()
+                .find(|e| {
+                    e.starts_with(&format!("{}:", file.display()))
+                        || e.starts_with("clustermesh config directory")
+                })
+                .cloned()
+                .unwrap_or_else(|| format!("{}: the peer file is gone", file.display()));
+            let left = grace.saturating_sub(since.elapsed());
+            remotes.note(Slot::Remote, name, |rc| {
+                rc.peer_file_error = Some(format!("{why}; its data is kept for {}s more", left.as_secs()));
+            });
+        }
+        missing.retain(|n, _| {
+            let back = configs.contains_key(n);
+            if back {
+                remotes.note(Slot::Remote, n, |rc| rc.peer_file_error = None);
+            }
+            !back && running.contains_key(n)
+        });
         let stale: Vec<String> = running
             .iter()
-            .filter(|(n, (c, _))| configs.get(*n) != Some(c))
+            .filter(|(n, (c, _))| match configs.get(*n) {
+                Some(new) => new != c,
+                None => missing.get(*n).is_none_or(|since| since.elapsed() >= grace),
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in stale {
@@ -333,6 +570,7 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
                 info!(cluster = %name, "remote cluster removed or changed; stopping its watcher");
                 h.abort();
                 remotes.remove(Slot::Remote, &name);
+                missing.remove(&name);
             }
         }
         for (name, cfg) in configs {
@@ -340,7 +578,8 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
                 continue;
             }
             info!(cluster = %name, endpoints = ?cfg.endpoints, "watching remote cluster");
-            remotes.update(&name, |_| {});
+            // A pinned id is known before the cluster answers.
+            remotes.update(&name, |rc| rc.cluster_id = rc.cluster_id.or(cfg.cluster_id));
             let w = Watcher {
                 name: name.clone(),
                 cfg: cfg.clone(),
@@ -436,15 +675,118 @@ struct Session {
     ips: BTreeMap<Ipv4Addr, Arc<IpRecord>>,
     capacities: BTreeMap<Ipv4Addr, u32>,
     config: Option<ClusterConfig>,
+    /// What the cluster may claim: its name, its id (pinned, else its config's) and pinned pod CIDRs. `None` (a
+    /// peer whose config is not known): none of its records is read.
+    grant: Option<Grant>,
+    /// Whether addresses must lie inside the accepted node CIDRs (`cidrs`): a peer without pinned pod CIDRs.
+    check_cidrs: bool,
+    /// Pod CIDRs of the accepted node records, with how many nodes name each.
+    cidrs: BTreeMap<Ipv4Net, usize>,
+    /// Records whose addresses no accepted node CIDR covers (yet): held, not used, until a node record does.
+    pending_ips: BTreeMap<Ipv4Addr, Arc<IpRecord>>,
+    pending_services: BTreeMap<String, Arc<ServiceRecord>>,
+    /// The list is done: what follows are watch events.
+    listed: bool,
+    /// Complete once (synced): claims of nodes gone meanwhile were released.
+    settled: bool,
+    /// Why the session must list the cluster again (its grant changed, so what was accepted may change).
+    relist: Option<String>,
     synced: bool,
     services_synced: bool,
     identities_synced: bool,
     ips_synced: bool,
     /// Clusters other than the expected one whose cluster config this etcd holds.
     other_clusters: std::collections::BTreeSet<String>,
-    /// Read through a KVStoreMesh cache: the cache's connection to the cluster (`None` when not a cache).
+    /// Read through a KVStoreMesh cache: the cache's connection to the cluster (`None` when not a cache, or when
+    /// the cache's status is gone).
     upstream: Option<mesh_kvstore::KvstoremeshStatus>,
+    /// The peer file's prefix is a KVStoreMesh cache's (`<prefix>/kvstoremesh/<cluster>`): its status must be there.
+    via_cache: bool,
+    /// When the cache last heard from the cluster, as its last status said.
+    upstream_alive_ms: Option<u64>,
 }
+
+impl Session {
+    /// Whether `ip` lies inside the pod CIDRs accepted for the cluster (pinned ones were checked when decoding).
+    fn covered(&self, ip: Ipv4Addr) -> bool {
+        !self.check_cidrs
+            || (0..=32u8).any(|len| Ipv4Net::new(ip, len).is_ok_and(|n| self.cidrs.contains_key(&n.trunc())))
+    }
+
+    fn add_cidrs(&mut self, cidrs: &[Ipv4Net]) {
+        for c in cidrs {
+            *self.cidrs.entry(*c).or_default() += 1;
+        }
+        if !self.check_cidrs {
+            return;
+        }
+        // Held records that are covered now are used.
+        for c in cidrs {
+            let now: Vec<Ipv4Addr> = self
+                .pending_ips
+                .range(c.network()..=c.broadcast())
+                .map(|(a, _)| *a)
+                .collect();
+            for a in now {
+                if let Some(r) = self.pending_ips.remove(&a) {
+                    self.ips.insert(a, r);
+                }
+            }
+        }
+        let ready: Vec<String> = self
+            .pending_services
+            .iter()
+            .filter(|(_, r)| r.backends.iter().all(|b| self.covered(b.ipv4)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in ready {
+            if let Some(r) = self.pending_services.remove(&k) {
+                self.services.insert(k, r);
+            }
+        }
+    }
+
+    fn remove_cidrs(&mut self, cidrs: &[Ipv4Net]) {
+        for c in cidrs {
+            if let Some(n) = self.cidrs.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    self.cidrs.remove(c);
+                }
+            }
+        }
+        if !self.check_cidrs {
+            return;
+        }
+        // Addresses no accepted CIDR covers any more are held again.
+        for c in cidrs {
+            let gone: Vec<Ipv4Addr> = self
+                .ips
+                .range(c.network()..=c.broadcast())
+                .map(|(a, _)| *a)
+                .filter(|a| !self.covered(*a))
+                .collect();
+            for a in gone {
+                if let Some(r) = self.ips.remove(&a) {
+                    self.pending_ips.insert(a, r);
+                }
+            }
+        }
+    }
+}
+
+/// What a watcher does after a session.
+enum Ended {
+    /// The connection broke or the watch ended.
+    Lost(String),
+    /// The cluster's grant changed: list it again at once (the data is kept meanwhile).
+    Relist(String),
+    /// The cluster holds more than the limits: refused (its data dropped), listed again after [`OVER_LIMIT_RETRY`].
+    OverLimit(String),
+}
+
+/// How long a watcher waits before listing a cluster that was beyond the limits again.
+pub const OVER_LIMIT_RETRY: Duration = Duration::from_secs(30);
 
 impl Watcher {
     async fn run(self) {
@@ -452,7 +794,18 @@ impl Watcher {
         loop {
             let started = std::time::Instant::now();
             let reason = match self.session().await {
-                Ok(()) => "watch stream ended".to_owned(),
+                Ok(Ended::Relist(why)) => {
+                    info!(cluster = %self.name, reason = %why, "listing the remote cluster again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+                Ok(Ended::OverLimit(why)) => {
+                    warn!(cluster = %self.name, reason = %why, retry_in = ?OVER_LIMIT_RETRY, "remote cluster refused");
+                    tokio::time::sleep(OVER_LIMIT_RETRY).await;
+                    continue;
+                }
+                Ok(Ended::Lost(why)) => why,
                 Err(e) => format!("{e:#}"),
             };
             warn!(cluster = %self.name, reason = %reason, "remote cluster disconnected");
@@ -475,12 +828,67 @@ impl Watcher {
         }
     }
 
-    fn publish(&self, s: &Session) {
+    /// The grant of a cluster whose config is `config`: a peer's pins win over what it publishes; this cluster's
+    /// own etcd is held to this cluster's name and id.
+    fn grant_for(&self, config: Option<&ClusterConfig>) -> Option<Grant> {
+        match self.slot {
+            Slot::Own => Some(Grant {
+                cluster: self.me.cluster.clone(),
+                cluster_id: self.me.cluster_id,
+                pod_cidrs: None,
+            }),
+            Slot::Remote => config.map(|c| Grant {
+                cluster: self.name.clone(),
+                cluster_id: self.cfg.cluster_id.unwrap_or(c.id),
+                pod_cidrs: self.cfg.pod_cidrs.clone(),
+            }),
+        }
+    }
+
+    fn new_session(&self) -> Session {
+        let cache_suffix = format!("/kvstoremesh/{}", self.name);
+        Session {
+            via_cache: self
+                .cfg
+                .prefix
+                .as_deref()
+                .is_some_and(|p| p.trim_end_matches('/').ends_with(&cache_suffix)),
+            grant: self.grant_for(None),
+            check_cidrs: self.slot == Slot::Remote && self.cfg.pod_cidrs.is_none(),
+            ..Session::default()
+        }
+    }
+
+    /// Where the cluster's config differs from its peer file's pins.
+    fn mismatches(&self, config: &ClusterConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(id) = self.cfg.cluster_id.filter(|id| *id != config.id) {
+            out.push(format!(
+                "publishes cluster id {}, the peer file pins {id}: only records with id {id} are accepted",
+                config.id
+            ));
+        }
+        if let Some(l) = self.cfg.cluster_labels.as_ref().filter(|l| **l != config.labels) {
+            out.push(format!(
+                "publishes cluster labels {:?}, the peer file pins {l:?}: selectors match the pinned ones",
+                config.labels
+            ));
+        }
+        out
+    }
+
+    fn publish(&self, s: &mut Session) {
         let my_id = self.me.cluster_id;
         let name = self.name.clone();
         let own = self.slot == Slot::Own;
+        let mut usable = false;
         self.remotes.update_with_others(self.slot, &self.name, |rc, others| {
             rc.config.clone_from(&s.config);
+            rc.pending_records = s.pending_ips.len() + s.pending_services.len();
+            if !own {
+                rc.pinned_labels.clone_from(&self.cfg.cluster_labels);
+                rc.grant_mismatches = s.config.as_ref().map(|c| self.mismatches(c)).unwrap_or_default();
+            }
             // The file name says which cluster this is; an etcd that holds only other clusters' configs is not it.
             // Nothing of its data is kept.
             if s.config.is_none() && !s.other_clusters.is_empty() {
@@ -496,19 +904,34 @@ impl Watcher {
                 ));
                 return;
             }
+            // A peer says who it is in its cluster config: without it nothing it publishes can be checked.
+            rc.cluster_id = s.grant.as_ref().map(|g| g.cluster_id);
+            let Some(grant) = s.grant.as_ref() else {
+                if rc.usable {
+                    warn!(cluster = %name, "remote etcd has no cluster config for the cluster; ignoring its data");
+                }
+                rc.refuse(format!(
+                    "no valid cluster config at {}: a peer must publish its name and id there; none of its data is \
+                     used",
+                    self.keys.cluster_config(&name)
+                ));
+                return;
+            };
             // A cluster id belongs to one cluster: a second remote cluster with an id in use is refused, and the
             // one that has it keeps its state.
-            if let Some(c) = &s.config
+            if !own
                 && let Some((other, _)) = others.iter().find(|(n, o)| {
-                    **n != name && o.usable && o.config.as_ref().is_some_and(|oc| oc.id == c.id)
+                    **n != name
+                        && o.usable
+                        && o.cluster_id == Some(grant.cluster_id)
                 })
             {
                 if rc.usable {
-                    warn!(cluster = %name, id = c.id, other = %other, "remote cluster uses another remote cluster's id; ignoring its data");
+                    warn!(cluster = %name, id = grant.cluster_id, other = %other, "remote cluster uses another remote cluster's id; ignoring its data");
                 }
                 rc.refuse(format!(
                     "cluster id {} is already used by remote cluster {other:?}; none of this cluster's data is used",
-                    c.id
+                    grant.cluster_id
                 ));
                 return;
             }
@@ -526,38 +949,56 @@ impl Watcher {
                 ));
                 return;
             }
-            if !own
-                && let Some(c) = &s.config
-                && c.id == my_id
-            {
+            if !own && grant.cluster_id == my_id {
                 if rc.usable {
-                    warn!(cluster = %name, id = c.id, "remote cluster uses this cluster's id; ignoring its data");
+                    warn!(cluster = %name, id = grant.cluster_id, "remote cluster uses this cluster's id; ignoring its data");
                 }
-                rc.usable = false;
-                rc.state = SyncState::Disconnected {
-                    since_ms: now_ms(),
-                    reason: format!("cluster id {} is also this cluster's id", c.id),
-                };
+                rc.refuse(format!(
+                    "cluster id {} is also this cluster's id; none of its data is used",
+                    grant.cluster_id
+                ));
                 return;
             }
             rc.usable = true;
+            usable = true;
             // Through a KVStoreMesh cache whose own connection to the cluster is down: the cached data stays (as
             // with a direct connection that broke), and the cluster counts as unreachable since the cache last
             // heard from it.
-            if let Some(up) = s.upstream.as_ref().filter(|u| !u.connected) {
+            // A cache whose status is gone (its lease expired: the mirror stopped or hangs) is silent: the same.
+            let lost = match &s.upstream {
+                Some(up) if !up.connected => Some((
+                    format!("the KVStoreMesh cache lost the cluster: {}", up.reason),
+                    up.last_alive_ms,
+                )),
+                None if s.via_cache => Some((
+                    "the KVStoreMesh cache is silent: its status key is missing (the mirror is not running, or its \
+                     lease expired)"
+                        .to_owned(),
+                    s.upstream_alive_ms.unwrap_or_else(now_ms),
+                )),
+                _ => None,
+            };
+            if let Some((reason, last_alive_ms)) = lost {
                 if !matches!(rc.state, SyncState::Disconnected { .. }) {
                     rc.state = SyncState::Disconnected {
                         since_ms: now_ms(),
-                        reason: format!("the KVStoreMesh cache lost the cluster: {}", up.reason),
+                        reason,
                     };
                 }
                 rc.unreachable_since_ms
-                    .get_or_insert(up.last_alive_ms.min(now_ms()));
+                    .get_or_insert(last_alive_ms.min(now_ms()));
                 return;
             }
             // This cluster's own etcd is complete once its identities are (its nodes come from the source).
             let complete = if own { s.identities_synced } else { s.synced };
             if complete {
+                if !s.settled {
+                    // The nodes that went while the cluster was not listened to free their pod CIDRs.
+                    s.settled = true;
+                    for (node, old) in rc.nodes.iter().filter(|(n, _)| !s.nodes.contains_key(*n)) {
+                        self.remotes.release(&name, node, &old.pod_cidrs);
+                    }
+                }
                 rc.nodes.clone_from(&s.nodes);
                 if !matches!(rc.state, SyncState::Synced { .. }) {
                     rc.state = SyncState::Synced { since_ms: now_ms() };
@@ -577,21 +1018,20 @@ impl Watcher {
                     rc.services.insert(k.clone(), v.clone());
                 }
             }
-            // Identities are the cluster's only when their cluster part is its id: another cluster's id space is not
-            // its to use (before its config is known, nothing is left out).
-            let mine =
-                |identity: u32| s.config.as_ref().is_none_or(|c| mesh_common::identity::cluster(identity) == c.id);
+            // Every record was checked against the cluster's grant when it was decoded.
             if s.identities_synced {
-                rc.identities.clear();
-            }
-            for (k, v) in s.identities.iter().filter(|(k, _)| mine(**k)) {
-                rc.identities.insert(*k, v.clone());
+                rc.identities.clone_from(&s.identities);
+            } else {
+                for (k, v) in &s.identities {
+                    rc.identities.insert(*k, v.clone());
+                }
             }
             if s.ips_synced {
-                rc.ips.clear();
-            }
-            for (k, v) in s.ips.iter().filter(|(_, v)| mine(v.identity)) {
-                rc.ips.insert(*k, v.clone());
+                rc.ips.clone_from(&s.ips);
+            } else {
+                for (k, v) in &s.ips {
+                    rc.ips.insert(*k, v.clone());
+                }
             }
             // Capacities are part of the ips: the same marker makes the session's set the truth.
             if s.ips_synced {
@@ -599,6 +1039,22 @@ impl Watcher {
             } else {
                 rc.capacities.extend(&s.capacities);
             }
+        });
+        if !own {
+            self.remotes.activate_claims(&self.name, usable);
+        }
+    }
+
+    /// Skips a value: logged, counted by reason, and kept among the cluster's recent refusals.
+    fn refuse_record(&self, what: &str, e: &DecodeError) {
+        warn!(cluster = %self.name, error = %e, "skipping {what}");
+        let line = e.to_string();
+        self.remotes.update_in(self.slot, &self.name, |rc| {
+            *rc.decode_errors.entry(e.reason().to_owned()).or_default() += 1;
+            if rc.recent_refusals.len() == RECENT_REFUSALS {
+                rc.recent_refusals.pop_front();
+            }
+            rc.recent_refusals.push_back(line);
         });
     }
 
@@ -608,9 +1064,56 @@ impl Watcher {
         });
     }
 
+    /// Takes an accepted node record: its pod CIDRs are claimed (refused when they overlap another cluster's),
+    /// and held records they cover are used.
+    fn accept_node(&self, s: &mut Session, key: &str, node: &str, rec: NodeRecord) {
+        if self.slot == Slot::Remote
+            && let Err(e) = self.remotes.claim(key, &self.name, node, &rec.pod_cidrs)
+        {
+            self.refuse_record("node record", &e);
+            return;
+        }
+        let rec = Arc::new(rec);
+        if let Some(old) = s.nodes.insert(node.to_owned(), rec.clone()) {
+            let gone: Vec<Ipv4Net> = old
+                .pod_cidrs
+                .iter()
+                .filter(|c| !rec.pod_cidrs.contains(c))
+                .copied()
+                .collect();
+            self.remotes.release(&self.name, node, &gone);
+            s.add_cidrs(&rec.pod_cidrs);
+            s.remove_cidrs(&old.pod_cidrs);
+        } else {
+            s.add_cidrs(&rec.pod_cidrs);
+        }
+    }
+
     /// Applies one key/value (None = deleted) to the session.
     fn apply(&self, s: &mut Session, key: &str, value: Option<&[u8]>) {
-        match self.keys.classify(&self.name, key) {
+        let kind = self.keys.classify(&self.name, key);
+        if matches!(
+            kind,
+            KeyKind::ClusterConfig | KeyKind::Other | KeyKind::Synced(_) | KeyKind::Heartbeat
+        ) {
+            return self.apply_meta(s, kind, key, value);
+        }
+        // Without a grant (a peer whose config is not known) no record of the cluster is read.
+        let Some(grant) = s.grant.take() else { return };
+        self.apply_record(s, &grant, kind, key, value);
+        s.grant = Some(grant);
+    }
+
+    /// Applies one record of the cluster's state, decoded with its grant.
+    fn apply_record(
+        &self,
+        s: &mut Session,
+        grant: &Grant,
+        kind: KeyKind<'_>,
+        key: &str,
+        value: Option<&[u8]>,
+    ) {
+        match kind {
             // This cluster's nodes and services come from the agent's source, never from its etcd.
             KeyKind::Node(_) | KeyKind::Service(..) if self.slot == Slot::Own => {}
             // A peer's backends come with their weights in its service records.
@@ -623,10 +1126,7 @@ impl Watcher {
                     Ok(rec) => {
                         s.capacities.insert(ip, rec.capacity);
                     }
-                    Err(e) => {
-                        warn!(cluster = %self.name, error = %e, "skipping malformed capacity record");
-                        self.count_error(e.reason());
-                    }
+                    Err(e) => self.refuse_record("capacity record", &e),
                 },
             },
             KeyKind::Identity(number) => match value {
@@ -634,45 +1134,44 @@ impl Watcher {
                     s.identities
                         .retain(|id, _| mesh_common::identity::local(*id) != number);
                 }
-                Some(v) => match mesh_kvstore::decode_identity(key, &self.name, number, v) {
+                Some(v) => match grant.decode_identity(key, number, v) {
                     Ok(rec) => {
-                        // One record per number: a record under the same number with another cluster id goes.
+                        // One record per number (the id is the granted one: one identity per number).
                         s.identities
                             .retain(|id, _| mesh_common::identity::local(*id) != number);
                         s.identities.insert(rec.identity, Arc::new(rec));
                     }
-                    Err(e) => {
-                        warn!(cluster = %self.name, error = %e, "skipping malformed identity record");
-                        self.count_error(e.reason());
-                    }
+                    Err(e) => self.refuse_record("identity record", &e),
                 },
             },
             KeyKind::Ip(ip) => match value {
                 None => {
                     s.ips.remove(&ip);
+                    s.pending_ips.remove(&ip);
                 }
-                Some(v) => match mesh_kvstore::decode_ip(key, &self.name, ip, v) {
-                    Ok(rec) => {
+                Some(v) => match grant.decode_ip(key, ip, v) {
+                    Ok(rec) if s.covered(ip) => {
+                        s.pending_ips.remove(&ip);
                         s.ips.insert(ip, Arc::new(rec));
                     }
-                    Err(e) => {
-                        warn!(cluster = %self.name, error = %e, "skipping malformed ip record");
-                        self.count_error(e.reason());
+                    Ok(rec) => {
+                        // No accepted node CIDR covers it (yet): held until one does.
+                        debug!(cluster = %self.name, key, "pod address outside the accepted node CIDRs; held");
+                        s.pending_ips.insert(ip, Arc::new(rec));
                     }
+                    Err(e) => self.refuse_record("ip record", &e),
                 },
             },
             KeyKind::Node(node) => match value {
                 None => {
-                    s.nodes.remove(node);
+                    if let Some(old) = s.nodes.remove(node) {
+                        self.remotes.release(&self.name, node, &old.pod_cidrs);
+                        s.remove_cidrs(&old.pod_cidrs);
+                    }
                 }
-                Some(v) => match mesh_kvstore::decode_node(key, &self.name, node, v) {
-                    Ok(rec) => {
-                        s.nodes.insert(node.to_owned(), Arc::new(rec));
-                    }
-                    Err(e) => {
-                        warn!(cluster = %self.name, error = %e, "skipping malformed node record");
-                        self.count_error(e.reason());
-                    }
+                Some(v) => match grant.decode_node(key, node, v) {
+                    Ok(rec) => self.accept_node(s, key, node, rec),
+                    Err(e) => self.refuse_record("node record", &e),
                 },
             },
             KeyKind::Service(ns, name) => {
@@ -680,41 +1179,70 @@ impl Watcher {
                 match value {
                     None => {
                         s.services.remove(&id);
+                        s.pending_services.remove(&id);
                     }
-                    Some(v) => match mesh_kvstore::decode_service(key, &self.name, ns, name, v) {
-                        Ok(rec) => {
+                    Some(v) => match grant.decode_service(key, ns, name, v) {
+                        Ok(rec) if rec.backends.iter().all(|b| s.covered(b.ipv4)) => {
+                            s.pending_services.remove(&id);
                             s.services.insert(id, Arc::new(rec));
                         }
-                        Err(e) => {
-                            warn!(cluster = %self.name, error = %e, "skipping malformed service record");
-                            self.count_error(e.reason());
+                        Ok(rec) => {
+                            // Until a node record covers its backends, the service's last good record stays.
+                            debug!(cluster = %self.name, key, "backends outside the accepted node CIDRs; held");
+                            s.pending_services.insert(id, Arc::new(rec));
                         }
+                        Err(e) => self.refuse_record("service record", &e),
                     },
                 }
             }
+            KeyKind::UnknownVersion(v) => {
+                debug!(cluster = %self.name, key, version = v, "skipping record of unknown schema version");
+                self.count_error("unknown_version");
+            }
+            KeyKind::ClusterConfig | KeyKind::Other | KeyKind::Synced(_) | KeyKind::Heartbeat => {}
+        }
+    }
+
+    /// Applies a key that is not a record of the cluster's state: its config, synced markers, a KVStoreMesh status,
+    /// other clusters' configs.
+    fn apply_meta(&self, s: &mut Session, kind: KeyKind<'_>, key: &str, value: Option<&[u8]>) {
+        match kind {
             KeyKind::Synced(mesh_kvstore::kinds::NODES) => s.synced = value.is_some(),
             KeyKind::Synced(mesh_kvstore::kinds::SERVICES) => s.services_synced = value.is_some(),
             KeyKind::Synced(mesh_kvstore::kinds::IDENTITIES) => s.identities_synced = value.is_some(),
             KeyKind::Synced(mesh_kvstore::kinds::IPS) => s.ips_synced = value.is_some(),
-            KeyKind::ClusterConfig => match value {
-                None => s.config = None,
-                Some(v) => match mesh_kvstore::decode_cluster_config(key, &self.name, v) {
-                    Ok(c) => s.config = Some(c),
-                    Err(e) => {
-                        warn!(cluster = %self.name, error = %e, "skipping malformed cluster config");
-                        self.count_error(e.reason());
-                    }
-                },
-            },
-            KeyKind::UnknownVersion(v) => {
-                debug!(cluster = %self.name, key, version = v, "skipping record of unknown schema version");
-                self.count_error("unknown_version");
+            KeyKind::ClusterConfig => {
+                let config = match value {
+                    None => None,
+                    Some(v) => match mesh_kvstore::decode_cluster_config(key, &self.name, v) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            // The last good config stays.
+                            self.refuse_record("cluster config", &e);
+                            return;
+                        }
+                    },
+                };
+                let grant = self.grant_for(config.as_ref());
+                if s.listed && grant != s.grant {
+                    // What was accepted (or skipped) under the old grant may change: list everything again.
+                    s.relist = Some(format!(
+                        "the cluster's grant changed (cluster id {:?} → {:?})",
+                        s.grant.as_ref().map(|g| g.cluster_id),
+                        grant.as_ref().map(|g| g.cluster_id)
+                    ));
+                }
+                s.config = config;
+                s.grant = grant;
             }
             KeyKind::Other if key == self.keys.kvstoremesh_status() => {
                 s.upstream = match value {
                     None => None,
                     Some(v) => match serde_json::from_slice::<mesh_kvstore::KvstoremeshStatus>(v) {
-                        Ok(st) => Some(st),
+                        Ok(st) => {
+                            s.upstream_alive_ms = Some(st.last_alive_ms);
+                            Some(st)
+                        }
                         Err(e) => {
                             warn!(cluster = %self.name, error = %e, "skipping malformed KVStoreMesh status");
                             self.count_error("bad_json");
@@ -736,12 +1264,12 @@ impl Watcher {
                     }
                 }
             }
-            KeyKind::Synced(_) | KeyKind::Heartbeat => {}
+            _ => {}
         }
     }
 
     #[instrument(skip_all, fields(cluster = %self.name))]
-    async fn session(&self) -> anyhow::Result<()> {
+    async fn session(&self) -> anyhow::Result<Ended> {
         self.remotes.update_in(self.slot, &self.name, |rc| {
             rc.state = SyncState::Connecting { since_ms: now_ms() }
         });
@@ -763,12 +1291,26 @@ impl Watcher {
         let root = self.keys.root();
         // The list comes in pages (one consistent revision): a cluster's state can be far larger than one gRPC
         // message (4 MiB by default; the limit is raised too, for pages of large records).
-        let (records, revision) = mesh_kvstore::etcd::list_paged(&client, &root).await?;
-        let mut s = Session::default();
+        let limits = self.remotes.limits();
+        let (records, revision) = match mesh_kvstore::etcd::list_paged_within(&client, &root, limits).await {
+            Ok(listed) => listed,
+            Err(mesh_kvstore::etcd::ListError::OverLimit(o)) => return Ok(self.over_limit(&o)),
+            Err(mesh_kvstore::etcd::ListError::Etcd(e)) => return Err(e.into()),
+        };
+        // What the cluster makes this watcher hold, kept up to date by the watch (its events carry the previous
+        // value).
+        let mut held_keys = u64::try_from(records.len()).unwrap_or(u64::MAX);
+        let mut held_bytes: u64 = records
+            .iter()
+            .map(|(k, v)| mesh_kvstore::etcd::entry_bytes(k.as_bytes(), v))
+            .sum();
+        // Keys come in order: the cluster config (and so the grant) before any record.
+        let mut s = self.new_session();
         for (k, v) in &records {
             self.apply(&mut s, k, Some(v));
         }
         drop(records);
+        s.listed = true;
         info!(
             nodes = s.nodes.len(),
             identities = s.identities.len(),
@@ -777,13 +1319,14 @@ impl Watcher {
             revision,
             "listed remote cluster"
         );
-        self.publish(&s);
+        self.publish(&mut s);
         let mut stream = mesh_kvstore::etcd::watch_client(&client)
             .watch(
                 root.as_str(),
                 Some(
                     WatchOptions::new()
                         .with_prefix()
+                        .with_prev_key()
                         .with_start_revision(revision + 1),
                 ),
             )
@@ -802,7 +1345,7 @@ impl Watcher {
             let resp = tokio::select! {
                 msg = stream.message() => match msg? {
                     Some(resp) => resp,
-                    None => break,
+                    None => return Ok(Ended::Lost("watch stream ended".to_owned())),
                 },
                 _ = probe.tick() => {
                     let get = kv.get(heartbeat.as_str(), Some(GetOptions::new().with_keys_only()));
@@ -819,16 +1362,53 @@ impl Watcher {
             }
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
+                let prev = ev
+                    .prev_kv()
+                    .map(|p| mesh_kvstore::etcd::entry_bytes(p.key(), p.value()));
+                match (ev.event_type(), prev) {
+                    (EventType::Put, Some(p)) => held_bytes = held_bytes.saturating_sub(p),
+                    (EventType::Put, None) => held_keys = held_keys.saturating_add(1),
+                    (EventType::Delete, p) => {
+                        held_keys = held_keys.saturating_sub(1);
+                        held_bytes = held_bytes.saturating_sub(p.unwrap_or(0));
+                    }
+                }
+                if ev.event_type() == EventType::Put {
+                    held_bytes =
+                        held_bytes.saturating_add(mesh_kvstore::etcd::entry_bytes(kv.key(), kv.value()));
+                }
                 let Ok(k) = kv.key_str() else { continue };
                 match ev.event_type() {
                     EventType::Put => self.apply(&mut s, k, Some(kv.value())),
                     EventType::Delete => self.apply(&mut s, k, None),
                 }
             }
-            self.publish(&s);
+            if let Err(o) = limits.check(held_keys, held_bytes) {
+                return Ok(self.over_limit(&o));
+            }
+            if let Some(why) = s.relist.take() {
+                return Ok(Ended::Relist(why));
+            }
+            self.publish(&mut s);
             self.alive();
         }
-        Ok(())
+    }
+
+    /// Refuses the cluster for holding more than the limits: none of its data is used (nor held) until a later list
+    /// fits.
+    fn over_limit(&self, o: &mesh_kvstore::etcd::OverLimit) -> Ended {
+        let reason = format!(
+            "the cluster {o} (--remote-max-keys, --remote-max-bytes); none of its data is used; listed again in {}s",
+            OVER_LIMIT_RETRY.as_secs()
+        );
+        self.remotes.update_in(self.slot, &self.name, |rc| {
+            *rc.decode_errors.entry("over_limit".to_owned()).or_default() += 1;
+            rc.refuse(reason.clone());
+        });
+        if self.slot == Slot::Remote {
+            self.remotes.activate_claims(&self.name, false);
+        }
+        Ended::OverLimit(reason)
     }
 
     /// Records that the remote cluster answered just now.

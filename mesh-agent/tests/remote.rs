@@ -356,7 +356,8 @@ async fn lists_a_cluster_larger_than_one_grpc_message_in_pages() {
             ports: vec![port(80)],
             backends: (0..BACKENDS)
                 .map(|b| BackendRecord {
-                    ipv4: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 2, 0, 0)) + s * BACKENDS + b),
+                    // Inside the nodes' pod CIDRs (10.100.0.0/24 onwards): a peer's backends lie in its pods' addresses.
+                    ipv4: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + s * BACKENDS + b),
                     ports: vec![port(8080)],
                     weight: 1,
                 })

@@ -446,7 +446,8 @@ async fn agent_syncs_over_tls_and_refuses_a_misnamed_or_duplicate_remote() {
     let west = TlsEtcd::start(&pki, "west", 2).await;
     publish(&west, "west", 2, 2).await;
     let config = tempfile::tempdir().expect("tempdir");
-    let written = cm::connect(&east, &west.certs, config.path(), false).expect("connect east to west");
+    let written = cm::connect(&east, &west.certs, config.path(), false, &cm::Pins::default())
+        .expect("connect east to west");
     assert_eq!(written, config.path().join("west"));
     let text = std::fs::read_to_string(&written).expect("config file");
     for key in ["endpoints:", "trusted-ca-file:", "cert-file:", "key-file:"] {
@@ -465,7 +466,7 @@ async fn agent_syncs_over_tls_and_refuses_a_misnamed_or_duplicate_remote() {
     // A second cluster with west's id: `connect` refuses it and changes nothing ...
     let dup = TlsEtcd::start(&pki, "south", 2).await;
     publish(&dup, "south", 2, 1).await;
-    let err = cm::connect(&east, &dup.certs, config.path(), false)
+    let err = cm::connect(&east, &dup.certs, config.path(), false, &cm::Pins::default())
         .expect_err("connect accepted a duplicate id")
         .to_string();
     assert!(

@@ -21,6 +21,79 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// How much of one cluster's records a reader holds at most: beyond that the cluster is refused (its data dropped)
+/// rather than let it grow the reader's memory without bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Keys under the cluster's prefix.
+    pub max_keys: u64,
+    /// Bytes of keys and values under the cluster's prefix.
+    pub max_bytes: u64,
+}
+
+impl Limits {
+    /// Room for a large cluster several times over: 5 000 nodes and 150 000 pods publish about 350 000 keys (an ip
+    /// record and a capacity record per pod, identities, nodes, services) in well under 200 MiB, a service record
+    /// being at most [`crate::MAX_VALUE_BYTES`].
+    pub const DEFAULT: Limits = Limits {
+        max_keys: 2_000_000,
+        max_bytes: 1 << 30,
+    };
+    pub const UNLIMITED: Limits = Limits {
+        max_keys: u64::MAX,
+        max_bytes: u64::MAX,
+    };
+
+    /// `Err` with what is exceeded when `keys` or `bytes` are beyond the limits.
+    ///
+    /// # Errors
+    /// When a limit is exceeded.
+    pub fn check(&self, keys: u64, bytes: u64) -> Result<(), OverLimit> {
+        if keys > self.max_keys || bytes > self.max_bytes {
+            return Err(OverLimit {
+                keys,
+                bytes,
+                limits: *self,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// A cluster holds more than a reader accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "holds {keys} keys / {bytes} bytes (or more), beyond the limits of {} keys / {} bytes",
+    limits.max_keys,
+    limits.max_bytes
+)]
+pub struct OverLimit {
+    pub keys: u64,
+    pub bytes: u64,
+    pub limits: Limits,
+}
+
+/// Why a bounded list failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+    #[error(transparent)]
+    OverLimit(#[from] OverLimit),
+}
+
+/// Bytes a key and its value count for in [`Limits`].
+#[must_use]
+pub fn entry_bytes(key: &[u8], value: &[u8]) -> u64 {
+    u64::try_from(key.len() + value.len()).unwrap_or(u64::MAX)
+}
+
 /// Every key (UTF-8 ones; others cannot be records) and value under `prefix`, in key order, listed in pages of
 /// [`LIST_PAGE`] at the revision of the first page; and that revision (to watch from the next one).
 ///
@@ -30,6 +103,24 @@ pub async fn list_paged(
     client: &Client,
     prefix: &str,
 ) -> Result<(Vec<(String, Vec<u8>)>, i64), etcd_client::Error> {
+    list_paged_within(client, prefix, Limits::UNLIMITED)
+        .await
+        .map_err(|e| match e {
+            ListError::Etcd(e) => e,
+            ListError::OverLimit(o) => etcd_client::Error::InvalidArgs(o.to_string()),
+        })
+}
+
+/// As [`list_paged`], stopping as soon as what is listed exceeds `limits` (all keys count, UTF-8 or not).
+///
+/// # Errors
+/// When etcd refuses a page or cannot be reached, or the limits are exceeded.
+pub async fn list_paged_within(
+    client: &Client,
+    prefix: &str,
+    limits: Limits,
+) -> Result<(Vec<(String, Vec<u8>)>, i64), ListError> {
+    let (mut keys, mut bytes) = (0u64, 0u64);
     let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE_BYTES);
     let end = prefix_end(prefix.as_bytes());
     let mut from = prefix.as_bytes().to_vec();
@@ -48,6 +139,9 @@ pub async fn list_paged(
                 .unwrap_or_default();
         }
         for kv in page.kvs() {
+            keys += 1;
+            bytes = bytes.saturating_add(entry_bytes(kv.key(), kv.value()));
+            limits.check(keys, bytes)?;
             if let Ok(k) = kv.key_str() {
                 out.push((k.to_owned(), kv.value().to_vec()));
             }
@@ -72,6 +166,24 @@ pub fn watch_client(client: &Client) -> WatchClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_bound_keys_and_bytes() {
+        let l = Limits {
+            max_keys: 10,
+            max_bytes: 100,
+        };
+        assert!(l.check(10, 100).is_ok());
+        let e = l.check(11, 5).expect_err("keys");
+        assert!(
+            e.to_string().contains("11 keys") && e.to_string().contains("10 keys"),
+            "{e}"
+        );
+        assert!(l.check(1, 101).is_err());
+        assert!(Limits::UNLIMITED.check(u64::MAX, u64::MAX).is_ok());
+        assert_eq!(Limits::default(), Limits::DEFAULT);
+        assert_eq!(entry_bytes(b"ab", b"cde"), 5);
+    }
 
     #[test]
     fn prefix_end_is_the_first_key_after_the_prefix() {

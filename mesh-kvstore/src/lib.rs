@@ -19,6 +19,7 @@
 //! capacity records do; their records accept unknown fields, so that they can grow.
 
 pub mod etcd;
+pub mod grant;
 pub mod peer;
 
 use std::collections::BTreeMap;
@@ -432,6 +433,24 @@ pub enum DecodeError {
     },
     #[error("key {key}: {reason}")]
     Invalid { key: String, reason: String },
+    /// The record speaks for another cluster: its cluster id is not the one granted to the peer.
+    #[error("key {key}: clusterId {found} is not the peer's granted cluster id {granted}")]
+    WrongClusterId { key: String, found: u16, granted: u16 },
+    /// An address or CIDR outside the pod CIDRs accepted for the peer.
+    #[error("key {key}: {what} is outside the pod CIDRs accepted for the peer ({accepted})")]
+    OutsidePodCidrs {
+        key: String,
+        what: String,
+        accepted: String,
+    },
+    /// A node's pod CIDR overlaps one that another cluster claimed first.
+    #[error("key {key}: pod CIDR {cidr} overlaps {other}, claimed first by cluster {owner:?}")]
+    OverlappingPodCidr {
+        key: String,
+        cidr: String,
+        other: String,
+        owner: String,
+    },
 }
 
 impl DecodeError {
@@ -443,6 +462,9 @@ impl DecodeError {
             DecodeError::Json { .. } => "bad_json",
             DecodeError::Mismatch { .. } => "key_mismatch",
             DecodeError::Invalid { .. } => "invalid",
+            DecodeError::WrongClusterId { .. } => "wrong_cluster_id",
+            DecodeError::OutsidePodCidrs { .. } => "outside_pod_cidrs",
+            DecodeError::OverlappingPodCidr { .. } => "overlapping_pod_cidr",
         }
     }
 }
@@ -508,7 +530,8 @@ pub fn decode_node(key: &str, cluster: &str, node: &str, value: &[u8]) -> Result
 /// Decodes a service record found at `key` (of cluster `cluster`, service `namespace/name`).
 ///
 /// # Errors
-/// Too large, bad JSON, names differing from the key, port 0, or too many backends.
+/// Too large, bad JSON, names differing from the key, port 0, a backend weight outside 1 to
+/// [`mesh_model::traffic::MAX_CAPACITY`], or too many backends.
 pub fn decode_service(
     key: &str,
     cluster: &str,
@@ -537,6 +560,13 @@ pub fn decode_service(
         .any(|p| p.port == 0);
     if zero_port {
         return Err(invalid("a port is 0".into()));
+    }
+    let max = mesh_model::traffic::MAX_CAPACITY;
+    if let Some(b) = rec.backends.iter().find(|b| !(1..=max).contains(&b.weight)) {
+        return Err(invalid(format!(
+            "backend {} has weight {}, not from 1 to {max}",
+            b.ipv4, b.weight
+        )));
     }
     Ok(rec)
 }
@@ -697,10 +727,11 @@ pub fn decode_capacity(key: &str, ipv4: Ipv4Addr, value: &[u8]) -> Result<Capaci
 /// Decodes a cluster config record of `cluster`.
 ///
 /// # Errors
-/// Too large, bad JSON, or a name differing from the key.
+/// Too large, bad JSON, a name differing from the key, or an id out of range.
 pub fn decode_cluster_config(key: &str, cluster: &str, value: &[u8]) -> Result<ClusterConfig, DecodeError> {
     let rec: ClusterConfig = json(key, "ClusterConfig", value)?;
     expect_eq(key, "name", &rec.name, cluster)?;
+    check_cluster_id(key, rec.id)?;
     Ok(rec)
 }
 
@@ -829,6 +860,28 @@ mod tests {
                 .reason(),
             "bad_json"
         );
+    }
+
+    #[test]
+    fn cluster_config_ids_are_in_range() {
+        let cfg = |id: u16| {
+            encode(&ClusterConfig {
+                name: "west".into(),
+                id,
+                capabilities: vec![],
+                labels: BTreeMap::new(),
+            })
+        };
+        assert!(decode_cluster_config("k", "west", cfg(4095).as_bytes()).is_ok());
+        for id in [0, 4096, u16::MAX] {
+            assert_eq!(
+                decode_cluster_config("k", "west", cfg(id).as_bytes())
+                    .expect_err("out of range")
+                    .reason(),
+                "invalid",
+                "{id}"
+            );
+        }
     }
 
     #[test]

@@ -134,7 +134,8 @@ pub struct PeerInfo {
     pub id: u16,
 }
 
-/// The config file an agent reads for one peer (Cilium's etcd config keys).
+/// The config file an agent reads for one peer (Cilium's etcd config keys, and the pins of
+/// [`mesh_kvstore::peer::RemoteConfig`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct PeerConfig {
@@ -142,6 +143,75 @@ pub struct PeerConfig {
     pub trusted_ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidrs: Option<Vec<ipnet::Ipv4Net>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_labels: Option<BTreeMap<String, String>>,
+}
+
+/// What `connect` pins in a peer's config file (docs/security.md, "Pinning a peer's grant"): the agents accept
+/// from the peer only records with its pinned id and addresses inside its pinned pod CIDRs, and match its pinned
+/// labels, whatever it publishes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pins {
+    /// Pin each peer's id (as its `cluster.yaml` has it).
+    pub id: bool,
+    /// Pod CIDRs by peer name.
+    pub pod_cidrs: BTreeMap<String, Vec<ipnet::Ipv4Net>>,
+    /// Cluster labels by peer name.
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Pins {
+    /// Checks that every pinned name is one of `peers`.
+    ///
+    /// # Errors
+    /// A pin for a cluster that is not being connected.
+    pub fn check(&self, peers: &[String]) -> Result<()> {
+        for name in self.pod_cidrs.keys().chain(self.labels.keys()) {
+            ensure!(
+                peers.contains(name),
+                "a pin names cluster {name:?}, which is not among the clusters to connect ({})",
+                peers.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Parses `PEER=CIDR` (for `--pod-cidr`).
+///
+/// # Errors
+/// No `=`, or not a network address with a prefix length of 8 or more.
+pub fn parse_pod_cidr_pin(s: &str) -> Result<(String, ipnet::Ipv4Net), String> {
+    let (peer, cidr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not PEER=CIDR, like west=10.2.0.0/16"))?;
+    let net: ipnet::Ipv4Net = cidr
+        .parse()
+        .map_err(|e| format!("{cidr:?} is not a CIDR like 10.2.0.0/16: {e}"))?;
+    if net.trunc() != net || net.prefix_len() < mesh_kvstore::grant::MIN_POD_CIDR_LEN {
+        return Err(format!(
+            "{cidr} is not a network of /{} or longer (like {})",
+            mesh_kvstore::grant::MIN_POD_CIDR_LEN,
+            net.trunc()
+        ));
+    }
+    Ok((peer.to_owned(), net))
+}
+
+/// Parses `PEER=KEY=VALUE` (for `--peer-label`).
+///
+/// # Errors
+/// Not of that shape, or not a valid label.
+pub fn parse_label_pin(s: &str) -> Result<(String, (String, String)), String> {
+    let (peer, label) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not PEER=KEY=VALUE, like west=stage=prod"))?;
+    let kv = mesh_model::traffic::parse_label(label)?;
+    Ok((peer.to_owned(), kv))
 }
 
 fn validity(days: u32) -> Result<(time::OffsetDateTime, time::OffsetDateTime)> {
@@ -379,7 +449,7 @@ fn connected_peers(config_dir: &Path) -> Result<BTreeMap<String, PeerInfo>> {
 /// # Errors
 /// Same name or id as `from`, id used by another connected peer, a different cluster of the same name connected
 /// already (unless `replace`), unreadable folders, write errors.
-pub fn connect(from: &Path, to: &Path, config_dir: &Path, replace: bool) -> Result<PathBuf> {
+pub fn connect(from: &Path, to: &Path, config_dir: &Path, replace: bool, pins: &Pins) -> Result<PathBuf> {
     let a = ClusterInfo::read(from)?;
     let b = ClusterInfo::read(to)?;
     ensure!(
@@ -433,6 +503,9 @@ pub fn connect(from: &Path, to: &Path, config_dir: &Path, replace: bool) -> Resu
         trusted_ca_file: copy(&to.join(CA_CERT), CA_CERT, 0o644)?,
         cert_file: copy(&Role::Remote.cert(to), "client.crt", 0o644)?,
         key_file: copy(&Role::Remote.key(to), "client.key", 0o600)?,
+        cluster_id: pins.id.then_some(b.id),
+        pod_cidrs: pins.pod_cidrs.get(&b.name).cloned(),
+        cluster_labels: pins.labels.get(&b.name).cloned(),
     };
     let meta = PeerInfo {
         name: b.name.clone(),

@@ -210,6 +210,18 @@ enum ClustermeshCommand {
         /// Replace a different cluster of the same name that is connected already.
         #[arg(long)]
         replace: bool,
+        /// Offline: pin each cluster B's id (from its cluster.yaml) in its config file: A's agents then accept only
+        /// records carrying that id, whatever B publishes.
+        #[arg(long, conflicts_with = "destination_context")]
+        pin_id: bool,
+        /// Offline: pin a cluster B's pod CIDRs, PEER=CIDR (repeat): A's agents accept only node CIDRs, pod
+        /// addresses and backends of B inside them.
+        #[arg(long = "pod-cidr", value_parser = meshctl::clustermesh::parse_pod_cidr_pin, conflicts_with = "destination_context")]
+        pod_cidrs: Vec<(String, ipnet::Ipv4Net)>,
+        /// Offline: pin a cluster B's labels, PEER=KEY=VALUE (repeat): A's selectors (TrafficPolicy, StagedRollout,
+        /// MeshNetworkPolicy) match B by these instead of the labels B publishes.
+        #[arg(long = "peer-label", value_parser = meshctl::clustermesh::parse_label_pin, conflicts_with = "destination_context")]
+        peer_labels: Vec<(String, (String, String))>,
     },
     /// Remove the entries two connected clusters have of each other (Kubernetes; both directions).
     Disconnect {
@@ -627,6 +639,9 @@ fn clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<()> {
             destination_endpoints,
             kube,
             replace,
+            pin_id,
+            pod_cidrs,
+            peer_labels,
         } => {
             if let Some(dest) = destination_context {
                 return kube_command(async move {
@@ -648,8 +663,23 @@ fn clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<()> {
             }
             let from = from.context("--from is required (or --destination-context)")?;
             let dir = config_dir.unwrap_or_else(|| from.join("clustermesh"));
+            let mut pins = cm::Pins {
+                id: pin_id,
+                ..cm::Pins::default()
+            };
+            for (peer, cidr) in pod_cidrs {
+                pins.pod_cidrs.entry(peer).or_default().push(cidr);
+            }
+            for (peer, (k, v)) in peer_labels {
+                pins.labels.entry(peer).or_default().insert(k, v);
+            }
+            let names = to
+                .iter()
+                .map(|b| cm::ClusterInfo::read(b).map(|i| i.name))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            pins.check(&names)?;
             for b in &to {
-                let path = cm::connect(&from, b, &dir, replace)?;
+                let path = cm::connect(&from, b, &dir, replace, &pins)?;
                 println!("wrote {}", path.display());
             }
         }

@@ -173,6 +173,87 @@ fn makes_a_mesh_and_connects_clusters() {
     assert!(err.contains("already") && err.contains("--replace"), "{err}");
 }
 
+/// `connect --pin-id --pod-cidr --peer-label` writes the pins into the peer file, in the format the agents read.
+#[test]
+fn connect_pins_what_the_peer_may_claim() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (ca, east, west) = (t.path().join("ca"), t.path().join("east"), t.path().join("west"));
+    ok(&["clustermesh", "ca", "create", "--out", s(&ca)]);
+    cluster(&ca, &east, "east", "1", "100.64.0.1");
+    cluster(&ca, &west, "west", "2", "100.64.0.2");
+    let cm = t.path().join("east-clustermesh");
+    let connect = |extra: &[&str]| {
+        let mut args = vec![
+            "clustermesh",
+            "connect",
+            "--from",
+            s(&east),
+            "--to",
+            s(&west),
+            "--config-dir",
+            s(&cm),
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let run = |extra: &[&str], good: bool| {
+        let args = connect(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        if good {
+            return ok(&refs);
+        }
+        // Refused by meshctl (1) or by its argument parser (2): either way nothing is written.
+        let out = meshctl(&refs);
+        assert!(!out.status.success(), "{refs:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    run(
+        &[
+            "--pin-id",
+            "--pod-cidr",
+            "west=10.2.0.0/16",
+            "--pod-cidr",
+            "west=10.12.0.0/16",
+            "--peer-label",
+            "west=stage=prod",
+        ],
+        true,
+    );
+    let text = std::fs::read_to_string(cm.join("west")).expect("peer file");
+    let cfg: mesh_kvstore::peer::RemoteConfig = serde_yaml::from_str(&text).expect("the agents' format");
+    let cfg = cfg.checked(&cm).expect("checked");
+    assert_eq!(cfg.cluster_id, Some(2), "{text}");
+    assert_eq!(
+        cfg.pod_cidrs,
+        Some(vec![
+            "10.2.0.0/16".parse().expect("cidr"),
+            "10.12.0.0/16".parse().expect("cidr")
+        ]),
+        "{text}"
+    );
+    assert_eq!(
+        cfg.cluster_labels,
+        Some([("stage".to_owned(), "prod".to_owned())].into()),
+        "{text}"
+    );
+    // Without pins, none is written.
+    run(&[], true);
+    let text = std::fs::read_to_string(cm.join("west")).expect("peer file");
+    assert!(
+        !text.contains("cluster-id") && !text.contains("pod-cidrs"),
+        "{text}"
+    );
+    // Bad pins are refused, naming the problem.
+    let err = run(&["--pod-cidr", "north=10.3.0.0/16"], false);
+    assert!(err.contains("\"north\"") && err.contains("not among"), "{err}");
+    let err = run(&["--pod-cidr", "west=10.2.0.1/16"], false);
+    assert!(err.contains("10.2.0.1/16"), "{err}");
+    let err = run(&["--pod-cidr", "west"], false);
+    assert!(err.contains("PEER=CIDR"), "{err}");
+    let err = run(&["--peer-label", "west=stage"], false);
+    assert!(err.contains("KEY=VALUE"), "{err}");
+}
+
 #[test]
 fn bad_input_gives_clear_errors() {
     let t = tempfile::tempdir().expect("tempdir");

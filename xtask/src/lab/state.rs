@@ -586,7 +586,8 @@ impl LabState {
         Ok(())
     }
 
-    /// Every cluster's clustermesh config: `meshctl clustermesh connect` to each peer.
+    /// Every cluster's clustermesh config: `meshctl clustermesh connect` to each peer, pinning what each peer may
+    /// claim (its id, its pod CIDR and its labels, as the topology gives them): a peer's etcd cannot widen them.
     fn write_clustermesh_configs(&self) -> Result<()> {
         for c in &self.clusters {
             let dir = self.cluster_dir(&c.name).join("clustermesh");
@@ -600,8 +601,13 @@ impl LabState {
                 .arg(self.pki_dir(&c.name))
                 .arg("--config-dir")
                 .arg(&dir);
+            cmd.arg("--pin-id");
             for p in peers {
                 cmd.arg("--to").arg(self.pki_dir(&p.name));
+                cmd.arg("--pod-cidr").arg(format!("{}={}", p.name, p.pod_cidr));
+                for (k, v) in &p.labels {
+                    cmd.arg("--peer-label").arg(format!("{}={k}={v}", p.name));
+                }
             }
             util::run(&mut cmd)?;
         }
