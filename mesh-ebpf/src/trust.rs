@@ -148,6 +148,9 @@ mod tests {
         fn policy(&self, _: &PolicyKey) -> Option<PolicyEntry> {
             None
         }
+        fn policy_cidr(&self, _: [u8; 4]) -> Option<u32> {
+            None
+        }
         fn tunnel_peer(&self, underlay_ipv4: u32) -> Option<TunnelPeer> {
             self.0.iter().find(|(k, _)| *k == underlay_ipv4).map(|(_, v)| *v)
         }
