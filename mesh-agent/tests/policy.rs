@@ -758,10 +758,31 @@ fn overlay_source_identity_comes_from_the_vni_and_the_sending_node() {
     .unwrap();
     let mut ring = dp2.take_flow_events().unwrap();
 
-    // n2 does not know n1 yet: A's packets carry an incomplete identity and are dropped as pending.
+    // n2 does not know n1 yet: A's packets are not taken from the overlay at all (policy never sees them).
+    dp2.set_tunnel_peers(&BTreeMap::new()).unwrap();
     assert!(
         ping(&pod_a, b_ip).is_err(),
         "ping must fail while the sender's node is unknown"
+    );
+    assert!(counter(&dp2, Counter::DropOverlayUnknownPeer) >= 1);
+    assert_eq!(counter(&dp2, Counter::DropPolicyPending), 0);
+    let events = drain(&mut ring);
+    assert!(!events.is_empty());
+    assert!(
+        events.iter().all(|e| e.src_identity == identity::PENDING
+            && e.verdict == flow_verdict::DROPPED
+            && e.reason == Counter::DropOverlayUnknownPeer as u8),
+        "{events:?}"
+    );
+
+    // From a known node, but A has no identity yet (VNI 0): an incomplete identity, dropped as pending.
+    dp2.set_tunnel_peers(&BTreeMap::from([(u1, 1)])).unwrap();
+    // (An upsert with identity 0 keeps the identity programmed: the entry is made anew.)
+    dp1.remove_endpoint(a_ip).unwrap();
+    dp1.upsert_endpoint(a_ip, ep_a).unwrap();
+    assert!(
+        ping(&pod_a, b_ip).is_err(),
+        "ping must fail while the sender has no identity"
     );
     assert!(counter(&dp2, Counter::DropPolicyPending) >= 1);
     let events = drain(&mut ring);
@@ -772,6 +793,14 @@ fn overlay_source_identity_comes_from_the_vni_and_the_sending_node() {
             && e.dir == policy_dir::INGRESS),
         "{events:?}"
     );
+    dp1.upsert_endpoint(
+        a_ip,
+        LocalEndpoint {
+            identity: a_identity,
+            ..ep_a
+        },
+    )
+    .unwrap();
 
     // A peer of the wrong cluster gives the wrong identity: a plain policy drop.
     dp2.set_tunnel_peers(&BTreeMap::from([(u1, 7)])).unwrap();

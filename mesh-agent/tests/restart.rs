@@ -463,9 +463,11 @@ fn established_tcp_flow_through_a_vip_survives_ten_agent_restarts() {
         "flows lost across {RESTARTS} restarts"
     );
     let counters = dp.counters().unwrap();
+    // The pods' kernels send IPv6 link-local chatter (router solicitations, MLD reports) on link up: fleetmesh
+    // pods are IPv4-only and those frames are dropped by design (docs/security.md); none belongs to the flow.
     let drops: Vec<_> = counters
         .iter()
-        .filter(|(c, n)| c.name().starts_with("drop") && *n > 0)
+        .filter(|(c, n)| c.name().starts_with("drop") && *c != Counter::DropUnsupportedL3 && *n > 0)
         .collect();
     assert_eq!(
         drops,

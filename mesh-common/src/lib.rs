@@ -317,7 +317,7 @@ pub mod node_flags {
     pub const POLICY: u16 = 1 << 0;
 }
 
-/// Per-CPU counters: index into [`maps::COUNTERS`]. Forward verdicts first, then drop reasons.
+/// Per-CPU counters: index into [`maps::COUNTERS`]. New counters are appended (a flow event carries the index).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -359,11 +359,21 @@ pub enum Counter {
     FlowEventsSuppressed = 17,
     /// A flow event was not emitted: the ring buffer was full (the agent is not reading fast enough).
     FlowEventsLost = 18,
+    /// Dropped: a pod sent an IPv4 packet whose source is not its own address (not the endpoint of the veth it
+    /// came from).
+    DropSourceSpoofed = 19,
+    /// Dropped: a pod sent UDP to the VXLAN port through the node's stack (only tunnel peers feed the overlay).
+    DropVxlanFromPod = 20,
+    /// Dropped: an overlay packet whose outer source is not a known tunnel peer (a node of this or a peer
+    /// cluster).
+    DropOverlayUnknownPeer = 21,
+    /// Dropped: a pod sent a frame that is neither IPv4 nor ARP (fleetmesh gives pods IPv4 addresses only).
+    DropUnsupportedL3 = 22,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 19] = [
+    pub const ALL: [Counter; 23] = [
         Counter::FwdLocal,
         Counter::FwdTunnel,
         Counter::PassStack,
@@ -383,6 +393,10 @@ impl Counter {
         Counter::DropPolicyPending,
         Counter::FlowEventsSuppressed,
         Counter::FlowEventsLost,
+        Counter::DropSourceSpoofed,
+        Counter::DropVxlanFromPod,
+        Counter::DropOverlayUnknownPeer,
+        Counter::DropUnsupportedL3,
     ];
 
     /// Stable name used in status output and metrics.
@@ -408,6 +422,10 @@ impl Counter {
             Counter::DropPolicyPending => "drop_policy_identity_pending",
             Counter::FlowEventsSuppressed => "flow_events_suppressed",
             Counter::FlowEventsLost => "flow_events_lost",
+            Counter::DropSourceSpoofed => "drop_source_spoofed",
+            Counter::DropVxlanFromPod => "drop_vxlan_from_pod",
+            Counter::DropOverlayUnknownPeer => "drop_overlay_unknown_peer",
+            Counter::DropUnsupportedL3 => "drop_unsupported_l3",
         }
     }
 
@@ -431,6 +449,10 @@ impl Counter {
                 | Counter::DropPolicyIngress
                 | Counter::DropPolicyEgress
                 | Counter::DropPolicyPending
+                | Counter::DropSourceSpoofed
+                | Counter::DropVxlanFromPod
+                | Counter::DropOverlayUnknownPeer
+                | Counter::DropUnsupportedL3
         )
     }
 }

@@ -10,6 +10,7 @@ use mesh_common::{Counter, IpcacheEntry, LocalEndpoint, NodeConfig, ipcache_flag
 
 pub mod lb;
 pub mod policy;
+pub mod trust;
 
 /// Length of an Ethernet header without VLAN tags.
 pub const ETH_HLEN: usize = 14;
@@ -77,6 +78,14 @@ pub enum Drop {
     /// the sync was late (no variant carries data that only some paths set: the verifier refuses to read
     /// registers LLVM leaves uninitialised on the other paths).
     PolicyPending,
+    /// A pod sent an IPv4 packet from an address that is not its own ([`trust::own_source`]).
+    SourceSpoofed,
+    /// A pod sent UDP to the VXLAN port through the node's stack ([`trust::stack_bound`]).
+    VxlanFromPod,
+    /// An overlay packet's outer source is not a tunnel peer ([`trust::overlay_peer`]).
+    OverlayUnknownPeer,
+    /// A pod sent a frame that is neither IPv4 nor ARP ([`trust::pod_other_l3`]).
+    UnsupportedL3,
 }
 
 impl Drop {
@@ -93,6 +102,10 @@ impl Drop {
             Drop::PolicyIngress => Counter::DropPolicyIngress,
             Drop::PolicyEgress => Counter::DropPolicyEgress,
             Drop::PolicyPending => Counter::DropPolicyPending,
+            Drop::SourceSpoofed => Counter::DropSourceSpoofed,
+            Drop::VxlanFromPod => Counter::DropVxlanFromPod,
+            Drop::OverlayUnknownPeer => Counter::DropOverlayUnknownPeer,
+            Drop::UnsupportedL3 => Counter::DropUnsupportedL3,
         }
     }
 }
@@ -145,7 +158,7 @@ impl Ipv4Header {
 pub enum Frame {
     /// A valid IPv4 packet.
     Ipv4(Ipv4Header),
-    /// Anything else (ARP, IPv6, ...): the datapath hands it to the stack.
+    /// Anything else (ARP, IPv6, ...): from a pod only ARP goes on, to the stack ([`trust::pod_other_l3`]).
     Other {
         /// The frame's EtherType.
         ether_type: u16,
@@ -274,18 +287,21 @@ pub trait Maps {
     fn node_config(&self) -> Option<NodeConfig>;
 }
 
-/// Decision for a packet leaving a pod (tc ingress on the host side of its veth).
+/// Decision for a packet leaving a pod (tc ingress on the host side of its veth, interface `ifindex`).
 ///
-/// A local destination wins over the ipcache; an ipcache entry behind a tunnel (and not flagged as this node)
-/// encapsulates; everything else goes to the stack.
+/// Only ARP of the non-IPv4 frames goes on (to the stack). An IPv4 packet must come from the endpoint of the veth
+/// ([`trust::own_source`]). Then a local destination wins over the ipcache; an ipcache entry behind a tunnel (and
+/// not flagged as this node) encapsulates; everything else goes to the stack.
 ///
 /// # Errors
 ///
-/// [`Drop::NoTunnel`] when the destination is behind a tunnel but no VXLAN device is configured.
-pub fn from_pod(frame: Frame, maps: &impl Maps) -> Result<Forward, Drop> {
+/// [`Drop::UnsupportedL3`] for non-IPv4 frames other than ARP, [`Drop::SourceSpoofed`] for a source that is not
+/// the veth's endpoint, [`Drop::NoTunnel`] when the destination is behind a tunnel but no VXLAN device is
+/// configured.
+pub fn from_pod(frame: Frame, ifindex: u32, maps: &impl Maps) -> Result<Forward, Drop> {
     match frame {
-        Frame::Ipv4(ip) => from_pod_ipv4(&ip, maps),
-        Frame::Other { .. } => Ok(Forward::Pass),
+        Frame::Ipv4(ip) => from_pod_ipv4(&ip, ifindex, maps),
+        Frame::Other { ether_type } => trust::pod_other_l3(ether_type),
     }
 }
 
@@ -294,21 +310,18 @@ pub fn from_pod(frame: Frame, maps: &impl Maps) -> Result<Forward, Drop> {
 /// # Errors
 ///
 /// As [`from_pod`].
-pub fn from_pod_ipv4(ip: &Ipv4Header, maps: &impl Maps) -> Result<Forward, Drop> {
-    from_pod_endpoints(
-        ip,
-        maps.endpoint(ip.src).as_ref(),
-        maps.endpoint(ip.dst).as_ref(),
-        maps,
-    )
+pub fn from_pod_ipv4(ip: &Ipv4Header, ifindex: u32, maps: &impl Maps) -> Result<Forward, Drop> {
+    let src_ep = maps.endpoint(ip.src);
+    trust::own_source(src_ep.as_ref(), ifindex)?;
+    from_pod_endpoints(ip, src_ep.as_ref(), maps.endpoint(ip.dst).as_ref(), maps)
 }
 
-/// [`from_pod_ipv4`] with the endpoint lookups of the source and destination already done (the programs need
-/// them for policy as well).
+/// [`from_pod_ipv4`] after the source check, with the endpoint lookups of the source and destination already done
+/// (the programs need them for the source check and policy as well).
 ///
 /// # Errors
 ///
-/// As [`from_pod`].
+/// [`Drop::NoTunnel`] as [`from_pod`].
 pub fn from_pod_endpoints(
     ip: &Ipv4Header,
     src_ep: Option<&LocalEndpoint>,
@@ -328,15 +341,11 @@ pub fn from_pod_endpoints(
         Some(cfg) if cfg.vxlan_ifindex != 0 => cfg.vxlan_ifindex,
         _ => return Err(Drop::NoTunnel),
     };
-    // The caller may not have looked the sender up (no policy on the node): its identity number is the VNI.
-    let vni = match src_ep {
-        Some(ep) => policy::vni_for(Some(ep)),
-        None => policy::vni_for(maps.endpoint(ip.src).as_ref()),
-    };
+    // The sender's identity number is the VNI.
     Ok(Forward::Tunnel {
         vxlan_ifindex,
         remote_ipv4: entry.tunnel_endpoint,
-        vni,
+        vni: policy::vni_for(src_ep),
     })
 }
 
@@ -477,8 +486,16 @@ mod tests {
         parse_frame(&frame[..frame.len().min(PEEK_LEN)], frame.len())
     }
 
+    /// The verdict on a frame from the veth of its source's endpoint (ifindex 5 for POD_A, 6 for POD_B; frames of
+    /// other sources arrive on POD_A's veth).
     fn pod_verdict(frame: &[u8]) -> Result<Forward, Drop> {
-        from_pod(parse(frame)?, &maps())
+        let m = maps();
+        let frame = parse(frame)?;
+        let ifindex = match frame {
+            Frame::Ipv4(ip) => m.endpoint(ip.src).map_or(5, |ep| ep.ifindex),
+            Frame::Other { .. } => 5,
+        };
+        from_pod(frame, ifindex, &m)
     }
 
     #[test]
@@ -583,7 +600,7 @@ mod tests {
     }
 
     #[test]
-    fn arp_and_ipv6_pass_to_the_stack() {
+    fn arp_from_a_pod_passes_to_the_stack_ipv6_is_dropped() {
         // A 42-byte ARP request and a short frame with the IPv6 EtherType.
         let mut arp = vec![0u8; 42];
         arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
@@ -592,8 +609,31 @@ mod tests {
         assert_eq!(from_overlay(parse(&arp).unwrap(), &maps()), Ok(Forward::Pass));
         let mut v6 = vec![0u8; ETH_HLEN];
         v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-        assert_eq!(pod_verdict(&v6), Ok(Forward::Pass));
+        assert_eq!(pod_verdict(&v6), Err(Drop::UnsupportedL3));
         assert_eq!(Forward::Pass.counter(), Counter::PassStack);
+    }
+
+    #[test]
+    fn a_pod_sends_from_its_own_address_only() {
+        let m = maps();
+        let to_b = ipv4_frame(POD_A, POD_B, 5, 8);
+        assert!(matches!(
+            from_pod(parse(&to_b).unwrap(), 5, &m),
+            Ok(Forward::Local { ifindex: 6, .. })
+        ));
+        // POD_A's address on POD_B's veth, or on a veth without endpoint; an address that is no endpoint.
+        for ifindex in [6, 99] {
+            assert_eq!(
+                from_pod(parse(&to_b).unwrap(), ifindex, &m),
+                Err(Drop::SourceSpoofed),
+                "ifindex {ifindex}"
+            );
+        }
+        for src in [UNKNOWN, [10, 1, 0, 99], [0, 0, 0, 0], mesh_common::HAIRPIN_IPV4] {
+            let f = ipv4_frame(src, REMOTE_POD, 5, 8);
+            assert_eq!(pod_verdict(&f), Err(Drop::SourceSpoofed), "{src:?}");
+        }
+        assert_eq!(Drop::SourceSpoofed.counter(), Counter::DropSourceSpoofed);
     }
 
     #[test]
@@ -624,8 +664,11 @@ mod tests {
     }
 
     #[test]
-    fn unknown_source_gets_vni_zero() {
-        let verdict = pod_verdict(&ipv4_frame(UNKNOWN, REMOTE_POD, 5, 8)).unwrap();
+    fn a_source_without_identity_yet_gets_vni_zero() {
+        let mut m = maps();
+        m.endpoints.push((UNKNOWN, endpoint(UNKNOWN, 7, 0)));
+        let f = ipv4_frame(UNKNOWN, REMOTE_POD, 5, 8);
+        let verdict = from_pod(parse(&f).unwrap(), 7, &m).unwrap();
         assert!(matches!(verdict, Forward::Tunnel { vni: 0, .. }), "{verdict:?}");
     }
 
@@ -634,7 +677,7 @@ mod tests {
         let f = ipv4_frame(POD_A, REMOTE_POD, 5, 8);
         for node in [None, Some(NodeConfig::default())] {
             let m = TestMaps { node, ..maps() };
-            assert_eq!(from_pod(parse(&f).unwrap(), &m), Err(Drop::NoTunnel));
+            assert_eq!(from_pod(parse(&f).unwrap(), 5, &m), Err(Drop::NoTunnel));
         }
         assert_eq!(Drop::NoTunnel.counter(), Counter::DropNoTunnel);
     }

@@ -29,13 +29,14 @@ mod bpf {
         FlowEvent, FlowRate, IPCACHE_V4_MAX_ENTRIES, IpcacheEntry, LocalEndpoint, LpmKeyV4, NodeConfig,
         POLICY_MAX_ENTRIES, PolicyEntry, PolicyKey, REVNAT_MAX_ENTRIES, RevNatV4, SERVICES_MAX_ENTRIES,
         SLOTS_MAX_ENTRIES, ServiceEntry, ServiceKeyV4, SlotKey, TUNNEL_PEERS_MAX_ENTRIES, TunnelPeer,
-        flow_verdict, node_flags, proto,
+        flow_verdict, identity, node_flags, proto,
     };
     use mesh_ebpf::{
         Drop, ETH_HLEN, Forward, Frame, IPV4_CSUM_OFFSET, IPV4_DST_OFFSET, IPV4_SRC_OFFSET, Ipv4Header,
         Malformed, Maps, PEEK_LEN, TCP_PEEK_LEN, TUNNEL_TTL, UDP_PEEK_LEN,
         lb::{self, Flow, L4, LbMaps, Outcome, Translation},
         policy::{self, Ends, PolicyMaps},
+        trust,
     };
 
     #[map(name = "IPCACHE_V4")]
@@ -482,33 +483,77 @@ mod bpf {
         }
     }
 
-    /// A packet leaving a pod: load balancing, policy (the sender's egress, and the receiver's ingress when it is
-    /// on this node), then delivery.
+    /// A drop of a pod's packet before policy judged it (a spoofed source, VXLAN to the node): counted by
+    /// [`finish`], reported as a flow event with the tuple the pod sent (no identities: the source is a claim).
     #[inline(always)]
-    fn pod_ipv4(ctx: &TcContext, ip: Ipv4Header) -> Result<Forward, Drop> {
-        let (ip, tuple) = load_balance(ctx, ip, false)?;
-        let dst_ep = endpoint_ref(ip.dst);
-        // Without any policy on the node, the sender's entry is only needed for the VNI of tunnelled packets
-        // (from_pod_endpoints looks it up then): pod-to-pod delivery costs what it did before policy existed.
-        if !policy_on() {
-            return mesh_ebpf::from_pod_endpoints(&ip, None, dst_ep, &KernelMaps);
-        }
-        let src_ep = endpoint_ref(ip.src);
-        enforce(
+    fn pod_drop(ctx: &TcContext, tuple: &Flow, drop: Drop) -> Drop {
+        emit(&flow_event(
             ctx,
-            &tuple,
-            src_ep,
-            dst_ep,
-            || policy::identity_of(src_ep, tuple.saddr, &KernelMaps),
-            || policy::identity_of(dst_ep, tuple.daddr, &KernelMaps),
-        )?;
-        mesh_ebpf::from_pod_endpoints(&ip, src_ep, dst_ep, &KernelMaps)
+            tuple,
+            0,
+            0,
+            0,
+            flow_verdict::DROPPED,
+            drop.counter(),
+            0,
+        ));
+        drop
     }
 
-    /// A packet from the overlay: reverse translation of replies, the receiver's ingress policy (the source
-    /// identity comes from the VNI and the sending node), then delivery.
+    /// A packet leaving a pod: the source check (the sender's endpoint entry, needed for policy and the VNI
+    /// anyway, must be the one of this veth), load balancing, policy (the sender's egress, and the receiver's
+    /// ingress when it is on this node), then delivery; nothing the pod sends to the node's stack is VXLAN.
+    #[inline(always)]
+    fn pod_ipv4(ctx: &TcContext, ip: Ipv4Header) -> Result<Forward, Drop> {
+        let src_ep = endpoint_ref(ip.src);
+        // SAFETY: the program's own context; ifindex is a plain field of __sk_buff.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        if let Err(drop) = trust::own_source(src_ep, ifindex) {
+            let tuple = read_l4(ctx, &ip).map_or_else(|| policy::portless_tuple(&ip), |l4| l4.flow);
+            return Err(pod_drop(ctx, &tuple, drop));
+        }
+        let (ip, tuple) = load_balance(ctx, ip, false)?;
+        let dst_ep = endpoint_ref(ip.dst);
+        // Without any policy on the node, pod-to-pod delivery costs the two endpoint lookups.
+        if policy_on() {
+            enforce(
+                ctx,
+                &tuple,
+                src_ep,
+                dst_ep,
+                || policy::identity_of(src_ep, tuple.saddr, &KernelMaps),
+                || policy::identity_of(dst_ep, tuple.daddr, &KernelMaps),
+            )?;
+        }
+        let forward = mesh_ebpf::from_pod_endpoints(&ip, src_ep, dst_ep, &KernelMaps)?;
+        if let Forward::Pass = forward
+            && let Err(drop) = trust::stack_bound(&tuple)
+        {
+            return Err(pod_drop(ctx, &tuple, drop));
+        }
+        Ok(forward)
+    }
+
+    /// A packet from the overlay: the sending node must be a tunnel peer, then reverse translation of replies, the
+    /// receiver's ingress policy (the source identity comes from the VNI and the sending node), then delivery.
     #[inline(always)]
     fn overlay_ipv4(ctx: &TcContext, ip: Ipv4Header, remote_ipv4: u32, vni: u32) -> Result<Forward, Drop> {
+        let peer = match trust::overlay_peer(remote_ipv4, &KernelMaps) {
+            Ok(peer) => peer,
+            Err(drop) => {
+                emit(&flow_event(
+                    ctx,
+                    &policy::portless_tuple(&ip),
+                    identity::PENDING,
+                    0,
+                    0,
+                    flow_verdict::DROPPED,
+                    drop.counter(),
+                    0,
+                ));
+                return Err(drop);
+            }
+        };
         let (ip, tuple) = load_balance(ctx, ip, true)?;
         let dst_ep = endpoint_ref(ip.dst);
         if !policy_on() {
@@ -519,7 +564,7 @@ mod bpf {
             &tuple,
             None,
             dst_ep,
-            || policy::overlay_source_identity(remote_ipv4, vni, &KernelMaps),
+            || policy::peer_identity(&peer, vni),
             || policy::identity_of(dst_ep, tuple.daddr, &KernelMaps),
         )?;
         mesh_ebpf::from_overlay_endpoint(dst_ep)
@@ -621,11 +666,12 @@ mod bpf {
         reason = "#[classifier] hands the context over by value"
     )]
     pub fn from_pod(ctx: TcContext) -> i32 {
-        // Non-IPv4 frames go to the stack (as `mesh_ebpf::from_pod` decides); matching here keeps the IPv4 path
-        // apart, so no half-initialised `Frame` is ever copied between registers (the verifier refuses that).
+        // Of the non-IPv4 frames only ARP goes on, to the stack (as `mesh_ebpf::from_pod` decides); matching here
+        // keeps the IPv4 path apart, so no half-initialised `Frame` is ever copied between registers (the verifier
+        // refuses that).
         let decision = read_frame(&ctx).and_then(|frame| match frame {
             Frame::Ipv4(ip) => pod_ipv4(&ctx, ip),
-            Frame::Other { .. } => Ok(Forward::Pass),
+            Frame::Other { ether_type } => trust::pod_other_l3(ether_type),
         });
         finish(&ctx, decision)
     }
@@ -653,7 +699,7 @@ mod bpf {
         let remote_ipv4 = unsafe { key.__bindgen_anon_1.remote_ipv4 };
         let decision = read_frame(&ctx).and_then(|frame| match frame {
             Frame::Ipv4(ip) => overlay_ipv4(&ctx, ip, remote_ipv4, vni),
-            Frame::Other { .. } => Ok(Forward::Pass),
+            Frame::Other { .. } => trust::overlay_peer(remote_ipv4, &KernelMaps).map(|_| Forward::Pass),
         });
         finish(&ctx, decision)
     }

@@ -2,8 +2,8 @@
 //!
 //! - [`policy_tuple`]: the tuple policy judges: the sender's original source, the destination after service
 //!   translation (forward packets), or the packet's own tuple before reverse translation (replies).
-//! - [`address_identity`] / [`overlay_source_identity`]: the security identity of a peer, from the local endpoint
-//!   and ipcache maps, or from an overlay packet's VNI and outer source (`TUNNEL_PEERS`).
+//! - [`address_identity`] / [`overlay_source_identity`] / [`peer_identity`]: the security identity of a peer, from
+//!   the local endpoint and ipcache maps, or from an overlay packet's VNI and outer source (`TUNNEL_PEERS`).
 //! - [`lookup`]: one endpoint's policy table in one direction, in the order documented on [`PolicyKey`].
 //! - [`check`]: the verdict on a packet: a reply of a flow a policy allowed passes (policy conntrack), otherwise
 //!   the source endpoint's egress and the destination endpoint's ingress are checked where enforced.
@@ -214,13 +214,21 @@ pub const fn known_or_pending(id: u32) -> u32 {
 /// carries no number (the sender's pod had no identity yet) or the node is not a known tunnel peer.
 #[must_use]
 pub fn overlay_source_identity(remote_ipv4: u32, vni: u32, maps: &impl PolicyMaps) -> u32 {
-    let local = identity::local(vni);
-    if local == 0 {
-        return identity::PENDING;
-    }
     match maps.tunnel_peer(remote_ipv4) {
-        Some(peer) if peer.cluster_id != 0 => identity::compose(peer.cluster_id, local),
-        _ => identity::PENDING,
+        Some(peer) => peer_identity(&peer, vni),
+        None => identity::PENDING,
+    }
+}
+
+/// [`overlay_source_identity`] once the sending node's `TUNNEL_PEERS` entry is known (the overlay program looks
+/// it up first: only tunnel peers feed the overlay, see [`crate::trust::overlay_peer`]).
+#[must_use]
+pub const fn peer_identity(peer: &TunnelPeer, vni: u32) -> u32 {
+    let local = identity::local(vni);
+    if local == 0 || peer.cluster_id == 0 {
+        identity::PENDING
+    } else {
+        identity::compose(peer.cluster_id, local)
     }
 }
 
@@ -792,6 +800,14 @@ mod tests {
             identity::PENDING,
             "cluster 0"
         );
+        // With the peer already looked up.
+        let peer = TunnelPeer {
+            cluster_id: 2,
+            ..Default::default()
+        };
+        assert_eq!(peer_identity(&peer, 500), ID_REMOTE);
+        assert_eq!(peer_identity(&peer, 0), identity::PENDING);
+        assert_eq!(peer_identity(&TunnelPeer::default(), 500), identity::PENDING);
         // The sender's side: the per-cluster number of the pod's identity.
         let a = ep(ID_REMOTE, 0);
         assert_eq!(vni_for(Some(&a)), 500);

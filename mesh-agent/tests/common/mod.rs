@@ -286,8 +286,10 @@ pub fn node_datapath(ns: &str, underlay: Ipv4Addr, host_ifs: &[&str]) -> Datapat
     })
 }
 
-/// Programs a node's ipcache: `local` (its own pod prefix) on this node, `remote` behind `remote_underlay`.
+/// Programs a node's ipcache: `local` (its own pod prefix) on this node, `remote` behind `remote_underlay`, which
+/// becomes a tunnel peer of cluster 1 (only tunnel peers feed the overlay).
 pub fn program_ipcache(dp: &mut Datapath, local: &str, remote: &str, remote_underlay: Ipv4Addr) {
+    dp.upsert_tunnel_peer(remote_underlay, 1).unwrap();
     let remote_entry = IpcacheEntry {
         tunnel_endpoint: u32::from(remote_underlay),
         family: FAMILY_IPV4,
