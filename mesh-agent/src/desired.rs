@@ -201,6 +201,36 @@ pub fn endpoints(me: &Me, local: &ClusterState) -> Vec<DesiredEndpoint> {
         .collect()
 }
 
+/// The endpoints that name an interface another endpoint of the node names too, each with its refusal: one
+/// interface is one pod's veth. The owner is the claimant for which `programmed` is true (its entry already
+/// points at the interface: a second pod's claim never takes a working pod's veth away), else the first in
+/// `endpoints`' order (pods by namespace and name).
+#[must_use]
+pub fn interface_conflicts(
+    endpoints: &[DesiredEndpoint],
+    programmed: impl Fn(&DesiredEndpoint) -> bool,
+) -> BTreeMap<String, String> {
+    let mut by_interface: BTreeMap<&str, Vec<&DesiredEndpoint>> = BTreeMap::new();
+    for e in endpoints {
+        by_interface.entry(e.ifname.as_str()).or_default().push(e);
+    }
+    let mut out = BTreeMap::new();
+    for (ifname, claimants) in by_interface.into_iter().filter(|(_, c)| c.len() > 1) {
+        let owner = claimants
+            .iter()
+            .find(|e| programmed(e))
+            .or(claimants.first())
+            .map_or("", |e| e.pod.as_str());
+        for e in claimants.iter().filter(|e| e.pod != owner) {
+            out.insert(
+                e.pod.clone(),
+                format!("interface {ifname:?} is already the veth of pod {owner}"),
+            );
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +375,30 @@ mod tests {
                 ifname: "fmabc".into()
             }]
         );
+    }
+
+    #[test]
+    fn one_interface_is_one_pods_veth() {
+        let ep = |pod: &str, last: u8, ifname: &str| DesiredEndpoint {
+            pod: pod.into(),
+            ipv4: Ipv4Addr::new(10, 1, 0, last),
+            ifname: ifname.into(),
+        };
+        let eps = vec![
+            ep("shop/alice", 2, "fm1"),
+            ep("shop/bob", 3, "fm2"),
+            ep("shop/mallory", 4, "fm1"),
+            ep("shop/trent", 5, "fm1"),
+        ];
+        // Nobody programmed yet: the first by name keeps it.
+        let c = interface_conflicts(&eps, |_| false);
+        assert_eq!(c.keys().collect::<Vec<_>>(), ["shop/mallory", "shop/trent"]);
+        assert!(c["shop/mallory"].contains("\"fm1\"") && c["shop/mallory"].contains("shop/alice"));
+        // The pod whose entry already uses the interface keeps it, whatever its name.
+        let c = interface_conflicts(&eps, |e| e.pod == "shop/trent");
+        assert_eq!(c.keys().collect::<Vec<_>>(), ["shop/alice", "shop/mallory"]);
+        assert!(c["shop/alice"].contains("shop/trent"), "{c:?}");
+        assert!(interface_conflicts(&eps[..2], |_| false).is_empty());
     }
 
     fn ip(cluster: &str, cluster_id: u16, ip: [u8; 4], node: &str, number: u32) -> mesh_kvstore::IpRecord {

@@ -10,7 +10,8 @@
 //!   each remote cluster and of this one (`remote` is then this cluster's name; with `--kvstore-config`).
 //! - `fleetmesh_lb_frontends`, `fleetmesh_lb_backends`, `fleetmesh_remote_endpoints`, `fleetmesh_local_endpoints`,
 //!   `fleetmesh_ipcache_entries`, `fleetmesh_policy_entries`, `fleetmesh_identities`
-//!   (map fill levels as entries), `fleetmesh_reconcile_duration_seconds` (last pass), `fleetmesh_ready`.
+//!   (map fill levels as entries), `fleetmesh_reconcile_duration_seconds` (last pass), `fleetmesh_ready`,
+//!   `fleetmesh_endpoint_refusals_total` (pods whose host interface annotation was refused).
 use std::fmt::Write as _;
 
 use crate::api::Status;
@@ -174,6 +175,17 @@ pub fn render(st: &Status, now_ms: u64) -> String {
     }
     header(
         &mut out,
+        "fleetmesh_endpoint_refusals_total",
+        "counter",
+        "Pods refused because their host interface annotation names no pod veth, or another pod's.",
+    );
+    let _ = writeln!(
+        out,
+        "fleetmesh_endpoint_refusals_total{{{common}}} {}",
+        st.datapath.endpoint_refusals
+    );
+    header(
+        &mut out,
         "fleetmesh_reconcile_duration_seconds",
         "gauge",
         "Wall time of the last reconcile pass.",
@@ -213,6 +225,7 @@ mod tests {
         st.datapath.counters = BTreeMap::from([("forward_local", 7), ("drop_no_backend", 1)]);
         st.datapath.summary.backends = 6;
         st.datapath.summary.reconcile_us = 1500;
+        st.datapath.endpoint_refusals = 2;
         st
     }
 
@@ -238,6 +251,7 @@ mod tests {
         has(r#"fleetmesh_lb_backends{node="east-node-1",cluster="east"} 6"#);
         has(r#"fleetmesh_cluster_identities{node="east-node-1",cluster="east",remote="west"} 0"#);
         has(r#"fleetmesh_reconcile_duration_seconds{node="east-node-1",cluster="east"} 0.001500"#);
+        has(r#"fleetmesh_endpoint_refusals_total{node="east-node-1",cluster="east"} 2"#);
         has("# TYPE fleetmesh_datapath_packets_total counter");
         // Every sample line is `name{labels} value` with a numeric value.
         for l in text.lines().filter(|l| !l.starts_with('#')) {

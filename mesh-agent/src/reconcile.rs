@@ -56,6 +56,9 @@ pub struct DatapathStatus {
     pub conflicts: Vec<String>,
     pub errors: Vec<String>,
     pub reconciles: u64,
+    /// Pods refused since the agent started because their `fleetmesh.io/host-ifname` annotation names an
+    /// interface that is no pod veth, or another pod's (each refusal counted once, until its reason changes).
+    pub endpoint_refusals: u64,
     /// Services as this node balances them (frontends, candidate and active backends).
     pub services: Vec<ServiceView>,
     /// Every `TrafficPolicy` of the cluster and whether it is in force.
@@ -131,6 +134,20 @@ pub struct Reconciler {
     pub flows: Option<std::sync::Arc<crate::flows::Hub>>,
     /// The compiled policies `GET /v1/policy` serves.
     pub policy_views: std::sync::Arc<std::sync::Mutex<BTreeMap<(String, String), serde_json::Value>>>,
+    /// Host interfaces found to be pod veths, with the ifindex they had then ([`netdev::check_pod_veth`] runs
+    /// again when an interface is re-created).
+    pod_veths: BTreeMap<String, u32>,
+    /// The refused endpoints of the last pass (pod → reason) and how many refusals were counted in all.
+    refused: BTreeMap<String, String>,
+    endpoint_refusals: u64,
+}
+
+/// Why an endpoint is not wired.
+enum Unwired {
+    /// Its annotation names an interface the agent may not manage: nothing of it is touched.
+    Refused(String),
+    /// The interface cannot be used right now (missing, a failed attach): retried by the next pass.
+    Failed(String),
 }
 
 impl Reconciler {
@@ -167,7 +184,24 @@ impl Reconciler {
             policy_enforced: true,
             flows: None,
             policy_views: std::sync::Arc::default(),
+            pod_veths: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            endpoint_refusals: 0,
         }
+    }
+
+    /// The ifindex of `ifname` once it is known to be a pod veth ([`netdev::check_pod_veth`]; checked again only
+    /// when the interface was re-created).
+    fn pod_veth(&mut self, ifname: &str) -> Result<u32, Unwired> {
+        let ifindex =
+            netdev::ifindex(ifname).map_err(|e| Unwired::Failed(format!("interface {ifname}: {e}")))?;
+        if self.pod_veths.get(ifname) == Some(&ifindex) {
+            return Ok(ifindex);
+        }
+        let facts = netdev::link_facts(ifname, ifindex).map_err(|e| Unwired::Failed(e.to_string()))?;
+        netdev::check_pod_veth(ifname, &facts).map_err(Unwired::Refused)?;
+        self.pod_veths.insert(ifname.to_owned(), ifindex);
+        Ok(ifindex)
     }
 
     /// Brings the datapath to the desired state and reports what the kernel maps hold afterwards.
@@ -340,7 +374,8 @@ impl Reconciler {
 
     /// Programs the local endpoints: their entries, `from_pod` on every pod veth, and `to_pod` on every pod veth
     /// while `policy_on` (the node's own connections to pods with egress policy get their replies back; nodes
-    /// without policy do not run it at all).
+    /// without policy do not run it at all). A pod whose annotation names an interface that is no pod veth, or
+    /// another pod's, is refused (status, log, counter) and keeps what was programmed for it.
     fn reconcile_endpoints(&mut self, local: &ClusterState, policy_on: bool, st: &mut DatapathStatus) {
         let desired = desired::endpoints(&self.me, local);
         let mut keep_ips = BTreeSet::new();
@@ -352,12 +387,42 @@ impl Reconciler {
                 return;
             }
         };
+        let conflicts = desired::interface_conflicts(&desired, |d| {
+            current
+                .get(&d.ipv4)
+                .is_some_and(|c| netdev::ifindex(&d.ifname).is_ok_and(|i| i == c.ifindex))
+        });
+        let mut refused = BTreeMap::new();
+        let names: BTreeSet<&str> = desired.iter().map(|d| d.ifname.as_str()).collect();
+        self.pod_veths.retain(|name, _| names.contains(name.as_str()));
         for d in desired {
+            let checked = match conflicts.get(&d.pod) {
+                Some(reason) => Err(Unwired::Refused(reason.clone())),
+                None => self.pod_veth(&d.ifname),
+            };
+            if let Err(Unwired::Refused(reason)) = &checked {
+                // What was programmed stays: the entry and the interface it points at.
+                if let Some(c) = current.get(&d.ipv4) {
+                    keep_ips.insert(d.ipv4);
+                    if let Ok(name) = netdev::ifname(c.ifindex) {
+                        keep_ifs.insert(name);
+                    }
+                }
+                st.endpoints.push(EndpointStatus {
+                    pod: d.pod.clone(),
+                    ipv4: d.ipv4,
+                    ifname: d.ifname,
+                    programmed: false,
+                    error: Some(format!("refused: {reason}")),
+                });
+                refused.insert(d.pod, reason.clone());
+                continue;
+            }
             let result = (|| -> Result<LocalEndpoint, String> {
-                let ifindex =
-                    netdev::ifindex(&d.ifname).map_err(|e| format!("interface {}: {e}", d.ifname))?;
+                let ifindex = checked.map_err(|e| match e {
+                    Unwired::Refused(m) | Unwired::Failed(m) => m,
+                })?;
                 let host_mac = netdev::mac(&d.ifname).map_err(|e| format!("interface {}: {e}", d.ifname))?;
-                self.dp.attach_endpoint(&d.ifname).map_err(|e| format!("{e:#}"))?;
                 let ep = LocalEndpoint {
                     ifindex,
                     // The policy pass sets the identity (0 keeps the one programmed).
@@ -370,12 +435,14 @@ impl Reconciler {
                 let same_wiring = current.get(&d.ipv4).is_some_and(|c| {
                     c.ifindex == ep.ifindex && c.pod_mac == ep.pod_mac && c.host_mac == ep.host_mac
                 });
+                // The entry before the program: from its first packet on, the pod's source check finds it.
                 if !same_wiring {
                     self.dp
                         .upsert_endpoint(d.ipv4, ep)
                         .map_err(|e| format!("{e:#}"))?;
                     info!(pod = %d.pod, ip = %d.ipv4, ifname = %d.ifname, ifindex, "endpoint programmed");
                 }
+                self.dp.attach_endpoint(&d.ifname).map_err(|e| format!("{e:#}"))?;
                 Ok(ep)
             })();
             keep_ifs.insert(d.ifname.clone());
@@ -414,6 +481,15 @@ impl Reconciler {
                 }
             }
         }
+        for (pod, reason) in &refused {
+            if self.refused.get(pod) != Some(reason) {
+                self.endpoint_refusals += 1;
+                warn!(pod = %pod, reason = %reason,
+                    "endpoint refused: its host interface annotation names an interface the agent may not manage");
+            }
+        }
+        self.refused = refused;
+        st.endpoint_refusals = self.endpoint_refusals;
         for ip in current.keys().filter(|ip| !keep_ips.contains(*ip)) {
             match self.dp.remove_endpoint(*ip) {
                 Ok(()) => info!(ip = %ip, "endpoint removed"),

@@ -7,6 +7,7 @@
 //! - Two nodes over VXLAN (network namespaces removed by a guard): a crafted VXLAN datagram from an underlay
 //!   address that is no tunnel peer is dropped by `from_overlay`, the same datagram from a peer is delivered; a
 //!   pod's VXLAN datagram to its node never reaches the overlay.
+//! - The interface facts behind the `fleetmesh.io/host-ifname` check, on real interfaces of a namespace.
 #[expect(
     dead_code,
     reason = "helpers shared by the datapath tests; this one uses most"
@@ -14,6 +15,7 @@
 mod common;
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     time::Duration,
 };
@@ -23,7 +25,10 @@ use common::{
     FROM_POD, HOST_MAC, Lab, Nodes, POD_A, POD_B, REMOTE_POD, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
     endpoint, eventually, in_netns, ip, loaded, node_datapath, nonzero, ping, program_ipcache,
 };
-use mesh_agent::datapath::{Datapath, EndpointPolicy, parse_flow_event};
+use mesh_agent::{
+    datapath::{Datapath, EndpointPolicy, parse_flow_event},
+    netdev,
+};
 use mesh_common::{
     Counter, FlowEvent, NodeConfig, flow_verdict, identity, node_flags, pod_mac_for_ipv4, proto,
 };
@@ -355,4 +360,79 @@ fn the_overlay_takes_packets_from_tunnel_peers_only() {
     assert_eq!(received(&sink), None, "a pod's VXLAN was delivered");
     assert_eq!(dp1.counter(Counter::DropVxlanFromPod).unwrap(), before + 2);
     drop(lab);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Interfaces a host-ifname annotation may name
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn only_routed_pod_veths_pass_the_interface_check() {
+    let mut lab = Lab::new("trustif");
+    let node = lab.netns("node");
+    let pod = lab.netns("pod");
+    let run = |args: &[&str]| {
+        let mut full = vec!["-n", node.as_str()];
+        full.extend_from_slice(args);
+        ip(&full);
+    };
+    run(&[
+        "link", "add", "podveth", "type", "veth", "peer", "name", "eth0", "netns", &pod,
+    ]);
+    run(&[
+        "link", "add", "samens", "type", "veth", "peer", "name", "samens-p",
+    ]);
+    run(&[
+        "link",
+        "add",
+        "addressed",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth1",
+        "netns",
+        &pod,
+    ]);
+    run(&["addr", "add", "192.168.250.1/24", "dev", "addressed"]);
+    run(&["link", "add", "br0", "type", "bridge"]);
+    run(&[
+        "link", "add", "ported", "type", "veth", "peer", "name", "eth2", "netns", &pod,
+    ]);
+    run(&["link", "set", "ported", "master", "br0"]);
+    run(&[
+        "link", "add", "fm_vxlan", "type", "vxlan", "external", "dstport", "4789",
+    ]);
+    let verdicts: BTreeMap<&str, Result<(), String>> = in_netns(&node, || {
+        [
+            "podveth",
+            "samens",
+            "addressed",
+            "ported",
+            "br0",
+            "fm_vxlan",
+            "lo",
+        ]
+        .into_iter()
+        .map(|name| {
+            let ifindex = netdev::ifindex(name).unwrap();
+            let facts = netdev::link_facts(name, ifindex).unwrap();
+            (name, netdev::check_pod_veth(name, &facts))
+        })
+        .collect()
+    });
+    assert_eq!(verdicts["podveth"], Ok(()));
+    for (name, why) in [
+        ("samens", "own network namespace"),
+        ("addressed", "IPv4 address"),
+        ("ported", "bridge port"),
+        ("br0", "bridge device"),
+        ("fm_vxlan", "vxlan device"),
+        ("lo", "not a veth"),
+    ] {
+        let err = verdicts[name].clone().unwrap_err();
+        assert!(err.contains(why) && err.contains(name), "{name}: {err}");
+    }
+    let missing = in_netns(&node, || netdev::link_facts("gone0", 999_999)).unwrap_err();
+    assert!(missing.to_string().contains("gone0"), "{missing}");
 }
