@@ -214,7 +214,11 @@ fn ingress_policies_across_clusters() {
     // A malformed edit of a policy is rejected and the previous version stays in force.
     let manifests = m.lab.dir.join("clusters").join("east").join("manifests");
     let broken = MESH_POLICY.replace("port: 8080", "port: 70000");
-    std::fs::write(manifests.join("mesh-policy.yaml"), broken).expect("write broken policy");
+    // Written aside and renamed into place: the agent never reads a half-written (or empty) file, which would be a
+    // valid edit that removes the policy.
+    let tmp = manifests.join(".mesh-policy.yaml.tmp");
+    std::fs::write(&tmp, broken).expect("write broken policy");
+    std::fs::rename(&tmp, manifests.join("mesh-policy.yaml")).expect("rename broken policy");
     let socket = m.socket("east-node-1");
     converges("the agent reports the malformed policy", || {
         agent_get(&socket, "/v1/status")
