@@ -448,7 +448,7 @@ struct Session {
 
 impl Watcher {
     async fn run(self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = mesh_kvstore::etcd::Reconnect::default();
         loop {
             let started = std::time::Instant::now();
             let reason = match self.session().await {
@@ -467,11 +467,7 @@ impl Watcher {
                 rc.unreachable_since_ms
                     .get_or_insert(rc.last_alive_ms.unwrap_or(now).min(now));
             });
-            if started.elapsed() > Duration::from_secs(10) {
-                backoff = Duration::from_millis(100);
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            tokio::time::sleep(backoff.after(started.elapsed())).await;
         }
     }
 

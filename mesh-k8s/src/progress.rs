@@ -133,21 +133,26 @@ pub enum NodeProgressError {
     },
 }
 
+const RETRY: backon::ExponentialBuilder = backon::ExponentialBuilder::new()
+    .with_min_delay(RETRY_MIN)
+    .with_max_delay(RETRY_MAX)
+    .without_max_times();
+
 /// Retries of failed writes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Backoff {
-    failures: u32,
+    delays: backon::ExponentialBackoff,
     retry_at: Instant,
 }
 
 impl Backoff {
+    /// The retry after one more failure (the first when `previous` is `None`).
     fn after(previous: Option<Backoff>, now: Instant) -> Self {
-        let failures = previous.map_or(0, |b| b.failures).saturating_add(1);
-        let wait = RETRY_MIN
-            .saturating_mul(2u32.saturating_pow(failures - 1))
-            .min(RETRY_MAX);
+        use backon::BackoffBuilder as _;
+        let mut delays = previous.map_or_else(|| RETRY.build(), |b| b.delays);
+        let wait = delays.next().unwrap_or(RETRY_MAX);
         Self {
-            failures,
+            delays,
             retry_at: now + wait,
         }
     }
@@ -340,7 +345,7 @@ impl NodeProgressWriter {
     #[instrument(skip_all, fields(node = %self.node, rollouts = current.len()))]
     pub async fn sync(&mut self, current: &NodeRollouts, now: Instant) -> Synced<NodeProgressError> {
         let mut out = Synced::default();
-        if let Some(b) = self.failing
+        if let Some(b) = &self.failing
             && b.retry_at > now
         {
             out.next = Some(b.retry_at);
@@ -420,9 +425,9 @@ impl NodeProgressWriter {
     }
 
     fn fail(&mut self, e: NodeProgressError, now: Instant, out: &mut Synced<NodeProgressError>) {
-        let b = Backoff::after(self.failing, now);
-        self.failing = Some(b);
+        let b = Backoff::after(self.failing.take(), now);
         out.next = Some(b.retry_at);
+        self.failing = Some(b);
         out.failures.push(e);
     }
 
@@ -766,7 +771,7 @@ impl RolloutSummaries {
                     out.patched += 1;
                 }
                 Err(e) => {
-                    let b = Backoff::after(self.failing.get(&key).copied(), now);
+                    let b = Backoff::after(self.failing.remove(&key), now);
                     out.next = earliest(out.next, b.retry_at);
                     self.failing.insert(key, b);
                     out.failures.push(e);
@@ -1069,12 +1074,12 @@ mod tests {
     fn backoff_doubles_up_to_the_max() {
         let now = Instant::now();
         let mut b = Backoff::after(None, now);
-        assert_eq!(b.retry_at - now, RETRY_MIN);
-        b = Backoff::after(Some(b), now);
-        assert_eq!(b.retry_at - now, RETRY_MIN * 2);
+        let mut waits = vec![(b.retry_at - now).as_secs()];
         for _ in 0..40 {
             b = Backoff::after(Some(b), now);
+            waits.push((b.retry_at - now).as_secs());
         }
+        assert_eq!(waits[..8], [1, 2, 4, 8, 16, 32, 60, 60]);
         assert_eq!(b.retry_at - now, RETRY_MAX);
     }
 
