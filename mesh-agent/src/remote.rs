@@ -365,7 +365,8 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
 /// When the file cannot be read or parsed, or its keys do not go together.
 pub fn read_own_config(file: &Path) -> Result<RemoteConfig, String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let cfg: RemoteConfig = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let cfg: RemoteConfig =
+        mesh_model::yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
     cfg.checked(file.parent().unwrap_or_else(|| Path::new(".")))
         .map_err(|e| format!("{}: {e}", file.display()))
 }

@@ -196,7 +196,7 @@ pub struct RolloutProgress {
 ///
 /// # Errors
 /// When a CRD cannot be serialized (a bug in the types).
-pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
+pub fn crd_files() -> Result<Vec<(String, String)>, mesh_model::yaml::SerializeError> {
     [
         TrafficPolicy::crd(),
         StagedRollout::crd(),
@@ -206,7 +206,7 @@ pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
         .into_iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();
-            let yaml = serde_yaml::to_string(&crd)?;
+            let yaml = mesh_model::yaml::to_string(&crd)?;
             Ok((
                 format!("{name}.yaml"),
                 format!("# Generated from mesh-k8s/src/crd.rs; regenerate with: UPDATE_CRDS=1 cargo test -p mesh-k8s --lib crd\n{yaml}"),
@@ -298,7 +298,7 @@ mod tests {
         assert!(peer["clusters"]["properties"]["names"].is_object(), "{peer}");
         let text = "apiVersion: fleetmesh.io/v1alpha1\nkind: MeshNetworkPolicy\nmetadata: {name: api, namespace: shop}\n\
                     spec:\n  podSelector: {matchLabels: {app: api}}\n  ingress: [{from: [{podSelector: {}, clusters: {names: [west]}}], ports: [{port: 80}, {port: http}]}]\n";
-        let p: MeshNetworkPolicy = serde_yaml::from_str(text).expect("reads");
+        let p: MeshNetworkPolicy = mesh_model::yaml::from_str(text).expect("reads");
         assert_eq!(
             p.spec.0.ingress[0].from[0]
                 .clusters
@@ -334,7 +334,7 @@ mod tests {
         let text = "apiVersion: fleetmesh.io/v1alpha1\nkind: MeshNode\nmetadata: {name: n1}\nspec: {}\nstatus:\n  \
                     rollouts:\n    shop/api-v2: {phase: Halted, step: 2, steps: 3, percent: 0, heldSeconds: 4, \
                     failureRatio: 0.5, newFlows: 10, resets: 5}\n";
-        let n: MeshNode = serde_yaml::from_str(text).expect("reads");
+        let n: MeshNode = mesh_model::yaml::from_str(text).expect("reads");
         let rollouts = n.status.map(|s| s.rollouts).unwrap_or_default();
         assert_eq!(rollouts["shop/api-v2"].phase, RolloutPhase::Halted);
     }
@@ -344,7 +344,7 @@ mod tests {
     fn manifest_reads_as_crd_object() {
         let text = "apiVersion: fleetmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: api, namespace: shop}\n\
                     spec:\n  service: api\n  weights: [{clusters: {names: [west]}, weight: 90}]\n";
-        let tp: TrafficPolicy = serde_yaml::from_str(text).expect("reads");
+        let tp: TrafficPolicy = mesh_model::yaml::from_str(text).expect("reads");
         assert_eq!(tp.spec.0.service, "api");
         assert_eq!(tp.spec.0.weights[0].weight, 90);
     }
