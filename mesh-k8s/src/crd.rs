@@ -3,7 +3,10 @@
 //! describe the same shape), and `MeshNode`, each node's report written by its agent (status only).
 //! The chart's `crds/` folder holds the YAML generated from these types (see [`crd_files`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use kube::CustomResource;
 use kube::CustomResourceExt as _;
@@ -121,13 +124,22 @@ pub struct StagedRolloutStatus {
 pub struct MeshNodeSpec {}
 
 /// What a node's agent reports.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct MeshNodeStatus {
+// `E`: readers that take the entries one by one read them as JSON values (see `progress::stored_entries`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", bound(deserialize = "E: Deserialize<'de>"))]
+pub struct MeshNodeStatus<E = NodeProgress> {
     /// The staged rollouts this node runs, by `<namespace>/<name>`, as it runs them for its clients (written on a
     /// phase or step change at once, otherwise at most every 30 s while the rollout progresses).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub rollouts: BTreeMap<String, NodeProgress>,
+    pub rollouts: BTreeMap<String, E>,
+}
+
+impl<E> Default for MeshNodeStatus<E> {
+    fn default() -> Self {
+        Self {
+            rollouts: BTreeMap::new(),
+        }
+    }
 }
 
 /// Where a staged rollout is, on a node or (summarized) in the cluster.
@@ -190,6 +202,43 @@ pub struct RolloutProgress {
     /// The first halted nodes by name (at most 10; `nodesHalted` counts them all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub halted_nodes: Vec<String>,
+}
+
+/// The Multi-Cluster Services API's `ServiceExport` (`multicluster.x-k8s.io/v1alpha1`): not fleetmesh's (the chart
+/// does not install its CRD), typed here for its API path. fleetmesh reads only its name (the manifest rules check
+/// the rest of it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceExport {
+    pub metadata: ObjectMeta,
+}
+
+impl kube::Resource for ServiceExport {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "ServiceExport".into()
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        "multicluster.x-k8s.io".into()
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1alpha1".into()
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        "serviceexports".into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
 }
 
 /// The chart's CRD files: (file name, YAML), in a stable order.

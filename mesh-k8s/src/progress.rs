@@ -28,16 +28,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource as _};
+use serde::Deserialize as _;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, instrument, warn};
 
-use crate::crd::{MeshNode, MeshNodeSpec, NodeProgress, RolloutPhase, RolloutProgress};
+use crate::crd::{
+    MeshNode, MeshNodeSpec, MeshNodeStatus, NodeProgress, RolloutPhase, RolloutProgress, StagedRollout,
+    StagedRolloutStatus,
+};
+use crate::lenient::Lenient;
 use crate::status::{StatusError, StatusKind};
 
 /// How often at most an agent rewrites a rollout's entry when neither its phase nor its step changed.
@@ -70,34 +75,25 @@ pub fn parse_entry_key(key: &str) -> Option<RolloutKey> {
     (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then(|| (ns.to_owned(), name.to_owned()))
 }
 
-/// The `meshnodes` resource.
-fn mesh_node_resource() -> ApiResource {
-    ApiResource::erase::<MeshNode>(&())
-}
-
 /// The entries of a `MeshNode`'s `status.rollouts` by key; `None` for one that does not read as a
-/// [`NodeProgress`] (left out of summaries), `updatedAt` dropped.
-fn stored_entries(object: &DynamicObject) -> BTreeMap<String, Option<NodeProgress>> {
-    object
-        .data
-        .get("status")
-        .and_then(|s| s.get("rollouts"))
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| {
-                    let entry = serde_json::from_value::<NodeProgress>(v.clone())
-                        .ok()
-                        .map(|mut p| {
-                            p.updated_at = None;
-                            p
-                        });
-                    (k.clone(), entry)
-                })
-                .collect()
+/// [`NodeProgress`] (left out of summaries), `updatedAt` dropped. Read entry by entry (the status as a
+/// `MeshNodeStatus<Value>`): one that does not read hides no other.
+fn stored_entries(object: &Lenient<MeshNode>) -> BTreeMap<String, Option<NodeProgress>> {
+    let Some(status) = object.status::<MeshNodeStatus<Value>>() else {
+        return BTreeMap::new();
+    };
+    status
+        .rollouts
+        .into_iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| {
+            let entry = NodeProgress::deserialize(v).ok().map(|mut p| {
+                p.updated_at = None;
+                p
+            });
+            (k, entry)
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// A node's report that could not be written.
@@ -284,7 +280,7 @@ impl NodeProgressWriter {
     /// there nor leaves entries of rollouts it no longer runs), or creates it owned by the `Node`.
     #[instrument(skip_all, fields(node = %self.node))]
     async fn ensure(&mut self, now: Instant) -> Result<(), NodeProgressError> {
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &mesh_node_resource());
+        let api = Api::<Lenient<MeshNode>>::all(self.client.clone());
         let mesh_node_error = |source| NodeProgressError::MeshNode {
             node: self.node.clone(),
             source,
@@ -447,7 +443,7 @@ impl NodeProgressWriter {
             })
             .collect();
         let body = json!({"status": {"rollouts": rollouts}});
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &mesh_node_resource());
+        let api = Api::<Lenient<MeshNode>>::all(self.client.clone());
         api.patch_status(&self.node, &PatchParams::default(), &Patch::Merge(&body))
             .await
             .map(|_| ())
@@ -787,8 +783,7 @@ impl RolloutSummaries {
             with_nulls(serde_json::to_value(s).unwrap_or(Value::Null), &["haltedNodes"])
         });
         let body = json!({"status": {"progress": progress}});
-        let ar = StatusKind::StagedRollout.api_resource();
-        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &key.0, &ar);
+        let api = Api::<Lenient<StagedRollout>>::namespaced(self.client.clone(), &key.0);
         match api
             .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&body))
             .await
@@ -810,9 +805,8 @@ impl RolloutSummaries {
     /// sender is gone; failures are logged and retried, never returned.
     #[instrument(skip_all)]
     pub async fn run(mut self, mut nodes: watch::Receiver<Option<BTreeSet<String>>>) {
-        let rollouts_api =
-            Api::<DynamicObject>::all_with(self.client.clone(), &StatusKind::StagedRollout.api_resource());
-        let reports_api = Api::<DynamicObject>::all_with(self.client.clone(), &mesh_node_resource());
+        let rollouts_api = Api::<Lenient<StagedRollout>>::all(self.client.clone());
+        let reports_api = Api::<Lenient<MeshNode>>::all(self.client.clone());
         let mut rollout_events =
             std::pin::pin!(watcher::watcher(rollouts_api, watcher::Config::default()).default_backoff());
         let mut report_events =
@@ -920,16 +914,14 @@ impl RolloutSummaries {
     }
 }
 
-fn rollout_key(o: &DynamicObject) -> Option<RolloutKey> {
+fn rollout_key(o: &Lenient<StagedRollout>) -> Option<RolloutKey> {
     Some((o.metadata.namespace.clone()?, o.metadata.name.clone()?))
 }
 
-/// The summary a `StagedRollout`'s status carries (`None`: none, or not readable).
-fn carried_progress(o: &DynamicObject) -> Option<RolloutProgress> {
-    o.data
-        .get("status")
-        .and_then(|s| s.get("progress"))
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
+/// The summary a `StagedRollout`'s status carries (`None`: none, or not readable). Only the status is read: a
+/// rollout whose spec is refused keeps its summary.
+fn carried_progress(o: &Lenient<StagedRollout>) -> Option<RolloutProgress> {
+    o.status::<StagedRolloutStatus>()?.progress
 }
 
 #[cfg(test)]
@@ -1095,7 +1087,7 @@ mod tests {
 
     #[test]
     fn stored_entries_are_read_and_unreadable_ones_kept_as_such() {
-        let o: DynamicObject = serde_json::from_value(json!({
+        let o: Lenient<MeshNode> = serde_json::from_value(json!({
             "apiVersion": "fleetmesh.io/v1alpha1", "kind": "MeshNode",
             "metadata": {"name": "n1"},
             "status": {"rollouts": {
