@@ -166,7 +166,9 @@ impl fmt::Display for ManifestError {
 
 struct Ctx<'a> {
     file: &'a str,
-    document: usize,
+    /// The file's text and the line where the document starts (`None`: not from a file). Its number is found
+    /// only for an error.
+    document: Option<(&'a str, u64)>,
     object: Option<String>,
 }
 
@@ -184,7 +186,7 @@ impl<'a> Ctx<'a> {
         };
         Self {
             file: origin,
-            document: 0,
+            document: None,
             object: Some(object),
         }
     }
@@ -192,7 +194,9 @@ impl<'a> Ctx<'a> {
     fn err(&self, field: Option<&str>, message: impl Into<String>) -> ManifestError {
         ManifestError {
             file: self.file.to_owned(),
-            document: self.document,
+            document: self
+                .document
+                .map_or(0, |(text, line)| crate::yaml::document_number(text, line)),
             object: self.object.clone(),
             field: field.map(str::to_owned),
             message: message.into(),
@@ -206,19 +210,18 @@ impl<'a> Ctx<'a> {
 /// # Errors
 /// Malformed YAML, unknown kinds or fields, values of the wrong type, or values the model refuses.
 pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
-    let docs = crate::yaml::documents(text).map_err(|e| {
-        let ctx = Ctx {
-            file,
-            document: e.document,
-            object: None,
-        };
-        ctx.err(None, format!("malformed YAML: {e}"))
+    let docs = crate::yaml::documents(text).map_err(|e| ManifestError {
+        file: file.to_owned(),
+        document: e.document,
+        object: None,
+        field: None,
+        message: format!("malformed YAML: {e}"),
     })?;
     docs.into_iter()
         .map(|d| {
             let ctx = Ctx {
                 file,
-                document: d.number,
+                document: Some((text, d.line)),
                 object: None,
             };
             object(ctx, d.value)
@@ -236,7 +239,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
 pub fn from_value(origin: &str, value: &serde_json::Value) -> Result<Object, ManifestError> {
     let ctx = Ctx {
         file: origin,
-        document: 0,
+        document: None,
         object: None,
     };
     object(ctx, value.clone())
@@ -940,6 +943,10 @@ status: {addresses: [{type: InternalIP, address: 172.30.1.1}]}
         let e = parse_str("m.yaml", text).expect_err("unclosed");
         assert_eq!(e.document, 4, "{e}");
         assert!(e.message.contains("at line 8, column 7"), "{e}");
+        // An object the model refuses is named with its document's number too (found only for the error).
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n---\nkind: Gadget\n";
+        let e = parse_str("m.yaml", text).expect_err("unknown kind");
+        assert_eq!((e.document, e.field.as_deref()), (3, Some("kind")), "{e}");
     }
 
     #[test]

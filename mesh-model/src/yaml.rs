@@ -8,7 +8,9 @@ use serde::de::DeserializeOwned;
 pub use serde_saphyr::{Error, SerializeError};
 
 /// The reading options: YAML 1.2 core scalars, duplicate keys refused, errors without a source snippet (messages
-/// stay one line, with the position).
+/// stay one line, with the position). No limit on the number of documents, nodes or events: those grow with the
+/// file (serde-saphyr's defaults, 1,024 documents and 250,000 nodes, are below a fleet's manifests; the scale
+/// bench's file has 1,002 documents); what amplifies a file, aliases, keeps serde-saphyr's limits.
 #[must_use]
 pub fn options() -> serde_saphyr::Options {
     serde_saphyr::options! {
@@ -16,6 +18,11 @@ pub fn options() -> serde_saphyr::Options {
         leading_zero_numbers_as_strings: true,
         underscored_numbers_as_strings: true,
         with_snippet: false,
+        budget: serde_saphyr::budget! {
+            max_documents: usize::MAX,
+            max_nodes: usize::MAX,
+            max_events: usize::MAX,
+        },
     }
 }
 
@@ -50,9 +57,7 @@ pub fn to_string<T: Serialize>(value: &T) -> Result<String, SerializeError> {
 /// A non-empty document of a multi-document file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
-    /// 1-based index of the document in the file, empty documents counted.
-    pub number: usize,
-    /// Line where its content starts.
+    /// Line where its content starts (its number in the file: [`document_number`]).
     pub line: u64,
     pub value: serde_json::Value,
 }
@@ -69,26 +74,17 @@ pub struct DocumentError {
     pub message: String,
 }
 
-/// Every non-empty document of `text`, as JSON values (what Kubernetes objects are), numbered as they stand in the
-/// file.
+/// Every non-empty document of `text`, as JSON values (what Kubernetes objects are), with the line where each
+/// starts.
 ///
 /// # Errors
 /// The first document that is not YAML (or has duplicate keys): its number, line and column.
 pub fn documents(text: &str) -> Result<Vec<Document>, DocumentError> {
-    let starts = document_starts(text);
-    // The number of the document that holds `line`: the documents that start at or before it.
-    let number = |line: u64| {
-        starts
-            .iter()
-            .take_while(|&&s| u64::try_from(s).is_ok_and(|s| s <= line))
-            .count()
-            .max(1)
-    };
     let docs: Vec<serde_saphyr::Spanned<serde_json::Value>> =
         serde_saphyr::from_str_multiple_with_options(text, options()).map_err(|e| {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
             DocumentError {
-                document: if line == 0 { 0 } else { number(line) },
+                document: if line == 0 { 0 } else { document_number(text, line) },
                 line,
                 column,
                 message: e.to_string(),
@@ -96,25 +92,25 @@ pub fn documents(text: &str) -> Result<Vec<Document>, DocumentError> {
         })?;
     Ok(docs
         .into_iter()
-        .map(|d| {
-            let line = d.referenced.line();
-            Document {
-                number: number(line),
-                line,
-                value: d.value,
-            }
+        .map(|d| Document {
+            line: d.referenced.line(),
+            value: d.value,
         })
         .collect())
 }
 
-/// The line of each document's start (its `---`, or its first content), up to the first syntax error.
-fn document_starts(text: &str) -> Vec<usize> {
+/// The 1-based number, empty documents counted, of the document of `text` that holds `line`: how many documents
+/// start (with `---`, or with their first content) at or before it. It parses `text` again, up to its first
+/// syntax error: for error messages, not for every document.
+#[must_use]
+pub fn document_number(text: &str, line: u64) -> usize {
     use serde_saphyr::granit_parser::{Event, Parser};
     Parser::new_from_str(text)
         .map_while(Result::ok)
         .filter(|(e, _)| matches!(e, Event::DocumentStart(..)))
-        .map(|(_, span)| span.start.line())
-        .collect()
+        .take_while(|(_, span)| u64::try_from(span.start.line()).is_ok_and(|s| s <= line))
+        .count()
+        .max(1)
 }
 
 #[cfg(test)]
@@ -125,9 +121,10 @@ mod tests {
     fn documents_are_numbered_as_in_the_file_empty_ones_counted() {
         let docs =
             documents("# a comment\na: 1\n---\n# empty\n---\nb: [1, 2]\n---\n---\nc: x\n").expect("yaml");
+        let text = "# a comment\na: 1\n---\n# empty\n---\nb: [1, 2]\n---\n---\nc: x\n";
         let got: Vec<(usize, u64, String)> = docs
             .iter()
-            .map(|d| (d.number, d.line, d.value.to_string()))
+            .map(|d| (document_number(text, d.line), d.line, d.value.to_string()))
             .collect();
         assert_eq!(
             got,
@@ -138,8 +135,10 @@ mod tests {
             ]
         );
         // A file that starts with `---` has no empty document before it.
-        let docs = documents("---\na: 1\n---\nb: 2\n").expect("yaml");
-        assert_eq!(docs.iter().map(|d| d.number).collect::<Vec<_>>(), [1, 2]);
+        let text = "---\na: 1\n---\nb: 2\n";
+        let docs = documents(text).expect("yaml");
+        let numbers: Vec<usize> = docs.iter().map(|d| document_number(text, d.line)).collect();
+        assert_eq!(numbers, [1, 2]);
     }
 
     #[test]
@@ -150,6 +149,17 @@ mod tests {
         let e = documents("a: 1\n---\nb: 1\nb: 2\n").expect_err("duplicate key");
         assert_eq!((e.document, e.line), (2, 4), "{e}");
         assert!(e.message.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn large_files_read() {
+        // More documents and more nodes than serde-saphyr's default budget allows.
+        let text = "---\nkind: Service\nmetadata: {name: s}\n".repeat(1_100);
+        let docs = documents(&text).expect("1,100 documents");
+        assert_eq!((docs.len(), docs[1_099].line), (1_100, 3 * 1_099 + 2));
+        let text = format!("x: [{}1]\n", "1, ".repeat(260_000));
+        let v: serde_json::Value = from_str(&text).expect("260,001 nodes");
+        assert_eq!(v["x"].as_array().map(Vec::len), Some(260_001));
     }
 
     #[test]

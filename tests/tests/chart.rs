@@ -220,13 +220,16 @@ impl Rendered {
         let docs = mesh_model::yaml::documents(yaml)
             .unwrap_or_else(|e| panic!("rendered document {} is not YAML: {e}\n{yaml}", e.document));
         for doc in docs {
-            let (i, json) = (doc.number, doc.value);
+            let json = doc.value;
             let field = |f: &str| json["metadata"][f].as_str().map(str::to_owned);
             let (api_version, kind) = (
                 json["apiVersion"].as_str().unwrap_or_default(),
                 json["kind"].as_str().unwrap_or_default(),
             );
-            let name = field("name").unwrap_or_else(|| panic!("document {i} has no metadata.name"));
+            let name = field("name").unwrap_or_else(|| {
+                let i = mesh_model::yaml::document_number(yaml, doc.line);
+                panic!("document {i} has no metadata.name")
+            });
             let what = format!("{api_version} {kind} {name}");
             match (api_version, kind) {
                 ("apps/v1", "DaemonSet") => r.daemon_sets.push(strict(&json, &what)),
