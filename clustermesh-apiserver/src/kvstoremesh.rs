@@ -112,7 +112,7 @@ impl Mirror {
     }
 
     async fn run(mut self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = mesh_kvstore::etcd::Reconnect::default();
         loop {
             let started = std::time::Instant::now();
             let reason = match self.session().await {
@@ -133,11 +133,7 @@ impl Mirror {
                 }
                 Err(e) => warn!(cluster = %self.name, error = %e, "connecting to the local etcd"),
             }
-            if started.elapsed() > Duration::from_secs(10) {
-                backoff = Duration::from_millis(100);
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            tokio::time::sleep(backoff.after(started.elapsed())).await;
         }
     }
 

@@ -37,6 +37,8 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
     PostParams,
 };
+use mesh_k8s::crd::ServiceExport;
+use mesh_k8s::lenient::Lenient;
 use mesh_kvstore::Keys;
 use mesh_kvstore::peer::RemoteConfig;
 use serde::{Deserialize, Serialize};
@@ -337,8 +339,7 @@ impl Controller {
     #[instrument(skip_all)]
     async fn pass(&mut self) -> anyhow::Result<()> {
         let lp = ListParams::default();
-        let se_ar = ar("ServiceExport", "serviceexports");
-        let ses = match Api::<DynamicObject>::all_with(self.client.clone(), &se_ar)
+        let ses = match Api::<Lenient<ServiceExport>>::all(self.client.clone())
             .list(&lp)
             .await
         {
@@ -388,7 +389,7 @@ impl Controller {
                 namespace: ns,
                 name,
                 generation: se.metadata.generation,
-                conditions: se.data["status"]["conditions"]
+                conditions: se.raw["status"]["conditions"]
                     .as_array()
                     .cloned()
                     .unwrap_or_default(),
@@ -427,15 +428,10 @@ impl Controller {
             v.sort_by(|a, b| (a.exported_ms, &a.cluster).cmp(&(b.exported_ms, &b.cluster)));
         }
 
-        let se_status = Api::<DynamicObject>::all_with(self.client.clone(), &se_ar);
         for l in &locals {
             let wanted = conditions(l, by_service.get(&(l.namespace.clone(), l.name.clone())));
             if let Some(body) = status_patch(&l.conditions, &wanted, l.generation) {
-                let api = Api::<DynamicObject>::namespaced_with(
-                    se_status.clone().into_client(),
-                    &l.namespace,
-                    &se_ar,
-                );
+                let api = Api::<Lenient<ServiceExport>>::namespaced(self.client.clone(), &l.namespace);
                 match api
                     .patch_status(&l.name, &PatchParams::default(), &Patch::Merge(&body))
                     .await

@@ -84,16 +84,17 @@ impl Publisher {
         if snapshots.wait_for(|s| s.generation > 0).await.is_err() {
             return;
         }
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = mesh_kvstore::etcd::Reconnect::default();
         // Outlives sessions: what it holds wins over what a session start reads back.
         let mut allocator = Allocator::new(&self.cluster, self.cluster_id, self.identity_gc_grace);
         loop {
+            let started = std::time::Instant::now();
             match self.session(&mut snapshots, &mut allocator).await {
                 Ok(()) => return,
                 Err(e) => {
-                    warn!(error = %format!("{e:#}"), retry_in = ?backoff, "etcd session ended");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let wait = backoff.after(started.elapsed());
+                    warn!(error = %format!("{e:#}"), retry_in = ?wait, "etcd session ended");
+                    tokio::time::sleep(wait).await;
                 }
             }
         }

@@ -175,12 +175,25 @@ async fn status(State(s): State<ApiState>) -> Json<Status> {
     Json(current(&s))
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: Prometheus text format, from the tables' numbers (no copy of the status).
 async fn metrics(State(s): State<ApiState>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    let st = current(&s);
+    let now = crate::remote::now_ms();
+    let counters = s.counters.read().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "reading the datapath counters for /metrics");
+        Vec::new()
+    });
+    let peers = s.remotes.snapshot();
+    let own = s.remotes.own();
+    let scrape = crate::metrics::Scrape::new(
+        &s.status.lock().unwrap_or_else(PoisonError::into_inner),
+        peers.values(),
+        own.as_ref(),
+        counters.into_iter().map(|(c, v)| (c.name(), v)),
+        now,
+    );
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&st, crate::remote::now_ms()),
+        [(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        scrape.render(),
     )
 }
 

@@ -604,7 +604,8 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
 /// When the file cannot be read or parsed, or its keys do not go together.
 pub fn read_own_config(file: &Path) -> Result<RemoteConfig, String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let cfg: RemoteConfig = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let cfg: RemoteConfig =
+        mesh_model::yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
     cfg.checked(file.parent().unwrap_or_else(|| Path::new(".")))
         .map_err(|e| format!("{}: {e}", file.display()))
 }
@@ -790,7 +791,7 @@ pub const OVER_LIMIT_RETRY: Duration = Duration::from_secs(30);
 
 impl Watcher {
     async fn run(self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = mesh_kvstore::etcd::Reconnect::default();
         loop {
             let started = std::time::Instant::now();
             let reason = match self.session().await {
@@ -820,11 +821,7 @@ impl Watcher {
                 rc.unreachable_since_ms
                     .get_or_insert(rc.last_alive_ms.unwrap_or(now).min(now));
             });
-            if started.elapsed() > Duration::from_secs(10) {
-                backoff = Duration::from_millis(100);
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            tokio::time::sleep(backoff.after(started.elapsed())).await;
         }
     }
 

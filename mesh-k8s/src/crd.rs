@@ -3,7 +3,10 @@
 //! describe the same shape), and `MeshNode`, each node's report written by its agent (status only).
 //! The chart's `crds/` folder holds the YAML generated from these types (see [`crd_files`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use kube::CustomResource;
 use kube::CustomResourceExt as _;
@@ -121,13 +124,22 @@ pub struct StagedRolloutStatus {
 pub struct MeshNodeSpec {}
 
 /// What a node's agent reports.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct MeshNodeStatus {
+// `E`: readers that take the entries one by one read them as JSON values (see `progress::stored_entries`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", bound(deserialize = "E: Deserialize<'de>"))]
+pub struct MeshNodeStatus<E = NodeProgress> {
     /// The staged rollouts this node runs, by `<namespace>/<name>`, as it runs them for its clients (written on a
     /// phase or step change at once, otherwise at most every 30 s while the rollout progresses).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub rollouts: BTreeMap<String, NodeProgress>,
+    pub rollouts: BTreeMap<String, E>,
+}
+
+impl<E> Default for MeshNodeStatus<E> {
+    fn default() -> Self {
+        Self {
+            rollouts: BTreeMap::new(),
+        }
+    }
 }
 
 /// Where a staged rollout is, on a node or (summarized) in the cluster.
@@ -192,11 +204,48 @@ pub struct RolloutProgress {
     pub halted_nodes: Vec<String>,
 }
 
+/// The Multi-Cluster Services API's `ServiceExport` (`multicluster.x-k8s.io/v1alpha1`): not fleetmesh's (the chart
+/// does not install its CRD), typed here for its API path. fleetmesh reads only its name (the manifest rules check
+/// the rest of it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceExport {
+    pub metadata: ObjectMeta,
+}
+
+impl kube::Resource for ServiceExport {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "ServiceExport".into()
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        "multicluster.x-k8s.io".into()
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1alpha1".into()
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        "serviceexports".into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// The chart's CRD files: (file name, YAML), in a stable order.
 ///
 /// # Errors
 /// When a CRD cannot be serialized (a bug in the types).
-pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
+pub fn crd_files() -> Result<Vec<(String, String)>, mesh_model::yaml::SerializeError> {
     [
         TrafficPolicy::crd(),
         StagedRollout::crd(),
@@ -206,7 +255,7 @@ pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
         .into_iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();
-            let yaml = serde_yaml::to_string(&crd)?;
+            let yaml = mesh_model::yaml::to_string(&crd)?;
             Ok((
                 format!("{name}.yaml"),
                 format!("# Generated from mesh-k8s/src/crd.rs; regenerate with: UPDATE_CRDS=1 cargo test -p mesh-k8s --lib crd\n{yaml}"),
@@ -298,7 +347,7 @@ mod tests {
         assert!(peer["clusters"]["properties"]["names"].is_object(), "{peer}");
         let text = "apiVersion: fleetmesh.io/v1alpha1\nkind: MeshNetworkPolicy\nmetadata: {name: api, namespace: shop}\n\
                     spec:\n  podSelector: {matchLabels: {app: api}}\n  ingress: [{from: [{podSelector: {}, clusters: {names: [west]}}], ports: [{port: 80}, {port: http}]}]\n";
-        let p: MeshNetworkPolicy = serde_yaml::from_str(text).expect("reads");
+        let p: MeshNetworkPolicy = mesh_model::yaml::from_str(text).expect("reads");
         assert_eq!(
             p.spec.0.ingress[0].from[0]
                 .clusters
@@ -334,7 +383,7 @@ mod tests {
         let text = "apiVersion: fleetmesh.io/v1alpha1\nkind: MeshNode\nmetadata: {name: n1}\nspec: {}\nstatus:\n  \
                     rollouts:\n    shop/api-v2: {phase: Halted, step: 2, steps: 3, percent: 0, heldSeconds: 4, \
                     failureRatio: 0.5, newFlows: 10, resets: 5}\n";
-        let n: MeshNode = serde_yaml::from_str(text).expect("reads");
+        let n: MeshNode = mesh_model::yaml::from_str(text).expect("reads");
         let rollouts = n.status.map(|s| s.rollouts).unwrap_or_default();
         assert_eq!(rollouts["shop/api-v2"].phase, RolloutPhase::Halted);
     }
@@ -344,7 +393,7 @@ mod tests {
     fn manifest_reads_as_crd_object() {
         let text = "apiVersion: fleetmesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: api, namespace: shop}\n\
                     spec:\n  service: api\n  weights: [{clusters: {names: [west]}, weight: 90}]\n";
-        let tp: TrafficPolicy = serde_yaml::from_str(text).expect("reads");
+        let tp: TrafficPolicy = mesh_model::yaml::from_str(text).expect("reads");
         assert_eq!(tp.spec.0.service, "api");
         assert_eq!(tp.spec.0.weights[0].weight, 90);
     }

@@ -5,6 +5,7 @@
 //! knows where its state came from. A malformed object is skipped and reported in the snapshot's errors.
 
 pub mod crd;
+pub mod lenient;
 pub mod progress;
 pub mod select;
 pub mod source;

@@ -28,16 +28,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource as _};
+use serde::Deserialize as _;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, instrument, warn};
 
-use crate::crd::{MeshNode, MeshNodeSpec, NodeProgress, RolloutPhase, RolloutProgress};
+use crate::crd::{
+    MeshNode, MeshNodeSpec, MeshNodeStatus, NodeProgress, RolloutPhase, RolloutProgress, StagedRollout,
+    StagedRolloutStatus,
+};
+use crate::lenient::Lenient;
 use crate::status::{StatusError, StatusKind};
 
 /// How often at most an agent rewrites a rollout's entry when neither its phase nor its step changed.
@@ -70,34 +75,25 @@ pub fn parse_entry_key(key: &str) -> Option<RolloutKey> {
     (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then(|| (ns.to_owned(), name.to_owned()))
 }
 
-/// The `meshnodes` resource.
-fn mesh_node_resource() -> ApiResource {
-    ApiResource::erase::<MeshNode>(&())
-}
-
 /// The entries of a `MeshNode`'s `status.rollouts` by key; `None` for one that does not read as a
-/// [`NodeProgress`] (left out of summaries), `updatedAt` dropped.
-fn stored_entries(object: &DynamicObject) -> BTreeMap<String, Option<NodeProgress>> {
-    object
-        .data
-        .get("status")
-        .and_then(|s| s.get("rollouts"))
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| {
-                    let entry = serde_json::from_value::<NodeProgress>(v.clone())
-                        .ok()
-                        .map(|mut p| {
-                            p.updated_at = None;
-                            p
-                        });
-                    (k.clone(), entry)
-                })
-                .collect()
+/// [`NodeProgress`] (left out of summaries), `updatedAt` dropped. Read entry by entry (the status as a
+/// `MeshNodeStatus<Value>`): one that does not read hides no other.
+fn stored_entries(object: &Lenient<MeshNode>) -> BTreeMap<String, Option<NodeProgress>> {
+    let Some(status) = object.status::<MeshNodeStatus<Value>>() else {
+        return BTreeMap::new();
+    };
+    status
+        .rollouts
+        .into_iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| {
+            let entry = NodeProgress::deserialize(v).ok().map(|mut p| {
+                p.updated_at = None;
+                p
+            });
+            (k, entry)
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 /// A node's report that could not be written.
@@ -133,21 +129,26 @@ pub enum NodeProgressError {
     },
 }
 
+const RETRY: backon::ExponentialBuilder = backon::ExponentialBuilder::new()
+    .with_min_delay(RETRY_MIN)
+    .with_max_delay(RETRY_MAX)
+    .without_max_times();
+
 /// Retries of failed writes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Backoff {
-    failures: u32,
+    delays: backon::ExponentialBackoff,
     retry_at: Instant,
 }
 
 impl Backoff {
+    /// The retry after one more failure (the first when `previous` is `None`).
     fn after(previous: Option<Backoff>, now: Instant) -> Self {
-        let failures = previous.map_or(0, |b| b.failures).saturating_add(1);
-        let wait = RETRY_MIN
-            .saturating_mul(2u32.saturating_pow(failures - 1))
-            .min(RETRY_MAX);
+        use backon::BackoffBuilder as _;
+        let mut delays = previous.map_or_else(|| RETRY.build(), |b| b.delays);
+        let wait = delays.next().unwrap_or(RETRY_MAX);
         Self {
-            failures,
+            delays,
             retry_at: now + wait,
         }
     }
@@ -279,7 +280,7 @@ impl NodeProgressWriter {
     /// there nor leaves entries of rollouts it no longer runs), or creates it owned by the `Node`.
     #[instrument(skip_all, fields(node = %self.node))]
     async fn ensure(&mut self, now: Instant) -> Result<(), NodeProgressError> {
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &mesh_node_resource());
+        let api = Api::<Lenient<MeshNode>>::all(self.client.clone());
         let mesh_node_error = |source| NodeProgressError::MeshNode {
             node: self.node.clone(),
             source,
@@ -340,7 +341,7 @@ impl NodeProgressWriter {
     #[instrument(skip_all, fields(node = %self.node, rollouts = current.len()))]
     pub async fn sync(&mut self, current: &NodeRollouts, now: Instant) -> Synced<NodeProgressError> {
         let mut out = Synced::default();
-        if let Some(b) = self.failing
+        if let Some(b) = &self.failing
             && b.retry_at > now
         {
             out.next = Some(b.retry_at);
@@ -420,9 +421,9 @@ impl NodeProgressWriter {
     }
 
     fn fail(&mut self, e: NodeProgressError, now: Instant, out: &mut Synced<NodeProgressError>) {
-        let b = Backoff::after(self.failing, now);
-        self.failing = Some(b);
+        let b = Backoff::after(self.failing.take(), now);
         out.next = Some(b.retry_at);
+        self.failing = Some(b);
         out.failures.push(e);
     }
 
@@ -442,7 +443,7 @@ impl NodeProgressWriter {
             })
             .collect();
         let body = json!({"status": {"rollouts": rollouts}});
-        let api = Api::<DynamicObject>::all_with(self.client.clone(), &mesh_node_resource());
+        let api = Api::<Lenient<MeshNode>>::all(self.client.clone());
         api.patch_status(&self.node, &PatchParams::default(), &Patch::Merge(&body))
             .await
             .map(|_| ())
@@ -766,7 +767,7 @@ impl RolloutSummaries {
                     out.patched += 1;
                 }
                 Err(e) => {
-                    let b = Backoff::after(self.failing.get(&key).copied(), now);
+                    let b = Backoff::after(self.failing.remove(&key), now);
                     out.next = earliest(out.next, b.retry_at);
                     self.failing.insert(key, b);
                     out.failures.push(e);
@@ -782,8 +783,7 @@ impl RolloutSummaries {
             with_nulls(serde_json::to_value(s).unwrap_or(Value::Null), &["haltedNodes"])
         });
         let body = json!({"status": {"progress": progress}});
-        let ar = StatusKind::StagedRollout.api_resource();
-        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &key.0, &ar);
+        let api = Api::<Lenient<StagedRollout>>::namespaced(self.client.clone(), &key.0);
         match api
             .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&body))
             .await
@@ -805,9 +805,8 @@ impl RolloutSummaries {
     /// sender is gone; failures are logged and retried, never returned.
     #[instrument(skip_all)]
     pub async fn run(mut self, mut nodes: watch::Receiver<Option<BTreeSet<String>>>) {
-        let rollouts_api =
-            Api::<DynamicObject>::all_with(self.client.clone(), &StatusKind::StagedRollout.api_resource());
-        let reports_api = Api::<DynamicObject>::all_with(self.client.clone(), &mesh_node_resource());
+        let rollouts_api = Api::<Lenient<StagedRollout>>::all(self.client.clone());
+        let reports_api = Api::<Lenient<MeshNode>>::all(self.client.clone());
         let mut rollout_events =
             std::pin::pin!(watcher::watcher(rollouts_api, watcher::Config::default()).default_backoff());
         let mut report_events =
@@ -915,16 +914,14 @@ impl RolloutSummaries {
     }
 }
 
-fn rollout_key(o: &DynamicObject) -> Option<RolloutKey> {
+fn rollout_key(o: &Lenient<StagedRollout>) -> Option<RolloutKey> {
     Some((o.metadata.namespace.clone()?, o.metadata.name.clone()?))
 }
 
-/// The summary a `StagedRollout`'s status carries (`None`: none, or not readable).
-fn carried_progress(o: &DynamicObject) -> Option<RolloutProgress> {
-    o.data
-        .get("status")
-        .and_then(|s| s.get("progress"))
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
+/// The summary a `StagedRollout`'s status carries (`None`: none, or not readable). Only the status is read: a
+/// rollout whose spec is refused keeps its summary.
+fn carried_progress(o: &Lenient<StagedRollout>) -> Option<RolloutProgress> {
+    o.status::<StagedRolloutStatus>()?.progress
 }
 
 #[cfg(test)]
@@ -1069,12 +1066,12 @@ mod tests {
     fn backoff_doubles_up_to_the_max() {
         let now = Instant::now();
         let mut b = Backoff::after(None, now);
-        assert_eq!(b.retry_at - now, RETRY_MIN);
-        b = Backoff::after(Some(b), now);
-        assert_eq!(b.retry_at - now, RETRY_MIN * 2);
+        let mut waits = vec![(b.retry_at - now).as_secs()];
         for _ in 0..40 {
             b = Backoff::after(Some(b), now);
+            waits.push((b.retry_at - now).as_secs());
         }
+        assert_eq!(waits[..8], [1, 2, 4, 8, 16, 32, 60, 60]);
         assert_eq!(b.retry_at - now, RETRY_MAX);
     }
 
@@ -1090,7 +1087,7 @@ mod tests {
 
     #[test]
     fn stored_entries_are_read_and_unreadable_ones_kept_as_such() {
-        let o: DynamicObject = serde_json::from_value(json!({
+        let o: Lenient<MeshNode> = serde_json::from_value(json!({
             "apiVersion": "fleetmesh.io/v1alpha1", "kind": "MeshNode",
             "metadata": {"name": "n1"},
             "status": {"rollouts": {

@@ -14,7 +14,8 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use k8s_openapi::api::networking::v1 as networking;
+use kube::api::Api;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt as _};
@@ -26,7 +27,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, error, info, instrument, warn};
 
-use crate::crd::ObjectStatus;
+use crate::crd::{self, ObjectStatus};
+use crate::lenient::Lenient;
 use crate::progress::RolloutSummaries;
 use crate::status::{ObjectRef, StatusKind, StatusWriter, Verdict, Verdicts};
 
@@ -175,27 +177,18 @@ impl Kind {
         Kind::MeshNetworkPolicy,
     ];
 
-    /// (group, version, kind, plural) of the kinds served by CRDs, watched as untyped objects so that one bad
-    /// object cannot fail the decoding of a whole list. NetworkPolicy is built in, but is watched the same way:
-    /// its JSON goes through the manifest rules, which refuse unknown fields (the typed object drops them).
-    fn custom(self) -> Option<(&'static str, &'static str, &'static str, &'static str)> {
+    /// The kinds served by CRDs (a cluster may not serve them), watched as [`Lenient`] objects so that one bad
+    /// object cannot fail the decoding of a whole list: their JSON goes through the manifest rules, which refuse
+    /// it with a reason. NetworkPolicy is built in, but is watched the same way: the manifest rules refuse unknown
+    /// fields (the typed object drops them).
+    fn custom(self) -> bool {
         match self {
-            Kind::ServiceExport => Some((
-                "multicluster.x-k8s.io",
-                "v1alpha1",
-                "ServiceExport",
-                "serviceexports",
-            )),
-            Kind::TrafficPolicy => Some(("fleetmesh.io", "v1alpha1", "TrafficPolicy", "trafficpolicies")),
-            Kind::StagedRollout => Some(("fleetmesh.io", "v1alpha1", "StagedRollout", "stagedrollouts")),
-            Kind::NetworkPolicy => Some(("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies")),
-            Kind::MeshNetworkPolicy => Some((
-                "fleetmesh.io",
-                "v1alpha1",
-                "MeshNetworkPolicy",
-                "meshnetworkpolicies",
-            )),
-            Kind::Node | Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice => None,
+            Kind::ServiceExport
+            | Kind::TrafficPolicy
+            | Kind::StagedRollout
+            | Kind::NetworkPolicy
+            | Kind::MeshNetworkPolicy => true,
+            Kind::Node | Kind::Namespace | Kind::Pod | Kind::Service | Kind::EndpointSlice => false,
         }
     }
 
@@ -345,7 +338,7 @@ impl Shared {
     }
 
     fn failed(&self, kind: Kind, err: &watcher::Error) {
-        let not_served = kind.custom().is_some() && is_not_found(err);
+        let not_served = kind.custom() && is_not_found(err);
         let message = if not_served {
             format!(
                 "watching {kind:?}s: {err} (is its CustomResourceDefinition installed?); taken as having no objects"
@@ -521,15 +514,9 @@ where
     watcher::watcher(api, config)
 }
 
-/// A custom kind's object as JSON, with `apiVersion` and `kind` filled in (list items may come without them).
-fn custom_value(o: &DynamicObject, ar: &ApiResource) -> serde_json::Value {
-    let mut v = serde_json::to_value(o).unwrap_or_default();
-    if let Some(map) = v.as_object_mut() {
-        map.entry("apiVersion")
-            .or_insert_with(|| ar.api_version.clone().into());
-        map.entry("kind").or_insert_with(|| ar.kind.clone().into());
-    }
-    v
+/// Converts an object of a [`Kind::custom`] kind with the manifest rules, from its JSON.
+fn custom<K: Resource<DynamicType = ()>>(o: &Lenient<K>) -> Option<Result<Object, ManifestError>> {
+    Some(manifests::from_value(ORIGIN, &o.raw))
 }
 
 /// The watcher configuration of every kind: list then watch (the default; not streaming lists).
@@ -641,16 +628,41 @@ async fn run(
         shared.clone(),
         |s| Some(manifests::from_endpoint_slice(ORIGIN, s).map(Object::EndpointSlice)),
     ));
-    for kind in Kind::ALL {
-        let Some((group, version, k, plural)) = kind.custom() else {
-            continue;
-        };
-        let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, k), plural);
-        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-        tasks.spawn(watch_kind(api, config(), kind, shared.clone(), move |o| {
-            Some(manifests::from_value(ORIGIN, &custom_value(o, &ar)))
-        }));
-    }
+    tasks.spawn(watch_kind(
+        Api::<Lenient<crd::ServiceExport>>::all(client.clone()),
+        config(),
+        Kind::ServiceExport,
+        shared.clone(),
+        custom,
+    ));
+    tasks.spawn(watch_kind(
+        Api::<Lenient<crd::TrafficPolicy>>::all(client.clone()),
+        config(),
+        Kind::TrafficPolicy,
+        shared.clone(),
+        custom,
+    ));
+    tasks.spawn(watch_kind(
+        Api::<Lenient<crd::StagedRollout>>::all(client.clone()),
+        config(),
+        Kind::StagedRollout,
+        shared.clone(),
+        custom,
+    ));
+    tasks.spawn(watch_kind(
+        Api::<Lenient<networking::NetworkPolicy>>::all(client.clone()),
+        config(),
+        Kind::NetworkPolicy,
+        shared.clone(),
+        custom,
+    ));
+    tasks.spawn(watch_kind(
+        Api::<Lenient<crd::MeshNetworkPolicy>>::all(client.clone()),
+        config(),
+        Kind::MeshNetworkPolicy,
+        shared.clone(),
+        custom,
+    ));
     publish(&shared, &tx, feeds.as_ref()).await;
     tasks.abort_all();
     Ok(())
@@ -870,21 +882,21 @@ mod tests {
 
     #[test]
     fn custom_objects_get_their_type() {
-        let ar = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("fleetmesh.io", "v1alpha1", "TrafficPolicy"),
-            "trafficpolicies",
-        );
-        let mut o = DynamicObject::new("api", &ar).within("shop");
-        o.types = None;
-        o.data = serde_json::json!({"spec": {"service": "api", "weights": [{"clusters": {"names": ["west"]}, "weight": 0}]}});
-        let e = manifests::from_value(ORIGIN, &custom_value(&o, &ar)).expect_err("weights sum to 0");
+        // A list item, without apiVersion and kind.
+        let mut item = serde_json::json!({
+            "metadata": {"name": "api", "namespace": "shop"},
+            "spec": {"service": "api", "weights": [{"clusters": {"names": ["west"]}, "weight": 0}]},
+        });
+        let o: Lenient<crd::TrafficPolicy> = serde_json::from_value(item.clone()).expect("lenient");
+        let e = custom(&o).expect("converted").expect_err("weights sum to 0");
         let text = e.to_string();
         assert!(
             text.starts_with("kubernetes, TrafficPolicy shop/api, field spec.weights"),
             "{text}"
         );
-        o.data["spec"]["weights"][0]["weight"] = 5.into();
-        let ok = manifests::from_value(ORIGIN, &custom_value(&o, &ar)).expect("valid");
+        item["spec"]["weights"][0]["weight"] = 5.into();
+        let o: Lenient<crd::TrafficPolicy> = serde_json::from_value(item).expect("lenient");
+        let ok = custom(&o).expect("converted").expect("valid");
         assert!(matches!(ok, Object::TrafficPolicy(t) if t.spec.weights[0].weight == 5));
     }
 }

@@ -11,13 +11,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, Resource};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, instrument, warn};
 
-use crate::crd::ObjectStatus;
+use crate::crd::{MeshNetworkPolicy, ObjectStatus, StagedRollout, TrafficPolicy};
+use crate::lenient::Lenient;
 
 /// How long the writer waits before retrying failed patches when nothing else changes.
 pub const RETRY: Duration = Duration::from_secs(10);
@@ -35,13 +37,34 @@ pub enum StatusKind {
 }
 
 impl StatusKind {
-    pub(crate) fn api_resource(self) -> ApiResource {
-        let (kind, plural) = match self {
-            StatusKind::TrafficPolicy => ("TrafficPolicy", "trafficpolicies"),
-            StatusKind::StagedRollout => ("StagedRollout", "stagedrollouts"),
-            StatusKind::MeshNetworkPolicy => ("MeshNetworkPolicy", "meshnetworkpolicies"),
-        };
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("fleetmesh.io", "v1alpha1", kind), plural)
+    /// Merge-patches the status subresource of the object `namespace/name` of this kind (at its CRD type's path;
+    /// the answer is read as [`Lenient`]: the object may be one the source refused).
+    async fn patch_status(
+        self,
+        client: Client,
+        namespace: &str,
+        name: &str,
+        body: &serde_json::Value,
+    ) -> Result<(), kube::Error> {
+        async fn patch<K>(
+            client: Client,
+            namespace: &str,
+            name: &str,
+            body: &serde_json::Value,
+        ) -> Result<(), kube::Error>
+        where
+            K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + std::fmt::Debug,
+        {
+            Api::<Lenient<K>>::namespaced(client, namespace)
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(body))
+                .await
+                .map(|_| ())
+        }
+        match self {
+            StatusKind::TrafficPolicy => patch::<TrafficPolicy>(client, namespace, name, body).await,
+            StatusKind::StagedRollout => patch::<StagedRollout>(client, namespace, name, body).await,
+            StatusKind::MeshNetworkPolicy => patch::<MeshNetworkPolicy>(client, namespace, name, body).await,
+        }
     }
 }
 
@@ -163,16 +186,15 @@ impl StatusWriter {
     /// fixed object loses its old message.
     #[instrument(skip(self, status), fields(phase = ?status.phase))]
     async fn patch(&self, object: &ObjectRef, status: &ObjectStatus) -> Result<(), StatusError> {
-        let ar = object.kind.api_resource();
-        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), &object.namespace, &ar);
         let body = json!({"status": {
             "observedGeneration": status.observed_generation,
             "phase": status.phase,
             "message": status.message,
         }});
-        api.patch_status(&object.name, &PatchParams::default(), &Patch::Merge(&body))
+        object
+            .kind
+            .patch_status(self.client.clone(), &object.namespace, &object.name, &body)
             .await
-            .map(|_| ())
             .map_err(|source| StatusError::Patch {
                 kind: object.kind,
                 namespace: object.namespace.clone(),
@@ -234,19 +256,5 @@ mod tests {
         assert_eq!(s.phase.as_deref(), Some("Invalid"));
         assert_eq!(s.message.as_deref(), Some("field spec.weights: sum to 0"));
         assert_eq!(s.observed_generation, Some(4));
-    }
-
-    #[test]
-    fn api_resources() {
-        let ar = StatusKind::StagedRollout.api_resource();
-        assert_eq!(
-            (ar.api_version.as_str(), ar.plural.as_str()),
-            ("fleetmesh.io/v1alpha1", "stagedrollouts")
-        );
-        assert_eq!(StatusKind::TrafficPolicy.api_resource().plural, "trafficpolicies");
-        assert_eq!(
-            StatusKind::MeshNetworkPolicy.api_resource().plural,
-            "meshnetworkpolicies"
-        );
     }
 }

@@ -451,6 +451,55 @@ async fn malformed_objects_are_skipped_and_reported() {
     );
 }
 
+/// Custom objects are watched typed (`Lenient<K>`): one that does not even have the CRD type's shape is refused
+/// with its reason, and neither fails the list nor the watch of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_objects_of_the_wrong_shape_are_refused_one_by_one() {
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    let mut odd = policy("odd", 1, 1);
+    odd["spec"]["service"] = json!(7);
+    em.create(&odd);
+    let mut src = Source::start(&em, Scope::Cluster);
+
+    let s = src.until("initial lists", |s| s.generation >= 1).await;
+    assert!(
+        s.state.traffic_policies.contains_key(&key("api")),
+        "the others are listed"
+    );
+    assert!(!s.state.traffic_policies.contains_key(&key("odd")));
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("TrafficPolicy shop/odd") && e.contains("spec.service")),
+        "{:?}",
+        s.errors
+    );
+
+    // A watch event of the wrong shape: refused, the previous version stays, the watch goes on.
+    em.patch(&policy("api", 0, 0), &json!({"spec": {"weights": "all"}}));
+    em.create(&policy("later", 5, 5));
+    let s = src
+        .until("bad event refused, later event applied", |s| {
+            s.state.traffic_policies.contains_key(&key("later"))
+                && s.errors.iter().any(|e| e.contains("TrafficPolicy shop/api"))
+        })
+        .await;
+    assert_eq!(
+        s.state.traffic_policies[&key("api")].spec.weights[1].weight,
+        90,
+        "the previous version of the policy stays in force"
+    );
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("TrafficPolicy shop/api") && e.contains("spec.weights")),
+        "{:?}",
+        s.errors
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_scope_asks_for_and_keeps_its_pods() {
     init_tracing();

@@ -1,6 +1,10 @@
 //! Reading a cluster's records from etcd, as agents and the KVStoreMesh mirror both do: a paged list at one
-//! revision (a cluster's state can be far larger than one gRPC message), and the message size limit for it.
+//! revision (a cluster's state can be far larger than one gRPC message), and the message size limit for it; and
+//! the delays between sessions of every etcd client (agents' remote watchers, KVStoreMesh, the publisher).
 
+use std::time::Duration;
+
+use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
 use etcd_client::{Client, GetOptions, WatchClient};
 
 /// Keys per page of a list.
@@ -163,6 +167,40 @@ pub fn watch_client(client: &Client) -> WatchClient {
     client.watch_client().max_decoding_message_size(MAX_MESSAGE_BYTES)
 }
 
+/// First wait before reconnecting to an etcd; it doubles after each failed session up to [`RECONNECT_MAX`].
+pub const RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between sessions.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// A session that lasted longer than this was healthy: the next wait starts over from [`RECONNECT_MIN`].
+pub const RECONNECT_RESET_AFTER: Duration = Duration::from_secs(10);
+
+const RECONNECT: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(RECONNECT_MIN)
+    .with_max_delay(RECONNECT_MAX)
+    .without_max_times();
+
+/// The waits between the sessions of one etcd client (no jitter).
+#[derive(Debug)]
+pub struct Reconnect(ExponentialBackoff);
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self(RECONNECT.build())
+    }
+}
+
+impl Reconnect {
+    /// How long to wait before the next session, now that one that ran for `session` has ended.
+    pub fn after(&mut self, session: Duration) -> Duration {
+        if session > RECONNECT_RESET_AFTER {
+            *self = Self::default();
+        }
+        let wait = self.0.next().unwrap_or(RECONNECT_MAX);
+        // backon doubles in f32 (200.000003ms); whole milliseconds read better in logs.
+        Duration::from_millis(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +221,18 @@ mod tests {
         assert!(Limits::UNLIMITED.check(u64::MAX, u64::MAX).is_ok());
         assert_eq!(Limits::default(), Limits::DEFAULT);
         assert_eq!(entry_bytes(b"ab", b"cde"), 5);
+    }
+
+    #[test]
+    fn reconnects_back_off_from_100ms_doubling_to_5s_and_start_over_after_a_healthy_session() {
+        let mut r = Reconnect::default();
+        let short = Duration::from_secs(1);
+        let waits: Vec<u64> = (0..8)
+            .map(|_| u64::try_from(r.after(short).as_millis()).unwrap_or_default())
+            .collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(r.after(RECONNECT_RESET_AFTER + short), RECONNECT_MIN);
+        assert_eq!(r.after(short), RECONNECT_MIN * 2);
     }
 
     #[test]

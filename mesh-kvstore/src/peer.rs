@@ -163,7 +163,7 @@ pub fn read_config_dir(dir: &Path, own_cluster: &str) -> (BTreeMap<String, Remot
         }
         let parsed = std::fs::read_to_string(&path)
             .map_err(|e| e.to_string())
-            .and_then(|t| serde_yaml::from_str::<RemoteConfig>(&t).map_err(|e| e.to_string()));
+            .and_then(|t| mesh_model::yaml::from_str::<RemoteConfig>(&t).map_err(|e| e.to_string()));
         match parsed.and_then(|c| c.checked(dir)) {
             Ok(c) => {
                 out.insert(name, c);

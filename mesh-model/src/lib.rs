@@ -12,6 +12,7 @@ pub mod service;
 pub mod source;
 pub mod state;
 pub mod traffic;
+pub mod yaml;
 
 pub use cluster::{ClusterId, ClusterName, ClusterNameError};
 pub use state::{

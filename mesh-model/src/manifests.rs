@@ -166,7 +166,9 @@ impl fmt::Display for ManifestError {
 
 struct Ctx<'a> {
     file: &'a str,
-    document: usize,
+    /// The file's text and the line where the document starts (`None`: not from a file). Its number is found
+    /// only for an error.
+    document: Option<(&'a str, u64)>,
     object: Option<String>,
 }
 
@@ -184,7 +186,7 @@ impl<'a> Ctx<'a> {
         };
         Self {
             file: origin,
-            document: 0,
+            document: None,
             object: Some(object),
         }
     }
@@ -192,7 +194,9 @@ impl<'a> Ctx<'a> {
     fn err(&self, field: Option<&str>, message: impl Into<String>) -> ManifestError {
         ManifestError {
             file: self.file.to_owned(),
-            document: self.document,
+            document: self
+                .document
+                .map_or(0, |(text, line)| crate::yaml::document_number(text, line)),
             object: self.object.clone(),
             field: field.map(str::to_owned),
             message: message.into(),
@@ -206,21 +210,23 @@ impl<'a> Ctx<'a> {
 /// # Errors
 /// Malformed YAML, unknown kinds or fields, values of the wrong type, or values the model refuses.
 pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
-    let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let ctx = Ctx {
-            file,
-            document: i + 1,
-            object: None,
-        };
-        let value = serde_yaml::Value::deserialize_from(doc)
-            .map_err(|e| ctx.err(None, format!("malformed YAML: {e}")))?;
-        if value.is_null() {
-            continue;
-        }
-        out.push(object(ctx, value)?);
-    }
-    Ok(out)
+    let docs = crate::yaml::documents(text).map_err(|e| ManifestError {
+        file: file.to_owned(),
+        document: e.document,
+        object: None,
+        field: None,
+        message: format!("malformed YAML: {e}"),
+    })?;
+    docs.into_iter()
+        .map(|d| {
+            let ctx = Ctx {
+                file,
+                document: Some((text, d.line)),
+                object: None,
+            };
+            object(ctx, d.value)
+        })
+        .collect()
 }
 
 /// Converts one object as the API server serves it (JSON), with the same rules as a manifest. Used for the
@@ -233,11 +239,10 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
 pub fn from_value(origin: &str, value: &serde_json::Value) -> Result<Object, ManifestError> {
     let ctx = Ctx {
         file: origin,
-        document: 0,
+        document: None,
         object: None,
     };
-    let value = serde_yaml::to_value(value).map_err(|e| ctx.err(None, format!("not an object: {e}")))?;
-    object(ctx, value)
+    object(ctx, value.clone())
 }
 
 /// Converts a Node object of the API server (or any other origin) with the manifest rules.
@@ -301,24 +306,24 @@ fn network_policy(ctx: &Ctx<'_>, p: &networking::NetworkPolicy) -> Result<Policy
 }
 
 /// One document (already known not to be empty) into an object.
-fn object(mut ctx: Ctx<'_>, value: serde_yaml::Value) -> Result<Object, ManifestError> {
+fn object(mut ctx: Ctx<'_>, value: serde_json::Value) -> Result<Object, ManifestError> {
     let map = value
-        .as_mapping()
+        .as_object()
         .ok_or_else(|| ctx.err(None, "a manifest must be a mapping"))?;
     let kind = map
         .get("kind")
-        .and_then(serde_yaml::Value::as_str)
+        .and_then(serde_json::Value::as_str)
         .unwrap_or_default()
         .to_owned();
     let name = map
         .get("metadata")
         .and_then(|m| m.get("name"))
-        .and_then(serde_yaml::Value::as_str)
+        .and_then(serde_json::Value::as_str)
         .unwrap_or("<unnamed>");
     let ns = map
         .get("metadata")
         .and_then(|m| m.get("namespace"))
-        .and_then(serde_yaml::Value::as_str);
+        .and_then(serde_json::Value::as_str);
     let cluster_scoped = matches!(kind.as_str(), "Node" | "Namespace");
     ctx.object = Some(if cluster_scoped {
         format!("{kind} {name}")
@@ -425,18 +430,8 @@ fn object(mut ctx: Ctx<'_>, value: serde_yaml::Value) -> Result<Object, Manifest
     Ok(obj)
 }
 
-trait DeserializeFrom {
-    fn deserialize_from(de: serde_yaml::Deserializer<'_>) -> Result<serde_yaml::Value, serde_yaml::Error>;
-}
-
-impl DeserializeFrom for serde_yaml::Value {
-    fn deserialize_from(de: serde_yaml::Deserializer<'_>) -> Result<serde_yaml::Value, serde_yaml::Error> {
-        serde::Deserialize::deserialize(de)
-    }
-}
-
 /// Deserializes into a k8s-openapi type, refusing unknown fields and naming the path of a bad value.
-fn typed<T: DeserializeOwned>(ctx: &Ctx<'_>, value: serde_yaml::Value) -> Result<T, ManifestError> {
+fn typed<T: DeserializeOwned>(ctx: &Ctx<'_>, value: serde_json::Value) -> Result<T, ManifestError> {
     let mut unknown = Vec::new();
     let mut on_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
     let de = serde_ignored::Deserializer::new(value, &mut on_unknown);
@@ -936,8 +931,22 @@ status: {addresses: [{type: InternalIP, address: 172.30.1.1}]}
     #[test]
     fn malformed_yaml_is_refused_with_file_and_document() {
         let e = parse_str("m.yaml", "apiVersion: v1\nkind: Pod\n---\n: : :\n  - [").expect_err("malformed");
-        assert_eq!(e.file, "m.yaml");
-        assert!(e.message.contains("YAML") || e.document >= 1, "{e}");
+        assert_eq!((e.file.as_str(), e.document), ("m.yaml", 2), "{e}");
+        assert!(
+            e.to_string().starts_with("m.yaml (document 2): malformed YAML: "),
+            "{e}"
+        );
+        assert!(e.message.contains("at line 4, column 1"), "{e}");
+        // Empty documents count: the broken one is the fourth in the file.
+        let text =
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n# nothing\n---\n---\nkind: [Pod\n";
+        let e = parse_str("m.yaml", text).expect_err("unclosed");
+        assert_eq!(e.document, 4, "{e}");
+        assert!(e.message.contains("at line 8, column 7"), "{e}");
+        // An object the model refuses is named with its document's number too (found only for the error).
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n---\nkind: Gadget\n";
+        let e = parse_str("m.yaml", text).expect_err("unknown kind");
+        assert_eq!((e.document, e.field.as_deref()), (3, Some("kind")), "{e}");
     }
 
     #[test]
@@ -1071,7 +1080,7 @@ spec:
     /// Objects from an API server go through the same rules; errors name the origin, the object and the field.
     #[test]
     fn api_objects_use_the_manifest_rules() {
-        let doc = |text: &str| -> serde_json::Value { serde_yaml::from_str(text).expect("yaml") };
+        let doc = |text: &str| -> serde_json::Value { crate::yaml::from_str(text).expect("yaml") };
         let svc: core::Service = serde_json::from_value(doc(
             "metadata: {name: bad, namespace: shop}\nspec: {clusterIP: 1.2.3, ports: [{port: 80}]}",
         ))
@@ -1209,11 +1218,11 @@ spec:
             "{e}"
         );
         // From the API server: the same rules, unknown fields included.
-        let mut v: serde_json::Value = serde_yaml::from_str(NETPOL).expect("yaml");
+        let mut v: serde_json::Value = crate::yaml::from_str(NETPOL).expect("yaml");
         v["spec"]["ingress"][0]["bogus"] = true.into();
         let e = from_value("kubernetes", &v).expect_err("unknown field");
         assert_eq!(e.field.as_deref(), Some("spec.ingress[0].bogus"), "{e}");
-        let typed: networking::NetworkPolicy = serde_yaml::from_str(NETPOL).expect("typed");
+        let typed: networking::NetworkPolicy = crate::yaml::from_str(NETPOL).expect("typed");
         assert_eq!(&from_network_policy("kubernetes", &typed).expect("valid"), k);
     }
 
@@ -1329,10 +1338,10 @@ endpoints:
         .expect_err("old version");
         assert!(e.to_string().contains("EndpointSlice shop/api-abc12"), "{e}");
         // From the API server: the same rules.
-        let typed: discovery::EndpointSlice = serde_yaml::from_str(SLICE).expect("typed");
+        let typed: discovery::EndpointSlice = crate::yaml::from_str(SLICE).expect("typed");
         assert_eq!(&from_endpoint_slice("kubernetes", &typed).expect("valid"), s);
         let bad: discovery::EndpointSlice =
-            serde_yaml::from_str(&SLICE.replace("10.1.0.3", "not-an-ip")).expect("typed");
+            crate::yaml::from_str(&SLICE.replace("10.1.0.3", "not-an-ip")).expect("typed");
         let e = from_endpoint_slice("kubernetes", &bad).expect_err("bad address");
         assert!(
             e.to_string()

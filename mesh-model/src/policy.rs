@@ -1191,11 +1191,11 @@ mod tests {
     fn policy_yaml(kind: PolicyKind, spec: &str) -> Result<Policy, PolicyError> {
         match kind {
             PolicyKind::Mesh => {
-                let spec: MeshNetworkPolicySpec = serde_yaml::from_str(spec).expect("spec yaml");
+                let spec: MeshNetworkPolicySpec = crate::yaml::from_str(spec).expect("spec yaml");
                 Policy::from_spec(kind, "shop", "p", &spec)
             }
             PolicyKind::Kubernetes => {
-                let spec: networking::NetworkPolicySpec = serde_yaml::from_str(spec).expect("spec yaml");
+                let spec: networking::NetworkPolicySpec = crate::yaml::from_str(spec).expect("spec yaml");
                 Policy::from_k8s("shop", "p", &spec)
             }
         }
@@ -1667,7 +1667,7 @@ mod tests {
 
     #[test]
     fn mesh_spec_refuses_unknown_fields() {
-        let e = serde_yaml::from_str::<MeshNetworkPolicySpec>(
+        let e = crate::yaml::from_str::<MeshNetworkPolicySpec>(
             "podSelector: {}\ningress: [{from: [{podSelector: {}, clusterz: {names: [west]}}]}]\n",
         )
         .expect_err("unknown field");

@@ -112,7 +112,8 @@ impl ClusterInfo {
                 dir.display()
             )
         })?;
-        let info: Self = serde_yaml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        let info: Self =
+            mesh_model::yaml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
         mesh_model::ClusterName::new(&info.name)
             .map_err(|e| anyhow::anyhow!("{}: name: {e}", p.display()))?;
         ensure!(
@@ -406,7 +407,7 @@ pub fn cluster_certs(ca_dir: &Path, spec: &ClusterSpec, out: &Path, force: bool)
     };
     write_file(
         &out.join(CLUSTER_FILE),
-        serde_yaml::to_string(&info)?.as_bytes(),
+        mesh_model::yaml::to_string(&info)?.as_bytes(),
         0o644,
     )?;
     Ok(info)
@@ -434,7 +435,7 @@ fn connected_peers(config_dir: &Path) -> Result<BTreeMap<String, PeerInfo>> {
             continue;
         };
         let info: PeerInfo =
-            serde_yaml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+            mesh_model::yaml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
         // Only peers whose config file is still there count (a removed peer frees its name and id).
         if config_dir.join(peer).is_file() {
             out.insert(peer.to_owned(), info);
@@ -513,12 +514,12 @@ pub fn connect(from: &Path, to: &Path, config_dir: &Path, replace: bool, pins: &
     };
     write_file(
         &tls.join(CLUSTER_FILE),
-        serde_yaml::to_string(&meta)?.as_bytes(),
+        mesh_model::yaml::to_string(&meta)?.as_bytes(),
         0o644,
     )?;
     // The config file last: an agent that sees it finds everything it names.
     let path = config_dir.join(&b.name);
-    write_file(&path, serde_yaml::to_string(&cfg)?.as_bytes(), 0o644)?;
+    write_file(&path, mesh_model::yaml::to_string(&cfg)?.as_bytes(), 0o644)?;
     Ok(path)
 }
 

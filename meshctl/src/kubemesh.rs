@@ -565,14 +565,14 @@ async fn peers(c: &Cluster, secrets: &AgentSecrets) -> Result<Vec<PeerStatus>> {
     for (name, value) in config.as_ref().map(secret_data).unwrap_or_default() {
         let id = certs
             .get(&format!("{name}.cluster.yaml"))
-            .and_then(|b| serde_yaml::from_slice::<PeerInfo>(b).ok())
+            .and_then(|b| mesh_model::yaml::from_slice::<PeerInfo>(b).ok())
             .map(|p| p.id);
-        let parsed = serde_yaml::from_slice::<serde_yaml::Value>(&value);
+        let parsed = mesh_model::yaml::from_slice::<serde_json::Value>(&value);
         let (endpoints, tls, error) = match parsed {
             Ok(v) => {
                 let eps: Vec<String> = v
                     .get("endpoints")
-                    .and_then(|e| e.as_sequence())
+                    .and_then(|e| e.as_array())
                     .into_iter()
                     .flatten()
                     .filter_map(|e| e.as_str().map(str::to_owned))
@@ -1123,7 +1123,7 @@ async fn write_peer(a: &Cluster, sa: &Side, b: &Side) -> Result<()> {
         certs.insert(format!("{n}.tls.crt"), Some(crt.clone()));
         certs.insert(format!("{n}.tls.key"), Some(key.clone()));
         let p = |s: &str| PathBuf::from(format!("{}/{n}.{s}", dir.trim_end_matches('/')));
-        serde_yaml::to_string(&PeerConfig {
+        mesh_model::yaml::to_string(&PeerConfig {
             endpoints: b.endpoints.clone(),
             trusted_ca_file: p("ca.crt"),
             cert_file: p("tls.crt"),
@@ -1140,13 +1140,13 @@ async fn write_peer(a: &Cluster, sa: &Side, b: &Side) -> Result<()> {
         struct Plain<'a> {
             endpoints: &'a [String],
         }
-        serde_yaml::to_string(&Plain {
+        mesh_model::yaml::to_string(&Plain {
             endpoints: &b.endpoints,
         })?
     };
     certs.insert(
         format!("{n}.cluster.yaml"),
-        Some(serde_yaml::to_string(&b.info)?.into_bytes()),
+        Some(mesh_model::yaml::to_string(&b.info)?.into_bytes()),
     );
     a.patch_secret(&certs_secret, &certs).await?;
     // The config entry last: an agent that sees it finds the files it names.

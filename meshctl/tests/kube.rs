@@ -294,7 +294,7 @@ fn connect_writes_both_clusters_and_disconnect_removes_them() {
     // east knows west: config entry in the peer format, certificates in the certs Secret.
     let cfg = secret(&mut east, "fleetmesh-clustermesh");
     let entry: meshctl::clustermesh::PeerConfig =
-        serde_yaml::from_str(&unb64(&cfg["west"])).expect("peer format");
+        mesh_model::yaml::from_str(&unb64(&cfg["west"])).expect("peer format");
     assert_eq!(entry.endpoints, ["https://203.0.113.20:2379"]);
     assert_eq!(entry.trusted_ca_file, Path::new(CERTS_DIR).join("west.ca.crt"));
     assert_eq!(entry.cert_file, Path::new(CERTS_DIR).join("west.tls.crt"));
@@ -308,7 +308,7 @@ fn connect_writes_both_clusters_and_disconnect_removes_them() {
     // And west knows east, through east's node port.
     let cfg = secret(&mut west, "fleetmesh-clustermesh");
     let entry: meshctl::clustermesh::PeerConfig =
-        serde_yaml::from_str(&unb64(&cfg["east"])).expect("peer format");
+        mesh_model::yaml::from_str(&unb64(&cfg["east"])).expect("peer format");
     assert_eq!(entry.endpoints, ["https://10.0.0.1:32379"]);
     let certs = secret(&mut west, "fleetmesh-clustermesh-remote-certs");
     assert_eq!(unb64(&certs["east.tls.key"]), "remote key of east");

@@ -254,20 +254,19 @@ struct Rendered {
 impl Rendered {
     fn parse(yaml: &str) -> Self {
         let mut r = Self::default();
-        for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-            let doc = serde_yaml::Value::deserialize(doc)
-                .unwrap_or_else(|e| panic!("rendered document {i} is not YAML: {e}\n{yaml}"));
-            if doc.is_null() {
-                continue;
-            }
-            let json = serde_json::to_value(&doc)
-                .unwrap_or_else(|e| panic!("rendered document {i} is not JSON-like: {e}"));
+        let docs = mesh_model::yaml::documents(yaml)
+            .unwrap_or_else(|e| panic!("rendered document {} is not YAML: {e}\n{yaml}", e.document));
+        for doc in docs {
+            let json = doc.value;
             let field = |f: &str| json["metadata"][f].as_str().map(str::to_owned);
             let (api_version, kind) = (
                 json["apiVersion"].as_str().unwrap_or_default(),
                 json["kind"].as_str().unwrap_or_default(),
             );
-            let name = field("name").unwrap_or_else(|| panic!("document {i} has no metadata.name"));
+            let name = field("name").unwrap_or_else(|| {
+                let i = mesh_model::yaml::document_number(yaml, doc.line);
+                panic!("document {i} has no metadata.name")
+            });
             let what = format!("{api_version} {kind} {name}");
             match (api_version, kind) {
                 ("apps/v1", "DaemonSet") => r.daemon_sets.push(strict(&json, &what)),
@@ -1029,7 +1028,8 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
         .flatten()
         .map(|(k, _)| {
             let text = secret_file(config, k);
-            let file = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("peer file {k}: {e}\n{text}"));
+            let file =
+                mesh_model::yaml::from_str(&text).unwrap_or_else(|e| panic!("peer file {k}: {e}\n{text}"));
             (k.clone(), file)
         })
         .collect();
@@ -1904,7 +1904,7 @@ fn own_kvstore(
         .data
         .as_ref()
         .and_then(|d| d.get("kvstore-config"))
-        .map(|t| serde_yaml::from_str(t).expect("kvstore-config in the peer format"));
+        .map(|t| mesh_model::yaml::from_str(t).expect("kvstore-config in the peer format"));
     let ds = &r.agent().spec;
     let p = pod(&ds.template);
     let agent = container(p, "mesh-agent");

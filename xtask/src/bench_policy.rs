@@ -143,8 +143,8 @@ fn set_app_label(dir: &Path, cluster: &str, namespace: &str, name: &str, app: &s
         let text = std::fs::read_to_string(&path)?;
         let mut docs = Vec::new();
         let mut found = false;
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let mut v: serde_json::Value = serde::Deserialize::deserialize(doc)?;
+        for doc in mesh_model::yaml::documents(&text)? {
+            let mut v = doc.value;
             if v["kind"] == "Pod" && v["metadata"]["name"] == name && v["metadata"]["namespace"] == namespace
             {
                 v["metadata"]["labels"]["app"] = serde_json::json!(app);
@@ -156,7 +156,7 @@ fn set_app_label(dir: &Path, cluster: &str, namespace: &str, name: &str, app: &s
             let mut out = String::new();
             for d in docs.iter().filter(|d| !d.is_null()) {
                 out.push_str("---\n");
-                out.push_str(&serde_yaml::to_string(d)?);
+                out.push_str(&mesh_model::yaml::to_string(d)?);
             }
             let tmp = path.with_extension("bench-tmp");
             std::fs::write(&tmp, out)?;

@@ -840,7 +840,7 @@ impl LabState {
                 "status": {"addresses": [{"type": "InternalIP", "address": n.underlay_ip.to_string()}]},
             });
             nodes.push_str("---\n");
-            nodes.push_str(&serde_yaml::to_string(&doc)?);
+            nodes.push_str(&mesh_model::yaml::to_string(&doc)?);
         }
         write_atomic(&dir.join(NODES_FILE), &nodes)?;
         let mut keep = BTreeSet::from([NODES_FILE.to_owned()]);
@@ -873,7 +873,7 @@ impl LabState {
                     d["spec"]["clusterIP"] = json!(ip.to_string());
                 }
                 out.push_str("---\n");
-                out.push_str(&serde_yaml::to_string(&d)?);
+                out.push_str(&mesh_model::yaml::to_string(&d)?);
             }
             write_atomic(&dir.join(file), &out)?;
             keep.insert(file.clone());

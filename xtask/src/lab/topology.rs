@@ -147,7 +147,7 @@ pub fn load(dir: &Path) -> anyhow::Result<Vec<Cluster>> {
     let file = dir.join("lab.yaml");
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let f = file.display();
-    let lab: LabFile = serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{f}: {e}"))?;
+    let lab: LabFile = mesh_model::yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{f}: {e}"))?;
     if lab.clusters.is_empty() {
         bail!("{f}: clusters: at least one cluster is needed");
     }
@@ -264,15 +264,14 @@ const CLUSTER_SCOPED: [&str; 2] = ["Namespace", "Node"];
 /// Splits a multi-document YAML file into JSON values (empty documents dropped).
 pub fn read_docs(file: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let mut docs = Vec::new();
-    for (i, d) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let v = <serde_json::Value as serde::Deserialize>::deserialize(d)
-            .map_err(|e| anyhow::anyhow!("{} (document {}): malformed YAML: {e}", file.display(), i + 1))?;
-        if !v.is_null() {
-            docs.push(v);
-        }
-    }
-    Ok(docs)
+    let docs = mesh_model::yaml::documents(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} (document {}): malformed YAML: {e}",
+            file.display(),
+            e.document
+        )
+    })?;
+    Ok(docs.into_iter().map(|d| d.value).collect())
 }
 
 pub fn object_key(doc: &serde_json::Value) -> ObjectKey {
