@@ -797,8 +797,7 @@ impl Watcher {
             let reason = match self.session().await {
                 Ok(Ended::Relist(why)) => {
                     info!(cluster = %self.name, reason = %why, "listing the remote cluster again");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    tokio::time::sleep(backoff.after(started.elapsed())).await;
                     continue;
                 }
                 Ok(Ended::OverLimit(why)) => {
