@@ -179,7 +179,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<RemoteConfig, String> {
-        serde_yaml::from_str::<RemoteConfig>(text)
+        mesh_model::yaml::from_str::<RemoteConfig>(text)
             .map_err(|e| e.to_string())
             .and_then(|c| c.checked(Path::new("/cfg")))
     }

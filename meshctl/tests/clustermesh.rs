@@ -220,7 +220,8 @@ fn connect_pins_what_the_peer_may_claim() {
         true,
     );
     let text = std::fs::read_to_string(cm.join("west")).expect("peer file");
-    let cfg: mesh_kvstore::peer::RemoteConfig = serde_yaml::from_str(&text).expect("the agents' format");
+    let cfg: mesh_kvstore::peer::RemoteConfig =
+        mesh_model::yaml::from_str(&text).expect("the agents' format");
     let cfg = cfg.checked(&cm).expect("checked");
     assert_eq!(cfg.cluster_id, Some(2), "{text}");
     assert_eq!(
