@@ -1418,3 +1418,82 @@ impl Watcher {
             .note(self.slot, &self.name, |rc| rc.last_alive_ms = Some(now));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn a_claim_conflicts_with_overlapping_prefixes_of_other_active_clusters_only() {
+        let mut c = Claims::default();
+        c.add("east", "east-node-1", net("10.1.0.0/24"));
+        c.add("west", "west-node-1", net("10.2.1.0/24"));
+        let conflict = |c: &Claims, cluster: &str, p: &str| c.conflict(cluster, net(p));
+        // Equal, inside (more specific: it would win the lookup), around.
+        assert_eq!(
+            conflict(&c, "north", "10.1.0.0/24"),
+            Some((net("10.1.0.0/24"), "east".into()))
+        );
+        assert_eq!(
+            conflict(&c, "north", "10.1.0.128/25"),
+            Some((net("10.1.0.0/24"), "east".into()))
+        );
+        assert_eq!(
+            conflict(&c, "north", "10.0.0.0/8"),
+            Some((net("10.1.0.0/24"), "east".into()))
+        );
+        assert_eq!(conflict(&c, "north", "10.3.0.0/16"), None);
+        assert_eq!(conflict(&c, "north", "10.1.1.0/24"), None, "a neighbour");
+        // A cluster's own claims never conflict with its records.
+        assert_eq!(conflict(&c, "west", "10.2.1.0/25"), None);
+        // A refused cluster's claims do not count; removed ones neither.
+        c.inactive.insert("west".into());
+        assert_eq!(conflict(&c, "north", "10.2.1.0/24"), None);
+        c.inactive.clear();
+        c.remove("west", "west-node-1", net("10.2.1.0/24"));
+        assert_eq!(conflict(&c, "north", "10.2.1.0/24"), None);
+        assert!(!c.by_prefix.contains_key(&net("10.2.1.0/24")));
+        // Two nodes of one cluster naming one prefix: it stays claimed until both are gone.
+        c.add("west", "a", net("10.2.2.0/24"));
+        c.add("west", "b", net("10.2.2.0/24"));
+        c.remove("west", "a", net("10.2.2.0/24"));
+        assert!(conflict(&c, "north", "10.2.2.0/24").is_some());
+        c.remove_cluster("west");
+        assert_eq!(conflict(&c, "north", "10.2.2.0/24"), None);
+    }
+
+    #[test]
+    fn held_records_are_used_once_a_node_cidr_covers_them_and_held_again_when_it_goes() {
+        let mut s = Session {
+            check_cidrs: true,
+            ..Session::default()
+        };
+        let a = Ipv4Addr::new(10, 2, 1, 5);
+        let rec = Arc::new(IpRecord {
+            ipv4: a,
+            cluster: "west".into(),
+            identity: mesh_common::identity::compose(2, 300),
+            namespace: "shop".into(),
+            pod: "p".into(),
+            node: "west-node-1".into(),
+            named_ports: vec![],
+        });
+        assert!(!s.covered(a));
+        s.pending_ips.insert(a, rec);
+        s.add_cidrs(&[net("10.2.1.0/24")]);
+        assert!(s.covered(a) && s.ips.contains_key(&a) && s.pending_ips.is_empty());
+        // A second node naming a prefix around it: removing the first keeps it covered.
+        s.add_cidrs(&[net("10.2.0.0/16")]);
+        s.remove_cidrs(&[net("10.2.1.0/24")]);
+        assert!(s.ips.contains_key(&a));
+        s.remove_cidrs(&[net("10.2.0.0/16")]);
+        assert!(!s.ips.contains_key(&a) && s.pending_ips.contains_key(&a));
+        // Pinned CIDRs were checked when decoding: nothing is held.
+        let pinned = Session::default();
+        assert!(pinned.covered(a));
+    }
+}
