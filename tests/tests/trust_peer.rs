@@ -276,19 +276,18 @@ fn an_agent_restarted_during_a_peer_outage_keeps_the_traffic_to_it_flowing() {
     );
     let west = west_on(&status, node);
     assert_ne!(west["state"]["state"], "synced", "west is still away: {west}");
+    // At least 100 more probes after the passes (fewer when probes time out: the failures then say why).
     let seen = traffic.probes();
-    assert!(
-        eventually(Duration::from_secs(30), || traffic.probes() >= seen + 100),
-        "probes keep running"
-    );
+    eventually(Duration::from_secs(30), || traffic.probes() >= seen + 100);
     let (probes, failures) = traffic.finish();
-    assert!(probes >= 100, "{probes} probes");
+    eprintln!("{probes} probes to west while its etcd was away, {} failed", failures.len());
     assert!(
         failures.is_empty(),
         "{} of {probes} probes to west failed after the restart: {:?}",
         failures.len(),
         &failures[..failures.len().min(5)]
     );
+    assert!(probes >= seen + 100, "{probes} probes");
 
     lab.run(&["start", "etcd", "west"]).expect("start west's etcd");
     assert!(
