@@ -11,6 +11,14 @@
 //! capacities only: its own nodes and services come from its source, so that watcher ignores them. Capacities are
 //! kept for this cluster only (the source shows the agent the pods of its node; the records give the capacity of
 //! the other nodes' backends); a peer cluster's backends come with their weights in its service records.
+//!
+//! Trust (docs/security.md): every record is decoded once, with the peer's grant (`mesh_kvstore::grant`): its own
+//! name, its id (pinned in the peer file, else its cluster config's; no config: nothing is read), pod CIDRs pinned
+//! or claimed first ([`Remotes::set_local_pod_cidrs`] and the peers' accepted node records share one index). What
+//! is beyond the grant is refused (counted by reason, kept in `recent_refusals`) and the last good record stays;
+//! addresses outside the peer's accepted node CIDRs are held back until a node record covers them. A peer beyond
+//! the limits ([`Remotes::set_limits`]) is refused whole; a peer file that is briefly missing or unreadable keeps
+//! the peer ([`Remotes::set_peer_file_grace`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;

@@ -183,6 +183,7 @@ fn a_peer_cannot_pass_as_this_cluster_nor_take_a_global_service() {
     );
     let got = answers(40);
     let from_west = got.iter().filter(|a| a.starts_with("west/")).count();
+    eprintln!("after the weight attack {from_west} of 40 connections through the VIP went to west");
     assert!(from_west < 40, "west did not take every connection: {got:?}");
     assert!(
         got.iter().any(|a| !a.starts_with("west/")),
@@ -280,7 +281,10 @@ fn an_agent_restarted_during_a_peer_outage_keeps_the_traffic_to_it_flowing() {
     let seen = traffic.probes();
     eventually(Duration::from_secs(30), || traffic.probes() >= seen + 100);
     let (probes, failures) = traffic.finish();
-    eprintln!("{probes} probes to west while its etcd was away, {} failed", failures.len());
+    eprintln!(
+        "{probes} probes to west while its etcd was away, {} failed",
+        failures.len()
+    );
     assert!(
         failures.is_empty(),
         "{} of {probes} probes to west failed after the restart: {:?}",
