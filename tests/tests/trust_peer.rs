@@ -245,6 +245,20 @@ impl Drop for Traffic {
     }
 }
 
+/// East's echo pods admit the clients of every cluster of the mesh (and nothing else).
+const EAST_MESH_POLICY: &str = r"apiVersion: fleetmesh.io/v1alpha1
+kind: MeshNetworkPolicy
+metadata: {name: echo-from-clients, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: echo}}
+  policyTypes: [Ingress]
+  ingress:
+    - from:
+        - podSelector: {matchLabels: {app: client}}
+      ports:
+        - {protocol: TCP, port: 8080}
+";
+
 #[test]
 fn an_agent_restarted_during_a_peer_outage_keeps_the_traffic_to_it_flowing() {
     let lab = Lab::up(&example("three-clusters"), "trust-restart").expect("lab up");
@@ -252,15 +266,42 @@ fn an_agent_restarted_during_a_peer_outage_keeps_the_traffic_to_it_flowing() {
     let all = pods(&status);
     let client = pod(&all, "east/demo/client");
     let node = "east-node-1";
-    let targets: Vec<(String, String, String)> = ["west/demo/echo-a", "west/demo/echo-b"]
+    // West's client reaches east's echo-a (on the restarted node) through a policy that names west's pods by
+    // their labels: the restarted agent must still know west's identities.
+    let f = write_manifest(
+        &lab.dir.join("test-manifests"),
+        "east-mesh-policy.yaml",
+        EAST_MESH_POLICY,
+    )
+    .expect("write");
+    lab.run(&["apply", "east", &f.display().to_string()])
+        .expect("apply east's policy");
+    let (west_client, west_echo, east_echo) = (
+        pod(&all, "west/demo/client"),
+        pod(&all, "west/demo/echo-a"),
+        pod(&all, "east/demo/echo-a"),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            tcp_line(&west_client.netns, &east_echo.ip, 8080).is_ok_and(|a| a == east_echo.id)
+                && tcp_line(&west_echo.netns, &east_echo.ip, 8080).is_err()
+        }),
+        "east's policy admits west's client and refuses west's echo"
+    );
+    let mut targets: Vec<(String, String, String)> = ["west/demo/echo-a", "west/demo/echo-b"]
         .iter()
         .map(|id| {
             let p = pod(&all, id);
             (client.netns.clone(), p.ip.clone(), p.id.clone())
         })
         .collect();
+    targets.push((
+        west_client.netns.clone(),
+        east_echo.ip.clone(),
+        east_echo.id.clone(),
+    ));
     for (netns, ip, want) in &targets {
-        assert_eq!(&tcp_line(netns, ip, 8080).expect("east -> west"), want);
+        assert_eq!(&tcp_line(netns, ip, 8080).expect("east <-> west"), want);
     }
 
     lab.run(&["stop", "etcd", "west", "--kill"])
