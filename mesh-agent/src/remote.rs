@@ -690,6 +690,9 @@ struct Session {
     check_cidrs: bool,
     /// Pod CIDRs of the accepted node records, with how many nodes name each.
     cidrs: BTreeMap<Ipv4Net, usize>,
+    /// Node records refused because a pod CIDR overlaps another cluster's claim: (key, record), tried again on every
+    /// liveness probe.
+    overlapping: BTreeMap<String, (String, NodeRecord)>,
     /// Records whose addresses no accepted node CIDR covers (yet): held, not used, until a node record does.
     pending_ips: BTreeMap<Ipv4Addr, Arc<IpRecord>>,
     pending_services: BTreeMap<String, Arc<ServiceRecord>>,
@@ -1074,13 +1077,19 @@ impl Watcher {
 
     /// Takes an accepted node record: its pod CIDRs are claimed (refused when they overlap another cluster's),
     /// and held records they cover are used.
-    fn accept_node(&self, s: &mut Session, key: &str, node: &str, rec: NodeRecord) {
+    /// A node refused for an overlap is retried now and then (see [`Self::retry_overlapping`]): once the first
+    /// claimant lets go, every agent comes to accept it. Returns whether it was accepted.
+    fn accept_node(&self, s: &mut Session, key: &str, node: &str, rec: NodeRecord, retry: bool) -> bool {
         if self.slot == Slot::Remote
             && let Err(e) = self.remotes.claim(key, &self.name, node, &rec.pod_cidrs)
         {
-            self.refuse_record("node record", &e);
-            return;
+            if !retry {
+                self.refuse_record("node record", &e);
+            }
+            s.overlapping.insert(node.to_owned(), (key.to_owned(), rec));
+            return false;
         }
+        s.overlapping.remove(node);
         let rec = Arc::new(rec);
         if let Some(old) = s.nodes.insert(node.to_owned(), rec.clone()) {
             let gone: Vec<Ipv4Net> = old
@@ -1095,6 +1104,17 @@ impl Watcher {
         } else {
             s.add_cidrs(&rec.pod_cidrs);
         }
+        true
+    }
+
+    /// Tries the nodes refused for overlapping another cluster's claim again (their claimant may be gone); returns
+    /// whether one was accepted.
+    fn retry_overlapping(&self, s: &mut Session) -> bool {
+        let mut accepted = false;
+        for (node, (key, rec)) in std::mem::take(&mut s.overlapping) {
+            accepted |= self.accept_node(s, &key, &node, rec, true);
+        }
+        accepted
     }
 
     /// Applies one key/value (None = deleted) to the session.
@@ -1172,13 +1192,16 @@ impl Watcher {
             },
             KeyKind::Node(node) => match value {
                 None => {
+                    s.overlapping.remove(node);
                     if let Some(old) = s.nodes.remove(node) {
                         self.remotes.release(&self.name, node, &old.pod_cidrs);
                         s.remove_cidrs(&old.pod_cidrs);
                     }
                 }
                 Some(v) => match grant.decode_node(key, node, v) {
-                    Ok(rec) => self.accept_node(s, key, node, rec),
+                    Ok(rec) => {
+                        self.accept_node(s, key, node, rec, false);
+                    }
                     Err(e) => self.refuse_record("node record", &e),
                 },
             },
@@ -1361,6 +1384,9 @@ impl Watcher {
                         Ok(Ok(_)) => self.alive(),
                         Ok(Err(e)) => anyhow::bail!("liveness probe failed: {e}"),
                         Err(_) => anyhow::bail!("liveness probe got no answer within {probe_timeout:?}"),
+                    }
+                    if !s.overlapping.is_empty() && self.retry_overlapping(&mut s) {
+                        self.publish(&mut s);
                     }
                     continue;
                 }
