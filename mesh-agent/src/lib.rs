@@ -5,6 +5,7 @@ pub mod api;
 pub mod datapath;
 pub mod desired;
 pub mod flows;
+pub mod held;
 pub mod lb;
 pub mod lb_maps;
 pub mod metrics;

@@ -251,6 +251,7 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh").join(&me.node));
     reconciler.rollouts = mesh_agent::rollout::Rollouts::load(state_dir.join("rollouts.json"));
+    reconciler.identity_store = mesh_agent::held::IdentityStore::load(state_dir.join("peer-identities.json"));
     let commands: mesh_agent::api::CommandQueue = Arc::default();
     let reconciler_commands = commands.clone();
     std::thread::Builder::new()

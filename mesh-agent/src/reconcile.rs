@@ -202,6 +202,8 @@ pub struct Reconciler {
     pub held: HeldPeers,
     /// Whether the set of peers is known (the clustermesh config was read): until then adopted entries stay.
     pub peers_configured: bool,
+    /// Peers' identities as last synced (set to an [`crate::held::IdentityStore::load`]ed store to persist them).
+    pub identity_store: crate::held::IdentityStore,
 }
 
 /// Why an endpoint is not wired.
@@ -241,6 +243,7 @@ impl Reconciler {
         Self {
             held,
             peers_configured: false,
+            identity_store: crate::held::IdentityStore::default(),
             dp,
             me,
             vxlan_ifname,
@@ -335,9 +338,18 @@ impl Reconciler {
             .filter(|e| e.programmed)
             .map(|e| (e.ipv4, e.pod.clone()))
             .collect();
-        let pass = self
-            .policy
-            .reconcile(&mut self.dp, &self.me, local, own, remotes, &programmed);
+        // A peer not heard from since a restart counts with the identities it had (see crate::held).
+        let patched = self.identity_store.patch(remotes, self.peers_configured);
+        let pass = self.policy.reconcile(
+            &mut self.dp,
+            &self.me,
+            local,
+            own,
+            patched.as_ref().unwrap_or(remotes),
+            &programmed,
+        );
+        drop(patched);
+        self.identity_store.save(remotes);
         st.errors.extend(pass.errors);
         let (policy_entries, identities) = (pass.entries, pass.names.identities.len());
         self.policy_enforced = pass.enforced;

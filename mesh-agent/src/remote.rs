@@ -11,6 +11,14 @@
 //! capacities only: its own nodes and services come from its source, so that watcher ignores them. Capacities are
 //! kept for this cluster only (the source shows the agent the pods of its node; the records give the capacity of
 //! the other nodes' backends); a peer cluster's backends come with their weights in its service records.
+//!
+//! Trust (docs/security.md): every record is decoded once, with the peer's grant (`mesh_kvstore::grant`): its own
+//! name, its id (pinned in the peer file, else its cluster config's; no config: nothing is read), pod CIDRs pinned
+//! or claimed first ([`Remotes::set_local_pod_cidrs`] and the peers' accepted node records share one index). What
+//! is beyond the grant is refused (counted by reason, kept in `recent_refusals`) and the last good record stays;
+//! addresses outside the peer's accepted node CIDRs are held back until a node record covers them. A peer beyond
+//! the limits ([`Remotes::set_limits`]) is refused whole; a peer file that is briefly missing or unreadable keeps
+//! the peer ([`Remotes::set_peer_file_grace`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
@@ -683,6 +691,9 @@ struct Session {
     check_cidrs: bool,
     /// Pod CIDRs of the accepted node records, with how many nodes name each.
     cidrs: BTreeMap<Ipv4Net, usize>,
+    /// Node records refused because a pod CIDR overlaps another cluster's claim: (key, record), tried again on every
+    /// liveness probe.
+    overlapping: BTreeMap<String, (String, NodeRecord)>,
     /// Records whose addresses no accepted node CIDR covers (yet): held, not used, until a node record does.
     pending_ips: BTreeMap<Ipv4Addr, Arc<IpRecord>>,
     pending_services: BTreeMap<String, Arc<ServiceRecord>>,
@@ -1062,13 +1073,19 @@ impl Watcher {
 
     /// Takes an accepted node record: its pod CIDRs are claimed (refused when they overlap another cluster's),
     /// and held records they cover are used.
-    fn accept_node(&self, s: &mut Session, key: &str, node: &str, rec: NodeRecord) {
+    /// A node refused for an overlap is retried now and then (see [`Self::retry_overlapping`]): once the first
+    /// claimant lets go, every agent comes to accept it. Returns whether it was accepted.
+    fn accept_node(&self, s: &mut Session, key: &str, node: &str, rec: NodeRecord, retry: bool) -> bool {
         if self.slot == Slot::Remote
             && let Err(e) = self.remotes.claim(key, &self.name, node, &rec.pod_cidrs)
         {
-            self.refuse_record("node record", &e);
-            return;
+            if !retry {
+                self.refuse_record("node record", &e);
+            }
+            s.overlapping.insert(node.to_owned(), (key.to_owned(), rec));
+            return false;
         }
+        s.overlapping.remove(node);
         let rec = Arc::new(rec);
         if let Some(old) = s.nodes.insert(node.to_owned(), rec.clone()) {
             let gone: Vec<Ipv4Net> = old
@@ -1083,6 +1100,17 @@ impl Watcher {
         } else {
             s.add_cidrs(&rec.pod_cidrs);
         }
+        true
+    }
+
+    /// Tries the nodes refused for overlapping another cluster's claim again (their claimant may be gone); returns
+    /// whether one was accepted.
+    fn retry_overlapping(&self, s: &mut Session) -> bool {
+        let mut accepted = false;
+        for (node, (key, rec)) in std::mem::take(&mut s.overlapping) {
+            accepted |= self.accept_node(s, &key, &node, rec, true);
+        }
+        accepted
     }
 
     /// Applies one key/value (None = deleted) to the session.
@@ -1160,13 +1188,16 @@ impl Watcher {
             },
             KeyKind::Node(node) => match value {
                 None => {
+                    s.overlapping.remove(node);
                     if let Some(old) = s.nodes.remove(node) {
                         self.remotes.release(&self.name, node, &old.pod_cidrs);
                         s.remove_cidrs(&old.pod_cidrs);
                     }
                 }
                 Some(v) => match grant.decode_node(key, node, v) {
-                    Ok(rec) => self.accept_node(s, key, node, rec),
+                    Ok(rec) => {
+                        self.accept_node(s, key, node, rec, false);
+                    }
                     Err(e) => self.refuse_record("node record", &e),
                 },
             },
@@ -1350,6 +1381,9 @@ impl Watcher {
                         Ok(Err(e)) => anyhow::bail!("liveness probe failed: {e}"),
                         Err(_) => anyhow::bail!("liveness probe got no answer within {probe_timeout:?}"),
                     }
+                    if !s.overlapping.is_empty() && self.retry_overlapping(&mut s) {
+                        self.publish(&mut s);
+                    }
                     continue;
                 }
             };
@@ -1412,5 +1446,84 @@ impl Watcher {
         let now = now_ms();
         self.remotes
             .note(self.slot, &self.name, |rc| rc.last_alive_ms = Some(now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn a_claim_conflicts_with_overlapping_prefixes_of_other_active_clusters_only() {
+        let mut c = Claims::default();
+        c.add("east", "east-node-1", net("10.1.0.0/24"));
+        c.add("west", "west-node-1", net("10.2.1.0/24"));
+        let conflict = |c: &Claims, cluster: &str, p: &str| c.conflict(cluster, net(p));
+        // Equal, inside (more specific: it would win the lookup), around.
+        assert_eq!(
+            conflict(&c, "north", "10.1.0.0/24"),
+            Some((net("10.1.0.0/24"), "east".into()))
+        );
+        assert_eq!(
+            conflict(&c, "north", "10.1.0.128/25"),
+            Some((net("10.1.0.0/24"), "east".into()))
+        );
+        assert_eq!(
+            conflict(&c, "north", "10.0.0.0/8"),
+            Some((net("10.1.0.0/24"), "east".into()))
+        );
+        assert_eq!(conflict(&c, "north", "10.3.0.0/16"), None);
+        assert_eq!(conflict(&c, "north", "10.1.1.0/24"), None, "a neighbour");
+        // A cluster's own claims never conflict with its records.
+        assert_eq!(conflict(&c, "west", "10.2.1.0/25"), None);
+        // A refused cluster's claims do not count; removed ones neither.
+        c.inactive.insert("west".into());
+        assert_eq!(conflict(&c, "north", "10.2.1.0/24"), None);
+        c.inactive.clear();
+        c.remove("west", "west-node-1", net("10.2.1.0/24"));
+        assert_eq!(conflict(&c, "north", "10.2.1.0/24"), None);
+        assert!(!c.by_prefix.contains_key(&net("10.2.1.0/24")));
+        // Two nodes of one cluster naming one prefix: it stays claimed until both are gone.
+        c.add("west", "a", net("10.2.2.0/24"));
+        c.add("west", "b", net("10.2.2.0/24"));
+        c.remove("west", "a", net("10.2.2.0/24"));
+        assert!(conflict(&c, "north", "10.2.2.0/24").is_some());
+        c.remove_cluster("west");
+        assert_eq!(conflict(&c, "north", "10.2.2.0/24"), None);
+    }
+
+    #[test]
+    fn held_records_are_used_once_a_node_cidr_covers_them_and_held_again_when_it_goes() {
+        let mut s = Session {
+            check_cidrs: true,
+            ..Session::default()
+        };
+        let a = Ipv4Addr::new(10, 2, 1, 5);
+        let rec = Arc::new(IpRecord {
+            ipv4: a,
+            cluster: "west".into(),
+            identity: mesh_common::identity::compose(2, 300),
+            namespace: "shop".into(),
+            pod: "p".into(),
+            node: "west-node-1".into(),
+            named_ports: vec![],
+        });
+        assert!(!s.covered(a));
+        s.pending_ips.insert(a, rec);
+        s.add_cidrs(&[net("10.2.1.0/24")]);
+        assert!(s.covered(a) && s.ips.contains_key(&a) && s.pending_ips.is_empty());
+        // A second node naming a prefix around it: removing the first keeps it covered.
+        s.add_cidrs(&[net("10.2.0.0/16")]);
+        s.remove_cidrs(&[net("10.2.1.0/24")]);
+        assert!(s.ips.contains_key(&a));
+        s.remove_cidrs(&[net("10.2.0.0/16")]);
+        assert!(!s.ips.contains_key(&a) && s.pending_ips.contains_key(&a));
+        // Pinned CIDRs were checked when decoding: nothing is held.
+        let pinned = Session::default();
+        assert!(pinned.covered(a));
     }
 }

@@ -97,6 +97,19 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
                 .as_object()
                 .map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>()),
         );
+        // What the cluster may not claim, and where it differs from what this cluster pinned.
+        if let Some(e) = rc["peerFileError"].as_str() {
+            println!("    peer file: {e}");
+        }
+        for m in rc["grantMismatches"].as_array().into_iter().flatten() {
+            println!("    mismatch: {}", s(m));
+        }
+        if let Some(n) = rc["pendingRecords"].as_u64().filter(|n| *n > 0) {
+            println!("    held back: {n} records outside its accepted pod CIDRs");
+        }
+        for r in rc["recentRefusals"].as_array().into_iter().flatten() {
+            println!("    refused: {}", s(r));
+        }
     }
     println!("Endpoints:");
     for e in dp["endpoints"].as_array().into_iter().flatten() {
