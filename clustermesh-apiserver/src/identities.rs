@@ -26,7 +26,7 @@ fn identity_labels(cluster: &str, pod: &Pod, namespace: Option<&Namespace>) -> L
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Slot {
+struct Allocation {
     labels: Labels,
     /// Since when no pod has this number (None while one has).
     unused_since: Option<Instant>,
@@ -39,7 +39,7 @@ pub struct Allocator {
     cluster_id: u16,
     grace: Duration,
     by_labels: BTreeMap<Labels, u32>,
-    slots: BTreeMap<u32, Slot>,
+    slots: BTreeMap<u32, Allocation>,
 }
 
 /// What a pass of [`Allocator::assign`] produced.
@@ -82,7 +82,7 @@ impl Allocator {
             self.by_labels.entry(rec.labels.clone()).or_insert(number);
             self.slots.insert(
                 number,
-                Slot {
+                Allocation {
                     labels: rec.labels,
                     unused_since: None,
                 },
@@ -122,7 +122,7 @@ impl Allocator {
                     self.by_labels.insert(labels.clone(), n);
                     self.slots.insert(
                         n,
-                        Slot {
+                        Allocation {
                             labels,
                             unused_since: None,
                         },

@@ -9,9 +9,9 @@ use mesh_model::ClusterState;
 
 use crate::remote::RemoteCluster;
 
-/// Who this agent is.
+/// The node this agent runs on: its name, cluster, cluster id and cluster labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Me {
+pub struct LocalNode {
     pub node: String,
     pub cluster: String,
     pub cluster_id: u16,
@@ -51,7 +51,11 @@ fn tunnel_entry(underlay: Ipv4Addr, cluster_id: u16) -> IpcacheEntry {
 
 /// The ipcache: every node's pod prefix of the local cluster and of every remote cluster.
 #[must_use]
-pub fn ipcache(me: &Me, local: &ClusterState, remotes: &BTreeMap<String, RemoteCluster>) -> DesiredIpcache {
+pub fn ipcache(
+    me: &LocalNode,
+    local: &ClusterState,
+    remotes: &BTreeMap<String, RemoteCluster>,
+) -> DesiredIpcache {
     let mut out = DesiredIpcache::default();
     let mut owner: BTreeMap<Ipv4Net, String> = BTreeMap::new();
     let mut claim = |out: &mut DesiredIpcache, prefix: Ipv4Net, who: String, entry: IpcacheEntry| {
@@ -113,7 +117,7 @@ pub struct DesiredPods {
 /// cluster, or unusable, is left out.
 #[must_use]
 pub fn remote_pod_entries(
-    me: &Me,
+    me: &LocalNode,
     local: &ClusterState,
     own: Option<&RemoteCluster>,
     remotes: &BTreeMap<String, RemoteCluster>,
@@ -188,7 +192,7 @@ pub fn remote_pod_entries(
 
 /// Pods scheduled on this node that have an address and a host interface.
 #[must_use]
-pub fn endpoints(me: &Me, local: &ClusterState) -> Vec<DesiredEndpoint> {
+pub fn endpoints(me: &LocalNode, local: &ClusterState) -> Vec<DesiredEndpoint> {
     local
         .pods_on_node(&me.node)
         .filter_map(|p| {
@@ -237,8 +241,8 @@ mod tests {
     use mesh_kvstore::NodeRecord;
     use mesh_model::{Node, Pod};
 
-    fn me() -> Me {
-        Me {
+    fn me() -> LocalNode {
+        LocalNode {
             node: "east-node-1".into(),
             cluster: "east".into(),
             cluster_id: 1,

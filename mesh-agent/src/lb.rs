@@ -14,7 +14,7 @@ use mesh_model::traffic::{TrafficPolicy, apportion};
 use mesh_model::{ClusterState, Protocol};
 use serde::Serialize;
 
-use crate::desired::Me;
+use crate::desired::LocalNode;
 use crate::remote::RemoteCluster;
 
 /// A backend the datapath may pick.
@@ -383,7 +383,7 @@ pub fn reachable(
 /// publishes them.
 #[must_use]
 pub fn cluster_labels(
-    me: &Me,
+    me: &LocalNode,
     remotes: &BTreeMap<String, RemoteCluster>,
     cluster: &str,
 ) -> BTreeMap<String, String> {
@@ -406,7 +406,7 @@ pub fn cluster_labels(
 /// Global services without a `service.cilium.io/affinity` annotation prefer the backends of `affinity_default`.
 #[must_use]
 pub fn services(
-    me: &Me,
+    me: &LocalNode,
     local: &ClusterState,
     own: Option<&RemoteCluster>,
     remotes: &BTreeMap<String, RemoteCluster>,
@@ -512,8 +512,8 @@ mod tests {
     use mesh_model::traffic::{ClusterSelector, TrafficPolicySpec, WeightGroup};
     use mesh_model::{ContainerPort, Pod, Service, ServicePort};
 
-    fn me() -> Me {
-        Me {
+    fn me() -> LocalNode {
+        LocalNode {
             node: "east-node-1".into(),
             cluster: "east".into(),
             cluster_id: 1,
@@ -741,7 +741,7 @@ mod tests {
     }
 
     fn services_np(
-        me: &Me,
+        me: &LocalNode,
         local: &ClusterState,
         remotes: &BTreeMap<String, RemoteCluster>,
     ) -> Vec<ServiceView> {

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use mesh_agent::api::{self, ApiState, Status};
 use mesh_agent::datapath::Datapath;
-use mesh_agent::desired::Me;
+use mesh_agent::desired::LocalNode;
 use mesh_agent::reconcile::Reconciler;
 use mesh_agent::remote::{self, Remotes, SyncState};
 use mesh_model::ClusterName;
@@ -138,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let me = Me {
+    let me = LocalNode {
         node: args.node_name.clone(),
         cluster: args.cluster_name.to_string(),
         cluster_id: args.cluster_id,

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::datapath::{Datapath, EndpointPolicy, PolicyRule};
-use crate::desired::Me;
+use crate::desired::LocalNode;
 use crate::flows::{Names, PodName};
 use crate::remote::RemoteCluster;
 
@@ -59,7 +59,7 @@ fn named_ports_of(pod: &Pod) -> NamedPorts {
 
 /// The clusters whose identities count: this cluster's own etcd view, then every usable peer.
 fn clusters<'a>(
-    me: &'a Me,
+    me: &'a LocalNode,
     own: Option<&'a RemoteCluster>,
     remotes: &'a BTreeMap<String, RemoteCluster>,
 ) -> impl Iterator<Item = &'a RemoteCluster> + 'a {
@@ -92,7 +92,7 @@ impl PolicyReconciler {
     pub fn reconcile(
         &mut self,
         dp: &mut Datapath,
-        me: &Me,
+        me: &LocalNode,
         local: &ClusterState,
         own: Option<&RemoteCluster>,
         remotes: &BTreeMap<String, RemoteCluster>,

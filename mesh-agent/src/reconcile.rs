@@ -12,7 +12,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::datapath::Datapath;
-use crate::desired::{self, Me};
+use crate::desired::{self, LocalNode};
 use crate::lb::{self, FlowStats, ServiceView};
 use crate::lb_maps::{LbAdopted, LbChanges, LbMaps};
 use crate::netdev;
@@ -168,7 +168,7 @@ pub fn settled(id: u16, remotes: &BTreeMap<String, RemoteCluster>, configured: b
 
 pub struct Reconciler {
     pub dp: Datapath,
-    pub me: Me,
+    pub me: LocalNode,
     pub vxlan_ifname: String,
     reconciles: u64,
     lb: LbMaps,
@@ -218,7 +218,7 @@ impl Reconciler {
     /// Takes over `dp`, adopting the service maps' contents (an earlier agent's, after a restart with pinned
     /// maps), so that the first reconcile changes only what differs.
     #[must_use]
-    pub fn new(dp: Datapath, me: Me, vxlan_ifname: String) -> Self {
+    pub fn new(dp: Datapath, me: LocalNode, vxlan_ifname: String) -> Self {
         let lb = match LbMaps::adopt(&dp) {
             Ok((lb, adopted)) => {
                 if adopted != LbAdopted::default() {

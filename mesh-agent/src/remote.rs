@@ -414,10 +414,10 @@ impl Remotes {
         }
     }
 
-    fn map(&self, slot: Slot) -> &Mutex<BTreeMap<String, RemoteCluster>> {
-        match slot {
-            Slot::Remote => &self.inner,
-            Slot::Own => &self.own,
+    fn map(&self, scope: Scope) -> &Mutex<BTreeMap<String, RemoteCluster>> {
+        match scope {
+            Scope::Peer => &self.inner,
+            Scope::Own => &self.own,
         }
     }
 
@@ -471,12 +471,12 @@ impl Remotes {
     }
 
     fn update(&self, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
-        self.update_in(Slot::Remote, name, f);
+        self.update_in(Scope::Peer, name, f);
     }
 
-    fn update_in(&self, slot: Slot, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
+    fn update_in(&self, scope: Scope, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
         {
-            let mut g = self.map(slot).lock().unwrap_or_else(PoisonError::into_inner);
+            let mut g = self.map(scope).lock().unwrap_or_else(PoisonError::into_inner);
             let rc = g
                 .entry(name.to_owned())
                 .or_insert_with(|| RemoteCluster::new(name));
@@ -486,22 +486,22 @@ impl Remotes {
     }
 
     /// As `update`, without waking the reconciler (for bookkeeping that changes no desired state).
-    fn note(&self, slot: Slot, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
-        let mut g = self.map(slot).lock().unwrap_or_else(PoisonError::into_inner);
+    fn note(&self, scope: Scope, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
+        let mut g = self.map(scope).lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(rc) = g.get_mut(name) {
             f(rc);
         }
     }
 
-    /// As `update`, with a view of the other clusters of the same slot (under the same lock).
+    /// As `update`, with a view of the other clusters of the same scope (under the same lock).
     fn update_with_others(
         &self,
-        slot: Slot,
+        scope: Scope,
         name: &str,
         f: impl FnOnce(&mut RemoteCluster, &BTreeMap<String, RemoteCluster>),
     ) {
         {
-            let mut g = self.map(slot).lock().unwrap_or_else(PoisonError::into_inner);
+            let mut g = self.map(scope).lock().unwrap_or_else(PoisonError::into_inner);
             let mut rc = g.remove(name).unwrap_or_else(|| RemoteCluster::new(name));
             f(&mut rc, &g);
             g.insert(name.to_owned(), rc);
@@ -509,12 +509,12 @@ impl Remotes {
         let _ = self.wake.send(());
     }
 
-    fn remove(&self, slot: Slot, name: &str) {
-        self.map(slot)
+    fn remove(&self, scope: Scope, name: &str) {
+        self.map(scope)
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(name);
-        if slot == Slot::Remote {
+        if scope == Scope::Peer {
             self.claims().remove_cluster(name);
         }
         let _ = self.wake.send(());
@@ -527,7 +527,7 @@ pub const DEFAULT_PEER_FILE_GRACE: Duration = Duration::from_secs(30);
 /// Starts and stops watchers as the clustermesh config directory changes. A peer whose file disappears or fails to
 /// parse keeps its watcher (with the last good config) and its data for the peer file grace period; a peer whose
 /// file changes is watched anew at once.
-pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: Remotes) {
+pub async fn manage(dir: PathBuf, me: crate::desired::LocalNode, keys: Keys, remotes: Remotes) {
     let mut running: BTreeMap<String, (RemoteConfig, JoinHandle<()>)> = BTreeMap::new();
     let mut missing: BTreeMap<String, std::time::Instant> = BTreeMap::new();
     let mut last_errors = Vec::new();
@@ -554,14 +554,14 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
                 .cloned()
                 .unwrap_or_else(|| format!("{}: the peer file is gone", file.display()));
             let left = grace.saturating_sub(since.elapsed());
-            remotes.note(Slot::Remote, name, |rc| {
+            remotes.note(Scope::Peer, name, |rc| {
                 rc.peer_file_error = Some(format!("{why}; its data is kept for {}s more", left.as_secs()));
             });
         }
         missing.retain(|n, _| {
             let back = configs.contains_key(n);
             if back {
-                remotes.note(Slot::Remote, n, |rc| rc.peer_file_error = None);
+                remotes.note(Scope::Peer, n, |rc| rc.peer_file_error = None);
             }
             !back && running.contains_key(n)
         });
@@ -577,7 +577,7 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
             if let Some((_, h)) = running.remove(&name) {
                 info!(cluster = %name, "remote cluster removed or changed; stopping its watcher");
                 h.abort();
-                remotes.remove(Slot::Remote, &name);
+                remotes.remove(Scope::Peer, &name);
                 missing.remove(&name);
             }
         }
@@ -594,7 +594,7 @@ pub async fn manage(dir: PathBuf, me: crate::desired::Me, keys: Keys, remotes: R
                 me: me.clone(),
                 keys: cfg.prefix.as_deref().map_or_else(|| keys.clone(), Keys::new),
                 remotes: remotes.clone(),
-                slot: Slot::Remote,
+                scope: Scope::Peer,
             };
             running.insert(name, (cfg, tokio::spawn(w.run())));
         }
@@ -621,7 +621,7 @@ pub fn read_own_config(file: &Path) -> Result<RemoteConfig, String> {
 /// Watches this cluster's own etcd (`--kvstore-config FILE`) for its identities and ips, restarting the watcher
 /// when the file changes. A file that cannot be read keeps the running watcher (and its data).
 #[instrument(skip_all, fields(file = %file.display()))]
-pub async fn manage_own(file: PathBuf, me: crate::desired::Me, keys: Keys, remotes: Remotes) {
+pub async fn manage_own(file: PathBuf, me: crate::desired::LocalNode, keys: Keys, remotes: Remotes) {
     let mut running: Option<(RemoteConfig, JoinHandle<()>)> = None;
     let mut last_error = None;
     loop {
@@ -634,14 +634,14 @@ pub async fn manage_own(file: PathBuf, me: crate::desired::Me, keys: Keys, remot
                         h.abort();
                     }
                     info!(cluster = %me.cluster, endpoints = ?cfg.endpoints, "watching this cluster's identities");
-                    remotes.update_in(Slot::Own, &me.cluster, |_| {});
+                    remotes.update_in(Scope::Own, &me.cluster, |_| {});
                     let w = Watcher {
                         name: me.cluster.clone(),
                         cfg: cfg.clone(),
                         me: me.clone(),
                         keys: cfg.prefix.as_deref().map_or_else(|| keys.clone(), Keys::new),
                         remotes: remotes.clone(),
-                        slot: Slot::Own,
+                        scope: Scope::Own,
                     };
                     running = Some((cfg, tokio::spawn(w.run())));
                 }
@@ -657,11 +657,11 @@ pub async fn manage_own(file: PathBuf, me: crate::desired::Me, keys: Keys, remot
     }
 }
 
-/// Where a watcher keeps what it sees.
+/// Which clusters a watcher's cluster is kept with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
+enum Scope {
     /// A peer cluster: everything it publishes.
-    Remote,
+    Peer,
     /// This cluster: identities and ips only.
     Own,
 }
@@ -669,10 +669,10 @@ enum Slot {
 struct Watcher {
     name: String,
     cfg: RemoteConfig,
-    me: crate::desired::Me,
+    me: crate::desired::LocalNode,
     keys: Keys,
     remotes: Remotes,
-    slot: Slot,
+    scope: Scope,
 }
 
 /// The authoritative view of a remote etcd during one session: the list plus the events after it.
@@ -820,7 +820,7 @@ impl Watcher {
                 Err(e) => format!("{e:#}"),
             };
             warn!(cluster = %self.name, reason = %reason, "remote cluster disconnected");
-            self.remotes.update_in(self.slot, &self.name, |rc| {
+            self.remotes.update_in(self.scope, &self.name, |rc| {
                 let now = now_ms();
                 rc.state = SyncState::Disconnected {
                     since_ms: now,
@@ -838,13 +838,13 @@ impl Watcher {
     /// The grant of a cluster whose config is `config`: a peer's pins win over what it publishes; this cluster's
     /// own etcd is held to this cluster's name and id.
     fn grant_for(&self, config: Option<&ClusterConfig>) -> Option<Grant> {
-        match self.slot {
-            Slot::Own => Some(Grant {
+        match self.scope {
+            Scope::Own => Some(Grant {
                 cluster: self.me.cluster.clone(),
                 cluster_id: self.me.cluster_id,
                 pod_cidrs: None,
             }),
-            Slot::Remote => config.map(|c| Grant {
+            Scope::Peer => config.map(|c| Grant {
                 cluster: self.name.clone(),
                 cluster_id: self.cfg.cluster_id.unwrap_or(c.id),
                 pod_cidrs: self.cfg.pod_cidrs.clone(),
@@ -861,7 +861,7 @@ impl Watcher {
                 .as_deref()
                 .is_some_and(|p| p.trim_end_matches('/').ends_with(&cache_suffix)),
             grant: self.grant_for(None),
-            check_cidrs: self.slot == Slot::Remote && self.cfg.pod_cidrs.is_none(),
+            check_cidrs: self.scope == Scope::Peer && self.cfg.pod_cidrs.is_none(),
             ..Session::default()
         }
     }
@@ -887,9 +887,9 @@ impl Watcher {
     fn publish(&self, s: &mut Session) {
         let my_id = self.me.cluster_id;
         let name = self.name.clone();
-        let own = self.slot == Slot::Own;
+        let own = self.scope == Scope::Own;
         let mut usable = false;
-        self.remotes.update_with_others(self.slot, &self.name, |rc, others| {
+        self.remotes.update_with_others(self.scope, &self.name, |rc, others| {
             rc.config.clone_from(&s.config);
             rc.pending_records = s.pending_ips.len() + s.pending_services.len();
             if !own {
@@ -1056,7 +1056,7 @@ impl Watcher {
     fn refuse_record(&self, what: &str, e: &DecodeError) {
         warn!(cluster = %self.name, error = %e, "skipping {what}");
         let line = e.to_string();
-        self.remotes.update_in(self.slot, &self.name, |rc| {
+        self.remotes.update_in(self.scope, &self.name, |rc| {
             *rc.decode_errors.entry(e.reason().to_owned()).or_default() += 1;
             if rc.recent_refusals.len() == RECENT_REFUSALS {
                 rc.recent_refusals.pop_front();
@@ -1066,7 +1066,7 @@ impl Watcher {
     }
 
     fn count_error(&self, reason: &str) {
-        self.remotes.update_in(self.slot, &self.name, |rc| {
+        self.remotes.update_in(self.scope, &self.name, |rc| {
             *rc.decode_errors.entry(reason.to_owned()).or_default() += 1
         });
     }
@@ -1076,7 +1076,7 @@ impl Watcher {
     /// A node refused for an overlap is retried now and then (see [`Self::retry_overlapping`]): once the first
     /// claimant lets go, every agent comes to accept it. Returns whether it was accepted.
     fn accept_node(&self, s: &mut Session, key: &str, node: &str, rec: NodeRecord, retry: bool) -> bool {
-        if self.slot == Slot::Remote
+        if self.scope == Scope::Peer
             && let Err(e) = self.remotes.claim(key, &self.name, node, &rec.pod_cidrs)
         {
             if !retry {
@@ -1139,9 +1139,9 @@ impl Watcher {
     ) {
         match kind {
             // This cluster's nodes and services come from the agent's source, never from its etcd.
-            KeyKind::Node(_) | KeyKind::Service(..) if self.slot == Slot::Own => {}
+            KeyKind::Node(_) | KeyKind::Service(..) if self.scope == Scope::Own => {}
             // A peer's backends come with their weights in its service records.
-            KeyKind::Capacity(_) if self.slot == Slot::Remote => {}
+            KeyKind::Capacity(_) if self.scope == Scope::Peer => {}
             KeyKind::Capacity(ip) => match value {
                 None => {
                     s.capacities.remove(&ip);
@@ -1297,7 +1297,7 @@ impl Watcher {
 
     #[instrument(skip_all, fields(cluster = %self.name))]
     async fn session(&self) -> anyhow::Result<Ended> {
-        self.remotes.update_in(self.slot, &self.name, |rc| {
+        self.remotes.update_in(self.scope, &self.name, |rc| {
             rc.state = SyncState::Connecting { since_ms: now_ms() }
         });
         let opts = ConnectOptions::new()
@@ -1312,7 +1312,7 @@ impl Watcher {
             None => opts,
         };
         let client = Client::connect(&self.cfg.endpoints, Some(opts)).await?;
-        self.remotes.update_in(self.slot, &self.name, |rc| {
+        self.remotes.update_in(self.scope, &self.name, |rc| {
             rc.state = SyncState::Syncing { since_ms: now_ms() }
         });
         let root = self.keys.root();
@@ -1431,11 +1431,11 @@ impl Watcher {
             "the cluster {o} (--remote-max-keys, --remote-max-bytes); none of its data is used; listed again in {}s",
             OVER_LIMIT_RETRY.as_secs()
         );
-        self.remotes.update_in(self.slot, &self.name, |rc| {
+        self.remotes.update_in(self.scope, &self.name, |rc| {
             *rc.decode_errors.entry("over_limit".to_owned()).or_default() += 1;
             rc.refuse(reason.clone());
         });
-        if self.slot == Slot::Remote {
+        if self.scope == Scope::Peer {
             self.remotes.activate_claims(&self.name, false);
         }
         Ended::OverLimit(reason)
@@ -1445,7 +1445,7 @@ impl Watcher {
     fn alive(&self) {
         let now = now_ms();
         self.remotes
-            .note(self.slot, &self.name, |rc| rc.last_alive_ms = Some(now));
+            .note(self.scope, &self.name, |rc| rc.last_alive_ms = Some(now));
     }
 }
 

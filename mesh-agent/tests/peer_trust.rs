@@ -10,7 +10,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use mesh_agent::desired::Me;
+use mesh_agent::desired::LocalNode;
 use mesh_agent::remote::{RemoteCluster, Remotes, SyncState, manage};
 use mesh_kvstore::{
     BackendRecord, ClusterConfig, IdentityRecord, IpRecord, Keys, NodeRecord, PortRecord, ServiceRecord,
@@ -40,7 +40,7 @@ impl Agent {
             "east",
             vec![("east-node-1".into(), "10.1.0.0/24".parse().expect("cidr"))],
         );
-        let me = Me {
+        let me = LocalNode {
             node: "east-node-1".into(),
             cluster: "east".into(),
             cluster_id: 1,

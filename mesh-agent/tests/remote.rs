@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use mesh_agent::desired::Me;
+use mesh_agent::desired::LocalNode;
 use mesh_agent::remote::{RemoteCluster, Remotes, SyncState, manage};
 use mesh_kvstore::{ClusterConfig, Keys, NodeRecord, Synced, encode};
 use mesh_testkit::{Etcd, eventually, free_port};
@@ -49,7 +49,7 @@ impl Agent {
         .expect("write clustermesh config");
         let (wake, wake_rx) = std::sync::mpsc::channel();
         let remotes = Remotes::new(wake);
-        let me = Me {
+        let me = LocalNode {
             node: "east-node-1".into(),
             cluster: "east".into(),
             cluster_id: 1,
@@ -664,7 +664,7 @@ fn watch_own(url: &str, keys: &Keys) -> (tempfile::TempDir, Remotes, tokio::task
     std::fs::write(&file, format!("endpoints: [\"{url}\"]\n")).expect("write");
     let (wake, _wake_rx) = std::sync::mpsc::channel();
     let remotes = Remotes::new(wake);
-    let me = Me {
+    let me = LocalNode {
         node: "east-node-1".into(),
         cluster: "east".into(),
         cluster_id: 1,

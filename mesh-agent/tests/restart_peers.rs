@@ -10,15 +10,15 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use mesh_agent::datapath::Datapath;
-use mesh_agent::desired::Me;
+use mesh_agent::desired::LocalNode;
 use mesh_agent::reconcile::Reconciler;
 use mesh_agent::remote::{RemoteCluster, SyncState};
 use mesh_kvstore::{IpRecord, NodeRecord};
 use mesh_model::{ClusterState, Node};
 use pins::Pins;
 
-fn me() -> Me {
-    Me {
+fn me() -> LocalNode {
+    LocalNode {
         node: "east-node-1".into(),
         cluster: "east".into(),
         cluster_id: 1,

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions, GetOptions, TlsOptions};
-use mesh_agent::desired::Me;
+use mesh_agent::desired::LocalNode;
 use mesh_agent::remote::{RemoteCluster, Remotes, SyncState, manage};
 use mesh_kvstore::{ClusterConfig, Keys, NodeRecord, Synced, encode};
 use meshctl::clustermesh::{self as cm, Role};
@@ -258,7 +258,7 @@ impl Agent {
     fn start(config_dir: &Path) -> Self {
         let (wake, wake_rx) = std::sync::mpsc::channel();
         let remotes = Remotes::new(wake);
-        let me = Me {
+        let me = LocalNode {
             node: "east-node-1".into(),
             cluster: "east".into(),
             cluster_id: 1,
