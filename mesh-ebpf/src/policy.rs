@@ -994,9 +994,9 @@ mod tests {
         let mut a = ep(ID_A, 1);
         m.table(&mut a, policy_dir::EGRESS, &[(CIDR_16, proto::TCP, 80, 16, 31)]);
         m.cidrs = vec![([10, 2, 0, 0], 16, CIDR_16), ([10, 2, 0, 8], 29, CIDR_EXCEPT)];
-        let to = |addr, identity| {
+        let to = |a: &LocalEndpoint, addr, identity| {
             let ends = Ends {
-                src_ep: Some(&a),
+                src_ep: Some(a),
                 dst_ep: None,
                 src_identity: ID_A,
                 dst_identity: identity,
@@ -1004,17 +1004,9 @@ mod tests {
             check(&m, &tcp(POD_A, 40000, addr, 80), &ends)
         };
         // Without the flag the block is never looked up (tables without ipBlocks pay nothing).
-        assert!(to(REMOTE_POD, ID_REMOTE).is_err());
+        assert!(to(&a, REMOTE_POD, ID_REMOTE).is_err());
         a.policy_flags |= policy_flags::CIDR_RULES;
-        let to = |addr, identity| {
-            let ends = Ends {
-                src_ep: Some(&a),
-                dst_ep: None,
-                src_identity: ID_A,
-                dst_identity: identity,
-            };
-            check(&m, &tcp(POD_A, 40000, addr, 80), &ends)
-        };
+        let to = |addr, identity| to(&a, addr, identity);
         assert_eq!(
             to(REMOTE_POD, ID_REMOTE).map(|v| v.rule),
             Ok(31),

@@ -355,3 +355,80 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         delay = (delay * 2).min(Duration::from_millis(100));
     }
 }
+
+/// Probes `targets` (from netns, ip, expected answer) over TCP port 8080 in a loop until stopped (bounded by 2
+/// minutes), counting probes and failures.
+pub struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    log: std::sync::Arc<std::sync::Mutex<(u64, Vec<String>)>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    /// Starts probing in a thread of its own.
+    #[must_use]
+    pub fn start(targets: Vec<(String, String, String)>) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let log = std::sync::Arc::new(std::sync::Mutex::new((0u64, Vec::new())));
+        let (s, l) = (stop.clone(), log.clone());
+        let handle = std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while !s.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                for (netns, ip, want) in &targets {
+                    let r = tcp_line(netns, ip, 8080);
+                    let mut g = l.lock().expect("lock");
+                    g.0 += 1;
+                    match r {
+                        Ok(line) if &line == want => {}
+                        Ok(line) => g.1.push(format!("{ip}: answered by {line}, expected {want}")),
+                        Err(e) => g.1.push(format!("{ip}: {e:#}")),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            stop,
+            log,
+            handle: Some(handle),
+        }
+    }
+
+    /// Probes so far.
+    #[must_use]
+    pub fn probes(&self) -> u64 {
+        self.log.lock().expect("lock").0
+    }
+
+    /// Stops, and asserts that more than `min_probes` probes ran and none failed.
+    pub fn assert_flowed(self, min_probes: u64) {
+        let (probes, failures) = self.finish();
+        assert!(probes > min_probes, "traffic ran ({probes} probes)");
+        assert!(
+            failures.is_empty(),
+            "unrelated traffic failed {} of {probes} times: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+    }
+
+    /// Stops and returns (probes, failures).
+    #[must_use]
+    pub fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.join().expect("traffic thread");
+        }
+        std::mem::take(&mut *self.log.lock().expect("lock"))
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

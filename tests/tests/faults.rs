@@ -2,15 +2,13 @@
 //! restored, an agent killed under traffic while a backend is deleted. Each checks the end state and that
 //! unrelated traffic kept flowing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use std::net::TcpStream;
 
 use fleetmesh_tests::{
-    Lab, PodInfo, agent_socket, agent_status, bin, cluster_ip, eventually, example, in_netns, node_status,
-    pods, stream_ask, tcp_connect, tcp_line, write_manifest,
+    Lab, PodInfo, Traffic, agent_socket, agent_status, bin, cluster_ip, eventually, example, in_netns,
+    node_status, pods, stream_ask, tcp_connect, tcp_line, write_manifest,
 };
 use mesh_testkit::KubeEmulator;
 use serde_json::{Value, json};
@@ -19,73 +17,6 @@ fn pod<'a>(all: &'a [PodInfo], id: &str) -> &'a PodInfo {
     all.iter()
         .find(|p| p.id == id)
         .unwrap_or_else(|| panic!("no pod {id}"))
-}
-
-/// Probes `targets` (from netns, ip, expected answer) over TCP in a loop until stopped (bounded by 2 minutes).
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    log: Arc<Mutex<(u64, Vec<String>)>>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Traffic {
-    fn start(targets: Vec<(String, String, String)>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let log = Arc::new(Mutex::new((0u64, Vec::new())));
-        let (s, l) = (stop.clone(), log.clone());
-        let handle = std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
-                for (netns, ip, want) in &targets {
-                    let r = tcp_line(netns, ip, 8080);
-                    let mut g = l.lock().expect("lock");
-                    g.0 += 1;
-                    match r {
-                        Ok(line) if &line == want => {}
-                        Ok(line) => g.1.push(format!("{ip}: answered by {line}, expected {want}")),
-                        Err(e) => g.1.push(format!("{ip}: {e:#}")),
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Self {
-            stop,
-            log,
-            handle: Some(handle),
-        }
-    }
-
-    /// Stops, and asserts that more than `min_probes` probes ran and none failed.
-    fn assert_flowed(self, min_probes: u64) {
-        let (probes, failures) = self.finish();
-        assert!(probes > min_probes, "traffic ran ({probes} probes)");
-        assert!(
-            failures.is_empty(),
-            "unrelated traffic failed {} of {probes} times: {:?}",
-            failures.len(),
-            &failures[..failures.len().min(5)]
-        );
-    }
-
-    /// Stops and returns (probes, failures).
-    fn finish(mut self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            h.join().expect("traffic thread");
-        }
-        let g = self.log.lock().expect("lock");
-        (g.0, g.1.clone())
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 fn remote_state(status: &Value, node: &str, remote: &str) -> String {

@@ -3,13 +3,11 @@
 //! may not claim and keep the last good state; an east agent restarted while west's etcd is away keeps the traffic
 //! to west flowing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fleetmesh_tests::{
-    Lab, PodInfo, agent_socket, agent_status, cluster_ip, eventually, example, node_status, pods, tcp_line,
-    write_manifest,
+    Lab, PodInfo, Traffic, agent_socket, agent_status, cluster_ip, eventually, example, node_status, pods,
+    tcp_line, write_manifest,
 };
 use serde_json::Value;
 
@@ -189,60 +187,6 @@ fn a_peer_cannot_pass_as_this_cluster_nor_take_a_global_service() {
         got.iter().any(|a| !a.starts_with("west/")),
         "other clusters' backends still answer: {got:?}"
     );
-}
-
-/// Probes `targets` (netns, ip, expected answer) over TCP in a bounded loop until stopped.
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    log: Arc<Mutex<(u64, Vec<String>)>>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Traffic {
-    fn start(targets: Vec<(String, String, String)>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let log = Arc::new(Mutex::new((0u64, Vec::new())));
-        let (s, l) = (stop.clone(), log.clone());
-        let handle = std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
-                for (netns, ip, want) in &targets {
-                    let r = tcp_line(netns, ip, 8080);
-                    let mut g = l.lock().expect("lock");
-                    g.0 += 1;
-                    match r {
-                        Ok(line) if &line == want => {}
-                        Ok(line) => g.1.push(format!("{ip}: answered by {line}, expected {want}")),
-                        Err(e) => g.1.push(format!("{ip}: {e:#}")),
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Self {
-            stop,
-            log,
-            handle: Some(handle),
-        }
-    }
-
-    fn probes(&self) -> u64 {
-        self.log.lock().expect("lock").0
-    }
-
-    fn finish(mut self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-        std::mem::take(&mut *self.log.lock().expect("lock"))
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
 }
 
 /// East's echo pods admit the clients of every cluster of the mesh (and nothing else).
