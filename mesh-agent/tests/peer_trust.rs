@@ -10,84 +10,20 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use mesh_agent::desired::LocalNode;
-use mesh_agent::remote::{RemoteCluster, Remotes, SyncState, manage};
+/// East's own node and the pod CIDR it claims before any peer.
+const EAST_NODES: &[(&str, &str)] = &[("east-node-1", "10.1.0.0/24")];
+
+#[path = "common/watchers.rs"]
+#[expect(dead_code, reason = "these tests always start with east's own CIDR claims")]
+mod watchers;
+
+use mesh_agent::remote::{RemoteCluster, SyncState};
 use mesh_kvstore::{
     BackendRecord, ClusterConfig, IdentityRecord, IpRecord, Keys, NodeRecord, PortRecord, ServiceRecord,
     Synced, encode,
 };
 use mesh_testkit::{Etcd, eventually};
-
-const TIMEOUT: Duration = Duration::from_secs(15);
-
-/// `manage` for cluster east (id 1) with one peer file per `(name, text)`; the task is aborted on drop.
-struct Agent {
-    remotes: Remotes,
-    _wake: std::sync::mpsc::Receiver<()>,
-    task: tokio::task::JoinHandle<()>,
-    config: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start(files: &[(&str, String)]) -> Self {
-        let config = tempfile::tempdir().expect("tempdir");
-        for (name, text) in files {
-            std::fs::write(config.path().join(name), text).expect("write peer file");
-        }
-        let (wake, wake_rx) = std::sync::mpsc::channel();
-        let remotes = Remotes::new(wake);
-        remotes.set_local_pod_cidrs(
-            "east",
-            vec![("east-node-1".into(), "10.1.0.0/24".parse().expect("cidr"))],
-        );
-        let me = LocalNode {
-            node: "east-node-1".into(),
-            cluster: "east".into(),
-            cluster_id: 1,
-            labels: Default::default(),
-        };
-        let task = tokio::spawn(manage(
-            config.path().to_owned(),
-            me,
-            Keys::default(),
-            remotes.clone(),
-        ));
-        Self {
-            remotes,
-            _wake: wake_rx,
-            task,
-            config,
-        }
-    }
-
-    async fn wait(
-        &self,
-        cluster: &str,
-        what: &str,
-        check: impl Fn(&RemoteCluster) -> Result<(), String>,
-    ) -> RemoteCluster {
-        eventually(what, TIMEOUT, || {
-            let r = match self.remotes.snapshot().remove(cluster) {
-                Some(rc) => check(&rc)
-                    .map(|()| rc.clone())
-                    .map_err(|e| format!("{e}; {cluster}: {rc:?}")),
-                None => Err(format!("{cluster} not known")),
-            };
-            async move { r }
-        })
-        .await
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn peer_file(etcd: &Etcd, extra: &str) -> String {
-    format!("endpoints:\n  - {}\n{extra}", etcd.url())
-}
+use watchers::{Agent, TIMEOUT, peer_file};
 
 fn config(cluster: &str, id: u16, labels: &[(&str, &str)]) -> String {
     encode(&ClusterConfig {
@@ -223,7 +159,7 @@ async fn a_peer_without_its_cluster_config_is_unusable() {
     )
     .await;
     seed_synced(&mut c, &keys, "west").await;
-    let agent = Agent::start(&[("west", peer_file(&etcd, ""))]);
+    let agent = Agent::start_claiming(&[("west", peer_file(&etcd, ""))], EAST_NODES);
     let west = agent
         .wait("west", "unusable without its config", |w| match &w.state {
             SyncState::Disconnected { reason, .. }
@@ -289,7 +225,7 @@ async fn records_beyond_a_peers_grant_are_refused_and_the_last_good_ones_kept() 
     )
     .await;
     seed_synced(&mut c, &keys, "west").await;
-    let agent = Agent::start(&[("west", peer_file(&etcd, ""))]);
+    let agent = Agent::start_claiming(&[("west", peer_file(&etcd, ""))], EAST_NODES);
     agent
         .wait("west", "synced", |w| {
             synced_usable(w)?;
@@ -387,7 +323,7 @@ async fn a_pod_cidr_stays_with_its_first_claimant() {
     )
     .await;
     seed_synced(&mut c, &keys, "west").await;
-    let agent = Agent::start(&[("west", peer_file(&etcd, ""))]);
+    let agent = Agent::start_claiming(&[("west", peer_file(&etcd, ""))], EAST_NODES);
     agent
         .wait("west", "west synced", |w| {
             synced_usable(w)?;
@@ -493,7 +429,7 @@ async fn what_the_peer_file_pins_wins_over_what_the_peer_publishes() {
     .await;
     seed_synced(&mut c, &keys, "west").await;
     let pins = "cluster-id: 2\npod-cidrs: [10.2.0.0/16]\ncluster-labels: {stage: prod}\n";
-    let agent = Agent::start(&[("west", peer_file(&etcd, pins))]);
+    let agent = Agent::start_claiming(&[("west", peer_file(&etcd, pins))], EAST_NODES);
     let west = agent
         .wait("west", "pins applied", |w| {
             synced_usable(w)?;
@@ -586,7 +522,7 @@ async fn a_peer_beyond_the_limits_is_refused_and_the_others_are_not() {
         .zip(&etcds)
         .map(|(n, (e, _))| (*n, peer_file(e, "")))
         .collect();
-    let agent = Agent::start(&[]);
+    let agent = Agent::start_claiming(&[], EAST_NODES);
     agent.remotes.set_limits(mesh_kvstore::etcd::Limits {
         max_keys: 100,
         max_bytes: 1 << 20,
@@ -642,7 +578,7 @@ async fn a_peer_file_that_is_briefly_unreadable_keeps_the_peer_for_the_grace_per
     .await;
     seed_synced(&mut c, &keys, "west").await;
     let good = peer_file(&etcd, "");
-    let agent = Agent::start(&[("west", good.clone())]);
+    let agent = Agent::start_claiming(&[("west", good.clone())], EAST_NODES);
     agent.remotes.set_peer_file_grace(Duration::from_secs(4));
     let keeps = |w: &RemoteCluster| -> Result<(), String> {
         synced_usable(w)?;
@@ -744,7 +680,10 @@ async fn a_silent_kvstoremesh_cache_makes_the_cluster_unreachable() {
     )
     .await
     .expect("status");
-    let agent = Agent::start(&[("west", peer_file(&etcd, &format!("prefix: {}\n", cache.prefix())))]);
+    let agent = Agent::start_claiming(
+        &[("west", peer_file(&etcd, &format!("prefix: {}\n", cache.prefix())))],
+        EAST_NODES,
+    );
     agent
         .wait("west", "synced through the cache", |w| {
             synced_usable(w)?;

@@ -13,84 +13,20 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::time::Duration;
+
+#[path = "common/watchers.rs"]
+#[expect(dead_code, reason = "these tests never change the peer files after start")]
+mod watchers;
 
 use mesh_agent::desired::LocalNode;
-use mesh_agent::remote::{RemoteCluster, Remotes, SyncState, manage};
+use mesh_agent::remote::{RemoteCluster, Remotes, SyncState};
 use mesh_kvstore::{ClusterConfig, Keys, NodeRecord, Synced, encode};
 use mesh_testkit::{Etcd, eventually, free_port};
+use watchers::{Agent, TIMEOUT, peer_file};
 
 // ---------------------------------------------------------------------------------------------------------------
 // The agent side
 // ---------------------------------------------------------------------------------------------------------------
-
-const TIMEOUT: Duration = Duration::from_secs(15);
-
-/// `manage` for cluster east (id 1) with `west` pointing at `etcd`; the task is aborted on drop.
-struct Agent {
-    remotes: Remotes,
-    _wake: std::sync::mpsc::Receiver<()>,
-    task: tokio::task::JoinHandle<()>,
-    _config: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start(etcd: &Etcd) -> Self {
-        Self::start_with(etcd, "")
-    }
-
-    /// With extra lines in west's peer file (e.g. `prefix: ...`).
-    fn start_with(etcd: &Etcd, extra: &str) -> Self {
-        let config = tempfile::tempdir().expect("tempdir");
-        std::fs::write(
-            config.path().join("west"),
-            format!("endpoints:\n  - {}\n{extra}", etcd.url()),
-        )
-        .expect("write clustermesh config");
-        let (wake, wake_rx) = std::sync::mpsc::channel();
-        let remotes = Remotes::new(wake);
-        let me = LocalNode {
-            node: "east-node-1".into(),
-            cluster: "east".into(),
-            cluster_id: 1,
-            labels: Default::default(),
-        };
-        let task = tokio::spawn(manage(
-            config.path().to_owned(),
-            me,
-            Keys::default(),
-            remotes.clone(),
-        ));
-        Self {
-            remotes,
-            _wake: wake_rx,
-            task,
-            _config: config,
-        }
-    }
-
-    /// Waits until west satisfies `check`, and returns it.
-    async fn wait(&self, what: &str, check: impl Fn(&RemoteCluster) -> Result<(), String>) -> RemoteCluster {
-        eventually(what, TIMEOUT, || {
-            let west = self.remotes.snapshot().remove("west");
-            let r = match west {
-                Some(w) => match check(&w) {
-                    Ok(()) => Ok(w),
-                    Err(e) => Err(format!("{e}; west: {w:?}")),
-                },
-                None => Err("west not known".to_owned()),
-            };
-            async move { r }
-        })
-        .await
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 fn node(i: u8) -> NodeRecord {
     NodeRecord {
@@ -160,10 +96,10 @@ async fn follows_a_remote_cluster_and_skips_malformed_values() {
     ] {
         c.put(k, v, None).await.expect("seed");
     }
-    let agent = Agent::start(&etcd);
+    let agent = Agent::start(&[("west", peer_file(&etcd, ""))]);
 
     let west = agent
-        .wait("partial data before the synced marker", |w| {
+        .wait("west", "partial data before the synced marker", |w| {
             if !matches!(w.state, SyncState::Syncing { .. }) {
                 return Err("not syncing".into());
             }
@@ -184,7 +120,7 @@ async fn follows_a_remote_cluster_and_skips_malformed_values() {
         .await
         .expect("put marker");
     let west = agent
-        .wait("synced after the marker", |w| {
+        .wait("west", "synced after the marker", |w| {
             is_synced(w)?;
             has_nodes(w, &[1])
         })
@@ -194,18 +130,22 @@ async fn follows_a_remote_cluster_and_skips_malformed_values() {
     c.put(keys.node("west", "west-node-2"), encode(&node(2)), None)
         .await
         .expect("put");
-    agent.wait("added node seen", |w| has_nodes(w, &[1, 2])).await;
+    agent
+        .wait("west", "added node seen", |w| has_nodes(w, &[1, 2]))
+        .await;
     c.delete(keys.node("west", "west-node-2"), None)
         .await
         .expect("delete");
-    agent.wait("deleted node gone", |w| has_nodes(w, &[1])).await;
+    agent
+        .wait("west", "deleted node gone", |w| has_nodes(w, &[1]))
+        .await;
 
     // A malformed update is counted and does not remove anything.
     c.put(keys.node("west", "west-node-1"), "[]", None)
         .await
         .expect("put");
     agent
-        .wait("malformed update counted", |w| {
+        .wait("west", "malformed update counted", |w| {
             if w.decode_errors.get("bad_json") == Some(&2) {
                 Ok(())
             } else {
@@ -224,20 +164,22 @@ async fn follows_a_remote_cluster_and_skips_malformed_values() {
         .await
         .expect("put");
     agent
-        .wait("a remote with this cluster's id is unusable", |w| {
-            match &w.state {
+        .wait(
+            "west",
+            "a remote with this cluster's id is unusable",
+            |w| match &w.state {
                 SyncState::Disconnected { reason, .. } if !w.usable && reason.contains("cluster id 1") => {
                     Ok(())
                 }
                 _ => Err("still usable".into()),
-            }
-        })
+            },
+        )
         .await;
     c.put(keys.cluster_config("west"), config(2), None)
         .await
         .expect("put");
     agent
-        .wait("usable again with its own id", |w| {
+        .wait("west", "usable again with its own id", |w| {
             is_synced(w)?;
             has_nodes(w, &[1])
         })
@@ -259,9 +201,9 @@ async fn disconnect_keeps_nodes_and_reconnect_resyncs() {
             c.put(k, v, None).await.expect("seed");
         }
     }
-    let agent = Agent::start(&etcd);
+    let agent = Agent::start(&[("west", peer_file(&etcd, ""))]);
     let west = agent
-        .wait("synced", |w| {
+        .wait("west", "synced", |w| {
             is_synced(w)?;
             has_nodes(w, &[1, 2])
         })
@@ -270,7 +212,7 @@ async fn disconnect_keeps_nodes_and_reconnect_resyncs() {
 
     etcd.stop();
     agent
-        .wait("disconnected, nodes kept", |w| {
+        .wait("west", "disconnected, nodes kept", |w| {
             has_nodes(w, &[1, 2]).map_err(|e| format!("nodes not kept: {e}"))?;
             match &w.state {
                 SyncState::Disconnected { reason, .. } if !reason.is_empty() => Ok(()),
@@ -304,7 +246,7 @@ async fn disconnect_keeps_nodes_and_reconnect_resyncs() {
     let port = etcd.client_port;
     etcd.start_on(port).await.expect("etcd back on its port");
     let west = agent
-        .wait("resynced after reconnecting", |w| {
+        .wait("west", "resynced after reconnecting", |w| {
             is_synced(w)?;
             has_nodes(w, &[1, 3])
         })
@@ -390,9 +332,9 @@ async fn lists_a_cluster_larger_than_one_grpc_message_in_pages() {
         t.await.expect("seeding task");
     }
 
-    let agent = Agent::start(&etcd);
+    let agent = Agent::start(&[("west", peer_file(&etcd, ""))]);
     let west = agent
-        .wait("everything listed", |w| {
+        .wait("west", "everything listed", |w| {
             is_synced(w)?;
             if w.nodes.len() != usize::from(NODES) || w.services.len() != SERVICES as usize {
                 return Err(format!("{} nodes, {} services", w.nodes.len(), w.services.len()));
@@ -435,9 +377,9 @@ async fn follows_a_cluster_through_a_kvstoremesh_cache_and_its_status() {
     ] {
         c.put(k, v, None).await.expect("seed");
     }
-    let agent = Agent::start_with(&etcd, &format!("prefix: {}\n", cache.prefix()));
+    let agent = Agent::start(&[("west", peer_file(&etcd, &format!("prefix: {}\n", cache.prefix())))]);
     agent
-        .wait("synced through the cache", |w| {
+        .wait("west", "synced through the cache", |w| {
             is_synced(w)?;
             has_nodes(w, &[1])
         })
@@ -446,7 +388,7 @@ async fn follows_a_cluster_through_a_kvstoremesh_cache_and_its_status() {
         .await
         .expect("status");
     let west = agent
-        .wait("the cache's loss seen", |w| {
+        .wait("west", "the cache's loss seen", |w| {
             if !matches!(w.state, SyncState::Disconnected { .. }) {
                 return Err("not disconnected".into());
             }
@@ -461,7 +403,7 @@ async fn follows_a_cluster_through_a_kvstoremesh_cache_and_its_status() {
     c.put(cache.kvstoremesh_status(), status(true, 2_000), None)
         .await
         .expect("status");
-    agent.wait("back", is_synced).await;
+    agent.wait("west", "back", is_synced).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -551,9 +493,9 @@ async fn follows_a_remote_clusters_identities_and_ips() {
     ] {
         c.put(k, v, None).await.expect("seed");
     }
-    let agent = Agent::start(&etcd);
+    let agent = Agent::start(&[("west", peer_file(&etcd, ""))]);
     agent
-        .wait("identities and ips listed, malformed ones counted", |w| {
+        .wait("west", "identities and ips listed, malformed ones counted", |w| {
             has_identities(w, 2, &[256, 257], &[(5, 256)])?;
             for (reason, n) in [("invalid", 1), ("key_mismatch", 1), ("unknown_version", 1)] {
                 if w.decode_errors.get(reason) != Some(&n) {
@@ -587,7 +529,7 @@ async fn follows_a_remote_clusters_identities_and_ips() {
     .await
     .expect("put");
     agent
-        .wait("new ip seen", |w| {
+        .wait("west", "new ip seen", |w| {
             has_identities(w, 2, &[256, 257], &[(5, 256), (6, 257)])
         })
         .await;
@@ -619,7 +561,7 @@ async fn follows_a_remote_clusters_identities_and_ips() {
     .expect("put");
     c.delete(keys.identity("west", 256), None).await.expect("delete");
     let west = agent
-        .wait("moved ip and deleted identity", |w| {
+        .wait("west", "moved ip and deleted identity", |w| {
             is_synced(w)?;
             has_identities(w, 2, &[257], &[(5, 257), (6, 257)])
         })
@@ -630,7 +572,7 @@ async fn follows_a_remote_clusters_identities_and_ips() {
     // A malformed update keeps what was there.
     c.put(keys.identity("west", 257), "{", None).await.expect("put");
     agent
-        .wait("malformed update counted", |w| {
+        .wait("west", "malformed update counted", |w| {
             if w.decode_errors.get("bad_json") == Some(&1) {
                 Ok(())
             } else {
@@ -889,9 +831,9 @@ async fn follows_its_own_clusters_capacities_and_not_a_peers() {
     task.abort();
 
     // The same etcd as peer west: its ips are followed, its capacity records neither kept nor counted.
-    let agent = Agent::start(&etcd);
+    let agent = Agent::start(&[("west", peer_file(&etcd, ""))]);
     let west = agent
-        .wait("west synced with its ip", |w| {
+        .wait("west", "west synced with its ip", |w| {
             is_synced(w)?;
             if w.ips.contains_key(&west(5)) {
                 Ok(())
