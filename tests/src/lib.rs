@@ -143,6 +143,14 @@ pub struct PodInfo {
     pub netns: String,
 }
 
+/// The pod `cluster/namespace/name` of `all`; panics when there is none.
+#[must_use]
+pub fn pod<'a>(all: &'a [PodInfo], id: &str) -> &'a PodInfo {
+    all.iter()
+        .find(|p| p.id == id)
+        .unwrap_or_else(|| panic!("no pod {id}"))
+}
+
 /// All pods of a lab status.
 #[must_use]
 pub fn pods(status: &Value) -> Vec<PodInfo> {

@@ -8,16 +8,10 @@ use std::net::TcpStream;
 
 use fleetmesh_tests::{
     Lab, PodInfo, Traffic, agent_socket, agent_status, bin, cluster_ip, eventually, example, in_netns,
-    node_status, pods, stream_ask, tcp_connect, tcp_line, write_manifest,
+    node_status, pod, pods, stream_ask, tcp_connect, tcp_line, write_manifest,
 };
 use mesh_testkit::KubeEmulator;
 use serde_json::{Value, json};
-
-fn pod<'a>(all: &'a [PodInfo], id: &str) -> &'a PodInfo {
-    all.iter()
-        .find(|p| p.id == id)
-        .unwrap_or_else(|| panic!("no pod {id}"))
-}
 
 fn remote_state(status: &Value, node: &str, remote: &str) -> String {
     node_status(status, node)

@@ -5,17 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleetmesh_tests::{
-    Lab, PodInfo, agent_socket, agent_status, cluster_ip, eventually, example, pods, stream_ask, tcp_connect,
-    tcp_line, udp_line, write_manifest,
+    Lab, PodInfo, agent_socket, agent_status, cluster_ip, eventually, example, pod, pods, stream_ask,
+    tcp_connect, tcp_line, udp_line, write_manifest,
 };
 
 const ROUNDS: usize = 90;
-
-fn pod<'a>(all: &'a [PodInfo], id: &str) -> &'a PodInfo {
-    all.iter()
-        .find(|p| p.id == id)
-        .unwrap_or_else(|| panic!("no pod {id}"))
-}
 
 /// Connects `n` times over TCP to `vip:80` from `from` and counts the answering clusters.
 fn tcp_shares(from: &PodInfo, vip: &str, n: usize) -> BTreeMap<String, usize> {

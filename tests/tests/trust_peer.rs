@@ -6,16 +6,10 @@
 use std::time::Duration;
 
 use fleetmesh_tests::{
-    Lab, PodInfo, Traffic, agent_socket, agent_status, cluster_ip, eventually, example, node_status, pods,
-    tcp_line, write_manifest,
+    Lab, PodInfo, Traffic, agent_socket, agent_status, cluster_ip, eventually, example, node_status, pod,
+    pods, tcp_line, write_manifest,
 };
 use serde_json::Value;
-
-fn pod<'a>(all: &'a [PodInfo], id: &str) -> &'a PodInfo {
-    all.iter()
-        .find(|p| p.id == id)
-        .unwrap_or_else(|| panic!("no pod {id}"))
-}
 
 /// `etcdctl` against west's etcd from the lab's underlay, with west's admin certificate.
 fn west_etcdctl(lab: &Lab, args: &[&str]) -> String {
