@@ -53,6 +53,10 @@ pub struct ApiState {
     pub flows: Arc<crate::flows::Hub>,
     /// Compiled policies of local endpoints, as of the last reconcile.
     pub policies: Arc<Mutex<std::collections::BTreeMap<(String, String), serde_json::Value>>>,
+    /// What the datapath is programmed with (services, ipcache), read on demand by `GET /v1/status`.
+    pub programmed: crate::reconcile::SharedProgrammed,
+    /// Per-backend statistics of the datapath, read on demand (`None` when the map could not be opened).
+    pub backend_stats: Option<Arc<crate::datapath::BackendStatsReader>>,
 }
 
 /// `GET /v1/flows?pod=&namespace=&cluster=&verdict=&last=&follow=`: flows as NDJSON; with `follow=true` the
@@ -158,7 +162,8 @@ async fn rollout_command(
     )
 }
 
-/// The status with live remote clusters and counters.
+/// The status with live remote clusters and counters, and the datapath's services and ipcache as programmed
+/// (presentation on demand: nothing of it is built by the control loop).
 fn current(s: &ApiState) -> Status {
     let mut st = s.status.lock().unwrap_or_else(PoisonError::into_inner).clone();
     // Remote cluster state is live; the datapath part is as of the last reconcile.
@@ -167,6 +172,30 @@ fn current(s: &ApiState) -> Status {
     match s.counters.read() {
         Ok(c) => st.datapath.counters = c.into_iter().map(|(c, v)| (c.name(), v)).collect(),
         Err(e) => st.datapath.errors.push(format!("reading counters: {e}")),
+    }
+    let stats = s.backend_stats.as_ref().map(|r| r.read());
+    let p = s.programmed.lock().unwrap_or_else(PoisonError::into_inner);
+    st.datapath.ipcache = p
+        .ipcache
+        .iter()
+        .map(|(prefix, e)| crate::reconcile::IpcacheStatus::of(*prefix, e))
+        .collect();
+    st.datapath.services = p
+        .views
+        .values()
+        .map(|v| {
+            let mut v = (**v).clone();
+            if let Some(Ok(stats)) = &stats {
+                crate::reconcile::attach_stats(&mut v, stats, &p.lb);
+            }
+            v
+        })
+        .collect();
+    drop(p);
+    if let Some(Err(e)) = stats {
+        st.datapath
+            .errors
+            .push(format!("reading backend statistics: {e}"));
     }
     st
 }
@@ -182,15 +211,26 @@ async fn metrics(State(s): State<ApiState>) -> ([(axum::http::HeaderName, &'stat
         tracing::warn!(error = %e, "reading the datapath counters for /metrics");
         Vec::new()
     });
-    let peers = s.remotes.snapshot();
-    let own = s.remotes.own();
-    let scrape = crate::metrics::Scrape::new(
-        &s.status.lock().unwrap_or_else(PoisonError::into_inner),
-        peers.values(),
-        own.as_ref(),
-        counters.into_iter().map(|(c, v)| (c.name(), v)),
-        now,
-    );
+    let ipcache_entries = s
+        .programmed
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .ipcache
+        .len();
+    let st = s.status.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    // Numbers read under the tables' locks: no record is copied.
+    let scrape = s.remotes.read(crate::remote::Scope::Peer, |peers| {
+        s.remotes.read(crate::remote::Scope::Own, |own| {
+            crate::metrics::Scrape::new(
+                &st,
+                peers.values(),
+                own.values().next(),
+                counters.into_iter().map(|(c, v)| (c.name(), v)),
+                ipcache_entries,
+                now,
+            )
+        })
+    });
     (
         [(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         scrape.render(),

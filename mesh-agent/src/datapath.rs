@@ -223,6 +223,42 @@ pub struct TestRunOutcome {
     pub packet: Vec<u8>,
 }
 
+/// Reads the per-backend statistics (any thread); see [`Datapath::backend_stats_reader`].
+pub struct BackendStatsReader(PerCpuHashMap<MapData, u32, BackendStats>);
+
+impl BackendStatsReader {
+    /// Every backend's statistics, summed over CPUs.
+    ///
+    /// # Errors
+    ///
+    /// When reading the map fails.
+    pub fn read(&self) -> Result<BTreeMap<u32, BackendStats>, DatapathError> {
+        read_backend_stats(&self.0)
+    }
+}
+
+fn read_backend_stats(
+    map: &PerCpuHashMap<MapData, u32, BackendStats>,
+) -> Result<BTreeMap<u32, BackendStats>, DatapathError> {
+    let mut out = BTreeMap::new();
+    for entry in map.iter() {
+        let (id, per_cpu) = entry.map_err(|source| DatapathError::Map {
+            map: maps::LB_BACKEND_STATS,
+            op: "read",
+            key: "entries".to_owned(),
+            source: Box::new(source),
+        })?;
+        let sum = per_cpu
+            .iter()
+            .fold(BackendStats::default(), |acc, s| BackendStats {
+                new_flows: acc.new_flows + s.new_flows,
+                resets: acc.resets + s.resets,
+            });
+        out.insert(id, sum);
+    }
+    Ok(out)
+}
+
 /// Reads the datapath counters; see [`Datapath::counters_reader`].
 pub struct CountersReader(PerCpuArray<MapData, u64>);
 
@@ -479,6 +515,7 @@ pub struct Datapath {
     node_config: Array<MapData, NodeConfig>,
     counters: PerCpuArray<MapData, u64>,
     counters_id: u32,
+    backend_stats_id: u32,
     overlay: Option<(String, Attachment)>,
     /// The links on pod veths, by program ([`programs::FROM_POD`], [`programs::TO_POD`]) and interface name.
     endpoint_links: BTreeMap<(&'static str, String), Attachment>,
@@ -817,6 +854,21 @@ impl Datapath {
             backends: Table::take(&mut ebpf, maps::BACKENDS_V4)?,
             rev_nat: Table::take(&mut ebpf, maps::REVNAT_V4)?,
             conntrack: Table::take(&mut ebpf, maps::CT_V4)?,
+            backend_stats_id: match ebpf.map(maps::LB_BACKEND_STATS) {
+                Some(aya::maps::Map::PerCpuLruHashMap(data)) => data
+                    .info()
+                    .map_err(|source| DatapathError::BadMap {
+                        map: maps::LB_BACKEND_STATS,
+                        source: Some(Box::new(source)),
+                    })?
+                    .id(),
+                _ => {
+                    return Err(DatapathError::BadMap {
+                        map: maps::LB_BACKEND_STATS,
+                        source: None,
+                    });
+                }
+            },
             backend_stats: take_map(&mut ebpf, maps::LB_BACKEND_STATS)?,
             policy: Table::take(&mut ebpf, maps::POLICY)?,
             tunnel_peers: Table::take(&mut ebpf, maps::TUNNEL_PEERS)?,
@@ -1455,23 +1507,22 @@ impl Datapath {
     ///
     /// When reading the map fails.
     pub fn backend_stats(&self) -> Result<BTreeMap<u32, BackendStats>, DatapathError> {
-        let mut out = BTreeMap::new();
-        for entry in self.backend_stats.iter() {
-            let (id, per_cpu) = entry.map_err(|source| DatapathError::Map {
-                map: maps::LB_BACKEND_STATS,
-                op: "read",
-                key: "entries".to_owned(),
-                source: Box::new(source),
-            })?;
-            let sum = per_cpu
-                .iter()
-                .fold(BackendStats::default(), |acc, s| BackendStats {
-                    new_flows: acc.new_flows + s.new_flows,
-                    resets: acc.resets + s.resets,
-                });
-            out.insert(id, sum);
-        }
-        Ok(out)
+        read_backend_stats(&self.backend_stats)
+    }
+
+    /// A reader of the per-backend statistics that other threads may use (the map opened again by its id).
+    ///
+    /// # Errors
+    ///
+    /// When the map cannot be opened again by its id.
+    pub fn backend_stats_reader(&self) -> Result<BackendStatsReader, DatapathError> {
+        let bad = |source: MapError| DatapathError::BadMap {
+            map: maps::LB_BACKEND_STATS,
+            source: Some(Box::new(source)),
+        };
+        let data = MapData::from_id(self.backend_stats_id).map_err(bad)?;
+        let map = PerCpuHashMap::try_from(aya::maps::Map::PerCpuLruHashMap(data)).map_err(bad)?;
+        Ok(BackendStatsReader(map))
     }
 
     /// Every counter, summed over CPUs, in [`Counter::ALL`] order.

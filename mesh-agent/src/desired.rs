@@ -37,7 +37,9 @@ pub struct DesiredIpcache {
     pub conflicts: Vec<String>,
 }
 
-fn tunnel_entry(underlay: Ipv4Addr, cluster_id: u16) -> IpcacheEntry {
+/// The entry of a node's pod prefix (pods whose /32 has not arrived yet answer `PENDING`).
+#[must_use]
+pub fn tunnel_entry(underlay: Ipv4Addr, cluster_id: u16) -> IpcacheEntry {
     IpcacheEntry {
         tunnel_endpoint: u32::from(underlay),
         // A pod prefix stands for pods whose own /32 (with their identity) has not arrived yet.

@@ -221,6 +221,20 @@ impl TrafficPolicyVersions {
             })
     }
 
+    /// The services some policy or rollout steers, as (namespace, service), with what steers each.
+    #[must_use]
+    pub fn steered(&self) -> BTreeMap<(String, String), TrafficPolicy> {
+        let mut out: BTreeMap<(String, String), TrafficPolicy> = BTreeMap::new();
+        for p in self.accepted.values() {
+            out.entry((p.namespace.clone(), p.spec.service.clone()))
+                .or_insert_with(|| p.clone());
+        }
+        for (k, p) in &self.overrides {
+            out.insert(k.clone(), p.clone());
+        }
+        out
+    }
+
     /// Sets the weights of staged rollouts (replacing the previous set).
     pub fn set_overrides(&mut self, overrides: BTreeMap<(String, String), TrafficPolicy>) {
         self.overrides = overrides;
@@ -413,16 +427,54 @@ pub fn services(
     policies: &TrafficPolicyVersions,
     affinity_default: Affinity,
 ) -> Vec<ServiceView> {
-    let labels_of = |cluster: &str| cluster_labels(me, remotes, cluster);
-    let capacity_of = |ip: Ipv4Addr| own.and_then(|o| o.capacities.get(&ip).copied());
-    let mut out = Vec::new();
-    for svc in local.services.values() {
-        let Some(vip) = svc.cluster_ipv4 else { continue };
+    let ctx = ViewContext {
+        me,
+        local,
+        own,
+        remotes,
+        serves: &|_| true,
+        policies,
+        affinity_default,
+    };
+    local.services.values().filter_map(|svc| ctx.view(svc)).collect()
+}
+
+/// What one service's view is computed from: [`services`] computes every view from it, the reconciler only the
+/// views of the services a change touched.
+pub struct ViewContext<'a> {
+    pub me: &'a LocalNode,
+    pub local: &'a ClusterState,
+    pub own: Option<&'a RemoteCluster>,
+    /// Remote clusters (this cluster's name and unusable ones are skipped).
+    pub remotes: &'a BTreeMap<String, RemoteCluster>,
+    /// Whether a remote cluster's backends may serve (see [`reachable`]).
+    pub serves: &'a dyn Fn(&str) -> bool,
+    pub policies: &'a TrafficPolicyVersions,
+    pub affinity_default: Affinity,
+}
+
+impl ViewContext<'_> {
+    /// The view of service `namespace/name`: `None` when the cluster has no such service with a ClusterIP.
+    #[must_use]
+    pub fn view_of(&self, namespace: &str, name: &str) -> Option<ServiceView> {
+        self.local
+            .services
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .and_then(|svc| self.view(svc))
+    }
+
+    /// The view of `svc` (`None` without a ClusterIP).
+    #[must_use]
+    pub fn view(&self, svc: &mesh_model::Service) -> Option<ServiceView> {
+        let (me, local, remotes) = (self.me, self.local, self.remotes);
+        let labels_of = |cluster: &str| cluster_labels(me, remotes, cluster);
+        let capacity_of = |ip: Ipv4Addr| self.own.and_then(|o| o.capacities.get(&ip).copied());
+        let vip = svc.cluster_ipv4?;
         let exported = local.exports.contains(&(svc.namespace.clone(), svc.name.clone()));
-        let spec = service::global_spec(svc, exported, affinity_default);
+        let spec = service::global_spec(svc, exported, self.affinity_default);
         let endpoints = service::endpoints_with(local, svc, &capacity_of);
         let id = format!("{}/{}", svc.namespace, svc.name);
-        let policy = policies.for_service(&svc.namespace, &svc.name);
+        let policy = self.policies.for_service(&svc.namespace, &svc.name);
         let frontends = svc
             .ports
             .iter()
@@ -449,7 +501,10 @@ pub fn services(
                     candidates.insert(me.cluster.clone(), locals);
                 }
                 if spec.global {
-                    for (cname, rc) in remotes.iter().filter(|(n, rc)| **n != me.cluster && rc.usable) {
+                    for (cname, rc) in remotes
+                        .iter()
+                        .filter(|(n, rc)| **n != me.cluster && rc.usable && (self.serves)(n))
+                    {
                         let Some(rec) = rc.services.get(&id) else { continue };
                         let bs: Vec<Backend> = rec
                             .backends
@@ -494,15 +549,14 @@ pub fn services(
                 }
             })
             .collect();
-        out.push(ServiceView {
+        Some(ServiceView {
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
             spec,
             policy: policy.map(|p| format!("{}/{}", p.namespace, p.name)),
             frontends,
-        });
+        })
     }
-    out
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use tracing::info;
 
 use crate::datapath::{Datapath, DatapathError};
 use crate::lb::ServiceView;
+use crate::maps::MapWriter;
 
 fn proto_number(p: Protocol) -> u8 {
     match p {
@@ -31,24 +32,38 @@ fn proto_number(p: Protocol) -> u8 {
 /// Backend identity in the maps.
 type BackendKey = (Ipv4Addr, u16, u8);
 
+/// A service of the cluster: namespace and name.
+pub type ServiceId = (String, String);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Programmed {
     service_id: u32,
     rev_nat_id: u32,
     flags: u16,
     slots: Vec<u32>,
+    /// The service that programmed it (`None`: adopted from the maps, not claimed yet).
+    owner: Option<ServiceId>,
+    /// The distinct backends of its slots (each holds one reference on them).
+    backends: Vec<BackendKey>,
 }
 
 /// The LB maps as this agent programmed them.
 #[derive(Debug, Default)]
 pub struct LbMaps {
     backend_ids: BTreeMap<BackendKey, u32>,
+    /// How many frontends' slot tables name each backend: it goes from the maps when none does.
+    backend_refs: BTreeMap<BackendKey, u32>,
     next_backend_id: u32,
     next_service_id: u32,
     next_rev_nat_id: u32,
     frontends: BTreeMap<ServiceKeyV4, Programmed>,
+    /// The frontends each service programmed.
+    by_service: BTreeMap<ServiceId, BTreeSet<ServiceKeyV4>>,
+    /// Backends found at adoption that no slot names: removed by the next full reconcile unless a frontend
+    /// takes them.
+    unreferenced: Vec<BackendKey>,
     /// Entries found at adoption that nothing refers to (left by an agent that stopped half-way): removed by the
-    /// next reconcile, after the frontends are programmed.
+    /// next full reconcile, after the frontends are programmed.
     orphans: Orphans,
 }
 
@@ -75,6 +90,16 @@ pub struct LbChanges {
     pub backends_removed: usize,
     /// Entries left over from an earlier agent that nothing referred to (slots, backends, rev-NATs).
     pub orphans_removed: usize,
+}
+
+impl LbChanges {
+    pub fn add(&mut self, o: Self) {
+        self.frontends_changed += o.frontends_changed;
+        self.frontends_removed += o.frontends_removed;
+        self.backends_added += o.backends_added;
+        self.backends_removed += o.backends_removed;
+        self.orphans_removed += o.orphans_removed;
+    }
 }
 
 /// What [`LbMaps::adopt`] found in the maps.
@@ -129,9 +154,13 @@ impl LbMaps {
             }
             lb.next_backend_id = lb.next_backend_id.max(*id);
         }
+        let by_id: BTreeMap<u32, BackendKey> = backends
+            .iter()
+            .map(|(id, b)| (*id, (Ipv4Addr::from(b.addr), u16::from_be(b.port_be), b.proto)))
+            .collect();
         let mut used_rev_nats = BTreeSet::new();
         for (key, e) in &services {
-            let slots = (0..e.slot_count)
+            let slots: Vec<u32> = (0..e.slot_count)
                 .map(|slot| {
                     slots
                         .get(&(e.service_id, slot))
@@ -142,6 +171,12 @@ impl LbMaps {
             used_rev_nats.insert(e.rev_nat_id);
             lb.next_service_id = lb.next_service_id.max(e.service_id);
             lb.next_rev_nat_id = lb.next_rev_nat_id.max(e.rev_nat_id);
+            let mut keys: Vec<BackendKey> = slots.iter().filter_map(|id| by_id.get(id).copied()).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            for k in &keys {
+                *lb.backend_refs.entry(*k).or_default() += 1;
+            }
             lb.frontends.insert(
                 *key,
                 Programmed {
@@ -149,6 +184,8 @@ impl LbMaps {
                     rev_nat_id: e.rev_nat_id,
                     flags: e.flags,
                     slots,
+                    owner: None,
+                    backends: keys,
                 },
             );
         }
@@ -169,6 +206,12 @@ impl LbMaps {
                 orphans.rev_nats.push(*id);
             }
         }
+        lb.unreferenced = lb
+            .backend_ids
+            .keys()
+            .filter(|k| !lb.backend_refs.contains_key(*k))
+            .copied()
+            .collect();
         let adopted = LbAdopted {
             frontends: lb.frontends.len(),
             backends: lb.backend_ids.len(),
@@ -178,141 +221,46 @@ impl LbMaps {
         Ok((lb, adopted))
     }
 
-    /// Programs `views` into the datapath.
+    /// Programs `views` (every service of the cluster) into the datapath: each service as
+    /// [`Self::program_service`] does, then every frontend no view names goes, with leftovers of an earlier agent.
     ///
     /// # Errors
     /// The first map update that fails; what was applied before it stays applied, and the next reconcile
     /// retries the rest.
     pub fn reconcile(
         &mut self,
-        dp: &mut Datapath,
+        dp: &mut impl MapWriter,
         views: &[ServiceView],
     ) -> Result<LbChanges, DatapathError> {
         let mut changes = LbChanges::default();
-        let mut wanted_frontends = BTreeSet::new();
-        let mut wanted_backends = BTreeSet::new();
+        let mut wanted = BTreeSet::new();
         for view in views {
-            for fe in &view.frontends {
-                let key = ServiceKeyV4 {
-                    vip: fe.vip.octets(),
-                    port_be: fe.port.to_be(),
-                    proto: proto_number(fe.protocol),
-                    _pad: 0,
-                };
-                wanted_frontends.insert(key);
-                let mut ids = Vec::with_capacity(fe.active.len());
-                for b in &fe.active {
-                    let bkey = (b.ipv4, b.port, key.proto);
-                    wanted_backends.insert(bkey);
-                    let id = match self.backend_ids.get(&bkey) {
-                        Some(id) => *id,
-                        None => {
-                            let id = next(&mut self.next_backend_id);
-                            dp.upsert_backend(
-                                id,
-                                BackendV4 {
-                                    addr: b.ipv4.octets(),
-                                    port_be: b.port.to_be(),
-                                    proto: key.proto,
-                                    cluster_id: b.cluster_id,
-                                    ..BackendV4::default()
-                                },
-                            )?;
-                            self.backend_ids.insert(bkey, id);
-                            changes.backends_added += 1;
-                            id
-                        }
-                    };
-                    ids.push((id, b.weight));
-                }
-                let slots = slot_list(&ids);
-                let flags = if view.spec.global {
-                    service_flags::GLOBAL
-                } else {
-                    0
-                };
-                let old = self.frontends.get(&key).cloned();
-                if old.as_ref().is_some_and(|o| o.slots == slots && o.flags == flags) {
-                    continue;
-                }
-                let rev_nat_id = match &old {
-                    Some(o) => o.rev_nat_id,
-                    None => {
-                        let id = next(&mut self.next_rev_nat_id);
-                        dp.upsert_revnat(
-                            id,
-                            RevNatV4 {
-                                vip: key.vip,
-                                port_be: key.port_be,
-                                _pad: 0,
-                            },
-                        )?;
-                        id
-                    }
-                };
-                let service_id = next(&mut self.next_service_id);
-                for (i, backend) in slots.iter().enumerate() {
-                    let slot = u32::try_from(i).unwrap_or(u32::MAX);
-                    dp.upsert_slot(SlotKey { service_id, slot }, *backend)?;
-                }
-                let slot_count = u32::try_from(slots.len()).unwrap_or(u32::MAX);
-                dp.upsert_service(
-                    key,
-                    ServiceEntry {
-                        service_id,
-                        slot_count,
-                        rev_nat_id,
-                        flags,
-                        _pad: 0,
-                    },
-                )?;
-                if let Some(o) = &old {
-                    remove_slots(dp, o)?;
-                }
-                info!(
-                    service = %format!("{}/{}", view.namespace, view.name),
-                    frontend = %format!("{}:{}/{:?}", fe.vip, fe.port, fe.protocol),
-                    backends = fe.active.len(),
-                    "service frontend programmed"
-                );
-                self.frontends.insert(
-                    key,
-                    Programmed {
-                        service_id,
-                        rev_nat_id,
-                        flags,
-                        slots,
-                    },
-                );
-                changes.frontends_changed += 1;
-            }
+            let id = (view.namespace.clone(), view.name.clone());
+            changes.add(self.program_service(dp, &id, Some(view))?);
+            wanted.insert(id);
         }
-        let gone: Vec<ServiceKeyV4> = self
+        let gone: Vec<ServiceId> = self
+            .by_service
+            .keys()
+            .filter(|id| !wanted.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            changes.add(self.program_service(dp, &id, None)?);
+        }
+        // Adopted frontends no service claimed.
+        let unclaimed: Vec<ServiceKeyV4> = self
             .frontends
-            .keys()
-            .filter(|k| !wanted_frontends.contains(*k))
-            .copied()
+            .iter()
+            .filter(|(_, p)| p.owner.is_none())
+            .map(|(k, _)| *k)
             .collect();
-        for key in gone {
-            if let Some(o) = self.frontends.remove(&key) {
-                dp.remove_service(key)?;
-                remove_slots(dp, &o)?;
-                dp.remove_revnat(o.rev_nat_id)?;
-                changes.frontends_removed += 1;
-            }
+        let mut unused = std::mem::take(&mut self.unreferenced);
+        for key in unclaimed {
+            unused.extend(self.remove_frontend(dp, key)?);
+            changes.frontends_removed += 1;
         }
-        let unused: Vec<BackendKey> = self
-            .backend_ids
-            .keys()
-            .filter(|k| !wanted_backends.contains(*k))
-            .copied()
-            .collect();
-        for bkey in unused {
-            if let Some(id) = self.backend_ids.remove(&bkey) {
-                dp.remove_backend(id)?;
-                changes.backends_removed += 1;
-            }
-        }
+        changes.backends_removed += self.collect_backends(dp, unused)?;
         // Leftovers of an earlier agent, now that every frontend points at its final slot table.
         while let Some(key) = self.orphans.slots.pop() {
             dp.remove_slot(key)?;
@@ -327,6 +275,233 @@ impl LbMaps {
             changes.orphans_removed += 1;
         }
         Ok(changes)
+    }
+
+    /// Programs one service: its frontends as `view` has them (`None`: the service is gone, or has no frontends),
+    /// removing the frontends it programmed before that `view` lacks, and the backends no frontend names any more.
+    /// Costs what the service holds, whatever the size of the rest.
+    ///
+    /// # Errors
+    /// The first map update that fails; what was applied before it stays applied (and is remembered).
+    pub fn program_service(
+        &mut self,
+        dp: &mut impl MapWriter,
+        id: &ServiceId,
+        view: Option<&ServiceView>,
+    ) -> Result<LbChanges, DatapathError> {
+        let mut changes = LbChanges::default();
+        let mut unused = Vec::new();
+        let mut wanted = BTreeSet::new();
+        let result = (|| -> Result<(), DatapathError> {
+            for fe in view.iter().flat_map(|v| v.frontends.iter()) {
+                let flags = if view.is_some_and(|v| v.spec.global) {
+                    service_flags::GLOBAL
+                } else {
+                    0
+                };
+                let key = self.program_frontend(dp, id, fe, flags, &mut changes, &mut unused)?;
+                wanted.insert(key);
+            }
+            let before = self.by_service.get(id).cloned().unwrap_or_default();
+            for key in before.difference(&wanted) {
+                if self
+                    .frontends
+                    .get(key)
+                    .is_some_and(|p| p.owner.as_ref() == Some(id))
+                {
+                    unused.extend(self.remove_frontend(dp, *key)?);
+                    changes.frontends_removed += 1;
+                }
+            }
+            Ok(())
+        })();
+        // What was programmed is remembered even when a write failed part-way.
+        let mine: BTreeSet<ServiceKeyV4> = self
+            .by_service
+            .get(id)
+            .into_iter()
+            .flatten()
+            .chain(wanted.iter())
+            .filter(|k| {
+                self.frontends
+                    .get(*k)
+                    .is_some_and(|p| p.owner.as_ref() == Some(id))
+            })
+            .copied()
+            .collect();
+        if mine.is_empty() {
+            self.by_service.remove(id);
+        } else {
+            self.by_service.insert(id.clone(), mine);
+        }
+        result?;
+        changes.backends_removed += self.collect_backends(dp, unused)?;
+        Ok(changes)
+    }
+
+    /// Programs one frontend for service `id`; returns its key. Backends it no longer names are pushed to
+    /// `unused` (removed by the caller once nothing refers to them).
+    fn program_frontend(
+        &mut self,
+        dp: &mut impl MapWriter,
+        id: &ServiceId,
+        fe: &crate::lb::Frontend,
+        flags: u16,
+        changes: &mut LbChanges,
+        unused: &mut Vec<BackendKey>,
+    ) -> Result<ServiceKeyV4, DatapathError> {
+        let key = ServiceKeyV4 {
+            vip: fe.vip.octets(),
+            port_be: fe.port.to_be(),
+            proto: proto_number(fe.protocol),
+            _pad: 0,
+        };
+        let mut ids = Vec::with_capacity(fe.active.len());
+        let mut keys = Vec::with_capacity(fe.active.len());
+        for b in &fe.active {
+            let bkey = (b.ipv4, b.port, key.proto);
+            let bid = match self.backend_ids.get(&bkey) {
+                Some(bid) => *bid,
+                None => {
+                    let bid = next(&mut self.next_backend_id);
+                    dp.upsert_backend(
+                        bid,
+                        BackendV4 {
+                            addr: b.ipv4.octets(),
+                            port_be: b.port.to_be(),
+                            proto: key.proto,
+                            cluster_id: b.cluster_id,
+                            ..BackendV4::default()
+                        },
+                    )?;
+                    self.backend_ids.insert(bkey, bid);
+                    // Unreferenced until the frontend is written: collected if that fails.
+                    unused.push(bkey);
+                    changes.backends_added += 1;
+                    bid
+                }
+            };
+            ids.push((bid, b.weight));
+            keys.push(bkey);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let slots = slot_list(&ids);
+        if let Some(old) = self.frontends.get_mut(&key)
+            && old.slots == slots
+            && old.flags == flags
+        {
+            if old.owner.as_ref() != Some(id) {
+                old.owner = Some(id.clone());
+            }
+            return Ok(key);
+        }
+        let old = self.frontends.get(&key).cloned();
+        let rev_nat_id = match &old {
+            Some(o) => o.rev_nat_id,
+            None => {
+                let rid = next(&mut self.next_rev_nat_id);
+                dp.upsert_revnat(
+                    rid,
+                    RevNatV4 {
+                        vip: key.vip,
+                        port_be: key.port_be,
+                        _pad: 0,
+                    },
+                )?;
+                rid
+            }
+        };
+        let service_id = next(&mut self.next_service_id);
+        for (i, backend) in slots.iter().enumerate() {
+            let slot = u32::try_from(i).unwrap_or(u32::MAX);
+            dp.upsert_slot(SlotKey { service_id, slot }, *backend)?;
+        }
+        let slot_count = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+        dp.upsert_service(
+            key,
+            ServiceEntry {
+                service_id,
+                slot_count,
+                rev_nat_id,
+                flags,
+                _pad: 0,
+            },
+        )?;
+        // The new table is in force: its backends are referenced, the old table's are not.
+        for k in &keys {
+            *self.backend_refs.entry(*k).or_default() += 1;
+        }
+        self.frontends.insert(
+            key,
+            Programmed {
+                service_id,
+                rev_nat_id,
+                flags,
+                slots,
+                owner: Some(id.clone()),
+                backends: keys,
+            },
+        );
+        if let Some(o) = &old {
+            self.unref(&o.backends, unused);
+            remove_slots(dp, o)?;
+        }
+        info!(
+            service = %format!("{}/{}", id.0, id.1),
+            frontend = %format!("{}:{}/{:?}", fe.vip, fe.port, fe.protocol),
+            backends = fe.active.len(),
+            "service frontend programmed"
+        );
+        changes.frontends_changed += 1;
+        Ok(key)
+    }
+
+    fn unref(&mut self, keys: &[BackendKey], unused: &mut Vec<BackendKey>) {
+        for k in keys {
+            if let Some(n) = self.backend_refs.get_mut(k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.backend_refs.remove(k);
+                    unused.push(*k);
+                }
+            }
+        }
+    }
+
+    /// Removes a frontend (service entry, slots, rev-NAT); returns the backends it no longer holds.
+    fn remove_frontend(
+        &mut self,
+        dp: &mut impl MapWriter,
+        key: ServiceKeyV4,
+    ) -> Result<Vec<BackendKey>, DatapathError> {
+        let mut unused = Vec::new();
+        if let Some(o) = self.frontends.remove(&key) {
+            dp.remove_service(key)?;
+            self.unref(&o.backends, &mut unused);
+            remove_slots(dp, &o)?;
+            dp.remove_revnat(o.rev_nat_id)?;
+        }
+        Ok(unused)
+    }
+
+    /// Removes the backends of `candidates` that no frontend names; returns how many went.
+    fn collect_backends(
+        &mut self,
+        dp: &mut impl MapWriter,
+        candidates: Vec<BackendKey>,
+    ) -> Result<usize, DatapathError> {
+        let mut removed = 0;
+        for k in candidates {
+            if self.backend_refs.contains_key(&k) {
+                continue;
+            }
+            if let Some(bid) = self.backend_ids.remove(&k) {
+                dp.remove_backend(bid)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// (frontends, backends) programmed.
@@ -357,7 +532,7 @@ impl LbMaps {
     }
 }
 
-fn remove_slots(dp: &mut Datapath, p: &Programmed) -> Result<(), DatapathError> {
+fn remove_slots(dp: &mut impl MapWriter, p: &Programmed) -> Result<(), DatapathError> {
     for i in 0..p.slots.len() {
         let slot = u32::try_from(i).unwrap_or(u32::MAX);
         dp.remove_slot(SlotKey {

@@ -2,12 +2,15 @@
 //! eBPF datapath of its node.
 
 pub mod api;
+pub mod claims;
+pub mod control;
 pub mod datapath;
 pub mod desired;
 pub mod flows;
 pub mod held;
 pub mod lb;
 pub mod lb_maps;
+pub mod maps;
 pub mod metrics;
 pub mod netdev;
 pub mod policy;

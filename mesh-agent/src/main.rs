@@ -1,7 +1,7 @@
 //! mesh-agent: the fleetmesh node daemon. Parses its configuration and wires the parts together.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -10,7 +10,7 @@ use mesh_agent::api::{self, ApiState, Status};
 use mesh_agent::datapath::Datapath;
 use mesh_agent::desired::LocalNode;
 use mesh_agent::reconcile::Reconciler;
-use mesh_agent::remote::{self, Remotes, SyncState};
+use mesh_agent::remote::{self, Remotes};
 use mesh_model::ClusterName;
 use mesh_model::source::Snapshot;
 use tokio::sync::watch;
@@ -220,11 +220,6 @@ async fn main() -> anyhow::Result<()> {
         datapath: Default::default(),
     }));
 
-    // The reconciler owns the datapath on its own thread: woken by any change, and every second to retry what
-    // failed (an interface that did not exist yet, say).
-    let reconciler_status = status.clone();
-    let reconciler_remotes = remotes.clone();
-    let snapshots = snap_rx.clone();
     let counters = Arc::new(dp.counters_reader().context("opening the counters map")?);
     let flow_hub = mesh_agent::flows::Hub::new(&me.node);
     let mut dp = dp;
@@ -253,81 +248,28 @@ async fn main() -> anyhow::Result<()> {
     reconciler.rollouts = mesh_agent::rollout::Rollouts::load(state_dir.join("rollouts.json"));
     reconciler.identity_store = mesh_agent::held::IdentityStore::load(state_dir.join("peer-identities.json"));
     let commands: mesh_agent::api::CommandQueue = Arc::default();
-    let reconciler_commands = commands.clone();
+    let programmed = reconciler.programmed.clone();
+    let backend_stats = match reconciler.dp.backend_stats_reader() {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "the backend statistics map cannot be read from the API: no statistics in the status");
+            None
+        }
+    };
+    // The control loop owns the datapath on its own thread: woken by changes, it programs what they touch.
+    let control = mesh_agent::control::ControlLoop::new(
+        reconciler,
+        remotes.clone(),
+        snap_rx.clone(),
+        status.clone(),
+        commands.clone(),
+        progress_tx,
+        wake_rx,
+        mesh_agent::control::LoopConfig::default(),
+    );
     std::thread::Builder::new()
         .name("reconciler".into())
-        .spawn(move || {
-            // When an unreachable remote cluster's grace period ends, its backends must go at once: the next pass
-            // is due then at the latest.
-            let mut withdraw_in: Option<Duration> = None;
-            let mut claimed_generation = 0;
-            loop {
-                let mut tick = if reconciler.rollouts.active() {
-                    mesh_agent::rollout::FAST_TICK
-                } else {
-                    Duration::from_secs(1)
-                };
-                if let Some(d) = withdraw_in {
-                    tick = tick.min(d);
-                }
-                let _ = wake_rx.recv_timeout(tick);
-                // Coalesce a burst of wake-ups into one pass.
-                while wake_rx.try_recv().is_ok() {}
-                let snap = snapshots.borrow().clone();
-                if snap.generation == 0 {
-                    continue;
-                }
-                if snap.generation != claimed_generation {
-                    // Peers' node records may not claim this cluster's pod CIDRs.
-                    claimed_generation = snap.generation;
-                    let cidrs = snap
-                        .state
-                        .nodes
-                        .values()
-                        .map(|n| (n.name.clone(), n.pod_cidr))
-                        .collect();
-                    reconciler_remotes.set_local_pod_cidrs(&reconciler.me.cluster, cidrs);
-                }
-                let queued =
-                    std::mem::take(&mut *reconciler_commands.lock().unwrap_or_else(PoisonError::into_inner));
-                for (ns, name, cmd) in queued {
-                    if let Err(e) = reconciler.rollouts.command(&ns, &name, cmd) {
-                        warn!(error = %e, "rollout command");
-                    }
-                }
-                let remote_view = reconciler_remotes.snapshot();
-                let grace_ms = u64::try_from(reconciler.remote_grace.as_millis()).unwrap_or(u64::MAX);
-                let now = remote::now_ms();
-                withdraw_in = remote_view
-                    .values()
-                    .filter_map(|r| r.unreachable_since_ms)
-                    .map(|since| since.saturating_add(grace_ms))
-                    .filter(|end| *end > now)
-                    .min()
-                    .map(|end| Duration::from_millis(end - now + 1));
-                let own = reconciler_remotes.own();
-                reconciler.peers_configured = reconciler_remotes.configured();
-                let dp_status = reconciler.reconcile(&snap.state, own.as_ref(), &remote_view);
-                let progress = reconciler.rollouts.progress(&snap.state, remote::now_ms());
-                progress_tx.send_if_modified(|p| {
-                    let changed = *p != progress;
-                    *p = progress;
-                    changed
-                });
-                let remotes_synced = reconciler_remotes.configured()
-                    && remote_view
-                        .values()
-                        .all(|r| matches!(r.state, SyncState::Synced { .. }) && r.usable);
-                let ready = dp_status.errors.is_empty()
-                    && dp_status.endpoints.iter().all(|e| e.programmed)
-                    && remotes_synced;
-                let mut st = reconciler_status.lock().unwrap_or_else(PoisonError::into_inner);
-                st.ready = ready;
-                st.manifest_generation = snap.generation;
-                st.manifest_errors.clone_from(&snap.errors);
-                st.datapath = dp_status;
-            }
-        })?;
+        .spawn(move || control.run())?;
 
     let api_state = ApiState {
         status,
@@ -337,6 +279,8 @@ async fn main() -> anyhow::Result<()> {
         wake: wake_tx.clone(),
         flows: flow_hub.clone(),
         policies: policies.clone(),
+        programmed,
+        backend_stats,
     };
     let socket = args.api_socket.clone();
     if let Some(addr) = args.metrics_addr {

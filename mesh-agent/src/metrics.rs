@@ -83,6 +83,7 @@ impl Scrape {
         peers: impl IntoIterator<Item = &'a RemoteCluster>,
         own: Option<&RemoteCluster>,
         counters: impl IntoIterator<Item = (&'static str, u64)>,
+        ipcache_entries: usize,
         now_ms: u64,
     ) -> Self {
         let mut clusters: Vec<Cluster> = peers
@@ -99,7 +100,7 @@ impl Scrape {
             summary: st.datapath.summary,
             local_endpoints: st.datapath.endpoints.iter().filter(|e| e.programmed).count(),
             endpoint_refusals: st.datapath.endpoint_refusals,
-            ipcache_entries: st.datapath.ipcache.len(),
+            ipcache_entries,
         }
     }
 
@@ -310,7 +311,7 @@ mod tests {
             }),
         );
         let counters = [("forward_local", 7), ("drop_no_backend", 1)];
-        let text = Scrape::new(&status(), &peers(), Some(&own), counters, 10_000).render();
+        let text = Scrape::new(&status(), &peers(), Some(&own), counters, 0, 10_000).render();
         let has = |line: &str| assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         has(
             r#"fleetmesh_datapath_packets_total{node="east-node-1",cluster="east",counter="forward_local"} 7"#,

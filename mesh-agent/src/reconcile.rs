@@ -3,20 +3,24 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ipnet::Ipv4Net;
-use mesh_common::{BackendStats, Counter, IpcacheEntry, LocalEndpoint, NodeConfig, pod_mac_for_ipv4};
+use mesh_common::{
+    BackendStats, Counter, IpcacheEntry, LocalEndpoint, NodeConfig, ipcache_flags, pod_mac_for_ipv4,
+};
 use mesh_model::ClusterState;
 use mesh_model::traffic::StagedRollout;
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::claims::{Claims, Names, Rank};
 use crate::datapath::Datapath;
 use crate::desired::{self, LocalNode};
 use crate::lb::{self, FlowStats, ServiceView};
-use crate::lb_maps::{LbAdopted, LbChanges, LbMaps};
+use crate::lb_maps::{LbAdopted, LbChanges, LbMaps, ServiceId};
 use crate::netdev;
-use crate::remote::RemoteCluster;
+use crate::remote::{ClusterChanges, Journal, RemoteCluster, Scope};
 use crate::rollout::{RolloutState, Rollouts};
 
 /// One local endpoint as the status reports it.
@@ -39,6 +43,18 @@ pub struct IpcacheStatus {
     pub tunnel_endpoint: Option<Ipv4Addr>,
     pub cluster_id: u16,
     pub local_node: bool,
+}
+
+impl IpcacheStatus {
+    #[must_use]
+    pub fn of(prefix: Ipv4Net, e: &IpcacheEntry) -> Self {
+        Self {
+            prefix,
+            tunnel_endpoint: (e.tunnel_endpoint != 0).then(|| Ipv4Addr::from(e.tunnel_endpoint)),
+            cluster_id: e.cluster_id,
+            local_node: e.flags & ipcache_flags::LOCAL_NODE != 0,
+        }
+    }
 }
 
 /// The outcome of the last reconcile: what was programmed, what failed, and the datapath counters.
@@ -87,9 +103,9 @@ pub struct Summary {
     pub identities: usize,
 }
 
-/// Adds the datapath's per-backend statistics to each frontend, by cluster.
-fn attach_stats(views: &mut [ServiceView], stats: &BTreeMap<u32, BackendStats>, lb: &LbMaps) {
-    for fe in views.iter_mut().flat_map(|v| v.frontends.iter_mut()) {
+/// Adds the datapath's per-backend statistics to each frontend of `view`, by cluster.
+pub fn attach_stats(view: &mut ServiceView, stats: &BTreeMap<u32, BackendStats>, lb: &LbMaps) {
+    for fe in &mut view.frontends {
         fe.stats.clear();
         let protocol = fe.protocol;
         for (cluster, backends) in &fe.candidates {
@@ -166,25 +182,76 @@ pub fn settled(id: u16, remotes: &BTreeMap<String, RemoteCluster>, configured: b
     configured && remotes.values().all(|rc| rc.cluster_id.is_some())
 }
 
+/// Tiers of ipcache and tunnel-peer claims, in precedence order (see [`crate::claims`]): a pod's /32 beats a node's
+/// pod prefix, which beats a policy's CIDR, which beats what an earlier agent left.
+pub mod tier {
+    pub const OWN_POD: u8 = 0;
+    pub const PEER_POD: u8 = 1;
+    pub const LOCAL_NODE: u8 = 2;
+    pub const PEER_NODE: u8 = 3;
+    pub const CIDR: u8 = 4;
+    pub const HELD: u8 = 5;
+
+    /// Claims that conflict with each other: pods with pods, node prefixes with node prefixes.
+    #[must_use]
+    pub const fn group(t: u8) -> u8 {
+        match t {
+            OWN_POD | PEER_POD => 0,
+            LOCAL_NODE | PEER_NODE => 1,
+            other => other,
+        }
+    }
+}
+
+/// What the datapath is programmed with, for presentation on demand (`GET /v1/status`): the reconciler writes
+/// it as it programs, readers take the lock briefly.
+#[derive(Debug, Default)]
+pub struct Programmed {
+    /// Every service's view as last programmed, with the backend ids of its active backends.
+    pub views: BTreeMap<ServiceId, Arc<ServiceView>>,
+    /// The ipcache map's contents (adopted at start, then kept by every write).
+    pub ipcache: BTreeMap<Ipv4Net, IpcacheEntry>,
+    /// The load-balancing maps' owner.
+    pub lb: LbMaps,
+}
+
+/// Shared [`Programmed`].
+pub type SharedProgrammed = Arc<Mutex<Programmed>>;
+
+/// Where a node's claims are: its pod prefixes and its underlay address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeClaim {
+    prefixes: Vec<Ipv4Net>,
+    underlay: Option<Ipv4Addr>,
+}
+
+/// What a change touches, gathered before anything is programmed.
+#[derive(Debug, Default)]
+struct Dirty {
+    services: BTreeSet<ServiceId>,
+    /// Peer nodes (cluster, node) whose records changed.
+    nodes: BTreeSet<(String, String)>,
+    /// Pod addresses whose records changed: (scope, cluster, address).
+    ips: BTreeSet<(Scope, String, Ipv4Addr)>,
+    ipcache: BTreeSet<Ipv4Net>,
+    tunnels: BTreeSet<Ipv4Addr>,
+    policy: bool,
+}
+
 pub struct Reconciler {
     pub dp: Datapath,
     pub me: LocalNode,
     pub vxlan_ifname: String,
     reconciles: u64,
-    lb: LbMaps,
     policies: lb::TrafficPolicyVersions,
     /// Staged rollouts of this node (set `rollouts` to a [`Rollouts::load`]ed book to persist them).
     pub rollouts: Rollouts,
-    /// The services of the last reconcile (their backends' statistics judge rollout gates).
-    last_views: Vec<ServiceView>,
     /// How long an unreachable remote cluster keeps its backends in global services.
     pub remote_grace: std::time::Duration,
     /// Affinity of global services without a `service.cilium.io/affinity` annotation.
     pub service_affinity_default: mesh_model::service::Affinity,
     /// Identities and network policy of the local endpoints.
     policy: crate::policy::PolicyReconciler,
-    /// Identity of every local endpoint, from the last policy pass (the endpoint map carries it).
-    identities: BTreeMap<Ipv4Addr, u32>,
     /// Some local endpoint had an enforced direction after the last pass (true until a pass proves otherwise,
     /// e.g. tables adopted from an earlier agent).
     policy_enforced: bool,
@@ -204,6 +271,38 @@ pub struct Reconciler {
     pub peers_configured: bool,
     /// Peers' identities as last synced (set to an [`crate::held::IdentityStore::load`]ed store to persist them).
     pub identity_store: crate::held::IdentityStore,
+    /// What is programmed, shared with the API.
+    pub programmed: SharedProgrammed,
+    ipcache_claims: Claims<Ipv4Net, IpcacheEntry>,
+    tunnel_claims: Claims<Ipv4Addr, u16>,
+    /// The tunnel-peer map's contents.
+    tunnels: BTreeMap<Ipv4Addr, u16>,
+    /// Claims made for each node (this cluster's and the peers'), by (cluster, node).
+    node_claims: BTreeMap<(Arc<str>, Arc<str>), NodeClaim>,
+    /// Pod addresses whose record names each node, by (cluster, node): they move with their node.
+    pods_by_node: BTreeMap<(Arc<str>, Arc<str>), BTreeSet<Ipv4Addr>>,
+    /// The node each indexed pod address's record names, by (cluster, address).
+    pod_nodes: BTreeMap<(Arc<str>, Ipv4Addr), Arc<str>>,
+    names: Names,
+    /// Policy prefixes claimed in the ipcache.
+    cidr_claims: BTreeMap<Ipv4Net, IpcacheEntry>,
+    /// Per peer: whether its backends serve (reachable or in its grace period) and its labels, as last applied.
+    facts: BTreeMap<String, (bool, Option<BTreeMap<String, String>>)>,
+    /// What the datapath is steered by, as last applied (TrafficPolicies and rollouts).
+    steered: BTreeMap<ServiceId, mesh_model::traffic::TrafficPolicy>,
+    /// The local state of the last pass.
+    last_local: Option<Arc<ClusterState>>,
+    /// Writes that failed, tried again by the next pass.
+    retry: Dirty,
+    retry_local: bool,
+    /// Contested keys and why (status).
+    conflicts: BTreeMap<String, String>,
+    /// Results kept between passes (status).
+    last_policy: (usize, usize),
+    traffic_policies: Vec<lb::TrafficPolicyStatus>,
+    endpoints: Vec<EndpointStatus>,
+    local_errors: Vec<String>,
+    policy_errors: Vec<String>,
 }
 
 /// Why an endpoint is not wired.
@@ -214,9 +313,20 @@ enum Unwired {
     Failed(String),
 }
 
+fn net(ip: Ipv4Addr) -> Ipv4Net {
+    Ipv4Net::from(ip)
+}
+
+fn pod_entry(underlay: Ipv4Addr, cluster_id: u16, identity: u32) -> IpcacheEntry {
+    IpcacheEntry {
+        identity,
+        ..desired::tunnel_entry(underlay, cluster_id)
+    }
+}
+
 impl Reconciler {
-    /// Takes over `dp`, adopting the service maps' contents (an earlier agent's, after a restart with pinned
-    /// maps), so that the first reconcile changes only what differs.
+    /// Takes over `dp`, adopting the maps' contents (an earlier agent's, after a restart with pinned maps), so that
+    /// the first reconcile changes only what differs.
     #[must_use]
     pub fn new(dp: Datapath, me: LocalNode, vxlan_ifname: String) -> Self {
         let lb = match LbMaps::adopt(&dp) {
@@ -240,6 +350,30 @@ impl Reconciler {
                 "adopted peer entries; kept until each peer has synced"
             );
         }
+        let ipcache: BTreeMap<Ipv4Net, IpcacheEntry> =
+            dp.ipcache().map(|v| v.into_iter().collect()).unwrap_or_else(|e| {
+                warn!(error = %e, "could not read the ipcache; starting from empty state");
+                BTreeMap::new()
+            });
+        let tunnels = dp.tunnel_peers().unwrap_or_default();
+        let mut names = Names::default();
+        let mut ipcache_claims = Claims::default();
+        let mut tunnel_claims = Claims::default();
+        let held_rank = Rank {
+            tier: tier::HELD,
+            cluster: names.get(""),
+            node: names.get(""),
+        };
+        for (prefix, e) in &held.ipcache {
+            ipcache_claims.set(*prefix, held_rank.clone(), Some(*e));
+        }
+        for (addr, id) in &held.tunnel_peers {
+            tunnel_claims.set(*addr, held_rank.clone(), Some(*id));
+        }
+        // Whatever else the maps hold is compared (and removed unless claimed) by the first pass.
+        let mut retry = Dirty::default();
+        retry.ipcache.extend(ipcache.keys().copied());
+        retry.tunnels.extend(tunnels.keys().copied());
         Self {
             held,
             peers_configured: false,
@@ -248,20 +382,41 @@ impl Reconciler {
             me,
             vxlan_ifname,
             reconciles: 0,
-            lb,
             policies: lb::TrafficPolicyVersions::default(),
             rollouts: Rollouts::default(),
-            last_views: Vec::new(),
             remote_grace: std::time::Duration::from_secs(30),
             service_affinity_default: mesh_model::service::Affinity::None,
             policy: crate::policy::PolicyReconciler::default(),
-            identities: BTreeMap::new(),
             policy_enforced: true,
             flows: None,
             policy_views: std::sync::Arc::default(),
             pod_veths: BTreeMap::new(),
             refused: BTreeMap::new(),
             endpoint_refusals: 0,
+            programmed: Arc::new(Mutex::new(Programmed {
+                views: BTreeMap::new(),
+                ipcache,
+                lb,
+            })),
+            ipcache_claims,
+            tunnel_claims,
+            tunnels,
+            node_claims: BTreeMap::new(),
+            pods_by_node: BTreeMap::new(),
+            pod_nodes: BTreeMap::new(),
+            names,
+            cidr_claims: BTreeMap::new(),
+            facts: BTreeMap::new(),
+            steered: BTreeMap::new(),
+            last_local: None,
+            retry,
+            retry_local: true,
+            conflicts: BTreeMap::new(),
+            last_policy: (0, 0),
+            traffic_policies: Vec::new(),
+            endpoints: Vec::new(),
+            local_errors: Vec::new(),
+            policy_errors: Vec::new(),
         }
     }
 
@@ -279,185 +434,69 @@ impl Reconciler {
         Ok(ifindex)
     }
 
-    /// Brings the datapath to the desired state and reports what the kernel maps hold afterwards.
+    /// Whether the next [`Self::step`] has something to retry (a failed write, an interface that was missing).
+    #[must_use]
+    pub fn retry_due(&self) -> bool {
+        self.retry_local
+            || self.retry.policy
+            || !self.retry.services.is_empty()
+            || !self.retry.ipcache.is_empty()
+            || !self.retry.tunnels.is_empty()
+    }
+
+    /// Brings the datapath to the desired state from scratch: every key of `local`, `own` and `remotes`, and
+    /// every key programmed before, is compared (the reference the incremental [`Self::step`] must agree with).
     pub fn reconcile(
         &mut self,
         local: &ClusterState,
         own: Option<&RemoteCluster>,
         remotes: &BTreeMap<String, RemoteCluster>,
     ) -> DatapathStatus {
-        self.reconciles += 1;
-        let started = std::time::Instant::now();
-        let mut st = DatapathStatus {
-            reconciles: self.reconciles,
-            ..DatapathStatus::default()
-        };
-        let my_node = local.nodes.get(&self.me.node);
-        st.node_ipv4 = my_node.map(|n| n.underlay_ipv4);
-        st.pod_cidr = my_node.map(|n| n.pod_cidr);
-        if my_node.is_none() {
-            st.errors.push(format!(
-                "node {} is not in the cluster's manifests yet",
-                self.me.node
-            ));
+        let mut journal = Journal::new();
+        for (name, rc) in remotes {
+            journal.insert((Scope::Peer, name.clone()), ClusterChanges::all_of(rc));
         }
-
-        // Policy checks are switched on before any endpoint is enforced, and off only after a pass that left none
-        // enforced (see `node_flags::POLICY`); the same goes for `to_pod` on the pod veths (reconcile_endpoints).
-        let policy_on = !local.network_policies.is_empty() || self.policy_enforced;
-        // Node config.
-        match netdev::ifindex(&self.vxlan_ifname) {
-            Ok(vx) => {
-                st.policy_checks = policy_on;
-                let cfg = NodeConfig {
-                    vxlan_ifindex: vx,
-                    node_ipv4: my_node.map_or(0, |n| u32::from(n.underlay_ipv4)),
-                    cluster_id: self.me.cluster_id,
-                    flags: if policy_on {
-                        mesh_common::node_flags::POLICY
-                    } else {
-                        0
-                    },
-                    ..NodeConfig::default()
-                };
-                if self.dp.node_config().ok() != Some(cfg)
-                    && let Err(e) = self.dp.set_node_config(cfg)
-                {
-                    st.errors.push(format!("{e:#}"));
-                }
+        if let Some(o) = own {
+            journal.insert((Scope::Own, o.name.clone()), ClusterChanges::all_of(o));
+        }
+        // What was claimed by clusters that are gone.
+        for (cluster, node) in self.node_claims.keys() {
+            if **cluster != self.me.cluster {
+                journal
+                    .entry((Scope::Peer, cluster.to_string()))
+                    .or_default()
+                    .nodes
+                    .insert(node.to_string());
             }
-            Err(e) => st.errors.push(format!("VXLAN device {}: {e}", self.vxlan_ifname)),
         }
+        for (cluster, ip) in self.pod_nodes.keys() {
+            let scope = if **cluster == self.me.cluster {
+                Scope::Own
+            } else {
+                Scope::Peer
+            };
+            journal
+                .entry((scope, cluster.to_string()))
+                .or_default()
+                .ips
+                .insert(*ip);
+        }
+        let local = Arc::new(local.clone());
+        self.last_local = None;
+        self.apply(&local, own, remotes, journal, true)
+    }
 
-        self.reconcile_endpoints(local, policy_on, &mut st);
-        // Identities and addresses before services (docs/network-policy.md): a new backend's identity is known by the time
-        // traffic can be balanced to it.
-        let programmed: BTreeMap<Ipv4Addr, String> = st
-            .endpoints
-            .iter()
-            .filter(|e| e.programmed)
-            .map(|e| (e.ipv4, e.pod.clone()))
-            .collect();
-        // A peer not heard from since a restart counts with the identities it had (see crate::held).
-        let patched = self.identity_store.patch(remotes, self.peers_configured);
-        let pass = self.policy.reconcile(
-            &mut self.dp,
-            &self.me,
-            local,
-            own,
-            patched.as_ref().unwrap_or(remotes),
-            &programmed,
-        );
-        drop(patched);
-        self.identity_store.save(remotes);
-        st.errors.extend(pass.errors);
-        let (policy_entries, identities) = (pass.entries, pass.names.identities.len());
-        self.policy_enforced = pass.enforced;
-        self.identities = pass.endpoint_identities;
-        self.reconcile_ipcache(local, own, remotes, &pass.cidr_entries, &mut st);
-        if let Some(hub) = &self.flows {
-            hub.set_names(pass.names);
-        }
-        *self
-            .policy_views
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = pass.views;
-
-        let grace_ms = u64::try_from(self.remote_grace.as_millis()).unwrap_or(u64::MAX);
-        let reachable = lb::reachable(remotes, crate::remote::now_ms(), grace_ms);
-        st.traffic_policies = self.policies.update(local);
-        for p in st
-            .traffic_policies
-            .iter()
-            .filter(|p| p.state != lb::TrafficPolicyState::Active)
-        {
-            warn!(policy = %format!("{}/{}", p.namespace, p.name), state = p.state.as_str(), message = ?p.message, "TrafficPolicy not applied");
-        }
-        // Staged rollouts first: their gates are judged on the live statistics of the backends seen at the last
-        // reconcile, and their weights then steer this one.
-        let stats = match self.dp.backend_stats() {
-            Ok(s) => s,
-            Err(e) => {
-                st.errors.push(format!("reading backend statistics: {e}"));
-                BTreeMap::new()
-            }
-        };
-        let mut last = std::mem::take(&mut self.last_views);
-        attach_stats(&mut last, &stats, &self.lb);
-        let (me, last_ref) = (&self.me, &last);
-        let to_stats = |r: &StagedRollout| -> Option<FlowStats> {
-            let view = last_ref
-                .iter()
-                .find(|v| v.namespace == r.namespace && v.name == r.spec.service)?;
-            let mut sum = FlowStats::default();
-            for fe in &view.frontends {
-                for (cluster, s) in &fe.stats {
-                    if r.spec
-                        .to
-                        .matches(cluster, &lb::cluster_labels(me, &reachable, cluster))
-                    {
-                        sum.new_flows += s.new_flows;
-                        sum.resets += s.resets;
-                    }
-                }
-            }
-            Some(sum)
-        };
-        self.rollouts.tick(local, crate::remote::now_ms(), &to_stats);
-        let overrides = local
-            .rollouts
-            .values()
-            .filter_map(|r| {
-                self.rollouts
-                    .policy_for(local, &r.namespace, &r.spec.service)
-                    .map(|p| ((r.namespace.clone(), r.spec.service.clone()), p))
-            })
-            .collect();
-        self.policies.set_overrides(overrides);
-        st.rollouts = self.rollouts.states();
-        let views = lb::services(
-            &self.me,
-            local,
-            own,
-            &reachable,
-            &self.policies,
-            self.service_affinity_default,
-        );
-        match self.lb.reconcile(&mut self.dp, &views) {
-            Ok(c) if c != LbChanges::default() => info!(?c, "service maps updated"),
-            Ok(_) => {}
-            Err(e) => st.errors.push(format!("programming services: {e:#}")),
-        }
-        let mut views = views;
-        attach_stats(&mut views, &stats, &self.lb);
-        self.last_views.clone_from(&views);
-        st.services = views;
-        let (frontends, backends) = self.lb.counts();
-        st.summary = Summary {
-            frontends,
-            backends,
-            remote_endpoints: remotes
-                .values()
-                .flat_map(|rc| rc.services.values())
-                .map(|s| s.backends.len())
-                .sum(),
-            reconcile_us: 0,
-            policy_entries,
-            identities,
-        };
-
-        st.counters = match self.dp.counters() {
-            Ok(c) => c
-                .into_iter()
-                .map(|(c, v): (Counter, u64)| (c.name(), v))
-                .collect(),
-            Err(e) => {
-                st.errors.push(format!("reading counters: {e}"));
-                BTreeMap::new()
-            }
-        };
-        st.summary.reconcile_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        st
+    /// Programs what changed: `journal` (the remote clusters' changed keys since the last step, from
+    /// [`crate::remote::Remotes::take_changes`]) and `local` when it is not the state of the last step; what failed
+    /// before is tried again. The work is that of the changes, not of the size of the mesh.
+    pub fn step(
+        &mut self,
+        local: &Arc<ClusterState>,
+        own: Option<&RemoteCluster>,
+        remotes: &BTreeMap<String, RemoteCluster>,
+        journal: Journal,
+    ) -> DatapathStatus {
+        self.apply(local, own, remotes, journal, false)
     }
 
     /// Programs the local endpoints: their entries, `from_pod` on every pod veth, and `to_pod` on every pod veth
@@ -598,85 +637,825 @@ impl Reconciler {
         }
     }
 
-    fn reconcile_ipcache(
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one pass in order: local, remote changes, claims, policy, services, maps"
+    )]
+    fn apply(
+        &mut self,
+        local: &Arc<ClusterState>,
+        own: Option<&RemoteCluster>,
+        remotes: &BTreeMap<String, RemoteCluster>,
+        journal: Journal,
+        full: bool,
+    ) -> DatapathStatus {
+        self.reconciles += 1;
+        let started = std::time::Instant::now();
+        let now = crate::remote::now_ms();
+        let mut st = DatapathStatus {
+            reconciles: self.reconciles,
+            ..DatapathStatus::default()
+        };
+        let prev = self.last_local.take();
+        let first = prev.is_none();
+        let local_changed = full || !prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, local));
+        let mut dirty = std::mem::take(&mut self.retry);
+        let mut errors: Vec<String> = Vec::new();
+        let my_node = local.nodes.get(&self.me.node);
+        st.node_ipv4 = my_node.map(|n| n.underlay_ipv4);
+        st.pod_cidr = my_node.map(|n| n.pod_cidr);
+
+        // 1. This node: its config and endpoints, when the local state changed or something failed.
+        // Policy checks are switched on before any endpoint is enforced, and off only after a pass that left none
+        // enforced (see `node_flags::POLICY`); the same goes for `to_pod` on the pod veths (reconcile_endpoints).
+        let policy_on = !local.network_policies.is_empty() || self.policy_enforced;
+        if local_changed || self.retry_local {
+            self.retry_local = false;
+            self.local_errors.clear();
+            if my_node.is_none() {
+                self.local_errors.push(format!(
+                    "node {} is not in the cluster's manifests yet",
+                    self.me.node
+                ));
+            }
+            match netdev::ifindex(&self.vxlan_ifname) {
+                Ok(vx) => {
+                    let cfg = NodeConfig {
+                        vxlan_ifindex: vx,
+                        node_ipv4: my_node.map_or(0, |n| u32::from(n.underlay_ipv4)),
+                        cluster_id: self.me.cluster_id,
+                        flags: if policy_on {
+                            mesh_common::node_flags::POLICY
+                        } else {
+                            0
+                        },
+                        ..NodeConfig::default()
+                    };
+                    if self.dp.node_config().ok() != Some(cfg)
+                        && let Err(e) = self.dp.set_node_config(cfg)
+                    {
+                        self.local_errors.push(format!("{e:#}"));
+                    }
+                }
+                Err(e) => self
+                    .local_errors
+                    .push(format!("VXLAN device {}: {e}", self.vxlan_ifname)),
+            }
+            let mut est = DatapathStatus::default();
+            self.reconcile_endpoints(local, policy_on, &mut est);
+            self.local_errors.append(&mut est.errors);
+            let programmed_before: BTreeSet<Ipv4Addr> = self
+                .endpoints
+                .iter()
+                .filter(|e| e.programmed)
+                .map(|e| e.ipv4)
+                .collect();
+            self.endpoints = est.endpoints;
+            let programmed_now: BTreeSet<Ipv4Addr> = self
+                .endpoints
+                .iter()
+                .filter(|e| e.programmed)
+                .map(|e| e.ipv4)
+                .collect();
+            // The policy pass programs each endpoint's identity and policy once it is wired.
+            dirty.policy |= programmed_before != programmed_now;
+            // Interfaces that are missing or failed are tried again; refused ones wait for their pod to change.
+            self.retry_local = !self.local_errors.is_empty()
+                || self
+                    .endpoints
+                    .iter()
+                    .any(|e| !e.programmed && !e.error.as_deref().is_some_and(|m| m.starts_with("refused")));
+        }
+        st.policy_checks = policy_on && netdev::ifindex(&self.vxlan_ifname).is_ok();
+
+        // 2. Local changes: the services, nodes and pods they touch.
+        if local_changed {
+            dirty.policy = true;
+            self.traffic_policies = self.policies.update(local);
+            for p in self
+                .traffic_policies
+                .iter()
+                .filter(|p| p.state != lb::TrafficPolicyState::Active)
+            {
+                warn!(policy = %format!("{}/{}", p.namespace, p.name), state = p.state.as_str(), message = ?p.message, "TrafficPolicy not applied");
+            }
+            local_service_changes(prev.as_deref(), local, &mut dirty.services);
+            let mut nodes: BTreeSet<String> = local.nodes.keys().cloned().collect();
+            if let Some(p) = prev.as_deref() {
+                nodes = nodes
+                    .into_iter()
+                    .chain(p.nodes.keys().cloned())
+                    .filter(|n| p.nodes.get(n) != local.nodes.get(n))
+                    .collect();
+            }
+            if full {
+                let mine = self.me.cluster.clone();
+                nodes.extend(
+                    self.node_claims
+                        .keys()
+                        .filter(|(c, _)| **c == *mine)
+                        .map(|(_, n)| n.to_string()),
+                );
+            }
+            for node in nodes {
+                self.claim_local_node(&node, local, &mut dirty);
+            }
+        }
+        if first || full {
+            let programmed = self.programmed.lock().unwrap_or_else(PoisonError::into_inner);
+            dirty.services.extend(local.services.keys().cloned());
+            dirty.services.extend(programmed.views.keys().cloned());
+        }
+
+        // 3. Remote changes: the keys that changed, and what they touch.
+        for ((scope, cluster), c) in journal {
+            if c.meta || !c.identities.is_empty() || !c.ips.is_empty() {
+                dirty.policy = true;
+            }
+            match scope {
+                Scope::Peer => {
+                    dirty
+                        .services
+                        .extend(c.services.iter().filter_map(|k| service_id(k)));
+                    dirty
+                        .nodes
+                        .extend(c.nodes.into_iter().map(|n| (cluster.clone(), n)));
+                }
+                Scope::Own => {
+                    // A capacity weighs this cluster's backends: the services of its pod's namespace.
+                    for ip in &c.capacities {
+                        for p in local.pods.values().filter(|p| p.ipv4 == Some(*ip)) {
+                            dirty.services.extend(services_in(local, &p.namespace));
+                        }
+                    }
+                }
+            }
+            dirty
+                .ips
+                .extend(c.ips.into_iter().map(|ip| (scope, cluster.clone(), ip)));
+        }
+
+        // 4. Peer facts: reachability (grace periods end without any change) and labels.
+        let grace_ms = u64::try_from(self.remote_grace.as_millis()).unwrap_or(u64::MAX);
+        let facts: BTreeMap<String, (bool, Option<BTreeMap<String, String>>)> = remotes
+            .iter()
+            .map(|(name, rc)| {
+                let serves = rc
+                    .unreachable_since_ms
+                    .is_none_or(|since| now.saturating_sub(since) < grace_ms);
+                (name.clone(), (serves, rc.labels().cloned()))
+            })
+            .collect();
+        for (name, f) in &facts {
+            let old = self.facts.get(name);
+            if old == Some(f) {
+                continue;
+            }
+            if let Some(rc) = remotes.get(name) {
+                dirty
+                    .services
+                    .extend(rc.services.keys().filter_map(|k| service_id(k)));
+            }
+            if old.is_none_or(|o| o.1 != f.1) {
+                // Labels: policies' cluster selectors and TrafficPolicy groups.
+                dirty.policy = true;
+                dirty.services.extend(self.steered.keys().cloned());
+            }
+        }
+        self.facts = facts;
+
+        // 5. Adopted entries whose cluster is settled now.
+        if !self.held.is_empty() {
+            let before = self.held.clone();
+            self.held.release(remotes, self.peers_configured);
+            let held_rank = Rank {
+                tier: tier::HELD,
+                cluster: self.names.get(""),
+                node: self.names.get(""),
+            };
+            for prefix in before
+                .ipcache
+                .keys()
+                .filter(|p| !self.held.ipcache.contains_key(*p))
+            {
+                self.ipcache_claims.set(*prefix, held_rank.clone(), None);
+                dirty.ipcache.insert(*prefix);
+            }
+            for addr in before
+                .tunnel_peers
+                .keys()
+                .filter(|a| !self.held.tunnel_peers.contains_key(*a))
+            {
+                self.tunnel_claims.set(*addr, held_rank.clone(), None);
+                dirty.tunnels.insert(*addr);
+            }
+        }
+
+        // 6. Claims of the peers' nodes, then of every pod address that changed or moved with its node.
+        for (cluster, node) in std::mem::take(&mut dirty.nodes) {
+            self.claim_peer_node(&cluster, &node, remotes, &mut dirty);
+        }
+        for (scope, cluster, ip) in std::mem::take(&mut dirty.ips) {
+            self.claim_pod(scope, &cluster, ip, local, own, remotes, &mut dirty);
+        }
+
+        // 7. Identities and policy of the local endpoints, when identities, pods or policies changed.
+        // Identities and addresses before services (docs/network-policy.md): a new backend's identity is known by
+        // the time traffic can be balanced to it.
+        if dirty.policy {
+            self.policy_pass(local, own, remotes, &mut dirty);
+        }
+        errors.extend(self.policy_errors.iter().cloned());
+
+        // 8. Staged rollouts (their gates judge live statistics), then what steers each service.
+        if !local.rollouts.is_empty() || self.rollouts.active() || local_changed {
+            self.tick_rollouts(local, remotes, now, &mut errors);
+        }
+        let steered = self.policies.steered();
+        for k in steered.keys().chain(self.steered.keys()) {
+            if steered.get(k) != self.steered.get(k) {
+                dirty.services.insert(k.clone());
+            }
+        }
+        self.steered = steered;
+        st.rollouts = self.rollouts.states();
+
+        // 9. The services that changed.
+        self.program_services(
+            local,
+            own,
+            remotes,
+            std::mem::take(&mut dirty.services),
+            first || full,
+            &mut errors,
+        );
+
+        // 10. The ipcache and tunnel-peer keys that changed.
+        self.program_claims(&mut dirty, &mut errors);
+
+        errors.splice(0..0, self.local_errors.iter().cloned());
+        st.errors = errors;
+        st.endpoints = self.endpoints.clone();
+        st.endpoint_refusals = self.endpoint_refusals;
+        st.conflicts = self.conflicts.values().cloned().collect();
+        st.traffic_policies = self.traffic_policies.clone();
+        let (frontends, backends) = self
+            .programmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lb
+            .counts();
+        st.summary = Summary {
+            frontends,
+            backends,
+            remote_endpoints: remotes
+                .iter()
+                .filter(|(n, _)| **n != self.me.cluster)
+                .map(|(_, rc)| rc.backend_count)
+                .sum(),
+            reconcile_us: 0,
+            policy_entries: self.last_policy.0,
+            identities: self.last_policy.1,
+        };
+        st.counters = match self.dp.counters() {
+            Ok(c) => c
+                .into_iter()
+                .map(|(c, v): (Counter, u64)| (c.name(), v))
+                .collect(),
+            Err(e) => {
+                st.errors.push(format!("reading counters: {e}"));
+                BTreeMap::new()
+            }
+        };
+        self.last_local = Some(local.clone());
+        st.summary.reconcile_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        st
+    }
+
+    /// Claims (or withdraws) the pod prefix and tunnel peer of this cluster's node `node`; its pods' addresses
+    /// are claimed again (their underlay may have moved).
+    fn claim_local_node(&mut self, node: &str, local: &ClusterState, dirty: &mut Dirty) {
+        let c = self.names.get(&self.me.cluster);
+        let n = self.names.get(node);
+        let rank = Rank {
+            tier: tier::LOCAL_NODE,
+            cluster: c.clone(),
+            node: n.clone(),
+        };
+        let claim = local.nodes.get(node).map(|rec| {
+            let (entry, underlay) = if rec.name == self.me.node {
+                (
+                    IpcacheEntry {
+                        flags: ipcache_flags::LOCAL_NODE,
+                        ..desired::tunnel_entry(Ipv4Addr::UNSPECIFIED, self.me.cluster_id)
+                    },
+                    None,
+                )
+            } else {
+                (
+                    desired::tunnel_entry(rec.underlay_ipv4, self.me.cluster_id),
+                    Some(rec.underlay_ipv4),
+                )
+            };
+            (
+                vec![(rec.pod_cidr, entry)],
+                underlay.map(|u| (u, self.me.cluster_id)),
+            )
+        });
+        self.set_node_claim((c.clone(), n.clone()), &rank, claim, dirty);
+        for ip in self.pods_by_node.get(&(c, n)).into_iter().flatten() {
+            dirty.ips.insert((Scope::Own, self.me.cluster.clone(), *ip));
+        }
+    }
+
+    /// As [`Self::claim_local_node`] for node `node` of peer `cluster`.
+    fn claim_peer_node(
+        &mut self,
+        cluster: &str,
+        node: &str,
+        remotes: &BTreeMap<String, RemoteCluster>,
+        dirty: &mut Dirty,
+    ) {
+        let c = self.names.get(cluster);
+        let n = self.names.get(node);
+        let rank = Rank {
+            tier: tier::PEER_NODE,
+            cluster: c.clone(),
+            node: n.clone(),
+        };
+        let claim = remotes
+            .get(cluster)
+            .filter(|rc| rc.usable && cluster != self.me.cluster)
+            .and_then(|rc| rc.nodes.get(node))
+            .map(|rec| {
+                let entry = desired::tunnel_entry(rec.underlay_ipv4, rec.cluster_id);
+                (
+                    rec.pod_cidrs.iter().map(|p| (p.trunc(), entry)).collect(),
+                    Some((rec.underlay_ipv4, rec.cluster_id)),
+                )
+            });
+        self.set_node_claim((c.clone(), n.clone()), &rank, claim, dirty);
+        for ip in self.pods_by_node.get(&(c, n)).into_iter().flatten() {
+            dirty.ips.insert((Scope::Peer, cluster.to_owned(), *ip));
+        }
+    }
+
+    /// Replaces the claims of one node: its prefixes with their entries and its tunnel peer (`None`: it has none).
+    #[expect(
+        clippy::type_complexity,
+        reason = "prefix entries and a tunnel peer, as computed by the callers"
+    )]
+    fn set_node_claim(
+        &mut self,
+        key: (Arc<str>, Arc<str>),
+        rank: &Rank,
+        claim: Option<(Vec<(Ipv4Net, IpcacheEntry)>, Option<(Ipv4Addr, u16)>)>,
+        dirty: &mut Dirty,
+    ) {
+        if let Some(old) = self.node_claims.remove(&key) {
+            for p in old.prefixes {
+                self.ipcache_claims.set(p, rank.clone(), None);
+                dirty.ipcache.insert(p);
+            }
+            if let Some(u) = old.underlay {
+                self.tunnel_claims.set(u, rank.clone(), None);
+                dirty.tunnels.insert(u);
+            }
+        }
+        let Some((prefixes, peer)) = claim else { return };
+        for (p, e) in &prefixes {
+            self.ipcache_claims.set(*p, rank.clone(), Some(*e));
+            dirty.ipcache.insert(*p);
+        }
+        if let Some((u, id)) = peer {
+            self.tunnel_claims.set(u, rank.clone(), Some(id));
+            dirty.tunnels.insert(u);
+        }
+        self.node_claims.insert(
+            key,
+            NodeClaim {
+                prefixes: prefixes.into_iter().map(|(p, _)| p).collect(),
+                underlay: peer.map(|(u, _)| u),
+            },
+        );
+    }
+
+    /// Claims (or withdraws) the /32 of pod address `ip` of `cluster` as its record has it now. A pod whose node
+    /// is not known (yet) has no entry: its node's pod prefix answers with `PENDING` meanwhile. This cluster's pods
+    /// of this node are left out (they are local endpoints).
+    #[expect(clippy::too_many_arguments, reason = "the state one claim is computed from")]
+    fn claim_pod(
+        &mut self,
+        scope: Scope,
+        cluster: &str,
+        ip: Ipv4Addr,
+        local: &ClusterState,
+        own: Option<&RemoteCluster>,
+        remotes: &BTreeMap<String, RemoteCluster>,
+        dirty: &mut Dirty,
+    ) {
+        let (tier, cname) = match scope {
+            Scope::Own => (tier::OWN_POD, self.me.cluster.as_str()),
+            Scope::Peer => (tier::PEER_POD, cluster),
+        };
+        let c = self.names.get(cname);
+        if let Some(old) = self.pod_nodes.remove(&(c.clone(), ip)) {
+            let k = (c.clone(), old);
+            if let Some(set) = self.pods_by_node.get_mut(&k) {
+                set.remove(&ip);
+                if set.is_empty() {
+                    self.pods_by_node.remove(&k);
+                }
+            }
+        }
+        let (rec, entry) = match scope {
+            Scope::Own => {
+                let rec = own.filter(|o| o.usable).and_then(|o| o.ips.get(&ip));
+                let entry = rec.filter(|r| r.node != self.me.node).and_then(|r| {
+                    local
+                        .nodes
+                        .get(&r.node)
+                        .map(|n| pod_entry(n.underlay_ipv4, self.me.cluster_id, r.identity))
+                });
+                (rec, entry)
+            }
+            Scope::Peer => {
+                let rc = remotes
+                    .get(cluster)
+                    .filter(|rc| rc.usable && cluster != self.me.cluster);
+                let rec = rc.and_then(|rc| rc.ips.get(&ip));
+                let entry = rc.zip(rec).and_then(|(rc, r)| {
+                    rc.nodes
+                        .get(&r.node)
+                        .map(|n| pod_entry(n.underlay_ipv4, n.cluster_id, r.identity))
+                });
+                (rec, entry)
+            }
+        };
+        if let Some(r) = rec {
+            let n = self.names.get(&r.node);
+            self.pods_by_node
+                .entry((c.clone(), n.clone()))
+                .or_default()
+                .insert(ip);
+            self.pod_nodes.insert((c.clone(), ip), n);
+        }
+        let rank = Rank {
+            tier,
+            cluster: c,
+            node: self.names.get(""),
+        };
+        self.ipcache_claims.set(net(ip), rank, entry);
+        dirty.ipcache.insert(net(ip));
+    }
+
+    /// Runs the policy pass: every local endpoint's identity and policy, the CIDR identities' prefixes.
+    fn policy_pass(
         &mut self,
         local: &ClusterState,
         own: Option<&RemoteCluster>,
         remotes: &BTreeMap<String, RemoteCluster>,
-        cidrs: &BTreeMap<Ipv4Net, IpcacheEntry>,
-        st: &mut DatapathStatus,
+        dirty: &mut Dirty,
     ) {
-        let mut desired = desired::ipcache(&self.me, local, remotes);
-        st.conflicts = std::mem::take(&mut desired.conflicts);
-        let mut pods = desired::remote_pod_entries(&self.me, local, own, remotes);
-        st.conflicts.extend(pods.conflicts);
-        if !self.held.is_empty() {
-            self.held.release(remotes, self.peers_configured);
-            for (addr, id) in &self.held.tunnel_peers {
-                pods.tunnel_peers.entry(*addr).or_insert(*id);
-            }
+        let programmed: BTreeMap<Ipv4Addr, String> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.programmed)
+            .map(|e| (e.ipv4, e.pod.clone()))
+            .collect();
+        // A peer not heard from since a restart counts with the identities it had (see crate::held).
+        let patched = self.identity_store.patch(remotes, self.peers_configured);
+        let pass = self.policy.reconcile(
+            &mut self.dp,
+            &self.me,
+            local,
+            own,
+            patched.as_ref().unwrap_or(remotes),
+            &programmed,
+        );
+        drop(patched);
+        self.identity_store.save(remotes);
+        self.retry.policy = !pass.errors.is_empty();
+        self.policy_errors = pass.errors;
+        self.last_policy = (pass.entries, pass.names.identities.len());
+        if self.policy_enforced != pass.enforced {
+            // `to_pod` on the pod veths and the node's policy flag follow.
+            self.retry_local = true;
         }
-        if let Err(e) = self.dp.set_tunnel_peers(&pods.tunnel_peers) {
-            st.errors.push(format!("programming tunnel peers: {e:#}"));
-        }
+        self.policy_enforced = pass.enforced;
         // ipBlock prefixes also go to the policy prefix map, where pod /32s do not shadow them (an ipBlock matches
         // pod addresses too).
-        let policy_cidrs: BTreeMap<Ipv4Net, u32> = cidrs.iter().map(|(p, e)| (*p, e.identity)).collect();
-        if let Err(e) = self.dp.set_policy_cidrs(&policy_cidrs) {
-            st.errors.push(format!("programming policy prefixes: {e:#}"));
-        }
-        // Mesh pod prefixes answer PENDING (desired::ipcache); the pods' own /32s say who they are; prefixes named
-        // by policies (outside the mesh) carry their CIDR identity.
-        for (prefix, e) in cidrs {
-            desired.entries.entry(*prefix).or_insert(*e);
-        }
-        for (ip, e) in pods.entries {
-            desired.entries.insert(Ipv4Net::from(ip), e);
-        }
-        for (prefix, e) in &self.held.ipcache {
-            desired.entries.entry(*prefix).or_insert(*e);
-        }
-        let current: BTreeMap<Ipv4Net, IpcacheEntry> = match self.dp.ipcache() {
-            Ok(v) => v.into_iter().collect(),
-            Err(e) => {
-                st.errors.push(format!("reading ipcache: {e}"));
-                return;
+        if pass.cidr_entries != self.cidr_claims {
+            let policy_cidrs: BTreeMap<Ipv4Net, u32> =
+                pass.cidr_entries.iter().map(|(p, e)| (*p, e.identity)).collect();
+            if let Err(e) = self.dp.set_policy_cidrs(&policy_cidrs) {
+                self.policy_errors
+                    .push(format!("programming policy prefixes: {e:#}"));
+                self.retry.policy = true;
             }
+            let rank = Rank {
+                tier: tier::CIDR,
+                cluster: self.names.get(""),
+                node: self.names.get(""),
+            };
+            for p in self
+                .cidr_claims
+                .keys()
+                .filter(|p| !pass.cidr_entries.contains_key(*p))
+            {
+                self.ipcache_claims.set(*p, rank.clone(), None);
+                dirty.ipcache.insert(*p);
+            }
+            for (p, e) in &pass.cidr_entries {
+                self.ipcache_claims.set(*p, rank.clone(), Some(*e));
+                dirty.ipcache.insert(*p);
+            }
+            self.cidr_claims = pass.cidr_entries;
+        }
+        if let Some(hub) = &self.flows {
+            hub.set_names(pass.names);
+        }
+        *self.policy_views.lock().unwrap_or_else(PoisonError::into_inner) = pass.views;
+    }
+
+    /// Judges the staged rollouts' gates on the live statistics of their services' backends; their weights then
+    /// steer the services ([`lb::TrafficPolicyVersions::set_overrides`]).
+    fn tick_rollouts(
+        &mut self,
+        local: &ClusterState,
+        remotes: &BTreeMap<String, RemoteCluster>,
+        now: u64,
+        errors: &mut Vec<String>,
+    ) {
+        let stats = if local.rollouts.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.dp.backend_stats().unwrap_or_else(|e| {
+                errors.push(format!("reading backend statistics: {e}"));
+                BTreeMap::new()
+            })
         };
-        let (mut added, mut removed) = (0usize, 0usize);
-        for (prefix, entry) in &desired.entries {
-            if current.get(prefix) != Some(entry) {
-                match self.dp.upsert_ipcache(*prefix, *entry) {
-                    Ok(()) => added += 1,
-                    Err(e) => st.errors.push(format!("{e:#}")),
+        let programmed = self.programmed.lock().unwrap_or_else(PoisonError::into_inner);
+        let views: BTreeMap<ServiceId, Arc<ServiceView>> = local
+            .rollouts
+            .values()
+            .filter_map(|r| {
+                let id = (r.namespace.clone(), r.spec.service.clone());
+                programmed.views.get(&id).map(|v| (id, v.clone()))
+            })
+            .collect();
+        let (me, lb) = (&self.me, &programmed.lb);
+        let to_stats = |r: &StagedRollout| -> Option<FlowStats> {
+            let view = views.get(&(r.namespace.clone(), r.spec.service.clone()))?;
+            let mut sum = FlowStats::default();
+            for fe in &view.frontends {
+                for (cluster, backends) in &fe.candidates {
+                    if !r
+                        .spec
+                        .to
+                        .matches(cluster, &lb::cluster_labels(me, remotes, cluster))
+                    {
+                        continue;
+                    }
+                    for b in backends {
+                        if let Some(s) = lb
+                            .backend_id(b.ipv4, b.port, fe.protocol)
+                            .and_then(|id| stats.get(&id))
+                        {
+                            sum.new_flows += s.new_flows;
+                            sum.resets += s.resets;
+                        }
+                    }
+                }
+            }
+            Some(sum)
+        };
+        self.rollouts.tick(local, now, &to_stats);
+        drop(programmed);
+        let overrides = local
+            .rollouts
+            .values()
+            .filter_map(|r| {
+                self.rollouts
+                    .policy_for(local, &r.namespace, &r.spec.service)
+                    .map(|p| ((r.namespace.clone(), r.spec.service.clone()), p))
+            })
+            .collect();
+        self.policies.set_overrides(overrides);
+    }
+
+    /// Computes and programs the views of `ids` (`all`: every service, and what no service claims goes).
+    fn program_services(
+        &mut self,
+        local: &ClusterState,
+        own: Option<&RemoteCluster>,
+        remotes: &BTreeMap<String, RemoteCluster>,
+        ids: BTreeSet<ServiceId>,
+        all: bool,
+        errors: &mut Vec<String>,
+    ) {
+        if ids.is_empty() {
+            return;
+        }
+        let facts = &self.facts;
+        let serves = |n: &str| facts.get(n).is_some_and(|f| f.0);
+        let ctx = lb::ViewContext {
+            me: &self.me,
+            local,
+            own,
+            remotes,
+            serves: &serves,
+            policies: &self.policies,
+            affinity_default: self.service_affinity_default,
+        };
+        let views: Vec<(ServiceId, Option<ServiceView>)> = ids
+            .into_iter()
+            .map(|id| {
+                let v = ctx.view_of(&id.0, &id.1);
+                (id, v)
+            })
+            .collect();
+        let mut changes = LbChanges::default();
+        let mut failed = Vec::new();
+        let mut programmed = self.programmed.lock().unwrap_or_else(PoisonError::into_inner);
+        if all {
+            let present: Vec<ServiceView> = views.iter().filter_map(|(_, v)| v.clone()).collect();
+            match programmed.lb.reconcile(&mut self.dp, &present) {
+                Ok(c) => changes = c,
+                Err(e) => {
+                    errors.push(format!("programming services: {e:#}"));
+                    failed.extend(views.iter().map(|(id, _)| id.clone()));
+                }
+            }
+        } else {
+            for (id, v) in &views {
+                match programmed.lb.program_service(&mut self.dp, id, v.as_ref()) {
+                    Ok(c) => changes.add(c),
+                    Err(e) => {
+                        errors.push(format!("programming service {}/{}: {e:#}", id.0, id.1));
+                        failed.push(id.clone());
+                    }
                 }
             }
         }
-        for prefix in current.keys().filter(|p| !desired.entries.contains_key(*p)) {
-            match self.dp.remove_ipcache(*prefix) {
-                Ok(()) => removed += 1,
-                Err(e) => st.errors.push(format!("{e:#}")),
+        if changes != LbChanges::default() {
+            info!(?changes, "service maps updated");
+        }
+        self.retry.services.extend(failed);
+        for (id, v) in views {
+            match v {
+                Some(v) => {
+                    programmed.views.insert(id, Arc::new(v));
+                }
+                None => {
+                    programmed.views.remove(&id);
+                }
             }
         }
-        if added + removed > 0 {
-            info!(
-                upserted = added,
-                removed,
-                entries = desired.entries.len(),
-                "ipcache updated"
-            );
-        }
-        st.ipcache = desired
-            .entries
-            .iter()
-            .map(|(prefix, e)| IpcacheStatus {
-                prefix: *prefix,
-                tunnel_endpoint: (e.tunnel_endpoint != 0).then(|| Ipv4Addr::from(e.tunnel_endpoint)),
-                cluster_id: e.cluster_id,
-                local_node: e.flags & mesh_common::ipcache_flags::LOCAL_NODE != 0,
-            })
-            .collect();
     }
+
+    /// Writes the winning claim of every dirty ipcache and tunnel-peer key where the map differs.
+    fn program_claims(&mut self, dirty: &mut Dirty, errors: &mut Vec<String>) {
+        let (mut upserted, mut removed) = (0usize, 0usize);
+        let mut programmed = self.programmed.lock().unwrap_or_else(PoisonError::into_inner);
+        for key in std::mem::take(&mut dirty.ipcache) {
+            note_conflict(
+                &mut self.conflicts,
+                "prefix",
+                &key,
+                &self.ipcache_claims.ranks(&key),
+            );
+            let want = self.ipcache_claims.winner(&key).copied();
+            let have = programmed.ipcache.get(&key).copied();
+            if want == have {
+                continue;
+            }
+            let result = match want {
+                Some(e) => self.dp.upsert_ipcache(key, e).map(|()| {
+                    programmed.ipcache.insert(key, e);
+                    upserted += 1;
+                }),
+                None => self.dp.remove_ipcache(key).map(|()| {
+                    programmed.ipcache.remove(&key);
+                    removed += 1;
+                }),
+            };
+            if let Err(e) = result {
+                errors.push(format!("{e:#}"));
+                self.retry.ipcache.insert(key);
+            }
+        }
+        let entries = programmed.ipcache.len();
+        drop(programmed);
+        if upserted + removed > 0 {
+            info!(upserted, removed, entries, "ipcache updated");
+        }
+        for addr in std::mem::take(&mut dirty.tunnels) {
+            note_conflict(
+                &mut self.conflicts,
+                "underlay address",
+                &addr,
+                &self.tunnel_claims.ranks(&addr),
+            );
+            let want = self.tunnel_claims.winner(&addr).copied();
+            if want == self.tunnels.get(&addr).copied() {
+                continue;
+            }
+            let result = match want {
+                Some(id) => self.dp.upsert_tunnel_peer(addr, id).map(|()| {
+                    self.tunnels.insert(addr, id);
+                }),
+                None => self.dp.remove_tunnel_peer(addr).map(|()| {
+                    self.tunnels.remove(&addr);
+                }),
+            };
+            if let Err(e) = result {
+                errors.push(format!("programming tunnel peers: {e:#}"));
+                self.retry.tunnels.insert(addr);
+            }
+        }
+    }
+}
+
+/// `namespace/name` → (namespace, name).
+fn service_id(key: &str) -> Option<ServiceId> {
+    key.split_once('/').map(|(a, b)| (a.to_owned(), b.to_owned()))
+}
+
+/// The services of namespace `ns`.
+fn services_in<'a>(local: &'a ClusterState, ns: &'a str) -> impl Iterator<Item = ServiceId> + 'a {
+    local
+        .services
+        .range((ns.to_owned(), String::new())..)
+        .take_while(move |((n, _), _)| n == ns)
+        .map(|(k, _)| k.clone())
+}
+
+/// The services whose view may differ between `prev` and `cur`: changed services, every service of a namespace
+/// whose pods or EndpointSlices changed, services whose export changed.
+fn local_service_changes(prev: Option<&ClusterState>, cur: &ClusterState, out: &mut BTreeSet<ServiceId>) {
+    let Some(prev) = prev else {
+        out.extend(cur.services.keys().cloned());
+        return;
+    };
+    fn changed<'a, K: Ord, V: PartialEq>(
+        a: &'a BTreeMap<K, V>,
+        b: &'a BTreeMap<K, V>,
+    ) -> impl Iterator<Item = &'a K> + 'a {
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .chain(b.keys().filter(|k| !a.contains_key(*k)))
+    }
+    out.extend(changed(&cur.services, &prev.services).cloned());
+    let mut namespaces: BTreeSet<&str> = BTreeSet::new();
+    namespaces.extend(changed(&cur.pods, &prev.pods).map(|(ns, _)| ns.as_str()));
+    namespaces.extend(changed(&cur.endpoint_slices, &prev.endpoint_slices).map(|(ns, _)| ns.as_str()));
+    for ns in namespaces {
+        out.extend(services_in(cur, ns));
+        out.extend(services_in(prev, ns));
+    }
+    out.extend(cur.exports.symmetric_difference(&prev.exports).cloned());
+}
+
+/// Keeps `conflicts[key]` saying who contests `key` (or removes it when nobody does).
+fn note_conflict<K: std::fmt::Display>(
+    conflicts: &mut BTreeMap<String, String>,
+    what: &str,
+    key: &K,
+    ranks: &[&Rank],
+) {
+    let id = format!("{what} {key}");
+    let contested = ranks.iter().enumerate().find(|(i, r)| {
+        ranks[..*i]
+            .iter()
+            .any(|o| tier::group(o.tier) == tier::group(r.tier))
+    });
+    let Some((i, second)) = contested else {
+        conflicts.remove(&id);
+        return;
+    };
+    let first = ranks[..i]
+        .iter()
+        .find(|o| tier::group(o.tier) == tier::group(second.tier))
+        .copied()
+        .unwrap_or(second);
+    let who = |r: &Rank| {
+        if r.node.is_empty() {
+            format!("cluster {}", r.cluster)
+        } else {
+            format!("node {}/{}", r.cluster, r.node)
+        }
+    };
+    conflicts.insert(
+        id.clone(),
+        format!(
+            "{id} is claimed by {} and by {}; {} keeps it",
+            who(first),
+            who(second),
+            who(first)
+        ),
+    );
 }
 
 #[cfg(test)]

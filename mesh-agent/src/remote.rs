@@ -116,6 +116,146 @@ pub struct RemoteCluster {
     pub last_alive_ms: Option<u64>,
     /// Number of (re)connections that reached the synced state.
     pub syncs: u64,
+    /// Backends of all its service records (kept as records change).
+    pub backend_count: usize,
+    /// What changed since the journal last took it (moved there by every update of [`Remotes`]).
+    #[serde(skip)]
+    changes: ClusterChanges,
+}
+
+/// What changed of one cluster: the keys whose records were added, replaced or removed, and whether anything else
+/// of it changed (state, config, labels, usability, reachability). Consumers read the records of these keys only.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClusterChanges {
+    pub meta: bool,
+    pub nodes: BTreeSet<String>,
+    pub services: BTreeSet<String>,
+    pub identities: BTreeSet<u32>,
+    pub ips: BTreeSet<Ipv4Addr>,
+    pub capacities: BTreeSet<Ipv4Addr>,
+}
+
+impl ClusterChanges {
+    /// Adds what `other` changed.
+    pub fn merge(&mut self, other: Self) {
+        self.meta |= other.meta;
+        for (a, b) in [
+            (&mut self.nodes, other.nodes),
+            (&mut self.services, other.services),
+        ] {
+            if a.is_empty() {
+                *a = b;
+            } else {
+                a.extend(b);
+            }
+        }
+        self.identities.extend(other.identities);
+        if self.ips.is_empty() {
+            self.ips = other.ips;
+        } else {
+            self.ips.extend(other.ips);
+        }
+        self.capacities.extend(other.capacities);
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        !self.meta
+            && self.nodes.is_empty()
+            && self.services.is_empty()
+            && self.identities.is_empty()
+            && self.ips.is_empty()
+            && self.capacities.is_empty()
+    }
+
+    /// Every key `rc` holds, as changed (its data is going or coming whole).
+    #[must_use]
+    pub fn all_of(rc: &RemoteCluster) -> Self {
+        Self {
+            meta: true,
+            nodes: rc.nodes.keys().cloned().collect(),
+            services: rc.services.keys().cloned().collect(),
+            identities: rc.identities.keys().copied().collect(),
+            ips: rc.ips.keys().copied().collect(),
+            capacities: rc.capacities.keys().copied().collect(),
+        }
+    }
+}
+
+/// The facts of a cluster, beside its records, that consumers act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Meta {
+    state: SyncState,
+    usable: bool,
+    cluster_id: Option<u16>,
+    config: Option<ClusterConfig>,
+    pinned_labels: Option<BTreeMap<String, String>>,
+    unreachable_since_ms: Option<u64>,
+    syncs: u64,
+}
+
+impl Meta {
+    fn of(rc: &RemoteCluster) -> Self {
+        Self {
+            state: rc.state.clone(),
+            usable: rc.usable,
+            cluster_id: rc.cluster_id,
+            config: rc.config.clone(),
+            pinned_labels: rc.pinned_labels.clone(),
+            unreachable_since_ms: rc.unreachable_since_ms,
+            syncs: rc.syncs,
+        }
+    }
+}
+
+/// Changes of every cluster since they were last taken ([`Remotes::take_changes`]), by scope and name.
+pub type Journal = BTreeMap<(Scope, String), ClusterChanges>;
+
+/// Makes `dst` hold what `src` holds for the keys `dirty` (every key when `full`), recording each key that changed
+/// in `changed`. Keys absent from `src` are removed only when `src` is the `truth` (the kind's synced marker was
+/// seen); before it, partial data only adds.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one map's sync, with how its values compare and copy"
+)]
+fn sync_keys<K: Ord + Clone, V>(
+    dst: &mut BTreeMap<K, V>,
+    src: &BTreeMap<K, V>,
+    dirty: &BTreeSet<K>,
+    full: bool,
+    truth: bool,
+    same: impl Fn(&V, &V) -> bool,
+    clone: impl Fn(&V) -> V,
+    changed: &mut BTreeSet<K>,
+) {
+    let put = |dst: &mut BTreeMap<K, V>, changed: &mut BTreeSet<K>, k: &K, v: &V| {
+        if dst.get(k).is_none_or(|old| !same(old, v)) {
+            dst.insert(k.clone(), clone(v));
+            changed.insert(k.clone());
+        }
+    };
+    if full {
+        for (k, v) in src {
+            put(dst, changed, k, v);
+        }
+        if truth {
+            let gone: Vec<K> = dst.keys().filter(|k| !src.contains_key(*k)).cloned().collect();
+            for k in gone {
+                dst.remove(&k);
+                changed.insert(k);
+            }
+        }
+        return;
+    }
+    for k in dirty {
+        match src.get(k) {
+            Some(v) => put(dst, changed, k, v),
+            None if truth && dst.remove(k).is_some() => {
+                changed.insert(k.clone());
+            }
+            None => {}
+        }
+    }
 }
 
 /// How many refused records a remote cluster's status keeps (their total is counted by reason).
@@ -135,6 +275,8 @@ pub struct RemoteBrief {
     pub services: usize,
     pub identities: usize,
     pub ips: usize,
+    /// Backends of its global services' records.
+    pub backends: usize,
     /// Values skipped as malformed, all reasons together.
     pub decode_errors: u64,
     pub last_alive_ms: Option<u64>,
@@ -152,6 +294,7 @@ impl RemoteBrief {
             services: r.services.len(),
             identities: r.identities.len(),
             ips: r.ips.len(),
+            backends: r.backend_count,
             decode_errors: r.decode_errors.values().sum(),
             last_alive_ms: r.last_alive_ms,
             syncs: r.syncs,
@@ -187,6 +330,8 @@ impl RemoteCluster {
             pending_records: 0,
             peer_file_error: None,
             syncs: 0,
+            backend_count: 0,
+            changes: ClusterChanges::default(),
         }
     }
 
@@ -201,6 +346,9 @@ impl RemoteCluster {
     /// Refuses the cluster's data: none of it is used (every record dropped, `usable` false) and the state says why.
     fn refuse(&mut self, reason: String) {
         self.usable = false;
+        let gone = ClusterChanges::all_of(self);
+        self.changes.merge(gone);
+        self.backend_count = 0;
         self.nodes.clear();
         self.services.clear();
         self.identities.clear();
@@ -314,6 +462,8 @@ pub struct Remotes {
     limits: Arc<Mutex<mesh_kvstore::etcd::Limits>>,
     /// How long a peer whose file is missing or unreadable keeps its watcher and data.
     peer_file_grace: Arc<Mutex<Duration>>,
+    /// What changed since the reconciler last looked (lock order: after `inner`/`own`).
+    journal: Arc<Mutex<Journal>>,
     wake: std::sync::mpsc::Sender<()>,
 }
 
@@ -327,8 +477,37 @@ impl Remotes {
             claims: Arc::default(),
             limits: Arc::default(),
             peer_file_grace: Arc::new(Mutex::new(DEFAULT_PEER_FILE_GRACE)),
+            journal: Arc::default(),
             wake,
         }
+    }
+
+    /// Takes what changed since the last call: per cluster, the keys whose records changed (see
+    /// [`ClusterChanges`]). The records themselves are read with [`Self::read`].
+    #[must_use]
+    pub fn take_changes(&self) -> Journal {
+        std::mem::take(&mut *self.journal.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Runs `f` on the clusters of `scope` under their lock (keep it short: watchers wait meanwhile).
+    pub fn read<R>(&self, scope: Scope, f: impl FnOnce(&BTreeMap<String, RemoteCluster>) -> R) -> R {
+        f(&self.map(scope).lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Moves what `rc` recorded as changed into the journal; `meta` when its cluster-level facts differ from
+    /// `before`.
+    fn journal(&self, scope: Scope, rc: &mut RemoteCluster, before: Option<&Meta>) {
+        let mut c = std::mem::take(&mut rc.changes);
+        c.meta |= before.is_none_or(|b| *b != Meta::of(rc));
+        if c.is_empty() {
+            return;
+        }
+        self.journal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((scope, rc.name.clone()))
+            .or_default()
+            .merge(c);
     }
 
     /// Sets how much of one peer's records a watcher holds at most (from the next session of each watcher): a peer
@@ -480,7 +659,9 @@ impl Remotes {
             let rc = g
                 .entry(name.to_owned())
                 .or_insert_with(|| RemoteCluster::new(name));
+            let before = Meta::of(rc);
             f(rc);
+            self.journal(scope, rc, Some(&before));
         }
         let _ = self.wake.send(());
     }
@@ -502,18 +683,25 @@ impl Remotes {
     ) {
         {
             let mut g = self.map(scope).lock().unwrap_or_else(PoisonError::into_inner);
+            let existed = g.contains_key(name);
             let mut rc = g.remove(name).unwrap_or_else(|| RemoteCluster::new(name));
+            let before = existed.then(|| Meta::of(&rc));
             f(&mut rc, &g);
+            self.journal(scope, &mut rc, before.as_ref());
             g.insert(name.to_owned(), rc);
         }
         let _ = self.wake.send(());
     }
 
     fn remove(&self, scope: Scope, name: &str) {
-        self.map(scope)
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(name);
+        {
+            let mut g = self.map(scope).lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(mut rc) = g.remove(name) {
+                let gone = ClusterChanges::all_of(&rc);
+                rc.changes.merge(gone);
+                self.journal(scope, &mut rc, None);
+            }
+        }
         if scope == Scope::Peer {
             self.claims().remove_cluster(name);
         }
@@ -658,8 +846,8 @@ pub async fn manage_own(file: PathBuf, me: crate::desired::LocalNode, keys: Keys
 }
 
 /// Which clusters a watcher's cluster is kept with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Scope {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
     /// A peer cluster: everything it publishes.
     Peer,
     /// This cluster: identities and ips only.
@@ -716,9 +904,29 @@ struct Session {
     via_cache: bool,
     /// When the cache last heard from the cluster, as its last status said.
     upstream_alive_ms: Option<u64>,
+    /// Keys changed since the last publish that applied them.
+    dirty: ClusterChanges,
+    /// The next publish compares every key (after a list, or after the cluster's data was refused).
+    full_publish: bool,
+    /// Whether the last publish applied each kind as the truth (nodes, services, identities, ips).
+    truth_published: [bool; 4],
 }
 
 impl Session {
+    /// Removes the identity with local number `number` (one record per number), noting what went.
+    fn remove_identity_number(&mut self, number: u32) {
+        let gone: Vec<u32> = self
+            .identities
+            .keys()
+            .filter(|id| mesh_common::identity::local(**id) == number)
+            .copied()
+            .collect();
+        for id in gone {
+            self.identities.remove(&id);
+            self.dirty.identities.insert(id);
+        }
+    }
+
     /// Whether `ip` lies inside the pod CIDRs accepted for the cluster (pinned ones were checked when decoding).
     fn covered(&self, ip: Ipv4Addr) -> bool {
         !self.check_cidrs
@@ -742,6 +950,7 @@ impl Session {
             for a in now {
                 if let Some(r) = self.pending_ips.remove(&a) {
                     self.ips.insert(a, r);
+                    self.dirty.ips.insert(a);
                 }
             }
         }
@@ -753,6 +962,7 @@ impl Session {
             .collect();
         for k in ready {
             if let Some(r) = self.pending_services.remove(&k) {
+                self.dirty.services.insert(k.clone());
                 self.services.insert(k, r);
             }
         }
@@ -781,6 +991,7 @@ impl Session {
             for a in gone {
                 if let Some(r) = self.ips.remove(&a) {
                     self.pending_ips.insert(a, r);
+                    self.dirty.ips.insert(a);
                 }
             }
         }
@@ -862,6 +1073,7 @@ impl Watcher {
                 .is_some_and(|p| p.trim_end_matches('/').ends_with(&cache_suffix)),
             grant: self.grant_for(None),
             check_cidrs: self.scope == Scope::Peer && self.cfg.pod_cidrs.is_none(),
+            full_publish: true,
             ..Session::default()
         }
     }
@@ -890,6 +1102,8 @@ impl Watcher {
         let own = self.scope == Scope::Own;
         let mut usable = false;
         self.remotes.update_with_others(self.scope, &self.name, |rc, others| {
+            // A refusal cleared the cluster's data: the next accepted state is compared key by key.
+            let was_refused = !rc.usable;
             rc.config.clone_from(&s.config);
             rc.pending_records = s.pending_ips.len() + s.pending_services.len();
             if !own {
@@ -1006,46 +1220,47 @@ impl Watcher {
                         self.remotes.release(&name, node, &old.pod_cidrs);
                     }
                 }
-                rc.nodes.clone_from(&s.nodes);
                 if !matches!(rc.state, SyncState::Synced { .. }) {
                     rc.state = SyncState::Synced { since_ms: now_ms() };
                     rc.syncs += 1;
                 }
                 rc.unreachable_since_ms = None;
-            } else {
-                // Before the synced marker, partial data only adds; nothing is removed on its account.
-                for (k, v) in &s.nodes {
-                    rc.nodes.insert(k.clone(), v.clone());
-                }
             }
-            if s.services_synced {
-                rc.services.clone_from(&s.services);
-            } else {
-                for (k, v) in &s.services {
-                    rc.services.insert(k.clone(), v.clone());
-                }
-            }
+            // Only the keys that changed since the last publish are compared, except after a list or a refusal
+            // (every key) and when a kind becomes the truth (its synced marker: what is absent goes).
             // Every record was checked against the cluster's grant when it was decoded.
-            if s.identities_synced {
-                rc.identities.clone_from(&s.identities);
+            let full = s.full_publish || was_refused;
+            let truth = [complete, s.services_synced, s.identities_synced, s.ips_synced];
+            let whole = |i: usize| full || (truth[i] && !s.truth_published[i]);
+            let dirty = std::mem::take(&mut s.dirty);
+            let mut changed = ClusterChanges::default();
+            sync_keys(&mut rc.nodes, &s.nodes, &dirty.nodes, whole(0), truth[0], Arc::ptr_eq, Arc::clone, &mut changed.nodes);
+            let mut backends = rc.backend_count;
+            let before: Vec<(String, usize)> = if whole(1) {
+                Vec::new()
             } else {
-                for (k, v) in &s.identities {
-                    rc.identities.insert(*k, v.clone());
+                dirty
+                    .services
+                    .iter()
+                    .map(|k| (k.clone(), rc.services.get(k).map_or(0, |r| r.backends.len())))
+                    .collect()
+            };
+            sync_keys(&mut rc.services, &s.services, &dirty.services, whole(1), truth[1], Arc::ptr_eq, Arc::clone, &mut changed.services);
+            if whole(1) {
+                backends = rc.services.values().map(|r| r.backends.len()).sum();
+            } else {
+                for (k, was) in before {
+                    backends = backends.saturating_sub(was) + rc.services.get(&k).map_or(0, |r| r.backends.len());
                 }
             }
-            if s.ips_synced {
-                rc.ips.clone_from(&s.ips);
-            } else {
-                for (k, v) in &s.ips {
-                    rc.ips.insert(*k, v.clone());
-                }
-            }
+            rc.backend_count = backends;
+            sync_keys(&mut rc.identities, &s.identities, &dirty.identities, whole(2), truth[2], Arc::ptr_eq, Arc::clone, &mut changed.identities);
+            sync_keys(&mut rc.ips, &s.ips, &dirty.ips, whole(3), truth[3], Arc::ptr_eq, Arc::clone, &mut changed.ips);
             // Capacities are part of the ips: the same marker makes the session's set the truth.
-            if s.ips_synced {
-                rc.capacities.clone_from(&s.capacities);
-            } else {
-                rc.capacities.extend(&s.capacities);
-            }
+            sync_keys(&mut rc.capacities, &s.capacities, &dirty.capacities, whole(3), truth[3], |a, b| a == b, |v| *v, &mut changed.capacities);
+            s.full_publish = false;
+            s.truth_published = truth;
+            rc.changes.merge(changed);
         });
         if !own {
             self.remotes.activate_claims(&self.name, usable);
@@ -1087,6 +1302,7 @@ impl Watcher {
         }
         s.overlapping.remove(node);
         let rec = Arc::new(rec);
+        s.dirty.nodes.insert(node.to_owned());
         if let Some(old) = s.nodes.insert(node.to_owned(), rec.clone()) {
             let gone: Vec<Ipv4Net> = old
                 .pod_cidrs
@@ -1145,24 +1361,23 @@ impl Watcher {
             KeyKind::Capacity(ip) => match value {
                 None => {
                     s.capacities.remove(&ip);
+                    s.dirty.capacities.insert(ip);
                 }
                 Some(v) => match mesh_kvstore::decode_capacity(key, ip, v) {
                     Ok(rec) => {
                         s.capacities.insert(ip, rec.capacity);
+                        s.dirty.capacities.insert(ip);
                     }
                     Err(e) => self.refuse_record("capacity record", &e),
                 },
             },
             KeyKind::Identity(number) => match value {
-                None => {
-                    s.identities
-                        .retain(|id, _| mesh_common::identity::local(*id) != number);
-                }
+                None => s.remove_identity_number(number),
                 Some(v) => match grant.decode_identity(key, number, v) {
                     Ok(rec) => {
                         // One record per number (the id is the granted one: one identity per number).
-                        s.identities
-                            .retain(|id, _| mesh_common::identity::local(*id) != number);
+                        s.remove_identity_number(number);
+                        s.dirty.identities.insert(rec.identity);
                         s.identities.insert(rec.identity, Arc::new(rec));
                     }
                     Err(e) => self.refuse_record("identity record", &e),
@@ -1172,11 +1387,13 @@ impl Watcher {
                 None => {
                     s.ips.remove(&ip);
                     s.pending_ips.remove(&ip);
+                    s.dirty.ips.insert(ip);
                 }
                 Some(v) => match grant.decode_ip(key, ip, v) {
                     Ok(rec) if s.covered(ip) => {
                         s.pending_ips.remove(&ip);
                         s.ips.insert(ip, Arc::new(rec));
+                        s.dirty.ips.insert(ip);
                     }
                     Ok(rec) => {
                         // No accepted node CIDR covers it (yet): held until one does.
@@ -1189,6 +1406,7 @@ impl Watcher {
             KeyKind::Node(node) => match value {
                 None => {
                     s.overlapping.remove(node);
+                    s.dirty.nodes.insert(node.to_owned());
                     if let Some(old) = s.nodes.remove(node) {
                         self.remotes.release(&self.name, node, &old.pod_cidrs);
                         s.remove_cidrs(&old.pod_cidrs);
@@ -1207,10 +1425,12 @@ impl Watcher {
                     None => {
                         s.services.remove(&id);
                         s.pending_services.remove(&id);
+                        s.dirty.services.insert(id);
                     }
                     Some(v) => match grant.decode_service(key, ns, name, v) {
                         Ok(rec) if rec.backends.iter().all(|b| s.covered(b.ipv4)) => {
                             s.pending_services.remove(&id);
+                            s.dirty.services.insert(id.clone());
                             s.services.insert(id, Arc::new(rec));
                         }
                         Ok(rec) => {

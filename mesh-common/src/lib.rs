@@ -514,7 +514,7 @@ pub struct ServiceEntry {
 
 /// Key of [`maps::SERVICE_SLOTS`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SlotKey {
     pub service_id: u32,
     /// 0-based slot index, below [`ServiceEntry::slot_count`].
