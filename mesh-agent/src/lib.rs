@@ -17,3 +17,4 @@ pub mod policy;
 pub mod reconcile;
 pub mod remote;
 pub mod rollout;
+pub mod tables;

@@ -248,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
     reconciler.rollouts = mesh_agent::rollout::Rollouts::load(state_dir.join("rollouts.json"));
     reconciler.identity_store = mesh_agent::held::IdentityStore::load(state_dir.join("peer-identities.json"));
     let commands: mesh_agent::api::CommandQueue = Arc::default();
-    let programmed = reconciler.programmed.clone();
+    let programmed = reconciler.tables.programmed.clone();
     let backend_stats = match reconciler.dp.backend_stats_reader() {
         Ok(r) => Some(Arc::new(r)),
         Err(e) => {

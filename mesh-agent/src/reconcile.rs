@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 
 use ipnet::Ipv4Net;
 use mesh_common::{
@@ -14,14 +14,15 @@ use mesh_model::traffic::StagedRollout;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::claims::{Claims, Names, Rank};
 use crate::datapath::Datapath;
 use crate::desired::{self, LocalNode};
 use crate::lb::{self, FlowStats, ServiceView};
-use crate::lb_maps::{LbAdopted, LbChanges, LbMaps, ServiceId};
+use crate::lb_maps::{LbAdopted, LbMaps, ServiceId};
 use crate::netdev;
 use crate::remote::{ClusterChanges, Journal, RemoteCluster, Scope};
 use crate::rollout::{RolloutState, Rollouts};
+use crate::tables::{Dirty, MeshTables, local_service_changes, service_id, services_in};
+pub use crate::tables::{Programmed, SharedProgrammed, tier};
 
 /// One local endpoint as the status reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -182,62 +183,6 @@ pub fn settled(id: u16, remotes: &BTreeMap<String, RemoteCluster>, configured: b
     configured && remotes.values().all(|rc| rc.cluster_id.is_some())
 }
 
-/// Tiers of ipcache and tunnel-peer claims, in precedence order (see [`crate::claims`]): a pod's /32 beats a node's
-/// pod prefix, which beats a policy's CIDR, which beats what an earlier agent left.
-pub mod tier {
-    pub const OWN_POD: u8 = 0;
-    pub const PEER_POD: u8 = 1;
-    pub const LOCAL_NODE: u8 = 2;
-    pub const PEER_NODE: u8 = 3;
-    pub const CIDR: u8 = 4;
-    pub const HELD: u8 = 5;
-
-    /// Claims that conflict with each other: pods with pods, node prefixes with node prefixes.
-    #[must_use]
-    pub const fn group(t: u8) -> u8 {
-        match t {
-            OWN_POD | PEER_POD => 0,
-            LOCAL_NODE | PEER_NODE => 1,
-            other => other,
-        }
-    }
-}
-
-/// What the datapath is programmed with, for presentation on demand (`GET /v1/status`): the reconciler writes
-/// it as it programs, readers take the lock briefly.
-#[derive(Debug, Default)]
-pub struct Programmed {
-    /// Every service's view as last programmed, with the backend ids of its active backends.
-    pub views: BTreeMap<ServiceId, Arc<ServiceView>>,
-    /// The ipcache map's contents (adopted at start, then kept by every write).
-    pub ipcache: BTreeMap<Ipv4Net, IpcacheEntry>,
-    /// The load-balancing maps' owner.
-    pub lb: LbMaps,
-}
-
-/// Shared [`Programmed`].
-pub type SharedProgrammed = Arc<Mutex<Programmed>>;
-
-/// Where a node's claims are: its pod prefixes and its underlay address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct NodeClaim {
-    prefixes: Vec<Ipv4Net>,
-    underlay: Option<Ipv4Addr>,
-}
-
-/// What a change touches, gathered before anything is programmed.
-#[derive(Debug, Default)]
-struct Dirty {
-    services: BTreeSet<ServiceId>,
-    /// Peer nodes (cluster, node) whose records changed.
-    nodes: BTreeSet<(String, String)>,
-    /// Pod addresses whose records changed: (scope, cluster, address).
-    ips: BTreeSet<(Scope, String, Ipv4Addr)>,
-    ipcache: BTreeSet<Ipv4Net>,
-    tunnels: BTreeSet<Ipv4Addr>,
-    policy: bool,
-}
-
 pub struct Reconciler {
     pub dp: Datapath,
     pub me: LocalNode,
@@ -271,21 +216,8 @@ pub struct Reconciler {
     pub peers_configured: bool,
     /// Peers' identities as last synced (set to an [`crate::held::IdentityStore::load`]ed store to persist them).
     pub identity_store: crate::held::IdentityStore,
-    /// What is programmed, shared with the API.
-    pub programmed: SharedProgrammed,
-    ipcache_claims: Claims<Ipv4Net, IpcacheEntry>,
-    tunnel_claims: Claims<Ipv4Addr, u16>,
-    /// The tunnel-peer map's contents.
-    tunnels: BTreeMap<Ipv4Addr, u16>,
-    /// Claims made for each node (this cluster's and the peers'), by (cluster, node).
-    node_claims: BTreeMap<(Arc<str>, Arc<str>), NodeClaim>,
-    /// Pod addresses whose record names each node, by (cluster, node): they move with their node.
-    pods_by_node: BTreeMap<(Arc<str>, Arc<str>), BTreeSet<Ipv4Addr>>,
-    /// The node each indexed pod address's record names, by (cluster, address).
-    pod_nodes: BTreeMap<(Arc<str>, Ipv4Addr), Arc<str>>,
-    names: Names,
-    /// Policy prefixes claimed in the ipcache.
-    cidr_claims: BTreeMap<Ipv4Net, IpcacheEntry>,
+    /// The mesh's tables and what is programmed of them (shared with the API).
+    pub tables: MeshTables,
     /// Per peer: whether its backends serve (reachable or in its grace period) and its labels, as last applied.
     facts: BTreeMap<String, (bool, Option<BTreeMap<String, String>>)>,
     /// What the datapath is steered by, as last applied (TrafficPolicies and rollouts).
@@ -295,8 +227,6 @@ pub struct Reconciler {
     /// Writes that failed, tried again by the next pass.
     retry: Dirty,
     retry_local: bool,
-    /// Contested keys and why (status).
-    conflicts: BTreeMap<String, String>,
     /// Results kept between passes (status).
     last_policy: (usize, usize),
     traffic_policies: Vec<lb::TrafficPolicyStatus>,
@@ -311,17 +241,6 @@ enum Unwired {
     Refused(String),
     /// The interface cannot be used right now (missing, a failed attach): retried by the next pass.
     Failed(String),
-}
-
-fn net(ip: Ipv4Addr) -> Ipv4Net {
-    Ipv4Net::from(ip)
-}
-
-fn pod_entry(underlay: Ipv4Addr, cluster_id: u16, identity: u32) -> IpcacheEntry {
-    IpcacheEntry {
-        identity,
-        ..desired::tunnel_entry(underlay, cluster_id)
-    }
 }
 
 impl Reconciler {
@@ -356,24 +275,8 @@ impl Reconciler {
                 BTreeMap::new()
             });
         let tunnels = dp.tunnel_peers().unwrap_or_default();
-        let mut names = Names::default();
-        let mut ipcache_claims = Claims::default();
-        let mut tunnel_claims = Claims::default();
-        let held_rank = Rank {
-            tier: tier::HELD,
-            cluster: names.get(""),
-            node: names.get(""),
-        };
-        for (prefix, e) in &held.ipcache {
-            ipcache_claims.set(*prefix, held_rank.clone(), Some(*e));
-        }
-        for (addr, id) in &held.tunnel_peers {
-            tunnel_claims.set(*addr, held_rank.clone(), Some(*id));
-        }
         // Whatever else the maps hold is compared (and removed unless claimed) by the first pass.
-        let mut retry = Dirty::default();
-        retry.ipcache.extend(ipcache.keys().copied());
-        retry.tunnels.extend(tunnels.keys().copied());
+        let (tables, retry) = MeshTables::adopt(me.clone(), ipcache, tunnels, lb, &held);
         Self {
             held,
             peers_configured: false,
@@ -393,25 +296,12 @@ impl Reconciler {
             pod_veths: BTreeMap::new(),
             refused: BTreeMap::new(),
             endpoint_refusals: 0,
-            programmed: Arc::new(Mutex::new(Programmed {
-                views: BTreeMap::new(),
-                ipcache,
-                lb,
-            })),
-            ipcache_claims,
-            tunnel_claims,
-            tunnels,
-            node_claims: BTreeMap::new(),
-            pods_by_node: BTreeMap::new(),
-            pod_nodes: BTreeMap::new(),
-            names,
-            cidr_claims: BTreeMap::new(),
+            tables,
             facts: BTreeMap::new(),
             steered: BTreeMap::new(),
             last_local: None,
             retry,
             retry_local: true,
-            conflicts: BTreeMap::new(),
             last_policy: (0, 0),
             traffic_policies: Vec::new(),
             endpoints: Vec::new(),
@@ -460,26 +350,23 @@ impl Reconciler {
             journal.insert((Scope::Own, o.name.clone()), ClusterChanges::all_of(o));
         }
         // What was claimed by clusters that are gone.
-        for (cluster, node) in self.node_claims.keys() {
-            if **cluster != self.me.cluster {
+        let (nodes, pods) = self.tables.claimed();
+        for (cluster, node) in nodes {
+            if cluster != self.me.cluster {
                 journal
-                    .entry((Scope::Peer, cluster.to_string()))
+                    .entry((Scope::Peer, cluster))
                     .or_default()
                     .nodes
-                    .insert(node.to_string());
+                    .insert(node);
             }
         }
-        for (cluster, ip) in self.pod_nodes.keys() {
-            let scope = if **cluster == self.me.cluster {
+        for (cluster, ip) in pods {
+            let scope = if cluster == self.me.cluster {
                 Scope::Own
             } else {
                 Scope::Peer
             };
-            journal
-                .entry((scope, cluster.to_string()))
-                .or_default()
-                .ips
-                .insert(*ip);
+            journal.entry((scope, cluster)).or_default().ips.insert(ip);
         }
         let local = Arc::new(local.clone());
         self.last_local = None;
@@ -749,20 +636,24 @@ impl Reconciler {
                     .collect();
             }
             if full {
-                let mine = self.me.cluster.clone();
+                let (claimed, _) = self.tables.claimed();
                 nodes.extend(
-                    self.node_claims
-                        .keys()
-                        .filter(|(c, _)| **c == *mine)
-                        .map(|(_, n)| n.to_string()),
+                    claimed
+                        .into_iter()
+                        .filter(|(c, _)| *c == self.me.cluster)
+                        .map(|(_, n)| n),
                 );
             }
             for node in nodes {
-                self.claim_local_node(&node, local, &mut dirty);
+                self.tables.claim_local_node(&node, local, &mut dirty);
             }
         }
         if first || full {
-            let programmed = self.programmed.lock().unwrap_or_else(PoisonError::into_inner);
+            let programmed = self
+                .tables
+                .programmed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             dirty.services.extend(local.services.keys().cloned());
             dirty.services.extend(programmed.views.keys().cloned());
         }
@@ -828,35 +719,16 @@ impl Reconciler {
         if !self.held.is_empty() {
             let before = self.held.clone();
             self.held.release(remotes, self.peers_configured);
-            let held_rank = Rank {
-                tier: tier::HELD,
-                cluster: self.names.get(""),
-                node: self.names.get(""),
-            };
-            for prefix in before
-                .ipcache
-                .keys()
-                .filter(|p| !self.held.ipcache.contains_key(*p))
-            {
-                self.ipcache_claims.set(*prefix, held_rank.clone(), None);
-                dirty.ipcache.insert(*prefix);
-            }
-            for addr in before
-                .tunnel_peers
-                .keys()
-                .filter(|a| !self.held.tunnel_peers.contains_key(*a))
-            {
-                self.tunnel_claims.set(*addr, held_rank.clone(), None);
-                dirty.tunnels.insert(*addr);
-            }
+            self.tables.release_held(&before, &self.held, &mut dirty);
         }
 
         // 6. Claims of the peers' nodes, then of every pod address that changed or moved with its node.
         for (cluster, node) in std::mem::take(&mut dirty.nodes) {
-            self.claim_peer_node(&cluster, &node, remotes, &mut dirty);
+            self.tables.claim_peer_node(&cluster, &node, remotes, &mut dirty);
         }
         for (scope, cluster, ip) in std::mem::take(&mut dirty.ips) {
-            self.claim_pod(scope, &cluster, ip, local, own, remotes, &mut dirty);
+            self.tables
+                .claim_pod(scope, &cluster, ip, local, own, remotes, &mut dirty);
         }
 
         // 7. Identities and policy of the local endpoints, when identities, pods or policies changed.
@@ -881,25 +753,39 @@ impl Reconciler {
         st.rollouts = self.rollouts.states();
 
         // 9. The services that changed.
-        self.program_services(
+        let facts = &self.facts;
+        let serves = |n: &str| facts.get(n).is_some_and(|f| f.0);
+        let ctx = lb::ViewContext {
+            me: &self.me,
             local,
             own,
             remotes,
-            std::mem::take(&mut dirty.services),
+            serves: &serves,
+            policies: &self.policies,
+            affinity_default: self.service_affinity_default,
+        };
+        let ids = std::mem::take(&mut dirty.services);
+        self.tables.program_services(
+            &mut self.dp,
+            &ctx,
+            ids,
             first || full,
+            &mut self.retry,
             &mut errors,
         );
 
         // 10. The ipcache and tunnel-peer keys that changed.
-        self.program_claims(&mut dirty, &mut errors);
+        self.tables
+            .program_claims(&mut self.dp, &mut dirty, &mut self.retry, &mut errors);
 
         errors.splice(0..0, self.local_errors.iter().cloned());
         st.errors = errors;
         st.endpoints = self.endpoints.clone();
         st.endpoint_refusals = self.endpoint_refusals;
-        st.conflicts = self.conflicts.values().cloned().collect();
+        st.conflicts = self.tables.conflicts.values().cloned().collect();
         st.traffic_policies = self.traffic_policies.clone();
         let (frontends, backends) = self
+            .tables
             .programmed
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -930,183 +816,6 @@ impl Reconciler {
         self.last_local = Some(local.clone());
         st.summary.reconcile_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         st
-    }
-
-    /// Claims (or withdraws) the pod prefix and tunnel peer of this cluster's node `node`; its pods' addresses
-    /// are claimed again (their underlay may have moved).
-    fn claim_local_node(&mut self, node: &str, local: &ClusterState, dirty: &mut Dirty) {
-        let c = self.names.get(&self.me.cluster);
-        let n = self.names.get(node);
-        let rank = Rank {
-            tier: tier::LOCAL_NODE,
-            cluster: c.clone(),
-            node: n.clone(),
-        };
-        let claim = local.nodes.get(node).map(|rec| {
-            let (entry, underlay) = if rec.name == self.me.node {
-                (
-                    IpcacheEntry {
-                        flags: ipcache_flags::LOCAL_NODE,
-                        ..desired::tunnel_entry(Ipv4Addr::UNSPECIFIED, self.me.cluster_id)
-                    },
-                    None,
-                )
-            } else {
-                (
-                    desired::tunnel_entry(rec.underlay_ipv4, self.me.cluster_id),
-                    Some(rec.underlay_ipv4),
-                )
-            };
-            (
-                vec![(rec.pod_cidr, entry)],
-                underlay.map(|u| (u, self.me.cluster_id)),
-            )
-        });
-        self.set_node_claim((c.clone(), n.clone()), &rank, claim, dirty);
-        for ip in self.pods_by_node.get(&(c, n)).into_iter().flatten() {
-            dirty.ips.insert((Scope::Own, self.me.cluster.clone(), *ip));
-        }
-    }
-
-    /// As [`Self::claim_local_node`] for node `node` of peer `cluster`.
-    fn claim_peer_node(
-        &mut self,
-        cluster: &str,
-        node: &str,
-        remotes: &BTreeMap<String, RemoteCluster>,
-        dirty: &mut Dirty,
-    ) {
-        let c = self.names.get(cluster);
-        let n = self.names.get(node);
-        let rank = Rank {
-            tier: tier::PEER_NODE,
-            cluster: c.clone(),
-            node: n.clone(),
-        };
-        let claim = remotes
-            .get(cluster)
-            .filter(|rc| rc.usable && cluster != self.me.cluster)
-            .and_then(|rc| rc.nodes.get(node))
-            .map(|rec| {
-                let entry = desired::tunnel_entry(rec.underlay_ipv4, rec.cluster_id);
-                (
-                    rec.pod_cidrs.iter().map(|p| (p.trunc(), entry)).collect(),
-                    Some((rec.underlay_ipv4, rec.cluster_id)),
-                )
-            });
-        self.set_node_claim((c.clone(), n.clone()), &rank, claim, dirty);
-        for ip in self.pods_by_node.get(&(c, n)).into_iter().flatten() {
-            dirty.ips.insert((Scope::Peer, cluster.to_owned(), *ip));
-        }
-    }
-
-    /// Replaces the claims of one node: its prefixes with their entries and its tunnel peer (`None`: it has none).
-    #[expect(
-        clippy::type_complexity,
-        reason = "prefix entries and a tunnel peer, as computed by the callers"
-    )]
-    fn set_node_claim(
-        &mut self,
-        key: (Arc<str>, Arc<str>),
-        rank: &Rank,
-        claim: Option<(Vec<(Ipv4Net, IpcacheEntry)>, Option<(Ipv4Addr, u16)>)>,
-        dirty: &mut Dirty,
-    ) {
-        if let Some(old) = self.node_claims.remove(&key) {
-            for p in old.prefixes {
-                self.ipcache_claims.set(p, rank.clone(), None);
-                dirty.ipcache.insert(p);
-            }
-            if let Some(u) = old.underlay {
-                self.tunnel_claims.set(u, rank.clone(), None);
-                dirty.tunnels.insert(u);
-            }
-        }
-        let Some((prefixes, peer)) = claim else { return };
-        for (p, e) in &prefixes {
-            self.ipcache_claims.set(*p, rank.clone(), Some(*e));
-            dirty.ipcache.insert(*p);
-        }
-        if let Some((u, id)) = peer {
-            self.tunnel_claims.set(u, rank.clone(), Some(id));
-            dirty.tunnels.insert(u);
-        }
-        self.node_claims.insert(
-            key,
-            NodeClaim {
-                prefixes: prefixes.into_iter().map(|(p, _)| p).collect(),
-                underlay: peer.map(|(u, _)| u),
-            },
-        );
-    }
-
-    /// Claims (or withdraws) the /32 of pod address `ip` of `cluster` as its record has it now. A pod whose node
-    /// is not known (yet) has no entry: its node's pod prefix answers with `PENDING` meanwhile. This cluster's pods
-    /// of this node are left out (they are local endpoints).
-    #[expect(clippy::too_many_arguments, reason = "the state one claim is computed from")]
-    fn claim_pod(
-        &mut self,
-        scope: Scope,
-        cluster: &str,
-        ip: Ipv4Addr,
-        local: &ClusterState,
-        own: Option<&RemoteCluster>,
-        remotes: &BTreeMap<String, RemoteCluster>,
-        dirty: &mut Dirty,
-    ) {
-        let (tier, cname) = match scope {
-            Scope::Own => (tier::OWN_POD, self.me.cluster.as_str()),
-            Scope::Peer => (tier::PEER_POD, cluster),
-        };
-        let c = self.names.get(cname);
-        if let Some(old) = self.pod_nodes.remove(&(c.clone(), ip)) {
-            let k = (c.clone(), old);
-            if let Some(set) = self.pods_by_node.get_mut(&k) {
-                set.remove(&ip);
-                if set.is_empty() {
-                    self.pods_by_node.remove(&k);
-                }
-            }
-        }
-        let (rec, entry) = match scope {
-            Scope::Own => {
-                let rec = own.filter(|o| o.usable).and_then(|o| o.ips.get(&ip));
-                let entry = rec.filter(|r| r.node != self.me.node).and_then(|r| {
-                    local
-                        .nodes
-                        .get(&r.node)
-                        .map(|n| pod_entry(n.underlay_ipv4, self.me.cluster_id, r.identity))
-                });
-                (rec, entry)
-            }
-            Scope::Peer => {
-                let rc = remotes
-                    .get(cluster)
-                    .filter(|rc| rc.usable && cluster != self.me.cluster);
-                let rec = rc.and_then(|rc| rc.ips.get(&ip));
-                let entry = rc.zip(rec).and_then(|(rc, r)| {
-                    rc.nodes
-                        .get(&r.node)
-                        .map(|n| pod_entry(n.underlay_ipv4, n.cluster_id, r.identity))
-                });
-                (rec, entry)
-            }
-        };
-        if let Some(r) = rec {
-            let n = self.names.get(&r.node);
-            self.pods_by_node
-                .entry((c.clone(), n.clone()))
-                .or_default()
-                .insert(ip);
-            self.pod_nodes.insert((c.clone(), ip), n);
-        }
-        let rank = Rank {
-            tier,
-            cluster: c,
-            node: self.names.get(""),
-        };
-        self.ipcache_claims.set(net(ip), rank, entry);
-        dirty.ipcache.insert(net(ip));
     }
 
     /// Runs the policy pass: every local endpoint's identity and policy, the CIDR identities' prefixes.
@@ -1145,7 +854,7 @@ impl Reconciler {
         self.policy_enforced = pass.enforced;
         // ipBlock prefixes also go to the policy prefix map, where pod /32s do not shadow them (an ipBlock matches
         // pod addresses too).
-        if pass.cidr_entries != self.cidr_claims {
+        if self.tables.set_cidrs(&pass.cidr_entries, dirty) {
             let policy_cidrs: BTreeMap<Ipv4Net, u32> =
                 pass.cidr_entries.iter().map(|(p, e)| (*p, e.identity)).collect();
             if let Err(e) = self.dp.set_policy_cidrs(&policy_cidrs) {
@@ -1153,24 +862,6 @@ impl Reconciler {
                     .push(format!("programming policy prefixes: {e:#}"));
                 self.retry.policy = true;
             }
-            let rank = Rank {
-                tier: tier::CIDR,
-                cluster: self.names.get(""),
-                node: self.names.get(""),
-            };
-            for p in self
-                .cidr_claims
-                .keys()
-                .filter(|p| !pass.cidr_entries.contains_key(*p))
-            {
-                self.ipcache_claims.set(*p, rank.clone(), None);
-                dirty.ipcache.insert(*p);
-            }
-            for (p, e) in &pass.cidr_entries {
-                self.ipcache_claims.set(*p, rank.clone(), Some(*e));
-                dirty.ipcache.insert(*p);
-            }
-            self.cidr_claims = pass.cidr_entries;
         }
         if let Some(hub) = &self.flows {
             hub.set_names(pass.names);
@@ -1195,7 +886,11 @@ impl Reconciler {
                 BTreeMap::new()
             })
         };
-        let programmed = self.programmed.lock().unwrap_or_else(PoisonError::into_inner);
+        let programmed = self
+            .tables
+            .programmed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let views: BTreeMap<ServiceId, Arc<ServiceView>> = local
             .rollouts
             .values()
@@ -1243,219 +938,6 @@ impl Reconciler {
             .collect();
         self.policies.set_overrides(overrides);
     }
-
-    /// Computes and programs the views of `ids` (`all`: every service, and what no service claims goes).
-    fn program_services(
-        &mut self,
-        local: &ClusterState,
-        own: Option<&RemoteCluster>,
-        remotes: &BTreeMap<String, RemoteCluster>,
-        ids: BTreeSet<ServiceId>,
-        all: bool,
-        errors: &mut Vec<String>,
-    ) {
-        if ids.is_empty() {
-            return;
-        }
-        let facts = &self.facts;
-        let serves = |n: &str| facts.get(n).is_some_and(|f| f.0);
-        let ctx = lb::ViewContext {
-            me: &self.me,
-            local,
-            own,
-            remotes,
-            serves: &serves,
-            policies: &self.policies,
-            affinity_default: self.service_affinity_default,
-        };
-        let views: Vec<(ServiceId, Option<ServiceView>)> = ids
-            .into_iter()
-            .map(|id| {
-                let v = ctx.view_of(&id.0, &id.1);
-                (id, v)
-            })
-            .collect();
-        let mut changes = LbChanges::default();
-        let mut failed = Vec::new();
-        let mut programmed = self.programmed.lock().unwrap_or_else(PoisonError::into_inner);
-        if all {
-            let present: Vec<ServiceView> = views.iter().filter_map(|(_, v)| v.clone()).collect();
-            match programmed.lb.reconcile(&mut self.dp, &present) {
-                Ok(c) => changes = c,
-                Err(e) => {
-                    errors.push(format!("programming services: {e:#}"));
-                    failed.extend(views.iter().map(|(id, _)| id.clone()));
-                }
-            }
-        } else {
-            for (id, v) in &views {
-                match programmed.lb.program_service(&mut self.dp, id, v.as_ref()) {
-                    Ok(c) => changes.add(c),
-                    Err(e) => {
-                        errors.push(format!("programming service {}/{}: {e:#}", id.0, id.1));
-                        failed.push(id.clone());
-                    }
-                }
-            }
-        }
-        if changes != LbChanges::default() {
-            info!(?changes, "service maps updated");
-        }
-        self.retry.services.extend(failed);
-        for (id, v) in views {
-            match v {
-                Some(v) => {
-                    programmed.views.insert(id, Arc::new(v));
-                }
-                None => {
-                    programmed.views.remove(&id);
-                }
-            }
-        }
-    }
-
-    /// Writes the winning claim of every dirty ipcache and tunnel-peer key where the map differs.
-    fn program_claims(&mut self, dirty: &mut Dirty, errors: &mut Vec<String>) {
-        let (mut upserted, mut removed) = (0usize, 0usize);
-        let mut programmed = self.programmed.lock().unwrap_or_else(PoisonError::into_inner);
-        for key in std::mem::take(&mut dirty.ipcache) {
-            note_conflict(
-                &mut self.conflicts,
-                "prefix",
-                &key,
-                &self.ipcache_claims.ranks(&key),
-            );
-            let want = self.ipcache_claims.winner(&key).copied();
-            let have = programmed.ipcache.get(&key).copied();
-            if want == have {
-                continue;
-            }
-            let result = match want {
-                Some(e) => self.dp.upsert_ipcache(key, e).map(|()| {
-                    programmed.ipcache.insert(key, e);
-                    upserted += 1;
-                }),
-                None => self.dp.remove_ipcache(key).map(|()| {
-                    programmed.ipcache.remove(&key);
-                    removed += 1;
-                }),
-            };
-            if let Err(e) = result {
-                errors.push(format!("{e:#}"));
-                self.retry.ipcache.insert(key);
-            }
-        }
-        let entries = programmed.ipcache.len();
-        drop(programmed);
-        if upserted + removed > 0 {
-            info!(upserted, removed, entries, "ipcache updated");
-        }
-        for addr in std::mem::take(&mut dirty.tunnels) {
-            note_conflict(
-                &mut self.conflicts,
-                "underlay address",
-                &addr,
-                &self.tunnel_claims.ranks(&addr),
-            );
-            let want = self.tunnel_claims.winner(&addr).copied();
-            if want == self.tunnels.get(&addr).copied() {
-                continue;
-            }
-            let result = match want {
-                Some(id) => self.dp.upsert_tunnel_peer(addr, id).map(|()| {
-                    self.tunnels.insert(addr, id);
-                }),
-                None => self.dp.remove_tunnel_peer(addr).map(|()| {
-                    self.tunnels.remove(&addr);
-                }),
-            };
-            if let Err(e) = result {
-                errors.push(format!("programming tunnel peers: {e:#}"));
-                self.retry.tunnels.insert(addr);
-            }
-        }
-    }
-}
-
-/// `namespace/name` → (namespace, name).
-fn service_id(key: &str) -> Option<ServiceId> {
-    key.split_once('/').map(|(a, b)| (a.to_owned(), b.to_owned()))
-}
-
-/// The services of namespace `ns`.
-fn services_in<'a>(local: &'a ClusterState, ns: &'a str) -> impl Iterator<Item = ServiceId> + 'a {
-    local
-        .services
-        .range((ns.to_owned(), String::new())..)
-        .take_while(move |((n, _), _)| n == ns)
-        .map(|(k, _)| k.clone())
-}
-
-/// The services whose view may differ between `prev` and `cur`: changed services, every service of a namespace
-/// whose pods or EndpointSlices changed, services whose export changed.
-fn local_service_changes(prev: Option<&ClusterState>, cur: &ClusterState, out: &mut BTreeSet<ServiceId>) {
-    let Some(prev) = prev else {
-        out.extend(cur.services.keys().cloned());
-        return;
-    };
-    fn changed<'a, K: Ord, V: PartialEq>(
-        a: &'a BTreeMap<K, V>,
-        b: &'a BTreeMap<K, V>,
-    ) -> impl Iterator<Item = &'a K> + 'a {
-        a.iter()
-            .filter(|(k, v)| b.get(*k) != Some(*v))
-            .map(|(k, _)| k)
-            .chain(b.keys().filter(|k| !a.contains_key(*k)))
-    }
-    out.extend(changed(&cur.services, &prev.services).cloned());
-    let mut namespaces: BTreeSet<&str> = BTreeSet::new();
-    namespaces.extend(changed(&cur.pods, &prev.pods).map(|(ns, _)| ns.as_str()));
-    namespaces.extend(changed(&cur.endpoint_slices, &prev.endpoint_slices).map(|(ns, _)| ns.as_str()));
-    for ns in namespaces {
-        out.extend(services_in(cur, ns));
-        out.extend(services_in(prev, ns));
-    }
-    out.extend(cur.exports.symmetric_difference(&prev.exports).cloned());
-}
-
-/// Keeps `conflicts[key]` saying who contests `key` (or removes it when nobody does).
-fn note_conflict<K: std::fmt::Display>(
-    conflicts: &mut BTreeMap<String, String>,
-    what: &str,
-    key: &K,
-    ranks: &[&Rank],
-) {
-    let id = format!("{what} {key}");
-    let contested = ranks.iter().enumerate().find(|(i, r)| {
-        ranks[..*i]
-            .iter()
-            .any(|o| tier::group(o.tier) == tier::group(r.tier))
-    });
-    let Some((i, second)) = contested else {
-        conflicts.remove(&id);
-        return;
-    };
-    let first = ranks[..i]
-        .iter()
-        .find(|o| tier::group(o.tier) == tier::group(second.tier))
-        .copied()
-        .unwrap_or(second);
-    let who = |r: &Rank| {
-        if r.node.is_empty() {
-            format!("cluster {}", r.cluster)
-        } else {
-            format!("node {}/{}", r.cluster, r.node)
-        }
-    };
-    conflicts.insert(
-        id.clone(),
-        format!(
-            "{id} is claimed by {} and by {}; {} keeps it",
-            who(first),
-            who(second),
-            who(first)
-        ),
-    );
 }
 
 #[cfg(test)]
