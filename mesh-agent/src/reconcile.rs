@@ -21,7 +21,7 @@ use crate::lb_maps::{LbAdopted, LbMaps, ServiceId};
 use crate::netdev;
 use crate::remote::{ClusterChanges, Journal, RemoteCluster, Scope};
 use crate::rollout::{RolloutState, Rollouts};
-use crate::tables::{Dirty, MeshTables, local_service_changes, service_id, services_in};
+use crate::tables::{Dirty, MeshTables};
 pub use crate::tables::{Programmed, SharedProgrammed, tier};
 
 /// One local endpoint as the status reports it.
@@ -218,8 +218,6 @@ pub struct Reconciler {
     pub identity_store: crate::held::IdentityStore,
     /// The mesh's tables and what is programmed of them (shared with the API).
     pub tables: MeshTables,
-    /// Per peer: whether its backends serve (reachable or in its grace period) and its labels, as last applied.
-    facts: BTreeMap<String, (bool, Option<BTreeMap<String, String>>)>,
     /// What the datapath is steered by, as last applied (TrafficPolicies and rollouts).
     steered: BTreeMap<ServiceId, mesh_model::traffic::TrafficPolicy>,
     /// The local state of the last pass.
@@ -297,7 +295,6 @@ impl Reconciler {
             refused: BTreeMap::new(),
             endpoint_refusals: 0,
             tables,
-            facts: BTreeMap::new(),
             steered: BTreeMap::new(),
             last_local: None,
             retry,
@@ -626,94 +623,18 @@ impl Reconciler {
             {
                 warn!(policy = %format!("{}/{}", p.namespace, p.name), state = p.state.as_str(), message = ?p.message, "TrafficPolicy not applied");
             }
-            local_service_changes(prev.as_deref(), local, &mut dirty.services);
-            let mut nodes: BTreeSet<String> = local.nodes.keys().cloned().collect();
-            if let Some(p) = prev.as_deref() {
-                nodes = nodes
-                    .into_iter()
-                    .chain(p.nodes.keys().cloned())
-                    .filter(|n| p.nodes.get(n) != local.nodes.get(n))
-                    .collect();
-            }
-            if full {
-                let (claimed, _) = self.tables.claimed();
-                nodes.extend(
-                    claimed
-                        .into_iter()
-                        .filter(|(c, _)| *c == self.me.cluster)
-                        .map(|(_, n)| n),
-                );
-            }
-            for node in nodes {
-                self.tables.claim_local_node(&node, local, &mut dirty);
-            }
         }
-        if first || full {
-            let programmed = self
-                .tables
-                .programmed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            dirty.services.extend(local.services.keys().cloned());
-            dirty.services.extend(programmed.views.keys().cloned());
-        }
+        self.tables
+            .local_changed(prev.as_deref(), local, full, &mut dirty);
 
         // 3. Remote changes: the keys that changed, and what they touch.
-        for ((scope, cluster), c) in journal {
-            if c.meta || !c.identities.is_empty() || !c.ips.is_empty() {
-                dirty.policy = true;
-            }
-            match scope {
-                Scope::Peer => {
-                    dirty
-                        .services
-                        .extend(c.services.iter().filter_map(|k| service_id(k)));
-                    dirty
-                        .nodes
-                        .extend(c.nodes.into_iter().map(|n| (cluster.clone(), n)));
-                }
-                Scope::Own => {
-                    // A capacity weighs this cluster's backends: the services of its pod's namespace.
-                    for ip in &c.capacities {
-                        for p in local.pods.values().filter(|p| p.ipv4 == Some(*ip)) {
-                            dirty.services.extend(services_in(local, &p.namespace));
-                        }
-                    }
-                }
-            }
-            dirty
-                .ips
-                .extend(c.ips.into_iter().map(|ip| (scope, cluster.clone(), ip)));
-        }
+        self.tables.take_journal(journal, local, &mut dirty);
 
         // 4. Peer facts: reachability (grace periods end without any change) and labels.
+        let steered_ids: BTreeSet<ServiceId> = self.steered.keys().cloned().collect();
         let grace_ms = u64::try_from(self.remote_grace.as_millis()).unwrap_or(u64::MAX);
-        let facts: BTreeMap<String, (bool, Option<BTreeMap<String, String>>)> = remotes
-            .iter()
-            .map(|(name, rc)| {
-                let serves = rc
-                    .unreachable_since_ms
-                    .is_none_or(|since| now.saturating_sub(since) < grace_ms);
-                (name.clone(), (serves, rc.labels().cloned()))
-            })
-            .collect();
-        for (name, f) in &facts {
-            let old = self.facts.get(name);
-            if old == Some(f) {
-                continue;
-            }
-            if let Some(rc) = remotes.get(name) {
-                dirty
-                    .services
-                    .extend(rc.services.keys().filter_map(|k| service_id(k)));
-            }
-            if old.is_none_or(|o| o.1 != f.1) {
-                // Labels: policies' cluster selectors and TrafficPolicy groups.
-                dirty.policy = true;
-                dirty.services.extend(self.steered.keys().cloned());
-            }
-        }
-        self.facts = facts;
+        self.tables
+            .update_facts(remotes, now, grace_ms, &steered_ids, &mut dirty);
 
         // 5. Adopted entries whose cluster is settled now.
         if !self.held.is_empty() {
@@ -723,13 +644,7 @@ impl Reconciler {
         }
 
         // 6. Claims of the peers' nodes, then of every pod address that changed or moved with its node.
-        for (cluster, node) in std::mem::take(&mut dirty.nodes) {
-            self.tables.claim_peer_node(&cluster, &node, remotes, &mut dirty);
-        }
-        for (scope, cluster, ip) in std::mem::take(&mut dirty.ips) {
-            self.tables
-                .claim_pod(scope, &cluster, ip, local, own, remotes, &mut dirty);
-        }
+        self.tables.claim_changed(local, own, remotes, &mut dirty);
 
         // 7. Identities and policy of the local endpoints, when identities, pods or policies changed.
         // Identities and addresses before services (docs/network-policy.md): a new backend's identity is known by
@@ -752,31 +667,22 @@ impl Reconciler {
         self.steered = steered;
         st.rollouts = self.rollouts.states();
 
-        // 9. The services that changed.
-        let facts = &self.facts;
-        let serves = |n: &str| facts.get(n).is_some_and(|f| f.0);
-        let ctx = lb::ViewContext {
-            me: &self.me,
+        // 9. The services, ipcache and tunnel-peer keys that changed.
+        let sources = crate::tables::Sources {
             local,
             own,
             remotes,
-            serves: &serves,
             policies: &self.policies,
             affinity_default: self.service_affinity_default,
         };
-        let ids = std::mem::take(&mut dirty.services);
-        self.tables.program_services(
+        self.tables.program(
             &mut self.dp,
-            &ctx,
-            ids,
+            &sources,
+            &mut dirty,
             first || full,
             &mut self.retry,
             &mut errors,
         );
-
-        // 10. The ipcache and tunnel-peer keys that changed.
-        self.tables
-            .program_claims(&mut self.dp, &mut dirty, &mut self.retry, &mut errors);
 
         errors.splice(0..0, self.local_errors.iter().cloned());
         st.errors = errors;

@@ -87,6 +87,11 @@ fn pod_entry(underlay: Ipv4Addr, cluster_id: u16, identity: u32) -> IpcacheEntry
     }
 }
 
+/// A node: (cluster, node).
+pub type NodeKey = (String, String);
+/// A pod address of a cluster: (cluster, address).
+pub type PodKey = (String, Ipv4Addr);
+
 /// The tables (see the module's documentation).
 pub struct MeshTables {
     pub me: LocalNode,
@@ -107,6 +112,17 @@ pub struct MeshTables {
     cidr_claims: BTreeMap<Ipv4Net, IpcacheEntry>,
     /// Contested keys and why (status).
     pub conflicts: BTreeMap<String, String>,
+    /// Per peer: whether its backends serve (reachable or in its grace period) and its labels, as last applied.
+    facts: BTreeMap<String, (bool, Option<BTreeMap<String, String>>)>,
+}
+
+/// What services' views are computed from.
+pub struct Sources<'a> {
+    pub local: &'a ClusterState,
+    pub own: Option<&'a RemoteCluster>,
+    pub remotes: &'a BTreeMap<String, RemoteCluster>,
+    pub policies: &'a lb::TrafficPolicyVersions,
+    pub affinity_default: mesh_model::service::Affinity,
 }
 
 impl MeshTables {
@@ -153,6 +169,7 @@ impl MeshTables {
             names,
             cidr_claims: BTreeMap::new(),
             conflicts: BTreeMap::new(),
+            facts: BTreeMap::new(),
         };
         (t, dirty)
     }
@@ -160,7 +177,7 @@ impl MeshTables {
     /// The nodes (cluster, node) and pod addresses (cluster, address) something was claimed for: what a full pass
     /// must compare besides what the clusters hold now.
     #[must_use]
-    pub fn claimed(&self) -> (Vec<(String, String)>, Vec<(String, Ipv4Addr)>) {
+    pub fn claimed(&self) -> (Vec<NodeKey>, Vec<PodKey>) {
         (
             self.node_claims
                 .keys()
@@ -219,6 +236,164 @@ impl MeshTables {
         }
         self.cidr_claims.clone_from(entries);
         true
+    }
+
+    /// What a new local state touches (`prev`: the last one applied; `None` at the first pass, when everything
+    /// is compared): changed services, every service of a namespace whose pods changed, this cluster's nodes
+    /// (their prefixes, tunnel peers and pods). `full`: also whatever was claimed for this cluster before.
+    pub fn local_changed(
+        &mut self,
+        prev: Option<&ClusterState>,
+        local: &ClusterState,
+        full: bool,
+        dirty: &mut Dirty,
+    ) {
+        local_service_changes(prev, local, &mut dirty.services);
+        let mut nodes: BTreeSet<String> = local.nodes.keys().cloned().collect();
+        if let Some(p) = prev {
+            nodes = nodes
+                .into_iter()
+                .chain(p.nodes.keys().cloned())
+                .filter(|n| p.nodes.get(n) != local.nodes.get(n))
+                .collect();
+        }
+        if full {
+            let (claimed, _) = self.claimed();
+            nodes.extend(
+                claimed
+                    .into_iter()
+                    .filter(|(c, _)| *c == self.me.cluster)
+                    .map(|(_, n)| n),
+            );
+        }
+        for node in nodes {
+            self.claim_local_node(&node, local, dirty);
+        }
+        if prev.is_none() || full {
+            let programmed = self.programmed.lock().unwrap_or_else(PoisonError::into_inner);
+            dirty.services.extend(local.services.keys().cloned());
+            dirty.services.extend(programmed.views.keys().cloned());
+        }
+    }
+
+    /// What the remote clusters' changed keys touch.
+    pub fn take_journal(&mut self, journal: crate::remote::Journal, local: &ClusterState, dirty: &mut Dirty) {
+        for ((scope, cluster), c) in journal {
+            if c.meta || !c.identities.is_empty() || !c.ips.is_empty() {
+                dirty.policy = true;
+            }
+            match scope {
+                Scope::Peer => {
+                    dirty
+                        .services
+                        .extend(c.services.iter().filter_map(|k| service_id(k)));
+                    dirty
+                        .nodes
+                        .extend(c.nodes.into_iter().map(|n| (cluster.clone(), n)));
+                }
+                Scope::Own => {
+                    // A capacity weighs this cluster's backends: the services of its pod's namespace.
+                    for ip in &c.capacities {
+                        for p in local.pods.values().filter(|p| p.ipv4 == Some(*ip)) {
+                            dirty.services.extend(services_in(local, &p.namespace));
+                        }
+                    }
+                }
+            }
+            dirty
+                .ips
+                .extend(c.ips.into_iter().map(|ip| (scope, cluster.clone(), ip)));
+        }
+    }
+
+    /// Follows the peers' facts that change without a record changing: a grace period that ends (at `now`,
+    /// `grace_ms` after the peer became unreachable) withdraws its backends; new labels re-steer the `steered`
+    /// services and re-judge policies' cluster selectors. Costs the number of clusters, plus the services of a
+    /// cluster whose facts changed.
+    pub fn update_facts(
+        &mut self,
+        remotes: &BTreeMap<String, RemoteCluster>,
+        now: u64,
+        grace_ms: u64,
+        steered: &BTreeSet<ServiceId>,
+        dirty: &mut Dirty,
+    ) {
+        let facts: BTreeMap<String, (bool, Option<BTreeMap<String, String>>)> = remotes
+            .iter()
+            .map(|(name, rc)| {
+                let serves = rc
+                    .unreachable_since_ms
+                    .is_none_or(|since| now.saturating_sub(since) < grace_ms);
+                (name.clone(), (serves, rc.labels().cloned()))
+            })
+            .collect();
+        for (name, f) in &facts {
+            let old = self.facts.get(name);
+            if old == Some(f) {
+                continue;
+            }
+            if let Some(rc) = remotes.get(name) {
+                dirty
+                    .services
+                    .extend(rc.services.keys().filter_map(|k| service_id(k)));
+            }
+            if old.is_none_or(|o| o.1 != f.1) {
+                // Labels: policies' cluster selectors and TrafficPolicy groups.
+                dirty.policy = true;
+                dirty.services.extend(steered.iter().cloned());
+            }
+        }
+        self.facts = facts;
+    }
+
+    /// Claims of the changed peers' nodes, then of every pod address that changed or moved with its node.
+    pub fn claim_changed(
+        &mut self,
+        local: &ClusterState,
+        own: Option<&RemoteCluster>,
+        remotes: &BTreeMap<String, RemoteCluster>,
+        dirty: &mut Dirty,
+    ) {
+        for (cluster, node) in std::mem::take(&mut dirty.nodes) {
+            self.claim_peer_node(&cluster, &node, remotes, dirty);
+        }
+        for (scope, cluster, ip) in std::mem::take(&mut dirty.ips) {
+            self.claim_pod(scope, &cluster, ip, local, own, remotes, dirty);
+        }
+    }
+
+    /// Programs the dirty services (views computed from `src`; `all`: every service, and what no service
+    /// claims goes), then the dirty ipcache and tunnel-peer keys. What failed goes to `retry`.
+    pub fn program(
+        &mut self,
+        dp: &mut impl MapWriter,
+        src: &Sources<'_>,
+        dirty: &mut Dirty,
+        all: bool,
+        retry: &mut Dirty,
+        errors: &mut Vec<String>,
+    ) {
+        let facts = &self.facts;
+        let serves = |n: &str| facts.get(n).is_some_and(|f| f.0);
+        let ctx = lb::ViewContext {
+            me: &self.me.clone(),
+            local: src.local,
+            own: src.own,
+            remotes: src.remotes,
+            serves: &serves,
+            policies: src.policies,
+            affinity_default: src.affinity_default,
+        };
+        let ids = std::mem::take(&mut dirty.services);
+        let views: Vec<(ServiceId, Option<ServiceView>)> = ids
+            .into_iter()
+            .map(|id| {
+                let v = ctx.view_of(&id.0, &id.1);
+                (id, v)
+            })
+            .collect();
+        self.program_views(dp, views, all, retry, errors);
+        self.program_claims(dp, dirty, retry, errors);
     }
 
     /// The tunnel-peer map's contents as programmed.
@@ -404,27 +579,18 @@ impl MeshTables {
         dirty.ipcache.insert(net(ip));
     }
 
-    /// Computes (from `ctx`) and programs the views of `ids` (`all`: every service, and what no service claims
-    /// goes). Services whose writes failed go to `retry`.
-    pub fn program_services(
+    /// Programs `views` (`all`: they are every service's, and what none claims goes).
+    fn program_views(
         &mut self,
         dp: &mut impl MapWriter,
-        ctx: &lb::ViewContext<'_>,
-        ids: BTreeSet<ServiceId>,
+        views: Vec<(ServiceId, Option<ServiceView>)>,
         all: bool,
         retry: &mut Dirty,
         errors: &mut Vec<String>,
     ) {
-        if ids.is_empty() {
+        if views.is_empty() {
             return;
         }
-        let views: Vec<(ServiceId, Option<ServiceView>)> = ids
-            .into_iter()
-            .map(|id| {
-                let v = ctx.view_of(&id.0, &id.1);
-                (id, v)
-            })
-            .collect();
         let mut changes = LbChanges::default();
         let mut failed = Vec::new();
         let mut programmed = self.programmed.lock().unwrap_or_else(PoisonError::into_inner);
@@ -465,7 +631,7 @@ impl MeshTables {
     }
 
     /// Writes the winning claim of every dirty ipcache and tunnel-peer key where the map differs.
-    pub fn program_claims(
+    fn program_claims(
         &mut self,
         dp: &mut impl MapWriter,
         dirty: &mut Dirty,
