@@ -257,10 +257,35 @@ impl Publisher {
         let mut tick = tokio::time::interval((self.lease_ttl / 3).min(Duration::from_secs(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut exports = self.exports.clone();
+        // The desired records are computed again only when something they come from changed (the cluster's
+        // state, the exports, an identity's grace period): keep-alives and heartbeats cost nothing else.
+        let mut stale = true;
         loop {
             if let Some(rx) = exports.as_mut() {
                 rx.mark_unchanged();
             }
+            if !stale {
+                let open = self
+                    .wait(
+                        snapshots,
+                        &mut exports,
+                        allocator,
+                        &mut tick,
+                        &mut keeper,
+                        &mut keepalive,
+                        lease,
+                        &mut client,
+                        &mut stale,
+                    )
+                    .await?;
+                if !open {
+                    return Ok(());
+                }
+                if !stale {
+                    continue;
+                }
+            }
+            stale = false;
             let snapshot = snapshots.borrow_and_update().clone();
             let desired = self.desired(&snapshot, allocator);
             let mut puts = 0usize;
@@ -315,36 +340,58 @@ impl Publisher {
                 synced = true;
                 info!(records = desired.len(), "initial sync complete");
             }
-            // Unused identities are withdrawn when their grace period ends, changes or not.
-            let collect_at = allocator.next_collection().map_or_else(
-                || tokio::time::Instant::now() + Duration::from_secs(3600),
-                tokio::time::Instant::from_std,
-            );
-            tokio::select! {
-                () = tokio::time::sleep_until(collect_at) => {}
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
+        }
+    }
+
+    /// Waits for the next event of a session: a change of what records come from (sets `stale`), an identity's
+    /// grace period ending (sets `stale`), or the lease keep-alive and heartbeat tick. `false` when the state
+    /// source ended.
+    #[expect(clippy::too_many_arguments, reason = "the session's parts it serves")]
+    async fn wait(
+        &self,
+        snapshots: &mut watch::Receiver<Snapshot>,
+        exports: &mut Option<watch::Receiver<Option<crate::mcs::ExportRecords>>>,
+        allocator: &Allocator,
+        tick: &mut tokio::time::Interval,
+        keeper: &mut etcd_client::LeaseKeeper,
+        keepalive: &mut etcd_client::LeaseKeepAliveStream,
+        lease: i64,
+        client: &mut Client,
+        stale: &mut bool,
+    ) -> anyhow::Result<bool> {
+        // Unused identities are withdrawn when their grace period ends, changes or not.
+        let collect_at = allocator.next_collection().map_or_else(
+            || tokio::time::Instant::now() + Duration::from_secs(3600),
+            tokio::time::Instant::from_std,
+        );
+        let with_lease = || Some(PutOptions::new().with_lease(lease));
+        tokio::select! {
+            () = tokio::time::sleep_until(collect_at) => *stale = true,
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return Ok(false);
                 }
-                changed = exports_changed(exports.as_mut()) => {
-                    if !changed {
-                        exports = None;
-                    }
+                *stale = true;
+            }
+            changed = exports_changed(exports.as_mut()) => {
+                if !changed {
+                    *exports = None;
                 }
-                _ = tick.tick() => {
-                    keeper.keep_alive().await?;
-                    let hb = Heartbeat { time_ms: now_ms() };
-                    client.put(self.keys.heartbeat(&self.cluster), encode(&hb), with_lease()).await?;
-                }
-                msg = keepalive.message() => {
-                    match msg? {
-                        Some(resp) if resp.ttl() > 0 => {}
-                        Some(_) => anyhow::bail!("lease {lease} expired"),
-                        None => anyhow::bail!("lease keep-alive stream closed"),
-                    }
+                *stale = true;
+            }
+            _ = tick.tick() => {
+                keeper.keep_alive().await?;
+                let hb = Heartbeat { time_ms: now_ms() };
+                client.put(self.keys.heartbeat(&self.cluster), encode(&hb), with_lease()).await?;
+            }
+            msg = keepalive.message() => {
+                match msg? {
+                    Some(resp) if resp.ttl() > 0 => {}
+                    Some(_) => anyhow::bail!("lease {lease} expired"),
+                    None => anyhow::bail!("lease keep-alive stream closed"),
                 }
             }
         }
+        Ok(true)
     }
 }
