@@ -23,7 +23,8 @@ use crate::remote::RemoteCluster;
 pub struct Backend {
     pub ipv4: Ipv4Addr,
     pub port: u16,
-    pub cluster: String,
+    /// Shared by every backend of the cluster (one allocation per cluster and frontend, not per backend).
+    pub cluster: std::sync::Arc<str>,
     pub cluster_id: u16,
     pub weight: u32,
 }
@@ -363,7 +364,7 @@ fn select(
     let (local, remote): (Vec<&Backend>, Vec<&Backend>) = candidates
         .values()
         .flatten()
-        .partition(|b| b.cluster == local_cluster);
+        .partition(|b| &*b.cluster == local_cluster);
     let chosen: Vec<&Backend> = match affinity {
         Affinity::Local if !local.is_empty() => local,
         Affinity::Remote if !remote.is_empty() => remote,
@@ -481,6 +482,7 @@ impl ViewContext<'_> {
             .map(|sp| {
                 let port_name = sp.name.clone().unwrap_or_default();
                 let mut candidates: BTreeMap<String, Vec<Backend>> = BTreeMap::new();
+                let my_cluster: std::sync::Arc<str> = std::sync::Arc::from(me.cluster.as_str());
                 let locals: Vec<Backend> = endpoints
                     .iter()
                     .filter_map(|e| {
@@ -491,7 +493,7 @@ impl ViewContext<'_> {
                         Some(Backend {
                             ipv4: e.ipv4,
                             port: p.port,
-                            cluster: me.cluster.clone(),
+                            cluster: my_cluster.clone(),
                             cluster_id: me.cluster_id,
                             weight: e.capacity.max(1),
                         })
@@ -506,6 +508,7 @@ impl ViewContext<'_> {
                         .filter(|(n, rc)| **n != me.cluster && rc.usable && (self.serves)(n))
                     {
                         let Some(rec) = rc.services.get(&id) else { continue };
+                        let cluster: std::sync::Arc<str> = std::sync::Arc::from(cname.as_str());
                         let bs: Vec<Backend> = rec
                             .backends
                             .iter()
@@ -517,7 +520,7 @@ impl ViewContext<'_> {
                                 Some(Backend {
                                     ipv4: b.ipv4,
                                     port: p.port,
-                                    cluster: cname.clone(),
+                                    cluster: cluster.clone(),
                                     cluster_id: rec.cluster_id,
                                     weight: b.weight.max(1),
                                 })
@@ -645,7 +648,7 @@ mod tests {
         let mut c: Vec<String> = v[0].frontends[0]
             .active
             .iter()
-            .map(|b| b.cluster.clone())
+            .map(|b| b.cluster.to_string())
             .collect();
         c.dedup();
         c
@@ -686,7 +689,7 @@ mod tests {
             ("service.cilium.io/affinity", "remote"),
         ];
         let v = services_np(&me(), &local(&r, &[[10, 1, 0, 2]]), &remotes);
-        assert!(v[0].frontends[0].active.iter().all(|b| b.cluster != "east"));
+        assert!(v[0].frontends[0].active.iter().all(|b| &*b.cluster != "east"));
         let v = services_np(&me(), &local(&r, &[[10, 1, 0, 2]]), &BTreeMap::new());
         assert_eq!(
             active_clusters(&v),
@@ -857,7 +860,7 @@ mod tests {
     fn slots_by_cluster(v: &[ServiceView]) -> BTreeMap<String, u32> {
         let mut out = BTreeMap::new();
         for b in &v[0].frontends[0].active {
-            *out.entry(b.cluster.clone()).or_default() += b.weight;
+            *out.entry(b.cluster.to_string()).or_default() += b.weight;
         }
         out
     }
