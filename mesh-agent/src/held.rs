@@ -34,16 +34,17 @@ pub struct IdentityStore {
     file: Option<PathBuf>,
     /// Read at start, by peer name; each goes once its peer is settled.
     held: BTreeMap<String, HeldCluster>,
-    /// What the file holds now: per peer (cluster id, number of identities, sum of their numbers).
+    /// What the file holds now: per peer (cluster id, number of identities, their generation).
     written: BTreeMap<String, (u16, usize, u64)>,
     last_write: Option<Instant>,
 }
 
+/// What says a peer's identities changed, without reading them: its id, their number and generation.
 fn fingerprint(rc: &RemoteCluster) -> (u16, usize, u64) {
     (
         rc.cluster_id.unwrap_or(0),
         rc.identities.len(),
-        rc.identities.keys().map(|id| u64::from(*id)).sum(),
+        rc.identity_generation,
     )
 }
 

@@ -118,6 +118,8 @@ pub struct RemoteCluster {
     pub syncs: u64,
     /// Backends of all its service records (kept as records change).
     pub backend_count: usize,
+    /// Bumped whenever its identities change (consumers compare it instead of the identities).
+    pub identity_generation: u64,
     /// What changed since the journal last took it (moved there by every update of [`Remotes`]).
     #[serde(skip)]
     changes: ClusterChanges,
@@ -331,6 +333,7 @@ impl RemoteCluster {
             peer_file_error: None,
             syncs: 0,
             backend_count: 0,
+            identity_generation: 0,
             changes: ClusterChanges::default(),
         }
     }
@@ -349,6 +352,7 @@ impl RemoteCluster {
         let gone = ClusterChanges::all_of(self);
         self.changes.merge(gone);
         self.backend_count = 0;
+        self.identity_generation += 1;
         self.nodes.clear();
         self.services.clear();
         self.identities.clear();
@@ -1258,6 +1262,9 @@ impl Watcher {
             sync_keys(&mut rc.ips, &s.ips, &dirty.ips, whole(3), truth[3], Arc::ptr_eq, Arc::clone, &mut changed.ips);
             // Capacities are part of the ips: the same marker makes the session's set the truth.
             sync_keys(&mut rc.capacities, &s.capacities, &dirty.capacities, whole(3), truth[3], |a, b| a == b, |v| *v, &mut changed.capacities);
+            if !changed.identities.is_empty() {
+                rc.identity_generation += 1;
+            }
             s.full_publish = false;
             s.truth_published = truth;
             rc.changes.merge(changed);
