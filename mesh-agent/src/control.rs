@@ -30,7 +30,7 @@ impl Default for LoopConfig {
     fn default() -> Self {
         Self {
             retry_min: Duration::from_millis(200),
-            retry_max: Duration::from_secs(10),
+            retry_max: Duration::from_secs(2),
             rollout_tick: crate::rollout::FAST_TICK,
         }
     }
