@@ -73,11 +73,10 @@ pub struct PodName {
 /// What the reconciler tells the flow reader about the mesh (replaced as a whole after every pass).
 #[derive(Debug, Clone, Default)]
 pub struct Names {
-    /// Pod addresses (local and remote).
-    pub pods: BTreeMap<Ipv4Addr, PodName>,
-    /// Identity → (cluster, labels).
-    /// Identity → its identity labels (cluster and namespace are among them).
-    pub identities: BTreeMap<u32, BTreeMap<String, String>>,
+    /// Pod addresses (local and remote); persistent, shared with the policy reconciler's table.
+    pub pods: imbl::OrdMap<Ipv4Addr, PodName>,
+    /// Identity → its identity labels (cluster and namespace are among them); shared the same way.
+    pub identities: mesh_model::policy::Identities,
     /// Node-local CIDR identities → prefix.
     pub cidrs: BTreeMap<u32, String>,
     /// Rule numbers of local endpoints' compiled policies: (endpoint address, rule) → description.
@@ -437,11 +436,11 @@ mod tests {
         );
         n.identities.insert(
             identity::compose(2, 300),
-            BTreeMap::from([
+            std::sync::Arc::new(BTreeMap::from([
                 ("app".into(), "api".into()),
                 ("io.kubernetes.pod.namespace".into(), "shop".into()),
                 ("io.cilium.k8s.policy.cluster".into(), "east".into()),
-            ]),
+            ])),
         );
         n.rules.insert(
             (Ipv4Addr::new(10, 1, 0, 2), 3),

@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use mesh_common::{IpcacheEntry, identity, policy_dir, proto};
 use mesh_model::ClusterState;
-use mesh_model::policy::{self as model, CompiledEntry, EndpointView, NamedPorts, Universe};
+use mesh_model::policy::{self as model, CompiledEntry, EndpointView, Identities, NamedPorts, Universe};
 use mesh_model::state::Pod;
 use serde_json::{Value, json};
 use tracing::{info, warn};
@@ -20,13 +20,32 @@ use tracing::{info, warn};
 use crate::datapath::{Datapath, EndpointPolicy, PolicyRule};
 use crate::desired::LocalNode;
 use crate::flows::{Names, PodName};
-use crate::remote::RemoteCluster;
+use crate::remote::{RemoteCluster, Scope};
 
 /// Compiles and programs every local endpoint's network policy; keeps what must stay stable across passes (the
 /// CIDR identities).
 #[derive(Debug, Default)]
 pub struct PolicyReconciler {
     cidr_ids: BTreeMap<Ipv4Net, u32>,
+    /// Identities of this cluster's own etcd and of every usable peer, kept per change.
+    identities: Identities,
+    /// Remote and own-etcd pod names by address (flow events), kept per change.
+    pods: imbl::OrdMap<Ipv4Addr, PodName>,
+    /// The pod addresses that have named ports: their identity and ports.
+    named: BTreeMap<Ipv4Addr, (u32, Vec<mesh_kvstore::PortRecord>)>,
+    /// The tables above were filled from every cluster once (else the next pass does).
+    filled: bool,
+}
+
+/// What changed since the last pass, for the tables a pass reads identities and pod names from.
+#[derive(Debug, Default, Clone)]
+pub struct PolicyChanges {
+    /// Identities whose record changed: (scope, cluster, identity).
+    pub identities: Vec<(Scope, String, u32)>,
+    /// Pod addresses whose record changed: (scope, cluster, address).
+    pub ips: Vec<(Scope, String, Ipv4Addr)>,
+    /// Rebuild the tables from every cluster (the first pass, a from-scratch reconcile, held identities).
+    pub full: bool,
 }
 
 /// What one pass produced besides the map writes.
@@ -72,6 +91,73 @@ fn clusters<'a>(
 }
 
 impl PolicyReconciler {
+    /// Brings the identity and pod-name tables up to date: only the changed keys are read, unless `full`.
+    fn update_tables(
+        &mut self,
+        me: &LocalNode,
+        own: Option<&RemoteCluster>,
+        remotes: &BTreeMap<String, RemoteCluster>,
+        changes: &PolicyChanges,
+    ) {
+        let pod_name = |ip: &mesh_kvstore::IpRecord| PodName {
+            cluster: ip.cluster.clone(),
+            namespace: ip.namespace.clone(),
+            pod: ip.pod.clone(),
+        };
+        if changes.full || !self.filled {
+            self.identities = Identities::new();
+            self.pods = imbl::OrdMap::new();
+            self.named.clear();
+            for rc in clusters(me, own, remotes) {
+                for (id, rec) in &rc.identities {
+                    self.identities
+                        .insert(*id, std::sync::Arc::new(rec.labels.clone()));
+                }
+                for ip in rc.ips.values() {
+                    self.pods.insert(ip.ipv4, pod_name(ip));
+                    if !ip.named_ports.is_empty() {
+                        self.named.insert(ip.ipv4, (ip.identity, ip.named_ports.clone()));
+                    }
+                }
+            }
+            self.filled = true;
+            return;
+        }
+        let source = |scope: Scope, cluster: &str| match scope {
+            Scope::Own => own,
+            Scope::Peer => remotes
+                .get(cluster)
+                .filter(|rc| cluster != me.cluster && rc.usable),
+        };
+        for (scope, cluster, id) in &changes.identities {
+            match source(*scope, cluster).and_then(|rc| rc.identities.get(id)) {
+                Some(rec) => {
+                    self.identities
+                        .insert(*id, std::sync::Arc::new(rec.labels.clone()));
+                }
+                None => {
+                    self.identities.remove(id);
+                }
+            }
+        }
+        for (scope, cluster, ip) in &changes.ips {
+            match source(*scope, cluster).and_then(|rc| rc.ips.get(ip)) {
+                Some(rec) => {
+                    self.pods.insert(*ip, pod_name(rec));
+                    if rec.named_ports.is_empty() {
+                        self.named.remove(ip);
+                    } else {
+                        self.named.insert(*ip, (rec.identity, rec.named_ports.clone()));
+                    }
+                }
+                None => {
+                    self.pods.remove(ip);
+                    self.named.remove(ip);
+                }
+            }
+        }
+    }
+
     /// CIDR identities for every prefix the policies name; a prefix keeps its identity while it is named.
     fn cidr_identities(&mut self, local: &ClusterState) -> BTreeMap<u32, Ipv4Net> {
         let wanted = model::cidr_prefixes(local.network_policies.values());
@@ -89,6 +175,8 @@ impl PolicyReconciler {
     }
 
     /// Runs one pass: programs every local endpoint's identity and policy; returns names, views and CIDR entries.
+    /// The identities and pod names it reads are kept per change (`changes`): a pass copies none of them.
+    #[expect(clippy::too_many_arguments, reason = "the state one pass reads")]
     pub fn reconcile(
         &mut self,
         dp: &mut Datapath,
@@ -97,43 +185,36 @@ impl PolicyReconciler {
         own: Option<&RemoteCluster>,
         remotes: &BTreeMap<String, RemoteCluster>,
         endpoints: &BTreeMap<Ipv4Addr, String>,
+        changes: &PolicyChanges,
     ) -> PolicyPass {
         let mut pass = PolicyPass::default();
         let cidrs = self.cidr_identities(local);
+        self.update_tables(me, own, remotes, changes);
         let mut universe = Universe {
             local_cluster: me.cluster.clone(),
             cidrs: cidrs.clone(),
+            identities: self.identities.clone(),
             ..Universe::default()
         };
         universe
             .cluster_labels
             .insert(me.cluster.clone(), me.labels.clone());
-        let mut by_labels: BTreeMap<&BTreeMap<String, String>, u32> = BTreeMap::new();
         for rc in clusters(me, own, remotes) {
             if let Some(labels) = rc.labels() {
                 universe.cluster_labels.insert(rc.name.clone(), labels.clone());
             }
-            for (id, rec) in &rc.identities {
-                universe.identities.insert(*id, rec.labels.clone());
-            }
-            for ip in rc.ips.values() {
-                let np = universe.named_ports.entry(ip.identity).or_default();
-                for p in &ip.named_ports {
-                    let v = np.entry(p.name.clone()).or_default();
-                    if !v.contains(&(p.protocol, p.port)) {
-                        v.push((p.protocol, p.port));
-                    }
+        }
+        for (identity, ports) in self.named.values() {
+            let np = universe.named_ports.entry(*identity).or_default();
+            for p in ports {
+                let v = np.entry(p.name.clone()).or_default();
+                if !v.contains(&(p.protocol, p.port)) {
+                    v.push((p.protocol, p.port));
                 }
-                pass.names.pods.insert(
-                    ip.ipv4,
-                    PodName {
-                        cluster: ip.cluster.clone(),
-                        namespace: ip.namespace.clone(),
-                        pod: ip.pod.clone(),
-                    },
-                );
             }
         }
+        pass.names.pods = self.pods.clone();
+        let mut by_labels: BTreeMap<&BTreeMap<String, String>, u32> = BTreeMap::new();
         if let Some(own) = own {
             for (id, rec) in &own.identities {
                 by_labels.insert(&rec.labels, *id);
@@ -163,7 +244,7 @@ impl PolicyReconciler {
                 .and_then(|o| o.ips.get(&ip))
                 .filter(|r| r.namespace == pod.namespace && r.pod == pod.name)
                 .map(|r| r.identity)
-                .filter(|id| universe.identities.get(id).is_some_and(|l| *l == id_labels))
+                .filter(|id| universe.identities.get(id).is_some_and(|l| **l == id_labels))
                 .or_else(|| by_labels.get(&id_labels).copied())
                 .unwrap_or(identity::ANY);
             pass.endpoint_identities.insert(ip, ident);

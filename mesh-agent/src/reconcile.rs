@@ -231,6 +231,8 @@ pub struct Reconciler {
     endpoints: Vec<EndpointStatus>,
     local_errors: Vec<String>,
     policy_errors: Vec<String>,
+    /// The last policy pass read held identities (see [`crate::held`]).
+    patched_last: bool,
 }
 
 /// Why an endpoint is not wired.
@@ -304,6 +306,7 @@ impl Reconciler {
             endpoints: Vec::new(),
             local_errors: Vec::new(),
             policy_errors: Vec::new(),
+            patched_last: false,
         }
     }
 
@@ -650,6 +653,7 @@ impl Reconciler {
         // Identities and addresses before services (docs/network-policy.md): a new backend's identity is known by
         // the time traffic can be balanced to it.
         if dirty.policy {
+            dirty.policy_changes.full |= first || full;
             self.policy_pass(local, own, remotes, &mut dirty);
         }
         errors.extend(self.policy_errors.iter().cloned());
@@ -740,6 +744,10 @@ impl Reconciler {
             .collect();
         // A peer not heard from since a restart counts with the identities it had (see crate::held).
         let patched = self.identity_store.patch(remotes, self.peers_configured);
+        let mut changes = std::mem::take(&mut dirty.policy_changes);
+        // Held identities come and go with the patch: the tables are rebuilt while it applies and once after.
+        changes.full |= patched.is_some() || self.patched_last;
+        self.patched_last = patched.is_some();
         let pass = self.policy.reconcile(
             &mut self.dp,
             &self.me,
@@ -747,6 +755,7 @@ impl Reconciler {
             own,
             patched.as_ref().unwrap_or(remotes),
             &programmed,
+            &changes,
         );
         drop(patched);
         self.identity_store.save(remotes);

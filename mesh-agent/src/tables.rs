@@ -74,6 +74,8 @@ pub struct Dirty {
     pub ipcache: BTreeSet<Ipv4Net>,
     pub tunnels: BTreeSet<Ipv4Addr>,
     pub policy: bool,
+    /// The identities and pod addresses that changed, for the policy pass's tables.
+    pub policy_changes: crate::policy::PolicyChanges,
 }
 
 fn net(ip: Ipv4Addr) -> Ipv4Net {
@@ -300,6 +302,11 @@ impl MeshTables {
                     }
                 }
             }
+            let pc = &mut dirty.policy_changes;
+            pc.identities
+                .extend(c.identities.iter().map(|id| (scope, cluster.clone(), *id)));
+            pc.ips
+                .extend(c.ips.iter().map(|ip| (scope, cluster.clone(), *ip)));
             dirty
                 .ips
                 .extend(c.ips.into_iter().map(|ip| (scope, cluster.clone(), ip)));

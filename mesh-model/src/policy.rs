@@ -779,13 +779,17 @@ pub struct EndpointView<'a> {
     pub named_ports: &'a NamedPorts,
 }
 
+/// Identity → its identity labels, as a persistent map: a copy costs nothing and a change to one identity copies
+/// only its path, so a consumer that keeps it up to date per change can hand it out on every pass.
+pub type Identities = imbl::OrdMap<u32, std::sync::Arc<BTreeMap<String, String>>>;
+
 /// Everything the compiler selects peers from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Universe {
     /// The cluster the policies are enforced in (NetworkPolicy peers default to it).
     pub local_cluster: String,
     /// Every known identity → its identity labels.
-    pub identities: BTreeMap<u32, BTreeMap<String, String>>,
+    pub identities: Identities,
     /// Named ports of the pods of an identity (egress named ports resolve on them).
     pub named_ports: BTreeMap<u32, NamedPorts>,
     /// Node-local CIDR identities → their prefix.
@@ -1123,16 +1127,20 @@ mod tests {
             local_cluster: "east".into(),
             ..Default::default()
         };
-        u.identities.insert(EAST_WEB, id_labels("east", "shop", "web"));
-        u.identities.insert(EAST_DB, id_labels("east", "shop", "db"));
+        let arc = std::sync::Arc::new;
         u.identities
-            .insert(EAST_OTHER_NS_WEB, id_labels("east", "blog", "web"));
-        u.identities.insert(WEST_WEB, id_labels("west", "shop", "web"));
-        u.identities.insert(NORTH_WEB, id_labels("north", "shop", "web"));
+            .insert(EAST_WEB, arc(id_labels("east", "shop", "web")));
+        u.identities.insert(EAST_DB, arc(id_labels("east", "shop", "db")));
+        u.identities
+            .insert(EAST_OTHER_NS_WEB, arc(id_labels("east", "blog", "web")));
+        u.identities
+            .insert(WEST_WEB, arc(id_labels("west", "shop", "web")));
+        u.identities
+            .insert(NORTH_WEB, arc(id_labels("north", "shop", "web")));
         // Reserved identities as an agent might list them: no pod labels.
         u.identities
-            .insert(identity::WORLD, labels(&[("reserved", "world")]));
-        u.identities.insert(identity::PENDING, BTreeMap::new());
+            .insert(identity::WORLD, arc(labels(&[("reserved", "world")])));
+        u.identities.insert(identity::PENDING, arc(BTreeMap::new()));
         u.named_ports
             .insert(EAST_DB, [("sql".to_owned(), vec![(Protocol::Tcp, 5432)])].into());
         u.named_ports.insert(
