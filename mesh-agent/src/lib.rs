@@ -2,8 +2,10 @@
 //! eBPF datapath of its node.
 
 pub mod api;
+pub mod clusterset;
 pub mod datapath;
 pub mod desired;
+pub mod dns;
 pub mod flows;
 pub mod held;
 pub mod lb;

@@ -291,6 +291,7 @@ async fn lists_a_cluster_larger_than_one_grpc_message_in_pages() {
     let mut total_bytes = 0;
     for s in 0..SERVICES {
         let rec = ServiceRecord {
+        mcs: None,
             cluster: "west".into(),
             cluster_id: 2,
             namespace: "demo".into(),

@@ -356,6 +356,32 @@ pub struct ServiceRecord {
     /// The service's ports (names match backend ports).
     pub ports: Vec<PortRecord>,
     pub backends: Vec<BackendRecord>,
+    /// Set when the service is exported with an MCS `ServiceExport` (absent otherwise, so that the records of
+    /// services that are not exported stay what older readers accept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcs: Option<McsRecord>,
+}
+
+/// What the clusterset DNS and ClusterSetIP imports need of an exported service (docs/clusterset-dns.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct McsRecord {
+    /// The Service has no cluster IP (`clusterIP: None`): its name resolves to its backends' addresses.
+    #[serde(default)]
+    pub headless: bool,
+    /// The hostname of backends that have one (pod `spec.hostname`, EndpointSlice `hostname`), by address.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hostnames: BTreeMap<Ipv4Addr, String>,
+}
+
+/// Whether `s` is a DNS label as RFC 1123 has it, lower case: 1-63 of `a-z0-9-`, not starting or ending with `-`.
+#[must_use]
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// Largest number of backends a decoder accepts in one service record.
@@ -567,6 +593,17 @@ pub fn decode_service(
             "backend {} has weight {}, not from 1 to {max}",
             b.ipv4, b.weight
         )));
+    }
+    if let Some(mcs) = &rec.mcs {
+        if mcs.hostnames.len() > MAX_BACKENDS_PER_RECORD {
+            return Err(invalid(format!(
+                "{} hostnames (at most {MAX_BACKENDS_PER_RECORD})",
+                mcs.hostnames.len()
+            )));
+        }
+        if let Some((ip, h)) = mcs.hostnames.iter().find(|(_, h)| !is_dns_label(h)) {
+            return Err(invalid(format!("hostname {h:?} of {ip} is not a DNS label")));
+        }
     }
     Ok(rec)
 }
@@ -816,6 +853,7 @@ mod tests {
             KeyKind::UnknownVersion("v2")
         );
         let rec = ServiceRecord {
+        mcs: None,
             cluster: "east".into(),
             cluster_id: 1,
             namespace: "shop".into(),
