@@ -310,6 +310,48 @@ impl Table {
     }
 }
 
+/// What the agent's control loop calls once per pass (the hook in `main.rs`): computes the imports and their
+/// ClusterSetIPs, brings the shared table up to date (per service: only what changed is rewritten), and returns the
+/// local state with the imports' synthetic services, for the reconciler to program.
+#[derive(Debug)]
+pub struct Clusterset {
+    pub imports: crate::clusterset::Imports,
+    pub table: server::SharedTable,
+}
+
+impl Clusterset {
+    #[must_use]
+    pub fn new(range: ipnet::Ipv4Net) -> Self {
+        Self {
+            imports: crate::clusterset::Imports::new(range),
+            table: std::sync::Arc::default(),
+        }
+    }
+
+    /// One pass over the local state of cluster `me` and the remote clusters that may be used.
+    pub fn pass(
+        &mut self,
+        me: &str,
+        local: &mesh_model::ClusterState,
+        remotes: &BTreeMap<String, crate::remote::RemoteCluster>,
+    ) -> mesh_model::ClusterState {
+        let imports = self.imports.update(me, local, remotes);
+        let wanted: Vec<ServiceDns> = imports
+            .iter()
+            .filter_map(|i| compute(me, i, local, remotes))
+            .collect();
+        let (_, errors) = self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sync(wanted);
+        for e in errors {
+            tracing::warn!(error = %e, "clusterset DNS: service left out of the zone");
+        }
+        crate::clusterset::with_imports(local, &imports)
+    }
+}
+
 /// The records of one service, by owner name.
 fn build(d: &ServiceDns) -> Result<Vec<(Name, Vec<Record>)>, TableError> {
     let bad = |what: &'static str, label: &str| TableError::NotALabel {
