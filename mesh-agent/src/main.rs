@@ -106,7 +106,7 @@ struct Args {
     #[arg(long, env = "FLEETMESH_CLUSTERSET_CIDR", default_value = mesh_model::clusterset::DEFAULT_CLUSTERSET_CIDR)]
     clusterset_cidr: ipnet::Ipv4Net,
     /// Serve the clusterset DNS zone (`clusterset.local`) on this address, UDP and TCP, e.g. `169.254.20.10:53`;
-    /// an address not on the node is added to a dummy device `fm_dns`. Unset: no DNS server.
+    /// an address the node does not have yet is added to its `lo` (/32). Unset: no DNS server.
     #[arg(long, env = "FLEETMESH_DNS_LISTEN")]
     dns_listen: Option<std::net::SocketAddr>,
     /// Where names outside the clusterset zone are forwarded (the cluster's DNS, e.g. `10.96.0.10:53`). Unset:

@@ -193,41 +193,29 @@ pub async fn serve(listen: SocketAddr, table: SharedTable, upstream: Option<Sock
     Ok(())
 }
 
-/// The dummy device that carries `--dns-listen`'s address when the node has it nowhere else.
-pub const DNS_DEVICE: &str = "fm_dns";
-
-/// Makes sure the node has `listen`'s address: an unspecified or loopback address needs nothing; another one not
-/// bindable yet is added, as a /32, to the dummy device [`DNS_DEVICE`] (created when missing), the way
-/// node-local DNS caches do.
+/// Makes sure the node has `listen`'s address: an unspecified or loopback address, or one already bindable, needs
+/// nothing; another one is added to the node's `lo` as a /32 (a node-local address, as node-local DNS caches use;
+/// pods reach it through their gateway, the node's stack delivers it locally).
 ///
 /// # Errors
 /// When `ip` fails.
 pub fn ensure_listen_address(listen: SocketAddr) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let ip = listen.ip();
-    if ip.is_unspecified() || ip.is_loopback() {
+    if ip.is_unspecified() || ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok() {
         return Ok(());
     }
-    if std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok() {
-        return Ok(());
-    }
-    let run = |args: &[&str]| -> anyhow::Result<()> {
-        let out = std::process::Command::new("ip")
-            .args(args)
-            .output()
-            .with_context(|| format!("running ip {}", args.join(" ")))?;
-        anyhow::ensure!(
-            out.status.success(),
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(())
-    };
-    if crate::netdev::ifindex(DNS_DEVICE).is_err() {
-        run(&["link", "add", DNS_DEVICE, "type", "dummy"])?;
-    }
-    run(&["link", "set", DNS_DEVICE, "up"])?;
     let cidr = format!("{ip}/32");
-    run(&["addr", "replace", &cidr, "dev", DNS_DEVICE])
+    let args = ["addr", "replace", cidr.as_str(), "dev", "lo"];
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .with_context(|| format!("running ip {}", args.join(" ")))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
 }
