@@ -38,7 +38,11 @@ fn main() -> anyhow::Result<()> {
         .nth(1)
         .map_or(Ok(2000), |s| s.parse())
         .map_err(|e| anyhow::anyhow!("services: {e}"))?;
-    let ports = vec![DnsPort { name: "http".into(), port: 80, protocol: Protocol::Tcp }];
+    let ports = vec![DnsPort {
+        name: "http".into(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }];
     let mut wanted = Vec::new();
     for i in 0..services {
         let clusterset = i % 2 == 0;

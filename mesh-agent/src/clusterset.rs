@@ -91,11 +91,7 @@ impl Imports {
 
 fn dns_ports(ports: impl Iterator<Item = (String, u16, mesh_model::Protocol)>) -> Vec<DnsPort> {
     let mut v: Vec<DnsPort> = ports
-        .map(|(name, port, protocol)| DnsPort {
-            name,
-            port,
-            protocol,
-        })
+        .map(|(name, port, protocol)| DnsPort { name, port, protocol })
         .collect();
     v.sort();
     v
@@ -113,14 +109,20 @@ fn imports(
 ) -> BTreeMap<ServiceKey, Import> {
     let mut out: BTreeMap<ServiceKey, Import> = BTreeMap::new();
     for key in &local.exports {
-        let Some(svc) = local.services.get(key) else { continue };
+        let Some(svc) = local.services.get(key) else {
+            continue;
+        };
         out.insert(
             key.clone(),
             Import {
                 namespace: key.0.clone(),
                 name: key.1.clone(),
                 headless: svc.cluster_ipv4.is_none(),
-                ports: dns_ports(svc.ports.iter().map(|p| (p.name.clone().unwrap_or_default(), p.port, p.protocol))),
+                ports: dns_ports(
+                    svc.ports
+                        .iter()
+                        .map(|p| (p.name.clone().unwrap_or_default(), p.port, p.protocol)),
+                ),
                 clusters: [me.to_owned()].into(),
                 ip: None,
             },
@@ -154,10 +156,7 @@ pub fn with_imports(local: &ClusterState, imports: &[Import]) -> ClusterState {
     for i in imports {
         let Some(ip) = i.ip else { continue };
         let key = (i.namespace.clone(), i.name.clone());
-        let own = local
-            .services
-            .get(&key)
-            .filter(|_| local.exports.contains(&key));
+        let own = local.services.get(&key).filter(|_| local.exports.contains(&key));
         let svc = Service {
             namespace: i.namespace.clone(),
             name: i.name.clone(),
@@ -174,15 +173,19 @@ pub fn with_imports(local: &ClusterState, imports: &[Import]) -> ClusterState {
                     target_port: own.and_then(|s| {
                         s.ports
                             .iter()
-                            .find(|sp| sp.name.as_deref().unwrap_or_default() == p.name && sp.protocol == p.protocol)
+                            .find(|sp| {
+                                sp.name.as_deref().unwrap_or_default() == p.name && sp.protocol == p.protocol
+                            })
                             .and_then(|sp| sp.target_port.clone())
                     }),
                 })
                 .collect(),
             annotations: own.map(|s| s.annotations.clone()).unwrap_or_default(),
         };
-        st.services
-            .insert((i.namespace.clone(), format!("{}{IMPORT_KEY_SUFFIX}", i.name)), svc);
+        st.services.insert(
+            (i.namespace.clone(), format!("{}{IMPORT_KEY_SUFFIX}", i.name)),
+            svc,
+        );
         st.exports.insert(key);
     }
     st
@@ -208,8 +211,17 @@ mod tests {
         rc
     }
 
-    pub(crate) fn record(cluster: &str, name: &str, mcs: Option<McsRecord>, backends: &[[u8; 4]]) -> ServiceRecord {
-        let port = PortRecord { name: "http".into(), port: 80, protocol: Protocol::Tcp };
+    pub(crate) fn record(
+        cluster: &str,
+        name: &str,
+        mcs: Option<McsRecord>,
+        backends: &[[u8; 4]],
+    ) -> ServiceRecord {
+        let port = PortRecord {
+            name: "http".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
         ServiceRecord {
             cluster: cluster.into(),
             cluster_id: 2,
@@ -220,7 +232,10 @@ mod tests {
                 .iter()
                 .map(|b| BackendRecord {
                     ipv4: Ipv4Addr::from(*b),
-                    ports: vec![PortRecord { port: 8080, ..port.clone() }],
+                    ports: vec![PortRecord {
+                        port: 8080,
+                        ..port.clone()
+                    }],
                     weight: 1,
                 })
                 .collect(),
@@ -239,7 +254,15 @@ mod tests {
                     record("west", "api", Some(McsRecord::default()), &[[10, 2, 0, 5]]),
                     // Global through an annotation, not exported: not an import.
                     record("west", "annotated", None, &[[10, 2, 0, 6]]),
-                    record("west", "db", Some(McsRecord { headless: true, ..McsRecord::default() }), &[[10, 2, 0, 7]]),
+                    record(
+                        "west",
+                        "db",
+                        Some(McsRecord {
+                            headless: true,
+                            ..McsRecord::default()
+                        }),
+                        &[[10, 2, 0, 7]],
+                    ),
                 ],
             ),
         )]
@@ -282,7 +305,10 @@ mod tests {
         assert_eq!(views.len(), 1);
         let fe = &views[0].frontends[0];
         assert_eq!(Some(fe.vip), api.ip);
-        assert_eq!(fe.active.iter().map(|b| b.ipv4).collect::<Vec<_>>(), vec![Ipv4Addr::new(10, 2, 0, 5)]);
+        assert_eq!(
+            fe.active.iter().map(|b| b.ipv4).collect::<Vec<_>>(),
+            vec![Ipv4Addr::new(10, 2, 0, 5)]
+        );
 
         // The import goes when its cluster stops exporting: its address is released.
         let none: BTreeMap<String, RemoteCluster> = BTreeMap::new();
@@ -315,7 +341,10 @@ mod tests {
         assert_eq!(got.len(), 1);
         let st = with_imports(&local, &got);
         let svc = &st.services[&("demo".to_owned(), format!("api{IMPORT_KEY_SUFFIX}"))];
-        assert_eq!(svc.selector, local.services[&("demo".to_owned(), "api".to_owned())].selector);
+        assert_eq!(
+            svc.selector,
+            local.services[&("demo".to_owned(), "api".to_owned())].selector
+        );
         assert_eq!(svc.ports[0].target_port.as_deref(), Some("8080"));
         // The local Service keeps its own ClusterIP.
         assert_eq!(

@@ -379,7 +379,8 @@ pub struct McsRecord {
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -853,7 +854,7 @@ mod tests {
             KeyKind::UnknownVersion("v2")
         );
         let rec = ServiceRecord {
-        mcs: None,
+            mcs: None,
             cluster: "east".into(),
             cluster_id: 1,
             namespace: "shop".into(),

@@ -180,7 +180,10 @@ mod tests {
         let two: BTreeSet<_> = [key("a", "x"), key("a", "y")].into();
         let got = allocate(small, &two, &BTreeMap::new()).unwrap();
         let ips: BTreeSet<_> = got.values().copied().collect();
-        assert_eq!(ips, [Ipv4Addr::new(198, 19, 0, 1), Ipv4Addr::new(198, 19, 0, 2)].into());
+        assert_eq!(
+            ips,
+            [Ipv4Addr::new(198, 19, 0, 1), Ipv4Addr::new(198, 19, 0, 2)].into()
+        );
         let three: BTreeSet<_> = [key("a", "x"), key("a", "y"), key("a", "z")].into();
         let err = allocate(small, &three, &got).unwrap_err();
         assert_eq!(err.unallocated, 1);

@@ -53,9 +53,9 @@ fn explain(name: &str, rtype: RecordType, r: &Message) -> String {
     };
     match r.metadata.response_code {
         ResponseCode::NXDomain => match service {
-            Some(s) => format!(
-                "no cluster of the clusterset exports {s} (or, headless, it has no ready endpoint)"
-            ),
+            Some(s) => {
+                format!("no cluster of the clusterset exports {s} (or, headless, it has no ready endpoint)")
+            }
             None => "the clusterset zone has no such name".to_owned(),
         },
         ResponseCode::Refused if !in_zone => {
@@ -87,7 +87,11 @@ fn frontends_of(status: &Value, ip: &str) -> Vec<Value> {
                 let c = b["cluster"].as_str().unwrap_or_default().to_owned();
                 let entry = by_cluster.entry(c).or_insert_with(|| json!([]));
                 if let Some(a) = entry.as_array_mut() {
-                    a.push(json!(format!("{}:{}", b["ipv4"].as_str().unwrap_or_default(), b["port"])));
+                    a.push(json!(format!(
+                        "{}:{}",
+                        b["ipv4"].as_str().unwrap_or_default(),
+                        b["port"]
+                    )));
                 }
             }
             out.push(json!({
@@ -158,14 +162,22 @@ pub fn lookup(
                 fe["protocol"].as_str().unwrap_or_default()
             );
             for (c, bs) in fe["backends"].as_object().into_iter().flatten() {
-                let list: Vec<&str> = bs.as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let list: Vec<&str> = bs
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
                 println!("      {c:<16} {}", list.join("  "));
             }
         }
     }
     println!("why: {why}");
     if status.is_none() {
-        println!("(agent socket {} not reachable: no load-balancing details)", socket.display());
+        println!(
+            "(agent socket {} not reachable: no load-balancing details)",
+            socket.display()
+        );
     }
     Ok(())
 }

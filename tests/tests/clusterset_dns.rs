@@ -78,11 +78,18 @@ fn clusterset_names_resolve_and_balance_from_a_cluster_without_the_service() {
     );
     let vip = vip[0].clone();
     // The search path of the lab's resolver: the short name works too.
-    assert_eq!(dig(&client.netns, &["+short", "+search", "web.demo", "A"]).trim(), vip);
+    assert_eq!(
+        dig(&client.netns, &["+short", "+search", "web.demo", "A"]).trim(),
+        vip
+    );
     // Every node answers the same address.
     let other = pod(&all, "east/demo/client");
     assert!(
-        eventually(CONVERGE, || short(&other.netns, "web.demo.svc.clusterset.local", "A") == vec![vip.clone()]),
+        eventually(CONVERGE, || short(
+            &other.netns,
+            "web.demo.svc.clusterset.local",
+            "A"
+        ) == vec![vip.clone()]),
         "east resolves web to the same ClusterSetIP"
     );
 
@@ -94,10 +101,16 @@ fn clusterset_names_resolve_and_balance_from_a_cluster_without_the_service() {
     );
     for i in 0..60 {
         let line = tcp_line(&client.netns, &vip, 80).unwrap_or_else(|e| panic!("{vip}:80 try {i}: {e:#}"));
-        *by_cluster.entry(line.split('/').next().unwrap_or_default().to_owned()).or_default() += 1;
+        *by_cluster
+            .entry(line.split('/').next().unwrap_or_default().to_owned())
+            .or_default() += 1;
     }
     let clusters: BTreeSet<&str> = by_cluster.keys().map(String::as_str).collect();
-    assert_eq!(clusters, ["east", "west"].into(), "connections spread: {by_cluster:?}");
+    assert_eq!(
+        clusters,
+        ["east", "west"].into(),
+        "connections spread: {by_cluster:?}"
+    );
 
     // SRV of the named port.
     assert_eq!(
@@ -142,8 +155,17 @@ fn clusterset_names_resolve_and_balance_from_a_cluster_without_the_service() {
     let v = dig(&client.netns, &["dns-version.clusterset.local", "TXT", "+short"]);
     assert_eq!(v.trim(), "\"1.0.0\"");
     // Labels that are not DNS labels, and the longest name: NXDOMAIN, not an error or a crash.
-    let long = format!("{}.{}.{}.demo.svc.clusterset.local", "a".repeat(63), "b".repeat(63), "c".repeat(40));
-    for name in ["we_b.demo.svc.clusterset.local", "*.demo.svc.clusterset.local", long.as_str()] {
+    let long = format!(
+        "{}.{}.{}.demo.svc.clusterset.local",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(40)
+    );
+    for name in [
+        "we_b.demo.svc.clusterset.local",
+        "*.demo.svc.clusterset.local",
+        long.as_str(),
+    ] {
         assert_eq!(rcode(&client.netns, &[name, "A"]), "NXDOMAIN", "{name}");
     }
     // Garbage datagrams get no answer that breaks the server: it keeps answering.
@@ -154,9 +176,15 @@ fn clusterset_names_resolve_and_balance_from_a_cluster_without_the_service() {
         .expect("garbage");
     assert!(garbage.success());
     // Over TCP too, and a large query with padding (EDNS).
-    assert_eq!(short(&client.netns, "web.demo.svc.clusterset.local", "A"), vec![vip.clone()]);
     assert_eq!(
-        rcode(&client.netns, &["+tcp", "+padding=400", "web.demo.svc.clusterset.local", "A"]),
+        short(&client.netns, "web.demo.svc.clusterset.local", "A"),
+        vec![vip.clone()]
+    );
+    assert_eq!(
+        rcode(
+            &client.netns,
+            &["+tcp", "+padding=400", "web.demo.svc.clusterset.local", "A"]
+        ),
         "NOERROR"
     );
 
@@ -185,7 +213,10 @@ fn clusterset_names_resolve_and_balance_from_a_cluster_without_the_service() {
             .expect("delete exports");
     }
     assert!(
-        eventually(CONVERGE, || rcode(&client.netns, &["web.demo.svc.clusterset.local", "A"]) == "NXDOMAIN"),
+        eventually(CONVERGE, || rcode(
+            &client.netns,
+            &["web.demo.svc.clusterset.local", "A"]
+        ) == "NXDOMAIN"),
         "web is gone from the zone"
     );
     assert!(

@@ -81,7 +81,7 @@ pub enum Part {
 
 /// How long and how often each measurement runs.
 pub(crate) struct Plan {
-    build: bool,
+    pub(crate) build: bool,
     pub(crate) rounds: usize,
     pub(crate) secs: u32,
     nft_sizes: Vec<u32>,

@@ -250,10 +250,16 @@ impl Table {
     /// Makes the zone hold exactly `wanted`: upserts what changed, removes what is gone. Returns the services
     /// changed and the refusals (a refused service keeps its previous records, if any).
     pub fn sync(&mut self, wanted: Vec<ServiceDns>) -> (usize, Vec<TableError>) {
-        let keep: std::collections::BTreeSet<(String, String)> =
-            wanted.iter().map(|d| (d.namespace.clone(), d.name.clone())).collect();
-        let gone: Vec<(String, String)> =
-            self.services.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+        let keep: std::collections::BTreeSet<(String, String)> = wanted
+            .iter()
+            .map(|d| (d.namespace.clone(), d.name.clone()))
+            .collect();
+        let gone: Vec<(String, String)> = self
+            .services
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
         let mut changed = 0;
         for (ns, n) in gone {
             changed += usize::from(self.remove(&ns, &n));
@@ -295,7 +301,11 @@ impl Table {
             .filter(|r| qtype == RecordType::ANY || r.record_type() == qtype)
             .cloned()
             .collect();
-        if rs.is_empty() { Lookup::NoData } else { Lookup::Records(rs) }
+        if rs.is_empty() {
+            Lookup::NoData
+        } else {
+            Lookup::Records(rs)
+        }
     }
 
     /// Looks up a name given as text (`meshctl dns lookup`, tests).
@@ -407,7 +417,10 @@ fn build(d: &ServiceDns) -> Result<Vec<(Name, Vec<Record>)>, TableError> {
     let mut ips: Vec<Ipv4Addr> = d.endpoints.iter().map(|e| e.ipv4).collect();
     ips.sort();
     ips.dedup();
-    out.push((base_name.clone(), ips.iter().map(|ip| a(&base_name, *ip)).collect()));
+    out.push((
+        base_name.clone(),
+        ips.iter().map(|ip| a(&base_name, *ip)).collect(),
+    ));
     let mut hosts: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
     for e in &d.endpoints {
         if let Some(h) = &e.hostname {
@@ -441,8 +454,16 @@ mod tests {
             name: name.into(),
             clusterset_ip: Some(Ipv4Addr::from(ip)),
             ports: vec![
-                DnsPort { name: "http".into(), port: 80, protocol: Protocol::Tcp },
-                DnsPort { name: String::new(), port: 81, protocol: Protocol::Tcp },
+                DnsPort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                DnsPort {
+                    name: String::new(),
+                    port: 81,
+                    protocol: Protocol::Tcp,
+                },
             ],
             endpoints: Vec::new(),
             clusters: vec!["east".into()],
@@ -454,7 +475,11 @@ mod tests {
             namespace: "demo".into(),
             name: "db".into(),
             clusterset_ip: None,
-            ports: vec![DnsPort { name: "sql".into(), port: 5432, protocol: Protocol::Tcp }],
+            ports: vec![DnsPort {
+                name: "sql".into(),
+                port: 5432,
+                protocol: Protocol::Tcp,
+            }],
             endpoints: eps
                 .iter()
                 .map(|(c, ip, h)| DnsEndpoint {
@@ -494,54 +519,110 @@ mod tests {
     fn clusterset_ip_records() {
         let mut t = Table::new();
         assert_eq!(t.upsert(clusterset("echo", [198, 19, 0, 5])), Ok(true));
-        let l = t.lookup_str("echo.demo.svc.clusterset.local", RecordType::A).unwrap();
+        let l = t
+            .lookup_str("echo.demo.svc.clusterset.local", RecordType::A)
+            .unwrap();
         assert_eq!(a_records(&l), vec![Ipv4Addr::new(198, 19, 0, 5)]);
         let Lookup::Records(rs) = &l else { panic!("{l:?}") };
         assert_eq!(rs[0].ttl, TTL);
         // Case does not matter.
-        let l = t.lookup_str("ECHO.Demo.svc.clusterset.local.", RecordType::A).unwrap();
+        let l = t
+            .lookup_str("ECHO.Demo.svc.clusterset.local.", RecordType::A)
+            .unwrap();
         assert_eq!(a_records(&l), vec![Ipv4Addr::new(198, 19, 0, 5)]);
         // The SRV of the named port; the unnamed one has none.
-        let l = t.lookup_str("_http._tcp.echo.demo.svc.clusterset.local", RecordType::SRV).unwrap();
-        assert_eq!(srv_targets(&l), vec![(80, "echo.demo.svc.clusterset.local.".to_owned())]);
+        let l = t
+            .lookup_str("_http._tcp.echo.demo.svc.clusterset.local", RecordType::SRV)
+            .unwrap();
         assert_eq!(
-            t.lookup_str("_http._udp.echo.demo.svc.clusterset.local", RecordType::SRV).unwrap(),
+            srv_targets(&l),
+            vec![(80, "echo.demo.svc.clusterset.local.".to_owned())]
+        );
+        assert_eq!(
+            t.lookup_str("_http._udp.echo.demo.svc.clusterset.local", RecordType::SRV)
+                .unwrap(),
             Lookup::NxDomain
         );
         // NODATA: the name exists, not the type.
-        assert_eq!(t.lookup_str("echo.demo.svc.clusterset.local", RecordType::AAAA).unwrap(), Lookup::NoData);
-        assert_eq!(t.lookup_str("echo.demo.svc.clusterset.local", RecordType::MX).unwrap(), Lookup::NoData);
-        // Empty non-terminals are NODATA, not NXDOMAIN (RFC 8020).
-        assert_eq!(t.lookup_str("demo.svc.clusterset.local", RecordType::A).unwrap(), Lookup::NoData);
-        assert_eq!(t.lookup_str("svc.clusterset.local", RecordType::A).unwrap(), Lookup::NoData);
         assert_eq!(
-            t.lookup_str("_tcp.echo.demo.svc.clusterset.local", RecordType::A).unwrap(),
+            t.lookup_str("echo.demo.svc.clusterset.local", RecordType::AAAA)
+                .unwrap(),
+            Lookup::NoData
+        );
+        assert_eq!(
+            t.lookup_str("echo.demo.svc.clusterset.local", RecordType::MX)
+                .unwrap(),
+            Lookup::NoData
+        );
+        // Empty non-terminals are NODATA, not NXDOMAIN (RFC 8020).
+        assert_eq!(
+            t.lookup_str("demo.svc.clusterset.local", RecordType::A).unwrap(),
+            Lookup::NoData
+        );
+        assert_eq!(
+            t.lookup_str("svc.clusterset.local", RecordType::A).unwrap(),
+            Lookup::NoData
+        );
+        assert_eq!(
+            t.lookup_str("_tcp.echo.demo.svc.clusterset.local", RecordType::A)
+                .unwrap(),
             Lookup::NoData
         );
         // Absent names, and names out of the zone.
-        assert_eq!(t.lookup_str("other.demo.svc.clusterset.local", RecordType::A).unwrap(), Lookup::NxDomain);
-        assert_eq!(t.lookup_str("echo.other.svc.clusterset.local", RecordType::A).unwrap(), Lookup::NxDomain);
-        // No per-cluster name for a ClusterSetIP service.
         assert_eq!(
-            t.lookup_str("east.echo.demo.svc.clusterset.local", RecordType::A).unwrap(),
+            t.lookup_str("other.demo.svc.clusterset.local", RecordType::A)
+                .unwrap(),
             Lookup::NxDomain
         );
-        assert_eq!(t.lookup_str("echo.demo.svc.cluster.local", RecordType::A).unwrap(), Lookup::NotOurs);
-        assert_eq!(t.lookup_str("example.com", RecordType::A).unwrap(), Lookup::NotOurs);
-        assert_eq!(t.lookup_str("clusterset.local.example.com", RecordType::A).unwrap(), Lookup::NotOurs);
+        assert_eq!(
+            t.lookup_str("echo.other.svc.clusterset.local", RecordType::A)
+                .unwrap(),
+            Lookup::NxDomain
+        );
+        // No per-cluster name for a ClusterSetIP service.
+        assert_eq!(
+            t.lookup_str("east.echo.demo.svc.clusterset.local", RecordType::A)
+                .unwrap(),
+            Lookup::NxDomain
+        );
+        assert_eq!(
+            t.lookup_str("echo.demo.svc.cluster.local", RecordType::A)
+                .unwrap(),
+            Lookup::NotOurs
+        );
+        assert_eq!(
+            t.lookup_str("example.com", RecordType::A).unwrap(),
+            Lookup::NotOurs
+        );
+        assert_eq!(
+            t.lookup_str("clusterset.local.example.com", RecordType::A)
+                .unwrap(),
+            Lookup::NotOurs
+        );
         assert_eq!(t.records(), 2);
     }
 
     #[test]
     fn apex_and_version() {
         let t = Table::new();
-        let l = t.lookup_str("dns-version.clusterset.local", RecordType::TXT).unwrap();
+        let l = t
+            .lookup_str("dns-version.clusterset.local", RecordType::TXT)
+            .unwrap();
         let Lookup::Records(rs) = l else { panic!() };
         assert_eq!(rs[0].ttl, VERSION_TTL);
         assert!(matches!(&rs[0].data, RData::TXT(t) if t.to_string().contains(SCHEMA_VERSION)));
-        assert!(matches!(t.lookup_str("clusterset.local", RecordType::SOA).unwrap(), Lookup::Records(_)));
-        assert_eq!(t.lookup_str("clusterset.local", RecordType::A).unwrap(), Lookup::NoData);
-        assert_eq!(t.lookup_str("svc.clusterset.local", RecordType::A).unwrap(), Lookup::NxDomain);
+        assert!(matches!(
+            t.lookup_str("clusterset.local", RecordType::SOA).unwrap(),
+            Lookup::Records(_)
+        ));
+        assert_eq!(
+            t.lookup_str("clusterset.local", RecordType::A).unwrap(),
+            Lookup::NoData
+        );
+        assert_eq!(
+            t.lookup_str("svc.clusterset.local", RecordType::A).unwrap(),
+            Lookup::NxDomain
+        );
     }
 
     #[test]
@@ -553,14 +634,24 @@ mod tests {
             ("west", [10, 2, 0, 8], None),
         ]))
         .unwrap();
-        let l = t.lookup_str("db.demo.svc.clusterset.local", RecordType::A).unwrap();
+        let l = t
+            .lookup_str("db.demo.svc.clusterset.local", RecordType::A)
+            .unwrap();
         assert_eq!(
             a_records(&l),
-            vec![Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(10, 2, 0, 7), Ipv4Addr::new(10, 2, 0, 8)]
+            vec![
+                Ipv4Addr::new(10, 1, 0, 5),
+                Ipv4Addr::new(10, 2, 0, 7),
+                Ipv4Addr::new(10, 2, 0, 8)
+            ]
         );
-        let l = t.lookup_str("db-0.west.db.demo.svc.clusterset.local", RecordType::A).unwrap();
+        let l = t
+            .lookup_str("db-0.west.db.demo.svc.clusterset.local", RecordType::A)
+            .unwrap();
         assert_eq!(a_records(&l), vec![Ipv4Addr::new(10, 2, 0, 7)]);
-        let l = t.lookup_str("_sql._tcp.db.demo.svc.clusterset.local", RecordType::SRV).unwrap();
+        let l = t
+            .lookup_str("_sql._tcp.db.demo.svc.clusterset.local", RecordType::SRV)
+            .unwrap();
         let mut got = srv_targets(&l);
         got.sort();
         assert_eq!(
@@ -571,19 +662,36 @@ mod tests {
             ]
         );
         // The cluster label alone is an empty non-terminal, which has no records of its own.
-        assert_eq!(t.lookup_str("west.db.demo.svc.clusterset.local", RecordType::A).unwrap(), Lookup::NoData);
-        // A backend removed in one cluster: only its records go.
-        t.upsert(headless(&[("east", [10, 1, 0, 5], Some("db-0")), ("west", [10, 2, 0, 8], None)]))
-            .unwrap();
         assert_eq!(
-            t.lookup_str("db-0.west.db.demo.svc.clusterset.local", RecordType::A).unwrap(),
+            t.lookup_str("west.db.demo.svc.clusterset.local", RecordType::A)
+                .unwrap(),
+            Lookup::NoData
+        );
+        // A backend removed in one cluster: only its records go.
+        t.upsert(headless(&[
+            ("east", [10, 1, 0, 5], Some("db-0")),
+            ("west", [10, 2, 0, 8], None),
+        ]))
+        .unwrap();
+        assert_eq!(
+            t.lookup_str("db-0.west.db.demo.svc.clusterset.local", RecordType::A)
+                .unwrap(),
             Lookup::NxDomain
         );
-        let l = t.lookup_str("db.demo.svc.clusterset.local", RecordType::A).unwrap();
-        assert_eq!(a_records(&l), vec![Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(10, 2, 0, 8)]);
+        let l = t
+            .lookup_str("db.demo.svc.clusterset.local", RecordType::A)
+            .unwrap();
+        assert_eq!(
+            a_records(&l),
+            vec![Ipv4Addr::new(10, 1, 0, 5), Ipv4Addr::new(10, 2, 0, 8)]
+        );
         // No ready endpoint: NXDOMAIN.
         t.upsert(headless(&[])).unwrap();
-        assert_eq!(t.lookup_str("db.demo.svc.clusterset.local", RecordType::A).unwrap(), Lookup::NxDomain);
+        assert_eq!(
+            t.lookup_str("db.demo.svc.clusterset.local", RecordType::A)
+                .unwrap(),
+            Lookup::NxDomain
+        );
         assert_eq!(t.records(), 0);
     }
 
@@ -594,9 +702,16 @@ mod tests {
         t.upsert(clusterset("b", [198, 19, 0, 2])).unwrap();
         assert!(t.remove("demo", "a"));
         assert!(!t.remove("demo", "a"));
-        assert_eq!(t.lookup_str("a.demo.svc.clusterset.local", RecordType::A).unwrap(), Lookup::NxDomain);
+        assert_eq!(
+            t.lookup_str("a.demo.svc.clusterset.local", RecordType::A)
+                .unwrap(),
+            Lookup::NxDomain
+        );
         // b keeps the shared ancestors alive.
-        assert_eq!(t.lookup_str("demo.svc.clusterset.local", RecordType::A).unwrap(), Lookup::NoData);
+        assert_eq!(
+            t.lookup_str("demo.svc.clusterset.local", RecordType::A).unwrap(),
+            Lookup::NoData
+        );
         let (changed, errors) = t.sync(vec![clusterset("c", [198, 19, 0, 3])]);
         assert_eq!((changed, errors.len()), (2, 0));
         assert_eq!(t.services(), 1);
@@ -609,10 +724,16 @@ mod tests {
     #[test]
     fn bad_labels_are_refused_and_keep_the_previous_records() {
         let mut t = Table::new();
-        t.upsert(headless(&[("east", [10, 1, 0, 5], Some("db-0"))])).unwrap();
+        t.upsert(headless(&[("east", [10, 1, 0, 5], Some("db-0"))]))
+            .unwrap();
         let bad = headless(&[("east", [10, 1, 0, 6], Some("Not_A_Label"))]);
-        assert!(matches!(t.upsert(bad), Err(TableError::NotALabel { what: "hostname", .. })));
-        let l = t.lookup_str("db.demo.svc.clusterset.local", RecordType::A).unwrap();
+        assert!(matches!(
+            t.upsert(bad),
+            Err(TableError::NotALabel { what: "hostname", .. })
+        ));
+        let l = t
+            .lookup_str("db.demo.svc.clusterset.local", RecordType::A)
+            .unwrap();
         assert_eq!(a_records(&l), vec![Ipv4Addr::new(10, 1, 0, 5)]);
         let mut long = clusterset("x", [198, 19, 0, 9]);
         long.name = "x".repeat(64);

@@ -117,7 +117,13 @@ async fn send<'a, R: ResponseHandler>(
     if let Some(e) = &edns {
         b.edns(e);
     }
-    let response = b.build(metadata, answers.iter(), authorities.iter(), [].iter(), additionals.iter());
+    let response = b.build(
+        metadata,
+        answers.iter(),
+        authorities.iter(),
+        [].iter(),
+        additionals.iter(),
+    );
     match handle.send_response(response).await {
         Ok(info) => info,
         Err(e) => {
@@ -134,7 +140,11 @@ async fn send<'a, R: ResponseHandler>(
 
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, handle: R) -> ResponseInfo {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        handle: R,
+    ) -> ResponseInfo {
         let mut meta = Metadata::response_from_request(&request.metadata);
         meta.recursion_available = self.upstream.is_some();
         match self.decide(request) {
@@ -144,7 +154,13 @@ impl RequestHandler for Handler {
             }
             Reply::Zone(l) => {
                 meta.authoritative = true;
-                let soa = vec![self.table.read().unwrap_or_else(PoisonError::into_inner).soa().clone()];
+                let soa = vec![
+                    self.table
+                        .read()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .soa()
+                        .clone(),
+                ];
                 match l {
                     Lookup::Records(rs) => send(request, handle, meta, &rs, &[], &[]).await,
                     Lookup::NoData => send(request, handle, meta, &[], &soa, &[]).await,
@@ -179,7 +195,11 @@ impl RequestHandler for Handler {
 ///
 /// # Errors
 /// When the address cannot be bound.
-pub async fn serve(listen: SocketAddr, table: SharedTable, upstream: Option<SocketAddr>) -> std::io::Result<()> {
+pub async fn serve(
+    listen: SocketAddr,
+    table: SharedTable,
+    upstream: Option<SocketAddr>,
+) -> std::io::Result<()> {
     let udp = tokio::net::UdpSocket::bind(listen).await?;
     let tcp = tokio::net::TcpListener::bind(listen).await?;
     let mut server = hickory_server::Server::new(Handler { table, upstream });

@@ -263,8 +263,11 @@ pub fn write_resolv_conf(netns: &str) -> Result<()> {
     let dir = Path::new("/etc/netns").join(netns);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let file = dir.join("resolv.conf");
-    std::fs::write(&file, format!("nameserver {LAB_DNS}\nsearch svc.clusterset.local\noptions ndots:5 timeout:1 attempts:2\n"))
-        .with_context(|| format!("writing {}", file.display()))
+    std::fs::write(
+        &file,
+        format!("nameserver {LAB_DNS}\nsearch svc.clusterset.local\noptions ndots:5 timeout:1 attempts:2\n"),
+    )
+    .with_context(|| format!("writing {}", file.display()))
 }
 
 /// Removes what [`write_resolv_conf`] wrote (nothing when it is not there).
