@@ -843,6 +843,48 @@ mod tests {
     }
 
     #[test]
+    fn mcs_part_of_service_records() {
+        let k = Keys::default();
+        let key = k.service("east", "shop", "db");
+        let rec = |mcs: Option<McsRecord>| ServiceRecord {
+            cluster: "east".into(),
+            cluster_id: 1,
+            namespace: "shop".into(),
+            name: "db".into(),
+            ports: Vec::new(),
+            backends: Vec::new(),
+            mcs,
+        };
+        // Not exported: no `mcs` key at all, what older readers accept.
+        assert!(!encode(&rec(None)).contains("mcs"));
+        let good = rec(Some(McsRecord {
+            headless: true,
+            hostnames: [(Ipv4Addr::new(10, 1, 0, 2), "db-0".to_owned())].into(),
+        }));
+        let v = encode(&good);
+        assert_eq!(decode_service(&key, "east", "shop", "db", v.as_bytes()), Ok(good));
+        // A record without `mcs` from an older publisher reads as not exported.
+        let old = r#"{"cluster":"east","clusterId":1,"namespace":"shop","name":"db","ports":[],"backends":[]}"#;
+        assert_eq!(decode_service(&key, "east", "shop", "db", old.as_bytes()).unwrap().mcs, None);
+        for bad in ["Db_0", "-db", &"a".repeat(64), ""] {
+            let r = rec(Some(McsRecord {
+                headless: true,
+                hostnames: [(Ipv4Addr::new(10, 1, 0, 2), bad.to_owned())].into(),
+            }));
+            let err = decode_service(&key, "east", "shop", "db", encode(&r).as_bytes()).unwrap_err();
+            assert!(err.to_string().contains("not a DNS label"), "{bad:?}: {err}");
+        }
+        let many = rec(Some(McsRecord {
+            headless: true,
+            hostnames: (0..=u32::try_from(MAX_BACKENDS_PER_RECORD).unwrap())
+                .map(|i| (Ipv4Addr::from(0x0A00_0000 + i), "h".to_owned()))
+                .collect(),
+        }));
+        let err = decode_service(&key, "east", "shop", "db", encode(&many).as_bytes()).unwrap_err();
+        assert!(matches!(err, DecodeError::Invalid { .. } | DecodeError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
     fn service_keys_and_records() {
         let k = Keys::default();
         let key = k.service("east", "shop", "api");
