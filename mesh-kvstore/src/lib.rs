@@ -864,8 +864,14 @@ mod tests {
         let v = encode(&good);
         assert_eq!(decode_service(&key, "east", "shop", "db", v.as_bytes()), Ok(good));
         // A record without `mcs` from an older publisher reads as not exported.
-        let old = r#"{"cluster":"east","clusterId":1,"namespace":"shop","name":"db","ports":[],"backends":[]}"#;
-        assert_eq!(decode_service(&key, "east", "shop", "db", old.as_bytes()).unwrap().mcs, None);
+        let old =
+            r#"{"cluster":"east","clusterId":1,"namespace":"shop","name":"db","ports":[],"backends":[]}"#;
+        assert_eq!(
+            decode_service(&key, "east", "shop", "db", old.as_bytes())
+                .unwrap()
+                .mcs,
+            None
+        );
         for bad in ["Db_0", "-db", &"a".repeat(64), ""] {
             let r = rec(Some(McsRecord {
                 headless: true,
@@ -881,7 +887,10 @@ mod tests {
                 .collect(),
         }));
         let err = decode_service(&key, "east", "shop", "db", encode(&many).as_bytes()).unwrap_err();
-        assert!(matches!(err, DecodeError::Invalid { .. } | DecodeError::TooLarge { .. }), "{err}");
+        assert!(
+            matches!(err, DecodeError::Invalid { .. } | DecodeError::TooLarge { .. }),
+            "{err}"
+        );
     }
 
     #[test]
