@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
-use fleetmesh_tests::{Lab, eventually, example, pod, pods, tcp_line, write_manifest};
+use fleetmesh_tests::{Lab, agent_socket, bin, eventually, example, pod, pods, tcp_line, write_manifest};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -110,6 +110,46 @@ fn clusterset_names_resolve_and_balance_from_a_cluster_without_the_service() {
         clusters,
         ["east", "west"].into(),
         "connections spread: {by_cluster:?}"
+    );
+
+    // `meshctl dns lookup` from the pod: the answer, and which clusters new connections to it go to.
+    let socket = agent_socket(&status, &client.node).expect("north client's agent socket");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &client.netns])
+        .arg(bin("meshctl"))
+        .args([
+            "dns",
+            "lookup",
+            "web.demo.svc.clusterset.local",
+            "--json",
+            "--socket",
+        ])
+        .arg(&socket)
+        .output()
+        .expect("meshctl dns lookup");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["rcode"], "No Error", "{v}");
+    let fe = &v["answers"][0]["clustersetIp"][0];
+    assert_eq!(fe["service"], "demo/web", "{v}");
+    let clusters: BTreeSet<&str> = fe["backends"]
+        .as_object()
+        .expect("backends")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(clusters, ["east", "west"].into(), "{v}");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &client.netns])
+        .arg(bin("meshctl"))
+        .args(["dns", "lookup", "nope.demo.svc.clusterset.local", "--socket"])
+        .arg(&socket)
+        .output()
+        .expect("meshctl dns lookup");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("no cluster of the clusterset exports demo/nope"),
+        "{text}"
     );
 
     // SRV of the named port.
