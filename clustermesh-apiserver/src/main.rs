@@ -69,6 +69,10 @@ struct Args {
     /// (and the peers' exports read) besides after every change of the cluster's state.
     #[arg(long, env = "FLEETMESH_MCS_RESYNC", default_value = "10s", value_parser = mesh_model::duration::parse_duration)]
     mcs_resync: Duration,
+    /// MCS API (`--source kubernetes` only): the range the ClusterSetIPs of ServiceImports (`spec.ips`) come
+    /// from; the agents' `--clusterset-cidr` must be the same (docs/clusterset-dns.md).
+    #[arg(long, env = "FLEETMESH_CLUSTERSET_CIDR", default_value = mesh_model::clusterset::DEFAULT_CLUSTERSET_CIDR)]
+    clusterset_cidr: ipnet::Ipv4Net,
     /// Key prefix in etcd.
     #[arg(long, default_value = mesh_kvstore::DEFAULT_PREFIX)]
     kvstore_prefix: String,
@@ -125,7 +129,7 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("connecting to the Kubernetes API server (MCS)")?;
         let (etx, erx) = tokio::sync::watch::channel(None::<mcs::ExportRecords>);
-        let controller = mcs::Controller::new(
+        let mut controller = mcs::Controller::new(
             client,
             args.cluster_name.to_string(),
             mesh_kvstore::Keys::new(&args.kvstore_prefix),
@@ -133,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
             args.mcs_peers.as_deref(),
             etx,
         );
+        controller.clusterset_cidr = args.clusterset_cidr;
         (Some(erx), Some(tokio::spawn(controller.run(mcs_changes))))
     } else {
         anyhow::ensure!(args.mcs_peers.is_none(), "--mcs-peers needs --source kubernetes");

@@ -10,7 +10,9 @@
 //! * Every service exported by at least one cluster (this one or a peer) gets a `multicluster.x-k8s.io/v1alpha1`
 //!   `ServiceImport` of the same namespace/name when that namespace exists here: `spec.type` `ClusterSetIP`
 //!   (`Headless` when the winning export's Service has no cluster IP), `spec.ports` from the winning export,
-//!   `status.clusters` the clusters exporting it. Those it creates carry the label
+//!   `status.clusters` the clusters exporting it, and for a ClusterSetIP import `spec.ips`: one address of
+//!   `--clusterset-cidr` (kept while the import lasts, also across restarts: read back from the ServiceImport;
+//!   new ones by `mesh_model::clusterset::allocate`, the agents' choice too). Those it creates carry the label
 //!   `app.kubernetes.io/managed-by: fleetmesh` and are deleted when no cluster exports the service any more;
 //!   ServiceImports without that label are never touched.
 //!
@@ -209,6 +211,8 @@ pub struct Controller {
     /// First time a `ServiceExport` without a creation timestamp was seen.
     first_seen: HashMap<(String, String), u64>,
     records: watch::Sender<Option<ExportRecords>>,
+    /// Where the ClusterSetIPs of the ServiceImports (`spec.ips`) come from (`--clusterset-cidr`).
+    pub clusterset_cidr: ipnet::Ipv4Net,
 }
 
 /// A `ServiceExport` and what it carries now.
@@ -242,6 +246,9 @@ impl Controller {
             peers_changed: Arc::new(Notify::new()),
             first_seen: HashMap::new(),
             records,
+            clusterset_cidr: mesh_model::clusterset::DEFAULT_CLUSTERSET_CIDR
+                .parse()
+                .unwrap_or_else(|_| ipnet::Ipv4Net::default()),
         }
     }
 
@@ -484,12 +491,31 @@ impl Controller {
                 .and_then(|l| l.get(MANAGED_BY.0))
                 .is_some_and(|v| v == MANAGED_BY.1)
         };
+        // ClusterSetIPs: what our ServiceImports carry stays (stable across restarts), new imports get one by
+        // `mesh_model::clusterset::allocate` (the same choice the agents make), gone ones release theirs.
+        let held: BTreeMap<(String, String), std::net::Ipv4Addr> = existing
+            .iter()
+            .filter(|(_, o)| ours(o))
+            .filter_map(|(k, o)| Some((k.clone(), o.data["spec"]["ips"][0].as_str()?.parse().ok()?)))
+            .collect();
+        let wanted: BTreeSet<(String, String)> = by_service
+            .iter()
+            .filter(|((ns, _), exports)| {
+                namespaces.contains(ns) && exports.first().is_some_and(|w| !w.headless)
+            })
+            .filter(|(k, _)| existing.get(*k).is_none_or(|o| ours(o)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let (ips, left) = mesh_model::clusterset::allocate_partial(self.clusterset_cidr, &wanted, &held);
+        if !left.is_empty() {
+            warn!(range = %self.clusterset_cidr, unallocated = left.len(), "the clusterset range is full: ServiceImports without spec.ips");
+        }
         for ((ns, name), exports) in by_service {
             if !namespaces.contains(ns) {
                 continue;
             }
             let Some(winner) = exports.first() else { continue };
-            let spec = json!({
+            let mut spec = json!({
                 "type": if winner.headless { "Headless" } else { "ClusterSetIP" },
                 "ports": winner.ports.iter().map(|p| {
                     let mut port = json!({"port": p.port, "protocol": p.protocol});
@@ -499,6 +525,9 @@ impl Controller {
                     port
                 }).collect::<Vec<_>>(),
             });
+            if let Some(ip) = ips.get(&(ns.clone(), name.clone())) {
+                spec["ips"] = json!([ip.to_string()]);
+            }
             let clusters: BTreeSet<&str> = exports.iter().map(|e| e.cluster.as_str()).collect();
             let status =
                 json!({"clusters": clusters.iter().map(|c| json!({"cluster": c})).collect::<Vec<_>>()});

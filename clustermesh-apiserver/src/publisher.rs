@@ -147,6 +147,11 @@ impl Publisher {
                         weight: e.capacity,
                     })
                     .collect(),
+                // What the clusterset DNS and the ClusterSetIP imports of the peers need (docs/clusterset-dns.md).
+                mcs: exported.then(|| mesh_kvstore::McsRecord {
+                    headless: svc.cluster_ipv4.is_none(),
+                    hostnames: std::collections::BTreeMap::new(),
+                }),
             };
             Some((self.keys.service(&self.cluster, &svc.namespace, &svc.name), encode(&rec)))
         });

@@ -250,6 +250,29 @@ async fn export_conditions_and_imports() {
     })
     .await;
 
+    // ClusterSetIP imports carry one address of the clusterset range each, all different; headless ones none.
+    let range: ipnet::Ipv4Net = "198.19.0.0/16".parse().unwrap();
+    let ip_of = |kube: &mut KubeEmulator, name: &str| -> Option<std::net::Ipv4Addr> {
+        let si = import(kube, name)?;
+        let ips = si["spec"]["ips"].as_array()?;
+        assert_eq!(ips.len(), 1, "{name}: {ips:?}");
+        ips[0].as_str()?.parse().ok()
+    };
+    let mut ips = std::collections::BTreeMap::new();
+    for name in ["cart", "api", "orders"] {
+        let ip = ip_of(&mut kube, name).unwrap_or_else(|| panic!("{name} has no spec.ips"));
+        assert!(range.contains(&ip), "{name}: {ip}");
+        ips.insert(name, ip);
+    }
+    let distinct: std::collections::BTreeSet<_> = ips.values().collect();
+    assert_eq!(distinct.len(), 3, "{ips:?}");
+    assert!(
+        import(&mut kube, "web").is_some_and(|w| w["spec"].get("ips").is_none()),
+        "headless: no ips"
+    );
+    // The user's ServiceImport of an exported service gets none written either.
+    assert!(import(&mut kube, "legacy").is_some_and(|w| w["spec"].get("ips").is_none()));
+
     // East's valid exports are published for the peers, with the ServiceExport's creation time.
     let mut c = etcd.client().await;
     eventually("east's export records", TIMEOUT, || {
@@ -307,6 +330,12 @@ async fn export_conditions_and_imports() {
     assert!(legacy["status"].is_null(), "{legacy}");
     assert!(import(&mut kube, "ext").is_none());
     assert!(import(&mut kube, "api").is_some());
+    // Passes after imports came and went (each reads the addresses back from the ServiceImports): api keeps its own.
+    assert_eq!(
+        ip_of(&mut kube, "api"),
+        Some(ips["api"]),
+        "api keeps its ClusterSetIP"
+    );
 
     // Nothing changes: no further patches of the ServiceExports' status.
     let count = |kube: &mut KubeEmulator| {

@@ -45,6 +45,7 @@ fn port() -> PortRecord {
 
 fn service(cluster: &str, id: u16, s: u32, backends: impl Iterator<Item = u32>) -> ServiceRecord {
     ServiceRecord {
+        mcs: None,
         cluster: cluster.to_owned(),
         cluster_id: id,
         namespace: NAMESPACE.into(),

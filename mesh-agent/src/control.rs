@@ -86,7 +86,15 @@ pub struct ControlLoop {
     pub progress: watch::Sender<mesh_k8s::progress::NodeRollouts>,
     pub wake: Receiver<()>,
     pub config: LoopConfig,
+    /// MCS imports and the clusterset DNS zone (docs/clusterset-dns.md): the local state handed to the reconciler
+    /// gains the imports' synthetic services.
+    pub clusterset: Option<crate::dns::Clusterset>,
     local: Option<(u64, Arc<ClusterState>)>,
+    /// The local state with the imports, as last handed to the reconciler (the same `Arc` while it is equal, so
+    /// the reconciler sees no change).
+    with_imports: Option<Arc<ClusterState>>,
+    /// The local state's generation `with_imports` was computed from.
+    imports_generation: u64,
     backoff: Backoff,
 }
 
@@ -112,7 +120,10 @@ impl ControlLoop {
             progress,
             wake,
             config,
+            clusterset: None,
             local: None,
+            with_imports: None,
+            imports_generation: 0,
             backoff: Backoff::new(&config),
         }
     }
@@ -165,8 +176,16 @@ impl ControlLoop {
         }
         self.reconciler.peers_configured = self.remotes.configured();
         let journal = self.remotes.take_changes();
+        // Imports follow the peers' service records and their reachability.
+        let imports_due = self.imports_generation != generation
+            || journal
+                .iter()
+                .any(|((scope, _), c)| *scope == Scope::Peer && (c.meta || !c.services.is_empty()));
         let remotes = &self.remotes;
         let reconciler = &mut self.reconciler;
+        let clusterset = &mut self.clusterset;
+        let with_imports = &mut self.with_imports;
+        self.imports_generation = generation;
         let (dp_status, grace_ends_in, remotes_synced) = remotes.read(Scope::Peer, |peers| {
             let grace_ms = u64::try_from(reconciler.remote_grace.as_millis()).unwrap_or(u64::MAX);
             let now = crate::remote::now_ms();
@@ -180,6 +199,31 @@ impl ControlLoop {
             let synced = peers
                 .values()
                 .all(|r| matches!(r.state, SyncState::Synced { .. }) && r.usable);
+            let local = match clusterset.as_mut() {
+                None => local.clone(),
+                Some(cs) if imports_due || with_imports.is_none() => {
+                    // Peers beyond their grace period export nothing (a copy only while one is).
+                    let beyond = peers.values().any(|r| {
+                        r.unreachable_since_ms
+                            .is_some_and(|since| now.saturating_sub(since) >= grace_ms)
+                    });
+                    let reachable;
+                    let usable = if beyond {
+                        reachable = crate::lb::reachable(peers, now, grace_ms);
+                        &reachable
+                    } else {
+                        peers
+                    };
+                    let next = cs.pass(&reconciler.me.cluster, &local, usable);
+                    let next = match with_imports.as_ref() {
+                        Some(prev) if **prev == next => prev.clone(),
+                        _ => Arc::new(next),
+                    };
+                    *with_imports = Some(next.clone());
+                    next
+                }
+                Some(_) => with_imports.clone().unwrap_or_else(|| local.clone()),
+            };
             let st = remotes.read(Scope::Own, |own| {
                 reconciler.step(&local, own.values().next(), peers, journal)
             });

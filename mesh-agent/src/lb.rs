@@ -626,6 +626,7 @@ mod tests {
         rc.services.insert(
             "demo/echo".into(),
             std::sync::Arc::new(ServiceRecord {
+                mcs: None,
                 cluster: name.into(),
                 cluster_id: id,
                 namespace: "demo".into(),

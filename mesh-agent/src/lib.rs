@@ -3,9 +3,11 @@
 
 pub mod api;
 pub mod claims;
+pub mod clusterset;
 pub mod control;
 pub mod datapath;
 pub mod desired;
+pub mod dns;
 pub mod flows;
 pub mod held;
 pub mod lb;

@@ -102,6 +102,17 @@ struct Args {
     /// `/var/lib/fleetmesh/<node-name>`.
     #[arg(long, env = "FLEETMESH_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// The range ClusterSetIPs of MCS imports come from (docs/clusterset-dns.md).
+    #[arg(long, env = "FLEETMESH_CLUSTERSET_CIDR", default_value = mesh_model::clusterset::DEFAULT_CLUSTERSET_CIDR)]
+    clusterset_cidr: ipnet::Ipv4Net,
+    /// Serve the clusterset DNS zone (`clusterset.local`) on this address, UDP and TCP, e.g. `169.254.20.10:53`;
+    /// an address the node does not have yet is added to its `lo` (/32). Unset: no DNS server.
+    #[arg(long, env = "FLEETMESH_DNS_LISTEN")]
+    dns_listen: Option<std::net::SocketAddr>,
+    /// Where names outside the clusterset zone are forwarded (the cluster's DNS, e.g. `10.96.0.10:53`). Unset:
+    /// they are answered REFUSED.
+    #[arg(long, env = "FLEETMESH_DNS_UPSTREAM")]
+    dns_upstream: Option<std::net::SocketAddr>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `mesh_agent=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -247,6 +258,15 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh").join(&me.node));
     reconciler.rollouts = mesh_agent::rollout::Rollouts::load(state_dir.join("rollouts.json"));
     reconciler.identity_store = mesh_agent::held::IdentityStore::load(state_dir.join("peer-identities.json"));
+    // Clusterset DNS and ClusterSetIP imports: recomputed after each pass's inputs are read (hook below).
+    let clusterset = mesh_agent::dns::Clusterset::new(args.clusterset_cidr);
+    if let Some(listen) = args.dns_listen {
+        mesh_agent::dns::server::ensure_listen_address(listen).context("--dns-listen")?;
+        mesh_agent::dns::server::serve(listen, clusterset.table.clone(), args.dns_upstream)
+            .await
+            .with_context(|| format!("serving DNS on {listen} (--dns-listen)"))?;
+        info!(%listen, upstream = ?args.dns_upstream, "serving the clusterset DNS zone");
+    }
     let commands: mesh_agent::api::CommandQueue = Arc::default();
     let programmed = reconciler.tables.programmed.clone();
     let backend_stats = match reconciler.dp.backend_stats_reader() {
@@ -257,7 +277,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     // The control loop owns the datapath on its own thread: woken by changes, it programs what they touch.
-    let control = mesh_agent::control::ControlLoop::new(
+    let mut control = mesh_agent::control::ControlLoop::new(
         reconciler,
         remotes.clone(),
         snap_rx.clone(),
@@ -269,7 +289,10 @@ async fn main() -> anyhow::Result<()> {
     );
     std::thread::Builder::new()
         .name("reconciler".into())
-        .spawn(move || control.run())?;
+        .spawn(move || {
+            control.clusterset = Some(clusterset);
+            control.run();
+        })?;
 
     let api_state = ApiState {
         status,

@@ -215,6 +215,7 @@ impl World {
                         name: SERVICES[*svc].into(),
                         ports: port(),
                         backends: Vec::new(),
+                        mcs: None,
                     },
                     |r| (**r).clone(),
                 );
@@ -581,6 +582,7 @@ fn a_change_costs_its_own_writes_whatever_the_size_of_the_mesh() {
                 name: "echo".into(),
                 ports: port(),
                 backends,
+                mcs: None,
             }),
         );
     }

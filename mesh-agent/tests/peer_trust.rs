@@ -54,6 +54,7 @@ fn service(cluster: &str, id: u16, backend: Ipv4Addr, weight: u32) -> ServiceRec
         protocol: mesh_model::Protocol::Tcp,
     };
     ServiceRecord {
+        mcs: None,
         cluster: cluster.into(),
         cluster_id: id,
         namespace: "shop".into(),

@@ -291,6 +291,7 @@ async fn lists_a_cluster_larger_than_one_grpc_message_in_pages() {
     let mut total_bytes = 0;
     for s in 0..SERVICES {
         let rec = ServiceRecord {
+            mcs: None,
             cluster: "west".into(),
             cluster_id: 2,
             namespace: "demo".into(),
@@ -643,6 +644,7 @@ async fn watches_its_own_cluster_for_identities_and_ips_only() {
         pod_cidrs: vec!["10.1.2.0/24".parse().expect("cidr")],
     };
     let service = ServiceRecord {
+        mcs: None,
         cluster: "east".into(),
         cluster_id: 1,
         namespace: "shop".into(),

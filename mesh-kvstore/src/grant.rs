@@ -195,6 +195,7 @@ mod tests {
             protocol: mesh_model::Protocol::Tcp,
         };
         ServiceRecord {
+            mcs: None,
             cluster: "west".into(),
             cluster_id: 2,
             namespace: "shop".into(),

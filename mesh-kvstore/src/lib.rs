@@ -356,6 +356,33 @@ pub struct ServiceRecord {
     /// The service's ports (names match backend ports).
     pub ports: Vec<PortRecord>,
     pub backends: Vec<BackendRecord>,
+    /// Set when the service is exported with an MCS `ServiceExport` (absent otherwise, so that the records of
+    /// services that are not exported stay what older readers accept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcs: Option<McsRecord>,
+}
+
+/// What the clusterset DNS and ClusterSetIP imports need of an exported service (docs/clusterset-dns.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct McsRecord {
+    /// The Service has no cluster IP (`clusterIP: None`): its name resolves to its backends' addresses.
+    #[serde(default)]
+    pub headless: bool,
+    /// The hostname of backends that have one (pod `spec.hostname`, EndpointSlice `hostname`), by address.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hostnames: BTreeMap<Ipv4Addr, String>,
+}
+
+/// Whether `s` is a DNS label as RFC 1123 has it, lower case: 1-63 of `a-z0-9-`, not starting or ending with `-`.
+#[must_use]
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// Largest number of backends a decoder accepts in one service record.
@@ -567,6 +594,17 @@ pub fn decode_service(
             "backend {} has weight {}, not from 1 to {max}",
             b.ipv4, b.weight
         )));
+    }
+    if let Some(mcs) = &rec.mcs {
+        if mcs.hostnames.len() > MAX_BACKENDS_PER_RECORD {
+            return Err(invalid(format!(
+                "{} hostnames (at most {MAX_BACKENDS_PER_RECORD})",
+                mcs.hostnames.len()
+            )));
+        }
+        if let Some((ip, h)) = mcs.hostnames.iter().find(|(_, h)| !is_dns_label(h)) {
+            return Err(invalid(format!("hostname {h:?} of {ip} is not a DNS label")));
+        }
     }
     Ok(rec)
 }
@@ -805,6 +843,57 @@ mod tests {
     }
 
     #[test]
+    fn mcs_part_of_service_records() {
+        let k = Keys::default();
+        let key = k.service("east", "shop", "db");
+        let rec = |mcs: Option<McsRecord>| ServiceRecord {
+            cluster: "east".into(),
+            cluster_id: 1,
+            namespace: "shop".into(),
+            name: "db".into(),
+            ports: Vec::new(),
+            backends: Vec::new(),
+            mcs,
+        };
+        // Not exported: no `mcs` key at all, what older readers accept.
+        assert!(!encode(&rec(None)).contains("mcs"));
+        let good = rec(Some(McsRecord {
+            headless: true,
+            hostnames: [(Ipv4Addr::new(10, 1, 0, 2), "db-0".to_owned())].into(),
+        }));
+        let v = encode(&good);
+        assert_eq!(decode_service(&key, "east", "shop", "db", v.as_bytes()), Ok(good));
+        // A record without `mcs` from an older publisher reads as not exported.
+        let old =
+            r#"{"cluster":"east","clusterId":1,"namespace":"shop","name":"db","ports":[],"backends":[]}"#;
+        assert_eq!(
+            decode_service(&key, "east", "shop", "db", old.as_bytes())
+                .unwrap()
+                .mcs,
+            None
+        );
+        for bad in ["Db_0", "-db", &"a".repeat(64), ""] {
+            let r = rec(Some(McsRecord {
+                headless: true,
+                hostnames: [(Ipv4Addr::new(10, 1, 0, 2), bad.to_owned())].into(),
+            }));
+            let err = decode_service(&key, "east", "shop", "db", encode(&r).as_bytes()).unwrap_err();
+            assert!(err.to_string().contains("not a DNS label"), "{bad:?}: {err}");
+        }
+        let many = rec(Some(McsRecord {
+            headless: true,
+            hostnames: (0..=u32::try_from(MAX_BACKENDS_PER_RECORD).unwrap())
+                .map(|i| (Ipv4Addr::from(0x0A00_0000 + i), "h".to_owned()))
+                .collect(),
+        }));
+        let err = decode_service(&key, "east", "shop", "db", encode(&many).as_bytes()).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::Invalid { .. } | DecodeError::TooLarge { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn service_keys_and_records() {
         let k = Keys::default();
         let key = k.service("east", "shop", "api");
@@ -816,6 +905,7 @@ mod tests {
             KeyKind::UnknownVersion("v2")
         );
         let rec = ServiceRecord {
+            mcs: None,
             cluster: "east".into(),
             cluster_id: 1,
             namespace: "shop".into(),

@@ -4,6 +4,7 @@
 //! Nothing here does I/O except [`source`]; derived views are pure functions that unit-test without a kernel.
 
 pub mod cluster;
+pub mod clusterset;
 pub mod duration;
 pub mod identity;
 pub mod manifests;

@@ -11,8 +11,8 @@
 //!   `--service-affinity-default`, none unless set); an annotation always wins over it.
 //!
 //! A `ServiceExport` of the same namespace/name makes a service global and shared, as the Kubernetes MCS API
-//! (KEP-1645) does: importing clusters reach it through their own same-named service (`clusterset` DNS names map
-//! onto that service; DNS itself comes later).
+//! (KEP-1645) does: importing clusters reach it through its ClusterSetIP and `clusterset.local` name (the agent's
+//! `clusterset` and `dns` modules, docs/clusterset-dns.md), or through their own same-named service.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

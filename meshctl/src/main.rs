@@ -1,6 +1,7 @@
 //! meshctl: the fleetmesh command line.
 
 mod agent;
+mod dns;
 mod observe;
 
 use std::net::IpAddr;
@@ -46,6 +47,9 @@ enum Command {
     /// Services as a node's agent balances them.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// The clusterset DNS zone (`clusterset.local`) as a node's agent answers it.
+    #[command(subcommand)]
+    Dns(DnsCommand),
     /// How a service's new connections are shared between clusters on a node: the `TrafficPolicy` in force, each
     /// group's weight, clusters and share, and the share of every cluster in the datapath's slot table.
     Traffic {
@@ -307,6 +311,27 @@ enum CaCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum DnsCommand {
+    /// What NAME resolves to and why: the answer of the node's clusterset DNS (its agent's `--dns-listen`), and
+    /// for a ClusterSetIP the imported service it stands for and the clusters new connections go to (from the
+    /// agent's status).
+    Lookup {
+        name: String,
+        /// Record type (A, SRV, TXT, AAAA, ...).
+        #[arg(long = "type", short = 't', default_value = "A")]
+        rtype: String,
+        /// The agent's DNS address.
+        #[arg(long, env = "FLEETMESH_DNS_SERVER", default_value = "169.254.20.10:53")]
+        server: std::net::SocketAddr,
+        #[command(flatten)]
+        agent: AgentSocket,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ServiceCommand {
     /// Every service with its frontends, its backends per cluster, its affinity, and which backends the
     /// datapath spreads new connections over (marked `*`).
@@ -437,6 +462,13 @@ fn main() -> std::process::ExitCode {
             status(&agent.socket, target, wait.then_some(wait_timeout), json)
         }
         Command::Service(ServiceCommand::List { agent, json }) => agent::services(&agent.socket, json),
+        Command::Dns(DnsCommand::Lookup {
+            name,
+            rtype,
+            server,
+            agent,
+            json,
+        }) => dns::lookup(server, &agent.socket, &name, &rtype, json),
         Command::Traffic {
             service,
             namespace,

@@ -396,7 +396,8 @@ fn service_in_a_namespace_of_one_cluster_works_as_a_local_service() {
             "east/only-east/backend"
         );
     }
-    // The exported service is published; west has no such service, so nothing there uses it.
+    // The exported service is published; west has no such Service, and imports it (MCS): its only service is the
+    // ClusterSetIP import (docs/clusterset-dns.md).
     let west = agent_status(&agent_socket(&status, "west-node-1").expect("socket")).expect("status");
     let east_remote = west["remoteClusters"]
         .as_array()
@@ -408,9 +409,20 @@ fn service_in_a_namespace_of_one_cluster_works_as_a_local_service() {
         east_remote["services"]["only-east/solo"].is_object(),
         "exported service published: {east_remote}"
     );
+    let west_services: Vec<&serde_json::Value> = west["datapath"]["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
     assert!(
-        west["datapath"]["services"].as_array().is_none_or(Vec::is_empty),
-        "no service in west"
+        west_services.iter().all(|s| s["namespace"] == "only-east"
+            && s["name"] == "solo"
+            && s["frontends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|f| f["vip"].as_str().is_some_and(|v| v.starts_with("198.19.")))),
+        "west's only services are the import of only-east/solo: {west_services:?}"
     );
     drop(lab);
     let _ = std::fs::remove_dir_all(&root);

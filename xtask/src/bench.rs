@@ -20,6 +20,8 @@
 //!   connection, a rollout sends 50% of east's new connections there; from the first failed connection the
 //!   client sees to the last one (after which 100 connections in a row succeed on `from`), p50/p99 over runs.
 //!
+//! - `dns`: see `bench_dns.rs`: clusterset DNS queries/s and p99 latency vs dnsmasq, remote backend change → headless
+//!   answer changed, heap per record.
 //! - `policy`: see `bench_policy.rs`: round trips with a 1,000-rule policy on both pods vs none, and the time
 //!   from a pod label change in one cluster to enforcement in another's datapath (p50/p99 of 100 changes).
 //!
@@ -73,11 +75,13 @@ pub enum Part {
     Faults,
     /// Network policy: per-packet cost with 1,000 rules, change latency across clusters.
     Policy,
+    /// Clusterset DNS: queries/s and latency vs dnsmasq, remote backend change → answer, memory per record.
+    Dns,
 }
 
 /// How long and how often each measurement runs.
 pub(crate) struct Plan {
-    build: bool,
+    pub(crate) build: bool,
     pub(crate) rounds: usize,
     pub(crate) secs: u32,
     nft_sizes: Vec<u32>,
@@ -633,6 +637,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Part::Scale,
             Part::Faults,
             Part::Policy,
+            Part::Dns,
         ]
     } else {
         args.only
@@ -711,6 +716,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         with_example_lab(&plan, &out_dir, "policy-lab", |dir, st| {
             crate::bench_policy::measure(&plan, dir, st, &mut rows)
+        })?;
+    }
+
+    if parts.contains(&Part::Dns) {
+        println!(
+            "\n== clusterset DNS: queries/s and latency vs dnsmasq, remote change → answer, memory (three-clusters example)"
+        );
+        with_example_lab(&plan, &out_dir, "dns-lab", |dir, st| {
+            crate::bench_dns::measure(&plan, dir, st, &mut rows)
         })?;
     }
 

@@ -136,7 +136,7 @@ fn probe(s: &UdpSocket, to: SocketAddr, buf: &mut [u8]) -> bool {
 
 /// Rewrites the labels of pod `name` in the cluster's manifests directory (as an operator editing the file would),
 /// atomically.
-fn set_app_label(dir: &Path, cluster: &str, namespace: &str, name: &str, app: &str) -> Result<()> {
+pub(crate) fn set_app_label(dir: &Path, cluster: &str, namespace: &str, name: &str, app: &str) -> Result<()> {
     let manifests = dir.join("clusters").join(cluster).join("manifests");
     for entry in std::fs::read_dir(&manifests)? {
         let path = entry?.path();

@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_dns;
 mod bench_policy;
 mod demo;
 mod echo;

@@ -80,6 +80,22 @@ const CAPABILITIES: &[Capability] = &[
         packages: &["sockperf"],
         check: || version_of("sockperf", &["--version"]),
     },
+    // The clusterset DNS: `dig` in the lab tests, `dnsperf` and the `dnsmasq` baseline in `bench --only dns`.
+    Capability {
+        name: "dig",
+        packages: &["bind9-dnsutils"],
+        check: || version_of("dig", &["-v"]),
+    },
+    Capability {
+        name: "dnsperf",
+        packages: &["dnsperf"],
+        check: || version_of("dnsperf", &["-h"]),
+    },
+    Capability {
+        name: "dnsmasq",
+        packages: &["dnsmasq-base"],
+        check: || version_of("dnsmasq", &["--version"]),
+    },
 ];
 
 /// Arguments of `cargo xtask setup`.

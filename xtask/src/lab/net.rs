@@ -253,3 +253,24 @@ pub fn probe_ping(netns: &str, ip: std::net::Ipv4Addr) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// The node-local address each lab agent serves the clusterset DNS zone on (as node-local DNS caches do).
+pub const LAB_DNS: &str = "169.254.20.10";
+
+/// Gives namespace `netns` a resolver for `ip netns exec` (which bind-mounts `/etc/netns/<netns>/resolv.conf`
+/// over `/etc/resolv.conf`): the node's agent at [`LAB_DNS`].
+pub fn write_resolv_conf(netns: &str) -> Result<()> {
+    let dir = Path::new("/etc/netns").join(netns);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join("resolv.conf");
+    std::fs::write(
+        &file,
+        format!("nameserver {LAB_DNS}\nsearch svc.clusterset.local\noptions ndots:5 timeout:1 attempts:2\n"),
+    )
+    .with_context(|| format!("writing {}", file.display()))
+}
+
+/// Removes what [`write_resolv_conf`] wrote (nothing when it is not there).
+pub fn remove_resolv_conf(netns: &str) {
+    let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(netns));
+}

@@ -322,6 +322,7 @@ impl LabState {
         self.save()?;
         net::ip(&["netns", "add", name])?;
         net::ip_in(name, &["link", "set", "lo", "up"])?;
+        net::write_resolv_conf(name)?;
         Ok(())
     }
 
@@ -529,6 +530,10 @@ impl LabState {
                 .join(&n.name)
                 .display()
                 .to_string(),
+            // The clusterset DNS zone, on the node-local address every pod's resolv.conf names; no upstream:
+            // lab namespaces have no way out, other names are refused.
+            "--dns-listen".into(),
+            format!("{}:53", net::LAB_DNS),
         ];
         args.extend(label_args(&c.labels));
         let (role, netns) = (format!("agent-{}", n.name), n.netns.clone());
@@ -821,6 +826,7 @@ impl LabState {
         if net::netns_exists(&p.netns) {
             net::ip(&["netns", "del", &p.netns])?;
         }
+        net::remove_resolv_conf(&p.netns);
         self.netns.retain(|n| n != &p.netns);
         self.save()
     }
@@ -953,6 +959,7 @@ impl LabState {
             {
                 eprintln!("lab: removing netns {n}: {e:#}");
             }
+            net::remove_resolv_conf(&n);
         }
         self.netns.clear();
         // The agents' pinned datapaths (maps, links); the links are gone with the namespaces already.

@@ -1,0 +1,186 @@
+//! One imported service's DNS records, from the local state and the remote clusters' service records.
+
+use std::collections::BTreeMap;
+
+use mesh_model::{ClusterState, service};
+
+use super::{DnsEndpoint, ServiceDns};
+use crate::clusterset::Import;
+use crate::remote::RemoteCluster;
+
+/// The zone entry of `import`: its ClusterSetIP, or (headless) the ready endpoints of every exporting cluster: this
+/// one's (`me`) from `local`, the peers' from their service records in `remotes` (only those that may be used:
+/// pass `lb::reachable`'s answer so that a cluster past its grace period drops out of the answers too).
+///
+/// `None` for a ClusterSetIP import without an address (range full): it stays out of the zone.
+#[must_use]
+pub fn compute(
+    me: &str,
+    import: &Import,
+    local: &ClusterState,
+    remotes: &BTreeMap<String, RemoteCluster>,
+) -> Option<ServiceDns> {
+    let clusters: Vec<String> = import.clusters.iter().cloned().collect();
+    if !import.headless {
+        return Some(ServiceDns {
+            namespace: import.namespace.clone(),
+            name: import.name.clone(),
+            clusterset_ip: Some(import.ip?),
+            ports: import.ports.clone(),
+            endpoints: Vec::new(),
+            clusters,
+        });
+    }
+    let key = (import.namespace.clone(), import.name.clone());
+    let mut endpoints = Vec::new();
+    if import.clusters.contains(me)
+        && let Some(svc) = local.services.get(&key)
+    {
+        for e in service::endpoints(local, svc) {
+            // The local sources do not carry pod hostnames yet (docs/clusterset-dns.md, "Limits").
+            endpoints.push(DnsEndpoint {
+                cluster: me.to_owned(),
+                ipv4: e.ipv4,
+                hostname: None,
+            });
+        }
+    }
+    let id = format!("{}/{}", import.namespace, import.name);
+    for (cname, rc) in remotes.iter().filter(|(n, rc)| n.as_str() != me && rc.usable) {
+        let Some(rec) = rc.services.get(&id) else { continue };
+        let Some(mcs) = &rec.mcs else { continue };
+        for b in &rec.backends {
+            endpoints.push(DnsEndpoint {
+                cluster: cname.clone(),
+                ipv4: b.ipv4,
+                hostname: mcs.hostnames.get(&b.ipv4).cloned(),
+            });
+        }
+    }
+    endpoints.sort();
+    endpoints.dedup();
+    Some(ServiceDns {
+        namespace: import.namespace.clone(),
+        name: import.name.clone(),
+        clusterset_ip: None,
+        ports: import.ports.clone(),
+        endpoints,
+        clusters,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clusterset::Imports;
+    use crate::dns::{Lookup, Table};
+    use hickory_proto::rr::{RData, RecordType};
+    use mesh_kvstore::{BackendRecord, McsRecord, PortRecord, ServiceRecord};
+    use mesh_model::{ContainerPort, Pod, Protocol, Service, ServicePort};
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+
+    fn remote(name: &str, rec: ServiceRecord) -> RemoteCluster {
+        let mut rc = RemoteCluster::new(name);
+        rc.usable = true;
+        rc.services
+            .insert(format!("{}/{}", rec.namespace, rec.name), Arc::new(rec));
+        rc
+    }
+
+    #[test]
+    fn headless_answers_list_every_clusters_endpoints() {
+        let mut local = ClusterState::default();
+        local.services.insert(
+            ("demo".into(), "db".into()),
+            Service {
+                namespace: "demo".into(),
+                name: "db".into(),
+                cluster_ipv4: None,
+                selector: [("app".to_owned(), "db".to_owned())].into(),
+                ports: vec![ServicePort {
+                    name: Some("sql".into()),
+                    port: 5432,
+                    protocol: Protocol::Tcp,
+                    target_port: None,
+                }],
+                annotations: BTreeMap::new(),
+            },
+        );
+        local.exports.insert(("demo".into(), "db".into()));
+        local.pods.insert(
+            ("demo".into(), "db-0".into()),
+            Pod {
+                namespace: "demo".into(),
+                name: "db-0".into(),
+                labels: [("app".to_owned(), "db".to_owned())].into(),
+                annotations: BTreeMap::new(),
+                node_name: None,
+                ipv4: Some(Ipv4Addr::new(10, 1, 0, 9)),
+                ports: vec![ContainerPort {
+                    name: None,
+                    port: 5432,
+                    protocol: Protocol::Tcp,
+                }],
+            },
+        );
+        let port = PortRecord {
+            name: "sql".into(),
+            port: 5432,
+            protocol: Protocol::Tcp,
+        };
+        let rec = ServiceRecord {
+            cluster: "west".into(),
+            cluster_id: 2,
+            namespace: "demo".into(),
+            name: "db".into(),
+            ports: vec![port.clone()],
+            backends: vec![BackendRecord {
+                ipv4: Ipv4Addr::new(10, 2, 0, 4),
+                ports: vec![port],
+                weight: 1,
+            }],
+            mcs: Some(McsRecord {
+                headless: true,
+                hostnames: [(Ipv4Addr::new(10, 2, 0, 4), "db-1".to_owned())].into(),
+            }),
+        };
+        let remotes: BTreeMap<String, RemoteCluster> = [("west".to_owned(), remote("west", rec))].into();
+        let mut imports = Imports::new("198.19.0.0/16".parse().unwrap());
+        let got = imports.update("east", &local, &remotes);
+        assert_eq!(got.len(), 1);
+        let dns = compute("east", &got[0], &local, &remotes).unwrap();
+        assert_eq!(dns.clusters, vec!["east".to_owned(), "west".to_owned()]);
+        let mut t = Table::new();
+        t.upsert(dns).unwrap();
+        let Lookup::Records(rs) = t
+            .lookup_str("db.demo.svc.clusterset.local", RecordType::A)
+            .unwrap()
+        else {
+            panic!("no records");
+        };
+        let ips: Vec<_> = rs
+            .iter()
+            .filter_map(|r| {
+                if let RData::A(a) = &r.data {
+                    Some(a.0)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(ips, vec![Ipv4Addr::new(10, 1, 0, 9), Ipv4Addr::new(10, 2, 0, 4)]);
+        // The peer's hostname gives the per-pod name under its cluster.
+        let l = t
+            .lookup_str("db-1.west.db.demo.svc.clusterset.local", RecordType::A)
+            .unwrap();
+        let Lookup::Records(rs) = l else {
+            panic!("db-1.west: {l:?}")
+        };
+        assert!(matches!(&rs[0].data, RData::A(a) if a.0 == Ipv4Addr::new(10, 2, 0, 4)));
+        // West unusable (past its grace period, say): its endpoints leave the answers.
+        let none = BTreeMap::new();
+        let dns = compute("east", &got[0], &local, &none).unwrap();
+        assert_eq!(dns.endpoints.len(), 1);
+    }
+}
