@@ -16,7 +16,8 @@
 //! cluster by cluster in turn: a new backend is added to (then, next change, removed from) `fleet/svc-0` of that
 //! cluster; each change is timed from just before the etcd write until the agent's `GET /v1/summary` reports the
 //! new number of programmed backends (the summary is written after the reconcile that programmed the maps). Stops
-//! early after T seconds (default: no bound). Prints one JSON line `{"kind":"converge","ms":[...]}`.
+//! early after T seconds (default: no bound); then removes the backends still added (untimed). Prints one JSON
+//! line `{"kind":"converge","ms":[...]}`.
 //!
 //! `fleet_scale burst --etcd URL,... --agent-socket PATH --agent-pid PID --changes N --services S --backends B
 //! [--max-secs T]`: N changes written as fast as the etcds take them (the clusters in parallel, up to 64 writes in
@@ -428,6 +429,25 @@ async fn converge(args: &Args) -> Result<()> {
         }
         ms.push(started.elapsed().as_secs_f64() * 1e3);
         added[i] = extra;
+    }
+    // Untimed: the backends still added go again, so that the fleet is as it was (later measurements count on it).
+    let mut want = programmed_backends(&socket)?;
+    for (i, _) in added.iter().enumerate().filter(|(_, a)| **a) {
+        let id = u16::try_from(i + 1)?;
+        let cluster = format!("c{id}");
+        let rec = service(&cluster, id, 0, 0..backends);
+        clients[i]
+            .clone()
+            .put(keys.service(&cluster, NAMESPACE, "svc-0"), encode(&rec), None)
+            .await?;
+        want -= 1;
+    }
+    let started = Instant::now();
+    while programmed_backends(&socket)? != want {
+        if started.elapsed() > CHANGE_TIMEOUT {
+            bail!("the added backends' removal not programmed within {CHANGE_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     println!("{}", serde_json::json!({"kind": "converge", "ms": ms}));
     Ok(())

@@ -617,18 +617,23 @@ fn scrape_metrics(socket: &Path) -> Result<(Duration, usize)> {
 
 pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
     if build {
-        println!("bench: building mesh-agent (release) and its fleet_scale example");
+        println!("bench: building mesh-agent, its fleet_scale example and clustermesh-apiserver (release)");
+        // One invocation, so that both packages' shared dependencies are built with the same features (two
+        // invocations rebuild them for each other every time).
         util::run_status(util::cargo().args([
             "build",
             "--release",
             "-p",
             "mesh-agent",
+            "-p",
+            "clustermesh-apiserver",
             "--bin",
             "mesh-agent",
+            "--bin",
+            "clustermesh-apiserver",
             "--example",
             "fleet_scale",
         ]))?;
-        util::run_status(util::cargo().args(["build", "--release", "-p", "clustermesh-apiserver"]))?;
     }
     let size = Sizes::new(quick);
     let release = util::workspace_root().join("target").join("release");
