@@ -52,7 +52,9 @@ use mesh_kvstore::{
     Synced, encode,
 };
 use mesh_model::Protocol;
-use mesh_model::identity::{LABEL_CLUSTER, LABEL_NAMESPACE, LABEL_NAMESPACE_LABELS_PREFIX, NAMESPACE_NAME_LABEL};
+use mesh_model::identity::{
+    LABEL_CLUSTER, LABEL_NAMESPACE, LABEL_NAMESPACE_LABELS_PREFIX, NAMESPACE_NAME_LABEL,
+};
 
 const NAMESPACE: &str = "fleet";
 const PORT: u16 = 8080;
@@ -268,11 +270,7 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     // fields 14 and 15.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<u64> {
-        f.get(i)
-            .and_then(|v| v.parse().ok())
-            .context("malformed stat")
-    };
+    let ticks = |i: usize| -> Result<u64> { f.get(i).and_then(|v| v.parse().ok()).context("malformed stat") };
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     #[expect(clippy::cast_precision_loss, reason = "clock ticks far below 2^52")]
@@ -345,7 +343,7 @@ async fn identities(args: &Args) -> Result<()> {
             let (key, value) = if kind == 0 {
                 (
                     keys.identity(&cluster, number),
-                    encode(&identity_record(&cluster, id, number, k, k % 10 == 0)),
+                    encode(&identity_record(&cluster, id, number, k, k.is_multiple_of(10))),
                 )
             } else {
                 (
@@ -500,7 +498,8 @@ async fn burst(args: &Args) -> Result<()> {
         "the services' own backends must stay below {BURST_BACKENDS}"
     );
     anyhow::ensure!(
-        changes.div_ceil(urls.len()) + usize::try_from(services)? < usize::try_from(POD_ADDRESSES - BURST_BACKENDS)?,
+        changes.div_ceil(urls.len()) + usize::try_from(services)?
+            < usize::try_from(POD_ADDRESSES - BURST_BACKENDS)?,
         "too many changes for the burst's address range"
     );
     let clients = connect_all(&urls).await?;
@@ -590,7 +589,10 @@ impl Pinned {
 
     /// The identity the ipcache gives `ip` (longest prefix), 0 when nothing covers it.
     fn identity_of(&self, ip: Ipv4Addr) -> Result<u32> {
-        match self.ipcache.get(&aya::maps::lpm_trie::Key::new(32, ip.octets()), 0) {
+        match self
+            .ipcache
+            .get(&aya::maps::lpm_trie::Key::new(32, ip.octets()), 0)
+        {
             Ok(e) => Ok(e.identity),
             Err(aya::maps::MapError::KeyNotFound) => Ok(0),
             Err(e) => Err(e.into()),
@@ -631,7 +633,7 @@ async fn relabel(args: &Args) -> Result<()> {
         .map(|_| {
             (
                 identity::FIRST_ALLOCATED + RELABEL_POD,
-                RELABEL_POD % 10 == 0,
+                RELABEL_POD.is_multiple_of(10),
                 identity::FIRST_ALLOCATED + count,
             )
         })

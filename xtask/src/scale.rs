@@ -252,7 +252,12 @@ impl Fleet<'_> {
         let out = util::run(net::in_netns_cmd(&self.sandbox.netns, &self.fleet_bin).args(args))?;
         out.lines()
             .find_map(|l| serde_json::from_str::<Value>(l).ok())
-            .with_context(|| format!("fleet_scale {} printed nothing", args.first().map_or("", String::as_str)))
+            .with_context(|| {
+                format!(
+                    "fleet_scale {} printed nothing",
+                    args.first().map_or("", String::as_str)
+                )
+            })
     }
 
     /// Runs the convergence driver against the agent at `socket` (`changes` changes, at most `max_secs`); the
@@ -275,7 +280,14 @@ impl Fleet<'_> {
     }
 
     /// A burst of `changes` backend additions against the agent `pid` at `socket`, waiting at most `max_secs`.
-    fn burst(&self, socket: &Path, pid: u32, shape: (u32, u32), changes: usize, max_secs: u64) -> Result<Burst> {
+    fn burst(
+        &self,
+        socket: &Path,
+        pid: u32,
+        shape: (u32, u32),
+        changes: usize,
+        max_secs: u64,
+    ) -> Result<Burst> {
         let v = self.driver(&[
             "burst".into(),
             "--etcd".into(),
@@ -356,8 +368,8 @@ impl Fleet<'_> {
         for (i, mut c) in children {
             let st = c.wait()?;
             if !st.success() && failed.is_none() {
-                let log = std::fs::read_to_string(self.root.join(format!("{what}-c{i}.log")))
-                    .unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.root.join(format!("{what}-c{i}.log"))).unwrap_or_default();
                 failed = Some(format!("fleet_scale {what} of cluster c{i} failed: {log}"));
             }
         }
@@ -567,14 +579,14 @@ impl Sizes {
                 services: 1_000,
                 backends: 100,
                 converge: 100,
-                converge_secs: 90,
+                converge_secs: 180,
                 burst: 10_000,
                 burst_secs: 150,
                 idle_secs: 30,
                 scrapes: 20,
                 identities: 10_000,
                 relabels: 100,
-                relabel_secs: 120,
+                relabel_secs: 300,
             }
         }
     }
@@ -843,7 +855,9 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
         Some(("<=", 1.0)),
     ));
     rows.push((
-        format!("Agent reconcile time with {endpoints} remote endpoints (last pass, as the agent reports it)"),
+        format!(
+            "Agent reconcile time with {endpoints} remote endpoints (last pass, as the agent reports it)"
+        ),
         format!("{reconcile_ms:.0} ms"),
         String::new(),
         None,
@@ -912,7 +926,9 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
         Some(("<=", 1.0)),
     ));
     rows.push((
-        format!("Convergence p99, {endpoints} vs {expected} remote endpoints (same method; ratio = large / small)"),
+        format!(
+            "Convergence p99, {endpoints} vs {expected} remote endpoints (same method; ratio = large / small)"
+        ),
         format!("p99 {b99:.1} ms"),
         format!("p99 {p99:.1} ms"),
         Some(b99 / p99),
