@@ -11,8 +11,9 @@
 //!   2 → 1k → 10k → 100k frontends, and map memory per service, slot, backend and conntrack entry.
 //! - `nft`: the kube-proxy nftables baseline: a verdict map `ip daddr . meta l4proto . th dport` → per-service
 //!   chains with DNAT in a network namespace pair, TCP connections per second with 1, 10k and 100k services.
-//! - `scale`: a synthetic fleet of 10 clusters (real etcds) and one real agent: convergence p50/p99, bootstrap
-//!   with 1M remote endpoints, agent RSS per remote endpoint (see `scale.rs`).
+//! - `scale`: a synthetic fleet of 10 clusters (real etcds) and one real agent: convergence p50/p99 at 1k and 1M
+//!   remote endpoints, bootstrap with 1M, agent RSS per remote endpoint, idle CPU, CPU per change in a burst,
+//!   `/metrics` scrape time, pod relabel → enforced with 100k remote identities (see `scale.rs`).
 //! - `faults`: on the three-clusters example, the time until new connections through a VIP stop failing after
 //!   a cluster with backends is cut off the underlay, minus the grace period (5 cuts); and the established
 //!   connections through a VIP lost across 10 restarts of the client's agent (graceful and SIGKILL alternating).
@@ -69,7 +70,7 @@ pub enum Part {
     Nft,
     /// Halt time of a staged rollout whose target fails.
     Rollout,
-    /// Synthetic fleet: convergence, bootstrap with 1M remote endpoints, agent memory per endpoint.
+    /// Synthetic fleet: convergence, bootstrap with 1M remote endpoints, agent memory and CPU, relabels.
     Scale,
     /// Fault figures: failover time after a cluster is cut, flows lost across agent restarts.
     Faults,
@@ -689,7 +690,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if parts.contains(&Part::Scale) {
         println!(
-            "\n== synthetic fleet: convergence, bootstrap and memory (10 clusters, real etcds, one agent)"
+            "\n== synthetic fleet: convergence, bootstrap, memory, CPU, metrics, relabels (10 clusters, real etcds, one agent)"
         );
         for (what, value, baseline, ratio, goal) in crate::scale::run(plan.build, plan.rounds < 5, &out_dir)?
         {

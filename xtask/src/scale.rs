@@ -1,19 +1,29 @@
 //! `cargo xtask bench --only scale`: a synthetic fleet on this machine. Ten clusters, each one real etcd filled
-//! the way a clustermesh-apiserver publishes (config, nodes, global services with backends, synced markers) by
-//! `mesh-agent/examples/fleet_scale.rs`, without running their pods; one real mesh-agent (release build) with its
-//! eBPF datapath in a network namespace made by the bench, whose cluster has the same global services.
+//! the way a clustermesh-apiserver publishes (config, nodes, global services with backends, identities and pod
+//! addresses, synced markers) by `mesh-agent/examples/fleet_scale.rs`, without running their pods; one real
+//! mesh-agent (release build) with its eBPF datapath in a network namespace made by the bench, whose cluster has
+//! the same global services and one real local pod (a network namespace with a veth, as the lab makes them)
+//! selected by a MeshNetworkPolicy that admits remote pods labelled `access: granted` on TCP 8080.
 //!
-//! 1. Convergence: a small fleet (10 clusters × 10 services × 10 backends); 200 changes (a backend added to or
-//!    removed from a service, cluster by cluster) each timed from the etcd write to the agent reporting the new
-//!    number of programmed backends (`GET /v1/summary`, written after the reconcile that programmed the maps).
-//! 2. Bootstrap and memory: the fleet grows to 1,000,000 remote endpoints (10 clusters × 1,000 services × 100
-//!    backends; 100,000 with `--quick`). The agent's RSS with the same local services but no remote cluster is the
-//!    baseline; then a fresh agent (datapath pins removed, so nothing is adopted) starts with the ten clusters,
-//!    timed until every remote cluster is synced and every backend is programmed in the maps. RSS per remote
-//!    endpoint = (RSS − baseline) / endpoints.
+//! 1. Small fleet (10 clusters × 10 services × 10 backends = 1,000 remote endpoints): convergence, 200 changes (a
+//!    backend added to or removed from a service, cluster by cluster) each timed from the etcd write to the agent
+//!    reporting the new number of programmed backends (`GET /v1/summary`, written after the reconcile that
+//!    programmed the maps); then a burst of [`Sizes::burst`] changes (each adds a backend) written as fast as the
+//!    etcds take them, the agent's CPU time (`/proc/PID/stat`) from the first write until it reports the final
+//!    count, per change. The same convergence through KVStoreMesh.
+//! 2. Large fleet (10 clusters × 1,000 services × 100 backends = 1,000,000 remote endpoints; 100,000 with
+//!    `--quick`): the agent's RSS with the same local services but no remote cluster is the baseline; then a fresh
+//!    agent (datapath pins removed, so nothing is adopted) starts with the ten clusters, timed until every remote
+//!    cluster is synced and every backend is programmed. RSS per remote endpoint = (RSS − baseline) / endpoints.
+//!    Then, on that agent: its CPU over [`Sizes::idle_secs`] with nothing changing (nothing polls it meanwhile);
+//!    `GET /metrics` scrapes on the API socket; convergence (the same method as the small fleet, bounded in count
+//!    and time); the same burst as on the small fleet (bounded in time); then 100,000 remote identities with one
+//!    pod address each (10,000 per cluster, every tenth `access: granted`) and pod relabels, each timed from the
+//!    first etcd write until the pinned `IPCACHE_V4` and the local endpoint's `POLICY` table say the new identity
+//!    (see `fleet_scale relabel`).
 //!
-//! Everything runs inside one network namespace (etcds on its loopback); it is removed at the end, also on
-//! failure, with the processes, the etcd data and the pins.
+//! Everything runs inside network namespaces made by the bench (etcds on the agent namespace's loopback); they
+//! are removed at the end, also on failure, with the processes, the etcd data and the pins.
 use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -31,8 +41,10 @@ const CLUSTERS: u16 = 10;
 /// Cluster id of the agent's own cluster.
 const LOCAL_ID: u16 = 4000;
 const NODE: &str = "scale-node-1";
-/// Changes timed for convergence.
+/// Changes timed for convergence on the small fleet.
 const CHANGES: usize = 200;
+/// The local pod the policy selects: its address (inside the node's pod CIDR) and labels.
+const POD_IP: &str = "10.240.0.10";
 /// Client port of the agent's own cluster's etcd (the KVStoreMesh cache).
 const LOCAL_ETCD_PORT: u16 = 24_100;
 
@@ -52,9 +64,11 @@ impl Drop for Procs {
     }
 }
 
-/// The bench's namespace and bpffs pin directory, removed on drop.
+/// The bench's namespaces (the agent's, and the local pod's) and bpffs pin directory, removed on drop.
 struct Sandbox {
     netns: String,
+    /// The local pod's namespace, once made.
+    pod_netns: Option<String>,
     pins: PathBuf,
 }
 
@@ -65,9 +79,29 @@ impl Sandbox {
         let me = Self {
             pins: PathBuf::from(format!("/sys/fs/bpf/fmscale-{}", std::process::id())),
             netns,
+            pod_netns: None,
         };
         net::ip_in(&me.netns, &["link", "set", "lo", "up"])?;
         Ok(me)
+    }
+
+    /// Makes the local pod as the lab does: its own namespace with `eth0` (address [`POD_IP`]), the host side of
+    /// its veth in the agent's namespace (no address, up). Returns the host side's name.
+    fn add_pod(&mut self) -> Result<String> {
+        let netns = format!("{}-pod", self.netns);
+        net::ip(&["netns", "add", &netns])?;
+        self.pod_netns = Some(netns.clone());
+        let host = format!("fmsp{}", std::process::id());
+        net::ip_in(
+            &self.netns,
+            &[
+                "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            ],
+        )?;
+        net::ip_in(&self.netns, &["link", "set", &host, "up"])?;
+        net::ip_in(&netns, &["addr", "add", &format!("{POD_IP}/32"), "dev", "eth0"])?;
+        net::ip_in(&netns, &["link", "set", "eth0", "up"])?;
+        Ok(host)
     }
 
     fn remove_pins(&self) {
@@ -82,6 +116,11 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.remove_pins();
+        if let Some(pod) = &self.pod_netns
+            && let Err(e) = net::ip(&["netns", "del", pod])
+        {
+            eprintln!("bench: removing netns {pod}: {e:#}");
+        }
         if let Err(e) = net::ip(&["netns", "del", &self.netns]) {
             eprintln!("bench: removing netns {}: {e:#}", self.netns);
         }
@@ -125,8 +164,9 @@ fn rss_bytes(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
-/// The agent's cluster: its node, a namespace, and `services` global services named like the fleet's.
-fn write_manifests(dir: &Path, services: u32) -> Result<()> {
+/// The agent's cluster: its node, a namespace, `services` global services named like the fleet's, the local pod
+/// (host interface `host_ifname`) and the policy that admits remote pods labelled `access: granted` to it.
+fn write_manifests(dir: &Path, services: u32, host_ifname: &str) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut y = format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nspec: {{podCIDR: 10.240.0.0/24}}\nstatus: {{addresses: [{{type: InternalIP, address: 100.100.0.1}}]}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: fleet}}\n"
@@ -137,6 +177,12 @@ fn write_manifests(dir: &Path, services: u32) -> Result<()> {
             "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{s}\n  namespace: fleet\n  annotations: {{service.cilium.io/global: \"true\"}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}]\n"
         ));
     }
+    y.push_str(&format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: scale-server\n  namespace: fleet\n  labels: {{app: scale-server}}\n  annotations: {{fleetmesh.io/host-ifname: {host_ifname}}}\nspec:\n  nodeName: {NODE}\n  containers: [{{name: server, image: none, ports: [{{containerPort: 8080, protocol: TCP}}]}}]\nstatus: {{podIP: {POD_IP}, phase: Running}}\n"
+    ));
+    y.push_str(
+        "---\napiVersion: fleetmesh.io/v1alpha1\nkind: MeshNetworkPolicy\nmetadata: {name: scale-server-from-granted, namespace: fleet}\nspec:\n  podSelector: {matchLabels: {app: scale-server}}\n  policyTypes: [Ingress]\n  ingress:\n    - from: [{podSelector: {matchLabels: {access: granted}}}]\n      ports: [{protocol: TCP, port: 8080}]\n",
+    );
     let tmp = dir.join(".fleet.yaml.tmp");
     std::fs::write(&tmp, y)?;
     std::fs::rename(&tmp, dir.join("fleet.yaml"))?;
@@ -201,65 +247,155 @@ impl Fleet<'_> {
             .collect()
     }
 
-    /// Runs the convergence driver against the agent at `socket`; the change times in ms, sorted.
-    fn converge(&self, socket: &Path, backends: u32) -> Result<Vec<f64>> {
-        let args: Vec<String> = vec![
+    /// Runs `fleet_scale` in the agent's namespace with `args`; the JSON line it printed.
+    fn driver(&self, args: &[String]) -> Result<Value> {
+        let out = util::run(net::in_netns_cmd(&self.sandbox.netns, &self.fleet_bin).args(args))?;
+        out.lines()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .with_context(|| {
+                format!(
+                    "fleet_scale {} printed nothing",
+                    args.first().map_or("", String::as_str)
+                )
+            })
+    }
+
+    /// Runs the convergence driver against the agent at `socket` (`changes` changes, at most `max_secs`); the
+    /// change times in ms, sorted.
+    fn converge(&self, socket: &Path, backends: u32, changes: usize, max_secs: u64) -> Result<Vec<f64>> {
+        let v = self.driver(&[
             "converge".into(),
             "--etcd".into(),
             self.urls().join(","),
             "--agent-socket".into(),
             socket.display().to_string(),
             "--changes".into(),
-            CHANGES.to_string(),
+            changes.to_string(),
             "--backends".into(),
             backends.to_string(),
-        ];
-        let out = util::run(net::in_netns_cmd(&self.sandbox.netns, &self.fleet_bin).args(&args))?;
-        let v: Value = out
-            .lines()
-            .find_map(|l| serde_json::from_str::<Value>(l).ok())
-            .context("fleet_scale converge printed nothing")?;
-        let mut ms: Vec<f64> = v["ms"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_f64)
-            .collect();
-        ms.sort_by(f64::total_cmp);
-        Ok(ms)
+            "--max-secs".into(),
+            max_secs.to_string(),
+        ])?;
+        Ok(sorted(&v["ms"]))
+    }
+
+    /// A burst of `changes` backend additions against the agent `pid` at `socket`, waiting at most `max_secs`.
+    fn burst(
+        &self,
+        socket: &Path,
+        pid: u32,
+        shape: (u32, u32),
+        changes: usize,
+        max_secs: u64,
+    ) -> Result<Burst> {
+        let v = self.driver(&[
+            "burst".into(),
+            "--etcd".into(),
+            self.urls().join(","),
+            "--agent-socket".into(),
+            socket.display().to_string(),
+            "--agent-pid".into(),
+            pid.to_string(),
+            "--changes".into(),
+            changes.to_string(),
+            "--services".into(),
+            shape.0.to_string(),
+            "--backends".into(),
+            shape.1.to_string(),
+            "--max-secs".into(),
+            max_secs.to_string(),
+        ])?;
+        Ok(Burst {
+            changes,
+            programmed: v["programmed"].as_u64().unwrap_or(0),
+            complete: v["complete"].as_bool().unwrap_or(false),
+            written_s: v["written_s"].as_f64().unwrap_or(f64::NAN),
+            programmed_s: v["programmed_s"].as_f64().unwrap_or(f64::NAN),
+            cpu_s: v["cpu_s"].as_f64().unwrap_or(f64::NAN),
+        })
+    }
+
+    /// Publishes `per_cluster` identities with one pod address each in every cluster.
+    fn identities(&self, per_cluster: u32) -> Result<Duration> {
+        let started = Instant::now();
+        self.each_cluster("identities", |i, url| {
+            vec![
+                "identities".into(),
+                "--etcd".into(),
+                url.to_owned(),
+                "--cluster".into(),
+                format!("c{i}"),
+                "--id".into(),
+                i.to_string(),
+                "--count".into(),
+                per_cluster.to_string(),
+            ]
+        })?;
+        Ok(started.elapsed())
+    }
+
+    /// Relabels (see `fleet_scale relabel`): grant and revoke times in ms, each sorted.
+    fn relabel(&self, per_cluster: u32, changes: usize, max_secs: u64) -> Result<(Vec<f64>, Vec<f64>)> {
+        let v = self.driver(&[
+            "relabel".into(),
+            "--etcd".into(),
+            self.urls().join(","),
+            "--pins".into(),
+            self.sandbox.pins.display().to_string(),
+            "--endpoint-ip".into(),
+            POD_IP.into(),
+            "--identities".into(),
+            per_cluster.to_string(),
+            "--changes".into(),
+            changes.to_string(),
+            "--max-secs".into(),
+            max_secs.to_string(),
+        ])?;
+        Ok((sorted(&v["grant_ms"]), sorted(&v["revoke_ms"])))
+    }
+
+    /// Runs `fleet_scale` once per cluster, all at once, with the arguments `args(cluster index, etcd url)`.
+    fn each_cluster(&self, what: &str, args: impl Fn(u16, &str) -> Vec<String>) -> Result<()> {
+        let mut children = Vec::new();
+        for (i, url) in (1..=CLUSTERS).zip(self.urls()) {
+            let log = self.root.join(format!("{what}-c{i}.log"));
+            children.push((
+                i,
+                spawn_in(&self.sandbox.netns, &self.fleet_bin, &args(i, &url), &log)?,
+            ));
+        }
+        let mut failed = None;
+        for (i, mut c) in children {
+            let st = c.wait()?;
+            if !st.success() && failed.is_none() {
+                let log =
+                    std::fs::read_to_string(self.root.join(format!("{what}-c{i}.log"))).unwrap_or_default();
+                failed = Some(format!("fleet_scale {what} of cluster c{i} failed: {log}"));
+            }
+        }
+        match failed {
+            Some(f) => bail!(f),
+            None => Ok(()),
+        }
     }
 
     fn fill(&self, services: u32, backends: u32) -> Result<Duration> {
         let started = Instant::now();
-        let mut children = Vec::new();
-        for (i, url) in (1..=CLUSTERS).zip(self.urls()) {
-            let args: Vec<String> = [
-                "fill",
-                "--etcd",
-                &url,
-                "--cluster",
-                &format!("c{i}"),
-                "--id",
-                &i.to_string(),
-                "--services",
-                &services.to_string(),
-                "--backends",
-                &backends.to_string(),
+        self.each_cluster("fill", |i, url| {
+            vec![
+                "fill".into(),
+                "--etcd".into(),
+                url.to_owned(),
+                "--cluster".into(),
+                format!("c{i}"),
+                "--id".into(),
+                i.to_string(),
+                "--services".into(),
+                services.to_string(),
+                "--backends".into(),
+                backends.to_string(),
             ]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
-            let log = self.root.join(format!("fill-c{i}.log"));
-            children.push((i, spawn_in(&self.sandbox.netns, &self.fleet_bin, &args, &log)?));
-        }
-        for (i, mut c) in children {
-            let st = c.wait()?;
-            if !st.success() {
-                let log =
-                    std::fs::read_to_string(self.root.join(format!("fill-c{i}.log"))).unwrap_or_default();
-                bail!("filling cluster c{i} failed: {log}");
-            }
-        }
+        })?;
         Ok(started.elapsed())
     }
 
@@ -357,26 +493,167 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The numbers of a JSON array, sorted.
+fn sorted(v: &Value) -> Vec<f64> {
+    let mut ms: Vec<f64> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_f64)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    ms
+}
+
+/// What `fleet_scale burst` reported.
+struct Burst {
+    changes: usize,
+    /// Backends the agent reported programmed beyond the count before the burst.
+    programmed: u64,
+    complete: bool,
+    written_s: f64,
+    programmed_s: f64,
+    cpu_s: f64,
+}
+
+impl Burst {
+    /// Agent CPU time per programmed change, µs.
+    fn us_per_change(&self) -> f64 {
+        #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+        let n = self.programmed.max(1) as f64;
+        self.cpu_s * 1e6 / n
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{:.0} µs per change ({:.2} s CPU; {} of {} programmed after {:.1} s, written in {:.1} s)",
+            self.us_per_change(),
+            self.cpu_s,
+            self.programmed,
+            self.changes,
+            self.programmed_s,
+            self.written_s
+        )
+    }
+}
+
+/// How much each large-fleet measurement does (smaller with `--quick`).
+struct Sizes {
+    /// Services per cluster and backends per service of the large fleet.
+    services: u32,
+    backends: u32,
+    /// Convergence changes on the large fleet, and the bound on their total time (s).
+    converge: usize,
+    converge_secs: u64,
+    /// Changes of a burst (on both fleets), and the bound on the wait for the last one (s).
+    burst: usize,
+    burst_secs: u64,
+    /// Seconds of the idle CPU measurement.
+    idle_secs: u64,
+    /// `/metrics` scrapes.
+    scrapes: usize,
+    /// Identities (with one pod address each) per cluster, relabels, and the bound on their total time (s).
+    identities: u32,
+    relabels: usize,
+    relabel_secs: u64,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                services: 100,
+                backends: 100,
+                converge: 30,
+                converge_secs: 30,
+                burst: 1_000,
+                burst_secs: 60,
+                idle_secs: 10,
+                scrapes: 10,
+                identities: 1_000,
+                relabels: 20,
+                relabel_secs: 30,
+            }
+        } else {
+            Self {
+                services: 1_000,
+                backends: 100,
+                converge: 100,
+                converge_secs: 180,
+                burst: 10_000,
+                burst_secs: 150,
+                idle_secs: 30,
+                scrapes: 20,
+                identities: 10_000,
+                relabels: 100,
+                relabel_secs: 300,
+            }
+        }
+    }
+}
+
+/// CPU time (user + system, all threads) of process `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime); `rest` starts at field 3.
+    let ticks = |i: usize| -> Result<u64> { f.get(i).and_then(|v| v.parse().ok()).context("malformed stat") };
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    #[expect(clippy::cast_precision_loss, reason = "clock ticks far below 2^52")]
+    Ok((ticks(11)? + ticks(12)?) as f64 / hz.max(1) as f64)
+}
+
+/// One `GET /metrics` on the agent's API socket: how long from connecting to the end of the answer, and its size.
+fn scrape_metrics(socket: &Path) -> Result<(Duration, usize)> {
+    let started = Instant::now();
+    let mut s = UnixStream::connect(socket).context("agent socket")?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&buf);
+    anyhow::ensure!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "GET /metrics: {}",
+        text.lines().next().unwrap_or_default()
+    );
+    anyhow::ensure!(
+        text.contains("fleetmesh_lb_backends"),
+        "GET /metrics has no fleetmesh_lb_backends"
+    );
+    Ok((took, buf.len()))
+}
+
 pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
     if build {
-        println!("bench: building mesh-agent (release) and its fleet_scale example");
+        println!("bench: building mesh-agent, its fleet_scale example and clustermesh-apiserver (release)");
+        // One invocation, so that both packages' shared dependencies are built with the same features (two
+        // invocations rebuild them for each other every time).
         util::run_status(util::cargo().args([
             "build",
             "--release",
             "-p",
             "mesh-agent",
+            "-p",
+            "clustermesh-apiserver",
             "--bin",
             "mesh-agent",
+            "--bin",
+            "clustermesh-apiserver",
             "--example",
             "fleet_scale",
         ]))?;
-        util::run_status(util::cargo().args(["build", "--release", "-p", "clustermesh-apiserver"]))?;
     }
+    let size = Sizes::new(quick);
     let release = util::workspace_root().join("target").join("release");
     let root = out_dir.join("scale");
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root)?;
-    let sandbox = Sandbox::new()?;
+    let mut sandbox = Sandbox::new()?;
+    let host_ifname = sandbox.add_pod()?;
     let fleet = Fleet {
         sandbox: &sandbox,
         root: root.clone(),
@@ -399,31 +676,41 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
     }
     let mut rows = Vec::new();
 
-    // 1. Convergence on a small fleet.
+    // 1. Convergence and a burst on a small fleet.
     let (small_services, small_backends) = (10u32, 10u32);
     fleet.fill(small_services, small_backends)?;
-    write_manifests(&root.join("manifests"), small_services)?;
+    write_manifests(&root.join("manifests"), small_services, &host_ifname)?;
     let (agent, socket) = fleet.start_agent(true, "converge")?;
+    let small_pid = agent.id();
     let mut agent = Procs(vec![agent]);
     let expected = u64::from(CLUSTERS) * u64::from(small_services) * u64::from(small_backends);
     wait_programmed(&socket, u64::from(CLUSTERS), expected, Duration::from_secs(60))?;
-    let ms = fleet.converge(&socket, small_backends)?;
+    let ms = fleet.converge(&socket, small_backends, CHANGES, 300)?;
     let (p50, p99) = (pct(&ms, 0.5), pct(&ms, 0.99));
     println!(
         "  convergence over {} changes: p50 {p50:.1} ms, p99 {p99:.1} ms",
         ms.len()
     );
     rows.push((
-        format!("Convergence, backend added/removed in a remote cluster -> programmed in the agent's maps ({} changes, 10 clusters; ratio = p99 / 100 ms)", ms.len()),
+        format!("Convergence, backend added/removed in a remote cluster -> programmed in the agent's maps ({} changes, 10 clusters, {expected} remote endpoints; ratio = p99 / 100 ms)", ms.len()),
         format!("p50 {p50:.1} ms, p99 {p99:.1} ms"),
         "100 ms".to_owned(),
         Some(p99 / 100.0),
         Some(("<=", 1.0)),
     ));
+    let small_burst = fleet.burst(
+        &socket,
+        small_pid,
+        (small_services, small_backends),
+        size.burst,
+        size.burst_secs,
+    )?;
+    println!("  burst of {} changes: {}", size.burst, small_burst.describe());
     drop(agent);
 
-    // 1b. The same through KVStoreMesh: the agent's cluster's clustermesh-apiserver mirrors the ten clusters into
-    // the cluster's own etcd, and the agent reads them all from there.
+    // 1b. The same convergence through KVStoreMesh: the agent's cluster's clustermesh-apiserver mirrors the ten
+    // clusters into the cluster's own etcd, and the agent reads them all from there. The burst's backends go first.
+    fleet.fill(small_services, small_backends)?;
     let mut cache = Procs(vec![start_etcd(
         &sandbox.netns,
         &etcd,
@@ -457,7 +744,7 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
     let agent_pid = agent_child.id();
     agent = Procs(vec![agent_child]);
     wait_programmed(&socket, u64::from(CLUSTERS), expected, Duration::from_secs(60))?;
-    let via = fleet.converge(&socket, small_backends)?;
+    let via = fleet.converge(&socket, small_backends, CHANGES, 300)?;
     let (v50, v99) = (pct(&via, 0.5), pct(&via, 0.99));
     // Who holds connections to the ten clusters' etcds now: the agent should hold none, the mirror one each.
     let ss = util::run(std::process::Command::new("ip").args([
@@ -508,16 +795,12 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
     drop(cache);
 
     // 2. Bootstrap and memory at scale.
-    let (services, backends) = if quick {
-        (100u32, 100u32)
-    } else {
-        (1000u32, 100u32)
-    };
+    let (services, backends) = (size.services, size.backends);
     let endpoints = u64::from(CLUSTERS) * u64::from(services) * u64::from(backends);
     println!("bench: filling {CLUSTERS} clusters with {endpoints} endpoints");
     let fill_time = fleet.fill(services, backends)?;
     println!("  filled in {:.1} s", fill_time.as_secs_f64());
-    write_manifests(&root.join("manifests"), services)?;
+    write_manifests(&root.join("manifests"), services, &host_ifname)?;
     let (base_agent, base_socket) = fleet.start_agent(false, "baseline")?;
     let base_pid = base_agent.id();
     agent = Procs(vec![base_agent]);
@@ -558,25 +841,193 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
         base_rss >> 20
     );
     rows.push((
-        format!("Bootstrap, agent start -> {endpoints} remote endpoints of 10 clusters synced and programmed (ratio = time / 10 s)"),
+        format!("Bootstrap, agent start -> {endpoints} remote endpoints of 10 clusters synced and programmed (ratio = time / 5 s)"),
         format!("{:.2} s", bootstrap.as_secs_f64()),
-        "10 s".to_owned(),
-        Some(bootstrap.as_secs_f64() / 10.0),
+        "5 s".to_owned(),
+        Some(bootstrap.as_secs_f64() / 5.0),
         Some(("<=", 1.0)),
     ));
     rows.push((
-        format!("Agent RSS per remote endpoint ({endpoints} endpoints; ratio = bytes / 1 KiB)"),
+        format!("Agent RSS per remote endpoint ({endpoints} endpoints; ratio = bytes / 512 B)"),
         format!("{per_endpoint:.0} B (RSS {} MiB)", rss >> 20),
         format!("baseline RSS {} MiB", base_rss >> 20),
-        Some(per_endpoint / 1024.0),
+        Some(per_endpoint / 512.0),
         Some(("<=", 1.0)),
     ));
     rows.push((
-        format!("Agent reconcile time with {endpoints} remote endpoints (one pass over every service)"),
+        format!(
+            "Agent reconcile time with {endpoints} remote endpoints (last pass, as the agent reports it)"
+        ),
         format!("{reconcile_ms:.0} ms"),
         String::new(),
         None,
         None,
+    ));
+
+    // Idle: nothing changes and nothing polls the agent.
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu0 = cpu_seconds(full_pid)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(size.idle_secs));
+    let idle_pct = (cpu_seconds(full_pid)? - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    println!("  idle CPU over {} s: {idle_pct:.1}% of one core", size.idle_secs);
+    rows.push((
+        format!("Agent CPU while nothing changes, {endpoints} remote endpoints ({} s, /proc utime+stime; ratio = % of one core / 1%)", size.idle_secs),
+        format!("{idle_pct:.1}% of one core"),
+        "1%".to_owned(),
+        Some(idle_pct / 1.0),
+        Some(("<=", 1.0)),
+    ));
+
+    // /metrics scrapes on the API socket.
+    let mut scrapes = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..size.scrapes {
+        let (took, n) = scrape_metrics(&full_socket)?;
+        scrapes.push(took.as_secs_f64() * 1e3);
+        bytes = n;
+    }
+    scrapes.sort_by(f64::total_cmp);
+    let (m50, mmax) = (pct(&scrapes, 0.5), pct(&scrapes, 1.0));
+    println!(
+        "  /metrics over {} scrapes: median {m50:.1} ms, max {mmax:.1} ms ({bytes} bytes)",
+        scrapes.len()
+    );
+    rows.push((
+        format!("GET /metrics on the API socket, {endpoints} remote endpoints ({} scrapes, connect to last byte; ratio = max / 50 ms)", scrapes.len()),
+        format!("median {m50:.1} ms, max {mmax:.1} ms ({} KiB)", bytes >> 10),
+        "50 ms".to_owned(),
+        Some(mmax / 50.0),
+        Some(("<=", 1.0)),
+    ));
+
+    // Convergence on the large fleet, the same method as on the small one.
+    let big = fleet.converge(&full_socket, backends, size.converge, size.converge_secs)?;
+    let (b50, b99) = (pct(&big, 0.5), pct(&big, 0.99));
+    println!(
+        "  convergence at {endpoints} endpoints over {} changes: p50 {b50:.1} ms, p99 {b99:.1} ms",
+        big.len()
+    );
+    let bounded = if big.len() < size.converge {
+        format!(
+            "; {} of {} changes within the {} s bound",
+            big.len(),
+            size.converge,
+            size.converge_secs
+        )
+    } else {
+        String::new()
+    };
+    rows.push((
+        format!("Convergence with {endpoints} remote endpoints, backend added/removed in a remote cluster -> programmed ({} changes{bounded}; ratio = p99 / 50 ms)", big.len()),
+        format!("p50 {b50:.1} ms, p99 {b99:.1} ms"),
+        "50 ms".to_owned(),
+        Some(b99 / 50.0),
+        Some(("<=", 1.0)),
+    ));
+    rows.push((
+        format!(
+            "Convergence p99, {endpoints} vs {expected} remote endpoints (same method; ratio = large / small)"
+        ),
+        format!("p99 {b99:.1} ms"),
+        format!("p99 {p99:.1} ms"),
+        Some(b99 / p99),
+        Some(("<=", 1.5)),
+    ));
+
+    // The same burst as on the small fleet.
+    let big_burst = fleet.burst(
+        &full_socket,
+        full_pid,
+        (services, backends),
+        size.burst,
+        size.burst_secs,
+    )?;
+    println!("  burst of {} changes: {}", size.burst, big_burst.describe());
+    let bound = if big_burst.complete {
+        String::new()
+    } else {
+        format!(
+            "; bounded: {} of {} programmed within {} s",
+            big_burst.programmed, size.burst, size.burst_secs
+        )
+    };
+    rows.push((
+        format!(
+            "Agent CPU per change, burst of {} backend additions written as fast as etcd takes them, {expected} remote endpoints (CPU time from the first write to the final count / changes)",
+            size.burst
+        ),
+        small_burst.describe(),
+        String::new(),
+        None,
+        None,
+    ));
+    rows.push((
+        format!(
+            "Agent CPU per change, the same burst with {endpoints} remote endpoints{bound} (ratio = µs per change at {endpoints} / at {expected}; flat is 1)"
+        ),
+        big_burst.describe(),
+        format!("{:.0} µs per change", small_burst.us_per_change()),
+        Some(big_burst.us_per_change() / small_burst.us_per_change()),
+        None,
+    ));
+
+    // Identities and pod relabels.
+    let ids = u64::from(CLUSTERS) * u64::from(size.identities);
+    let took = fleet.identities(size.identities)?;
+    println!(
+        "  {ids} identities with a pod address each published in {:.1} s",
+        took.as_secs_f64()
+    );
+    net::wait_for(
+        &format!("the agent to know {ids} identities"),
+        Duration::from_secs(300),
+        || {
+            let s = summary(&full_socket)?;
+            let known = s["datapath"]["identities"].as_u64().unwrap_or(0);
+            if known >= ids {
+                Ok(())
+            } else {
+                Err(format!("{known} identities known"))
+            }
+        },
+    )?;
+    let (grants, revokes) = fleet.relabel(size.identities, size.relabels, size.relabel_secs)?;
+    let mut all: Vec<f64> = grants.iter().chain(&revokes).copied().collect();
+    all.sort_by(f64::total_cmp);
+    let (r50, r99) = (pct(&all, 0.5), pct(&all, 0.99));
+    println!(
+        "  relabels: {} grants p50 {:.1} / p99 {:.1} ms, {} revokes p50 {:.1} / p99 {:.1} ms",
+        grants.len(),
+        pct(&grants, 0.5),
+        pct(&grants, 0.99),
+        revokes.len(),
+        pct(&revokes, 0.5),
+        pct(&revokes, 0.99)
+    );
+    let bound = if all.len() < size.relabels {
+        format!(
+            "; {} of {} relabels within the {} s bound",
+            all.len(),
+            size.relabels,
+            size.relabel_secs
+        )
+    } else {
+        String::new()
+    };
+    rows.push((
+        format!(
+            "Pod relabel in a remote cluster -> enforced in this cluster's datapath (pinned IPCACHE_V4 and the local endpoint's POLICY table), {ids} remote identities, {endpoints} remote endpoints ({} relabels{bound}: grants p50 {:.0} / p99 {:.0} ms, revokes {:.0} / {:.0} ms; ratio = p99 / 100 ms)",
+            all.len(),
+            pct(&grants, 0.5),
+            pct(&grants, 0.99),
+            pct(&revokes, 0.5),
+            pct(&revokes, 0.99)
+        ),
+        format!("p50 {r50:.1} ms, p99 {r99:.1} ms"),
+        "100 ms".to_owned(),
+        Some(r99 / 100.0),
+        Some(("<=", 1.0)),
     ));
     drop(procs);
     Ok(rows)
