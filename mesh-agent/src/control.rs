@@ -186,7 +186,12 @@ impl ControlLoop {
         let clusterset = &mut self.clusterset;
         let with_imports = &mut self.with_imports;
         self.imports_generation = generation;
-        let (dp_status, grace_ends_in, remotes_synced) = remotes.read(Scope::Peer, |peers| {
+        // Snapshots share the records and their maps (persistent maps): taking them costs the number of clusters,
+        // and the watchers and the API never wait for the reconciler's work.
+        let peers_snapshot = remotes.snapshot();
+        let own_snapshot = remotes.own();
+        let (dp_status, grace_ends_in, remotes_synced) = {
+            let peers = &peers_snapshot;
             let grace_ms = u64::try_from(reconciler.remote_grace.as_millis()).unwrap_or(u64::MAX);
             let now = crate::remote::now_ms();
             let grace_ends_in = peers
@@ -224,11 +229,9 @@ impl ControlLoop {
                 }
                 Some(_) => with_imports.clone().unwrap_or_else(|| local.clone()),
             };
-            let st = remotes.read(Scope::Own, |own| {
-                reconciler.step(&local, own.values().next(), peers, journal)
-            });
+            let st = reconciler.step(&local, own_snapshot.as_ref(), peers, journal);
             (st, grace_ends_in, synced)
-        });
+        };
         let progress = self.reconciler.rollouts.progress(&local, crate::remote::now_ms());
         self.progress.send_if_modified(|p| {
             let changed = *p != progress;

@@ -77,19 +77,20 @@ pub struct RemoteCluster {
     pub config: Option<ClusterConfig>,
     /// The cluster id its records must carry: pinned in its peer file, else as its config publishes it.
     pub cluster_id: Option<u16>,
-    /// Records are shared (`Arc`): publishing a session's view and taking snapshots copy pointers, not records.
-    pub nodes: BTreeMap<String, Arc<NodeRecord>>,
+    /// Records are shared (`Arc`) in persistent maps (`imbl`): a snapshot of the cluster copies no record and no
+    /// map (it shares their nodes), and a change copies only its path.
+    pub nodes: imbl::OrdMap<String, Arc<NodeRecord>>,
     /// Global services the cluster shares, by `namespace/name`.
-    pub services: BTreeMap<String, Arc<ServiceRecord>>,
+    pub services: imbl::OrdMap<String, Arc<ServiceRecord>>,
     /// Security identities of the cluster, by full identity (the status reports their number).
     #[serde(rename = "identityCount", serialize_with = "count")]
-    pub identities: BTreeMap<u32, Arc<IdentityRecord>>,
+    pub identities: imbl::OrdMap<u32, Arc<IdentityRecord>>,
     /// The cluster's pod addresses and their identities (the status reports their number).
     #[serde(rename = "ipCount", serialize_with = "count")]
-    pub ips: BTreeMap<Ipv4Addr, Arc<IpRecord>>,
+    pub ips: imbl::OrdMap<Ipv4Addr, Arc<IpRecord>>,
     /// Capacities other than 1 of the cluster's pods, by address (this cluster only; empty for a peer).
     #[serde(skip)]
-    pub capacities: BTreeMap<Ipv4Addr, u32>,
+    pub capacities: imbl::OrdMap<Ipv4Addr, u32>,
     /// Whether its data may be used (false without its cluster config, or after an id conflict).
     pub usable: bool,
     /// Values skipped, by reason.
@@ -220,8 +221,8 @@ pub type Journal = BTreeMap<(Scope, String), ClusterChanges>;
     clippy::too_many_arguments,
     reason = "one map's sync, with how its values compare and copy"
 )]
-fn sync_keys<K: Ord + Clone, V>(
-    dst: &mut BTreeMap<K, V>,
+fn sync_keys<K: Ord + Clone, V: Clone>(
+    dst: &mut imbl::OrdMap<K, V>,
     src: &BTreeMap<K, V>,
     dirty: &BTreeSet<K>,
     full: bool,
@@ -230,7 +231,7 @@ fn sync_keys<K: Ord + Clone, V>(
     clone: impl Fn(&V) -> V,
     changed: &mut BTreeSet<K>,
 ) {
-    let put = |dst: &mut BTreeMap<K, V>, changed: &mut BTreeSet<K>, k: &K, v: &V| {
+    let put = |dst: &mut imbl::OrdMap<K, V>, changed: &mut BTreeSet<K>, k: &K, v: &V| {
         if dst.get(k).is_none_or(|old| !same(old, v)) {
             dst.insert(k.clone(), clone(v));
             changed.insert(k.clone());
@@ -305,7 +306,7 @@ impl RemoteBrief {
 }
 
 /// Serializes a map as its size (the status stays small whatever the size of the mesh).
-fn count<K, V, S: serde::Serializer>(map: &BTreeMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
+fn count<K, V, S: serde::Serializer>(map: &imbl::OrdMap<K, V>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(u64::try_from(map.len()).unwrap_or(u64::MAX))
 }
 
@@ -317,11 +318,11 @@ impl RemoteCluster {
             state: SyncState::Connecting { since_ms: now_ms() },
             config: None,
             cluster_id: None,
-            nodes: BTreeMap::new(),
-            services: BTreeMap::new(),
-            identities: BTreeMap::new(),
-            ips: BTreeMap::new(),
-            capacities: BTreeMap::new(),
+            nodes: imbl::OrdMap::new(),
+            services: imbl::OrdMap::new(),
+            identities: imbl::OrdMap::new(),
+            ips: imbl::OrdMap::new(),
+            capacities: imbl::OrdMap::new(),
             unreachable_since_ms: None,
             last_alive_ms: None,
             usable: true,

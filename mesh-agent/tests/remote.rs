@@ -57,7 +57,7 @@ fn node_names(w: &RemoteCluster) -> BTreeSet<&str> {
 
 /// `Ok` when west holds exactly these nodes, with the records as published.
 fn has_nodes(w: &RemoteCluster, want: &[u8]) -> Result<(), String> {
-    let want: std::collections::BTreeMap<String, std::sync::Arc<NodeRecord>> = want
+    let want: imbl::OrdMap<String, std::sync::Arc<NodeRecord>> = want
         .iter()
         .map(|i| (format!("west-node-{i}"), std::sync::Arc::new(node(*i))))
         .collect();
