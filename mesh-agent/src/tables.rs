@@ -288,7 +288,7 @@ impl MeshTables {
                 Scope::Peer => {
                     dirty
                         .services
-                        .extend(c.services.iter().filter_map(|k| service_id(k)));
+                        .extend(c.services.iter().flat_map(|k| services_fed_by(k)));
                     dirty
                         .nodes
                         .extend(c.nodes.into_iter().map(|n| (cluster.clone(), n)));
@@ -342,7 +342,7 @@ impl MeshTables {
             if let Some(rc) = remotes.get(name) {
                 dirty
                     .services
-                    .extend(rc.services.keys().filter_map(|k| service_id(k)));
+                    .extend(rc.services.keys().flat_map(|k| services_fed_by(k)));
             }
             if old.is_none_or(|o| o.1 != f.1) {
                 // Labels: policies' cluster selectors and TrafficPolicy groups.
@@ -709,6 +709,15 @@ impl MeshTables {
 /// `namespace/name` → (namespace, name).
 pub fn service_id(key: &str) -> Option<ServiceId> {
     key.split_once('/').map(|(a, b)| (a.to_owned(), b.to_owned()))
+}
+
+/// The local services a peer's service record `key` (`namespace/name`) feeds: the same-named Service, and the
+/// ClusterSetIP import's synthetic service when there is one (`crate::clusterset`).
+pub fn services_fed_by(key: &str) -> impl Iterator<Item = ServiceId> {
+    service_id(key).into_iter().flat_map(|(ns, name)| {
+        let import = format!("{name}{}", crate::clusterset::IMPORT_KEY_SUFFIX);
+        [(ns.clone(), name), (ns, import)]
+    })
 }
 
 /// The services of namespace `ns`.
