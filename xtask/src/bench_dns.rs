@@ -196,7 +196,10 @@ pub(crate) fn measure(plan: &Plan, dir: &Path, st: &state::LabState, rows: &mut 
         names.iter().map(|n| format!("{n} A\n")).collect::<String>(),
     )?;
     let cidr = format!("{DNSMASQ_ADDR}/32");
-    net::ip_in(&node.netns, &["addr", "replace", &cidr, "dev", "lo"])?;
+    net::ip_in(
+        &node.netns,
+        &["addr", "replace", &cidr, "dev", "lo", "scope", "host"],
+    )?;
     let mut dnsmasq = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", node.netns))
         .args([

@@ -226,7 +226,8 @@ pub fn ensure_listen_address(listen: SocketAddr) -> anyhow::Result<()> {
         return Ok(());
     }
     let cidr = format!("{ip}/32");
-    let args = ["addr", "replace", cidr.as_str(), "dev", "lo"];
+    // Scope host: never chosen as the source of the node's own connections (pods reach it all the same).
+    let args = ["addr", "replace", cidr.as_str(), "dev", "lo", "scope", "host"];
     let out = std::process::Command::new("ip")
         .args(args)
         .output()
