@@ -266,9 +266,6 @@ impl Publisher {
         // state, the exports, an identity's grace period): keep-alives and heartbeats cost nothing else.
         let mut stale = true;
         loop {
-            if let Some(rx) = exports.as_mut() {
-                rx.mark_unchanged();
-            }
             if !stale {
                 let open = self
                     .wait(
@@ -291,6 +288,10 @@ impl Publisher {
                 }
             }
             stale = false;
+            // Seen from here on: a change while this pass publishes makes the next one stale again.
+            if let Some(rx) = exports.as_mut() {
+                rx.mark_unchanged();
+            }
             let snapshot = snapshots.borrow_and_update().clone();
             let desired = self.desired(&snapshot, allocator);
             let mut puts = 0usize;
