@@ -232,12 +232,28 @@ impl LbMaps {
         dp: &mut impl MapWriter,
         views: &[ServiceView],
     ) -> Result<LbChanges, DatapathError> {
+        let keyed: Vec<(ServiceId, &ServiceView)> = views
+            .iter()
+            .map(|v| ((v.namespace.clone(), v.name.clone()), v))
+            .collect();
+        self.reconcile_keyed(dp, &keyed)
+    }
+
+    /// As [`Self::reconcile`], each view under its own service id (a ClusterSetIP import's synthetic service
+    /// shares its namespace and name with the Service it imports, not its id).
+    ///
+    /// # Errors
+    /// As [`Self::reconcile`].
+    pub fn reconcile_keyed(
+        &mut self,
+        dp: &mut impl MapWriter,
+        views: &[(ServiceId, &ServiceView)],
+    ) -> Result<LbChanges, DatapathError> {
         let mut changes = LbChanges::default();
         let mut wanted = BTreeSet::new();
-        for view in views {
-            let id = (view.namespace.clone(), view.name.clone());
-            changes.add(self.program_service(dp, &id, Some(view))?);
-            wanted.insert(id);
+        for (id, view) in views {
+            changes.add(self.program_service(dp, id, Some(view))?);
+            wanted.insert(id.clone());
         }
         let gone: Vec<ServiceId> = self
             .by_service

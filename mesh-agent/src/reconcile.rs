@@ -233,15 +233,7 @@ pub struct Reconciler {
     policy_errors: Vec<String>,
     /// The last policy pass read held identities (see [`crate::held`]).
     patched_last: bool,
-    /// When the agent started: the initial sync of the peers is waited for at most [`INITIAL_SYNC_WAIT`].
-    started: std::time::Instant,
-    /// Services whose programming waits for the peers' initial sync.
-    deferred: BTreeSet<ServiceId>,
 }
-
-/// How long services wait for every peer's first sync before they are programmed with what is known (the first
-/// pass programs them at once with this cluster's backends).
-pub const INITIAL_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why an endpoint is not wired.
 enum Unwired {
@@ -315,8 +307,6 @@ impl Reconciler {
             local_errors: Vec::new(),
             policy_errors: Vec::new(),
             patched_last: false,
-            started: std::time::Instant::now(),
-            deferred: BTreeSet::new(),
         }
     }
 
@@ -338,7 +328,6 @@ impl Reconciler {
     #[must_use]
     pub fn retry_due(&self) -> bool {
         self.retry_local
-            || !self.deferred.is_empty()
             || self.retry.policy
             || !self.retry.services.is_empty()
             || !self.retry.ipcache.is_empty()
@@ -681,23 +670,6 @@ impl Reconciler {
         }
         self.steered = steered;
         st.rollouts = self.rollouts.states();
-
-        // While the peers list for the first time, each peer's arrival would reprogram every service it shares:
-        // services wait until every peer has synced once (at most INITIAL_SYNC_WAIT), then are programmed once.
-        if !first && !full {
-            let pending = self.started.elapsed() < INITIAL_SYNC_WAIT
-                && (!self.peers_configured
-                    || remotes.values().any(|rc| {
-                        rc.usable
-                            && rc.syncs == 0
-                            && !matches!(rc.state, crate::remote::SyncState::Disconnected { .. })
-                    }));
-            if pending {
-                self.deferred.append(&mut dirty.services);
-            } else {
-                dirty.services.append(&mut self.deferred);
-            }
-        }
 
         // 9. The services, ipcache and tunnel-peer keys that changed.
         let sources = crate::tables::Sources {

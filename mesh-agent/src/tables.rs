@@ -602,8 +602,11 @@ impl MeshTables {
         let mut failed = Vec::new();
         let mut programmed = self.programmed.lock().unwrap_or_else(PoisonError::into_inner);
         if all {
-            let present: Vec<ServiceView> = views.iter().filter_map(|(_, v)| v.clone()).collect();
-            match programmed.lb.reconcile(dp, &present) {
+            let present: Vec<(ServiceId, &ServiceView)> = views
+                .iter()
+                .filter_map(|(id, v)| v.as_ref().map(|v| (id.clone(), v)))
+                .collect();
+            match programmed.lb.reconcile_keyed(dp, &present) {
                 Ok(c) => changes = c,
                 Err(e) => {
                     errors.push(format!("programming services: {e:#}"));
