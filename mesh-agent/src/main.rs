@@ -121,24 +121,10 @@ struct Args {
 fn ensure_vxlan(name: &str) -> anyhow::Result<()> {
     if mesh_agent::netdev::ifindex(name).is_err() {
         let port = mesh_common::VXLAN_PORT.to_string();
-        run_ip(&["link", "add", name, "type", "vxlan", "external", "dstport", &port])?;
+        mesh_agent::netdev::run_ip(&["link", "add", name, "type", "vxlan", "external", "dstport", &port])?;
         info!(device = name, "created VXLAN device");
     }
-    run_ip(&["link", "set", name, "up"])
-}
-
-fn run_ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .with_context(|| format!("running ip {}", args.join(" ")))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
+    mesh_agent::netdev::run_ip(&["link", "set", name, "up"])
 }
 
 #[tokio::main]

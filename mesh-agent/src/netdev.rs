@@ -295,6 +295,25 @@ pub fn ifname(ifindex: u32) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
+/// Runs `ip ARGS`; the error says which command failed and what `ip` printed.
+///
+/// # Errors
+/// When `ip` cannot be run or fails.
+pub fn run_ip(args: &[&str]) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .with_context(|| format!("running ip {}", args.join(" ")))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -220,23 +220,11 @@ pub async fn serve(
 /// # Errors
 /// When `ip` fails.
 pub fn ensure_listen_address(listen: SocketAddr) -> anyhow::Result<()> {
-    use anyhow::Context as _;
     let ip = listen.ip();
     if ip.is_unspecified() || ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok() {
         return Ok(());
     }
     let cidr = format!("{ip}/32");
     // Scope host: never chosen as the source of the node's own connections (pods reach it all the same).
-    let args = ["addr", "replace", cidr.as_str(), "dev", "lo", "scope", "host"];
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .with_context(|| format!("running ip {}", args.join(" ")))?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
+    crate::netdev::run_ip(&["addr", "replace", cidr.as_str(), "dev", "lo", "scope", "host"])
 }
