@@ -233,7 +233,17 @@ pub struct Reconciler {
     policy_errors: Vec<String>,
     /// The last policy pass read held identities (see [`crate::held`]).
     patched_last: bool,
+    /// When the agent started: the peers' initial sync is waited for at most [`INITIAL_SYNC_WAIT`].
+    started: std::time::Instant,
+    /// Services whose reprogramming, caused by a peer's records, waits for the peers' initial sync.
+    deferred: BTreeSet<ServiceId>,
 }
+
+/// How long the services that peers' records change wait for every peer's first sync before they are programmed
+/// with what is known. While the peers list for the first time, each peer's arrival would otherwise reprogram
+/// every service it shares (a service of ten clusters ten times). Changes of this cluster never wait, and the
+/// first pass programs every service at once.
+pub const INITIAL_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why an endpoint is not wired.
 enum Unwired {
@@ -307,6 +317,8 @@ impl Reconciler {
             local_errors: Vec::new(),
             policy_errors: Vec::new(),
             patched_last: false,
+            started: std::time::Instant::now(),
+            deferred: BTreeSet::new(),
         }
     }
 
@@ -328,6 +340,7 @@ impl Reconciler {
     #[must_use]
     pub fn retry_due(&self) -> bool {
         self.retry_local
+            || !self.deferred.is_empty()
             || self.retry.policy
             || !self.retry.services.is_empty()
             || !self.retry.ipcache.is_empty()
@@ -631,6 +644,7 @@ impl Reconciler {
             .local_changed(prev.as_deref(), local, full, &mut dirty);
 
         // 3. Remote changes: the keys that changed, and what they touch.
+        let local_services = dirty.services.clone();
         self.tables.take_journal(journal, local, &mut dirty);
 
         // 4. Peer facts: reachability (grace periods end without any change) and labels.
@@ -644,6 +658,38 @@ impl Reconciler {
             let before = self.held.clone();
             self.held.release(remotes, self.peers_configured);
             self.tables.release_held(&before, &self.held, &mut dirty);
+        }
+
+        // While a configured peer still lists for the first time, what peers changed waits (INITIAL_SYNC_WAIT).
+        if !first && !full {
+            let pending = self.started.elapsed() < INITIAL_SYNC_WAIT
+                && self.peers_configured
+                && remotes.iter().any(|(name, rc)| {
+                    *name != self.me.cluster
+                        && rc.usable
+                        && rc.syncs == 0
+                        && matches!(
+                            rc.state,
+                            crate::remote::SyncState::Connecting { .. } | crate::remote::SyncState::Syncing { .. }
+                        )
+                });
+            if pending {
+                let remote_caused: Vec<ServiceId> = dirty
+                    .services
+                    .iter()
+                    .filter(|s| !local_services.contains(*s))
+                    .cloned()
+                    .collect();
+                for s in remote_caused {
+                    dirty.services.remove(&s);
+                    self.deferred.insert(s);
+                }
+            } else {
+                dirty.services.append(&mut self.deferred);
+            }
+        } else {
+            // A full pass programs every service.
+            self.deferred.clear();
         }
 
         // 6. Claims of the peers' nodes, then of every pod address that changed or moved with its node.
