@@ -52,7 +52,7 @@ pub struct ApiState {
     /// Flow events.
     pub flows: Arc<crate::flows::Hub>,
     /// Compiled policies of local endpoints, as of the last reconcile.
-    pub policies: Arc<Mutex<std::collections::BTreeMap<(String, String), serde_json::Value>>>,
+    pub policies: crate::policy::SharedPolicyViews,
     /// What the datapath is programmed with (services, ipcache), read on demand by `GET /v1/status`.
     pub programmed: crate::reconcile::SharedProgrammed,
     /// Per-backend statistics of the datapath, read on demand (`None` when the map could not be opened).
@@ -117,9 +117,10 @@ async fn policy(
     UrlPath((namespace, pod)): UrlPath<(String, String)>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse as _;
-    let policies = s.policies.lock().unwrap_or_else(PoisonError::into_inner);
-    match policies.get(&(namespace.clone(), pod.clone())) {
-        Some(v) => Json(v.clone()).into_response(),
+    // A copy of the shared parts (persistent maps, `Arc`s), rendered outside the lock.
+    let views = s.policies.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    match views.render(&namespace, &pod) {
+        Some(v) => Json(v).into_response(),
         None => (
             StatusCode::NOT_FOUND,
             format!("pod {namespace}/{pod} is not an endpoint on this node\n"),

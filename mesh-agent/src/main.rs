@@ -231,8 +231,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => warn!("the flow event ring buffer is not available: no flow events"),
     }
-    let policies: Arc<Mutex<std::collections::BTreeMap<(String, String), serde_json::Value>>> =
-        Arc::default();
+    let policies: mesh_agent::policy::SharedPolicyViews = Arc::default();
     let mut reconciler = Reconciler::new(dp, me.clone(), args.vxlan_device.clone());
     reconciler.remote_grace = args.remote_grace_period;
     reconciler.service_affinity_default = args.service_affinity_default;

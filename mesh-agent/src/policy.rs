@@ -1,18 +1,23 @@
 //! Identities and network policy → the datapath (docs/network-policy.md).
 //!
-//! Every reconcile pass: the identity universe (this cluster's identities from its own etcd, every usable peer's,
-//! and node-local CIDR identities for the prefixes policies name), each local endpoint's identity (its ip record,
-//! else its labels' identity), each local endpoint's compiled policy (written atomically by
-//! [`Datapath::replace_endpoint_policy`], which does nothing when it is unchanged), the names flow events use and
-//! the policy views of `GET /v1/policy`.
+//! A pass keeps, per change: the identity universe (this cluster's identities from its own etcd, every usable
+//! peer's, and node-local CIDR identities for the prefixes policies name), a selector cache (each endpoint
+//! selector of the policies with the identities it selects, judged once per changed identity), each local
+//! endpoint's identity (its ip record, else its labels' identity) and compiled policy. An endpoint is compiled
+//! again only when its inputs, the policies or one of the selections it was compiled from changed; its table is
+//! written by [`Datapath::replace_endpoint_policy`] only then. The names flow events use are handed on; the
+//! views of `GET /v1/policy` are rendered when asked for ([`PolicyViews`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use mesh_common::{IpcacheEntry, identity, policy_dir, proto};
 use mesh_model::ClusterState;
-use mesh_model::policy::{self as model, CompiledEntry, EndpointView, Identities, NamedPorts, Universe};
+use mesh_model::policy::{
+    self as model, Compiled, CompiledEntry, EndpointView, Identities, NamedPorts, SelectorCache, Universe,
+};
 use mesh_model::state::Pod;
 use serde_json::{Value, json};
 use tracing::{info, warn};
@@ -35,7 +40,52 @@ pub struct PolicyReconciler {
     named: BTreeMap<Ipv4Addr, (u32, Vec<mesh_kvstore::PortRecord>)>,
     /// The tables above were filled from every cluster once (else the next pass does).
     filled: bool,
+    /// Every endpoint selector of the local policies with the identities it selects.
+    selectors: SelectorCache,
+    /// The cluster labels the selections were judged with.
+    cluster_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// The CIDR identities of the last pass.
+    last_cidrs: BTreeMap<u32, Ipv4Net>,
+    /// Each local endpoint's compiled policy and what it was compiled from.
+    endpoints: BTreeMap<Ipv4Addr, EndpointPolicyState>,
 }
+
+/// One local endpoint's policy as the last pass compiled and wrote it.
+#[derive(Debug)]
+struct EndpointPolicyState {
+    labels: BTreeMap<String, String>,
+    named: NamedPorts,
+    view: Arc<PolicyView>,
+    /// Rule descriptions, by 1-based rule number (flow events).
+    rules: Vec<String>,
+    /// The policy id the datapath returned; `None` when writing failed (the next pass writes again).
+    policy_id: Option<u32>,
+}
+
+/// A local endpoint's compiled policy, as `GET /v1/policy/{namespace}/{pod}` shows it.
+#[derive(Debug, Clone)]
+pub struct PolicyView {
+    pub namespace: String,
+    pub pod: String,
+    pub ip: Ipv4Addr,
+    pub identity: u32,
+    pub identity_labels: BTreeMap<String, String>,
+    /// The policies selecting the endpoint (`Kind namespace/name`), sorted.
+    pub policies: Vec<String>,
+    pub compiled: Arc<Compiled>,
+}
+
+/// The compiled policies of the local endpoints and the names their entries are shown with; rendered on request
+/// ([`PolicyViews::render`]), never by the control loop.
+#[derive(Debug, Default, Clone)]
+pub struct PolicyViews {
+    pub pods: BTreeMap<(String, String), Arc<PolicyView>>,
+    pub identities: Identities,
+    pub cidrs: BTreeMap<u32, Ipv4Net>,
+}
+
+/// Shared between the control loop and the API.
+pub type SharedPolicyViews = Arc<std::sync::Mutex<PolicyViews>>;
 
 /// What changed since the last pass, for the tables a pass reads identities and pod names from.
 #[derive(Debug, Default, Clone)]
@@ -46,6 +96,19 @@ pub struct PolicyChanges {
     pub ips: Vec<(Scope, String, Ipv4Addr)>,
     /// Rebuild the tables from every cluster (the first pass, a from-scratch reconcile, held identities).
     pub full: bool,
+    /// This cluster's state changed (its policies, pods or namespaces): every endpoint is compiled again.
+    pub local: bool,
+}
+
+/// What [`PolicyReconciler::update_tables`] changed.
+#[derive(Debug, Default)]
+struct TableChanges {
+    /// The identities were rebuilt as a whole.
+    replaced: bool,
+    /// Identities inserted, changed or removed.
+    identities: Vec<u32>,
+    /// Some pod address's named ports changed.
+    named: bool,
 }
 
 /// What one pass produced besides the map writes.
@@ -54,7 +117,9 @@ pub struct PolicyPass {
     /// Names for flow events.
     pub names: Names,
     /// `GET /v1/policy/{namespace}/{pod}` answers.
-    pub views: BTreeMap<(String, String), Value>,
+    pub views: PolicyViews,
+    /// Endpoints whose policy was compiled in this pass.
+    pub compiled: usize,
     /// ipcache entries for the CIDR identities (addresses outside the mesh that policies name).
     pub cidr_entries: BTreeMap<Ipv4Net, IpcacheEntry>,
     /// Identity of every local pod (by address), for the endpoint map.
@@ -98,7 +163,8 @@ impl PolicyReconciler {
         own: Option<&RemoteCluster>,
         remotes: &BTreeMap<String, RemoteCluster>,
         changes: &PolicyChanges,
-    ) {
+    ) -> TableChanges {
+        let mut out = TableChanges::default();
         let pod_name = |ip: &mesh_kvstore::IpRecord| PodName {
             cluster: ip.cluster.clone(),
             namespace: ip.namespace.clone(),
@@ -121,7 +187,9 @@ impl PolicyReconciler {
                 }
             }
             self.filled = true;
-            return;
+            out.replaced = true;
+            out.named = true;
+            return out;
         }
         let source = |scope: Scope, cluster: &str| match scope {
             Scope::Own => own,
@@ -130,6 +198,7 @@ impl PolicyReconciler {
                 .filter(|rc| cluster != me.cluster && rc.usable),
         };
         for (scope, cluster, id) in &changes.identities {
+            out.identities.push(*id);
             match source(*scope, cluster).and_then(|rc| rc.identities.get(id)) {
                 Some(rec) => {
                     self.identities
@@ -145,17 +214,20 @@ impl PolicyReconciler {
                 Some(rec) => {
                     self.pods.insert(*ip, pod_name(rec));
                     if rec.named_ports.is_empty() {
-                        self.named.remove(ip);
+                        out.named |= self.named.remove(ip).is_some();
                     } else {
-                        self.named.insert(*ip, (rec.identity, rec.named_ports.clone()));
+                        let now = (rec.identity, rec.named_ports.clone());
+                        out.named |= self.named.get(ip) != Some(&now);
+                        self.named.insert(*ip, now);
                     }
                 }
                 None => {
                     self.pods.remove(ip);
-                    self.named.remove(ip);
+                    out.named |= self.named.remove(ip).is_some();
                 }
             }
         }
+        out
     }
 
     /// CIDR identities for every prefix the policies name; a prefix keeps its identity while it is named.
@@ -189,7 +261,7 @@ impl PolicyReconciler {
     ) -> PolicyPass {
         let mut pass = PolicyPass::default();
         let cidrs = self.cidr_identities(local);
-        self.update_tables(me, own, remotes, changes);
+        let table_changes = self.update_tables(me, own, remotes, changes);
         let mut universe = Universe {
             local_cluster: me.cluster.clone(),
             cidrs: cidrs.clone(),
@@ -213,6 +285,31 @@ impl PolicyReconciler {
                 }
             }
         }
+
+        // The selections: judged again as a whole when the identities were replaced or cluster labels changed,
+        // else once per changed identity.
+        if table_changes.replaced {
+            self.selectors = SelectorCache::default();
+            self.cluster_labels = universe.cluster_labels.clone();
+        } else if universe.cluster_labels != self.cluster_labels {
+            self.selectors.refresh(&universe);
+            self.cluster_labels = universe.cluster_labels.clone();
+        } else {
+            for id in &table_changes.identities {
+                let labels = universe.identities.get(id).cloned();
+                self.selectors.update_identity(*id, labels.as_deref(), &universe);
+            }
+        }
+        self.selectors.sync(local.network_policies.values(), &universe);
+        let changed_selections = self.selectors.take_changed();
+        // What every endpoint's table depends on besides its selections.
+        let everything = changes.full
+            || changes.local
+            || table_changes.replaced
+            || table_changes.named
+            || cidrs != self.last_cidrs;
+        self.last_cidrs = cidrs.clone();
+
         pass.names.pods = self.pods.clone();
         let mut by_labels: BTreeMap<&BTreeMap<String, String>, u32> = BTreeMap::new();
         if let Some(own) = own {
@@ -232,9 +329,10 @@ impl PolicyReconciler {
             );
         }
 
+        let mut seen = BTreeSet::new();
         for pod in local.pods_on_node(&me.node) {
             let Some(ip) = pod.ipv4 else { continue };
-            if !endpoints.contains_key(&ip) {
+            if !endpoints.contains_key(&ip) || !seen.insert(ip) {
                 continue;
             }
             let ns = local.namespaces.get(&pod.namespace);
@@ -257,133 +355,217 @@ impl PolicyReconciler {
                 },
             );
             let named = named_ports_of(pod);
-            let view = EndpointView {
-                cluster: &me.cluster,
-                namespace: &pod.namespace,
-                labels: &pod.labels,
-                identity_labels: &id_labels,
-                named_ports: &named,
-            };
-            let compiled = model::compile(&view, local.network_policies.values(), &universe);
-            pass.entries +=
-                compiled.ingress.as_ref().map_or(0, Vec::len) + compiled.egress.as_ref().map_or(0, Vec::len);
-            let rules = |entries: &Option<Vec<CompiledEntry>>| {
-                entries.as_ref().map(|es| {
-                    es.iter()
-                        .map(|e| PolicyRule {
-                            peer: e.identity,
-                            proto: e.proto,
-                            port: e.port,
-                            port_plen: e.plen,
-                            rule: e.rule,
+            let kept = self.endpoints.get(&ip).filter(|e| {
+                !everything
+                    && e.view.namespace == pod.namespace
+                    && e.view.pod == pod.name
+                    && e.labels == pod.labels
+                    && e.view.identity_labels == id_labels
+                    && e.named == named
+                    && e.view.compiled.selectors.is_disjoint(&changed_selections)
+            });
+            let state = match kept {
+                Some(e) => EndpointPolicyState {
+                    labels: e.labels.clone(),
+                    named: e.named.clone(),
+                    view: if e.view.identity == ident {
+                        e.view.clone()
+                    } else {
+                        Arc::new(PolicyView {
+                            identity: ident,
+                            ..(*e.view).clone()
                         })
-                        .collect::<Vec<_>>()
-                })
-            };
-            let wanted = EndpointPolicy {
-                ingress: rules(&compiled.ingress),
-                egress: rules(&compiled.egress),
-            };
-            match dp.replace_endpoint_policy(ip, ident, &wanted) {
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %format!("{e:#}"), "programming policy");
-                    pass.errors
-                        .push(format!("policy of {}/{}: {e:#}", pod.namespace, pod.name));
-                }
-            }
-            let describe = |r: u32| {
-                compiled
-                    .rules
-                    .get(r.saturating_sub(1) as usize)
-                    .map(|rr| {
-                        format!(
-                            "{} {}/{} {}[{}]",
-                            rr.kind.kind_name(),
-                            rr.namespace,
-                            rr.name,
-                            if rr.direction == policy_dir::INGRESS {
-                                "ingress"
-                            } else {
-                                "egress"
-                            },
-                            rr.index
-                        )
-                    })
-                    .unwrap_or_else(|| format!("rule {r}"))
-            };
-            for r in 1..=compiled.rules.len() {
-                let r = u32::try_from(r).unwrap_or(u32::MAX);
-                pass.names.rules.insert((ip, r), describe(r));
-            }
-            let peer = |id: u32| -> String {
-                match id {
-                    identity::ANY => "any peer".to_owned(),
-                    identity::WORLD => "world".to_owned(),
-                    _ => {
-                        if let Some(p) = cidrs.get(&id) {
-                            return format!("cidr {p}");
-                        }
-                        universe.identities.get(&id).map_or_else(
-                            || format!("identity {id}"),
-                            |l| {
-                                let cluster = l
-                                    .get(mesh_model::identity::LABEL_CLUSTER)
-                                    .cloned()
-                                    .unwrap_or_default();
-                                let ns = l
-                                    .get(mesh_model::identity::LABEL_NAMESPACE)
-                                    .cloned()
-                                    .unwrap_or_default();
-                                let own: Vec<String> = mesh_model::identity::pod_labels(l)
-                                    .iter()
-                                    .map(|(k, v)| format!("{k}={v}"))
-                                    .collect();
-                                format!("{cluster}/{ns} {{{}}}", own.join(","))
-                            },
-                        )
+                    },
+                    rules: e.rules.clone(),
+                    policy_id: e.policy_id,
+                },
+                None => {
+                    pass.compiled += 1;
+                    let view = EndpointView {
+                        cluster: &me.cluster,
+                        namespace: &pod.namespace,
+                        labels: &pod.labels,
+                        identity_labels: &id_labels,
+                        named_ports: &named,
+                    };
+                    let compiled = model::compile_with(
+                        &view,
+                        local.network_policies.values(),
+                        &universe,
+                        Some(&self.selectors),
+                    );
+                    let rules = (0..compiled.rules.len())
+                        .map(|i| describe(&compiled, i))
+                        .collect();
+                    let mut policies: Vec<String> = local
+                        .network_policies
+                        .values()
+                        .filter(|p| p.selects(&pod.namespace, &pod.labels))
+                        .map(|p| format!("{} {}/{}", p.kind.kind_name(), p.namespace, p.name))
+                        .collect();
+                    policies.sort();
+                    EndpointPolicyState {
+                        labels: pod.labels.clone(),
+                        named,
+                        view: Arc::new(PolicyView {
+                            namespace: pod.namespace.clone(),
+                            pod: pod.name.clone(),
+                            ip,
+                            identity: ident,
+                            identity_labels: id_labels,
+                            policies,
+                            compiled: Arc::new(compiled),
+                        }),
+                        rules,
+                        policy_id: None,
                     }
                 }
             };
-            let dir_view = |entries: &Option<Vec<CompiledEntry>>| {
-                json!({
-                    "enforced": entries.is_some(),
-                    "entries": entries.iter().flatten().map(|e| json!({
-                        "identity": e.identity,
-                        "peer": peer(e.identity),
-                        "protocol": match e.proto { proto::TCP => "TCP", proto::UDP => "UDP", 0 => "any", _ => "other" },
-                        "ports": port_range(e),
-                        "rule": describe(e.rule),
-                    })).collect::<Vec<_>>(),
-                })
-            };
-            let mut selecting: Vec<String> = local
-                .network_policies
-                .values()
-                .filter(|p| p.selects(&pod.namespace, &pod.labels))
-                .map(|p| format!("{} {}/{}", p.kind.kind_name(), p.namespace, p.name))
-                .collect();
-            selecting.sort();
-            pass.views.insert(
-                (pod.namespace.clone(), pod.name.clone()),
-                json!({
-                    "namespace": pod.namespace,
-                    "pod": pod.name,
-                    "ip": ip,
-                    "identity": ident,
-                    "identityLabels": id_labels,
-                    "policies": selecting,
-                    "ingress": dir_view(&compiled.ingress),
-                    "egress": dir_view(&compiled.egress),
-                }),
-            );
+            let mut state = state;
+            let compiled = &state.view.compiled;
+            pass.entries +=
+                compiled.ingress.as_ref().map_or(0, Vec::len) + compiled.egress.as_ref().map_or(0, Vec::len);
+            // Written when compiled again, when the identity changed, when the last write failed, or when the
+            // datapath no longer has the table written (the endpoint was programmed anew).
+            let current = kept
+                .filter(|e| e.view.identity == ident)
+                .and(state.policy_id)
+                .filter(|id| {
+                    dp.endpoint(ip)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|ep| ep.policy_id == *id && ep.identity == ident)
+                });
+            if current.is_none() {
+                let wanted = EndpointPolicy {
+                    ingress: rules_of(compiled.ingress.as_ref()),
+                    egress: rules_of(compiled.egress.as_ref()),
+                };
+                state.policy_id = match dp.replace_endpoint_policy(ip, ident, &wanted) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %format!("{e:#}"), "programming policy");
+                        pass.errors
+                            .push(format!("policy of {}/{}: {e:#}", pod.namespace, pod.name));
+                        None
+                    }
+                };
+            }
+            for (i, d) in state.rules.iter().enumerate() {
+                let r = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                pass.names.rules.insert((ip, r), d.clone());
+            }
+            pass.views
+                .pods
+                .insert((pod.namespace.clone(), pod.name.clone()), state.view.clone());
+            self.endpoints.insert(ip, state);
         }
+        self.endpoints.retain(|ip, _| seen.contains(ip));
+        pass.views.cidrs = cidrs;
+        pass.views.identities = universe.identities.clone();
         // The universe is done with: flow events name identities from the same labels.
         pass.names.identities = std::mem::take(&mut universe.identities);
         if !pass.errors.is_empty() {
             info!(errors = pass.errors.len(), "policy pass had errors");
         }
         pass
+    }
+}
+
+/// The datapath rules of a direction's compiled entries.
+fn rules_of(entries: Option<&Vec<CompiledEntry>>) -> Option<Vec<PolicyRule>> {
+    entries.map(|es| {
+        es.iter()
+            .map(|e| PolicyRule {
+                peer: e.identity,
+                proto: e.proto,
+                port: e.port,
+                port_plen: e.plen,
+                rule: e.rule,
+            })
+            .collect()
+    })
+}
+
+/// `Kind namespace/name ingress[i]` for rule `index` (0-based) of a compiled table.
+fn describe(compiled: &Compiled, index: usize) -> String {
+    compiled.rules.get(index).map_or_else(
+        || format!("rule {}", index + 1),
+        |rr| {
+            format!(
+                "{} {}/{} {}[{}]",
+                rr.kind.kind_name(),
+                rr.namespace,
+                rr.name,
+                if rr.direction == policy_dir::INGRESS {
+                    "ingress"
+                } else {
+                    "egress"
+                },
+                rr.index
+            )
+        },
+    )
+}
+
+impl PolicyViews {
+    /// The JSON of `GET /v1/policy/{namespace}/{pod}`; `None` when the pod is not a local endpoint.
+    #[must_use]
+    pub fn render(&self, namespace: &str, pod: &str) -> Option<Value> {
+        let v = self.pods.get(&(namespace.to_owned(), pod.to_owned()))?;
+        let compiled = &v.compiled;
+        let describe_rule = |r: u32| describe(compiled, r.saturating_sub(1) as usize);
+        let peer = |id: u32| -> String {
+            match id {
+                identity::ANY => "any peer".to_owned(),
+                identity::WORLD => "world".to_owned(),
+                _ => {
+                    if let Some(p) = self.cidrs.get(&id) {
+                        return format!("cidr {p}");
+                    }
+                    self.identities.get(&id).map_or_else(
+                        || format!("identity {id}"),
+                        |l| {
+                            let cluster = l
+                                .get(mesh_model::identity::LABEL_CLUSTER)
+                                .cloned()
+                                .unwrap_or_default();
+                            let ns = l
+                                .get(mesh_model::identity::LABEL_NAMESPACE)
+                                .cloned()
+                                .unwrap_or_default();
+                            let own: Vec<String> = mesh_model::identity::pod_labels(l)
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect();
+                            format!("{cluster}/{ns} {{{}}}", own.join(","))
+                        },
+                    )
+                }
+            }
+        };
+        let dir_view = |entries: &Option<Vec<CompiledEntry>>| {
+            json!({
+                "enforced": entries.is_some(),
+                "entries": entries.iter().flatten().map(|e| json!({
+                    "identity": e.identity,
+                    "peer": peer(e.identity),
+                    "protocol": match e.proto { proto::TCP => "TCP", proto::UDP => "UDP", 0 => "any", _ => "other" },
+                    "ports": port_range(e),
+                    "rule": describe_rule(e.rule),
+                })).collect::<Vec<_>>(),
+            })
+        };
+        Some(json!({
+            "namespace": v.namespace,
+            "pod": v.pod,
+            "ip": v.ip,
+            "identity": v.identity,
+            "identityLabels": v.identity_labels,
+            "policies": v.policies,
+            "ingress": dir_view(&compiled.ingress),
+            "egress": dir_view(&compiled.egress),
+        }))
     }
 }
 

@@ -203,7 +203,7 @@ pub struct Reconciler {
     /// Where flow events learn what addresses and identities are called.
     pub flows: Option<std::sync::Arc<crate::flows::Hub>>,
     /// The compiled policies `GET /v1/policy` serves.
-    pub policy_views: std::sync::Arc<std::sync::Mutex<BTreeMap<(String, String), serde_json::Value>>>,
+    pub policy_views: crate::policy::SharedPolicyViews,
     /// Host interfaces found to be pod veths, with the ifindex they had then ([`netdev::check_pod_veth`] runs
     /// again when an interface is re-created).
     pod_veths: BTreeMap<String, u32>,
@@ -631,6 +631,7 @@ impl Reconciler {
         // 2. Local changes: the services, nodes and pods they touch.
         if local_changed {
             dirty.policy = true;
+            dirty.policy_changes.local = true;
             self.traffic_policies = self.policies.update(local);
             for p in self
                 .traffic_policies
@@ -670,7 +671,8 @@ impl Reconciler {
                         && rc.syncs == 0
                         && matches!(
                             rc.state,
-                            crate::remote::SyncState::Connecting { .. } | crate::remote::SyncState::Syncing { .. }
+                            crate::remote::SyncState::Connecting { .. }
+                                | crate::remote::SyncState::Syncing { .. }
                         )
                 });
             if pending {

@@ -539,10 +539,13 @@ fn replacing_a_policy_switches_tables_atomically() {
     let id2 = dp.replace_endpoint_policy(POD_B, ID_B, &v2).unwrap();
     assert_ne!(id2, id1);
     let entries = dp.policy_entries().unwrap();
-    assert_eq!(entries.len(), 2);
-    assert!(
-        entries.iter().all(|(k, _)| k.policy_id == id2),
-        "old table deleted: {entries:?}"
+    let of = |entries: &[(PolicyKey, PolicyEntry)], id: u32| {
+        entries.iter().filter(|(k, _)| k.policy_id == id).count()
+    };
+    assert_eq!(
+        (of(&entries, id2), of(&entries, id1), entries.len()),
+        (2, 1, 3),
+        "the old table stays as the standby: {entries:?}"
     );
     let ep = dp.endpoint(POD_B).unwrap().unwrap();
     assert_eq!(
@@ -578,6 +581,33 @@ fn replacing_a_policy_switches_tables_atomically() {
     // The new table is in force, the old one is not.
     assert_eq!(run(&mut dp, &tcp(POD_A, 40002, POD_B, 80, SYN)), TC_ACT_SHOT);
     assert_eq!(run(&mut dp, &tcp(POD_A, 40003, POD_B, 443, SYN)), TC_ACT_REDIRECT);
+
+    // v3 (v2 and TCP 80 from A): the standby table (v1's) is brought up to date and switched to; v2's becomes
+    // the standby. v1's entry is v3's too, so it stays as it was.
+    let v3 = EndpointPolicy {
+        ingress: Some(vec![
+            rule(ID_A, proto::TCP, 80, 16, 1),
+            rule(ID_A, proto::TCP, 443, 16, 2),
+            rule(ID_OTHER, proto::UDP, 1000, 8, 3),
+        ]),
+        egress: Some(vec![]),
+    };
+    let id3 = dp.replace_endpoint_policy(POD_B, ID_B, &v3).unwrap();
+    assert_eq!(id3, id1, "the standby table is reused");
+    let entries = dp.policy_entries().unwrap();
+    assert_eq!((of(&entries, id1), of(&entries, id2)), (3, 2), "{entries:?}");
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40010, POD_B, 80, SYN)), TC_ACT_REDIRECT);
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40011, POD_B, 443, SYN)), TC_ACT_REDIRECT);
+    // Back to v2: the standby (v2's own table) needs no write at all.
+    assert_eq!(dp.replace_endpoint_policy(POD_B, ID_B, &v2).unwrap(), id2);
+    assert_eq!(run(&mut dp, &tcp(POD_A, 40012, POD_B, 80, SYN)), TC_ACT_SHOT);
+    assert_eq!(
+        dp.endpoint_policy(POD_B).unwrap().map(|p| p.policy.ingress),
+        Some(Some(vec![
+            rule(ID_A, proto::TCP, 443, 16, 2),
+            rule(ID_OTHER, proto::UDP, 768, 8, 3),
+        ]))
+    );
 
     // The endpoint reconcile re-programming B (new ifindex, identity not known to it) keeps its identity and
     // policy; policy fields it passes are ignored.
@@ -1042,7 +1072,7 @@ fn a_restarted_agent_adopts_policy_tables_and_drops_orphans() {
         dp.endpoint_policy(POD_B).unwrap().unwrap().policy.ingress,
         v1.ingress
     );
-    // The adopted index lets a replacement delete the old table, and a new id avoids the one in use.
+    // The adopted index knows the old table (it becomes the standby), and a new id avoids the one in use.
     let id2 = dp
         .replace_endpoint_policy(
             POD_B,
@@ -1054,6 +1084,16 @@ fn a_restarted_agent_adopts_policy_tables_and_drops_orphans() {
         )
         .unwrap();
     assert_ne!(id2, id1);
+    let keys: Vec<(u32, u16)> = dp
+        .policy_entries()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| (k.policy_id, k.port))
+        .collect();
+    assert_eq!(keys, [(id1, 80), (id2, 443)]);
+    // A restart keeps the table in force and deletes the standby (no endpoint names it).
+    drop(dp);
+    let dp = Datapath::load_pinned(pins.path()).unwrap();
     let keys: Vec<(u32, u16)> = dp
         .policy_entries()
         .unwrap()

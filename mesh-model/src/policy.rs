@@ -834,6 +834,9 @@ pub struct Compiled {
     pub egress: Option<Vec<CompiledEntry>>,
     /// The rules of every selecting policy, in (kind, namespace, name, direction, index) order.
     pub rules: Vec<RuleRef>,
+    /// The [`SelectorCache`] keys of the endpoint selectors the table was compiled from: it must be compiled
+    /// again when one of their selections changes.
+    pub selectors: BTreeSet<String>,
 }
 
 /// `first..=last` as the fewest aligned power-of-two blocks: (start, prefix length over 16 bits).
@@ -915,8 +918,25 @@ fn endpoint_matches(
     in_cluster && in_namespace && pod_selector.is_none_or(|s| s.matches(labels))
 }
 
-/// The identities a rule's peers select; `None`: any peer.
-fn peer_identities(rule: &Rule, policy: &Policy, universe: &Universe) -> Option<BTreeSet<u32>> {
+/// The [`SelectorCache`] key of an endpoint peer of a policy of `namespace`.
+fn selector_key(
+    namespace: &str,
+    pod_selector: Option<&LabelSelector>,
+    namespace_selector: Option<&LabelSelector>,
+    clusters: &Clusters,
+) -> String {
+    serde_json::to_string(&(namespace, pod_selector, namespace_selector, clusters)).unwrap_or_default()
+}
+
+/// The identities a rule's peers select; `None`: any peer. Endpoint selectors are read from `cache` when it has
+/// them (else every identity is judged); their keys are added to `used`.
+fn peer_identities(
+    rule: &Rule,
+    policy: &Policy,
+    universe: &Universe,
+    cache: Option<&SelectorCache>,
+    used: &mut BTreeSet<String>,
+) -> Option<BTreeSet<u32>> {
     if rule.peers.is_empty() {
         return None;
     }
@@ -927,22 +947,34 @@ fn peer_identities(rule: &Rule, policy: &Policy, universe: &Universe) -> Option<
                 pod_selector,
                 namespace_selector,
                 clusters,
-            } => out.extend(
-                universe
-                    .identities
-                    .iter()
-                    .filter(|(_, labels)| {
-                        endpoint_matches(
-                            pod_selector.as_ref(),
-                            namespace_selector.as_ref(),
-                            clusters,
-                            &policy.namespace,
-                            labels,
-                            universe,
-                        )
-                    })
-                    .map(|(id, _)| *id),
-            ),
+            } => {
+                let key = selector_key(
+                    &policy.namespace,
+                    pod_selector.as_ref(),
+                    namespace_selector.as_ref(),
+                    clusters,
+                );
+                match cache.and_then(|c| c.selections.get(&key)) {
+                    Some(sel) => out.extend(sel.ids.iter().copied()),
+                    None => out.extend(
+                        universe
+                            .identities
+                            .iter()
+                            .filter(|(_, labels)| {
+                                endpoint_matches(
+                                    pod_selector.as_ref(),
+                                    namespace_selector.as_ref(),
+                                    clusters,
+                                    &policy.namespace,
+                                    labels,
+                                    universe,
+                                )
+                            })
+                            .map(|(id, _)| *id),
+                    ),
+                }
+                used.insert(key);
+            }
             Peer::IpBlock { cidr, except } => {
                 out.extend(
                     universe
@@ -959,6 +991,153 @@ fn peer_identities(rule: &Rule, policy: &Policy, universe: &Universe) -> Option<
         }
     }
     Some(out)
+}
+
+/// One endpoint selector of a policy and the identities it selects.
+#[derive(Debug, Clone)]
+struct Selection {
+    namespace: String,
+    pod_selector: Option<LabelSelector>,
+    namespace_selector: Option<LabelSelector>,
+    clusters: Clusters,
+    ids: imbl::OrdSet<u32>,
+}
+
+impl Selection {
+    fn matches(&self, labels: &BTreeMap<String, String>, universe: &Universe) -> bool {
+        endpoint_matches(
+            self.pod_selector.as_ref(),
+            self.namespace_selector.as_ref(),
+            &self.clusters,
+            &self.namespace,
+            labels,
+            universe,
+        )
+    }
+
+    fn compute(&self, universe: &Universe) -> imbl::OrdSet<u32> {
+        universe
+            .identities
+            .iter()
+            .filter(|(_, labels)| self.matches(labels, universe))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+/// Every endpoint selector of the policies with the identities it selects, kept per change (Cilium's selector
+/// cache): a new selector is judged over every identity once; a new, changed or deleted identity is judged once
+/// per selector ([`SelectorCache::update_identity`]), so a change costs O(selectors), not O(identities); and the
+/// selectors whose selection changed are reported ([`SelectorCache::take_changed`]), so that only the endpoints
+/// compiled from them are compiled again. [`compile_with`] reads the selections from it.
+#[derive(Debug, Clone, Default)]
+pub struct SelectorCache {
+    selections: std::collections::HashMap<String, Selection>,
+    changed: BTreeSet<String>,
+}
+
+impl SelectorCache {
+    /// Holds exactly the endpoint selectors of `policies`: new ones are judged over `universe`, dropped ones are
+    /// forgotten (both count as changed).
+    pub fn sync<'a>(&mut self, policies: impl IntoIterator<Item = &'a Policy>, universe: &Universe) {
+        let mut wanted = BTreeSet::new();
+        for p in policies {
+            for r in p.ingress.iter().chain(&p.egress).flatten() {
+                for peer in &r.peers {
+                    let Peer::Endpoints {
+                        pod_selector,
+                        namespace_selector,
+                        clusters,
+                    } = peer
+                    else {
+                        continue;
+                    };
+                    let key = selector_key(
+                        &p.namespace,
+                        pod_selector.as_ref(),
+                        namespace_selector.as_ref(),
+                        clusters,
+                    );
+                    if !self.selections.contains_key(&key) {
+                        let mut sel = Selection {
+                            namespace: p.namespace.clone(),
+                            pod_selector: pod_selector.clone(),
+                            namespace_selector: namespace_selector.clone(),
+                            clusters: clusters.clone(),
+                            ids: imbl::OrdSet::new(),
+                        };
+                        sel.ids = sel.compute(universe);
+                        self.selections.insert(key.clone(), sel);
+                        self.changed.insert(key.clone());
+                    }
+                    wanted.insert(key);
+                }
+            }
+        }
+        let changed = &mut self.changed;
+        self.selections.retain(|k, _| {
+            let keep = wanted.contains(k);
+            if !keep {
+                changed.insert(k.clone());
+            }
+            keep
+        });
+    }
+
+    /// Judges identity `id` (with `labels` now; `None`: it is gone) against every selector.
+    pub fn update_identity(
+        &mut self,
+        id: u32,
+        labels: Option<&BTreeMap<String, String>>,
+        universe: &Universe,
+    ) {
+        for (key, sel) in &mut self.selections {
+            let now = labels.is_some_and(|l| sel.matches(l, universe));
+            if now != sel.ids.contains(&id) {
+                if now {
+                    sel.ids.insert(id);
+                } else {
+                    sel.ids.remove(&id);
+                }
+                self.changed.insert(key.clone());
+            }
+        }
+    }
+
+    /// Judges every selector over every identity again (the cluster labels or the local cluster changed, or the
+    /// identities were replaced as a whole).
+    pub fn refresh(&mut self, universe: &Universe) {
+        for (key, sel) in &mut self.selections {
+            let ids = sel.compute(universe);
+            if ids != sel.ids {
+                sel.ids = ids;
+                self.changed.insert(key.clone());
+            }
+        }
+    }
+
+    /// The selectors whose selection changed since the last call.
+    pub fn take_changed(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// How many selectors are cached.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.selections.len()
+    }
+
+    /// Whether no selector is cached.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.selections.is_empty()
+    }
+
+    /// The identities the selector `key` selects, if cached.
+    #[must_use]
+    pub fn selected(&self, key: &str) -> Option<&imbl::OrdSet<u32>> {
+        self.selections.get(key).map(|s| &s.ids)
+    }
 }
 
 /// (protocol number, port, plen) entries of a named port in `ports`.
@@ -978,8 +1157,10 @@ fn rule_keys(
     dir: u8,
     endpoint: &EndpointView<'_>,
     universe: &Universe,
+    cache: Option<&SelectorCache>,
+    used: &mut BTreeSet<String>,
 ) -> BTreeSet<(u32, u8, u16, u8)> {
-    let ids: Vec<u32> = match peer_identities(rule, policy, universe) {
+    let ids: Vec<u32> = match peer_identities(rule, policy, universe, cache, used) {
         None => vec![identity::ANY],
         Some(ids) => ids.into_iter().collect(),
     };
@@ -1032,6 +1213,18 @@ pub fn compile<'a>(
     policies: impl IntoIterator<Item = &'a Policy>,
     universe: &Universe,
 ) -> Compiled {
+    compile_with(endpoint, policies, universe, None)
+}
+
+/// [`compile`], reading endpoint selections from `cache` where it has them (the same result, without judging
+/// every identity).
+#[must_use]
+pub fn compile_with<'a>(
+    endpoint: &EndpointView<'_>,
+    policies: impl IntoIterator<Item = &'a Policy>,
+    universe: &Universe,
+    cache: Option<&SelectorCache>,
+) -> Compiled {
     let mut selecting: Vec<&Policy> = policies
         .into_iter()
         .filter(|p| p.selects(endpoint.namespace, endpoint.labels))
@@ -1056,7 +1249,7 @@ pub fn compile<'a>(
                 });
                 #[expect(clippy::cast_possible_truncation, reason = "far fewer than 2^32 rules")]
                 let id = out.rules.len() as u32;
-                for key in rule_keys(r, p, dir, endpoint, universe) {
+                for key in rule_keys(r, p, dir, endpoint, universe, cache, &mut out.selectors) {
                     table.entry(key).or_insert(id);
                 }
             }
@@ -1334,6 +1527,70 @@ mod tests {
             [WEST_WEB],
             "names and labels both hold; clusters alone: the policy's namespace"
         );
+    }
+
+    #[test]
+    fn the_selector_cache_follows_identity_changes_and_compiles_the_same() {
+        let policies = [
+            mesh("podSelector: {}\ningress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]\n"),
+            k8s("podSelector: {}\negress: [{to: [{namespaceSelector: {matchLabels: {team: blog}}}]}]\n"),
+            mesh(
+                "podSelector: {}\ningress: [{from: [{podSelector: {}, clusters: {matchLabels: {stage: canary}}}]}]\n",
+            ),
+        ];
+        let mut policies = policies;
+        policies[2].name = "canary".into();
+        let e = api();
+        let mut u = universe();
+        let mut cache = SelectorCache::default();
+        cache.sync(&policies, &u);
+        assert_eq!(cache.len(), 3);
+        assert_eq!(cache.take_changed().len(), 3, "new selectors count as changed");
+        let same = |u: &Universe, cache: &SelectorCache| {
+            let with = compile_with(&view(&e), &policies, u, Some(cache));
+            assert_eq!(with, compile(&view(&e), &policies, u));
+            with
+        };
+        let before = same(&u, &cache);
+        assert_eq!(before.selectors.len(), 3, "{:?}", before.selectors);
+
+        // A new web pod identity in west: only the `app: web` selector changes.
+        let new = identity::compose(2, 999);
+        let web = std::sync::Arc::new(id_labels("west", "shop", "web"));
+        u.identities.insert(new, web.clone());
+        cache.update_identity(new, Some(&web), &u);
+        assert_eq!(cache.take_changed().len(), 1);
+        let after = same(&u, &cache);
+        assert!(ids(after.ingress.as_ref().expect("ingress")).contains(&new));
+
+        // Relabelled into blog: the web selector loses it, the blog namespace selector does not take it (another
+        // cluster than the NetworkPolicy's).
+        let relabelled = std::sync::Arc::new(id_labels("west", "blog", "db"));
+        u.identities.insert(new, relabelled.clone());
+        cache.update_identity(new, Some(&relabelled), &u);
+        assert_eq!(cache.take_changed().len(), 1);
+        same(&u, &cache);
+
+        // Deleted; an identity no selector selects changes nothing.
+        u.identities.remove(&new);
+        cache.update_identity(new, None, &u);
+        assert!(
+            cache.take_changed().is_empty(),
+            "it was selected by none any more"
+        );
+        let reserved = std::sync::Arc::new(labels(&[("reserved", "x")]));
+        cache.update_identity(identity::WORLD, Some(&reserved), &u);
+        assert!(cache.take_changed().is_empty());
+        assert_eq!(same(&u, &cache), before);
+
+        // Cluster labels change: a refresh re-judges; a dropped policy drops its selector.
+        u.cluster_labels
+            .insert("west".into(), labels(&[("stage", "canary")]));
+        cache.refresh(&u);
+        assert_eq!(cache.take_changed().len(), 1);
+        same(&u, &cache);
+        cache.sync(&policies[..2], &u);
+        assert_eq!((cache.len(), cache.take_changed().len()), (2, 1));
     }
 
     #[test]
