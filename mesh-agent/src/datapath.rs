@@ -444,6 +444,44 @@ impl<K: TableKey, V: aya::Pod> Table<K, V> {
         }
     }
 
+    /// Inserts many entries with few system calls (`BPF_MAP_UPDATE_BATCH`); where the kernel refuses a batch,
+    /// the rest of it is written one by one (so an error names its key).
+    fn upsert_batch(&mut self, entries: &[(K, V)]) -> Result<(), DatapathError> {
+        for chunk in entries.chunks(BATCH) {
+            let keys: Vec<K> = chunk.iter().map(|(k, _)| *k).collect();
+            let values: Vec<V> = chunk.iter().map(|(_, v)| *v).collect();
+            let (done, _) = map_batch(&self.map, BPF_MAP_UPDATE_BATCH, &keys, Some(&values));
+            for (k, v) in &chunk[done..] {
+                self.upsert(*k, *v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes many keys with few system calls (`BPF_MAP_DELETE_BATCH`); absent keys are fine (a batch stops at
+    /// one; the rest of it is removed one by one).
+    fn remove_batch(&mut self, keys: &[K]) -> Result<(), DatapathError> {
+        for chunk in keys.chunks(BATCH) {
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                let (done, errno) = map_batch::<K, V>(&self.map, BPF_MAP_DELETE_BATCH, rest, None);
+                match errno {
+                    None => break,
+                    // An absent key stopped it: skip that one, go on batching.
+                    Some(libc::ENOENT) => rest = &rest[(done + 1).min(rest.len())..],
+                    // No batches here, or another error: one by one (an error names its key).
+                    Some(_) => {
+                        for k in &rest[done..] {
+                            self.remove(*k)?;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn get(&self, key: K) -> Result<Option<V>, DatapathError> {
         match self.map.get(&key, 0) {
             Ok(v) => Ok(Some(v)),
@@ -460,6 +498,64 @@ impl<K: TableKey, V: aya::Pod> Table<K, V> {
             .map_err(|source| self.error("read", "entries".to_owned(), source))?;
         all.sort_by_key(|(k, _)| k.order());
         Ok(all)
+    }
+}
+
+/// Entries per batch system call.
+const BATCH: usize = 4096;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `batch` member of `union bpf_attr` (linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Runs batch command `cmd` of hash map `map` over `keys` (and `values`, as many): how many entries the kernel
+/// processed (all of them, or those before the one that stopped it; 0 where the kernel has no batch commands),
+/// and the error number that stopped it.
+fn map_batch<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    cmd: libc::c_long,
+    keys: &[K],
+    values: Option<&[V]>,
+) -> (usize, Option<i32>) {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    if keys.is_empty() {
+        return (0, None);
+    }
+    if values.is_some_and(|v| v.len() != keys.len()) {
+        return (0, Some(libc::EINVAL));
+    }
+    let fd = map.map().fd().as_fd().as_raw_fd();
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.map_or(0, |v| v.as_ptr() as u64),
+        count: u32::try_from(keys.len()).unwrap_or(u32::MAX),
+        map_fd: u32::try_from(fd).unwrap_or(u32::MAX),
+        ..BatchAttr::default()
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "the attribute is 56 bytes")]
+    let size = std::mem::size_of::<BatchAttr>() as libc::c_uint;
+    // SAFETY: `attr` is a valid `bpf_attr` batch member for the duration of the call; `keys` and `values` hold
+    // `count` entries of the map's key and value types (K and V are what the map was made with), which the kernel
+    // only reads; the kernel writes only `attr.count`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw mut attr, size) };
+    if rc == 0 {
+        (keys.len(), None)
+    } else {
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        ((attr.count as usize).min(keys.len()), errno.or(Some(libc::EIO)))
     }
 }
 
@@ -1362,6 +1458,24 @@ impl Datapath {
         self.slots.upsert(key, backend_id)
     }
 
+    /// Inserts or replaces many backend slots with few system calls.
+    ///
+    /// # Errors
+    ///
+    /// When the kernel refuses an update (the slots before it are written).
+    pub fn upsert_slots(&mut self, entries: &[(SlotKey, u32)]) -> Result<(), DatapathError> {
+        self.slots.upsert_batch(entries)
+    }
+
+    /// Removes many backend slots with few system calls; absent ones are not an error.
+    ///
+    /// # Errors
+    ///
+    /// When the kernel refuses a removal for another reason.
+    pub fn remove_slots(&mut self, keys: &[SlotKey]) -> Result<(), DatapathError> {
+        self.slots.remove_batch(keys)
+    }
+
     /// Removes a backend slot; an absent one is not an error.
     ///
     /// # Errors
@@ -1387,6 +1501,15 @@ impl Datapath {
     /// When the map update fails (for example because the map is full).
     pub fn upsert_backend(&mut self, id: u32, b: BackendV4) -> Result<(), DatapathError> {
         self.backends.upsert(id, b)
+    }
+
+    /// Inserts or replaces many backends with few system calls.
+    ///
+    /// # Errors
+    ///
+    /// When the kernel refuses an update (the backends before it are written).
+    pub fn upsert_backends(&mut self, entries: &[(u32, BackendV4)]) -> Result<(), DatapathError> {
+        self.backends.upsert_batch(entries)
     }
 
     /// Removes a backend; an absent one is not an error. Its established flows go on (conntrack holds the

@@ -37,6 +37,8 @@ pub struct IdentityStore {
     /// What the file holds now: per peer (cluster id, number of identities, their generation).
     written: BTreeMap<String, (u16, usize, u64)>,
     last_write: Option<Instant>,
+    /// The thread writing the file, if one was started.
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What says a peer's identities changed, without reading them: its id, their number and generation.
@@ -113,9 +115,18 @@ impl IdentityStore {
         Some(out)
     }
 
-    /// Writes the identities of every synced, usable peer when they changed (at most every [`WRITE_EVERY`]).
+    /// Writes the identities of every synced, usable peer when they changed (at most every [`WRITE_EVERY`]). The
+    /// file is serialised and written by a thread of its own, from a snapshot that shares the records (the
+    /// peers' persistent maps): the control loop pays O(peers), not O(identities). While a write runs, the next
+    /// one waits for a later call.
     pub fn save(&mut self, remotes: &BTreeMap<String, RemoteCluster>) {
         let Some(file) = &self.file else { return };
+        if self.writer.as_ref().is_some_and(|w| !w.is_finished()) {
+            return;
+        }
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
         let synced = |rc: &&RemoteCluster| rc.usable && rc.syncs > 0 && rc.cluster_id.is_some();
         let now: BTreeMap<String, (u16, usize, u64)> = remotes
             .values()
@@ -127,33 +138,93 @@ impl IdentityStore {
         if unchanged || self.last_write.is_some_and(|t| t.elapsed() < WRITE_EVERY) {
             return;
         }
-        let mut all: BTreeMap<String, HeldCluster> = self.held.clone();
-        for rc in remotes.values().filter(synced) {
-            all.insert(
-                rc.name.clone(),
-                HeldCluster {
-                    cluster_id: rc.cluster_id.unwrap_or(0),
-                    identities: rc
-                        .identities
-                        .iter()
-                        .map(|(id, r)| (*id, r.labels.clone()))
-                        .collect(),
-                },
-            );
-        }
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = file.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = file.with_extension("json.tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&all)?)?;
-            std::fs::rename(&tmp, file)
+        let snapshot = Snapshot {
+            held: self
+                .held
+                .iter()
+                .filter(|(n, _)| !now.contains_key(*n))
+                .map(|(n, h)| (n.clone(), h.clone()))
+                .collect(),
+            synced: remotes
+                .values()
+                .filter(synced)
+                .map(|rc| (rc.name.clone(), rc.cluster_id.unwrap_or(0), rc.identities.clone()))
+                .collect(),
         };
+        let file = file.clone();
         self.last_write = Some(Instant::now());
-        match write() {
-            Ok(()) => self.written = now,
-            Err(e) => warn!(file = %file.display(), error = %e, "writing peer identities"),
+        // What the file will hold; a failed write is logged and tried again after the next change.
+        self.written = now;
+        self.writer = Some(std::thread::spawn(move || {
+            let write = || -> std::io::Result<()> {
+                if let Some(dir) = file.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let tmp = file.with_extension("json.tmp");
+                std::fs::write(&tmp, serde_json::to_vec(&snapshot)?)?;
+                std::fs::rename(&tmp, &file)
+            };
+            if let Err(e) = write() {
+                warn!(file = %file.display(), error = %e, "writing peer identities");
+            }
+        }));
+    }
+
+    /// Waits for a write in progress.
+    pub fn flush(&mut self) {
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
         }
+    }
+}
+
+/// What one write of the file holds: peers still held from the file, and the synced peers' identities (shared
+/// with the tables they came from). Serialised as `BTreeMap<String, HeldCluster>`.
+struct Snapshot {
+    held: Vec<(String, HeldCluster)>,
+    synced: Vec<(String, u16, imbl::OrdMap<u32, Arc<IdentityRecord>>)>,
+}
+
+impl Serialize for Snapshot {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        struct Labels<'a>(&'a imbl::OrdMap<u32, Arc<IdentityRecord>>);
+        impl Serialize for Labels<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(self.0.iter().map(|(id, r)| (id, &r.labels)))
+            }
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Cluster<'a> {
+            cluster_id: u16,
+            identities: Labels<'a>,
+        }
+        let mut all: Vec<(&str, Option<&HeldCluster>, Option<Cluster<'_>>)> = self
+            .held
+            .iter()
+            .map(|(n, h)| (n.as_str(), Some(h), None))
+            .chain(self.synced.iter().map(|(n, id, ids)| {
+                (
+                    n.as_str(),
+                    None,
+                    Some(Cluster {
+                        cluster_id: *id,
+                        identities: Labels(ids),
+                    }),
+                )
+            }))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(b.0));
+        let mut m = s.serialize_map(Some(all.len()))?;
+        for (name, held, synced) in &all {
+            match (held, synced) {
+                (Some(h), _) => m.serialize_entry(name, h)?,
+                (None, Some(c)) => m.serialize_entry(name, c)?,
+                (None, None) => {}
+            }
+        }
+        m.end()
     }
 }
 
@@ -191,6 +262,7 @@ mod tests {
         let mut before = IdentityStore::load(file.clone());
         assert!(before.patch(&west(true, &[300]), true).is_none(), "nothing held");
         before.save(&west(true, &[300, 301]));
+        before.flush();
         assert!(file.is_file());
 
         // The next agent: west is away (its watcher has not heard from it).
@@ -205,6 +277,7 @@ mod tests {
         );
         // Not synced yet, nothing it saves replaces west's entry in the file.
         after.save(&west(false, &[]));
+        after.flush();
         assert!(IdentityStore::load(file).held.contains_key("west"));
         // West synced: its own records count, the held ones go.
         assert!(after.patch(&west(true, &[302]), true).is_none());

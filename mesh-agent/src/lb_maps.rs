@@ -374,13 +374,14 @@ impl LbMaps {
         };
         let mut ids = Vec::with_capacity(fe.active.len());
         let mut keys = Vec::with_capacity(fe.active.len());
+        let mut new_backends = Vec::new();
         for b in &fe.active {
             let bkey = (b.ipv4, b.port, key.proto);
             let bid = match self.backend_ids.get(&bkey) {
                 Some(bid) => *bid,
                 None => {
                     let bid = next(&mut self.next_backend_id);
-                    dp.upsert_backend(
+                    new_backends.push((
                         bid,
                         BackendV4 {
                             addr: b.ipv4.octets(),
@@ -389,7 +390,7 @@ impl LbMaps {
                             cluster_id: b.cluster_id,
                             ..BackendV4::default()
                         },
-                    )?;
+                    ));
                     self.backend_ids.insert(bkey, bid);
                     // Unreferenced until the frontend is written: collected if that fails.
                     unused.push(bkey);
@@ -400,6 +401,7 @@ impl LbMaps {
             ids.push((bid, b.weight));
             keys.push(bkey);
         }
+        dp.upsert_backends(&new_backends)?;
         keys.sort_unstable();
         keys.dedup();
         let slots = slot_list(&ids);
@@ -429,10 +431,15 @@ impl LbMaps {
             }
         };
         let service_id = next(&mut self.next_service_id);
-        for (i, backend) in slots.iter().enumerate() {
-            let slot = u32::try_from(i).unwrap_or(u32::MAX);
-            dp.upsert_slot(SlotKey { service_id, slot }, *backend)?;
-        }
+        let table: Vec<(SlotKey, u32)> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, backend)| {
+                let slot = u32::try_from(i).unwrap_or(u32::MAX);
+                (SlotKey { service_id, slot }, *backend)
+            })
+            .collect();
+        dp.upsert_slots(&table)?;
         let slot_count = u32::try_from(slots.len()).unwrap_or(u32::MAX);
         dp.upsert_service(
             key,
@@ -549,14 +556,13 @@ impl LbMaps {
 }
 
 fn remove_slots(dp: &mut impl MapWriter, p: &Programmed) -> Result<(), DatapathError> {
-    for i in 0..p.slots.len() {
-        let slot = u32::try_from(i).unwrap_or(u32::MAX);
-        dp.remove_slot(SlotKey {
+    let keys: Vec<SlotKey> = (0..p.slots.len())
+        .map(|i| SlotKey {
             service_id: p.service_id,
-            slot,
-        })?;
-    }
-    Ok(())
+            slot: u32::try_from(i).unwrap_or(u32::MAX),
+        })
+        .collect();
+    dp.remove_slots(&keys)
 }
 
 #[cfg(test)]

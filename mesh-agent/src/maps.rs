@@ -25,8 +25,32 @@ pub trait MapWriter {
     /// When the removal fails.
     fn remove_slot(&mut self, key: SlotKey) -> Result<(), DatapathError>;
     /// # Errors
+    /// When an update fails (the slots before it are written).
+    fn upsert_slots(&mut self, entries: &[(SlotKey, u32)]) -> Result<(), DatapathError> {
+        for (k, v) in entries {
+            self.upsert_slot(*k, *v)?;
+        }
+        Ok(())
+    }
+    /// # Errors
+    /// When a removal fails.
+    fn remove_slots(&mut self, keys: &[SlotKey]) -> Result<(), DatapathError> {
+        for k in keys {
+            self.remove_slot(*k)?;
+        }
+        Ok(())
+    }
+    /// # Errors
     /// When the map update fails.
     fn upsert_backend(&mut self, id: u32, b: BackendV4) -> Result<(), DatapathError>;
+    /// # Errors
+    /// When an update fails (the backends before it are written).
+    fn upsert_backends(&mut self, entries: &[(u32, BackendV4)]) -> Result<(), DatapathError> {
+        for (k, v) in entries {
+            self.upsert_backend(*k, *v)?;
+        }
+        Ok(())
+    }
     /// # Errors
     /// When the removal fails.
     fn remove_backend(&mut self, id: u32) -> Result<(), DatapathError>;
@@ -65,6 +89,15 @@ impl MapWriter for Datapath {
     }
     fn upsert_backend(&mut self, id: u32, b: BackendV4) -> Result<(), DatapathError> {
         Self::upsert_backend(self, id, b)
+    }
+    fn upsert_backends(&mut self, entries: &[(u32, BackendV4)]) -> Result<(), DatapathError> {
+        Self::upsert_backends(self, entries)
+    }
+    fn upsert_slots(&mut self, entries: &[(SlotKey, u32)]) -> Result<(), DatapathError> {
+        Self::upsert_slots(self, entries)
+    }
+    fn remove_slots(&mut self, keys: &[SlotKey]) -> Result<(), DatapathError> {
+        Self::remove_slots(self, keys)
     }
     fn remove_backend(&mut self, id: u32) -> Result<(), DatapathError> {
         Self::remove_backend(self, id)

@@ -867,3 +867,61 @@ fn clients_reach_services_on_this_node_the_other_node_and_themselves() {
     assert!(tcp_ask(&pod_a, vip).is_err());
     assert!(dp1.counter(Counter::DropNoBackend).unwrap() >= 1);
 }
+
+/// Batched writes (`BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH`) hold what one-by-one writes would, across
+/// several batch calls, and a batch removal of keys of which some are absent removes the present ones.
+#[test]
+fn batched_slot_and_backend_writes_match_single_ones() {
+    let mut dp = loaded();
+    let n = 10_000u32;
+    let slots: Vec<(SlotKey, u32)> = (0..n)
+        .map(|i| {
+            (
+                SlotKey {
+                    service_id: 7,
+                    slot: i,
+                },
+                1_000 + i,
+            )
+        })
+        .collect();
+    dp.upsert_slots(&slots).unwrap();
+    let backends: Vec<(u32, BackendV4)> = (0..n)
+        .map(|i| {
+            (
+                1_000 + i,
+                BackendV4 {
+                    addr: Ipv4Addr::from(0x0a00_0000 + i).octets(),
+                    port_be: 8080u16.to_be(),
+                    proto: proto::TCP,
+                    cluster_id: 3,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    dp.upsert_backends(&backends).unwrap();
+    let mut have = dp.slots().unwrap();
+    have.sort_by_key(|(k, _)| (k.service_id, k.slot));
+    assert_eq!(have, slots);
+    let mut have = dp.backends().unwrap();
+    have.sort_by_key(|(id, _)| *id);
+    assert_eq!(have, backends);
+    // Rewriting changes values in place.
+    let moved: Vec<(SlotKey, u32)> = slots.iter().map(|(k, v)| (*k, v + 1)).collect();
+    dp.upsert_slots(&moved).unwrap();
+    assert_eq!(dp.slots().unwrap().len(), n as usize);
+    assert!(dp.slots().unwrap().iter().all(|(k, v)| *v == 1_001 + k.slot));
+    // Remove the even half, then everything (half of it absent by then).
+    let even: Vec<SlotKey> = slots
+        .iter()
+        .map(|(k, _)| *k)
+        .filter(|k| k.slot % 2 == 0)
+        .collect();
+    dp.remove_slots(&even).unwrap();
+    assert!(dp.slots().unwrap().iter().all(|(k, _)| k.slot % 2 == 1));
+    assert_eq!(dp.slots().unwrap().len(), n as usize / 2);
+    let all: Vec<SlotKey> = slots.iter().map(|(k, _)| *k).collect();
+    dp.remove_slots(&all).unwrap();
+    assert_eq!(dp.slots().unwrap(), []);
+}
