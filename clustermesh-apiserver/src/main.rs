@@ -82,6 +82,13 @@ struct Args {
     /// apiserver rewrites every record under its own lease at once.
     #[arg(long, env = "FLEETMESH_LEASE_TTL", default_value = "15m", value_parser = mesh_model::duration::parse_duration)]
     lease_ttl: Duration,
+    /// A service with more backends than this is published as a record without backends plus slices of at most
+    /// this many (`state/backends/v1/...`): one backend's change then writes and sends one slice, whatever the
+    /// service's size. Agents older than the slices read such a service without backends: upgrade agents before
+    /// apiservers, or set 0 (every service as one record, at most 4,096 backends) until they are
+    /// (docs/kvstore-schema.md).
+    #[arg(long, env = "FLEETMESH_SERVICE_SLICE_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    service_slice_size: u32,
     /// How long a security identity no pod uses any more stays published before it is withdrawn (its number is not
     /// handed to another label set meanwhile, and comes back if its label set does).
     #[arg(long, env = "FLEETMESH_IDENTITY_GC_GRACE", default_value = "5m", value_parser = mesh_model::duration::parse_duration)]
@@ -164,6 +171,8 @@ async fn main() -> anyhow::Result<()> {
         tls,
         identity_gc_grace: args.identity_gc_grace,
         exports,
+        slice_size: usize::try_from(args.service_slice_size).unwrap_or(mesh_kvstore::DEFAULT_SLICE_SIZE),
+        slices: std::sync::Mutex::default(),
     };
     tokio::select! {
         r = source => {

@@ -39,7 +39,16 @@ pub struct Publisher {
     /// `None` in the channel until the controller's first pass: meanwhile, export records already in etcd (an
     /// earlier run's) are kept, so that a restart does not withdraw them from the peers for a moment.
     pub exports: Option<watch::Receiver<Option<crate::mcs::ExportRecords>>>,
+    /// Services with more backends than this are published as a record without backends plus slices of at most
+    /// this many (`--service-slice-size`; 0: every service as one record).
+    pub slice_size: usize,
+    /// Each sliced service's slices as last published (slice → backend addresses): a change keeps every backend
+    /// in its slice, so it rewrites only the slices it touches.
+    pub slices: std::sync::Mutex<BTreeMap<(String, String), SliceAssignment>>,
 }
+
+/// A sliced service's slices: slice index → the backend addresses in it.
+pub type SliceAssignment = BTreeMap<u32, Vec<std::net::Ipv4Addr>>;
 
 /// TLS material for this cluster's etcd (PEM files, read at every connection so renewed files are picked up).
 #[derive(Debug, Clone)]
@@ -118,7 +127,13 @@ impl Publisher {
             };
             (self.keys.node(&self.cluster, &n.name), encode(&rec))
         });
-        let services = state.services.values().filter_map(|svc| {
+        let mut slices = self
+            .slices
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sliced = std::collections::BTreeSet::new();
+        let mut services: Vec<(String, String)> = Vec::new();
+        for svc in state.services.values() {
             let exported = state.exports.contains(&(svc.namespace.clone(), svc.name.clone()));
             // Affinity is the clients' choice (each agent's default); only global and shared matter here.
             let spec = service::global_spec(svc, exported, service::Affinity::None);
@@ -126,10 +141,14 @@ impl Publisher {
                 warn!(service = %format!("{}/{}", svc.namespace, svc.name), errors = ?spec.errors, "service stays local");
             }
             if !spec.global || !spec.shared {
-                return None;
+                continue;
             }
-            let port = |name: &str, port: u16, protocol| PortRecord { name: name.to_owned(), port, protocol };
-            let rec = ServiceRecord {
+            let port = |name: &str, port: u16, protocol| PortRecord {
+                name: name.to_owned(),
+                port,
+                protocol,
+            };
+            let mut rec = ServiceRecord {
                 cluster: self.cluster.clone(),
                 cluster_id: self.cluster_id,
                 namespace: svc.namespace.clone(),
@@ -143,7 +162,11 @@ impl Publisher {
                     .into_iter()
                     .map(|e| BackendRecord {
                         ipv4: e.ipv4,
-                        ports: e.ports.iter().map(|p| port(&p.name, p.port, p.protocol)).collect(),
+                        ports: e
+                            .ports
+                            .iter()
+                            .map(|p| port(&p.name, p.port, p.protocol))
+                            .collect(),
                         weight: e.capacity,
                     })
                     .collect(),
@@ -153,8 +176,42 @@ impl Publisher {
                     hostnames: std::collections::BTreeMap::new(),
                 }),
             };
-            Some((self.keys.service(&self.cluster, &svc.namespace, &svc.name), encode(&rec)))
-        });
+            // A large service: its backends in bounded slices, each backend staying in its slice.
+            if self.slice_size > 0 && rec.backends.len() > self.slice_size {
+                let id = (svc.namespace.clone(), svc.name.clone());
+                let previous = slices.get(&id).cloned().unwrap_or_default();
+                let parts = mesh_kvstore::slice_backends(&previous, &rec.backends, self.slice_size);
+                slices.insert(
+                    id.clone(),
+                    parts
+                        .iter()
+                        .map(|(i, bs)| (*i, bs.iter().map(|b| b.ipv4).collect()))
+                        .collect(),
+                );
+                sliced.insert(id);
+                for (index, backends) in parts {
+                    let slice = mesh_kvstore::BackendSlice {
+                        cluster: self.cluster.clone(),
+                        cluster_id: self.cluster_id,
+                        namespace: svc.namespace.clone(),
+                        name: svc.name.clone(),
+                        backends,
+                    };
+                    services.push((
+                        self.keys
+                            .backend_slice(&self.cluster, &svc.namespace, &svc.name, index),
+                        encode(&slice),
+                    ));
+                }
+                rec.backends.clear();
+            }
+            services.push((
+                self.keys.service(&self.cluster, &svc.namespace, &svc.name),
+                encode(&rec),
+            ));
+        }
+        slices.retain(|id, _| sliced.contains(id));
+        drop(slices);
         let exports: Vec<(String, String)> = self
             .exports
             .as_ref()
@@ -225,6 +282,7 @@ impl Publisher {
             capabilities: vec![
                 "nodes/v1".into(),
                 "services/v1".into(),
+                "backends/v1".into(),
                 "identities/v1".into(),
                 "ip/v1".into(),
             ],
@@ -243,6 +301,7 @@ impl Publisher {
             self.keys.capacities_prefix(&self.cluster),
             self.keys.nodes_prefix(&self.cluster),
             self.keys.services_prefix(&self.cluster),
+            self.keys.backend_slices_prefix(&self.cluster),
             crate::mcs::exports_prefix(&self.keys, &self.cluster),
         ] {
             let existing = client

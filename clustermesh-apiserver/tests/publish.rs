@@ -1067,3 +1067,151 @@ async fn publishes_the_capacity_of_pods_whose_capacity_is_not_one() {
     .await;
     drop(api);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backend slices
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Node east-node-1, a global service `shop/big` and pods `big-<i>` (10.1.1.<i + 2>) for each `i` of `pods`.
+fn big_service_yaml(pods: impl IntoIterator<Item = u8>) -> String {
+    let mut docs = vec![
+        nodes_yaml(&[N1]),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n".to_owned(),
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: big\n  namespace: shop\n  annotations: {service.cilium.io/global: \"true\"}\n\
+         spec:\n  selector: {app: big}\n  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]\n"
+            .to_owned(),
+    ];
+    for i in pods {
+        docs.push(format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: big-{i}, namespace: shop, labels: {{app: big}}}}\n\
+             spec:\n  nodeName: east-node-1\n  containers:\n    - name: c\n      ports: [{{containerPort: 8080}}]\n\
+             status: {{podIP: 10.1.1.{}}}\n",
+            u16::from(i) + 2
+        ));
+    }
+    docs.join("---\n")
+}
+
+/// The service record's backends and each slice's (index → (addresses, mod revision)) of `shop/big`.
+async fn big_service(
+    client: &mut Client,
+) -> Result<(Vec<Ipv4Addr>, i64, BTreeMap<u32, (Vec<Ipv4Addr>, i64)>), String> {
+    let keys = Keys::default();
+    let resp = client
+        .get(keys.service("east", "shop", "big"), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let kv = resp.kvs().first().ok_or("no service record")?;
+    let record_rev = kv.mod_revision();
+    let rec =
+        mesh_kvstore::decode_service("k", "east", "shop", "big", kv.value()).map_err(|e| e.to_string())?;
+    let resp = client
+        .get(
+            keys.backend_slices_prefix("east"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut slices = BTreeMap::new();
+    for kv in resp.kvs() {
+        let key = kv.key_str().map_err(|e| e.to_string())?;
+        let index: u32 = key
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .ok_or("slice index")?;
+        let slice = mesh_kvstore::decode_backend_slice(key, "east", "shop", "big", index, kv.value())
+            .map_err(|e| e.to_string())?;
+        slices.insert(
+            index,
+            (slice.backends.iter().map(|b| b.ipv4).collect(), kv.mod_revision()),
+        );
+    }
+    Ok((rec.backends.iter().map(|b| b.ipv4).collect(), record_rev, slices))
+}
+
+fn big_ips(pods: impl IntoIterator<Item = u8>) -> BTreeSet<Ipv4Addr> {
+    pods.into_iter().map(|i| Ipv4Addr::new(10, 1, 1, i + 2)).collect()
+}
+
+/// A service of more than 100 backends is published as a record without backends plus slices of at most 100;
+/// one backend's removal rewrites one slice and nothing else; shrunk to 100 or fewer it is one record again and
+/// its slices are deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_services_are_published_in_bounded_slices() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let manifests = tempfile::tempdir().expect("tempdir");
+    let dir = manifests.path();
+    write_atomic(dir, "all.yaml", &big_service_yaml(0..250));
+    let _api = Apiserver::start(dir, &etcd);
+    eventually("record plus three slices", TIMEOUT, || {
+        let mut c = c.clone();
+        async move {
+            let (record, _, slices) = big_service(&mut c).await?;
+            let union: BTreeSet<Ipv4Addr> =
+                slices.values().flat_map(|(ips, _)| ips.iter().copied()).collect();
+            if !record.is_empty() || slices.len() != 3 || union != big_ips(0..250) {
+                return Err(format!(
+                    "{} record backends, {} slices, {} in them",
+                    record.len(),
+                    slices.len(),
+                    union.len()
+                ));
+            }
+            if slices.values().any(|(ips, _)| ips.len() > 100) {
+                return Err("a slice above 100".into());
+            }
+            Ok(())
+        }
+    })
+    .await;
+    let (_, record_rev, first) = big_service(&mut c).await.expect("read");
+
+    // Pod 7 goes: its slice is rewritten, the record and the other slices are not.
+    write_atomic(dir, "all.yaml", &big_service_yaml((0..250).filter(|i| *i != 7)));
+    eventually("one slice rewritten", TIMEOUT, || {
+        let mut c = c.clone();
+        let first = first.clone();
+        async move {
+            let (record, rev, slices) = big_service(&mut c).await?;
+            let union: BTreeSet<Ipv4Addr> =
+                slices.values().flat_map(|(ips, _)| ips.iter().copied()).collect();
+            if union != big_ips((0..250).filter(|i| *i != 7)) {
+                return Err(format!("{} backends in the slices", union.len()));
+            }
+            let changed: Vec<u32> = slices
+                .iter()
+                .filter(|(i, (_, r))| first.get(*i).map(|(_, fr)| fr) != Some(r))
+                .map(|(i, _)| *i)
+                .collect();
+            if changed.len() != 1 || rev != record_rev || !record.is_empty() || slices.len() != 3 {
+                return Err(format!(
+                    "changed slices {changed:?}, record rewritten: {}",
+                    rev != record_rev
+                ));
+            }
+            Ok(())
+        }
+    })
+    .await;
+
+    // 50 backends: one record again, no slices.
+    write_atomic(dir, "all.yaml", &big_service_yaml(0..50));
+    eventually("one record, slices deleted", TIMEOUT, || {
+        let mut c = c.clone();
+        async move {
+            let (record, _, slices) = big_service(&mut c).await?;
+            if record.iter().copied().collect::<BTreeSet<_>>() == big_ips(0..50) && slices.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} record backends, {} slices",
+                    record.len(),
+                    slices.len()
+                ))
+            }
+        }
+    })
+    .await;
+}

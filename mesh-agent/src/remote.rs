@@ -868,6 +868,13 @@ struct Watcher {
     scope: Scope,
 }
 
+/// A large service as read: its record (without backends) and its backend slices.
+#[derive(Default)]
+struct SlicedService {
+    record: Option<ServiceRecord>,
+    slices: BTreeMap<u32, Vec<mesh_kvstore::BackendRecord>>,
+}
+
 /// The authoritative view of a remote etcd during one session: the list plus the events after it.
 #[derive(Default)]
 struct Session {
@@ -890,6 +897,9 @@ struct Session {
     /// Records whose addresses no accepted node CIDR covers (yet): held, not used, until a node record does.
     pending_ips: BTreeMap<Ipv4Addr, Arc<IpRecord>>,
     pending_services: BTreeMap<String, Arc<ServiceRecord>>,
+    /// Services with backend slices (large services): their record as read and their slices, assembled into
+    /// `services` (the union of the record's backends and the slices'); a slice without its record waits for it.
+    sliced: BTreeMap<String, SlicedService>,
     /// The list is done: what follows are watch events.
     listed: bool,
     /// Complete once (synced): claims of nodes gone meanwhile were released.
@@ -1363,7 +1373,8 @@ impl Watcher {
     ) {
         match kind {
             // This cluster's nodes and services come from the agent's source, never from its etcd.
-            KeyKind::Node(_) | KeyKind::Service(..) if self.scope == Scope::Own => {}
+            KeyKind::Node(_) | KeyKind::Service(..) | KeyKind::BackendSlice(..)
+                if self.scope == Scope::Own => {}
             // A peer's backends come with their weights in its service records.
             KeyKind::Capacity(_) if self.scope == Scope::Peer => {}
             KeyKind::Capacity(ip) => match value {
@@ -1433,20 +1444,62 @@ impl Watcher {
                     None => {
                         s.services.remove(&id);
                         s.pending_services.remove(&id);
-                        s.dirty.services.insert(id);
+                        s.dirty.services.insert(id.clone());
+                        if let Some(parts) = s.sliced.get_mut(&id) {
+                            parts.record = None;
+                        }
                     }
                     Some(v) => match grant.decode_service(key, ns, name, v) {
-                        Ok(rec) if rec.backends.iter().all(|b| s.covered(b.ipv4)) => {
-                            s.pending_services.remove(&id);
-                            s.dirty.services.insert(id.clone());
-                            s.services.insert(id, Arc::new(rec));
-                        }
-                        Ok(rec) => {
-                            // Until a node record covers its backends, the service's last good record stays.
-                            debug!(cluster = %self.name, key, "backends outside the accepted node CIDRs; held");
-                            s.pending_services.insert(id, Arc::new(rec));
-                        }
+                        Ok(rec) => match s.sliced.get_mut(&id) {
+                            Some(parts) => {
+                                parts.record = Some(rec);
+                                self.assemble(s, key, &id);
+                            }
+                            None => self.accept_service(s, key, id, rec),
+                        },
                         Err(e) => self.refuse_record("service record", &e),
+                    },
+                }
+            }
+            KeyKind::BackendSlice(ns, name, index) => {
+                let id = format!("{ns}/{name}");
+                match value {
+                    None => {
+                        let Some(parts) = s.sliced.get_mut(&id) else {
+                            return;
+                        };
+                        if parts.slices.remove(&index).is_none() {
+                            return;
+                        }
+                        if parts.slices.is_empty() && parts.record.is_none() {
+                            s.sliced.remove(&id);
+                            return;
+                        }
+                        self.assemble(s, key, &id);
+                    }
+                    Some(v) => match grant.decode_backend_slice(key, ns, name, index, v) {
+                        Ok(slice) => {
+                            if !s.sliced.contains_key(&id) {
+                                // The service's record, read before its first slice, is its base.
+                                let record = s
+                                    .pending_services
+                                    .get(&id)
+                                    .or_else(|| s.services.get(&id))
+                                    .map(|r| (**r).clone());
+                                s.sliced.insert(
+                                    id.clone(),
+                                    SlicedService {
+                                        record,
+                                        slices: BTreeMap::new(),
+                                    },
+                                );
+                            }
+                            if let Some(parts) = s.sliced.get_mut(&id) {
+                                parts.slices.insert(index, slice.backends);
+                            }
+                            self.assemble(s, key, &id);
+                        }
+                        Err(e) => self.refuse_record("backend slice", &e),
                     },
                 }
             }
@@ -1456,6 +1509,34 @@ impl Watcher {
             }
             KeyKind::ClusterConfig | KeyKind::Other | KeyKind::Synced(_) | KeyKind::Heartbeat => {}
         }
+    }
+
+    /// Uses a service record whose backends accepted node CIDRs cover; else holds it (the service's last good
+    /// record stays) until a node record does.
+    fn accept_service(&self, s: &mut Session, key: &str, id: String, rec: ServiceRecord) {
+        if rec.backends.iter().all(|b| s.covered(b.ipv4)) {
+            s.pending_services.remove(&id);
+            s.dirty.services.insert(id.clone());
+            s.services.insert(id, Arc::new(rec));
+        } else {
+            debug!(cluster = %self.name, key, "backends outside the accepted node CIDRs; held");
+            s.pending_services.insert(id, Arc::new(rec));
+        }
+    }
+
+    /// A sliced service's record with the backends of every slice (an address in several: the first), once its
+    /// record is there.
+    fn assemble(&self, s: &mut Session, key: &str, id: &str) {
+        let Some(parts) = s.sliced.get(id) else { return };
+        let Some(base) = &parts.record else { return };
+        let mut rec = base.clone();
+        let mut seen: std::collections::HashSet<Ipv4Addr> = rec.backends.iter().map(|b| b.ipv4).collect();
+        for b in parts.slices.values().flatten() {
+            if seen.insert(b.ipv4) {
+                rec.backends.push(b.clone());
+            }
+        }
+        self.accept_service(s, key, id.to_owned(), rec);
     }
 
     /// Applies a key that is not a record of the cluster's state: its config, synced markers, a KVStoreMesh status,

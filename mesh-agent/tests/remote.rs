@@ -847,3 +847,195 @@ async fn follows_its_own_clusters_capacities_and_not_a_peers() {
     assert!(west.capacities.is_empty(), "{:?}", west.capacities);
     assert!(west.decode_errors.is_empty(), "{:?}", west.decode_errors);
 }
+
+fn backend(i: u32) -> mesh_kvstore::BackendRecord {
+    mesh_kvstore::BackendRecord {
+        // Inside west-node-1's pod CIDR 10.2.1.0/24 for i < 250.
+        ipv4: Ipv4Addr::new(10, 2, 1, u8::try_from(i + 2).expect("small")),
+        ports: vec![mesh_kvstore::PortRecord {
+            name: "http".into(),
+            port: 8080,
+            protocol: mesh_model::Protocol::Tcp,
+        }],
+        weight: 1,
+    }
+}
+
+fn slice(backends: impl IntoIterator<Item = u32>) -> String {
+    encode(&mesh_kvstore::BackendSlice {
+        cluster: "west".into(),
+        cluster_id: 2,
+        namespace: "shop".into(),
+        name: "api".into(),
+        backends: backends.into_iter().map(backend).collect(),
+    })
+}
+
+/// Whether west's `shop/api` has exactly backends `want` (by index).
+fn has_backends(w: &RemoteCluster, want: impl IntoIterator<Item = u32>) -> Result<(), String> {
+    let mut want: Vec<Ipv4Addr> = want.into_iter().map(|i| backend(i).ipv4).collect();
+    want.sort();
+    let mut have: Vec<Ipv4Addr> = w
+        .services
+        .get("shop/api")
+        .ok_or("no shop/api")?
+        .backends
+        .iter()
+        .map(|b| b.ipv4)
+        .collect();
+    have.sort();
+    if have == want {
+        Ok(())
+    } else {
+        Err(format!("{} backends, want {}", have.len(), want.len()))
+    }
+}
+
+/// A large service in backend slices: its backends are the union of its record's and its slices', whichever comes
+/// first; a slice's change, a slice's deletion and the record's deletion follow; a bad slice is refused and
+/// counted, and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn assembles_a_sliced_service_from_its_record_and_slices() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let keys = Keys::default();
+    let record = |backends: Vec<mesh_kvstore::BackendRecord>| {
+        encode(&mesh_kvstore::ServiceRecord {
+            cluster: "west".into(),
+            cluster_id: 2,
+            namespace: "shop".into(),
+            name: "api".into(),
+            ports: vec![mesh_kvstore::PortRecord {
+                name: "http".into(),
+                port: 80,
+                protocol: mesh_model::Protocol::Tcp,
+            }],
+            backends,
+            mcs: None,
+        })
+    };
+    // A slice before the record: nothing of the service yet.
+    for (k, v) in [
+        (keys.cluster_config("west"), config(2)),
+        (keys.node("west", "west-node-1"), encode(&node(1))),
+        (keys.backend_slice("west", "shop", "api", 0), slice(0..100)),
+        (keys.synced("west", "nodes"), synced_marker()),
+        // Deletions of services count once the services are synced.
+        (keys.synced("west", "services"), synced_marker()),
+    ] {
+        c.put(k, v, None).await.expect("seed");
+    }
+    let agent = Agent::start(&[("west", peer_file(&etcd, ""))]);
+    agent
+        .wait("west", "synced, no service without its record", |w| {
+            is_synced(w)?;
+            if w.services.is_empty() {
+                Ok(())
+            } else {
+                Err("a service without a record".into())
+            }
+        })
+        .await;
+    // The record (with two backends of its own) and a second slice.
+    c.put(
+        keys.service("west", "shop", "api"),
+        record(vec![backend(200), backend(201)]),
+        None,
+    )
+    .await
+    .expect("put");
+    c.put(
+        keys.backend_slice("west", "shop", "api", 1),
+        slice(100..150),
+        None,
+    )
+    .await
+    .expect("put");
+    agent
+        .wait("west", "record and both slices", |w| {
+            has_backends(w, (0..150).chain([200, 201]))
+        })
+        .await;
+    // One slice changes: one backend leaves it.
+    c.put(
+        keys.backend_slice("west", "shop", "api", 1),
+        slice(100..149),
+        None,
+    )
+    .await
+    .expect("put");
+    agent
+        .wait("west", "the slice's change", |w| {
+            has_backends(w, (0..149).chain([200, 201]))
+        })
+        .await;
+    // A slice naming another service: refused and counted. One with a backend outside west's node CIDRs: the
+    // service is held (its last good backends stay) until the slice goes.
+    let mut other = mesh_kvstore::BackendSlice {
+        cluster: "west".into(),
+        cluster_id: 2,
+        namespace: "shop".into(),
+        name: "web".into(),
+        backends: vec![backend(1)],
+    };
+    c.put(keys.backend_slice("west", "shop", "api", 2), encode(&other), None)
+        .await
+        .expect("put");
+    other.name = "api".into();
+    other.backends[0].ipv4 = Ipv4Addr::new(10, 9, 9, 9);
+    c.put(keys.backend_slice("west", "shop", "api", 3), encode(&other), None)
+        .await
+        .expect("put");
+    agent
+        .wait("west", "bad slice counted, uncovered one held", |w| {
+            if w.decode_errors.get("key_mismatch") != Some(&1) {
+                return Err("key_mismatch not counted".into());
+            }
+            if w.pending_records != 1 {
+                return Err(format!("{} pending", w.pending_records));
+            }
+            has_backends(w, (0..149).chain([200, 201]))
+        })
+        .await;
+    c.delete(keys.backend_slice("west", "shop", "api", 3), None)
+        .await
+        .expect("delete");
+    agent
+        .wait("west", "nothing held", |w| {
+            if w.pending_records == 0 {
+                has_backends(w, (0..149).chain([200, 201]))
+            } else {
+                Err("still held".into())
+            }
+        })
+        .await;
+    // Slice 0 deleted; then the record: the service goes, its remaining slice waits for a record again.
+    c.delete(keys.backend_slice("west", "shop", "api", 0), None)
+        .await
+        .expect("delete");
+    agent
+        .wait("west", "slice 0 gone", |w| {
+            has_backends(w, (100..149).chain([200, 201]))
+        })
+        .await;
+    c.delete(keys.service("west", "shop", "api"), None)
+        .await
+        .expect("delete");
+    agent
+        .wait("west", "service gone with its record", |w| {
+            if w.services.contains_key("shop/api") {
+                Err("still there".into())
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+    c.put(keys.service("west", "shop", "api"), record(Vec::new()), None)
+        .await
+        .expect("put");
+    agent
+        .wait("west", "back with the slice it kept", |w| {
+            has_backends(w, 100..149)
+        })
+        .await;
+}

@@ -124,6 +124,26 @@ impl Grant {
         Ok(rec)
     }
 
+    /// [`crate::decode_backend_slice`], then the cluster id and every backend address checked against the grant.
+    ///
+    /// # Errors
+    /// As [`crate::decode_backend_slice`]; a wrong cluster id or a backend outside the granted pod CIDRs.
+    pub fn decode_backend_slice(
+        &self,
+        key: &str,
+        namespace: &str,
+        name: &str,
+        index: u32,
+        value: &[u8],
+    ) -> Result<crate::BackendSlice, DecodeError> {
+        let rec = crate::decode_backend_slice(key, &self.cluster, namespace, name, index, value)?;
+        self.wrong_id(key, rec.cluster_id)?;
+        for b in &rec.backends {
+            self.inside(key, "backend", b.ipv4)?;
+        }
+        Ok(rec)
+    }
+
     /// Decodes an identity record of the peer: [`crate::decode_identity`], then its cluster id (and so the
     /// identity's cluster part) is the granted one.
     ///

@@ -6,6 +6,7 @@
 //! <prefix>/synced/<cluster>/<kind>                       Synced          (lease; written after a full sync)
 //! <prefix>/state/nodes/v1/<cluster>/<node>               NodeRecord      (lease)
 //! <prefix>/state/services/v1/<cluster>/<ns>/<name>       ServiceRecord   (lease; global, shared services)
+//! <prefix>/state/backends/v1/<cluster>/<ns>/<name>/<n>    BackendSlice    (lease; slice n of a large service)
 //! <prefix>/state/identities/v1/<cluster>/<number>         IdentityRecord  (lease; security identities)
 //! <prefix>/state/ip/v1/<cluster>/<ipv4>                   IpRecord        (lease; pod address → identity)
 //! <prefix>/state/capacity/v1/<cluster>/<ipv4>             CapacityRecord  (lease; a pod's capacity when not 1)
@@ -122,6 +123,21 @@ impl Keys {
         format!("{}{namespace}/{name}", self.services_prefix(cluster))
     }
 
+    /// Prefix of all backend slices of `cluster` (ends with `/`).
+    #[must_use]
+    pub fn backend_slices_prefix(&self, cluster: &str) -> String {
+        format!("{}/state/backends/v1/{cluster}/", self.prefix)
+    }
+
+    /// Slice `index` of the backends of service `namespace/name` of `cluster`.
+    #[must_use]
+    pub fn backend_slice(&self, cluster: &str, namespace: &str, name: &str, index: u32) -> String {
+        format!(
+            "{}{namespace}/{name}/{index}",
+            self.backend_slices_prefix(cluster)
+        )
+    }
+
     /// Prefix of all identity records of `cluster` (ends with `/`).
     #[must_use]
     pub fn identities_prefix(&self, cluster: &str) -> String {
@@ -193,6 +209,29 @@ impl Keys {
                 None => KeyKind::Other,
             };
         }
+        if let Some(r) = rest.strip_prefix("state/backends/") {
+            return match r.split_once('/') {
+                Some(("v1", r)) => match r.split_once('/') {
+                    Some((c, r)) if c == cluster => {
+                        let mut parts = r.split('/');
+                        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                            (Some(ns), Some(name), Some(n), None) if !ns.is_empty() && !name.is_empty() => {
+                                match n.parse::<u32>() {
+                                    Ok(index) if index.to_string() == n => {
+                                        KeyKind::BackendSlice(ns, name, index)
+                                    }
+                                    _ => KeyKind::Other,
+                                }
+                            }
+                            _ => KeyKind::Other,
+                        }
+                    }
+                    _ => KeyKind::Other,
+                },
+                Some((version, _)) => KeyKind::UnknownVersion(version),
+                None => KeyKind::Other,
+            };
+        }
         if let Some(r) = rest.strip_prefix("state/identities/") {
             return match r.split_once('/') {
                 Some(("v1", r)) => match r.split_once('/') {
@@ -249,6 +288,8 @@ pub enum KeyKind<'k> {
     Node(&'k str),
     /// (namespace, name)
     Service(&'k str, &'k str),
+    /// (namespace, name, slice index) of a large service's backends.
+    BackendSlice(&'k str, &'k str, u32),
     /// The per-cluster number of an identity (the key's last segment, decimal; other segments give `Other`).
     Identity(u32),
     /// A pod address.
@@ -387,6 +428,113 @@ pub fn is_dns_label(s: &str) -> bool {
 
 /// Largest number of backends a decoder accepts in one service record.
 pub const MAX_BACKENDS_PER_RECORD: usize = 4096;
+
+/// Backends per slice a publisher writes by default: a service with more backends is published as a
+/// [`ServiceRecord`] without backends plus [`BackendSlice`]s of at most this many, so that one backend's change
+/// writes (and sends to every reader) one slice, not the whole service.
+pub const DEFAULT_SLICE_SIZE: usize = 100;
+
+/// Largest slice index a decoder accepts (so at most 65,536 slices per service).
+pub const MAX_SLICE_INDEX: u32 = 65_535;
+
+/// Some of a large service's ready backends (docs/kvstore-schema.md): the service's backends are the union of its
+/// record's and of all its slices'. A slice without a service record is kept until the record comes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendSlice {
+    pub cluster: String,
+    pub cluster_id: u16,
+    pub namespace: String,
+    pub name: String,
+    pub backends: Vec<BackendRecord>,
+}
+
+/// Decodes slice `index` of `namespace/name` of `cluster`.
+///
+/// # Errors
+/// Too large, bad JSON, names differing from the key, an index above [`MAX_SLICE_INDEX`], a port 0, a backend
+/// weight outside 1 to [`mesh_model::traffic::MAX_CAPACITY`], or more than [`MAX_BACKENDS_PER_RECORD`] backends.
+pub fn decode_backend_slice(
+    key: &str,
+    cluster: &str,
+    namespace: &str,
+    name: &str,
+    index: u32,
+    value: &[u8],
+) -> Result<BackendSlice, DecodeError> {
+    let rec: BackendSlice = json(key, "BackendSlice", value)?;
+    expect_eq(key, "cluster", &rec.cluster, cluster)?;
+    expect_eq(key, "namespace", &rec.namespace, namespace)?;
+    expect_eq(key, "name", &rec.name, name)?;
+    let invalid = |reason: String| DecodeError::Invalid {
+        key: key.to_owned(),
+        reason,
+    };
+    if index > MAX_SLICE_INDEX {
+        return Err(invalid(format!(
+            "slice index {index} (at most {MAX_SLICE_INDEX})"
+        )));
+    }
+    if rec.backends.len() > MAX_BACKENDS_PER_RECORD {
+        return Err(invalid(format!(
+            "{} backends (at most {MAX_BACKENDS_PER_RECORD})",
+            rec.backends.len()
+        )));
+    }
+    if rec.backends.iter().flat_map(|b| &b.ports).any(|p| p.port == 0) {
+        return Err(invalid("a port is 0".into()));
+    }
+    let max = mesh_model::traffic::MAX_CAPACITY;
+    if let Some(b) = rec.backends.iter().find(|b| !(1..=max).contains(&b.weight)) {
+        return Err(invalid(format!(
+            "backend {} has weight {}, not from 1 to {max}",
+            b.ipv4, b.weight
+        )));
+    }
+    Ok(rec)
+}
+
+/// Splits a service's backends into slices of at most `size`, keeping every backend in the slice it had in
+/// `previous` (so that a change rewrites only the slices it touches): gone backends leave their slice, new ones go
+/// to the lowest slice with room (a new slice when none has). When the slices hold less than a quarter of their
+/// room (many removals), they are made again from scratch. Empty slices are left out (their keys go).
+#[must_use]
+pub fn slice_backends(
+    previous: &BTreeMap<u32, Vec<Ipv4Addr>>,
+    backends: &[BackendRecord],
+    size: usize,
+) -> BTreeMap<u32, Vec<BackendRecord>> {
+    let size = size.max(1);
+    let by_ip: BTreeMap<Ipv4Addr, &BackendRecord> = backends.iter().map(|b| (b.ipv4, b)).collect();
+    let mut out: BTreeMap<u32, Vec<BackendRecord>> = BTreeMap::new();
+    let mut placed = std::collections::BTreeSet::new();
+    let room = previous.len().saturating_mul(size);
+    if room / 4 <= by_ip.len() {
+        for (index, ips) in previous {
+            let kept: Vec<BackendRecord> = ips
+                .iter()
+                .filter_map(|ip| by_ip.get(ip))
+                .filter(|b| placed.insert(b.ipv4))
+                .map(|b| (*b).clone())
+                .take(size)
+                .collect();
+            if !kept.is_empty() {
+                out.insert(*index, kept);
+            }
+        }
+    }
+    let mut index = 0u32;
+    for (ip, b) in &by_ip {
+        if placed.contains(ip) {
+            continue;
+        }
+        while out.get(&index).is_some_and(|s| s.len() >= size) {
+            index += 1;
+        }
+        out.entry(index).or_default().push((*b).clone());
+    }
+    out
+}
 
 /// A security identity of a cluster: the set of identity labels it stands for (docs/network-policy.md, "Identities").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -890,6 +1038,143 @@ mod tests {
         assert!(
             matches!(err, DecodeError::Invalid { .. } | DecodeError::TooLarge { .. }),
             "{err}"
+        );
+    }
+
+    fn backend(i: u32) -> BackendRecord {
+        BackendRecord {
+            ipv4: Ipv4Addr::from(0x0a01_0000 + i),
+            ports: vec![PortRecord {
+                name: "http".into(),
+                port: 8080,
+                protocol: mesh_model::Protocol::Tcp,
+            }],
+            weight: 1,
+        }
+    }
+
+    fn assignment(slices: &BTreeMap<u32, Vec<BackendRecord>>) -> BTreeMap<u32, Vec<Ipv4Addr>> {
+        slices
+            .iter()
+            .map(|(i, bs)| (*i, bs.iter().map(|b| b.ipv4).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn backend_slices_are_bounded_and_a_change_touches_one() {
+        let all: Vec<BackendRecord> = (0..1_000).map(backend).collect();
+        let first = slice_backends(&BTreeMap::new(), &all, 100);
+        assert_eq!(first.len(), 10);
+        assert!(first.values().all(|s| s.len() == 100));
+        let prev = assignment(&first);
+        // One backend gone, one new: at most two slices differ, every other is the same.
+        let mut next: Vec<BackendRecord> = all
+            .iter()
+            .filter(|b| b.ipv4 != backend(500).ipv4)
+            .cloned()
+            .collect();
+        next.push(backend(5_000));
+        let second = slice_backends(&prev, &next, 100);
+        let differ = (0..12u32).filter(|i| first.get(i) != second.get(i)).count();
+        assert_eq!(differ, 1, "the freed place takes the new backend");
+        assert!(second.values().all(|s| s.len() <= 100));
+        let mut union: Vec<Ipv4Addr> = second.values().flatten().map(|b| b.ipv4).collect();
+        union.sort();
+        let mut want: Vec<Ipv4Addr> = next.iter().map(|b| b.ipv4).collect();
+        want.sort();
+        assert_eq!(union, want, "every backend in exactly one slice");
+        // A changed weight rewrites only its slice.
+        let mut heavier = next.clone();
+        heavier[3].weight = 7;
+        let third = slice_backends(&assignment(&second), &heavier, 100);
+        assert_eq!((0..12u32).filter(|i| second.get(i) != third.get(i)).count(), 1);
+        // Most backends gone: made again, compactly.
+        let few: Vec<BackendRecord> = (0..150).map(backend).collect();
+        let fourth = slice_backends(&assignment(&third), &few, 100);
+        assert_eq!(fourth.len(), 2, "{:?}", fourth.keys());
+    }
+
+    #[test]
+    fn backend_slice_keys_and_records() {
+        let k = Keys::default();
+        let key = k.backend_slice("east", "shop", "api", 3);
+        assert_eq!(key, "fleetmesh/state/backends/v1/east/shop/api/3");
+        assert_eq!(k.classify("east", &key), KeyKind::BackendSlice("shop", "api", 3));
+        assert_eq!(k.classify("west", &key), KeyKind::Other);
+        for bad in [
+            "fleetmesh/state/backends/v1/east/shop/api/03",
+            "fleetmesh/state/backends/v1/east/shop/api/x",
+            "fleetmesh/state/backends/v1/east/shop/api",
+            "fleetmesh/state/backends/v1/east/shop/api/1/2",
+        ] {
+            assert_eq!(k.classify("east", bad), KeyKind::Other, "{bad}");
+        }
+        assert_eq!(
+            k.classify("east", "fleetmesh/state/backends/v2/east/shop/api/1"),
+            KeyKind::UnknownVersion("v2")
+        );
+        // Slices sort before the records that name their addresses (identities, ips) and before services.
+        assert!(k.backend_slices_prefix("east") < k.services_prefix("east"));
+        let rec = BackendSlice {
+            cluster: "east".into(),
+            cluster_id: 1,
+            namespace: "shop".into(),
+            name: "api".into(),
+            backends: vec![backend(1)],
+        };
+        let v = encode(&rec);
+        assert_eq!(
+            decode_backend_slice(&key, "east", "shop", "api", 3, v.as_bytes()),
+            Ok(rec.clone())
+        );
+        let reason = |r: Result<BackendSlice, DecodeError>| r.expect_err("refused").reason();
+        assert_eq!(
+            reason(decode_backend_slice(&key, "east", "shop", "web", 3, v.as_bytes())),
+            "key_mismatch"
+        );
+        assert_eq!(
+            reason(decode_backend_slice(
+                &key,
+                "east",
+                "shop",
+                "api",
+                MAX_SLICE_INDEX + 1,
+                v.as_bytes()
+            )),
+            "invalid"
+        );
+        let mut zero = rec.clone();
+        zero.backends[0].weight = 0;
+        assert_eq!(
+            reason(decode_backend_slice(
+                &key,
+                "east",
+                "shop",
+                "api",
+                3,
+                encode(&zero).as_bytes()
+            )),
+            "invalid"
+        );
+        let mut many = rec;
+        many.backends = (0..=u32::try_from(MAX_BACKENDS_PER_RECORD).expect("fits"))
+            .map(backend)
+            .collect();
+        // (The value's size limit refuses it first.)
+        assert_eq!(
+            reason(decode_backend_slice(
+                &key,
+                "east",
+                "shop",
+                "api",
+                3,
+                encode(&many).as_bytes()
+            )),
+            "too_large"
+        );
+        assert_eq!(
+            reason(decode_backend_slice(&key, "east", "shop", "api", 3, b"{not json")),
+            "bad_json"
         );
     }
 
