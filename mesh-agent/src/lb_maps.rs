@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 
 use mesh_common::{BackendV4, RevNatV4, ServiceEntry, ServiceKeyV4, SlotKey, proto, service_flags};
 use mesh_model::Protocol;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::datapath::{Datapath, DatapathError};
 use crate::lb::ServiceView;
@@ -123,6 +123,75 @@ fn slot_list(ids: &[(u32, u32)]) -> Vec<u32> {
         .flat_map(|(id, w)| std::iter::repeat_n(*id, (*w).max(1) as usize))
         .take(crate::lb::MAX_SLOTS_PER_FRONTEND as usize)
         .collect()
+}
+
+/// Whether two slot tables give each backend the same number of slots (their order does not matter: a flow picks
+/// a slot by hash).
+fn same_slots(a: &[u32], b: &[u32]) -> bool {
+    a.len() == b.len() && slot_counts(a) == slot_counts(b)
+}
+
+fn slot_counts(slots: &[u32]) -> BTreeMap<u32, usize> {
+    let mut out = BTreeMap::new();
+    for b in slots {
+        *out.entry(*b).or_default() += 1;
+    }
+    out
+}
+
+/// The slot table that gives each backend as many slots as `want` does, changing as few slots of `old` as it can:
+/// slots of backends that lose slots are reused for those that gain some; what is still missing is appended, and
+/// what is left over is filled from the end (so the table stays dense and shrinks from its end). A change of one
+/// backend thus rewrites about its own slots, not the table.
+fn edit_slots(old: &[u32], want: &[u32]) -> Vec<u32> {
+    let want_counts = slot_counts(want);
+    let mut surplus: BTreeMap<u32, usize> = slot_counts(old)
+        .into_iter()
+        .filter_map(|(b, n)| {
+            let w = want_counts.get(&b).copied().unwrap_or(0);
+            (n > w).then(|| (b, n - w))
+        })
+        .collect();
+    let mut out: Vec<Option<u32>> = old.iter().copied().map(Some).collect();
+    let mut holes = Vec::new();
+    for (i, slot) in out.iter_mut().enumerate() {
+        if let Some(b) = *slot
+            && let Some(n) = surplus.get_mut(&b)
+            && *n > 0
+        {
+            *n -= 1;
+            *slot = None;
+            holes.push(i);
+        }
+    }
+    let kept: Vec<u32> = out.iter().flatten().copied().collect();
+    let mut have = slot_counts(&kept);
+    let mut holes = holes.into_iter();
+    for b in want {
+        let n = have.entry(*b).or_default();
+        if want_counts.get(b).is_some_and(|w| *n < *w) {
+            *n += 1;
+            match holes.next() {
+                Some(i) => out[i] = Some(*b),
+                None => out.push(Some(*b)),
+            }
+        }
+    }
+    // Holes left: filled with the table's last slots.
+    let mut i = 0;
+    while i < out.len() {
+        if out[i].is_none() {
+            while out.last() == Some(&None) {
+                out.pop();
+            }
+            if i >= out.len() {
+                break;
+            }
+            out[i] = out.pop().flatten();
+        }
+        i += 1;
+    }
+    out.into_iter().flatten().collect()
 }
 
 impl LbMaps {
@@ -406,12 +475,72 @@ impl LbMaps {
         keys.dedup();
         let slots = slot_list(&ids);
         if let Some(old) = self.frontends.get_mut(&key)
-            && old.slots == slots
             && old.flags == flags
+            && same_slots(&old.slots, &slots)
         {
             if old.owner.as_ref() != Some(id) {
                 old.owner = Some(id.clone());
             }
+            return Ok(key);
+        }
+        // The same frontend with other backends or weights: its slot table is edited where it differs.
+        if let Some(old) = self.frontends.get(&key).filter(|o| o.flags == flags).cloned() {
+            let edited = edit_slots(&old.slots, &slots);
+            let writes: Vec<(SlotKey, u32)> = edited
+                .iter()
+                .enumerate()
+                .filter(|(i, b)| old.slots.get(*i) != Some(*b))
+                .map(|(i, b)| {
+                    (
+                        SlotKey {
+                            service_id: old.service_id,
+                            slot: u32::try_from(i).unwrap_or(u32::MAX),
+                        },
+                        *b,
+                    )
+                })
+                .collect();
+            dp.upsert_slots(&writes)?;
+            if edited.len() != old.slots.len() {
+                dp.upsert_service(
+                    key,
+                    ServiceEntry {
+                        service_id: old.service_id,
+                        slot_count: u32::try_from(edited.len()).unwrap_or(u32::MAX),
+                        rev_nat_id: old.rev_nat_id,
+                        flags,
+                        _pad: 0,
+                    },
+                )?;
+            }
+            for k in &keys {
+                *self.backend_refs.entry(*k).or_default() += 1;
+            }
+            self.frontends.insert(
+                key,
+                Programmed {
+                    slots: edited.clone(),
+                    owner: Some(id.clone()),
+                    backends: keys,
+                    ..old.clone()
+                },
+            );
+            self.unref(&old.backends, unused);
+            let gone: Vec<SlotKey> = (edited.len()..old.slots.len())
+                .map(|i| SlotKey {
+                    service_id: old.service_id,
+                    slot: u32::try_from(i).unwrap_or(u32::MAX),
+                })
+                .collect();
+            dp.remove_slots(&gone)?;
+            debug!(
+                service = %format!("{}/{}", id.0, id.1),
+                frontend = %format!("{}:{}/{:?}", fe.vip, fe.port, fe.protocol),
+                backends = fe.active.len(),
+                slots_written = writes.len(),
+                "service frontend edited"
+            );
+            changes.frontends_changed += 1;
             return Ok(key);
         }
         let old = self.frontends.get(&key).cloned();
@@ -584,6 +713,45 @@ mod tests {
             crate::lb::MAX_SLOTS_PER_FRONTEND as usize,
             "capped at the frontend's table size"
         );
+    }
+
+    #[test]
+    fn slot_edits_touch_the_changed_backends_only() {
+        let ids: Vec<(u32, u32)> = (1..=1000).map(|i| (i, 1)).collect();
+        let old = slot_list(&ids);
+        // One backend more: one slot appended, nothing else.
+        let mut more = ids.clone();
+        more.push((5000, 1));
+        let edited = edit_slots(&old, &slot_list(&more));
+        assert!(same_slots(&edited, &slot_list(&more)));
+        assert_eq!(edited[..1000], old[..]);
+        assert_eq!(edited.len(), 1001);
+        // One backend less: its slot takes the last one; two slots differ, the table is one shorter.
+        let less: Vec<(u32, u32)> = ids.iter().copied().filter(|(i, _)| *i != 500).collect();
+        let edited = edit_slots(&old, &slot_list(&less));
+        assert!(same_slots(&edited, &slot_list(&less)));
+        assert_eq!(edited.len(), 999);
+        assert_eq!((0..999).filter(|i| edited[*i] != old[*i]).count(), 1);
+        // A replacement reuses the slot; a weight change adds or frees that backend's slots only.
+        let mut swapped = less;
+        swapped.push((6000, 1));
+        let edited = edit_slots(&old, &slot_list(&swapped));
+        assert_eq!(
+            (edited.len(), (0..1000).filter(|i| edited[*i] != old[*i]).count()),
+            (1000, 1)
+        );
+        let mut heavier = ids;
+        heavier[10].1 = 3;
+        let edited = edit_slots(&old, &slot_list(&heavier));
+        assert!(same_slots(&edited, &slot_list(&heavier)));
+        assert_eq!(edited[..1000], old[..]);
+        let back = edit_slots(&edited, &old);
+        assert!(same_slots(&back, &old));
+        // Everything different: still exactly the wanted multiset.
+        let other: Vec<(u32, u32)> = (2000..2010).map(|i| (i, 2)).collect();
+        let edited = edit_slots(&old, &slot_list(&other));
+        assert!(same_slots(&edited, &slot_list(&other)));
+        assert!(edit_slots(&old, &[]).is_empty());
     }
 
     #[test]

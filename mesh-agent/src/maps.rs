@@ -147,7 +147,8 @@ impl FakeMaps {
         self.services
             .iter()
             .map(|(k, e)| {
-                let backends = (0..e.slot_count)
+                // Sorted: a flow picks a slot by hash, so only how many slots each backend has matters.
+                let mut backends: Vec<ResolvedBackend> = (0..e.slot_count)
                     .filter_map(|slot| {
                         let id = self.slots.get(&SlotKey {
                             service_id: e.service_id,
@@ -157,6 +158,7 @@ impl FakeMaps {
                         Some((Ipv4Addr::from(b.addr), u16::from_be(b.port_be), b.cluster_id))
                     })
                     .collect();
+                backends.sort_unstable();
                 (
                     (Ipv4Addr::from(k.vip), u16::from_be(k.port_be), k.proto),
                     backends,

@@ -615,13 +615,25 @@ fn adopting_the_service_maps_keeps_ids_and_removes_orphans() {
         lb.backend_id(POD_B, PORT, Protocol::Tcp)
     );
 
-    // New ids continue above every id seen, so nothing in use (or in conntrack) is reused.
+    // A backend less: the adopted slot table is edited in place (same service id, one slot fewer).
     let changes = adopted.reconcile(&mut dp, &views(&[POD_B])).unwrap();
     assert_eq!((changes.frontends_changed, changes.backends_removed), (1, 1));
-    let new = dp.services().unwrap()[0].1;
-    assert!(new.service_id > service_id + 7, "{new:?}");
+    let edited = dp.services().unwrap()[0].1;
     assert_eq!(
-        new.rev_nat_id, rev_nat,
+        (edited.service_id, edited.slot_count),
+        (service_id, 1),
+        "{edited:?}"
+    );
+    assert_eq!(
+        edited.rev_nat_id, rev_nat,
         "the rev-NAT id of a frontend never changes"
     );
+    // New ids continue above every id seen, so nothing in use (or in conntrack) is reused: a frontend whose
+    // flags change gets a new table.
+    let mut global = views(&[POD_B]);
+    global[0].spec.global = true;
+    adopted.reconcile(&mut dp, &global).unwrap();
+    let new = dp.services().unwrap()[0].1;
+    assert!(new.service_id > service_id + 7, "{new:?}");
+    assert_eq!(new.rev_nat_id, rev_nat);
 }
