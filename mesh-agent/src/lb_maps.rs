@@ -128,15 +128,43 @@ fn slot_list(ids: &[(u32, u32)]) -> Vec<u32> {
 /// Whether two slot tables give each backend the same number of slots (their order does not matter: a flow picks
 /// a slot by hash).
 fn same_slots(a: &[u32], b: &[u32]) -> bool {
-    a.len() == b.len() && slot_counts(a) == slot_counts(b)
+    a == b || a.len() == b.len() && slot_counts(a) == slot_counts(b)
 }
 
-fn slot_counts(slots: &[u32]) -> BTreeMap<u32, usize> {
-    let mut out = BTreeMap::new();
+fn slot_counts(slots: &[u32]) -> std::collections::HashMap<u32, usize> {
+    let mut out = std::collections::HashMap::with_capacity(slots.len());
     for b in slots {
         *out.entry(*b).or_default() += 1;
     }
     out
+}
+
+/// (in `b` not `a`, in `a` not `b`) of two sorted, deduplicated lists.
+fn sorted_difference<T: Ord + Copy>(a: &[T], b: &[T]) -> (Vec<T>, Vec<T>) {
+    let (mut came, mut went) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) if x == y => {
+                i += 1;
+                j += 1;
+            }
+            (Some(x), Some(y)) if x < y => {
+                went.push(*x);
+                i += 1;
+            }
+            (Some(_), Some(y)) | (None, Some(y)) => {
+                came.push(*y);
+                j += 1;
+            }
+            (Some(x), None) => {
+                went.push(*x);
+                i += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    (came, went)
 }
 
 /// The slot table that gives each backend as many slots as `want` does, changing as few slots of `old` as it can:
@@ -145,7 +173,7 @@ fn slot_counts(slots: &[u32]) -> BTreeMap<u32, usize> {
 /// backend thus rewrites about its own slots, not the table.
 fn edit_slots(old: &[u32], want: &[u32]) -> Vec<u32> {
     let want_counts = slot_counts(want);
-    let mut surplus: BTreeMap<u32, usize> = slot_counts(old)
+    let mut surplus: std::collections::HashMap<u32, usize> = slot_counts(old)
         .into_iter()
         .filter_map(|(b, n)| {
             let w = want_counts.get(&b).copied().unwrap_or(0);
@@ -513,20 +541,23 @@ impl LbMaps {
                     },
                 )?;
             }
-            for k in &keys {
+            // Only the backends that came or went change their reference counts (both lists are sorted).
+            let (came, went) = sorted_difference(&old.backends, &keys);
+            for k in &came {
                 *self.backend_refs.entry(*k).or_default() += 1;
             }
+            self.unref(&went, unused);
+            let new_len = edited.len();
             self.frontends.insert(
                 key,
                 Programmed {
-                    slots: edited.clone(),
+                    slots: edited,
                     owner: Some(id.clone()),
                     backends: keys,
-                    ..old.clone()
+                    ..old
                 },
             );
-            self.unref(&old.backends, unused);
-            let gone: Vec<SlotKey> = (edited.len()..old.slots.len())
+            let gone: Vec<SlotKey> = (new_len..old.slots.len())
                 .map(|i| SlotKey {
                     service_id: old.service_id,
                     slot: u32::try_from(i).unwrap_or(u32::MAX),

@@ -78,6 +78,8 @@ pub enum Part {
     Policy,
     /// Clusterset DNS: queries/s and latency vs dnsmasq, remote backend change → answer, memory per record.
     Dns,
+    /// Fleet: what one backend change of a 10,000-backend service writes to etcd and sends to each watcher.
+    Fleet,
 }
 
 /// How long and how often each measurement runs.
@@ -639,6 +641,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Part::Faults,
             Part::Policy,
             Part::Dns,
+            Part::Fleet,
         ]
     } else {
         args.only
@@ -727,6 +730,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         with_example_lab(&plan, &out_dir, "dns-lab", |dir, st| {
             crate::bench_dns::measure(&plan, dir, st, &mut rows)
         })?;
+    }
+
+    if parts.contains(&Part::Fleet) {
+        println!(
+            "\n== fleet: one backend change of a 10,000-backend service on the wire (real etcd and apiserver)"
+        );
+        for (what, value, baseline, ratio, goal) in crate::bench_fleet::run(plan.build, &out_dir)? {
+            rows.push(Row {
+                goal,
+                ..row(what, value, baseline, ratio)
+            });
+        }
     }
 
     let report = render(&rows, &notes, &plan, started.elapsed());
