@@ -57,6 +57,9 @@ pub struct ApiState {
     pub programmed: crate::reconcile::SharedProgrammed,
     /// Per-backend statistics of the datapath, read on demand (`None` when the map could not be opened).
     pub backend_stats: Option<Arc<crate::datapath::BackendStatsReader>>,
+    /// The WireGuard engine (`None` with `--encryption off`): per-peer sessions for `GET /v1/encryption` and
+    /// the metrics.
+    pub wireguard: Option<Arc<crate::wireguard::Engine>>,
 }
 
 /// `GET /v1/flows?pod=&namespace=&cluster=&verdict=&last=&follow=`: flows as NDJSON; with `follow=true` the
@@ -204,6 +207,11 @@ async fn status(State(s): State<ApiState>) -> Json<Status> {
     Json(current(&s))
 }
 
+/// `GET /v1/encryption`: the WireGuard engine per peer (handshake age, bytes, errors); `null` with encryption off.
+async fn encryption(State(s): State<ApiState>) -> Json<Option<crate::wireguard::EncryptionStatus>> {
+    Json(s.wireguard.as_ref().map(|e| e.status()))
+}
+
 /// `GET /metrics`: Prometheus text format, from the tables' numbers (no copy of the status).
 async fn metrics(State(s): State<ApiState>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
     let now = crate::remote::now_ms();
@@ -231,6 +239,8 @@ async fn metrics(State(s): State<ApiState>) -> ([(axum::http::HeaderName, &'stat
             )
         })
     });
+    let mut scrape = scrape;
+    scrape.encryption = s.wireguard.as_ref().map(|e| e.status());
     (
         [(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         scrape.render(),
@@ -340,6 +350,7 @@ pub async fn serve(socket: &Path, state: ApiState) -> std::io::Result<()> {
     let listener = tokio::net::UnixListener::bind(socket)?;
     let app = Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/encryption", get(encryption))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/summary", get(summary))

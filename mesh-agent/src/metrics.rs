@@ -72,6 +72,8 @@ pub struct Scrape {
     local_endpoints: usize,
     endpoint_refusals: u64,
     ipcache_entries: usize,
+    /// The WireGuard engine's peers (set by the caller; `None` with encryption off).
+    pub encryption: Option<crate::wireguard::EncryptionStatus>,
 }
 
 impl Scrape {
@@ -101,6 +103,7 @@ impl Scrape {
             local_endpoints: st.datapath.endpoints.iter().filter(|e| e.programmed).count(),
             endpoint_refusals: st.datapath.endpoint_refusals,
             ipcache_entries,
+            encryption: None,
         }
     }
 
@@ -152,6 +155,49 @@ impl Collector for Scrape {
                 )
             }),
         )?;
+        if let Some(wg) = &self.encryption {
+            let of_peer = |p: &'s crate::wireguard::PeerStatus| {
+                [("node", node), ("cluster", cluster), ("peer", p.name.as_str())]
+            };
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_handshake_age_seconds",
+                "Seconds since the last completed WireGuard handshake with the peer node (absent before the first).",
+                wg.peers.iter().filter_map(|p| {
+                    Some((of_peer(p), ConstGauge::<f64>::new(p.handshake_age_seconds?)))
+                }),
+            )?;
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_tx_bytes",
+                "Bytes of packets encrypted to the peer node (before encryption).",
+                wg.peers.iter().map(|p| (of_peer(p), ConstCounter::new(p.tx_bytes))),
+            )?;
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_rx_bytes",
+                "Bytes of packets decrypted from the peer node.",
+                wg.peers.iter().map(|p| (of_peer(p), ConstCounter::new(p.rx_bytes))),
+            )?;
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_rx_errors",
+                "Datagrams from the peer node that failed to decrypt or carried another source than its WireGuard address.",
+                wg.peers.iter().map(|p| (of_peer(p), ConstCounter::new(p.rx_errors))),
+            )?;
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_tx_errors",
+                "Packets for the peer node that could not be encrypted or sent.",
+                wg.peers.iter().map(|p| (of_peer(p), ConstCounter::new(p.tx_errors))),
+            )?;
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_peers_without_key",
+                "Nodes encryption applies to that published no usable key (their packets are dropped).",
+                [(common, gauge(wg.peers_without_key.len()))],
+            )?;
+        }
         family(
             &mut enc,
             "fleetmesh_ready",
