@@ -163,33 +163,41 @@ impl Collector for Scrape {
                 &mut enc,
                 "fleetmesh_wireguard_handshake_age_seconds",
                 "Seconds since the last completed WireGuard handshake with the peer node (absent before the first).",
-                wg.peers.iter().filter_map(|p| {
-                    Some((of_peer(p), ConstGauge::<f64>::new(p.handshake_age_seconds?)))
-                }),
+                wg.peers
+                    .iter()
+                    .filter_map(|p| Some((of_peer(p), ConstGauge::<f64>::new(p.handshake_age_seconds?)))),
             )?;
             family(
                 &mut enc,
                 "fleetmesh_wireguard_tx_bytes",
                 "Bytes of packets encrypted to the peer node (before encryption).",
-                wg.peers.iter().map(|p| (of_peer(p), ConstCounter::new(p.tx_bytes))),
+                wg.peers
+                    .iter()
+                    .map(|p| (of_peer(p), ConstCounter::new(p.tx_bytes))),
             )?;
             family(
                 &mut enc,
                 "fleetmesh_wireguard_rx_bytes",
                 "Bytes of packets decrypted from the peer node.",
-                wg.peers.iter().map(|p| (of_peer(p), ConstCounter::new(p.rx_bytes))),
+                wg.peers
+                    .iter()
+                    .map(|p| (of_peer(p), ConstCounter::new(p.rx_bytes))),
             )?;
             family(
                 &mut enc,
                 "fleetmesh_wireguard_rx_errors",
                 "Datagrams from the peer node that failed to decrypt or carried another source than its WireGuard address.",
-                wg.peers.iter().map(|p| (of_peer(p), ConstCounter::new(p.rx_errors))),
+                wg.peers
+                    .iter()
+                    .map(|p| (of_peer(p), ConstCounter::new(p.rx_errors))),
             )?;
             family(
                 &mut enc,
                 "fleetmesh_wireguard_tx_errors",
                 "Packets for the peer node that could not be encrypted or sent.",
-                wg.peers.iter().map(|p| (of_peer(p), ConstCounter::new(p.tx_errors))),
+                wg.peers
+                    .iter()
+                    .map(|p| (of_peer(p), ConstCounter::new(p.tx_errors))),
             )?;
             family(
                 &mut enc,

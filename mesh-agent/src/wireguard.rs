@@ -440,13 +440,21 @@ impl Engine {
                 message: format!("{e:#}"),
             })
         };
-        setup(&["link", "set", &config.device, "mtu", &DEVICE_MTU.to_string(), "up"])?;
-        let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port))).map_err(|source| {
-            WireguardError::Socket {
-                port: config.port,
-                source,
-            }
-        })?;
+        setup(&[
+            "link",
+            "set",
+            &config.device,
+            "mtu",
+            &DEVICE_MTU.to_string(),
+            "up",
+        ])?;
+        let socket =
+            UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port))).map_err(|source| {
+                WireguardError::Socket {
+                    port: config.port,
+                    source,
+                }
+            })?;
         let public = PublicKey::from(&secret);
         info!(device = %config.device, port = config.port, mode = %config.mode,
             public_key = %mesh_model::wireguard::encode_key(public.as_bytes()), "WireGuard engine up");
@@ -648,10 +656,9 @@ impl Engine {
         let mut next: BTreeMap<Ipv4Addr, PeerSpec> = BTreeMap::new();
         for spec in want {
             // Accepted by the reconciler (its entry exists, flagged as no WireGuard address, same cluster)?
-            let trusted = map
-                .get(&u32::from(spec.underlay), 0)
-                .ok()
-                .is_some_and(|e| e.cluster_id == spec.cluster_id && e.flags & tunnel_peer_flags::VIA_WIREGUARD == 0);
+            let trusted = map.get(&u32::from(spec.underlay), 0).ok().is_some_and(|e| {
+                e.cluster_id == spec.cluster_id && e.flags & tunnel_peer_flags::VIA_WIREGUARD == 0
+            });
             if !trusted {
                 continue;
             }
@@ -667,14 +674,15 @@ impl Engine {
         // Remove what is no longer wanted (or changed key/address): map first, then the route.
         let old: Vec<Arc<Peer>> = self.peers().by_wg.values().cloned().collect();
         for peer in &old {
-            let keep = next.get(&peer.spec.wireguard_ipv4).is_some_and(|s| {
-                s.public_key == peer.spec.public_key && s.underlay == peer.spec.underlay
-            });
+            let keep = next
+                .get(&peer.spec.wireguard_ipv4)
+                .is_some_and(|s| s.public_key == peer.spec.public_key && s.underlay == peer.spec.underlay);
             if keep {
                 if let Some(s) = next.get(&peer.spec.wireguard_ipv4)
                     && s.port != peer.spec.port
                 {
-                    *peer.endpoint.lock().unwrap_or_else(PoisonError::into_inner) = SocketAddrV4::new(s.underlay, s.port);
+                    *peer.endpoint.lock().unwrap_or_else(PoisonError::into_inner) =
+                        SocketAddrV4::new(s.underlay, s.port);
                 }
                 continue;
             }
@@ -704,9 +712,11 @@ impl Engine {
                 continue;
             }
             // If the device route is ever gone, the address is unreachable rather than routed elsewhere in clear.
-            let _ = crate::netdev::run_ip(&["route", "replace", "unreachable", &cidr, "metric", "4000000000"]);
+            let _ =
+                crate::netdev::run_ip(&["route", "replace", "unreachable", &cidr, "metric", "4000000000"]);
             if !have {
-                let index = u32::try_from(self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff).unwrap_or(1);
+                let index =
+                    u32::try_from(self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff).unwrap_or(1);
                 let mut tunn = Tunn::new(
                     self.secret.clone(),
                     PublicKey::from(spec.public_key),
@@ -797,7 +807,11 @@ impl Engine {
                 let (age, ..) = p.tunn.lock().unwrap_or_else(PoisonError::into_inner).stats();
                 PeerStatus {
                     name: p.spec.name.clone(),
-                    endpoint: p.endpoint.lock().unwrap_or_else(PoisonError::into_inner).to_string(),
+                    endpoint: p
+                        .endpoint
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .to_string(),
                     public_key: mesh_model::wireguard::encode_key(&p.spec.public_key),
                     wireguard_ipv4: p.spec.wireguard_ipv4,
                     handshake_age_seconds: age.map(|d| d.as_secs_f64()),
@@ -845,7 +859,11 @@ pub fn run_sync(
     loop {
         let (mine, local) = {
             let snap = snapshots.borrow();
-            let mine = snap.state.nodes.get(&me.node).map(|n| wireguard_address(n.pod_cidr));
+            let mine = snap
+                .state
+                .nodes
+                .get(&me.node)
+                .map(|n| wireguard_address(n.pod_cidr));
             (mine, snap.state.clone())
         };
         let (want, missing) = desired_peers(engine.config.mode, me, &local, &remotes.snapshot());
@@ -932,12 +950,16 @@ mod tests {
         let path = dir.path().join(KEY_FILE);
         let before = std::fs::read(&path).expect("read");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let err = load_or_create_key(dir.path()).expect_err("refused").to_string();
+        let err = load_or_create_key(dir.path()).err().expect("refused").to_string();
         assert!(err.contains("0644") && err.contains("chmod 600"), "{err}");
-        assert_eq!(std::fs::read(&path).expect("read"), before, "the key is never replaced");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            before,
+            "the key is never replaced"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         std::fs::write(&path, "garbage").expect("write");
-        let err = load_or_create_key(dir.path()).expect_err("refused").to_string();
+        let err = load_or_create_key(dir.path()).err().expect("refused").to_string();
         assert!(err.contains(KEY_FILE) && err.contains("not base64"), "{err}");
     }
 
@@ -986,9 +1008,18 @@ mod tests {
         let mut rc = crate::remote::RemoteCluster::new("west");
         rc.usable = true;
         rc.cluster_id = Some(2);
-        rc.nodes.insert("west-node-1".into(), Arc::new(record("west-node-1", "10.2.0.0/24", Some(key))));
-        rc.nodes.insert("west-node-2".into(), Arc::new(record("west-node-2", "10.2.1.0/24", None)));
-        rc.nodes.insert("west-node-3".into(), Arc::new(record("west-node-3", "10.2.2.0/24", Some("AAAA"))));
+        rc.nodes.insert(
+            "west-node-1".into(),
+            Arc::new(record("west-node-1", "10.2.0.0/24", Some(key))),
+        );
+        rc.nodes.insert(
+            "west-node-2".into(),
+            Arc::new(record("west-node-2", "10.2.1.0/24", None)),
+        );
+        rc.nodes.insert(
+            "west-node-3".into(),
+            Arc::new(record("west-node-3", "10.2.2.0/24", Some("AAAA"))),
+        );
         let remotes = BTreeMap::from([("west".to_owned(), rc)]);
         let local = mesh_model::ClusterState::default();
         let (want, missing) = desired_peers(Mode::CrossCluster, &me, &local, &remotes);
@@ -996,8 +1027,16 @@ mod tests {
         assert_eq!(want[0].name, "west/west-node-1");
         assert_eq!(want[0].wireguard_ipv4, Ipv4Addr::new(10, 2, 0, 0));
         assert_eq!(missing.len(), 2, "{missing:?}");
-        assert!(missing.iter().any(|m| m.contains("west-node-2") && m.contains("no WireGuard key")));
-        assert!(missing.iter().any(|m| m.contains("west-node-3") && m.contains("32")));
+        assert!(
+            missing
+                .iter()
+                .any(|m| m.contains("west-node-2") && m.contains("no WireGuard key"))
+        );
+        assert!(
+            missing
+                .iter()
+                .any(|m| m.contains("west-node-3") && m.contains("32"))
+        );
         let (want, missing) = desired_peers(Mode::Off, &me, &local, &remotes);
         assert!(want.is_empty() && missing.is_empty());
     }

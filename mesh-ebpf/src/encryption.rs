@@ -103,13 +103,19 @@ mod tests {
         let cross = cfg(node_flags::ENCRYPT_CROSS_CLUSTER);
         assert_eq!(tunnel_remote(&cross, PEER_CLUSTER, UNDERLAY, Some(keyed)), Ok(WG));
         // Off: the underlay, key or not.
-        assert_eq!(tunnel_remote(&cfg(0), PEER_CLUSTER, UNDERLAY, Some(keyed)), Ok(UNDERLAY));
+        assert_eq!(
+            tunnel_remote(&cfg(0), PEER_CLUSTER, UNDERLAY, Some(keyed)),
+            Ok(UNDERLAY)
+        );
         // Same cluster in cross-cluster mode: clear VXLAN as before, even with a key.
         let same = peer(ME, tunnel_peer_flags::WIREGUARD_KEY, WG);
         assert_eq!(tunnel_remote(&cross, ME, UNDERLAY, Some(same)), Ok(UNDERLAY));
         assert_eq!(tunnel_remote(&cross, ME, UNDERLAY, None), Ok(UNDERLAY));
         // All: the same cluster's node is encrypted too.
-        assert_eq!(tunnel_remote(&cfg(node_flags::ENCRYPT_ALL), ME, UNDERLAY, Some(same)), Ok(WG));
+        assert_eq!(
+            tunnel_remote(&cfg(node_flags::ENCRYPT_ALL), ME, UNDERLAY, Some(same)),
+            Ok(WG)
+        );
     }
 
     #[test]
@@ -159,6 +165,9 @@ mod tests {
             overlay_accepts(&cfg(node_flags::ENCRYPT_ALL), &peer(ME, 0, 0)),
             Err(Drop::OverlayUnencrypted)
         );
-        assert_eq!(Drop::OverlayUnencrypted.counter(), Counter::DropOverlayUnencrypted);
+        assert_eq!(
+            Drop::OverlayUnencrypted.counter(),
+            Counter::DropOverlayUnencrypted
+        );
     }
 }

@@ -73,7 +73,10 @@ mod tests {
     const KEY: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]
@@ -97,8 +100,14 @@ mod tests {
         for (pairs, needle) in [
             (vec![(ANNOTATION_PUBLIC_KEY, "not base64!")], "is not base64"),
             (vec![(ANNOTATION_PUBLIC_KEY, "AAAA")], "is 3 bytes"),
-            (vec![(ANNOTATION_PUBLIC_KEY, KEY), (ANNOTATION_PORT, "0")], ANNOTATION_PORT),
-            (vec![(ANNOTATION_PUBLIC_KEY, KEY), (ANNOTATION_PORT, "70000")], "not a UDP port"),
+            (
+                vec![(ANNOTATION_PUBLIC_KEY, KEY), (ANNOTATION_PORT, "0")],
+                ANNOTATION_PORT,
+            ),
+            (
+                vec![(ANNOTATION_PUBLIC_KEY, KEY), (ANNOTATION_PORT, "70000")],
+                "not a UDP port",
+            ),
         ] {
             let err = from_annotations(&ann(&pairs)).expect_err("refused");
             assert!(err.contains(needle), "{err}");
