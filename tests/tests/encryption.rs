@@ -358,3 +358,159 @@ fn cross_cluster_traffic_is_wireguard_only_and_keyless_peers_get_nothing() {
     // East's own nodes are no WireGuard peers in cross-cluster mode.
     assert_eq!(wg["peers"].as_array().map(Vec::len), Some(1), "{wg}");
 }
+
+/// A `wireguard-go` device in a lab namespace, killed and removed on drop.
+struct WireguardGo {
+    netns: String,
+    device: String,
+    child: std::process::Child,
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::process::Command::new("ip")
+            .args(["-n", &self.netns, "link", "del", &self.device])
+            .output();
+    }
+}
+
+fn ip_netns(netns: &str, args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "{args:?} in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Interop: west-node-1's agent is stopped and `wireguard-go` + `wg` take its place in its namespace, with its key
+/// (the test plays the node's operator), its port and its WireGuard address, configured with east-node-1's public
+/// key and endpoint. The handshake completes and pings cross it both ways: the agent speaks the real protocol.
+#[test]
+fn a_wireguard_go_peer_handshakes_and_exchanges_packets_with_a_node() {
+    let lab = Lab::up(&topology(), "encryption-interop").expect("lab up");
+    let status = lab.status().expect("status");
+    let east = encryption_status(&status, "east-node-1");
+    let east_key = east["public_key"].as_str().expect("east's public key").to_owned();
+    let west_netns = status["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["nodes"].as_array().into_iter().flatten())
+        .find(|n| n["name"] == "west-node-1")
+        .and_then(|n| n["netns"].as_str())
+        .expect("west-node-1's namespace")
+        .to_owned();
+    lab.run(&["stop", "agent", "west-node-1"])
+        .expect("stop west's agent");
+    // The agent's persistent device holds the node's WireGuard address: wireguard-go's device takes it over.
+    ip_netns(&west_netns, &["ip", "link", "del", "fmwg0"]);
+    let key_file = lab.dir.join("run/state/west-node-1/wireguard.key");
+    let device = format!("wgfm{}", std::process::id() % 100_000);
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", &west_netns, "wireguard-go", "-f", &device])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("wireguard-go runs (cargo xtask setup installs it)");
+    let wg = WireguardGo {
+        netns: west_netns.clone(),
+        device: device.clone(),
+        child,
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &wg.netns, "wg", "show", &wg.device])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        }),
+        "wireguard-go's device is up"
+    );
+    ip_netns(
+        &west_netns,
+        &[
+            "wg",
+            "set",
+            &device,
+            "private-key",
+            &key_file.display().to_string(),
+            "listen-port",
+            "51871",
+            "peer",
+            &east_key,
+            "endpoint",
+            "100.65.1.1:51871",
+            "allowed-ips",
+            "10.1.0.0/32",
+        ],
+    );
+    ip_netns(&west_netns, &["ip", "addr", "add", "10.2.0.0/32", "dev", &device]);
+    ip_netns(&west_netns, &["ip", "link", "set", &device, "up"]);
+    ip_netns(
+        &west_netns,
+        &["ip", "route", "replace", "10.1.0.0/32", "dev", &device],
+    );
+
+    // wireguard-go → agent → east's stack (its WireGuard address answers) → agent → wireguard-go.
+    let ping = || {
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &west_netns,
+                "ping",
+                "-c1",
+                "-W1",
+                "-n",
+                "-q",
+                "-I",
+                "10.2.0.0",
+                "10.1.0.0",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(
+        eventually(Duration::from_secs(15), ping),
+        "pings cross the wireguard-go session"
+    );
+    let handshakes = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &west_netns,
+            "wg",
+            "show",
+            &device,
+            "latest-handshakes",
+        ])
+        .output()
+        .expect("wg show");
+    let text = String::from_utf8_lossy(&handshakes.stdout);
+    let when: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        when > 0,
+        "wireguard-go completed a handshake with east-node-1: {text}"
+    );
+    let east = encryption_status(&status, "east-node-1");
+    let peer = east["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "west/west-node-1")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert!(peer["rx_packets"].as_u64().unwrap_or(0) > 0, "{east}");
+    drop(wg);
+}
