@@ -19,6 +19,9 @@ const NODES_FILE: &str = "lab-nodes.yaml";
 const ETCD_PORT: u16 = 2379;
 const HOST_IFNAME_ANNOTATION: &str = "fleetmesh.io/host-ifname";
 const POD_MTU: &str = "1450";
+/// Pod MTU in a cluster with encryption: 1500 minus VXLAN (50) minus WireGuard over IPv4 (60), so that an
+/// encrypted datagram still fits the underlay unfragmented (docs/encryption.md, "MTU").
+const POD_MTU_ENCRYPTED: &str = "1390";
 const GATEWAY: &str = "169.254.1.1";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -763,7 +766,12 @@ impl LabState {
                 &netns,
             ],
         )?;
-        net::ip_in(&node_netns, &["link", "set", &host_ifname, "mtu", POD_MTU, "up"])?;
+        let mtu = if self.clusters[ci].encryption.is_some() {
+            POD_MTU_ENCRYPTED
+        } else {
+            POD_MTU
+        };
+        net::ip_in(&node_netns, &["link", "set", &host_ifname, "mtu", mtu, "up"])?;
         // The node's own route to the pod, as a CNI plugin sets it up: the node (kubelet probes) reaches its pods and
         // answers them through the host veth; pod-to-pod traffic never uses it (the datapath redirects it).
         net::ip_in(
@@ -780,7 +788,7 @@ impl LabState {
         )?;
         net::ip_in(
             &netns,
-            &["link", "set", "eth0", "address", &mac, "mtu", POD_MTU, "up"],
+            &["link", "set", "eth0", "address", &mac, "mtu", mtu, "up"],
         )?;
         net::ip_in(&netns, &["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         net::ip_in(&netns, &["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
