@@ -249,6 +249,23 @@ async fn main() -> anyhow::Result<()> {
         remotes.clone(),
     )
     .context("setting up encryption (--encryption)")?;
+    // On Kubernetes the agent publishes its key on its own Node (with manifests, whoever writes them does).
+    if let Some(engine) = &wireguard
+        && args.source == mesh_k8s::SourceKind::Kubernetes
+    {
+        let (key, port, node) = (engine.status().public_key, args.wireguard_port, me.node.clone());
+        let client = mesh_k8s::connect().await?;
+        tokio::spawn(async move {
+            let mut wait = Duration::from_secs(1);
+            while let Err(e) = mesh_k8s::wireguard::publish_wireguard(client.clone(), &node, &key, port).await
+            {
+                warn!(error = %e, retry_in = ?wait, "publishing the WireGuard key on the Node");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(60));
+            }
+            info!(node, "WireGuard key published on the Node");
+        });
+    }
 
     let status = Arc::new(Mutex::new(Status {
         node: me.node.clone(),

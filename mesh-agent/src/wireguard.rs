@@ -440,6 +440,11 @@ impl Engine {
                 message: format!("{e:#}"),
             })
         };
+        // IPv4 only: no IPv6 link-local chatter into the device (it would count as unroutable).
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", config.device),
+            "1",
+        );
         setup(&[
             "link",
             "set",
