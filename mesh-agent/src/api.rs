@@ -38,6 +38,9 @@ pub struct Status {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub own_cluster: Option<RemoteCluster>,
     pub datapath: DatapathStatus,
+    /// The WireGuard engine (live; absent with `--encryption off`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::wireguard::EncryptionStatus>,
 }
 
 #[derive(Clone)]
@@ -172,6 +175,7 @@ fn current(s: &ApiState) -> Status {
     // Remote cluster state is live; the datapath part is as of the last reconcile.
     st.remote_clusters = s.remotes.snapshot().into_values().collect();
     st.own_cluster = s.remotes.own();
+    st.encryption = s.wireguard.as_ref().map(|e| e.status());
     match s.counters.read() {
         Ok(c) => st.datapath.counters = c.into_iter().map(|(c, v)| (c.name(), v)).collect(),
         Err(e) => st.datapath.errors.push(format!("reading counters: {e}")),
@@ -377,6 +381,7 @@ mod tests {
             manifest_errors: Vec::new(),
             remote_clusters: Vec::new(),
             own_cluster: None,
+            encryption: None,
             datapath: DatapathStatus {
                 reconciles,
                 ..DatapathStatus::default()

@@ -277,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
         manifest_errors: Vec::new(),
         remote_clusters: Vec::new(),
         own_cluster: None,
+        encryption: None,
         datapath: Default::default(),
     }));
 

@@ -310,6 +310,7 @@ struct Peer {
 
 /// What the status shows of one peer.
 #[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
 pub struct PeerStatus {
     pub name: String,
     pub endpoint: String,
@@ -327,6 +328,7 @@ pub struct PeerStatus {
 
 /// What the status shows of the engine.
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
 pub struct EncryptionStatus {
     pub mode: String,
     pub device: String,

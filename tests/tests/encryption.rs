@@ -342,21 +342,38 @@ fn cross_cluster_traffic_is_wireguard_only_and_keyless_peers_get_nothing() {
     let peer = &wg["peers"][0];
     assert_eq!(peer["name"], "west/west-node-1", "{wg}");
     assert!(
-        peer["handshake_age_seconds"].as_f64().is_some_and(|a| a < 180.0),
+        peer["handshakeAgeSeconds"].as_f64().is_some_and(|a| a < 180.0),
         "{wg}"
     );
     assert!(
-        peer["tx_bytes"].as_u64().unwrap_or(0) > 0 && peer["rx_bytes"].as_u64().unwrap_or(0) > 0,
+        peer["txBytes"].as_u64().unwrap_or(0) > 0 && peer["rxBytes"].as_u64().unwrap_or(0) > 0,
         "{wg}"
     );
     assert!(
-        wg["peers_without_key"].as_array().is_some_and(|m| m
+        wg["peersWithoutKey"].as_array().is_some_and(|m| m
             .iter()
             .any(|m| m.as_str().is_some_and(|m| m.contains("north-node-1")))),
         "{wg}"
     );
     // East's own nodes are no WireGuard peers in cross-cluster mode.
     assert_eq!(wg["peers"].as_array().map(Vec::len), Some(1), "{wg}");
+    // `meshctl status` shows the same.
+    let socket = agent_socket(&status, "east-node-1").expect("agent socket");
+    let out = std::process::Command::new(fleetmesh_tests::bin("meshctl"))
+        .arg("status")
+        .arg("--socket")
+        .arg(&socket)
+        .output()
+        .expect("meshctl status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Encryption: cross-cluster")
+            && text
+                .lines()
+                .any(|l| l.contains("west/west-node-1") && l.contains("handshake") && l.contains("s ago"))
+            && text.contains("no key (dropped): north/north-node-1"),
+        "{text}"
+    );
 }
 
 /// A `wireguard-go` device in a lab namespace, killed and removed on drop.
@@ -397,7 +414,7 @@ fn a_wireguard_go_peer_handshakes_and_exchanges_packets_with_a_node() {
     let lab = Lab::up(&topology(), "encryption-interop").expect("lab up");
     let status = lab.status().expect("status");
     let east = encryption_status(&status, "east-node-1");
-    let east_key = east["public_key"].as_str().expect("east's public key").to_owned();
+    let east_key = east["publicKey"].as_str().expect("east's public key").to_owned();
     let west_netns = status["clusters"]
         .as_array()
         .into_iter()
@@ -511,6 +528,6 @@ fn a_wireguard_go_peer_handshakes_and_exchanges_packets_with_a_node() {
         .find(|p| p["name"] == "west/west-node-1")
         .cloned()
         .unwrap_or(Value::Null);
-    assert!(peer["rx_packets"].as_u64().unwrap_or(0) > 0, "{east}");
+    assert!(peer["rxPackets"].as_u64().unwrap_or(0) > 0, "{east}");
     drop(wg);
 }
