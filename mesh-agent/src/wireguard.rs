@@ -561,23 +561,25 @@ impl Engine {
     /// Network → device: datagrams from peers' underlay addresses; what decrypts to a packet from the peer's own
     /// WireGuard address goes into the device.
     fn run_rx(&self) {
-        let mut datagram = vec![0u8; BUF];
+        let mut batch = RecvBatch::new(RX_BATCH, BUF);
         let mut out = vec![0u8; BUF];
         loop {
-            let (n, from) = match self.socket.recv_from(&mut datagram) {
-                Ok((n, SocketAddr::V4(from))) => (n, from),
-                Ok(_) => continue,
+            let n = match batch.recv(&self.socket) {
+                Ok(n) => n,
                 Err(e) => {
                     warn!(error = %e, "receiving WireGuard datagrams");
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
             };
-            let Some(peer) = self.peers().by_underlay.get(from.ip()).cloned() else {
-                self.unknown_source.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            self.receive(&peer, from, &datagram[..n], &mut out);
+            for i in 0..n {
+                let (datagram, from) = batch.get(i);
+                let Some(peer) = self.peers().by_underlay.get(from.ip()).cloned() else {
+                    self.unknown_source.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                self.receive(&peer, from, datagram, &mut out);
+            }
         }
     }
 
@@ -845,6 +847,80 @@ impl Engine {
             unroutable: self.unroutable.load(Ordering::Relaxed),
             errors,
         }
+    }
+}
+
+/// Datagrams one `recvmmsg` takes at most (one wake-up of the receive thread).
+const RX_BATCH: usize = 16;
+
+/// Buffers for `recvmmsg(2)`: up to `len` datagrams per system call, waiting for the first only. The headers point
+/// into the heap buffers of the vectors, which never grow after `new`.
+struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    addrs: Vec<libc::sockaddr_in>,
+    iovs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl RecvBatch {
+    fn new(len: usize, size: usize) -> Self {
+        // SAFETY: sockaddr_in, iovec and mmsghdr are plain C structs for which all-zero is valid.
+        let zeroed = || unsafe { std::mem::zeroed::<libc::sockaddr_in>() };
+        let mut me = Self {
+            bufs: vec![vec![0u8; size]; len],
+            addrs: (0..len).map(|_| zeroed()).collect(),
+            iovs: Vec::with_capacity(len),
+            msgs: Vec::with_capacity(len),
+        };
+        for b in &mut me.bufs {
+            me.iovs.push(libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            });
+        }
+        for i in 0..len {
+            // SAFETY: as above.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = (&raw mut me.addrs[i]).cast();
+            m.msg_hdr.msg_namelen = u32::try_from(size_of::<libc::sockaddr_in>()).unwrap_or(16);
+            m.msg_hdr.msg_iov = &raw mut me.iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+            me.msgs.push(m);
+        }
+        me
+    }
+
+    /// Waits for at least one datagram and takes what else is queued, up to the batch size.
+    fn recv(&mut self, socket: &UdpSocket) -> std::io::Result<usize> {
+        for m in &mut self.msgs {
+            m.msg_hdr.msg_namelen = u32::try_from(size_of::<libc::sockaddr_in>()).unwrap_or(16);
+            m.msg_len = 0;
+        }
+        let len = u32::try_from(self.msgs.len()).unwrap_or(1);
+        // SAFETY: every header points at live buffers of this value with their true lengths.
+        let n = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                self.msgs.as_mut_ptr(),
+                len,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
+
+    /// Datagram `i` of the last [`RecvBatch::recv`] and its sender.
+    fn get(&self, i: usize) -> (&[u8], SocketAddrV4) {
+        let len = usize::try_from(self.msgs[i].msg_len)
+            .unwrap_or(0)
+            .min(self.bufs[i].len());
+        let a = &self.addrs[i];
+        let from = SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+            u16::from_be(a.sin_port),
+        );
+        (&self.bufs[i][..len], from)
     }
 }
 
