@@ -373,6 +373,8 @@ pub struct Engine {
     unknown_source: AtomicU64,
     unroutable: AtomicU64,
     state: Mutex<(Vec<String>, Vec<String>)>,
+    /// The map was scanned for stale WireGuard address entries (first pass).
+    scanned: std::sync::atomic::AtomicBool,
 }
 
 /// `struct ifreq` as TUNSETIFF takes it.
@@ -479,6 +481,7 @@ impl Engine {
             unknown_source: AtomicU64::new(0),
             unroutable: AtomicU64::new(0),
             state: Mutex::default(),
+            scanned: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -714,16 +717,24 @@ impl Engine {
         // Add what is new: route, session, then the map.
         for (wg, spec) in next {
             let have = self.peers().by_wg.contains_key(&wg);
-            let cidr = format!("{wg}/32");
-            let src = me.to_string();
-            if let Err(e) = crate::netdev::run_ip(&["route", "replace", &cidr, "dev", &dev, "src", &src]) {
-                errors.push(format!("{}: {e:#}", spec.name));
-                continue;
-            }
-            // If the device route is ever gone, the address is unreachable rather than routed elsewhere in clear.
-            let _ =
-                crate::netdev::run_ip(&["route", "replace", "unreachable", &cidr, "metric", "4000000000"]);
             if !have {
+                let cidr = format!("{wg}/32");
+                let src = me.to_string();
+                if let Err(e) = crate::netdev::run_ip(&["route", "replace", &cidr, "dev", &dev, "src", &src])
+                {
+                    errors.push(format!("{}: {e:#}", spec.name));
+                    continue;
+                }
+                // If the device route is ever gone, the address is unreachable rather than routed elsewhere in
+                // clear.
+                let _ = crate::netdev::run_ip(&[
+                    "route",
+                    "replace",
+                    "unreachable",
+                    &cidr,
+                    "metric",
+                    "4000000000",
+                ]);
                 let index =
                     u32::try_from(self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff).unwrap_or(1);
                 let mut tunn = Tunn::new(
@@ -786,7 +797,12 @@ impl Engine {
                 }
             }
         }
-        // Entries of WireGuard addresses no peer has any more (a previous agent's, or removed above).
+        // Entries of WireGuard addresses no peer has (a previous agent's): one scan of the map at the first pass;
+        // later removals are done above.
+        if self.scanned.swap(true, Ordering::Relaxed) {
+            self.set_state(missing, errors);
+            return;
+        }
         let wanted: std::collections::HashSet<u32> =
             self.peers().by_wg.keys().map(|a| u32::from(*a)).collect();
         let stale: Vec<u32> = map
@@ -940,16 +956,19 @@ pub fn run_sync(
 ) {
     let mut last = Instant::now();
     loop {
-        let (mine, local) = {
+        // Read in place (no copy of the cluster state or the peers' records): a pass looks at node records only.
+        let (mine, (want, missing)) = {
             let snap = snapshots.borrow();
             let mine = snap
                 .state
                 .nodes
                 .get(&me.node)
                 .map(|n| wireguard_address(n.pod_cidr));
-            (mine, snap.state.clone())
+            let peers = remotes.read(crate::remote::Scope::Peer, |peers| {
+                desired_peers(engine.config.mode, me, &snap.state, peers)
+            });
+            (mine, peers)
         };
-        let (want, missing) = desired_peers(engine.config.mode, me, &local, &remotes.snapshot());
         engine.sync(mine, want, missing);
         let elapsed = last.elapsed();
         std::thread::sleep(period.saturating_sub(elapsed));
