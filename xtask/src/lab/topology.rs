@@ -460,11 +460,32 @@ mod tests {
     }
 
     #[test]
+    fn encryption_defaults_to_off_and_takes_the_agents_modes() {
+        let d = write_lab(OK);
+        assert!(
+            load(d.path())
+                .expect("valid")
+                .iter()
+                .all(|c| c.encryption == "off")
+        );
+        for mode in ENCRYPTION_MODES {
+            let d = write_lab(&format!(
+                "clusters:\n  - {{name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: 1, encryption: {mode}}}\n"
+            ));
+            assert_eq!(load(d.path()).expect("valid")[0].encryption, mode);
+        }
+    }
+
+    #[test]
     fn bad_topologies_are_refused_naming_the_field() {
         for (yaml, want) in [
             (
                 "clusters:\n  - {name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: 2, colour: red}\n",
                 "colour",
+            ),
+            (
+                "clusters:\n  - {name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: 2, encryption: ipsec}\n",
+                "field encryption: \"ipsec\" is not one of off, cross-cluster, all",
             ),
             (
                 "clusters:\n  - {name: East, id: 1, podCIDR: 10.1.0.0/16, nodes: 2}\n",
