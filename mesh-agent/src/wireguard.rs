@@ -39,6 +39,8 @@ pub const DEFAULT_DEVICE: &str = "fmwg0";
 pub const DEVICE_MTU: u32 = mesh_common::POD_MTU + 50;
 /// Largest datagram the engine reads or writes (an IPv4 packet).
 const BUF: usize = 65_536;
+/// Receive and send buffer of the WireGuard socket, bytes.
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
 /// How often the timers of every session run (handshake retries, rekeying, keepalives).
 const TIMER_TICK: Duration = Duration::from_millis(250);
 
@@ -464,6 +466,20 @@ impl Engine {
                     source,
                 }
             })?;
+        // Room for a burst (a segmented 64 KiB TCP send is ~45 datagrams): drops here cost TCP far more.
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+            let size: libc::c_int = SOCKET_BUFFER;
+            // SAFETY: setsockopt with an int option value of the size given; failure only leaves the default.
+            let _ = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&raw const size).cast(),
+                    u32::try_from(size_of::<libc::c_int>()).unwrap_or(4),
+                )
+            };
+        }
         let public = PublicKey::from(&secret);
         info!(device = %config.device, port = config.port, mode = %config.mode,
             public_key = %mesh_model::wireguard::encode_key(public.as_bytes()), "WireGuard engine up");
