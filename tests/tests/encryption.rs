@@ -385,11 +385,19 @@ struct WireguardGo {
 
 impl Drop for WireguardGo {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Without its device wireguard-go exits by itself and removes its UAPI socket; a kill would leave the
+        // socket file behind.
         let _ = std::process::Command::new("ip")
             .args(["-n", &self.netns, "link", "del", &self.device])
             .output();
+        let exited = eventually(Duration::from_secs(3), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.device));
+        }
     }
 }
 
