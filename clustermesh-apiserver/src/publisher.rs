@@ -124,6 +124,7 @@ impl Publisher {
                 cluster_id: self.cluster_id,
                 underlay_ipv4: n.underlay_ipv4,
                 pod_cidrs: vec![n.pod_cidr],
+                wireguard: n.wireguard.clone(),
             };
             (self.keys.node(&self.cluster, &n.name), encode(&rec))
         });

@@ -108,6 +108,7 @@ async fn published_exactly(client: &mut Client, want: &[NodeSpec]) -> Result<(),
             cluster_id: 1,
             underlay_ipv4: *ip,
             pod_cidrs: vec![cidr.parse().expect("cidr")],
+            wireguard: None,
         })
         .collect();
     if got == expected {

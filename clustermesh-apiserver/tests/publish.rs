@@ -127,6 +127,7 @@ fn record(spec: NodeSpec) -> NodeRecord {
         cluster_id: 1,
         underlay_ipv4: spec.2,
         pod_cidrs: vec![spec.1.parse().expect("cidr")],
+        wireguard: None,
     }
 }
 
@@ -198,6 +199,7 @@ async fn publishes_nodes_follows_the_manifests_and_keeps_them_on_bad_input() {
         cluster_id: 1,
         underlay_ipv4: Ipv4Addr::new(100, 65, 1, 99),
         pod_cidrs: vec!["10.1.99.0/24".parse().expect("cidr")],
+        wireguard: None,
     };
     c.put(ghost.as_str(), mesh_kvstore::encode(&ghost_rec), None)
         .await
@@ -444,6 +446,7 @@ async fn kvstoremesh_mirrors_a_peer_and_reports_losing_it() {
         cluster_id: 2,
         underlay_ipv4: Ipv4Addr::new(100, 65, 2, i),
         pod_cidrs: vec![format!("10.2.{i}.0/24").parse().expect("cidr")],
+        wireguard: None,
     };
     let mut wc = west.client().await;
     let config = mesh_kvstore::encode(&mesh_kvstore::ClusterConfig {

@@ -187,6 +187,7 @@ async fn fill(args: &Args) -> Result<()> {
                 u8::try_from(k + 1).unwrap_or(1),
             ),
             pod_cidrs: vec![format!("{}/16", Ipv4Addr::from(base(id) + (k << 16))).parse()?],
+            wireguard: None,
         };
         c.put(keys.node(&cluster, &name), encode(&rec), None).await?;
     }

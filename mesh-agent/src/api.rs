@@ -38,6 +38,9 @@ pub struct Status {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub own_cluster: Option<RemoteCluster>,
     pub datapath: DatapathStatus,
+    /// The WireGuard engine (live; absent with `--encryption off`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::wireguard::EncryptionStatus>,
 }
 
 #[derive(Clone)]
@@ -57,6 +60,9 @@ pub struct ApiState {
     pub programmed: crate::reconcile::SharedProgrammed,
     /// Per-backend statistics of the datapath, read on demand (`None` when the map could not be opened).
     pub backend_stats: Option<Arc<crate::datapath::BackendStatsReader>>,
+    /// The WireGuard engine (`None` with `--encryption off`): per-peer sessions for `GET /v1/encryption` and
+    /// the metrics.
+    pub wireguard: Option<Arc<crate::wireguard::Engine>>,
 }
 
 /// `GET /v1/flows?pod=&namespace=&cluster=&verdict=&last=&follow=`: flows as NDJSON; with `follow=true` the
@@ -170,6 +176,7 @@ fn current(s: &ApiState) -> Status {
     // Remote cluster state is live; the datapath part is as of the last reconcile.
     st.remote_clusters = s.remotes.snapshot().into_values().collect();
     st.own_cluster = s.remotes.own();
+    st.encryption = s.wireguard.as_ref().map(|e| e.status());
     match s.counters.read() {
         Ok(c) => st.datapath.counters = c.into_iter().map(|(c, v)| (c.name(), v)).collect(),
         Err(e) => st.datapath.errors.push(format!("reading counters: {e}")),
@@ -205,6 +212,11 @@ async fn status(State(s): State<ApiState>) -> Json<Status> {
     Json(current(&s))
 }
 
+/// `GET /v1/encryption`: the WireGuard engine per peer (handshake age, bytes, errors); `null` with encryption off.
+async fn encryption(State(s): State<ApiState>) -> Json<Option<crate::wireguard::EncryptionStatus>> {
+    Json(s.wireguard.as_ref().map(|e| e.status()))
+}
+
 /// `GET /metrics`: Prometheus text format, from the tables' numbers (no copy of the status).
 async fn metrics(State(s): State<ApiState>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
     let now = crate::remote::now_ms();
@@ -232,6 +244,8 @@ async fn metrics(State(s): State<ApiState>) -> ([(axum::http::HeaderName, &'stat
             )
         })
     });
+    let mut scrape = scrape;
+    scrape.encryption = s.wireguard.as_ref().map(|e| e.status());
     (
         [(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         scrape.render(),
@@ -341,6 +355,7 @@ pub async fn serve(socket: &Path, state: ApiState) -> std::io::Result<()> {
     let listener = tokio::net::UnixListener::bind(socket)?;
     let app = Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/encryption", get(encryption))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/summary", get(summary))
@@ -367,6 +382,7 @@ mod tests {
             manifest_errors: Vec::new(),
             remote_clusters: Vec::new(),
             own_cluster: None,
+            encryption: None,
             datapath: DatapathStatus {
                 reconciles,
                 ..DatapathStatus::default()

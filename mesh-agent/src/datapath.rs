@@ -598,6 +598,9 @@ pub struct Datapath {
     backend_stats: PerCpuHashMap<MapData, u32, BackendStats>,
     policy: Table<PolicyKey, PolicyEntry>,
     tunnel_peers: Table<u32, TunnelPeer>,
+    /// The WireGuard half of `TUNNEL_PEERS` entries (docs/encryption.md), shared with the agent's WireGuard
+    /// engine: what a (re)written entry carries besides its cluster.
+    wireguard_keys: std::sync::Arc<crate::wireguard::KeyTable>,
     policy_cidrs: LpmTrie<MapData, LpmKeyV4, u32>,
     /// What `policy_cidrs` holds (read from the map at load; [`Datapath::set_policy_cidrs`] writes differences).
     programmed_policy_cidrs: BTreeMap<Ipv4Net, u32>,
@@ -971,6 +974,7 @@ impl Datapath {
             backend_stats: take_map(&mut ebpf, maps::LB_BACKEND_STATS)?,
             policy: Table::take(&mut ebpf, maps::POLICY)?,
             tunnel_peers: Table::take(&mut ebpf, maps::TUNNEL_PEERS)?,
+            wireguard_keys: std::sync::Arc::default(),
             policy_cidrs: take_map(&mut ebpf, maps::POLICY_CIDRS)?,
             programmed_policy_cidrs: BTreeMap::new(),
             flow_events: Some(take_map(&mut ebpf, maps::FLOW_EVENTS)?),
@@ -2159,13 +2163,54 @@ impl Datapath {
     ///
     /// When the map update fails (for example because the map is full).
     pub fn upsert_tunnel_peer(&mut self, underlay: Ipv4Addr, cluster_id: u16) -> Result<(), DatapathError> {
+        // Under the key table's lock: the WireGuard engine changes the same entries' other half.
+        let keys = self.wireguard_keys.clone();
+        let held = keys.lock();
+        let (flags, wireguard_ipv4) = crate::wireguard::KeyTable::bits(&held, underlay);
         self.tunnel_peers.upsert(
             u32::from(underlay),
             TunnelPeer {
                 cluster_id,
-                ..TunnelPeer::default()
+                flags,
+                wireguard_ipv4,
             },
         )
+    }
+
+    /// The table of WireGuard keys this datapath's tunnel peer entries carry (for the WireGuard engine).
+    #[must_use]
+    pub fn wireguard_keys(&self) -> std::sync::Arc<crate::wireguard::KeyTable> {
+        self.wireguard_keys.clone()
+    }
+
+    /// A second handle of the tunnel peer map, for the WireGuard engine (which writes the WireGuard half of the
+    /// entries and the entries of WireGuard addresses, [`mesh_common::tunnel_peer_flags`]).
+    ///
+    /// # Errors
+    ///
+    /// When the map's file descriptor cannot be duplicated.
+    pub fn tunnel_peer_map(&self) -> Result<HashMap<MapData, u32, TunnelPeer>, DatapathError> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        let bad = |source: MapError| DatapathError::BadMap {
+            map: maps::TUNNEL_PEERS,
+            source: Some(Box::new(source)),
+        };
+        let fd = self
+            .tunnel_peers
+            .map
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|io_error| {
+                bad(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error,
+                }))
+            })?;
+        let data = MapData::from_fd(fd).map_err(bad)?;
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(bad)
     }
 
     /// Removes a tunnel peer; an absent one is not an error.
@@ -2183,10 +2228,12 @@ impl Datapath {
     ///
     /// When reading the map fails.
     pub fn tunnel_peers(&self) -> Result<BTreeMap<Ipv4Addr, u16>, DatapathError> {
+        // The entries of WireGuard addresses belong to the WireGuard engine, not to the node tables.
         Ok(self
             .tunnel_peers
             .entries()?
             .into_iter()
+            .filter(|(_, v)| v.flags & mesh_common::tunnel_peer_flags::VIA_WIREGUARD == 0)
             .map(|(k, v)| (Ipv4Addr::from(k), v.cluster_id))
             .collect())
     }

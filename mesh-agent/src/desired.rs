@@ -257,6 +257,7 @@ mod tests {
             name: name.into(),
             underlay_ipv4: Ipv4Addr::from(ip),
             pod_cidr: cidr.parse().expect("cidr"),
+            wireguard: None,
         }
     }
 
@@ -283,6 +284,7 @@ mod tests {
                     cluster_id: id,
                     underlay_ipv4: Ipv4Addr::from(*ip),
                     pod_cidrs: vec![cidr.parse().expect("cidr")],
+                    wireguard: None,
                 }),
             );
         }

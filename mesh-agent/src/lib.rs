@@ -20,3 +20,4 @@ pub mod reconcile;
 pub mod remote;
 pub mod rollout;
 pub mod tables;
+pub mod wireguard;

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 /// the eBPF programs to it and to every local pod's host-side veth, and programs the maps from the cluster's
 /// manifests and from every peer cluster's etcd.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_help = "Also: mesh-agent wireguard-key --state-dir DIR (prints this node's WireGuard public key).")]
 struct Args {
     /// Name of this node (as in the cluster's Node objects).
     #[arg(long, env = "FLEETMESH_NODE_NAME")]
@@ -113,9 +113,30 @@ struct Args {
     /// they are answered REFUSED.
     #[arg(long, env = "FLEETMESH_DNS_UPSTREAM")]
     dns_upstream: Option<std::net::SocketAddr>,
+    /// Where pod traffic between nodes is encrypted with WireGuard (docs/encryption.md): `off`, `cross-cluster`
+    /// (nodes of other clusters: traffic that leaves the cluster's network) or `all` (every other node). Where it
+    /// applies, a node without a usable key gets no packets at all (strict mode), never clear VXLAN.
+    #[arg(long, env = "FLEETMESH_ENCRYPTION", default_value = "cross-cluster")]
+    encryption: mesh_agent::wireguard::Mode,
+    /// UDP port the agent receives WireGuard on (at the node's underlay address), published with the node.
+    #[arg(long, env = "FLEETMESH_WIREGUARD_PORT", default_value_t = mesh_model::wireguard::DEFAULT_PORT)]
+    wireguard_port: u16,
+    /// Name of the agent's WireGuard TUN device.
+    #[arg(long, default_value = mesh_agent::wireguard::DEFAULT_DEVICE)]
+    wireguard_device: String,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `mesh_agent=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
+}
+
+/// `mesh-agent wireguard-key`: prints this node's WireGuard public key (base64), making the key pair in the state
+/// directory first when it has none. The private key never leaves its file (0600).
+#[derive(Debug, Parser)]
+#[command(name = "mesh-agent wireguard-key")]
+struct KeyArgs {
+    /// The agent's state directory (as --state-dir).
+    #[arg(long, env = "FLEETMESH_STATE_DIR")]
+    state_dir: PathBuf,
 }
 
 fn ensure_vxlan(name: &str) -> anyhow::Result<()> {
@@ -129,6 +150,12 @@ fn ensure_vxlan(name: &str) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "wireguard-key") {
+        let key_args = KeyArgs::parse_from(std::env::args_os().skip(1));
+        let (_, public) = mesh_agent::wireguard::load_or_create_key(&key_args.state_dir)?;
+        println!("{}", mesh_model::wireguard::encode_key(public.as_bytes()));
+        return Ok(());
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("--log")?)
@@ -204,6 +231,42 @@ async fn main() -> anyhow::Result<()> {
     .context("datapath loader")??;
     info!("datapath loaded and attached");
 
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh").join(&me.node));
+    let mut dp = dp;
+    let wireguard = mesh_agent::wireguard::start(
+        &mut dp,
+        &mesh_agent::wireguard::EngineConfig {
+            mode: args.encryption,
+            device: args.wireguard_device.clone(),
+            port: args.wireguard_port,
+        },
+        &state_dir,
+        &me,
+        snap_rx.clone(),
+        remotes.clone(),
+    )
+    .context("setting up encryption (--encryption)")?;
+    // On Kubernetes the agent publishes its key on its own Node (with manifests, whoever writes them does).
+    if let Some(engine) = &wireguard
+        && args.source == mesh_k8s::SourceKind::Kubernetes
+    {
+        let (key, port, node) = (engine.status().public_key, args.wireguard_port, me.node.clone());
+        let client = mesh_k8s::connect().await?;
+        tokio::spawn(async move {
+            let mut wait = Duration::from_secs(1);
+            while let Err(e) = mesh_k8s::wireguard::publish_wireguard(client.clone(), &node, &key, port).await
+            {
+                warn!(error = %e, retry_in = ?wait, "publishing the WireGuard key on the Node");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(60));
+            }
+            info!(node, "WireGuard key published on the Node");
+        });
+    }
+
     let status = Arc::new(Mutex::new(Status {
         node: me.node.clone(),
         cluster: me.cluster.clone(),
@@ -214,12 +277,12 @@ async fn main() -> anyhow::Result<()> {
         manifest_errors: Vec::new(),
         remote_clusters: Vec::new(),
         own_cluster: None,
+        encryption: None,
         datapath: Default::default(),
     }));
 
     let counters = Arc::new(dp.counters_reader().context("opening the counters map")?);
     let flow_hub = mesh_agent::flows::Hub::new(&me.node);
-    let mut dp = dp;
     match dp.take_flow_events() {
         Some(ring) => {
             let hub = flow_hub.clone();
@@ -235,12 +298,9 @@ async fn main() -> anyhow::Result<()> {
     let mut reconciler = Reconciler::new(dp, me.clone(), args.vxlan_device.clone());
     reconciler.remote_grace = args.remote_grace_period;
     reconciler.service_affinity_default = args.service_affinity_default;
+    reconciler.encryption_flags = args.encryption.node_flags();
     reconciler.flows = Some(flow_hub.clone());
     reconciler.policy_views = policies.clone();
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/var/lib/fleetmesh").join(&me.node));
     reconciler.rollouts = mesh_agent::rollout::Rollouts::load(state_dir.join("rollouts.json"));
     reconciler.identity_store = mesh_agent::held::IdentityStore::load(state_dir.join("peer-identities.json"));
     // Clusterset DNS and ClusterSetIP imports: recomputed after each pass's inputs are read (hook below).
@@ -289,6 +349,7 @@ async fn main() -> anyhow::Result<()> {
         policies: policies.clone(),
         programmed,
         backend_stats,
+        wireguard,
     };
     let socket = args.api_socket.clone();
     if let Some(addr) = args.metrics_addr {

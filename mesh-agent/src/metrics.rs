@@ -72,6 +72,8 @@ pub struct Scrape {
     local_endpoints: usize,
     endpoint_refusals: u64,
     ipcache_entries: usize,
+    /// The WireGuard engine's peers (set by the caller; `None` with encryption off).
+    pub encryption: Option<crate::wireguard::EncryptionStatus>,
 }
 
 impl Scrape {
@@ -101,6 +103,7 @@ impl Scrape {
             local_endpoints: st.datapath.endpoints.iter().filter(|e| e.programmed).count(),
             endpoint_refusals: st.datapath.endpoint_refusals,
             ipcache_entries,
+            encryption: None,
         }
     }
 
@@ -152,6 +155,57 @@ impl Collector for Scrape {
                 )
             }),
         )?;
+        if let Some(wg) = &self.encryption {
+            let of_peer = |p: &'s crate::wireguard::PeerStatus| {
+                [("node", node), ("cluster", cluster), ("peer", p.name.as_str())]
+            };
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_handshake_age_seconds",
+                "Seconds since the last completed WireGuard handshake with the peer node (absent before the first).",
+                wg.peers
+                    .iter()
+                    .filter_map(|p| Some((of_peer(p), ConstGauge::<f64>::new(p.handshake_age_seconds?)))),
+            )?;
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_tx_bytes",
+                "Bytes of packets encrypted to the peer node (before encryption).",
+                wg.peers
+                    .iter()
+                    .map(|p| (of_peer(p), ConstCounter::new(p.tx_bytes))),
+            )?;
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_rx_bytes",
+                "Bytes of packets decrypted from the peer node.",
+                wg.peers
+                    .iter()
+                    .map(|p| (of_peer(p), ConstCounter::new(p.rx_bytes))),
+            )?;
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_rx_errors",
+                "Datagrams from the peer node that failed to decrypt or carried another source than its WireGuard address.",
+                wg.peers
+                    .iter()
+                    .map(|p| (of_peer(p), ConstCounter::new(p.rx_errors))),
+            )?;
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_tx_errors",
+                "Packets for the peer node that could not be encrypted or sent.",
+                wg.peers
+                    .iter()
+                    .map(|p| (of_peer(p), ConstCounter::new(p.tx_errors))),
+            )?;
+            family(
+                &mut enc,
+                "fleetmesh_wireguard_peers_without_key",
+                "Nodes encryption applies to that published no usable key (their packets are dropped).",
+                [(common, gauge(wg.peers_without_key.len()))],
+            )?;
+        }
         family(
             &mut enc,
             "fleetmesh_ready",
@@ -280,6 +334,7 @@ mod tests {
             manifest_errors: vec![],
             remote_clusters: vec![],
             own_cluster: None,
+            encryption: None,
             datapath: crate::reconcile::DatapathStatus::default(),
         };
         st.datapath.summary.backends = 6;
@@ -360,5 +415,42 @@ mod tests {
             let v = l.rsplit(' ').next().unwrap_or_default();
             assert!(v.parse::<f64>().is_ok(), "{l}");
         }
+    }
+
+    #[test]
+    fn wireguard_peers_are_series_of_their_own() {
+        let counters = [("drop_no_encryption_key", 3)];
+        let mut scrape = Scrape::new(&status(), &peers(), None, counters, 0, 10_000);
+        scrape.encryption = Some(crate::wireguard::EncryptionStatus {
+            peers: vec![crate::wireguard::PeerStatus {
+                name: "west/west-node-1".into(),
+                endpoint: "100.65.2.1:51871".into(),
+                public_key: String::new(),
+                wireguard_ipv4: std::net::Ipv4Addr::new(10, 2, 0, 0),
+                handshake_age_seconds: Some(1.5),
+                tx_bytes: 10,
+                rx_bytes: 20,
+                tx_packets: 1,
+                rx_packets: 2,
+                rx_errors: 0,
+                tx_errors: 4,
+            }],
+            peers_without_key: vec!["north/north-node-1: no WireGuard key published".into()],
+            ..Default::default()
+        });
+        let text = scrape.render();
+        let has = |line: &str| assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        let peer = r#"{node="east-node-1",cluster="east",peer="west/west-node-1"}"#;
+        has(&format!("fleetmesh_wireguard_handshake_age_seconds{peer} 1.5"));
+        has(&format!("fleetmesh_wireguard_tx_bytes_total{peer} 10"));
+        has(&format!("fleetmesh_wireguard_rx_bytes_total{peer} 20"));
+        has(&format!("fleetmesh_wireguard_tx_errors_total{peer} 4"));
+        has(r#"fleetmesh_wireguard_peers_without_key{node="east-node-1",cluster="east"} 1"#);
+        has(
+            r#"fleetmesh_datapath_packets_total{node="east-node-1",cluster="east",counter="drop_no_encryption_key"} 3"#,
+        );
+        // Without the engine: no WireGuard series at all.
+        let plain = Scrape::new(&status(), &peers(), None, [], 0, 10_000).render();
+        assert!(!plain.contains("fleetmesh_wireguard"), "{plain}");
     }
 }

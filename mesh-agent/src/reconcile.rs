@@ -195,6 +195,8 @@ pub struct Reconciler {
     pub remote_grace: std::time::Duration,
     /// Affinity of global services without a `service.cilium.io/affinity` annotation.
     pub service_affinity_default: mesh_model::service::Affinity,
+    /// [`mesh_common::node_flags`] of the encryption mode (`--encryption`, docs/encryption.md).
+    pub encryption_flags: u16,
     /// Identities and network policy of the local endpoints.
     policy: crate::policy::PolicyReconciler,
     /// Some local endpoint had an enforced direction after the last pass (true until a pass proves otherwise,
@@ -299,6 +301,7 @@ impl Reconciler {
             rollouts: Rollouts::default(),
             remote_grace: std::time::Duration::from_secs(30),
             service_affinity_default: mesh_model::service::Affinity::None,
+            encryption_flags: 0,
             policy: crate::policy::PolicyReconciler::default(),
             policy_enforced: true,
             flows: None,
@@ -584,11 +587,12 @@ impl Reconciler {
                         vxlan_ifindex: vx,
                         node_ipv4: my_node.map_or(0, |n| u32::from(n.underlay_ipv4)),
                         cluster_id: self.me.cluster_id,
-                        flags: if policy_on {
-                            mesh_common::node_flags::POLICY
-                        } else {
-                            0
-                        },
+                        flags: self.encryption_flags
+                            | if policy_on {
+                                mesh_common::node_flags::POLICY
+                            } else {
+                                0
+                            },
                         ..NodeConfig::default()
                     };
                     if self.dp.node_config().ok() != Some(cfg)

@@ -166,6 +166,7 @@ fn local_state() -> ClusterState {
             name: format!("east-node-{n}"),
             underlay_ipv4: Ipv4Addr::new(192, 168, 1, underlay),
             pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 1, n, 0), 24).unwrap_or_default(),
+            wireguard: None,
         };
         st.nodes.insert(node.name.clone(), node);
     }
@@ -277,6 +278,7 @@ impl World {
                         // Underlay 1 of node 1 in one cluster is node 2's in another: collisions too.
                         underlay_ipv4: Ipv4Addr::new(192, 168, 2, octet * 10 + underlay + node),
                         pod_cidrs: vec![cidr],
+                        wireguard: None,
                     }),
                 );
                 self.changes(Scope::Peer, name).nodes.insert(n);
@@ -386,6 +388,7 @@ impl World {
                             name,
                             underlay_ipv4: Ipv4Addr::new(192, 168, 1, 10 * underlay + node),
                             pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 1, *node, 0), 24).unwrap_or_default(),
+                            wireguard: None,
                         },
                     );
                 }

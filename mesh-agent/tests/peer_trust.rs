@@ -44,6 +44,7 @@ fn node(cluster: &str, id: u16, i: u8, cidr: &str) -> NodeRecord {
         cluster_id: id,
         underlay_ipv4: Ipv4Addr::new(100, 65, u8::try_from(id).expect("small id"), i),
         pod_cidrs: vec![cidr.parse().expect("cidr")],
+        wireguard: None,
     }
 }
 

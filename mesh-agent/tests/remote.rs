@@ -35,6 +35,7 @@ fn node(i: u8) -> NodeRecord {
         cluster_id: 2,
         underlay_ipv4: Ipv4Addr::new(100, 65, 2, i),
         pod_cidrs: vec![format!("10.2.{i}.0/24").parse().expect("cidr")],
+        wireguard: None,
     }
 }
 
@@ -285,6 +286,7 @@ async fn lists_a_cluster_larger_than_one_grpc_message_in_pages() {
                     .parse()
                     .expect("cidr"),
             ],
+            wireguard: None,
         };
         puts.push((keys.node("west", &rec.name), encode(&rec)));
     }
@@ -642,6 +644,7 @@ async fn watches_its_own_cluster_for_identities_and_ips_only() {
         cluster_id: 1,
         underlay_ipv4: Ipv4Addr::new(100, 65, 1, 2),
         pod_cidrs: vec!["10.1.2.0/24".parse().expect("cidr")],
+        wireguard: None,
     };
     let service = ServiceRecord {
         mcs: None,

@@ -34,6 +34,7 @@ fn local() -> ClusterState {
             name: "east-node-1".into(),
             underlay_ipv4: Ipv4Addr::new(100, 65, 1, 1),
             pod_cidr: "10.1.0.0/24".parse().expect("cidr"),
+            wireguard: None,
         },
     );
     s
@@ -56,6 +57,7 @@ fn west_synced(with_pod: bool) -> BTreeMap<String, RemoteCluster> {
             cluster_id: 2,
             underlay_ipv4: WEST_NODE,
             pod_cidrs: vec!["10.2.1.0/24".parse().expect("cidr")],
+            wireguard: None,
         }),
     );
     if with_pod {

@@ -210,6 +210,7 @@ fn node(cluster: &str, id: u16, i: u8) -> NodeRecord {
         cluster_id: id,
         underlay_ipv4: Ipv4Addr::new(100, 65, u8::try_from(id).unwrap_or(0), i),
         pod_cidrs: vec![format!("10.{id}.{i}.0/24").parse().expect("cidr")],
+        wireguard: None,
     }
 }
 

@@ -194,12 +194,28 @@ pub struct PolicyEntry {
 }
 
 /// Value of [`maps::TUNNEL_PEERS`].
+///
+/// A node reached through WireGuard (docs/encryption.md) has two entries: its underlay address (the key the
+/// ipcache names) with [`tunnel_peer_flags::WIREGUARD_KEY`] and its WireGuard address in `wireguard_ipv4`, and that
+/// WireGuard address with [`tunnel_peer_flags::VIA_WIREGUARD`] (the outer source of what the agent decrypted from
+/// it). Both carry the node's cluster.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TunnelPeer {
     pub cluster_id: u16,
-    pub _pad0: u16,
-    pub _pad1: u32,
+    /// [`tunnel_peer_flags`] bits.
+    pub flags: u16,
+    /// The node's address inside the WireGuard network, HOST byte order (the VXLAN remote of encrypted packets);
+    /// 0 when it has no usable key.
+    pub wireguard_ipv4: u32,
+}
+
+/// Flag bits of [`TunnelPeer::flags`].
+pub mod tunnel_peer_flags {
+    /// The agent holds a usable WireGuard key of this node: encrypted packets for it go to `wireguard_ipv4`.
+    pub const WIREGUARD_KEY: u16 = 1 << 0;
+    /// The key is a node's WireGuard address: packets from it were decrypted by the agent.
+    pub const VIA_WIREGUARD: u16 = 1 << 1;
 }
 
 /// Verdict of a [`FlowEvent`].
@@ -325,6 +341,11 @@ pub mod node_flags {
     /// pod-to-pod traffic costs exactly what it did before policy existed. The agent sets it before it enforces
     /// any endpoint's policy and clears it only after a pass that left no endpoint enforced.
     pub const POLICY: u16 = 1 << 0;
+    /// Encryption applies to nodes of other clusters (`--encryption cross-cluster`): their packets go through
+    /// WireGuard or are dropped, never in clear VXLAN.
+    pub const ENCRYPT_CROSS_CLUSTER: u16 = 1 << 1;
+    /// Encryption applies to every other node (`--encryption all`).
+    pub const ENCRYPT_ALL: u16 = 1 << 2;
 }
 
 /// Per-CPU counters: index into [`maps::COUNTERS`]. New counters are appended (a flow event carries the index).
@@ -379,11 +400,16 @@ pub enum Counter {
     DropOverlayUnknownPeer = 21,
     /// Dropped: a pod sent a frame that is neither IPv4 nor ARP (fleetmesh gives pods IPv4 addresses only).
     DropUnsupportedL3 = 22,
+    /// Dropped: encryption applies to the destination node, but the agent has no usable WireGuard key of it
+    /// (strict mode: never sent in clear).
+    DropNoEncryptionKey = 23,
+    /// Dropped: a clear VXLAN packet from a node whose traffic must arrive through WireGuard.
+    DropOverlayUnencrypted = 24,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 23] = [
+    pub const ALL: [Counter; 25] = [
         Counter::FwdLocal,
         Counter::FwdTunnel,
         Counter::PassStack,
@@ -407,6 +433,8 @@ impl Counter {
         Counter::DropVxlanFromPod,
         Counter::DropOverlayUnknownPeer,
         Counter::DropUnsupportedL3,
+        Counter::DropNoEncryptionKey,
+        Counter::DropOverlayUnencrypted,
     ];
 
     /// Stable name used in status output and metrics.
@@ -436,6 +464,8 @@ impl Counter {
             Counter::DropVxlanFromPod => "drop_vxlan_from_pod",
             Counter::DropOverlayUnknownPeer => "drop_overlay_unknown_peer",
             Counter::DropUnsupportedL3 => "drop_unsupported_l3",
+            Counter::DropNoEncryptionKey => "drop_no_encryption_key",
+            Counter::DropOverlayUnencrypted => "drop_overlay_unencrypted",
         }
     }
 
@@ -463,6 +493,8 @@ impl Counter {
                 | Counter::DropVxlanFromPod
                 | Counter::DropOverlayUnknownPeer
                 | Counter::DropUnsupportedL3
+                | Counter::DropNoEncryptionKey
+                | Counter::DropOverlayUnencrypted
         )
     }
 }

@@ -6,8 +6,9 @@
 //! panics: every packet access goes through `get`, so the eBPF build has no panic paths either.
 #![cfg_attr(target_arch = "bpf", no_std)]
 
-use mesh_common::{Counter, IpcacheEntry, LocalEndpoint, NodeConfig, ipcache_flags};
+use mesh_common::{Counter, IpcacheEntry, LocalEndpoint, NodeConfig, TunnelPeer, ipcache_flags, node_flags};
 
+pub mod encryption;
 pub mod lb;
 pub mod policy;
 pub mod trust;
@@ -86,6 +87,10 @@ pub enum Drop {
     OverlayUnknownPeer,
     /// A pod sent a frame that is neither IPv4 nor ARP ([`trust::pod_other_l3`]).
     UnsupportedL3,
+    /// Encryption applies to the destination node but there is no usable key ([`encryption::tunnel_remote`]).
+    NoEncryptionKey,
+    /// A clear overlay packet from a node whose traffic must be encrypted ([`encryption::overlay_accepts`]).
+    OverlayUnencrypted,
 }
 
 impl Drop {
@@ -106,6 +111,8 @@ impl Drop {
             Drop::VxlanFromPod => Counter::DropVxlanFromPod,
             Drop::OverlayUnknownPeer => Counter::DropOverlayUnknownPeer,
             Drop::UnsupportedL3 => Counter::DropUnsupportedL3,
+            Drop::NoEncryptionKey => Counter::DropNoEncryptionKey,
+            Drop::OverlayUnencrypted => Counter::DropOverlayUnencrypted,
         }
     }
 }
@@ -285,6 +292,11 @@ pub trait Maps {
     fn ipcache(&self, ip: [u8; 4]) -> Option<IpcacheEntry>;
     /// `NODE_CONFIG` element 0.
     fn node_config(&self) -> Option<NodeConfig>;
+    /// `TUNNEL_PEERS` lookup by underlay address (HOST byte order), for the encryption decision; only asked while
+    /// the node's config has an encryption mode.
+    fn encryption_peer(&self, _underlay_ipv4: u32) -> Option<TunnelPeer> {
+        None
+    }
 }
 
 /// Decision for a packet leaving a pod (tc ingress on the host side of its veth, interface `ifindex`).
@@ -337,14 +349,21 @@ pub fn from_pod_endpoints(
     if entry.tunnel_endpoint == 0 || entry.flags & ipcache_flags::LOCAL_NODE != 0 {
         return Ok(Forward::Pass);
     }
-    let vxlan_ifindex = match maps.node_config() {
-        Some(cfg) if cfg.vxlan_ifindex != 0 => cfg.vxlan_ifindex,
+    let cfg = match maps.node_config() {
+        Some(cfg) if cfg.vxlan_ifindex != 0 => cfg,
         _ => return Err(Drop::NoTunnel),
+    };
+    // Without an encryption mode, no further lookup: the underlay address is the remote.
+    let remote_ipv4 = if cfg.flags & (node_flags::ENCRYPT_CROSS_CLUSTER | node_flags::ENCRYPT_ALL) == 0 {
+        entry.tunnel_endpoint
+    } else {
+        let peer = maps.encryption_peer(entry.tunnel_endpoint);
+        encryption::tunnel_remote(&cfg, entry.cluster_id, entry.tunnel_endpoint, peer)?
     };
     // The sender's identity number is the VNI.
     Ok(Forward::Tunnel {
-        vxlan_ifindex,
-        remote_ipv4: entry.tunnel_endpoint,
+        vxlan_ifindex: cfg.vxlan_ifindex,
+        remote_ipv4,
         vni: policy::vni_for(src_ep),
     })
 }

@@ -147,6 +147,12 @@ mod bpf {
         fn node_config(&self) -> Option<NodeConfig> {
             NODE_CONFIG.get(0).copied()
         }
+
+        #[inline(always)]
+        fn encryption_peer(&self, underlay_ipv4: u32) -> Option<TunnelPeer> {
+            // SAFETY: as `endpoint`.
+            unsafe { TUNNEL_PEERS.get(underlay_ipv4).copied() }
+        }
     }
 
     // SAFETY (all lookups below): the value is copied out right away; a concurrent update from the agent can at
@@ -543,11 +549,22 @@ mod bpf {
         Ok(forward)
     }
 
+    /// The tunnel peer an overlay packet came from, if it may feed the overlay: a known peer, and through WireGuard
+    /// when encryption applies to it.
+    #[inline(always)]
+    fn overlay_source(remote_ipv4: u32) -> Result<TunnelPeer, Drop> {
+        let peer = trust::overlay_peer(remote_ipv4, &KernelMaps)?;
+        match NODE_CONFIG.get(0) {
+            Some(cfg) => mesh_ebpf::encryption::overlay_accepts(cfg, &peer).map(|()| peer),
+            None => Ok(peer),
+        }
+    }
+
     /// A packet from the overlay: the sending node must be a tunnel peer, then reverse translation of replies, the
     /// receiver's ingress policy (the source identity comes from the VNI and the sending node), then delivery.
     #[inline(always)]
     fn overlay_ipv4(ctx: &TcContext, ip: Ipv4Header, remote_ipv4: u32, vni: u32) -> Result<Forward, Drop> {
-        let peer = match trust::overlay_peer(remote_ipv4, &KernelMaps) {
+        let peer = match overlay_source(remote_ipv4) {
             Ok(peer) => peer,
             Err(drop) => {
                 emit(&flow_event(
@@ -708,7 +725,7 @@ mod bpf {
         let remote_ipv4 = unsafe { key.__bindgen_anon_1.remote_ipv4 };
         let decision = read_frame(&ctx).and_then(|frame| match frame {
             Frame::Ipv4(ip) => overlay_ipv4(&ctx, ip, remote_ipv4, vni),
-            Frame::Other { .. } => trust::overlay_peer(remote_ipv4, &KernelMaps).map(|_| Forward::Pass),
+            Frame::Other { .. } => overlay_source(remote_ipv4).map(|_| Forward::Pass),
         });
         finish(&ctx, decision)
     }

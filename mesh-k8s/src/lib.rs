@@ -10,6 +10,7 @@ pub mod progress;
 pub mod select;
 pub mod source;
 pub mod status;
+pub mod wireguard;
 
 pub use select::start_cluster_source;
 pub use select::{RunningSource, SourceError, SourceKind, start_source};

@@ -763,6 +763,7 @@ mod tests {
             name: name.into(),
             underlay_ipv4: ip.parse().expect("ip"),
             pod_cidr: "10.1.0.0/24".parse().expect("cidr"),
+            wireguard: None,
         })
     }
 

@@ -205,6 +205,7 @@ mod tests {
             cluster_id: 2,
             underlay_ipv4: Ipv4Addr::new(172, 30, 2, 1),
             pod_cidrs: vec!["10.2.0.0/24".parse().expect("cidr")],
+            wireguard: None,
         }
     }
 

@@ -359,6 +359,10 @@ pub struct NodeRecord {
     pub cluster_id: u16,
     pub underlay_ipv4: Ipv4Addr,
     pub pod_cidrs: Vec<Ipv4Net>,
+    /// The node's WireGuard public key and port (docs/encryption.md); absent (and not written) while its agent
+    /// does not encrypt, so records of such nodes read as before by agents that predate encryption.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<mesh_model::wireguard::WireguardEndpoint>,
 }
 
 /// A port of a service or backend, matched across clusters by name (as Cilium does).
@@ -953,6 +957,7 @@ mod tests {
             cluster_id: 1,
             underlay_ipv4: Ipv4Addr::new(172, 30, 1, 1),
             pod_cidrs: vec!["10.1.0.0/24".parse().expect("cidr")],
+            wireguard: None,
         }
     }
 
@@ -988,6 +993,27 @@ mod tests {
         let key = k.node("east", "east-node-1");
         let v = encode(&node());
         assert_eq!(decode_node(&key, "east", "east-node-1", v.as_bytes()), Ok(node()));
+    }
+
+    #[test]
+    fn node_wireguard_is_optional_and_only_written_when_present() {
+        let k = Keys::default();
+        let key = k.node("east", "east-node-1");
+        // A record without the field (as agents before encryption wrote and read it) stays byte for byte the same.
+        assert!(!encode(&node()).contains("wireguard"));
+        let with = NodeRecord {
+            wireguard: Some(mesh_model::wireguard::WireguardEndpoint {
+                public_key: "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=".into(),
+                port: 51871,
+            }),
+            ..node()
+        };
+        let v = encode(&with);
+        assert!(v.contains(r#""wireguard":{"publicKey":"#), "{v}");
+        assert_eq!(decode_node(&key, "east", "east-node-1", v.as_bytes()), Ok(with));
+        // Unknown fields inside stay refused, like everywhere in the schema.
+        let bad = v.replace(r#""port":51871"#, r#""port":51871,"mtu":1400"#);
+        assert!(decode_node(&key, "east", "east-node-1", bad.as_bytes()).is_err());
     }
 
     #[test]

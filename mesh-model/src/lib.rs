@@ -13,6 +13,7 @@ pub mod service;
 pub mod source;
 pub mod state;
 pub mod traffic;
+pub mod wireguard;
 pub mod yaml;
 
 pub use cluster::{ClusterId, ClusterName, ClusterNameError};

@@ -520,10 +520,14 @@ fn node(ctx: &Ctx<'_>, n: &core::Node) -> Result<Node, ManifestError> {
             format!("InternalIP {:?} is not an IPv4 address: {e}", addr.address),
         )
     })?;
+    let annotations = n.metadata.annotations.clone().unwrap_or_default();
+    let wireguard = crate::wireguard::from_annotations(&annotations)
+        .map_err(|m| ctx.err(Some("metadata.annotations"), m))?;
     Ok(Node {
         name,
         underlay_ipv4,
         pod_cidr: pod_cidr.trunc(),
+        wireguard,
     })
 }
 
@@ -870,6 +874,7 @@ status: {addresses: [{type: InternalIP, address: 172.30.1.1}]}
                 name: "east-node-1".into(),
                 underlay_ipv4: Ipv4Addr::new(172, 30, 1, 1),
                 pod_cidr: "10.1.0.0/24".parse().expect("cidr"),
+                wireguard: None,
             })]
         );
     }

@@ -42,6 +42,9 @@ pub struct Node {
     pub underlay_ipv4: Ipv4Addr,
     /// The slice of the cluster's pod CIDR whose pods live on this node.
     pub pod_cidr: Ipv4Net,
+    /// The node's WireGuard endpoint (its Node annotations), when its agent encrypts.
+    #[serde(default)]
+    pub wireguard: Option<crate::wireguard::WireguardEndpoint>,
 }
 
 /// A namespace.

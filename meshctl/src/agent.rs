@@ -111,6 +111,37 @@ pub fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             println!("    refused: {}", s(r));
         }
     }
+    let enc = &st["encryption"];
+    if enc.is_object() {
+        println!(
+            "Encryption: {} (WireGuard {} on UDP {}, address {}, key {})",
+            s(&enc["mode"]),
+            s(&enc["device"]),
+            enc["port"],
+            s(&enc["wireguardIpv4"]),
+            s(&enc["publicKey"])
+        );
+        for p in enc["peers"].as_array().into_iter().flatten() {
+            let age = p["handshakeAgeSeconds"]
+                .as_f64()
+                .map_or_else(|| "never".to_owned(), |a| format!("{a:.0}s ago"));
+            println!(
+                "  {:<32} {:<22} handshake {:<10} tx {} B rx {} B errors tx={} rx={}",
+                s(&p["name"]),
+                s(&p["endpoint"]),
+                age,
+                p["txBytes"],
+                p["rxBytes"],
+                p["txErrors"],
+                p["rxErrors"]
+            );
+        }
+        for m in enc["peersWithoutKey"].as_array().into_iter().flatten() {
+            println!("  no key (dropped): {}", s(m));
+        }
+    } else {
+        println!("Encryption: off");
+    }
     println!("Endpoints:");
     for e in dp["endpoints"].as_array().into_iter().flatten() {
         let err = e["error"]

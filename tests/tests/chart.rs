@@ -46,7 +46,8 @@ const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
         &["trafficpolicies", "stagedrollouts", "meshnetworkpolicies"],
         WATCH,
     ),
-    ("", &["nodes"], &["get"]),
+    // `patch`: its own Node's WireGuard annotations (mesh-k8s's `publish_wireguard`).
+    ("", &["nodes"], &["get", "patch"]),
     ("fleetmesh.io", &["meshnodes"], &["get", "create"]),
     ("fleetmesh.io", &["meshnodes/status"], &["patch"]),
 ];

@@ -23,6 +23,9 @@
 //!
 //! - `dns`: see `bench_dns.rs`: clusterset DNS queries/s and p99 latency vs dnsmasq, remote backend change → headless
 //!   answer changed, heap per record.
+//! - `encryption`: see `bench_encryption.rs`: iperf3 (1 and 4 streams) and TCP RR across clusters through the
+//!   agent's WireGuard vs a wireguard-go tunnel between the same node namespaces and vs the clear overlay, agent
+//!   CPU per Gbit/s, and in-cluster traffic with cross-cluster mode vs encryption off.
 //! - `policy`: see `bench_policy.rs`: round trips with a 1,000-rule policy on both pods vs none, and the time
 //!   from a pod label change in one cluster to enforcement in another's datapath (p50/p99 of 100 changes).
 //!
@@ -80,6 +83,8 @@ pub enum Part {
     Dns,
     /// Fleet: what one backend change of a 10,000-backend service writes to etcd and sends to each watcher.
     Fleet,
+    /// Encryption: the agent's WireGuard vs wireguard-go and vs the clear overlay (throughput, RR, CPU).
+    Encryption,
 }
 
 /// How long and how often each measurement runs.
@@ -183,10 +188,19 @@ pub(crate) struct Procs(Vec<Child>);
 
 impl Procs {
     pub(crate) fn spawn(&mut self, netns: &str, program: &str, args: &[&str]) -> Result<()> {
+        self.spawn_in(netns, &["taskset", "-c", SERVER_CPU, program], args)
+    }
+
+    /// As [`Procs::spawn`], not pinned to a CPU (a daemon that competes like the agents do).
+    pub(crate) fn spawn_plain(&mut self, netns: &str, program: &str, args: &[&str]) -> Result<()> {
+        self.spawn_in(netns, &[program], args)
+    }
+
+    fn spawn_in(&mut self, netns: &str, program: &[&str], args: &[&str]) -> Result<()> {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{netns}"))
-            .args(["--", "taskset", "-c", SERVER_CPU])
-            .arg(program)
+            .arg("--")
+            .args(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -642,6 +656,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Part::Policy,
             Part::Dns,
             Part::Fleet,
+            Part::Encryption,
         ]
     } else {
         args.only
@@ -742,6 +757,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 ..row(what, value, baseline, ratio)
             });
         }
+    }
+
+    if parts.contains(&Part::Encryption) {
+        println!(
+            "\n== encryption: agent WireGuard vs wireguard-go and vs the clear overlay (3 clusters, 5 nodes)"
+        );
+        crate::bench_encryption::part(&plan, &out_dir, &mut rows)?;
     }
 
     let report = render(&rows, &notes, &plan, started.elapsed());

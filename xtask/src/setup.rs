@@ -96,6 +96,17 @@ const CAPABILITIES: &[Capability] = &[
         packages: &["dnsmasq-base"],
         check: || version_of("dnsmasq", &["--version"]),
     },
+    // Encryption: a real WireGuard peer for the interop test and the baseline of `bench --only encryption`.
+    Capability {
+        name: "wireguard-go",
+        packages: &["wireguard-go"],
+        check: || version_of("wireguard-go", &["--version"]),
+    },
+    Capability {
+        name: "wg",
+        packages: &["wireguard-tools"],
+        check: || version_of("wg", &["--version"]),
+    },
 ];
 
 /// Arguments of `cargo xtask setup`.

@@ -342,6 +342,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not (has (toString .Values.serviceAffinityDefault) (list "none" "local" "remote")) -}}
 {{- fail (printf "serviceAffinityDefault %q is not valid: use none, local or remote" (toString .Values.serviceAffinityDefault)) -}}
 {{- end -}}
+{{- if not (has (toString .Values.encryption) (list "off" "cross-cluster" "all")) -}}
+{{- fail (printf "encryption %q is not valid: use off, cross-cluster or all" (toString .Values.encryption)) -}}
+{{- end -}}
+{{- if or (lt (int .Values.encryptionPort) 1) (gt (int .Values.encryptionPort) 65535) -}}
+{{- fail (printf "encryptionPort %v is out of range: it must be a UDP port from 1 to 65535" .Values.encryptionPort) -}}
+{{- end -}}
 {{- if not (has (toString .Values.clustermesh.apiserver.service.type) (list "NodePort" "LoadBalancer")) -}}
 {{- fail (printf "clustermesh.apiserver.service.type %q is not valid: use NodePort or LoadBalancer" (toString .Values.clustermesh.apiserver.service.type)) -}}
 {{- end -}}

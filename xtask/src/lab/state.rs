@@ -19,6 +19,9 @@ const NODES_FILE: &str = "lab-nodes.yaml";
 const ETCD_PORT: u16 = 2379;
 const HOST_IFNAME_ANNOTATION: &str = "fleetmesh.io/host-ifname";
 const POD_MTU: &str = "1450";
+/// Pod MTU in a cluster with encryption: 1500 minus VXLAN (50) minus WireGuard over IPv4 (60), so that an
+/// encrypted datagram still fits the underlay unfragmented (docs/encryption.md, "MTU").
+const POD_MTU_ENCRYPTED: &str = "1390";
 const GATEWAY: &str = "169.254.1.1";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +50,9 @@ pub struct ClusterRt {
     /// Cluster labels (`--cluster-label` of its daemons).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The agents' `--encryption` (`None`: off).
+    #[serde(default)]
+    pub encryption: Option<String>,
     pub nodes: Vec<NodeRt>,
     /// Manifest files by base name: their documents as given by the user.
     pub files: BTreeMap<String, Vec<Value>>,
@@ -67,6 +73,10 @@ pub struct NodeRt {
     pub pod_cidr: Cidr,
     pub socket: PathBuf,
     pub next_host: u32,
+    /// The node's WireGuard public key (made by its agent binary in its state directory) when its cluster
+    /// encrypts; published as a Node annotation.
+    #[serde(default)]
+    pub wireguard_public_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -472,6 +482,16 @@ impl LabState {
             pod_cidr: slice,
             socket: self.lab_dir.join("run").join(format!("{name}.sock")),
             next_host: 2,
+            wireguard_public_key: None,
+        };
+        let wireguard_public_key = if self.clusters[ci].encryption.is_some() {
+            Some(self.wireguard_key(&name)?)
+        } else {
+            None
+        };
+        let node = NodeRt {
+            wireguard_public_key,
+            ..node
         };
         self.clusters[ci].nodes.push(node);
         self.add_netns(&netns)?;
@@ -487,6 +507,31 @@ impl LabState {
         net::ip_in(&netns, &["addr", "add", &format!("{ip}/10"), "dev", "eth0"])?;
         net::ip_in(&netns, &["link", "set", "eth0", "up"])?;
         self.save()
+    }
+
+    /// The agent's state directory of node `name`.
+    fn agent_state_dir(&self, name: &str) -> PathBuf {
+        self.lab_dir.join("run").join("state").join(name)
+    }
+
+    /// Node `name`'s WireGuard public key: its agent binary makes the key pair in the node's state directory (the
+    /// private key stays there, 0600) and prints the public key, which the lab then publishes on the Node object
+    /// (on Kubernetes the agent annotates its Node itself).
+    fn wireguard_key(&self, name: &str) -> Result<String> {
+        let dir = self.agent_state_dir(name);
+        let out = std::process::Command::new(super::bin("mesh-agent"))
+            .arg("wireguard-key")
+            .arg("--state-dir")
+            .arg(&dir)
+            .output()
+            .context("running mesh-agent wireguard-key")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "mesh-agent wireguard-key --state-dir {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     /// Where the lab's agents pin their datapaths on bpffs (per lab, so that labs of the same topology running at
@@ -524,12 +569,9 @@ impl LabState {
             "--bpf-pin-dir".into(),
             self.bpf_pins().join(&n.name).display().to_string(),
             "--state-dir".into(),
-            self.lab_dir
-                .join("run")
-                .join("state")
-                .join(&n.name)
-                .display()
-                .to_string(),
+            self.agent_state_dir(&n.name).display().to_string(),
+            "--encryption".into(),
+            c.encryption.clone().unwrap_or_else(|| "off".into()),
             // The clusterset DNS zone, on the node-local address every pod's resolv.conf names; no upstream:
             // lab namespaces have no way out, other names are refused.
             "--dns-listen".into(),
@@ -724,7 +766,12 @@ impl LabState {
                 &netns,
             ],
         )?;
-        net::ip_in(&node_netns, &["link", "set", &host_ifname, "mtu", POD_MTU, "up"])?;
+        let mtu = if self.clusters[ci].encryption.is_some() {
+            POD_MTU_ENCRYPTED
+        } else {
+            POD_MTU
+        };
+        net::ip_in(&node_netns, &["link", "set", &host_ifname, "mtu", mtu, "up"])?;
         // The node's own route to the pod, as a CNI plugin sets it up: the node (kubelet probes) reaches its pods and
         // answers them through the host veth; pod-to-pod traffic never uses it (the datapath redirects it).
         net::ip_in(
@@ -741,7 +788,7 @@ impl LabState {
         )?;
         net::ip_in(
             &netns,
-            &["link", "set", "eth0", "address", &mac, "mtu", POD_MTU, "up"],
+            &["link", "set", "eth0", "address", &mac, "mtu", mtu, "up"],
         )?;
         net::ip_in(&netns, &["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         net::ip_in(&netns, &["route", "add", GATEWAY, "dev", "eth0", "scope", "link"])?;
@@ -839,12 +886,15 @@ impl LabState {
         let c = &mut self.clusters[ci];
         let mut nodes = String::new();
         for n in &c.nodes {
-            let doc = json!({
+            let mut doc = json!({
                 "apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": n.name, "labels": {"topology.fleetmesh.io/cluster": c.name}},
                 "spec": {"podCIDR": n.pod_cidr.to_string()},
                 "status": {"addresses": [{"type": "InternalIP", "address": n.underlay_ip.to_string()}]},
             });
+            if let Some(key) = &n.wireguard_public_key {
+                doc["metadata"]["annotations"] = json!({ mesh_model::wireguard::ANNOTATION_PUBLIC_KEY: key });
+            }
             nodes.push_str("---\n");
             nodes.push_str(&mesh_model::yaml::to_string(&doc)?);
         }
@@ -1125,6 +1175,7 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
                 service_cidr: c.service_cidr,
                 etcd_ip: etcd_ip(c.id),
                 labels: c.labels.clone(),
+                encryption: (c.encryption != "off").then(|| c.encryption.clone()),
                 nodes: Vec::new(),
                 files,
                 pods: BTreeMap::new(),
@@ -1298,6 +1349,7 @@ pub fn apply(dir: &Path, cluster: &str, file: &Path, delete: bool) -> Result<()>
         service_cidr: st.clusters[ci].service_cidr,
         nodes: 0,
         labels: st.clusters[ci].labels.clone(),
+        encryption: st.clusters[ci].encryption.clone().unwrap_or_else(|| "off".into()),
         files: Vec::new(),
     };
     topology::check_docs(&c, &files, &nodes)?;

@@ -36,7 +36,15 @@ pub struct ClusterSpec {
     /// `TrafficPolicy` selectors match them.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Optional: the agents' `--encryption` (`off`, `cross-cluster`, `all`; default `off` in the lab, so that
+    /// other tests measure the plain overlay). With encryption, each node makes its WireGuard key and the lab
+    /// publishes the public key on its Node object (as the agent does on Kubernetes).
+    #[serde(default)]
+    pub encryption: Option<String>,
 }
+
+/// Values of a cluster's `encryption` field.
+pub const ENCRYPTION_MODES: [&str; 3] = ["off", "cross-cluster", "all"];
 
 /// An IPv4 prefix (the lab keeps its own tiny type: xtask may not depend on the product crates).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
@@ -124,6 +132,8 @@ pub struct Cluster {
     pub service_cidr: Cidr,
     pub nodes: u32,
     pub labels: BTreeMap<String, String>,
+    /// The agents' `--encryption` mode.
+    pub encryption: String,
     /// The cluster's manifest files (`DIR/<name>/*.yaml`, sorted).
     pub files: Vec<PathBuf>,
 }
@@ -199,6 +209,13 @@ pub fn load(dir: &Path) -> anyhow::Result<Vec<Cluster>> {
         if pod_cidr.overlaps(service_cidr) {
             bail!("{at}: field serviceCIDR: {service_cidr} overlaps podCIDR {pod_cidr}");
         }
+        let encryption = c.encryption.clone().unwrap_or_else(|| "off".to_owned());
+        if !ENCRYPTION_MODES.contains(&encryption.as_str()) {
+            bail!(
+                "{at}: field encryption: {encryption:?} is not one of {}",
+                ENCRYPTION_MODES.join(", ")
+            );
+        }
         for other in &out {
             if other.name == c.name {
                 bail!("{at}: field name: duplicate cluster name {:?}", c.name);
@@ -236,6 +253,7 @@ pub fn load(dir: &Path) -> anyhow::Result<Vec<Cluster>> {
             service_cidr,
             nodes: c.nodes,
             labels: c.labels.clone(),
+            encryption,
             files,
         });
     }
@@ -442,11 +460,32 @@ mod tests {
     }
 
     #[test]
+    fn encryption_defaults_to_off_and_takes_the_agents_modes() {
+        let d = write_lab(OK);
+        assert!(
+            load(d.path())
+                .expect("valid")
+                .iter()
+                .all(|c| c.encryption == "off")
+        );
+        for mode in ENCRYPTION_MODES {
+            let d = write_lab(&format!(
+                "clusters:\n  - {{name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: 1, encryption: {mode}}}\n"
+            ));
+            assert_eq!(load(d.path()).expect("valid")[0].encryption, mode);
+        }
+    }
+
+    #[test]
     fn bad_topologies_are_refused_naming_the_field() {
         for (yaml, want) in [
             (
                 "clusters:\n  - {name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: 2, colour: red}\n",
                 "colour",
+            ),
+            (
+                "clusters:\n  - {name: east, id: 1, podCIDR: 10.1.0.0/16, nodes: 2, encryption: ipsec}\n",
+                "field encryption: \"ipsec\" is not one of off, cross-cluster, all",
             ),
             (
                 "clusters:\n  - {name: East, id: 1, podCIDR: 10.1.0.0/16, nodes: 2}\n",
