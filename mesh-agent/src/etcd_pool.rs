@@ -86,8 +86,8 @@ impl Pool {
     /// When a new client cannot connect.
     pub async fn get(&self, target: Target, opts: ConnectOptions) -> Result<Arc<Conn>, etcd_client::Error> {
         let mut entries = self.entries.lock().await;
-        // Entries of targets nobody uses any more go (a peer removed, a certificate renewed).
-        entries.retain(|t, e| *t == target || e.conn.strong_count() > 0);
+        // Entries stay when no session holds their client (between sessions, after a loss): they remember which
+        // endpoint is next. One per target the agent ever used: a few KiB per peer file or certificate change.
         let entry = entries.entry(target.clone()).or_insert_with(|| Entry {
             // Agents of a cluster start at different members, so that a hub's load spreads.
             next: usize::try_from(std::process::id()).unwrap_or_default(),
