@@ -59,6 +59,12 @@ struct Args {
     /// instead of every agent connecting to every peer. Read at start.
     #[arg(long, env = "FLEETMESH_KVSTOREMESH_CONFIG")]
     kvstoremesh_config: Option<PathBuf>,
+    /// Fleet hub (docs/fleet-hub.md): a file in the peer file format (`endpoints`, `trusted-ca-file`, `cert-file`,
+    /// `key-file`, `prefix`) naming the hub's etcd; the cluster's records are published there too, under `prefix`
+    /// (`<kvstore-prefix>/clusters/<cluster>` as `meshctl clustermesh hub join` writes it), besides its own etcd.
+    /// Read at start.
+    #[arg(long, env = "FLEETMESH_HUB_CONFIG")]
+    hub_config: Option<PathBuf>,
     /// MCS API (`--source kubernetes` only): a clustermesh config directory (one file per peer cluster, as the
     /// agents' `--clustermesh-config`) whose clusters' ServiceExports are compared with this cluster's (KEP-1645
     /// `Conflict` condition) and imported as ServiceImports. Read at start. Without it, only this cluster's exports
@@ -161,7 +167,37 @@ async fn main() -> anyhow::Result<()> {
             },
         )
     });
+    let hub = args
+        .hub_config
+        .as_deref()
+        .map(|f| read_hub_config(f, &args.kvstore_prefix, &args.cluster_name.to_string()))
+        .transpose()?;
+    let allocator = publisher::shared_allocator(
+        &args.cluster_name.to_string(),
+        args.cluster_id,
+        args.identity_gc_grace,
+    );
+    let hub_publisher = hub.map(|h| publisher::Publisher {
+        sink: "hub",
+        cluster: args.cluster_name.to_string(),
+        cluster_id: args.cluster_id,
+        labels: args.cluster_labels.iter().cloned().collect(),
+        keys: mesh_kvstore::Keys::new(h.prefix.as_deref().unwrap_or_default()),
+        endpoints: h.endpoints.clone(),
+        lease_ttl: args.lease_ttl,
+        tls: h.trusted_ca_file.clone().map(|ca| publisher::EtcdTls {
+            ca,
+            identity: h.cert_file.clone().zip(h.key_file.clone()),
+        }),
+        exports: exports.clone(),
+        slice_size: usize::try_from(args.service_slice_size).unwrap_or(mesh_kvstore::DEFAULT_SLICE_SIZE),
+        slices: std::sync::Mutex::default(),
+    });
+    if let Some(h) = &hub_publisher {
+        tracing::info!(hub = ?h.endpoints, prefix = h.keys.prefix(), "publishing into the fleet hub too");
+    }
     let publisher = publisher::Publisher {
+        sink: "etcd",
         cluster: args.cluster_name.to_string(),
         cluster_id: args.cluster_id,
         labels: args.cluster_labels.iter().cloned().collect(),
@@ -169,7 +205,6 @@ async fn main() -> anyhow::Result<()> {
         endpoints: args.etcd_endpoints,
         lease_ttl: args.lease_ttl,
         tls,
-        identity_gc_grace: args.identity_gc_grace,
         exports,
         slice_size: usize::try_from(args.service_slice_size).unwrap_or(mesh_kvstore::DEFAULT_SLICE_SIZE),
         slices: std::sync::Mutex::default(),
@@ -179,13 +214,49 @@ async fn main() -> anyhow::Result<()> {
             r.context("cluster state source task")??;
             anyhow::bail!("cluster state source stopped");
         }
-        () = publisher.run(rx) => anyhow::bail!("publisher stopped"),
+        () = publisher.run(rx.clone(), allocator.clone()) => anyhow::bail!("publisher stopped"),
+        () = run_optional(hub_publisher.as_ref(), rx, allocator) => anyhow::bail!("hub publisher stopped"),
         r = shutdown_signal() => {
             r?;
             tracing::info!("shutting down");
             Ok(())
         }
     }
+}
+
+/// Runs the hub publisher if there is one; pends forever otherwise.
+async fn run_optional(
+    p: Option<&publisher::Publisher>,
+    rx: tokio::sync::watch::Receiver<mesh_model::source::Snapshot>,
+    allocator: publisher::SharedAllocator,
+) {
+    match p {
+        Some(p) => p.run(rx, allocator).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads `--hub-config`: a peer file whose `prefix` is where this cluster publishes in the hub. A prefix that
+/// is not `<kvstore-prefix>/clusters/<cluster>` is refused: peers would not find the records there.
+fn read_hub_config(
+    file: &std::path::Path,
+    kvstore_prefix: &str,
+    cluster: &str,
+) -> anyhow::Result<mesh_kvstore::peer::RemoteConfig> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("--hub-config {}", file.display()))?;
+    let cfg: mesh_kvstore::peer::RemoteConfig = mesh_model::yaml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--hub-config {}: {e}", file.display()))?;
+    let cfg = cfg
+        .checked(file.parent().unwrap_or_else(|| std::path::Path::new(".")))
+        .map_err(|e| anyhow::anyhow!("--hub-config {}: {e}", file.display()))?;
+    let want = mesh_kvstore::Keys::new(kvstore_prefix).hub_cluster_prefix(cluster);
+    anyhow::ensure!(
+        cfg.prefix.as_deref().map(|p| p.trim_end_matches('/')) == Some(want.as_str()),
+        "--hub-config {}: prefix must be {want:?} (where peers read cluster {cluster} in the hub), not {:?}",
+        file.display(),
+        cfg.prefix.as_deref().unwrap_or("(none)")
+    );
+    Ok(cfg)
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

@@ -23,7 +23,26 @@ use tracing::{info, instrument, warn};
 
 use crate::identities::{self, Allocator};
 
+/// The cluster's identity allocator, shared by the publishers of one apiserver (its own etcd and a fleet hub), so
+/// that both carry the same numbers.
+pub type SharedAllocator = std::sync::Arc<std::sync::Mutex<Allocator>>;
+
+/// A new allocator for `cluster`, to share between publishers.
+#[must_use]
+pub fn shared_allocator(cluster: &str, cluster_id: u16, gc_grace: Duration) -> SharedAllocator {
+    std::sync::Arc::new(std::sync::Mutex::new(Allocator::new(
+        cluster, cluster_id, gc_grace,
+    )))
+}
+
+fn lock(a: &std::sync::Mutex<Allocator>) -> std::sync::MutexGuard<'_, Allocator> {
+    // A publisher that panicked while holding it left consistent numbers behind (every change is one call).
+    a.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub struct Publisher {
+    /// Which etcd this publisher writes, for logs: `etcd` (the cluster's own) or `hub`.
+    pub sink: &'static str,
     pub cluster: String,
     pub cluster_id: u16,
     /// Cluster labels, published with the cluster's config record.
@@ -33,8 +52,6 @@ pub struct Publisher {
     pub lease_ttl: Duration,
     /// Client TLS for `https://` endpoints.
     pub tls: Option<EtcdTls>,
-    /// How long an identity number no pod uses stays published.
-    pub identity_gc_grace: Duration,
     /// MCS export records to publish with the others (`--source kubernetes`), see [`crate::mcs`].
     /// `None` in the channel until the controller's first pass: meanwhile, export records already in etcd (an
     /// earlier run's) are kept, so that a restart does not withdraw them from the peers for a moment.
@@ -87,7 +104,7 @@ pub fn now_ms() -> u64 {
 
 impl Publisher {
     /// Runs sessions forever, reconnecting with backoff.
-    pub async fn run(&self, mut snapshots: watch::Receiver<Snapshot>) {
+    pub async fn run(&self, mut snapshots: watch::Receiver<Snapshot>, allocator: SharedAllocator) {
         // Generation 0 is the channel's placeholder, not the directory: publishing it would withdraw every record
         // and write a synced marker for an empty cluster.
         if snapshots.wait_for(|s| s.generation > 0).await.is_err() {
@@ -95,10 +112,9 @@ impl Publisher {
         }
         let mut backoff = mesh_kvstore::etcd::Reconnect::default();
         // Outlives sessions: what it holds wins over what a session start reads back.
-        let mut allocator = Allocator::new(&self.cluster, self.cluster_id, self.identity_gc_grace);
         loop {
             let started = std::time::Instant::now();
-            match self.session(&mut snapshots, &mut allocator).await {
+            match self.session(&mut snapshots, &allocator).await {
                 Ok(()) => return,
                 Err(e) => {
                     let wait = backoff.after(started.elapsed());
@@ -111,10 +127,16 @@ impl Publisher {
 
     /// Every record this cluster should have in etcd: its identities, its pods' addresses (and capacities other than
     /// 1), its nodes, and its global services that it shares.
-    fn desired(&self, snapshot: &Snapshot, allocator: &mut Allocator) -> BTreeMap<String, String> {
+    fn desired(
+        &self,
+        snapshot: &Snapshot,
+        allocator: &std::sync::Mutex<Allocator>,
+    ) -> BTreeMap<String, String> {
         let state = &snapshot.state;
+        let mut allocator = lock(allocator);
         let assigned = allocator.assign(state, std::time::Instant::now());
         let identities: Vec<(String, String)> = allocator.records(&self.keys).collect();
+        drop(allocator);
         let ips: Vec<(String, String)> =
             identities::pod_records(&self.cluster, &self.keys, state, &assigned).collect();
         let nodes = state.nodes.values().map(|n| {
@@ -230,7 +252,11 @@ impl Publisher {
 
     /// Reads back the identity records of this cluster (an earlier run's): the allocator keeps their numbers.
     #[instrument(skip_all)]
-    async fn restore_identities(&self, client: &Client, allocator: &mut Allocator) -> anyhow::Result<()> {
+    async fn restore_identities(
+        &self,
+        client: &Client,
+        allocator: &std::sync::Mutex<Allocator>,
+    ) -> anyhow::Result<()> {
         let (records, _) =
             mesh_kvstore::etcd::list_paged(client, &self.keys.identities_prefix(&self.cluster)).await?;
         let mut found = Vec::new();
@@ -247,6 +273,7 @@ impl Publisher {
                 _ => warn!(key = %k, "unexpected key among the identities; it is withdrawn"),
             }
         }
+        let mut allocator = lock(allocator);
         let restored = allocator.restore(found);
         info!(
             records = records.len(),
@@ -257,11 +284,11 @@ impl Publisher {
         Ok(())
     }
 
-    #[instrument(skip_all, fields(cluster = %self.cluster))]
+    #[instrument(skip_all, fields(cluster = %self.cluster, sink = self.sink))]
     async fn session(
         &self,
         snapshots: &mut watch::Receiver<Snapshot>,
-        allocator: &mut Allocator,
+        allocator: &std::sync::Mutex<Allocator>,
     ) -> anyhow::Result<()> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
@@ -417,7 +444,7 @@ impl Publisher {
         &self,
         snapshots: &mut watch::Receiver<Snapshot>,
         exports: &mut Option<watch::Receiver<Option<crate::mcs::ExportRecords>>>,
-        allocator: &Allocator,
+        allocator: &std::sync::Mutex<Allocator>,
         tick: &mut tokio::time::Interval,
         keeper: &mut etcd_client::LeaseKeeper,
         keepalive: &mut etcd_client::LeaseKeepAliveStream,
@@ -426,7 +453,8 @@ impl Publisher {
         stale: &mut bool,
     ) -> anyhow::Result<bool> {
         // Unused identities are withdrawn when their grace period ends, changes or not.
-        let collect_at = allocator.next_collection().map_or_else(
+        let next = lock(allocator).next_collection();
+        let collect_at = next.map_or_else(
             || tokio::time::Instant::now() + Duration::from_secs(3600),
             tokio::time::Instant::from_std,
         );

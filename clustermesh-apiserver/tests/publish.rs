@@ -1218,3 +1218,146 @@ async fn large_services_are_published_in_bounded_slices() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fleet hub
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Identity number → app label of the identity records under `prefix` (a cluster's own layout below it).
+async fn identity_apps(
+    client: &mut Client,
+    prefix: &str,
+    cluster: &str,
+) -> Result<BTreeMap<u32, String>, String> {
+    let keys = Keys::new(prefix);
+    let resp = client
+        .get(
+            keys.identities_prefix(cluster),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = BTreeMap::new();
+    for kv in resp.kvs() {
+        let key = kv.key_str().map_err(|e| e.to_string())?;
+        let mesh_kvstore::KeyKind::Identity(number) = keys.classify(cluster, key) else {
+            return Err(format!("unexpected key {key}"));
+        };
+        let rec =
+            mesh_kvstore::decode_identity(key, cluster, number, kv.value()).map_err(|e| e.to_string())?;
+        out.insert(rec.identity, rec.labels.get("app").cloned().unwrap_or_default());
+    }
+    Ok(out)
+}
+
+fn hub_config(dir: &Path, hub: &Etcd, prefix: &str) -> PathBuf {
+    let file = dir.join("hub-config.yaml");
+    std::fs::write(&file, format!("endpoints: [{}]\nprefix: {prefix}\n", hub.url()))
+        .expect("write hub config");
+    file
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_into_a_hub_under_its_prefix_with_the_same_identities() {
+    let (own, hub) = (Etcd::start().await, Etcd::start().await);
+    let (c, h) = (own.client().await, hub.client().await);
+    let manifests = tempfile::tempdir().expect("tempdir");
+    let dir = manifests.path();
+    write_atomic(dir, "nodes.yaml", &nodes_yaml(&[N1]));
+    write_atomic(
+        dir,
+        "pods.yaml",
+        &pods_yaml(&[("a", "{app: api}", "10.1.1.5"), ("b", "{app: web}", "10.1.1.6")]),
+    );
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let file = hub_config(cfg.path(), &hub, "fleetmesh/clusters/east");
+    let file = file.display().to_string();
+    let _east = Apiserver::start_with(dir, &own, &["--hub-config", &file]);
+    let want: BTreeMap<u32, String> = [(id(1, 256), "api".to_owned()), (id(1, 257), "web".to_owned())].into();
+    for (client, prefix) in [(&c, "fleetmesh"), (&h, "fleetmesh/clusters/east")] {
+        eventually(&format!("identities under {prefix}"), TIMEOUT, || {
+            let (mut client, want) = (client.clone(), want.clone());
+            async move {
+                let got = identity_apps(&mut client, prefix, "east").await?;
+                if got == want {
+                    Ok(())
+                } else {
+                    Err(format!("{got:?}"))
+                }
+            }
+        })
+        .await;
+    }
+    // The hub holds the cluster's config, nodes and synced markers under the prefix, and nothing beside it.
+    let hub_keys = Keys::new("fleetmesh/clusters/east");
+    let mut hc = h.clone();
+    for key in [
+        hub_keys.cluster_config("east"),
+        hub_keys.synced("east", "nodes"),
+        hub_keys.node("east", "east-node-1"),
+    ] {
+        eventually(&format!("{key} in the hub"), TIMEOUT, || {
+            let (mut hc, key) = (hc.clone(), key.clone());
+            async move {
+                get(&mut hc, &key)
+                    .await?
+                    .map(drop)
+                    .ok_or_else(|| format!("{key} missing"))
+            }
+        })
+        .await;
+    }
+    let all = hc
+        .get(
+            "fleetmesh/",
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .expect("list the hub");
+    for kv in all.kvs() {
+        let k = kv.key_str().expect("utf-8");
+        assert!(k.starts_with("fleetmesh/clusters/east/"), "the hub holds {k}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hub_config_with_another_clusters_prefix_is_refused_at_start() {
+    let (own, hub) = (Etcd::start().await, Etcd::start().await);
+    let manifests = tempfile::tempdir().expect("tempdir");
+    write_atomic(manifests.path(), "nodes.yaml", &nodes_yaml(&[N1]));
+    let cfg = tempfile::tempdir().expect("tempdir");
+    for (prefix, want) in [
+        (
+            "fleetmesh/clusters/west",
+            "prefix must be \"fleetmesh/clusters/east\"",
+        ),
+        ("/bad", "is not a key prefix"),
+    ] {
+        let file = hub_config(cfg.path(), &hub, prefix).display().to_string();
+        let mut east = Apiserver::start_with(manifests.path(), &own, &["--hub-config", &file]);
+        let child = east.child.as_mut().expect("child");
+        let deadline = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the apiserver did not stop on {prefix}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(!status.success());
+        let log = east.log();
+        assert!(log.contains(want) && !log.contains("panicked"), "{prefix}: {log}");
+    }
+    let mut h = hub.client().await;
+    let all = h
+        .get(
+            "fleetmesh/",
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .expect("list the hub");
+    assert_eq!(all.kvs().len(), 0, "nothing was written into the hub");
+}

@@ -368,19 +368,23 @@ impl RemoteCluster {
 
 pub use mesh_kvstore::peer::{RemoteConfig, read_config_dir};
 
-/// TLS options from a peer config's files (read at each connection, so renewed certificates are picked up).
-fn tls_options(cfg: &RemoteConfig) -> anyhow::Result<Option<etcd_client::TlsOptions>> {
+/// TLS options from a peer config's files (read at each connection, so renewed certificates are picked up), and
+/// the PEM contents read (CA, certificate, key) that tell shared clients apart.
+fn tls_options(cfg: &RemoteConfig) -> anyhow::Result<Option<(etcd_client::TlsOptions, Vec<Vec<u8>>)>> {
     use anyhow::Context as _;
     let Some(ca) = &cfg.trusted_ca_file else {
         return Ok(None);
     };
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let mut tls =
-        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+    let ca = read(ca)?;
+    let mut pem = vec![ca.clone()];
+    let mut tls = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca));
     if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
-        tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        let (cert, key) = (read(cert)?, read(key)?);
+        pem.extend([cert.clone(), key.clone()]);
+        tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
     }
-    Ok(Some(tls))
+    Ok(Some((tls, pem)))
 }
 
 /// Pod CIDR claims of every cluster: this cluster's nodes (from its source) and every peer's accepted node records.
@@ -1616,11 +1620,25 @@ impl Watcher {
                 keepalive_interval(),
                 keepalive_interval().min(Duration::from_secs(3)),
             );
-        let opts = match tls_options(&self.cfg)? {
-            Some(tls) => opts.with_tls(tls),
-            None => opts,
+        let (opts, tls) = match tls_options(&self.cfg)? {
+            Some((tls, pem)) => (opts.with_tls(tls), pem),
+            None => (opts, Vec::new()),
         };
-        let client = Client::connect(&self.cfg.endpoints, Some(opts)).await?;
+        // One client per distinct etcd, shared with the other watchers (a hub's peers, KVStoreMesh caches).
+        let target = crate::etcd_pool::Target {
+            endpoints: self.cfg.endpoints.clone(),
+            tls,
+        };
+        let conn = crate::etcd_pool::pool().get(target, opts).await?;
+        let result = self.session_on(&conn.client).await;
+        if let Err(e) = &result {
+            crate::etcd_pool::pool().ended(&conn, e).await;
+        }
+        result
+    }
+
+    /// A session on a (shared) client.
+    async fn session_on(&self, client: &Client) -> anyhow::Result<Ended> {
         self.remotes.update_in(self.scope, &self.name, |rc| {
             rc.state = SyncState::Syncing { since_ms: now_ms() }
         });
@@ -1628,7 +1646,7 @@ impl Watcher {
         // The list comes in pages (one consistent revision): a cluster's state can be far larger than one gRPC
         // message (4 MiB by default; the limit is raised too, for pages of large records).
         let limits = self.remotes.limits();
-        let (records, revision) = match mesh_kvstore::etcd::list_paged_within(&client, &root, limits).await {
+        let (records, revision) = match mesh_kvstore::etcd::list_paged_within(client, &root, limits).await {
             Ok(listed) => listed,
             Err(mesh_kvstore::etcd::ListError::OverLimit(o)) => return Ok(self.over_limit(&o)),
             Err(mesh_kvstore::etcd::ListError::Etcd(e)) => return Err(e.into()),
@@ -1656,7 +1674,7 @@ impl Watcher {
             "listed remote cluster"
         );
         self.publish(&mut s);
-        let mut stream = mesh_kvstore::etcd::watch_client(&client)
+        let mut stream = mesh_kvstore::etcd::watch_client(client)
             .watch(
                 root.as_str(),
                 Some(
@@ -1687,8 +1705,10 @@ impl Watcher {
                     let get = kv.get(heartbeat.as_str(), Some(GetOptions::new().with_keys_only()));
                     match tokio::time::timeout(probe_timeout, get).await {
                         Ok(Ok(_)) => self.alive(),
-                        Ok(Err(e)) => anyhow::bail!("liveness probe failed: {e}"),
-                        Err(_) => anyhow::bail!("liveness probe got no answer within {probe_timeout:?}"),
+                        Ok(Err(e)) => anyhow::bail!(anyhow::Error::new(e).context("liveness probe failed")),
+                        Err(_) => anyhow::bail!(crate::etcd_pool::Unreachable(format!(
+                            "liveness probe got no answer within {probe_timeout:?}"
+                        ))),
                     }
                     if !s.overlapping.is_empty() && self.retry_overlapping(&mut s) {
                         self.publish(&mut s);

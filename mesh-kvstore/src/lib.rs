@@ -91,6 +91,14 @@ impl Keys {
         format!("{}/kvstoremesh/{cluster}", self.prefix)
     }
 
+    /// The prefix a cluster publishes its records under in a fleet hub (`<prefix>/clusters/<cluster>`): the hub's
+    /// etcd user of that cluster may write there only, and readers list and watch one peer with one range
+    /// (docs/fleet-hub.md). Below it the layout is a cluster's own etcd's.
+    #[must_use]
+    pub fn hub_cluster_prefix(&self, cluster: &str) -> String {
+        format!("{}/clusters/{cluster}", self.prefix)
+    }
+
     #[must_use]
     pub fn heartbeat(&self, cluster: &str) -> String {
         format!("{}/heartbeat/{cluster}", self.prefix)

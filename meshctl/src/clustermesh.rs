@@ -144,6 +144,10 @@ pub struct PeerConfig {
     pub trusted_ca_file: PathBuf,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// Where the peer's records are in that etcd (a fleet hub: `<prefix>/clusters/<peer>`); default the reader's
+    /// key prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -215,7 +219,7 @@ pub fn parse_label_pin(s: &str) -> Result<(String, (String, String)), String> {
     Ok((peer.to_owned(), kv))
 }
 
-fn validity(days: u32) -> Result<(time::OffsetDateTime, time::OffsetDateTime)> {
+pub(crate) fn validity(days: u32) -> Result<(time::OffsetDateTime, time::OffsetDateTime)> {
     ensure!(days >= 1, "validity must be at least one day");
     let now = time::OffsetDateTime::now_utc();
     // A little slack for clocks that are slightly behind.
@@ -225,7 +229,7 @@ fn validity(days: u32) -> Result<(time::OffsetDateTime, time::OffsetDateTime)> {
     ))
 }
 
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let tmp = path.with_extension(format!(
         "{}.tmp",
         path.extension().and_then(|e| e.to_str()).unwrap_or("")
@@ -243,7 +247,7 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-fn create_out_dir(out: &Path, existing: &[PathBuf], force: bool) -> Result<()> {
+pub(crate) fn create_out_dir(out: &Path, existing: &[PathBuf], force: bool) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     if !force && let Some(p) = existing.iter().find(|p| p.exists()) {
         bail!(
@@ -299,7 +303,7 @@ pub struct ClusterSpec {
     pub days: u32,
 }
 
-fn load_issuer(ca_dir: &Path) -> Result<(String, Issuer<'static, KeyPair>)> {
+pub(crate) fn load_issuer(ca_dir: &Path) -> Result<(String, Issuer<'static, KeyPair>)> {
     let (cert_path, key_path) = (ca_dir.join(CA_CERT), ca_dir.join(CA_KEY));
     let ca_pem = std::fs::read_to_string(&cert_path).with_context(|| {
         format!(
@@ -413,12 +417,12 @@ pub fn cluster_certs(ca_dir: &Path, spec: &ClusterSpec, out: &Path, force: bool)
     Ok(info)
 }
 
-fn abs(p: &Path) -> Result<PathBuf> {
+pub(crate) fn abs(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("making {} absolute", p.display()))
 }
 
 /// Peers already connected in a clustermesh config directory (from their `<peer>.tls/cluster.yaml`).
-fn connected_peers(config_dir: &Path) -> Result<BTreeMap<String, PeerInfo>> {
+pub(crate) fn connected_peers(config_dir: &Path) -> Result<BTreeMap<String, PeerInfo>> {
     let mut out = BTreeMap::new();
     let entries = match std::fs::read_dir(config_dir) {
         Ok(e) => e,
@@ -504,6 +508,7 @@ pub fn connect(from: &Path, to: &Path, config_dir: &Path, replace: bool, pins: &
         trusted_ca_file: copy(&to.join(CA_CERT), CA_CERT, 0o644)?,
         cert_file: copy(&Role::Remote.cert(to), "client.crt", 0o644)?,
         key_file: copy(&Role::Remote.key(to), "client.key", 0o600)?,
+        prefix: None,
         cluster_id: pins.id.then_some(b.id),
         pod_cidrs: pins.pod_cidrs.get(&b.name).cloned(),
         cluster_labels: pins.labels.get(&b.name).cloned(),
@@ -549,7 +554,7 @@ pub async fn connect_etcd(dir: &Path, role: Role, endpoints: &[String]) -> Resul
         .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))
 }
 
-fn already_exists(e: &etcd_client::Error) -> bool {
+pub(crate) fn already_exists(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("already exists"))
 }
 

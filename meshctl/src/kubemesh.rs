@@ -1128,6 +1128,7 @@ async fn write_peer(a: &Cluster, sa: &Side, b: &Side) -> Result<()> {
             trusted_ca_file: p("ca.crt"),
             cert_file: p("tls.crt"),
             key_file: p("tls.key"),
+            prefix: None,
             cluster_id: None,
             pod_cidrs: None,
             cluster_labels: None,

@@ -121,6 +121,80 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum HubCommand {
+    /// Make a hub folder: the hub's own CA, a server certificate per member (member-I.crt; SANs every member address,
+    /// 127.0.0.1 and --server-name), admin.crt (CN admin-hub, etcd's root role) and hub.yaml (the members' client
+    /// and peer URLs, https://IP:2379 and https://IP:2380).
+    Create {
+        /// Address of a member (repeat: 3 members keep quorum when one is lost).
+        #[arg(long = "member-ip")]
+        member_ips: Vec<IpAddr>,
+        /// DNS name every member certificate also carries (repeat).
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        /// Validity of the certificates in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Output folder (the hub folder; keep it with the CA key private).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace existing material in the output folder.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Set up the hub's etcd once it serves (idempotent): role hub-reader (read on PREFIX/), users root and
+    /// admin-hub (role root), auth enabled.
+    Init {
+        /// The hub folder (made by `hub create`).
+        #[arg(long)]
+        hub: PathBuf,
+        /// Key prefix the clusters publish under.
+        #[arg(long, default_value = "fleetmesh")]
+        prefix: String,
+    },
+    /// Join a cluster to the hub: certificates hub-apiserver-CLUSTER (its etcd user may write only below
+    /// PREFIX/clusters/CLUSTER/ and read the rest) and hub-reader-CLUSTER (read only, for its agents), the users
+    /// and role in the hub, OUT/hub-config.yaml (the apiserver's --hub-config) and the cluster's entry in
+    /// HUB/clusters/. Refuses a name or id another joined cluster has.
+    Join {
+        #[arg(long)]
+        hub: PathBuf,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=4095))]
+        cluster_id: u16,
+        #[arg(long, default_value = "fleetmesh")]
+        prefix: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// Output folder: the cluster's hub material.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace a cluster of the same name (another id) that joined already.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Write a cluster's peer files for every other cluster that joined the hub: endpoints the hub's members,
+    /// prefix PREFIX/clusters/PEER, the cluster's hub-reader certificate. Run again after clusters join; agents
+    /// pick new files up at run time.
+    Connect {
+        #[arg(long)]
+        hub: PathBuf,
+        /// The cluster's hub material (made by `hub join`).
+        #[arg(long)]
+        certs: PathBuf,
+        /// The cluster's clustermesh config directory (its agents' --clustermesh-config).
+        #[arg(long)]
+        config_dir: PathBuf,
+        #[arg(long, default_value = "fleetmesh")]
+        prefix: String,
+        /// Pin each peer's id (from the hub folder) in its file.
+        #[arg(long)]
+        pin_id: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ClustermeshCommand {
     /// The mesh's certificate authority.
     #[command(subcommand)]
@@ -161,6 +235,11 @@ enum ClustermeshCommand {
         #[arg(long)]
         force: bool,
     },
+    /// A fleet hub: one etcd cluster (3 members) every cluster publishes into and reads its peers from, instead of
+    /// every cluster reading every other (docs/fleet-hub.md). `hub create`, `hub init`, then per cluster `hub join`
+    /// and `hub connect`.
+    #[command(subcommand)]
+    Hub(HubCommand),
     /// Create users and roles in a cluster's own etcd and enable auth (idempotent), using the cluster folder's
     /// admin certificate: role clustermesh-apiserver (read/write on PREFIX/) for user
     /// clustermesh-apiserver-CLUSTER, role remote (read only on PREFIX/) for user remote-CLUSTER, role root for
@@ -603,6 +682,73 @@ fn kube_command(f: impl std::future::Future<Output = anyhow::Result<()>>) -> any
         .block_on(f)
 }
 
+fn hub(cmd: HubCommand) -> anyhow::Result<()> {
+    use meshctl::hub;
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")
+    };
+    match cmd {
+        HubCommand::Create {
+            member_ips,
+            server_names,
+            days,
+            out,
+            force,
+        } => {
+            let info = hub::create(&out, &member_ips, &server_names, days, force)?;
+            println!(
+                "hub of {} members in {}: endpoints {}",
+                info.members.len(),
+                out.display(),
+                info.endpoints().join(",")
+            );
+        }
+        HubCommand::Init { hub: dir, prefix } => {
+            rt()?.block_on(hub::init(&dir, &prefix))?;
+            println!("hub {}: roles and users set, auth enabled", dir.display());
+        }
+        HubCommand::Join {
+            hub: dir,
+            cluster,
+            cluster_id,
+            prefix,
+            days,
+            out,
+            replace,
+        } => {
+            let spec = hub::JoinSpec {
+                cluster,
+                id: cluster_id,
+                prefix,
+                days,
+                replace,
+            };
+            let path = rt()?.block_on(hub::join(&dir, &spec, &out))?;
+            println!(
+                "cluster {} (id {}) joined the hub; its apiserver's --hub-config is {}",
+                spec.cluster,
+                spec.id,
+                path.display()
+            );
+        }
+        HubCommand::Connect {
+            hub: dir,
+            certs,
+            config_dir,
+            prefix,
+            pin_id,
+        } => {
+            for p in hub::connect(&dir, &certs, &config_dir, &prefix, pin_id)? {
+                println!("wrote {}", p.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<()> {
     use meshctl::clustermesh as cm;
     use meshctl::kubemesh as km;
@@ -650,6 +796,7 @@ fn clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<()> {
                 info.endpoints.join(",")
             );
         }
+        ClustermeshCommand::Hub(h) => hub(h)?,
         ClustermeshCommand::EtcdInit {
             certs,
             endpoints,

@@ -332,3 +332,196 @@ fn bad_input_gives_clear_errors() {
     ]);
     assert!(err.contains("ca.key"), "{err}");
 }
+
+#[test]
+fn hub_create_and_connect_write_the_hub_material_and_peer_files() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let hub = t.path().join("hub");
+    let out = ok(&[
+        "clustermesh",
+        "hub",
+        "create",
+        "--member-ip",
+        "10.9.0.1",
+        "--member-ip",
+        "10.9.0.2",
+        "--member-ip",
+        "10.9.0.3",
+        "--out",
+        s(&hub),
+    ]);
+    assert!(out.contains("3 members"), "{out}");
+    for f in [
+        "ca.crt",
+        "ca.key",
+        "member-1.crt",
+        "member-3.key",
+        "admin.crt",
+        "hub.yaml",
+    ] {
+        assert!(hub.join(f).is_file(), "{f} missing");
+    }
+    let info = meshctl::hub::HubInfo::read(&hub).expect("hub.yaml");
+    assert_eq!(
+        info.endpoints(),
+        [
+            "https://10.9.0.1:2379",
+            "https://10.9.0.2:2379",
+            "https://10.9.0.3:2379"
+        ]
+    );
+    // The member certificates carry the etcd server's and a client's purposes.
+    let pem = std::fs::read(hub.join("member-2.crt")).expect("member cert");
+    let (_, p) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+    let cert = p.parse_x509().expect("x509");
+    let eku = cert.extended_key_usage().expect("eku").expect("present").value;
+    assert!(eku.server_auth && eku.client_auth);
+
+    // `hub connect` from what `hub join` leaves (written here by hand: join needs the hub's etcd).
+    let east = t.path().join("east-hub");
+    std::fs::create_dir_all(&east).expect("mkdir");
+    for f in ["ca.crt", "reader.crt", "reader.key"] {
+        std::fs::copy(hub.join("admin.crt"), east.join(f)).expect("copy");
+    }
+    std::fs::write(east.join("cluster.yaml"), "name: east\nid: 1\n").expect("write");
+    std::fs::create_dir_all(hub.join("clusters")).expect("mkdir");
+    for (name, id) in [("east", 1), ("west", 2), ("north", 3)] {
+        std::fs::write(
+            hub.join("clusters").join(format!("{name}.yaml")),
+            format!("name: {name}\nid: {id}\n"),
+        )
+        .expect("write");
+    }
+    let cfg = t.path().join("cfg");
+    let out = ok(&[
+        "clustermesh",
+        "hub",
+        "connect",
+        "--hub",
+        s(&hub),
+        "--certs",
+        s(&east),
+        "--config-dir",
+        s(&cfg),
+        "--pin-id",
+    ]);
+    assert!(
+        out.contains("north") && out.contains("west") && !out.contains("/east\n"),
+        "{out}"
+    );
+    let west = mesh_kvstore::peer::read_config_dir(&cfg, "east");
+    assert!(west.1.is_empty(), "{:?}", west.1);
+    let w = &west.0["west"];
+    assert_eq!(w.prefix.as_deref(), Some("fleetmesh/clusters/west"));
+    assert_eq!(w.endpoints, info.endpoints());
+    assert_eq!(w.cluster_id, Some(2));
+    assert_eq!(west.0.len(), 2, "a file per other cluster of the hub");
+}
+
+#[test]
+fn hub_verbs_refuse_bad_input_clearly() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let hub = t.path().join("hub");
+    let err = fails(&["clustermesh", "hub", "create", "--out", s(&hub)]);
+    assert!(err.contains("--member-ip"), "no members: {err}");
+    let err = fails(&[
+        "clustermesh",
+        "hub",
+        "create",
+        "--member-ip",
+        "10.9.0.1",
+        "--member-ip",
+        "10.9.0.1",
+        "--out",
+        s(&hub),
+    ]);
+    assert!(err.contains("given twice"), "{err}");
+    ok(&[
+        "clustermesh",
+        "hub",
+        "create",
+        "--member-ip",
+        "10.9.0.1",
+        "--out",
+        s(&hub),
+    ]);
+    let err = fails(&[
+        "clustermesh",
+        "hub",
+        "create",
+        "--member-ip",
+        "10.9.0.1",
+        "--out",
+        s(&hub),
+    ]);
+    assert!(err.contains("--force"), "overwriting a hub: {err}");
+    let err = fails(&[
+        "clustermesh",
+        "hub",
+        "init",
+        "--hub",
+        s(&t.path().join("nothing")),
+    ]);
+    assert!(err.contains("hub create"), "not a hub folder: {err}");
+    // Names and ids are unique in the hub: refused before the hub is contacted (nothing listens here).
+    std::fs::write(hub.join("clusters").join("west.yaml"), "name: west\nid: 2\n").expect("write");
+    let out = t.path().join("x");
+    let err = fails(&[
+        "clustermesh",
+        "hub",
+        "join",
+        "--hub",
+        s(&hub),
+        "--cluster",
+        "east",
+        "--cluster-id",
+        "2",
+        "--out",
+        s(&out),
+    ]);
+    assert!(
+        err.contains("\"west\" has id 2") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    let err = fails(&[
+        "clustermesh",
+        "hub",
+        "join",
+        "--hub",
+        s(&hub),
+        "--cluster",
+        "west",
+        "--cluster-id",
+        "7",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("--replace"), "{err}");
+    let err = fails(&[
+        "clustermesh",
+        "hub",
+        "join",
+        "--hub",
+        s(&hub),
+        "--cluster",
+        "Bad_Name",
+        "--cluster-id",
+        "7",
+        "--out",
+        s(&out),
+    ]);
+    assert!(err.contains("Bad_Name"), "{err}");
+    assert!(!out.exists(), "nothing written for a refused join");
+    let err = fails(&[
+        "clustermesh",
+        "hub",
+        "connect",
+        "--hub",
+        s(&hub),
+        "--certs",
+        s(&out),
+        "--config-dir",
+        s(&t.path().join("c")),
+    ]);
+    assert!(err.contains("hub join"), "not a joined cluster's folder: {err}");
+}

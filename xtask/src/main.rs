@@ -6,8 +6,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_dns;
-mod bench_fleet;
 mod bench_encryption;
+mod bench_fleet;
 mod bench_policy;
 mod demo;
 mod echo;

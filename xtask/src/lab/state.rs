@@ -37,6 +37,22 @@ pub struct LabState {
     /// Daemons stopped by `lab stop`, to be started again by `lab start`.
     #[serde(default)]
     pub stopped: Vec<Proc>,
+    /// The fleet hub, when the topology has one.
+    #[serde(default)]
+    pub hub: Option<HubRt>,
+}
+
+/// A lab's fleet hub: a real etcd cluster in the underlay namespace, members `hub-1`, `hub-2`, ... at
+/// [`hub_ip`], served with TLS and client certificate auth, made with `meshctl clustermesh hub`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HubRt {
+    pub members: Vec<Ipv4Addr>,
+}
+
+/// Address of hub member `i` (1-based) on the underlay (clusters' etcds and nodes never use 100.127.255.x).
+pub fn hub_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(100, 127, 255, u8::try_from(i).unwrap_or(255))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,7 +235,20 @@ impl LabState {
         self.cluster_dir(cluster).join("pki")
     }
 
-    /// Makes the mesh CA and every cluster's certificates through `meshctl clustermesh`, as users do.
+    /// The hub folder made by `meshctl clustermesh hub create` (its CA, member and admin certificates,
+    /// `hub.yaml`, `clusters/`).
+    pub fn hub_dir(&self) -> PathBuf {
+        self.lab_dir.join("pki").join("hub")
+    }
+
+    /// A cluster's hub material made by `meshctl clustermesh hub join` (its apiserver's `hub-config.yaml`, the
+    /// `hub-apiserver-<c>` and `hub-reader-<c>` certificates).
+    pub fn hub_certs(&self, cluster: &str) -> PathBuf {
+        self.cluster_dir(cluster).join("hub")
+    }
+
+    /// Makes the mesh CA and every cluster's certificates through `meshctl clustermesh`, as users do (and the
+    /// hub's, with `hub create`).
     fn make_pki(&self) -> Result<()> {
         let meshctl = super::bin("meshctl");
         let ca = self.lab_dir.join("pki").join("ca");
@@ -229,6 +258,15 @@ impl LabState {
                 .args(["clustermesh", "ca", "create", "--name", "lab", "--out"])
                 .arg(&ca),
         )?;
+        if let Some(h) = &self.hub {
+            let mut cmd = Command::new(&meshctl);
+            cmd.args(["clustermesh", "hub", "create", "--out"])
+                .arg(self.hub_dir());
+            for ip in &h.members {
+                cmd.arg("--member-ip").arg(ip.to_string());
+            }
+            util::run(&mut cmd)?;
+        }
         for c in &self.clusters {
             util::run(
                 Command::new(&meshctl)
@@ -440,6 +478,133 @@ impl LabState {
         Ok(())
     }
 
+    /// Starts the hub's members (one etcd cluster), each on its own underlay address.
+    fn start_hub(&mut self) -> Result<()> {
+        let Some(h) = self.hub.clone() else {
+            return Ok(());
+        };
+        let ul = self.ul();
+        let dir = self.hub_dir();
+        let initial: Vec<String> = h
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| format!("hub-{}=http://{ip}:{}", i + 1, ETCD_PORT + 1))
+            .collect();
+        let etcd = util::which("etcd").context("etcd not found (run `cargo xtask setup`)")?;
+        for (i, ip) in h.members.iter().enumerate() {
+            let name = format!("hub-{}", i + 1);
+            net::ip_in(&ul, &["addr", "add", &format!("{ip}/10"), "dev", "br0"])?;
+            let data = self.lab_dir.join("clusters").join(".hub").join(&name);
+            std::fs::create_dir_all(&data)?;
+            let file = |ext: &str| dir.join(format!("member-{}.{ext}", i + 1)).display().to_string();
+            let ca = dir.join("ca.crt").display().to_string();
+            let client = format!("https://{ip}:{ETCD_PORT}");
+            // Raft between the members in plain HTTP, as the clusters' etcds' peer URLs: they share the underlay
+            // namespace, which has no route out (docs/fleet-hub.md has the production setup with peer TLS).
+            let peer = format!("http://{ip}:{}", ETCD_PORT + 1);
+            let args: Vec<String> = [
+                "--name",
+                &name,
+                "--data-dir",
+                &data.display().to_string(),
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                &format!("{}-hub", self.prefix),
+                "--log-level",
+                "warn",
+                "--cert-file",
+                &file("crt"),
+                "--key-file",
+                &file("key"),
+                "--trusted-ca-file",
+                &ca,
+                "--client-cert-auth",
+                "--grpc-keepalive-min-time",
+                "500ms",
+            ]
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect();
+            self.spawn(&format!("etcd-{name}"), &ul, &etcd, &args)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the hub up once its members serve (`hub init`), joins every cluster (`hub join`) and writes every
+    /// cluster's peer files pointing at the hub (`hub connect`), all with meshctl from the underlay.
+    fn init_hub(&self, timeout: Duration) -> Result<()> {
+        let Some(h) = &self.hub else {
+            return Ok(());
+        };
+        let ul = self.ul();
+        for ip in &h.members {
+            let addr = SocketAddr::from((*ip, ETCD_PORT));
+            net::wait_for(&format!("hub member {ip}"), timeout, || {
+                net::in_netns(&ul, || {
+                    TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                })
+                .map_err(|e| e.to_string())?
+                .map(drop)
+                .map_err(|e| format!("{addr}: {e}"))
+            })?;
+        }
+        let meshctl = |args: &[&str]| {
+            let mut cmd = net::in_netns_cmd(&ul, &super::bin("meshctl"));
+            cmd.args(["clustermesh", "hub"]).args(args);
+            cmd
+        };
+        let hub = self.hub_dir().display().to_string();
+        // The members accept connections a moment before the cluster has a leader: retried until a deadline.
+        net::wait_for("hub init", timeout, || {
+            util::run(&mut meshctl(&["init", "--hub", &hub]))
+                .map(drop)
+                .map_err(|e| format!("{e:#}"))
+        })?;
+        for c in &self.clusters {
+            let out = self.hub_certs(&c.name).display().to_string();
+            let id = c.id.to_string();
+            util::run(&mut meshctl(&[
+                "join",
+                "--hub",
+                &hub,
+                "--cluster",
+                &c.name,
+                "--cluster-id",
+                &id,
+                "--out",
+                &out,
+            ]))?;
+        }
+        for c in &self.clusters {
+            let certs = self.hub_certs(&c.name).display().to_string();
+            let cfg = self.cluster_dir(&c.name).join("clustermesh");
+            std::fs::create_dir_all(&cfg)?;
+            util::run(&mut meshctl(&[
+                "connect",
+                "--hub",
+                &hub,
+                "--certs",
+                &certs,
+                "--config-dir",
+                &cfg.display().to_string(),
+                "--pin-id",
+            ]))?;
+        }
+        Ok(())
+    }
+
     fn wait_etcd(&self, ci: usize, timeout: Duration) -> Result<()> {
         let c = &self.clusters[ci];
         let addr = SocketAddr::from((c.etcd_ip, ETCD_PORT));
@@ -601,6 +766,15 @@ impl LabState {
             "--etcd-key".into(),
             self.pki_dir(&c.name).join("apiserver.key").display().to_string(),
         ];
+        if self.hub.is_some() {
+            args.push("--hub-config".into());
+            args.push(
+                self.hub_certs(&c.name)
+                    .join("hub-config.yaml")
+                    .display()
+                    .to_string(),
+            );
+        }
         args.extend(label_args(&c.labels));
         let role = format!("apiserver-{}", c.name);
         let ul = self.ul();
@@ -636,6 +810,10 @@ impl LabState {
     /// Every cluster's clustermesh config: `meshctl clustermesh connect` to each peer, pinning what each peer may
     /// claim (its id, its pod CIDR and its labels, as the topology gives them): a peer's etcd cannot widen them.
     fn write_clustermesh_configs(&self) -> Result<()> {
+        if self.hub.is_some() {
+            // The peers are read from the hub: `init_hub` writes the files once the hub serves.
+            return Ok(());
+        }
         for c in &self.clusters {
             let dir = self.cluster_dir(&c.name).join("clustermesh");
             std::fs::create_dir_all(&dir)?;
@@ -1139,6 +1317,7 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
         .with_context(|| format!("topology folder {}", topology_dir.display()))?;
     println!("lab: checking topology {}", topology_dir.display());
     let clusters = topology::load(&topology_dir)?;
+    let hub = topology::load_hub(&topology_dir)?;
     let mut docs = Vec::new();
     for c in &clusters {
         let files = load_cluster_docs(c)?;
@@ -1186,6 +1365,9 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
         netns: Vec::new(),
         procs: Vec::new(),
         stopped: Vec::new(),
+        hub: hub.map(|h| HubRt {
+            members: (1..=h.members).map(hub_ip).collect(),
+        }),
     };
     let _ = std::fs::remove_dir_all(dir.join("logs"));
     let _ = std::fs::remove_dir_all(dir.join("clusters"));
@@ -1201,6 +1383,7 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
         for ci in 0..st.clusters.len() {
             st.start_etcd(ci)?;
         }
+        st.start_hub()?;
         for (ci, c) in clusters.iter().enumerate() {
             for i in 1..=c.nodes {
                 st.create_node(ci, i)?;
@@ -1220,6 +1403,7 @@ pub fn up(dir: &Path, topology_dir: &Path, build: bool, timeout: Duration) -> Re
             st.write_manifests(ci)?;
         }
         st.finish_etcd_inits(inits)?;
+        st.init_hub(Duration::from_secs(30))?;
         println!("lab: starting clustermesh-apiservers and agents");
         for ci in 0..st.clusters.len() {
             st.start_apiserver(ci)?;
@@ -1251,6 +1435,7 @@ pub fn down(dir: &Path) -> Result<()> {
         netns: Vec::new(),
         procs: Vec::new(),
         stopped: Vec::new(),
+        hub: None,
     });
     let (np, nn) = (st.procs.len(), st.netns.len());
     st.teardown();
@@ -1526,7 +1711,7 @@ pub enum Daemon {
     Agent,
     /// A cluster's clustermesh-apiserver (name a cluster).
     Apiserver,
-    /// A cluster's etcd (name a cluster).
+    /// A cluster's etcd (name a cluster), or a member of the fleet hub (`hub-1`, ...).
     Etcd,
 }
 
@@ -1542,6 +1727,14 @@ fn daemon_role(st: &LabState, daemon: Daemon, name: &str) -> Result<String> {
                 .find(|n| n.name == name)
                 .with_context(|| format!("no node {name:?} in the lab"))?;
             format!("agent-{name}")
+        }
+        Daemon::Etcd
+            if st
+                .hub
+                .as_ref()
+                .is_some_and(|h| (1..=h.members.len()).any(|i| name == format!("hub-{i}"))) =>
+        {
+            format!("etcd-{name}")
         }
         Daemon::Apiserver | Daemon::Etcd => {
             st.cluster(name)?;

@@ -19,6 +19,46 @@ pub const UNDERLAY: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 10);
 #[serde(deny_unknown_fields)]
 pub struct LabFile {
     pub clusters: Vec<ClusterSpec>,
+    /// Optional: a fleet hub (docs/fleet-hub.md): the clusters publish into it and read their peers from it
+    /// instead of from each other's etcds.
+    #[serde(default)]
+    pub hub: Option<HubSpec>,
+}
+
+/// `hub:` of `lab.yaml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubSpec {
+    /// Members of the hub's etcd cluster (1-7; 3 keep quorum when one is lost).
+    pub members: u32,
+}
+
+/// Largest hub the lab makes.
+pub const MAX_HUB_MEMBERS: u32 = 7;
+
+/// Reads the `hub:` of `dir/lab.yaml` (after [`load`] checked the file).
+pub fn load_hub(dir: &Path) -> anyhow::Result<Option<HubSpec>> {
+    let file = dir.join("lab.yaml");
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let lab: LabFile =
+        mesh_model::yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    if let Some(h) = lab.hub {
+        if h.members == 0 || h.members > MAX_HUB_MEMBERS {
+            bail!(
+                "{}: hub: field members: {} is out of range 1-{MAX_HUB_MEMBERS}",
+                file.display(),
+                h.members
+            );
+        }
+        if let Some(c) = lab.clusters.iter().find(|c| c.name.starts_with("hub-")) {
+            bail!(
+                "{}: clusters: the name {:?} is taken by the hub's members (hub-1, hub-2, ...) in a lab with a hub",
+                file.display(),
+                c.name
+            );
+        }
+    }
+    Ok(lab.hub)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -474,6 +514,29 @@ mod tests {
             ));
             assert_eq!(load(d.path()).expect("valid")[0].encryption, mode);
         }
+    }
+
+    #[test]
+    fn a_hub_is_optional_and_checked() {
+        let d = write_lab(OK);
+        assert_eq!(load_hub(d.path()).expect("no hub"), None);
+        let d = write_lab(&format!("{OK}hub: {{members: 3}}\n"));
+        load(d.path()).expect("valid with a hub");
+        assert_eq!(load_hub(d.path()).expect("hub"), Some(HubSpec { members: 3 }));
+        for (hub, want) in [
+            ("hub: {members: 0}\n", "field members: 0"),
+            ("hub: {members: 8}\n", "field members: 8"),
+            ("hub: {members: 3, size: 1}\n", "size"),
+        ] {
+            let d = write_lab(&format!("{OK}{hub}"));
+            let e = load(d.path()).and_then(|_| load_hub(d.path())).expect_err(hub);
+            assert!(format!("{e:#}").contains(want), "{hub}: {e:#}");
+        }
+        let d = write_lab(
+            "clusters:\n  - {name: hub-1, id: 1, podCIDR: 10.1.0.0/16, nodes: 1}\nhub: {members: 3}\n",
+        );
+        let e = load_hub(d.path()).expect_err("hub-1");
+        assert!(format!("{e:#}").contains("taken by the hub"), "{e:#}");
     }
 
     #[test]
