@@ -1,0 +1,276 @@
+//! An immutable snapshot of the clusterset zone, as the DNS server answers from it: every name of the zone (empty
+//! non-terminals included) with its records and its responses already encoded by hickory.
+//!
+//! The [`Table`](super::Table) owns the zone and updates it per service (a persistent map: a change costs the names
+//! it touches, a snapshot costs nothing); the control loop publishes a snapshot after each change
+//! ([`SharedZone`], an `ArcSwap`), and the server's threads read it with no lock.
+//!
+//! The fast path ([`Zone::fast_answer`]) is a response cache keyed by the question: it answers the plain case (one
+//! question of class IN, at most one OPT record, a name of the zone that exists) by copying the response hickory
+//! encoded when the name changed and setting the query's id, flags and question bytes (the same name, perhaps in
+//! other case: the same length, so the compression pointers of the encoded response stay right). Everything else
+//! (NXDOMAIN, other zones, `ANY`, malformed or unusual messages, answers too large for the datagram) goes to the
+//! slow path, which decodes and encodes with hickory ([`super::server`]).
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use hickory_proto::op::{Edns, Message, OpCode, Query};
+use hickory_proto::rr::{LowerName, Name, Record, RecordType};
+
+use super::Lookup;
+
+/// What the server reads: the last published snapshot.
+pub type SharedZone = Arc<ArcSwap<Zone>>;
+
+/// The UDP payload size the server advertises in its OPT record (the DNS flag day 2020 value).
+pub const EDNS_PAYLOAD: u16 = 1232;
+/// The largest UDP response to a query without EDNS (RFC 1035).
+pub const PLAIN_UDP_LIMIT: usize = 512;
+
+/// A response encoded without and with an OPT record.
+#[derive(Debug, Clone)]
+struct Encoded {
+    plain: Box<[u8]>,
+    edns: Box<[u8]>,
+}
+
+/// One name of the zone.
+#[derive(Debug)]
+pub struct NameAnswers {
+    /// Every record of the name (empty for an empty non-terminal).
+    records: Vec<Record>,
+    /// The answer for each record type the name has.
+    typed: Vec<(RecordType, Encoded)>,
+    /// NODATA (the SOA in the authority section) for every other type.
+    nodata: Encoded,
+}
+
+/// The zone as the server answers it.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    origin: LowerName,
+    soa: Record,
+    names: imbl::HashMap<Box<[u8]>, Arc<NameAnswers>>,
+}
+
+/// The wire form of `name` in lower case (the key of [`Zone`]'s names).
+#[must_use]
+pub fn wire_key(name: &Name) -> Box<[u8]> {
+    let mut k = Vec::with_capacity(name.len() + 2);
+    for label in name.iter() {
+        // Labels of a `Name` are at most 63 bytes.
+        k.push(u8::try_from(label.len()).unwrap_or(63));
+        k.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+    k.push(0);
+    k.into_boxed_slice()
+}
+
+fn encode(qname: &Name, qtype: RecordType, answers: Vec<Record>, soa: Option<&Record>) -> Encoded {
+    let mut m = Message::response(0, OpCode::Query);
+    m.metadata.authoritative = true;
+    m.add_query(Query::query(qname.clone(), qtype));
+    m.answers = answers;
+    if let Some(soa) = soa {
+        m.add_authority(soa.clone());
+    }
+    // Records of validated labels always encode; an empty answer would only send the client to the slow path.
+    let plain = m.to_vec().unwrap_or_default().into_boxed_slice();
+    let mut e = Edns::new();
+    e.set_max_payload(EDNS_PAYLOAD);
+    m.set_edns(e);
+    let edns = m.to_vec().unwrap_or_default().into_boxed_slice();
+    Encoded { plain, edns }
+}
+
+impl NameAnswers {
+    /// The answers of `name` with `records`; `soa` for negative answers.
+    #[must_use]
+    pub fn new(name: &Name, records: Vec<Record>, soa: &Record) -> Self {
+        let mut types: Vec<RecordType> = records.iter().map(Record::record_type).collect();
+        types.sort();
+        types.dedup();
+        let typed = types
+            .into_iter()
+            .map(|t| {
+                let rs: Vec<Record> = records.iter().filter(|r| r.record_type() == t).cloned().collect();
+                (t, encode(name, t, rs, None))
+            })
+            .collect();
+        // The question's type is the query's (copied in): any placeholder will do.
+        let nodata = encode(name, RecordType::NULL, Vec::new(), Some(soa));
+        Self {
+            records,
+            typed,
+            nodata,
+        }
+    }
+
+    /// Heap bytes of the encoded responses (for the memory figure).
+    #[must_use]
+    pub fn encoded_bytes(&self) -> usize {
+        let e = |x: &Encoded| x.plain.len() + x.edns.len();
+        self.typed.iter().map(|(_, x)| e(x)).sum::<usize>() + e(&self.nodata)
+    }
+}
+
+/// Whether a query type asks for something other than records of one type (these go to the slow path).
+fn meta_type(t: u16) -> bool {
+    t == 0 || t == 41 || (128..=255).contains(&t)
+}
+
+fn u16_at(b: &[u8], i: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?]))
+}
+
+impl Zone {
+    /// An empty zone at `origin` with its SOA (answered at the apex).
+    #[must_use]
+    pub fn new(origin: &Name, soa: Record) -> Self {
+        Self {
+            origin: LowerName::from(origin),
+            soa,
+            names: imbl::HashMap::new(),
+        }
+    }
+
+    /// Sets the answers of `name` (`None`: the name leaves the zone).
+    pub fn set(&mut self, name: &Name, answers: Option<NameAnswers>) {
+        let k = wire_key(name);
+        match answers {
+            Some(a) => {
+                self.names.insert(k, Arc::new(a));
+            }
+            None => {
+                self.names.remove(&k);
+            }
+        }
+    }
+
+    /// The zone's SOA record.
+    #[must_use]
+    pub fn soa(&self) -> &Record {
+        &self.soa
+    }
+
+    /// Names in the zone (empty non-terminals included).
+    #[must_use]
+    pub fn names(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Heap bytes of every encoded response.
+    #[must_use]
+    pub fn encoded_bytes(&self) -> usize {
+        self.names.values().map(|a| a.encoded_bytes()).sum()
+    }
+
+    /// Looks `qname` up for records of `qtype` (`ANY` returns every record of the name).
+    #[must_use]
+    pub fn lookup(&self, qname: &LowerName, qtype: RecordType) -> Lookup {
+        if !self.origin.zone_of(qname) {
+            return Lookup::NotOurs;
+        }
+        let Some(a) = self.names.get(&wire_key(&Name::from(qname.clone()))[..]) else {
+            return Lookup::NxDomain;
+        };
+        let rs: Vec<Record> = a
+            .records
+            .iter()
+            .filter(|r| qtype == RecordType::ANY || r.record_type() == qtype)
+            .cloned()
+            .collect();
+        if rs.is_empty() {
+            Lookup::NoData
+        } else {
+            Lookup::Records(rs)
+        }
+    }
+
+    /// Writes the response to the datagram `q` into `out` when the fast path can answer it (see the module's
+    /// documentation); `false` leaves the query to the slow path. `recursion_available` sets the RA flag (an
+    /// upstream is configured). Allocates nothing once `out` has grown to the largest response.
+    pub fn fast_answer(&self, q: &[u8], out: &mut Vec<u8>, recursion_available: bool) -> bool {
+        self.fast_answer_inner(q, out, recursion_available).is_some()
+    }
+
+    fn fast_answer_inner(&self, q: &[u8], out: &mut Vec<u8>, recursion_available: bool) -> Option<()> {
+        // Header: a query (QR 0), opcode QUERY, not truncated; one question, no answers or authorities, at most
+        // one additional record (the OPT).
+        let flags = *q.get(2)?;
+        if flags & 0xFA != 0 {
+            return None;
+        }
+        if u16_at(q, 4)? != 1 || u16_at(q, 6)? != 0 || u16_at(q, 8)? != 0 {
+            return None;
+        }
+        let additionals = u16_at(q, 10)?;
+        if additionals > 1 {
+            return None;
+        }
+        // The question's name: plain labels (no compression pointer), lower-cased into the key.
+        let mut key = [0u8; 256];
+        let (mut i, mut k) = (12usize, 0usize);
+        loop {
+            let len = usize::from(*q.get(i)?);
+            if len == 0 {
+                break;
+            }
+            if len > 63 || k + len + 2 > 255 {
+                return None;
+            }
+            let label = q.get(i + 1..i + 1 + len)?;
+            key[k] = u8::try_from(len).ok()?;
+            for (d, s) in key[k + 1..=k + len].iter_mut().zip(label) {
+                *d = s.to_ascii_lowercase();
+            }
+            k += len + 1;
+            i += len + 1;
+        }
+        key[k] = 0;
+        let key = &key[..=k];
+        let qtype = u16_at(q, i + 1)?;
+        if u16_at(q, i + 3)? != 1 || meta_type(qtype) {
+            return None;
+        }
+        let question_end = i + 5;
+        let limit = if additionals == 0 {
+            if q.len() != question_end {
+                return None;
+            }
+            PLAIN_UDP_LIMIT
+        } else {
+            // OPT: root name, type 41, class = payload size, version 0, then exactly its RDATA.
+            let o = question_end;
+            if *q.get(o)? != 0 || u16_at(q, o + 1)? != 41 || *q.get(o + 6)? != 0 {
+                return None;
+            }
+            let rdlen = usize::from(u16_at(q, o + 9)?);
+            if q.len() != o + 11 + rdlen {
+                return None;
+            }
+            usize::from(u16_at(q, o + 3)?).max(PLAIN_UDP_LIMIT)
+        };
+        let answers = self.names.get(key)?;
+        let qtype = RecordType::from(qtype);
+        let enc = answers
+            .typed
+            .iter()
+            .find(|(t, _)| *t == qtype)
+            .map_or(&answers.nodata, |(_, e)| e);
+        let bytes = if additionals == 0 { &enc.plain } else { &enc.edns };
+        if bytes.len() > limit || bytes.len() < question_end {
+            return None;
+        }
+        out.clear();
+        out.extend_from_slice(bytes);
+        // The query's id, its RD and CD flags, RA when there is an upstream, and its question (case and type).
+        out[0] = q[0];
+        out[1] = q[1];
+        out[2] = (out[2] & !0x01) | (q[2] & 0x01);
+        out[3] = (out[3] & !0x90) | (q[3] & 0x10) | if recursion_available { 0x80 } else { 0 };
+        out[12..question_end].copy_from_slice(&q[12..question_end]);
+        Some(())
+    }
+}
