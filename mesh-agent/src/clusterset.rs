@@ -218,7 +218,7 @@ pub fn with_imports(local: &ClusterState, imports: &[Import]) -> ClusterState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::remote::SyncState;
     use mesh_kvstore::{BackendRecord, McsRecord, PortRecord};

@@ -360,25 +360,11 @@ fn change_latency(dir: &Path, client: &state::PodRt, agent: SocketAddr, rows: &m
 }
 
 fn memory(plan: &Plan, rows: &mut Vec<Row>) -> Result<()> {
-    // Release, as the lab's daemons in this part (heap bytes hardly depend on the optimisation level).
+    // Heap bytes do not depend on the optimisation level: the debug build will do.
     if plan.build {
-        util::run_status(util::cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "mesh-agent",
-            "--example",
-            "dns_table",
-        ]))?;
+        util::run_status(util::cargo().args(["build", "-p", "mesh-agent", "--example", "dns_table"]))?;
     }
-    let bin = util::workspace_root().join("target/release/examples/dns_table");
-    if !bin.is_file() {
-        println!(
-            "bench: {} is not built (--no-build): no memory row",
-            bin.display()
-        );
-        return Ok(());
-    }
+    let bin = util::workspace_root().join("target/debug/examples/dns_table");
     let out = util::run(Command::new(&bin).arg("2000"))?;
     let field = |k: &str| {
         out.split_whitespace()

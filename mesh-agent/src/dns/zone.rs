@@ -166,6 +166,16 @@ impl Zone {
         self.names.values().map(|a| a.encoded_bytes()).sum()
     }
 
+    /// Looks up the A records of a name given as text (tests).
+    ///
+    /// # Panics
+    /// When `name` is not a domain name.
+    #[cfg(test)]
+    #[must_use]
+    pub fn lookup_str(&self, name: &str) -> Lookup {
+        self.lookup(&LowerName::from(Name::from_ascii(name).unwrap()), RecordType::A)
+    }
+
     /// Looks `qname` up for records of `qtype` (`ANY` returns every record of the name).
     #[must_use]
     pub fn lookup(&self, qname: &LowerName, qtype: RecordType) -> Lookup {
@@ -272,5 +282,152 @@ impl Zone {
         out[3] = (out[3] & !0x90) | (q[3] & 0x10) | if recursion_available { 0x80 } else { 0 };
         out[12..question_end].copy_from_slice(&q[12..question_end]);
         Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::server::{Datagram, answer_datagram};
+    use super::super::{DnsEndpoint, DnsPort, ServiceDns, Table};
+    use hickory_proto::op::{Message, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+    use mesh_model::Protocol;
+    use std::net::Ipv4Addr;
+
+    fn table() -> Table {
+        let mut t = Table::new();
+        t.upsert(ServiceDns {
+            namespace: "demo".into(),
+            name: "web".into(),
+            clusterset_ip: Some(Ipv4Addr::new(198, 19, 0, 7)),
+            ports: vec![DnsPort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints: Vec::new(),
+            clusters: vec!["east".into()],
+        })
+        .unwrap();
+        t.upsert(ServiceDns {
+            namespace: "demo".into(),
+            name: "db".into(),
+            clusterset_ip: None,
+            ports: vec![DnsPort {
+                name: "sql".into(),
+                port: 5432,
+                protocol: Protocol::Tcp,
+            }],
+            // Enough endpoints that the answer does not fit 512 bytes.
+            endpoints: (0..40u32)
+                .map(|i| DnsEndpoint {
+                    cluster: "west".into(),
+                    ipv4: Ipv4Addr::from(0x0A02_0000 + i),
+                    hostname: (i < 2).then(|| format!("db-{i}")),
+                })
+                .collect(),
+            clusters: vec!["west".into()],
+        })
+        .unwrap();
+        t
+    }
+
+    fn query(name: &str, t: RecordType, id: u16, edns: bool) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.metadata.recursion_desired = id % 2 == 0;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+        if edns {
+            let mut e = hickory_proto::op::Edns::new();
+            e.set_max_payload(4096);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    /// The response cache answers exactly what the slow path (hickory decoding and encoding) answers.
+    #[test]
+    fn the_fast_path_answers_as_the_slow_path() {
+        let zone = table().snapshot();
+        let mut out = Vec::new();
+        let mut fast = 0;
+        for (name, t) in [
+            ("web.demo.svc.clusterset.local.", RecordType::A),
+            ("WEB.Demo.SVC.clusterset.local.", RecordType::A),
+            ("web.demo.svc.clusterset.local.", RecordType::AAAA),
+            ("web.demo.svc.clusterset.local.", RecordType::MX),
+            ("_http._tcp.web.demo.svc.clusterset.local.", RecordType::SRV),
+            ("demo.svc.clusterset.local.", RecordType::A),
+            ("db.demo.svc.clusterset.local.", RecordType::A),
+            ("db-1.west.db.demo.svc.clusterset.local.", RecordType::A),
+            ("_sql._tcp.db.demo.svc.clusterset.local.", RecordType::SRV),
+            ("dns-version.clusterset.local.", RecordType::TXT),
+            ("clusterset.local.", RecordType::SOA),
+            ("nope.demo.svc.clusterset.local.", RecordType::A),
+            ("web.demo.svc.clusterset.local.", RecordType::ANY),
+            ("example.com.", RecordType::A),
+        ] {
+            for (id, edns) in [(7u16, false), (8, true)] {
+                let q = query(name, t, id, edns);
+                let Datagram::Reply(slow) = answer_datagram(&zone, &q, false) else {
+                    panic!("{name} {t}: no reply from the slow path");
+                };
+                let slow = Message::from_vec(&slow).unwrap();
+                if zone.fast_answer(&q, &mut out, false) {
+                    fast += 1;
+                    let got = Message::from_vec(&out).unwrap();
+                    assert_eq!(got.metadata, slow.metadata, "{name} {t} edns={edns}");
+                    assert_eq!(got.queries, slow.queries, "{name} {t}: the question as asked");
+                    assert_eq!(got.answers, slow.answers, "{name} {t}");
+                    assert_eq!(got.authorities, slow.authorities, "{name} {t}");
+                    assert_eq!(got.edns.is_some(), edns, "{name} {t}");
+                }
+            }
+        }
+        // Everything but NXDOMAIN, ANY, other zones and the too-large plain answer.
+        assert_eq!(fast, 2 * 11 - 1);
+    }
+
+    #[test]
+    fn unusual_and_oversized_queries_go_to_the_slow_path() {
+        let zone = table().snapshot();
+        let mut out = Vec::new();
+        // The headless answer is larger than 512 bytes: without EDNS the slow path truncates it.
+        let q = query("db.demo.svc.clusterset.local.", RecordType::A, 3, false);
+        assert!(!zone.fast_answer(&q, &mut out, false));
+        let Datagram::Reply(r) = answer_datagram(&zone, &q, false) else {
+            panic!("no reply");
+        };
+        let r = Message::from_vec(&r).unwrap();
+        assert!(r.metadata.truncation && r.answers.is_empty());
+        // A response (QR set), trailing bytes, a second question, a short datagram: not the fast path's.
+        let good = query("web.demo.svc.clusterset.local.", RecordType::A, 3, false);
+        assert!(zone.fast_answer(&good, &mut out, false));
+        let mut resp = good.clone();
+        resp[2] |= 0x80;
+        let mut trailing = good.clone();
+        trailing.push(0);
+        for bad in [&resp[..], &trailing[..], &good[..20], &[][..]] {
+            assert!(!zone.fast_answer(bad, &mut out, false));
+        }
+        // The slow path: a garbage datagram with an id is FORMERR, without one it is dropped; other zones
+        // without an upstream are refused.
+        let Datagram::Reply(r) = answer_datagram(&zone, &good[..20], false) else {
+            panic!("no FORMERR");
+        };
+        assert_eq!(
+            Message::from_vec(&r).unwrap().metadata.response_code,
+            ResponseCode::FormErr
+        );
+        assert_eq!(answer_datagram(&zone, b"\x01", false), Datagram::Drop);
+        let q = query("example.com.", RecordType::A, 3, false);
+        let Datagram::Reply(r) = answer_datagram(&zone, &q, false) else {
+            panic!("no REFUSED");
+        };
+        assert_eq!(
+            Message::from_vec(&r).unwrap().metadata.response_code,
+            ResponseCode::Refused
+        );
+        assert_eq!(answer_datagram(&zone, &q, true), Datagram::Forward);
     }
 }
