@@ -335,7 +335,7 @@ mod tests {
     fn query(name: &str, t: RecordType, id: u16, edns: bool) -> Vec<u8> {
         let mut m = Message::query();
         m.metadata.id = id;
-        m.metadata.recursion_desired = id % 2 == 0;
+        m.metadata.recursion_desired = id.is_multiple_of(2);
         m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
         if edns {
             let mut e = hickory_proto::op::Edns::new();
