@@ -87,6 +87,12 @@ impl Imports {
         self.allocated = got;
         imports.into_values().collect()
     }
+
+    /// The ClusterSetIP the last [`Imports::update`] gave `key`.
+    #[must_use]
+    pub fn ip_of(&self, key: &ServiceKey) -> Option<Ipv4Addr> {
+        self.allocated.get(key).copied()
+    }
 }
 
 fn dns_ports(ports: impl Iterator<Item = (String, u16, mesh_model::Protocol)>) -> Vec<DnsPort> {
@@ -107,43 +113,63 @@ fn imports(
     local: &ClusterState,
     remotes: &BTreeMap<String, RemoteCluster>,
 ) -> BTreeMap<ServiceKey, Import> {
-    let mut out: BTreeMap<ServiceKey, Import> = BTreeMap::new();
-    for key in &local.exports {
-        let Some(svc) = local.services.get(key) else {
-            continue;
-        };
-        out.insert(
-            key.clone(),
-            Import {
-                namespace: key.0.clone(),
-                name: key.1.clone(),
-                headless: svc.cluster_ipv4.is_none(),
-                ports: dns_ports(
-                    svc.ports
-                        .iter()
-                        .map(|p| (p.name.clone().unwrap_or_default(), p.port, p.protocol)),
-                ),
-                clusters: [me.to_owned()].into(),
-                ip: None,
-            },
+    let mut keys: BTreeSet<ServiceKey> = local
+        .exports
+        .iter()
+        .filter(|k| local.services.contains_key(*k))
+        .cloned()
+        .collect();
+    for (_, rc) in remotes.iter().filter(|(n, rc)| n.as_str() != me && rc.usable) {
+        keys.extend(
+            rc.services
+                .values()
+                .filter(|r| r.mcs.is_some())
+                .map(|r| (r.namespace.clone(), r.name.clone())),
         );
     }
+    keys.into_iter()
+        .filter_map(|k| import_of(me, local, remotes, &k).map(|i| (k, i)))
+        .collect()
+}
+
+/// The import of one service (without its address): `None` when no cluster exports it.
+#[must_use]
+pub fn import_of(
+    me: &str,
+    local: &ClusterState,
+    remotes: &BTreeMap<String, RemoteCluster>,
+    key: &ServiceKey,
+) -> Option<Import> {
+    let mut out = local
+        .services
+        .get(key)
+        .filter(|_| local.exports.contains(key))
+        .map(|svc| Import {
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+            headless: svc.cluster_ipv4.is_none(),
+            ports: dns_ports(
+                svc.ports
+                    .iter()
+                    .map(|p| (p.name.clone().unwrap_or_default(), p.port, p.protocol)),
+            ),
+            clusters: [me.to_owned()].into(),
+            ip: None,
+        });
+    let id = format!("{}/{}", key.0, key.1);
     for (cname, rc) in remotes.iter().filter(|(n, rc)| n.as_str() != me && rc.usable) {
-        for rec in rc.services.values() {
-            let Some(mcs) = &rec.mcs else { continue };
-            let key = (rec.namespace.clone(), rec.name.clone());
-            out.entry(key)
-                .or_insert_with(|| Import {
-                    namespace: rec.namespace.clone(),
-                    name: rec.name.clone(),
-                    headless: mcs.headless,
-                    ports: record_ports(rec),
-                    clusters: BTreeSet::new(),
-                    ip: None,
-                })
-                .clusters
-                .insert(cname.clone());
-        }
+        let Some(rec) = rc.services.get(&id) else { continue };
+        let Some(mcs) = &rec.mcs else { continue };
+        out.get_or_insert_with(|| Import {
+            namespace: rec.namespace.clone(),
+            name: rec.name.clone(),
+            headless: mcs.headless,
+            ports: record_ports(rec),
+            clusters: BTreeSet::new(),
+            ip: None,
+        })
+        .clusters
+        .insert(cname.clone());
     }
     out
 }
@@ -192,7 +218,7 @@ pub fn with_imports(local: &ClusterState, imports: &[Import]) -> ClusterState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::remote::SyncState;
     use mesh_kvstore::{BackendRecord, McsRecord, PortRecord};

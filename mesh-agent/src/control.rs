@@ -95,6 +95,8 @@ pub struct ControlLoop {
     with_imports: Option<Arc<ClusterState>>,
     /// The local state's generation `with_imports` was computed from.
     imports_generation: u64,
+    /// The peers that were beyond their grace period at the last imports pass.
+    imports_beyond: std::collections::BTreeSet<String>,
     backoff: Backoff,
 }
 
@@ -124,6 +126,7 @@ impl ControlLoop {
             local: None,
             with_imports: None,
             imports_generation: 0,
+            imports_beyond: std::collections::BTreeSet::new(),
             backoff: Backoff::new(&config),
         }
     }
@@ -176,15 +179,22 @@ impl ControlLoop {
         }
         self.reconciler.peers_configured = self.remotes.configured();
         let journal = self.remotes.take_changes();
-        // Imports follow the peers' service records and their reachability.
-        let imports_due = self.imports_generation != generation
+        // Imports follow the local state, the peers' service records and their reachability: a full pass when the
+        // local state or a peer's cluster-level facts changed, else only the services the peers changed.
+        let imports_full = self.imports_generation != generation
             || journal
                 .iter()
-                .any(|((scope, _), c)| *scope == Scope::Peer && (c.meta || !c.services.is_empty()));
+                .any(|((scope, _), c)| *scope == Scope::Peer && c.meta);
+        let changed_services: std::collections::BTreeSet<&String> = journal
+            .iter()
+            .filter(|((scope, _), _)| *scope == Scope::Peer)
+            .flat_map(|(_, c)| c.services.iter())
+            .collect();
         let remotes = &self.remotes;
         let reconciler = &mut self.reconciler;
         let clusterset = &mut self.clusterset;
         let with_imports = &mut self.with_imports;
+        let imports_beyond = &mut self.imports_beyond;
         self.imports_generation = generation;
         // Snapshots share the records and their maps (persistent maps): taking them costs the number of clusters,
         // and the watchers and the API never wait for the reconciler's work.
@@ -204,28 +214,60 @@ impl ControlLoop {
             let synced = peers
                 .values()
                 .all(|r| matches!(r.state, SyncState::Synced { .. }) && r.usable);
-            let local = match clusterset.as_mut() {
-                None => local.clone(),
-                Some(cs) if imports_due || with_imports.is_none() => {
-                    // Peers beyond their grace period export nothing (a copy only while one is).
-                    let beyond = peers.values().any(|r| {
+            // The peers beyond their grace period (their end wakes the loop with nothing in the journal).
+            let beyond: std::collections::BTreeSet<String> = if clusterset.is_some() {
+                peers
+                    .iter()
+                    .filter(|(_, r)| {
                         r.unreachable_since_ms
                             .is_some_and(|since| now.saturating_sub(since) >= grace_ms)
-                    });
+                    })
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            } else {
+                std::collections::BTreeSet::new()
+            };
+            let local = match clusterset.as_mut() {
+                None => local.clone(),
+                Some(cs)
+                    if imports_full
+                        || with_imports.is_none()
+                        || !changed_services.is_empty()
+                        || beyond != *imports_beyond =>
+                {
+                    let imports_full = imports_full || beyond != *imports_beyond;
+                    imports_beyond.clone_from(&beyond);
+                    // Peers beyond their grace period export nothing (a copy only while one is).
                     let reachable;
-                    let usable = if beyond {
+                    let usable = if !beyond.is_empty() {
                         reachable = crate::lb::reachable(peers, now, grace_ms);
                         &reachable
                     } else {
                         peers
                     };
-                    let next = cs.pass(&reconciler.me.cluster, &local, usable);
-                    let next = match with_imports.as_ref() {
-                        Some(prev) if **prev == next => prev.clone(),
-                        _ => Arc::new(next),
-                    };
-                    *with_imports = Some(next.clone());
-                    next
+                    match with_imports.as_ref() {
+                        // Only backends changed: the zone entries of those services, nothing for the reconciler.
+                        Some(prev)
+                            if !imports_full
+                                && cs.pass_services(
+                                    &reconciler.me.cluster,
+                                    &local,
+                                    usable,
+                                    changed_services.iter().copied(),
+                                ) =>
+                        {
+                            prev.clone()
+                        }
+                        _ => {
+                            let next = cs.pass(&reconciler.me.cluster, &local, usable);
+                            let next = match with_imports.as_ref() {
+                                Some(prev) if **prev == next => prev.clone(),
+                                _ => Arc::new(next),
+                            };
+                            *with_imports = Some(next.clone());
+                            next
+                        }
+                    }
                 }
                 Some(_) => with_imports.clone().unwrap_or_else(|| local.clone()),
             };

@@ -125,7 +125,7 @@ struct Args {
     #[arg(long, default_value = mesh_agent::wireguard::DEFAULT_DEVICE)]
     wireguard_device: String,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `mesh_agent=debug`.
-    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    #[arg(long, env = "RUST_LOG", default_value = "info,hickory_server=warn")]
     log: String,
 }
 
@@ -307,7 +307,7 @@ async fn main() -> anyhow::Result<()> {
     let clusterset = mesh_agent::dns::Clusterset::new(args.clusterset_cidr);
     if let Some(listen) = args.dns_listen {
         mesh_agent::dns::server::ensure_listen_address(listen).context("--dns-listen")?;
-        mesh_agent::dns::server::serve(listen, clusterset.table.clone(), args.dns_upstream)
+        mesh_agent::dns::server::serve(listen, clusterset.zone.clone(), args.dns_upstream)
             .await
             .with_context(|| format!("serving DNS on {listen} (--dns-listen)"))?;
         info!(%listen, upstream = ?args.dns_upstream, "serving the clusterset DNS zone");

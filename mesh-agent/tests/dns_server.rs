@@ -2,7 +2,7 @@
 //! (a stub answering on loopback), refusal without one, and garbage that must not stop it.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, Query, ResponseCode};
@@ -73,11 +73,11 @@ async fn start(upstream: Option<SocketAddr>) -> SocketAddr {
         clusters: vec!["east".into()],
     })
     .unwrap();
-    let table = Arc::new(RwLock::new(t));
+    let zone = Arc::new(arc_swap::ArcSwap::from_pointee(t.snapshot()));
     // A free UDP port whose TCP twin is taken is possible: try a few.
     for _ in 0..5 {
         let listen = free_port();
-        if server::serve(listen, table.clone(), upstream).await.is_ok() {
+        if server::serve(listen, zone.clone(), upstream).await.is_ok() {
             return listen;
         }
     }

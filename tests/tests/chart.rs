@@ -876,6 +876,12 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
             "{kind} probe: {cmd:?}"
         );
     }
+    // The default clusterset range, and no clusterset DNS server unless asked for.
+    assert_eq!(
+        env(agent, "FLEETMESH_CLUSTERSET_CIDR").value.as_deref(),
+        Some("198.19.0.0/16")
+    );
+    assert!(!has_env(agent, "FLEETMESH_DNS_LISTEN") && !has_env(agent, "FLEETMESH_DNS_UPSTREAM"));
     // The agent's --service-affinity-default comes from the ConfigMap.
     assert_eq!(
         env(agent, "FLEETMESH_SERVICE_AFFINITY_DEFAULT")
@@ -1078,6 +1084,14 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
     let p = pod(&ds.template);
     let agent = container(p, "mesh-agent");
     assert_eq!(mount(agent, "clustermesh-tls").0, PEER_TLS_DIR);
+    // clusterset.cidr and clusterset.dns.
+    for (k, v) in [
+        ("FLEETMESH_CLUSTERSET_CIDR", "198.20.0.0/16"),
+        ("FLEETMESH_DNS_LISTEN", "169.254.20.10:53"),
+        ("FLEETMESH_DNS_UPSTREAM", "10.96.0.10:53"),
+    ] {
+        assert_eq!(env(agent, k).value.as_deref(), Some(v), "{k}");
+    }
     assert_eq!(
         env(agent, "FLEETMESH_SOURCE").value.as_deref(),
         Some("kubernetes")
@@ -1236,6 +1250,11 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
         ]
     );
     let api = container(p, "clustermesh-apiserver");
+    assert_eq!(
+        env(api, "FLEETMESH_CLUSTERSET_CIDR").value.as_deref(),
+        Some("198.20.0.0/16"),
+        "the same range as the agents"
+    );
     assert_eq!(
         env(api, "FLEETMESH_ETCD_ENDPOINTS").value.as_deref(),
         Some("https://127.0.0.1:2379")

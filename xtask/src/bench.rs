@@ -742,9 +742,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!(
             "\n== clusterset DNS: queries/s and latency vs dnsmasq, remote change → answer, memory (three-clusters example)"
         );
-        with_example_lab(&plan, &out_dir, "dns-lab", |dir, st| {
+        // The daemons' own speed is measured: release builds, as the scale part runs.
+        crate::lab::use_release(true);
+        let result = with_example_lab(&plan, &out_dir, "dns-lab", |dir, st| {
             crate::bench_dns::measure(&plan, dir, st, &mut rows)
-        })?;
+        });
+        crate::lab::use_release(false);
+        result?;
     }
 
     if parts.contains(&Part::Fleet) {

@@ -137,6 +137,21 @@ fn probe(s: &UdpSocket, to: SocketAddr, buf: &mut [u8]) -> bool {
 /// Rewrites the labels of pod `name` in the cluster's manifests directory (as an operator editing the file would),
 /// atomically.
 pub(crate) fn set_app_label(dir: &Path, cluster: &str, namespace: &str, name: &str, app: &str) -> Result<()> {
+    let (tmp, path) = stage_app_label(dir, cluster, namespace, name, app)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// Writes the manifests file of [`set_app_label`] beside the original (a name the sources ignore) and returns
+/// (staged, original): renaming the one onto the other is the change, at one instant, so that a bench can time
+/// from there rather than from the rewrite of the YAML.
+pub(crate) fn stage_app_label(
+    dir: &Path,
+    cluster: &str,
+    namespace: &str,
+    name: &str,
+    app: &str,
+) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     let manifests = dir.join("clusters").join(cluster).join("manifests");
     for entry in std::fs::read_dir(&manifests)? {
         let path = entry?.path();
@@ -160,8 +175,7 @@ pub(crate) fn set_app_label(dir: &Path, cluster: &str, namespace: &str, name: &s
             }
             let tmp = path.with_extension("bench-tmp");
             std::fs::write(&tmp, out)?;
-            std::fs::rename(&tmp, &path)?;
-            return Ok(());
+            return Ok((tmp, path));
         }
     }
     bail!("pod {namespace}/{name} not found in {}", manifests.display())

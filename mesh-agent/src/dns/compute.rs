@@ -184,3 +184,68 @@ mod tests {
         assert_eq!(dns.endpoints.len(), 1);
     }
 }
+
+#[cfg(test)]
+mod pass_tests {
+    use crate::clusterset::tests::{record, remote};
+    use crate::dns::{Clusterset, Lookup};
+    use mesh_kvstore::McsRecord;
+    use mesh_model::ClusterState;
+    use std::collections::BTreeMap;
+
+    fn headless() -> Option<McsRecord> {
+        Some(McsRecord {
+            headless: true,
+            ..McsRecord::default()
+        })
+    }
+
+    fn answers(cs: &Clusterset, name: &str) -> usize {
+        match cs.zone.load().lookup_str(name) {
+            Lookup::Records(rs) => rs.len(),
+            _ => 0,
+        }
+    }
+
+    /// A backend change reaches the published zone through the per-service pass; an import that comes needs the
+    /// full pass.
+    #[test]
+    fn per_service_pass_publishes_backend_changes_and_defers_new_imports() {
+        let local = ClusterState::default();
+        let mut cs = Clusterset::new("198.19.0.0/16".parse().unwrap());
+        let db = |b: &[[u8; 4]]| record("west", "db", headless(), b);
+        let mut remotes: BTreeMap<_, _> =
+            [("west".to_owned(), remote("west", 2, vec![db(&[[10, 2, 0, 1]])]))].into();
+        cs.pass("east", &local, &remotes);
+        assert_eq!(answers(&cs, "db.demo.svc.clusterset.local."), 1);
+        remotes.insert(
+            "west".to_owned(),
+            remote("west", 2, vec![db(&[[10, 2, 0, 1], [10, 2, 0, 2]])]),
+        );
+        let changed = ["demo/db".to_owned()];
+        assert!(cs.pass_services("east", &local, &remotes, changed.iter()));
+        assert_eq!(answers(&cs, "db.demo.svc.clusterset.local."), 2, "published");
+        // A new export: not a backend change.
+        remotes.insert(
+            "west".to_owned(),
+            remote(
+                "west",
+                2,
+                vec![
+                    db(&[[10, 2, 0, 1]]),
+                    record("west", "api", Some(McsRecord::default()), &[[10, 2, 0, 3]]),
+                ],
+            ),
+        );
+        let changed = ["demo/db".to_owned(), "demo/api".to_owned()];
+        assert!(!cs.pass_services("east", &local, &remotes, changed.iter()));
+        assert_eq!(
+            answers(&cs, "db.demo.svc.clusterset.local."),
+            2,
+            "nothing changed"
+        );
+        cs.pass("east", &local, &remotes);
+        assert_eq!(answers(&cs, "db.demo.svc.clusterset.local."), 1);
+        assert_eq!(answers(&cs, "api.demo.svc.clusterset.local."), 1);
+    }
+}

@@ -10,6 +10,7 @@
 
 pub mod compute;
 pub mod server;
+pub mod zone;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -21,6 +22,7 @@ use mesh_model::Protocol;
 use serde::Serialize;
 
 pub use compute::compute;
+pub use zone::{SharedZone, Zone};
 
 /// The zone: `clusterset.local` is the only value the MCS API allows.
 pub const ZONE: &str = "clusterset.local.";
@@ -113,10 +115,11 @@ pub enum TableError {
 pub struct Table {
     zone: LowerName,
     soa: Record,
-    version: Record,
     nodes: HashMap<LowerName, Node>,
     services: BTreeMap<(String, String), Entry>,
     records: usize,
+    /// What the server answers, kept up to date per name ([`Table::snapshot`]).
+    answers: Zone,
 }
 
 impl Default for Table {
@@ -156,13 +159,40 @@ impl Table {
             VERSION_TTL,
             RData::TXT(TXT::new(vec![SCHEMA_VERSION.to_owned()])),
         );
+        let mut answers = Zone::new(&zone, soa.clone());
+        answers.set(
+            &zone,
+            Some(zone::NameAnswers::new(&zone, vec![soa.clone()], &soa)),
+        );
+        answers.set(
+            &version.name,
+            Some(zone::NameAnswers::new(&version.name, vec![version.clone()], &soa)),
+        );
         Self {
             zone: LowerName::from(&zone),
             soa,
-            version,
             nodes: HashMap::new(),
             services: BTreeMap::new(),
             records: 0,
+            answers,
+        }
+    }
+
+    /// The zone as the server answers it: a snapshot that shares its names with the table (it costs nothing).
+    #[must_use]
+    pub fn snapshot(&self) -> Zone {
+        self.answers.clone()
+    }
+
+    /// Re-encodes the answers of the names in `touched` from their nodes.
+    fn refresh(&mut self, touched: std::collections::BTreeSet<LowerName>) {
+        for n in touched {
+            let name = Name::from(n.clone());
+            let answers = self
+                .nodes
+                .get(&n)
+                .map(|node| zone::NameAnswers::new(&name, node.records.clone(), &self.soa));
+            self.answers.set(&name, answers);
         }
     }
 
@@ -202,7 +232,8 @@ impl Table {
             return Ok(false);
         }
         let records = build(&dns)?;
-        self.remove(&dns.namespace, &dns.name);
+        let mut touched = std::collections::BTreeSet::new();
+        self.remove_inner(&dns.namespace, &dns.name, &mut touched);
         let zone_labels = self.zone.num_labels();
         let mut owned = Vec::new();
         let mut held = Vec::new();
@@ -213,6 +244,7 @@ impl Table {
             while cur.num_labels() > zone_labels {
                 let l = LowerName::from(&cur);
                 self.nodes.entry(l.clone()).or_default().refs += 1;
+                touched.insert(l.clone());
                 held.push(l);
                 cur = cur.base_name();
             }
@@ -222,11 +254,24 @@ impl Table {
             owned.push(lower);
         }
         self.services.insert(key, Entry { dns, owned, held });
+        self.refresh(touched);
         Ok(true)
     }
 
     /// Removes a service's records; `false` when the zone did not have it.
     pub fn remove(&mut self, namespace: &str, name: &str) -> bool {
+        let mut touched = std::collections::BTreeSet::new();
+        let removed = self.remove_inner(namespace, name, &mut touched);
+        self.refresh(touched);
+        removed
+    }
+
+    fn remove_inner(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        touched: &mut std::collections::BTreeSet<LowerName>,
+    ) -> bool {
         let Some(e) = self.services.remove(&(namespace.to_owned(), name.to_owned())) else {
             return false;
         };
@@ -243,6 +288,7 @@ impl Table {
                     self.nodes.remove(n);
                 }
             }
+            touched.insert(n.clone());
         }
         true
     }
@@ -277,35 +323,7 @@ impl Table {
     /// Looks `qname` up for records of `qtype` (`ANY` returns every record of the name).
     #[must_use]
     pub fn lookup(&self, qname: &LowerName, qtype: RecordType) -> Lookup {
-        if !self.zone.zone_of(qname) {
-            return Lookup::NotOurs;
-        }
-        if *qname == self.zone {
-            return match qtype {
-                RecordType::SOA | RecordType::ANY => Lookup::Records(vec![self.soa.clone()]),
-                _ => Lookup::NoData,
-            };
-        }
-        if *qname == LowerName::from(&self.version.name) {
-            return match qtype {
-                RecordType::TXT | RecordType::ANY => Lookup::Records(vec![self.version.clone()]),
-                _ => Lookup::NoData,
-            };
-        }
-        let Some(node) = self.nodes.get(qname) else {
-            return Lookup::NxDomain;
-        };
-        let rs: Vec<Record> = node
-            .records
-            .iter()
-            .filter(|r| qtype == RecordType::ANY || r.record_type() == qtype)
-            .cloned()
-            .collect();
-        if rs.is_empty() {
-            Lookup::NoData
-        } else {
-            Lookup::Records(rs)
-        }
+        self.answers.lookup(qname, qtype)
     }
 
     /// Looks up a name given as text (`meshctl dns lookup`, tests).
@@ -320,25 +338,39 @@ impl Table {
     }
 }
 
-/// What the agent's control loop calls once per pass (the hook in `main.rs`): computes the imports and their
-/// ClusterSetIPs, brings the shared table up to date (per service: only what changed is rewritten), and returns the
-/// local state with the imports' synthetic services, for the reconciler to program.
+/// What the agent's control loop calls when the local state or the peers' service records changed: computes the
+/// imports and their ClusterSetIPs, brings the zone up to date (per service: only what changed is rewritten),
+/// publishes it to the server, and returns the local state with the imports' synthetic services, for the
+/// reconciler to program.
 #[derive(Debug)]
 pub struct Clusterset {
     pub imports: crate::clusterset::Imports,
-    pub table: server::SharedTable,
+    pub table: Table,
+    /// What the server answers from; replaced (not locked) after each change of the table.
+    pub zone: SharedZone,
+    /// The imports of the last full pass, by service.
+    last: BTreeMap<(String, String), crate::clusterset::Import>,
 }
 
 impl Clusterset {
     #[must_use]
     pub fn new(range: ipnet::Ipv4Net) -> Self {
+        let table = Table::new();
+        let zone = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(table.snapshot()));
         Self {
             imports: crate::clusterset::Imports::new(range),
-            table: std::sync::Arc::default(),
+            table,
+            zone,
+            last: BTreeMap::new(),
         }
     }
 
-    /// One pass over the local state of cluster `me` and the remote clusters that may be used.
+    fn publish(&self) {
+        self.zone.store(std::sync::Arc::new(self.table.snapshot()));
+    }
+
+    /// A full pass over the local state of cluster `me` and the remote clusters that may be used (work in the
+    /// number of imports).
     pub fn pass(
         &mut self,
         me: &str,
@@ -350,15 +382,68 @@ impl Clusterset {
             .iter()
             .filter_map(|i| compute(me, i, local, remotes))
             .collect();
-        let (_, errors) = self
-            .table
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .sync(wanted);
+        let (changed, errors) = self.table.sync(wanted);
         for e in errors {
             tracing::warn!(error = %e, "clusterset DNS: service left out of the zone");
         }
+        if changed > 0 {
+            self.publish();
+        }
+        self.last = imports
+            .iter()
+            .map(|i| ((i.namespace.clone(), i.name.clone()), i.clone()))
+            .collect();
         crate::clusterset::with_imports(local, &imports)
+    }
+
+    /// Only the peers' service records of `changed` (`namespace/name`) changed since the last pass: their zone
+    /// entries are recomputed (work in the number of changed services). `false` when an import itself came, went
+    /// or changed (exporting clusters, ports, type): the imports need a full [`Clusterset::pass`] then, and nothing
+    /// was changed.
+    pub fn pass_services<'a>(
+        &mut self,
+        me: &str,
+        local: &mesh_model::ClusterState,
+        remotes: &BTreeMap<String, crate::remote::RemoteCluster>,
+        changed: impl IntoIterator<Item = &'a String>,
+    ) -> bool {
+        let mut todo = Vec::new();
+        for id in changed {
+            let Some((ns, name)) = id.split_once('/') else {
+                continue;
+            };
+            let key = (ns.to_owned(), name.to_owned());
+            let now = crate::clusterset::import_of(me, local, remotes, &key);
+            let last = self.last.get(&key);
+            let same = match (&now, last) {
+                (None, None) => true,
+                (Some(n), Some(l)) => {
+                    n.headless == l.headless && n.ports == l.ports && n.clusters == l.clusters
+                }
+                _ => false,
+            };
+            if !same {
+                return false;
+            }
+            if let Some(mut i) = now {
+                i.ip = self.imports.ip_of(&key);
+                todo.push(i);
+            }
+        }
+        let mut changed = 0;
+        for i in &todo {
+            match compute(me, i, local, remotes) {
+                Some(d) => match self.table.upsert(d) {
+                    Ok(c) => changed += usize::from(c),
+                    Err(e) => tracing::warn!(error = %e, "clusterset DNS: service left out of the zone"),
+                },
+                None => changed += usize::from(self.table.remove(&i.namespace, &i.name)),
+            }
+        }
+        if changed > 0 {
+            self.publish();
+        }
+        true
     }
 }
 

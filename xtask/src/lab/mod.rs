@@ -158,21 +158,39 @@ pub fn run(args: LabArgs) -> Result<()> {
     }
 }
 
-/// Path of a built daemon binary.
-pub fn bin(name: &str) -> PathBuf {
-    util::workspace_root().join("target").join("debug").join(name)
+/// Whether labs started by this process run the release-built daemons (`target/release`) instead of the debug
+/// ones: the benches that time the daemons themselves (`bench --only dns`) set it; tests and `lab up` do not.
+static RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`bin`] and [`build_daemons`] use the release profile (`true`) or the debug one.
+pub fn use_release(release: bool) {
+    RELEASE.store(release, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Builds the daemons the lab runs.
+fn profile() -> &'static str {
+    if RELEASE.load(std::sync::atomic::Ordering::Relaxed) {
+        "release"
+    } else {
+        "debug"
+    }
+}
+
+/// Path of a built daemon binary.
+pub fn bin(name: &str) -> PathBuf {
+    util::workspace_root().join("target").join(profile()).join(name)
+}
+
+/// Builds the daemons the lab runs (in the profile [`use_release`] chose).
 pub fn build_daemons() -> Result<()> {
-    println!("lab: building mesh-agent, clustermesh-apiserver, meshctl");
-    util::run_status(util::cargo().args([
-        "build",
-        "-p",
-        "mesh-agent",
-        "-p",
-        "clustermesh-apiserver",
-        "-p",
-        "meshctl",
-    ]))
+    let release = profile() == "release";
+    println!(
+        "lab: building mesh-agent, clustermesh-apiserver, meshctl{}",
+        if release { " (release)" } else { "" }
+    );
+    let mut cmd = util::cargo();
+    cmd.arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    util::run_status(cmd.args(["-p", "mesh-agent", "-p", "clustermesh-apiserver", "-p", "meshctl"]))
 }
