@@ -461,6 +461,32 @@ pub struct BackendSlice {
     pub backends: Vec<BackendRecord>,
 }
 
+/// The checks of a service record's or a slice's backends: at most [`MAX_BACKENDS_PER_RECORD`], no port 0, weights
+/// from 1 to [`mesh_model::traffic::MAX_CAPACITY`].
+fn check_backends(key: &str, backends: &[BackendRecord]) -> Result<(), DecodeError> {
+    let invalid = |reason: String| DecodeError::Invalid {
+        key: key.to_owned(),
+        reason,
+    };
+    if backends.len() > MAX_BACKENDS_PER_RECORD {
+        return Err(invalid(format!(
+            "{} backends (at most {MAX_BACKENDS_PER_RECORD})",
+            backends.len()
+        )));
+    }
+    if backends.iter().flat_map(|b| &b.ports).any(|p| p.port == 0) {
+        return Err(invalid("a port is 0".into()));
+    }
+    let max = mesh_model::traffic::MAX_CAPACITY;
+    if let Some(b) = backends.iter().find(|b| !(1..=max).contains(&b.weight)) {
+        return Err(invalid(format!(
+            "backend {} has weight {}, not from 1 to {max}",
+            b.ipv4, b.weight
+        )));
+    }
+    Ok(())
+}
+
 /// Decodes slice `index` of `namespace/name` of `cluster`.
 ///
 /// # Errors
@@ -487,22 +513,7 @@ pub fn decode_backend_slice(
             "slice index {index} (at most {MAX_SLICE_INDEX})"
         )));
     }
-    if rec.backends.len() > MAX_BACKENDS_PER_RECORD {
-        return Err(invalid(format!(
-            "{} backends (at most {MAX_BACKENDS_PER_RECORD})",
-            rec.backends.len()
-        )));
-    }
-    if rec.backends.iter().flat_map(|b| &b.ports).any(|p| p.port == 0) {
-        return Err(invalid("a port is 0".into()));
-    }
-    let max = mesh_model::traffic::MAX_CAPACITY;
-    if let Some(b) = rec.backends.iter().find(|b| !(1..=max).contains(&b.weight)) {
-        return Err(invalid(format!(
-            "backend {} has weight {}, not from 1 to {max}",
-            b.ipv4, b.weight
-        )));
-    }
+    check_backends(key, &rec.backends)?;
     Ok(rec)
 }
 
@@ -734,27 +745,10 @@ pub fn decode_service(
         key: key.to_owned(),
         reason,
     };
-    if rec.backends.len() > MAX_BACKENDS_PER_RECORD {
-        return Err(invalid(format!(
-            "{} backends (at most {MAX_BACKENDS_PER_RECORD})",
-            rec.backends.len()
-        )));
-    }
-    let zero_port = rec
-        .ports
-        .iter()
-        .chain(rec.backends.iter().flat_map(|b| &b.ports))
-        .any(|p| p.port == 0);
-    if zero_port {
+    if rec.ports.iter().any(|p| p.port == 0) {
         return Err(invalid("a port is 0".into()));
     }
-    let max = mesh_model::traffic::MAX_CAPACITY;
-    if let Some(b) = rec.backends.iter().find(|b| !(1..=max).contains(&b.weight)) {
-        return Err(invalid(format!(
-            "backend {} has weight {}, not from 1 to {max}",
-            b.ipv4, b.weight
-        )));
-    }
+    check_backends(key, &rec.backends)?;
     if let Some(mcs) = &rec.mcs {
         if mcs.hostnames.len() > MAX_BACKENDS_PER_RECORD {
             return Err(invalid(format!(

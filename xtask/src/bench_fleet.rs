@@ -9,12 +9,12 @@
 //! Everything it starts is stopped at the end, also on failure; nothing leaves loopback.
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::scale::ScaleRow;
+use crate::scale::{Procs, ScaleRow};
 use crate::util;
 
 /// Backends of the large service.
@@ -23,19 +23,6 @@ const BACKENDS: u32 = 10_000;
 const REMOVED: u32 = 4_321;
 /// The longest any step may take.
 const STEP: Duration = Duration::from_secs(90);
-
-/// Processes killed and reaped on drop.
-#[derive(Default)]
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// A free loopback TCP port (bound and released; etcd binds it right after).
 fn free_port() -> Result<u16> {

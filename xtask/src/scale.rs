@@ -53,7 +53,7 @@ pub type ScaleRow = (String, String, String, Option<f64>, Option<(&'static str, 
 
 /// Processes killed and reaped on drop.
 #[derive(Default)]
-struct Procs(Vec<Child>);
+pub(crate) struct Procs(pub(crate) Vec<Child>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
