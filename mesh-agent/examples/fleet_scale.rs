@@ -150,18 +150,97 @@ async fn fill(args: &Args) -> Result<()> {
     let services: u32 = args.num("--services", None)?;
     let backends: u32 = args.num("--backends", None)?;
     let nodes: u32 = args.num("--nodes", Some(NODES))?;
+    let c = Client::connect([url.as_str()], None)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let keys = Keys::new(mesh_kvstore::DEFAULT_PREFIX);
+    let shape = Shape {
+        services,
+        backends,
+        nodes,
+    };
+    fill_cluster(&c, &keys, &cluster, id, shape, &std::collections::BTreeMap::new()).await?;
+    println!(
+        "{}",
+        serde_json::json!({"kind": "fill", "cluster": cluster, "services": services, "backends": services * backends})
+    );
+    Ok(())
+}
+
+/// What `fill` publishes per cluster.
+#[derive(Clone, Copy)]
+struct Shape {
+    services: u32,
+    backends: u32,
+    nodes: u32,
+}
+
+/// The labels `fill-hub` gives cluster `c<id>`: `group: g<id mod 100>` (a selector on one group picks 10 of 1,000).
+fn hub_labels(id: u16) -> std::collections::BTreeMap<String, String> {
+    [("group".to_owned(), format!("g{}", id % 100))].into()
+}
+
+/// `fill-hub --etcd URL,... --clusters N --services S --backends B [--nodes K] [--first I]`: clusters `c<I>` ..
+/// `c<I+N-1>` (ids as in their names) into a fleet hub, each below `fleetmesh/clusters/c<id>/` as its
+/// clustermesh-apiserver publishes with `--hub-config`, labelled as [`hub_labels`]; up to 16 clusters at once.
+async fn fill_hub(args: &Args) -> Result<()> {
+    let urls: Vec<String> = args.get("--etcd")?.split(',').map(str::to_owned).collect();
+    let clusters: u16 = args.num("--clusters", None)?;
+    let first: u16 = args.num("--first", Some(1))?;
+    let shape = Shape {
+        services: args.num("--services", None)?,
+        backends: args.num("--backends", None)?,
+        nodes: args.num("--nodes", Some(NODES))?,
+    };
+    let c = Client::connect(urls.clone(), None)
+        .await
+        .with_context(|| format!("connecting to {urls:?}"))?;
+    let hub = Keys::new(mesh_kvstore::DEFAULT_PREFIX);
+    let mut pending = Vec::new();
+    for id in first..first.saturating_add(clusters) {
+        let (c, keys) = (c.clone(), Keys::new(&hub.hub_cluster_prefix(&format!("c{id}"))));
+        pending.push(tokio::spawn(async move {
+            fill_cluster(&c, &keys, &format!("c{id}"), id, shape, &hub_labels(id)).await
+        }));
+        if pending.len() >= 16 {
+            for p in pending.drain(..) {
+                p.await??;
+            }
+        }
+    }
+    for p in pending.drain(..) {
+        p.await??;
+    }
+    println!(
+        "{}",
+        serde_json::json!({"kind": "fill-hub", "clusters": clusters, "backends": u64::from(clusters) * u64::from(shape.services * shape.backends)})
+    );
+    Ok(())
+}
+
+/// Publishes one cluster (config, nodes, services, synced markers) under `keys`.
+async fn fill_cluster(
+    c: &Client,
+    keys: &Keys,
+    cluster: &str,
+    id: u16,
+    shape: Shape,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    let Shape {
+        services,
+        backends,
+        nodes,
+    } = shape;
     anyhow::ensure!(
         u64::from(services) * u64::from(backends) < (1 << 19) - 1,
         "at most 512k backends per cluster"
     );
-    let mut c = Client::connect([url.as_str()], None)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    let keys = Keys::new(mesh_kvstore::DEFAULT_PREFIX);
+    let mut c = c.clone();
     c.put(
-        keys.cluster_config(&cluster),
+        keys.cluster_config(cluster),
         encode(&ClusterConfig {
-            name: cluster.clone(),
+            name: cluster.to_owned(),
             id,
             capabilities: vec![
                 "nodes/v1".into(),
@@ -169,7 +248,7 @@ async fn fill(args: &Args) -> Result<()> {
                 "identities/v1".into(),
                 "ip/v1".into(),
             ],
-            labels: Default::default(),
+            labels: labels.clone(),
         }),
         None,
     )
@@ -178,21 +257,21 @@ async fn fill(args: &Args) -> Result<()> {
         let name = format!("{cluster}-node-{k}");
         let rec = NodeRecord {
             name: name.clone(),
-            cluster: cluster.clone(),
+            cluster: cluster.to_owned(),
             cluster_id: id,
             underlay_ipv4: Ipv4Addr::new(
                 100,
-                66,
+                66 + u8::try_from(id / 256).unwrap_or(0),
                 u8::try_from(id % 256).unwrap_or(0),
                 u8::try_from(k + 1).unwrap_or(1),
             ),
             pod_cidrs: vec![format!("{}/16", Ipv4Addr::from(base(id) + (k << 16))).parse()?],
             wireguard: None,
         };
-        c.put(keys.node(&cluster, &name), encode(&rec), None).await?;
+        c.put(keys.node(cluster, &name), encode(&rec), None).await?;
     }
     c.put(
-        keys.synced(&cluster, mesh_kvstore::kinds::NODES),
+        keys.synced(cluster, mesh_kvstore::kinds::NODES),
         encode(&Synced {
             time_ms: now_ms(),
             count: u64::from(nodes),
@@ -203,8 +282,8 @@ async fn fill(args: &Args) -> Result<()> {
     // Services in parallel batches (one connection; etcd pipelines the requests).
     let mut pending = Vec::new();
     for s in 0..services {
-        let rec = service(&cluster, id, s, s * backends..(s + 1) * backends);
-        let key = keys.service(&cluster, NAMESPACE, &rec.name);
+        let rec = service(cluster, id, s, s * backends..(s + 1) * backends);
+        let key = keys.service(cluster, NAMESPACE, &rec.name);
         let mut client = c.clone();
         pending.push(tokio::spawn(
             async move { client.put(key, encode(&rec), None).await },
@@ -219,7 +298,7 @@ async fn fill(args: &Args) -> Result<()> {
         p.await??;
     }
     c.put(
-        keys.synced(&cluster, mesh_kvstore::kinds::SERVICES),
+        keys.synced(cluster, mesh_kvstore::kinds::SERVICES),
         encode(&Synced {
             time_ms: now_ms(),
             count: u64::from(services),
@@ -227,10 +306,6 @@ async fn fill(args: &Args) -> Result<()> {
         None,
     )
     .await?;
-    println!(
-        "{}",
-        serde_json::json!({"kind": "fill", "cluster": cluster, "services": services, "backends": services * backends})
-    );
     Ok(())
 }
 
@@ -250,6 +325,57 @@ fn programmed_backends(socket: &Path) -> Result<u64> {
     summary(socket)?["datapath"]["backends"]
         .as_u64()
         .context("summary without datapath.backends")
+}
+
+/// The clusters a driver writes to: each with its client and key layout. Either one etcd per cluster (`--etcd
+/// URL,...`, cluster `c<i>` in the i-th, default layout) or a fleet hub (`--hub --etcd URL,... --clusters N`:
+/// clusters `c1` .. `c<N>`, each below `fleetmesh/clusters/c<i>/`, one client). With `--spread K` a driver's
+/// change `j` goes to cluster `1 + (j * K) mod N` (K coprime to N spreads changes over the fleet).
+struct Targets {
+    clients: Vec<Client>,
+    keys: Vec<Keys>,
+    spread: usize,
+}
+
+impl Targets {
+    async fn of(args: &Args) -> Result<Self> {
+        let urls: Vec<String> = args.get("--etcd")?.split(',').map(str::to_owned).collect();
+        let spread = args.num("--spread", Some(1))?;
+        if args.0.iter().any(|a| a == "--hub") {
+            let n: u16 = args.num("--clusters", None)?;
+            let c = Client::connect(urls.clone(), None)
+                .await
+                .with_context(|| format!("connecting to {urls:?}"))?;
+            let hub = Keys::new(mesh_kvstore::DEFAULT_PREFIX);
+            return Ok(Self {
+                clients: vec![c],
+                keys: (1..=n)
+                    .map(|i| Keys::new(&hub.hub_cluster_prefix(&format!("c{i}"))))
+                    .collect(),
+                spread,
+            });
+        }
+        Ok(Self {
+            keys: vec![Keys::new(mesh_kvstore::DEFAULT_PREFIX); urls.len()],
+            clients: connect_all(&urls).await?,
+            spread,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The cluster index change `j` goes to.
+    fn pick(&self, j: usize) -> usize {
+        (j * self.spread) % self.len()
+    }
+
+    /// Cluster `i`'s client, keys and id (`i + 1`).
+    fn get(&self, i: usize) -> (&Client, &Keys, u16) {
+        let client = self.clients.get(i).unwrap_or(&self.clients[0]);
+        (client, &self.keys[i], u16::try_from(i + 1).unwrap_or(u16::MAX))
+    }
 }
 
 async fn connect_all(urls: &[String]) -> Result<Vec<Client>> {
@@ -385,22 +511,20 @@ async fn identities(args: &Args) -> Result<()> {
 }
 
 async fn converge(args: &Args) -> Result<()> {
-    let urls: Vec<String> = args.get("--etcd")?.split(',').map(str::to_owned).collect();
     let socket = PathBuf::from(args.get("--agent-socket")?);
     let changes: usize = args.num("--changes", Some(200))?;
     let backends: u32 = args.num("--backends", None)?;
     let bound = Duration::from_secs(args.num("--max-secs", Some(u64::MAX / 4))?);
-    let keys = Keys::new(mesh_kvstore::DEFAULT_PREFIX);
-    let clients = connect_all(&urls).await?;
+    let targets = Targets::of(args).await?;
     let mut ms = Vec::with_capacity(changes);
-    let mut added = vec![false; urls.len()];
+    let mut added = vec![false; targets.len()];
     let run = Instant::now();
     for change in 0..changes {
         if run.elapsed() > bound {
             break;
         }
-        let i = change % urls.len();
-        let id = u16::try_from(i + 1).unwrap_or(1);
+        let i = targets.pick(change);
+        let (client, keys, id) = targets.get(i);
         let cluster = format!("c{id}");
         let before = programmed_backends(&socket)?;
         // svc-0 with its backends, plus one extra backend on every other change of this cluster.
@@ -413,7 +537,7 @@ async fn converge(args: &Args) -> Result<()> {
             (0..backends).chain(extra.then_some(EXTRA_BACKEND)),
         );
         let started = Instant::now();
-        clients[i]
+        client
             .clone()
             .put(keys.service(&cluster, NAMESPACE, "svc-0"), encode(&rec), None)
             .await?;
@@ -433,10 +557,10 @@ async fn converge(args: &Args) -> Result<()> {
     // Untimed: the backends still added go again, so that the fleet is as it was (later measurements count on it).
     let mut want = programmed_backends(&socket)?;
     for (i, _) in added.iter().enumerate().filter(|(_, a)| **a) {
-        let id = u16::try_from(i + 1)?;
+        let (client, keys, id) = targets.get(i);
         let cluster = format!("c{id}");
         let rec = service(&cluster, id, 0, 0..backends);
-        clients[i]
+        client
             .clone()
             .put(keys.service(&cluster, NAMESPACE, "svc-0"), encode(&rec), None)
             .await?;
@@ -708,15 +832,18 @@ async fn relabel(args: &Args) -> Result<()> {
 async fn main() -> Result<()> {
     let all: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = all.first().cloned() else {
-        bail!("usage: fleet_scale fill|identities|converge|burst|relabel ... (see the file's documentation)");
+        bail!(
+            "usage: fleet_scale fill|fill-hub|identities|converge|burst|relabel ... (see the file's documentation)"
+        );
     };
     let args = Args(all);
     match cmd.as_str() {
         "fill" => fill(&args).await,
         "identities" => identities(&args).await,
         "converge" => converge(&args).await,
+        "fill-hub" => fill_hub(&args).await,
         "burst" => burst(&args).await,
         "relabel" => relabel(&args).await,
-        other => bail!("unknown command {other:?} (fill, identities, converge, burst, relabel)"),
+        other => bail!("unknown command {other:?} (fill, fill-hub, identities, converge, burst, relabel)"),
     }
 }

@@ -246,6 +246,7 @@ async fn metrics(State(s): State<ApiState>) -> ([(axum::http::HeaderName, &'stat
     });
     let mut scrape = scrape;
     scrape.encryption = s.wireguard.as_ref().map(|e| e.status());
+    scrape.selection = Some(s.remotes.selection()).filter(|sel| sel.file.is_some());
     (
         [(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         scrape.render(),
@@ -300,6 +301,7 @@ async fn summary(State(s): State<ApiState>) -> Json<serde_json::Value> {
         "reconciles": st.datapath.reconciles,
         "remoteClusters": peers,
         "remoteClustersSynced": synced,
+        "peerSelection": s.remotes.selection(),
         "clusters": clusters,
         "datapath": st.datapath.summary,
         "errors": errors.len(),

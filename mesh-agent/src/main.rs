@@ -46,6 +46,13 @@ struct Args {
     /// Files may be added and removed while the agent runs.
     #[arg(long, env = "FLEETMESH_CLUSTERMESH_CONFIG")]
     clustermesh_config: Option<PathBuf>,
+    /// Membership selector: a file holding a Kubernetes label selector (`matchLabels: {region: eu}`,
+    /// `matchExpressions: [...]`) over the peers' cluster labels as their peer files pin them (`cluster-labels`).
+    /// Only the peers it selects are watched and stored; the file is read again every second, so changing it adds
+    /// and drops peers without a restart. A missing file selects every peer; a file that does not parse keeps the
+    /// last good selector (and, before one, selects none). See docs/fleet-scale.md.
+    #[arg(long, env = "FLEETMESH_PEER_SELECTOR")]
+    peer_selector: Option<PathBuf>,
     /// How to reach this cluster's own etcd (the format of a peer's file in --clustermesh-config: `endpoints`,
     /// `prefix`, `trusted-ca-file`, `cert-file`, `key-file`): the agent watches this cluster's security identities and
     /// pod addresses there (its nodes and services still come from --source). Re-read when it changes.
@@ -202,7 +209,13 @@ async fn main() -> anyhow::Result<()> {
     });
     if let Some(dir) = args.clustermesh_config.clone() {
         let keys = mesh_kvstore::Keys::new(&args.kvstore_prefix);
-        tokio::spawn(remote::manage(dir, me.clone(), keys, remotes.clone()));
+        tokio::spawn(remote::manage(
+            dir,
+            args.peer_selector.clone(),
+            me.clone(),
+            keys,
+            remotes.clone(),
+        ));
     } else {
         remotes.set_configured();
     }

@@ -74,6 +74,8 @@ pub struct Scrape {
     ipcache_entries: usize,
     /// The WireGuard engine's peers (set by the caller; `None` with encryption off).
     pub encryption: Option<crate::wireguard::EncryptionStatus>,
+    /// The membership selector's numbers (set by the caller; `None` without `--peer-selector`).
+    pub selection: Option<crate::remote::Selection>,
 }
 
 impl Scrape {
@@ -104,6 +106,7 @@ impl Scrape {
             endpoint_refusals: st.datapath.endpoint_refusals,
             ipcache_entries,
             encryption: None,
+            selection: None,
         }
     }
 
@@ -204,6 +207,20 @@ impl Collector for Scrape {
                 "fleetmesh_wireguard_peers_without_key",
                 "Nodes encryption applies to that published no usable key (their packets are dropped).",
                 [(common, gauge(wg.peers_without_key.len()))],
+            )?;
+        }
+        if let Some(sel) = &self.selection {
+            family(
+                &mut enc,
+                "fleetmesh_remote_clusters_unselected",
+                "Peer clusters with a peer file that the membership selector (--peer-selector) leaves out.",
+                [(common, gauge(sel.unselected))],
+            )?;
+            family(
+                &mut enc,
+                "fleetmesh_peer_selector_refusals",
+                "Reads of the membership selector file that were refused (the last good selector stayed in force).",
+                [(common, ConstCounter::new(sel.refusals))],
             )?;
         }
         family(

@@ -473,7 +473,25 @@ pub struct Remotes {
     peer_file_grace: Arc<Mutex<Duration>>,
     /// What changed since the reconciler last looked (lock order: after `inner`/`own`).
     journal: Arc<Mutex<Journal>>,
+    /// The membership selector in force and the peers it leaves out.
+    selection: Arc<Mutex<Selection>>,
     wake: std::sync::mpsc::Sender<()>,
+}
+
+/// The membership selector (`--peer-selector`) in force, for the status.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Selection {
+    /// The selector file, when one is configured.
+    pub file: Option<PathBuf>,
+    /// The selector in force (the last good one read); none: every peer.
+    pub selector: Option<mesh_kvstore::peer::PeerSelector>,
+    /// Why the file's current content is not in force (the last good selector stays; before any, no peer).
+    pub error: Option<String>,
+    /// Peers with a file that the selector leaves out (neither watched nor stored).
+    pub unselected: usize,
+    /// Reads of the file that were refused (a new content that does not parse or validate counts once).
+    pub refusals: u64,
 }
 
 impl Remotes {
@@ -487,8 +505,18 @@ impl Remotes {
             limits: Arc::default(),
             peer_file_grace: Arc::new(Mutex::new(DEFAULT_PEER_FILE_GRACE)),
             journal: Arc::default(),
+            selection: Arc::default(),
             wake,
         }
+    }
+
+    /// The membership selector in force and how many peers it leaves out.
+    #[must_use]
+    pub fn selection(&self) -> Selection {
+        self.selection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Takes what changed since the last call: per cluster, the keys whose records changed (see
@@ -721,21 +749,98 @@ impl Remotes {
 /// How long a peer whose file is missing or unreadable keeps its watcher and data, by default.
 pub const DEFAULT_PEER_FILE_GRACE: Duration = Duration::from_secs(30);
 
+/// Reads the membership selector file each pass and keeps the last good selector: `Ok(None)` is every peer; before
+/// a first good read of a broken file, no peer.
+struct SelectorFile {
+    file: Option<PathBuf>,
+    good: Option<Option<mesh_kvstore::peer::PeerSelector>>,
+    error: Option<String>,
+    refusals: u64,
+}
+
+impl SelectorFile {
+    /// The selector in force after reading the file again (`None` inside: every peer; `Err`: no good one yet).
+    fn read(&mut self) -> Result<Option<&mesh_kvstore::peer::PeerSelector>, ()> {
+        let Some(file) = &self.file else {
+            return Ok(None);
+        };
+        match mesh_kvstore::peer::read_peer_selector(file) {
+            Ok(sel) => {
+                if self.good.as_ref() != Some(&sel) {
+                    info!(file = %file.display(), selector = ?sel, "membership selector in force");
+                }
+                self.error = None;
+                self.good = Some(sel);
+            }
+            Err(e) => {
+                if self.error.as_ref() != Some(&e) {
+                    warn!(error = %e, "membership selector: keeping the last good one");
+                    self.refusals += 1;
+                }
+                self.error = Some(e);
+            }
+        }
+        self.good.as_ref().map(Option::as_ref).ok_or(())
+    }
+}
+
 /// Starts and stops watchers as the clustermesh config directory changes. A peer whose file disappears or fails to
 /// parse keeps its watcher (with the last good config) and its data for the peer file grace period; a peer whose
-/// file changes is watched anew at once.
-pub async fn manage(dir: PathBuf, me: crate::desired::LocalNode, keys: Keys, remotes: Remotes) {
+/// file changes is watched anew at once. With a membership selector (`selector`, a file read every pass), only the
+/// peers it selects are watched: a peer it stops selecting is dropped at once (watcher and data), one it starts
+/// selecting is watched at once.
+pub async fn manage(
+    dir: PathBuf,
+    selector: Option<PathBuf>,
+    me: crate::desired::LocalNode,
+    keys: Keys,
+    remotes: Remotes,
+) {
     let mut running: BTreeMap<String, (RemoteConfig, JoinHandle<()>)> = BTreeMap::new();
     let mut missing: BTreeMap<String, std::time::Instant> = BTreeMap::new();
     let mut last_errors = Vec::new();
+    let mut peer_dir = mesh_kvstore::peer::PeerDir::default();
+    let mut sel = SelectorFile {
+        file: selector,
+        good: None,
+        error: None,
+        refusals: 0,
+    };
     loop {
-        let (configs, errors) = read_config_dir(&dir, &me.cluster);
+        let (mut configs, errors) = peer_dir.read(&dir, &me.cluster);
         if errors != last_errors {
             for e in &errors {
                 warn!(error = %e, "clustermesh config");
             }
             last_errors.clone_from(&errors);
         }
+        // Unselected peers are as if they had no file, without the grace a missing file gets.
+        let mut unselected = Vec::new();
+        match sel.read() {
+            Ok(s) => configs.retain(|name, cfg| {
+                let keep = mesh_kvstore::peer::selects(s, cfg);
+                if !keep {
+                    unselected.push(name.clone());
+                }
+                keep
+            }),
+            Err(()) => unselected.extend(std::mem::take(&mut configs).into_keys()),
+        }
+        for name in &unselected {
+            if let Some((_, h)) = running.remove(name) {
+                info!(cluster = %name, "remote cluster no longer selected; stopping its watcher");
+                h.abort();
+                remotes.remove(Scope::Peer, name);
+            }
+            missing.remove(name);
+        }
+        *remotes.selection.lock().unwrap_or_else(PoisonError::into_inner) = Selection {
+            file: sel.file.clone(),
+            selector: sel.good.clone().flatten(),
+            error: sel.error.clone(),
+            unselected: unselected.len(),
+            refusals: sel.refusals,
+        };
         let grace = remotes.peer_file_grace();
         for name in running.keys().filter(|n| !configs.contains_key(*n)) {
             let since = *missing

@@ -267,6 +267,7 @@ impl Agent {
         };
         let task = tokio::spawn(manage(
             config_dir.to_owned(),
+            None,
             me,
             Keys::default(),
             remotes.clone(),

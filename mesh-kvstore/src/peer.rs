@@ -134,44 +134,124 @@ impl RemoteConfig {
 
 /// Reads the clustermesh config directory. Files that fail to parse are reported and skipped.
 pub fn read_config_dir(dir: &Path, own_cluster: &str) -> (BTreeMap<String, RemoteConfig>, Vec<String>) {
-    let mut out = BTreeMap::new();
-    let mut errors = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) => {
-            errors.push(format!("clustermesh config directory {}: {e}", dir.display()));
-            return (out, errors);
-        }
+    PeerDir::default().read(dir, own_cluster)
+}
+
+/// A membership selector (`mesh-agent --peer-selector FILE`): a Kubernetes label selector (`matchLabels`,
+/// `matchExpressions`) over the peers' cluster labels. A peer is used only when it is selected; the others are
+/// neither watched nor stored.
+///
+/// A peer is matched by the labels its file pins (`cluster-labels`, what this cluster granted it), never by what
+/// it publishes: a peer cannot select itself into a cluster by claiming a label. A peer file without
+/// `cluster-labels` has no labels (only a selector that holds for no labels, e.g. `{}` or `DoesNotExist`, selects it).
+pub type PeerSelector = mesh_model::policy::LabelSelector;
+
+/// Reads a membership selector file. A missing file is `Ok(None)`: every peer is used.
+///
+/// # Errors
+/// When the file cannot be read, is not a label selector, or has invalid keys, values or operators.
+pub fn read_peer_selector(file: &Path) -> Result<Option<PeerSelector>, String> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", file.display())),
     };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
-            continue;
-        };
-        if name.starts_with('.') || !path.is_file() {
-            continue;
-        }
-        if let Err(e) = mesh_model::ClusterName::new(&name) {
-            errors.push(format!(
-                "{}: file name is not a cluster name: {e}",
-                path.display()
-            ));
-            continue;
-        }
-        if name == own_cluster {
-            continue;
-        }
-        let parsed = std::fs::read_to_string(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|t| mesh_model::yaml::from_str::<RemoteConfig>(&t).map_err(|e| e.to_string()));
-        match parsed.and_then(|c| c.checked(dir)) {
-            Ok(c) => {
-                out.insert(name, c);
-            }
-            Err(e) => errors.push(format!("{}: {e}", path.display())),
+    let sel: PeerSelector = if text.trim().is_empty() {
+        PeerSelector::default()
+    } else {
+        mesh_model::yaml::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?
+    };
+    sel.validate("selector")
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(Some(sel))
+}
+
+/// Whether `selector` (none: every peer) selects the peer of `cfg`, by its pinned `cluster-labels`.
+#[must_use]
+pub fn selects(selector: Option<&PeerSelector>, cfg: &RemoteConfig) -> bool {
+    selector.is_none_or(|s| s.matches(cfg.cluster_labels.as_ref().unwrap_or(&BTreeMap::new())))
+}
+
+/// The clustermesh config directory, read again only where it changed: a file whose size, modification time and
+/// inode are as at the last read keeps its parsed config (an agent with a thousand peers reads one directory
+/// listing and a thousand `stat`s per pass, and parses only the files that changed).
+#[derive(Debug, Default)]
+pub struct PeerDir {
+    seen: BTreeMap<String, (FileStamp, Result<RemoteConfig, String>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    ino: u64,
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            ino: meta.ino(),
         }
     }
-    (out, errors)
+}
+
+impl PeerDir {
+    /// As [`read_config_dir`], parsing only files that changed since the last call.
+    pub fn read(&mut self, dir: &Path, own_cluster: &str) -> (BTreeMap<String, RemoteConfig>, Vec<String>) {
+        let mut out = BTreeMap::new();
+        let mut errors = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push(format!("clustermesh config directory {}: {e}", dir.display()));
+                return (out, errors);
+            }
+        };
+        let mut seen = BTreeMap::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            // Follows symlinks (Kubernetes mounts Secret keys as links into `..data/`).
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if name.starts_with('.') || !meta.is_file() {
+                continue;
+            }
+            if let Err(e) = mesh_model::ClusterName::new(&name) {
+                errors.push(format!(
+                    "{}: file name is not a cluster name: {e}",
+                    path.display()
+                ));
+                continue;
+            }
+            if name == own_cluster {
+                continue;
+            }
+            let stamp = FileStamp::of(&meta);
+            let parsed = match self.seen.remove(&name) {
+                Some((old, parsed)) if old == stamp => parsed,
+                _ => std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| mesh_model::yaml::from_str::<RemoteConfig>(&t).map_err(|e| e.to_string()))
+                    .and_then(|c| c.checked(dir)),
+            };
+            match &parsed {
+                Ok(c) => {
+                    out.insert(name.clone(), c.clone());
+                }
+                Err(e) => errors.push(format!("{}: {e}", path.display())),
+            }
+            seen.insert(name, (stamp, parsed));
+        }
+        self.seen = seen;
+        (out, errors)
+    }
 }
 
 #[cfg(test)]
@@ -213,5 +293,85 @@ mod tests {
             assert!(e.contains(want), "{text}: {e}");
         }
         assert!(parse("endpoints: [http://127.0.0.1:2379]\npod-cidrs: [10.2.0.0]\n").is_err());
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("fm-peer-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("scratch dir");
+        d
+    }
+
+    #[test]
+    fn a_selector_file_selects_by_pinned_labels_and_refuses_bad_content() {
+        let d = scratch("sel");
+        let file = d.join("selector.yaml");
+        assert_eq!(read_peer_selector(&file), Ok(None), "no file: every peer");
+        let eu = parse("endpoints: [http://127.0.0.1:2379]\ncluster-labels: {region: eu}\n").expect("eu");
+        let bare = parse("endpoints: [http://127.0.0.1:2379]\n").expect("bare");
+        assert!(selects(None, &eu) && selects(None, &bare));
+        std::fs::write(&file, "matchLabels: {region: eu}\n").expect("write");
+        let sel = read_peer_selector(&file).expect("valid").expect("some");
+        assert!(selects(Some(&sel), &eu));
+        assert!(
+            !selects(Some(&sel), &bare),
+            "a peer without pinned labels has none"
+        );
+        std::fs::write(
+            &file,
+            "matchExpressions: [{key: region, operator: DoesNotExist}]\n",
+        )
+        .expect("write");
+        let sel = read_peer_selector(&file).expect("valid").expect("some");
+        assert!(selects(Some(&sel), &bare) && !selects(Some(&sel), &eu));
+        std::fs::write(&file, "").expect("write");
+        assert_eq!(
+            read_peer_selector(&file),
+            Ok(Some(PeerSelector::default())),
+            "empty selects all"
+        );
+        for (bad, why) in [
+            ("matchLabels: {\"no key!\": x}\n", "not a valid label key"),
+            ("matchLabels: {a: \"bad value!\"}\n", "not a valid label value"),
+            ("matchLabels: [a]\n", "selector.yaml"),
+            ("matchLabel: {a: b}\n", "unknown field"),
+            (
+                "matchExpressions: [{key: a, operator: Near, values: [b]}]\n",
+                "selector.yaml",
+            ),
+        ] {
+            std::fs::write(&file, bad).expect("write");
+            let e = read_peer_selector(&file).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_peer_dir_parses_only_the_files_that_changed() {
+        let d = scratch("dir");
+        std::fs::write(d.join("west"), "endpoints: [http://127.0.0.1:2379]\n").expect("write");
+        std::fs::write(d.join("north"), "endpoints: [http://127.0.0.1:2381]\n").expect("write");
+        std::fs::write(d.join("east"), "endpoints: [http://127.0.0.1:2383]\n").expect("write");
+        std::fs::write(d.join("Bad_Name"), "endpoints: [http://127.0.0.1:2383]\n").expect("write");
+        let mut dir = PeerDir::default();
+        let (got, errors) = dir.read(&d, "east");
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["north", "west"]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        // A changed file (a new inode, as writers that rename do) is parsed again; a broken one is reported.
+        let tmp = d.join(".west.tmp");
+        std::fs::write(&tmp, "endpoints: [http://127.0.0.1:2999]\n").expect("write");
+        std::fs::rename(&tmp, d.join("west")).expect("rename");
+        std::fs::write(&tmp, "endpoints: nope\n").expect("write");
+        std::fs::rename(&tmp, d.join("north")).expect("rename");
+        let (got, errors) = dir.read(&d, "east");
+        assert_eq!(got["west"].endpoints, ["http://127.0.0.1:2999"]);
+        assert!(!got.contains_key("north"));
+        assert!(errors.iter().any(|e| e.contains("north")), "{errors:?}");
+        // A removed file is gone.
+        std::fs::remove_file(d.join("west")).expect("remove");
+        let (got, _) = dir.read(&d, "east");
+        assert!(got.is_empty(), "{got:?}");
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -133,6 +133,10 @@ impl ClusterInfo {
 pub struct PeerInfo {
     pub name: String,
     pub id: u16,
+    /// The cluster labels the fleet admin gave it (`meshctl clustermesh hub join --label`): `hub connect` pins
+    /// them in its peer files, and membership selectors match them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The config file an agent reads for one peer (Cilium's etcd config keys, and the pins of
@@ -514,6 +518,7 @@ pub fn connect(from: &Path, to: &Path, config_dir: &Path, replace: bool, pins: &
         cluster_labels: pins.labels.get(&b.name).cloned(),
     };
     let meta = PeerInfo {
+        labels: BTreeMap::new(),
         name: b.name.clone(),
         id: b.id,
     };

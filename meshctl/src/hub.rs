@@ -12,6 +12,7 @@
 //! - [`connect`]: a cluster's agents' peer files for every other cluster that joined the hub: the hub's members as
 //!   endpoints and `prefix: <prefix>/clusters/<peer>`, read with the cluster's `hub-reader` certificate.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -330,6 +331,8 @@ pub struct JoinSpec {
     pub days: u32,
     /// Replace a cluster of the same name (another id) that joined already.
     pub replace: bool,
+    /// The cluster's labels (pinned in the other clusters' peer files by [`connect`]).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Joins a cluster to the hub: certificates, its hub user and role, its apiserver's `--hub-config` (`OUT/`), its
@@ -374,6 +377,7 @@ pub async fn join(hub: &Path, spec: &JoinSpec, out: &Path) -> Result<PathBuf> {
     let meta = PeerInfo {
         name: c.clone(),
         id: spec.id,
+        labels: spec.labels.clone(),
     };
     write_file(
         &out.join(CLUSTER_FILE),
@@ -513,7 +517,7 @@ pub fn connect(
             prefix: Some(keys.hub_cluster_prefix(&peer.name)),
             cluster_id: pin_id.then_some(peer.id),
             pod_cidrs: None,
-            cluster_labels: None,
+            cluster_labels: (!peer.labels.is_empty()).then(|| peer.labels.clone()),
         };
         write_file(
             &tls.join(CLUSTER_FILE),

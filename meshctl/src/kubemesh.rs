@@ -264,7 +264,11 @@ impl Cluster {
                 self.namespace
             )
         })?;
-        Ok(PeerInfo { name: cluster, id })
+        Ok(PeerInfo {
+            name: cluster,
+            id,
+            labels: std::collections::BTreeMap::new(),
+        })
     }
 
     fn apiserver_name(&self) -> String {

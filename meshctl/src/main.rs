@@ -173,6 +173,11 @@ enum HubCommand {
         /// Replace a cluster of the same name (another id) that joined already.
         #[arg(long)]
         replace: bool,
+        /// A cluster label, KEY=VALUE (repeatable, or comma separated): pinned in the other clusters' peer files
+        /// by `hub connect`, so that their agents' membership selectors (`mesh-agent --peer-selector`) and
+        /// TrafficPolicy selectors match it. Give the cluster's clustermesh-apiserver the same `--cluster-label`s.
+        #[arg(long = "label", value_delimiter = ',', value_parser = mesh_model::traffic::parse_label)]
+        labels: Vec<(String, String)>,
     },
     /// Write a cluster's peer files for every other cluster that joined the hub: endpoints the hub's members,
     /// prefix PREFIX/clusters/PEER, the cluster's hub-reader certificate. Run again after clusters join; agents
@@ -718,6 +723,7 @@ fn hub(cmd: HubCommand) -> anyhow::Result<()> {
             days,
             out,
             replace,
+            labels,
         } => {
             let spec = hub::JoinSpec {
                 cluster,
@@ -725,6 +731,7 @@ fn hub(cmd: HubCommand) -> anyhow::Result<()> {
                 prefix,
                 days,
                 replace,
+                labels: labels.into_iter().collect(),
             };
             let path = rt()?.block_on(hub::join(&dir, &spec, &out))?;
             println!(

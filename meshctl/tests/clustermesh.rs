@@ -385,10 +385,14 @@ fn hub_create_and_connect_write_the_hub_material_and_peer_files() {
     }
     std::fs::write(east.join("cluster.yaml"), "name: east\nid: 1\n").expect("write");
     std::fs::create_dir_all(hub.join("clusters")).expect("mkdir");
-    for (name, id) in [("east", 1), ("west", 2), ("north", 3)] {
+    for (name, id, labels) in [
+        ("east", 1, ""),
+        ("west", 2, "labels: {region: eu}\n"),
+        ("north", 3, ""),
+    ] {
         std::fs::write(
             hub.join("clusters").join(format!("{name}.yaml")),
-            format!("name: {name}\nid: {id}\n"),
+            format!("name: {name}\nid: {id}\n{labels}"),
         )
         .expect("write");
     }
@@ -415,6 +419,12 @@ fn hub_create_and_connect_write_the_hub_material_and_peer_files() {
     assert_eq!(w.prefix.as_deref(), Some("fleetmesh/clusters/west"));
     assert_eq!(w.endpoints, info.endpoints());
     assert_eq!(w.cluster_id, Some(2));
+    assert_eq!(
+        w.cluster_labels,
+        Some([("region".to_owned(), "eu".to_owned())].into()),
+        "the labels west joined with are pinned"
+    );
+    assert_eq!(west.0["north"].cluster_labels, None, "no labels, no pin");
     assert_eq!(west.0.len(), 2, "a file per other cluster of the hub");
 }
 

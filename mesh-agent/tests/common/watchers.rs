@@ -27,6 +27,21 @@ impl Agent {
 
     /// As [`Agent::start`], with east's own nodes claiming the pod CIDRs `local` (`(node, cidr)`) first.
     pub fn start_claiming(files: &[(&str, String)], local: &[(&str, &str)]) -> Self {
+        Self::start_with(files, local, false)
+    }
+
+    /// As [`Agent::start`], with the membership selector file [`Agent::selector_file`] (absent until written).
+    pub fn start_selecting(files: &[(&str, String)]) -> Self {
+        Self::start_with(files, &[], true)
+    }
+
+    /// The membership selector file of an agent made by [`Agent::start_selecting`] (a dot file in the config
+    /// directory, which the peer file reader skips).
+    pub fn selector_file(&self) -> std::path::PathBuf {
+        self.config.path().join(".peer-selector.yaml")
+    }
+
+    fn start_with(files: &[(&str, String)], local: &[(&str, &str)], selecting: bool) -> Self {
         let config = tempfile::tempdir().expect("tempdir");
         for (name, text) in files {
             std::fs::write(config.path().join(name), text).expect("write peer file");
@@ -48,8 +63,10 @@ impl Agent {
             cluster_id: 1,
             labels: Default::default(),
         };
+        let selector = selecting.then(|| config.path().join(".peer-selector.yaml"));
         let task = tokio::spawn(manage(
             config.path().to_owned(),
+            selector,
             me,
             Keys::default(),
             remotes.clone(),
