@@ -7,6 +7,10 @@
 //! backends are `base(ID) + k` (`base` = 10.0.0.0 + ID·2^19, so up to 512k per cluster), port 8080, service `s`
 //! named `svc-<s>` in namespace `fleet` with backends `s·B .. (s+1)·B`.
 //!
+//! `fleet_scale fill-hub --etcd URL,... --clusters N --services S --backends B [--nodes K] [--first F]`: clusters
+//! `c<F>` .. `c<F+N-1>` (ids as in their names) into one fleet hub, each below `fleetmesh/clusters/c<id>/` as a
+//! clustermesh-apiserver with `--hub-config` publishes, labelled `group: g<id mod 100>`.
+//!
 //! `fleet_scale identities --etcd URL --cluster NAME --id ID --count N`: N identities of one cluster (numbers
 //! 256 .. 256+N), each with one pod address (`base(ID) + 300,000 + k`, on node `k mod 8`); identity `k`'s labels
 //! are `app: w<k>`, `access: granted` for every tenth (`k mod 10 = 0`), else `access: denied`, in namespace
@@ -17,7 +21,8 @@
 //! cluster; each change is timed from just before the etcd write until the agent's `GET /v1/summary` reports the
 //! new number of programmed backends (the summary is written after the reconcile that programmed the maps). Stops
 //! early after T seconds (default: no bound); then removes the backends still added (untimed). Prints one JSON
-//! line `{"kind":"converge","ms":[...]}`.
+//! line `{"kind":"converge","ms":[...]}`. With `--hub --clusters N [--first F] [--spread K]` the clusters are those
+//! of `fill-hub` in the hub at `--etcd`, change `j` going to the `(j·K mod N)`-th.
 //!
 //! `fleet_scale burst --etcd URL,... --agent-socket PATH --agent-pid PID --changes N --services S --backends B
 //! [--max-secs T]`: N changes written as fast as the etcds take them (the clusters in parallel, up to 64 writes in
@@ -313,7 +318,8 @@ async fn fill_cluster(
 fn summary(socket: &Path) -> Result<serde_json::Value> {
     let mut s = UnixStream::connect(socket).with_context(|| format!("connecting to {}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET /v1/summary HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+    // Without the per-cluster list: its size grows with the fleet, and the drivers poll often.
+    write!(s, "GET /v1/summary?clusters=none HTTP/1.0\r\nHost: agent\r\n\r\n")?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     let body = buf.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
@@ -329,12 +335,14 @@ fn programmed_backends(socket: &Path) -> Result<u64> {
 
 /// The clusters a driver writes to: each with its client and key layout. Either one etcd per cluster (`--etcd
 /// URL,...`, cluster `c<i>` in the i-th, default layout) or a fleet hub (`--hub --etcd URL,... --clusters N`:
-/// clusters `c1` .. `c<N>`, each below `fleetmesh/clusters/c<i>/`, one client). With `--spread K` a driver's
+/// clusters `c<F>` .. `c<F+N-1>` with `--first F` (default 1), each below `fleetmesh/clusters/c<id>/`, one client). With `--spread K` a driver's
 /// change `j` goes to cluster `1 + (j * K) mod N` (K coprime to N spreads changes over the fleet).
 struct Targets {
     clients: Vec<Client>,
     keys: Vec<Keys>,
     spread: usize,
+    /// Id of the first cluster (`--first`, hub mode; else 1).
+    first: u16,
 }
 
 impl Targets {
@@ -343,22 +351,25 @@ impl Targets {
         let spread = args.num("--spread", Some(1))?;
         if args.0.iter().any(|a| a == "--hub") {
             let n: u16 = args.num("--clusters", None)?;
+            let first: u16 = args.num("--first", Some(1))?;
             let c = Client::connect(urls.clone(), None)
                 .await
                 .with_context(|| format!("connecting to {urls:?}"))?;
             let hub = Keys::new(mesh_kvstore::DEFAULT_PREFIX);
             return Ok(Self {
                 clients: vec![c],
-                keys: (1..=n)
+                keys: (first..first.saturating_add(n))
                     .map(|i| Keys::new(&hub.hub_cluster_prefix(&format!("c{i}"))))
                     .collect(),
                 spread,
+                first,
             });
         }
         Ok(Self {
             keys: vec![Keys::new(mesh_kvstore::DEFAULT_PREFIX); urls.len()],
             clients: connect_all(&urls).await?,
             spread,
+            first: 1,
         })
     }
 
@@ -371,10 +382,14 @@ impl Targets {
         (j * self.spread) % self.len()
     }
 
-    /// Cluster `i`'s client, keys and id (`i + 1`).
+    /// Cluster `i`'s client, keys and id (`first + i`).
     fn get(&self, i: usize) -> (&Client, &Keys, u16) {
         let client = self.clients.get(i).unwrap_or(&self.clients[0]);
-        (client, &self.keys[i], u16::try_from(i + 1).unwrap_or(u16::MAX))
+        let id = u16::try_from(i)
+            .ok()
+            .and_then(|i| self.first.checked_add(i))
+            .unwrap_or(u16::MAX);
+        (client, &self.keys[i], id)
     }
 }
 

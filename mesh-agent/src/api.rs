@@ -280,8 +280,13 @@ pub async fn serve_metrics(addr: std::net::SocketAddr, state: ApiState) -> std::
 
 /// `GET /v1/summary`: readiness, every remote cluster in numbers (state, last answer, entry counts), the
 /// datapath's sizes and the first [`SUMMARY_ERRORS`] errors, without the per-service details of `/v1/status`
-/// (which grow with the mesh). Its size depends on the number of clusters only.
-async fn summary(State(s): State<ApiState>) -> Json<serde_json::Value> {
+/// (which grow with the mesh). Its size depends on the number of clusters only; with `?clusters=none` it leaves
+/// the per-cluster list out (the counts stay), for pollers of a fleet-sized agent.
+async fn summary(
+    State(s): State<ApiState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Json<serde_json::Value> {
+    let list = query.as_deref() != Some("clusters=none");
     let clusters = s.remotes.briefs();
     let st = s.status.lock().unwrap_or_else(PoisonError::into_inner);
     let peers = clusters.iter().filter(|c| !c.own).count();
@@ -302,7 +307,7 @@ async fn summary(State(s): State<ApiState>) -> Json<serde_json::Value> {
         "remoteClusters": peers,
         "remoteClustersSynced": synced,
         "peerSelection": s.remotes.selection(),
-        "clusters": clusters,
+        "clusters": if list { serde_json::to_value(&clusters).unwrap_or_default() } else { serde_json::Value::Null },
         "datapath": st.datapath.summary,
         "errors": errors.len(),
         "errorMessages": &errors[..errors.len().min(SUMMARY_ERRORS)],

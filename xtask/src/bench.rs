@@ -755,7 +755,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!(
             "\n== fleet: one backend change of a 10,000-backend service on the wire (real etcd and apiserver)"
         );
-        for (what, value, baseline, ratio, goal) in crate::bench_fleet::run(plan.build, &out_dir)? {
+        let mut fleet = crate::bench_fleet::run(plan.build, &out_dir)?;
+        println!(
+            "\n== fleet hub: 1,000 clusters × 1,000 endpoints in a 3-member hub, one real agent (bootstrap, changes, memory, connections, selector)"
+        );
+        fleet.extend(crate::bench_hub::run(&out_dir)?);
+        for (what, value, baseline, ratio, goal) in fleet {
             rows.push(Row {
                 goal,
                 ..row(what, value, baseline, ratio)

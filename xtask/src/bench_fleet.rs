@@ -221,15 +221,7 @@ fn measure(dir: &Path, apiserver: &Path, etcd: &Path, etcdctl: &Path, slice: u32
 
 pub fn run(build: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
     if build {
-        println!("bench: building clustermesh-apiserver (release)");
-        util::run_status(util::cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "clustermesh-apiserver",
-            "--bin",
-            "clustermesh-apiserver",
-        ]))?;
+        crate::scale::build_release()?;
     }
     let apiserver: PathBuf = util::workspace_root()
         .join("target")

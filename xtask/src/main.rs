@@ -8,6 +8,7 @@ mod bench;
 mod bench_dns;
 mod bench_encryption;
 mod bench_fleet;
+mod bench_hub;
 mod bench_policy;
 mod demo;
 mod echo;

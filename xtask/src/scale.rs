@@ -40,7 +40,7 @@ use crate::util;
 const CLUSTERS: u16 = 10;
 /// Cluster id of the agent's own cluster.
 const LOCAL_ID: u16 = 4000;
-const NODE: &str = "scale-node-1";
+pub(crate) const NODE: &str = "scale-node-1";
 /// Changes timed for convergence on the small fleet.
 const CHANGES: usize = 200;
 /// The local pod the policy selects: its address (inside the node's pod CIDR) and labels.
@@ -65,15 +65,15 @@ impl Drop for Procs {
 }
 
 /// The bench's namespaces (the agent's, and the local pod's) and bpffs pin directory, removed on drop.
-struct Sandbox {
-    netns: String,
+pub(crate) struct Sandbox {
+    pub(crate) netns: String,
     /// The local pod's namespace, once made.
     pod_netns: Option<String>,
-    pins: PathBuf,
+    pub(crate) pins: PathBuf,
 }
 
 impl Sandbox {
-    fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         let netns = format!("fmscale{}", std::process::id());
         net::ip(&["netns", "add", &netns])?;
         let me = Self {
@@ -87,7 +87,7 @@ impl Sandbox {
 
     /// Makes the local pod as the lab does: its own namespace with `eth0` (address [`POD_IP`]), the host side of
     /// its veth in the agent's namespace (no address, up). Returns the host side's name.
-    fn add_pod(&mut self) -> Result<String> {
+    pub(crate) fn add_pod(&mut self) -> Result<String> {
         let netns = format!("{}-pod", self.netns);
         net::ip(&["netns", "add", &netns])?;
         self.pod_netns = Some(netns.clone());
@@ -104,7 +104,7 @@ impl Sandbox {
         Ok(host)
     }
 
-    fn remove_pins(&self) {
+    pub(crate) fn remove_pins(&self) {
         if self.pins.exists()
             && let Err(e) = std::fs::remove_dir_all(&self.pins)
         {
@@ -131,7 +131,7 @@ fn client_port(i: u16) -> u16 {
     24_000 + 2 * i
 }
 
-fn spawn_in(netns: &str, program: &Path, args: &[String], log: &Path) -> Result<Child> {
+pub(crate) fn spawn_in(netns: &str, program: &Path, args: &[String], log: &Path) -> Result<Child> {
     let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     net::in_netns_cmd(netns, program)
         .args(args)
@@ -143,7 +143,7 @@ fn spawn_in(netns: &str, program: &Path, args: &[String], log: &Path) -> Result<
 }
 
 /// `GET /v1/summary` of the agent.
-fn summary(socket: &Path) -> Result<Value, String> {
+pub(crate) fn summary(socket: &Path) -> Result<Value, String> {
     let mut s = UnixStream::connect(socket).map_err(|e| format!("agent socket: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
@@ -154,7 +154,7 @@ fn summary(socket: &Path) -> Result<Value, String> {
     serde_json::from_str(body).map_err(|e| format!("summary: {e}"))
 }
 
-fn rss_bytes(pid: u32) -> Result<u64> {
+pub(crate) fn rss_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
         .lines()
@@ -166,7 +166,7 @@ fn rss_bytes(pid: u32) -> Result<u64> {
 
 /// The agent's cluster: its node, a namespace, `services` global services named like the fleet's, the local pod
 /// (host interface `host_ifname`) and the policy that admits remote pods labelled `access: granted` to it.
-fn write_manifests(dir: &Path, services: u32, host_ifname: &str) -> Result<()> {
+pub(crate) fn write_manifests(dir: &Path, services: u32, host_ifname: &str) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut y = format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\nspec: {{podCIDR: 10.240.0.0/24}}\nstatus: {{addresses: [{{type: InternalIP, address: 100.100.0.1}}]}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: fleet}}\n"
@@ -218,7 +218,7 @@ fn start_etcd(netns: &str, etcd: &Path, name: &str, port: u16, root: &Path) -> R
 }
 
 /// Waits until loopback `port` accepts connections in `netns`.
-fn wait_listening(netns: &str, port: u16) -> Result<()> {
+pub(crate) fn wait_listening(netns: &str, port: u16) -> Result<()> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     net::wait_for(
         &format!("127.0.0.1:{port} to listen"),
@@ -463,7 +463,12 @@ impl Fleet<'_> {
 }
 
 /// Waits until the agent at `socket` has `remotes` synced remote clusters and `backends` programmed backends.
-fn wait_programmed(socket: &Path, remotes: u64, backends: u64, timeout: Duration) -> Result<Value> {
+pub(crate) fn wait_programmed(
+    socket: &Path,
+    remotes: u64,
+    backends: u64,
+    timeout: Duration,
+) -> Result<Value> {
     net::wait_for(
         &format!("the agent to sync {remotes} clusters and program {backends} backends"),
         timeout,
@@ -480,7 +485,7 @@ fn wait_programmed(socket: &Path, remotes: u64, backends: u64, timeout: Duration
     )
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn pct(sorted: &[f64], p: f64) -> f64 {
     #[expect(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
@@ -494,7 +499,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// The numbers of a JSON array, sorted.
-fn sorted(v: &Value) -> Vec<f64> {
+pub(crate) fn sorted(v: &Value) -> Vec<f64> {
     let mut ms: Vec<f64> = v
         .as_array()
         .into_iter()
@@ -593,7 +598,7 @@ impl Sizes {
 }
 
 /// CPU time (user + system, all threads) of process `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed stat")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -627,25 +632,30 @@ fn scrape_metrics(socket: &Path) -> Result<(Duration, usize)> {
     Ok((took, buf.len()))
 }
 
+/// Builds mesh-agent, its fleet_scale example and clustermesh-apiserver (release), in one invocation so that both
+/// packages' shared dependencies are built with the same features (two invocations rebuild them for each other
+/// every time).
+pub(crate) fn build_release() -> Result<()> {
+    println!("bench: building mesh-agent, its fleet_scale example and clustermesh-apiserver (release)");
+    util::run_status(util::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "clustermesh-apiserver",
+        "--bin",
+        "mesh-agent",
+        "--bin",
+        "clustermesh-apiserver",
+        "--example",
+        "fleet_scale",
+    ]))
+}
+
 pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
     if build {
-        println!("bench: building mesh-agent, its fleet_scale example and clustermesh-apiserver (release)");
-        // One invocation, so that both packages' shared dependencies are built with the same features (two
-        // invocations rebuild them for each other every time).
-        util::run_status(util::cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "mesh-agent",
-            "-p",
-            "clustermesh-apiserver",
-            "--bin",
-            "mesh-agent",
-            "--bin",
-            "clustermesh-apiserver",
-            "--example",
-            "fleet_scale",
-        ]))?;
+        build_release()?;
     }
     let size = Sizes::new(quick);
     let release = util::workspace_root().join("target").join("release");

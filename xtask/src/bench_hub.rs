@@ -1,0 +1,482 @@
+//! `cargo xtask bench --only fleet`, the fleet hub part (issue #16): a synthetic fleet of [`CLUSTERS`] clusters ×
+//! [`ENDPOINTS`] endpoints in one fleet hub, a real 3-member etcd cluster on the loopback of a network namespace
+//! made by the bench. The clusters' records are written the way clustermesh-apiservers publish them with
+//! `--hub-config` (below `fleetmesh/clusters/<c>/`) by `mesh-agent/examples/fleet_scale.rs fill-hub`; one real
+//! mesh-agent (release build) with its eBPF datapath, in a cluster of the fleet, reads all of them from the hub
+//! through one shared etcd client. Measured:
+//!
+//! 1. the agent's RSS without peers (the baseline), then a fresh agent's bootstrap: start → every cluster synced
+//!    and every remote backend programmed; its RSS per remote endpoint; its TCP connections to the hub; its CPU
+//!    while nothing changes;
+//! 2. convergence: [`CHANGES`] backend changes spread over the fleet, each timed from the hub write to the agent
+//!    reporting the new count (`fleet_scale converge --hub`); the hub members' CPU per change meanwhile, their RSS
+//!    and the hub's DB size;
+//! 3. a membership selector (`--peer-selector`, `group: g7`) picking 10 of the clusters: RSS per selected
+//!    endpoint share vs all, and a selector change at run time (10 clusters out, 10 in) timed until synced.
+//!
+//! Everything runs inside the bench's namespace; processes, etcd data and pins are removed at the end, also on
+//! failure.
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+
+use crate::lab::net;
+use crate::scale::{self, Procs, Sandbox, ScaleRow};
+use crate::util;
+
+/// Clusters of the synthetic fleet, and their ids (`FIRST` ..): ids above 100 keep their pod CIDRs
+/// (`fleet_scale`'s `base(id)`) clear of the agent's own node CIDR (10.240.0.0/24).
+const CLUSTERS: u16 = 1_000;
+const FIRST: u16 = 101;
+/// Services per cluster and backends per service: 1,000 endpoints per cluster.
+const SERVICES: u32 = 100;
+const BACKENDS: u32 = 10;
+const ENDPOINTS: u64 = CLUSTERS as u64 * SERVICES as u64 * BACKENDS as u64;
+/// Nodes per synthetic cluster.
+const NODES: u32 = 4;
+/// Convergence changes, and the bound on their total time (s).
+const CHANGES: usize = 200;
+const CHANGES_SECS: u64 = 240;
+/// Client ports of the hub's members (peer port = client port + 1).
+const HUB_PORTS: [u16; 3] = [24_600, 24_602, 24_604];
+/// Id of the agent's own cluster.
+const LOCAL_ID: u16 = 4_000;
+
+fn hub_urls() -> Vec<String> {
+    HUB_PORTS
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect()
+}
+
+/// Starts hub member `i` (0-based) of the 3-member hub.
+fn start_member(netns: &str, etcd: &Path, i: usize, root: &Path) -> Result<Child> {
+    let name = format!("hub-{}", i + 1);
+    let cluster: Vec<String> = HUB_PORTS
+        .iter()
+        .enumerate()
+        .map(|(j, p)| format!("hub-{}=http://127.0.0.1:{}", j + 1, p + 1))
+        .collect();
+    let (client, peer) = (
+        format!("http://127.0.0.1:{}", HUB_PORTS[i]),
+        format!("http://127.0.0.1:{}", HUB_PORTS[i] + 1),
+    );
+    let args: Vec<String> = [
+        "--name",
+        &name,
+        "--data-dir",
+        &root.join(format!("etcd-{name}")).display().to_string(),
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster",
+        &cluster.join(","),
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        "fleet-hub-bench",
+        "--quota-backend-bytes",
+        "8589934592",
+        "--log-level",
+        "error",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    scale::spawn_in(netns, etcd, &args, &root.join(format!("etcd-{name}.log")))
+}
+
+/// The bench's peer files: one per cluster, the hub's members as endpoints, the cluster's hub prefix, its id and
+/// labels pinned (as `meshctl clustermesh hub connect --pin-id` writes them after `hub join --label`).
+fn peer_dir(root: &Path) -> Result<PathBuf> {
+    let dir = root.join("clustermesh");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let eps = hub_urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for id in FIRST..FIRST + CLUSTERS {
+        std::fs::write(
+            dir.join(format!("c{id}")),
+            format!(
+                "endpoints: [{eps}]\nprefix: fleetmesh/clusters/c{id}\ncluster-id: {id}\ncluster-labels: {{group: g{}}}\n",
+                id % 100
+            ),
+        )?;
+    }
+    Ok(dir)
+}
+
+struct Bench<'a> {
+    sandbox: &'a Sandbox,
+    root: PathBuf,
+    agent_bin: PathBuf,
+    fleet_bin: PathBuf,
+}
+
+impl Bench<'_> {
+    /// Starts an agent reading the peers of `peers` (none: an empty directory), with the membership selector file
+    /// `selector`; a cold start (its pins removed first).
+    fn start_agent(
+        &self,
+        tag: &str,
+        peers: Option<&Path>,
+        selector: Option<&Path>,
+    ) -> Result<(Child, PathBuf)> {
+        self.sandbox.remove_pins();
+        let empty = self.root.join("clustermesh-empty");
+        std::fs::create_dir_all(&empty)?;
+        let socket = self.root.join(format!("agent-{tag}.sock"));
+        let mut args: Vec<String> = [
+            "--node-name",
+            scale::NODE,
+            "--cluster-name",
+            "local",
+            "--cluster-id",
+            &LOCAL_ID.to_string(),
+            "--manifests",
+            &self.root.join("manifests").display().to_string(),
+            "--clustermesh-config",
+            &peers.unwrap_or(&empty).display().to_string(),
+            "--api-socket",
+            &socket.display().to_string(),
+            "--bpf-pin-dir",
+            &self.sandbox.pins.display().to_string(),
+            "--state-dir",
+            &self.root.join("state").display().to_string(),
+            "--encryption",
+            "off",
+            "--log",
+            "warn",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        if let Some(sel) = selector {
+            args.extend(["--peer-selector".to_owned(), sel.display().to_string()]);
+        }
+        let log = self.root.join(format!("agent-{tag}.log"));
+        let child = scale::spawn_in(&self.sandbox.netns, &self.agent_bin, &args, &log)?;
+        Ok((child, socket))
+    }
+
+    /// `fleet_scale ARGS` in the bench's namespace; the JSON line it printed.
+    fn driver(&self, args: &[String]) -> Result<Value> {
+        let out = util::run(net::in_netns_cmd(&self.sandbox.netns, &self.fleet_bin).args(args))?;
+        out.lines()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .with_context(|| format!("fleet_scale {} printed nothing", args.join(" ")))
+    }
+
+    /// The remote clusters the agent at `socket` has synced, by name.
+    fn synced(socket: &Path) -> Result<Vec<String>, String> {
+        let s = scale::summary(socket)?;
+        Ok(s["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["own"] != true && c["state"]["state"] == "synced")
+            .filter_map(|c| c["name"].as_str().map(str::to_owned))
+            .collect())
+    }
+}
+
+/// Established TCP connections of process `pid` in `netns` to the hub's client ports.
+fn hub_connections(netns: &str, pid: u32) -> Result<usize> {
+    let ss = util::run(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        netns,
+        "ss",
+        "-Htnp",
+        "state",
+        "established",
+    ]))?;
+    let ports: Vec<String> = HUB_PORTS.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    Ok(ss
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter(|l| {
+            let peer = l.split_whitespace().nth(3).unwrap_or_default();
+            ports.iter().any(|p| p == peer)
+        })
+        .count())
+}
+
+/// The hub's DB size (bytes) as its first member reports it.
+fn hub_db_size(netns: &str, etcdctl: &Path) -> Result<u64> {
+    let out = util::run(net::in_netns_cmd(netns, etcdctl).args([
+        "--endpoints",
+        &hub_urls()[0],
+        "endpoint",
+        "status",
+        "-w",
+        "json",
+    ]))?;
+    let v: Value = serde_json::from_str(&out).context("etcdctl endpoint status")?;
+    v[0]["Status"]["dbSize"]
+        .as_u64()
+        .context("endpoint status without dbSize")
+}
+
+#[expect(clippy::cast_precision_loss, reason = "counts and byte sizes far below 2^52")]
+fn per(n: u64, d: u64) -> f64 {
+    n as f64 / d.max(1) as f64
+}
+
+#[expect(clippy::too_many_lines, reason = "one measurement after the other, in order")]
+pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
+    let release = util::workspace_root().join("target").join("release");
+    let root = out_dir.join("hub");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root)?;
+    let mut sandbox = Sandbox::new()?;
+    let host_ifname = sandbox.add_pod()?;
+    let bench = Bench {
+        sandbox: &sandbox,
+        root: root.clone(),
+        agent_bin: release.join("mesh-agent"),
+        fleet_bin: release.join("examples").join("fleet_scale"),
+    };
+    let etcd = util::which("etcd").context("etcd is missing (cargo xtask setup installs etcd-server)")?;
+    let etcdctl =
+        util::which("etcdctl").context("etcdctl is missing (cargo xtask setup installs etcd-client)")?;
+    let mut hub = Procs::default();
+    for i in 0..HUB_PORTS.len() {
+        hub.0.push(start_member(&sandbox.netns, &etcd, i, &root)?);
+    }
+    for p in HUB_PORTS {
+        scale::wait_listening(&sandbox.netns, p)?;
+    }
+    let hub_pids: Vec<u32> = hub.0.iter().map(Child::id).collect();
+    let mut rows = Vec::new();
+
+    println!(
+        "bench: filling the hub with {CLUSTERS} clusters × {} endpoints",
+        SERVICES * BACKENDS
+    );
+    let started = Instant::now();
+    bench.driver(&[
+        "fill-hub".into(),
+        "--etcd".into(),
+        hub_urls().join(","),
+        "--clusters".into(),
+        CLUSTERS.to_string(),
+        "--first".into(),
+        FIRST.to_string(),
+        "--services".into(),
+        SERVICES.to_string(),
+        "--backends".into(),
+        BACKENDS.to_string(),
+        "--nodes".into(),
+        NODES.to_string(),
+    ])?;
+    println!("  filled in {:.1} s", started.elapsed().as_secs_f64());
+    scale::write_manifests(&root.join("manifests"), SERVICES, &host_ifname)?;
+    let peers = peer_dir(&root)?;
+
+    // 1. Baseline, bootstrap, memory, connections, idle CPU.
+    let (base, base_socket) = bench.start_agent("baseline", None, None)?;
+    let base_pid = base.id();
+    let agent = Procs(vec![base]);
+    net::wait_for(
+        "the baseline agent's first reconcile",
+        Duration::from_secs(60),
+        || {
+            let s = scale::summary(&base_socket)?;
+            if s["datapath"]["frontends"].as_u64().unwrap_or(0) >= u64::from(SERVICES) {
+                Ok(())
+            } else {
+                Err("frontends not programmed yet".to_owned())
+            }
+        },
+    )?;
+    let base_rss = scale::rss_bytes(base_pid)?;
+    drop(agent);
+
+    let started = Instant::now();
+    let (full, socket) = bench.start_agent("bootstrap", Some(&peers), None)?;
+    let pid = full.id();
+    let agent = Procs(vec![full]);
+    let s = scale::wait_programmed(&socket, u64::from(CLUSTERS), ENDPOINTS, Duration::from_secs(300))?;
+    let bootstrap = started.elapsed();
+    let rss = scale::rss_bytes(pid)?;
+    let per_endpoint = per(rss.saturating_sub(base_rss), ENDPOINTS);
+    let reconcile_ms = s["datapath"]["reconcileUs"].as_f64().unwrap_or(f64::NAN) / 1e3;
+    let conns = hub_connections(&sandbox.netns, pid)?;
+    println!(
+        "  bootstrap {:.2} s; RSS {} MiB (baseline {} MiB): {per_endpoint:.0} B per remote endpoint; {conns} connection(s) to the hub",
+        bootstrap.as_secs_f64(),
+        rss >> 20,
+        base_rss >> 20
+    );
+    rows.push((
+        format!("Hub: agent bootstrap, start -> {CLUSTERS} clusters synced from a 3-member hub and {ENDPOINTS} remote endpoints programmed (ratio = time / 10 s)"),
+        format!("{:.2} s (last reconcile {reconcile_ms:.0} ms)", bootstrap.as_secs_f64()),
+        "10 s".to_owned(),
+        Some(bootstrap.as_secs_f64() / 10.0),
+        Some(("<=", 1.0)),
+    ));
+    rows.push((
+        format!("Hub: agent RSS per remote endpoint ({CLUSTERS} clusters, {ENDPOINTS} endpoints; ratio = bytes / 512 B)"),
+        format!("{per_endpoint:.0} B (RSS {} MiB)", rss >> 20),
+        format!("baseline RSS {} MiB", base_rss >> 20),
+        Some(per_endpoint / 512.0),
+        Some(("<=", 1.0)),
+    ));
+    let pairwise = u64::from(CLUSTERS) * u64::from(CLUSTERS - 1);
+    rows.push((
+        format!("Hub: connections for {CLUSTERS} clusters: per agent (measured, ss) / per cluster to the hub / fleet-wide, vs pairwise KVStoreMesh (mirrors to every peer)"),
+        format!("{conns} per agent / 1 per apiserver + 1 per agent / {CLUSTERS} × (1 + agents) = O(N)"),
+        format!("KVStoreMesh: {} per cluster, {pairwise} fleet-wide = O(N²)", CLUSTERS - 1),
+        Some(per(u64::try_from(conns)?, 1)),
+        Some(("<=", 1.0)),
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu0 = scale::cpu_seconds(pid)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(20));
+    let idle_pct = (scale::cpu_seconds(pid)? - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    println!("  idle CPU over 20 s: {idle_pct:.1}% of one core");
+    rows.push((
+        format!("Hub: agent CPU while nothing changes, {CLUSTERS} peers over one hub connection (20 s; ratio = % of one core / 1%)"),
+        format!("{idle_pct:.1}% of one core"),
+        "1%".to_owned(),
+        Some(idle_pct),
+        Some(("<=", 1.0)),
+    ));
+
+    // 2. Convergence over the fleet, and what the hub spends on it.
+    let hub_cpu0: f64 = hub_pids
+        .iter()
+        .map(|p| scale::cpu_seconds(*p).unwrap_or(0.0))
+        .sum();
+    let v = bench.driver(&[
+        "converge".into(),
+        "--hub".into(),
+        "--etcd".into(),
+        hub_urls().join(","),
+        "--clusters".into(),
+        CLUSTERS.to_string(),
+        "--first".into(),
+        FIRST.to_string(),
+        "--spread".into(),
+        "7".into(),
+        "--agent-socket".into(),
+        socket.display().to_string(),
+        "--changes".into(),
+        CHANGES.to_string(),
+        "--backends".into(),
+        BACKENDS.to_string(),
+        "--max-secs".into(),
+        CHANGES_SECS.to_string(),
+    ])?;
+    let hub_cpu: f64 = hub_pids
+        .iter()
+        .map(|p| scale::cpu_seconds(*p).unwrap_or(0.0))
+        .sum::<f64>()
+        - hub_cpu0;
+    let ms = scale::sorted(&v["ms"]);
+    let (p50, p99) = (scale::pct(&ms, 0.5), scale::pct(&ms, 0.99));
+    println!(
+        "  convergence over {} changes: p50 {p50:.1} ms, p99 {p99:.1} ms",
+        ms.len()
+    );
+    let bounded = if ms.len() < CHANGES {
+        format!("; {} of {CHANGES} within the {CHANGES_SECS} s bound", ms.len())
+    } else {
+        String::new()
+    };
+    rows.push((
+        format!("Hub: backend change in any of {CLUSTERS} clusters -> programmed in the agent ({} changes spread over the fleet{bounded}, {ENDPOINTS} remote endpoints; ratio = p99 / 100 ms)", ms.len()),
+        format!("p50 {p50:.1} ms, p99 {p99:.1} ms"),
+        "100 ms".to_owned(),
+        Some(p99 / 100.0),
+        Some(("<=", 1.0)),
+    ));
+    let hub_rss: u64 = hub_pids.iter().map(|p| scale::rss_bytes(*p).unwrap_or(0)).sum();
+    let db = hub_db_size(&sandbox.netns, &etcdctl)?;
+    // A change is written twice (the timed one, and the untimed one that undoes it).
+    let writes = u64::try_from(ms.len() * 2)?;
+    let cpu_ms = hub_cpu * 1e3 / per(writes, 1);
+    println!(
+        "  hub: RSS {} MiB over 3 members, DB {} MiB, CPU {cpu_ms:.2} ms per change (3 members)",
+        hub_rss >> 20,
+        db >> 20
+    );
+    rows.push((
+        format!("Hub etcd for {CLUSTERS} clusters × 1,000 endpoints: RSS (3 members), DB size, CPU per change (all members, during the changes above)"),
+        format!("RSS {} MiB, DB {} MiB, {cpu_ms:.2} ms CPU per change", hub_rss >> 20, db >> 20),
+        String::new(),
+        None,
+        None,
+    ));
+    drop(agent);
+
+    // 3. A membership selector: 10 of the 1,000 clusters, then 10 others at run time.
+    let selector = root.join("peer-selector.yaml");
+    std::fs::write(&selector, "matchLabels: {group: g7}\n")?;
+    let (sel_agent, sel_socket) = bench.start_agent("selector", Some(&peers), Some(&selector))?;
+    let sel_pid = sel_agent.id();
+    let agent = Procs(vec![sel_agent]);
+    let picked = u64::from(CLUSTERS / 100);
+    let picked_endpoints = picked * u64::from(SERVICES * BACKENDS);
+    scale::wait_programmed(&sel_socket, picked, picked_endpoints, Duration::from_secs(120))?;
+    let sel_rss = scale::rss_bytes(sel_pid)?;
+    let share = per(sel_rss.saturating_sub(base_rss), rss.saturating_sub(base_rss));
+    let held = scale::summary(&sel_socket).map_err(anyhow::Error::msg)?["remoteClusters"]
+        .as_u64()
+        .unwrap_or(0);
+    println!(
+        "  selector group=g7: {held} clusters held, RSS {} MiB: {share:.4} of the all-peers share",
+        sel_rss >> 20
+    );
+    rows.push((
+        format!("Hub: agent RSS above the baseline with a membership selector picking {picked} of {CLUSTERS} clusters vs all (ratio = selected / all; the endpoints' share is 0.01)"),
+        format!("{} MiB above baseline, {held} clusters held", sel_rss.saturating_sub(base_rss) >> 20),
+        format!("all: {} MiB above baseline", rss.saturating_sub(base_rss) >> 20),
+        Some(share),
+        Some(("<=", 0.02)),
+    ));
+    let started = Instant::now();
+    let tmp = root.join(".peer-selector.tmp");
+    std::fs::write(&tmp, "matchLabels: {group: g8}\n")?;
+    std::fs::rename(&tmp, &selector)?;
+    net::wait_for("the selector change", Duration::from_secs(60), || {
+        let names = Bench::synced(&sel_socket)?;
+        let now = scale::summary(&sel_socket)?;
+        let ok = names.len() == usize::try_from(picked).unwrap_or(0)
+            && names.iter().all(|n| n.ends_with('8'))
+            && now["datapath"]["backends"].as_u64() == Some(picked_endpoints);
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("synced {names:?}"))
+        }
+    })?;
+    let swap = started.elapsed();
+    println!(
+        "  selector changed to group=g8: 10 out, 10 in, programmed in {:.2} s",
+        swap.as_secs_f64()
+    );
+    rows.push((
+        format!("Hub: membership selector changed at run time ({picked} clusters out, {picked} in, {picked_endpoints} endpoints programmed; file re-read every second)"),
+        format!("{:.2} s", swap.as_secs_f64()),
+        String::new(),
+        None,
+        None,
+    ));
+    drop(agent);
+    drop(hub);
+    Ok(rows)
+}
