@@ -13,11 +13,13 @@
 //! mirrored, whatever its kind (nodes, services, identities, ips, synced markers), so new kinds need no change here.
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use mesh_kvstore::etcd::{list_paged, watch_client};
+use mesh_kvstore::etcd_pool::{Conn, Target, pool};
 use mesh_kvstore::peer::RemoteConfig;
 use mesh_kvstore::{Keys, KvstoremeshStatus, encode};
 use tokio::task::JoinHandle;
@@ -41,7 +43,8 @@ pub struct Local {
 }
 
 impl Local {
-    async fn connect(&self) -> anyhow::Result<Client> {
+    /// The client of this cluster's etcd, shared by every mirror (held for as long as the caller uses it).
+    async fn connect(&self) -> anyhow::Result<Arc<Conn>> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5));
@@ -49,8 +52,28 @@ impl Local {
             Some(t) => opts.with_tls(t.options()?),
             None => opts,
         };
-        Ok(Client::connect(&self.endpoints, Some(opts)).await?)
+        Ok(pool()
+            .get(target(&self.endpoints, self.tls.as_ref())?, opts)
+            .await?)
     }
+}
+
+/// What makes two mirrors' etcds the same client ([`mesh_kvstore::etcd_pool`]): endpoints and TLS material. The
+/// mirrors of N peers read through one fleet hub share one connection to it, not N.
+fn target(endpoints: &[String], tls: Option<&EtcdTls>) -> anyhow::Result<Target> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut pem = Vec::new();
+    if let Some(t) = tls {
+        pem.push(read(&t.ca)?);
+        if let Some((cert, key)) = &t.identity {
+            pem.push(read(cert)?);
+            pem.push(read(key)?);
+        }
+    }
+    Ok(Target {
+        endpoints: endpoints.to_vec(),
+        tls: pem,
+    })
 }
 
 struct Mirror {
@@ -121,7 +144,8 @@ impl Mirror {
             };
             warn!(cluster = %self.name, reason = %reason, "KVStoreMesh lost the cluster");
             match self.local.connect().await {
-                Ok(mut local) => {
+                Ok(conn) => {
+                    let mut local = conn.client.clone();
                     // Under a lease of its own: a mirror that stops retrying leaves no status behind.
                     let put = async {
                         let lease = local.lease_grant(STATUS_TTL_SECS, None).await?.id();
@@ -147,15 +171,26 @@ impl Mirror {
             Some(t) => opts.with_tls(t.options()?),
             None => opts,
         };
-        let peer = Client::connect(&self.cfg.endpoints, Some(opts))
+        let conn = pool()
+            .get(target(&self.cfg.endpoints, self.peer_tls()?.as_ref())?, opts)
             .await
             .context("connecting to the peer's etcd")?;
-        let mut local = self
+        let result = self.session_on(&conn.client).await;
+        if let Err(e) = &result {
+            pool().ended(&conn, e.as_ref()).await;
+        }
+        result
+    }
+
+    /// A session on the (shared) client of the peer's etcd.
+    async fn session_on(&mut self, peer: &Client) -> anyhow::Result<()> {
+        let local_conn = self
             .local
             .connect()
             .await
             .context("connecting to the local etcd")?;
-        let (records, revision) = list_paged(&peer, &self.peer_keys.root()).await?;
+        let mut local = local_conn.client.clone();
+        let (records, revision) = list_paged(peer, &self.peer_keys.root()).await?;
         anyhow::ensure!(
             records
                 .iter()
@@ -197,7 +232,7 @@ impl Mirror {
             puts, deletes, revision, "KVStoreMesh: cluster mirrored"
         );
 
-        let mut stream = watch_client(&peer)
+        let mut stream = watch_client(peer)
             .watch(
                 self.peer_keys.root(),
                 Some(

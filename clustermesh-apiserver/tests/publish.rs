@@ -1361,3 +1361,66 @@ async fn a_hub_config_with_another_clusters_prefix_is_refused_at_start() {
         .expect("list the hub");
     assert_eq!(all.kvs().len(), 0, "nothing was written into the hub");
 }
+
+/// Established TCP connections of process `pid` to `url`'s port on loopback (`ss`).
+fn connections_to(pid: u32, url: &str) -> usize {
+    let port = url.rsplit(':').next().unwrap_or_default().trim_end_matches('/');
+    let out = std::process::Command::new("ss")
+        .args(["-Htnp", "state", "established"])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter(|l| l.split_whitespace().nth(3) == Some(&format!("127.0.0.1:{port}")))
+        .count()
+}
+
+/// KVStoreMesh reading its peers from a fleet hub: the mirrors of three peers, each below its own hub prefix,
+/// share one client of the hub (one connection), and each peer is cached under its own name.
+#[tokio::test(flavor = "multi_thread")]
+async fn kvstoremesh_mirrors_many_peers_from_a_hub_over_one_connection() {
+    let (hub, local) = (Etcd::start().await, Etcd::start().await);
+    let mut hc = hub.client().await;
+    let peers = tempfile::tempdir().expect("tempdir");
+    let names = ["west", "north", "south"];
+    for (i, name) in names.iter().enumerate() {
+        let id = u16::try_from(i + 2).expect("id");
+        let keys = Keys::new(&Keys::default().hub_cluster_prefix(name));
+        let config = mesh_kvstore::encode(&mesh_kvstore::ClusterConfig {
+            name: (*name).into(),
+            id,
+            capabilities: vec![],
+            labels: BTreeMap::new(),
+        });
+        hc.put(keys.cluster_config(name), config, None)
+            .await
+            .expect("seed");
+        std::fs::write(
+            peers.path().join(name),
+            format!("endpoints: [\"{}\"]\nprefix: {}\n", hub.url(), keys.prefix()),
+        )
+        .expect("peer file");
+    }
+    let manifests = tempfile::tempdir().expect("tempdir");
+    write_atomic(manifests.path(), "nodes.yaml", &nodes_yaml(&[N1]));
+    let peers_dir = peers.path().display().to_string();
+    let api = Apiserver::start_with(manifests.path(), &local, &["--kvstoremesh-config", &peers_dir]);
+    let pid = api.child.as_ref().expect("child").id();
+    let lc = local.client().await;
+    eventually("every peer mirrored from the hub", TIMEOUT, || {
+        let mut lc = lc.clone();
+        async move {
+            for name in names {
+                let cache = Keys::new(&Keys::default().kvstoremesh_prefix(name));
+                if get(&mut lc, &cache.cluster_config(name)).await?.is_none() {
+                    return Err(format!("{name} not mirrored"));
+                }
+            }
+            Ok(())
+        }
+    })
+    .await;
+    let n = connections_to(pid, &hub.url());
+    assert_eq!(n, 1, "the mirrors of 3 peers in one hub share one connection");
+}

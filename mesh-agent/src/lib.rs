@@ -8,7 +8,7 @@ pub mod control;
 pub mod datapath;
 pub mod desired;
 pub mod dns;
-pub mod etcd_pool;
+pub use mesh_kvstore::etcd_pool;
 pub mod flows;
 pub mod held;
 pub mod lb;

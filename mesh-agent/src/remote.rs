@@ -1737,7 +1737,7 @@ impl Watcher {
         let conn = crate::etcd_pool::pool().get(target, opts).await?;
         let result = self.session_on(&conn.client).await;
         if let Err(e) = &result {
-            crate::etcd_pool::pool().ended(&conn, e).await;
+            crate::etcd_pool::pool().ended(&conn, e.as_ref()).await;
         }
         result
     }

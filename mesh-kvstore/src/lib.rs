@@ -20,6 +20,7 @@
 //! capacity records do; their records accept unknown fields, so that they can grow.
 
 pub mod etcd;
+pub mod etcd_pool;
 pub mod grant;
 pub mod peer;
 

@@ -882,7 +882,10 @@ fn default_values_render_an_agent_daemonset_and_a_clustermesh_apiserver() {
         Some("198.19.0.0/16")
     );
     assert!(!has_env(agent, "FLEETMESH_DNS_LISTEN") && !has_env(agent, "FLEETMESH_DNS_UPSTREAM"));
-    assert!(!has_env(agent, "FLEETMESH_PEER_SELECTOR"), "no membership selector unless asked for");
+    assert!(
+        !has_env(agent, "FLEETMESH_PEER_SELECTOR"),
+        "no membership selector unless asked for"
+    );
     // The agent's --service-affinity-default comes from the ConfigMap.
     assert_eq!(
         env(agent, "FLEETMESH_SERVICE_AFFINITY_DEFAULT")
@@ -1092,19 +1095,28 @@ fn full_values_render_tls_peers_load_balancer_and_overrides() {
         .and_then(|c| c.data.as_ref())
         .and_then(|d| d.get("peer-selector"))
         .expect("peer-selector in the ConfigMap");
-    assert!(selector.contains("matchLabels") && selector.contains("fleetmesh.io/region: eu"), "{selector}");
+    assert!(
+        selector.contains("matchLabels") && selector.contains("fleetmesh.io/region: eu"),
+        "{selector}"
+    );
     assert_eq!(
         env(agent, "FLEETMESH_PEER_SELECTOR").value.as_deref(),
         Some("/var/lib/fleetmesh/peer-selector/selector.yaml")
     );
-    assert_eq!(mount(agent, "peer-selector").0, "/var/lib/fleetmesh/peer-selector");
+    assert_eq!(
+        mount(agent, "peer-selector").0,
+        "/var/lib/fleetmesh/peer-selector"
+    );
     let items = volume(p, "peer-selector")
         .config_map
         .as_ref()
         .and_then(|c| c.items.clone())
         .unwrap_or_default();
     assert_eq!(
-        items.iter().map(|i| (i.key.as_str(), i.path.as_str())).collect::<Vec<_>>(),
+        items
+            .iter()
+            .map(|i| (i.key.as_str(), i.path.as_str()))
+            .collect::<Vec<_>>(),
         [("peer-selector", "selector.yaml")]
     );
     // clusterset.cidr and clusterset.dns.

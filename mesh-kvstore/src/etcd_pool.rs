@@ -1,6 +1,6 @@
-//! One etcd client per distinct etcd (endpoints and TLS identity), shared by every remote watcher of the agent: an
+//! One etcd client per distinct etcd (endpoints and TLS identity), shared by every remote watcher of a process: an
 //! agent that reads N peers through one fleet hub (or N KVStoreMesh caches in its own etcd) holds one connection to
-//! it, not N (docs/fleet-hub.md). Watches and requests of the watchers multiplex over that connection's HTTP/2
+//! it, not N, and so does a clustermesh-apiserver's KVStoreMesh mirroring N peers from a hub (docs/fleet-hub.md). Watches and requests of the watchers multiplex over that connection's HTTP/2
 //! channel; each watcher keeps its own session, state, refusals and limits.
 //!
 //! A client talks to one endpoint of its set at a time. When a watcher's session ends because that endpoint is
@@ -40,7 +40,7 @@ struct Entry {
     generation: u64,
 }
 
-/// The agent's clients (process-wide: every peer with the same target shares one).
+/// The process's clients (process-wide: every peer with the same target shares one).
 #[derive(Default)]
 pub struct Pool {
     entries: Mutex<HashMap<Target, Entry>>,
@@ -63,9 +63,9 @@ pub struct Unreachable(pub String);
 /// Whether `e` says the etcd could not be reached (transport errors, gRPC `Unavailable`, `DeadlineExceeded`,
 /// `Cancelled`, `Unknown`, an unanswered probe), as opposed to a refusal.
 #[must_use]
-pub fn is_unreachable(e: &anyhow::Error) -> bool {
+pub fn is_unreachable(e: &(dyn std::error::Error + 'static)) -> bool {
     use tonic::Code;
-    e.chain().any(|c| {
+    std::iter::successors(Some(e), |c| c.source()).any(|c| {
         c.is::<Unreachable>()
             || c.downcast_ref::<etcd_client::Error>().is_some_and(|e| match e {
                 etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
@@ -119,7 +119,7 @@ impl Pool {
 
     /// A session on `conn` ended with `e`: when the etcd was unreachable, the client is retired and the next one
     /// connects to the next endpoint.
-    pub async fn ended(&self, conn: &Conn, e: &anyhow::Error) {
+    pub async fn ended(&self, conn: &Conn, e: &(dyn std::error::Error + Send + Sync + 'static)) {
         if !is_unreachable(e) {
             return;
         }
@@ -150,15 +150,15 @@ mod tests {
     #[test]
     fn unreachable_is_told_from_refusals() {
         let down = anyhow::Error::new(Unreachable("liveness probe got no answer".into()));
-        assert!(is_unreachable(&down));
+        assert!(is_unreachable(down.as_ref()));
         let unavailable = anyhow::Error::new(etcd_client::Error::GRpcStatus(tonic::Status::unavailable("x")))
             .context("listing");
-        assert!(is_unreachable(&unavailable));
+        assert!(is_unreachable(unavailable.as_ref()));
         let denied = anyhow::Error::new(etcd_client::Error::GRpcStatus(tonic::Status::permission_denied(
             "x",
         )));
-        assert!(!is_unreachable(&denied));
-        assert!(!is_unreachable(&anyhow::anyhow!("reading /x: not found")));
+        assert!(!is_unreachable(denied.as_ref()));
+        assert!(!is_unreachable(anyhow::anyhow!("reading /x: not found").as_ref()));
     }
 
     #[tokio::test]
@@ -185,12 +185,12 @@ mod tests {
         let denied = anyhow::Error::new(etcd_client::Error::GRpcStatus(tonic::Status::permission_denied(
             "x",
         )));
-        pool.ended(&a, &denied).await;
+        pool.ended(&a, denied.as_ref()).await;
         let c = pool.get(target.clone(), opts()).await.expect("kept");
         assert!(Arc::ptr_eq(&a, &c));
         // Unreachable: the next client talks to the next endpoint (here a dead one: the connect fails, and the
         // attempt after it is on the live one again).
-        pool.ended(&a, &anyhow::Error::new(Unreachable("gone".into())))
+        pool.ended(&a, anyhow::Error::new(Unreachable("gone".into())).as_ref())
             .await;
         drop((a, b, c));
         match pool.get(target.clone(), opts()).await {
