@@ -14,6 +14,10 @@
 //! 3. a membership selector (`--peer-selector`, `group: g7`) picking 10 of the clusters: RSS per selected
 //!    endpoint share vs all, and a selector change at run time (10 clusters out, 10 in) timed until synced.
 //!
+//! The first [`REAL`] clusters are published by real clustermesh-apiserver processes (release build) started at
+//! once, each from manifests (one node, the same services and backends, pods with identities) into one shared
+//! etcd of their own and, with `--hub-config`, into the hub.
+//!
 //! Everything runs inside the bench's namespace; processes, etcd data and pins are removed at the end, also on
 //! failure.
 use std::path::{Path, PathBuf};
@@ -37,6 +41,10 @@ const BACKENDS: u32 = 10;
 const ENDPOINTS: u64 = CLUSTERS as u64 * SERVICES as u64 * BACKENDS as u64;
 /// Nodes per synthetic cluster.
 const NODES: u32 = 4;
+/// Clusters (the first ids) published by real clustermesh-apiserver processes rather than by `fill-hub`.
+const REAL: u16 = 100;
+/// Client port of the etcd the real apiservers use as their own (one for all, each under its cluster's keys).
+const OWN_ETCD_PORT: u16 = 24_610;
 /// Convergence changes, and the bound on their total time (s).
 const CHANGES: usize = 200;
 const CHANGES_SECS: u64 = 240;
@@ -115,6 +123,105 @@ fn peer_dir(root: &Path) -> Result<PathBuf> {
         )?;
     }
     Ok(dir)
+}
+
+/// The address `fleet_scale` gives backend `k` of cluster `id` (`base(id) + k + 1`, base = 10.0.0.0 + id·2^19).
+fn backend_ip(id: u16, k: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 0, 0)) + (u32::from(id) << 19) + k + 1)
+}
+
+/// A real cluster's manifests: one node, the fleet's [`SERVICES`] global services and their [`BACKENDS`] pods
+/// each, at the addresses `fill-hub` would have given them.
+fn real_manifests(id: u16) -> String {
+    use std::fmt::Write as _;
+    let node = format!("c{id}-node-0");
+    let mut y = format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\nspec: {{podCIDR: {}/16}}\nstatus: {{addresses: [{{type: InternalIP, address: 100.{}.{}.1}}]}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: fleet}}\n",
+        backend_ip(id, 0)
+            .to_string()
+            .rsplit_once('.')
+            .map_or(String::new(), |(a, _)| format!("{a}.0")),
+        66 + id / 256,
+        id % 256
+    );
+    for s in 0..SERVICES {
+        let _ = write!(
+            y,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: fleet, annotations: {{service.cilium.io/global: \"true\"}}}}\nspec: {{selector: {{app: svc-{s}}}, ports: [{{name: tcp, port: 80, targetPort: 8080, protocol: TCP}}]}}\n"
+        );
+        for b in 0..BACKENDS {
+            let k = s * BACKENDS + b;
+            let _ = write!(
+                y,
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p-{k}, namespace: fleet, labels: {{app: svc-{s}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: 8080, protocol: TCP}}]}}]}}\nstatus: {{podIP: {}, phase: Running}}\n",
+                backend_ip(id, k)
+            );
+        }
+    }
+    y
+}
+
+/// Starts the real clustermesh-apiservers of clusters `FIRST .. FIRST + REAL`, each publishing its manifests
+/// into the shared own etcd and, with `--hub-config`, into the hub under its prefix.
+fn start_apiservers(bench: &Bench<'_>, apiserver: &Path) -> Result<Vec<Child>> {
+    let hub_eps = hub_urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut out = Vec::new();
+    for id in FIRST..FIRST + REAL {
+        let dir = bench.root.join(format!("apiserver-c{id}"));
+        std::fs::create_dir_all(dir.join("manifests"))?;
+        std::fs::write(dir.join("manifests").join("all.yaml"), real_manifests(id))?;
+        let hub_config = dir.join("hub-config.yaml");
+        std::fs::write(
+            &hub_config,
+            format!("endpoints: [{hub_eps}]\nprefix: fleetmesh/clusters/c{id}\n"),
+        )?;
+        let args: Vec<String> = vec![
+            "--cluster-name".into(),
+            format!("c{id}"),
+            "--cluster-id".into(),
+            id.to_string(),
+            "--cluster-label".into(),
+            format!("group=g{}", id % 100),
+            "--manifests".into(),
+            dir.join("manifests").display().to_string(),
+            "--etcd-endpoints".into(),
+            format!("http://127.0.0.1:{OWN_ETCD_PORT}"),
+            "--hub-config".into(),
+            hub_config.display().to_string(),
+            "--log".into(),
+            "warn".into(),
+        ];
+        out.push(scale::spawn_in(
+            &bench.sandbox.netns,
+            apiserver,
+            &args,
+            &dir.join("apiserver.log"),
+        )?);
+    }
+    Ok(out)
+}
+
+/// How many of the real clusters have published their services into the hub (their synced marker).
+fn real_published(netns: &str, etcdctl: &Path) -> Result<usize, String> {
+    let out = util::run(net::in_netns_cmd(netns, etcdctl).args([
+        "--endpoints",
+        &hub_urls()[0],
+        "get",
+        "--prefix",
+        "fleetmesh/clusters/",
+        "--keys-only",
+    ]))
+    .map_err(|e| format!("{e:#}"))?;
+    Ok((FIRST..FIRST + REAL)
+        .filter(|id| {
+            let key = format!("fleetmesh/clusters/c{id}/synced/c{id}/services");
+            out.lines().any(|l| l == key)
+        })
+        .count())
 }
 
 struct Bench<'a> {
@@ -258,6 +365,7 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
     for p in HUB_PORTS {
         scale::wait_listening(&sandbox.netns, p)?;
     }
+    // The hub's three members (the own etcd of the real apiservers, started later, is not the hub).
     let hub_pids: Vec<u32> = hub.0.iter().map(Child::id).collect();
     let mut rows = Vec::new();
 
@@ -282,6 +390,44 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
         NODES.to_string(),
     ])?;
     println!("  filled in {:.1} s", started.elapsed().as_secs_f64());
+    // The first REAL clusters: real clustermesh-apiservers publishing concurrently.
+    hub.0.push(scale::start_etcd(
+        &sandbox.netns,
+        &etcd,
+        "own",
+        OWN_ETCD_PORT,
+        &root,
+    )?);
+    scale::wait_listening(&sandbox.netns, OWN_ETCD_PORT)?;
+    let started = Instant::now();
+    let apiservers = Procs(start_apiservers(&bench, &release.join("clustermesh-apiserver"))?);
+    net::wait_for(
+        &format!("{REAL} clustermesh-apiservers to publish into the hub"),
+        Duration::from_secs(300),
+        || {
+            let n = real_published(&sandbox.netns, &etcdctl)?;
+            if n == usize::from(REAL) {
+                Ok(())
+            } else {
+                Err(format!("{n} published"))
+            }
+        },
+    )?;
+    let published = started.elapsed();
+    let api_pid = apiservers.0.first().map_or(0, Child::id);
+    let api_conns = hub_connections(&sandbox.netns, api_pid)?;
+    println!(
+        "  {REAL} real apiservers published {} endpoints each in {:.1} s; one of them holds {api_conns} connection(s) to the hub",
+        SERVICES * BACKENDS,
+        published.as_secs_f64()
+    );
+    rows.push((
+        format!("Hub: {REAL} real clustermesh-apiservers started at once, each publishing 1 node, {SERVICES} global services and {} pods (with identities and pod addresses) into the hub -> all published", SERVICES * BACKENDS),
+        format!("{:.1} s", published.as_secs_f64()),
+        String::new(),
+        None,
+        None,
+    ));
     scale::write_manifests(&root.join("manifests"), SERVICES, &host_ifname)?;
     let peers = peer_dir(&root)?;
 
@@ -337,7 +483,7 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
     let pairwise = u64::from(CLUSTERS) * u64::from(CLUSTERS - 1);
     rows.push((
         format!("Hub: connections for {CLUSTERS} clusters: per agent (measured, ss) / per cluster to the hub / fleet-wide, vs pairwise KVStoreMesh (mirrors to every peer)"),
-        format!("{conns} per agent / 1 per apiserver + 1 per agent / {CLUSTERS} × (1 + agents) = O(N)"),
+        format!("{conns} per agent / {api_conns} per apiserver (measured) + 1 per agent / {CLUSTERS} × (1 + agents) = O(N)"),
         format!("KVStoreMesh: {} per cluster, {pairwise} fleet-wide = O(N²)", CLUSTERS - 1),
         Some(per(u64::try_from(conns)?, 1)),
         Some(("<=", 1.0)),
@@ -477,6 +623,7 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
         None,
     ));
     drop(agent);
+    drop(apiservers);
     drop(hub);
     Ok(rows)
 }

@@ -2,6 +2,9 @@
 //! pods of three clusters talking over the eBPF overlay (TCP, UDP, ICMP on every path), adds a node to a
 //! running cluster and shows it reachable from the others, steers a global service with a `TrafficPolicy` and a
 //! `StagedRollout` (which completes, then halts when its target fails), then tears the lab down (unless `--keep`).
+//! Then, unless `--no-hub`, a fleet hub: `examples/hub-three-clusters` (three clusters publishing into one 3-member
+//! etcd and reading each other from it), pod-to-pod across every pair of clusters, and each agent's one connection
+//! to the hub.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +28,9 @@ pub struct DemoArgs {
     /// Skip `cargo xtask setup`.
     #[arg(long)]
     pub no_setup: bool,
+    /// Skip the fleet hub part (a second lab, `examples/hub-three-clusters`).
+    #[arg(long)]
+    pub no_hub: bool,
 }
 
 struct Tally {
@@ -69,12 +75,95 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     } else {
         state::down(&dir)?;
     }
-    let summary = result?;
+    let mut summary = result?;
+    if !args.no_hub {
+        let hub_dir = util::workspace_root().join("target").join("demo-hub-lab");
+        std::fs::create_dir_all(&hub_dir)?;
+        let hub_dir = hub_dir.canonicalize()?;
+        state::down(&hub_dir)?;
+        let result = hub(
+            &hub_dir,
+            &util::workspace_root().join("examples/hub-three-clusters"),
+        );
+        if args.keep {
+            println!(
+                "demo: hub lab left up; `cargo xtask lab --lab-dir {} status` shows it",
+                hub_dir.display()
+            );
+        } else {
+            state::down(&hub_dir)?;
+        }
+        summary.push_str(&result?);
+    }
     println!(
         "\n{summary}\ndemo: done in {:.1}s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The fleet hub part: every cluster's client calls every cluster's `echo-a` through peers read from the hub, and
+/// each node's agent holds one connection to the hub whatever its number of peers.
+fn hub(dir: &std::path::Path, topology: &std::path::Path) -> Result<String> {
+    println!(
+        "\n== 7. A fleet hub: {} (3 clusters, one 3-member etcd hub)",
+        topology.display()
+    );
+    let t = Instant::now();
+    let st = state::up(dir, topology, false, Duration::from_secs(90))?;
+    println!("demo: hub lab up in {:.1}s", t.elapsed().as_secs_f64());
+    let hub = st.hub.as_ref().context("the topology has no hub")?;
+    let mut tcp = Tally { ok: 0, total: 0 };
+    for from in &st.clusters {
+        let client = from.pods.get("demo/client").context("client pod missing")?;
+        for to in &st.clusters {
+            let echo = to.pods.get("demo/echo-a").context("echo-a pod missing")?;
+            let want = format!("{}/demo/echo-a", to.name);
+            let answer = net::probe_tcp(&client.netns, echo.ip, TCP);
+            let ok = tcp.record(answer.as_ref().is_ok_and(|l| *l == want));
+            println!("  {}/demo/client -> {want}: {ok}", from.name);
+        }
+    }
+    let members: Vec<String> = hub.members.iter().map(|m| format!("{m}:2379")).collect();
+    let mut conns = Vec::new();
+    for c in &st.clusters {
+        for n in &c.nodes {
+            let ss = util::run(std::process::Command::new("ip").args([
+                "netns",
+                "exec",
+                &n.netns,
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+            ]))?;
+            let to_hub = ss
+                .lines()
+                .filter(|l| {
+                    l.split_whitespace()
+                        .nth(3)
+                        .is_some_and(|p| members.iter().any(|m| m == p))
+                })
+                .count();
+            println!(
+                "  {}: {to_hub} connection(s) to the hub for its {} peers",
+                n.name,
+                st.clusters.len() - 1
+            );
+            conns.push(to_hub);
+        }
+    }
+    let summary = format!(
+        "  fleet hub: pod to pod through the hub {}/{} ok; connections to the hub per agent: {:?}\n",
+        tcp.ok, tcp.total, conns
+    );
+    if tcp.ok != tcp.total {
+        bail!(
+            "{summary}some calls through the hub failed (logs in {})",
+            dir.join("logs").display()
+        );
+    }
+    Ok(summary)
 }
 
 fn demo(dir: &std::path::Path, topology: &std::path::Path) -> Result<String> {

@@ -191,7 +191,7 @@ pub(crate) fn write_manifests(dir: &Path, services: u32, host_ifname: &str) -> R
 
 /// Starts a single-member etcd `name` in `netns`, serving clients on loopback `port` (peers on `port + 1`), its
 /// data and log under `root`.
-fn start_etcd(netns: &str, etcd: &Path, name: &str, port: u16, root: &Path) -> Result<Child> {
+pub(crate) fn start_etcd(netns: &str, etcd: &Path, name: &str, port: u16, root: &Path) -> Result<Child> {
     let (client, peer) = (
         format!("http://127.0.0.1:{port}"),
         format!("http://127.0.0.1:{}", port + 1),
