@@ -589,6 +589,16 @@ fn pod(ctx: &Ctx<'_>, p: &core::Pod) -> Result<Pod, ManifestError> {
             m,
         )
     })?;
+    let label = |field: &str, v: &Option<String>| match v.as_deref() {
+        None | Some("") => Ok(None),
+        Some(h) if crate::clusterset::is_dns_label(h) => Ok(Some(h.to_owned())),
+        Some(h) => Err(ctx.err(
+            Some(field),
+            format!("{h:?} is not a DNS label (1-63 of a-z, 0-9 and '-', not starting or ending with '-')"),
+        )),
+    };
+    let hostname = label("spec.hostname", &spec.hostname)?;
+    let subdomain = label("spec.subdomain", &spec.subdomain)?;
     Ok(Pod {
         namespace,
         name,
@@ -597,6 +607,8 @@ fn pod(ctx: &Ctx<'_>, p: &core::Pod) -> Result<Pod, ManifestError> {
         node_name: spec.node_name.clone(),
         ipv4,
         ports,
+        hostname,
+        subdomain,
     })
 }
 
@@ -728,12 +740,25 @@ fn endpoint_slice(ctx: &Ctx<'_>, s: &discovery::EndpointSlice) -> Result<Endpoin
                     name: r.name.clone()?,
                 })
             });
+        let hostname = match e.hostname.as_deref() {
+            None | Some("") => None,
+            Some(h) if crate::clusterset::is_dns_label(h) => Some(h.to_owned()),
+            Some(h) => {
+                return Err(ctx.err(
+                    Some(&format!("{field}.hostname")),
+                    format!(
+                        "{h:?} is not a DNS label (1-63 of a-z, 0-9 and '-', not starting or ending with '-')"
+                    ),
+                ));
+            }
+        };
         endpoints.push(SliceEndpoint {
             addresses: e.addresses.clone(),
             conditions,
             node_name: e.node_name.clone(),
             pod,
             zone: e.zone.clone(),
+            hostname,
         });
     }
     Ok(EndpointSlice {
@@ -856,6 +881,44 @@ spec:
             s.annotations.get("service.cilium.io/global").map(String::as_str),
             Some("true")
         );
+    }
+
+    #[test]
+    fn pod_hostname_and_subdomain_are_dns_labels() {
+        let pod = |extra: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: db-0, namespace: demo}}\nspec:\n  containers: [{{name: c}}]\n{extra}"
+            )
+        };
+        let objs = parse_str("p.yaml", &pod("  hostname: db-0\n  subdomain: db\n")).expect("valid pod");
+        let Object::Pod(p) = &objs[0] else {
+            panic!("expected a pod")
+        };
+        assert_eq!(
+            (p.hostname.as_deref(), p.subdomain.as_deref()),
+            (Some("db-0"), Some("db"))
+        );
+        for (extra, field) in [
+            ("  hostname: Db_0\n", "spec.hostname"),
+            ("  hostname: db-0\n  subdomain: -db\n", "spec.subdomain"),
+            (&*format!("  hostname: {}\n", "a".repeat(64)), "spec.hostname"),
+        ] {
+            let e = parse_str("p.yaml", &pod(extra)).expect_err(extra);
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.to_string().contains("not a DNS label"), "{e}");
+        }
+        let slice = |h: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: db-1, namespace: demo, labels: {{kubernetes.io/service-name: db}}}}\naddressType: IPv4\nendpoints: [{{addresses: [10.1.0.9], hostname: {h}}}]\n"
+            )
+        };
+        let objs = parse_str("s.yaml", &slice("db-0")).expect("valid slice");
+        let Object::EndpointSlice(s) = &objs[0] else {
+            panic!("expected a slice")
+        };
+        assert_eq!(s.endpoints[0].hostname.as_deref(), Some("db-0"));
+        let e = parse_str("s.yaml", &slice("DB.0")).expect_err("not a label");
+        assert_eq!(e.field.as_deref(), Some("endpoints[0].hostname"), "{e}");
     }
 
     #[test]
@@ -1289,6 +1352,7 @@ endpoints:
                             name: "api-1".into()
                         }),
                         zone: Some("a".into()),
+                        hostname: None,
                     },
                     SliceEndpoint {
                         addresses: vec!["10.1.0.3".into()],
@@ -1296,6 +1360,7 @@ endpoints:
                         node_name: None,
                         pod: None,
                         zone: None,
+                        hostname: None,
                     },
                 ],
             }

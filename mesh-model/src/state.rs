@@ -72,6 +72,13 @@ pub struct Pod {
     pub node_name: Option<String>,
     pub ipv4: Option<Ipv4Addr>,
     pub ports: Vec<ContainerPort>,
+    /// `spec.hostname` (a DNS label): with `spec.subdomain` naming a headless service, the pod's name under it
+    /// (`<hostname>.<clusterid>.<svc>.<ns>.svc.clusterset.local`).
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// `spec.subdomain` (a DNS label): the headless service the hostname is published under.
+    #[serde(default)]
+    pub subdomain: Option<String>,
 }
 
 impl Pod {
@@ -184,6 +191,10 @@ pub struct SliceEndpoint {
     pub node_name: Option<String>,
     pub pod: Option<PodRef>,
     pub zone: Option<String>,
+    /// `hostname` (a DNS label): set by the EndpointSlice controller for a pod with `spec.hostname` whose
+    /// `spec.subdomain` is the service's name.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// An EndpointSlice (discovery.k8s.io/v1): a part of a service's endpoints, with their readiness.
