@@ -86,6 +86,12 @@ const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = &[
         &["serviceimports"],
         &["list", "create", "patch", "delete"],
     ),
+    // The EndpointSlices of headless imports (clustermesh-apiserver/src/slices.rs; `get` when a name is taken).
+    (
+        "discovery.k8s.io",
+        &["endpointslices"],
+        &["get", "create", "patch", "delete"],
+    ),
 ];
 
 /// Programs the chart runs from the fleetmesh image that are not fleetmesh's own binaries, and the Debian
