@@ -205,9 +205,7 @@ impl Peer {
         }
         Ok(())
     }
-}
 
-impl Peer {
     /// The backends the peer publishes for its service `ns/name` (service record and backend slices): `Ok(Ok(None))`
     /// when it has no record, `Ok(Err(reason))` when a record or slice is refused, `Err` when etcd fails.
     async fn backends_of(

@@ -6,7 +6,7 @@
 //! * One writer per cluster: the clustermesh-apiserver (it already reads the peers' export records through
 //!   `--mcs-peers`); for every headless export of a peer it also reads the peer's service record and backend
 //!   slices of that service (`mesh_kvstore::decode_service`, `decode_backend_slice`).
-//! * Slices are named `<service>-<cluster>-<n>` and carry the labels
+//! * Slices are named `<service>.<cluster>.<n>` (unambiguous: neither name has a dot) and carry the labels
 //!   `multicluster.kubernetes.io/service-name: <service>`, `multicluster.kubernetes.io/source-cluster: <cluster>`
 //!   and `endpointslice.kubernetes.io/managed-by: endpointslice-controller.fleetmesh.io` ([`MANAGED_BY`]). They
 //!   have no `kubernetes.io/service-name`: fleetmesh makes no derived Service, and naming a same-named local
@@ -127,7 +127,8 @@ pub fn desired(
                     e
                 })
                 .collect();
-            let slice = format!("{name}-{cluster}-{n}");
+            // Dots: neither a service name nor a cluster name has one, so no two (service, cluster) share a name.
+            let slice = format!("{name}.{cluster}.{n}");
             out.insert(
                 slice.clone(),
                 json!({
@@ -340,13 +341,13 @@ mod tests {
         );
         let s = desired("west", "shop", "db", &b).expect("slices");
         let names: Vec<&str> = s.keys().map(String::as_str).collect();
-        assert_eq!(names, ["db-west-0", "db-west-1", "db-west-2"]);
+        assert_eq!(names, ["db.west.0", "db.west.1", "db.west.2"]);
         let sizes: Vec<usize> = s
             .values()
             .map(|o| o["endpoints"].as_array().map_or(0, Vec::len))
             .collect();
         assert_eq!(sizes, [100, 50, 1]);
-        let first = &s["db-west-0"];
+        let first = &s["db.west.0"];
         assert_eq!(first["metadata"]["labels"][LABEL_SERVICE], "db");
         assert_eq!(first["metadata"]["labels"][LABEL_SOURCE_CLUSTER], "west");
         assert!(ours(first));
@@ -357,7 +358,7 @@ mod tests {
         );
         assert_eq!(first["endpoints"][0]["hostname"], "db-0");
         assert!(first["endpoints"][1].get("hostname").is_none());
-        assert_eq!(s["db-west-2"]["ports"][0]["port"], 6000);
+        assert_eq!(s["db.west.2"]["ports"][0]["port"], 6000);
         // The same backends give the same slices; server defaults compare equal.
         assert_eq!(desired("west", "shop", "db", &b).expect("slices"), s);
         let mut defaulted = first.clone();
@@ -401,6 +402,11 @@ mod tests {
         .into();
         let w = wanted("east", &imports, &peers);
         let names: Vec<_> = w.keys().map(|(_, n)| n.as_str()).collect();
-        assert_eq!(names, ["db-west-0"]);
+        assert_eq!(names, ["db.west.0"]);
+        // Names with dashes never meet: service db-west of cluster x, service db of cluster west-x.
+        let b = PeerBackends::new([backend(1, 5432)], BTreeMap::new());
+        let a = desired("x", "shop", "db-west", &b).expect("slices");
+        let c = desired("west-x", "shop", "db", &b).expect("slices");
+        assert!(a.keys().all(|k| !c.contains_key(k)), "{a:?} {c:?}");
     }
 }

@@ -558,7 +558,7 @@ async fn headless_imports_become_endpoint_slices() {
     };
     let want_west = |kube: &mut KubeEmulator, eps: Vec<(String, Option<String>)>| -> Result<(), String> {
         let s = slices(kube);
-        let w = s.get("db-west-0").ok_or("no db-west-0")?;
+        let w = s.get("db.west.0").ok_or("no db.west.0")?;
         if w["metadata"]["labels"] != labels("west") {
             return Err(format!("labels: {}", w["metadata"]["labels"]));
         }
@@ -582,7 +582,7 @@ async fn headless_imports_become_endpoint_slices() {
                 vec![ep("10.2.0.4", Some("db-0")), ep("10.2.0.5", None)],
             )?;
             let s = slices(&mut kube);
-            let so = s.get("db-south-0").ok_or("no db-south-0")?;
+            let so = s.get("db.south.0").ok_or("no db.south.0")?;
             if so["metadata"]["labels"] != labels("south") || endpoints_of(so) != vec![ep("10.3.0.7", None)] {
                 return Err(format!("south: {so}"));
             }
@@ -595,7 +595,7 @@ async fn headless_imports_become_endpoint_slices() {
     })
     .await;
     assert!(
-        slices(&mut kube)["db-west-0"]["metadata"]["labels"]
+        slices(&mut kube)["db.west.0"]["metadata"]["labels"]
             .get("kubernetes.io/service-name")
             .is_none(),
         "no derived Service to name"
@@ -647,8 +647,8 @@ async fn headless_imports_become_endpoint_slices() {
     eventually("west's backends in two slices", TIMEOUT, || {
         let s = slices(&mut kube);
         let sizes = (
-            s.get("db-west-0").map(|s| endpoints_of(s).len()),
-            s.get("db-west-1").map(|s| endpoints_of(s).len()),
+            s.get("db.west.0").map(|s| endpoints_of(s).len()),
+            s.get("db.west.1").map(|s| endpoints_of(s).len()),
         );
         let r = if sizes == (Some(100), Some(50)) {
             Ok(())
@@ -664,7 +664,7 @@ async fn headless_imports_become_endpoint_slices() {
     eventually("west's second slice deleted", TIMEOUT, || {
         let r = (|| {
             want_west(&mut kube, vec![ep("10.2.0.4", None)])?;
-            match slices(&mut kube).get("db-west-1") {
+            match slices(&mut kube).get("db.west.1") {
                 None => Ok(()),
                 Some(s) => Err(format!("still there: {s}")),
             }
@@ -702,7 +702,7 @@ async fn headless_imports_become_endpoint_slices() {
         .await
         .expect("delete");
     eventually("south's slice deleted", TIMEOUT, || {
-        let r = match slices(&mut kube).get("db-south-0") {
+        let r = match slices(&mut kube).get("db.south.0") {
             None => Ok(()),
             Some(s) => Err(format!("still there: {s}")),
         };
@@ -710,7 +710,7 @@ async fn headless_imports_become_endpoint_slices() {
     })
     .await;
     let s = slices(&mut kube);
-    assert!(s.contains_key("db-west-0"));
+    assert!(s.contains_key("db.west.0"));
     let mine = s.get("db-mine").expect("the user's slice stays");
     assert_eq!(mine["endpoints"], user_slice["endpoints"]);
     assert_eq!(mine["metadata"]["labels"], user_slice["metadata"]["labels"]);
