@@ -88,6 +88,7 @@ fn collection_path(o: &Value) -> String {
         "Service" => "services",
         "EndpointSlice" => "endpointslices",
         "ServiceExport" => "serviceexports",
+        "ServiceImport" => "serviceimports",
         "TrafficPolicy" => "trafficpolicies",
         "StagedRollout" => "stagedrollouts",
         "NetworkPolicy" => "networkpolicies",
@@ -1546,4 +1547,75 @@ async fn hostnames_of_pods_and_endpoint_slices_reach_the_model() {
         })
         .await;
     assert_eq!(s.state.pods[&key("db-0")].hostname.as_deref(), Some("db-0"));
+}
+
+fn service_import(name: &str, managed: bool, ips: &Value) -> Value {
+    let mut o = json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+           "metadata": {"name": name, "namespace": "shop"},
+           "spec": {"type": "ClusterSetIP", "ips": ips, "ports": [{"port": 80, "protocol": "TCP"}]}});
+    if managed {
+        o["metadata"]["labels"] = json!({"app.kubernetes.io/managed-by": "fleetmesh"});
+    }
+    o
+}
+
+/// The ClusterSetIPs of the ServiceImports the clustermesh-apiserver manages (`spec.ips`) reach the model, for the
+/// agents to answer and load-balance them; other ServiceImports do not count; a bad address is refused with its
+/// field, the previous one staying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_import_addresses_of_fleetmesh_reach_the_model() {
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    let api = service_import("api", true, &json!(["198.19.3.4"]));
+    em.create(&api);
+    em.create(&service_import("users", false, &json!(["198.19.9.9"])));
+    em.create(&service_import("bad", true, &json!(["not-an-ip"])));
+    let mut src = Source::start(&em, Scope::Cluster);
+    let s = src.until("initial lists", |s| s.generation >= 1).await;
+    let ips: Vec<(String, String)> = s
+        .state
+        .import_ips
+        .iter()
+        .map(|((_, n), ip)| (n.clone(), ip.to_string()))
+        .collect();
+    assert_eq!(ips, [("api".to_owned(), "198.19.3.4".to_owned())]);
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("ServiceImport shop/bad") && e.contains("spec.ips[0]")),
+        "{:?}",
+        s.errors
+    );
+    // Changed by the apiserver: followed; turned bad: the previous address stays.
+    em.patch(&api, &json!({"spec": {"ips": ["198.19.3.5"]}}));
+    let s = src
+        .until("new address", |s| {
+            s.state
+                .import_ips
+                .get(&key("api"))
+                .map(ToString::to_string)
+                .as_deref()
+                == Some("198.19.3.5")
+        })
+        .await;
+    assert_eq!(s.state.import_ips.len(), 1);
+    em.patch(&api, &json!({"spec": {"ips": [7]}}));
+    let s = src
+        .until("bad update reported", |s| {
+            s.errors.iter().any(|e| e.contains("ServiceImport shop/api"))
+        })
+        .await;
+    assert_eq!(
+        s.state
+            .import_ips
+            .get(&key("api"))
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("198.19.3.5")
+    );
+    // Deleted: gone from the model.
+    em.delete(&api);
+    let s = src.until("deleted", |s| s.state.import_ips.is_empty()).await;
+    assert!(s.state.import_ips.is_empty());
 }

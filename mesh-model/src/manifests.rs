@@ -93,6 +93,27 @@ struct MeshNetworkPolicyManifest {
 /// Namespace used when a namespaced object has none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// The MCS `ServiceImport`: fleetmesh reads the ClusterSetIP of those it manages.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceImportManifest {
+    api_version: String,
+    #[expect(
+        dead_code,
+        reason = "checked by the dispatcher, kept so the field is not refused as unknown"
+    )]
+    kind: String,
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<serde_json::Value>,
+    #[serde(default)]
+    #[expect(dead_code, reason = "status is written by controllers; accepted and ignored")]
+    status: Option<serde_json::Value>,
+}
+
+/// Label of the MCS objects fleetmesh writes (the clustermesh-apiserver's ServiceImports).
+pub const LABEL_MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "fleetmesh");
+
 /// One object from a manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
@@ -104,6 +125,13 @@ pub enum Object {
     ServiceExport {
         namespace: String,
         name: String,
+    },
+    /// An MCS API `ServiceImport` (multicluster.x-k8s.io/v1alpha1); `ip` is its `spec.ips[0]` when fleetmesh
+    /// manages it ([`LABEL_MANAGED_BY`]), `None` otherwise.
+    ServiceImport {
+        namespace: String,
+        name: String,
+        ip: Option<Ipv4Addr>,
     },
     /// A fleetmesh `TrafficPolicy` (fleetmesh.io/v1alpha1).
     TrafficPolicy(TrafficPolicy),
@@ -126,6 +154,7 @@ impl Object {
             Object::Pod(p) => format!("Pod {}/{}", p.namespace, p.name),
             Object::Service(s) => format!("Service {}/{}", s.namespace, s.name),
             Object::ServiceExport { namespace, name } => format!("ServiceExport {namespace}/{name}"),
+            Object::ServiceImport { namespace, name, .. } => format!("ServiceImport {namespace}/{name}"),
             Object::TrafficPolicy(t) => format!("TrafficPolicy {}/{}", t.namespace, t.name),
             Object::StagedRollout(r) => format!("StagedRollout {}/{}", r.namespace, r.name),
             Object::NetworkPolicy(p) => p.describe(),
@@ -349,6 +378,37 @@ fn object(mut ctx: Ctx<'_>, value: serde_json::Value) -> Result<Object, Manifest
             Object::ServiceExport {
                 namespace: namespace_of(&ctx, &e.metadata)?,
                 name: name_of(&ctx, &e.metadata)?,
+            }
+        }
+        "ServiceImport" => {
+            let i = typed::<ServiceImportManifest>(&ctx, value)?;
+            if i.api_version != MCS_API_VERSION {
+                return Err(ctx.err(
+                    Some("apiVersion"),
+                    format!(
+                        "{:?}: ServiceImport is served as {MCS_API_VERSION}",
+                        i.api_version
+                    ),
+                ));
+            }
+            let ours = i
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_MANAGED_BY.0))
+                .is_some_and(|v| v == LABEL_MANAGED_BY.1);
+            let ip = match i.spec.as_ref().map(|s| &s["ips"][0]) {
+                Some(v) if ours && !v.is_null() => Some(
+                    v.as_str()
+                        .and_then(|s| s.parse::<Ipv4Addr>().ok())
+                        .ok_or_else(|| ctx.err(Some("spec.ips[0]"), format!("{v} is not an IPv4 address")))?,
+                ),
+                _ => None,
+            };
+            Object::ServiceImport {
+                namespace: namespace_of(&ctx, &i.metadata)?,
+                name: name_of(&ctx, &i.metadata)?,
+                ip,
             }
         }
         "TrafficPolicy" => {
@@ -805,6 +865,11 @@ pub fn merge<'a>(
                 }
                 Object::ServiceExport { namespace, name } => {
                     state.exports.insert((namespace.clone(), name.clone()));
+                }
+                Object::ServiceImport { namespace, name, ip } => {
+                    if let Some(ip) = ip {
+                        state.import_ips.insert((namespace.clone(), name.clone()), *ip);
+                    }
                 }
                 Object::TrafficPolicy(t) => {
                     state

@@ -220,6 +220,11 @@ pub struct ClusterState {
     pub services: BTreeMap<(String, String), Service>,
     /// Services exported with an MCS `ServiceExport`, (namespace, name).
     pub exports: std::collections::BTreeSet<(String, String)>,
+    /// The ClusterSetIP (`spec.ips[0]`) of the MCS `ServiceImport`s fleetmesh manages (label
+    /// `app.kubernetes.io/managed-by: fleetmesh`, written by the clustermesh-apiserver), by (namespace, name): the
+    /// agents answer and load-balance that address (`--source kubernetes`).
+    #[serde(default)]
+    pub import_ips: BTreeMap<(String, String), Ipv4Addr>,
     /// `TrafficPolicy` objects, keyed by (namespace, name).
     pub traffic_policies: BTreeMap<(String, String), crate::traffic::TrafficPolicy>,
     /// `StagedRollout` objects, keyed by (namespace, name).
