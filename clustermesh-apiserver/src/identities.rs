@@ -273,6 +273,8 @@ mod tests {
                     protocol: Protocol::Tcp,
                 },
             ],
+            hostname: None,
+            subdomain: None,
         }
     }
 

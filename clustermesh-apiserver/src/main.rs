@@ -5,6 +5,7 @@ mod identities;
 mod kvstoremesh;
 mod mcs;
 mod publisher;
+mod slices;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -15,6 +15,9 @@
 //!   new ones by `mesh_model::clusterset::allocate`, the agents' choice too). Those it creates carry the label
 //!   `app.kubernetes.io/managed-by: fleetmesh` and are deleted when no cluster exports the service any more;
 //!   ServiceImports without that label are never touched.
+//! * Every headless import of ours gets the exporting peers' backends as EndpointSlices ([`crate::slices`]): for
+//!   each headless export of a peer, its reader also reads the peer's service record and backend slices of that
+//!   service; a refused one keeps the service's last good backends.
 //!
 //! Peers learn this cluster's exports from an export record that the publisher writes with the cluster's other
 //! records (`<prefix>/mcs/exports/v1/<cluster>/<ns>/<name>`, JSON [`ExportRecord`]: ports, headless, creation time
@@ -103,7 +106,7 @@ struct Peer {
     keys: Keys,
     client: Option<EtcdClient>,
     /// Last good listing.
-    exports: watch::Sender<Vec<ExportRecord>>,
+    exports: watch::Sender<Listing>,
     /// Woken when the listing changes.
     changed: Arc<Notify>,
 }
@@ -130,6 +133,7 @@ impl Peer {
         }
     }
 
+    /// Reads the peer's export records and, for its headless exports, the backends it publishes for them.
     #[instrument(skip_all, fields(cluster = %self.name))]
     async fn refresh(&mut self) -> anyhow::Result<()> {
         if self.client.is_none() {
@@ -167,15 +171,90 @@ impl Peer {
                 Err(e) => warn!(key, error = %e, "malformed export record; ignored"),
             }
         }
+        let previous = self.exports.borrow().headless.clone();
+        let mut headless = BTreeMap::new();
+        for e in exports.iter().filter(|e| e.headless) {
+            let id = (e.namespace.clone(), e.name.clone());
+            match self.backends_of(client, &e.namespace, &e.name).await {
+                Ok(Ok(Some(b))) => {
+                    headless.insert(id, b);
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(reason)) => {
+                    let n = REFUSED_RECORDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    // Bad input never loses what we had: the service's last good backends stay.
+                    warn!(namespace = %e.namespace, name = %e.name, reason, refused_total = n,
+                        "MCS: refused the peer's service record or backend slice; keeping its last backends");
+                    if let Some(old) = previous.get(&id) {
+                        headless.insert(id, old.clone());
+                    }
+                }
+                Err(err) => {
+                    self.client = None;
+                    return Err(err);
+                }
+            }
+        }
+        let listing = Listing { exports, headless };
         if self.exports.send_if_modified(|old| {
-            let changed = *old != exports;
-            *old = exports;
+            let changed = *old != listing;
+            *old = listing;
             changed
         }) {
             self.changed.notify_one();
         }
         Ok(())
     }
+
+    /// The backends the peer publishes for its service `ns/name` (service record and backend slices): `Ok(Ok(None))`
+    /// when it has no record, `Ok(Err(reason))` when a record or slice is refused, `Err` when etcd fails.
+    async fn backends_of(
+        &self,
+        client: &EtcdClient,
+        ns: &str,
+        name: &str,
+    ) -> anyhow::Result<Result<Option<crate::slices::PeerBackends>, String>> {
+        let key = self.keys.service(&self.name, ns, name);
+        let got = client
+            .kv_client()
+            .get(key.as_str(), None)
+            .await
+            .with_context(|| format!("reading {key}"))?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(Ok(None));
+        };
+        let rec = match mesh_kvstore::decode_service(&key, &self.name, ns, name, kv.value()) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let prefix = format!("{}{ns}/{name}/", self.keys.backend_slices_prefix(&self.name));
+        let (listed, _) = mesh_kvstore::etcd::list_paged(client, &prefix)
+            .await
+            .with_context(|| format!("listing {prefix}"))?;
+        let mut backends = rec.backends;
+        for (k, v) in listed {
+            let Some(index) = k.strip_prefix(&prefix).and_then(|i| i.parse::<u32>().ok()) else {
+                return Ok(Err(format!("{k}: not a backend slice key")));
+            };
+            match mesh_kvstore::decode_backend_slice(&k, &self.name, ns, name, index, &v) {
+                Ok(slice) => backends.extend(slice.backends),
+                Err(e) => return Ok(Err(e.to_string())),
+            }
+        }
+        let hostnames = rec.mcs.map(|m| m.hostnames).unwrap_or_default();
+        Ok(Ok(Some(crate::slices::PeerBackends::new(backends, hostnames))))
+    }
+}
+
+/// Peers' service records and backend slices refused so far (bad input; the last good backends were kept).
+pub static REFUSED_RECORDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// What a peer's reader last listed: its export records and, for its headless exports, its backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub exports: Vec<ExportRecord>,
+    /// (namespace, name) → the backends of the peer's service record of a headless export.
+    pub headless: BTreeMap<(String, String), crate::slices::PeerBackends>,
 }
 
 /// Aborts its task when dropped.
@@ -191,7 +270,7 @@ impl Drop for AbortOnDrop {
 struct RunningPeer {
     cfg: RemoteConfig,
     /// Its last good listing.
-    exports: watch::Receiver<Vec<ExportRecord>>,
+    exports: watch::Receiver<Listing>,
     /// The reader; stopped when the peer is dropped.
     _task: AbortOnDrop,
 }
@@ -283,7 +362,7 @@ impl Controller {
             }
             info!(cluster = %name, endpoints = ?cfg.endpoints, "MCS: reading the exports of cluster");
             let keys = cfg.prefix.as_deref().map_or_else(|| self.keys.clone(), Keys::new);
-            let (tx, rx) = watch::channel(Vec::new());
+            let (tx, rx) = watch::channel(Listing::default());
             let reader = Peer {
                 name: name.clone(),
                 cfg: cfg.clone(),
@@ -418,7 +497,19 @@ impl Controller {
         let peers: Vec<ExportRecord> = self
             .peers
             .values()
-            .flat_map(|p| p.exports.borrow().clone())
+            .flat_map(|p| p.exports.borrow().exports.clone())
+            .collect();
+        let peer_backends: BTreeMap<(String, String, String), crate::slices::PeerBackends> = self
+            .peers
+            .iter()
+            .flat_map(|(c, p)| {
+                p.exports
+                    .borrow()
+                    .headless
+                    .iter()
+                    .map(|((ns, n), b)| ((c.clone(), ns.clone(), n.clone()), b.clone()))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         let mut by_service: BTreeMap<(String, String), Vec<ExportRecord>> = BTreeMap::new();
         for e in locals
@@ -449,13 +540,14 @@ impl Controller {
                 }
             }
         }
-        self.sync_imports(&by_service).await
+        self.sync_imports(&by_service, &peer_backends).await
     }
 
     #[instrument(skip_all, fields(services = by_service.len()))]
     async fn sync_imports(
         &self,
         by_service: &BTreeMap<(String, String), Vec<ExportRecord>>,
+        peer_backends: &BTreeMap<(String, String, String), crate::slices::PeerBackends>,
     ) -> anyhow::Result<()> {
         let si_ar = ar("ServiceImport", "serviceimports");
         let lp = ListParams::default();
@@ -575,6 +667,17 @@ impl Controller {
                 }
             }
         }
+        // Headless imports of ours: the exporting peers' backends as EndpointSlices (crate::slices).
+        let headless: BTreeMap<(String, String), BTreeSet<String>> = by_service
+            .iter()
+            .filter(|((ns, _), exports)| {
+                namespaces.contains(ns) && exports.first().is_some_and(|w| w.headless)
+            })
+            .filter(|(k, _)| existing.get(*k).is_none_or(|o| ours(o)))
+            .map(|(k, exports)| (k.clone(), exports.iter().map(|e| e.cluster.clone()).collect()))
+            .collect();
+        let slices = crate::slices::wanted(&self.cluster, &headless, peer_backends);
+        let slices_result = crate::slices::sync(&self.client, &slices).await;
         for ((ns, name), o) in &existing {
             if ours(o) && !by_service.contains_key(&(ns.clone(), name.clone())) {
                 let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &si_ar);
@@ -587,7 +690,7 @@ impl Controller {
                 }
             }
         }
-        Ok(())
+        slices_result
     }
 }
 

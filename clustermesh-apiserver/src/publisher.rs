@@ -171,6 +171,7 @@ impl Publisher {
                 port,
                 protocol,
             };
+            let endpoints = service::endpoints(state, svc);
             let mut rec = ServiceRecord {
                 cluster: self.cluster.clone(),
                 cluster_id: self.cluster_id,
@@ -181,8 +182,8 @@ impl Publisher {
                     .iter()
                     .map(|p| port(p.name.as_deref().unwrap_or_default(), p.port, p.protocol))
                     .collect(),
-                backends: service::endpoints(state, svc)
-                    .into_iter()
+                backends: endpoints
+                    .iter()
                     .map(|e| BackendRecord {
                         ipv4: e.ipv4,
                         ports: e
@@ -194,9 +195,23 @@ impl Publisher {
                     })
                     .collect(),
                 // What the clusterset DNS and the ClusterSetIP imports of the peers need (docs/clusterset-dns.md).
+                // Hostnames (pod `spec.hostname` under `spec.subdomain`, EndpointSlice `hostname`) are DNS labels
+                // already (the sources refuse others): peers would refuse the whole record for one that is not.
                 mcs: exported.then(|| mesh_kvstore::McsRecord {
                     headless: svc.cluster_ipv4.is_none(),
-                    hostnames: std::collections::BTreeMap::new(),
+                    hostnames: endpoints
+                        .iter()
+                        .filter_map(|e| {
+                            let h = e.hostname.as_ref()?;
+                            if mesh_kvstore::is_dns_label(h) {
+                                Some((e.ipv4, h.clone()))
+                            } else {
+                                warn!(service = %format!("{}/{}", svc.namespace, svc.name), hostname = %h,
+                                    "hostname is not a DNS label; not published");
+                                None
+                            }
+                        })
+                        .collect(),
                 }),
             };
             // A large service: its backends in bounded slices, each backend staying in its slice.

@@ -438,3 +438,410 @@ async fn peers_added_and_removed_at_run_time_are_followed() {
     .await;
     assert!(import(&mut kube, "cart").is_some());
 }
+
+const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices";
+
+/// A peer's service record of headless shop/db with backends `ips` (10.x.0.`last`, port 5432) and `hostnames`.
+fn db_record(cluster: &str, id: u16, ips: &[[u8; 4]], hostnames: &[([u8; 4], &str)]) -> String {
+    let ip = |a: &[u8; 4]| std::net::Ipv4Addr::from(*a).to_string();
+    json!({
+        "cluster": cluster, "clusterId": id, "namespace": "shop", "name": "db",
+        "ports": [{"name": "sql", "port": 5432, "protocol": "TCP"}],
+        "backends": ips.iter().map(|a| json!({"ipv4": ip(a), "ports": [{"name": "sql", "port": 5432, "protocol": "TCP"}], "weight": 1})).collect::<Vec<_>>(),
+        "mcs": {"headless": true, "hostnames": hostnames.iter().map(|(a, h)| (ip(a), json!(h))).collect::<serde_json::Map<_, _>>()},
+    })
+    .to_string()
+}
+
+fn db_export(cluster: &str) -> String {
+    json!({"cluster": cluster, "namespace": "shop", "name": "db", "exportedMs": 1_700_000_000_000_u64,
+           "headless": true, "ports": [{"name": "sql", "port": 5432, "protocol": "TCP"}]})
+    .to_string()
+}
+
+/// Every EndpointSlice of namespace shop, by name.
+fn slices(kube: &mut KubeEmulator) -> std::collections::BTreeMap<String, Value> {
+    get(kube, SLICES)["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| Some((s["metadata"]["name"].as_str()?.to_owned(), s.clone())))
+        .collect()
+}
+
+/// (address, hostname) of every endpoint of a slice.
+fn endpoints_of(slice: &Value) -> Vec<(String, Option<String>)> {
+    slice["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["addresses"][0].as_str().unwrap_or_default().to_owned(),
+                e["hostname"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+fn slice_writes(kube: &mut KubeEmulator) -> usize {
+    kube.command(&json!({"op": "requests"}))["requests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["method"] != "GET" && r["path"].as_str().is_some_and(|p| p.contains("endpointslices")))
+        .count()
+}
+
+/// Headless imports with `--source kubernetes`: each exporting peer's ready backends become EndpointSlices of the
+/// importing cluster, labelled per the MCS API, rewritten only on change, bounded, deleted with the export; slices
+/// fleetmesh does not manage are left alone and refused peer records keep the slices as they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn headless_imports_become_endpoint_slices() {
+    let etcd = Etcd::start().await;
+    let west = Etcd::start().await;
+    let south = Etcd::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peers = dir.path().join("peers");
+    std::fs::create_dir(&peers).expect("peers dir");
+    std::fs::write(peers.join("west"), format!("endpoints: [\"{}\"]\n", west.url())).expect("peer file");
+    std::fs::write(peers.join("south"), format!("endpoints: [\"{}\"]\n", south.url())).expect("peer file");
+    let mut wc = west.client().await;
+    let mut sc = south.client().await;
+    let west_key = "fleetmesh/state/services/v1/west/shop/db";
+    wc.put("fleetmesh/mcs/exports/v1/west/shop/db", db_export("west"), None)
+        .await
+        .expect("put");
+    wc.put(
+        west_key,
+        db_record(
+            "west",
+            2,
+            &[[10, 2, 0, 4], [10, 2, 0, 5]],
+            &[([10, 2, 0, 4], "db-0")],
+        ),
+        None,
+    )
+    .await
+    .expect("put");
+    sc.put("fleetmesh/mcs/exports/v1/south/shop/db", db_export("south"), None)
+        .await
+        .expect("put");
+    sc.put(
+        "fleetmesh/state/services/v1/south/shop/db",
+        db_record("south", 3, &[[10, 3, 0, 7]], &[]),
+        None,
+    )
+    .await
+    .expect("put");
+
+    let mut kube = KubeEmulator::start(&[]);
+    create(
+        &mut kube,
+        "/api/v1/namespaces",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+    );
+    // Someone else's slice for the same service: never touched.
+    let user_slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "db-mine", "namespace": "shop",
+                     "labels": {"multicluster.kubernetes.io/service-name": "db",
+                                "multicluster.kubernetes.io/source-cluster": "west",
+                                "endpointslice.kubernetes.io/managed-by": "someone-else"}},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["10.9.9.9"]}], "ports": []});
+    create(&mut kube, SLICES, &user_slice);
+    let _api = start_apiserver(dir.path(), kube.port, &etcd.url(), &peers);
+
+    let labels = |cluster: &str| {
+        json!({"multicluster.kubernetes.io/service-name": "db",
+               "multicluster.kubernetes.io/source-cluster": cluster,
+               "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.fleetmesh.io"})
+    };
+    let want_west = |kube: &mut KubeEmulator, eps: Vec<(String, Option<String>)>| -> Result<(), String> {
+        let s = slices(kube);
+        let w = s.get("db.west.0").ok_or("no db.west.0")?;
+        if w["metadata"]["labels"] != labels("west") {
+            return Err(format!("labels: {}", w["metadata"]["labels"]));
+        }
+        if w["addressType"] != "IPv4"
+            || w["ports"] != json!([{"name": "sql", "port": 5432, "protocol": "TCP"}])
+        {
+            return Err(format!("{w}"));
+        }
+        let got = endpoints_of(w);
+        if got == eps {
+            Ok(())
+        } else {
+            Err(format!("west endpoints {got:?}"))
+        }
+    };
+    let ep = |ip: &str, h: Option<&str>| (ip.to_owned(), h.map(str::to_owned));
+    eventually("a slice per exporting cluster", TIMEOUT, || {
+        let r = (|| {
+            want_west(
+                &mut kube,
+                vec![ep("10.2.0.4", Some("db-0")), ep("10.2.0.5", None)],
+            )?;
+            let s = slices(&mut kube);
+            let so = s.get("db.south.0").ok_or("no db.south.0")?;
+            if so["metadata"]["labels"] != labels("south") || endpoints_of(so) != vec![ep("10.3.0.7", None)] {
+                return Err(format!("south: {so}"));
+            }
+            if import(&mut kube, "db").is_none_or(|i| i["spec"]["type"] != "Headless") {
+                return Err("no headless ServiceImport db".into());
+            }
+            Ok(())
+        })();
+        async move { r }
+    })
+    .await;
+    assert!(
+        slices(&mut kube)["db.west.0"]["metadata"]["labels"]
+            .get("kubernetes.io/service-name")
+            .is_none(),
+        "no derived Service to name"
+    );
+
+    // Nothing changes: nothing written.
+    let before = slice_writes(&mut kube);
+    let shared = std::sync::Mutex::new(kube);
+    stays("no slice writes without a change", Duration::from_secs(1), || {
+        let now = slice_writes(&mut shared.lock().expect("lock"));
+        async move {
+            if now == before {
+                Ok(())
+            } else {
+                Err(format!("{} more writes", now - before))
+            }
+        }
+    })
+    .await;
+    let mut kube = shared.into_inner().expect("lock");
+
+    // A backend changes in west: its slice follows.
+    wc.put(
+        west_key,
+        db_record(
+            "west",
+            2,
+            &[[10, 2, 0, 4], [10, 2, 0, 6]],
+            &[([10, 2, 0, 4], "db-0")],
+        ),
+        None,
+    )
+    .await
+    .expect("put");
+    eventually("west's slice updated", TIMEOUT, || {
+        let r = want_west(
+            &mut kube,
+            vec![ep("10.2.0.4", Some("db-0")), ep("10.2.0.6", None)],
+        );
+        async move { r }
+    })
+    .await;
+
+    // 150 backends: two slices of at most 100; back to one backend: the second goes.
+    let many: Vec<[u8; 4]> = (1..=150).map(|i| [10, 2, 1, i]).collect();
+    wc.put(west_key, db_record("west", 2, &many, &[]), None)
+        .await
+        .expect("put");
+    eventually("west's backends in two slices", TIMEOUT, || {
+        let s = slices(&mut kube);
+        let sizes = (
+            s.get("db.west.0").map(|s| endpoints_of(s).len()),
+            s.get("db.west.1").map(|s| endpoints_of(s).len()),
+        );
+        let r = if sizes == (Some(100), Some(50)) {
+            Ok(())
+        } else {
+            Err(format!("{sizes:?}"))
+        };
+        async move { r }
+    })
+    .await;
+    wc.put(west_key, db_record("west", 2, &[[10, 2, 0, 4]], &[]), None)
+        .await
+        .expect("put");
+    eventually("west's second slice deleted", TIMEOUT, || {
+        let r = (|| {
+            want_west(&mut kube, vec![ep("10.2.0.4", None)])?;
+            match slices(&mut kube).get("db.west.1") {
+                None => Ok(()),
+                Some(s) => Err(format!("still there: {s}")),
+            }
+        })();
+        async move { r }
+    })
+    .await;
+
+    // Bad input from west (a hostname that is not a DNS label; then not JSON): refused, its slice stays as it was.
+    for bad in [
+        db_record("west", 2, &[[10, 2, 0, 8]], &[([10, 2, 0, 8], "Not_A_Label")]),
+        "{not json".to_owned(),
+    ] {
+        wc.put(west_key, bad, None).await.expect("put");
+        let shared = std::sync::Mutex::new(kube);
+        stays(
+            "west's slice kept after a refused record",
+            Duration::from_secs(1),
+            || {
+                let r = want_west(&mut shared.lock().expect("lock"), vec![ep("10.2.0.4", None)]);
+                async move { r }
+            },
+        )
+        .await;
+        kube = shared.into_inner().expect("lock");
+    }
+    let log = std::fs::read_to_string(&_api.log).unwrap_or_default();
+    assert!(
+        log.contains("refused the peer's service record") && log.contains("not a DNS label"),
+        "the refusal is logged with its reason"
+    );
+
+    // South withdraws its export: its slice goes; west's and the user's stay.
+    sc.delete("fleetmesh/mcs/exports/v1/south/shop/db", None)
+        .await
+        .expect("delete");
+    eventually("south's slice deleted", TIMEOUT, || {
+        let r = match slices(&mut kube).get("db.south.0") {
+            None => Ok(()),
+            Some(s) => Err(format!("still there: {s}")),
+        };
+        async move { r }
+    })
+    .await;
+    let s = slices(&mut kube);
+    assert!(s.contains_key("db.west.0"));
+    let mine = s.get("db-mine").expect("the user's slice stays");
+    assert_eq!(mine["endpoints"], user_slice["endpoints"]);
+    assert_eq!(mine["metadata"]["labels"], user_slice["metadata"]["labels"]);
+
+    // West withdraws too: no cluster exports db, every slice of ours goes, the user's stays.
+    wc.delete("fleetmesh/mcs/exports/v1/west/shop/db", None)
+        .await
+        .expect("delete");
+    eventually("every slice of ours deleted", TIMEOUT, || {
+        let names: Vec<String> = slices(&mut kube).into_keys().collect();
+        let r = if names == ["db-mine"] {
+            Ok(())
+        } else {
+            Err(format!("{names:?}"))
+        };
+        async move { r }
+    })
+    .await;
+    let writes = kube.command(&json!({"op": "requests"}))["requests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["method"] != "GET" && r["path"].as_str().is_some_and(|p| p.ends_with("/db-mine")))
+        .count();
+    assert_eq!(writes, 0, "the user's slice was never written");
+}
+
+/// `spec.ips` of the ServiceImports: an address a ServiceImport of ours already holds is kept (what a restarted
+/// apiserver reads back), also when the allocator would choose another one; the import gone, the address is
+/// released, and the service exported again gets the allocator's choice.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_set_ips_are_read_back_kept_and_released() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let peers = dir.path().join("peers");
+    std::fs::create_dir(&peers).expect("peers dir");
+    let mut kube = KubeEmulator::start(&[]);
+    create(
+        &mut kube,
+        "/api/v1/namespaces",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+    );
+    let http = json!([{"name": "http", "port": 80, "protocol": "TCP"}]);
+    service(&mut kube, "cart", &http, "10.96.0.10");
+    service(&mut kube, "pay", &http, "10.96.0.11");
+    export(&mut kube, "cart", "2025-11-01T00:00:00Z");
+    export(&mut kube, "pay", "2025-11-01T00:00:00Z");
+    // An earlier run's ServiceImport of cart, holding an address the allocator would not choose first.
+    let held = "198.19.77.77";
+    create(
+        &mut kube,
+        &format!("{MCS}/namespaces/shop/serviceimports"),
+        &json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+               "metadata": {"name": "cart", "namespace": "shop", "labels": {"app.kubernetes.io/managed-by": "fleetmesh"}},
+               "spec": {"type": "ClusterSetIP", "ips": [held],
+                        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
+    );
+    let ips = |kube: &mut KubeEmulator, name: &str| import(kube, name).map(|i| i["spec"]["ips"].clone());
+    let fresh = {
+        let _api = start_apiserver(dir.path(), kube.port, &etcd.url(), &peers);
+        eventually("pay gets an address, cart keeps its own", TIMEOUT, || {
+            let r = match (ips(&mut kube, "cart"), ips(&mut kube, "pay")) {
+                (Some(c), Some(p)) if c == json!([held]) && p.as_array().is_some_and(|a| a.len() == 1) => {
+                    Ok(p)
+                }
+                other => Err(format!("{other:?}")),
+            };
+            async move { r }
+        })
+        .await
+    };
+    // A restart: both keep theirs.
+    let _api = start_apiserver(dir.path(), kube.port, &etcd.url(), &peers);
+    let shared = std::sync::Mutex::new(kube);
+    stays("addresses kept across a restart", Duration::from_secs(1), || {
+        let mut k = shared.lock().expect("lock");
+        let r = match (ips(&mut k, "cart"), ips(&mut k, "pay")) {
+            (Some(c), Some(p)) if c == json!([held]) && p == fresh => Ok(()),
+            other => Err(format!("{other:?}")),
+        };
+        async move { r }
+    })
+    .await;
+    let mut kube = shared.into_inner().expect("lock");
+    // cart's export goes: its ServiceImport and address go.
+    kube.command(&json!({"op": "delete", "path": format!("{MCS}/namespaces/shop/serviceexports/cart")}));
+    eventually("cart's ServiceImport deleted", TIMEOUT, || {
+        let r = match import(&mut kube, "cart") {
+            None => Ok(()),
+            Some(si) => Err(format!("still there: {si}")),
+        };
+        async move { r }
+    })
+    .await;
+    // Exported again: the allocator's choice (the hash of shop/cart), not the released address.
+    export(&mut kube, "cart", "2025-11-02T00:00:00Z");
+    let want = mesh_model::clusterset::allocate(
+        "198.19.0.0/16".parse().expect("range"),
+        &[
+            ("shop".to_owned(), "cart".to_owned()),
+            ("shop".to_owned(), "pay".to_owned()),
+        ]
+        .into_iter()
+        .collect(),
+        &[(
+            ("shop".to_owned(), "pay".to_owned()),
+            fresh[0]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .expect("pay's address"),
+        )]
+        .into_iter()
+        .collect(),
+    )
+    .expect("the range has room");
+    let want_cart = want
+        .get(&("shop".to_owned(), "cart".to_owned()))
+        .expect("an address")
+        .to_string();
+    assert_ne!(want_cart, held);
+    eventually(
+        "cart imported again with the allocator's address",
+        TIMEOUT,
+        || {
+            let r = match ips(&mut kube, "cart") {
+                Some(c) if c == json!([want_cart]) => Ok(()),
+                other => Err(format!("{other:?}")),
+            };
+            async move { r }
+        },
+    )
+    .await;
+    assert_eq!(ips(&mut kube, "pay"), Some(fresh), "pay keeps its address");
+}

@@ -76,7 +76,22 @@ impl Imports {
             .filter(|i| !i.headless)
             .map(|i| (i.namespace.clone(), i.name.clone()))
             .collect();
-        let (got, left) = clusterset::allocate_partial(self.range, &wanted, &self.allocated);
+        // The addresses of the cluster's ServiceImports (`spec.ips`, written by the clustermesh-apiserver; with
+        // `--source kubernetes`) win over this agent's own choices, so that every node answers what the
+        // ServiceImport says, also after a collision resolved in another order; one outside the range is ignored.
+        let mut existing: BTreeMap<ServiceKey, Ipv4Addr> = local
+            .import_ips
+            .iter()
+            .filter(|(k, ip)| wanted.contains(*k) && self.range.contains(*ip))
+            .map(|(k, ip)| (k.clone(), *ip))
+            .collect();
+        let claimed: BTreeSet<Ipv4Addr> = existing.values().copied().collect();
+        for (k, ip) in &self.allocated {
+            if !existing.contains_key(k) && !claimed.contains(ip) {
+                existing.insert(k.clone(), *ip);
+            }
+        }
+        let (got, left) = clusterset::allocate_partial(self.range, &wanted, &existing);
         if !left.is_empty() && !self.full_warned {
             warn!(range = %self.range, unallocated = left.len(), "the clusterset range is full: some imports get no ClusterSetIP");
         }
@@ -267,6 +282,47 @@ pub(crate) mod tests {
                 .collect(),
             mcs,
         }
+    }
+
+    /// With `--source kubernetes` the ServiceImports' `spec.ips` win over the agent's own choices (also one that
+    /// another import holds here); an address outside the range is ignored.
+    #[test]
+    fn service_import_addresses_win() {
+        let remotes: BTreeMap<String, RemoteCluster> = [(
+            "west".to_owned(),
+            remote(
+                "west",
+                2,
+                vec![
+                    record("west", "api", Some(McsRecord::default()), &[[10, 2, 0, 5]]),
+                    record("west", "web", Some(McsRecord::default()), &[[10, 2, 0, 6]]),
+                ],
+            ),
+        )]
+        .into();
+        let mut local = ClusterState::default();
+        let mut imports = Imports::new("198.19.0.0/16".parse().unwrap());
+        let ip = |got: &[Import], name: &str| got.iter().find(|i| i.name == name).and_then(|i| i.ip);
+        let got = imports.update("east", &local, &remotes);
+        let api0 = ip(&got, "api").unwrap();
+        assert!(ip(&got, "web").is_some());
+        // The ServiceImport of web says api's address; api's says another one.
+        let other = Ipv4Addr::new(198, 19, 200, 1);
+        local.import_ips.insert(("demo".into(), "web".into()), api0);
+        local.import_ips.insert(("demo".into(), "api".into()), other);
+        let got = imports.update("east", &local, &remotes);
+        assert_eq!((ip(&got, "api"), ip(&got, "web")), (Some(other), Some(api0)));
+        // Out of the range: ignored, the agent's choice stays.
+        local
+            .import_ips
+            .insert(("demo".into(), "api".into()), Ipv4Addr::new(10, 0, 0, 1));
+        let got = imports.update("east", &local, &remotes);
+        assert_eq!(ip(&got, "web"), Some(api0));
+        let api = ip(&got, "api").unwrap();
+        assert!(imports.range.contains(&api) && api != api0, "{api}");
+        // No ServiceImports: the agent keeps what it has.
+        local.import_ips.clear();
+        assert_eq!(imports.update("east", &local, &remotes), got);
     }
 
     #[test]

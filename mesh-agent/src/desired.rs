@@ -365,6 +365,8 @@ mod tests {
             node_name: Some(node.into()),
             ipv4: ip.map(Ipv4Addr::from),
             ports: vec![],
+            hostname: None,
+            subdomain: None,
         };
         for p in [
             mk("a", "east-node-1", Some([10, 1, 0, 2]), Some("fmabc")),

@@ -610,6 +610,8 @@ mod tests {
                     port: 8080,
                     protocol: Protocol::Tcp,
                 }],
+                hostname: None,
+                subdomain: None,
             };
             st.pods.insert(("demo".into(), p.name.clone()), p);
         }
@@ -955,6 +957,7 @@ mod tests {
                 name: pod.into(),
             }),
             zone: None,
+            hostname: None,
         };
         st.endpoint_slices.insert(
             ("demo".into(), "echo-1".into()),

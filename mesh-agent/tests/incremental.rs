@@ -367,6 +367,8 @@ impl World {
                         port: 8080,
                         protocol: Protocol::Tcp,
                     }],
+                    hostname: None,
+                    subdomain: None,
                 };
                 if *present {
                     st.pods.insert(("demo".into(), pod.name.clone()), pod);

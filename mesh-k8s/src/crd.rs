@@ -241,6 +241,42 @@ impl kube::Resource for ServiceExport {
     }
 }
 
+/// The MCS API's `ServiceImport` (`multicluster.x-k8s.io/v1alpha1`): not fleetmesh's CRD either, typed here for its
+/// API path. The agents read the `spec.ips` of those the clustermesh-apiserver manages (the manifest rules).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceImport {
+    pub metadata: ObjectMeta,
+}
+
+impl kube::Resource for ServiceImport {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "ServiceImport".into()
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        "multicluster.x-k8s.io".into()
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1alpha1".into()
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        "serviceimports".into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// The chart's CRD files: (file name, YAML), in a stable order.
 ///
 /// # Errors

@@ -157,6 +157,7 @@ enum Kind {
     Service,
     EndpointSlice,
     ServiceExport,
+    ServiceImport,
     TrafficPolicy,
     StagedRollout,
     NetworkPolicy,
@@ -164,13 +165,14 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 10] = [
+    const ALL: [Kind; 11] = [
         Kind::Node,
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::ServiceExport,
+        Kind::ServiceImport,
         Kind::TrafficPolicy,
         Kind::StagedRollout,
         Kind::NetworkPolicy,
@@ -184,6 +186,7 @@ impl Kind {
     fn custom(self) -> bool {
         match self {
             Kind::ServiceExport
+            | Kind::ServiceImport
             | Kind::TrafficPolicy
             | Kind::StagedRollout
             | Kind::NetworkPolicy
@@ -204,6 +207,7 @@ impl Kind {
             | Kind::Service
             | Kind::EndpointSlice
             | Kind::ServiceExport
+            | Kind::ServiceImport
             | Kind::NetworkPolicy => None,
         }
     }
@@ -448,6 +452,11 @@ fn insert(state: &mut ClusterState, o: Object) {
         Object::ServiceExport { namespace, name } => {
             state.exports.insert((namespace, name));
         }
+        Object::ServiceImport { namespace, name, ip } => {
+            if let Some(ip) = ip {
+                state.import_ips.insert((namespace, name), ip);
+            }
+        }
         Object::TrafficPolicy(t) => {
             state
                 .traffic_policies
@@ -632,6 +641,14 @@ async fn run(
         Api::<Lenient<crd::ServiceExport>>::all(client.clone()),
         config(),
         Kind::ServiceExport,
+        shared.clone(),
+        custom,
+    ));
+    // The ClusterSetIPs the clustermesh-apiserver wrote (`spec.ips` of its ServiceImports).
+    tasks.spawn(watch_kind(
+        Api::<Lenient<crd::ServiceImport>>::all(client.clone()),
+        config(),
+        Kind::ServiceImport,
         shared.clone(),
         custom,
     ));

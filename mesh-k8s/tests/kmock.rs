@@ -88,6 +88,7 @@ fn collection_path(o: &Value) -> String {
         "Service" => "services",
         "EndpointSlice" => "endpointslices",
         "ServiceExport" => "serviceexports",
+        "ServiceImport" => "serviceimports",
         "TrafficPolicy" => "trafficpolicies",
         "StagedRollout" => "stagedrollouts",
         "NetworkPolicy" => "networkpolicies",
@@ -1470,4 +1471,151 @@ async fn apiserver_coalesces_node_changes_into_one_summary_patch() {
     .await;
     assert!(!task.is_finished());
     task.abort();
+}
+
+/// Pod hostnames (clusterset DNS, `<hostname>.<clusterid>.<svc>.<ns>.svc.clusterset.local`): a pod's
+/// `spec.hostname`/`spec.subdomain` and an EndpointSlice endpoint's `hostname` reach the model and the service's
+/// endpoints; a hostname that is not a DNS label is refused with its field, and a good pod turned bad keeps its
+/// previous version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostnames_of_pods_and_endpoint_slices_reach_the_model() {
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    let mut named = pod("db-0", "n1", "10.1.1.9");
+    named["spec"]["hostname"] = json!("db-0");
+    named["spec"]["subdomain"] = json!("api");
+    em.create(&named);
+    let mut bad = pod("db-1", "n1", "10.1.1.10");
+    bad["spec"]["hostname"] = json!("DB_1");
+    em.create(&bad);
+    let mut slice = endpoint_slice("api-h", &[("10.1.1.5", true, Some("p1"))]);
+    slice["endpoints"][0]["hostname"] = json!("p1");
+    em.create(&slice);
+    let mut src = Source::start(&em, Scope::Cluster);
+
+    let s = src.until("initial lists", |s| s.generation >= 1).await;
+    let p = &s.state.pods[&key("db-0")];
+    assert_eq!(
+        (p.hostname.as_deref(), p.subdomain.as_deref()),
+        (Some("db-0"), Some("api"))
+    );
+    assert!(
+        !s.state.pods.contains_key(&key("db-1")),
+        "a pod with a bad hostname is refused"
+    );
+    assert!(
+        s.errors.iter().any(|e| e.contains("Pod shop/db-1")
+            && e.contains("spec.hostname")
+            && e.contains("not a DNS label")),
+        "{:?}",
+        s.errors
+    );
+    assert_eq!(
+        s.state.endpoint_slices[&key("api-h")].endpoints[0]
+            .hostname
+            .as_deref(),
+        Some("p1")
+    );
+    let svc = &s.state.services[&key("api")];
+    let hosts: Vec<(String, Option<String>)> = mesh_model::service::endpoints(&s.state, svc)
+        .into_iter()
+        .map(|e| (e.ipv4.to_string(), e.hostname))
+        .collect();
+    assert_eq!(hosts, [("10.1.1.5".to_owned(), Some("p1".to_owned()))]);
+
+    // Without slices the selector decides, and a pod's hostname counts under its subdomain (the service).
+    em.delete(&slice);
+    let s = src
+        .until("slice deleted", |s| s.state.endpoint_slices.is_empty())
+        .await;
+    let svc = &s.state.services[&key("api")];
+    let named_eps: Vec<(String, String)> = mesh_model::service::endpoints(&s.state, svc)
+        .into_iter()
+        .filter_map(|e| Some((e.ipv4.to_string(), e.hostname?)))
+        .collect();
+    assert_eq!(named_eps, [("10.1.1.9".to_owned(), "db-0".to_owned())]);
+
+    // db-0's hostname turned bad: refused, the previous version stays.
+    em.patch(
+        &named,
+        &json!({"metadata": {"labels": {"app": "api", "v": "2"}}, "spec": {"hostname": "-db"}}),
+    );
+    let s = src
+        .until("bad update reported", |s| {
+            s.errors.iter().any(|e| e.contains("Pod shop/db-0"))
+        })
+        .await;
+    assert_eq!(s.state.pods[&key("db-0")].hostname.as_deref(), Some("db-0"));
+}
+
+fn service_import(name: &str, managed: bool, ips: &Value) -> Value {
+    let mut o = json!({"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+           "metadata": {"name": name, "namespace": "shop"},
+           "spec": {"type": "ClusterSetIP", "ips": ips, "ports": [{"port": 80, "protocol": "TCP"}]}});
+    if managed {
+        o["metadata"]["labels"] = json!({"app.kubernetes.io/managed-by": "fleetmesh"});
+    }
+    o
+}
+
+/// The ClusterSetIPs of the ServiceImports the clustermesh-apiserver manages (`spec.ips`) reach the model, for the
+/// agents to answer and load-balance them; other ServiceImports do not count; a bad address is refused with its
+/// field, the previous one staying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_import_addresses_of_fleetmesh_reach_the_model() {
+    init_tracing();
+    let mut em = Emulator::start();
+    seed(&mut em);
+    let api = service_import("api", true, &json!(["198.19.3.4"]));
+    em.create(&api);
+    em.create(&service_import("users", false, &json!(["198.19.9.9"])));
+    em.create(&service_import("bad", true, &json!(["not-an-ip"])));
+    let mut src = Source::start(&em, Scope::Cluster);
+    let s = src.until("initial lists", |s| s.generation >= 1).await;
+    let ips: Vec<(String, String)> = s
+        .state
+        .import_ips
+        .iter()
+        .map(|((_, n), ip)| (n.clone(), ip.to_string()))
+        .collect();
+    assert_eq!(ips, [("api".to_owned(), "198.19.3.4".to_owned())]);
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("ServiceImport shop/bad") && e.contains("spec.ips[0]")),
+        "{:?}",
+        s.errors
+    );
+    // Changed by the apiserver: followed; turned bad: the previous address stays.
+    em.patch(&api, &json!({"spec": {"ips": ["198.19.3.5"]}}));
+    let s = src
+        .until("new address", |s| {
+            s.state
+                .import_ips
+                .get(&key("api"))
+                .map(ToString::to_string)
+                .as_deref()
+                == Some("198.19.3.5")
+        })
+        .await;
+    assert_eq!(s.state.import_ips.len(), 1);
+    em.patch(&api, &json!({"spec": {"ips": [7]}}));
+    let s = src
+        .until("bad update reported", |s| {
+            s.errors.iter().any(|e| e.contains("ServiceImport shop/api"))
+        })
+        .await;
+    assert_eq!(
+        s.state
+            .import_ips
+            .get(&key("api"))
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("198.19.3.5")
+    );
+    // Deleted: gone from the model.
+    em.delete(&api);
+    let s = src.until("deleted", |s| s.state.import_ips.is_empty()).await;
+    assert!(s.state.import_ips.is_empty());
 }

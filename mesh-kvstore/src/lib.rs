@@ -431,12 +431,7 @@ pub struct McsRecord {
 /// Whether `s` is a DNS label as RFC 1123 has it, lower case: 1-63 of `a-z0-9-`, not starting or ending with `-`.
 #[must_use]
 pub fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    mesh_model::clusterset::is_dns_label(s)
 }
 
 /// Largest number of backends a decoder accepts in one service record.

@@ -16,6 +16,18 @@ use ipnet::Ipv4Net;
 /// lab's service ranges (198.18.x.0/24).
 pub const DEFAULT_CLUSTERSET_CIDR: &str = "198.19.0.0/16";
 
+/// Whether `s` is a DNS label as RFC 1123 has it, lower case: 1-63 of `a-z0-9-`, not starting or ending with `-`
+/// (what a pod's `spec.hostname`, a service name and a clusterset DNS label must be).
+#[must_use]
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// A service, `(namespace, name)`.
 pub type ServiceKey = (String, String);
 

@@ -98,6 +98,8 @@ mod tests {
             node_name: None,
             ipv4: None,
             ports: Vec::new(),
+            hostname: None,
+            subdomain: None,
         }
     }
 

@@ -93,6 +93,27 @@ struct MeshNetworkPolicyManifest {
 /// Namespace used when a namespaced object has none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// The MCS `ServiceImport`: fleetmesh reads the ClusterSetIP of those it manages.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceImportManifest {
+    api_version: String,
+    #[expect(
+        dead_code,
+        reason = "checked by the dispatcher, kept so the field is not refused as unknown"
+    )]
+    kind: String,
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<serde_json::Value>,
+    #[serde(default)]
+    #[expect(dead_code, reason = "status is written by controllers; accepted and ignored")]
+    status: Option<serde_json::Value>,
+}
+
+/// Label of the MCS objects fleetmesh writes (the clustermesh-apiserver's ServiceImports).
+pub const LABEL_MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "fleetmesh");
+
 /// One object from a manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
@@ -104,6 +125,13 @@ pub enum Object {
     ServiceExport {
         namespace: String,
         name: String,
+    },
+    /// An MCS API `ServiceImport` (multicluster.x-k8s.io/v1alpha1); `ip` is its `spec.ips[0]` when fleetmesh
+    /// manages it ([`LABEL_MANAGED_BY`]), `None` otherwise.
+    ServiceImport {
+        namespace: String,
+        name: String,
+        ip: Option<Ipv4Addr>,
     },
     /// A fleetmesh `TrafficPolicy` (fleetmesh.io/v1alpha1).
     TrafficPolicy(TrafficPolicy),
@@ -126,6 +154,7 @@ impl Object {
             Object::Pod(p) => format!("Pod {}/{}", p.namespace, p.name),
             Object::Service(s) => format!("Service {}/{}", s.namespace, s.name),
             Object::ServiceExport { namespace, name } => format!("ServiceExport {namespace}/{name}"),
+            Object::ServiceImport { namespace, name, .. } => format!("ServiceImport {namespace}/{name}"),
             Object::TrafficPolicy(t) => format!("TrafficPolicy {}/{}", t.namespace, t.name),
             Object::StagedRollout(r) => format!("StagedRollout {}/{}", r.namespace, r.name),
             Object::NetworkPolicy(p) => p.describe(),
@@ -349,6 +378,37 @@ fn object(mut ctx: Ctx<'_>, value: serde_json::Value) -> Result<Object, Manifest
             Object::ServiceExport {
                 namespace: namespace_of(&ctx, &e.metadata)?,
                 name: name_of(&ctx, &e.metadata)?,
+            }
+        }
+        "ServiceImport" => {
+            let i = typed::<ServiceImportManifest>(&ctx, value)?;
+            if i.api_version != MCS_API_VERSION {
+                return Err(ctx.err(
+                    Some("apiVersion"),
+                    format!(
+                        "{:?}: ServiceImport is served as {MCS_API_VERSION}",
+                        i.api_version
+                    ),
+                ));
+            }
+            let ours = i
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_MANAGED_BY.0))
+                .is_some_and(|v| v == LABEL_MANAGED_BY.1);
+            let ip = match i.spec.as_ref().map(|s| &s["ips"][0]) {
+                Some(v) if ours && !v.is_null() => Some(
+                    v.as_str()
+                        .and_then(|s| s.parse::<Ipv4Addr>().ok())
+                        .ok_or_else(|| ctx.err(Some("spec.ips[0]"), format!("{v} is not an IPv4 address")))?,
+                ),
+                _ => None,
+            };
+            Object::ServiceImport {
+                namespace: namespace_of(&ctx, &i.metadata)?,
+                name: name_of(&ctx, &i.metadata)?,
+                ip,
             }
         }
         "TrafficPolicy" => {
@@ -589,6 +649,16 @@ fn pod(ctx: &Ctx<'_>, p: &core::Pod) -> Result<Pod, ManifestError> {
             m,
         )
     })?;
+    let label = |field: &str, v: &Option<String>| match v.as_deref() {
+        None | Some("") => Ok(None),
+        Some(h) if crate::clusterset::is_dns_label(h) => Ok(Some(h.to_owned())),
+        Some(h) => Err(ctx.err(
+            Some(field),
+            format!("{h:?} is not a DNS label (1-63 of a-z, 0-9 and '-', not starting or ending with '-')"),
+        )),
+    };
+    let hostname = label("spec.hostname", &spec.hostname)?;
+    let subdomain = label("spec.subdomain", &spec.subdomain)?;
     Ok(Pod {
         namespace,
         name,
@@ -597,6 +667,8 @@ fn pod(ctx: &Ctx<'_>, p: &core::Pod) -> Result<Pod, ManifestError> {
         node_name: spec.node_name.clone(),
         ipv4,
         ports,
+        hostname,
+        subdomain,
     })
 }
 
@@ -728,12 +800,25 @@ fn endpoint_slice(ctx: &Ctx<'_>, s: &discovery::EndpointSlice) -> Result<Endpoin
                     name: r.name.clone()?,
                 })
             });
+        let hostname = match e.hostname.as_deref() {
+            None | Some("") => None,
+            Some(h) if crate::clusterset::is_dns_label(h) => Some(h.to_owned()),
+            Some(h) => {
+                return Err(ctx.err(
+                    Some(&format!("{field}.hostname")),
+                    format!(
+                        "{h:?} is not a DNS label (1-63 of a-z, 0-9 and '-', not starting or ending with '-')"
+                    ),
+                ));
+            }
+        };
         endpoints.push(SliceEndpoint {
             addresses: e.addresses.clone(),
             conditions,
             node_name: e.node_name.clone(),
             pod,
             zone: e.zone.clone(),
+            hostname,
         });
     }
     Ok(EndpointSlice {
@@ -780,6 +865,11 @@ pub fn merge<'a>(
                 }
                 Object::ServiceExport { namespace, name } => {
                     state.exports.insert((namespace.clone(), name.clone()));
+                }
+                Object::ServiceImport { namespace, name, ip } => {
+                    if let Some(ip) = ip {
+                        state.import_ips.insert((namespace.clone(), name.clone()), *ip);
+                    }
                 }
                 Object::TrafficPolicy(t) => {
                     state
@@ -856,6 +946,44 @@ spec:
             s.annotations.get("service.cilium.io/global").map(String::as_str),
             Some("true")
         );
+    }
+
+    #[test]
+    fn pod_hostname_and_subdomain_are_dns_labels() {
+        let pod = |extra: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: db-0, namespace: demo}}\nspec:\n  containers: [{{name: c}}]\n{extra}"
+            )
+        };
+        let objs = parse_str("p.yaml", &pod("  hostname: db-0\n  subdomain: db\n")).expect("valid pod");
+        let Object::Pod(p) = &objs[0] else {
+            panic!("expected a pod")
+        };
+        assert_eq!(
+            (p.hostname.as_deref(), p.subdomain.as_deref()),
+            (Some("db-0"), Some("db"))
+        );
+        for (extra, field) in [
+            ("  hostname: Db_0\n", "spec.hostname"),
+            ("  hostname: db-0\n  subdomain: -db\n", "spec.subdomain"),
+            (&*format!("  hostname: {}\n", "a".repeat(64)), "spec.hostname"),
+        ] {
+            let e = parse_str("p.yaml", &pod(extra)).expect_err(extra);
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.to_string().contains("not a DNS label"), "{e}");
+        }
+        let slice = |h: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: db-1, namespace: demo, labels: {{kubernetes.io/service-name: db}}}}\naddressType: IPv4\nendpoints: [{{addresses: [10.1.0.9], hostname: {h}}}]\n"
+            )
+        };
+        let objs = parse_str("s.yaml", &slice("db-0")).expect("valid slice");
+        let Object::EndpointSlice(s) = &objs[0] else {
+            panic!("expected a slice")
+        };
+        assert_eq!(s.endpoints[0].hostname.as_deref(), Some("db-0"));
+        let e = parse_str("s.yaml", &slice("DB.0")).expect_err("not a label");
+        assert_eq!(e.field.as_deref(), Some("endpoints[0].hostname"), "{e}");
     }
 
     #[test]
@@ -1289,6 +1417,7 @@ endpoints:
                             name: "api-1".into()
                         }),
                         zone: Some("a".into()),
+                        hostname: None,
                     },
                     SliceEndpoint {
                         addresses: vec!["10.1.0.3".into()],
@@ -1296,6 +1425,7 @@ endpoints:
                         node_name: None,
                         pod: None,
                         zone: None,
+                        hostname: None,
                     },
                 ],
             }

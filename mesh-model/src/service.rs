@@ -149,6 +149,9 @@ pub struct Endpoint {
     /// The pod's capacity (annotation `fleetmesh.io/capacity`, 1 when absent or invalid). For a pod the state does
     /// not know, what the caller's capacity lookup says ([`endpoints_with`]), else 1.
     pub capacity: u32,
+    /// The endpoint's hostname (a DNS label): the EndpointSlice endpoint's `hostname`, or for a pod matched by
+    /// the selector its `spec.hostname` when its `spec.subdomain` is the service's name, as Kubernetes has it.
+    pub hostname: Option<String>,
 }
 
 fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -223,6 +226,10 @@ fn selector_endpoints(state: &ClusterState, svc: &Service) -> Vec<Endpoint> {
                 pod: format!("{}/{}", p.namespace, p.name),
                 ports,
                 capacity: crate::traffic::capacity(&p.annotations).unwrap_or(1),
+                hostname: p
+                    .hostname
+                    .clone()
+                    .filter(|_| p.subdomain.as_deref() == Some(svc.name.as_str())),
             })
         })
         .collect()
@@ -299,6 +306,7 @@ pub fn slice_endpoints<'a>(
                     Some(p) => crate::traffic::capacity(&p.annotations).unwrap_or(1),
                     None => capacity_of(ipv4).unwrap_or(1),
                 },
+                hostname: e.hostname.clone(),
             },
         );
     }
@@ -437,6 +445,8 @@ mod tests {
                 port: 8080,
                 protocol: Protocol::Tcp,
             }],
+            hostname: None,
+            subdomain: None,
         };
         for p in [
             mk("shop", "a", "api", Some([10, 1, 0, 2])),
@@ -485,6 +495,7 @@ mod tests {
                 name: name.into(),
             }),
             zone: None,
+            hostname: None,
         }
     }
 
@@ -540,6 +551,8 @@ mod tests {
                 port: 8080,
                 protocol: Protocol::Tcp,
             }],
+            hostname: None,
+            subdomain: None,
         }
     }
 

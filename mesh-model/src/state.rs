@@ -72,6 +72,13 @@ pub struct Pod {
     pub node_name: Option<String>,
     pub ipv4: Option<Ipv4Addr>,
     pub ports: Vec<ContainerPort>,
+    /// `spec.hostname` (a DNS label): with `spec.subdomain` naming a headless service, the pod's name under it
+    /// (`<hostname>.<clusterid>.<svc>.<ns>.svc.clusterset.local`).
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// `spec.subdomain` (a DNS label): the headless service the hostname is published under.
+    #[serde(default)]
+    pub subdomain: Option<String>,
 }
 
 impl Pod {
@@ -184,6 +191,10 @@ pub struct SliceEndpoint {
     pub node_name: Option<String>,
     pub pod: Option<PodRef>,
     pub zone: Option<String>,
+    /// `hostname` (a DNS label): set by the EndpointSlice controller for a pod with `spec.hostname` whose
+    /// `spec.subdomain` is the service's name.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// An EndpointSlice (discovery.k8s.io/v1): a part of a service's endpoints, with their readiness.
@@ -209,6 +220,11 @@ pub struct ClusterState {
     pub services: BTreeMap<(String, String), Service>,
     /// Services exported with an MCS `ServiceExport`, (namespace, name).
     pub exports: std::collections::BTreeSet<(String, String)>,
+    /// The ClusterSetIP (`spec.ips[0]`) of the MCS `ServiceImport`s fleetmesh manages (label
+    /// `app.kubernetes.io/managed-by: fleetmesh`, written by the clustermesh-apiserver), by (namespace, name): the
+    /// agents answer and load-balance that address (`--source kubernetes`).
+    #[serde(default)]
+    pub import_ips: BTreeMap<(String, String), Ipv4Addr>,
     /// `TrafficPolicy` objects, keyed by (namespace, name).
     pub traffic_policies: BTreeMap<(String, String), crate::traffic::TrafficPolicy>,
     /// `StagedRollout` objects, keyed by (namespace, name).

@@ -33,13 +33,17 @@ const PEER_TLS_DIR: &str = "/var/lib/fleetmesh/clustermesh-tls";
 const WATCH: &[&str] = &["list", "watch"];
 
 /// What mesh-agent's watchers use (mesh-k8s, `--source kubernetes`): Nodes, Namespaces, Pods (of its node),
-/// Services, MCS ServiceExports and fleetmesh's TrafficPolicies and StagedRollouts. The agent writes only its
-/// node's MeshNode (mesh-k8s's `NodeProgressWriter`: gets it, creates it owned by its Node, whose uid it gets,
-/// and merge-patches its `/status`); it does not watch MeshNodes.
+/// Services, MCS ServiceExports and ServiceImports (their `spec.ips`) and fleetmesh's TrafficPolicies and
+/// StagedRollouts. The agent writes only its node's MeshNode (mesh-k8s's `NodeProgressWriter`: gets it, creates it
+/// owned by its Node, whose uid it gets, and merge-patches its `/status`); it does not watch MeshNodes.
 const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
     ("", &["nodes", "pods", "namespaces", "services"], WATCH),
     ("discovery.k8s.io", &["endpointslices"], WATCH),
-    ("multicluster.x-k8s.io", &["serviceexports"], WATCH),
+    (
+        "multicluster.x-k8s.io",
+        &["serviceexports", "serviceimports"],
+        WATCH,
+    ),
     ("networking.k8s.io", &["networkpolicies"], WATCH),
     (
         "fleetmesh.io",
@@ -58,7 +62,11 @@ const AGENT_RBAC: &[(&str, &[&str], &[&str])] = &[
 const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = &[
     ("", &["nodes", "pods", "namespaces", "services"], WATCH),
     ("discovery.k8s.io", &["endpointslices"], WATCH),
-    ("multicluster.x-k8s.io", &["serviceexports"], WATCH),
+    (
+        "multicluster.x-k8s.io",
+        &["serviceexports", "serviceimports"],
+        WATCH,
+    ),
     ("networking.k8s.io", &["networkpolicies"], WATCH),
     (
         "fleetmesh.io",
@@ -85,6 +93,12 @@ const APISERVER_RBAC: &[(&str, &[&str], &[&str])] = &[
         "multicluster.x-k8s.io",
         &["serviceimports"],
         &["list", "create", "patch", "delete"],
+    ),
+    // The EndpointSlices of headless imports (clustermesh-apiserver/src/slices.rs; `get` when a name is taken).
+    (
+        "discovery.k8s.io",
+        &["endpointslices"],
+        &["get", "create", "patch", "delete"],
     ),
 ];
 

@@ -170,6 +170,31 @@ fn clusterset_names_resolve_and_balance_from_a_cluster_without_the_service() {
         "db.demo.svc.clusterset.local: {got:?}, want {want:?}"
     );
 
+    // A pod with `spec.hostname` under `spec.subdomain: db` (west's echo-b, applied again with both): its name
+    // under its cluster, `<hostname>.<clusterid>.<svc>.<ns>.svc.clusterset.local`, from north.
+    let named = write_manifest(
+        &files,
+        "west-echo-b-hostname.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: echo-b\n  namespace: demo\n  labels: {app: echo}\nspec:\n  nodeName: west-node-2\n  hostname: echo-b\n  subdomain: db\n  containers:\n    - name: echo\n      image: fleetmesh/lab-echo\n      ports:\n        - {containerPort: 8080, protocol: TCP}\n        - {containerPort: 5353, protocol: UDP}\n        - {name: stream, containerPort: 9090, protocol: TCP}\n",
+    )
+    .expect("manifest");
+    lab.run(&["apply", "west", &named.display().to_string()])
+        .expect("apply west's echo-b with a hostname");
+    let echo_b = pod(&all, "west/demo/echo-b").ip.clone();
+    let mut got_b = Vec::new();
+    assert!(
+        eventually(CONVERGE, || {
+            got_b = short(&client.netns, "echo-b.west.db.demo.svc.clusterset.local", "A");
+            got_b == vec![echo_b.clone()]
+        }),
+        "echo-b.west.db.demo.svc.clusterset.local: {got_b:?}, want {echo_b}"
+    );
+    // Only under its cluster and its service.
+    assert_eq!(
+        rcode(&client.netns, &["echo-b.east.db.demo.svc.clusterset.local", "A"]),
+        "NXDOMAIN"
+    );
+
     // NXDOMAIN vs NODATA, foreign zones, odd types.
     for (args, want) in [
         (vec!["nope.demo.svc.clusterset.local", "A"], "NXDOMAIN"),

@@ -37,11 +37,11 @@ pub fn compute(
         && let Some(svc) = local.services.get(&key)
     {
         for e in service::endpoints(local, svc) {
-            // The local sources do not carry pod hostnames yet (docs/clusterset-dns.md, "Limits").
+            // Pod `spec.hostname` under `spec.subdomain` == the service, or the EndpointSlice endpoint's `hostname`.
             endpoints.push(DnsEndpoint {
                 cluster: me.to_owned(),
                 ipv4: e.ipv4,
-                hostname: None,
+                hostname: e.hostname,
             });
         }
     }
@@ -122,6 +122,23 @@ mod tests {
                     port: 5432,
                     protocol: Protocol::Tcp,
                 }],
+                hostname: Some("db-0".into()),
+                subdomain: Some("db".into()),
+            },
+        );
+        // A hostname under another subdomain is not this service's (Kubernetes' rule): no per-pod name.
+        local.pods.insert(
+            ("demo".into(), "db-9".into()),
+            Pod {
+                namespace: "demo".into(),
+                name: "db-9".into(),
+                labels: [("app".to_owned(), "db".to_owned())].into(),
+                annotations: BTreeMap::new(),
+                node_name: None,
+                ipv4: Some(Ipv4Addr::new(10, 1, 0, 10)),
+                ports: Vec::new(),
+                hostname: Some("db-9".into()),
+                subdomain: Some("other".into()),
             },
         );
         let port = PortRecord {
@@ -169,7 +186,30 @@ mod tests {
                 }
             })
             .collect();
-        assert_eq!(ips, vec![Ipv4Addr::new(10, 1, 0, 9), Ipv4Addr::new(10, 2, 0, 4)]);
+        assert_eq!(
+            ips,
+            vec![
+                Ipv4Addr::new(10, 1, 0, 9),
+                Ipv4Addr::new(10, 1, 0, 10),
+                Ipv4Addr::new(10, 2, 0, 4)
+            ]
+        );
+        // The local pod's spec.hostname (its spec.subdomain is the service) gives its name under this cluster.
+        let l = t
+            .lookup_str("db-0.east.db.demo.svc.clusterset.local", RecordType::A)
+            .unwrap();
+        let Lookup::Records(rs) = l else {
+            panic!("db-0.east: {l:?}")
+        };
+        assert!(matches!(&rs[0].data, RData::A(a) if a.0 == Ipv4Addr::new(10, 1, 0, 9)));
+        assert!(
+            !matches!(
+                t.lookup_str("db-9.east.db.demo.svc.clusterset.local", RecordType::A)
+                    .unwrap(),
+                Lookup::Records(_)
+            ),
+            "a hostname under another subdomain has no name here"
+        );
         // The peer's hostname gives the per-pod name under its cluster.
         let l = t
             .lookup_str("db-1.west.db.demo.svc.clusterset.local", RecordType::A)
@@ -181,7 +221,7 @@ mod tests {
         // West unusable (past its grace period, say): its endpoints leave the answers.
         let none = BTreeMap::new();
         let dns = compute("east", &got[0], &local, &none).unwrap();
-        assert_eq!(dns.endpoints.len(), 1);
+        assert_eq!(dns.endpoints.len(), 2);
     }
 }
 
