@@ -19,13 +19,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use mesh_kvstore::etcd::{list_paged, watch_client};
-use mesh_kvstore::etcd_pool::{Conn, Target, pool};
+use mesh_kvstore::etcd_pool::{Conn, pool};
 use mesh_kvstore::peer::RemoteConfig;
 use mesh_kvstore::{Keys, KvstoremeshStatus, encode};
 use tokio::task::JoinHandle;
 use tracing::{info, instrument, warn};
 
-use crate::publisher::{EtcdTls, now_ms};
+use crate::publisher::{EtcdTls, now_ms, pool_target};
 
 /// How often a mirror proves its peer alive (and keeps its status lease alive).
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -53,27 +53,9 @@ impl Local {
             None => opts,
         };
         Ok(pool()
-            .get(target(&self.endpoints, self.tls.as_ref())?, opts)
+            .get(pool_target(&self.endpoints, self.tls.as_ref())?, opts)
             .await?)
     }
-}
-
-/// What makes two mirrors' etcds the same client ([`mesh_kvstore::etcd_pool`]): endpoints and TLS material. The
-/// mirrors of N peers read through one fleet hub share one connection to it, not N.
-fn target(endpoints: &[String], tls: Option<&EtcdTls>) -> anyhow::Result<Target> {
-    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let mut pem = Vec::new();
-    if let Some(t) = tls {
-        pem.push(read(&t.ca)?);
-        if let Some((cert, key)) = &t.identity {
-            pem.push(read(cert)?);
-            pem.push(read(key)?);
-        }
-    }
-    Ok(Target {
-        endpoints: endpoints.to_vec(),
-        tls: pem,
-    })
 }
 
 struct Mirror {
@@ -172,7 +154,7 @@ impl Mirror {
             None => opts,
         };
         let conn = pool()
-            .get(target(&self.cfg.endpoints, self.peer_tls()?.as_ref())?, opts)
+            .get(pool_target(&self.cfg.endpoints, self.peer_tls()?.as_ref())?, opts)
             .await
             .context("connecting to the peer's etcd")?;
         let result = self.session_on(&conn.client).await;

@@ -8,6 +8,7 @@
 //! identity before an address or a service refers to it. Any error ends the session; the next one starts from a fresh list, so nothing stale
 //! survives a restart.
 
+use mesh_kvstore::etcd_pool::{Target, pool};
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -86,6 +87,24 @@ impl EtcdTls {
         }
         Ok(tls)
     }
+}
+
+/// What makes two etcds the same client of [`mesh_kvstore::etcd_pool`]: endpoints and TLS material (contents).
+pub fn pool_target(endpoints: &[String], tls: Option<&EtcdTls>) -> anyhow::Result<Target> {
+    use anyhow::Context as _;
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut pem = Vec::new();
+    if let Some(t) = tls {
+        pem.push(read(&t.ca)?);
+        if let Some((cert, key)) = &t.identity {
+            pem.push(read(cert)?);
+            pem.push(read(key)?);
+        }
+    }
+    Ok(Target {
+        endpoints: endpoints.to_vec(),
+        tls: pem,
+    })
 }
 
 /// Whether the export records changed (`false` when their sender is gone); pends forever without a receiver.
@@ -313,7 +332,24 @@ impl Publisher {
             Some(t) => opts.with_tls(t.options()?),
             None => opts,
         };
-        let mut client = Client::connect(&self.endpoints, Some(opts)).await?;
+        // One client per distinct etcd in the process, talking to one member at a time (a hub of 3 members sees
+        // one connection per apiserver, not 3); a lost member moves the next session to the next one.
+        let conn = pool()
+            .get(pool_target(&self.endpoints, self.tls.as_ref())?, opts)
+            .await?;
+        let result = self.session_on(conn.client.clone(), snapshots, allocator).await;
+        if let Err(e) = &result {
+            pool().ended(&conn, e.as_ref()).await;
+        }
+        result
+    }
+
+    async fn session_on(
+        &self,
+        mut client: Client,
+        snapshots: &mut watch::Receiver<Snapshot>,
+        allocator: &std::sync::Mutex<Allocator>,
+    ) -> anyhow::Result<()> {
         let ttl = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(30);
         let lease = client.lease_grant(ttl, None).await?.id();
         let (mut keeper, mut keepalive) = client.lease_keep_alive(lease).await?;

@@ -39,8 +39,9 @@ const FIRST: u16 = 101;
 const SERVICES: u32 = 100;
 const BACKENDS: u32 = 10;
 const ENDPOINTS: u64 = CLUSTERS as u64 * SERVICES as u64 * BACKENDS as u64;
-/// Nodes per synthetic cluster.
-const NODES: u32 = 4;
+/// Nodes per synthetic cluster (their /16 pod CIDRs must cover the convergence driver's extra backend,
+/// `base(id) + 500,001`).
+const NODES: u32 = 8;
 /// Clusters (the first ids) published by real clustermesh-apiserver processes rather than by `fill-hub`.
 const REAL: u16 = 100;
 /// Client port of the etcd the real apiservers use as their own (one for all, each under its cluster's keys).
@@ -370,7 +371,8 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
     let mut rows = Vec::new();
 
     println!(
-        "bench: filling the hub with {CLUSTERS} clusters × {} endpoints",
+        "bench: filling the hub with {} synthetic clusters × {} endpoints",
+        CLUSTERS - REAL,
         SERVICES * BACKENDS
     );
     let started = Instant::now();
@@ -379,9 +381,9 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
         "--etcd".into(),
         hub_urls().join(","),
         "--clusters".into(),
-        CLUSTERS.to_string(),
+        (CLUSTERS - REAL).to_string(),
         "--first".into(),
-        FIRST.to_string(),
+        (FIRST + REAL).to_string(),
         "--services".into(),
         SERVICES.to_string(),
         "--backends".into(),
@@ -512,10 +514,11 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
         "--hub".into(),
         "--etcd".into(),
         hub_urls().join(","),
+        // The synthetic clusters only: the real ones' records are their apiservers' to write.
         "--clusters".into(),
-        CLUSTERS.to_string(),
+        (CLUSTERS - REAL).to_string(),
         "--first".into(),
-        FIRST.to_string(),
+        (FIRST + REAL).to_string(),
         "--spread".into(),
         "7".into(),
         "--agent-socket".into(),
