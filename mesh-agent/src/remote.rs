@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{ConnectOptions, EventType, GetOptions, WatchOptions};
 use ipnet::Ipv4Net;
 use mesh_kvstore::grant::Grant;
 use mesh_kvstore::{
@@ -532,12 +532,13 @@ impl Remotes {
     }
 
     /// Moves what `rc` recorded as changed into the journal; `meta` when its cluster-level facts differ from
-    /// `before`.
-    fn journal(&self, scope: Scope, rc: &mut RemoteCluster, before: Option<&Meta>) {
+    /// `before`. Returns whether anything was journaled (only then is the reconciler woken: a watch event that
+    /// changes nothing it programs, such as a peer's heartbeat, costs the reconciler nothing).
+    fn journal(&self, scope: Scope, rc: &mut RemoteCluster, before: Option<&Meta>) -> bool {
         let mut c = std::mem::take(&mut rc.changes);
         c.meta |= before.is_none_or(|b| *b != Meta::of(rc));
         if c.is_empty() {
-            return;
+            return false;
         }
         self.journal
             .lock()
@@ -545,6 +546,7 @@ impl Remotes {
             .entry((scope, rc.name.clone()))
             .or_default()
             .merge(c);
+        true
     }
 
     /// Sets how much of one peer's records a watcher holds at most (from the next session of each watcher): a peer
@@ -691,16 +693,18 @@ impl Remotes {
     }
 
     fn update_in(&self, scope: Scope, name: &str, f: impl FnOnce(&mut RemoteCluster)) {
-        {
+        let changed = {
             let mut g = self.map(scope).lock().unwrap_or_else(PoisonError::into_inner);
             let rc = g
                 .entry(name.to_owned())
                 .or_insert_with(|| RemoteCluster::new(name));
             let before = Meta::of(rc);
             f(rc);
-            self.journal(scope, rc, Some(&before));
+            self.journal(scope, rc, Some(&before))
+        };
+        if changed {
+            let _ = self.wake.send(());
         }
-        let _ = self.wake.send(());
     }
 
     /// As `update`, without waking the reconciler (for bookkeeping that changes no desired state).
@@ -718,16 +722,19 @@ impl Remotes {
         name: &str,
         f: impl FnOnce(&mut RemoteCluster, &BTreeMap<String, RemoteCluster>),
     ) {
-        {
+        let changed = {
             let mut g = self.map(scope).lock().unwrap_or_else(PoisonError::into_inner);
             let existed = g.contains_key(name);
             let mut rc = g.remove(name).unwrap_or_else(|| RemoteCluster::new(name));
             let before = existed.then(|| Meta::of(&rc));
             f(&mut rc, &g);
-            self.journal(scope, &mut rc, before.as_ref());
+            let changed = self.journal(scope, &mut rc, before.as_ref());
             g.insert(name.to_owned(), rc);
+            changed
+        };
+        if changed {
+            let _ = self.wake.send(());
         }
-        let _ = self.wake.send(());
     }
 
     fn remove(&self, scope: Scope, name: &str) {
@@ -736,7 +743,7 @@ impl Remotes {
             if let Some(mut rc) = g.remove(name) {
                 let gone = ClusterChanges::all_of(&rc);
                 rc.changes.merge(gone);
-                self.journal(scope, &mut rc, None);
+                let _ = self.journal(scope, &mut rc, None);
             }
         }
         if scope == Scope::Peer {
@@ -1735,7 +1742,7 @@ impl Watcher {
             tls,
         };
         let conn = crate::etcd_pool::pool().get(target, opts).await?;
-        let result = self.session_on(&conn.client).await;
+        let result = self.session_on(&conn).await;
         if let Err(e) = &result {
             crate::etcd_pool::pool().ended(&conn, e.as_ref()).await;
         }
@@ -1743,7 +1750,8 @@ impl Watcher {
     }
 
     /// A session on a (shared) client.
-    async fn session_on(&self, client: &Client) -> anyhow::Result<Ended> {
+    async fn session_on(&self, conn: &crate::etcd_pool::Conn) -> anyhow::Result<Ended> {
+        let client = &conn.client;
         self.remotes.update_in(self.scope, &self.name, |rc| {
             rc.state = SyncState::Syncing { since_ms: now_ms() }
         });
@@ -1803,17 +1811,31 @@ impl Watcher {
         loop {
             let resp = tokio::select! {
                 msg = stream.message() => match msg? {
-                    Some(resp) => resp,
+                    Some(resp) => {
+                        conn.answered();
+                        resp
+                    }
                     None => return Ok(Ended::Lost("watch stream ended".to_owned())),
                 },
                 _ = probe.tick() => {
-                    let get = kv.get(heartbeat.as_str(), Some(GetOptions::new().with_keys_only()));
-                    match tokio::time::timeout(probe_timeout, get).await {
-                        Ok(Ok(_)) => self.alive(),
-                        Ok(Err(e)) => anyhow::bail!(anyhow::Error::new(e).context("liveness probe failed")),
-                        Err(_) => anyhow::bail!(crate::etcd_pool::Unreachable(format!(
-                            "liveness probe got no answer within {probe_timeout:?}"
-                        ))),
+                    // The sessions sharing the client prove it alive for each other: a probe only when nobody's
+                    // answer is younger than half an interval.
+                    if conn.answered_within(probe_every / 2) {
+                        self.alive();
+                    } else {
+                        let get = kv.get(heartbeat.as_str(), Some(GetOptions::new().with_keys_only()));
+                        match tokio::time::timeout(probe_timeout, get).await {
+                            Ok(Ok(_)) => {
+                                conn.answered();
+                                self.alive();
+                            }
+                            Ok(Err(e)) => {
+                                anyhow::bail!(anyhow::Error::new(e).context("liveness probe failed"))
+                            }
+                            Err(_) => anyhow::bail!(crate::etcd_pool::Unreachable(format!(
+                                "liveness probe got no answer within {probe_timeout:?}"
+                            ))),
+                        }
                     }
                     if !s.overlapping.is_empty() && self.retry_overlapping(&mut s) {
                         self.publish(&mut s);

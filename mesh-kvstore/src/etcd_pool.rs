@@ -30,6 +30,32 @@ pub struct Conn {
     pub endpoint: String,
     target: Target,
     generation: u64,
+    /// When the etcd last answered on this client (Unix ms; any session's probe or watch message), so that the
+    /// sessions sharing it need not each prove it alive: a thousand peers read through one hub cost a probe or
+    /// two per interval, not a thousand.
+    last_answer_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Conn {
+    /// Notes an answer from the etcd now.
+    pub fn answered(&self) {
+        self.last_answer_ms
+            .fetch_max(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the etcd answered on this client within `d`.
+    #[must_use]
+    pub fn answered_within(&self, d: std::time::Duration) -> bool {
+        let last = self.last_answer_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let d = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        last != 0 && now_ms().saturating_sub(last) < d
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[derive(Default)]
@@ -112,6 +138,7 @@ impl Pool {
             endpoint,
             target,
             generation: entry.generation,
+            last_answer_ms: std::sync::atomic::AtomicU64::new(0),
         });
         entry.conn = Arc::downgrade(&conn);
         Ok(conn)
@@ -180,6 +207,16 @@ mod tests {
         let a = pool.get(target.clone(), opts()).await.expect("first");
         let b = pool.get(target.clone(), opts()).await.expect("second");
         assert!(Arc::ptr_eq(&a, &b), "one client for one target");
+        assert!(
+            !a.answered_within(std::time::Duration::from_secs(60)),
+            "no answer yet"
+        );
+        b.answered();
+        assert!(
+            a.answered_within(std::time::Duration::from_secs(60)),
+            "an answer is shared"
+        );
+        assert!(!a.answered_within(std::time::Duration::ZERO));
         assert_eq!(pool.clients().await, 1);
         // A refusal keeps the client.
         let denied = anyhow::Error::new(etcd_client::Error::GRpcStatus(tonic::Status::permission_denied(
