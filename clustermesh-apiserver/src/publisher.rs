@@ -50,6 +50,9 @@ pub struct Publisher {
     pub keys: Keys,
     pub endpoints: Vec<String>,
     pub lease_ttl: Duration,
+    /// How often the heartbeat is written (`--heartbeat-interval`; at most a third of the lease). Agents reading the
+    /// cluster through a fleet hub judge it by the heartbeat's age.
+    pub heartbeat_interval: Duration,
     /// Client TLS for `https://` endpoints.
     pub tls: Option<EtcdTls>,
     /// MCS export records to publish with the others (`--source kubernetes`), see [`crate::mcs`].
@@ -344,9 +347,9 @@ impl Publisher {
         }
         let with_lease = || Some(PutOptions::new().with_lease(lease));
         let mut synced = false;
-        // Keep-alive and heartbeat: a third of the lease, and at least every 10 s so that the heartbeat says how
-        // recent the cluster's view is whatever the lease.
-        let mut tick = tokio::time::interval((self.lease_ttl / 3).min(Duration::from_secs(10)));
+        // Keep-alive and heartbeat: a third of the lease, and at least every `--heartbeat-interval` (10 s by
+        // default) so that the heartbeat says how recent the cluster's view is whatever the lease.
+        let mut tick = tokio::time::interval((self.lease_ttl / 3).min(self.heartbeat_interval));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut exports = self.exports.clone();
         // The desired records are computed again only when something they come from changed (the cluster's

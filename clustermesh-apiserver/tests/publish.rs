@@ -934,9 +934,10 @@ async fn two_clusters_never_share_an_identity() {
         "pods.yaml",
         &pods_yaml(&[("a", "{app: api}", "10.1.1.5"), ("b", "{app: web}", "10.1.1.6")]),
     );
+    // The edge ids: the lowest and the largest (whose identities use the top bits).
     let _east = Apiserver::start_as("east", 1, dir, &etcd, &[]);
-    let _west = Apiserver::start_as("west", 2, dir, &etcd, &[]);
-    for (cluster, cid) in [("east", 1), ("west", 2)] {
+    let _west = Apiserver::start_as("west", 4095, dir, &etcd, &[]);
+    for (cluster, cid) in [("east", 1), ("west", 4095)] {
         eventually(&format!("{cluster}'s identities"), TIMEOUT, || {
             identities_are(
                 c.clone(),
