@@ -114,14 +114,24 @@ impl Publisher {
             return;
         }
         let mut backoff = mesh_kvstore::etcd::Reconnect::default();
+        // A session talks to one endpoint (a member of the etcd cluster) and the next session to the next one: a
+        // client over all of them spreads its requests over every member, so one member's loss would end every
+        // session (and stop the lease keep-alive and the heartbeat) until the member is back.
+        let mut next = 0usize;
         // Outlives sessions: what it holds wins over what a session start reads back.
         loop {
             let started = std::time::Instant::now();
-            match self.session(&mut snapshots, &allocator).await {
+            let endpoint = self
+                .endpoints
+                .get(next % self.endpoints.len().max(1))
+                .map(std::slice::from_ref)
+                .unwrap_or_default();
+            match self.session(endpoint, &mut snapshots, &allocator).await {
                 Ok(()) => return,
                 Err(e) => {
+                    next = next.wrapping_add(1);
                     let wait = backoff.after(started.elapsed());
-                    warn!(error = %format!("{e:#}"), retry_in = ?wait, "etcd session ended");
+                    warn!(error = %format!("{e:#}"), endpoint = ?endpoint, retry_in = ?wait, "etcd session ended");
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -290,6 +300,7 @@ impl Publisher {
     #[instrument(skip_all, fields(cluster = %self.cluster, sink = self.sink))]
     async fn session(
         &self,
+        endpoints: &[String],
         snapshots: &mut watch::Receiver<Snapshot>,
         allocator: &std::sync::Mutex<Allocator>,
     ) -> anyhow::Result<()> {
@@ -301,7 +312,7 @@ impl Publisher {
             Some(t) => opts.with_tls(t.options()?),
             None => opts,
         };
-        let mut client = Client::connect(&self.endpoints, Some(opts)).await?;
+        let mut client = Client::connect(endpoints, Some(opts)).await?;
         let ttl = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(30);
         let lease = client.lease_grant(ttl, None).await?.id();
         let (mut keeper, mut keepalive) = client.lease_keep_alive(lease).await?;

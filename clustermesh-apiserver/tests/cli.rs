@@ -26,7 +26,11 @@ fn cluster_ids_beyond_1_to_4095_fail_at_start_naming_the_flag() {
         ] {
             let out = apiserver(&args, &env);
             let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(2), "a usage error ({args:?} {env:?}): {stderr}");
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "a usage error ({args:?} {env:?}): {stderr}"
+            );
             assert!(
                 stderr.contains("--cluster-id") && stderr.contains(&format!("{id} is not in 1..=4095")),
                 "{args:?} {env:?}: {stderr}"
@@ -36,7 +40,11 @@ fn cluster_ids_beyond_1_to_4095_fail_at_start_naming_the_flag() {
     // The edges themselves parse (clap checks the value before it prints the help that follows it).
     for id in ["1", "4095"] {
         let out = apiserver(&["--cluster-id", id, "--help"], &[]);
-        assert!(out.status.success(), "{id}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -54,5 +62,8 @@ fn a_heartbeat_interval_below_100ms_fails_at_start() {
     let out = apiserver(&["--cluster-id", "1", "--heartbeat-interval", "soon"], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--heartbeat-interval") && stderr.contains("\"soon\""), "{stderr}");
+    assert!(
+        stderr.contains("--heartbeat-interval") && stderr.contains("\"soon\""),
+        "{stderr}"
+    );
 }

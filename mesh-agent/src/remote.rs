@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{ConnectOptions, EventType, GetOptions, WatchOptions};
 use ipnet::Ipv4Net;
 use mesh_kvstore::grant::Grant;
 use mesh_kvstore::{
@@ -1761,7 +1761,7 @@ impl Watcher {
             tls,
         };
         let conn = crate::etcd_pool::pool().get(target, opts).await?;
-        let result = self.session_on(&conn.client).await;
+        let result = self.session_on(&conn).await;
         if let Err(e) = &result {
             crate::etcd_pool::pool().ended(&conn, e).await;
         }
@@ -1769,7 +1769,8 @@ impl Watcher {
     }
 
     /// A session on a (shared) client.
-    async fn session_on(&self, client: &Client) -> anyhow::Result<Ended> {
+    async fn session_on(&self, conn: &crate::etcd_pool::Conn) -> anyhow::Result<Ended> {
+        let client = &conn.client;
         self.remotes.update_in(self.scope, &self.name, |rc| {
             rc.state = SyncState::Syncing { since_ms: now_ms() }
         });
@@ -1854,6 +1855,14 @@ impl Watcher {
                     }
                     if !s.overlapping.is_empty() && self.retry_overlapping(&mut s) {
                         self.publish(&mut s);
+                    }
+                    // Another session found this client's endpoint unreachable and retired it: move to the
+                    // current client (one connection per distinct etcd), keeping the data meanwhile.
+                    if !crate::etcd_pool::pool().is_current(conn).await {
+                        return Ok(Ended::Relist(format!(
+                            "the shared client of {} was retired; moving to the current one",
+                            conn.endpoint
+                        )));
                     }
                     continue;
                 }

@@ -67,7 +67,11 @@ fn cluster_ids_beyond_1_to_4095_fail_at_start_naming_the_flag() {
         ] {
             let out = agent_without_id(&args, &env);
             let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(2), "a usage error ({args:?} {env:?}): {stderr}");
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "a usage error ({args:?} {env:?}): {stderr}"
+            );
             assert!(
                 stderr.contains("--cluster-id") && stderr.contains(&format!("{id} is not in 1..=4095")),
                 "{args:?} {env:?}: {stderr}"
@@ -77,6 +81,10 @@ fn cluster_ids_beyond_1_to_4095_fail_at_start_naming_the_flag() {
     // The edges themselves parse (`--help` after the id: clap checks the value first, then prints the help).
     for id in ["1", "4095"] {
         let out = agent_without_id(&["--cluster-id", id, "--help"], &[]);
-        assert!(out.status.success(), "{id}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -426,7 +426,8 @@ fn is_silent(w: &RemoteCluster) -> Result<(), String> {
 
 /// Whether the agent's global services would use west's backends now with a grace period of `grace_ms`.
 fn serves(agent: &Agent, grace_ms: u64) -> bool {
-    mesh_agent::lb::reachable(&agent.remotes.snapshot(), mesh_agent::remote::now_ms(), grace_ms).contains_key("west")
+    mesh_agent::lb::reachable(&agent.remotes.snapshot(), mesh_agent::remote::now_ms(), grace_ms)
+        .contains_key("west")
 }
 
 /// Read through a fleet hub (`prefix: fleetmesh/clusters/west`), a peer is judged by its heartbeat: no new one for
@@ -454,8 +455,13 @@ async fn a_peer_read_through_a_hub_is_judged_by_its_heartbeat() {
         .await
         .expect("heartbeat");
     let started = mesh_agent::remote::now_ms();
-    let agent = Agent::start(&[("west", peer_file(&hub, &format!("prefix: {}\n", via_hub.prefix())))]);
-    agent.remotes.set_heartbeat_timeout(std::time::Duration::from_secs(1));
+    let agent = Agent::start(&[(
+        "west",
+        peer_file(&hub, &format!("prefix: {}\n", via_hub.prefix())),
+    )]);
+    agent
+        .remotes
+        .set_heartbeat_timeout(std::time::Duration::from_secs(1));
     let control = Agent::start(&[("west", peer_file(&hub, ""))]);
     control
         .remotes
@@ -525,19 +531,25 @@ async fn a_peer_read_through_a_hub_is_judged_by_its_heartbeat() {
             }
         })
     };
-    mesh_testkit::stays("synced while heartbeats come", std::time::Duration::from_millis(2500), || {
-        let r = match agent.remotes.snapshot().remove("west") {
-            Some(w) if w.unreachable_since_ms.is_none() => is_synced(&w),
-            other => Err(format!("{other:?}")),
-        };
-        async move { r }
-    })
+    mesh_testkit::stays(
+        "synced while heartbeats come",
+        std::time::Duration::from_millis(2500),
+        || {
+            let r = match agent.remotes.snapshot().remove("west") {
+                Some(w) if w.unreachable_since_ms.is_none() => is_synced(&w),
+                other => Err(format!("{other:?}")),
+            };
+            async move { r }
+        },
+    )
     .await;
     writer.abort();
 
     // The hub goes away: disconnected, its data kept and in use (the pairwise peer counts unreachable).
     let port = hub.client_port;
-    agent.remotes.set_heartbeat_timeout(std::time::Duration::from_secs(3));
+    agent
+        .remotes
+        .set_heartbeat_timeout(std::time::Duration::from_secs(3));
     hub.stop();
     agent
         .wait("west", "disconnected from the hub", |w| {
@@ -555,14 +567,18 @@ async fn a_peer_read_through_a_hub_is_judged_by_its_heartbeat() {
                 .ok_or_else(|| "reachable".to_owned())
         })
         .await;
-    mesh_testkit::stays("the hub's peer stays in use without the hub", std::time::Duration::from_secs(4), || {
-        let r = if serves(&agent, 0) {
-            Ok(())
-        } else {
-            Err(format!("{:?}", agent.remotes.snapshot().get("west")))
-        };
-        async move { r }
-    })
+    mesh_testkit::stays(
+        "the hub's peer stays in use without the hub",
+        std::time::Duration::from_secs(4),
+        || {
+            let r = if serves(&agent, 0) {
+                Ok(())
+            } else {
+                Err(format!("{:?}", agent.remotes.snapshot().get("west")))
+            };
+            async move { r }
+        },
+    )
     .await;
 
     // The hub is back with the heartbeat it had: synced at once (the time without the hub was not the peer's

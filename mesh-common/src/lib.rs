@@ -732,7 +732,11 @@ mod tests {
     fn identity_layout_holds_at_the_cluster_id_edges() {
         let max = mesh_model_max();
         for cluster in [1, 2, 2048, max - 1, max] {
-            for local in [identity::FIRST_ALLOCATED, identity::FIRST_CIDR, identity::LOCAL_MASK] {
+            for local in [
+                identity::FIRST_ALLOCATED,
+                identity::FIRST_CIDR,
+                identity::LOCAL_MASK,
+            ] {
                 let id = identity::compose(cluster, local);
                 assert_eq!(identity::cluster(id), cluster, "{cluster}/{local}");
                 assert_eq!(identity::local(id), local, "{cluster}/{local}");

@@ -272,7 +272,11 @@ mod tests {
                 cluster_id: id,
                 ..node()
             };
-            assert_eq!(g.decode_node("k", "west-node-1", encode(&n).as_bytes()), Ok(n.clone()), "{id}");
+            assert_eq!(
+                g.decode_node("k", "west-node-1", encode(&n).as_bytes()),
+                Ok(n.clone()),
+                "{id}"
+            );
             let svc = ServiceRecord {
                 cluster_id: id,
                 ..service(1, [10, 2, 0, 5])
@@ -283,13 +287,21 @@ mod tests {
                 "{id}"
             );
             let rec = identity(id);
-            assert_eq!(g.decode_identity("k", 300, encode(&rec).as_bytes()), Ok(rec.clone()), "{id}");
+            assert_eq!(
+                g.decode_identity("k", 300, encode(&rec).as_bytes()),
+                Ok(rec.clone()),
+                "{id}"
+            );
             let addr = ip(compose(id, 300), [10, 2, 0, 5]);
             let pinned = Grant {
                 cluster_id: id,
                 ..grant(Some(&["10.2.0.0/16"]))
             };
-            assert_eq!(pinned.decode_ip("k", addr.ipv4, encode(&addr).as_bytes()), Ok(addr), "{id}");
+            assert_eq!(
+                pinned.decode_ip("k", addr.ipv4, encode(&addr).as_bytes()),
+                Ok(addr),
+                "{id}"
+            );
             // The same records with the other edge's id are another cluster's: refused by reason.
             let n = NodeRecord {
                 cluster_id: other,

@@ -100,7 +100,10 @@ mod tests {
         let top = identity::compose(MAX_CLUSTER_ID, identity::LOCAL_MASK);
         assert_eq!(top, u32::MAX);
         assert_eq!(identity::cluster(top), MAX_CLUSTER_ID);
-        assert_eq!(identity::cluster(identity::compose(1, identity::FIRST_ALLOCATED)), 1);
+        assert_eq!(
+            identity::cluster(identity::compose(1, identity::FIRST_ALLOCATED)),
+            1
+        );
     }
 
     #[test]

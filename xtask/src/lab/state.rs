@@ -1141,12 +1141,16 @@ impl LabState {
             .iter()
             .flat_map(|c| c.nodes.iter().map(|n| n.pod_cidr.to_string()))
             .collect();
+        // A hub stopped on purpose (every member `lab stop`ped): no agent can sync its peers, so none is waited for.
+        let hub_stopped = self.hub.as_ref().is_some_and(|h| {
+            (1..=h.members.len()).all(|i| self.stopped.iter().any(|p| p.role == format!("etcd-hub-{i}")))
+        });
         net::wait_for("the mesh to converge", timeout, || {
             for c in &self.clusters {
                 for n in &c.nodes {
                     let role = format!("agent-{}", n.name);
                     // An agent stopped on purpose (`lab stop`) is not waited for.
-                    if self.stopped.iter().any(|p| p.role == role) {
+                    if hub_stopped || self.stopped.iter().any(|p| p.role == role) {
                         continue;
                     }
                     if !self
@@ -1884,7 +1888,10 @@ mod tests {
             assert!(ip.octets()[..2] == [100, 64], "{ip}");
             assert!(ip != hub_ip(1) && ip != hub_ip(2) && ip != hub_ip(3));
             let port = local_etcd_port(id);
-            assert!(ports.insert(port) && port < 32768 && port != ETCD_PORT, "{id}: {port}");
+            assert!(
+                ports.insert(port) && port < 32768 && port != ETCD_PORT,
+                "{id}: {port}"
+            );
         }
         // Nodes of the edge ids: inside the underlay /10, apart from each other and from every etcd and hub member.
         let mut nodes = std::collections::BTreeSet::new();
