@@ -295,7 +295,15 @@ fn a_mesh_through_a_hub() {
     let all = pods(&status);
     let west_echo = pod(&all, "west/demo/echo-a").clone();
     let north_echo = pod(&all, "north/demo/echo-a").clone();
-    let before_west = remote(&socket, "west");
+    // West's state as east holds it once the late pod's records are in (three pods, three identities).
+    let mut before_west = serde_json::Value::Null;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            before_west = remote(&socket, "west");
+            before_west["ipCount"] == 3 && before_west["identityCount"] == 3
+        }),
+        "east's view of west before the hub stops: {before_west}"
+    );
     let before_north = remote(&socket, "north");
     let traffic = Traffic::start(vec![
         (
