@@ -306,16 +306,8 @@ fn a_mesh_through_a_hub() {
     );
     let before_north = remote(&socket, "north");
     let traffic = Traffic::start(vec![
-        (
-            client.netns.clone(),
-            late_pod.ip.clone(),
-            "west/demo/echo-late".into(),
-        ),
-        (
-            client.netns.clone(),
-            north_echo.ip.clone(),
-            "north/demo/echo-a".into(),
-        ),
+        (client.netns.clone(), late_pod.ip, "west/demo/echo-late".into()),
+        (client.netns.clone(), north_echo.ip, "north/demo/echo-a".into()),
     ]);
     let others: Vec<usize> = (1..=HUB.len()).filter(|i| *i != index).collect();
     for i in &others {
