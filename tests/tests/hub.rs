@@ -143,6 +143,24 @@ fn a_mesh_through_a_hub() {
         let st = agent_status(&s).expect("agent status");
         assert_eq!(st["clusterId"], id, "{node}");
     }
+    // `meshctl status` of west's node names its id and each cluster's pod prefixes with theirs.
+    let west_socket = agent_socket(&status, "west-node-1").expect("west-node-1's socket");
+    let out = Command::new(fleetmesh_tests::bin("meshctl"))
+        .arg("status")
+        .arg("--socket")
+        .arg(&west_socket)
+        .output()
+        .expect("meshctl status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("(cluster west, id 4095)"), "{text}");
+    for (prefix, id) in [("10.1.0.0/24", 1), ("10.3.0.0/24", 2048), ("10.2.0.0/24", 4095)] {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start().starts_with(prefix) && l.contains(&format!("cluster {id} "))),
+            "{prefix} of cluster {id} in: {text}"
+        );
+    }
     for (peer, id) in [("west", 4095), ("north", 2048)] {
         let r = remote(&socket, peer);
         assert_eq!(r["clusterId"], id, "east's view of {peer}: {r}");
