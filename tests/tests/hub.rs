@@ -239,6 +239,7 @@ fn a_mesh_through_a_hub() {
     // back with its apiserver's first heartbeat.
     lab.run(&["stop", "apiserver", "west", "--kill"])
         .expect("stop west's apiserver");
+    let stopped = std::time::Instant::now();
     let mut last = Vec::new();
     assert!(
         eventually(Duration::from_secs(30), || {
@@ -246,6 +247,10 @@ fn a_mesh_through_a_hub() {
             all_from(&last, &["east", "north"])
         }),
         "west's backends withdrawn from east's global service: {last:?}"
+    );
+    eprintln!(
+        "west withdrawn {:?} after its apiserver stopped",
+        stopped.elapsed()
     );
     let r = remote(&socket, "west");
     assert!(
@@ -260,6 +265,7 @@ fn a_mesh_through_a_hub() {
     );
     lab.run(&["start", "apiserver", "west"])
         .expect("start west's apiserver");
+    let started = std::time::Instant::now();
     assert!(
         eventually(Duration::from_secs(30), || {
             last = answers(&client.netns, &vip, 30);
@@ -267,6 +273,7 @@ fn a_mesh_through_a_hub() {
         }),
         "west back in east's global service: {last:?}"
     );
+    eprintln!("west back {:?} after its apiserver started", started.elapsed());
 
     // Losing the member the agent talks to: raft keeps quorum with two, the agent moves to another member, and
     // a change in west still reaches east through the hub.
@@ -363,6 +370,7 @@ fn a_mesh_through_a_hub() {
         lab.run(&["start", "etcd", &format!("hub-{i}")])
             .expect("start a hub member");
     }
+    let restarted = std::time::Instant::now();
     assert!(
         eventually(Duration::from_secs(60), || {
             last = answers(&client.netns, &vip, 30);
@@ -370,6 +378,10 @@ fn a_mesh_through_a_hub() {
         }),
         "after the hub's restart: answers {last:?}, synced peers {}",
         synced_peers(&socket)
+    );
+    eprintln!(
+        "resynced {:?} after the hub's members started",
+        restarted.elapsed()
     );
     // West lost exactly its echo-a's address (its identity stays for the identity grace period); north nothing.
     let want_ips = before_west["ipCount"].as_u64().map(|n| n - 1);
