@@ -89,6 +89,11 @@ struct Args {
     /// apiserver rewrites every record under its own lease at once.
     #[arg(long, env = "FLEETMESH_LEASE_TTL", default_value = "15m", value_parser = mesh_model::duration::parse_duration)]
     lease_ttl: Duration,
+    /// How often the heartbeat record is written (and the lease kept alive; at most a third of --lease-ttl). Agents
+    /// that read this cluster through a fleet hub count it unreachable when its heartbeat is older than their
+    /// `--remote-heartbeat-timeout` (30s by default: keep this a third of it or less).
+    #[arg(long, env = "FLEETMESH_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = mesh_model::duration::parse_duration)]
+    heartbeat_interval: Duration,
     /// A service with more backends than this is published as a record without backends plus slices of at most
     /// this many (`state/backends/v1/...`): one backend's change then writes and sends one slice, whatever the
     /// service's size. Agents older than the slices read such a service without backends: upgrade agents before
@@ -116,6 +121,11 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
         args.lease_ttl >= Duration::from_secs(2),
         "--lease-ttl must be at least 2s (etcd leases have second granularity)"
+    );
+    anyhow::ensure!(
+        args.heartbeat_interval >= Duration::from_millis(100),
+        "--heartbeat-interval must be at least 100ms, not {:?}",
+        args.heartbeat_interval
     );
     let https = args.etcd_endpoints.iter().any(|e| e.starts_with("https://"));
     anyhow::ensure!(
@@ -186,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
         keys: mesh_kvstore::Keys::new(h.prefix.as_deref().unwrap_or_default()),
         endpoints: h.endpoints.clone(),
         lease_ttl: args.lease_ttl,
+        heartbeat_interval: args.heartbeat_interval,
         tls: h.trusted_ca_file.clone().map(|ca| publisher::EtcdTls {
             ca,
             identity: h.cert_file.clone().zip(h.key_file.clone()),
@@ -205,6 +216,7 @@ async fn main() -> anyhow::Result<()> {
         keys: mesh_kvstore::Keys::new(&args.kvstore_prefix),
         endpoints: args.etcd_endpoints,
         lease_ttl: args.lease_ttl,
+        heartbeat_interval: args.heartbeat_interval,
         tls,
         exports,
         slice_size: usize::try_from(args.service_slice_size).unwrap_or(mesh_kvstore::DEFAULT_SLICE_SIZE),

@@ -8,7 +8,7 @@
 //! identity before an address or a service refers to it. Any error ends the session; the next one starts from a fresh list, so nothing stale
 //! survives a restart.
 
-use mesh_kvstore::etcd_pool::{Target, pool};
+use mesh_kvstore::etcd_pool::Target;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,6 +51,9 @@ pub struct Publisher {
     pub keys: Keys,
     pub endpoints: Vec<String>,
     pub lease_ttl: Duration,
+    /// How often the heartbeat is written (`--heartbeat-interval`; at most a third of the lease). Agents reading the
+    /// cluster through a fleet hub judge it by the heartbeat's age.
+    pub heartbeat_interval: Duration,
     /// Client TLS for `https://` endpoints.
     pub tls: Option<EtcdTls>,
     /// MCS export records to publish with the others (`--source kubernetes`), see [`crate::mcs`].
@@ -130,14 +133,24 @@ impl Publisher {
             return;
         }
         let mut backoff = mesh_kvstore::etcd::Reconnect::default();
+        // A session talks to one endpoint (a member of the etcd cluster) and the next session to the next one: a
+        // client over all of them spreads its requests over every member, so one member's loss would end every
+        // session (and stop the lease keep-alive and the heartbeat) until the member is back.
+        let mut next = 0usize;
         // Outlives sessions: what it holds wins over what a session start reads back.
         loop {
             let started = std::time::Instant::now();
-            match self.session(&mut snapshots, &allocator).await {
+            let endpoint = self
+                .endpoints
+                .get(next % self.endpoints.len().max(1))
+                .map(std::slice::from_ref)
+                .unwrap_or_default();
+            match self.session(endpoint, &mut snapshots, &allocator).await {
                 Ok(()) => return,
                 Err(e) => {
+                    next = next.wrapping_add(1);
                     let wait = backoff.after(started.elapsed());
-                    warn!(error = %format!("{e:#}"), retry_in = ?wait, "etcd session ended");
+                    warn!(error = %format!("{e:#}"), endpoint = ?endpoint, retry_in = ?wait, "etcd session ended");
                     tokio::time::sleep(wait).await;
                 }
             }
@@ -321,6 +334,7 @@ impl Publisher {
     #[instrument(skip_all, fields(cluster = %self.cluster, sink = self.sink))]
     async fn session(
         &self,
+        endpoints: &[String],
         snapshots: &mut watch::Receiver<Snapshot>,
         allocator: &std::sync::Mutex<Allocator>,
     ) -> anyhow::Result<()> {
@@ -332,24 +346,7 @@ impl Publisher {
             Some(t) => opts.with_tls(t.options()?),
             None => opts,
         };
-        // One client per distinct etcd in the process, talking to one member at a time (a hub of 3 members sees
-        // one connection per apiserver, not 3); a lost member moves the next session to the next one.
-        let conn = pool()
-            .get(pool_target(&self.endpoints, self.tls.as_ref())?, opts)
-            .await?;
-        let result = self.session_on(conn.client.clone(), snapshots, allocator).await;
-        if let Err(e) = &result {
-            pool().ended(&conn, e.as_ref()).await;
-        }
-        result
-    }
-
-    async fn session_on(
-        &self,
-        mut client: Client,
-        snapshots: &mut watch::Receiver<Snapshot>,
-        allocator: &std::sync::Mutex<Allocator>,
-    ) -> anyhow::Result<()> {
+        let mut client = Client::connect(endpoints, Some(opts)).await?;
         let ttl = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(30);
         let lease = client.lease_grant(ttl, None).await?.id();
         let (mut keeper, mut keepalive) = client.lease_keep_alive(lease).await?;
@@ -395,9 +392,9 @@ impl Publisher {
         }
         let with_lease = || Some(PutOptions::new().with_lease(lease));
         let mut synced = false;
-        // Keep-alive and heartbeat: a third of the lease, and at least every 10 s so that the heartbeat says how
-        // recent the cluster's view is whatever the lease.
-        let mut tick = tokio::time::interval((self.lease_ttl / 3).min(Duration::from_secs(10)));
+        // Keep-alive and heartbeat: a third of the lease, and at least every `--heartbeat-interval` (10 s by
+        // default) so that the heartbeat says how recent the cluster's view is whatever the lease.
+        let mut tick = tokio::time::interval((self.lease_ttl / 3).min(self.heartbeat_interval));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut exports = self.exports.clone();
         // The desired records are computed again only when something they come from changed (the cluster's

@@ -934,9 +934,10 @@ async fn two_clusters_never_share_an_identity() {
         "pods.yaml",
         &pods_yaml(&[("a", "{app: api}", "10.1.1.5"), ("b", "{app: web}", "10.1.1.6")]),
     );
+    // The edge ids: the lowest and the largest (whose identities use the top bits).
     let _east = Apiserver::start_as("east", 1, dir, &etcd, &[]);
-    let _west = Apiserver::start_as("west", 2, dir, &etcd, &[]);
-    for (cluster, cid) in [("east", 1), ("west", 2)] {
+    let _west = Apiserver::start_as("west", 4095, dir, &etcd, &[]);
+    for (cluster, cid) in [("east", 1), ("west", 4095)] {
         eventually(&format!("{cluster}'s identities"), TIMEOUT, || {
             identities_are(
                 c.clone(),
@@ -1318,6 +1319,66 @@ async fn publishes_into_a_hub_under_its_prefix_with_the_same_identities() {
         let k = kv.key_str().expect("utf-8");
         assert!(k.starts_with("fleetmesh/clusters/east/"), "the hub holds {k}");
     }
+}
+
+/// A hub member that is down (here the first endpoint of the hub config: nothing listens there) costs one failed
+/// session: the publisher talks to one member at a time and moves to the next, so its records and a steady
+/// heartbeat (`--heartbeat-interval`) reach the hub through the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn publishes_into_a_hub_with_a_member_down_and_keeps_its_heartbeat_fresh() {
+    let (own, hub) = (Etcd::start().await, Etcd::start().await);
+    let h = hub.client().await;
+    let manifests = tempfile::tempdir().expect("tempdir");
+    write_atomic(manifests.path(), "nodes.yaml", &nodes_yaml(&[N1]));
+    let cfg = tempfile::tempdir().expect("tempdir");
+    let file = cfg.path().join("hub-config.yaml");
+    let dead = mesh_testkit::url(mesh_testkit::free_port());
+    std::fs::write(
+        &file,
+        format!(
+            "endpoints: [{dead}, {}]\nprefix: fleetmesh/clusters/east\n",
+            hub.url()
+        ),
+    )
+    .expect("write hub config");
+    let file = file.display().to_string();
+    let _east = Apiserver::start_with(
+        manifests.path(),
+        &own,
+        &["--hub-config", &file, "--heartbeat-interval", "200ms"],
+    );
+    let keys = Keys::new("fleetmesh/clusters/east");
+    let heartbeat_age = |h: &Client| {
+        let (mut h, key) = (h.clone(), keys.heartbeat("east"));
+        async move {
+            let (v, _) = get(&mut h, &key).await?.ok_or("no heartbeat")?;
+            let hb: mesh_kvstore::Heartbeat = serde_json::from_slice(&v).map_err(|e| e.to_string())?;
+            Ok::<u64, String>(crate_now_ms().saturating_sub(hb.time_ms))
+        }
+    };
+    eventually("east's node in the hub", TIMEOUT, || {
+        let (mut h, key) = (h.clone(), keys.node("east", "east-node-1"));
+        async move {
+            get(&mut h, &key)
+                .await?
+                .map(drop)
+                .ok_or_else(|| "missing".to_owned())
+        }
+    })
+    .await;
+    // Written every 200ms: never seconds old while the session lasts (sessions that keep failing would leave it so).
+    stays("a fresh heartbeat in the hub", Duration::from_secs(3), || {
+        let age = heartbeat_age(&h);
+        async move {
+            let age = age.await?;
+            if age < 2_500 {
+                Ok(())
+            } else {
+                Err(format!("the heartbeat is {age} ms old"))
+            }
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -77,6 +77,12 @@ struct Args {
     /// have one). An annotation always wins.
     #[arg(long, env = "FLEETMESH_SERVICE_AFFINITY_DEFAULT", default_value = "none")]
     service_affinity_default: mesh_model::service::Affinity,
+    /// A peer read through a fleet hub counts unreachable when this agent has seen no new heartbeat of it for this
+    /// long while connected to the hub (its apiserver stopped publishing: the cluster is offline); after
+    /// --remote-grace-period its backends are withdrawn, and a fresh heartbeat brings them back. 3× the apiservers'
+    /// `--heartbeat-interval` (10s by default). 0: peers read through a hub are judged by the connection only.
+    #[arg(long, default_value = "30s", value_parser = mesh_model::duration::parse_duration)]
+    remote_heartbeat_timeout: Duration,
     /// How often remote etcd connections are pinged to notice a dead peer. Must not be shorter than the peers'
     /// etcd `--grpc-keepalive-min-time` (5s by default), or etcd drops the connection.
     #[arg(long, default_value = "6s", value_parser = mesh_model::duration::parse_duration)]
@@ -203,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
     remote::set_keepalive_interval(args.remote_keepalive_interval);
     // A peer file that is briefly missing or unreadable does not cut the peer before its backends would go.
     remotes.set_peer_file_grace(args.remote_grace_period);
+    remotes.set_heartbeat_timeout(args.remote_heartbeat_timeout);
     remotes.set_limits(mesh_kvstore::etcd::Limits {
         max_keys: args.remote_max_keys,
         max_bytes: args.remote_max_bytes,

@@ -115,6 +115,10 @@ pub struct RemoteCluster {
     pub unreachable_since_ms: Option<u64>,
     /// Unix ms of the last answer from the cluster's etcd (watch event or liveness probe).
     pub last_alive_ms: Option<u64>,
+    /// The time its last heartbeat record says (the cluster's clock): read through a fleet hub, a heartbeat that
+    /// stops changing makes the cluster unreachable ([`Remotes::set_heartbeat_timeout`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
     /// Number of (re)connections that reached the synced state.
     pub syncs: u64,
     /// Backends of all its service records (kept as records change).
@@ -325,6 +329,7 @@ impl RemoteCluster {
             capacities: imbl::OrdMap::new(),
             unreachable_since_ms: None,
             last_alive_ms: None,
+            heartbeat_ms: None,
             usable: true,
             decode_errors: BTreeMap::new(),
             recent_refusals: VecDeque::new(),
@@ -471,6 +476,8 @@ pub struct Remotes {
     limits: Arc<Mutex<mesh_kvstore::etcd::Limits>>,
     /// How long a peer whose file is missing or unreadable keeps its watcher and data.
     peer_file_grace: Arc<Mutex<Duration>>,
+    /// How old a hub peer's heartbeat may get before the peer counts unreachable (zero: never).
+    heartbeat_timeout: Arc<Mutex<Duration>>,
     /// What changed since the reconciler last looked (lock order: after `inner`/`own`).
     journal: Arc<Mutex<Journal>>,
     /// The membership selector in force and the peers it leaves out.
@@ -504,6 +511,7 @@ impl Remotes {
             claims: Arc::default(),
             limits: Arc::default(),
             peer_file_grace: Arc::new(Mutex::new(DEFAULT_PEER_FILE_GRACE)),
+            heartbeat_timeout: Arc::new(Mutex::new(DEFAULT_HEARTBEAT_TIMEOUT)),
             journal: Arc::default(),
             selection: Arc::default(),
             wake,
@@ -562,6 +570,24 @@ impl Remotes {
             .peer_file_grace
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = grace;
+    }
+
+    /// Sets how long a peer read through a fleet hub may go without a new heartbeat (while this agent is connected
+    /// to the hub) before it counts unreachable, as a peer whose etcd is unreachable pairwise: after the grace
+    /// period its backends are withdrawn, and a new heartbeat brings it back. Zero: such peers are judged by the
+    /// connection only. Read at every check, so it applies to running watchers.
+    pub fn set_heartbeat_timeout(&self, timeout: Duration) {
+        *self
+            .heartbeat_timeout
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = timeout;
+    }
+
+    fn heartbeat_timeout(&self) -> Duration {
+        *self
+            .heartbeat_timeout
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn peer_file_grace(&self) -> Duration {
@@ -790,6 +816,10 @@ impl SelectorFile {
         self.good.as_ref().map(Option::as_ref).ok_or(())
     }
 }
+
+/// How long a peer read through a fleet hub may go without a new heartbeat, by default: 3× the apiservers' default
+/// `--heartbeat-interval` (10 s).
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Starts and stops watchers as the clustermesh config directory changes. A peer whose file disappears or fails to
 /// parse keeps its watcher (with the last good config) and its data for the peer file grace period; a peer whose
@@ -1035,6 +1065,14 @@ struct Session {
     via_cache: bool,
     /// When the cache last heard from the cluster, as its last status said.
     upstream_alive_ms: Option<u64>,
+    /// The peer file's prefix is a fleet hub's (`<prefix>/clusters/<cluster>`): the cluster's liveness is its
+    /// heartbeat's, not the hub connection's.
+    via_hub: bool,
+    /// Through a hub: when (this agent's clock) a new heartbeat of the cluster was last seen, or the session
+    /// started (a hub that was away for a while does not make its peers silent).
+    heartbeat_seen_ms: u64,
+    /// Through a hub: the last publish found the heartbeat too old.
+    silent: bool,
     /// Keys changed since the last publish that applied them.
     dirty: ClusterChanges,
     /// The next publish compares every key (after a list, or after the cluster's data was refused).
@@ -1169,9 +1207,13 @@ impl Watcher {
                     reason: reason.clone(),
                 };
                 // Retries do not move this: it is when the cluster was last known to be reachable (its last answer,
-                // or now when it never answered).
-                rc.unreachable_since_ms
-                    .get_or_insert(rc.last_alive_ms.unwrap_or(now).min(now));
+                // or now when it never answered). Through a fleet hub the lost connection is the hub's, not the
+                // cluster's: its data stays in use (the hub's loss is not every peer's), and its heartbeat judges it
+                // again once the hub is back.
+                if !self.via_hub() {
+                    rc.unreachable_since_ms
+                        .get_or_insert(rc.last_alive_ms.unwrap_or(now).min(now));
+                }
             });
             tokio::time::sleep(backoff.after(started.elapsed())).await;
         }
@@ -1194,9 +1236,59 @@ impl Watcher {
         }
     }
 
+    /// Whether the peer is read through a fleet hub: its peer file's prefix is `<prefix>/clusters/<cluster>`
+    /// ([`Keys::hub_cluster_prefix`], as `meshctl clustermesh hub connect` writes it).
+    fn via_hub(&self) -> bool {
+        let suffix = format!("/clusters/{}", self.name);
+        self.scope == Scope::Peer
+            && self
+                .cfg
+                .prefix
+                .as_deref()
+                .is_some_and(|p| p.trim_end_matches('/').ends_with(&suffix))
+    }
+
+    /// Through a fleet hub: why the cluster counts unreachable, and since when (its last heartbeat seen), when no
+    /// new heartbeat came for longer than the heartbeat timeout.
+    fn silent(&self, s: &Session) -> Option<(String, u64)> {
+        let timeout = self.remotes.heartbeat_timeout();
+        if !s.via_hub || timeout.is_zero() {
+            return None;
+        }
+        let age = now_ms().saturating_sub(s.heartbeat_seen_ms);
+        (u128::from(age) > timeout.as_millis()).then(|| {
+            (
+                format!(
+                    "no new heartbeat of the cluster in the hub for {:.1}s (--remote-heartbeat-timeout {:?}): its \
+                     apiserver stopped publishing",
+                    Duration::from_millis(age).as_secs_f64(),
+                    timeout
+                ),
+                s.heartbeat_seen_ms,
+            )
+        })
+    }
+
+    /// Through a fleet hub: how long until the heartbeat gets too old (`None`: not judged, or already silent).
+    fn silent_in(&self, s: &Session) -> Option<Duration> {
+        let timeout = self.remotes.heartbeat_timeout();
+        if !s.via_hub || s.silent || timeout.is_zero() {
+            return None;
+        }
+        let age = Duration::from_millis(now_ms().saturating_sub(s.heartbeat_seen_ms));
+        Some(timeout.saturating_sub(age) + Duration::from_millis(1))
+    }
+
     fn new_session(&self) -> Session {
         let cache_suffix = format!("/kvstoremesh/{}", self.name);
+        // Through a hub the heartbeat's age counts from the session's start: time without the hub is not the
+        // peer's silence. A peer found silent before stays so until a new heartbeat comes.
+        let silent_since = self.remotes.read(self.scope, |m| {
+            m.get(&self.name).and_then(|rc| rc.unreachable_since_ms)
+        });
         Session {
+            via_hub: self.via_hub(),
+            heartbeat_seen_ms: silent_since.unwrap_or_else(now_ms),
             via_cache: self
                 .cfg
                 .prefix
@@ -1341,6 +1433,21 @@ impl Watcher {
                     .get_or_insert(last_alive_ms.min(now_ms()));
                 return;
             }
+            // Through a fleet hub, a cluster whose heartbeat stopped changing is offline (its apiserver cannot
+            // reach the hub, or is gone): unreachable since its last heartbeat, as a peer whose etcd is lost. Its
+            // records keep following the hub meanwhile (they change no more, or vanish with their lease).
+            let silent = self.silent(s);
+            s.silent = silent.is_some();
+            if let Some((reason, since)) = silent {
+                if !matches!(rc.state, SyncState::Disconnected { .. }) {
+                    warn!(cluster = %name, reason = %reason, "remote cluster silent in the hub");
+                    rc.state = SyncState::Disconnected {
+                        since_ms: now_ms(),
+                        reason,
+                    };
+                }
+                rc.unreachable_since_ms.get_or_insert(since.min(now_ms()));
+            }
             // This cluster's own etcd is complete once its identities are (its nodes come from the source).
             let complete = if own { s.identities_synced } else { s.synced };
             if complete {
@@ -1351,11 +1458,13 @@ impl Watcher {
                         self.remotes.release(&name, node, &old.pod_cidrs);
                     }
                 }
-                if !matches!(rc.state, SyncState::Synced { .. }) {
-                    rc.state = SyncState::Synced { since_ms: now_ms() };
-                    rc.syncs += 1;
+                if !s.silent {
+                    if !matches!(rc.state, SyncState::Synced { .. }) {
+                        rc.state = SyncState::Synced { since_ms: now_ms() };
+                        rc.syncs += 1;
+                    }
+                    rc.unreachable_since_ms = None;
                 }
-                rc.unreachable_since_ms = None;
             }
             // Only the keys that changed since the last publish are compared, except after a list or a refusal
             // (every key) and when a kind becomes the truth (its synced marker: what is absent goes).
@@ -1687,6 +1796,28 @@ impl Watcher {
                 s.config = config;
                 s.grant = grant;
             }
+            // Through a hub, a heartbeat that differs from the last one seen (also in an earlier session) is news
+            // from the cluster.
+            KeyKind::Heartbeat if s.via_hub => {
+                let Some(v) = value else { return };
+                match serde_json::from_slice::<mesh_kvstore::Heartbeat>(v) {
+                    Ok(hb) => {
+                        let mut new = false;
+                        self.remotes.note(self.scope, &self.name, |rc| {
+                            new = rc.heartbeat_ms != Some(hb.time_ms);
+                            rc.heartbeat_ms = Some(hb.time_ms);
+                        });
+                        if new {
+                            s.heartbeat_seen_ms = now_ms();
+                        }
+                    }
+                    Err(e) => {
+                        // The last good heartbeat stays what the cluster is judged by.
+                        warn!(cluster = %self.name, error = %e, "skipping malformed heartbeat");
+                        self.count_error("bad_json");
+                    }
+                }
+            }
             KeyKind::Other if key == self.keys.kvstoremesh_status() => {
                 s.upstream = match value {
                     None => None,
@@ -1809,7 +1940,18 @@ impl Watcher {
         let heartbeat = self.keys.heartbeat(&self.name);
         let mut kv = client.kv_client();
         loop {
+            // Through a hub: wakes when the peer's heartbeat gets too old (a new one moves the deadline).
+            let silent_in = self.silent_in(&s);
             let resp = tokio::select! {
+                () = async {
+                    match silent_in {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.publish(&mut s);
+                    continue;
+                }
                 msg = stream.message() => match msg? {
                     Some(resp) => {
                         conn.answered();
@@ -1839,6 +1981,14 @@ impl Watcher {
                     }
                     if !s.overlapping.is_empty() && self.retry_overlapping(&mut s) {
                         self.publish(&mut s);
+                    }
+                    // Another session found this client's endpoint unreachable and retired it: move to the
+                    // current client (one connection per distinct etcd), keeping the data meanwhile.
+                    if !crate::etcd_pool::pool().is_current(conn).await {
+                        return Ok(Ended::Relist(format!(
+                            "the shared client of {} was retired; moving to the current one",
+                            conn.endpoint
+                        )));
                     }
                     continue;
                 }

@@ -5,16 +5,16 @@ use std::process::{Command, Output};
 
 /// Runs mesh-agent with the required flags, `args` and `env`, and nothing inherited that configures it.
 fn agent(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut all = vec!["--cluster-id", "1"];
+    all.extend_from_slice(args);
+    agent_without_id(&all, env)
+}
+
+/// As [`agent`], without `--cluster-id`.
+fn agent_without_id(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mesh-agent"));
-    cmd.args([
-        "--node-name",
-        "east-node-1",
-        "--cluster-name",
-        "east",
-        "--cluster-id",
-        "1",
-    ])
-    .args(args);
+    cmd.args(["--node-name", "east-node-1", "--cluster-name", "east"])
+        .args(args);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("FLEETMESH_") || k == "RUST_LOG" {
             cmd.env_remove(k);
@@ -56,4 +56,35 @@ fn the_service_affinity_default_is_documented_with_its_environment_variable() {
             && help.contains("[default: none]"),
         "{help}"
     );
+}
+
+#[test]
+fn cluster_ids_beyond_1_to_4095_fail_at_start_naming_the_flag() {
+    for id in ["0", "4096"] {
+        for (args, env) in [
+            (vec!["--cluster-id", id], vec![]),
+            (vec![], vec![("FLEETMESH_CLUSTER_ID", id)]),
+        ] {
+            let out = agent_without_id(&args, &env);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "a usage error ({args:?} {env:?}): {stderr}"
+            );
+            assert!(
+                stderr.contains("--cluster-id") && stderr.contains(&format!("{id} is not in 1..=4095")),
+                "{args:?} {env:?}: {stderr}"
+            );
+        }
+    }
+    // The edges themselves parse (`--help` after the id: clap checks the value first, then prints the help).
+    for id in ["1", "4095"] {
+        let out = agent_without_id(&["--cluster-id", id, "--help"], &[]);
+        assert!(
+            out.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

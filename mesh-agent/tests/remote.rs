@@ -409,6 +409,193 @@ async fn follows_a_cluster_through_a_kvstoremesh_cache_and_its_status() {
     agent.wait("west", "back", is_synced).await;
 }
 
+fn heartbeat(time_ms: u64) -> String {
+    encode(&mesh_kvstore::Heartbeat { time_ms })
+}
+
+fn is_silent(w: &RemoteCluster) -> Result<(), String> {
+    match &w.state {
+        SyncState::Disconnected { reason, .. }
+            if reason.contains("no new heartbeat") && w.unreachable_since_ms.is_some() =>
+        {
+            Ok(())
+        }
+        _ => Err("not silent".into()),
+    }
+}
+
+/// Whether the agent's global services would use west's backends now with a grace period of `grace_ms`.
+fn serves(agent: &Agent, grace_ms: u64) -> bool {
+    mesh_agent::lb::reachable(&agent.remotes.snapshot(), mesh_agent::remote::now_ms(), grace_ms)
+        .contains_key("west")
+}
+
+/// Read through a fleet hub (`prefix: fleetmesh/clusters/west`), a peer is judged by its heartbeat: no new one for
+/// longer than the heartbeat timeout makes it unreachable since the last one (its backends go after the grace
+/// period, its data stays), a malformed one is counted and changes nothing, a new one brings it back, and fresh
+/// ones keep it. Losing the hub is not the peer's silence: its data stays in use, and once the hub is back the
+/// heartbeat's age counts from the reconnection. A pairwise peer without any heartbeat is never judged by one, and
+/// counts unreachable when its etcd goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_read_through_a_hub_is_judged_by_its_heartbeat() {
+    let mut hub = Etcd::start().await;
+    let mut c = hub.client().await;
+    let via_hub = Keys::new(&Keys::default().hub_cluster_prefix("west"));
+    let pairwise = Keys::default();
+    for keys in [&via_hub, &pairwise] {
+        for (k, v) in [
+            (keys.cluster_config("west"), config(2)),
+            (keys.node("west", "west-node-1"), encode(&node(1))),
+            (keys.synced("west", mesh_kvstore::kinds::NODES), synced_marker()),
+        ] {
+            c.put(k, v, None).await.expect("seed");
+        }
+    }
+    c.put(via_hub.heartbeat("west"), heartbeat(1), None)
+        .await
+        .expect("heartbeat");
+    let started = mesh_agent::remote::now_ms();
+    let agent = Agent::start(&[(
+        "west",
+        peer_file(&hub, &format!("prefix: {}\n", via_hub.prefix())),
+    )]);
+    agent
+        .remotes
+        .set_heartbeat_timeout(std::time::Duration::from_secs(1));
+    let control = Agent::start(&[("west", peer_file(&hub, ""))]);
+    control
+        .remotes
+        .set_heartbeat_timeout(std::time::Duration::from_secs(1));
+    agent
+        .wait("west", "synced through the hub", |w| {
+            is_synced(w)?;
+            has_nodes(w, &[1])
+        })
+        .await;
+
+    // No new heartbeat: silent, unreachable since the list (when the last one was seen), data kept.
+    let west = agent
+        .wait("west", "silent without a new heartbeat", |w| {
+            is_silent(w)?;
+            has_nodes(w, &[1])
+        })
+        .await;
+    let since = west.unreachable_since_ms.expect("unreachable");
+    assert!(since >= started, "since {since}, started {started}");
+    assert_eq!(west.heartbeat_ms, Some(1), "{west:?}");
+    assert!(!serves(&agent, 0), "withdrawn once the grace period is over");
+    assert!(serves(&agent, 3_600_000), "kept within the grace period");
+    // The pairwise peer has no heartbeat at all and is not judged by one.
+    let w = control.wait("west", "pairwise synced", is_synced).await;
+    assert_eq!(w.unreachable_since_ms, None, "{w:?}");
+
+    // A malformed heartbeat is counted and is no news.
+    c.put(via_hub.heartbeat("west"), "{not json", None)
+        .await
+        .expect("bad heartbeat");
+    let west = agent
+        .wait("west", "malformed heartbeat counted", |w| {
+            if w.decode_errors.get("bad_json") == Some(&1) {
+                is_silent(w)
+            } else {
+                Err("not counted".into())
+            }
+        })
+        .await;
+    assert_eq!(west.unreachable_since_ms, Some(since));
+
+    // A new heartbeat: back, and in use again.
+    c.put(via_hub.heartbeat("west"), heartbeat(2), None)
+        .await
+        .expect("heartbeat");
+    let west = agent
+        .wait("west", "back with a new heartbeat", |w| {
+            is_synced(w)?;
+            if w.unreachable_since_ms.is_some() {
+                return Err("still unreachable".into());
+            }
+            has_nodes(w, &[1])
+        })
+        .await;
+    assert_eq!(west.syncs, 2, "{west:?}");
+    assert!(serves(&agent, 0));
+
+    // Fresh heartbeats (5 per timeout) keep it.
+    let writer = {
+        let mut c = c.clone();
+        let key = via_hub.heartbeat("west");
+        tokio::spawn(async move {
+            for t in 3.. {
+                let _ = c.put(key.as_str(), heartbeat(t), None).await;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        })
+    };
+    mesh_testkit::stays(
+        "synced while heartbeats come",
+        std::time::Duration::from_millis(2500),
+        || {
+            let r = match agent.remotes.snapshot().remove("west") {
+                Some(w) if w.unreachable_since_ms.is_none() => is_synced(&w),
+                other => Err(format!("{other:?}")),
+            };
+            async move { r }
+        },
+    )
+    .await;
+    writer.abort();
+
+    // The hub goes away: disconnected, its data kept and in use (the pairwise peer counts unreachable).
+    let port = hub.client_port;
+    agent
+        .remotes
+        .set_heartbeat_timeout(std::time::Duration::from_secs(3));
+    hub.stop();
+    agent
+        .wait("west", "disconnected from the hub", |w| {
+            has_nodes(w, &[1])?;
+            match &w.state {
+                SyncState::Disconnected { reason, .. } if !reason.contains("heartbeat") => Ok(()),
+                _ => Err("not disconnected".into()),
+            }
+        })
+        .await;
+    control
+        .wait("west", "the pairwise peer unreachable", |w| {
+            w.unreachable_since_ms
+                .map(drop)
+                .ok_or_else(|| "reachable".to_owned())
+        })
+        .await;
+    mesh_testkit::stays(
+        "the hub's peer stays in use without the hub",
+        std::time::Duration::from_secs(4),
+        || {
+            let r = if serves(&agent, 0) {
+                Ok(())
+            } else {
+                Err(format!("{:?}", agent.remotes.snapshot().get("west")))
+            };
+            async move { r }
+        },
+    )
+    .await;
+
+    // The hub is back with the heartbeat it had: synced at once (the time without the hub was not the peer's
+    // silence), then silent again once no new heartbeat comes for the timeout.
+    hub.start_on(port).await.expect("hub back");
+    let west = agent
+        .wait("west", "synced after the hub came back", |w| {
+            is_synced(w)?;
+            has_nodes(w, &[1])
+        })
+        .await;
+    assert_eq!(west.unreachable_since_ms, None, "{west:?}");
+    agent
+        .wait("west", "silent again without a new heartbeat", is_silent)
+        .await;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Identities and ips
 // ---------------------------------------------------------------------------------------------------------------

@@ -729,6 +729,39 @@ mod tests {
     }
 
     #[test]
+    fn identity_layout_holds_at_the_cluster_id_edges() {
+        let max = mesh_model_max();
+        for cluster in [1, 2, 2048, max - 1, max] {
+            for local in [
+                identity::FIRST_ALLOCATED,
+                identity::FIRST_CIDR,
+                identity::LOCAL_MASK,
+            ] {
+                let id = identity::compose(cluster, local);
+                assert_eq!(identity::cluster(id), cluster, "{cluster}/{local}");
+                assert_eq!(identity::local(id), local, "{cluster}/{local}");
+                // Only the per-cluster number travels in the VNI, and it fits the 24 bits the kernel keeps.
+                assert_eq!(identity::local(id) & VNI_MASK, local, "{cluster}/{local}");
+            }
+        }
+        // The largest identity of the largest cluster uses every bit; no two edge clusters share an identity.
+        assert_eq!(identity::compose(max, identity::LOCAL_MASK), u32::MAX);
+        assert_eq!(identity::compose(1, identity::FIRST_ALLOCATED), 0x0010_0100);
+        assert_ne!(
+            identity::compose(1, identity::LOCAL_MASK),
+            identity::compose(max, identity::LOCAL_MASK)
+        );
+        assert!(identity::compose(1, 0) > identity::compose(0, identity::LOCAL_MASK));
+        // A per-cluster number wider than 20 bits never spills into the cluster part.
+        assert_eq!(identity::cluster(identity::compose(1, u32::MAX)), 1);
+    }
+
+    /// The largest cluster id (mesh-model's `MAX_CLUSTER_ID`; this crate depends on nothing): 12 bits.
+    const fn mesh_model_max() -> u16 {
+        (1 << (32 - identity::LOCAL_BITS)) - 1
+    }
+
+    #[test]
     fn pod_mac_is_locally_administered_unicast() {
         let mac = pod_mac_for_ipv4([10, 1, 0, 2]);
         assert_eq!(mac, [0x0a, 0x58, 10, 1, 0, 2]);

@@ -860,6 +860,39 @@ mod tests {
     }
 
     #[test]
+    fn identities_of_the_edge_cluster_ids_cross_the_overlay_whole() {
+        // A pod of cluster 1 or 4095 sends the per-cluster number only; the receiver puts the sender's cluster back
+        // from its tunnel peer entry, whatever the number (the lowest allocated one up to the largest).
+        let mut m = TestMaps::default();
+        for (i, cluster) in [1u16, 2048, 4095].into_iter().enumerate() {
+            let node = PEER_NODE + 10 + u32::try_from(i).unwrap_or(0);
+            m.peers.insert(
+                node,
+                TunnelPeer {
+                    cluster_id: cluster,
+                    ..Default::default()
+                },
+            );
+            for number in [identity::FIRST_ALLOCATED, identity::LOCAL_MASK] {
+                let sent = identity::compose(cluster, number);
+                let vni = vni_for(Some(&ep(sent, 0)));
+                assert_eq!(vni, number, "cluster {cluster}: only the number travels");
+                assert!(vni <= mesh_common::VNI_MASK);
+                assert_eq!(
+                    overlay_source_identity(node, vni, &m),
+                    sent,
+                    "cluster {cluster}, number {number}"
+                );
+            }
+        }
+        // The same number from the two edge clusters stays two identities.
+        assert_ne!(
+            overlay_source_identity(PEER_NODE + 10, 300, &m),
+            overlay_source_identity(PEER_NODE + 12, 300, &m)
+        );
+    }
+
+    #[test]
     fn policy_tuple_is_translated_destination_and_original_source() {
         let original = tcp(POD_A, 40000, [10, 96, 0, 10], 80);
         assert_eq!(policy_tuple(&original, None), original);

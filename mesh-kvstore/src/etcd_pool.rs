@@ -5,7 +5,8 @@
 //!
 //! A client talks to one endpoint of its set at a time. When a watcher's session ends because that endpoint is
 //! unreachable ([`is_unreachable`]), the client is retired: the next session of any watcher connects to the next
-//! endpoint (members of a hub, in turn), while sessions still running on the old client keep it until they end.
+//! endpoint (members of a hub, in turn); sessions still running on the old client move to the current one at their
+//! next liveness probe ([`Pool::is_current`]), so that the agent ends up with one client again.
 //! Errors that are not about the connection (a permission refused, a malformed answer) leave the client alone.
 
 use std::collections::HashMap;
@@ -159,6 +160,16 @@ impl Pool {
         }
     }
 
+    /// Whether `conn` is still the client of its target: false once it was retired (a session on it found its
+    /// endpoint unreachable), when the sessions still on it should move to the current one.
+    pub async fn is_current(&self, conn: &Conn) -> bool {
+        self.entries
+            .lock()
+            .await
+            .get(&conn.target)
+            .is_some_and(|e| e.generation == conn.generation && e.conn.strong_count() > 0)
+    }
+
     /// How many clients are alive (for tests and status).
     pub async fn clients(&self) -> usize {
         self.entries
@@ -227,8 +238,10 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &c));
         // Unreachable: the next client talks to the next endpoint (here a dead one: the connect fails, and the
         // attempt after it is on the live one again).
+        assert!(pool.is_current(&a).await);
         pool.ended(&a, anyhow::Error::new(Unreachable("gone".into())).as_ref())
             .await;
+        assert!(!pool.is_current(&a).await, "retired: its sessions move on");
         drop((a, b, c));
         match pool.get(target.clone(), opts()).await {
             Ok(conn) => assert_eq!(conn.endpoint, dead, "moved to the next endpoint"),

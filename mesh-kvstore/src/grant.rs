@@ -262,6 +262,92 @@ mod tests {
     }
 
     #[test]
+    fn records_of_the_edge_cluster_ids_pass_their_grant_and_no_other() {
+        for (id, other) in [(1u16, 4095u16), (4095, 1), (4095, 4094)] {
+            let g = Grant {
+                cluster_id: id,
+                ..grant(None)
+            };
+            let n = NodeRecord {
+                cluster_id: id,
+                ..node()
+            };
+            assert_eq!(
+                g.decode_node("k", "west-node-1", encode(&n).as_bytes()),
+                Ok(n.clone()),
+                "{id}"
+            );
+            let svc = ServiceRecord {
+                cluster_id: id,
+                ..service(1, [10, 2, 0, 5])
+            };
+            assert_eq!(
+                g.decode_service("k", "shop", "api", encode(&svc).as_bytes()),
+                Ok(svc.clone()),
+                "{id}"
+            );
+            let rec = identity(id);
+            assert_eq!(
+                g.decode_identity("k", 300, encode(&rec).as_bytes()),
+                Ok(rec.clone()),
+                "{id}"
+            );
+            let addr = ip(compose(id, 300), [10, 2, 0, 5]);
+            let pinned = Grant {
+                cluster_id: id,
+                ..grant(Some(&["10.2.0.0/16"]))
+            };
+            assert_eq!(
+                pinned.decode_ip("k", addr.ipv4, encode(&addr).as_bytes()),
+                Ok(addr),
+                "{id}"
+            );
+            // The same records with the other edge's id are another cluster's: refused by reason.
+            let n = NodeRecord {
+                cluster_id: other,
+                ..n
+            };
+            assert_eq!(node_err(&g, &n), "wrong_cluster_id", "{id} vs {other}");
+            let svc = ServiceRecord {
+                cluster_id: other,
+                ..svc
+            };
+            assert_eq!(
+                g.decode_service("k", "shop", "api", encode(&svc).as_bytes())
+                    .expect_err("other id")
+                    .reason(),
+                "wrong_cluster_id"
+            );
+            assert_eq!(
+                g.decode_identity("k", 300, encode(&identity(other)).as_bytes())
+                    .expect_err("other id")
+                    .reason(),
+                "wrong_cluster_id"
+            );
+            let addr = ip(compose(other, 300), [10, 2, 0, 5]);
+            assert_eq!(
+                pinned
+                    .decode_ip("k", addr.ipv4, encode(&addr).as_bytes())
+                    .expect_err("other id")
+                    .reason(),
+                "wrong_cluster_id"
+            );
+        }
+        // Beyond the edges a record is invalid whatever the grant.
+        for id in [0u16, 4096] {
+            let n = NodeRecord {
+                cluster_id: id,
+                ..node()
+            };
+            let g = Grant {
+                cluster_id: id,
+                ..grant(None)
+            };
+            assert_eq!(node_err(&g, &n), "invalid", "{id}");
+        }
+    }
+
+    #[test]
     fn a_node_record_carries_the_granted_id() {
         let g = grant(None);
         assert_eq!(

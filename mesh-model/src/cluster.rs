@@ -4,6 +4,11 @@ use std::fmt;
 
 /// Largest cluster id. Ids are carried in 16-bit map fields; the lab and the first releases use 1..=4095.
 pub const MAX_CLUSTER_ID: u16 = 4095;
+// Every id fits the cluster part of an identity (the bits above the per-cluster number), and no larger one does.
+const _: () = assert!(
+    MAX_CLUSTER_ID as u32 == u32::MAX >> mesh_common::identity::LOCAL_BITS,
+    "MAX_CLUSTER_ID must match the identity layout"
+);
 /// Longest cluster name (Cilium's limit).
 pub const MAX_CLUSTER_NAME_LEN: usize = 32;
 
@@ -87,6 +92,18 @@ mod tests {
         for n in ["east", "a", "eu-west-1", "0", "c1"] {
             assert!(ClusterName::new(n).is_ok(), "{n}");
         }
+    }
+
+    #[test]
+    fn the_largest_cluster_id_owns_the_top_identities() {
+        use mesh_common::identity;
+        let top = identity::compose(MAX_CLUSTER_ID, identity::LOCAL_MASK);
+        assert_eq!(top, u32::MAX);
+        assert_eq!(identity::cluster(top), MAX_CLUSTER_ID);
+        assert_eq!(
+            identity::cluster(identity::compose(1, identity::FIRST_ALLOCATED)),
+            1
+        );
     }
 
     #[test]

@@ -535,3 +535,56 @@ fn hub_verbs_refuse_bad_input_clearly() {
     ]);
     assert!(err.contains("hub join"), "not a joined cluster's folder: {err}");
 }
+
+#[test]
+fn cluster_ids_are_1_to_4095_for_cluster_certs_and_hub_join() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (ca, out) = (t.path().join("ca"), t.path().join("out"));
+    ok(&["clustermesh", "ca", "create", "--out", s(&ca)]);
+    for id in ["1", "4095"] {
+        cluster(&ca, &out.join(id), "west", id, "100.64.15.255");
+        let yaml = std::fs::read_to_string(out.join(id).join("cluster.yaml")).expect("cluster.yaml");
+        assert!(yaml.contains(&format!("id: {id}")), "{yaml}");
+    }
+    // Beyond the edges: a usage error naming the flag and the range, before anything is written.
+    for id in ["0", "4096"] {
+        for args in [
+            vec![
+                "clustermesh",
+                "cluster-certs",
+                "--ca",
+                s(&ca),
+                "--cluster",
+                "west",
+                "--cluster-id",
+                id,
+                "--server-ip",
+                "100.64.0.2",
+                "--out",
+                s(&out),
+            ],
+            vec![
+                "clustermesh",
+                "hub",
+                "join",
+                "--hub",
+                s(&ca),
+                "--cluster",
+                "west",
+                "--cluster-id",
+                id,
+                "--out",
+                s(&out),
+            ],
+        ] {
+            let o = meshctl(&args);
+            let stderr = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains("--cluster-id") && stderr.contains(&format!("{id} is not in 1..=4095")),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+    assert!(!out.join("cluster.yaml").exists(), "a refused id wrote material");
+}

@@ -140,13 +140,20 @@ fn prefix_for(dir: &Path) -> String {
 
 /// How long agents of the lab keep an unreachable cluster's backends (short, so fault rehearsals are quick).
 pub const REMOTE_GRACE: &str = "3s";
+/// The apiservers' heartbeat interval in the lab (10s by default) and how old a peer's heartbeat may get before an
+/// agent reading it through the hub counts it unreachable (30s by default): a cluster whose apiserver stops is
+/// withdrawn from global services within seconds.
+pub const HEARTBEAT_INTERVAL: &str = "1s";
+pub const REMOTE_HEARTBEAT_TIMEOUT: &str = "5s";
 /// Where every lab agent serves `GET /healthz` and `GET /v1/summary` over TCP, inside its node's namespace
 /// (`--status-addr`).
 pub const AGENT_STATUS_ADDR: &str = "127.0.0.1:9968";
 
-/// Loopback port of cluster `id`'s etcd inside the underlay namespace (for its own apiserver).
+/// Loopback port of cluster `id`'s etcd inside the underlay namespace (for its own apiserver): 20001-24095, below
+/// the kernel's ephemeral range (from 32768), so that no outgoing connection of the namespace can hold it when the
+/// etcd of a large id starts.
 fn local_etcd_port(id: u16) -> u16 {
-    32000 + id
+    20000 + id
 }
 
 /// `--cluster-label KEY=VALUE` for each cluster label.
@@ -731,6 +738,8 @@ impl LabState {
             "1s".into(),
             "--remote-grace-period".into(),
             REMOTE_GRACE.into(),
+            "--remote-heartbeat-timeout".into(),
+            REMOTE_HEARTBEAT_TIMEOUT.into(),
             "--bpf-pin-dir".into(),
             self.bpf_pins().join(&n.name).display().to_string(),
             "--state-dir".into(),
@@ -765,6 +774,8 @@ impl LabState {
             self.pki_dir(&c.name).join("apiserver.crt").display().to_string(),
             "--etcd-key".into(),
             self.pki_dir(&c.name).join("apiserver.key").display().to_string(),
+            "--heartbeat-interval".into(),
+            HEARTBEAT_INTERVAL.into(),
         ];
         if self.hub.is_some() {
             args.push("--hub-config".into());
@@ -1130,12 +1141,16 @@ impl LabState {
             .iter()
             .flat_map(|c| c.nodes.iter().map(|n| n.pod_cidr.to_string()))
             .collect();
+        // A hub stopped on purpose (every member `lab stop`ped): no agent can sync its peers, so none is waited for.
+        let hub_stopped = self.hub.as_ref().is_some_and(|h| {
+            (1..=h.members.len()).all(|i| self.stopped.iter().any(|p| p.role == format!("etcd-hub-{i}")))
+        });
         net::wait_for("the mesh to converge", timeout, || {
             for c in &self.clusters {
                 for n in &c.nodes {
                     let role = format!("agent-{}", n.name);
                     // An agent stopped on purpose (`lab stop`) is not waited for.
-                    if self.stopped.iter().any(|p| p.role == role) {
+                    if hub_stopped || self.stopped.iter().any(|p| p.role == role) {
                         continue;
                     }
                     if !self
@@ -1856,4 +1871,42 @@ pub fn cut(dir: &Path, cluster: &str, cut: bool) -> Result<()> {
         if cut { "cut off the underlay" } else { "restored" }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_and_ports_stay_apart_up_to_the_largest_cluster_id() {
+        let max = topology::MAX_CLUSTER_ID;
+        let mut etcds = std::collections::BTreeSet::new();
+        let mut ports = std::collections::BTreeSet::new();
+        for id in 1..=max {
+            let ip = etcd_ip(id);
+            assert!(etcds.insert(ip), "etcd address {ip} of id {id} is taken");
+            assert!(ip.octets()[..2] == [100, 64], "{ip}");
+            assert!(ip != hub_ip(1) && ip != hub_ip(2) && ip != hub_ip(3));
+            let port = local_etcd_port(id);
+            assert!(
+                ports.insert(port) && port < 32768 && port != ETCD_PORT,
+                "{id}: {port}"
+            );
+        }
+        // Nodes of the edge ids: inside the underlay /10, apart from each other and from every etcd and hub member.
+        let mut nodes = std::collections::BTreeSet::new();
+        for id in [1, 2, 255, 256, 2048, max - 1, max] {
+            for index in [1, 2, topology::MAX_NODES] {
+                let ip = node_ip(id, index);
+                let [a, b, ..] = ip.octets();
+                assert!(a == 100 && (64..128).contains(&b), "{ip}");
+                assert!(!etcds.contains(&ip) && ip != hub_ip(1), "{ip}");
+                assert!(nodes.insert(ip), "node address {ip} of id {id} is taken");
+            }
+            // Interface names fit IFNAMSIZ (15 characters).
+            assert!(format!("u{id}n{}", topology::MAX_NODES).len() <= 15);
+        }
+        assert_eq!(node_ip(max, 1), Ipv4Addr::new(100, 80, 255, 1));
+        assert_eq!(etcd_ip(max), Ipv4Addr::new(100, 64, 15, 255));
+    }
 }

@@ -540,6 +540,17 @@ mod tests {
     }
 
     #[test]
+    fn the_edge_cluster_ids_load() {
+        let d = write_lab(
+            "clusters:\n  - {name: a, id: 1, podCIDR: 10.1.0.0/16, nodes: 1}\n  - {name: b, id: 4095, podCIDR: 10.2.0.0/16, nodes: 1}\n  - {name: c, id: 2048, podCIDR: 10.3.0.0/16, nodes: 1}\n",
+        );
+        let c = load(d.path()).expect("edge ids");
+        assert_eq!(c.iter().map(|c| c.id).collect::<Vec<_>>(), [1, 4095, 2048]);
+        let services: Vec<String> = c.iter().map(|c| c.service_cidr.to_string()).collect();
+        assert_eq!(services, ["198.18.1.0/24", "198.18.255.0/24", "198.18.0.0/24"]);
+    }
+
+    #[test]
     fn bad_topologies_are_refused_naming_the_field() {
         for (yaml, want) in [
             (
@@ -568,7 +579,11 @@ mod tests {
             ),
             (
                 "clusters:\n  - {name: a, id: 0, podCIDR: 10.1.0.0/16, nodes: 2}\n",
-                "field id",
+                "clusters[0] (a): field id: 0 is out of range 1-4095",
+            ),
+            (
+                "clusters:\n  - {name: a, id: 4096, podCIDR: 10.1.0.0/16, nodes: 2}\n",
+                "clusters[0] (a): field id: 4096 is out of range 1-4095",
             ),
             (
                 "clusters:\n  - {name: a, id: 1, podCIDR: 10.1.0.1/16, nodes: 2}\n",
