@@ -1485,3 +1485,99 @@ async fn kvstoremesh_mirrors_many_peers_from_a_hub_over_one_connection() {
     let n = connections_to(pid, &hub.url());
     assert_eq!(n, 1, "the mirrors of 3 peers in one hub share one connection");
 }
+
+/// The service record as agents before the backend slices read it (mesh-kvstore before `state/backends/v1`:
+/// the same fields, unknown ones refused), kept here as that version's reader.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[expect(dead_code, reason = "only decoding is checked")]
+struct PreviousServiceRecord {
+    cluster: String,
+    cluster_id: u16,
+    namespace: String,
+    name: String,
+    ports: Vec<serde_json::Value>,
+    backends: Vec<PreviousBackend>,
+    #[serde(default)]
+    mcs: Option<serde_json::Value>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[expect(dead_code, reason = "only decoding is checked")]
+struct PreviousBackend {
+    ipv4: Ipv4Addr,
+    ports: Vec<serde_json::Value>,
+    #[serde(default)]
+    weight: Option<u32>,
+}
+
+/// What an agent of the previous record format (no slices) reads of `shop/big`: its record's backends, and whether
+/// any slice key exists that it would skip.
+async fn as_previous_agent_reads(client: &mut Client) -> Result<(BTreeSet<Ipv4Addr>, usize), String> {
+    let keys = Keys::default();
+    let resp = client
+        .get(keys.service("east", "shop", "big"), None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let kv = resp.kvs().first().ok_or("no service record")?;
+    let rec: PreviousServiceRecord =
+        serde_json::from_slice(kv.value()).map_err(|e| format!("previous reader: {e}"))?;
+    let slices = client
+        .get(
+            keys.backend_slices_prefix("east"),
+            Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .kvs()
+        .len();
+    Ok((rec.backends.iter().map(|b| b.ipv4).collect(), slices))
+}
+
+/// An upgrade with agents of the previous record format still running (docs/kvstore-schema.md, "Upgrades"): with
+/// `--service-slice-size 0` every service is one record they read whole (250 backends, no slice key); with the
+/// default slicing a service of at most 100 backends is one record too. Only a larger service with slicing on is
+/// one they read without backends (the docs say: upgrade agents first, or run with 0 until they are).
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_of_the_previous_record_format_read_services_during_an_upgrade() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let manifests = tempfile::tempdir().expect("tempdir");
+    let dir = manifests.path();
+    write_atomic(dir, "all.yaml", &big_service_yaml(0..250));
+    let api = Apiserver::start_with(dir, &etcd, &["--service-slice-size", "0"]);
+    eventually(
+        "250 backends in one record the previous reader takes",
+        TIMEOUT,
+        || {
+            let mut c = c.clone();
+            async move {
+                match as_previous_agent_reads(&mut c).await? {
+                    (ips, 0) if ips == big_ips(0..250) => Ok(()),
+                    (ips, n) => Err(format!("{} backends, {n} slice keys", ips.len())),
+                }
+            }
+        },
+    )
+    .await;
+    drop(api);
+
+    // Slicing on (the default), 60 backends: one record, read whole by the previous reader.
+    write_atomic(dir, "all.yaml", &big_service_yaml(0..60));
+    let _api = Apiserver::start(dir, &etcd);
+    eventually("60 backends in one record with slicing on", TIMEOUT, || {
+        let mut c = c.clone();
+        async move {
+            match as_previous_agent_reads(&mut c).await? {
+                (ips, 0) if ips == big_ips(0..60) => Ok(()),
+                (ips, n) => Err(format!("{} backends, {n} slice keys", ips.len())),
+            }
+        }
+    })
+    .await;
+    // And the current reader agrees.
+    let (record, _, slices) = big_service(&mut c).await.expect("read");
+    assert_eq!(record.len(), 60);
+    assert!(slices.is_empty());
+}
