@@ -392,6 +392,24 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
         NODES.to_string(),
     ])?;
     println!("  filled in {:.1} s", started.elapsed().as_secs_f64());
+    // Their heartbeats, kept fresh as their apiservers would (agents judge hub peers by them).
+    let _heartbeats = Procs(vec![scale::spawn_in(
+        &sandbox.netns,
+        &bench.fleet_bin,
+        &[
+            "heartbeats".into(),
+            "--hub".into(),
+            "--etcd".into(),
+            hub_urls().join(","),
+            "--clusters".into(),
+            (CLUSTERS - REAL).to_string(),
+            "--first".into(),
+            (FIRST + REAL).to_string(),
+            "--for-secs".into(),
+            "1800".into(),
+        ],
+        &root.join("heartbeats.log"),
+    )?]);
     // The first REAL clusters: real clustermesh-apiservers publishing concurrently.
     hub.0.push(scale::start_etcd(
         &sandbox.netns,
