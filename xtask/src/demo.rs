@@ -93,6 +93,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         } else {
             state::down(&hub_dir)?;
         }
+        if !summary.ends_with('\n') {
+            summary.push('\n');
+        }
         summary.push_str(&result?);
     }
     println!(
