@@ -19,13 +19,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use mesh_kvstore::etcd::{list_paged, watch_client};
-use mesh_kvstore::etcd_pool::{Conn, pool};
+use mesh_kvstore::etcd_pool::{Conn, Target, pool};
 use mesh_kvstore::peer::RemoteConfig;
 use mesh_kvstore::{Keys, KvstoremeshStatus, encode};
 use tokio::task::JoinHandle;
 use tracing::{info, instrument, warn};
 
-use crate::publisher::{EtcdTls, now_ms, pool_target};
+use crate::publisher::{EtcdTls, now_ms, tls_options_of};
 
 /// How often a mirror proves its peer alive (and keeps its status lease alive).
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -48,14 +48,31 @@ impl Local {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5));
-        let opts = match &self.tls {
-            Some(t) => opts.with_tls(t.options()?),
-            None => opts,
-        };
-        Ok(pool()
-            .get(pool_target(&self.endpoints, self.tls.as_ref())?, opts)
-            .await?)
+        let (target, opts) = pooled(&self.endpoints, self.tls.as_ref(), opts)?;
+        Ok(pool().get(target, opts).await?)
     }
+}
+
+/// The pool target ([`mesh_kvstore::etcd_pool`]: endpoints and TLS material) and the connect options of an etcd,
+/// its TLS files read once: the mirrors of N peers read through one fleet hub share one connection to it, not N.
+fn pooled(
+    endpoints: &[String],
+    tls: Option<&EtcdTls>,
+    opts: ConnectOptions,
+) -> anyhow::Result<(Target, ConnectOptions)> {
+    let pem = tls.map(EtcdTls::pem).transpose()?.unwrap_or_default();
+    let opts = if tls.is_some() {
+        opts.with_tls(tls_options_of(&pem))
+    } else {
+        opts
+    };
+    Ok((
+        Target {
+            endpoints: endpoints.to_vec(),
+            tls: pem,
+        },
+        opts,
+    ))
 }
 
 struct Mirror {
@@ -149,12 +166,9 @@ impl Mirror {
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(PROBE_EVERY, PROBE_EVERY);
-        let opts = match self.peer_tls()? {
-            Some(t) => opts.with_tls(t.options()?),
-            None => opts,
-        };
+        let (target, opts) = pooled(&self.cfg.endpoints, self.peer_tls()?.as_ref(), opts)?;
         let conn = pool()
-            .get(pool_target(&self.cfg.endpoints, self.peer_tls()?.as_ref())?, opts)
+            .get(target, opts)
             .await
             .context("connecting to the peer's etcd")?;
         let result = self.session_on(&conn.client).await;

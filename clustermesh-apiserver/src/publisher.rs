@@ -8,7 +8,6 @@
 //! identity before an address or a service refers to it. Any error ends the session; the next one starts from a fresh list, so nothing stale
 //! survives a restart.
 
-use mesh_kvstore::etcd_pool::Target;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -81,33 +80,32 @@ pub struct EtcdTls {
 
 impl EtcdTls {
     pub fn options(&self) -> anyhow::Result<etcd_client::TlsOptions> {
+        Ok(tls_options_of(&self.pem()?))
+    }
+
+    /// The PEM files, read now: the CA, then the certificate and key when there is an identity.
+    pub fn pem(&self) -> anyhow::Result<Vec<Vec<u8>>> {
         use anyhow::Context as _;
         let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        let mut tls = etcd_client::TlsOptions::new()
-            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)?));
+        let mut pem = vec![read(&self.ca)?];
         if let Some((cert, key)) = &self.identity {
-            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
-        }
-        Ok(tls)
-    }
-}
-
-/// What makes two etcds the same client of [`mesh_kvstore::etcd_pool`]: endpoints and TLS material (contents).
-pub fn pool_target(endpoints: &[String], tls: Option<&EtcdTls>) -> anyhow::Result<Target> {
-    use anyhow::Context as _;
-    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let mut pem = Vec::new();
-    if let Some(t) = tls {
-        pem.push(read(&t.ca)?);
-        if let Some((cert, key)) = &t.identity {
             pem.push(read(cert)?);
             pem.push(read(key)?);
         }
+        Ok(pem)
     }
-    Ok(Target {
-        endpoints: endpoints.to_vec(),
-        tls: pem,
-    })
+}
+
+/// TLS options of PEM files as [`EtcdTls::pem`] reads them.
+pub fn tls_options_of(pem: &[Vec<u8>]) -> etcd_client::TlsOptions {
+    let mut tls = etcd_client::TlsOptions::new();
+    if let Some(ca) = pem.first() {
+        tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca));
+    }
+    if let [_, cert, key] = pem {
+        tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+    }
+    tls
 }
 
 /// Whether the export records changed (`false` when their sender is gone); pends forever without a receiver.
