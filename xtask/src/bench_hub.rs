@@ -301,24 +301,25 @@ impl Bench<'_> {
 
 /// Established TCP connections of process `pid` in `netns` to the hub's client ports.
 fn hub_connections(netns: &str, pid: u32) -> Result<usize> {
-    let ss = util::run(std::process::Command::new("ip").args([
-        "netns",
-        "exec",
-        netns,
-        "ss",
-        "-Htnp",
-        "state",
-        "established",
-    ]))?;
     let ports: Vec<String> = HUB_PORTS.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    Ok(ss
-        .lines()
-        .filter(|l| l.contains(&format!("pid={pid},")))
-        .filter(|l| {
-            let peer = l.split_whitespace().nth(3).unwrap_or_default();
-            ports.iter().any(|p| p == peer)
-        })
-        .count())
+    scale::connections_to(netns, pid, &ports)
+}
+
+/// `fleet_scale CMD` on the synthetic clusters in the hub (those after the real ones: the real clusters' records
+/// are their apiservers' to write), with the further arguments `rest`.
+fn on_synthetic(cmd: &str, rest: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        cmd.into(),
+        "--hub".into(),
+        "--etcd".into(),
+        hub_urls().join(","),
+        "--clusters".into(),
+        (CLUSTERS - REAL).to_string(),
+        "--first".into(),
+        (FIRST + REAL).to_string(),
+    ];
+    args.extend(rest.iter().map(|a| (*a).to_owned()));
+    args
 }
 
 /// The hub's DB size (bytes) as its first member reports it.
@@ -376,38 +377,23 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
         SERVICES * BACKENDS
     );
     let started = Instant::now();
-    bench.driver(&[
-        "fill-hub".into(),
-        "--etcd".into(),
-        hub_urls().join(","),
-        "--clusters".into(),
-        (CLUSTERS - REAL).to_string(),
-        "--first".into(),
-        (FIRST + REAL).to_string(),
-        "--services".into(),
-        SERVICES.to_string(),
-        "--backends".into(),
-        BACKENDS.to_string(),
-        "--nodes".into(),
-        NODES.to_string(),
-    ])?;
+    bench.driver(&on_synthetic(
+        "fill-hub",
+        &[
+            "--services",
+            &SERVICES.to_string(),
+            "--backends",
+            &BACKENDS.to_string(),
+            "--nodes",
+            &NODES.to_string(),
+        ],
+    ))?;
     println!("  filled in {:.1} s", started.elapsed().as_secs_f64());
     // Their heartbeats, kept fresh as their apiservers would (agents judge hub peers by them).
     let _heartbeats = Procs(vec![scale::spawn_in(
         &sandbox.netns,
         &bench.fleet_bin,
-        &[
-            "heartbeats".into(),
-            "--hub".into(),
-            "--etcd".into(),
-            hub_urls().join(","),
-            "--clusters".into(),
-            (CLUSTERS - REAL).to_string(),
-            "--first".into(),
-            (FIRST + REAL).to_string(),
-            "--for-secs".into(),
-            "1800".into(),
-        ],
+        &on_synthetic("heartbeats", &["--for-secs", "1800"]),
         &root.join("heartbeats.log"),
     )?]);
     // The first REAL clusters: real clustermesh-apiservers publishing concurrently.
@@ -527,27 +513,21 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
         .iter()
         .map(|p| scale::cpu_seconds(*p).unwrap_or(0.0))
         .sum();
-    let v = bench.driver(&[
-        "converge".into(),
-        "--hub".into(),
-        "--etcd".into(),
-        hub_urls().join(","),
-        // The synthetic clusters only: the real ones' records are their apiservers' to write.
-        "--clusters".into(),
-        (CLUSTERS - REAL).to_string(),
-        "--first".into(),
-        (FIRST + REAL).to_string(),
-        "--spread".into(),
-        "7".into(),
-        "--agent-socket".into(),
-        socket.display().to_string(),
-        "--changes".into(),
-        CHANGES.to_string(),
-        "--backends".into(),
-        BACKENDS.to_string(),
-        "--max-secs".into(),
-        CHANGES_SECS.to_string(),
-    ])?;
+    let v = bench.driver(&on_synthetic(
+        "converge",
+        &[
+            "--spread",
+            "7",
+            "--agent-socket",
+            &socket.display().to_string(),
+            "--changes",
+            &CHANGES.to_string(),
+            "--backends",
+            &BACKENDS.to_string(),
+            "--max-secs",
+            &CHANGES_SECS.to_string(),
+        ],
+    ))?;
     let hub_cpu: f64 = hub_pids
         .iter()
         .map(|p| scale::cpu_seconds(*p).unwrap_or(0.0))

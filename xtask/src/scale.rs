@@ -217,6 +217,27 @@ pub(crate) fn start_etcd(netns: &str, etcd: &Path, name: &str, port: u16, root: 
     spawn_in(netns, etcd, &args, &root.join(format!("etcd-{name}.log")))
 }
 
+/// Established TCP connections of process `pid` in `netns` to any of `peers` (`ADDR:PORT`), as `ss` lists them.
+pub(crate) fn connections_to(netns: &str, pid: u32, peers: &[String]) -> Result<usize> {
+    let ss = util::run(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        netns,
+        "ss",
+        "-Htnp",
+        "state",
+        "established",
+    ]))?;
+    Ok(ss
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter(|l| {
+            let peer = l.split_whitespace().nth(3).unwrap_or_default();
+            peers.iter().any(|p| p == peer)
+        })
+        .count())
+}
+
 /// Waits until loopback `port` accepts connections in `netns`.
 pub(crate) fn wait_listening(netns: &str, port: u16) -> Result<()> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -757,30 +778,12 @@ pub fn run(build: bool, quick: bool, out_dir: &Path) -> Result<Vec<ScaleRow>> {
     let via = fleet.converge(&socket, small_backends, CHANGES, 300)?;
     let (v50, v99) = (pct(&via, 0.5), pct(&via, 0.99));
     // Who holds connections to the ten clusters' etcds now: the agent should hold none, the mirror one each.
-    let ss = util::run(std::process::Command::new("ip").args([
-        "netns",
-        "exec",
-        &sandbox.netns,
-        "ss",
-        "-Htnp",
-        "state",
-        "established",
-    ]))?;
     let peer_ports: Vec<String> = (1..=CLUSTERS)
         .map(|i| format!("127.0.0.1:{}", client_port(i)))
         .collect();
-    let to_peers = |pid: u32| {
-        ss.lines()
-            .filter(|l| l.contains(&format!("pid={pid},")))
-            .filter(|l| {
-                let peer = l.split_whitespace().nth(3).unwrap_or_default();
-                peer_ports.iter().any(|p| p == peer)
-            })
-            .count()
-    };
-    let agent_to_peers = to_peers(agent_pid);
+    let agent_to_peers = connections_to(&sandbox.netns, agent_pid, &peer_ports)?;
     let mirror_pid = cache.0.last().map_or(0, Child::id);
-    let mirror_to_peers = to_peers(mirror_pid);
+    let mirror_to_peers = connections_to(&sandbox.netns, mirror_pid, &peer_ports)?;
     println!(
         "  through KVStoreMesh: p50 {v50:.1} ms, p99 {v99:.1} ms; connections to the 10 peers' etcds: agent {agent_to_peers}, cache {mirror_to_peers}"
     );
