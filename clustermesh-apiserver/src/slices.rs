@@ -99,7 +99,7 @@ pub fn desired(
     // Backends with the same ports share slices.
     let mut groups: BTreeMap<Vec<PortRecord>, Vec<&BackendRecord>> = BTreeMap::new();
     for be in &b.backends {
-        let mut ports = be.ports.clone();
+        let mut ports = be.ports.to_vec();
         ports.sort();
         groups.entry(ports).or_default().push(be);
     }
@@ -328,7 +328,8 @@ mod tests {
                 name: "sql".into(),
                 port,
                 protocol: mesh_model::Protocol::Tcp,
-            }],
+            }]
+            .into(),
             weight: 1,
         }
     }
@@ -374,7 +375,7 @@ mod tests {
         let b = PeerBackends::new(
             (0..=u16::try_from(MAX_SLICES * MAX_ENDPOINTS).unwrap()).map(|i| BackendRecord {
                 ipv4: Ipv4Addr::from(0x0a00_0000 + u32::from(i)),
-                ports: Vec::new(),
+                ports: Vec::new().into(),
                 weight: 1,
             }),
             BTreeMap::new(),

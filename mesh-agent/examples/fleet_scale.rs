@@ -108,7 +108,7 @@ fn service(cluster: &str, id: u16, s: u32, backends: impl Iterator<Item = u32>) 
         backends: backends
             .map(|k| BackendRecord {
                 ipv4: Ipv4Addr::from(base(id) + k + 1),
-                ports: vec![port()],
+                ports: vec![port()].into(),
                 weight: 1,
             })
             .collect(),

@@ -16,10 +16,11 @@ pub struct Rank {
     pub node: Arc<str>,
 }
 
-/// Claims by key.
+/// Claims by key. Most keys have one claim: each key's claims are a sorted list of exactly its length (a map
+/// per key would cost a whole tree node, some 600 bytes, for one claim).
 #[derive(Debug, Clone)]
 pub struct Claims<K, E> {
-    by_key: BTreeMap<K, BTreeMap<Rank, E>>,
+    by_key: BTreeMap<K, Vec<(Rank, E)>>,
 }
 
 impl<K, E> Default for Claims<K, E> {
@@ -35,11 +36,20 @@ impl<K: Ord + Copy, E: Clone + PartialEq> Claims<K, E> {
     pub fn set(&mut self, key: K, rank: Rank, e: Option<E>) {
         match e {
             Some(e) => {
-                self.by_key.entry(key).or_default().insert(rank, e);
+                let m = self.by_key.entry(key).or_insert_with(|| Vec::with_capacity(1));
+                match m.binary_search_by(|(r, _)| r.cmp(&rank)) {
+                    Ok(i) => m[i].1 = e,
+                    Err(i) => {
+                        m.reserve_exact(1);
+                        m.insert(i, (rank, e));
+                    }
+                }
             }
             None => {
                 if let Some(m) = self.by_key.get_mut(&key) {
-                    m.remove(&rank);
+                    if let Ok(i) = m.binary_search_by(|(r, _)| r.cmp(&rank)) {
+                        m.remove(i);
+                    }
                     if m.is_empty() {
                         self.by_key.remove(&key);
                     }
@@ -53,10 +63,8 @@ impl<K: Ord + Copy, E: Clone + PartialEq> Claims<K, E> {
         let Some(m) = self.by_key.get_mut(&key) else {
             return Vec::new();
         };
-        let gone: Vec<Rank> = m.keys().filter(|r| f(r)).cloned().collect();
-        for r in &gone {
-            m.remove(r);
-        }
+        let gone: Vec<Rank> = m.iter().filter(|(r, _)| f(r)).map(|(r, _)| r.clone()).collect();
+        m.retain(|(r, _)| !f(r));
         if m.is_empty() {
             self.by_key.remove(&key);
         }
@@ -66,7 +74,7 @@ impl<K: Ord + Copy, E: Clone + PartialEq> Claims<K, E> {
     /// The winning claim on `key`.
     #[must_use]
     pub fn winner(&self, key: &K) -> Option<&E> {
-        self.by_key.get(key).and_then(|m| m.values().next())
+        self.by_key.get(key).and_then(|m| m.first()).map(|(_, e)| e)
     }
 
     /// The ranks claiming `key`, the winner first.
@@ -74,7 +82,7 @@ impl<K: Ord + Copy, E: Clone + PartialEq> Claims<K, E> {
     pub fn ranks(&self, key: &K) -> Vec<&Rank> {
         self.by_key
             .get(key)
-            .map(|m| m.keys().collect())
+            .map(|m| m.iter().map(|(r, _)| r).collect())
             .unwrap_or_default()
     }
 
@@ -82,7 +90,7 @@ impl<K: Ord + Copy, E: Clone + PartialEq> Claims<K, E> {
     pub fn winners(&self) -> impl Iterator<Item = (&K, &E)> {
         self.by_key
             .iter()
-            .filter_map(|(k, m)| m.values().next().map(|e| (k, e)))
+            .filter_map(|(k, m)| m.first().map(|(_, e)| (k, e)))
     }
 
     /// Keys claimed more than once within one group of tiers (`group` maps a tier to its group): the ranks of
@@ -91,7 +99,7 @@ impl<K: Ord + Copy, E: Clone + PartialEq> Claims<K, E> {
         let mut out = Vec::new();
         for (k, m) in &self.by_key {
             let mut by_group: BTreeMap<u8, Vec<Rank>> = BTreeMap::new();
-            for r in m.keys() {
+            for (r, _) in m {
                 by_group.entry(group(r.tier)).or_default().push(r.clone());
             }
             for (_, ranks) in by_group.into_iter().filter(|(_, r)| r.len() > 1) {

@@ -276,7 +276,8 @@ pub(crate) mod tests {
                     ports: vec![PortRecord {
                         port: 8080,
                         ..port.clone()
-                    }],
+                    }]
+                    .into(),
                     weight: 1,
                 })
                 .collect(),

@@ -483,7 +483,9 @@ impl ViewContext<'_> {
                 let port_name = sp.name.clone().unwrap_or_default();
                 let mut candidates: BTreeMap<String, Vec<Backend>> = BTreeMap::new();
                 let my_cluster: std::sync::Arc<str> = std::sync::Arc::from(me.cluster.as_str());
-                let locals: Vec<Backend> = endpoints
+                // Lists are made to measure (`shrink_to_fit`): filtered, they would keep up to twice their room,
+                // and a million remote backends live in them.
+                let mut locals: Vec<Backend> = endpoints
                     .iter()
                     .filter_map(|e| {
                         let p = e
@@ -499,6 +501,7 @@ impl ViewContext<'_> {
                         })
                     })
                     .collect();
+                locals.shrink_to_fit();
                 if !locals.is_empty() {
                     candidates.insert(me.cluster.clone(), locals);
                 }
@@ -509,7 +512,7 @@ impl ViewContext<'_> {
                     {
                         let Some(rec) = rc.services.get(&id) else { continue };
                         let cluster: std::sync::Arc<str> = std::sync::Arc::from(cname.as_str());
-                        let bs: Vec<Backend> = rec
+                        let mut bs: Vec<Backend> = rec
                             .backends
                             .iter()
                             .filter_map(|b| {
@@ -526,6 +529,7 @@ impl ViewContext<'_> {
                                 })
                             })
                             .collect();
+                        bs.shrink_to_fit();
                         if !bs.is_empty() {
                             candidates.insert(cname.clone(), bs);
                         }
@@ -638,7 +642,7 @@ mod tests {
                     .iter()
                     .map(|ip| BackendRecord {
                         ipv4: Ipv4Addr::from(*ip),
-                        ports: vec![port(8080)],
+                        ports: vec![port(8080)].into(),
                         weight: 1,
                     })
                     .collect(),

@@ -47,12 +47,20 @@ struct Programmed {
     backends: Vec<BackendKey>,
 }
 
+/// A backend in the maps.
+#[derive(Debug, Clone, Copy)]
+struct BackendEntry {
+    id: u32,
+    /// Frontends whose slot tables name it.
+    refs: u32,
+}
+
 /// The LB maps as this agent programmed them.
 #[derive(Debug, Default)]
 pub struct LbMaps {
-    backend_ids: BTreeMap<BackendKey, u32>,
-    /// How many frontends' slot tables name each backend: it goes from the maps when none does.
-    backend_refs: BTreeMap<BackendKey, u32>,
+    /// Every backend in the maps: its id, and how many frontends' slot tables name it (it goes from the maps when
+    /// none does). One map for both: a million remote backends cost one entry each.
+    backends: BTreeMap<BackendKey, BackendEntry>,
     next_backend_id: u32,
     next_service_id: u32,
     next_rev_nat_id: u32,
@@ -241,12 +249,12 @@ impl LbMaps {
 
         for (id, b) in &backends {
             let key = (Ipv4Addr::from(b.addr), u16::from_be(b.port_be), b.proto);
-            match lb.backend_ids.entry(key) {
+            match lb.backends.entry(key) {
                 // The same backend twice: keep the first id; a slot naming the other one makes its frontend
                 // differ from the desired state, so the reconcile rewrites it before the orphan goes.
                 std::collections::btree_map::Entry::Occupied(_) => orphans.backends.push(*id),
                 std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(*id);
+                    v.insert(BackendEntry { id: *id, refs: 0 });
                 }
             }
             lb.next_backend_id = lb.next_backend_id.max(*id);
@@ -272,7 +280,7 @@ impl LbMaps {
             keys.sort_unstable();
             keys.dedup();
             for k in &keys {
-                *lb.backend_refs.entry(*k).or_default() += 1;
+                lb.reference(k);
             }
             lb.frontends.insert(
                 *key,
@@ -304,14 +312,14 @@ impl LbMaps {
             }
         }
         lb.unreferenced = lb
-            .backend_ids
-            .keys()
-            .filter(|k| !lb.backend_refs.contains_key(*k))
-            .copied()
+            .backends
+            .iter()
+            .filter(|(_, e)| e.refs == 0)
+            .map(|(k, _)| *k)
             .collect();
         let adopted = LbAdopted {
             frontends: lb.frontends.len(),
-            backends: lb.backend_ids.len(),
+            backends: lb.backends.len(),
             orphans: orphans.len(),
         };
         lb.orphans = orphans;
@@ -474,8 +482,8 @@ impl LbMaps {
         let mut new_backends = Vec::new();
         for b in &fe.active {
             let bkey = (b.ipv4, b.port, key.proto);
-            let bid = match self.backend_ids.get(&bkey) {
-                Some(bid) => *bid,
+            let bid = match self.backends.get(&bkey) {
+                Some(e) => e.id,
                 None => {
                     let bid = next(&mut self.next_backend_id);
                     new_backends.push((
@@ -488,7 +496,7 @@ impl LbMaps {
                             ..BackendV4::default()
                         },
                     ));
-                    self.backend_ids.insert(bkey, bid);
+                    self.backends.insert(bkey, BackendEntry { id: bid, refs: 0 });
                     // Unreferenced until the frontend is written: collected if that fails.
                     unused.push(bkey);
                     changes.backends_added += 1;
@@ -544,7 +552,7 @@ impl LbMaps {
             // Only the backends that came or went change their reference counts (both lists are sorted).
             let (came, went) = sorted_difference(&old.backends, &keys);
             for k in &came {
-                *self.backend_refs.entry(*k).or_default() += 1;
+                self.reference(k);
             }
             self.unref(&went, unused);
             let new_len = edited.len();
@@ -613,7 +621,7 @@ impl LbMaps {
         )?;
         // The new table is in force: its backends are referenced, the old table's are not.
         for k in &keys {
-            *self.backend_refs.entry(*k).or_default() += 1;
+            self.reference(k);
         }
         self.frontends.insert(
             key,
@@ -640,12 +648,20 @@ impl LbMaps {
         Ok(key)
     }
 
+    /// One more slot table names backend `k` (always one in the maps: tables name only those).
+    fn reference(&mut self, k: &BackendKey) {
+        if let Some(e) = self.backends.get_mut(k) {
+            e.refs = e.refs.saturating_add(1);
+        }
+    }
+
     fn unref(&mut self, keys: &[BackendKey], unused: &mut Vec<BackendKey>) {
         for k in keys {
-            if let Some(n) = self.backend_refs.get_mut(k) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.backend_refs.remove(k);
+            if let Some(e) = self.backends.get_mut(k)
+                && e.refs > 0
+            {
+                e.refs -= 1;
+                if e.refs == 0 {
                     unused.push(*k);
                 }
             }
@@ -676,11 +692,11 @@ impl LbMaps {
     ) -> Result<usize, DatapathError> {
         let mut removed = 0;
         for k in candidates {
-            if self.backend_refs.contains_key(&k) {
+            if self.backends.get(&k).is_none_or(|e| e.refs > 0) {
                 continue;
             }
-            if let Some(bid) = self.backend_ids.remove(&k) {
-                dp.remove_backend(bid)?;
+            if let Some(e) = self.backends.remove(&k) {
+                dp.remove_backend(e.id)?;
                 removed += 1;
             }
         }
@@ -690,13 +706,15 @@ impl LbMaps {
     /// (frontends, backends) programmed.
     #[must_use]
     pub fn counts(&self) -> (usize, usize) {
-        (self.frontends.len(), self.backend_ids.len())
+        (self.frontends.len(), self.backends.len())
     }
 
     /// Backend id of a programmed backend (for status).
     #[must_use]
     pub fn backend_id(&self, ip: Ipv4Addr, port: u16, protocol: Protocol) -> Option<u32> {
-        self.backend_ids.get(&(ip, port, proto_number(protocol))).copied()
+        self.backends
+            .get(&(ip, port, proto_number(protocol)))
+            .map(|e| e.id)
     }
 
     /// Backend ids in the slot table of a frontend (for status: what the datapath really uses).

@@ -226,7 +226,7 @@ impl World {
                 }
                 rec.backends.push(BackendRecord {
                     ipv4: ip,
-                    ports: port(),
+                    ports: port().into(),
                     weight: u32::from(*host % 3) + 1,
                 });
                 rc.services.insert(key.clone(), Arc::new(rec));
@@ -574,7 +574,7 @@ fn a_change_costs_its_own_writes_whatever_the_size_of_the_mesh() {
         let backends = (0..2000u32)
             .map(|i| BackendRecord {
                 ipv4: Ipv4Addr::from(0x0a00_0000 | (u32::from(*id) << 16) | (i + 1)),
-                ports: port(),
+                ports: port().into(),
                 weight: 1,
             })
             .collect();

@@ -63,7 +63,7 @@ fn service(cluster: &str, id: u16, backend: Ipv4Addr, weight: u32) -> ServiceRec
         ports: vec![port(80)],
         backends: vec![BackendRecord {
             ipv4: backend,
-            ports: vec![port(8080)],
+            ports: vec![port(8080)].into(),
             weight,
         }],
     }

@@ -303,7 +303,7 @@ async fn lists_a_cluster_larger_than_one_grpc_message_in_pages() {
                 .map(|b| BackendRecord {
                     // Inside the nodes' pod CIDRs (10.100.0.0/24 onwards): a peer's backends lie in its pods' addresses.
                     ipv4: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + s * BACKENDS + b),
-                    ports: vec![port(8080)],
+                    ports: vec![port(8080)].into(),
                     weight: 1,
                 })
                 .collect(),
@@ -846,7 +846,8 @@ async fn watches_its_own_cluster_for_identities_and_ips_only() {
                 name: String::new(),
                 port: 80,
                 protocol: mesh_model::Protocol::Tcp,
-            }],
+            }]
+            .into(),
             weight: 1,
         }],
     };
@@ -1046,7 +1047,8 @@ fn backend(i: u32) -> mesh_kvstore::BackendRecord {
             name: "http".into(),
             port: 8080,
             protocol: mesh_model::Protocol::Tcp,
-        }],
+        }]
+        .into(),
         weight: 1,
     }
 }

@@ -224,7 +224,7 @@ mod tests {
             ports: vec![port(80)],
             backends: vec![BackendRecord {
                 ipv4: Ipv4Addr::from(backend),
-                ports: vec![port(8080)],
+                ports: vec![port(8080)].into(),
                 weight,
             }],
         }

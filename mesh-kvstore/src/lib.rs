@@ -26,6 +26,7 @@ pub mod peer;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -389,7 +390,9 @@ pub struct PortRecord {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackendRecord {
     pub ipv4: Ipv4Addr,
-    pub ports: Vec<PortRecord>,
+    /// Shared: the backends of one record that have the same ports hold one list once decoded
+    /// ([`decode_service`], [`decode_backend_slice`]), so that a backend costs its address, weight and a pointer.
+    pub ports: Arc<[PortRecord]>,
     /// Relative capacity (pod annotation `fleetmesh.io/capacity`); 1 by default.
     #[serde(default = "one")]
     pub weight: u32,
@@ -457,6 +460,20 @@ pub struct BackendSlice {
     pub backends: Vec<BackendRecord>,
 }
 
+/// Makes decoded backends compact: the list holds no spare room, and backends with equal ports share one list.
+fn compact_backends(backends: &mut Vec<BackendRecord>) {
+    backends.shrink_to_fit();
+    // Distinct port lists seen so far (a record has few: usually one).
+    let mut seen: Vec<Arc<[PortRecord]>> = Vec::new();
+    for b in backends.iter_mut() {
+        match seen.iter().find(|p| **p == b.ports) {
+            Some(p) => b.ports = Arc::clone(p),
+            None if seen.len() < 8 => seen.push(Arc::clone(&b.ports)),
+            None => {}
+        }
+    }
+}
+
 /// The checks of a service record's or a slice's backends: at most [`MAX_BACKENDS_PER_RECORD`], no port 0, weights
 /// from 1 to [`mesh_model::traffic::MAX_CAPACITY`].
 fn check_backends(key: &str, backends: &[BackendRecord]) -> Result<(), DecodeError> {
@@ -470,7 +487,7 @@ fn check_backends(key: &str, backends: &[BackendRecord]) -> Result<(), DecodeErr
             backends.len()
         )));
     }
-    if backends.iter().flat_map(|b| &b.ports).any(|p| p.port == 0) {
+    if backends.iter().flat_map(|b| b.ports.iter()).any(|p| p.port == 0) {
         return Err(invalid("a port is 0".into()));
     }
     let max = mesh_model::traffic::MAX_CAPACITY;
@@ -496,7 +513,7 @@ pub fn decode_backend_slice(
     index: u32,
     value: &[u8],
 ) -> Result<BackendSlice, DecodeError> {
-    let rec: BackendSlice = json(key, "BackendSlice", value)?;
+    let mut rec: BackendSlice = json(key, "BackendSlice", value)?;
     expect_eq(key, "cluster", &rec.cluster, cluster)?;
     expect_eq(key, "namespace", &rec.namespace, namespace)?;
     expect_eq(key, "name", &rec.name, name)?;
@@ -510,6 +527,7 @@ pub fn decode_backend_slice(
         )));
     }
     check_backends(key, &rec.backends)?;
+    compact_backends(&mut rec.backends);
     Ok(rec)
 }
 
@@ -733,7 +751,7 @@ pub fn decode_service(
     name: &str,
     value: &[u8],
 ) -> Result<ServiceRecord, DecodeError> {
-    let rec: ServiceRecord = json(key, "ServiceRecord", value)?;
+    let mut rec: ServiceRecord = json(key, "ServiceRecord", value)?;
     expect_eq(key, "cluster", &rec.cluster, cluster)?;
     expect_eq(key, "namespace", &rec.namespace, namespace)?;
     expect_eq(key, "name", &rec.name, name)?;
@@ -756,6 +774,7 @@ pub fn decode_service(
             return Err(invalid(format!("hostname {h:?} of {ip} is not a DNS label")));
         }
     }
+    compact_backends(&mut rec.backends);
     Ok(rec)
 }
 
@@ -1072,9 +1091,58 @@ mod tests {
                 name: "http".into(),
                 port: 8080,
                 protocol: mesh_model::Protocol::Tcp,
-            }],
+            }]
+            .into(),
             weight: 1,
         }
+    }
+
+    #[test]
+    fn decoded_backends_with_equal_ports_share_one_list() {
+        let other = |i: u32| BackendRecord {
+            ports: vec![PortRecord {
+                name: "grpc".into(),
+                port: 9090,
+                protocol: mesh_model::Protocol::Tcp,
+            }]
+            .into(),
+            ..backend(i)
+        };
+        let rec = ServiceRecord {
+            cluster: "east".into(),
+            cluster_id: 1,
+            namespace: "shop".into(),
+            name: "db".into(),
+            ports: Vec::new(),
+            backends: vec![backend(1), other(2), backend(3), other(4), backend(5)],
+            mcs: None,
+        };
+        let k = Keys::default();
+        let key = k.service("east", "shop", "db");
+        let got = decode_service(&key, "east", "shop", "db", encode(&rec).as_bytes()).unwrap();
+        assert_eq!(got, rec, "the same record");
+        let b = &got.backends;
+        assert!(Arc::ptr_eq(&b[0].ports, &b[2].ports) && Arc::ptr_eq(&b[0].ports, &b[4].ports));
+        assert!(Arc::ptr_eq(&b[1].ports, &b[3].ports));
+        assert!(
+            !Arc::ptr_eq(&b[0].ports, &b[1].ports),
+            "different ports stay apart"
+        );
+        assert_eq!(b.capacity(), b.len(), "no spare room");
+        let slice = BackendSlice {
+            cluster: "east".into(),
+            cluster_id: 1,
+            namespace: "shop".into(),
+            name: "db".into(),
+            backends: (0..100).map(backend).collect(),
+        };
+        let key = k.backend_slice("east", "shop", "db", 2);
+        let got = decode_backend_slice(&key, "east", "shop", "db", 2, encode(&slice).as_bytes()).unwrap();
+        assert!(
+            got.backends
+                .iter()
+                .all(|x| Arc::ptr_eq(&x.ports, &got.backends[0].ports))
+        );
     }
 
     fn assignment(slices: &BTreeMap<u32, Vec<BackendRecord>>) -> BTreeMap<u32, Vec<Ipv4Addr>> {
@@ -1230,7 +1298,8 @@ mod tests {
                     name: "http".into(),
                     port: 8080,
                     protocol: mesh_model::Protocol::Tcp,
-                }],
+                }]
+                .into(),
                 weight: 1,
             }],
         };
@@ -1246,7 +1315,7 @@ mod tests {
             "key_mismatch"
         );
         let mut zero = rec;
-        zero.backends[0].ports[0].port = 0;
+        Arc::make_mut(&mut zero.backends[0].ports)[0].port = 0;
         assert_eq!(
             decode_service(&key, "east", "shop", "api", encode(&zero).as_bytes())
                 .expect_err("port")

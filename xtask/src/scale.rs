@@ -131,10 +131,24 @@ fn client_port(i: u16) -> u16 {
     24_000 + 2 * i
 }
 
+/// Starts `program ARGS` in `netns`, output to `log`. With `FLEETMESH_BENCH_AGENT_WRAPPER` set (e.g. `heaptrack -o
+/// /tmp/agent`), agents run under that command (for profiling; their figures are then not comparable).
 pub(crate) fn spawn_in(netns: &str, program: &Path, args: &[String], log: &Path) -> Result<Child> {
     let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    net::in_netns_cmd(netns, program)
-        .args(args)
+    let wrapper: Vec<String> = std::env::var("FLEETMESH_BENCH_AGENT_WRAPPER")
+        .ok()
+        .filter(|_| program.file_name().is_some_and(|n| n == "mesh-agent"))
+        .map(|w| w.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = net::in_netns_cmd(netns, Path::new(first));
+            c.args(rest).arg(program);
+            c
+        }
+        None => net::in_netns_cmd(netns, program),
+    };
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -154,7 +154,7 @@ mod tests {
             ports: vec![port.clone()],
             backends: vec![BackendRecord {
                 ipv4: Ipv4Addr::new(10, 2, 0, 4),
-                ports: vec![port],
+                ports: vec![port].into(),
                 weight: 1,
             }],
             mcs: Some(McsRecord {
