@@ -10,7 +10,7 @@ use std::time::Duration;
 use mesh_model::ClusterState;
 use mesh_model::source::Snapshot;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::api::{CommandQueue, Status};
 use crate::reconcile::Reconciler;
@@ -98,6 +98,8 @@ pub struct ControlLoop {
     /// The peers that were beyond their grace period at the last imports pass.
     imports_beyond: std::collections::BTreeSet<String>,
     backoff: Backoff,
+    /// Returns freed memory after large work (the bootstrap, resyncs).
+    trimmer: crate::memory::Trimmer,
 }
 
 impl ControlLoop {
@@ -128,6 +130,7 @@ impl ControlLoop {
             imports_generation: 0,
             imports_beyond: std::collections::BTreeSet::new(),
             backoff: Backoff::new(&config),
+            trimmer: crate::memory::Trimmer::default(),
         }
     }
 
@@ -151,6 +154,7 @@ impl ControlLoop {
     /// One turn: what changed is programmed, the status updated. Returns when the next turn is due without a
     /// wake-up (`None`: only when woken).
     pub fn turn(&mut self) -> Option<Duration> {
+        let started = std::time::Instant::now();
         let (generation, errors) = {
             let snap = self.snapshots.borrow();
             (snap.generation, snap.errors.clone())
@@ -290,6 +294,12 @@ impl ControlLoop {
             st.manifest_generation = generation;
             st.manifest_errors = errors;
             st.datapath = dp_status;
+        }
+        if self
+            .trimmer
+            .after_turn(started.elapsed(), remotes_synced && self.remotes.configured())
+        {
+            debug!(trims = self.trimmer.trims, "freed memory returned to the kernel");
         }
         let due = Due {
             retry: self.reconciler.retry_due(),

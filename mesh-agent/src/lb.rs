@@ -17,21 +17,18 @@ use serde::Serialize;
 use crate::desired::LocalNode;
 use crate::remote::RemoteCluster;
 
-/// A backend the datapath may pick.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// A backend the datapath may pick: 12 bytes, since a million remote backends are held twice (candidates and
+/// active). Its cluster is the one of `cluster_id` ([`Frontend::cluster_of`]); the status names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Backend {
     pub ipv4: Ipv4Addr,
     pub port: u16,
-    /// Shared by every backend of the cluster (one allocation per cluster and frontend, not per backend).
-    pub cluster: std::sync::Arc<str>,
     pub cluster_id: u16,
     pub weight: u32,
 }
 
-/// One frontend of a service and its backends.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// One frontend of a service and its backends (serialized with each backend's cluster name).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frontend {
     pub vip: Ipv4Addr,
     pub port: u16,
@@ -42,15 +39,89 @@ pub struct Frontend {
     /// The backends new flows are spread over (after affinity or policy), sorted; `weight` is the slot count.
     pub active: Vec<Backend>,
     /// With a `TrafficPolicy`: each group's clusters and share of new connections.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<GroupShare>,
     /// With a `TrafficPolicy`: clusters with ready backends that no group selects (they get no new connections).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unselected: Vec<String>,
     /// What the datapath counted for this frontend's backends, by cluster (filled in after programming; counters
     /// only grow, since the datapath was created; a backend serving several frontends counts in each).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub stats: BTreeMap<String, FlowStats>,
+}
+
+impl Frontend {
+    /// The name of the cluster with id `cluster_id` among the candidates (ids are unique among the clusters used).
+    #[must_use]
+    pub fn cluster_of(&self, cluster_id: u16) -> Option<&str> {
+        self.candidates
+            .iter()
+            .find(|(_, bs)| bs.first().is_some_and(|b| b.cluster_id == cluster_id))
+            .map(|(c, _)| c.as_str())
+    }
+}
+
+/// A backend as the status shows it: with its cluster's name.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NamedBackend<'a> {
+    ipv4: Ipv4Addr,
+    port: u16,
+    cluster: &'a str,
+    cluster_id: u16,
+    weight: u32,
+}
+
+impl Serialize for Frontend {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Wire<'a> {
+            vip: Ipv4Addr,
+            port: u16,
+            protocol: Protocol,
+            port_name: &'a str,
+            candidates: BTreeMap<&'a str, Vec<NamedBackend<'a>>>,
+            active: Vec<NamedBackend<'a>>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            groups: &'a [GroupShare],
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            unselected: &'a [String],
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            stats: &'a BTreeMap<String, FlowStats>,
+        }
+        let names: BTreeMap<u16, &str> = self
+            .candidates
+            .iter()
+            .filter_map(|(c, bs)| bs.first().map(|b| (b.cluster_id, c.as_str())))
+            .collect();
+        fn named<'a>(b: &Backend, cluster: &'a str) -> NamedBackend<'a> {
+            NamedBackend {
+                ipv4: b.ipv4,
+                port: b.port,
+                cluster,
+                cluster_id: b.cluster_id,
+                weight: b.weight,
+            }
+        }
+        Wire {
+            vip: self.vip,
+            port: self.port,
+            protocol: self.protocol,
+            port_name: &self.port_name,
+            candidates: self
+                .candidates
+                .iter()
+                .map(|(c, bs)| (c.as_str(), bs.iter().map(|b| named(b, c)).collect()))
+                .collect(),
+            active: self
+                .active
+                .iter()
+                .map(|b| named(b, names.get(&b.cluster_id).copied().unwrap_or_default()))
+                .collect(),
+            groups: &self.groups,
+            unselected: &self.unselected,
+            stats: &self.stats,
+        }
+        .serialize(serializer)
+    }
 }
 
 /// Datapath statistics of a set of backends.
@@ -296,10 +367,7 @@ fn weighted(
     for ((g, b), s) in flat.iter().zip(&slots) {
         group_slots[*g] += s;
         if *s > 0 {
-            active.push(Backend {
-                weight: *s,
-                ..(*b).clone()
-            });
+            active.push(Backend { weight: *s, ..**b });
         }
     }
     active.sort();
@@ -361,16 +429,20 @@ fn select(
     local_cluster: &str,
     candidates: &BTreeMap<String, Vec<Backend>>,
 ) -> Vec<Backend> {
-    let (local, remote): (Vec<&Backend>, Vec<&Backend>) = candidates
-        .values()
-        .flatten()
-        .partition(|b| &*b.cluster == local_cluster);
+    let (mut local, mut remote): (Vec<&Backend>, Vec<&Backend>) = (Vec::new(), Vec::new());
+    for (c, bs) in candidates {
+        if c == local_cluster {
+            local.extend(bs);
+        } else {
+            remote.extend(bs);
+        }
+    }
     let chosen: Vec<&Backend> = match affinity {
         Affinity::Local if !local.is_empty() => local,
         Affinity::Remote if !remote.is_empty() => remote,
         _ => candidates.values().flatten().collect(),
     };
-    let mut out: Vec<Backend> = chosen.into_iter().cloned().collect();
+    let mut out: Vec<Backend> = chosen.into_iter().copied().collect();
     out.sort();
     out.dedup();
     out
@@ -482,7 +554,6 @@ impl ViewContext<'_> {
             .map(|sp| {
                 let port_name = sp.name.clone().unwrap_or_default();
                 let mut candidates: BTreeMap<String, Vec<Backend>> = BTreeMap::new();
-                let my_cluster: std::sync::Arc<str> = std::sync::Arc::from(me.cluster.as_str());
                 // Lists are made to measure (`shrink_to_fit`): filtered, they would keep up to twice their room,
                 // and a million remote backends live in them.
                 let mut locals: Vec<Backend> = endpoints
@@ -495,7 +566,6 @@ impl ViewContext<'_> {
                         Some(Backend {
                             ipv4: e.ipv4,
                             port: p.port,
-                            cluster: my_cluster.clone(),
                             cluster_id: me.cluster_id,
                             weight: e.capacity.max(1),
                         })
@@ -511,7 +581,6 @@ impl ViewContext<'_> {
                         .filter(|(n, rc)| **n != me.cluster && rc.usable && (self.serves)(n))
                     {
                         let Some(rec) = rc.services.get(&id) else { continue };
-                        let cluster: std::sync::Arc<str> = std::sync::Arc::from(cname.as_str());
                         let mut bs: Vec<Backend> = rec
                             .backends
                             .iter()
@@ -523,7 +592,6 @@ impl ViewContext<'_> {
                                 Some(Backend {
                                     ipv4: b.ipv4,
                                     port: p.port,
-                                    cluster: cluster.clone(),
                                     cluster_id: rec.cluster_id,
                                     weight: b.weight.max(1),
                                 })
@@ -655,7 +723,12 @@ mod tests {
         let mut c: Vec<String> = v[0].frontends[0]
             .active
             .iter()
-            .map(|b| b.cluster.to_string())
+            .map(|b| {
+                v[0].frontends[0]
+                    .cluster_of(b.cluster_id)
+                    .unwrap_or_default()
+                    .to_owned()
+            })
             .collect();
         c.dedup();
         c
@@ -667,6 +740,52 @@ mod tests {
         let v = services_np(&me(), &local(&[], &[[10, 1, 0, 2]]), &remotes);
         assert_eq!(v[0].frontends[0].active.len(), 1);
         assert_eq!(active_clusters(&v), vec!["east"]);
+    }
+
+    #[test]
+    fn the_status_names_each_backends_cluster() {
+        let remotes: BTreeMap<_, _> = [
+            remote("west", 2, &[[10, 2, 0, 2], [10, 2, 1, 2]]),
+            remote("north", 3, &[[10, 3, 0, 2]]),
+        ]
+        .into();
+        let g = [("service.cilium.io/global", "true")];
+        let v = services_np(&me(), &local(&g, &[[10, 1, 0, 2]]), &remotes);
+        let json = serde_json::to_value(&v[0].frontends[0]).unwrap();
+        let mut active: Vec<(String, String)> = json["active"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| {
+                (
+                    b["cluster"].as_str().unwrap().to_owned(),
+                    b["ipv4"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        active.sort();
+        assert_eq!(
+            active,
+            [
+                ("east", "10.1.0.2"),
+                ("north", "10.3.0.2"),
+                ("west", "10.2.0.2"),
+                ("west", "10.2.1.2")
+            ]
+            .map(|(c, ip)| (c.to_owned(), ip.to_owned()))
+        );
+        let west = &json["candidates"]["west"];
+        assert_eq!(west.as_array().unwrap().len(), 2);
+        assert!(
+            west.as_array()
+                .unwrap()
+                .iter()
+                .all(|b| b["cluster"] == "west" && b["clusterId"] == 2)
+        );
+        assert!(
+            json.get("groups").is_none(),
+            "empty parts are left out, as before"
+        );
     }
 
     #[test]
@@ -696,7 +815,10 @@ mod tests {
             ("service.cilium.io/affinity", "remote"),
         ];
         let v = services_np(&me(), &local(&r, &[[10, 1, 0, 2]]), &remotes);
-        assert!(v[0].frontends[0].active.iter().all(|b| &*b.cluster != "east"));
+        assert!(
+            v[0].frontends[0].active.iter().all(|b| b.cluster_id != 1),
+            "none of east"
+        );
         let v = services_np(&me(), &local(&r, &[[10, 1, 0, 2]]), &BTreeMap::new());
         assert_eq!(
             active_clusters(&v),
@@ -866,8 +988,10 @@ mod tests {
     /// Slots per cluster of the first frontend.
     fn slots_by_cluster(v: &[ServiceView]) -> BTreeMap<String, u32> {
         let mut out = BTreeMap::new();
-        for b in &v[0].frontends[0].active {
-            *out.entry(b.cluster.to_string()).or_default() += b.weight;
+        let fe = &v[0].frontends[0];
+        for b in &fe.active {
+            *out.entry(fe.cluster_of(b.cluster_id).unwrap_or_default().to_owned())
+                .or_default() += b.weight;
         }
         out
     }

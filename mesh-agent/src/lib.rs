@@ -14,6 +14,7 @@ pub mod held;
 pub mod lb;
 pub mod lb_maps;
 pub mod maps;
+pub mod memory;
 pub mod metrics;
 pub mod netdev;
 pub mod policy;

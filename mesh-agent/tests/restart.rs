@@ -62,7 +62,6 @@ fn views(backends: &[Ipv4Addr]) -> Vec<ServiceView> {
                 .map(|ip| Backend {
                     ipv4: *ip,
                     port: PORT,
-                    cluster: "c1".into(),
                     cluster_id: 1,
                     weight: 1,
                 })
