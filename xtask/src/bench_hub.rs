@@ -11,8 +11,9 @@
 //! 2. convergence: [`CHANGES`] backend changes spread over the fleet, each timed from the hub write to the agent
 //!    reporting the new count (`fleet_scale converge --hub`); the hub members' CPU per change meanwhile, their RSS
 //!    and the hub's DB size;
-//! 3. a membership selector (`--peer-selector`, `group: g7`) picking 10 of the clusters: RSS per selected
-//!    endpoint share vs all, and a selector change at run time (10 clusters out, 10 in) timed until synced.
+//! 3. membership selectors (`--peer-selector`): one picking none (what the peer files cost, reported), then
+//!    `group: g7` picking 10 of the clusters: RSS share vs all (goal), the same above the picking-none agent
+//!    (reported), and a selector change at run time (10 clusters out, 10 in) timed until synced.
 //!
 //! The first [`REAL`] clusters are published by real clustermesh-apiserver processes (release build) started at
 //! once, each from manifests (one node, the same services and backends, pods with identities) into one shared
@@ -570,8 +571,30 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
     ));
     drop(agent);
 
-    // 3. A membership selector: 10 of the 1,000 clusters, then 10 others at run time.
+    // 3. Membership selectors. First one that picks no cluster: what the 1,000 peer files and the selector cost
+    // without any peer's records (reported, to split the 10 clusters' figure into fixed cost and endpoints).
     let selector = root.join("peer-selector.yaml");
+    std::fs::write(&selector, "matchLabels: {group: none}\n")?;
+    let (none_agent, none_socket) = bench.start_agent("selector-none", Some(&peers), Some(&selector))?;
+    let none_pid = none_agent.id();
+    let agent = Procs(vec![none_agent]);
+    net::wait_for(
+        "the agent whose selector picks no cluster",
+        Duration::from_secs(60),
+        || {
+            let s = scale::summary(&none_socket)?;
+            let left_out = s["peerSelection"]["unselected"].as_u64().unwrap_or(0);
+            let frontends = s["datapath"]["frontends"].as_u64().unwrap_or(0);
+            if left_out == u64::from(CLUSTERS) && frontends >= u64::from(SERVICES) {
+                Ok(())
+            } else {
+                Err(format!("{left_out} peers left out, {frontends} frontends"))
+            }
+        },
+    )?;
+    let none_rss = scale::rss_bytes(none_pid)?;
+    drop(agent);
+    // Then 10 of the 1,000 clusters, then 10 others at run time.
     std::fs::write(&selector, "matchLabels: {group: g7}\n")?;
     let (sel_agent, sel_socket) = bench.start_agent("selector", Some(&peers), Some(&selector))?;
     let sel_pid = sel_agent.id();
@@ -594,6 +617,19 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
         format!("all: {} MiB above baseline", rss.saturating_sub(base_rss) >> 20),
         Some(share),
         Some(("<=", 0.02)),
+    ));
+    let fixed = none_rss.saturating_sub(base_rss);
+    let endpoints_share = per(sel_rss.saturating_sub(none_rss), rss.saturating_sub(none_rss));
+    println!(
+        "  selector picking none: {} MiB above baseline; the 10 clusters' share above that: {endpoints_share:.4}",
+        fixed >> 20
+    );
+    rows.push((
+        format!("Hub: agent RSS with a selector picking none of {CLUSTERS} clusters (peer files, selector; no connection, no records) -> the 10 clusters' share above it (ratio = (selected - none) / (all - none))"),
+        format!("{} MiB above baseline; selected: {} MiB above it", fixed >> 20, sel_rss.saturating_sub(none_rss) >> 20),
+        format!("all: {} MiB above it", rss.saturating_sub(none_rss) >> 20),
+        Some(endpoints_share),
+        None,
     ));
     let started = Instant::now();
     let tmp = root.join(".peer-selector.tmp");
