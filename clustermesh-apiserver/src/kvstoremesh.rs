@@ -283,11 +283,26 @@ impl Mirror {
     }
 }
 
-/// Runs a mirror for every peer file of `dir` (read at start; errors in files are logged and the file skipped).
-pub fn start(dir: &Path, local: &Local) -> Vec<JoinHandle<()>> {
+/// Runs a mirror for every peer file of `dir` that `selector` selects (none: every one; read at start; errors in
+/// files are logged and the file skipped).
+pub fn start(
+    dir: &Path,
+    selector: Option<&mesh_kvstore::peer::PeerSelector>,
+    local: &Local,
+) -> Vec<JoinHandle<()>> {
     let (configs, errors) = mesh_kvstore::peer::read_config_dir(dir, &local.cluster);
     for e in errors {
         warn!(error = %e, "KVStoreMesh config");
+    }
+    let (configs, unselected): (Vec<_>, Vec<_>) = configs
+        .into_iter()
+        .partition(|(_, cfg)| mesh_kvstore::peer::selects(selector, cfg));
+    if !unselected.is_empty() {
+        info!(
+            selector = ?selector,
+            clusters = ?unselected.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            "KVStoreMesh: peers the membership selector leaves out are not mirrored"
+        );
     }
     configs
         .into_iter()

@@ -60,6 +60,16 @@ struct Args {
     /// instead of every agent connecting to every peer. Read at start.
     #[arg(long, env = "FLEETMESH_KVSTOREMESH_CONFIG")]
     kvstoremesh_config: Option<PathBuf>,
+    /// KVStoreMesh membership selector: a file holding a label selector (`matchLabels`, `matchExpressions`, as the
+    /// agents' `--peer-selector`) over the cluster labels the peer files pin (`cluster-labels`); only the peers it
+    /// selects are mirrored, so the cluster's etcd neither receives nor stores the others. Read at start; a missing
+    /// file selects every peer, one that does not parse stops the start.
+    #[arg(
+        long,
+        env = "FLEETMESH_KVSTOREMESH_PEER_SELECTOR",
+        requires = "kvstoremesh_config"
+    )]
+    kvstoremesh_peer_selector: Option<PathBuf>,
     /// Fleet hub (docs/fleet-hub.md): a file in the peer file format (`endpoints`, `trusted-ca-file`, `cert-file`,
     /// `key-file`, `prefix`) naming the hub's etcd; the cluster's records are published there too, under `prefix`
     /// (`<kvstore-prefix>/clusters/<cluster>` as `meshctl clustermesh hub join` writes it), besides its own etcd.
@@ -167,9 +177,17 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(args.mcs_peers.is_none(), "--mcs-peers needs --source kubernetes");
         (None, None)
     };
+    let mirror_selector = args
+        .kvstoremesh_peer_selector
+        .as_deref()
+        .map(mesh_kvstore::peer::read_peer_selector)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--kvstoremesh-peer-selector: {e}"))?
+        .flatten();
     let _mirrors = args.kvstoremesh_config.as_ref().map(|dir| {
         kvstoremesh::start(
             dir,
+            mirror_selector.as_ref(),
             &kvstoremesh::Local {
                 endpoints: args.etcd_endpoints.clone(),
                 tls: tls.clone(),

@@ -1396,18 +1396,7 @@ async fn a_hub_config_with_another_clusters_prefix_is_refused_at_start() {
     ] {
         let file = hub_config(cfg.path(), &hub, prefix).display().to_string();
         let mut east = Apiserver::start_with(manifests.path(), &own, &["--hub-config", &file]);
-        let child = east.child.as_mut().expect("child");
-        let deadline = Instant::now() + TIMEOUT;
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the apiserver did not stop on {prefix}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let status = exit_status(&mut east, prefix).await;
         assert!(!status.success());
         let log = east.log();
         assert!(log.contains(want) && !log.contains("panicked"), "{prefix}: {log}");
@@ -1437,6 +1426,49 @@ fn connections_to(pid: u32, url: &str) -> usize {
         .count()
 }
 
+/// The apiserver's exit status, waited for with a deadline (`what` names the case in the failure).
+async fn exit_status(api: &mut Apiserver, what: &str) -> std::process::ExitStatus {
+    let child = api.child.as_mut().expect("child");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the apiserver did not stop on {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Seeds peer `name` (id `id`) into the hub below its own prefix, and writes its peer file into `dir` (`extra`:
+/// more lines of the file).
+async fn hub_peer(hc: &mut Client, hub: &Etcd, dir: &Path, (name, id): (&str, u16), extra: &str) {
+    let keys = Keys::new(&Keys::default().hub_cluster_prefix(name));
+    let config = mesh_kvstore::encode(&mesh_kvstore::ClusterConfig {
+        name: name.into(),
+        id,
+        capabilities: vec![],
+        labels: BTreeMap::new(),
+    });
+    hc.put(keys.cluster_config(name), config, None)
+        .await
+        .expect("seed");
+    std::fs::write(
+        dir.join(name),
+        format!(
+            "endpoints: [\"{}\"]\nprefix: {}\n{extra}",
+            hub.url(),
+            keys.prefix()
+        ),
+    )
+    .expect("peer file");
+}
+
+/// Whether peer `name` is mirrored into the cluster's etcd.
+async fn mirrored(lc: &mut Client, name: &str) -> Result<bool, String> {
+    let cache = Keys::new(&Keys::default().kvstoremesh_prefix(name));
+    Ok(get(lc, &cache.cluster_config(name)).await?.is_some())
+}
+
 /// KVStoreMesh reading its peers from a fleet hub: the mirrors of three peers, each below its own hub prefix,
 /// share one client of the hub (one connection), and each peer is cached under its own name.
 #[tokio::test(flavor = "multi_thread")]
@@ -1447,21 +1479,7 @@ async fn kvstoremesh_mirrors_many_peers_from_a_hub_over_one_connection() {
     let names = ["west", "north", "south"];
     for (i, name) in names.iter().enumerate() {
         let id = u16::try_from(i + 2).expect("id");
-        let keys = Keys::new(&Keys::default().hub_cluster_prefix(name));
-        let config = mesh_kvstore::encode(&mesh_kvstore::ClusterConfig {
-            name: (*name).into(),
-            id,
-            capabilities: vec![],
-            labels: BTreeMap::new(),
-        });
-        hc.put(keys.cluster_config(name), config, None)
-            .await
-            .expect("seed");
-        std::fs::write(
-            peers.path().join(name),
-            format!("endpoints: [\"{}\"]\nprefix: {}\n", hub.url(), keys.prefix()),
-        )
-        .expect("peer file");
+        hub_peer(&mut hc, &hub, peers.path(), (name, id), "").await;
     }
     let manifests = tempfile::tempdir().expect("tempdir");
     write_atomic(manifests.path(), "nodes.yaml", &nodes_yaml(&[N1]));
@@ -1473,8 +1491,7 @@ async fn kvstoremesh_mirrors_many_peers_from_a_hub_over_one_connection() {
         let mut lc = lc.clone();
         async move {
             for name in names {
-                let cache = Keys::new(&Keys::default().kvstoremesh_prefix(name));
-                if get(&mut lc, &cache.cluster_config(name)).await?.is_none() {
+                if !mirrored(&mut lc, name).await? {
                     return Err(format!("{name} not mirrored"));
                 }
             }
@@ -1484,6 +1501,67 @@ async fn kvstoremesh_mirrors_many_peers_from_a_hub_over_one_connection() {
     .await;
     let n = connections_to(pid, &hub.url());
     assert_eq!(n, 1, "the mirrors of 3 peers in one hub share one connection");
+}
+
+/// KVStoreMesh with a membership selector (`--kvstoremesh-peer-selector`): only the peers whose pinned labels it
+/// selects are mirrored into the cluster's etcd; a selector file that does not parse stops the start, naming the
+/// flag, before anything is mirrored.
+#[tokio::test(flavor = "multi_thread")]
+async fn kvstoremesh_mirrors_only_the_peers_its_selector_picks() {
+    let (hub, local) = (Etcd::start().await, Etcd::start().await);
+    let mut hc = hub.client().await;
+    let peers = tempfile::tempdir().expect("tempdir");
+    for (i, (name, region)) in [("west", "eu"), ("north", "eu"), ("south", "us")]
+        .into_iter()
+        .enumerate()
+    {
+        let id = u16::try_from(i + 2).expect("id");
+        let labels = format!("cluster-labels: {{region: {region}}}\n");
+        hub_peer(&mut hc, &hub, peers.path(), (name, id), &labels).await;
+    }
+    let manifests = tempfile::tempdir().expect("tempdir");
+    write_atomic(manifests.path(), "nodes.yaml", &nodes_yaml(&[N1]));
+    let sel_dir = tempfile::tempdir().expect("tempdir");
+    let sel = sel_dir.path().join("selector.yaml");
+    let (peers_dir, sel_file) = (peers.path().display().to_string(), sel.display().to_string());
+    let args = [
+        "--kvstoremesh-config",
+        &peers_dir,
+        "--kvstoremesh-peer-selector",
+        &sel_file,
+    ];
+    let mut lc = local.client().await;
+    std::fs::write(&sel, "matchLabels: [region, eu]\n").expect("selector");
+    let mut bad = Apiserver::start_with(manifests.path(), &local, &args);
+    assert!(!exit_status(&mut bad, "a bad selector").await.success());
+    let log = bad.log();
+    assert!(
+        log.contains("--kvstoremesh-peer-selector") && !log.contains("panicked"),
+        "{log}"
+    );
+    assert!(!mirrored(&mut lc, "west").await.expect("get"), "nothing mirrored");
+    drop(bad);
+
+    std::fs::write(&sel, "matchLabels: {region: eu}\n").expect("selector");
+    let api = Apiserver::start_with(manifests.path(), &local, &args);
+    eventually("the eu peers mirrored", TIMEOUT, || {
+        let mut lc = lc.clone();
+        async move {
+            for name in ["west", "north"] {
+                if !mirrored(&mut lc, name).await? {
+                    return Err(format!("{name} not mirrored"));
+                }
+            }
+            Ok(())
+        }
+    })
+    .await;
+    let log = api.log();
+    assert!(log.contains("not mirrored") && log.contains("south"), "{log}");
+    assert!(
+        !mirrored(&mut lc, "south").await.expect("get"),
+        "south is left out"
+    );
 }
 
 /// The service record as agents before the backend slices read it (mesh-kvstore before `state/backends/v1`:
