@@ -295,11 +295,15 @@ impl ControlLoop {
             st.manifest_errors = errors;
             st.datapath = dp_status;
         }
-        if self
+        if let Some(took) = self
             .trimmer
             .after_turn(started.elapsed(), remotes_synced && self.remotes.configured())
         {
-            debug!(trims = self.trimmer.trims, "freed memory returned to the kernel");
+            debug!(
+                trims = self.trimmer.trims,
+                took_us = took.as_micros(),
+                "freed memory returned to the kernel"
+            );
         }
         let due = Due {
             retry: self.reconciler.retry_due(),

@@ -742,15 +742,20 @@ mod tests {
         assert_eq!(active_clusters(&v), vec!["east"]);
     }
 
-    #[test]
-    fn the_status_names_each_backends_cluster() {
-        let remotes: BTreeMap<_, _> = [
+    /// West (two backends) and north (one) as peers of east (one), and a global service.
+    fn three_clusters() -> BTreeMap<String, RemoteCluster> {
+        [
             remote("west", 2, &[[10, 2, 0, 2], [10, 2, 1, 2]]),
             remote("north", 3, &[[10, 3, 0, 2]]),
         ]
-        .into();
-        let g = [("service.cilium.io/global", "true")];
-        let v = services_np(&me(), &local(&g, &[[10, 1, 0, 2]]), &remotes);
+        .into()
+    }
+
+    const GLOBAL: [(&str, &str); 1] = [("service.cilium.io/global", "true")];
+
+    #[test]
+    fn the_status_names_each_backends_cluster() {
+        let v = services_np(&me(), &local(&GLOBAL, &[[10, 1, 0, 2]]), &three_clusters());
         let json = serde_json::to_value(&v[0].frontends[0]).unwrap();
         let mut active: Vec<(String, String)> = json["active"]
             .as_array()
@@ -790,12 +795,8 @@ mod tests {
 
     #[test]
     fn global_service_merges_clusters_and_affinity_prefers_then_falls_back() {
-        let remotes: BTreeMap<_, _> = [
-            remote("west", 2, &[[10, 2, 0, 2], [10, 2, 1, 2]]),
-            remote("north", 3, &[[10, 3, 0, 2]]),
-        ]
-        .into();
-        let g = [("service.cilium.io/global", "true")];
+        let remotes = three_clusters();
+        let g = GLOBAL;
         let v = services_np(&me(), &local(&g, &[[10, 1, 0, 2]]), &remotes);
         assert_eq!(v[0].frontends[0].active.len(), 4);
         assert_eq!(v[0].frontends[0].active[0].port, 8080);

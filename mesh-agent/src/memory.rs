@@ -24,18 +24,20 @@ pub struct Trimmer {
 }
 
 impl Trimmer {
-    /// After a turn that took `work`, with the peers all synced or not: whether memory was returned now.
-    pub fn after_turn(&mut self, work: Duration, synced: bool) -> bool {
+    /// After a turn that took `work`, with the peers all synced or not: how long returning memory took, when it
+    /// was returned now.
+    pub fn after_turn(&mut self, work: Duration, synced: bool) -> Option<Duration> {
         self.work += work;
         let first_sync = synced && !self.bootstrapped;
         self.bootstrapped |= synced;
         if !first_sync && self.work < WORK_PER_TRIM {
-            return false;
+            return None;
         }
         self.work = Duration::ZERO;
         self.trims += 1;
+        let started = std::time::Instant::now();
         trim();
-        true
+        Some(started.elapsed())
     }
 }
 
@@ -57,18 +59,16 @@ mod tests {
     fn trims_after_the_first_sync_and_after_a_second_of_work_only() {
         let mut t = Trimmer::default();
         let ms = Duration::from_millis;
-        assert!(!t.after_turn(ms(10), false), "small work, not synced");
-        assert!(t.after_turn(ms(10), true), "the first sync");
-        assert!(!t.after_turn(ms(10), true), "synced again is not a first sync");
-        assert!(!t.after_turn(ms(600), true));
+        let mut trims = |work, synced| t.after_turn(work, synced).is_some();
+        assert!(!trims(ms(10), false), "small work, not synced");
+        assert!(trims(ms(10), true), "the first sync");
+        assert!(!trims(ms(10), true), "synced again is not a first sync");
+        assert!(!trims(ms(600), true));
+        assert!(trims(ms(600), true), "over a second of work since the last trim");
+        assert!(!trims(Duration::ZERO, true), "idle: never");
+        assert!(!trims(ms(5), false), "a peer unsynced");
         assert!(
-            t.after_turn(ms(600), true),
-            "over a second of work since the last trim"
-        );
-        assert!(!t.after_turn(Duration::ZERO, true), "idle: never");
-        assert!(!t.after_turn(ms(5), false), "a peer unsynced");
-        assert!(
-            !t.after_turn(ms(5), true),
+            !trims(ms(5), true),
             "synced again after a loss: only its work counts"
         );
         assert_eq!(t.trims, 2);
