@@ -48,13 +48,20 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    /// The name of the cluster with id `cluster_id` among the candidates (ids are unique among the clusters used).
+    /// The candidates' cluster names by cluster id (ids are unique among the clusters used): how a backend's
+    /// cluster is named.
     #[must_use]
-    pub fn cluster_of(&self, cluster_id: u16) -> Option<&str> {
+    pub fn cluster_names(&self) -> BTreeMap<u16, &str> {
         self.candidates
             .iter()
-            .find(|(_, bs)| bs.first().is_some_and(|b| b.cluster_id == cluster_id))
-            .map(|(c, _)| c.as_str())
+            .filter_map(|(c, bs)| bs.first().map(|b| (b.cluster_id, c.as_str())))
+            .collect()
+    }
+
+    /// The name of the cluster with id `cluster_id` among the candidates.
+    #[must_use]
+    pub fn cluster_of(&self, cluster_id: u16) -> Option<&str> {
+        self.cluster_names().get(&cluster_id).copied()
     }
 }
 
@@ -87,11 +94,7 @@ impl Serialize for Frontend {
             #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             stats: &'a BTreeMap<String, FlowStats>,
         }
-        let names: BTreeMap<u16, &str> = self
-            .candidates
-            .iter()
-            .filter_map(|(c, bs)| bs.first().map(|b| (b.cluster_id, c.as_str())))
-            .collect();
+        let names = self.cluster_names();
         fn named<'a>(b: &Backend, cluster: &'a str) -> NamedBackend<'a> {
             NamedBackend {
                 ipv4: b.ipv4,

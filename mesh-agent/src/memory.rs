@@ -19,7 +19,7 @@ pub struct Trimmer {
     work: Duration,
     /// The peers have all been synced once.
     bootstrapped: bool,
-    /// Trims done (for the status and tests).
+    /// Trims done (logged with each).
     pub trims: u64,
 }
 

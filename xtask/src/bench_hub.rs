@@ -279,6 +279,36 @@ impl Bench<'_> {
         Ok((child, socket))
     }
 
+    /// The RSS of an agent that holds no peer's records (`tag`, `peers`, `selector` as [`Self::start_agent`]): once
+    /// its first reconcile programmed this cluster's frontends and its selector leaves `left_out` peers out; the
+    /// agent is stopped after.
+    fn settled_rss(
+        &self,
+        tag: &str,
+        peers: Option<&Path>,
+        selector: Option<&Path>,
+        left_out: u64,
+    ) -> Result<u64> {
+        let (child, socket) = self.start_agent(tag, peers, selector)?;
+        let pid = child.id();
+        let _agent = Procs(vec![child]);
+        net::wait_for(
+            &format!("the {tag} agent's first reconcile"),
+            Duration::from_secs(60),
+            || {
+                let s = scale::summary(&socket)?;
+                let out = s["peerSelection"]["unselected"].as_u64().unwrap_or(0);
+                let frontends = s["datapath"]["frontends"].as_u64().unwrap_or(0);
+                if out == left_out && frontends >= u64::from(SERVICES) {
+                    Ok(())
+                } else {
+                    Err(format!("{out} peers left out, {frontends} frontends"))
+                }
+            },
+        )?;
+        scale::rss_bytes(pid)
+    }
+
     /// `fleet_scale ARGS` in the bench's namespace; the JSON line it printed.
     fn driver(&self, args: &[String]) -> Result<Value> {
         let out = util::run(net::in_netns_cmd(&self.sandbox.netns, &self.fleet_bin).args(args))?;
@@ -439,23 +469,7 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
     let peers = peer_dir(&root)?;
 
     // 1. Baseline, bootstrap, memory, connections, idle CPU.
-    let (base, base_socket) = bench.start_agent("baseline", None, None)?;
-    let base_pid = base.id();
-    let agent = Procs(vec![base]);
-    net::wait_for(
-        "the baseline agent's first reconcile",
-        Duration::from_secs(60),
-        || {
-            let s = scale::summary(&base_socket)?;
-            if s["datapath"]["frontends"].as_u64().unwrap_or(0) >= u64::from(SERVICES) {
-                Ok(())
-            } else {
-                Err("frontends not programmed yet".to_owned())
-            }
-        },
-    )?;
-    let base_rss = scale::rss_bytes(base_pid)?;
-    drop(agent);
+    let base_rss = bench.settled_rss("baseline", None, None, 0)?;
 
     let started = Instant::now();
     let (full, socket) = bench.start_agent("bootstrap", Some(&peers), None)?;
@@ -575,25 +589,12 @@ pub fn run(out_dir: &Path) -> Result<Vec<ScaleRow>> {
     // without any peer's records (reported, to split the 10 clusters' figure into fixed cost and endpoints).
     let selector = root.join("peer-selector.yaml");
     std::fs::write(&selector, "matchLabels: {group: none}\n")?;
-    let (none_agent, none_socket) = bench.start_agent("selector-none", Some(&peers), Some(&selector))?;
-    let none_pid = none_agent.id();
-    let agent = Procs(vec![none_agent]);
-    net::wait_for(
-        "the agent whose selector picks no cluster",
-        Duration::from_secs(60),
-        || {
-            let s = scale::summary(&none_socket)?;
-            let left_out = s["peerSelection"]["unselected"].as_u64().unwrap_or(0);
-            let frontends = s["datapath"]["frontends"].as_u64().unwrap_or(0);
-            if left_out == u64::from(CLUSTERS) && frontends >= u64::from(SERVICES) {
-                Ok(())
-            } else {
-                Err(format!("{left_out} peers left out, {frontends} frontends"))
-            }
-        },
+    let none_rss = bench.settled_rss(
+        "selector-none",
+        Some(&peers),
+        Some(&selector),
+        u64::from(CLUSTERS),
     )?;
-    let none_rss = scale::rss_bytes(none_pid)?;
-    drop(agent);
     // Then 10 of the 1,000 clusters, then 10 others at run time.
     std::fs::write(&selector, "matchLabels: {group: g7}\n")?;
     let (sel_agent, sel_socket) = bench.start_agent("selector", Some(&peers), Some(&selector))?;
